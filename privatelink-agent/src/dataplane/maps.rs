@@ -1,0 +1,465 @@
+//! The map writer: shadow state in userspace, only differences written, in an order that never
+//! forwards wrongly in between, and flows of cut links removed from conntrack at once.
+use std::collections::{BTreeMap, BTreeSet};
+
+use aya::{
+    Ebpf,
+    maps::{
+        Array, DevMapHash, HashMap, MapData, MapError, PerCpuArray, PerCpuHashMap, xdp::XdpMapError,
+    },
+};
+use privatelink_common::{
+    AllowKey, Backend4, DatapathConfig, EndpointIpKey4, EndpointIpValue, EndpointKey4,
+    EndpointValue, Flow4, FlowKey4, IfaceInfo, IfaceKey, LINK_AVAILABLE, LINK_EMPTY, LinkDropKey,
+    LinkInfo, LinkStats, MAGLEV_SIZE, MAX_RULES, MaglevTable, NatRange4, OUTCOMES, Rule4,
+    RuleList4, names,
+};
+
+use super::{
+    compile::{CompileError, MapState, compile},
+    model::Model,
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum DataplaneError {
+    #[error("invalid datapath state: {0}")]
+    Compile(#[from] CompileError),
+    #[error(
+        "state does not fit map {map}: needs {need} entries (index {need_index}), capacity {capacity}"
+    )]
+    Capacity {
+        map: &'static str,
+        need: usize,
+        need_index: u64,
+        capacity: u32,
+    },
+    #[error("map {0} missing from the object")]
+    MissingMap(&'static str),
+    #[error("map {map}: {source}")]
+    Map { map: &'static str, source: MapError },
+    #[error("device map: {0}")]
+    DevMap(#[from] XdpMapError),
+}
+
+fn map_err(map: &'static str) -> impl Fn(MapError) -> DataplaneError {
+    move |source| DataplaneError::Map { map, source }
+}
+
+/// What an apply did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ApplyReport {
+    /// Map entries written or deleted.
+    pub writes: usize,
+    /// Conntrack entries removed because their link was cut.
+    pub flows_cut: usize,
+}
+
+/// Typed handles on every map, and the shadow of what was last written.
+pub struct Dataplane {
+    ifaces: HashMap<MapData, IfaceKey, IfaceInfo>,
+    endpoints4: HashMap<MapData, EndpointKey4, EndpointValue>,
+    endpoint_ips4: HashMap<MapData, EndpointIpKey4, EndpointIpValue>,
+    links: Array<MapData, LinkInfo>,
+    allowlist: HashMap<MapData, AllowKey, u32>,
+    rules4: Array<MapData, RuleList4>,
+    maglev: Array<MapData, MaglevTable>,
+    backends4: Array<MapData, Backend4>,
+    nat4: Array<MapData, NatRange4>,
+    ct4: HashMap<MapData, FlowKey4, Flow4>,
+    config: Array<MapData, DatapathConfig>,
+    devmap: DevMapHash<MapData>,
+    global_stats: PerCpuArray<MapData, u64>,
+    link_stats: PerCpuArray<MapData, LinkStats>,
+    link_drops: PerCpuHashMap<MapData, LinkDropKey, u64>,
+    /// Capacities of the hash maps (arrays know their length).
+    caps: BTreeMap<&'static str, u32>,
+    shadow: MapState,
+}
+
+fn take<T: TryFrom<aya::maps::Map, Error = MapError>>(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+) -> Result<T, DataplaneError> {
+    let map = ebpf
+        .take_map(name)
+        .ok_or(DataplaneError::MissingMap(name))?;
+    T::try_from(map).map_err(map_err(name))
+}
+
+fn capacity(ebpf: &Ebpf, name: &'static str) -> Result<u32, DataplaneError> {
+    let map = ebpf.map(name).ok_or(DataplaneError::MissingMap(name))?;
+    let data: &MapData = match map {
+        aya::maps::Map::HashMap(d)
+        | aya::maps::Map::LruHashMap(d)
+        | aya::maps::Map::PerCpuHashMap(d) => d,
+        _ => return Err(DataplaneError::MissingMap(name)),
+    };
+    let info = data.info().map_err(map_err(name))?;
+    Ok(info.max_entries())
+}
+
+impl Dataplane {
+    /// Takes the maps out of a loaded object. The maps start empty, as the shadow does.
+    pub fn new(ebpf: &mut Ebpf) -> Result<Self, DataplaneError> {
+        let mut caps = BTreeMap::new();
+        for name in [
+            names::IFACES,
+            names::ENDPOINTS4,
+            names::ENDPOINT_IPS4,
+            names::ALLOWLIST,
+        ] {
+            caps.insert(name, capacity(ebpf, name)?);
+        }
+        Ok(Dataplane {
+            ifaces: take(ebpf, names::IFACES)?,
+            endpoints4: take(ebpf, names::ENDPOINTS4)?,
+            endpoint_ips4: take(ebpf, names::ENDPOINT_IPS4)?,
+            links: take(ebpf, names::LINKS)?,
+            allowlist: take(ebpf, names::ALLOWLIST)?,
+            rules4: take(ebpf, names::RULES4)?,
+            maglev: take(ebpf, names::MAGLEV)?,
+            backends4: take(ebpf, names::BACKENDS4)?,
+            nat4: take(ebpf, names::NAT4)?,
+            ct4: take(ebpf, names::CT4)?,
+            config: take(ebpf, names::CONFIG)?,
+            devmap: take(ebpf, names::DEVMAP)?,
+            global_stats: take(ebpf, names::GLOBAL_STATS)?,
+            link_stats: take(ebpf, names::LINK_STATS)?,
+            link_drops: take(ebpf, names::LINK_DROPS)?,
+            caps,
+            shadow: MapState::default(),
+        })
+    }
+
+    /// What was last written.
+    pub fn shadow(&self) -> &MapState {
+        &self.shadow
+    }
+
+    /// Checks that `s` fits every map before anything is written.
+    fn check_capacity(&self, s: &MapState) -> Result<(), DataplaneError> {
+        let hash = |name: &'static str, need: usize| -> Result<(), DataplaneError> {
+            let cap = self.caps[name];
+            if need > cap as usize {
+                return Err(DataplaneError::Capacity {
+                    map: name,
+                    need,
+                    need_index: 0,
+                    capacity: cap,
+                });
+            }
+            Ok(())
+        };
+        hash(names::IFACES, s.ifaces.len())?;
+        hash(names::ENDPOINTS4, s.endpoints4.len())?;
+        hash(names::ENDPOINT_IPS4, s.endpoint_ips4.len())?;
+        hash(names::ALLOWLIST, s.allowlist.len())?;
+        let array =
+            |name: &'static str, len: u32, max_index: Option<u32>| -> Result<(), DataplaneError> {
+                match max_index {
+                    Some(i) if i >= len => Err(DataplaneError::Capacity {
+                        map: name,
+                        need: i as usize + 1,
+                        need_index: i.into(),
+                        capacity: len,
+                    }),
+                    _ => Ok(()),
+                }
+            };
+        array(
+            names::LINKS,
+            self.links.len(),
+            s.links.keys().next_back().copied(),
+        )?;
+        array(
+            names::RULES4,
+            self.rules4.len(),
+            s.rules4.keys().next_back().copied(),
+        )?;
+        array(
+            names::MAGLEV,
+            self.maglev.len(),
+            s.maglev.keys().next_back().copied(),
+        )?;
+        array(
+            names::BACKENDS4,
+            self.backends4.len(),
+            s.backends4.keys().next_back().copied(),
+        )?;
+        array(
+            names::NAT4,
+            self.nat4.len(),
+            s.nat4.keys().next_back().copied(),
+        )?;
+        Ok(())
+    }
+
+    /// Compiles `model` and writes the differences from the shadow. A model that does not compile
+    /// or fit is refused as a whole and the maps keep the last good state.
+    pub fn apply(&mut self, model: &Model) -> Result<ApplyReport, DataplaneError> {
+        let next = compile(model, &self.shadow)?;
+        self.check_capacity(&next)?;
+        let prev = std::mem::take(&mut self.shadow);
+        match self.write(&prev, &next) {
+            Ok(report) => {
+                self.shadow = next;
+                Ok(report)
+            }
+            Err(e) => {
+                // Partly written: the next full resync compares against the maps themselves.
+                self.shadow = prev;
+                Err(e)
+            }
+        }
+    }
+
+    fn write(&mut self, prev: &MapState, next: &MapState) -> Result<ApplyReport, DataplaneError> {
+        let mut w = 0usize;
+        // 1. What others point at comes first: config, interfaces, NAT, backends, rule lists,
+        //    Maglev tables, allowlist.
+        if prev.config != next.config {
+            self.config
+                .set(0, next.config, 0)
+                .map_err(map_err(names::CONFIG))?;
+            w += 1;
+        }
+        for (k, v) in changed(&prev.ifaces, &next.ifaces) {
+            self.ifaces
+                .insert(k, v, 0)
+                .map_err(map_err(names::IFACES))?;
+            w += 1;
+        }
+        for &ifindex in next.devmap.difference(&prev.devmap) {
+            self.devmap.insert(ifindex, ifindex, None, 0)?;
+            w += 1;
+        }
+        for (k, v) in changed(&prev.nat4, &next.nat4) {
+            self.nat4.set(*k, v, 0).map_err(map_err(names::NAT4))?;
+            w += 1;
+        }
+        for (k, v) in changed(&prev.backends4, &next.backends4) {
+            self.backends4
+                .set(*k, v, 0)
+                .map_err(map_err(names::BACKENDS4))?;
+            w += 1;
+        }
+        for (k, v) in changed(&prev.rules4, &next.rules4) {
+            self.rules4
+                .set(*k, rule_list(v), 0)
+                .map_err(map_err(names::RULES4))?;
+            w += 1;
+        }
+        for (k, v) in changed(&prev.maglev, &next.maglev) {
+            self.maglev
+                .set(*k, maglev_table(v), 0)
+                .map_err(map_err(names::MAGLEV))?;
+            w += 1;
+        }
+        for k in next.allowlist.difference(&prev.allowlist) {
+            self.allowlist
+                .insert(k, 1, 0)
+                .map_err(map_err(names::ALLOWLIST))?;
+            w += 1;
+        }
+        // 2. Links (state, rule-list pointer flips), then the endpoint entries that point at them.
+        for (k, v) in changed(&prev.links, &next.links) {
+            self.links.set(*k, v, 0).map_err(map_err(names::LINKS))?;
+            w += 1;
+        }
+        for (k, v) in changed(&prev.endpoint_ips4, &next.endpoint_ips4) {
+            self.endpoint_ips4
+                .insert(k, v, 0)
+                .map_err(map_err(names::ENDPOINT_IPS4))?;
+            w += 1;
+        }
+        for (k, v) in changed(&prev.endpoints4, &next.endpoints4) {
+            self.endpoints4
+                .insert(k, v, 0)
+                .map_err(map_err(names::ENDPOINTS4))?;
+            w += 1;
+        }
+        // 3. Removals, entry points first, then what they pointed at.
+        for k in removed(&prev.endpoints4, &next.endpoints4) {
+            self.endpoints4
+                .remove(k)
+                .map_err(map_err(names::ENDPOINTS4))?;
+            w += 1;
+        }
+        for k in removed(&prev.endpoint_ips4, &next.endpoint_ips4) {
+            self.endpoint_ips4
+                .remove(k)
+                .map_err(map_err(names::ENDPOINT_IPS4))?;
+            w += 1;
+        }
+        for k in removed(&prev.links, &next.links) {
+            self.links
+                .set(
+                    *k,
+                    LinkInfo {
+                        state: LINK_EMPTY,
+                        ..Default::default()
+                    },
+                    0,
+                )
+                .map_err(map_err(names::LINKS))?;
+            w += 1;
+        }
+        for k in prev.allowlist.difference(&next.allowlist) {
+            self.allowlist
+                .remove(k)
+                .map_err(map_err(names::ALLOWLIST))?;
+            w += 1;
+        }
+        // Flows of links that stopped being usable go now, not when they time out.
+        let cut: BTreeSet<u32> = prev
+            .links
+            .iter()
+            .filter(|(id, old)| usable(old) && !next.links.get(id).is_some_and(usable))
+            .map(|(id, _)| *id)
+            .collect();
+        let flows_cut = if cut.is_empty() {
+            0
+        } else {
+            self.cut_flows(&cut)?
+        };
+        for k in removed(&prev.maglev, &next.maglev) {
+            self.maglev
+                .set(*k, maglev_table(&[]), 0)
+                .map_err(map_err(names::MAGLEV))?;
+            w += 1;
+        }
+        for k in removed(&prev.rules4, &next.rules4) {
+            self.rules4
+                .set(*k, rule_list(&[]), 0)
+                .map_err(map_err(names::RULES4))?;
+            w += 1;
+        }
+        for k in removed(&prev.backends4, &next.backends4) {
+            self.backends4
+                .set(*k, Backend4::default(), 0)
+                .map_err(map_err(names::BACKENDS4))?;
+            w += 1;
+        }
+        for k in removed(&prev.nat4, &next.nat4) {
+            self.nat4
+                .set(*k, NatRange4::default(), 0)
+                .map_err(map_err(names::NAT4))?;
+            w += 1;
+        }
+        for k in removed(&prev.ifaces, &next.ifaces) {
+            self.ifaces.remove(k).map_err(map_err(names::IFACES))?;
+            w += 1;
+        }
+        for &ifindex in prev.devmap.difference(&next.devmap) {
+            self.devmap
+                .remove(ifindex)
+                .map_err(map_err(names::DEVMAP))?;
+            w += 1;
+        }
+        Ok(ApplyReport {
+            writes: w,
+            flows_cut,
+        })
+    }
+
+    /// Deletes every conntrack entry of the given links. Returns how many.
+    pub fn cut_flows(&mut self, links: &BTreeSet<u32>) -> Result<usize, DataplaneError> {
+        let doomed: Vec<FlowKey4> = self
+            .ct4
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(_, f)| links.contains(&f.link_id))
+            .map(|(k, _)| k)
+            .collect();
+        for k in &doomed {
+            // Already gone (expired and evicted meanwhile) is fine.
+            let _ = self.ct4.remove(k);
+        }
+        Ok(doomed.len())
+    }
+
+    /// All conntrack entries (for metrics, tests and the CLI).
+    pub fn flows(&self) -> Vec<(FlowKey4, Flow4)> {
+        self.ct4.iter().filter_map(Result::ok).collect()
+    }
+
+    /// Global outcome counters summed over CPUs, indexed by outcome code.
+    pub fn global_stats(&self) -> Result<Vec<u64>, DataplaneError> {
+        (0..OUTCOMES)
+            .map(|i| {
+                let v = self
+                    .global_stats
+                    .get(&i, 0)
+                    .map_err(map_err(names::GLOBAL_STATS))?;
+                Ok(v.iter().sum())
+            })
+            .collect()
+    }
+
+    /// A link's counters summed over CPUs.
+    pub fn link_stats(&self, link_id: u32) -> Result<LinkStats, DataplaneError> {
+        let v = self
+            .link_stats
+            .get(&link_id, 0)
+            .map_err(map_err(names::LINK_STATS))?;
+        let mut sum = LinkStats::default();
+        for s in v.iter() {
+            sum.add(s);
+        }
+        Ok(sum)
+    }
+
+    /// A link's drops by reason, summed over CPUs.
+    pub fn link_drops(&self, link_id: u32) -> BTreeMap<u32, u64> {
+        let mut out = BTreeMap::new();
+        for (k, v) in self.link_drops.iter().filter_map(Result::ok) {
+            if k.link_id == link_id {
+                *out.entry(k.reason).or_default() += v.iter().sum::<u64>();
+            }
+        }
+        out
+    }
+}
+
+fn usable(l: &LinkInfo) -> bool {
+    l.state == LINK_AVAILABLE && l.allowed != 0
+}
+
+/// Entries of `next` that are new or differ from `prev`.
+fn changed<'a, K: Ord, V: PartialEq>(
+    prev: &'a BTreeMap<K, V>,
+    next: &'a BTreeMap<K, V>,
+) -> impl Iterator<Item = (&'a K, &'a V)> {
+    next.iter().filter(move |(k, v)| prev.get(k) != Some(v))
+}
+
+/// Keys of `prev` that `next` no longer has.
+fn removed<'a, K: Ord, V>(
+    prev: &'a BTreeMap<K, V>,
+    next: &'a BTreeMap<K, V>,
+) -> impl Iterator<Item = &'a K> {
+    prev.keys().filter(move |k| !next.contains_key(k))
+}
+
+fn rule_list(rules: &[Rule4]) -> RuleList4 {
+    let mut l = RuleList4 {
+        count: rules.len() as u32,
+        _pad: 0,
+        rules: [Rule4::default(); MAX_RULES],
+    };
+    l.rules[..rules.len()].copy_from_slice(rules);
+    l
+}
+
+fn maglev_table(slots: &[u32]) -> MaglevTable {
+    let mut t = MaglevTable {
+        backends: 0,
+        _pad: 0,
+        slots: [0; MAGLEV_SIZE],
+    };
+    if slots.len() == MAGLEV_SIZE {
+        t.slots.copy_from_slice(slots);
+        t.backends = slots.iter().collect::<BTreeSet<_>>().len() as u32;
+    }
+    t
+}

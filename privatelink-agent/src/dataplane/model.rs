@@ -1,0 +1,119 @@
+//! What the datapath should do, in the agent's terms. The sync turns control-plane state into a
+//! [`Model`]; [`super::compile`] turns a model into exact map contents.
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::Ipv4Addr,
+    ops::RangeInclusive,
+};
+
+use ipnet::Ipv4Net;
+use privatelink_common::DatapathConfig;
+
+/// Role of an attached interface.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    Consumer,
+    Provider,
+}
+
+/// An interface (or VLAN on it) that belongs to a network.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Iface {
+    pub ifindex: u32,
+    /// 802.1Q VLAN id, 0 for untagged frames.
+    pub vlan_id: u16,
+    pub network_id: u32,
+    pub role: Role,
+    pub mac: [u8; 6],
+}
+
+/// Source-NAT range of a provider network.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NatRange {
+    pub addrs: Ipv4Net,
+    pub ports: RangeInclusive<u16>,
+}
+
+/// Protocols of port mappings.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Proto {
+    Tcp,
+    Udp,
+}
+
+/// Protocols a security-group rule can match.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RuleProto {
+    Tcp,
+    Udp,
+    Icmp,
+    All,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Action {
+    Accept,
+    Drop,
+}
+
+/// One inbound rule, already placed in evaluation order.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Rule {
+    pub proto: RuleProto,
+    pub ports: RangeInclusive<u16>,
+    pub source: Ipv4Net,
+    pub action: Action,
+}
+
+/// A port mapping: terminal port on the endpoint → service port on the backends.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PortMap {
+    pub proto: Proto,
+    pub terminal: u16,
+    pub service: u16,
+}
+
+/// Connection state of an endpoint.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LinkState {
+    Pending,
+    Available,
+    Rejected,
+}
+
+/// An endpoint and its connection to a service.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Link {
+    /// Consumer network the endpoint lives in.
+    pub network_id: u32,
+    pub ip: Ipv4Addr,
+    pub service_slot: u32,
+    /// Agent-assigned number of the consumer account.
+    pub account: u32,
+    pub state: LinkState,
+    pub ports: Vec<PortMap>,
+    /// Bound security groups compiled in priority order; `None` when no group is bound.
+    pub rules: Option<Vec<Rule>>,
+}
+
+/// A service: its provider network and its (healthy) backends.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Service {
+    pub provider_network: u32,
+    pub backends: Vec<Ipv4Addr>,
+}
+
+/// Everything one node's datapath needs.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Model {
+    pub config: DatapathConfig,
+    pub ifaces: Vec<Iface>,
+    /// Provider network id → NAT range.
+    pub nat: BTreeMap<u32, NatRange>,
+    /// Service slot → service.
+    pub services: BTreeMap<u32, Service>,
+    /// Link id → link.
+    pub links: BTreeMap<u32, Link>,
+    /// (service slot, account) pairs allowed; same-account pairs are included by the sync.
+    pub allowlist: BTreeSet<(u32, u32)>,
+}

@@ -1,0 +1,4 @@
+//! privatelink node agent.
+pub mod dataplane;
+pub mod loader;
+pub mod object;

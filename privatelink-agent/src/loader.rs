@@ -1,0 +1,103 @@
+//! Loading the embedded object with map sizes chosen at load time.
+use aya::{
+    Ebpf, EbpfLoader,
+    programs::{ProgramError, Xdp},
+};
+use privatelink_common::{
+    DEFAULT_CONNTRACK_ENTRIES, DEFAULT_MAX_ALLOWLIST, DEFAULT_MAX_BACKENDS,
+    DEFAULT_MAX_ENDPOINT_PORTS, DEFAULT_MAX_LINKS, DEFAULT_MAX_RULE_LISTS, DEFAULT_MAX_SERVICES,
+    names,
+};
+
+use crate::object;
+
+/// Program name of the datapath entry point in the object.
+pub const PROGRAM: &str = "privatelink";
+
+/// Capacities of the resizable maps.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Sizes {
+    pub links: u32,
+    pub endpoint_ports: u32,
+    pub services: u32,
+    pub backends: u32,
+    pub rule_lists: u32,
+    pub allowlist: u32,
+    /// Entries; a flow takes two.
+    pub conntrack: u32,
+}
+
+impl Default for Sizes {
+    fn default() -> Self {
+        Sizes {
+            links: DEFAULT_MAX_LINKS,
+            endpoint_ports: DEFAULT_MAX_ENDPOINT_PORTS,
+            services: DEFAULT_MAX_SERVICES,
+            backends: DEFAULT_MAX_BACKENDS,
+            rule_lists: DEFAULT_MAX_RULE_LISTS,
+            allowlist: DEFAULT_MAX_ALLOWLIST,
+            conntrack: DEFAULT_CONNTRACK_ENTRIES,
+        }
+    }
+}
+
+impl Sizes {
+    /// Small maps for tests and demos (quick to allocate, still far above what they use).
+    pub fn small() -> Self {
+        Sizes {
+            links: 1024,
+            endpoint_ports: 4096,
+            services: 64,
+            backends: 256,
+            rule_lists: 64,
+            allowlist: 1024,
+            conntrack: 65_536,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error(transparent)]
+    Stub(#[from] object::StubError),
+    #[error("loading the eBPF object: {0}")]
+    Object(#[from] aya::EbpfError),
+    #[error("loading the XDP program (verifier): {0}")]
+    Program(#[from] ProgramError),
+    #[error("the object has no program `{0}`")]
+    MissingProgram(&'static str),
+}
+
+/// The loaded object: programs and maps, not yet attached anywhere.
+pub struct Datapath {
+    pub ebpf: Ebpf,
+}
+
+impl Datapath {
+    pub fn load(sizes: &Sizes) -> Result<Self, LoadError> {
+        let mut ebpf = EbpfLoader::new()
+            .map_max_entries(names::LINKS, sizes.links)
+            .map_max_entries(names::LINK_STATS, sizes.links)
+            .map_max_entries(names::ENDPOINT_IPS4, sizes.links)
+            .map_max_entries(names::ENDPOINTS4, sizes.endpoint_ports)
+            .map_max_entries(names::MAGLEV, sizes.services)
+            .map_max_entries(names::BACKENDS4, sizes.backends)
+            .map_max_entries(names::RULES4, sizes.rule_lists)
+            .map_max_entries(names::ALLOWLIST, sizes.allowlist)
+            .map_max_entries(names::CT4, sizes.conntrack)
+            .load(object::bytes()?)?;
+        let prog: &mut Xdp = ebpf
+            .program_mut(PROGRAM)
+            .ok_or(LoadError::MissingProgram(PROGRAM))?
+            .try_into()?;
+        prog.load()?;
+        Ok(Datapath { ebpf })
+    }
+
+    pub fn program(&mut self) -> &mut Xdp {
+        self.ebpf
+            .program_mut(PROGRAM)
+            .and_then(|p| p.try_into().ok())
+            .expect("loaded in Datapath::load")
+    }
+}

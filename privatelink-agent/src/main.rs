@@ -1,0 +1,34 @@
+//! `privatelink-agent`: the node agent's command line.
+use anyhow::{Context as _, Result};
+use clap::{Parser, Subcommand};
+use privatelink_agent::loader::{Datapath, Sizes};
+
+#[derive(Parser)]
+#[command(version, about = "privatelink node agent")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Load the datapath into the kernel (verifier included) with default map sizes, report, unload.
+    Check,
+}
+
+fn main() -> Result<()> {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    match Cli::parse().command {
+        Command::Check => {
+            let mut dp = Datapath::load(&Sizes::default()).context("loading the datapath")?;
+            let info = dp.program().info().context("reading program info")?;
+            println!(
+                "datapath loaded: program {} ({} bytes JITed), {} maps",
+                info.name_as_str().unwrap_or("?"),
+                info.size_jitted(),
+                dp.ebpf.maps().count()
+            );
+            Ok(())
+        }
+    }
+}

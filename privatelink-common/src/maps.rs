@@ -1,0 +1,347 @@
+//! Keys and values of the datapath's maps, with their limits.
+//!
+//! Identifiers the agent allocates (network ids, link ids, service slots, backend slots, rule-list
+//! slots) are small dense integers so that most lookups are array lookups.
+
+/// Maximum networks (consumer and provider) per node: size of the NAT range array.
+pub const MAX_NETWORKS: u32 = 4096;
+/// Default capacity of link slots (one link per endpoint). Resizable at load.
+pub const DEFAULT_MAX_LINKS: u32 = 131_072;
+/// Default capacity of the endpoint (ip, proto, terminal port) hash. Resizable at load.
+pub const DEFAULT_MAX_ENDPOINT_PORTS: u32 = 262_144;
+/// Default number of services (Maglev tables). Resizable at load.
+pub const DEFAULT_MAX_SERVICES: u32 = 1024;
+/// Default number of backend slots. Resizable at load.
+pub const DEFAULT_MAX_BACKENDS: u32 = 16_384;
+/// Default number of compiled rule lists. Endpoints with the same bound groups share one list.
+pub const DEFAULT_MAX_RULE_LISTS: u32 = 2048;
+/// Default conntrack capacity in entries; each flow takes two (forward and reverse).
+pub const DEFAULT_CONNTRACK_ENTRIES: u32 = 2_097_152;
+/// Default capacity of the allowlist hash.
+pub const DEFAULT_MAX_ALLOWLIST: u32 = 65_536;
+
+/// Rules per compiled list: 5 groups × 100 rules would exceed it, so the agent refuses a binding
+/// whose compiled list is longer.
+pub const MAX_RULES: usize = 256;
+/// Maglev lookup table size per service (prime, ≫ backends so a change moves about 1/N of flows).
+pub const MAGLEV_SIZE: usize = 2039;
+/// Source-port retries when the first NAT port choice collides.
+pub const NAT_PORT_RETRIES: u32 = 8;
+
+/// Interface roles ([`IfaceInfo::role`]).
+pub const ROLE_CONSUMER: u8 = 1;
+pub const ROLE_PROVIDER: u8 = 2;
+
+/// Link states ([`LinkInfo::state`]); 0 is an empty slot.
+pub const LINK_EMPTY: u32 = 0;
+pub const LINK_PENDING: u32 = 1;
+pub const LINK_AVAILABLE: u32 = 2;
+pub const LINK_REJECTED: u32 = 3;
+
+/// Rule-list slot 0 means "no security group bound": every flow is accepted.
+pub const RULES_NONE: u32 = 0;
+
+/// Rule actions.
+pub const ACTION_ACCEPT: u8 = 1;
+pub const ACTION_DROP: u8 = 2;
+
+/// IP protocol numbers used in keys (`proto` fields).
+pub const PROTO_ICMP: u8 = 1;
+pub const PROTO_TCP: u8 = 6;
+pub const PROTO_UDP: u8 = 17;
+/// In a rule: any protocol.
+pub const PROTO_ANY: u8 = 0;
+
+/// Flow directions ([`Flow4::dir`]).
+pub const DIR_FORWARD: u8 = 0;
+pub const DIR_REPLY: u8 = 1;
+
+/// TCP conntrack states ([`Flow4::tcp_state`]); UDP flows stay `CT_OPEN`.
+pub const CT_SYN_SENT: u8 = 1;
+pub const CT_ESTABLISHED: u8 = 2;
+pub const CT_CLOSING: u8 = 3;
+pub const CT_OPEN: u8 = 4;
+
+/// Key of `IFACES`: the interface (and 802.1Q VLAN id, 0 for untagged) a frame arrived on.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct IfaceKey {
+    pub ifindex: u32,
+    pub vlan_id: u16,
+    pub _pad: u16,
+}
+crate::assert_size!(IfaceKey, 8);
+
+/// Value of `IFACES`: which network the interface belongs to and in which role.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct IfaceInfo {
+    pub network_id: u32,
+    /// [`ROLE_CONSUMER`] or [`ROLE_PROVIDER`].
+    pub role: u8,
+    pub _pad: u8,
+    /// The interface's own MAC, used as the source of ARP replies.
+    pub mac: [u8; 6],
+}
+crate::assert_size!(IfaceInfo, 12);
+
+/// Key of `ENDPOINTS4`: an endpoint IPv4 address and terminal port in a consumer network.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct EndpointKey4 {
+    pub network_id: u32,
+    pub addr_be: u32,
+    pub port_be: u16,
+    pub proto: u8,
+    pub _pad: u8,
+}
+crate::assert_size!(EndpointKey4, 12);
+
+/// Value of `ENDPOINTS4`: the link it belongs to and the service port it maps to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EndpointValue {
+    pub link_id: u32,
+    pub service_port_be: u16,
+    pub _pad: u16,
+}
+crate::assert_size!(EndpointValue, 8);
+
+/// Key of `ENDPOINT_IPS4`: an endpoint IPv4 address in a consumer network (for ARP and for keeping
+/// the address unusable by anything else on the node).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct EndpointIpKey4 {
+    pub network_id: u32,
+    pub addr_be: u32,
+}
+crate::assert_size!(EndpointIpKey4, 8);
+
+/// Value of `ENDPOINT_IPS4`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EndpointIpValue {
+    pub link_id: u32,
+    pub _pad: u32,
+}
+crate::assert_size!(EndpointIpValue, 8);
+
+/// Value of the `LINKS` array, indexed by link id: endpoint ↔ service.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LinkInfo {
+    /// [`LINK_EMPTY`], [`LINK_PENDING`], [`LINK_AVAILABLE`] or [`LINK_REJECTED`].
+    pub state: u32,
+    /// Agent-assigned number of the consumer account (allowlist key).
+    pub account: u32,
+    /// The service's slot: Maglev table and allowlist key.
+    pub service_slot: u32,
+    /// Provider network id: NAT range and reverse flow key.
+    pub provider_network: u32,
+    /// Compiled rule list slot, [`RULES_NONE`] when no group is bound.
+    pub rules_slot: u32,
+    /// Nonzero while the consumer account is allowed (allowlisted or same account); checked on every
+    /// packet, so removal from the allowlist cuts established flows too.
+    pub allowed: u32,
+}
+crate::assert_size!(LinkInfo, 24);
+
+/// Key of `ALLOWLIST`: (service slot, account number). Value: 1.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct AllowKey {
+    pub service_slot: u32,
+    pub account: u32,
+}
+crate::assert_size!(AllowKey, 8);
+
+/// One compiled IPv4 security-group rule.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Rule4 {
+    /// Source network, already masked.
+    pub addr_be: u32,
+    pub mask_be: u32,
+    /// Destination (terminal) port range, inclusive, host order; 0..=65535 for all.
+    pub port_lo: u16,
+    pub port_hi: u16,
+    /// [`PROTO_TCP`], [`PROTO_UDP`], [`PROTO_ICMP`] or [`PROTO_ANY`].
+    pub proto: u8,
+    /// [`ACTION_ACCEPT`] or [`ACTION_DROP`].
+    pub action: u8,
+    pub _pad: [u8; 2],
+}
+crate::assert_size!(Rule4, 16);
+
+/// Value of the `RULES4` array: one endpoint's bound groups compiled in evaluation order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RuleList4 {
+    /// Rules in use, at most [`MAX_RULES`]. Zero with groups bound means "drop everything".
+    pub count: u32,
+    pub _pad: u32,
+    pub rules: [Rule4; MAX_RULES],
+}
+crate::assert_size!(RuleList4, 8 + 16 * MAX_RULES);
+
+/// Value of the `MAGLEV` array, indexed by service slot.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MaglevTable {
+    /// Backends in the table; zero means the service has none.
+    pub backends: u32,
+    pub _pad: u32,
+    /// Backend slot for each hash bucket.
+    pub slots: [u32; MAGLEV_SIZE],
+}
+crate::assert_size!(MaglevTable, 8 + 4 * MAGLEV_SIZE);
+
+/// Value of the `BACKENDS4` array, indexed by backend slot.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Backend4 {
+    pub addr_be: u32,
+    pub _pad: u32,
+}
+crate::assert_size!(Backend4, 8);
+
+/// Value of the `NAT4` array, indexed by provider network id: the source-NAT range.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NatRange4 {
+    /// First address (host order, so the datapath can add an offset).
+    pub base: u32,
+    /// Number of addresses; zero means no range.
+    pub count: u32,
+    /// Ports to allocate from, inclusive, host order.
+    pub port_min: u16,
+    pub port_max: u16,
+    pub _pad: u32,
+}
+crate::assert_size!(NatRange4, 16);
+
+/// Key of `CT4`: a flow as seen on ingress, in the network it arrived from.
+///
+/// Forward entries are keyed by the consumer's tuple in its network; reply entries by the backend's
+/// tuple (backend → NAT address) in the provider network.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct FlowKey4 {
+    pub network_id: u32,
+    pub saddr_be: u32,
+    pub daddr_be: u32,
+    pub sport_be: u16,
+    pub dport_be: u16,
+    pub proto: u8,
+    pub _pad: [u8; 3],
+}
+crate::assert_size!(FlowKey4, 20);
+
+/// Value of `CT4`: how to rewrite a packet of the flow, and the flow's state.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Flow4 {
+    /// `bpf_ktime_get_ns` of the last packet (refreshed at most once a second).
+    pub last_seen_ns: u64,
+    /// New source and destination after translation.
+    pub saddr_be: u32,
+    pub daddr_be: u32,
+    pub sport_be: u16,
+    pub dport_be: u16,
+    pub link_id: u32,
+    /// Network of the other direction's key (to find the twin entry).
+    pub peer_network: u32,
+    /// Reply entries: the consumer-side interface, MACs and VLAN to send back on (no FIB lookup,
+    /// consumer networks overlap). Forward entries: zero (FIB lookup).
+    pub egress_ifindex: u32,
+    pub src_mac: [u8; 6],
+    pub dst_mac: [u8; 6],
+    /// 802.1Q VLAN id to push on reply, 0 for none.
+    pub vlan_id: u16,
+    /// [`DIR_FORWARD`] or [`DIR_REPLY`].
+    pub dir: u8,
+    /// One of the `CT_*` states.
+    pub tcp_state: u8,
+}
+crate::assert_size!(Flow4, 48);
+
+/// Value of the one-element `CONFIG` array: timeouts the agent sets.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DatapathConfig {
+    pub tcp_syn_timeout_ns: u64,
+    pub tcp_established_timeout_ns: u64,
+    pub tcp_closing_timeout_ns: u64,
+    pub udp_timeout_ns: u64,
+}
+crate::assert_size!(DatapathConfig, 32);
+
+const SEC: u64 = 1_000_000_000;
+
+impl DatapathConfig {
+    /// Conntrack lifetimes: TCP SYN-only 60 s, established 2 h idle, after FIN/RST 10 s, UDP 60 s.
+    pub const DEFAULT: DatapathConfig = DatapathConfig {
+        tcp_syn_timeout_ns: 60 * SEC,
+        tcp_established_timeout_ns: 7200 * SEC,
+        tcp_closing_timeout_ns: 10 * SEC,
+        udp_timeout_ns: 60 * SEC,
+    };
+
+    /// The idle timeout for a flow in `state` (one of the `CT_*` codes).
+    #[inline(always)]
+    pub fn timeout_for(&self, proto: u8, state: u8) -> u64 {
+        if proto == PROTO_UDP {
+            return self.udp_timeout_ns;
+        }
+        match state {
+            CT_ESTABLISHED => self.tcp_established_timeout_ns,
+            CT_CLOSING => self.tcp_closing_timeout_ns,
+            _ => self.tcp_syn_timeout_ns,
+        }
+    }
+}
+
+impl Default for DatapathConfig {
+    fn default() -> Self {
+        Self::DEFAULT
+    }
+}
+
+#[cfg(feature = "user")]
+crate::user_pod!(
+    IfaceKey,
+    IfaceInfo,
+    EndpointKey4,
+    EndpointValue,
+    EndpointIpKey4,
+    EndpointIpValue,
+    LinkInfo,
+    AllowKey,
+    Rule4,
+    RuleList4,
+    MaglevTable,
+    Backend4,
+    NatRange4,
+    FlowKey4,
+    Flow4,
+    DatapathConfig,
+);
+
+/// Map names as declared in the eBPF object (the agent looks maps up by these).
+pub mod names {
+    pub const IFACES: &str = "IFACES";
+    pub const ENDPOINTS4: &str = "ENDPOINTS4";
+    pub const ENDPOINT_IPS4: &str = "ENDPOINT_IPS4";
+    pub const LINKS: &str = "LINKS";
+    pub const ALLOWLIST: &str = "ALLOWLIST";
+    pub const RULES4: &str = "RULES4";
+    pub const MAGLEV: &str = "MAGLEV";
+    pub const BACKENDS4: &str = "BACKENDS4";
+    pub const NAT4: &str = "NAT4";
+    pub const CT4: &str = "CT4";
+    pub const CONFIG: &str = "CONFIG";
+    pub const DEVMAP: &str = "DEVMAP";
+    pub const GLOBAL_STATS: &str = "GLOBAL_STATS";
+    pub const LINK_STATS: &str = "LINK_STATS";
+    pub const LINK_DROPS: &str = "LINK_DROPS";
+}

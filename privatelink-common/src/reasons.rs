@@ -1,0 +1,108 @@
+//! What happened to a packet: one code per outcome, one list shared by the datapath (counter index),
+//! the agent (sums) and the metrics (label values).
+//!
+//! Codes below [`DROP_REASONS`] are drops; the rest are non-drop outcomes (passes, replies, forwards).
+//! Every packet the program sees ends in exactly one global outcome counter, so the counters account
+//! for every packet.
+
+/// Packet shorter than the headers it announces (Ethernet, VLAN, IPv4, TCP or UDP) and addressed to us.
+pub const DROP_TRUNCATED: u32 = 0;
+/// IPv4 IHL below 5 or beyond the packet.
+pub const DROP_BAD_IHL: u32 = 1;
+/// IPv4 total length below the header or beyond the frame.
+pub const DROP_BAD_LENGTH: u32 = 2;
+/// IPv4 fragment (first or later) for an endpoint or NAT address: full NAT needs the L4 ports.
+pub const DROP_FRAGMENT: u32 = 3;
+/// Addressed to an endpoint IP on a port that is not one of its terminal ports.
+pub const DROP_NO_PORT: u32 = 4;
+/// The endpoint's connection is Pending (not yet accepted by the provider).
+pub const DROP_LINK_PENDING: u32 = 5;
+/// The endpoint's connection is Rejected.
+pub const DROP_LINK_REJECTED: u32 = 6;
+/// The link slot is not (or no longer) active: deleted endpoint or stale flow.
+pub const DROP_LINK_INACTIVE: u32 = 7;
+/// The consumer account is not on the service's allowlist.
+pub const DROP_NOT_ALLOWLISTED: u32 = 8;
+/// A security-group rule dropped the new flow, or groups are bound and none matched.
+pub const DROP_SECURITY_GROUP: u32 = 9;
+/// A TCP segment without state that is not a plain SYN.
+pub const DROP_TCP_NOT_SYN: u32 = 10;
+/// TTL would reach zero.
+pub const DROP_TTL_EXPIRED: u32 = 11;
+/// The service has no backend in its Maglev table.
+pub const DROP_NO_BACKEND: u32 = 12;
+/// No free NAT port after the bounded retries.
+pub const DROP_NAT_EXHAUSTED: u32 = 13;
+/// The provider network has no NAT range configured.
+pub const DROP_NO_NAT_RANGE: u32 = 14;
+/// Addressed to a NAT address with no flow state (reply without state).
+pub const DROP_NO_FLOW: u32 = 15;
+/// Conntrack insert failed (map full or allocation failure).
+pub const DROP_CONNTRACK_FULL: u32 = 16;
+/// `bpf_fib_lookup` found no usable route (blackhole, unreachable, prohibited, ...).
+pub const DROP_FIB_FAILED: u32 = 17;
+/// Rewriting the frame (head adjust) failed.
+pub const DROP_REWRITE_FAILED: u32 = 18;
+/// An unsupported VLAN layout (more than one tag).
+pub const DROP_VLAN: u32 = 19;
+/// Redirect to the egress interface failed (not in the device map).
+pub const DROP_REDIRECT_FAILED: u32 = 20;
+/// Number of drop reasons; codes from here on are not drops.
+pub const DROP_REASONS: u32 = 21;
+
+/// Not IPv4/ARP (or IPv6 before that path lands): passed untouched.
+pub const PASS_NOT_IP: u32 = 21;
+/// Arrived on an interface (or VLAN) the agent did not register: passed untouched.
+pub const PASS_UNKNOWN_IFACE: u32 = 22;
+/// Not addressed to an endpoint (consumer side) or a NAT address (provider side): passed untouched.
+pub const PASS_NOT_ENDPOINT: u32 = 23;
+/// Too short to tell where it is addressed: passed to the kernel, which drops it.
+pub const PASS_MALFORMED: u32 = 24;
+/// Translated, but the next hop has no neighbour entry: handed to the kernel to resolve and forward.
+pub const PASS_NO_NEIGH: u32 = 25;
+/// ARP request for an endpoint IP answered with XDP_TX.
+pub const ARP_REPLIED: u32 = 26;
+/// Translated and sent back out of the ingress interface (XDP_TX).
+pub const FWD_TX: u32 = 27;
+/// Translated and redirected to another interface.
+pub const FWD_REDIRECT: u32 = 28;
+/// Number of outcome codes (size of the global counter array).
+pub const OUTCOMES: u32 = 29;
+
+/// Metric label value for each outcome code, indexed by code.
+pub const OUTCOME_NAMES: [&str; OUTCOMES as usize] = [
+    "truncated",
+    "bad_ihl",
+    "bad_length",
+    "fragment",
+    "no_port",
+    "link_pending",
+    "link_rejected",
+    "link_inactive",
+    "not_allowlisted",
+    "security_group",
+    "tcp_not_syn",
+    "ttl_expired",
+    "no_backend",
+    "nat_exhausted",
+    "no_nat_range",
+    "no_flow",
+    "conntrack_full",
+    "fib_failed",
+    "rewrite_failed",
+    "vlan",
+    "redirect_failed",
+    "pass_not_ip",
+    "pass_unknown_iface",
+    "pass_not_endpoint",
+    "pass_malformed",
+    "pass_no_neigh",
+    "arp_replied",
+    "fwd_tx",
+    "fwd_redirect",
+];
+
+/// Whether an outcome code is a drop.
+pub const fn is_drop(code: u32) -> bool {
+    code < DROP_REASONS
+}

@@ -1,0 +1,93 @@
+//! Flow state: lookup with expiry, TCP state, refresh of both entries of a flow.
+use aya_ebpf::helpers::bpf_ktime_get_ns;
+use privatelink_common::{
+    CT_CLOSING, CT_ESTABLISHED, CT_SYN_SENT, DIR_FORWARD, DIR_REPLY, DatapathConfig, Flow4,
+    FlowKey4, PROTO_TCP,
+};
+
+use crate::{
+    CONFIG, CT4,
+    parse::{Ip4, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
+};
+
+/// last_seen is written at most this often per flow (a write per packet would bounce cache lines).
+const REFRESH_NS: u64 = 1_000_000_000;
+
+#[inline(always)]
+pub fn now() -> u64 {
+    // SAFETY: helper without preconditions.
+    unsafe { bpf_ktime_get_ns() }
+}
+
+#[inline(always)]
+pub fn config() -> DatapathConfig {
+    match CONFIG.get(0) {
+        Some(c) if c.udp_timeout_ns != 0 => *c,
+        _ => DatapathConfig::DEFAULT,
+    }
+}
+
+#[inline(always)]
+pub fn expired(flow: &Flow4, proto: u8, now: u64, cfg: &DatapathConfig) -> bool {
+    now.saturating_sub(flow.last_seen_ns) > cfg.timeout_for(proto, flow.tcp_state)
+}
+
+/// The live entry for `key`; an expired one counts as absent.
+#[inline(always)]
+pub fn lookup(key: &FlowKey4, now: u64, cfg: &DatapathConfig) -> Option<*mut Flow4> {
+    let f = CT4.get_ptr_mut(key)?;
+    // SAFETY: pointer from a successful lookup.
+    if expired(unsafe { &*f }, key.proto, now, cfg) {
+        None
+    } else {
+        Some(f)
+    }
+}
+
+/// The key of the other direction's entry of the same flow.
+#[inline(always)]
+pub fn twin_key(flow: &Flow4, proto: u8) -> FlowKey4 {
+    FlowKey4 {
+        network_id: flow.peer_network,
+        saddr_be: flow.daddr_be,
+        daddr_be: flow.saddr_be,
+        sport_be: flow.dport_be,
+        dport_be: flow.sport_be,
+        proto,
+        _pad: [0; 3],
+    }
+}
+
+/// Advances TCP state and refreshes the flow (and its twin) for a packet that hit `flow`.
+#[inline(always)]
+pub fn update(flow: *mut Flow4, p: &Ip4, now: u64) {
+    // SAFETY: pointer from a successful lookup; concurrent updates of these plain fields are benign.
+    let flow = unsafe { &mut *flow };
+    let old = flow.tcp_state;
+    let mut state = old;
+    if p.proto == PROTO_TCP {
+        let f = p.tcp_flags;
+        if f & (TCP_FIN | TCP_RST) != 0 {
+            state = CT_CLOSING;
+        } else if old == CT_SYN_SENT && flow.dir == DIR_REPLY {
+            state = CT_ESTABLISHED;
+        } else if old == CT_CLOSING && flow.dir == DIR_FORWARD && f & (TCP_SYN | TCP_ACK) == TCP_SYN
+        {
+            // The consumer reuses the tuple for a new connection: keep the mapping, restart.
+            state = CT_SYN_SENT;
+        }
+    }
+    if state == old && now.saturating_sub(flow.last_seen_ns) < REFRESH_NS {
+        return;
+    }
+    flow.tcp_state = state;
+    flow.last_seen_ns = now;
+    // Both entries live and die together, so a one-way stream keeps its reply mapping reserved.
+    if let Some(t) = CT4.get_ptr_mut(&twin_key(flow, p.proto)) {
+        // SAFETY: pointer from a successful lookup.
+        unsafe {
+            (*t).tcp_state = state;
+            (*t).last_seen_ns = now;
+        }
+    }
+}

@@ -1,0 +1,187 @@
+//! Applying a flow's translation to the packet and sending it on: TTL, checksums, MACs, VLAN, FIB,
+//! XDP_TX or redirect.
+use aya_ebpf::{
+    bindings::{BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, bpf_fib_lookup, xdp_action},
+    helpers::{bpf_fib_lookup as fib_lookup, bpf_xdp_adjust_head},
+    programs::XdpContext,
+};
+use network_types::{eth::EthHdr, ip::Ipv4Hdr, tcp::TcpHdr, udp::UdpHdr};
+use privatelink_common::{
+    DIR_FORWARD, DROP_FIB_FAILED, DROP_REDIRECT_FAILED, DROP_REWRITE_FAILED, FWD_REDIRECT, FWD_TX,
+    Flow4, PASS_NO_NEIGH, PROTO_TCP,
+};
+
+use crate::{
+    DEVMAP,
+    csum::Delta,
+    parse::{ETH_P_8021Q, Ip4, L2, VLAN_HLEN, ptr_at},
+    process::Verdict,
+};
+
+const AF_INET: u8 = 2;
+
+/// Translates the packet by `flow` and sends it on.
+#[inline(always)]
+pub fn send(ctx: &XdpContext, l2: &L2, p: &Ip4, flow: &Flow4) -> Verdict {
+    if flow.dir != DIR_FORWARD {
+        // Reply: back out of the consumer interface it came in on, to the MAC it came from.
+        if !rewrite_l34(ctx, p, flow, true)
+            || !rewrite_l2(ctx, l2, &flow.dst_mac, &flow.src_mac, flow.vlan_id)
+        {
+            return Verdict::drop(DROP_REWRITE_FAILED);
+        }
+        return out(ctx, flow.egress_ifindex);
+    }
+    // SAFETY: plain-old-data struct, all zeroes is valid.
+    let mut fib: bpf_fib_lookup = unsafe { core::mem::zeroed() };
+    fib.family = AF_INET;
+    fib.l4_protocol = p.proto;
+    fib.sport = flow.sport_be;
+    fib.dport = flow.dport_be;
+    fib.__bindgen_anon_1.tot_len = p.tot_len;
+    fib.ifindex = ctx.ingress_ifindex() as u32;
+    fib.__bindgen_anon_3.ipv4_src = flow.saddr_be;
+    fib.__bindgen_anon_4.ipv4_dst = flow.daddr_be;
+    // SAFETY: ctx and the params struct are valid for the call.
+    let rc = unsafe {
+        fib_lookup(
+            ctx.ctx.cast(),
+            &mut fib,
+            core::mem::size_of::<bpf_fib_lookup>() as i32,
+            0,
+        )
+    };
+    match rc as u32 {
+        BPF_FIB_LKUP_RET_SUCCESS => {
+            if !rewrite_l34(ctx, p, flow, true) || !rewrite_l2(ctx, l2, &fib.dmac, &fib.smac, 0) {
+                return Verdict::drop(DROP_REWRITE_FAILED);
+            }
+            out(ctx, fib.ifindex)
+        }
+        // The kernel forwards the translated packet (decrementing TTL itself) and resolves the
+        // neighbour; the next packet of the flow takes the fast path.
+        BPF_FIB_LKUP_RET_NO_NEIGH => {
+            if !rewrite_l34(ctx, p, flow, false) {
+                return Verdict::drop(DROP_REWRITE_FAILED);
+            }
+            Verdict {
+                action: xdp_action::XDP_PASS,
+                outcome: PASS_NO_NEIGH,
+            }
+        }
+        _ => Verdict::drop(DROP_FIB_FAILED),
+    }
+}
+
+#[inline(always)]
+fn out(ctx: &XdpContext, ifindex: u32) -> Verdict {
+    if ifindex == ctx.ingress_ifindex() as u32 {
+        return Verdict {
+            action: xdp_action::XDP_TX,
+            outcome: FWD_TX,
+        };
+    }
+    match DEVMAP.redirect(ifindex, 0) {
+        Ok(action) => Verdict {
+            action,
+            outcome: FWD_REDIRECT,
+        },
+        Err(_) => Verdict::drop(DROP_REDIRECT_FAILED),
+    }
+}
+
+/// Rewrites addresses and ports to the flow's, with incremental IPv4 and L4 checksum updates
+/// (pseudo-header included; a zero UDP checksum stays zero) and, if asked, the TTL decrement.
+#[inline(always)]
+fn rewrite_l34(ctx: &XdpContext, p: &Ip4, flow: &Flow4, dec_ttl: bool) -> bool {
+    let Some(ip) = ptr_at::<Ipv4Hdr>(ctx, p.l3_off) else {
+        return false;
+    };
+    // SAFETY: bounds checked by ptr_at.
+    let ip = unsafe { &mut *ip };
+    let addrs = Delta::new()
+        .u32(p.saddr_be, flow.saddr_be)
+        .u32(p.daddr_be, flow.daddr_be);
+    let mut l3 = addrs;
+    if dec_ttl {
+        let old = u16::from_ne_bytes([ip.ttl, ip.proto]);
+        ip.ttl -= 1;
+        l3 = l3.u16(old, u16::from_ne_bytes([ip.ttl, ip.proto]));
+    }
+    ip.src_addr = flow.saddr_be.to_ne_bytes();
+    ip.dst_addr = flow.daddr_be.to_ne_bytes();
+    ip.check = l3.apply(u16::from_ne_bytes(ip.check)).to_ne_bytes();
+    let l4 = addrs.plus(
+        Delta::new()
+            .u16(p.sport_be, flow.sport_be)
+            .u16(p.dport_be, flow.dport_be),
+    );
+    if p.proto == PROTO_TCP {
+        let Some(tcp) = ptr_at::<TcpHdr>(ctx, p.l4_off) else {
+            return false;
+        };
+        // SAFETY: bounds checked by ptr_at.
+        let tcp = unsafe { &mut *tcp };
+        tcp.source = flow.sport_be.to_ne_bytes();
+        tcp.dest = flow.dport_be.to_ne_bytes();
+        tcp.check = l4.apply(u16::from_ne_bytes(tcp.check)).to_ne_bytes();
+    } else {
+        let Some(udp) = ptr_at::<UdpHdr>(ctx, p.l4_off) else {
+            return false;
+        };
+        // SAFETY: bounds checked by ptr_at.
+        let udp = unsafe { &mut *udp };
+        udp.src = flow.sport_be.to_ne_bytes();
+        udp.dst = flow.dport_be.to_ne_bytes();
+        let check = u16::from_ne_bytes(udp.check);
+        if check != 0 {
+            let c = l4.apply(check);
+            udp.check = (if c == 0 { 0xffff } else { c }).to_ne_bytes();
+        }
+    }
+    true
+}
+
+/// Writes the MACs and makes the VLAN tag `vlan_id` (0: untagged), pushing or popping a tag.
+#[inline(always)]
+fn rewrite_l2(ctx: &XdpContext, l2: &L2, dst: &[u8; 6], src: &[u8; 6], vlan_id: u16) -> bool {
+    let tagged = l2.l3_off != EthHdr::LEN;
+    let macs_at = match (tagged, vlan_id != 0) {
+        (false, false) | (true, true) => 0,
+        // Pop: the MACs move up over the tag; the inner EtherType is already in place.
+        (true, false) => VLAN_HLEN,
+        // Push: make room in front; the old EtherType lands right after the new tag.
+        (false, true) => {
+            // SAFETY: ctx is valid; a negative delta grows the headroom side.
+            if unsafe { bpf_xdp_adjust_head(ctx.ctx, -(VLAN_HLEN as i32)) } != 0 {
+                return false;
+            }
+            0
+        }
+    };
+    let Some(eth) = ptr_at::<[[u8; 6]; 2]>(ctx, macs_at) else {
+        return false;
+    };
+    // SAFETY: bounds checked by ptr_at.
+    unsafe { *eth = [*dst, *src] };
+    if vlan_id != 0 {
+        let Some(tag) = ptr_at::<[u8; 4]>(ctx, 12) else {
+            return false;
+        };
+        // SAFETY: bounds checked by ptr_at.
+        unsafe {
+            let pcp = if tagged { (*tag)[2] & 0xf0 } else { 0 };
+            let tci = (vlan_id & 0x0fff).to_be_bytes();
+            *tag = {
+                let tpid = ETH_P_8021Q.to_ne_bytes();
+                [tpid[0], tpid[1], pcp | tci[0], tci[1]]
+            };
+        }
+    } else if tagged {
+        // SAFETY: ctx is valid; the frame is longer than the tag.
+        if unsafe { bpf_xdp_adjust_head(ctx.ctx, VLAN_HLEN as i32) } != 0 {
+            return false;
+        }
+    }
+    true
+}

@@ -1,0 +1,107 @@
+//! privatelink XDP datapath: entry points and maps. The logic lives in the modules.
+//!
+//! Every map is described at its declaration; keys and values are defined in `privatelink-common`.
+#![no_std]
+#![no_main]
+
+mod arp;
+mod conntrack;
+mod csum;
+mod forward;
+mod nat;
+mod parse;
+mod policy;
+mod process;
+mod stats;
+
+use aya_ebpf::{
+    macros::{map, xdp},
+    maps::{Array, DevMapHash, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap},
+    programs::XdpContext,
+};
+use privatelink_common::{
+    AllowKey, Backend4, DEFAULT_CONNTRACK_ENTRIES, DEFAULT_MAX_ALLOWLIST, DEFAULT_MAX_BACKENDS,
+    DEFAULT_MAX_ENDPOINT_PORTS, DEFAULT_MAX_LINKS, DEFAULT_MAX_RULE_LISTS, DEFAULT_MAX_SERVICES,
+    DatapathConfig, EndpointIpKey4, EndpointIpValue, EndpointKey4, EndpointValue, Flow4, FlowKey4,
+    IfaceInfo, IfaceKey, LinkDropKey, LinkInfo, LinkStats, MAX_NETWORKS, MaglevTable, NatRange4,
+    OUTCOMES, RuleList4,
+};
+
+/// (ifindex, VLAN id) → network and role. Frames from anything else pass untouched.
+#[map]
+static IFACES: HashMap<IfaceKey, IfaceInfo> = HashMap::with_max_entries(4096, 0);
+
+/// (consumer network, endpoint IPv4, protocol, terminal port) → link and service port.
+#[map]
+static ENDPOINTS4: HashMap<EndpointKey4, EndpointValue> =
+    HashMap::with_max_entries(DEFAULT_MAX_ENDPOINT_PORTS, 0);
+
+/// (consumer network, endpoint IPv4) → link: ARP answers and "this address is ours".
+#[map]
+static ENDPOINT_IPS4: HashMap<EndpointIpKey4, EndpointIpValue> =
+    HashMap::with_max_entries(DEFAULT_MAX_LINKS, 0);
+
+/// Link id → state, account, service, provider network, rule list. Checked on every packet.
+#[map]
+static LINKS: Array<LinkInfo> = Array::with_max_entries(DEFAULT_MAX_LINKS, 0);
+
+/// (service slot, account) present ⇔ the account may use the service.
+#[map]
+static ALLOWLIST: HashMap<AllowKey, u32> = HashMap::with_max_entries(DEFAULT_MAX_ALLOWLIST, 0);
+
+/// Rule-list slot → compiled security groups of an endpoint (slot 0 unused: no groups).
+#[map]
+static RULES4: Array<RuleList4> = Array::with_max_entries(DEFAULT_MAX_RULE_LISTS, 0);
+
+/// Service slot → Maglev table of backend slots.
+#[map]
+static MAGLEV: Array<MaglevTable> = Array::with_max_entries(DEFAULT_MAX_SERVICES, 0);
+
+/// Backend slot → backend IPv4 address.
+#[map]
+static BACKENDS4: Array<Backend4> = Array::with_max_entries(DEFAULT_MAX_BACKENDS, 0);
+
+/// Provider network id → source-NAT range.
+#[map]
+static NAT4: Array<NatRange4> = Array::with_max_entries(MAX_NETWORKS, 0);
+
+/// IPv4 conntrack: forward entries (consumer tuple) and reply entries (provider tuple).
+#[map]
+static CT4: LruHashMap<FlowKey4, Flow4> =
+    LruHashMap::with_max_entries(DEFAULT_CONNTRACK_ENTRIES, 0);
+
+/// Index 0: timeouts set by the agent (defaults apply while unset).
+#[map]
+static CONFIG: Array<DatapathConfig> = Array::with_max_entries(1, 0);
+
+/// ifindex → ifindex of every attached interface, for XDP_REDIRECT.
+#[map]
+static DEVMAP: DevMapHash = DevMapHash::with_max_entries(4096, 0);
+
+/// Outcome code → packets (per CPU); every packet lands in exactly one.
+#[map]
+static GLOBAL_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(OUTCOMES, 0);
+
+/// Link id → counters (per CPU).
+#[map]
+static LINK_STATS: PerCpuArray<LinkStats> = PerCpuArray::with_max_entries(DEFAULT_MAX_LINKS, 0);
+
+/// (link id, drop reason) → packets (per CPU).
+#[map]
+static LINK_DROPS: PerCpuHashMap<LinkDropKey, u64> = PerCpuHashMap::with_max_entries(65_536, 0);
+
+/// The datapath: attached to every consumer- and provider-facing interface.
+#[xdp]
+pub fn privatelink(ctx: XdpContext) -> u32 {
+    process::process(&ctx)
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

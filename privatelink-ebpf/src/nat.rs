@@ -1,0 +1,200 @@
+//! Backend choice (Maglev), source-NAT allocation and the flow entries that record it.
+use aya_ebpf::{
+    bindings::{BPF_ANY, BPF_EXIST, BPF_NOEXIST},
+    helpers::bpf_get_prandom_u32,
+};
+use privatelink_common::{
+    CT_OPEN, CT_SYN_SENT, DIR_FORWARD, DIR_REPLY, DROP_CONNTRACK_FULL, DROP_NAT_EXHAUSTED,
+    DROP_NO_BACKEND, DROP_NO_NAT_RANGE, DatapathConfig, Flow4, FlowKey4, LinkInfo, MAGLEV_SIZE,
+    NAT_PORT_RETRIES, NatRange4, PROTO_TCP,
+};
+
+use crate::{BACKENDS4, CT4, MAGLEV, NAT4, conntrack, parse::Ip4};
+
+const EEXIST: i32 = 17;
+
+/// Where the consumer's frame came from, for the reply entry (no FIB lookup on the way back:
+/// consumer networks overlap, so the way back is the way in).
+pub struct Origin {
+    pub ifindex: u32,
+    pub vlan_id: u16,
+    /// The node's MAC as the consumer addressed it, and the consumer's (or its router's) MAC.
+    pub node_mac: [u8; 6],
+    pub peer_mac: [u8; 6],
+}
+
+#[inline(always)]
+fn mix(mut h: u32) -> u32 {
+    h ^= h >> 16;
+    h = h.wrapping_mul(0x85eb_ca6b);
+    h ^= h >> 13;
+    h = h.wrapping_mul(0xc2b2_ae35);
+    h ^ (h >> 16)
+}
+
+/// Hash of a flow's consumer-side tuple (stable: Maglev needs the same backend for the same flow).
+#[inline(always)]
+pub fn flow_hash(k: &FlowKey4) -> u32 {
+    let ports = ((k.sport_be as u32) << 16) | k.dport_be as u32;
+    let h = mix(k.saddr_be ^ 0x9e37_79b9);
+    let h = mix(h ^ k.daddr_be);
+    let h = mix(h ^ ports);
+    mix(h ^ (k.proto as u32) ^ (k.network_id << 8))
+}
+
+/// The backend address for a new flow of the service, by Maglev table.
+#[inline(always)]
+pub fn pick_backend(service_slot: u32, hash: u32) -> Result<u32, u32> {
+    let table = MAGLEV.get(service_slot).ok_or(DROP_NO_BACKEND)?;
+    if table.backends == 0 {
+        return Err(DROP_NO_BACKEND);
+    }
+    let bucket = (hash % MAGLEV_SIZE as u32) as usize;
+    // LLVM knows bucket < MAGLEV_SIZE and would drop this check, but the verifier cannot see through
+    // the multiply-shift that replaced the modulo: launder the value so the check stays.
+    // SAFETY: reading a local.
+    let bucket = unsafe { core::ptr::read_volatile(&bucket) };
+    let slot = *table.slots.get(bucket).ok_or(DROP_NO_BACKEND)?;
+    BACKENDS4
+        .get(slot)
+        .map(|b| b.addr_be)
+        .ok_or(DROP_NO_BACKEND)
+}
+
+/// Whether `addr_be` is in the NAT range of provider network `network_id`.
+#[inline(always)]
+pub fn is_nat_addr(network_id: u32, addr_be: u32) -> bool {
+    match NAT4.get(network_id) {
+        Some(r) => u32::from_be(addr_be).wrapping_sub(r.base) < r.count,
+        None => false,
+    }
+}
+
+#[inline(always)]
+fn random_port(r: &NatRange4) -> u16 {
+    let span = (r.port_max as u32).saturating_sub(r.port_min as u32) + 1;
+    // SAFETY: helper without preconditions.
+    let rnd = unsafe { bpf_get_prandom_u32() };
+    r.port_min + (rnd % span) as u16
+}
+
+/// Chooses a NAT address and port whose reply tuple is free, and writes both flow entries.
+/// Returns the forward entry (the translation to apply now).
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+pub fn create_flow(
+    key: &FlowKey4,
+    p: &Ip4,
+    link: &LinkInfo,
+    link_id: u32,
+    backend_be: u32,
+    service_port_be: u16,
+    origin: &Origin,
+    hash: u32,
+    now: u64,
+    cfg: &DatapathConfig,
+) -> Result<Flow4, u32> {
+    let range = match NAT4.get(link.provider_network) {
+        Some(r) if r.count != 0 => *r,
+        _ => return Err(DROP_NO_NAT_RANGE),
+    };
+    let nat_addr_be = range
+        .base
+        .wrapping_add(mix(hash ^ 0x5bd1_e995) % range.count)
+        .to_be();
+    let state = if p.proto == PROTO_TCP {
+        CT_SYN_SENT
+    } else {
+        CT_OPEN
+    };
+    let reply = Flow4 {
+        last_seen_ns: now,
+        saddr_be: p.daddr_be,
+        daddr_be: p.saddr_be,
+        sport_be: p.dport_be,
+        dport_be: p.sport_be,
+        link_id,
+        peer_network: key.network_id,
+        egress_ifindex: origin.ifindex,
+        src_mac: origin.node_mac,
+        dst_mac: origin.peer_mac,
+        vlan_id: origin.vlan_id,
+        dir: DIR_REPLY,
+        tcp_state: state,
+    };
+    // Keep the consumer's port when the range allows it (fewer surprises), else pick at random.
+    let sport = u16::from_be(p.sport_be);
+    let mut port = if sport >= range.port_min && sport <= range.port_max {
+        sport
+    } else {
+        random_port(&range)
+    };
+    for _ in 0..=NAT_PORT_RETRIES {
+        let rkey = FlowKey4 {
+            network_id: link.provider_network,
+            saddr_be: backend_be,
+            daddr_be: nat_addr_be,
+            sport_be: service_port_be,
+            dport_be: port.to_be(),
+            proto: p.proto,
+            _pad: [0; 3],
+        };
+        let claimed = match CT4.insert(&rkey, &reply, BPF_NOEXIST as u64) {
+            Ok(()) => true,
+            Err(e) if e == -EEXIST => reclaim(&rkey, key, &reply, now, cfg)?,
+            Err(_) => return Err(DROP_CONNTRACK_FULL),
+        };
+        if claimed {
+            let fwd = Flow4 {
+                last_seen_ns: now,
+                saddr_be: nat_addr_be,
+                daddr_be: backend_be,
+                sport_be: port.to_be(),
+                dport_be: service_port_be,
+                link_id,
+                peer_network: link.provider_network,
+                egress_ifindex: 0,
+                src_mac: [0; 6],
+                dst_mac: [0; 6],
+                vlan_id: 0,
+                dir: DIR_FORWARD,
+                tcp_state: state,
+            };
+            if CT4.insert(key, &fwd, BPF_ANY as u64).is_err() {
+                let _ = CT4.remove(&rkey);
+                return Err(DROP_CONNTRACK_FULL);
+            }
+            return Ok(fwd);
+        }
+        port = random_port(&range);
+    }
+    Err(DROP_NAT_EXHAUSTED)
+}
+
+/// A reply tuple is taken: it may still be ours to overwrite when its flow expired or when it is
+/// this very consumer flow's old entry.
+#[inline(always)]
+fn reclaim(
+    rkey: &FlowKey4,
+    key: &FlowKey4,
+    reply: &Flow4,
+    now: u64,
+    cfg: &DatapathConfig,
+) -> Result<bool, u32> {
+    // SAFETY: the value is copied out at once.
+    let Some(old) = (unsafe { CT4.get(rkey) }) else {
+        return Ok(false);
+    };
+    let ours = old.peer_network == key.network_id
+        && old.daddr_be == key.saddr_be
+        && old.dport_be == key.sport_be
+        && old.saddr_be == key.daddr_be
+        && old.sport_be == key.dport_be;
+    if !ours && !conntrack::expired(old, rkey.proto, now, cfg) {
+        return Ok(false);
+    }
+    match CT4.insert(rkey, reply, BPF_EXIST as u64) {
+        Ok(()) => Ok(true),
+        Err(_) => Err(DROP_CONNTRACK_FULL),
+    }
+}

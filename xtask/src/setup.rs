@@ -1,0 +1,258 @@
+//! `cargo xtask setup`: brings a fresh machine to the point where everything builds and every test
+//! runs. Idempotent: each step checks first and prints one line with what it found or did.
+use std::{
+    env, fs,
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context as _, Result, bail};
+use privatelink_common::toolchain::{BPF_LINKER_VERSION, EBPF_TOOLCHAIN};
+
+use crate::cmd::{output, run};
+
+/// Debian packages the tests and benchmarks use (the binary each provides, to check cheaply).
+pub const PACKAGES: &[&str] = &[
+    "iproute2",
+    "ethtool",
+    "iperf3",
+    "nftables",
+    "haproxy",
+    "redis-server",
+    "redis-tools",
+    "mariadb-server",
+    "mariadb-client",
+    "etcd-server",
+    "etcd-client",
+    "prometheus",
+    "xdp-tools",
+    "bpftool",
+    "curl",
+];
+
+fn step(name: &str, what: impl std::fmt::Display) {
+    println!("setup: {name:<12} {what}");
+}
+
+pub fn setup(with_packages: bool) -> Result<()> {
+    ensure_rustup()?;
+    ensure_ebpf_toolchain()?;
+    ensure_bpf_linker()?;
+    if with_packages {
+        ensure_packages()?;
+    }
+    Ok(())
+}
+
+fn ensure_rustup() -> Result<()> {
+    match output(Command::new("rustup").arg("--version")) {
+        Ok(v) => {
+            step("rustup", v.lines().next().unwrap_or("").trim());
+            Ok(())
+        }
+        Err(_) => bail!(
+            "rustup is missing: install it (https://rustup.rs, or Debian's `rustup` package) and run \
+             `cargo xtask setup` again"
+        ),
+    }
+}
+
+fn sysroot() -> Result<PathBuf> {
+    let out = output(
+        Command::new("rustc")
+            .arg(format!("+{EBPF_TOOLCHAIN}"))
+            .args(["--print", "sysroot"]),
+    )?;
+    Ok(PathBuf::from(out.trim()))
+}
+
+fn ensure_ebpf_toolchain() -> Result<()> {
+    let have = output(Command::new("rustup").args(["toolchain", "list"]))?
+        .lines()
+        .any(|l| {
+            l.starts_with(&format!("{EBPF_TOOLCHAIN}-"))
+                || l.split_whitespace().next() == Some(EBPF_TOOLCHAIN)
+        });
+    if !have {
+        step(
+            "toolchain",
+            format!("{EBPF_TOOLCHAIN} missing: installing with rustup"),
+        );
+        run(Command::new("rustup").args([
+            "toolchain",
+            "install",
+            EBPF_TOOLCHAIN,
+            "--profile",
+            "minimal",
+            "--component",
+            "rust-src",
+        ]))?;
+    }
+    let version = output(
+        Command::new("rustc")
+            .arg(format!("+{EBPF_TOOLCHAIN}"))
+            .arg("--version"),
+    )?;
+    step(
+        "toolchain",
+        format!("eBPF toolchain `{EBPF_TOOLCHAIN}`: {}", version.trim()),
+    );
+    let lock = sysroot()?.join("lib/rustlib/src/rust/library/Cargo.lock");
+    if lock.exists() {
+        step("rust-src", "present");
+    } else {
+        step("rust-src", "missing: adding the component");
+        run(Command::new("rustup").args([
+            "component",
+            "add",
+            "rust-src",
+            "--toolchain",
+            EBPF_TOOLCHAIN,
+        ]))?;
+    }
+    Ok(())
+}
+
+/// The nightly's own libLLVM: (file name, LLVM major version).
+fn nightly_llvm(sysroot: &Path) -> Result<(String, u32)> {
+    let lib = sysroot.join("lib");
+    for entry in fs::read_dir(&lib).with_context(|| format!("reading {}", lib.display()))? {
+        let name = entry?.file_name().to_string_lossy().into_owned();
+        // e.g. libLLVM.so.22.1-rust-1.97.0-nightly
+        if let Some(rest) = name.strip_prefix("libLLVM.so.") {
+            let major = rest.split(['.', '-']).next().unwrap_or("");
+            if let Ok(major) = major.parse() {
+                return Ok((name, major));
+            }
+        }
+    }
+    bail!(
+        "no libLLVM.so.<version> in {}: the {EBPF_TOOLCHAIN} toolchain looks incomplete",
+        lib.display()
+    )
+}
+
+fn cargo_home() -> PathBuf {
+    env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .or_else(|| env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo")))
+        .unwrap_or_else(|| PathBuf::from("/root/.cargo"))
+}
+
+fn ensure_bpf_linker() -> Result<()> {
+    let sysroot = sysroot()?;
+    let (llvm_file, major) = nightly_llvm(&sysroot)?;
+    let llvm_path = sysroot.join("lib").join(&llvm_file);
+    // What the installed bpf-linker was built against; it must match or it fails cryptically.
+    let wanted = format!(
+        "bpf-linker {BPF_LINKER_VERSION} llvm={}\n",
+        llvm_path.display()
+    );
+    let state = cargo_home().join("privatelink");
+    let stamp = state.join("bpf-linker.stamp");
+    let linker = cargo_home().join("bin/bpf-linker");
+    let runs = output(Command::new(&linker).arg("--version"))
+        .is_ok_and(|v| v.contains(BPF_LINKER_VERSION));
+    let recorded = fs::read_to_string(&stamp).unwrap_or_default();
+    if runs && recorded == wanted {
+        step(
+            "bpf-linker",
+            format!("{BPF_LINKER_VERSION}, built against {llvm_file}"),
+        );
+        return Ok(());
+    }
+    let why = if !runs {
+        "missing or not runnable".to_string()
+    } else if recorded.is_empty() {
+        "built against an unknown LLVM".to_string()
+    } else {
+        format!("stale (was {})", recorded.trim())
+    };
+    step(
+        "bpf-linker",
+        format!(
+            "{why}: building {BPF_LINKER_VERSION} against {llvm_file} (LLVM {major}), a few minutes"
+        ),
+    );
+    // bpf-linker links libLLVM dynamically and records this directory as its RUNPATH, so it lives
+    // under CARGO_HOME (persistent), one directory per libLLVM file.
+    let prefix = state.join("llvm").join(&llvm_file);
+    let lib = prefix.join("lib");
+    fs::create_dir_all(&lib).with_context(|| format!("creating {}", lib.display()))?;
+    for name in ["libLLVM.so", llvm_file.as_str()] {
+        let link = lib.join(name);
+        let _ = fs::remove_file(&link);
+        std::os::unix::fs::symlink(&llvm_path, &link)
+            .with_context(|| format!("linking {} to {}", link.display(), llvm_path.display()))?;
+    }
+    run(Command::new("cargo")
+        .env("LLVM_PREFIX", &prefix)
+        .args([
+            "install",
+            "bpf-linker",
+            "--force",
+            "--version",
+            BPF_LINKER_VERSION,
+        ])
+        .args([
+            "--no-default-features",
+            "--features",
+            &format!("llvm-{major}"),
+        ]))
+    .context("building bpf-linker against the nightly's libLLVM")?;
+    fs::create_dir_all(&state)?;
+    fs::write(&stamp, &wanted).with_context(|| format!("writing {}", stamp.display()))?;
+    step("bpf-linker", format!("installed {}", linker.display()));
+    Ok(())
+}
+
+fn is_installed(pkg: &str) -> bool {
+    output(Command::new("dpkg-query").args(["-W", "-f=${Status}", pkg]))
+        .is_ok_and(|s| s.trim() == "install ok installed")
+}
+
+fn ensure_packages() -> Result<()> {
+    if output(Command::new("dpkg-query").arg("--version")).is_err() {
+        bail!(
+            "no dpkg on this machine: install these packages with its package manager: {}",
+            PACKAGES.join(" ")
+        );
+    }
+    let missing: Vec<&str> = PACKAGES
+        .iter()
+        .copied()
+        .filter(|p| !is_installed(p))
+        .collect();
+    if missing.is_empty() {
+        step("packages", format!("all {} present", PACKAGES.len()));
+        return Ok(());
+    }
+    if !nix_is_root() {
+        bail!(
+            "missing Debian packages: {}; as root run: apt-get update && apt-get install -y {}",
+            missing.join(" "),
+            missing.join(" ")
+        );
+    }
+    step("packages", format!("installing {}", missing.join(" ")));
+    run(Command::new("apt-get").arg("update").arg("-q"))?;
+    run(Command::new("apt-get")
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .args(["install", "-y", "-q", "--no-install-recommends"])
+        .args(&missing))
+    .context("apt-get install")?;
+    let still: Vec<&str> = missing
+        .iter()
+        .copied()
+        .filter(|p| !is_installed(p))
+        .collect();
+    if !still.is_empty() {
+        bail!("apt-get did not install: {}", still.join(" "));
+    }
+    step("packages", format!("installed {}", missing.len()));
+    Ok(())
+}
+
+fn nix_is_root() -> bool {
+    output(Command::new("id").arg("-u")).is_ok_and(|u| u.trim() == "0")
+}
