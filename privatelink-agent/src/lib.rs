@@ -1,4 +1,5 @@
 //! privatelink node agent.
 pub mod dataplane;
 pub mod loader;
+pub mod netns;
 pub mod object;

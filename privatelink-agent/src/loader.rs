@@ -13,6 +13,8 @@ use crate::object;
 
 /// Program name of the datapath entry point in the object.
 pub const PROGRAM: &str = "privatelink";
+/// Program name of the pass-through program for veth peers that receive redirects.
+pub const PASS_PROGRAM: &str = "pass";
 
 /// Capacities of the resizable maps.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -91,12 +93,26 @@ impl Datapath {
             .ok_or(LoadError::MissingProgram(PROGRAM))?
             .try_into()?;
         prog.load()?;
+        let pass: &mut Xdp = ebpf
+            .program_mut(PASS_PROGRAM)
+            .ok_or(LoadError::MissingProgram(PASS_PROGRAM))?
+            .try_into()?;
+        pass.load()?;
         Ok(Datapath { ebpf })
     }
 
     pub fn program(&mut self) -> &mut Xdp {
+        self.xdp(PROGRAM)
+    }
+
+    /// The pass-through program for redirect-target veth peers.
+    pub fn pass_program(&mut self) -> &mut Xdp {
+        self.xdp(PASS_PROGRAM)
+    }
+
+    fn xdp(&mut self, name: &str) -> &mut Xdp {
         self.ebpf
-            .program_mut(PROGRAM)
+            .program_mut(name)
             .and_then(|p| p.try_into().ok())
             .expect("loaded in Datapath::load")
     }

@@ -96,6 +96,13 @@ pub fn privatelink(ctx: XdpContext) -> u32 {
     process::process(&ctx)
 }
 
+/// Attached to veth peers that receive redirected frames (veth delivers XDP_REDIRECT only to a peer
+/// with an XDP program). Passes everything.
+#[xdp]
+pub fn pass(_ctx: XdpContext) -> u32 {
+    aya_ebpf::bindings::xdp_action::XDP_PASS
+}
+
 #[cfg(not(test))]
 #[panic_handler]
 fn panic(_info: &core::panic::PanicInfo) -> ! {

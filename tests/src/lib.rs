@@ -1,1 +1,157 @@
+//! Test support: the privilege gate, packet fixtures (built and checked with etherparse) and a
+//! BPF_PROG_TEST_RUN helper. Namespaces come from `privatelink_agent::netns`.
+pub mod fixture;
 
+use std::{net::Ipv4Addr, time::Duration};
+
+use aya::programs::{TestRun, TestRunOptions, Xdp};
+use etherparse::{NetSlice, SlicedPacket, TransportSlice};
+
+/// Whether this process may load BPF programs and create namespaces. Outside CI a test without
+/// them skips with a printed reason; with `CI=true` it fails instead.
+pub fn privileged(test: &str) -> bool {
+    let caps = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines().find_map(|l| {
+                l.strip_prefix("CapEff:")
+                    .map(|v| u64::from_str_radix(v.trim(), 16).unwrap_or(0))
+            })
+        })
+        .unwrap_or(0);
+    const CAP_NET_ADMIN: u64 = 12;
+    const CAP_SYS_ADMIN: u64 = 21;
+    const CAP_BPF: u64 = 39;
+    let has = |c: u64| caps & (1 << c) != 0;
+    let ok = has(CAP_NET_ADMIN) && (has(CAP_BPF) || has(CAP_SYS_ADMIN));
+    if ok {
+        return true;
+    }
+    let why = format!("{test}: needs CAP_BPF and CAP_NET_ADMIN (run as root); CapEff={caps:#x}");
+    if std::env::var("CI").is_ok_and(|v| v == "true" || v == "1") {
+        panic!("{why} (CI=true: a missing capability is a failure)");
+    }
+    eprintln!("SKIPPED {why}");
+    false
+}
+
+/// The outcome of one BPF_PROG_TEST_RUN.
+#[derive(Debug)]
+pub struct Run {
+    pub verdict: u32,
+    pub out: Vec<u8>,
+    pub duration: Duration,
+}
+
+/// Layout of `struct xdp_md` for `ctx_in`.
+#[repr(C)]
+struct XdpMd {
+    data: u32,
+    data_end: u32,
+    data_meta: u32,
+    ingress_ifindex: u32,
+    rx_queue_index: u32,
+    egress_ifindex: u32,
+}
+
+/// Runs `prog` once on `packet` as if received on `ifindex` (which must exist in the calling
+/// thread's network namespace).
+pub fn test_run(prog: &Xdp, ifindex: u32, packet: &[u8]) -> Run {
+    // The kernel takes the frame length from data_end when a context is given.
+    let md = XdpMd {
+        data: 0,
+        data_end: packet.len() as u32,
+        data_meta: 0,
+        ingress_ifindex: ifindex,
+        rx_queue_index: 0,
+        egress_ifindex: 0,
+    };
+    // SAFETY: XdpMd is repr(C) plain integers.
+    let ctx = unsafe {
+        std::slice::from_raw_parts(
+            (&md as *const XdpMd).cast::<u8>(),
+            std::mem::size_of::<XdpMd>(),
+        )
+    };
+    let mut out = vec![0u8; packet.len() + 256];
+    let mut opts = TestRunOptions::new();
+    opts.data_in = Some(packet);
+    opts.data_out = Some(&mut out);
+    opts.ctx_in = Some(ctx);
+    let r = prog
+        .test_run(opts)
+        .unwrap_or_else(|e| panic!("BPF_PROG_TEST_RUN failed: {e}"));
+    out.truncate(r.data_size_out as usize);
+    Run {
+        verdict: r.return_value,
+        out,
+        duration: r.duration,
+    }
+}
+
+/// The L3/L4 view of a frame, with its checksums verified independently of the datapath.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Parsed {
+    pub src_mac: [u8; 6],
+    pub dst_mac: [u8; 6],
+    pub vlan: Option<u16>,
+    pub src: Ipv4Addr,
+    pub dst: Ipv4Addr,
+    pub ttl: u8,
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+}
+
+/// Parses an Ethernet/IPv4/TCP|UDP frame and panics unless the IPv4 header checksum and the L4
+/// checksum (pseudo-header included; UDP zero allowed) are correct.
+pub fn parse_checked(frame: &[u8]) -> Parsed {
+    let p = SlicedPacket::from_ethernet(frame)
+        .unwrap_or_else(|e| panic!("unparsable frame {frame:02x?}: {e}"));
+    let eth = match &p.link {
+        Some(etherparse::LinkSlice::Ethernet2(e)) => e.to_header(),
+        other => panic!("not Ethernet II: {other:?}"),
+    };
+    let vlan = p.vlan_ids().first().map(|v| v.value());
+    let Some(NetSlice::Ipv4(ip)) = &p.net else {
+        panic!("not IPv4: {frame:02x?}")
+    };
+    let iph = ip.header().to_header();
+    assert_eq!(
+        iph.header_checksum,
+        iph.calc_header_checksum(),
+        "bad IPv4 header checksum in {frame:02x?}"
+    );
+    let (sport, dport) = match &p.transport {
+        Some(TransportSlice::Tcp(t)) => {
+            let want = t
+                .to_header()
+                .calc_checksum_ipv4(&iph, t.payload())
+                .expect("tcp checksum");
+            assert_eq!(t.checksum(), want, "bad TCP checksum in {frame:02x?}");
+            (t.source_port(), t.destination_port())
+        }
+        Some(TransportSlice::Udp(u)) => {
+            if u.checksum() != 0 {
+                let want = u
+                    .to_header()
+                    .calc_checksum_ipv4(&iph, u.payload())
+                    .expect("udp checksum");
+                assert_eq!(u.checksum(), want, "bad UDP checksum in {frame:02x?}");
+            }
+            (u.source_port(), u.destination_port())
+        }
+        other => panic!("not TCP/UDP: {other:?}"),
+    };
+    Parsed {
+        src_mac: eth.source,
+        dst_mac: eth.destination,
+        vlan,
+        src: Ipv4Addr::from(iph.source),
+        dst: Ipv4Addr::from(iph.destination),
+        ttl: iph.time_to_live,
+        sport,
+        dport,
+        proto: iph.protocol.0,
+    }
+}
