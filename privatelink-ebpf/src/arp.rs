@@ -39,7 +39,7 @@ pub fn respond(ctx: &XdpContext, l2: &L2, iface: &IfaceInfo) -> Verdict {
         addr_be: u32::from_ne_bytes(arp.tpa),
     };
     // SAFETY: the value is not read.
-    if unsafe { ENDPOINT_IPS4.get(&key) }.is_none() {
+    if unsafe { ENDPOINT_IPS4.get(key) }.is_none() {
         return Verdict::pass(PASS_NOT_ENDPOINT);
     }
     eth.dst_addr = eth.src_addr;
@@ -47,9 +47,7 @@ pub fn respond(ctx: &XdpContext, l2: &L2, iface: &IfaceInfo) -> Verdict {
     arp.oper = ARPOP_REPLY;
     arp.tha = arp.sha;
     arp.sha = iface.mac;
-    let asked = arp.tpa;
-    arp.tpa = arp.spa;
-    arp.spa = asked;
+    core::mem::swap(&mut arp.tpa, &mut arp.spa);
     Verdict {
         action: xdp_action::XDP_TX,
         outcome: ARP_REPLIED,

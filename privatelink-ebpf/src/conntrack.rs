@@ -83,7 +83,7 @@ pub fn update(flow: *mut Flow4, p: &Ip4, now: u64) {
     flow.tcp_state = state;
     flow.last_seen_ns = now;
     // Both entries live and die together, so a one-way stream keeps its reply mapping reserved.
-    if let Some(t) = CT4.get_ptr_mut(&twin_key(flow, p.proto)) {
+    if let Some(t) = CT4.get_ptr_mut(twin_key(flow, p.proto)) {
         // SAFETY: pointer from a successful lookup.
         unsafe {
             (*t).tcp_state = state;

@@ -139,7 +139,7 @@ pub fn create_flow(
             proto: p.proto,
             _pad: [0; 3],
         };
-        let claimed = match CT4.insert(&rkey, &reply, BPF_NOEXIST as u64) {
+        let claimed = match CT4.insert(rkey, reply, BPF_NOEXIST as u64) {
             Ok(()) => true,
             Err(e) if e == -EEXIST => reclaim(&rkey, key, &reply, now, cfg)?,
             Err(_) => return Err(DROP_CONNTRACK_FULL),
@@ -160,8 +160,8 @@ pub fn create_flow(
                 dir: DIR_FORWARD,
                 tcp_state: state,
             };
-            if CT4.insert(key, &fwd, BPF_ANY as u64).is_err() {
-                let _ = CT4.remove(&rkey);
+            if CT4.insert(key, fwd, BPF_ANY as u64).is_err() {
+                let _ = CT4.remove(rkey);
                 return Err(DROP_CONNTRACK_FULL);
             }
             return Ok(fwd);

@@ -27,7 +27,7 @@ pub fn allowlisted(link: &LinkInfo) -> Result<(), u32> {
         account: link.account,
     };
     // SAFETY: the value is not read.
-    match unsafe { ALLOWLIST.get(&key) } {
+    match unsafe { ALLOWLIST.get(key) } {
         Some(_) => Ok(()),
         None => Err(DROP_NOT_ALLOWLISTED),
     }

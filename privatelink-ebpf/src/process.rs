@@ -57,7 +57,7 @@ fn classify(ctx: &XdpContext) -> Verdict {
         _pad: 0,
     };
     // SAFETY: copied out at once.
-    let Some(iface) = (unsafe { IFACES.get(&key) }).copied() else {
+    let Some(iface) = (unsafe { IFACES.get(key) }).copied() else {
         return Verdict::pass(PASS_UNKNOWN_IFACE);
     };
     match l2.ether_type {
@@ -83,7 +83,7 @@ fn ipv4(ctx: &XdpContext, l2: &L2, iface: &IfaceInfo) -> Verdict {
             addr_be: daddr_be,
         };
         // SAFETY: the value is not read.
-        unsafe { ENDPOINT_IPS4.get(&key) }.is_some()
+        unsafe { ENDPOINT_IPS4.get(key) }.is_some()
     } else {
         nat::is_nat_addr(iface.network_id, daddr_be)
     };
@@ -161,7 +161,7 @@ fn new_flow(
         _pad: 0,
     };
     // SAFETY: copied out at once.
-    let Some(ep) = (unsafe { ENDPOINTS4.get(&ep_key) }).copied() else {
+    let Some(ep) = (unsafe { ENDPOINTS4.get(ep_key) }).copied() else {
         return Verdict::drop(DROP_NO_PORT);
     };
     let Some(link) = LINKS.get(ep.link_id).copied() else {

@@ -15,12 +15,12 @@ pub fn outcome(code: u32) {
 #[inline(always)]
 pub fn link_drop(link_id: u32, reason: u32) {
     let key = LinkDropKey { link_id, reason };
-    match LINK_DROPS.get_ptr_mut(&key) {
+    match LINK_DROPS.get_ptr_mut(key) {
         // SAFETY: per-CPU value, no concurrent writer.
         Some(c) => unsafe { *c += 1 },
         None => {
             // Full map: the global counter still has the drop.
-            let _ = LINK_DROPS.insert(&key, &1, BPF_NOEXIST as u64);
+            let _ = LINK_DROPS.insert(key, 1, BPF_NOEXIST as u64);
         }
     }
 }

@@ -92,9 +92,33 @@ fn rule4(r: &super::model::Rule) -> Rule4 {
     }
 }
 
-/// Lowest slot ≥ `first` not in `used`.
-fn free_slot(used: &BTreeSet<u32>, first: u32) -> u32 {
-    (first..).find(|s| !used.contains(s)).unwrap_or(u32::MAX)
+/// Gives each distinct wanted item a slot ≥ `first`: its previous slot if it had one (unchanged
+/// content keeps its slot, so nothing is rewritten), else the lowest free one.
+fn assign_slots<K: std::hash::Hash + Eq + Clone>(
+    wanted: impl IntoIterator<Item = K>,
+    prev: &HashMap<K, u32>,
+    first: u32,
+) -> HashMap<K, u32> {
+    let wanted: Vec<K> = wanted.into_iter().collect();
+    let mut slots: HashMap<K, u32> = HashMap::new();
+    let mut used: BTreeSet<u32> = BTreeSet::new();
+    for k in &wanted {
+        if let Some(&s) = prev.get(k) {
+            used.insert(s);
+            slots.insert(k.clone(), s);
+        }
+    }
+    let mut next = first;
+    for k in wanted {
+        if let std::collections::hash_map::Entry::Vacant(e) = slots.entry(k) {
+            while used.contains(&next) {
+                next += 1;
+            }
+            used.insert(next);
+            e.insert(next);
+        }
+    }
+    slots
 }
 
 /// Compiles `model` into map contents, reusing `prev`'s slots for unchanged content so that a
@@ -149,26 +173,12 @@ pub fn compile(model: &Model, prev: &MapState) -> Result<MapState, CompileError>
         .iter()
         .map(|(&s, b)| (b.addr_be, s))
         .collect();
-    let mut used: BTreeSet<u32> = BTreeSet::new();
-    let mut backend_slot: HashMap<u32, u32> = HashMap::new();
     let wanted: BTreeSet<u32> = model
         .services
         .values()
         .flat_map(|s| s.backends.iter().map(|a| u32::from_ne_bytes(a.octets())))
         .collect();
-    for &addr in &wanted {
-        if let Some(&s) = prev_backend.get(&addr) {
-            used.insert(s);
-            backend_slot.insert(addr, s);
-        }
-    }
-    for &addr in &wanted {
-        if !backend_slot.contains_key(&addr) {
-            let s = free_slot(&used, 0);
-            used.insert(s);
-            backend_slot.insert(addr, s);
-        }
-    }
+    let backend_slot = assign_slots(wanted, &prev_backend, 0);
     for (&addr, &s) in &backend_slot {
         out.backends4.insert(
             s,
@@ -204,9 +214,8 @@ pub fn compile(model: &Model, prev: &MapState) -> Result<MapState, CompileError>
     }
 
     // Rule lists: content-addressed slots (slot 0 means "no groups").
-    let prev_rules: HashMap<&Vec<Rule4>, u32> = prev.rules4.iter().map(|(&s, r)| (r, s)).collect();
-    let mut rule_slot: HashMap<Vec<Rule4>, u32> = HashMap::new();
-    let mut used_rules: BTreeSet<u32> = BTreeSet::from([RULES_NONE]);
+    let prev_rules: HashMap<Vec<Rule4>, u32> =
+        prev.rules4.iter().map(|(&s, r)| (r.clone(), s)).collect();
     let lists: Vec<(u32, Option<Vec<Rule4>>)> = model
         .links
         .iter()
@@ -224,19 +233,11 @@ pub fn compile(model: &Model, prev: &MapState) -> Result<MapState, CompileError>
             }
         })
         .collect::<Result<_, _>>()?;
-    for list in lists.iter().filter_map(|(_, l)| l.as_ref()) {
-        if let Some(&s) = prev_rules.get(list) {
-            used_rules.insert(s);
-            rule_slot.insert(list.clone(), s);
-        }
-    }
-    for list in lists.iter().filter_map(|(_, l)| l.as_ref()) {
-        if !rule_slot.contains_key(list) {
-            let s = free_slot(&used_rules, 1);
-            used_rules.insert(s);
-            rule_slot.insert(list.clone(), s);
-        }
-    }
+    let rule_slot = assign_slots(
+        lists.iter().filter_map(|(_, l)| l.clone()),
+        &prev_rules,
+        RULES_NONE + 1,
+    );
     for (list, &s) in &rule_slot {
         out.rules4.insert(s, list.clone());
     }
