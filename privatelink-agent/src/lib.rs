@@ -1,5 +1,6 @@
 //! privatelink node agent.
 pub mod dataplane;
+pub mod demo;
 pub mod loader;
 pub mod netns;
 pub mod object;

@@ -114,6 +114,21 @@ impl Netns {
     }
 }
 
+impl Netns {
+    /// Starts `f` on a background thread inside this namespace (for servers); join the handle.
+    pub fn spawn<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> std::thread::JoinHandle<T> {
+        let path = format!("/run/netns/{}", self.name);
+        std::thread::spawn(move || {
+            let file = File::open(&path).unwrap_or_else(|e| panic!("opening {path}: {e}"));
+            setns(&file, CloneFlags::CLONE_NEWNET).unwrap_or_else(|e| panic!("setns {path}: {e}"));
+            f()
+        })
+    }
+}
+
 impl Drop for Netns {
     fn drop(&mut self) {
         // Deleting the namespace removes its interfaces and the veth peers they had elsewhere.

@@ -39,6 +39,22 @@ pub enum DataplaneError {
     Map { map: &'static str, source: MapError },
     #[error("device map: {0}")]
     DevMap(#[from] XdpMapError),
+    #[error(
+        "refusing to write from network namespace {current}: this dataplane belongs to namespace {bound} \
+         (device-map ifindexes resolve in the writer's namespace, so a write from elsewhere would \
+         redirect to another namespace's interfaces)"
+    )]
+    WrongNamespace { bound: u64, current: u64 },
+    #[error("reading the calling thread's network namespace: {0}")]
+    Namespace(std::io::Error),
+}
+
+/// Inode of the calling thread's network namespace.
+fn current_netns() -> Result<u64, DataplaneError> {
+    use std::os::unix::fs::MetadataExt as _;
+    std::fs::metadata("/proc/thread-self/ns/net")
+        .map(|m| m.ino())
+        .map_err(DataplaneError::Namespace)
 }
 
 fn map_err(map: &'static str) -> impl Fn(MapError) -> DataplaneError {
@@ -74,6 +90,8 @@ pub struct Dataplane {
     /// Capacities of the hash maps (arrays know their length).
     caps: BTreeMap<&'static str, u32>,
     shadow: MapState,
+    /// The network namespace whose interfaces the ifindexes in the state refer to.
+    netns: u64,
 }
 
 fn take<T: TryFrom<aya::maps::Map, Error = MapError>>(
@@ -99,7 +117,9 @@ fn capacity(ebpf: &Ebpf, name: &'static str) -> Result<u32, DataplaneError> {
 }
 
 impl Dataplane {
-    /// Takes the maps out of a loaded object. The maps start empty, as the shadow does.
+    /// Takes the maps out of a loaded object. The maps start empty, as the shadow does. The
+    /// dataplane is bound to the calling thread's network namespace: `apply` refuses to run in any
+    /// other, because interface indexes mean different devices there.
     pub fn new(ebpf: &mut Ebpf) -> Result<Self, DataplaneError> {
         let mut caps = BTreeMap::new();
         for name in [
@@ -128,6 +148,7 @@ impl Dataplane {
             link_drops: take(ebpf, names::LINK_DROPS)?,
             caps,
             shadow: MapState::default(),
+            netns: current_netns()?,
         })
     }
 
@@ -197,6 +218,13 @@ impl Dataplane {
     /// Compiles `model` and writes the differences from the shadow. A model that does not compile
     /// or fit is refused as a whole and the maps keep the last good state.
     pub fn apply(&mut self, model: &Model) -> Result<ApplyReport, DataplaneError> {
+        let current = current_netns()?;
+        if current != self.netns {
+            return Err(DataplaneError::WrongNamespace {
+                bound: self.netns,
+                current,
+            });
+        }
         let next = compile(model, &self.shadow)?;
         self.check_capacity(&next)?;
         let prev = std::mem::take(&mut self.shadow);

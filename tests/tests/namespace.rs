@@ -1,0 +1,182 @@
+//! Real traffic through the datapath: consumer namespaces → node (XDP, native mode on veth) →
+//! provider namespace with real TCP and UDP servers. Bounded: fixed counts, socket timeouts.
+use std::{
+    io::{Read, Write},
+    net::{SocketAddr, TcpListener, TcpStream, UdpSocket},
+    time::Duration,
+};
+
+use ipnet::Ipv4Net;
+use privatelink_agent::{
+    dataplane::{Dataplane, DataplaneError},
+    demo::{BACKEND, ENDPOINT, NAT_RANGE, TCP_PORTS, Topology, UDP_PORTS},
+    loader::{Datapath, Sizes},
+};
+use privatelink_common as c;
+use privatelink_tests::privileged;
+
+const TIMEOUT: Duration = Duration::from_secs(5);
+const UDP_QUERIES: usize = 5;
+
+/// A TCP echo server that serves `conns` connections and returns the peers it saw.
+fn tcp_echo(listener: TcpListener, conns: usize) -> Vec<SocketAddr> {
+    (0..conns)
+        .map(|_| {
+            let (mut s, peer) = listener.accept().expect("accept");
+            s.set_read_timeout(Some(TIMEOUT)).expect("timeout");
+            let mut buf = vec![0u8; 64 * 1024];
+            loop {
+                let n = s.read(&mut buf).expect("server read");
+                if n == 0 {
+                    break;
+                }
+                s.write_all(&buf[..n]).expect("server write");
+            }
+            peer
+        })
+        .collect()
+}
+
+/// A UDP echo server answering `n` datagrams; returns the peers.
+fn udp_echo(sock: UdpSocket, n: usize) -> Vec<SocketAddr> {
+    sock.set_read_timeout(Some(TIMEOUT)).expect("timeout");
+    let mut buf = [0u8; 2048];
+    (0..n)
+        .map(|_| {
+            let (len, peer) = sock.recv_from(&mut buf).expect("udp server recv");
+            sock.send_to(&buf[..len], peer).expect("udp server send");
+            peer
+        })
+        .collect()
+}
+
+/// Sends `payload` over TCP to the endpoint and returns what came back.
+fn tcp_client(payload: Vec<u8>) -> Vec<u8> {
+    let addr = SocketAddr::from((ENDPOINT, TCP_PORTS.0));
+    let mut s = TcpStream::connect_timeout(&addr, TIMEOUT).expect("connect to the endpoint");
+    s.set_read_timeout(Some(TIMEOUT)).expect("timeout");
+    s.write_all(&payload).expect("client write");
+    s.shutdown(std::net::Shutdown::Write).expect("shutdown");
+    let mut back = Vec::new();
+    s.read_to_end(&mut back).expect("client read");
+    back
+}
+
+fn udp_client(tag: u8) -> Vec<Vec<u8>> {
+    let s = UdpSocket::bind("0.0.0.0:0").expect("bind");
+    s.set_read_timeout(Some(TIMEOUT)).expect("timeout");
+    (0..UDP_QUERIES)
+        .map(|i| {
+            let q = vec![tag, i as u8, 0xab, 0xcd];
+            s.send_to(&q, (ENDPOINT, UDP_PORTS.0)).expect("udp send");
+            let mut buf = [0u8; 64];
+            let (n, from) = s
+                .recv_from(&mut buf)
+                .expect("udp reply through the endpoint");
+            assert_eq!(
+                from,
+                SocketAddr::from((ENDPOINT, UDP_PORTS.0)),
+                "reply comes from the endpoint"
+            );
+            buf[..n].to_vec()
+        })
+        .collect()
+}
+
+#[test]
+fn two_overlapping_consumers_reach_real_servers() {
+    if !privileged("two_overlapping_consumers_reach_real_servers") {
+        return;
+    }
+    let topo = Topology::build(2).expect("topology");
+    let mut dp = Datapath::load(&Sizes::small()).expect("load");
+    // Interface indexes (device map included) are the node namespace's: write from there.
+    let mut plane = topo.node.enter(|| {
+        let mut plane = Dataplane::new(&mut dp.ebpf).expect("maps");
+        plane.apply(&topo.model()).expect("apply");
+        plane
+    });
+    // From this (root namespace) thread the same ifindexes are other devices: refused.
+    match plane.apply(&topo.model()) {
+        Err(DataplaneError::WrongNamespace { .. }) => {}
+        other => panic!("a write from another namespace must be refused, got {other:?}"),
+    }
+    topo.attach(&mut dp).expect("attach");
+
+    let listener = topo
+        .provider
+        .enter(|| TcpListener::bind((BACKEND, TCP_PORTS.1)).expect("tcp bind"));
+    let udp = topo
+        .provider
+        .enter(|| UdpSocket::bind((BACKEND, UDP_PORTS.1)).expect("udp bind"));
+    let tcp_server = topo.provider.spawn(move || tcp_echo(listener, 2));
+    let udp_server = topo.provider.spawn(move || udp_echo(udp, 2 * UDP_QUERIES));
+
+    // Both consumers at once, each with its own payload.
+    let payloads: Vec<Vec<u8>> = (0..2u8)
+        .map(|i| (0..200_000u32).map(|b| (b as u8) ^ (i * 0x55)).collect())
+        .collect();
+    let clients: Vec<_> = topo
+        .consumers
+        .iter()
+        .zip(payloads.clone())
+        .enumerate()
+        .map(|(i, (ns, p))| ns.spawn(move || (tcp_client(p), udp_client(i as u8))))
+        .collect();
+    let results: Vec<_> = clients
+        .into_iter()
+        .map(|h| h.join().expect("client thread"))
+        .collect();
+    let tcp_peers = tcp_server.join().expect("tcp server");
+    let udp_peers = udp_server.join().expect("udp server");
+
+    let nat: Ipv4Net = NAT_RANGE.parse().unwrap();
+    for (i, (tcp_back, udp_back)) in results.iter().enumerate() {
+        assert_eq!(
+            tcp_back, &payloads[i],
+            "consumer {i}: TCP data came back byte for byte, unmixed"
+        );
+        for (q, r) in udp_back.iter().enumerate() {
+            assert_eq!(
+                r,
+                &vec![i as u8, q as u8, 0xab, 0xcd],
+                "consumer {i}: UDP reply {q}"
+            );
+        }
+    }
+    for peer in tcp_peers.iter().chain(&udp_peers) {
+        let SocketAddr::V4(v4) = peer else {
+            panic!("IPv6 peer {peer}")
+        };
+        assert!(
+            nat.contains(v4.ip()),
+            "the backend saw {peer}, not a NAT address"
+        );
+    }
+
+    let outcomes = plane.global_stats().expect("stats");
+    for code in 0..c::DROP_REASONS {
+        assert_eq!(
+            outcomes[code as usize],
+            0,
+            "unexpected drops: {}",
+            c::OUTCOME_NAMES[code as usize]
+        );
+    }
+    for link in [1, 2] {
+        let s = plane.link_stats(link).expect("link stats");
+        assert_eq!(s.new_conns, 2, "link {link}: one TCP and one UDP flow");
+        assert!(
+            s.fwd_bytes > 200_000 && s.rev_bytes > 200_000,
+            "link {link}: payload both ways: {s:?}"
+        );
+        assert!(
+            s.fwd_packets >= UDP_QUERIES as u64 && s.rev_packets >= UDP_QUERIES as u64,
+            "{s:?}"
+        );
+    }
+    assert!(
+        outcomes[c::ARP_REPLIED as usize] >= 2,
+        "each consumer resolved the endpoint through the node"
+    );
+}
