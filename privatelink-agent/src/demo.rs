@@ -8,12 +8,21 @@ use std::{
     net::Ipv4Addr,
 };
 
-use anyhow::{Context as _, Result};
+use std::{
+    io::{Read as _, Write as _},
+    net::{SocketAddr, TcpListener, TcpStream, UdpSocket},
+    time::Duration,
+};
+
+use anyhow::{Context as _, Result, bail};
 use aya::programs::xdp::XdpMode;
+use privatelink_common::{OUTCOME_NAMES, is_drop};
 
 use crate::{
-    dataplane::{Iface, Link, LinkState, Model, NatRange, PortMap, Proto, Role, Service},
-    loader::Datapath,
+    dataplane::{
+        Dataplane, Iface, Link, LinkState, Model, NatRange, PortMap, Proto, Role, Service,
+    },
+    loader::{Datapath, Sizes},
     netns::{Netns, veth},
 };
 
@@ -161,4 +170,165 @@ impl Topology {
             allowlist,
         }
     }
+}
+
+const IO_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The embedded default: builds the topology, loads and attaches the datapath, sends real TCP and
+/// UDP requests from every consumer network through its endpoint, and prints the counters. With
+/// `once` it returns; otherwise it keeps forwarding until Ctrl-C. Namespaces go away on return.
+pub fn run(once: bool) -> Result<()> {
+    let topo = Topology::build(2).context("building the demo namespaces")?;
+    println!(
+        "demo: namespaces {} (node), {} (provider), consumers {}",
+        topo.node.name(),
+        topo.provider.name(),
+        topo.consumers
+            .iter()
+            .map(|c| c.name())
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    let mut dp = Datapath::load(&Sizes::small()).context("loading the datapath")?;
+    let model = topo.model();
+    let plane = topo.node.enter(|| -> Result<Dataplane> {
+        let mut plane = Dataplane::new(&mut dp.ebpf)?;
+        let report = plane.apply(&model)?;
+        println!("demo: wrote {} map entries", report.writes);
+        Ok(plane)
+    })?;
+    topo.attach(&mut dp)?;
+    println!(
+        "demo: datapath attached (native XDP) on {} node interfaces",
+        topo.consumer_ifaces.len() + 1
+    );
+
+    let listener = topo
+        .provider
+        .enter(|| TcpListener::bind((BACKEND, TCP_PORTS.1)))?;
+    let udp = topo
+        .provider
+        .enter(|| UdpSocket::bind((BACKEND, UDP_PORTS.1)))?;
+    let consumers = topo.consumers.len();
+    let tcp_server = topo
+        .provider
+        .spawn(move || -> std::io::Result<Vec<SocketAddr>> {
+            let mut peers = Vec::new();
+            for _ in 0..consumers {
+                let (mut s, peer) = listener.accept()?;
+                s.set_read_timeout(Some(IO_TIMEOUT))?;
+                let mut req = [0u8; 256];
+                let n = s.read(&mut req)?;
+                s.write_all(
+                    format!(
+                        "hello {} from the backend; you asked {:?}",
+                        peer.ip(),
+                        String::from_utf8_lossy(&req[..n])
+                    )
+                    .as_bytes(),
+                )?;
+                peers.push(peer);
+            }
+            Ok(peers)
+        });
+    let udp_server = topo.provider.spawn(move || -> std::io::Result<()> {
+        udp.set_read_timeout(Some(IO_TIMEOUT))?;
+        let mut buf = [0u8; 512];
+        for _ in 0..consumers {
+            let (n, peer) = udp.recv_from(&mut buf)?;
+            udp.send_to(&buf[..n], peer)?;
+        }
+        Ok(())
+    });
+    for (i, ns) in topo.consumers.iter().enumerate() {
+        let (tcp_reply, udp_reply) = ns
+            .enter(|| -> Result<(String, Vec<u8>)> {
+                let mut s = TcpStream::connect_timeout(
+                    &SocketAddr::from((ENDPOINT, TCP_PORTS.0)),
+                    IO_TIMEOUT,
+                )?;
+                s.set_read_timeout(Some(IO_TIMEOUT))?;
+                s.write_all(format!("GET / from consumer network {}", i + 1).as_bytes())?;
+                let mut reply = String::new();
+                s.read_to_string(&mut reply)?;
+                let u = UdpSocket::bind("0.0.0.0:0")?;
+                u.set_read_timeout(Some(IO_TIMEOUT))?;
+                u.send_to(b"udp ping", (ENDPOINT, UDP_PORTS.0))?;
+                let mut buf = [0u8; 64];
+                let (n, _) = u.recv_from(&mut buf)?;
+                Ok((reply, buf[..n].to_vec()))
+            })
+            .with_context(|| format!("requests from consumer network {}", i + 1))?;
+        println!(
+            "consumer {} -> {ENDPOINT}:{}: {tcp_reply}",
+            i + 1,
+            TCP_PORTS.0
+        );
+        if udp_reply != b"udp ping" {
+            bail!("consumer {}: UDP echo came back as {udp_reply:?}", i + 1);
+        }
+        println!(
+            "consumer {} -> {ENDPOINT}:{}: udp echo ok",
+            i + 1,
+            UDP_PORTS.0
+        );
+    }
+    tcp_server
+        .join()
+        .map_err(|_| anyhow::anyhow!("TCP server panicked"))??;
+    udp_server
+        .join()
+        .map_err(|_| anyhow::anyhow!("UDP server panicked"))??;
+    print_counters(&plane, &model)?;
+    if !once {
+        println!("demo: forwarding until Ctrl-C (the namespaces are removed on exit)");
+        let (tx, rx) = std::sync::mpsc::channel();
+        ctrlc_channel(tx)?;
+        let _ = rx.recv();
+        print_counters(&plane, &model)?;
+    }
+    Ok(())
+}
+
+fn ctrlc_channel(tx: std::sync::mpsc::Sender<()>) -> Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    std::thread::spawn(move || {
+        rt.block_on(async {
+            let _ = tokio::signal::ctrl_c().await;
+        });
+        let _ = tx.send(());
+    });
+    Ok(())
+}
+
+/// Prints per-link counters and the node's non-zero outcome counters.
+pub fn print_counters(plane: &Dataplane, model: &Model) -> Result<()> {
+    println!(
+        "{:<6} {:>10} {:>12} {:>10} {:>12} {:>9} {:>7}",
+        "link", "fwd_pkts", "fwd_bytes", "rev_pkts", "rev_bytes", "new_conns", "resets"
+    );
+    for &id in model.links.keys() {
+        let s = plane.link_stats(id)?;
+        println!(
+            "{id:<6} {:>10} {:>12} {:>10} {:>12} {:>9} {:>7}",
+            s.fwd_packets, s.fwd_bytes, s.rev_packets, s.rev_bytes, s.new_conns, s.tcp_resets
+        );
+    }
+    let outcomes = plane.global_stats()?;
+    let line: Vec<String> = outcomes
+        .iter()
+        .enumerate()
+        .filter(|(_, v)| **v > 0)
+        .map(|(i, v)| {
+            format!(
+                "{}{}={v}",
+                if is_drop(i as u32) { "drop:" } else { "" },
+                OUTCOME_NAMES[i]
+            )
+        })
+        .collect();
+    println!("node: {}", line.join(" "));
+    Ok(())
 }

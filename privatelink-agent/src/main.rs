@@ -14,6 +14,13 @@ struct Cli {
 enum Command {
     /// Load the datapath into the kernel (verifier included) with default map sizes, report, unload.
     Check,
+    /// The embedded default: a namespace topology (two consumer networks with overlapping CIDRs, a
+    /// provider with a real backend), endpoints in both, real requests through, counters printed.
+    Demo {
+        /// Exit after printing instead of forwarding until Ctrl-C.
+        #[arg(long)]
+        once: bool,
+    },
 }
 
 fn main() -> Result<()> {
@@ -30,5 +37,6 @@ fn main() -> Result<()> {
             );
             Ok(())
         }
+        Command::Demo { once } => privatelink_agent::demo::run(once),
     }
 }
