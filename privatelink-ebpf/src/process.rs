@@ -136,7 +136,7 @@ fn established(ctx: &XdpContext, l2: &L2, p: &Ip4, flow_ptr: *mut Flow4, now: u6
     stats::link_packet(
         flow.link_id,
         flow.dir,
-        frame_len(ctx, l2),
+        frame_len(ctx),
         p.tcp_flags & TCP_RST != 0,
         &v,
     );
@@ -187,7 +187,7 @@ fn new_flow(
     stats::link_packet(
         ep.link_id,
         DIR_FORWARD,
-        frame_len(ctx, l2),
+        frame_len(ctx),
         p.tcp_flags & TCP_RST != 0,
         &v,
     );
@@ -247,6 +247,6 @@ fn admit_and_create(
 }
 
 #[inline(always)]
-fn frame_len(ctx: &XdpContext, _l2: &L2) -> u64 {
+fn frame_len(ctx: &XdpContext) -> u64 {
     (ctx.data_end() - ctx.data()) as u64
 }

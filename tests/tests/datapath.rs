@@ -616,7 +616,7 @@ fn overlapping_consumers_collide_on_nat_and_retry() {
             "the second flow had to retry for a free port"
         );
         // Each reply goes back to its own network's interface.
-        for (port, ifindex, mac) in [(port1, h.c0, h.c0_mac), (out2.sport, h.c1, h.c1_mac)] {
+        for (port, mac) in [(port1, h.c0_mac), (out2.sport, h.c1_mac)] {
             let reply = Pkt::tcp(BACKEND, 8080, nat1, port, true, true).macs(BACKEND_MAC, h.p0_mac);
             let r = h.run(h.p0, &reply);
             assert_eq!(r.verdict, XDP_REDIRECT);
@@ -626,7 +626,6 @@ fn overlapping_consumers_collide_on_nat_and_retry() {
                     .translated((ENDPOINT, 80), (CONSUMER, 40800), (mac, CONSUMER_MAC), 63)
                     .build()
             );
-            let _ = ifindex;
         }
         assert_eq!(h.link_stats(1).new_conns + h.link_stats(2).new_conns, 2);
     });
@@ -771,6 +770,5 @@ fn bad_state_is_refused_whole_and_changes_nothing() {
             (parse_checked(&r.out).src, parse_checked(&r.out).sport),
             (nat, port)
         );
-        let _ = CONSUMER_NET;
     });
 }
