@@ -104,9 +104,8 @@ impl Topology {
     /// One service with the backend, one Available endpoint at `ENDPOINT` per consumer network
     /// (link id = network id = 1 + index), each in its own account, all allowlisted.
     pub fn model(&self) -> Model {
-        let mut links = BTreeMap::new();
-        let mut allowlist = BTreeSet::new();
         let mut ifaces = Vec::new();
+        let mut links = BTreeMap::new();
         for (i, (_, ifindex, mac)) in self.consumer_ifaces.iter().enumerate() {
             let id = 1 + i as u32;
             ifaces.push(Iface {
@@ -116,30 +115,7 @@ impl Topology {
                 role: Role::Consumer,
                 mac: *mac,
             });
-            links.insert(
-                id,
-                Link {
-                    network_id: id,
-                    ip: ENDPOINT,
-                    service_slot: SERVICE,
-                    account: id,
-                    state: LinkState::Available,
-                    ports: vec![
-                        PortMap {
-                            proto: Proto::Tcp,
-                            terminal: TCP_PORTS.0,
-                            service: TCP_PORTS.1,
-                        },
-                        PortMap {
-                            proto: Proto::Udp,
-                            terminal: UDP_PORTS.0,
-                            service: UDP_PORTS.1,
-                        },
-                    ],
-                    rules: None,
-                },
-            );
-            allowlist.insert((SERVICE, id));
+            links.insert(id, endpoint_link(id, id));
         }
         let (_, p_ifindex, p_mac) = &self.provider_iface;
         ifaces.push(Iface {
@@ -149,26 +125,58 @@ impl Topology {
             role: Role::Provider,
             mac: *p_mac,
         });
-        Model {
-            config: Default::default(),
-            ifaces,
-            nat: BTreeMap::from([(
-                PROVIDER_NET,
-                NatRange {
-                    addrs: NAT_RANGE.parse().expect("constant"),
-                    ports: 1024..=65535,
-                },
-            )]),
-            services: BTreeMap::from([(
-                SERVICE,
-                Service {
-                    provider_network: PROVIDER_NET,
-                    backends: vec![BACKEND],
-                },
-            )]),
-            links,
-            allowlist,
-        }
+        service_model(ifaces, links)
+    }
+}
+
+/// An Available endpoint at `ENDPOINT` in `network_id` for `account`, serving the demo service's
+/// port mappings (tcp 80→8080, udp 53→5353), no security group bound.
+pub fn endpoint_link(network_id: u32, account: u32) -> Link {
+    Link {
+        network_id,
+        ip: ENDPOINT,
+        service_slot: SERVICE,
+        account,
+        state: LinkState::Available,
+        ports: vec![
+            PortMap {
+                proto: Proto::Tcp,
+                terminal: TCP_PORTS.0,
+                service: TCP_PORTS.1,
+            },
+            PortMap {
+                proto: Proto::Udp,
+                terminal: UDP_PORTS.0,
+                service: UDP_PORTS.1,
+            },
+        ],
+        rules: None,
+    }
+}
+
+/// The demo service (backend `BACKEND` in `PROVIDER_NET`, NAT range `NAT_RANGE`) with the given
+/// interfaces and links; every link's account is allowlisted.
+pub fn service_model(ifaces: Vec<Iface>, links: BTreeMap<u32, Link>) -> Model {
+    let allowlist: BTreeSet<(u32, u32)> = links.values().map(|l| (SERVICE, l.account)).collect();
+    Model {
+        config: Default::default(),
+        ifaces,
+        nat: BTreeMap::from([(
+            PROVIDER_NET,
+            NatRange {
+                addrs: NAT_RANGE.parse().expect("constant"),
+                ports: 1024..=65535,
+            },
+        )]),
+        services: BTreeMap::from([(
+            SERVICE,
+            Service {
+                provider_network: PROVIDER_NET,
+                backends: vec![BACKEND],
+            },
+        )]),
+        links,
+        allowlist,
     }
 }
 

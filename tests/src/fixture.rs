@@ -4,16 +4,15 @@
 //! same CIDR, one provider network with routes and neighbours), loads the datapath, and runs
 //! BPF_PROG_TEST_RUN from inside that namespace so `ingress_ifindex` and `bpf_fib_lookup` see real
 //! devices. State is written only through the agent's `Dataplane::apply`.
-use std::{collections::BTreeMap, collections::BTreeSet, net::Ipv4Addr};
+use std::{collections::BTreeMap, net::Ipv4Addr};
 
 use etherparse::{
     EtherType, Ethernet2Header, IpFragOffset, IpNumber, Ipv4Header, Ipv4Options, SingleVlanHeader,
     TcpHeader, UdpHeader, VlanId, VlanPcp,
 };
 use privatelink_agent::{
-    dataplane::{
-        Dataplane, Iface, Link, LinkState, Model, NatRange, PortMap, Proto, Role, Service,
-    },
+    dataplane::{Dataplane, Iface, Model, Role},
+    demo,
     loader::{Datapath, Sizes},
     netns::{Netns, veth},
 };
@@ -23,19 +22,19 @@ use crate::{Run, privileged, test_run};
 
 pub const CONSUMER_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x0c, 0x0a];
 pub const CONSUMER: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 10);
-pub const ENDPOINT: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 100);
+pub const ENDPOINT: Ipv4Addr = demo::ENDPOINT;
 pub const NOT_ENDPOINT: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
-pub const BACKEND: Ipv4Addr = Ipv4Addr::new(198, 18, 100, 10);
+pub const BACKEND: Ipv4Addr = demo::BACKEND;
 pub const BACKEND_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x64, 0x0a];
 pub const BACKEND2: Ipv4Addr = Ipv4Addr::new(198, 18, 100, 11);
 pub const BACKEND2_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x64, 0x0b];
 /// A backend with a route but no neighbour entry.
 pub const BACKEND_NO_NEIGH: Ipv4Addr = Ipv4Addr::new(198, 18, 100, 20);
-pub const NAT_RANGE: &str = "198.19.128.0/20";
+pub const NAT_RANGE: &str = demo::NAT_RANGE;
 pub const CONSUMER_NET: u32 = 1;
 pub const CONSUMER_NET2: u32 = 2;
-pub const PROVIDER_NET: u32 = 100;
-pub const SERVICE: u32 = 1;
+pub const PROVIDER_NET: u32 = demo::PROVIDER_NET;
+pub const SERVICE: u32 = demo::SERVICE;
 pub const LINK: u32 = 1;
 pub const ACCOUNT: u32 = 7;
 
@@ -331,74 +330,35 @@ pub fn with_harness(test: &str, f: impl FnOnce(&mut Harness) + Send) {
 impl Harness {
     /// One consumer network per consumer interface, the provider network with its NAT range, one
     /// service with `BACKEND`, one Available link at `ENDPOINT` (tcp 80→8080, udp 53→5353), no
-    /// security group.
+    /// security group: the demo's service, so fixtures and demo cannot drift apart.
     pub fn model(&self) -> Model {
-        let mut links = BTreeMap::new();
-        links.insert(
-            LINK,
-            Link {
+        let ifaces = vec![
+            Iface {
+                ifindex: self.c0,
+                vlan_id: 0,
                 network_id: CONSUMER_NET,
-                ip: ENDPOINT,
-                service_slot: SERVICE,
-                account: ACCOUNT,
-                state: LinkState::Available,
-                ports: vec![
-                    PortMap {
-                        proto: Proto::Tcp,
-                        terminal: 80,
-                        service: 8080,
-                    },
-                    PortMap {
-                        proto: Proto::Udp,
-                        terminal: 53,
-                        service: 5353,
-                    },
-                ],
-                rules: None,
+                role: Role::Consumer,
+                mac: self.c0_mac,
             },
-        );
-        Model {
-            config: Default::default(),
-            ifaces: vec![
-                Iface {
-                    ifindex: self.c0,
-                    vlan_id: 0,
-                    network_id: CONSUMER_NET,
-                    role: Role::Consumer,
-                    mac: self.c0_mac,
-                },
-                Iface {
-                    ifindex: self.c1,
-                    vlan_id: 0,
-                    network_id: CONSUMER_NET2,
-                    role: Role::Consumer,
-                    mac: self.c1_mac,
-                },
-                Iface {
-                    ifindex: self.p0,
-                    vlan_id: 0,
-                    network_id: PROVIDER_NET,
-                    role: Role::Provider,
-                    mac: self.p0_mac,
-                },
-            ],
-            nat: BTreeMap::from([(
-                PROVIDER_NET,
-                NatRange {
-                    addrs: NAT_RANGE.parse().expect("nat"),
-                    ports: 1024..=65535,
-                },
-            )]),
-            services: BTreeMap::from([(
-                SERVICE,
-                Service {
-                    provider_network: PROVIDER_NET,
-                    backends: vec![BACKEND],
-                },
-            )]),
-            links,
-            allowlist: BTreeSet::from([(SERVICE, ACCOUNT)]),
-        }
+            Iface {
+                ifindex: self.c1,
+                vlan_id: 0,
+                network_id: CONSUMER_NET2,
+                role: Role::Consumer,
+                mac: self.c1_mac,
+            },
+            Iface {
+                ifindex: self.p0,
+                vlan_id: 0,
+                network_id: PROVIDER_NET,
+                role: Role::Provider,
+                mac: self.p0_mac,
+            },
+        ];
+        demo::service_model(
+            ifaces,
+            BTreeMap::from([(LINK, demo::endpoint_link(CONSUMER_NET, ACCOUNT))]),
+        )
     }
 
     pub fn apply(&mut self, model: &Model) {
