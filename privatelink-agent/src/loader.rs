@@ -15,6 +15,8 @@ use crate::object;
 pub const PROGRAM: &str = "privatelink";
 /// Program name of the pass-through program for veth peers that receive redirects.
 pub const PASS_PROGRAM: &str = "pass";
+/// Program name of the benchmark floor (parse, swap MACs, XDP_TX).
+pub const FLOOR_PROGRAM: &str = "floor";
 
 /// Capacities of the resizable maps.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -98,6 +100,11 @@ impl Datapath {
             .ok_or(LoadError::MissingProgram(PASS_PROGRAM))?
             .try_into()?;
         pass.load()?;
+        let floor: &mut Xdp = ebpf
+            .program_mut(FLOOR_PROGRAM)
+            .ok_or(LoadError::MissingProgram(FLOOR_PROGRAM))?
+            .try_into()?;
+        floor.load()?;
         Ok(Datapath { ebpf })
     }
 
@@ -110,10 +117,63 @@ impl Datapath {
         self.xdp(PASS_PROGRAM)
     }
 
+    /// The benchmark floor program.
+    pub fn floor_program(&mut self) -> &mut Xdp {
+        self.xdp(FLOOR_PROGRAM)
+    }
+
     fn xdp(&mut self, name: &str) -> &mut Xdp {
         self.ebpf
             .program_mut(name)
             .and_then(|p| p.try_into().ok())
             .expect("loaded in Datapath::load")
     }
+}
+
+/// Kernel-side size of one map.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MapMemory {
+    pub name: String,
+    pub max_entries: u32,
+    pub key_size: u32,
+    pub value_size: u32,
+    /// Bytes the kernel charges for the map (`memlock` in its fdinfo).
+    pub memlock: u64,
+}
+
+/// Sizes of every map of a loaded object, as the kernel accounts them.
+pub fn map_memory(ebpf: &Ebpf) -> std::io::Result<Vec<MapMemory>> {
+    use std::os::fd::{AsFd as _, AsRawFd as _};
+
+    use aya::maps::Map;
+    let mut out = Vec::new();
+    for (name, map) in ebpf.maps() {
+        let data = match map {
+            Map::Array(d)
+            | Map::HashMap(d)
+            | Map::LruHashMap(d)
+            | Map::PerCpuArray(d)
+            | Map::PerCpuHashMap(d)
+            | Map::DevMapHash(d) => d,
+            _ => continue,
+        };
+        let info = data.info().map_err(std::io::Error::other)?;
+        let fd = info.fd().map_err(std::io::Error::other)?;
+        let fdinfo =
+            std::fs::read_to_string(format!("/proc/self/fdinfo/{}", fd.as_fd().as_raw_fd()))?;
+        let memlock = fdinfo
+            .lines()
+            .find_map(|l| l.strip_prefix("memlock:"))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0);
+        out.push(MapMemory {
+            name: name.to_string(),
+            max_entries: info.max_entries(),
+            key_size: info.key_size(),
+            value_size: info.value_size(),
+            memlock,
+        });
+    }
+    out.sort_by_key(|m| std::cmp::Reverse(m.memlock));
+    Ok(out)
 }

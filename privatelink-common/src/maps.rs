@@ -241,7 +241,7 @@ crate::assert_size!(FlowKey4, 20);
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Flow4 {
-    /// `bpf_ktime_get_ns` of the last packet (refreshed at most once a second).
+    /// `bpf_ktime_get_coarse_ns` of the last packet (refreshed at most once a second).
     pub last_seen_ns: u64,
     /// New source and destination after translation.
     pub saddr_be: u32,
@@ -252,7 +252,9 @@ pub struct Flow4 {
     /// Network of the other direction's key (to find the twin entry).
     pub peer_network: u32,
     /// Reply entries: the consumer-side interface, MACs and VLAN to send back on (no FIB lookup,
-    /// consumer networks overlap). Forward entries: zero (FIB lookup).
+    /// consumer networks overlap). Forward entries: the cached next hop of the last FIB lookup,
+    /// valid while `egress_ifindex != 0` and `nh_generation` equals the config's `fib_generation`
+    /// (re-resolved at most once a second per flow in any case).
     pub egress_ifindex: u32,
     pub src_mac: [u8; 6],
     pub dst_mac: [u8; 6],
@@ -262,8 +264,11 @@ pub struct Flow4 {
     pub dir: u8,
     /// One of the `CT_*` states.
     pub tcp_state: u8,
+    /// FIB generation the cached next hop was resolved in (forward entries).
+    pub nh_generation: u32,
+    pub _pad: u32,
 }
-crate::assert_size!(Flow4, 48);
+crate::assert_size!(Flow4, 56);
 
 /// Value of the one-element `CONFIG` array: timeouts the agent sets.
 #[repr(C)]
@@ -273,8 +278,12 @@ pub struct DatapathConfig {
     pub tcp_established_timeout_ns: u64,
     pub tcp_closing_timeout_ns: u64,
     pub udp_timeout_ns: u64,
+    /// Bumped by the agent when routes or neighbours change: cached next hops of older
+    /// generations are resolved again.
+    pub fib_generation: u32,
+    pub _pad: u32,
 }
-crate::assert_size!(DatapathConfig, 32);
+crate::assert_size!(DatapathConfig, 40);
 
 const SEC: u64 = 1_000_000_000;
 
@@ -285,6 +294,8 @@ impl DatapathConfig {
         tcp_established_timeout_ns: 7200 * SEC,
         tcp_closing_timeout_ns: 10 * SEC,
         udp_timeout_ns: 60 * SEC,
+        fib_generation: 0,
+        _pad: 0,
     };
 
     /// The idle timeout for a flow in `state` (one of the `CT_*` codes).

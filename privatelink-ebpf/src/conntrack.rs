@@ -1,5 +1,5 @@
 //! Flow state: lookup with expiry, TCP state, refresh of both entries of a flow.
-use aya_ebpf::helpers::bpf_ktime_get_ns;
+use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
 use privatelink_common::{
     CT_CLOSING, CT_ESTABLISHED, CT_SYN_SENT, DIR_FORWARD, DIR_REPLY, DatapathConfig, Flow4,
     FlowKey4, PROTO_TCP,
@@ -13,10 +13,12 @@ use crate::{
 /// last_seen is written at most this often per flow (a write per packet would bounce cache lines).
 const REFRESH_NS: u64 = 1_000_000_000;
 
+/// Monotonic time at tick resolution: timeouts are seconds, and the coarse clock is a memory read
+/// where the precise one reads the clocksource (costly under virtualisation).
 #[inline(always)]
 pub fn now() -> u64 {
     // SAFETY: helper without preconditions.
-    unsafe { bpf_ktime_get_ns() }
+    unsafe { bpf_ktime_get_coarse_ns() }
 }
 
 #[inline(always)]
@@ -82,6 +84,11 @@ pub fn update(flow: *mut Flow4, p: &Ip4, now: u64) {
     }
     flow.tcp_state = state;
     flow.last_seen_ns = now;
+    if flow.dir == DIR_FORWARD {
+        // Re-resolve the cached next hop with the next packet: staleness stays under a second
+        // even if nobody bumps the FIB generation.
+        flow.egress_ifindex = 0;
+    }
     // Both entries live and die together, so a one-way stream keeps its reply mapping reserved.
     if let Some(t) = CT4.get_ptr_mut(twin_key(flow, p.proto)) {
         // SAFETY: pointer from a successful lookup.

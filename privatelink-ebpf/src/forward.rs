@@ -20,11 +20,22 @@ use crate::{
 
 const AF_INET: u8 = 2;
 
-/// Translates the packet by `flow` and sends it on.
+/// Translates the packet by `flow` and sends it on. `entry` is the flow's conntrack entry, where a
+/// forward flow caches the next hop its FIB lookup found (`None` for a flow created just now).
 #[inline(always)]
-pub fn send(ctx: &XdpContext, l2: &L2, p: &Ip4, flow: &Flow4) -> Verdict {
-    if flow.dir != DIR_FORWARD {
+pub fn send(
+    ctx: &XdpContext,
+    l2: &L2,
+    p: &Ip4,
+    flow: &Flow4,
+    entry: Option<*mut Flow4>,
+    fib_gen: u32,
+) -> Verdict {
+    let cached =
+        flow.dir == DIR_FORWARD && flow.egress_ifindex != 0 && flow.nh_generation == fib_gen;
+    if flow.dir != DIR_FORWARD || cached {
         // Reply: back out of the consumer interface it came in on, to the MAC it came from.
+        // Forward with a cached next hop: the interface and MACs of the last FIB lookup.
         if !rewrite_l34(ctx, p, flow, true)
             || !rewrite_l2(ctx, l2, &flow.dst_mac, &flow.src_mac, flow.vlan_id)
         {
@@ -53,6 +64,15 @@ pub fn send(ctx: &XdpContext, l2: &L2, p: &Ip4, flow: &Flow4) -> Verdict {
     };
     match rc as u32 {
         BPF_FIB_LKUP_RET_SUCCESS => {
+            if let Some(e) = entry {
+                // SAFETY: pointer from a successful lookup; plain fields, benign races.
+                unsafe {
+                    (*e).src_mac = fib.smac;
+                    (*e).dst_mac = fib.dmac;
+                    (*e).nh_generation = fib_gen;
+                    (*e).egress_ifindex = fib.ifindex;
+                }
+            }
             if !rewrite_l34(ctx, p, flow, true) || !rewrite_l2(ctx, l2, &fib.dmac, &fib.smac, 0) {
                 return Verdict::drop(DROP_REWRITE_FAILED);
             }

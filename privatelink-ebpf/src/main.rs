@@ -103,6 +103,13 @@ pub fn pass(_ctx: XdpContext) -> u32 {
     aya_ebpf::bindings::xdp_action::XDP_PASS
 }
 
+/// Benchmark baseline (`cargo xtask bench`): parse Ethernet/IPv4/L4 the same way, swap MACs, XDP_TX.
+/// Not attached anywhere; it only gives the datapath's costs a floor measured in the same run.
+#[xdp]
+pub fn floor(ctx: XdpContext) -> u32 {
+    process::floor(&ctx)
+}
+
 #[cfg(not(test))]
 #[panic_handler]
 fn panic(_info: &core::panic::PanicInfo) -> ! {

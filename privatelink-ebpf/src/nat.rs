@@ -121,6 +121,8 @@ pub fn create_flow(
         vlan_id: origin.vlan_id,
         dir: DIR_REPLY,
         tcp_state: state,
+        nh_generation: 0,
+        _pad: 0,
     };
     // Keep the consumer's port when the range allows it (fewer surprises), else pick at random.
     let sport = u16::from_be(p.sport_be);
@@ -159,6 +161,8 @@ pub fn create_flow(
                 vlan_id: 0,
                 dir: DIR_FORWARD,
                 tcp_state: state,
+                nh_generation: 0,
+                _pad: 0,
             };
             if CT4.insert(key, fwd, BPF_ANY as u64).is_err() {
                 let _ = CT4.remove(rkey);

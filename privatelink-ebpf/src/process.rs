@@ -108,7 +108,7 @@ fn ipv4(ctx: &XdpContext, l2: &L2, iface: &IfaceInfo) -> Verdict {
     let now = conntrack::now();
     let cfg = conntrack::config();
     if let Some(flow) = conntrack::lookup(&key, now, &cfg) {
-        return established(ctx, l2, &p, flow, now);
+        return established(ctx, l2, &p, flow, now, cfg.fib_generation);
     }
     if !consumer {
         return Verdict::drop(DROP_NO_FLOW);
@@ -119,7 +119,14 @@ fn ipv4(ctx: &XdpContext, l2: &L2, iface: &IfaceInfo) -> Verdict {
 /// A packet of a tracked flow: policy is skipped, the link is re-checked (reject, allowlist removal
 /// and deletion cut live flows).
 #[inline(always)]
-fn established(ctx: &XdpContext, l2: &L2, p: &Ip4, flow_ptr: *mut Flow4, now: u64) -> Verdict {
+fn established(
+    ctx: &XdpContext,
+    l2: &L2,
+    p: &Ip4,
+    flow_ptr: *mut Flow4,
+    now: u64,
+    fib_gen: u32,
+) -> Verdict {
     // SAFETY: pointer from a successful lookup; copied so the rewrite uses one consistent view.
     let flow = unsafe { *flow_ptr };
     let Some(link) = LINKS.get(flow.link_id) else {
@@ -131,7 +138,7 @@ fn established(ctx: &XdpContext, l2: &L2, p: &Ip4, flow_ptr: *mut Flow4, now: u6
         Verdict::drop(DROP_TTL_EXPIRED)
     } else {
         conntrack::update(flow_ptr, p, now);
-        forward::send(ctx, l2, p, &flow)
+        forward::send(ctx, l2, p, &flow, Some(flow_ptr), fib_gen)
     };
     stats::link_packet(
         flow.link_id,
@@ -180,7 +187,7 @@ fn new_flow(
     ) {
         Ok(flow) => {
             stats::link_new_conn(ep.link_id);
-            forward::send(ctx, l2, p, &flow)
+            forward::send(ctx, l2, p, &flow, None, cfg.fib_generation)
         }
         Err(reason) => Verdict::drop(reason),
     };
@@ -249,4 +256,21 @@ fn admit_and_create(
 #[inline(always)]
 fn frame_len(ctx: &XdpContext) -> u64 {
     (ctx.data_end() - ctx.data()) as u64
+}
+
+/// The benchmark floor: the same parse, then swap MACs and bounce the frame.
+#[inline(always)]
+pub fn floor(ctx: &XdpContext) -> u32 {
+    let Some(l2) = parse::l2(ctx) else {
+        return xdp_action::XDP_PASS;
+    };
+    if l2.ether_type != ETH_P_IP || parse::ip4(ctx, l2.l3_off).ok().flatten().is_none() {
+        return xdp_action::XDP_PASS;
+    }
+    let Some(eth) = ptr_at::<EthHdr>(ctx, 0) else {
+        return xdp_action::XDP_PASS;
+    };
+    // SAFETY: bounds checked by ptr_at.
+    unsafe { core::mem::swap(&mut (*eth).src_addr, &mut (*eth).dst_addr) };
+    xdp_action::XDP_TX
 }

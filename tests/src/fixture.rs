@@ -277,9 +277,13 @@ pub struct Harness {
 /// Builds the topology, loads the datapath and runs `f` inside the node namespace. Skips (or fails
 /// in CI) without privileges. The namespace is deleted afterwards, also when `f` panics.
 pub fn with_harness(test: &str, f: impl FnOnce(&mut Harness) + Send) {
-    if !privileged(test) {
-        return;
+    if privileged(test) {
+        with_harness_sized(Sizes::small(), f);
     }
+}
+
+/// [`with_harness`] with the given map sizes and no privilege gate (the caller checked).
+pub fn with_harness_sized(sizes: Sizes, f: impl FnOnce(&mut Harness) + Send) {
     let node = Netns::new("fx").expect("creating the node namespace");
     for (a, b) in [("c0", "c0p"), ("c1", "c1p"), ("p0", "p0p")] {
         veth(&node, a, &node, b).unwrap_or_else(|e| panic!("veth {a}: {e:#}"));
@@ -310,8 +314,7 @@ pub fn with_harness(test: &str, f: impl FnOnce(&mut Harness) + Send) {
     };
     let ((c0, c0_mac), (c1, c1_mac), (p0, p0_mac)) = (facts("c0"), facts("c1"), facts("p0"));
     node.enter(|| {
-        let mut dp =
-            Datapath::load(&Sizes::small()).unwrap_or_else(|e| panic!("loading the datapath: {e}"));
+        let mut dp = Datapath::load(&sizes).unwrap_or_else(|e| panic!("loading the datapath: {e}"));
         let plane = Dataplane::new(&mut dp.ebpf).expect("taking the maps");
         let mut h = Harness {
             dp,

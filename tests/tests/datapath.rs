@@ -772,3 +772,51 @@ fn bad_state_is_refused_whole_and_changes_nothing() {
         );
     });
 }
+
+#[test]
+fn next_hop_is_cached_until_the_fib_generation_changes() {
+    with_harness("next_hop_cache", |h| {
+        let m = h.model();
+        h.apply(&m);
+        let (nat, port) = open_flow(h, 45000);
+        let ack = Pkt::tcp(CONSUMER, 45000, ENDPOINT, 80, false, true).macs(CONSUMER_MAC, h.c0_mac);
+        // The first established packet resolves and caches; the backend then moves to a new MAC.
+        assert_eq!(parse_checked(&h.run(h.c0, &ack).out).dst_mac, BACKEND_MAC);
+        let moved = [0x02, 0, 0, 0, 0x64, 0x99];
+        let mac = moved.map(|b| format!("{b:02x}")).join(":");
+        let out = std::process::Command::new("ip")
+            .args([
+                "neigh",
+                "replace",
+                &BACKEND.to_string(),
+                "lladdr",
+                &mac,
+                "dev",
+                "p0",
+                "nud",
+                "permanent",
+            ])
+            .output()
+            .expect("ip neigh");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let r = h.run(h.c0, &ack);
+        assert_eq!(
+            parse_checked(&r.out).dst_mac,
+            BACKEND_MAC,
+            "served from the cached next hop"
+        );
+        h.plane.bump_fib_generation().expect("bump");
+        let r = h.run(h.c0, &ack);
+        assert_eq!(r.verdict, XDP_REDIRECT);
+        assert_eq!(
+            r.out,
+            ack.translated((nat, port), (BACKEND, 8080), (h.p0_mac, moved), 63)
+                .build(),
+            "re-resolved"
+        );
+    });
+}

@@ -42,6 +42,9 @@ enum Task {
     },
     /// Clippy on the userspace crates, then separately on the eBPF crate.
     Clippy,
+    /// Datapath benchmarks (ratios to a floor program measured in the same run), map memory, and
+    /// a real-traffic cross-check; prints Markdown for docs/BENCHMARKS.md.
+    Bench,
 }
 
 fn workspace_root() -> PathBuf {
@@ -98,5 +101,16 @@ fn main() -> Result<()> {
         Task::BuildAndLoad { args } => build_and_load(&args),
         Task::Test { args } => test(&args),
         Task::Clippy => clippy(),
+        Task::Bench => {
+            setup::setup(true)?;
+            run(cargo().args([
+                "run",
+                "--release",
+                "--package",
+                "privatelink-tests",
+                "--bin",
+                "bench",
+            ]))
+        }
     }
 }

@@ -92,6 +92,8 @@ pub struct Dataplane {
     shadow: MapState,
     /// The network namespace whose interfaces the ifindexes in the state refer to.
     netns: u64,
+    /// Owned here, not by the model: bumped when routes or neighbours change.
+    fib_generation: u32,
 }
 
 fn take<T: TryFrom<aya::maps::Map, Error = MapError>>(
@@ -149,6 +151,7 @@ impl Dataplane {
             caps,
             shadow: MapState::default(),
             netns: current_netns()?,
+            fib_generation: 0,
         })
     }
 
@@ -225,7 +228,8 @@ impl Dataplane {
                 current,
             });
         }
-        let next = compile(model, &self.shadow)?;
+        let mut next = compile(model, &self.shadow)?;
+        next.config.fib_generation = self.fib_generation;
         self.check_capacity(&next)?;
         let prev = std::mem::take(&mut self.shadow);
         match self.write(&prev, &next) {
@@ -388,6 +392,22 @@ impl Dataplane {
             writes: w,
             flows_cut,
         })
+    }
+
+    /// Invalidates every cached next hop (forward flows resolve their next hop again with their
+    /// next packet). Called when routes or neighbours change.
+    pub fn bump_fib_generation(&mut self) -> Result<u32, DataplaneError> {
+        let generation = self.fib_generation.wrapping_add(1);
+        let config = DatapathConfig {
+            fib_generation: generation,
+            ..self.shadow.config
+        };
+        self.config
+            .set(0, config, 0)
+            .map_err(map_err(names::CONFIG))?;
+        self.fib_generation = generation;
+        self.shadow.config = config;
+        Ok(generation)
     }
 
     /// Deletes every conntrack entry of the given links. Returns how many.

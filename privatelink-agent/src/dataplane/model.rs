@@ -106,6 +106,7 @@ pub struct Service {
 /// Everything one node's datapath needs.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Model {
+    /// Timeouts; `fib_generation` is the dataplane's own and ignored here.
     pub config: DatapathConfig,
     pub ifaces: Vec<Iface>,
     /// Provider network id → NAT range.

@@ -1,0 +1,366 @@
+//! `cargo xtask bench`: datapath cost per packet through BPF_PROG_TEST_RUN, as ratios to a floor
+//! program measured in the same run, plus map memory and a cross-check under real veth traffic.
+//!
+//! Method (see docs/BENCHMARKS.md): repeat > 1 would rerun the program on the buffer it already
+//! rewrote and on the state it already created, so every datapath path is measured as the average
+//! of many repeat-1 runs (fresh tuples for new flows), minus the per-call timer overhead measured in
+//! the same run (floor repeat-1 average minus floor repeat-10M average).
+use std::{
+    collections::BTreeMap,
+    io::{Read as _, Write as _},
+    net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream},
+    time::{Duration, Instant},
+};
+
+use aya::programs::{TestRun, TestRunOptions};
+use privatelink_agent::{
+    dataplane::{Action, Dataplane, Link, Rule, RuleProto},
+    demo::{self, Topology},
+    loader::{Datapath, Sizes, map_memory},
+};
+use privatelink_tests::{
+    fixture::{
+        BACKEND, BACKEND_MAC, CONSUMER_MAC, CONSUMER_NET, ENDPOINT, Harness, LINK, NOT_ENDPOINT,
+        Pkt, with_harness_sized,
+    },
+    privileged, test_run,
+};
+
+/// repeat-1 samples per path.
+const SAMPLES: u32 = 20_000;
+const FLOOR_REPEAT: u32 = 10_000_000;
+
+fn mean_ns(h: &mut Harness, ifindex: u32, mut pkt: impl FnMut(u32) -> Vec<u8>) -> f64 {
+    let total: u128 = (0..SAMPLES)
+        .map(|i| {
+            test_run(h.dp.program(), ifindex, &pkt(i))
+                .duration
+                .as_nanos()
+        })
+        .sum();
+    total as f64 / f64::from(SAMPLES)
+}
+
+/// (floor cost per packet, timer overhead per call), both in ns.
+fn floor(h: &mut Harness) -> (f64, f64) {
+    let pkt = h.consumer_syn(1).build();
+    let r1: u128 = (0..SAMPLES)
+        .map(|_| {
+            let mut out = vec![0u8; pkt.len() + 64];
+            let mut o = TestRunOptions::new();
+            o.data_in = Some(&pkt);
+            o.data_out = Some(&mut out);
+            h.dp.floor_program()
+                .test_run(o)
+                .expect("floor test run")
+                .duration
+                .as_nanos()
+        })
+        .sum();
+    let r1 = r1 as f64 / f64::from(SAMPLES);
+    let mut o = TestRunOptions::new();
+    o.data_in = Some(&pkt);
+    o.repeat = FLOOR_REPEAT;
+    let rn =
+        h.dp.floor_program()
+            .test_run(o)
+            .expect("floor repeat run")
+            .duration
+            .as_nanos() as f64;
+    (rn, r1 - rn)
+}
+
+/// Address of extra endpoint `i`: from 198.18.2.0 up, skipping the NAT block, inside 198.18.0.0/15
+/// for up to 126k endpoints.
+fn endpoint_addr(i: u32) -> Ipv4Addr {
+    let a = u32::from(Ipv4Addr::new(198, 18, 2, 0)) + i;
+    let nat = u32::from(Ipv4Addr::new(198, 19, 128, 0));
+    let a = if a >= nat { a + 4096 } else { a };
+    assert!(
+        a <= u32::from(Ipv4Addr::new(198, 19, 255, 255)),
+        "endpoint {i} outside 198.18.0.0/15"
+    );
+    Ipv4Addr::from(a)
+}
+
+/// `n` extra endpoints (links 2..) in the consumer network, one TCP port each.
+fn with_endpoints(h: &Harness, n: u32) -> privatelink_agent::dataplane::Model {
+    let mut m = h.model();
+    for i in 0..n {
+        let mut l: Link = demo::endpoint_link(CONSUMER_NET, 1000 + i);
+        l.ip = endpoint_addr(i);
+        m.links.insert(2 + i, l);
+        m.allowlist.insert((demo::SERVICE, 1000 + i));
+    }
+    m
+}
+
+fn rules(n: usize) -> Option<Vec<Rule>> {
+    // n-1 rules that do not match the consumer (198.18.0.10), then an accept-all.
+    let mut v: Vec<Rule> = (0..n.saturating_sub(1))
+        .map(|i| Rule {
+            proto: RuleProto::Tcp,
+            ports: 80..=80,
+            source: format!("198.19.{}.{}/32", i / 256, i % 256)
+                .parse()
+                .expect("cidr"),
+            action: Action::Drop,
+        })
+        .collect();
+    if n > 0 {
+        v.push(Rule {
+            proto: RuleProto::All,
+            ports: 0..=65535,
+            source: "0.0.0.0/0".parse().expect("cidr"),
+            action: Action::Accept,
+        });
+    }
+    if n == 0 { None } else { Some(v) }
+}
+
+/// Consumer tuple number `i` (fresh for each new flow).
+fn consumer(i: u32) -> (Ipv4Addr, u16) {
+    (
+        Ipv4Addr::from(u32::from(Ipv4Addr::new(198, 18, 1, 0)) + (i / 50_000)),
+        1024 + (i % 50_000) as u16,
+    )
+}
+
+struct Row {
+    config: String,
+    path: &'static str,
+    ns: f64,
+}
+
+fn measure(endpoints: u32, ct_fill: u32, rows: &mut Vec<Row>, floors: &mut Vec<(f64, f64)>) {
+    let sizes = Sizes {
+        links: 131_072,
+        endpoint_ports: 262_144,
+        allowlist: 131_072,
+        conntrack: 2_097_152,
+        ..Sizes::small()
+    };
+    with_harness_sized(sizes, |h| {
+        let model = with_endpoints(h, endpoints.saturating_sub(1));
+        let t = Instant::now();
+        let report = h.plane.apply(&model).expect("apply");
+        let config = if ct_fill > 0 {
+            format!("{endpoints} endpoints, {} conntrack entries", 2 * ct_fill)
+        } else {
+            format!("{endpoints} endpoints")
+        };
+        eprintln!(
+            "bench: {config}: applied {} map writes in {:?}",
+            report.writes,
+            t.elapsed()
+        );
+        let mut next = 0u32;
+        if ct_fill > 0 {
+            let t = Instant::now();
+            for _ in 0..ct_fill {
+                let (src, port) = consumer(next);
+                next += 1;
+                let r = test_run(
+                    h.dp.program(),
+                    h.c0,
+                    &Pkt::syn(src, port, ENDPOINT, 80)
+                        .macs(CONSUMER_MAC, h.c0_mac)
+                        .build(),
+                );
+                assert_eq!(r.verdict, 4, "filling conntrack");
+            }
+            eprintln!(
+                "bench: {} live conntrack entries after {:?}",
+                h.plane.flows().len(),
+                t.elapsed()
+            );
+        }
+        let (fl, overhead) = floor(h);
+        floors.push((fl, overhead));
+        let mut row = |path: &'static str, ns: f64| {
+            rows.push(Row {
+                config: config.clone(),
+                path,
+                ns: ns - overhead,
+            })
+        };
+        let (c0, p0, c0_mac, p0_mac) = (h.c0, h.p0, h.c0_mac, h.p0_mac);
+
+        let unknown = Pkt::syn(Ipv4Addr::new(198, 18, 0, 10), 999, NOT_ENDPOINT, 80)
+            .macs(CONSUMER_MAC, c0_mac)
+            .build();
+        row(
+            "unknown destination (pass)",
+            mean_ns(h, c0, |_| unknown.clone()),
+        );
+
+        let (src, port) = consumer(next);
+        next += 1;
+        let syn = Pkt::syn(src, port, ENDPOINT, 80).macs(CONSUMER_MAC, c0_mac);
+        let r = test_run(h.dp.program(), c0, &syn.build());
+        let out = privatelink_tests::parse_checked(&r.out);
+        let ack = Pkt::tcp(src, port, ENDPOINT, 80, false, true)
+            .macs(CONSUMER_MAC, c0_mac)
+            .build();
+        row("established forward", mean_ns(h, c0, |_| ack.clone()));
+        let reply = Pkt::tcp(BACKEND, 8080, out.src, out.sport, false, true)
+            .macs(BACKEND_MAC, p0_mac)
+            .build();
+        row("established reply", mean_ns(h, p0, |_| reply.clone()));
+
+        for (n, path) in [
+            (0, "new flow, 0 rules"),
+            (16, "new flow, 16 rules"),
+            (256, "new flow, 256 rules"),
+        ] {
+            let mut m = model.clone();
+            m.links.get_mut(&LINK).expect("link").rules = rules(n);
+            h.plane.apply(&m).expect("apply rules");
+            let start = next;
+            next += SAMPLES;
+            row(
+                path,
+                mean_ns(h, c0, |i| {
+                    let (src, port) = consumer(start + i);
+                    Pkt::syn(src, port, ENDPOINT, 80)
+                        .macs(CONSUMER_MAC, c0_mac)
+                        .build()
+                }),
+            );
+        }
+    });
+}
+
+/// Real traffic through veth with the kernel's own run-time statistics.
+fn real_traffic() -> (u64, Duration, usize) {
+    let _stats = aya::sys::enable_stats(aya::sys::Stats::RunTime).expect("enable bpf stats");
+    let topo = Topology::build(1).expect("topology");
+    let mut dp = Datapath::load(&Sizes::small()).expect("load");
+    let _plane = topo.node.enter(|| {
+        let mut p = Dataplane::new(&mut dp.ebpf).expect("maps");
+        p.apply(&topo.model()).expect("apply");
+        p
+    });
+    topo.attach(&mut dp).expect("attach");
+    const BYTES: usize = 256 << 20;
+    let listener = topo
+        .provider
+        .enter(|| TcpListener::bind((demo::BACKEND, demo::TCP_PORTS.1)).expect("bind"));
+    let server = topo.provider.spawn(move || {
+        let (mut s, _) = listener.accept().expect("accept");
+        let mut buf = vec![0u8; 1 << 16];
+        let mut n = 0;
+        while n < BYTES {
+            let k = s.read(&mut buf).expect("read");
+            if k == 0 {
+                break;
+            }
+            n += k;
+        }
+        n
+    });
+    topo.consumers[0].enter(|| {
+        let mut s = TcpStream::connect_timeout(
+            &SocketAddr::from((demo::ENDPOINT, demo::TCP_PORTS.0)),
+            Duration::from_secs(5),
+        )
+        .expect("connect");
+        let chunk = vec![0x5au8; 1 << 16];
+        for _ in 0..BYTES / chunk.len() {
+            s.write_all(&chunk).expect("write");
+        }
+    });
+    let got = server.join().expect("server");
+    let info = dp.program().info().expect("info");
+    (info.run_count(), info.run_time(), got)
+}
+
+fn main() {
+    if !privileged("bench") {
+        eprintln!("bench needs root (CAP_BPF, CAP_NET_ADMIN)");
+        std::process::exit(2);
+    }
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        })
+        .unwrap_or_default();
+    println!("## Datapath cost per packet (BPF_PROG_TEST_RUN)\n");
+    println!(
+        "Kernel {}, {} × {cpu}, {SAMPLES} repeat-1 samples per path.\n",
+        kernel.trim(),
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(0)
+    );
+
+    let mut rows = Vec::new();
+    let mut floors = Vec::new();
+    for (eps, fill) in [(10, 0), (10_000, 0), (100_000, 0), (100_000, 500_000)] {
+        measure(eps, fill, &mut rows, &mut floors);
+    }
+    let floor = floors.iter().map(|f| f.0).sum::<f64>() / floors.len() as f64;
+    let overhead = floors.iter().map(|f| f.1).sum::<f64>() / floors.len() as f64;
+    println!(
+        "Floor program (parse, swap MACs, XDP_TX), repeat {FLOOR_REPEAT}: **{floor:.1} ns**; per-call timer overhead subtracted from every repeat-1 figure: {overhead:.1} ns.\n"
+    );
+    let base: BTreeMap<&str, f64> = rows
+        .iter()
+        .filter(|r| r.config == "10 endpoints")
+        .map(|r| (r.path, r.ns))
+        .collect();
+    println!("| configuration | path | ns/packet | × floor | × same path at 10 endpoints |");
+    println!("|---|---|---:|---:|---:|");
+    for r in &rows {
+        println!(
+            "| {} | {} | {:.1} | {:.2} | {:.2} |",
+            r.config,
+            r.path,
+            r.ns,
+            r.ns / floor,
+            r.ns / base[r.path]
+        );
+    }
+    let per_rule = (base["new flow, 256 rules"] - base["new flow, 0 rules"]) / 255.0;
+    println!(
+        "\nSecurity-group cost per evaluated rule: {per_rule:.2} ns ((256 rules − 0 rules) / 255 at 10 endpoints).\n"
+    );
+
+    println!("## Map memory at default sizes\n");
+    let dp = Datapath::load(&Sizes::default()).expect("load with default sizes");
+    let mem = map_memory(&dp.ebpf).expect("map memory");
+    println!("| map | max entries | key + value bytes | kernel memlock | bytes/entry |");
+    println!("|---|---:|---:|---:|---:|");
+    for m in &mem {
+        println!(
+            "| {} | {} | {} + {} | {:.1} MiB | {:.0} |",
+            m.name,
+            m.max_entries,
+            m.key_size,
+            m.value_size,
+            m.memlock as f64 / 1048576.0,
+            m.memlock as f64 / f64::from(m.max_entries.max(1))
+        );
+    }
+    let total: u64 = mem.iter().map(|m| m.memlock).sum();
+    println!(
+        "\nTotal: {:.1} MiB on {} CPUs (per-CPU maps scale with CPUs).\n",
+        total as f64 / 1048576.0,
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(0)
+    );
+    drop(dp);
+
+    println!("## Cross-check under real veth traffic (kernel.bpf_stats_enabled)\n");
+    let (count, time, bytes) = real_traffic();
+    println!(
+        "One TCP stream of {} MiB consumer → endpoint → backend through native XDP on veth: the datapath ran {count} times, {:.1} ns per run on average (all packets: data, ACKs, ARP).",
+        bytes >> 20,
+        time.as_nanos() as f64 / count.max(1) as f64
+    );
+}
