@@ -77,24 +77,24 @@ fn ipv4(ctx: &XdpContext, l2: &L2, iface: &IfaceInfo) -> Verdict {
     // SAFETY: bounds checked by ptr_at.
     let daddr_be = u32::from_ne_bytes(unsafe { (*ip).dst_addr });
     let consumer = iface.role == ROLE_CONSUMER;
-    let ours = if consumer {
-        let key = EndpointIpKey4 {
-            network_id: iface.network_id,
-            addr_be: daddr_be,
-        };
-        // SAFETY: the value is not read.
-        unsafe { ENDPOINT_IPS4.get(key) }.is_some()
-    } else {
-        nat::is_nat_addr(iface.network_id, daddr_be)
-    };
-    if !ours {
+    // Provider side: the NAT range check is an array read, so it goes first. Consumer side: the
+    // endpoint-address check is a hash lookup, so it waits until conntrack has missed (a flow
+    // entry's tuple already names an endpoint address).
+    if !consumer && !nat::is_nat_addr(iface.network_id, daddr_be) {
         return Verdict::pass(PASS_NOT_ENDPOINT);
     }
     let p = match parse::ip4(ctx, l2.l3_off) {
         Ok(Some(p)) => p,
         // Not TCP/UDP: an endpoint address answers nothing else; a NAT address has no such flow.
-        Ok(None) => return Verdict::drop(if consumer { DROP_NO_PORT } else { DROP_NO_FLOW }),
-        Err(reason) => return Verdict::drop(reason),
+        Ok(None) => {
+            return ours_or_pass(
+                consumer,
+                iface,
+                daddr_be,
+                if consumer { DROP_NO_PORT } else { DROP_NO_FLOW },
+            );
+        }
+        Err(reason) => return ours_or_pass(consumer, iface, daddr_be, reason),
     };
     let key = FlowKey4 {
         network_id: iface.network_id,
@@ -113,7 +113,31 @@ fn ipv4(ctx: &XdpContext, l2: &L2, iface: &IfaceInfo) -> Verdict {
     if !consumer {
         return Verdict::drop(DROP_NO_FLOW);
     }
+    if !is_endpoint(iface, daddr_be) {
+        return Verdict::pass(PASS_NOT_ENDPOINT);
+    }
     new_flow(ctx, l2, &p, &key, now, &cfg)
+}
+
+/// Whether `daddr_be` is an endpoint address in the consumer network of `iface`.
+#[inline(always)]
+fn is_endpoint(iface: &IfaceInfo, daddr_be: u32) -> bool {
+    let key = EndpointIpKey4 {
+        network_id: iface.network_id,
+        addr_be: daddr_be,
+    };
+    // SAFETY: the value is not read.
+    unsafe { ENDPOINT_IPS4.get(key) }.is_some()
+}
+
+/// A packet the datapath cannot handle: dropped with `reason` if it is addressed to us (the
+/// provider side has checked its NAT range already), else passed untouched.
+#[inline(always)]
+fn ours_or_pass(consumer: bool, iface: &IfaceInfo, daddr_be: u32, reason: u32) -> Verdict {
+    if consumer && !is_endpoint(iface, daddr_be) {
+        return Verdict::pass(PASS_NOT_ENDPOINT);
+    }
+    Verdict::drop(reason)
 }
 
 /// A packet of a tracked flow: policy is skipped, the link is re-checked (reject, allowlist removal

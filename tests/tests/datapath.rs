@@ -441,6 +441,17 @@ fn truncated_and_malformed_headers() {
             bad[14] = 0x40 | ihl;
             assert_dropped_raw(h, &bad, c::DROP_BAD_IHL);
         }
+        // The same defects in traffic not addressed to an endpoint are the kernel's business.
+        let other = Pkt::syn(CONSUMER, 40401, NOT_ENDPOINT, 80).macs(CONSUMER_MAC, h.c0_mac);
+        assert_passed(
+            h,
+            h.c0,
+            &other.clone().fragment(true, 0).build(),
+            c::PASS_NOT_ENDPOINT,
+        );
+        let mut bad = other.build();
+        bad[14] = 0x44;
+        assert_passed(h, h.c0, &bad, c::PASS_NOT_ENDPOINT);
         assert!(h.plane.flows().is_empty());
     });
 }
