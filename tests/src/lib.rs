@@ -155,3 +155,5 @@ pub fn parse_checked(frame: &[u8]) -> Parsed {
         proto: iph.protocol.0,
     }
 }
+
+pub mod api;

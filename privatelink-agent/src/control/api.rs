@@ -1,0 +1,751 @@
+//! The REST API (HTTP/JSON, bearer tokens). Every error is `{"error": {code, message, field}}`.
+use std::sync::Arc;
+
+use axum::{
+    Json, Router,
+    extract::{FromRequest, FromRequestParts, Path, Query, Request, State},
+    http::{StatusCode, header, request::Parts},
+    response::{IntoResponse, Response},
+    routing::{get, post, put},
+};
+use serde::{Deserialize, Serialize, de::DeserializeOwned};
+use serde_json::{Value, json};
+
+use super::{
+    error::{ApiError, ApiResult},
+    ops::{self, Caller, accounts, endpoints, groups, owns, services},
+    plane::{ControlPlane, new_token},
+    state::State as State_,
+};
+
+type Plane = Arc<ControlPlane>;
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = StatusCode::from_u16(self.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        (status, Json(json!({ "error": self }))).into_response()
+    }
+}
+
+/// A JSON body whose parse errors are API errors.
+pub struct Body<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for Body<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+        match Json::<T>::from_request(req, state).await {
+            Ok(Json(v)) => Ok(Body(v)),
+            Err(rej) => Err(ApiError::new(400, "invalid_json", rej.body_text())),
+        }
+    }
+}
+
+/// The authenticated caller.
+pub struct Auth(pub Caller);
+
+impl FromRequestParts<Plane> for Auth {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, plane: &Plane) -> Result<Self, ApiError> {
+        let bearer = parts
+            .headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        plane.authenticate(bearer).map(Auth)
+    }
+}
+
+/// Runs a mutation on the blocking pool (a commit waits for fsync).
+async fn mutate<T: Send + 'static>(
+    plane: Plane,
+    caller: Caller,
+    op: impl FnOnce(&State_, &mut ops::Ctx) -> ops::Outcome<T> + Send + 'static,
+) -> ApiResult<T> {
+    tokio::task::spawn_blocking(move || plane.mutate(&caller, op))
+        .await
+        .map_err(|e| ApiError::new(500, "internal", format!("mutation task failed: {e}")))?
+}
+
+fn created<T: Serialize>(v: T) -> Response {
+    (StatusCode::CREATED, Json(v)).into_response()
+}
+
+fn ok<T: Serialize>(v: T) -> Response {
+    Json(v).into_response()
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+pub struct ListQuery {
+    /// Substring of the id or the name (case-insensitive).
+    pub search: Option<String>,
+    /// 1-based.
+    pub page: Option<usize>,
+    pub per_page: Option<usize>,
+    /// Comma-separated field names.
+    pub fields: Option<String>,
+    /// For the CSV export: `services` or `endpoints`.
+    pub kind: Option<String>,
+}
+
+pub const SERVICE_FIELDS: &[&str] = &[
+    "id",
+    "name",
+    "owner",
+    "network_id",
+    "service_type",
+    "backends",
+    "port_mappings",
+    "auto_accept",
+    "allowlist",
+    "tags",
+    "created_at",
+];
+pub const ENDPOINT_FIELDS: &[&str] = &[
+    "id",
+    "name",
+    "owner",
+    "network_id",
+    "subnet_id",
+    "ip",
+    "service_id",
+    "state",
+    "security_groups",
+    "tags",
+    "created_at",
+];
+pub const GROUP_FIELDS: &[&str] = &["id", "name", "owner", "rules", "tags", "created_at"];
+
+fn fields<'a>(q: &'a ListQuery, valid: &[&'a str]) -> ApiResult<Vec<&'a str>> {
+    let Some(f) = q.fields.as_deref().filter(|f| !f.is_empty()) else {
+        return Ok(valid.to_vec());
+    };
+    f.split(',')
+        .map(|name| {
+            let name = name.trim();
+            valid.iter().find(|v| **v == name).copied().ok_or_else(|| {
+                ApiError::invalid(
+                    "invalid_field",
+                    "fields",
+                    format!("unknown field {name:?}; fields are {}", valid.join(", ")),
+                )
+            })
+        })
+        .collect()
+}
+
+/// Search, then the selected fields of each item.
+fn select<T: Serialize>(
+    items: Vec<T>,
+    q: &ListQuery,
+    valid: &[&str],
+) -> ApiResult<(Vec<&'static str>, Vec<Value>)> {
+    let chosen = fields(q, valid)?;
+    let needle = q.search.as_deref().map(str::to_lowercase);
+    let rows = items
+        .into_iter()
+        .map(|i| serde_json::to_value(i).expect("objects serialise"))
+        .filter(|v| match &needle {
+            None => true,
+            Some(n) => ["id", "name"]
+                .iter()
+                .any(|k| v[*k].as_str().is_some_and(|s| s.to_lowercase().contains(n))),
+        })
+        .map(|v| {
+            Value::Object(
+                chosen
+                    .iter()
+                    .map(|f| (f.to_string(), v[*f].clone()))
+                    .collect(),
+            )
+        })
+        .collect();
+    // The chosen names are among the static lists, so they live as long as the program.
+    let names = chosen.iter().map(|c| *valid_static(c)).collect();
+    Ok((names, rows))
+}
+
+fn valid_static(name: &str) -> &'static &'static str {
+    SERVICE_FIELDS
+        .iter()
+        .chain(ENDPOINT_FIELDS)
+        .chain(GROUP_FIELDS)
+        .find(|v| **v == name)
+        .expect("validated field name")
+}
+
+/// A page of a list: `{items, page, per_page, total}`.
+fn page<T: Serialize>(items: Vec<T>, q: &ListQuery, valid: &[&str]) -> ApiResult<Response> {
+    let (_, rows) = select(items, q, valid)?;
+    let per_page = q.per_page.unwrap_or(100);
+    if per_page == 0 || per_page > 1000 {
+        return Err(ApiError::invalid(
+            "invalid_page",
+            "per_page",
+            "per_page is 1 to 1000",
+        ));
+    }
+    let page = q.page.unwrap_or(1);
+    if page == 0 {
+        return Err(ApiError::invalid(
+            "invalid_page",
+            "page",
+            "pages start at 1",
+        ));
+    }
+    let total = rows.len();
+    let items: Vec<Value> = rows
+        .into_iter()
+        .skip((page - 1) * per_page)
+        .take(per_page)
+        .collect();
+    Ok(ok(
+        json!({ "items": items, "page": page, "per_page": per_page, "total": total }),
+    ))
+}
+
+/// RFC 4180 CSV with a header; non-scalar values as compact JSON.
+fn csv_response<T: Serialize>(items: Vec<T>, q: &ListQuery, valid: &[&str]) -> ApiResult<Response> {
+    let (names, rows) = select(items, q, valid)?;
+    let mut w = csv::Writer::from_writer(Vec::new());
+    let io = |e: csv::Error| ApiError::new(500, "internal", format!("writing CSV: {e}"));
+    w.write_record(&names).map_err(io)?;
+    for r in rows {
+        let cells: Vec<String> = names
+            .iter()
+            .map(|n| match &r[*n] {
+                Value::String(s) => s.clone(),
+                Value::Null => String::new(),
+                v @ (Value::Bool(_) | Value::Number(_)) => v.to_string(),
+                v => v.to_string(),
+            })
+            .collect();
+        w.write_record(&cells).map_err(io)?;
+    }
+    let body = w
+        .into_inner()
+        .map_err(|e| ApiError::new(500, "internal", e.to_string()))?;
+    Ok(([(header::CONTENT_TYPE, "text/csv; charset=utf-8")], body).into_response())
+}
+
+// ---- accounts, networks, subnets ----
+
+async fn create_account(
+    State(p): State<Plane>,
+    Auth(c): Auth,
+    Body(req): Body<accounts::CreateAccount>,
+) -> ApiResult<Response> {
+    let secret = new_token();
+    mutate(p, c, move |s, cx| {
+        accounts::create_account(s, cx, req, secret)
+    })
+    .await
+    .map(created)
+}
+
+async fn list_accounts(State(p): State<Plane>, Auth(c): Auth) -> ApiResult<Response> {
+    p.read(|s| accounts::list_accounts(s, &c)).map(ok)
+}
+
+async fn issue_token(
+    State(p): State<Plane>,
+    Auth(c): Auth,
+    Path(id): Path<String>,
+) -> ApiResult<Response> {
+    let secret = new_token();
+    mutate(p, c, move |s, cx| accounts::issue_token(s, cx, &id, secret))
+        .await
+        .map(created)
+}
+
+async fn create_network(
+    State(p): State<Plane>,
+    Auth(c): Auth,
+    Body(req): Body<accounts::CreateNetwork>,
+) -> ApiResult<Response> {
+    mutate(p, c, move |s, cx| accounts::create_network(s, cx, req))
+        .await
+        .map(created)
+}
+
+async fn list_networks(State(p): State<Plane>, Auth(c): Auth) -> ApiResult<Response> {
+    Ok(ok(p.read(|s| accounts::list_networks(s, &c))))
+}
+
+async fn get_network(
+    State(p): State<Plane>,
+    Auth(c): Auth,
+    Path(id): Path<String>,
+) -> ApiResult<Response> {
+    p.read(|s| accounts::network(s, &c, &id).cloned()).map(ok)
+}
+
+async fn delete_network(
+    State(p): State<Plane>,
+    Auth(c): Auth,
+    Path(id): Path<String>,
+) -> ApiResult<Response> {
+    mutate(p, c, move |s, cx| accounts::delete_network(s, cx, &id))
+        .await
+        .map(|()| StatusCode::NO_CONTENT.into_response())
+}
+
+async fn create_subnet(
+    State(p): State<Plane>,
+    Auth(c): Auth,
+    Path(id): Path<String>,
+    Body(req): Body<accounts::CreateSubnet>,
+) -> ApiResult<Response> {
+    mutate(p, c, move |s, cx| accounts::create_subnet(s, cx, &id, req))
+        .await
+        .map(created)
+}
+
+async fn list_subnets(
+    State(p): State<Plane>,
+    Auth(c): Auth,
+    Path(id): Path<String>,
+) -> ApiResult<Response> {
+    p.read(|s| accounts::list_subnets(s, &c, &id)).map(ok)
+}
+
+async fn delete_subnet(
+    State(p): State<Plane>,
+    Auth(c): Auth,
+    Path((net, id)): Path<(String, String)>,
+) -> ApiResult<Response> {
+    mutate(p, c, move |s, cx| accounts::delete_subnet(s, cx, &net, &id))
+        .await
+        .map(|()| StatusCode::NO_CONTENT.into_response())
+}
+
+// ---- services ----
+
+async fn create_service(
+    State(p): State<Plane>,
+    Auth(c): Auth,
+    Body(req): Body<services::CreateService>,
+) -> ApiResult<Response> {
+    mutate(p, c, move |s, cx| services::create(s, cx, req))
+        .await
+        .map(created)
+}
+
+async fn list_services(
+    State(p): State<Plane>,
+    Auth(c): Auth,
+    Query(q): Query<ListQuery>,
+) -> ApiResult<Response> {
+    let items: Vec<_> = p.read(|s| {
+        s.services
+            .values()
+            .filter(|v| owns(&c, &v.owner))
+            .cloned()
+            .collect()
+    });
+    page(items, &q, SERVICE_FIELDS)
+}
+
+async fn get_service(
+    State(p): State<Plane>,
+    Auth(c): Auth,
+    Path(id): Path<String>,
+) -> ApiResult<Response> {
+    p.read(|s| services::own(s, &c, &id).cloned()).map(ok)
+}
+
+async fn update_service(
+    State(p): State<Plane>,
+    Auth(c): Auth,
+    Path(id): Path<String>,
+    Body(req): Body<services::UpdateService>,
+) -> ApiResult<Response> {
+    mutate(p, c, move |s, cx| services::update(s, cx, &id, req))
+        .await
+        .map(ok)
+}
+
+async fn delete_service(
+    State(p): State<Plane>,
+    Auth(c): Auth,
+    Path(id): Path<String>,
+) -> ApiResult<Response> {
+    mutate(p, c, move |s, cx| services::delete(s, cx, &id))
+        .await
+        .map(|()| StatusCode::NO_CONTENT.into_response())
+}
+
+async fn set_backends(
+    State(p): State<Plane>,
+    Auth(c): Auth,
+    Path(id): Path<String>,
+    Body(req): Body<services::Backends>,
+) -> ApiResult<Response> {
+    mutate(p, c, move |s, cx| services::set_backends(s, cx, &id, req))
+        .await
+        .map(ok)
+}
+
+async fn add_port_mappings(
+    State(p): State<Plane>,
+    Auth(c): Auth,
+    Path(id): Path<String>,
+    Body(req): Body<services::AddPortMappings>,
+) -> ApiResult<Response> {
+    mutate(p, c, move |s, cx| {
+        services::add_port_mappings(s, cx, &id, req)
+    })
+    .await
+    .map(ok)
+}
+
+async fn immutable_mapping(Auth(_): Auth) -> ApiResult<Response> {
+    Err(services::immutable_mapping())
+}
+
+async fn list_allowlist(
+    State(p): State<Plane>,
+    Auth(c): Auth,
+    Path(id): Path<String>,
+) -> ApiResult<Response> {
+    p.read(|s| services::own(s, &c, &id).map(|v| v.allowlist.clone()))
+        .map(ok)
+}
+
+async fn allow(
+    State(p): State<Plane>,
+    Auth(c): Auth,
+    Path(id): Path<String>,
+    Body(req): Body<services::AllowReq>,
+) -> ApiResult<Response> {
+    mutate(p, c, move |s, cx| services::allow(s, cx, &id, req))
+        .await
+        .map(created)
+}
+
+async fn disallow(
+    State(p): State<Plane>,
+    Auth(c): Auth,
+    Path((id, account)): Path<(String, String)>,
+) -> ApiResult<Response> {
+    mutate(p, c, move |s, cx| services::disallow(s, cx, &id, &account))
+        .await
+        .map(ok)
+}
+
+async fn verify(
+    State(p): State<Plane>,
+    Auth(c): Auth,
+    Path(id): Path<String>,
+) -> ApiResult<Response> {
+    p.read(|s| services::verify(s, &c, &id)).map(ok)
+}
+
+async fn connections(
+    State(p): State<Plane>,
+    Auth(c): Auth,
+    Path(id): Path<String>,
+) -> ApiResult<Response> {
+    p.read(|s| services::connections(s, &c, &id)).map(ok)
+}
+
+async fn accept(
+    State(p): State<Plane>,
+    Auth(c): Auth,
+    Path(id): Path<String>,
+    Body(req): Body<services::EndpointIds>,
+) -> ApiResult<Response> {
+    mutate(p, c, move |s, cx| services::decide(s, cx, &id, req, true))
+        .await
+        .map(|r| ok(json!({ "results": r })))
+}
+
+async fn reject(
+    State(p): State<Plane>,
+    Auth(c): Auth,
+    Path(id): Path<String>,
+    Body(req): Body<services::EndpointIds>,
+) -> ApiResult<Response> {
+    mutate(p, c, move |s, cx| services::decide(s, cx, &id, req, false))
+        .await
+        .map(|r| ok(json!({ "results": r })))
+}
+
+// ---- endpoints ----
+
+async fn create_endpoint(
+    State(p): State<Plane>,
+    Auth(c): Auth,
+    Body(req): Body<endpoints::CreateEndpoint>,
+) -> ApiResult<Response> {
+    mutate(p, c, move |s, cx| endpoints::create(s, cx, req))
+        .await
+        .map(created)
+}
+
+async fn list_endpoints(
+    State(p): State<Plane>,
+    Auth(c): Auth,
+    Query(q): Query<ListQuery>,
+) -> ApiResult<Response> {
+    let items: Vec<_> = p.read(|s| {
+        s.endpoints
+            .values()
+            .filter(|v| owns(&c, &v.owner))
+            .cloned()
+            .collect()
+    });
+    page(items, &q, ENDPOINT_FIELDS)
+}
+
+async fn get_endpoint(
+    State(p): State<Plane>,
+    Auth(c): Auth,
+    Path(id): Path<String>,
+) -> ApiResult<Response> {
+    p.read(|s| endpoints::own(s, &c, &id).cloned()).map(ok)
+}
+
+async fn update_endpoint(
+    State(p): State<Plane>,
+    Auth(c): Auth,
+    Path(id): Path<String>,
+    Body(req): Body<endpoints::UpdateEndpoint>,
+) -> ApiResult<Response> {
+    mutate(p, c, move |s, cx| endpoints::update(s, cx, &id, req))
+        .await
+        .map(ok)
+}
+
+async fn delete_endpoint(
+    State(p): State<Plane>,
+    Auth(c): Auth,
+    Path(id): Path<String>,
+) -> ApiResult<Response> {
+    mutate(p, c, move |s, cx| endpoints::delete(s, cx, &id))
+        .await
+        .map(|()| StatusCode::NO_CONTENT.into_response())
+}
+
+async fn bind(
+    State(p): State<Plane>,
+    Auth(c): Auth,
+    Path(id): Path<String>,
+    Body(req): Body<endpoints::BindingReq>,
+) -> ApiResult<Response> {
+    mutate(p, c, move |s, cx| endpoints::bind(s, cx, &id, req))
+        .await
+        .map(ok)
+}
+
+async fn set_bindings(
+    State(p): State<Plane>,
+    Auth(c): Auth,
+    Path(id): Path<String>,
+    Body(req): Body<endpoints::Bindings>,
+) -> ApiResult<Response> {
+    mutate(p, c, move |s, cx| endpoints::set_bindings(s, cx, &id, req))
+        .await
+        .map(ok)
+}
+
+async fn unbind(
+    State(p): State<Plane>,
+    Auth(c): Auth,
+    Path((id, sg)): Path<(String, String)>,
+) -> ApiResult<Response> {
+    mutate(p, c, move |s, cx| endpoints::unbind(s, cx, &id, &sg))
+        .await
+        .map(ok)
+}
+
+// ---- security groups ----
+
+async fn create_group(
+    State(p): State<Plane>,
+    Auth(c): Auth,
+    Body(req): Body<groups::CreateGroup>,
+) -> ApiResult<Response> {
+    mutate(p, c, move |s, cx| groups::create(s, cx, req))
+        .await
+        .map(created)
+}
+
+async fn list_groups(
+    State(p): State<Plane>,
+    Auth(c): Auth,
+    Query(q): Query<ListQuery>,
+) -> ApiResult<Response> {
+    let items: Vec<_> = p.read(|s| {
+        s.security_groups
+            .values()
+            .filter(|v| owns(&c, &v.owner))
+            .cloned()
+            .collect()
+    });
+    page(items, &q, GROUP_FIELDS)
+}
+
+async fn get_group(
+    State(p): State<Plane>,
+    Auth(c): Auth,
+    Path(id): Path<String>,
+) -> ApiResult<Response> {
+    p.read(|s| groups::own(s, &c, &id).cloned()).map(ok)
+}
+
+async fn update_group(
+    State(p): State<Plane>,
+    Auth(c): Auth,
+    Path(id): Path<String>,
+    Body(req): Body<groups::UpdateGroup>,
+) -> ApiResult<Response> {
+    mutate(p, c, move |s, cx| groups::update(s, cx, &id, req))
+        .await
+        .map(ok)
+}
+
+async fn set_rules(
+    State(p): State<Plane>,
+    Auth(c): Auth,
+    Path(id): Path<String>,
+    Body(req): Body<groups::Rules>,
+) -> ApiResult<Response> {
+    mutate(p, c, move |s, cx| groups::set_rules(s, cx, &id, req))
+        .await
+        .map(ok)
+}
+
+async fn delete_group(
+    State(p): State<Plane>,
+    Auth(c): Auth,
+    Path(id): Path<String>,
+) -> ApiResult<Response> {
+    mutate(p, c, move |s, cx| groups::delete(s, cx, &id))
+        .await
+        .map(|()| StatusCode::NO_CONTENT.into_response())
+}
+
+// ---- export, revision ----
+
+async fn export_csv(
+    State(p): State<Plane>,
+    Auth(c): Auth,
+    Query(q): Query<ListQuery>,
+) -> ApiResult<Response> {
+    match q.kind.as_deref() {
+        Some("services") => {
+            let items: Vec<_> = p.read(|s| {
+                s.services
+                    .values()
+                    .filter(|v| owns(&c, &v.owner))
+                    .cloned()
+                    .collect()
+            });
+            csv_response(items, &q, SERVICE_FIELDS)
+        }
+        Some("endpoints") => {
+            let items: Vec<_> = p.read(|s| {
+                s.endpoints
+                    .values()
+                    .filter(|v| owns(&c, &v.owner))
+                    .cloned()
+                    .collect()
+            });
+            csv_response(items, &q, ENDPOINT_FIELDS)
+        }
+        _ => Err(ApiError::invalid(
+            "invalid_kind",
+            "kind",
+            "kind is services or endpoints",
+        )),
+    }
+}
+
+async fn revision(State(p): State<Plane>, Auth(_): Auth) -> ApiResult<Response> {
+    Ok(ok(json!({ "revision": p.revision() })))
+}
+
+async fn fallback() -> ApiError {
+    ApiError::new(404, "no_route", "no such API route")
+}
+
+/// The API routes.
+pub fn router(plane: Plane) -> Router {
+    Router::new()
+        .route("/v1/revision", get(revision))
+        .route("/v1/accounts", post(create_account).get(list_accounts))
+        .route("/v1/accounts/{id}/tokens", post(issue_token))
+        .route("/v1/networks", post(create_network).get(list_networks))
+        .route("/v1/networks/{id}", get(get_network).delete(delete_network))
+        .route(
+            "/v1/networks/{id}/subnets",
+            post(create_subnet).get(list_subnets),
+        )
+        .route(
+            "/v1/networks/{id}/subnets/{subnet}",
+            axum::routing::delete(delete_subnet),
+        )
+        .route("/v1/services", post(create_service).get(list_services))
+        .route(
+            "/v1/services/{id}",
+            get(get_service)
+                .patch(update_service)
+                .delete(delete_service),
+        )
+        .route("/v1/services/{id}/backends", put(set_backends))
+        .route(
+            "/v1/services/{id}/port-mappings",
+            post(add_port_mappings)
+                .put(immutable_mapping)
+                .delete(immutable_mapping),
+        )
+        .route(
+            "/v1/services/{id}/port-mappings/{mapping}",
+            put(immutable_mapping)
+                .patch(immutable_mapping)
+                .delete(immutable_mapping),
+        )
+        .route(
+            "/v1/services/{id}/allowlist",
+            get(list_allowlist).post(allow),
+        )
+        .route(
+            "/v1/services/{id}/allowlist/{account}",
+            axum::routing::delete(disallow),
+        )
+        .route("/v1/services/{id}/verify", get(verify))
+        .route("/v1/services/{id}/endpoints", get(connections))
+        .route("/v1/services/{id}/accept", post(accept))
+        .route("/v1/services/{id}/reject", post(reject))
+        .route("/v1/endpoints", post(create_endpoint).get(list_endpoints))
+        .route(
+            "/v1/endpoints/{id}",
+            get(get_endpoint)
+                .patch(update_endpoint)
+                .delete(delete_endpoint),
+        )
+        .route(
+            "/v1/endpoints/{id}/security-groups",
+            post(bind).put(set_bindings),
+        )
+        .route(
+            "/v1/endpoints/{id}/security-groups/{sg}",
+            axum::routing::delete(unbind),
+        )
+        .route("/v1/security-groups", post(create_group).get(list_groups))
+        .route(
+            "/v1/security-groups/{id}",
+            get(get_group).patch(update_group).delete(delete_group),
+        )
+        .route("/v1/security-groups/{id}/rules", put(set_rules))
+        .route("/v1/export.csv", get(export_csv))
+        .fallback(fallback)
+        .with_state(plane)
+}
+
+/// Serves the API on `listener` until the task is dropped.
+pub async fn serve(listener: tokio::net::TcpListener, plane: Plane) -> std::io::Result<()> {
+    axum::serve(listener, router(plane)).await
+}

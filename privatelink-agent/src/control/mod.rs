@@ -1,0 +1,9 @@
+//! The control plane: the PrivateLink model, its rules, a durable store and the REST API.
+pub mod api;
+pub mod error;
+pub mod ops;
+pub mod plane;
+pub mod state;
+pub mod store;
+pub mod types;
+pub mod validate;

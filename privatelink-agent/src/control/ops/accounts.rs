@@ -1,0 +1,269 @@
+//! Accounts, tokens, networks and subnets (managed with the admin token; owners read theirs).
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest as _, Sha256};
+
+use super::{Caller, Ctx, Outcome, owns};
+use crate::control::{
+    error::{ApiError, ApiResult},
+    state::State,
+    types::{Account, Change, Network, Object, Subnet, Token},
+    validate,
+};
+
+/// At most this many CIDRs per network.
+pub const CIDRS_PER_NETWORK: usize = 5;
+
+#[derive(Clone, Debug, Deserialize)]
+pub struct CreateAccount {
+    pub id: String,
+    pub name: String,
+}
+
+/// A new account with its first token (shown once).
+#[derive(Clone, Debug, Serialize)]
+pub struct AccountWithToken {
+    pub account: Account,
+    pub token: String,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+pub struct CreateNetwork {
+    pub name: String,
+    pub owner: String,
+    pub cidrs: Vec<String>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+pub struct CreateSubnet {
+    pub name: String,
+    pub cidr: String,
+}
+
+pub fn token_hash(token: &str) -> String {
+    hex::encode(Sha256::digest(token.as_bytes()))
+}
+
+fn token(account_id: &str, secret: &str, now: u64) -> Token {
+    Token {
+        sha256: token_hash(secret),
+        account_id: account_id.to_string(),
+        created_at: now,
+    }
+}
+
+pub fn create_account(
+    s: &State,
+    cx: &mut Ctx,
+    req: CreateAccount,
+    secret: String,
+) -> Outcome<AccountWithToken> {
+    cx.admin()?;
+    validate::account_id("id", &req.id)?;
+    validate::name("name", &req.name)?;
+    if s.has_account(&req.id) {
+        return Err(
+            ApiError::conflict("exists", format!("account {} exists", req.id)).with_field("id"),
+        );
+    }
+    let account = Account {
+        id: req.id,
+        name: req.name,
+        created_at: cx.now,
+    };
+    let t = token(&account.id, &secret, cx.now);
+    Ok((
+        vec![
+            Change::Put(Object::Account(account.clone())),
+            Change::Put(Object::Token(t)),
+        ],
+        AccountWithToken {
+            account,
+            token: secret,
+        },
+    ))
+}
+
+pub fn issue_token(
+    s: &State,
+    cx: &mut Ctx,
+    account_id: &str,
+    secret: String,
+) -> Outcome<AccountWithToken> {
+    cx.admin()?;
+    let account = s
+        .accounts
+        .get(account_id)
+        .ok_or_else(|| ApiError::not_found("account", account_id))?
+        .clone();
+    Ok((
+        vec![Change::Put(Object::Token(token(
+            account_id, &secret, cx.now,
+        )))],
+        AccountWithToken {
+            account,
+            token: secret,
+        },
+    ))
+}
+
+pub fn list_accounts(s: &State, caller: &Caller) -> ApiResult<Vec<Account>> {
+    super::admin(caller)?;
+    Ok(s.accounts.values().cloned().collect())
+}
+
+pub fn create_network(s: &State, cx: &mut Ctx, req: CreateNetwork) -> Outcome<Network> {
+    cx.admin()?;
+    validate::name("name", &req.name)?;
+    if !s.has_account(&req.owner) {
+        return Err(ApiError::invalid(
+            "unknown_account",
+            "owner",
+            format!("account {} does not exist", req.owner),
+        ));
+    }
+    if req.cidrs.is_empty() || req.cidrs.len() > CIDRS_PER_NETWORK {
+        return Err(ApiError::invalid(
+            "invalid_cidrs",
+            "cidrs",
+            format!("1 to {CIDRS_PER_NETWORK} CIDRs"),
+        ));
+    }
+    let mut cidrs: Vec<IpNet> = Vec::new();
+    for (i, c) in req.cidrs.iter().enumerate() {
+        let field = format!("cidrs[{i}]");
+        let net = validate::cidr(&field, c)?;
+        if let Some(o) = cidrs.iter().find(|o| o.contains(&net) || net.contains(*o)) {
+            return Err(ApiError::invalid(
+                "overlapping_cidrs",
+                field,
+                format!("{net} overlaps {o} of the same network"),
+            ));
+        }
+        cidrs.push(net);
+    }
+    let id = cx.new_id("vpc", |id| s.networks.contains_key(id));
+    let n = Network {
+        id,
+        name: req.name,
+        owner: req.owner,
+        cidrs,
+        created_at: cx.now,
+    };
+    Ok((vec![Change::Put(Object::Network(n.clone()))], n))
+}
+
+/// Networks the caller may see: all for the admin, its own for an account.
+pub fn list_networks(s: &State, caller: &Caller) -> Vec<Network> {
+    s.networks
+        .values()
+        .filter(|n| *caller == Caller::Admin || owns(caller, &n.owner))
+        .cloned()
+        .collect()
+}
+
+pub fn network<'s>(s: &'s State, caller: &Caller, id: &str) -> ApiResult<&'s Network> {
+    s.networks
+        .get(id)
+        .filter(|n| *caller == Caller::Admin || owns(caller, &n.owner))
+        .ok_or_else(|| ApiError::not_found("network", id))
+}
+
+pub fn delete_network(s: &State, cx: &mut Ctx, id: &str) -> Outcome<()> {
+    cx.admin()?;
+    network(s, cx.caller, id)?;
+    if s.subnets.values().any(|x| x.network_id == id)
+        || s.services.values().any(|x| x.network_id == id)
+    {
+        return Err(ApiError::conflict(
+            "in_use",
+            format!("network {id} still has subnets or services"),
+        ));
+    }
+    Ok((
+        vec![Change::Delete {
+            kind: "network",
+            id: id.to_string(),
+        }],
+        (),
+    ))
+}
+
+/// Subnets are created by the admin or by the network's owner.
+pub fn create_subnet(
+    s: &State,
+    cx: &mut Ctx,
+    network_id: &str,
+    req: CreateSubnet,
+) -> Outcome<Subnet> {
+    let net = network(s, cx.caller, network_id)?.clone();
+    validate::name("name", &req.name)?;
+    let cidr = validate::cidr("cidr", &req.cidr)?;
+    if !net.cidrs.iter().any(|c| c.contains(&cidr)) {
+        return Err(ApiError::invalid(
+            "subnet_outside_network",
+            "cidr",
+            format!(
+                "{cidr} is not inside the network's CIDRs ({})",
+                join(&net.cidrs)
+            ),
+        ));
+    }
+    if let Some(o) = s
+        .subnets
+        .values()
+        .find(|o| o.network_id == network_id && (o.cidr.contains(&cidr) || cidr.contains(&o.cidr)))
+    {
+        return Err(ApiError::invalid(
+            "overlapping_subnet",
+            "cidr",
+            format!("{cidr} overlaps subnet {} ({})", o.id, o.cidr),
+        ));
+    }
+    let id = cx.new_id("subnet", |id| s.subnets.contains_key(id));
+    let sn = Subnet {
+        id,
+        name: req.name,
+        owner: net.owner.clone(),
+        network_id: network_id.to_string(),
+        cidr,
+        created_at: cx.now,
+    };
+    Ok((vec![Change::Put(Object::Subnet(sn.clone()))], sn))
+}
+
+pub fn list_subnets(s: &State, caller: &Caller, network_id: &str) -> ApiResult<Vec<Subnet>> {
+    network(s, caller, network_id)?;
+    Ok(s.subnets
+        .values()
+        .filter(|x| x.network_id == network_id)
+        .cloned()
+        .collect())
+}
+
+pub fn delete_subnet(s: &State, cx: &mut Ctx, network_id: &str, id: &str) -> Outcome<()> {
+    network(s, cx.caller, network_id)?;
+    if s.subnets.get(id).is_none_or(|x| x.network_id != network_id) {
+        return Err(ApiError::not_found("subnet", id));
+    }
+    if s.endpoints.values().any(|e| e.subnet_id == id) {
+        return Err(ApiError::conflict(
+            "in_use",
+            format!("subnet {id} still has endpoints"),
+        ));
+    }
+    Ok((
+        vec![Change::Delete {
+            kind: "subnet",
+            id: id.to_string(),
+        }],
+        (),
+    ))
+}
+
+pub fn join(nets: &[IpNet]) -> String {
+    nets.iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(", ")
+}

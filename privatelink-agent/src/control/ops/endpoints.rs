@@ -1,0 +1,275 @@
+//! Endpoints (consumer side): creation under the allowlist rule, IP assignment, security-group
+//! bindings.
+use std::{collections::BTreeSet, net::IpAddr};
+
+use ipnet::IpNet;
+use serde::Deserialize;
+
+use super::{Caller, Ctx, Outcome, owns};
+use crate::control::{
+    error::{ApiError, ApiResult},
+    state::State,
+    types::{Binding, Change, ConnectionState, Endpoint, Object, Tag},
+    validate,
+};
+
+#[derive(Clone, Debug, Deserialize)]
+pub struct BindingReq {
+    pub security_group_id: String,
+    pub priority: u32,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+pub struct CreateEndpoint {
+    pub name: String,
+    pub service_id: String,
+    pub network_id: String,
+    pub subnet_id: String,
+    /// A free address of the subnet; assigned automatically when absent.
+    pub ip: Option<String>,
+    #[serde(default)]
+    pub security_groups: Vec<BindingReq>,
+    #[serde(default)]
+    pub tags: Vec<Tag>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+pub struct UpdateEndpoint {
+    pub name: Option<String>,
+    pub tags: Option<Vec<Tag>>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+pub struct Bindings {
+    pub security_groups: Vec<BindingReq>,
+}
+
+/// The caller's own endpoint, or 404.
+pub fn own<'s>(s: &'s State, caller: &Caller, id: &str) -> ApiResult<&'s Endpoint> {
+    super::account(caller)?;
+    s.endpoints
+        .get(id)
+        .filter(|v| owns(caller, &v.owner))
+        .ok_or_else(|| ApiError::not_found("endpoint", id))
+}
+
+/// Checks a full set of bindings: at most 5, the caller's own groups, no group or priority twice.
+/// Returns them sorted by priority (evaluation order).
+fn bindings(s: &State, caller: &Caller, req: &[BindingReq]) -> ApiResult<Vec<Binding>> {
+    if req.len() > validate::GROUPS_PER_ENDPOINT {
+        return Err(ApiError::invalid(
+            "too_many_security_groups",
+            "security_groups",
+            format!(
+                "at most {} security groups per endpoint",
+                validate::GROUPS_PER_ENDPOINT
+            ),
+        ));
+    }
+    let (mut ids, mut prios) = (BTreeSet::new(), BTreeSet::new());
+    let mut out = Vec::new();
+    for (i, b) in req.iter().enumerate() {
+        let field = format!("security_groups[{i}]");
+        if !s
+            .security_groups
+            .get(&b.security_group_id)
+            .is_some_and(|g| owns(caller, &g.owner))
+        {
+            return Err(ApiError::not_found("security group", &b.security_group_id)
+                .with_field(format!("{field}.security_group_id")));
+        }
+        if !ids.insert(&b.security_group_id) {
+            return Err(ApiError::invalid(
+                "duplicate_security_group",
+                field,
+                format!("{} is bound twice", b.security_group_id),
+            ));
+        }
+        if !prios.insert(b.priority) {
+            return Err(ApiError::invalid(
+                "duplicate_priority",
+                format!("{field}.priority"),
+                format!(
+                    "priority {} is used twice: priorities order the groups",
+                    b.priority
+                ),
+            ));
+        }
+        out.push(Binding {
+            security_group_id: b.security_group_id.clone(),
+            priority: b.priority,
+        });
+    }
+    out.sort_by_key(|b| b.priority);
+    Ok(out)
+}
+
+/// Addresses of a subnet an endpoint may use: not the network or broadcast address (IPv4).
+fn usable(net: &IpNet, ip: IpAddr) -> bool {
+    match (net, ip) {
+        (IpNet::V4(n), IpAddr::V4(a)) => {
+            n.prefix_len() >= 31 || (a != n.network() && a != n.broadcast())
+        }
+        (IpNet::V6(n), IpAddr::V6(a)) => a != n.network(),
+        _ => false,
+    }
+}
+
+fn assign_ip(s: &State, subnet_id: &str, cidr: &IpNet, wanted: Option<&str>) -> ApiResult<IpAddr> {
+    let used: BTreeSet<IpAddr> = s
+        .endpoints
+        .values()
+        .filter(|e| e.subnet_id == subnet_id)
+        .map(|e| e.ip)
+        .collect();
+    if let Some(w) = wanted {
+        let ip = validate::ip("ip", w)?;
+        if !cidr.contains(&ip) || !usable(cidr, ip) {
+            return Err(ApiError::invalid(
+                "ip_outside_subnet",
+                "ip",
+                format!("{ip} is not a usable address of subnet {cidr}"),
+            ));
+        }
+        if used.contains(&ip) {
+            return Err(ApiError::conflict(
+                "ip_in_use",
+                format!("{ip} is already used in subnet {subnet_id}"),
+            )
+            .with_field("ip"));
+        }
+        return Ok(ip);
+    }
+    // Bounded: a subnet's first 65536 candidates are searched.
+    let free = match cidr {
+        IpNet::V4(n) => n
+            .hosts()
+            .map(IpAddr::V4)
+            .take(65_536)
+            .find(|a| !used.contains(a) && usable(cidr, *a)),
+        IpNet::V6(n) => n
+            .hosts()
+            .map(IpAddr::V6)
+            .skip(1)
+            .take(65_536)
+            .find(|a| !used.contains(a)),
+    };
+    free.ok_or_else(|| {
+        ApiError::conflict(
+            "subnet_full",
+            format!("no free address left in subnet {subnet_id}"),
+        )
+    })
+}
+
+pub fn create(s: &State, cx: &mut Ctx, req: CreateEndpoint) -> Outcome<Endpoint> {
+    let owner = cx.account()?.to_string();
+    validate::name("name", &req.name)?;
+    validate::tags(&req.tags)?;
+    if s.networks
+        .get(&req.network_id)
+        .is_none_or(|n| n.owner != owner)
+    {
+        return Err(ApiError::not_found("network", &req.network_id).with_field("network_id"));
+    }
+    let subnet = s
+        .subnets
+        .get(&req.subnet_id)
+        .filter(|x| x.network_id == req.network_id)
+        .ok_or_else(|| ApiError::not_found("subnet", &req.subnet_id).with_field("subnet_id"))?;
+    let svc = s
+        .services
+        .get(&req.service_id)
+        .ok_or_else(|| ApiError::not_found("service", &req.service_id).with_field("service_id"))?;
+    if svc.owner != owner && !svc.allowlist.iter().any(|e| e.account_id == owner) {
+        return Err(ApiError::forbidden(
+            "not_allowlisted",
+            format!(
+                "account {owner} is not on the allowlist of service {}: the provider must add it to the service's allowlist first",
+                svc.id
+            ),
+        ));
+    }
+    let security_groups = bindings(s, cx.caller, &req.security_groups)?;
+    let ip = assign_ip(s, &subnet.id, &subnet.cidr, req.ip.as_deref())?;
+    let id = cx.new_id("ep", |id| s.endpoints.contains_key(id));
+    let ep = Endpoint {
+        id,
+        name: req.name,
+        owner,
+        network_id: req.network_id,
+        subnet_id: req.subnet_id,
+        ip,
+        service_id: req.service_id,
+        state: if svc.auto_accept {
+            ConnectionState::Available
+        } else {
+            ConnectionState::Pending
+        },
+        security_groups,
+        tags: req.tags,
+        created_at: cx.now,
+    };
+    Ok((vec![Change::Put(Object::Endpoint(ep.clone()))], ep))
+}
+
+fn put(ep: Endpoint) -> Outcome<Endpoint> {
+    Ok((vec![Change::Put(Object::Endpoint(ep.clone()))], ep))
+}
+
+pub fn update(s: &State, cx: &mut Ctx, id: &str, req: UpdateEndpoint) -> Outcome<Endpoint> {
+    let mut ep = own(s, cx.caller, id)?.clone();
+    if let Some(n) = req.name {
+        validate::name("name", &n)?;
+        ep.name = n;
+    }
+    if let Some(t) = req.tags {
+        validate::tags(&t)?;
+        ep.tags = t;
+    }
+    put(ep)
+}
+
+pub fn delete(s: &State, cx: &mut Ctx, id: &str) -> Outcome<()> {
+    own(s, cx.caller, id)?;
+    Ok((
+        vec![Change::Delete {
+            kind: "endpoint",
+            id: id.to_string(),
+        }],
+        (),
+    ))
+}
+
+/// Binds one more group at a priority.
+pub fn bind(s: &State, cx: &mut Ctx, id: &str, req: BindingReq) -> Outcome<Endpoint> {
+    let mut ep = own(s, cx.caller, id)?.clone();
+    let mut all: Vec<BindingReq> = ep
+        .security_groups
+        .iter()
+        .map(|b| BindingReq {
+            security_group_id: b.security_group_id.clone(),
+            priority: b.priority,
+        })
+        .collect();
+    all.push(req);
+    ep.security_groups = bindings(s, cx.caller, &all)?;
+    put(ep)
+}
+
+pub fn unbind(s: &State, cx: &mut Ctx, id: &str, group: &str) -> Outcome<Endpoint> {
+    let mut ep = own(s, cx.caller, id)?.clone();
+    let before = ep.security_groups.len();
+    ep.security_groups.retain(|b| b.security_group_id != group);
+    if ep.security_groups.len() == before {
+        return Err(ApiError::not_found("binding of security group", group));
+    }
+    put(ep)
+}
+
+/// Replaces all bindings at once (a new priority order applied atomically).
+pub fn set_bindings(s: &State, cx: &mut Ctx, id: &str, req: Bindings) -> Outcome<Endpoint> {
+    let mut ep = own(s, cx.caller, id)?.clone();
+    ep.security_groups = bindings(s, cx.caller, &req.security_groups)?;
+    put(ep)
+}

@@ -1,0 +1,82 @@
+//! Operations: each validates the whole request against the current state and returns the changes
+//! to commit and the response. Nothing is written here, so a refused request changes nothing.
+pub mod accounts;
+pub mod endpoints;
+pub mod groups;
+pub mod services;
+
+use super::{
+    error::{ApiError, ApiResult},
+    state::State,
+    types::Change,
+};
+
+/// Who is calling.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Caller {
+    Admin,
+    Account(String),
+}
+
+/// What an operation may use besides the state: the caller, the clock, and randomness for ids.
+pub struct Ctx<'a> {
+    pub caller: &'a Caller,
+    pub now: u64,
+    pub random: &'a mut dyn FnMut() -> u32,
+}
+
+/// Changes to commit and the response to return once they are committed.
+pub type Outcome<T> = ApiResult<(Vec<Change>, T)>;
+
+/// The calling account; the admin token is for accounts and networks only.
+pub fn account(caller: &Caller) -> ApiResult<&str> {
+    match caller {
+        Caller::Account(a) => Ok(a),
+        Caller::Admin => Err(ApiError::forbidden(
+            "account_required",
+            "this operation is done with an account's token, not the admin token",
+        )),
+    }
+}
+
+pub fn admin(caller: &Caller) -> ApiResult<()> {
+    match caller {
+        Caller::Admin => Ok(()),
+        Caller::Account(_) => Err(ApiError::forbidden(
+            "admin_required",
+            "this operation needs the admin token",
+        )),
+    }
+}
+
+impl Ctx<'_> {
+    pub fn account(&self) -> ApiResult<&str> {
+        account(self.caller)
+    }
+
+    pub fn admin(&self) -> ApiResult<()> {
+        admin(self.caller)
+    }
+
+    /// A fresh id `<prefix>-` + 8 lowercase hex digits not yet taken.
+    pub fn new_id(&mut self, prefix: &str, taken: impl Fn(&str) -> bool) -> String {
+        loop {
+            let id = format!("{prefix}-{:08x}", (self.random)());
+            if !taken(&id) {
+                return id;
+            }
+        }
+    }
+}
+
+/// Whether `caller` may see objects owned by `owner`.
+pub fn owns(caller: &Caller, owner: &str) -> bool {
+    matches!(caller, Caller::Account(a) if a == owner)
+}
+
+impl State {
+    /// True when the account exists.
+    pub fn has_account(&self, id: &str) -> bool {
+        self.accounts.contains_key(id)
+    }
+}

@@ -1,0 +1,404 @@
+//! Endpoint services (provider side): port mappings, backends, allowlist, connection decisions.
+use std::{collections::BTreeSet, net::IpAddr};
+
+use serde::{Deserialize, Serialize};
+
+use super::{Caller, Ctx, Outcome, accounts::join, owns};
+use crate::control::{
+    error::{ApiError, ApiResult},
+    state::State,
+    types::{
+        AllowEntry, Change, ConnectionState, Object, PortMapping, Protocol, Service, ServiceType,
+        Tag,
+    },
+    validate,
+};
+
+#[derive(Clone, Debug, Deserialize)]
+pub struct PortMappingReq {
+    pub protocol: Protocol,
+    /// Taken wide so that 0 and 65536 get a clear error.
+    pub service_port: i64,
+    pub terminal_port: i64,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+pub struct CreateService {
+    pub name: String,
+    pub network_id: String,
+    pub service_type: ServiceType,
+    pub backends: Vec<String>,
+    #[serde(default)]
+    pub port_mappings: Vec<PortMappingReq>,
+    /// Default: no.
+    #[serde(default)]
+    pub auto_accept: bool,
+    #[serde(default)]
+    pub tags: Vec<Tag>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+pub struct UpdateService {
+    pub name: Option<String>,
+    pub auto_accept: Option<bool>,
+    pub tags: Option<Vec<Tag>>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+pub struct Backends {
+    pub backends: Vec<String>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+pub struct AddPortMappings {
+    pub port_mappings: Vec<PortMappingReq>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+pub struct AllowReq {
+    pub account_id: String,
+    #[serde(default)]
+    pub description: String,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+pub struct EndpointIds {
+    pub endpoint_ids: Vec<String>,
+}
+
+/// What "verify" reveals about a service: nothing about its owner's other data.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Verified {
+    pub id: String,
+    pub name: String,
+    pub service_type: ServiceType,
+    pub port_mappings: Vec<PortMapping>,
+}
+
+/// What a provider sees of an endpoint connected to its service (no IP).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Connection {
+    pub endpoint_id: String,
+    pub owner: String,
+    pub state: ConnectionState,
+    pub created_at: u64,
+}
+
+/// Per-item result of accept/reject.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct ItemResult {
+    pub endpoint_id: String,
+    pub ok: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub state: Option<ConnectionState>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// The caller's own service, or 404.
+pub fn own<'s>(s: &'s State, caller: &Caller, id: &str) -> ApiResult<&'s Service> {
+    super::account(caller)?;
+    s.services
+        .get(id)
+        .filter(|v| owns(caller, &v.owner))
+        .ok_or_else(|| ApiError::not_found("service", id))
+}
+
+fn backends(s: &State, network_id: &str, list: &[String]) -> ApiResult<Vec<IpAddr>> {
+    let net = s
+        .networks
+        .get(network_id)
+        .ok_or_else(|| ApiError::not_found("network", network_id))?;
+    if list.is_empty() {
+        return Err(ApiError::invalid(
+            "no_backends",
+            "backends",
+            "at least one backend target IP",
+        ));
+    }
+    let mut out = Vec::new();
+    for (i, b) in list.iter().enumerate() {
+        let field = format!("backends[{i}]");
+        let ip = validate::ip(&field, b)?;
+        if !net.cidrs.iter().any(|c| c.contains(&ip)) {
+            return Err(ApiError::invalid(
+                "backend_outside_network",
+                field,
+                format!("{ip} is not in the provider network ({})", join(&net.cidrs)),
+            ));
+        }
+        if out.contains(&ip) {
+            return Err(ApiError::invalid(
+                "duplicate_backend",
+                field,
+                format!("{ip} repeats"),
+            ));
+        }
+        out.push(ip);
+    }
+    Ok(out)
+}
+
+/// Validates new mappings against each other and the existing ones.
+fn mappings(existing: &[PortMapping], req: &[PortMappingReq]) -> ApiResult<Vec<PortMapping>> {
+    if req.len() > validate::MAPPINGS_PER_REQUEST {
+        return Err(ApiError::invalid(
+            "too_many_port_mappings",
+            "port_mappings",
+            format!(
+                "at most {} port mappings per request, got {}",
+                validate::MAPPINGS_PER_REQUEST,
+                req.len()
+            ),
+        ));
+    }
+    let mut taken: BTreeSet<(Protocol, u16)> = existing
+        .iter()
+        .map(|m| (m.protocol, m.terminal_port))
+        .collect();
+    let mut out = Vec::new();
+    for (i, m) in req.iter().enumerate() {
+        let service_port =
+            validate::port(&format!("port_mappings[{i}].service_port"), m.service_port)?;
+        let terminal_port = validate::port(
+            &format!("port_mappings[{i}].terminal_port"),
+            m.terminal_port,
+        )?;
+        if !taken.insert((m.protocol, terminal_port)) {
+            return Err(ApiError::invalid(
+                "duplicate_port_mapping",
+                format!("port_mappings[{i}].terminal_port"),
+                format!(
+                    "{:?} terminal port {terminal_port} is already mapped on this service",
+                    m.protocol
+                ),
+            ));
+        }
+        out.push(PortMapping {
+            protocol: m.protocol,
+            service_port,
+            terminal_port,
+        });
+    }
+    Ok(out)
+}
+
+pub fn create(s: &State, cx: &mut Ctx, req: CreateService) -> Outcome<Service> {
+    let owner = cx.account()?.to_string();
+    validate::name("name", &req.name)?;
+    validate::tags(&req.tags)?;
+    if s.networks
+        .get(&req.network_id)
+        .is_none_or(|n| n.owner != owner)
+    {
+        return Err(ApiError::not_found("network", &req.network_id).with_field("network_id"));
+    }
+    let backends = backends(s, &req.network_id, &req.backends)?;
+    let port_mappings = mappings(&[], &req.port_mappings)?;
+    let id = cx.new_id("svc", |id| s.services.contains_key(id));
+    let svc = Service {
+        id,
+        name: req.name,
+        owner,
+        network_id: req.network_id,
+        service_type: req.service_type,
+        backends,
+        port_mappings,
+        auto_accept: req.auto_accept,
+        allowlist: Vec::new(),
+        tags: req.tags,
+        created_at: cx.now,
+    };
+    Ok((vec![Change::Put(Object::Service(svc.clone()))], svc))
+}
+
+fn put(svc: Service) -> Outcome<Service> {
+    Ok((vec![Change::Put(Object::Service(svc.clone()))], svc))
+}
+
+/// Name, tags and auto-accept. Changing auto-accept never changes existing connections.
+pub fn update(s: &State, cx: &mut Ctx, id: &str, req: UpdateService) -> Outcome<Service> {
+    let mut svc = own(s, cx.caller, id)?.clone();
+    if let Some(n) = req.name {
+        validate::name("name", &n)?;
+        svc.name = n;
+    }
+    if let Some(t) = req.tags {
+        validate::tags(&t)?;
+        svc.tags = t;
+    }
+    if let Some(a) = req.auto_accept {
+        svc.auto_accept = a;
+    }
+    put(svc)
+}
+
+/// "Manage backend services": replaces the backend targets.
+pub fn set_backends(s: &State, cx: &mut Ctx, id: &str, req: Backends) -> Outcome<Service> {
+    let mut svc = own(s, cx.caller, id)?.clone();
+    svc.backends = backends(s, &svc.network_id, &req.backends)?;
+    put(svc)
+}
+
+pub fn add_port_mappings(
+    s: &State,
+    cx: &mut Ctx,
+    id: &str,
+    req: AddPortMappings,
+) -> Outcome<Service> {
+    let mut svc = own(s, cx.caller, id)?.clone();
+    let new = mappings(&svc.port_mappings, &req.port_mappings)?;
+    svc.port_mappings.extend(new);
+    put(svc)
+}
+
+/// Port mappings are add-only, like the consoles this follows.
+pub fn immutable_mapping() -> ApiError {
+    ApiError::new(
+        405,
+        "port_mapping_immutable",
+        "a port mapping cannot be modified or deleted once added; add a new mapping instead",
+    )
+}
+
+pub fn delete(s: &State, cx: &mut Ctx, id: &str) -> Outcome<()> {
+    own(s, cx.caller, id)?;
+    let n = s.endpoints.values().filter(|e| e.service_id == id).count();
+    if n > 0 {
+        return Err(ApiError::conflict(
+            "in_use",
+            format!("service {id} has {n} endpoints: reject or delete them first"),
+        ));
+    }
+    Ok((
+        vec![Change::Delete {
+            kind: "service",
+            id: id.to_string(),
+        }],
+        (),
+    ))
+}
+
+pub fn allow(s: &State, cx: &mut Ctx, id: &str, req: AllowReq) -> Outcome<Service> {
+    let mut svc = own(s, cx.caller, id)?.clone();
+    validate::account_id("account_id", &req.account_id)?;
+    validate::description("description", &req.description)?;
+    if !s.has_account(&req.account_id) {
+        return Err(ApiError::invalid(
+            "unknown_account",
+            "account_id",
+            format!("account {} does not exist", req.account_id),
+        ));
+    }
+    if svc.allowlist.iter().any(|e| e.account_id == req.account_id) {
+        return Err(ApiError::conflict(
+            "exists",
+            format!("account {} is already on the allowlist", req.account_id),
+        ));
+    }
+    svc.allowlist.push(AllowEntry {
+        account_id: req.account_id,
+        description: req.description,
+        created_at: cx.now,
+    });
+    put(svc)
+}
+
+/// Removing an account stops its endpoints' traffic to the service (the datapath enforces it);
+/// adding it back restores the Available ones.
+pub fn disallow(s: &State, cx: &mut Ctx, id: &str, account_id: &str) -> Outcome<Service> {
+    let mut svc = own(s, cx.caller, id)?.clone();
+    let before = svc.allowlist.len();
+    svc.allowlist.retain(|e| e.account_id != account_id);
+    if svc.allowlist.len() == before {
+        return Err(ApiError::not_found("allowlist entry", account_id));
+    }
+    put(svc)
+}
+
+/// Any account may look a service up by id before creating an endpoint.
+pub fn verify(s: &State, caller: &Caller, id: &str) -> ApiResult<Verified> {
+    super::account(caller)?;
+    let svc = s
+        .services
+        .get(id)
+        .ok_or_else(|| ApiError::not_found("service", id))?;
+    Ok(Verified {
+        id: svc.id.clone(),
+        name: svc.name.clone(),
+        service_type: svc.service_type,
+        port_mappings: svc.port_mappings.clone(),
+    })
+}
+
+pub fn connections(s: &State, caller: &Caller, id: &str) -> ApiResult<Vec<Connection>> {
+    own(s, caller, id)?;
+    Ok(s.endpoints
+        .values()
+        .filter(|e| e.service_id == id)
+        .map(|e| Connection {
+            endpoint_id: e.id.clone(),
+            owner: e.owner.clone(),
+            state: e.state,
+            created_at: e.created_at,
+        })
+        .collect())
+}
+
+/// Accept (Pending or Rejected → Available) or reject (Pending or Available → Rejected) a batch of
+/// connections, with a result per item. Items that cannot move are reported, not fatal.
+pub fn decide(
+    s: &State,
+    cx: &mut Ctx,
+    id: &str,
+    req: EndpointIds,
+    accept: bool,
+) -> Outcome<Vec<ItemResult>> {
+    own(s, cx.caller, id)?;
+    let mut changes = Vec::new();
+    let mut results = Vec::new();
+    let mut seen = BTreeSet::new();
+    for eid in req.endpoint_ids {
+        let fail = |msg: String| ItemResult {
+            endpoint_id: eid.clone(),
+            ok: false,
+            state: None,
+            error: Some(msg),
+        };
+        if !seen.insert(eid.clone()) {
+            results.push(fail("listed twice".into()));
+            continue;
+        }
+        let Some(ep) = s.endpoints.get(&eid).filter(|e| e.service_id == id) else {
+            results.push(fail(format!(
+                "endpoint {eid} is not connected to service {id}"
+            )));
+            continue;
+        };
+        let to = match (accept, ep.state) {
+            (true, ConnectionState::Pending | ConnectionState::Rejected) => {
+                ConnectionState::Available
+            }
+            (false, ConnectionState::Pending | ConnectionState::Available) => {
+                ConnectionState::Rejected
+            }
+            (_, from) => {
+                results.push(fail(format!(
+                    "cannot {} a connection that is {from:?}",
+                    if accept { "accept" } else { "reject" }
+                )));
+                continue;
+            }
+        };
+        let mut e = ep.clone();
+        e.state = to;
+        changes.push(Change::Put(Object::Endpoint(e)));
+        results.push(ItemResult {
+            endpoint_id: eid,
+            ok: true,
+            state: Some(to),
+            error: None,
+        });
+    }
+    Ok((changes, results))
+}

@@ -1,0 +1,133 @@
+//! The control-plane service: state in memory, every mutation validated, committed to the store
+//! as the next revision, then applied, then announced. A refused or failed mutation leaves both
+//! the store and the state as they were.
+use std::{
+    sync::Mutex,
+    time::{SystemTime, UNIX_EPOCH},
+};
+
+use tokio::sync::watch;
+
+use super::{
+    error::{ApiError, ApiResult},
+    ops::{Caller, Ctx, Outcome, accounts::token_hash},
+    state::State,
+    store::{Store, StoreError},
+};
+
+struct Inner {
+    state: State,
+    store: Box<dyn Store>,
+}
+
+pub struct ControlPlane {
+    inner: Mutex<Inner>,
+    admin_sha256: String,
+    revision: watch::Sender<u64>,
+}
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn random() -> u32 {
+    let mut b = [0u8; 4];
+    getrandom::fill(&mut b).expect("the OS random source");
+    u32::from_ne_bytes(b)
+}
+
+/// A new API token: 32 random bytes, hex.
+pub fn new_token() -> String {
+    let mut b = [0u8; 32];
+    getrandom::fill(&mut b).expect("the OS random source");
+    format!("pl_{}", hex::encode(b))
+}
+
+impl ControlPlane {
+    /// Loads the state from `store`. `admin_token` manages accounts and networks.
+    pub fn open(mut store: Box<dyn Store>, admin_token: &str) -> Result<Self, StoreError> {
+        let state = store.load()?;
+        let (revision, _) = watch::channel(state.revision);
+        Ok(ControlPlane {
+            inner: Mutex::new(Inner { state, store }),
+            admin_sha256: token_hash(admin_token),
+            revision,
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        // A panic inside an operation cannot leave a half-applied state (state changes only after
+        // a commit), so a poisoned lock is safe to take over.
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Who a bearer token belongs to.
+    pub fn authenticate(&self, bearer: Option<&str>) -> ApiResult<Caller> {
+        let token = bearer.ok_or_else(ApiError::unauthorized)?;
+        let hash = token_hash(token);
+        if hash == self.admin_sha256 {
+            return Ok(Caller::Admin);
+        }
+        self.lock()
+            .state
+            .tokens
+            .get(&hash)
+            .map(|t| Caller::Account(t.account_id.clone()))
+            .ok_or_else(ApiError::unauthorized)
+    }
+
+    /// Reads the current state.
+    pub fn read<T>(&self, f: impl FnOnce(&State) -> T) -> T {
+        f(&self.lock().state)
+    }
+
+    /// A copy of the state (for the dataplane sync).
+    pub fn snapshot(&self) -> State {
+        self.lock().state.clone()
+    }
+
+    /// Announces every committed revision.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.revision.subscribe()
+    }
+
+    /// Runs a mutation: validate against the state, commit the changes as the next revision, apply.
+    pub fn mutate<T>(
+        &self,
+        caller: &Caller,
+        op: impl FnOnce(&State, &mut Ctx) -> Outcome<T>,
+    ) -> ApiResult<T> {
+        let mut guard = self.lock();
+        let inner = &mut *guard;
+        let mut rnd = random;
+        let mut cx = Ctx {
+            caller,
+            now: now(),
+            random: &mut rnd,
+        };
+        let (changes, response) = op(&inner.state, &mut cx)?;
+        if changes.is_empty() {
+            return Ok(response);
+        }
+        let revision = inner.state.revision + 1;
+        inner.store.commit(revision, &changes).map_err(|e| {
+            log::error!("commit of revision {revision} failed: {e}");
+            ApiError::new(
+                503,
+                "store_unavailable",
+                format!("the change was not saved and not applied: {e}"),
+            )
+        })?;
+        inner.state.apply(revision, &changes);
+        drop(guard);
+        self.revision.send_replace(revision);
+        Ok(response)
+    }
+
+    pub fn revision(&self) -> u64 {
+        self.lock().state.revision
+    }
+}

@@ -1,0 +1,78 @@
+//! The whole control-plane state at one revision. It changes only by applying committed changes.
+use std::collections::BTreeMap;
+
+use super::types::{
+    Account, Change, Endpoint, Network, Object, SecurityGroup, Service, Subnet, Token,
+};
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct State {
+    /// Bumped by every committed mutation.
+    pub revision: u64,
+    pub accounts: BTreeMap<String, Account>,
+    /// By SHA-256 of the token.
+    pub tokens: BTreeMap<String, Token>,
+    pub networks: BTreeMap<String, Network>,
+    pub subnets: BTreeMap<String, Subnet>,
+    pub services: BTreeMap<String, Service>,
+    pub endpoints: BTreeMap<String, Endpoint>,
+    pub security_groups: BTreeMap<String, SecurityGroup>,
+}
+
+impl State {
+    /// Applies one object write.
+    pub fn put(&mut self, o: Object) {
+        match o {
+            Object::Account(v) => drop(self.accounts.insert(v.id.clone(), v)),
+            Object::Token(v) => drop(self.tokens.insert(v.sha256.clone(), v)),
+            Object::Network(v) => drop(self.networks.insert(v.id.clone(), v)),
+            Object::Subnet(v) => drop(self.subnets.insert(v.id.clone(), v)),
+            Object::Service(v) => drop(self.services.insert(v.id.clone(), v)),
+            Object::Endpoint(v) => drop(self.endpoints.insert(v.id.clone(), v)),
+            Object::SecurityGroup(v) => drop(self.security_groups.insert(v.id.clone(), v)),
+        }
+    }
+
+    pub fn delete(&mut self, kind: &str, id: &str) {
+        match kind {
+            "account" => drop(self.accounts.remove(id)),
+            "token" => drop(self.tokens.remove(id)),
+            "network" => drop(self.networks.remove(id)),
+            "subnet" => drop(self.subnets.remove(id)),
+            "service" => drop(self.services.remove(id)),
+            "endpoint" => drop(self.endpoints.remove(id)),
+            "security_group" => drop(self.security_groups.remove(id)),
+            _ => {}
+        }
+    }
+
+    /// Applies a committed mutation and moves to its revision.
+    pub fn apply(&mut self, revision: u64, changes: &[Change]) {
+        for c in changes {
+            match c {
+                Change::Put(o) => self.put(o.clone()),
+                Change::Delete { kind, id } => self.delete(kind, id),
+            }
+        }
+        self.revision = revision;
+    }
+
+    /// Every stored object (for a store writing a full snapshot, and for tests).
+    pub fn objects(&self) -> impl Iterator<Item = Object> + '_ {
+        self.accounts
+            .values()
+            .cloned()
+            .map(Object::Account)
+            .chain(self.tokens.values().cloned().map(Object::Token))
+            .chain(self.networks.values().cloned().map(Object::Network))
+            .chain(self.subnets.values().cloned().map(Object::Subnet))
+            .chain(self.services.values().cloned().map(Object::Service))
+            .chain(self.endpoints.values().cloned().map(Object::Endpoint))
+            .chain(
+                self.security_groups
+                    .values()
+                    .cloned()
+                    .map(Object::SecurityGroup),
+            )
+    }
+}

@@ -1,0 +1,142 @@
+//! Durable storage of the control-plane state.
+//!
+//! The trait is what the etcd backend will implement too: a state has a revision, a mutation is
+//! committed atomically as the next revision or not at all (an optimistic check on the revision,
+//! as an etcd transaction compares on it), and loading gives the state at the latest revision.
+use std::path::Path;
+
+use rusqlite::{Connection, OptionalExtension as _, params};
+
+use super::{
+    state::State,
+    types::{Change, Object},
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("store: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    #[error("store: corrupt object {kind}/{id}: {source}")]
+    Corrupt {
+        kind: String,
+        id: String,
+        source: serde_json::Error,
+    },
+    #[error("store: revision conflict: committing {wanted} but the store is at {current}")]
+    Conflict { wanted: u64, current: u64 },
+    #[error("store schema version {0} is newer than this agent understands ({SCHEMA_VERSION})")]
+    TooNew(i64),
+}
+
+pub trait Store: Send {
+    /// The state at the latest committed revision.
+    fn load(&mut self) -> Result<State, StoreError>;
+    /// Commits `changes` as `revision`, which must be the store's revision + 1.
+    fn commit(&mut self, revision: u64, changes: &[Change]) -> Result<(), StoreError>;
+}
+
+/// Schema migrations, applied in order; `PRAGMA user_version` records how many ran.
+const MIGRATIONS: &[&str] = &[
+    // 1: objects as JSON rows keyed by kind and id, and the revision.
+    "CREATE TABLE objects (kind TEXT NOT NULL, id TEXT NOT NULL, body TEXT NOT NULL, PRIMARY KEY (kind, id));
+     CREATE TABLE meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+     INSERT INTO meta (key, value) VALUES ('revision', 0);",
+];
+pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
+
+/// The embedded default: SQLite in WAL mode with full fsync, so an acknowledged commit survives
+/// a crash or power loss.
+pub struct SqliteStore {
+    conn: Connection,
+}
+
+impl SqliteStore {
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        let mut conn = Connection::open(path)?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+        if version > SCHEMA_VERSION {
+            return Err(StoreError::TooNew(version));
+        }
+        for (i, m) in MIGRATIONS.iter().enumerate().skip(version as usize) {
+            let tx = conn.transaction()?;
+            tx.execute_batch(m)?;
+            tx.pragma_update(None, "user_version", i as i64 + 1)?;
+            tx.commit()?;
+        }
+        Ok(SqliteStore { conn })
+    }
+
+    fn revision(conn: &Connection) -> Result<u64, StoreError> {
+        let r: Option<i64> = conn
+            .query_row("SELECT value FROM meta WHERE key = 'revision'", [], |r| {
+                r.get(0)
+            })
+            .optional()?;
+        Ok(r.unwrap_or(0) as u64)
+    }
+}
+
+impl Store for SqliteStore {
+    fn load(&mut self) -> Result<State, StoreError> {
+        let tx = self.conn.transaction()?;
+        let mut state = State {
+            revision: Self::revision(&tx)?,
+            ..Default::default()
+        };
+        {
+            let mut stmt = tx.prepare("SELECT kind, id, body FROM objects")?;
+            let rows = stmt.query_map([], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, String>(2)?,
+                ))
+            })?;
+            for row in rows {
+                let (kind, id, body) = row?;
+                let o: Object = serde_json::from_str(&body)
+                    .map_err(|source| StoreError::Corrupt { kind, id, source })?;
+                state.put(o);
+            }
+        }
+        tx.commit()?;
+        Ok(state)
+    }
+
+    fn commit(&mut self, revision: u64, changes: &[Change]) -> Result<(), StoreError> {
+        let tx = self.conn.transaction()?;
+        let current = Self::revision(&tx)?;
+        if revision != current + 1 {
+            return Err(StoreError::Conflict {
+                wanted: revision,
+                current,
+            });
+        }
+        for c in changes {
+            match c {
+                Change::Put(o) => {
+                    let body = serde_json::to_string(o).expect("objects serialise");
+                    tx.execute(
+                        "INSERT OR REPLACE INTO objects (kind, id, body) VALUES (?1, ?2, ?3)",
+                        params![o.kind(), o.id(), body],
+                    )?;
+                }
+                Change::Delete { kind, id } => {
+                    tx.execute(
+                        "DELETE FROM objects WHERE kind = ?1 AND id = ?2",
+                        params![kind, id],
+                    )?;
+                }
+            }
+        }
+        tx.execute(
+            "UPDATE meta SET value = ?1 WHERE key = 'revision'",
+            params![revision as i64],
+        )?;
+        tx.commit()?;
+        Ok(())
+    }
+}

@@ -1,0 +1,208 @@
+//! The PrivateLink objects as stored and returned by the API.
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Account {
+    pub id: String,
+    pub name: String,
+    pub created_at: u64,
+}
+
+/// An API token: only its SHA-256 is stored.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Token {
+    pub sha256: String,
+    pub account_id: String,
+    pub created_at: u64,
+}
+
+/// A network (VPC).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Network {
+    pub id: String,
+    pub name: String,
+    pub owner: String,
+    pub cidrs: Vec<IpNet>,
+    pub created_at: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Subnet {
+    pub id: String,
+    pub name: String,
+    pub owner: String,
+    pub network_id: String,
+    pub cidr: IpNet,
+    pub created_at: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ServiceType {
+    Clb,
+    Mysql,
+    Redis,
+    Custom,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    Tcp,
+    Udp,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PortMapping {
+    pub protocol: Protocol,
+    pub service_port: u16,
+    pub terminal_port: u16,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Tag {
+    pub key: String,
+    #[serde(default)]
+    pub value: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AllowEntry {
+    pub account_id: String,
+    pub description: String,
+    pub created_at: u64,
+}
+
+/// An endpoint service (provider side).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Service {
+    pub id: String,
+    pub name: String,
+    pub owner: String,
+    /// Provider network the backends live in.
+    pub network_id: String,
+    pub service_type: ServiceType,
+    pub backends: Vec<IpAddr>,
+    pub port_mappings: Vec<PortMapping>,
+    pub auto_accept: bool,
+    pub allowlist: Vec<AllowEntry>,
+    pub tags: Vec<Tag>,
+    pub created_at: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ConnectionState {
+    Pending,
+    Available,
+    Rejected,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Binding {
+    pub security_group_id: String,
+    /// Smaller is evaluated first.
+    pub priority: u32,
+}
+
+/// An endpoint (consumer side).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Endpoint {
+    pub id: String,
+    pub name: String,
+    pub owner: String,
+    pub network_id: String,
+    pub subnet_id: String,
+    pub ip: IpAddr,
+    pub service_id: String,
+    pub state: ConnectionState,
+    /// Bound groups, kept sorted by priority.
+    pub security_groups: Vec<Binding>,
+    pub tags: Vec<Tag>,
+    pub created_at: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RuleProtocol {
+    Tcp,
+    Udp,
+    Icmp,
+    All,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RuleAction {
+    Accept,
+    Drop,
+}
+
+/// An inbound rule. `ports` is `all`, `N` or `N-M`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SgRule {
+    pub protocol: RuleProtocol,
+    pub ports: String,
+    pub source: IpNet,
+    pub action: RuleAction,
+    #[serde(default)]
+    pub description: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SecurityGroup {
+    pub id: String,
+    pub name: String,
+    pub owner: String,
+    pub rules: Vec<SgRule>,
+    pub tags: Vec<Tag>,
+    pub created_at: u64,
+}
+
+/// Any stored object.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", content = "object", rename_all = "snake_case")]
+pub enum Object {
+    Account(Account),
+    Token(Token),
+    Network(Network),
+    Subnet(Subnet),
+    Service(Service),
+    Endpoint(Endpoint),
+    SecurityGroup(SecurityGroup),
+}
+
+impl Object {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Object::Account(_) => "account",
+            Object::Token(_) => "token",
+            Object::Network(_) => "network",
+            Object::Subnet(_) => "subnet",
+            Object::Service(_) => "service",
+            Object::Endpoint(_) => "endpoint",
+            Object::SecurityGroup(_) => "security_group",
+        }
+    }
+
+    pub fn id(&self) -> &str {
+        match self {
+            Object::Account(o) => &o.id,
+            Object::Token(o) => &o.sha256,
+            Object::Network(o) => &o.id,
+            Object::Subnet(o) => &o.id,
+            Object::Service(o) => &o.id,
+            Object::Endpoint(o) => &o.id,
+            Object::SecurityGroup(o) => &o.id,
+        }
+    }
+}
+
+/// One write of a mutation. A mutation is a list of these, committed atomically.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Change {
+    Put(Object),
+    Delete { kind: &'static str, id: String },
+}
