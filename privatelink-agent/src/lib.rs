@@ -1,4 +1,5 @@
 //! privatelink node agent.
+pub mod cli;
 pub mod control;
 pub mod dataplane;
 pub mod demo;

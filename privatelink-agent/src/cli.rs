@@ -1,0 +1,779 @@
+//! The `privatelink` command line: every control-plane operation over the REST API.
+//!
+//! Server and token come from flags, then `PRIVATELINK_SERVER` / `PRIVATELINK_TOKEN`, then the
+//! config file (`--config`, default `~/.config/privatelink/cli.toml` with `server = ...` and
+//! `token = ...`). Errors print the server's code and message and exit non-zero.
+use std::io::Write;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use serde_json::{Value, json};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "privatelink",
+    version,
+    about = "privatelink control-plane client"
+)]
+pub struct Cli {
+    /// API base URL, e.g. http://127.0.0.1:7070.
+    #[arg(long, env = "PRIVATELINK_SERVER", global = true)]
+    server: Option<String>,
+    /// Bearer token.
+    #[arg(long, env = "PRIVATELINK_TOKEN", global = true, hide_env_values = true)]
+    token: Option<String>,
+    /// Config file with `server` and `token`.
+    #[arg(long, global = true)]
+    config: Option<std::path::PathBuf>,
+    #[arg(long, short, value_enum, default_value_t = Output::Table, global = true)]
+    output: Output,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Output {
+    Table,
+    Json,
+    Csv,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Accounts and their tokens (admin token).
+    #[command(subcommand)]
+    Accounts(AccountCmd),
+    /// Networks (VPCs) and subnets.
+    #[command(subcommand)]
+    Networks(NetworkCmd),
+    /// Endpoint services (provider side).
+    #[command(subcommand)]
+    Services(ServiceCmd),
+    /// Endpoints (consumer side).
+    #[command(subcommand)]
+    Endpoints(EndpointCmd),
+    /// Security groups.
+    #[command(subcommand, name = "security-groups", alias = "sg")]
+    Groups(GroupCmd),
+    /// Export services or endpoints as CSV.
+    Export {
+        #[arg(value_parser = ["services", "endpoints"])]
+        kind: String,
+        #[command(flatten)]
+        list: ListArgs,
+    },
+    /// The control plane's current revision.
+    Revision,
+}
+
+#[derive(Args, Debug, Default)]
+struct ListArgs {
+    /// Substring of the id or name.
+    #[arg(long)]
+    search: Option<String>,
+    #[arg(long)]
+    page: Option<usize>,
+    #[arg(long)]
+    per_page: Option<usize>,
+    /// Comma-separated fields to show.
+    #[arg(long)]
+    fields: Option<String>,
+}
+
+impl ListArgs {
+    fn query(&self) -> String {
+        let mut q = Vec::new();
+        if let Some(s) = &self.search {
+            q.push(format!("search={}", encode(s)));
+        }
+        if let Some(p) = self.page {
+            q.push(format!("page={p}"));
+        }
+        if let Some(p) = self.per_page {
+            q.push(format!("per_page={p}"));
+        }
+        if let Some(f) = &self.fields {
+            q.push(format!("fields={}", encode(f)));
+        }
+        if q.is_empty() {
+            String::new()
+        } else {
+            format!("?{}", q.join("&"))
+        }
+    }
+}
+
+/// Percent-encodes a query value.
+fn encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' | b',' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+#[derive(Subcommand, Debug)]
+enum AccountCmd {
+    /// Create an account; prints its first token.
+    Create {
+        id: String,
+        #[arg(long)]
+        name: String,
+    },
+    List,
+    /// Issue another token for an account.
+    Token {
+        id: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum NetworkCmd {
+    Create {
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        owner: String,
+        #[arg(long = "cidr", required = true)]
+        cidrs: Vec<String>,
+    },
+    List,
+    Get {
+        id: String,
+    },
+    Delete {
+        id: String,
+    },
+    /// Create a subnet in a network.
+    CreateSubnet {
+        network: String,
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        cidr: String,
+    },
+    Subnets {
+        network: String,
+    },
+    DeleteSubnet {
+        network: String,
+        subnet: String,
+    },
+}
+
+/// `key=value` tags.
+fn tags(v: &[String]) -> anyhow::Result<Value> {
+    v.iter()
+        .map(|t| {
+            let (k, val) = t.split_once('=').unwrap_or((t, ""));
+            Ok(json!({ "key": k, "value": val }))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()
+        .map(Value::Array)
+}
+
+/// `proto:service_port:terminal_port`, e.g. `tcp:3306:3306`.
+fn mappings(v: &[String]) -> anyhow::Result<Value> {
+    v.iter()
+        .map(|m| {
+            let p: Vec<&str> = m.split(':').collect();
+            let [proto, sp, tp] = p[..] else {
+                anyhow::bail!("--map {m}: use proto:service_port:terminal_port")
+            };
+            let port = |s: &str| {
+                s.parse::<i64>()
+                    .map_err(|_| anyhow::anyhow!("--map {m}: {s} is not a number"))
+            };
+            Ok(json!({ "protocol": proto, "service_port": port(sp)?, "terminal_port": port(tp)? }))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()
+        .map(Value::Array)
+}
+
+/// `sg-id:priority`.
+fn bindings(v: &[String]) -> anyhow::Result<Value> {
+    v.iter()
+        .map(|b| {
+            let (id, p) = b
+                .split_once(':')
+                .ok_or_else(|| anyhow::anyhow!("--sg {b}: use sg-id:priority"))?;
+            let p: u32 = p
+                .parse()
+                .map_err(|_| anyhow::anyhow!("--sg {b}: priority is a number"))?;
+            Ok(json!({ "security_group_id": id, "priority": p }))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()
+        .map(Value::Array)
+}
+
+/// `proto:ports:source:action`, e.g. `tcp:3306:198.18.0.0/16:accept` (IPv6 sources contain ':',
+/// so the action is taken from the end).
+fn rules(v: &[String]) -> anyhow::Result<Value> {
+    v.iter()
+        .map(|r| {
+            let bad = || anyhow::anyhow!("--rule {r}: use proto:ports:source:action");
+            let mut it = r.splitn(3, ':');
+            let (proto, ports, rest) = (
+                it.next().ok_or_else(bad)?,
+                it.next().ok_or_else(bad)?,
+                it.next().ok_or_else(bad)?,
+            );
+            let (source, action) = rest.rsplit_once(':').ok_or_else(bad)?;
+            Ok(json!({ "protocol": proto, "ports": ports, "source": source, "action": action }))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()
+        .map(Value::Array)
+}
+
+#[derive(Subcommand, Debug)]
+enum ServiceCmd {
+    Create {
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        network: String,
+        #[arg(long = "type", value_parser = ["clb", "mysql", "redis", "custom"])]
+        service_type: String,
+        #[arg(long = "backend", required = true)]
+        backends: Vec<String>,
+        /// proto:service_port:terminal_port, repeatable.
+        #[arg(long = "map")]
+        maps: Vec<String>,
+        #[arg(long)]
+        auto_accept: bool,
+        #[arg(long = "tag")]
+        tags: Vec<String>,
+    },
+    List(ListArgs),
+    Get {
+        id: String,
+    },
+    Update {
+        id: String,
+        #[arg(long)]
+        name: Option<String>,
+        #[arg(long)]
+        auto_accept: Option<bool>,
+        #[arg(long = "tag")]
+        tags: Option<Vec<String>>,
+    },
+    Delete {
+        id: String,
+    },
+    /// Replace the backend targets.
+    Backends {
+        id: String,
+        #[arg(long = "backend", required = true)]
+        backends: Vec<String>,
+    },
+    /// Add port mappings (they cannot be changed or removed later).
+    AddMappings {
+        id: String,
+        #[arg(long = "map", required = true)]
+        maps: Vec<String>,
+    },
+    Allowlist {
+        id: String,
+    },
+    Allow {
+        id: String,
+        account: String,
+        #[arg(long, default_value = "")]
+        description: String,
+    },
+    Disallow {
+        id: String,
+        account: String,
+    },
+    /// What a consumer may learn about a service before connecting.
+    Verify {
+        id: String,
+    },
+    /// Endpoints connected to the service.
+    Connections {
+        id: String,
+    },
+    Accept {
+        id: String,
+        #[arg(required = true)]
+        endpoints: Vec<String>,
+    },
+    Reject {
+        id: String,
+        #[arg(required = true)]
+        endpoints: Vec<String>,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum EndpointCmd {
+    Create {
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        service: String,
+        #[arg(long)]
+        network: String,
+        #[arg(long)]
+        subnet: String,
+        #[arg(long)]
+        ip: Option<String>,
+        /// sg-id:priority, repeatable.
+        #[arg(long = "sg")]
+        groups: Vec<String>,
+        #[arg(long = "tag")]
+        tags: Vec<String>,
+    },
+    List(ListArgs),
+    Get {
+        id: String,
+    },
+    Update {
+        id: String,
+        #[arg(long)]
+        name: Option<String>,
+        #[arg(long = "tag")]
+        tags: Option<Vec<String>>,
+    },
+    Delete {
+        id: String,
+    },
+    Bind {
+        id: String,
+        group: String,
+        #[arg(long)]
+        priority: u32,
+    },
+    Unbind {
+        id: String,
+        group: String,
+    },
+    /// Replace all bindings at once: sg-id:priority ...
+    Order {
+        id: String,
+        #[arg(required = true)]
+        bindings: Vec<String>,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum GroupCmd {
+    Create {
+        #[arg(long)]
+        name: String,
+        /// proto:ports:source:action, repeatable, in evaluation order.
+        #[arg(long = "rule")]
+        rules: Vec<String>,
+        #[arg(long = "tag")]
+        tags: Vec<String>,
+    },
+    List(ListArgs),
+    Get {
+        id: String,
+    },
+    /// Replace the rules.
+    Rules {
+        id: String,
+        #[arg(long = "rule")]
+        rules: Vec<String>,
+    },
+    Delete {
+        id: String,
+    },
+}
+
+/// A request the command turns into.
+struct Req {
+    method: &'static str,
+    path: String,
+    body: Option<Value>,
+}
+
+fn req(method: &'static str, path: impl Into<String>, body: Option<Value>) -> Req {
+    Req {
+        method,
+        path: path.into(),
+        body,
+    }
+}
+
+fn request(cmd: &Command) -> anyhow::Result<Req> {
+    use Command as C;
+    Ok(match cmd {
+        C::Accounts(AccountCmd::Create { id, name }) => req(
+            "POST",
+            "/v1/accounts",
+            Some(json!({ "id": id, "name": name })),
+        ),
+        C::Accounts(AccountCmd::List) => req("GET", "/v1/accounts", None),
+        C::Accounts(AccountCmd::Token { id }) => {
+            req("POST", format!("/v1/accounts/{id}/tokens"), Some(json!({})))
+        }
+        C::Networks(n) => match n {
+            NetworkCmd::Create { name, owner, cidrs } => req(
+                "POST",
+                "/v1/networks",
+                Some(json!({ "name": name, "owner": owner, "cidrs": cidrs })),
+            ),
+            NetworkCmd::List => req("GET", "/v1/networks", None),
+            NetworkCmd::Get { id } => req("GET", format!("/v1/networks/{id}"), None),
+            NetworkCmd::Delete { id } => req("DELETE", format!("/v1/networks/{id}"), None),
+            NetworkCmd::CreateSubnet {
+                network,
+                name,
+                cidr,
+            } => req(
+                "POST",
+                format!("/v1/networks/{network}/subnets"),
+                Some(json!({ "name": name, "cidr": cidr })),
+            ),
+            NetworkCmd::Subnets { network } => {
+                req("GET", format!("/v1/networks/{network}/subnets"), None)
+            }
+            NetworkCmd::DeleteSubnet { network, subnet } => req(
+                "DELETE",
+                format!("/v1/networks/{network}/subnets/{subnet}"),
+                None,
+            ),
+        },
+        C::Services(s) => match s {
+            ServiceCmd::Create {
+                name,
+                network,
+                service_type,
+                backends,
+                maps,
+                auto_accept,
+                tags: t,
+            } => req(
+                "POST",
+                "/v1/services",
+                Some(
+                    json!({ "name": name, "network_id": network, "service_type": service_type, "backends": backends,
+                             "port_mappings": mappings(maps)?, "auto_accept": auto_accept, "tags": tags(t)? }),
+                ),
+            ),
+            ServiceCmd::List(l) => req("GET", format!("/v1/services{}", l.query()), None),
+            ServiceCmd::Get { id } => req("GET", format!("/v1/services/{id}"), None),
+            ServiceCmd::Update {
+                id,
+                name,
+                auto_accept,
+                tags: t,
+            } => {
+                let mut b = json!({});
+                if let Some(n) = name {
+                    b["name"] = json!(n);
+                }
+                if let Some(a) = auto_accept {
+                    b["auto_accept"] = json!(a);
+                }
+                if let Some(t) = t {
+                    b["tags"] = tags(t)?;
+                }
+                req("PATCH", format!("/v1/services/{id}"), Some(b))
+            }
+            ServiceCmd::Delete { id } => req("DELETE", format!("/v1/services/{id}"), None),
+            ServiceCmd::Backends { id, backends } => req(
+                "PUT",
+                format!("/v1/services/{id}/backends"),
+                Some(json!({ "backends": backends })),
+            ),
+            ServiceCmd::AddMappings { id, maps } => req(
+                "POST",
+                format!("/v1/services/{id}/port-mappings"),
+                Some(json!({ "port_mappings": mappings(maps)? })),
+            ),
+            ServiceCmd::Allowlist { id } => {
+                req("GET", format!("/v1/services/{id}/allowlist"), None)
+            }
+            ServiceCmd::Allow {
+                id,
+                account,
+                description,
+            } => req(
+                "POST",
+                format!("/v1/services/{id}/allowlist"),
+                Some(json!({ "account_id": account, "description": description })),
+            ),
+            ServiceCmd::Disallow { id, account } => req(
+                "DELETE",
+                format!("/v1/services/{id}/allowlist/{account}"),
+                None,
+            ),
+            ServiceCmd::Verify { id } => req("GET", format!("/v1/services/{id}/verify"), None),
+            ServiceCmd::Connections { id } => {
+                req("GET", format!("/v1/services/{id}/endpoints"), None)
+            }
+            ServiceCmd::Accept { id, endpoints } => req(
+                "POST",
+                format!("/v1/services/{id}/accept"),
+                Some(json!({ "endpoint_ids": endpoints })),
+            ),
+            ServiceCmd::Reject { id, endpoints } => req(
+                "POST",
+                format!("/v1/services/{id}/reject"),
+                Some(json!({ "endpoint_ids": endpoints })),
+            ),
+        },
+        C::Endpoints(e) => match e {
+            EndpointCmd::Create {
+                name,
+                service,
+                network,
+                subnet,
+                ip,
+                groups,
+                tags: t,
+            } => {
+                let mut b = json!({ "name": name, "service_id": service, "network_id": network, "subnet_id": subnet,
+                                    "security_groups": bindings(groups)?, "tags": tags(t)? });
+                if let Some(ip) = ip {
+                    b["ip"] = json!(ip);
+                }
+                req("POST", "/v1/endpoints", Some(b))
+            }
+            EndpointCmd::List(l) => req("GET", format!("/v1/endpoints{}", l.query()), None),
+            EndpointCmd::Get { id } => req("GET", format!("/v1/endpoints/{id}"), None),
+            EndpointCmd::Update { id, name, tags: t } => {
+                let mut b = json!({});
+                if let Some(n) = name {
+                    b["name"] = json!(n);
+                }
+                if let Some(t) = t {
+                    b["tags"] = tags(t)?;
+                }
+                req("PATCH", format!("/v1/endpoints/{id}"), Some(b))
+            }
+            EndpointCmd::Delete { id } => req("DELETE", format!("/v1/endpoints/{id}"), None),
+            EndpointCmd::Bind {
+                id,
+                group,
+                priority,
+            } => req(
+                "POST",
+                format!("/v1/endpoints/{id}/security-groups"),
+                Some(json!({ "security_group_id": group, "priority": priority })),
+            ),
+            EndpointCmd::Unbind { id, group } => req(
+                "DELETE",
+                format!("/v1/endpoints/{id}/security-groups/{group}"),
+                None,
+            ),
+            EndpointCmd::Order { id, bindings: b } => req(
+                "PUT",
+                format!("/v1/endpoints/{id}/security-groups"),
+                Some(json!({ "security_groups": bindings(b)? })),
+            ),
+        },
+        C::Groups(g) => match g {
+            GroupCmd::Create {
+                name,
+                rules: r,
+                tags: t,
+            } => req(
+                "POST",
+                "/v1/security-groups",
+                Some(json!({ "name": name, "rules": rules(r)?, "tags": tags(t)? })),
+            ),
+            GroupCmd::List(l) => req("GET", format!("/v1/security-groups{}", l.query()), None),
+            GroupCmd::Get { id } => req("GET", format!("/v1/security-groups/{id}"), None),
+            GroupCmd::Rules { id, rules: r } => req(
+                "PUT",
+                format!("/v1/security-groups/{id}/rules"),
+                Some(json!({ "rules": rules(r)? })),
+            ),
+            GroupCmd::Delete { id } => req("DELETE", format!("/v1/security-groups/{id}"), None),
+        },
+        C::Export { kind, list } => {
+            let q = list.query();
+            let sep = if q.is_empty() { "?" } else { "&" };
+            req("GET", format!("/v1/export.csv{q}{sep}kind={kind}"), None)
+        }
+        C::Revision => req("GET", "/v1/revision", None),
+    })
+}
+
+#[derive(serde::Deserialize, Default)]
+struct FileConfig {
+    server: Option<String>,
+    token: Option<String>,
+}
+
+fn file_config(path: Option<&std::path::Path>) -> anyhow::Result<FileConfig> {
+    let default = std::env::var_os("HOME")
+        .map(|h| std::path::PathBuf::from(h).join(".config/privatelink/cli.toml"));
+    let Some(path) = path.map(|p| p.to_path_buf()).or(default) else {
+        return Ok(FileConfig::default());
+    };
+    match std::fs::read_to_string(&path) {
+        Ok(text) => toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(FileConfig::default()),
+        Err(e) => Err(anyhow::anyhow!("{}: {e}", path.display())),
+    }
+}
+
+/// Rows of a JSON reply: a list's items, a bare array, or one object.
+fn rows(v: &Value) -> Vec<&serde_json::Map<String, Value>> {
+    let list = v.get("items").or_else(|| v.get("results")).unwrap_or(v);
+    match list {
+        Value::Array(a) => a.iter().filter_map(Value::as_object).collect(),
+        Value::Object(o) => vec![o],
+        _ => Vec::new(),
+    }
+}
+
+fn cell(v: &Value) -> String {
+    match v {
+        Value::String(s) => s.clone(),
+        Value::Null => String::new(),
+        other => other.to_string(),
+    }
+}
+
+fn render(v: &Value, output: Output, out: &mut dyn Write) -> anyhow::Result<()> {
+    match output {
+        Output::Json => writeln!(out, "{}", serde_json::to_string_pretty(v)?)?,
+        Output::Csv | Output::Table => {
+            let rows = rows(v);
+            // Every key of every row, in order of first appearance (rows may differ, e.g. per-item
+            // results with `state` or `error`).
+            let mut cols: Vec<&String> = Vec::new();
+            for k in rows.iter().flat_map(|r| r.keys()) {
+                if !cols.contains(&k) {
+                    cols.push(k);
+                }
+            }
+            let get = |r: &serde_json::Map<String, Value>, c: &str| {
+                cell(r.get(c).unwrap_or(&Value::Null))
+            };
+            if output == Output::Csv {
+                let mut w = csv::Writer::from_writer(Vec::new());
+                w.write_record(&cols)?;
+                for r in &rows {
+                    w.write_record(cols.iter().map(|c| get(r, c)))?;
+                }
+                out.write_all(&w.into_inner().map_err(|e| anyhow::anyhow!("{e}"))?)?;
+            } else {
+                let cells: Vec<Vec<String>> = rows
+                    .iter()
+                    .map(|r| cols.iter().map(|c| get(r, c)).collect())
+                    .collect();
+                let widths: Vec<usize> = cols
+                    .iter()
+                    .enumerate()
+                    .map(|(i, c)| {
+                        cells
+                            .iter()
+                            .map(|r| r[i].chars().count())
+                            .chain([c.len()])
+                            .max()
+                            .unwrap_or(0)
+                            .min(60)
+                    })
+                    .collect();
+                let line = |vals: Vec<String>| {
+                    vals.iter()
+                        .zip(&widths)
+                        .map(|(v, w)| format!("{v:<w$}"))
+                        .collect::<Vec<_>>()
+                        .join("  ")
+                        .trim_end()
+                        .to_string()
+                };
+                writeln!(
+                    out,
+                    "{}",
+                    line(cols.iter().map(|c| c.to_uppercase()).collect())
+                )?;
+                for r in cells {
+                    writeln!(out, "{}", line(r))?;
+                }
+                if let Some(total) = v.get("total") {
+                    writeln!(out, "({} of {total}, page {})", rows.len(), v["page"])?;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Runs the CLI with `args` (including the program name); returns the exit code.
+pub fn run(
+    args: impl IntoIterator<Item = String>,
+    out: &mut dyn Write,
+    err: &mut dyn Write,
+) -> i32 {
+    let cli = match Cli::try_parse_from(args) {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = write!(err, "{}", e.render());
+            return if e.use_stderr() { 2 } else { 0 };
+        }
+    };
+    match execute(&cli, out) {
+        Ok(code) => code,
+        Err(e) => {
+            let _ = writeln!(err, "error: {e:#}");
+            1
+        }
+    }
+}
+
+fn execute(cli: &Cli, out: &mut dyn Write) -> anyhow::Result<i32> {
+    let file = file_config(cli.config.as_deref())?;
+    let server = cli
+        .server
+        .clone()
+        .or(file.server)
+        .unwrap_or_else(|| "http://127.0.0.1:7070".into());
+    let token = cli.token.clone().or(file.token).ok_or_else(|| {
+        anyhow::anyhow!("no token: pass --token, set PRIVATELINK_TOKEN, or put token = \"...\" in the config file")
+    })?;
+    let r = request(&cli.command)?;
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .build()
+        .into();
+    let url = format!("{}{}", server.trim_end_matches('/'), r.path);
+    let auth = format!("Bearer {token}");
+    let resp = match (r.method, r.body) {
+        ("GET", _) => agent.get(&url).header("Authorization", &auth).call(),
+        ("DELETE", _) => agent.delete(&url).header("Authorization", &auth).call(),
+        (m, b) => {
+            let b = b.unwrap_or(json!({})).to_string();
+            let rb = match m {
+                "POST" => agent.post(&url),
+                "PUT" => agent.put(&url),
+                _ => agent.patch(&url),
+            };
+            rb.header("Authorization", &auth)
+                .header("Content-Type", "application/json")
+                .send(b)
+        }
+    };
+    let mut resp = resp.map_err(|e| anyhow::anyhow!("{server}: {e}"))?;
+    let status = resp.status().as_u16();
+    let text = resp.body_mut().read_to_string()?;
+    if !(200..300).contains(&status) {
+        let v: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
+        let e = &v["error"];
+        let field = e["field"]
+            .as_str()
+            .map(|f| format!(" (field {f})"))
+            .unwrap_or_default();
+        anyhow::bail!(
+            "{status} {}: {}{field}",
+            e["code"].as_str().unwrap_or("error"),
+            e["message"].as_str().unwrap_or(&text)
+        );
+    }
+    if matches!(cli.command, Command::Export { .. }) {
+        out.write_all(text.as_bytes())?;
+    } else if !text.is_empty() {
+        render(&serde_json::from_str(&text)?, cli.output, out)?;
+    }
+    Ok(0)
+}

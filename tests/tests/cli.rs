@@ -1,0 +1,260 @@
+//! The `privatelink` CLI against a real API server on loopback.
+use privatelink_agent::cli;
+use privatelink_tests::api::{ADMIN, Server};
+use serde_json::Value;
+
+struct Run {
+    code: i32,
+    out: String,
+    err: String,
+}
+
+fn cli(server: &Server, token: &str, args: &[&str]) -> Run {
+    let url = format!("http://{}", server.addr);
+    let mut all = vec![
+        "privatelink".to_string(),
+        "--server".into(),
+        url,
+        "--token".into(),
+        token.into(),
+    ];
+    all.extend(args.iter().map(|a| a.to_string()));
+    let (mut out, mut err) = (Vec::new(), Vec::new());
+    let code = cli::run(all, &mut out, &mut err);
+    Run {
+        code,
+        out: String::from_utf8(out).unwrap(),
+        err: String::from_utf8(err).unwrap(),
+    }
+}
+
+fn json(r: &Run) -> Value {
+    assert_eq!(r.code, 0, "stderr: {}", r.err);
+    serde_json::from_str(&r.out).unwrap_or_else(|e| panic!("not JSON ({e}): {}", r.out))
+}
+
+#[test]
+fn provider_and_consumer_workflow_through_the_cli() {
+    let s = Server::start("cli");
+    let token = |id: &str| {
+        json(&cli(
+            &s,
+            ADMIN,
+            &["-o", "json", "accounts", "create", id, "--name", id],
+        ))["token"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let (prov, cons) = (token("provider"), token("1000000001"));
+    let net = |owner: &str, cidr: &str| {
+        let n = json(&cli(
+            &s,
+            ADMIN,
+            &[
+                "-o", "json", "networks", "create", "--name", "vpc", "--owner", owner, "--cidr",
+                cidr,
+            ],
+        ));
+        let id = n["id"].as_str().unwrap().to_string();
+        let sub = json(&cli(
+            &s,
+            ADMIN,
+            &[
+                "-o",
+                "json",
+                "networks",
+                "create-subnet",
+                &id,
+                "--name",
+                "a",
+                "--cidr",
+                &cidr.replace("/16", "/24"),
+            ],
+        ));
+        (id, sub["id"].as_str().unwrap().to_string())
+    };
+    let (pnet, _) = net("provider", "198.18.100.0/24");
+    let (cnet, csub) = net("1000000001", "198.18.0.0/16");
+    let svc = json(&cli(
+        &s,
+        &prov,
+        &[
+            "-o",
+            "json",
+            "services",
+            "create",
+            "--name",
+            "cache",
+            "--network",
+            &pnet,
+            "--type",
+            "redis",
+            "--backend",
+            "198.18.100.10",
+            "--map",
+            "tcp:6379:6379",
+            "--tag",
+            "team=cache",
+        ],
+    ));
+    let svc_id = svc["id"].as_str().unwrap();
+    assert_eq!(
+        (
+            svc["tags"][0]["key"].as_str(),
+            svc["tags"][0]["value"].as_str()
+        ),
+        (Some("team"), Some("cache"))
+    );
+
+    // Server errors: exit 1 with the server's code and message.
+    let r = cli(
+        &s,
+        &cons,
+        &[
+            "endpoints",
+            "create",
+            "--name",
+            "ep",
+            "--service",
+            svc_id,
+            "--network",
+            &cnet,
+            "--subnet",
+            &csub,
+        ],
+    );
+    assert_eq!(r.code, 1);
+    assert!(
+        r.err.contains("403 not_allowlisted") && r.err.contains("allowlist"),
+        "{}",
+        r.err
+    );
+    assert_eq!(
+        cli(
+            &s,
+            &prov,
+            &[
+                "services",
+                "allow",
+                svc_id,
+                "1000000001",
+                "--description",
+                "consumer"
+            ]
+        )
+        .code,
+        0
+    );
+    let ep = json(&cli(
+        &s,
+        &cons,
+        &[
+            "-o",
+            "json",
+            "endpoints",
+            "create",
+            "--name",
+            "ep",
+            "--service",
+            svc_id,
+            "--network",
+            &cnet,
+            "--subnet",
+            &csub,
+        ],
+    ));
+    let ep_id = ep["id"].as_str().unwrap();
+    assert_eq!(ep["state"], "Pending");
+
+    // Table output: a header row and one row per item.
+    let t = cli(
+        &s,
+        &cons,
+        &["endpoints", "list", "--fields", "id,name,state"],
+    );
+    assert_eq!(t.code, 0, "{}", t.err);
+    let lines: Vec<&str> = t.out.lines().collect();
+    assert!(
+        lines[0].starts_with("ID") && lines[0].contains("STATE"),
+        "{}",
+        t.out
+    );
+    assert!(
+        lines[1].starts_with(ep_id) && lines[1].contains("Pending"),
+        "{}",
+        t.out
+    );
+
+    // Accept in batch with per-item results; CSV output of those results.
+    let r = cli(
+        &s,
+        &prov,
+        &[
+            "-o",
+            "csv",
+            "services",
+            "accept",
+            svc_id,
+            ep_id,
+            "ep-00000000",
+        ],
+    );
+    assert_eq!(r.code, 0, "{}", r.err);
+    let mut rd = csv::Reader::from_reader(r.out.as_bytes());
+    let recs: Vec<csv::StringRecord> = rd.records().map(Result::unwrap).collect();
+    assert_eq!((&recs[0][0], &recs[0][1]), (ep_id, "true"));
+    assert_eq!(&recs[1][1], "false");
+
+    // Export as CSV with a header.
+    let e = cli(&s, &cons, &["export", "endpoints", "--fields", "id,state"]);
+    assert_eq!(
+        e.out.lines().collect::<Vec<_>>(),
+        ["id,state", &format!("{ep_id},Available")]
+    );
+
+    // Usage errors exit 2; a missing token says where to put one.
+    assert_eq!(cli(&s, &cons, &["endpoints", "frobnicate"]).code, 2);
+    let (mut out, mut err) = (Vec::new(), Vec::new());
+    let missing = tempfile_path("missing.toml");
+    let code = cli::run(
+        ["privatelink", "--config", &missing, "revision"].map(String::from),
+        &mut out,
+        &mut err,
+    );
+    assert_eq!(code, 1);
+    assert!(
+        String::from_utf8(err)
+            .unwrap()
+            .contains("PRIVATELINK_TOKEN")
+    );
+
+    // The config file supplies server and token.
+    let conf = tempfile_path("cli.toml");
+    std::fs::write(
+        &conf,
+        format!("server = \"http://{}\"\ntoken = \"{cons}\"\n", s.addr),
+    )
+    .unwrap();
+    let (mut out, mut err) = (Vec::new(), Vec::new());
+    let code = cli::run(
+        ["privatelink", "--config", &conf, "-o", "json", "revision"].map(String::from),
+        &mut out,
+        &mut err,
+    );
+    assert_eq!(code, 0, "{}", String::from_utf8_lossy(&err));
+    assert!(
+        serde_json::from_slice::<Value>(&out).unwrap()["revision"]
+            .as_u64()
+            .unwrap()
+            > 0
+    );
+    let _ = std::fs::remove_file(conf);
+}
+
+fn tempfile_path(name: &str) -> String {
+    std::env::temp_dir()
+        .join(format!("privatelink-{}-{name}", std::process::id()))
+        .display()
+        .to_string()
+}
