@@ -21,6 +21,63 @@ enum Command {
         #[arg(long)]
         once: bool,
     },
+    /// Serve the control-plane REST API (and /openapi.json) without a datapath.
+    Api {
+        /// Listen address (loopback by default).
+        #[arg(long, env = "PRIVATELINK_API_LISTEN", default_value = "127.0.0.1:7070")]
+        listen: std::net::SocketAddr,
+        /// SQLite state file (created if missing).
+        #[arg(
+            long,
+            env = "PRIVATELINK_STORE",
+            default_value = "/var/lib/privatelink/state.db"
+        )]
+        store: std::path::PathBuf,
+        /// File holding the admin token (at least 16 characters).
+        #[arg(long, env = "PRIVATELINK_ADMIN_TOKEN_FILE")]
+        admin_token_file: std::path::PathBuf,
+    },
+}
+
+fn serve_api(
+    listen: std::net::SocketAddr,
+    store: &std::path::Path,
+    token_file: &std::path::Path,
+) -> Result<()> {
+    use privatelink_agent::control::{api, plane::ControlPlane, store::SqliteStore};
+    let token = std::fs::read_to_string(token_file)
+        .with_context(|| format!("admin_token_file: reading {}", token_file.display()))?
+        .trim()
+        .to_string();
+    if token.len() < 16 {
+        anyhow::bail!(
+            "admin_token_file: {} holds a token shorter than 16 characters",
+            token_file.display()
+        );
+    }
+    if let Some(dir) = store.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("store: creating {}", dir.display()))?;
+    }
+    let sqlite =
+        SqliteStore::open(store).with_context(|| format!("store: opening {}", store.display()))?;
+    let plane = std::sync::Arc::new(ControlPlane::open(Box::new(sqlite), &token)?);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let listener = tokio::net::TcpListener::bind(listen)
+            .await
+            .with_context(|| format!("listen: binding {listen}"))?;
+        log::info!(
+            "control-plane API on http://{listen} (revision {})",
+            plane.revision()
+        );
+        tokio::select! {
+            r = api::serve(listener, plane.clone()) => r.context("serving the API"),
+            _ = tokio::signal::ctrl_c() => Ok(()),
+        }
+    })
 }
 
 fn main() -> Result<()> {
@@ -38,5 +95,10 @@ fn main() -> Result<()> {
             Ok(())
         }
         Command::Demo { once } => privatelink_agent::demo::run(once),
+        Command::Api {
+            listen,
+            store,
+            admin_token_file,
+        } => serve_api(listen, &store, &admin_token_file),
     }
 }

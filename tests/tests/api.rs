@@ -204,6 +204,26 @@ fn allowlist_gates_endpoint_creation_and_state_machine_moves() {
     );
     assert_eq!(ep2["ip"], "198.18.0.2");
 
+    // Pending → Rejected (auto-accept is on now, so make a Pending one by turning it off first).
+    w.provider.ok(
+        "PATCH",
+        &format!("/v1/services/{}", w.svc),
+        json!({ "auto_accept": false }),
+    );
+    let pending =
+        w.c1.ok("POST", "/v1/endpoints", endpoint_req(&w, "ep-pending"));
+    assert_eq!(pending["state"], "Pending");
+    assert_eq!(
+        decide("reject", json!([pending["id"]]))[0]["state"],
+        "Rejected",
+        "Pending → Rejected"
+    );
+    w.provider.ok(
+        "PATCH",
+        &format!("/v1/services/{}", w.svc),
+        json!({ "auto_accept": true }),
+    );
+
     // Custom IP: taken, outside, network/broadcast addresses refused.
     for (ip, status) in [
         ("198.18.0.2", 409),
@@ -617,5 +637,63 @@ fn lists_search_page_select_and_export_csv() {
     assert_eq!(
         w.provider.get("/v1/export.csv?kind=nope").code(),
         "invalid_kind"
+    );
+}
+
+#[test]
+fn openapi_document_covers_every_route() {
+    let w = world("openapi");
+    let doc = w.server.client("no-token-needed").get("/openapi.json");
+    assert_eq!(doc.status, 200);
+    let d = doc.body;
+    assert!(
+        d["openapi"].as_str().unwrap().starts_with("3."),
+        "{}",
+        d["openapi"]
+    );
+    let paths = d["paths"].as_object().expect("paths");
+    for (path, methods) in [
+        ("/v1/services", &["get", "post"][..]),
+        ("/v1/services/{id}", &["get", "patch", "delete"][..]),
+        ("/v1/services/{id}/accept", &["post"][..]),
+        ("/v1/services/{id}/port-mappings", &["post"][..]),
+        ("/v1/endpoints", &["get", "post"][..]),
+        ("/v1/endpoints/{id}/security-groups", &["post", "put"][..]),
+        ("/v1/security-groups/{id}/rules", &["put"][..]),
+        ("/v1/networks/{id}/subnets", &["get", "post"][..]),
+        ("/v1/accounts", &["get", "post"][..]),
+        ("/v1/export.csv", &["get"][..]),
+    ] {
+        for m in methods {
+            assert!(
+                paths[path].get(*m).is_some(),
+                "{m} {path} missing from the OpenAPI document"
+            );
+        }
+    }
+    assert_eq!(
+        paths.len(),
+        25,
+        "every route is documented: {:?}",
+        paths.keys().collect::<Vec<_>>()
+    );
+    assert_eq!(
+        d["components"]["securitySchemes"]["bearer"]["scheme"],
+        "bearer"
+    );
+    // Every schema reference resolves.
+    let schemas = d["components"]["schemas"].as_object().expect("schemas");
+    let text = d.to_string();
+    for r in text.split("\"$ref\":\"#/components/schemas/").skip(1) {
+        let name = &r[..r.find('"').unwrap()];
+        assert!(
+            schemas.contains_key(name),
+            "dangling schema reference {name}"
+        );
+    }
+    assert!(
+        schemas["CreateService"]["properties"]
+            .get("port_mappings")
+            .is_some()
     );
 }

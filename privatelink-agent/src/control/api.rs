@@ -76,7 +76,8 @@ fn ok<T: Serialize>(v: T) -> Response {
     Json(v).into_response()
 }
 
-#[derive(Clone, Debug, Default, Deserialize)]
+#[derive(Clone, Debug, Default, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct ListQuery {
     /// Substring of the id or the name (case-insensitive).
     pub search: Option<String>,
@@ -231,6 +232,7 @@ fn csv_response<T: Serialize>(items: Vec<T>, q: &ListQuery, valid: &[&str]) -> A
 
 // ---- accounts, networks, subnets ----
 
+#[utoipa::path(post, path = "/v1/accounts", request_body = accounts::CreateAccount, responses((status = 201, body = accounts::AccountWithToken, description = "Create an account and its first token (admin)"), (status = "4XX", body = ErrorBody, description = "error: stable code, message, offending field")), security(("bearer" = [])), summary = "Create an account and its first token (admin)")]
 async fn create_account(
     State(p): State<Plane>,
     Auth(c): Auth,
@@ -244,10 +246,12 @@ async fn create_account(
     .map(created)
 }
 
+#[utoipa::path(get, path = "/v1/accounts", responses((status = 200, body = Vec<crate::control::types::Account>, description = "List accounts (admin)"), (status = "4XX", body = ErrorBody, description = "error: stable code, message, offending field")), security(("bearer" = [])), summary = "List accounts (admin)")]
 async fn list_accounts(State(p): State<Plane>, Auth(c): Auth) -> ApiResult<Response> {
     p.read(|s| accounts::list_accounts(s, &c)).map(ok)
 }
 
+#[utoipa::path(post, path = "/v1/accounts/{id}/tokens", params(("id" = String, Path, description = "object id")), responses((status = 201, body = accounts::AccountWithToken, description = "Issue another token (admin)"), (status = "4XX", body = ErrorBody, description = "error: stable code, message, offending field")), security(("bearer" = [])), summary = "Issue another token (admin)")]
 async fn issue_token(
     State(p): State<Plane>,
     Auth(c): Auth,
@@ -259,6 +263,7 @@ async fn issue_token(
         .map(created)
 }
 
+#[utoipa::path(post, path = "/v1/networks", request_body = accounts::CreateNetwork, responses((status = 201, body = crate::control::types::Network, description = "Create a network (admin)"), (status = "4XX", body = ErrorBody, description = "error: stable code, message, offending field")), security(("bearer" = [])), summary = "Create a network (admin)")]
 async fn create_network(
     State(p): State<Plane>,
     Auth(c): Auth,
@@ -269,10 +274,12 @@ async fn create_network(
         .map(created)
 }
 
+#[utoipa::path(get, path = "/v1/networks", responses((status = 200, body = Vec<crate::control::types::Network>, description = "Networks the caller may see"), (status = "4XX", body = ErrorBody, description = "error: stable code, message, offending field")), security(("bearer" = [])), summary = "Networks the caller may see")]
 async fn list_networks(State(p): State<Plane>, Auth(c): Auth) -> ApiResult<Response> {
     Ok(ok(p.read(|s| accounts::list_networks(s, &c))))
 }
 
+#[utoipa::path(get, path = "/v1/networks/{id}", params(("id" = String, Path, description = "object id")), responses((status = 200, body = crate::control::types::Network, description = "One network"), (status = "4XX", body = ErrorBody, description = "error: stable code, message, offending field")), security(("bearer" = [])), summary = "One network")]
 async fn get_network(
     State(p): State<Plane>,
     Auth(c): Auth,
@@ -281,6 +288,7 @@ async fn get_network(
     p.read(|s| accounts::network(s, &c, &id).cloned()).map(ok)
 }
 
+#[utoipa::path(delete, path = "/v1/networks/{id}", params(("id" = String, Path, description = "object id")), responses((status = 204, description = "Delete an unused network (admin)"), (status = "4XX", body = ErrorBody, description = "error: stable code, message, offending field")), security(("bearer" = [])), summary = "Delete an unused network (admin)")]
 async fn delete_network(
     State(p): State<Plane>,
     Auth(c): Auth,
@@ -291,6 +299,7 @@ async fn delete_network(
         .map(|()| StatusCode::NO_CONTENT.into_response())
 }
 
+#[utoipa::path(post, path = "/v1/networks/{id}/subnets", request_body = accounts::CreateSubnet, params(("id" = String, Path, description = "object id")), responses((status = 201, body = crate::control::types::Subnet, description = "Create a subnet inside the network"), (status = "4XX", body = ErrorBody, description = "error: stable code, message, offending field")), security(("bearer" = [])), summary = "Create a subnet inside the network")]
 async fn create_subnet(
     State(p): State<Plane>,
     Auth(c): Auth,
@@ -302,6 +311,7 @@ async fn create_subnet(
         .map(created)
 }
 
+#[utoipa::path(get, path = "/v1/networks/{id}/subnets", params(("id" = String, Path, description = "object id")), responses((status = 200, body = Vec<crate::control::types::Subnet>, description = "Subnets of a network"), (status = "4XX", body = ErrorBody, description = "error: stable code, message, offending field")), security(("bearer" = [])), summary = "Subnets of a network")]
 async fn list_subnets(
     State(p): State<Plane>,
     Auth(c): Auth,
@@ -310,6 +320,7 @@ async fn list_subnets(
     p.read(|s| accounts::list_subnets(s, &c, &id)).map(ok)
 }
 
+#[utoipa::path(delete, path = "/v1/networks/{id}/subnets/{subnet}", params(("id" = String, Path, description = "object id"), ("subnet" = String, Path, description = "subnet id")), responses((status = 204, description = "Delete a subnet without endpoints"), (status = "4XX", body = ErrorBody, description = "error: stable code, message, offending field")), security(("bearer" = [])), summary = "Delete a subnet without endpoints")]
 async fn delete_subnet(
     State(p): State<Plane>,
     Auth(c): Auth,
@@ -322,6 +333,7 @@ async fn delete_subnet(
 
 // ---- services ----
 
+#[utoipa::path(post, path = "/v1/services", request_body = services::CreateService, responses((status = 201, body = crate::control::types::Service, description = "Create an endpoint service"), (status = "4XX", body = ErrorBody, description = "error: stable code, message, offending field")), security(("bearer" = [])), summary = "Create an endpoint service")]
 async fn create_service(
     State(p): State<Plane>,
     Auth(c): Auth,
@@ -332,6 +344,7 @@ async fn create_service(
         .map(created)
 }
 
+#[utoipa::path(get, path = "/v1/services", params(ListQuery), responses((status = 200, body = Page, description = "The caller's services"), (status = "4XX", body = ErrorBody, description = "error: stable code, message, offending field")), security(("bearer" = [])), summary = "The caller's services")]
 async fn list_services(
     State(p): State<Plane>,
     Auth(c): Auth,
@@ -347,6 +360,7 @@ async fn list_services(
     page(items, &q, SERVICE_FIELDS)
 }
 
+#[utoipa::path(get, path = "/v1/services/{id}", params(("id" = String, Path, description = "object id")), responses((status = 200, body = crate::control::types::Service, description = "One service"), (status = "4XX", body = ErrorBody, description = "error: stable code, message, offending field")), security(("bearer" = [])), summary = "One service")]
 async fn get_service(
     State(p): State<Plane>,
     Auth(c): Auth,
@@ -355,6 +369,7 @@ async fn get_service(
     p.read(|s| services::own(s, &c, &id).cloned()).map(ok)
 }
 
+#[utoipa::path(patch, path = "/v1/services/{id}", request_body = services::UpdateService, params(("id" = String, Path, description = "object id")), responses((status = 200, body = crate::control::types::Service, description = "Change name, tags or auto-accept"), (status = "4XX", body = ErrorBody, description = "error: stable code, message, offending field")), security(("bearer" = [])), summary = "Change name, tags or auto-accept")]
 async fn update_service(
     State(p): State<Plane>,
     Auth(c): Auth,
@@ -366,6 +381,7 @@ async fn update_service(
         .map(ok)
 }
 
+#[utoipa::path(delete, path = "/v1/services/{id}", params(("id" = String, Path, description = "object id")), responses((status = 204, description = "Delete a service without endpoints"), (status = "4XX", body = ErrorBody, description = "error: stable code, message, offending field")), security(("bearer" = [])), summary = "Delete a service without endpoints")]
 async fn delete_service(
     State(p): State<Plane>,
     Auth(c): Auth,
@@ -376,6 +392,7 @@ async fn delete_service(
         .map(|()| StatusCode::NO_CONTENT.into_response())
 }
 
+#[utoipa::path(put, path = "/v1/services/{id}/backends", request_body = services::Backends, params(("id" = String, Path, description = "object id")), responses((status = 200, body = crate::control::types::Service, description = "Replace the backend targets"), (status = "4XX", body = ErrorBody, description = "error: stable code, message, offending field")), security(("bearer" = [])), summary = "Replace the backend targets")]
 async fn set_backends(
     State(p): State<Plane>,
     Auth(c): Auth,
@@ -387,6 +404,7 @@ async fn set_backends(
         .map(ok)
 }
 
+#[utoipa::path(post, path = "/v1/services/{id}/port-mappings", request_body = services::AddPortMappings, params(("id" = String, Path, description = "object id")), responses((status = 200, body = crate::control::types::Service, description = "Add port mappings (at most 50 per request; add-only)"), (status = "4XX", body = ErrorBody, description = "error: stable code, message, offending field")), security(("bearer" = [])), summary = "Add port mappings (at most 50 per request; add-only)")]
 async fn add_port_mappings(
     State(p): State<Plane>,
     Auth(c): Auth,
@@ -404,6 +422,7 @@ async fn immutable_mapping(Auth(_): Auth) -> ApiResult<Response> {
     Err(services::immutable_mapping())
 }
 
+#[utoipa::path(get, path = "/v1/services/{id}/allowlist", params(("id" = String, Path, description = "object id")), responses((status = 200, body = Vec<crate::control::types::AllowEntry>, description = "The service's allowlist"), (status = "4XX", body = ErrorBody, description = "error: stable code, message, offending field")), security(("bearer" = [])), summary = "The service's allowlist")]
 async fn list_allowlist(
     State(p): State<Plane>,
     Auth(c): Auth,
@@ -413,6 +432,7 @@ async fn list_allowlist(
         .map(ok)
 }
 
+#[utoipa::path(post, path = "/v1/services/{id}/allowlist", request_body = services::AllowReq, params(("id" = String, Path, description = "object id")), responses((status = 201, body = crate::control::types::Service, description = "Allow an account"), (status = "4XX", body = ErrorBody, description = "error: stable code, message, offending field")), security(("bearer" = [])), summary = "Allow an account")]
 async fn allow(
     State(p): State<Plane>,
     Auth(c): Auth,
@@ -424,6 +444,7 @@ async fn allow(
         .map(created)
 }
 
+#[utoipa::path(delete, path = "/v1/services/{id}/allowlist/{account}", params(("id" = String, Path, description = "object id"), ("account" = String, Path, description = "account id")), responses((status = 200, body = crate::control::types::Service, description = "Remove an account from the allowlist"), (status = "4XX", body = ErrorBody, description = "error: stable code, message, offending field")), security(("bearer" = [])), summary = "Remove an account from the allowlist")]
 async fn disallow(
     State(p): State<Plane>,
     Auth(c): Auth,
@@ -434,6 +455,7 @@ async fn disallow(
         .map(ok)
 }
 
+#[utoipa::path(get, path = "/v1/services/{id}/verify", params(("id" = String, Path, description = "object id")), responses((status = 200, body = services::Verified, description = "Name, type and port mappings of a service, for any account"), (status = "4XX", body = ErrorBody, description = "error: stable code, message, offending field")), security(("bearer" = [])), summary = "Name, type and port mappings of a service, for any account")]
 async fn verify(
     State(p): State<Plane>,
     Auth(c): Auth,
@@ -442,6 +464,7 @@ async fn verify(
     p.read(|s| services::verify(s, &c, &id)).map(ok)
 }
 
+#[utoipa::path(get, path = "/v1/services/{id}/endpoints", params(("id" = String, Path, description = "object id")), responses((status = 200, body = Vec<services::Connection>, description = "Endpoints connected to the service (no IPs)"), (status = "4XX", body = ErrorBody, description = "error: stable code, message, offending field")), security(("bearer" = [])), summary = "Endpoints connected to the service (no IPs)")]
 async fn connections(
     State(p): State<Plane>,
     Auth(c): Auth,
@@ -450,6 +473,7 @@ async fn connections(
     p.read(|s| services::connections(s, &c, &id)).map(ok)
 }
 
+#[utoipa::path(post, path = "/v1/services/{id}/accept", request_body = services::EndpointIds, params(("id" = String, Path, description = "object id")), responses((status = 200, body = Results, description = "Accept connections, a result per item"), (status = "4XX", body = ErrorBody, description = "error: stable code, message, offending field")), security(("bearer" = [])), summary = "Accept connections, a result per item")]
 async fn accept(
     State(p): State<Plane>,
     Auth(c): Auth,
@@ -461,6 +485,7 @@ async fn accept(
         .map(|r| ok(json!({ "results": r })))
 }
 
+#[utoipa::path(post, path = "/v1/services/{id}/reject", request_body = services::EndpointIds, params(("id" = String, Path, description = "object id")), responses((status = 200, body = Results, description = "Reject connections, a result per item"), (status = "4XX", body = ErrorBody, description = "error: stable code, message, offending field")), security(("bearer" = [])), summary = "Reject connections, a result per item")]
 async fn reject(
     State(p): State<Plane>,
     Auth(c): Auth,
@@ -474,6 +499,7 @@ async fn reject(
 
 // ---- endpoints ----
 
+#[utoipa::path(post, path = "/v1/endpoints", request_body = endpoints::CreateEndpoint, responses((status = 201, body = crate::control::types::Endpoint, description = "Create an endpoint (allowlist rule applies)"), (status = "4XX", body = ErrorBody, description = "error: stable code, message, offending field")), security(("bearer" = [])), summary = "Create an endpoint (allowlist rule applies)")]
 async fn create_endpoint(
     State(p): State<Plane>,
     Auth(c): Auth,
@@ -484,6 +510,7 @@ async fn create_endpoint(
         .map(created)
 }
 
+#[utoipa::path(get, path = "/v1/endpoints", params(ListQuery), responses((status = 200, body = Page, description = "The caller's endpoints"), (status = "4XX", body = ErrorBody, description = "error: stable code, message, offending field")), security(("bearer" = [])), summary = "The caller's endpoints")]
 async fn list_endpoints(
     State(p): State<Plane>,
     Auth(c): Auth,
@@ -499,6 +526,7 @@ async fn list_endpoints(
     page(items, &q, ENDPOINT_FIELDS)
 }
 
+#[utoipa::path(get, path = "/v1/endpoints/{id}", params(("id" = String, Path, description = "object id")), responses((status = 200, body = crate::control::types::Endpoint, description = "One endpoint"), (status = "4XX", body = ErrorBody, description = "error: stable code, message, offending field")), security(("bearer" = [])), summary = "One endpoint")]
 async fn get_endpoint(
     State(p): State<Plane>,
     Auth(c): Auth,
@@ -507,6 +535,7 @@ async fn get_endpoint(
     p.read(|s| endpoints::own(s, &c, &id).cloned()).map(ok)
 }
 
+#[utoipa::path(patch, path = "/v1/endpoints/{id}", request_body = endpoints::UpdateEndpoint, params(("id" = String, Path, description = "object id")), responses((status = 200, body = crate::control::types::Endpoint, description = "Change name or tags"), (status = "4XX", body = ErrorBody, description = "error: stable code, message, offending field")), security(("bearer" = [])), summary = "Change name or tags")]
 async fn update_endpoint(
     State(p): State<Plane>,
     Auth(c): Auth,
@@ -518,6 +547,7 @@ async fn update_endpoint(
         .map(ok)
 }
 
+#[utoipa::path(delete, path = "/v1/endpoints/{id}", params(("id" = String, Path, description = "object id")), responses((status = 204, description = "Delete an endpoint"), (status = "4XX", body = ErrorBody, description = "error: stable code, message, offending field")), security(("bearer" = [])), summary = "Delete an endpoint")]
 async fn delete_endpoint(
     State(p): State<Plane>,
     Auth(c): Auth,
@@ -528,6 +558,7 @@ async fn delete_endpoint(
         .map(|()| StatusCode::NO_CONTENT.into_response())
 }
 
+#[utoipa::path(post, path = "/v1/endpoints/{id}/security-groups", request_body = endpoints::BindingReq, params(("id" = String, Path, description = "object id")), responses((status = 200, body = crate::control::types::Endpoint, description = "Bind a security group at a priority"), (status = "4XX", body = ErrorBody, description = "error: stable code, message, offending field")), security(("bearer" = [])), summary = "Bind a security group at a priority")]
 async fn bind(
     State(p): State<Plane>,
     Auth(c): Auth,
@@ -539,6 +570,7 @@ async fn bind(
         .map(ok)
 }
 
+#[utoipa::path(put, path = "/v1/endpoints/{id}/security-groups", request_body = endpoints::Bindings, params(("id" = String, Path, description = "object id")), responses((status = 200, body = crate::control::types::Endpoint, description = "Replace all bindings (a new order, atomically)"), (status = "4XX", body = ErrorBody, description = "error: stable code, message, offending field")), security(("bearer" = [])), summary = "Replace all bindings (a new order, atomically)")]
 async fn set_bindings(
     State(p): State<Plane>,
     Auth(c): Auth,
@@ -550,6 +582,7 @@ async fn set_bindings(
         .map(ok)
 }
 
+#[utoipa::path(delete, path = "/v1/endpoints/{id}/security-groups/{sg}", params(("id" = String, Path, description = "object id"), ("sg" = String, Path, description = "security group id")), responses((status = 200, body = crate::control::types::Endpoint, description = "Unbind a security group"), (status = "4XX", body = ErrorBody, description = "error: stable code, message, offending field")), security(("bearer" = [])), summary = "Unbind a security group")]
 async fn unbind(
     State(p): State<Plane>,
     Auth(c): Auth,
@@ -562,6 +595,7 @@ async fn unbind(
 
 // ---- security groups ----
 
+#[utoipa::path(post, path = "/v1/security-groups", request_body = groups::CreateGroup, responses((status = 201, body = crate::control::types::SecurityGroup, description = "Create a security group"), (status = "4XX", body = ErrorBody, description = "error: stable code, message, offending field")), security(("bearer" = [])), summary = "Create a security group")]
 async fn create_group(
     State(p): State<Plane>,
     Auth(c): Auth,
@@ -572,6 +606,7 @@ async fn create_group(
         .map(created)
 }
 
+#[utoipa::path(get, path = "/v1/security-groups", params(ListQuery), responses((status = 200, body = Page, description = "The caller's security groups"), (status = "4XX", body = ErrorBody, description = "error: stable code, message, offending field")), security(("bearer" = [])), summary = "The caller's security groups")]
 async fn list_groups(
     State(p): State<Plane>,
     Auth(c): Auth,
@@ -587,6 +622,7 @@ async fn list_groups(
     page(items, &q, GROUP_FIELDS)
 }
 
+#[utoipa::path(get, path = "/v1/security-groups/{id}", params(("id" = String, Path, description = "object id")), responses((status = 200, body = crate::control::types::SecurityGroup, description = "One security group"), (status = "4XX", body = ErrorBody, description = "error: stable code, message, offending field")), security(("bearer" = [])), summary = "One security group")]
 async fn get_group(
     State(p): State<Plane>,
     Auth(c): Auth,
@@ -595,6 +631,7 @@ async fn get_group(
     p.read(|s| groups::own(s, &c, &id).cloned()).map(ok)
 }
 
+#[utoipa::path(patch, path = "/v1/security-groups/{id}", request_body = groups::UpdateGroup, params(("id" = String, Path, description = "object id")), responses((status = 200, body = crate::control::types::SecurityGroup, description = "Change name or tags"), (status = "4XX", body = ErrorBody, description = "error: stable code, message, offending field")), security(("bearer" = [])), summary = "Change name or tags")]
 async fn update_group(
     State(p): State<Plane>,
     Auth(c): Auth,
@@ -606,6 +643,7 @@ async fn update_group(
         .map(ok)
 }
 
+#[utoipa::path(put, path = "/v1/security-groups/{id}/rules", request_body = groups::Rules, params(("id" = String, Path, description = "object id")), responses((status = 200, body = crate::control::types::SecurityGroup, description = "Replace the ordered rules"), (status = "4XX", body = ErrorBody, description = "error: stable code, message, offending field")), security(("bearer" = [])), summary = "Replace the ordered rules")]
 async fn set_rules(
     State(p): State<Plane>,
     Auth(c): Auth,
@@ -617,6 +655,7 @@ async fn set_rules(
         .map(ok)
 }
 
+#[utoipa::path(delete, path = "/v1/security-groups/{id}", params(("id" = String, Path, description = "object id")), responses((status = 204, description = "Delete an unbound security group"), (status = "4XX", body = ErrorBody, description = "error: stable code, message, offending field")), security(("bearer" = [])), summary = "Delete an unbound security group")]
 async fn delete_group(
     State(p): State<Plane>,
     Auth(c): Auth,
@@ -629,6 +668,7 @@ async fn delete_group(
 
 // ---- export, revision ----
 
+#[utoipa::path(get, path = "/v1/export.csv", params(ListQuery), responses((status = 200, body = String, content_type = "text/csv", description = "Services or endpoints as RFC 4180 CSV"), (status = "4XX", body = ErrorBody, description = "error: stable code, message, offending field")), security(("bearer" = [])), summary = "Services or endpoints as RFC 4180 CSV")]
 async fn export_csv(
     State(p): State<Plane>,
     Auth(c): Auth,
@@ -663,8 +703,70 @@ async fn export_csv(
     }
 }
 
+#[utoipa::path(get, path = "/v1/revision", responses((status = 200, body = Revision, description = "The current state revision"), (status = "4XX", body = ErrorBody, description = "error: stable code, message, offending field")), security(("bearer" = [])), summary = "The current state revision")]
 async fn revision(State(p): State<Plane>, Auth(_): Auth) -> ApiResult<Response> {
     Ok(ok(json!({ "revision": p.revision() })))
+}
+
+/// Documentation shapes (the handlers build these with `json!`).
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct ErrorBody {
+    error: ErrorDetail,
+}
+
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct ErrorDetail {
+    /// Stable machine-readable code.
+    code: String,
+    message: String,
+    /// The offending request field, when there is one.
+    field: Option<String>,
+}
+
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct Page {
+    /// The selected fields of each object.
+    #[schema(value_type = Vec<Object>)]
+    items: Vec<Value>,
+    page: usize,
+    per_page: usize,
+    total: usize,
+}
+
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct Results {
+    results: Vec<services::ItemResult>,
+}
+
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct Revision {
+    revision: u64,
+}
+
+struct BearerAuth;
+
+impl utoipa::Modify for BearerAuth {
+    fn modify(&self, api: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+        let components = api.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+        );
+    }
+}
+
+/// The OpenAPI document, generated from the handlers and types above.
+#[derive(utoipa::OpenApi)]
+#[openapi(
+    info(title = "privatelink control plane", description = "Endpoint services, endpoints, allowlists and security groups."),
+    modifiers(&BearerAuth),
+    paths(revision, create_account, list_accounts, issue_token, create_network, list_networks, get_network, delete_network, create_subnet, list_subnets, delete_subnet, create_service, list_services, get_service, update_service, delete_service, set_backends, add_port_mappings, list_allowlist, allow, disallow, verify, connections, accept, reject, create_endpoint, list_endpoints, get_endpoint, update_endpoint, delete_endpoint, bind, set_bindings, unbind, create_group, list_groups, get_group, update_group, set_rules, delete_group, export_csv),
+)]
+pub struct ApiDoc;
+
+async fn openapi() -> Response {
+    ok(<ApiDoc as utoipa::OpenApi>::openapi())
 }
 
 async fn fallback() -> ApiError {
@@ -741,6 +843,7 @@ pub fn router(plane: Plane) -> Router {
         )
         .route("/v1/security-groups/{id}/rules", put(set_rules))
         .route("/v1/export.csv", get(export_csv))
+        .route("/openapi.json", get(openapi))
         .fallback(fallback)
         .with_state(plane)
 }

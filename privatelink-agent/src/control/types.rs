@@ -4,7 +4,7 @@ use std::net::IpAddr;
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Account {
     pub id: String,
     pub name: String,
@@ -20,26 +20,28 @@ pub struct Token {
 }
 
 /// A network (VPC).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Network {
     pub id: String,
     pub name: String,
     pub owner: String,
+    #[schema(value_type = Vec<String>, example = json!(["198.18.0.0/16"]))]
     pub cidrs: Vec<IpNet>,
     pub created_at: u64,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Subnet {
     pub id: String,
     pub name: String,
     pub owner: String,
     pub network_id: String,
+    #[schema(value_type = String, example = "198.18.0.0/24")]
     pub cidr: IpNet,
     pub created_at: u64,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum ServiceType {
     Clb,
@@ -48,28 +50,40 @@ pub enum ServiceType {
     Custom,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    Serialize,
+    Deserialize,
+    utoipa::ToSchema,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Protocol {
     Tcp,
     Udp,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct PortMapping {
     pub protocol: Protocol,
     pub service_port: u16,
     pub terminal_port: u16,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Tag {
     pub key: String,
     #[serde(default)]
     pub value: String,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct AllowEntry {
     pub account_id: String,
     pub description: String,
@@ -77,7 +91,7 @@ pub struct AllowEntry {
 }
 
 /// An endpoint service (provider side).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Service {
     pub id: String,
     pub name: String,
@@ -85,6 +99,7 @@ pub struct Service {
     /// Provider network the backends live in.
     pub network_id: String,
     pub service_type: ServiceType,
+    #[schema(value_type = Vec<String>)]
     pub backends: Vec<IpAddr>,
     pub port_mappings: Vec<PortMapping>,
     pub auto_accept: bool,
@@ -93,14 +108,14 @@ pub struct Service {
     pub created_at: u64,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub enum ConnectionState {
     Pending,
     Available,
     Rejected,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Binding {
     pub security_group_id: String,
     /// Smaller is evaluated first.
@@ -108,13 +123,14 @@ pub struct Binding {
 }
 
 /// An endpoint (consumer side).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Endpoint {
     pub id: String,
     pub name: String,
     pub owner: String,
     pub network_id: String,
     pub subnet_id: String,
+    #[schema(value_type = String)]
     pub ip: IpAddr,
     pub service_id: String,
     pub state: ConnectionState,
@@ -124,7 +140,7 @@ pub struct Endpoint {
     pub created_at: u64,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum RuleProtocol {
     Tcp,
@@ -133,7 +149,7 @@ pub enum RuleProtocol {
     All,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum RuleAction {
     Accept,
@@ -141,17 +157,18 @@ pub enum RuleAction {
 }
 
 /// An inbound rule. `ports` is `all`, `N` or `N-M`.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct SgRule {
     pub protocol: RuleProtocol,
     pub ports: String,
+    #[schema(value_type = String)]
     pub source: IpNet,
     pub action: RuleAction,
     #[serde(default)]
     pub description: String,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct SecurityGroup {
     pub id: String,
     pub name: String,

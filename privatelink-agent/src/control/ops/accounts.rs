@@ -14,27 +14,27 @@ use crate::control::{
 /// At most this many CIDRs per network.
 pub const CIDRS_PER_NETWORK: usize = 5;
 
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, utoipa::ToSchema)]
 pub struct CreateAccount {
     pub id: String,
     pub name: String,
 }
 
 /// A new account with its first token (shown once).
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, utoipa::ToSchema)]
 pub struct AccountWithToken {
     pub account: Account,
     pub token: String,
 }
 
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, utoipa::ToSchema)]
 pub struct CreateNetwork {
     pub name: String,
     pub owner: String,
     pub cidrs: Vec<String>,
 }
 
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, utoipa::ToSchema)]
 pub struct CreateSubnet {
     pub name: String,
     pub cidr: String,

@@ -13,13 +13,13 @@ use crate::control::{
     validate,
 };
 
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, utoipa::ToSchema)]
 pub struct BindingReq {
     pub security_group_id: String,
     pub priority: u32,
 }
 
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, utoipa::ToSchema)]
 pub struct CreateEndpoint {
     pub name: String,
     pub service_id: String,
@@ -33,13 +33,13 @@ pub struct CreateEndpoint {
     pub tags: Vec<Tag>,
 }
 
-#[derive(Clone, Debug, Default, Deserialize)]
+#[derive(Clone, Debug, Default, Deserialize, utoipa::ToSchema)]
 pub struct UpdateEndpoint {
     pub name: Option<String>,
     pub tags: Option<Vec<Tag>>,
 }
 
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, utoipa::ToSchema)]
 pub struct Bindings {
     pub security_groups: Vec<BindingReq>,
 }

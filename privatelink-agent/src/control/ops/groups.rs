@@ -9,7 +9,7 @@ use crate::control::{
     validate,
 };
 
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, utoipa::ToSchema)]
 pub struct RuleReq {
     pub protocol: RuleProtocol,
     /// `all`, `N` or `N-M`; only `all` for icmp and all.
@@ -25,7 +25,7 @@ fn all() -> String {
     "all".into()
 }
 
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, utoipa::ToSchema)]
 pub struct CreateGroup {
     pub name: String,
     #[serde(default)]
@@ -34,12 +34,12 @@ pub struct CreateGroup {
     pub tags: Vec<Tag>,
 }
 
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, utoipa::ToSchema)]
 pub struct Rules {
     pub rules: Vec<RuleReq>,
 }
 
-#[derive(Clone, Debug, Default, Deserialize)]
+#[derive(Clone, Debug, Default, Deserialize, utoipa::ToSchema)]
 pub struct UpdateGroup {
     pub name: Option<String>,
     pub tags: Option<Vec<Tag>>,

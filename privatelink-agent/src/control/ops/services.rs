@@ -14,7 +14,7 @@ use crate::control::{
     validate,
 };
 
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, utoipa::ToSchema)]
 pub struct PortMappingReq {
     pub protocol: Protocol,
     /// Taken wide so that 0 and 65536 get a clear error.
@@ -22,7 +22,7 @@ pub struct PortMappingReq {
     pub terminal_port: i64,
 }
 
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, utoipa::ToSchema)]
 pub struct CreateService {
     pub name: String,
     pub network_id: String,
@@ -37,37 +37,37 @@ pub struct CreateService {
     pub tags: Vec<Tag>,
 }
 
-#[derive(Clone, Debug, Default, Deserialize)]
+#[derive(Clone, Debug, Default, Deserialize, utoipa::ToSchema)]
 pub struct UpdateService {
     pub name: Option<String>,
     pub auto_accept: Option<bool>,
     pub tags: Option<Vec<Tag>>,
 }
 
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, utoipa::ToSchema)]
 pub struct Backends {
     pub backends: Vec<String>,
 }
 
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, utoipa::ToSchema)]
 pub struct AddPortMappings {
     pub port_mappings: Vec<PortMappingReq>,
 }
 
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, utoipa::ToSchema)]
 pub struct AllowReq {
     pub account_id: String,
     #[serde(default)]
     pub description: String,
 }
 
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, utoipa::ToSchema)]
 pub struct EndpointIds {
     pub endpoint_ids: Vec<String>,
 }
 
 /// What "verify" reveals about a service: nothing about its owner's other data.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct Verified {
     pub id: String,
     pub name: String,
@@ -76,7 +76,7 @@ pub struct Verified {
 }
 
 /// What a provider sees of an endpoint connected to its service (no IP).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct Connection {
     pub endpoint_id: String,
     pub owner: String,
@@ -85,7 +85,7 @@ pub struct Connection {
 }
 
 /// Per-item result of accept/reject.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct ItemResult {
     pub endpoint_id: String,
     pub ok: bool,
