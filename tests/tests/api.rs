@@ -556,6 +556,61 @@ fn security_groups_bind_reorder_and_limits() {
         200,
         "IPv6 sources are allowed"
     );
+
+    // The datapath evaluates at most 256 rules per endpoint: bindings and rule changes that would
+    // exceed it are refused (5 groups × 100 rules would).
+    let big: Vec<String> = (0..3)
+        .map(|i| {
+            w.c1.ok(
+                "POST",
+                "/v1/security-groups",
+                json!({ "name": format!("big{i}"), "rules": many(100)["rules"] }),
+            )["id"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    let mut req = endpoint_req(&w, "ep-big");
+    req["security_groups"] = json!([{ "security_group_id": big[0], "priority": 1 }, { "security_group_id": big[1], "priority": 2 }]);
+    let ep_big = w.c1.ok("POST", "/v1/endpoints", req)["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let r = w.c1.post(
+        &format!("/v1/endpoints/{ep_big}/security-groups"),
+        json!({ "security_group_id": big[2], "priority": 3 }),
+    );
+    assert_eq!(
+        (r.status, r.code()),
+        (400, "too_many_rules"),
+        "300 rules: {}",
+        r.text
+    );
+    let small = w.c1.ok(
+        "POST",
+        "/v1/security-groups",
+        json!({ "name": "small", "rules": many(56)["rules"] }),
+    )["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    w.c1.ok(
+        "POST",
+        &format!("/v1/endpoints/{ep_big}/security-groups"),
+        json!({ "security_group_id": small, "priority": 3 }),
+    );
+    let r = w.c1.call(
+        "PUT",
+        &format!("/v1/security-groups/{small}/rules"),
+        Some(&many(57)),
+    );
+    assert_eq!(
+        (r.status, r.code()),
+        (400, "too_many_rules"),
+        "257 rules on a bound endpoint: {}",
+        r.text
+    );
 }
 
 #[test]

@@ -7,6 +7,8 @@ use serde::{Deserialize, Serialize};
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Account {
     pub id: String,
+    /// Datapath number of the account (allowlist keys), allocated once.
+    pub number: u32,
     pub name: String,
     pub created_at: u64,
 }
@@ -23,6 +25,8 @@ pub struct Token {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Network {
     pub id: String,
+    /// Datapath network id, allocated once (below the datapath's network limit).
+    pub number: u32,
     pub name: String,
     pub owner: String,
     #[schema(value_type = Vec<String>, example = json!(["198.18.0.0/16"]))]
@@ -94,6 +98,8 @@ pub struct AllowEntry {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Service {
     pub id: String,
+    /// Datapath service slot (Maglev table, allowlist key), allocated once.
+    pub slot: u32,
     pub name: String,
     pub owner: String,
     /// Provider network the backends live in.
@@ -126,6 +132,8 @@ pub struct Binding {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Endpoint {
     pub id: String,
+    /// Datapath link id (conntrack, counters), the lowest free at creation.
+    pub link_id: u32,
     pub name: String,
     pub owner: String,
     pub network_id: String,

@@ -66,8 +66,10 @@ pub fn create_account(
             ApiError::conflict("exists", format!("account {} exists", req.id)).with_field("id"),
         );
     }
+    let number = super::lowest_free(s.accounts.values().map(|a| a.number), u32::MAX, "account")?;
     let account = Account {
         id: req.id,
+        number,
         name: req.name,
         created_at: cx.now,
     };
@@ -142,9 +144,15 @@ pub fn create_network(s: &State, cx: &mut Ctx, req: CreateNetwork) -> Outcome<Ne
         }
         cidrs.push(net);
     }
+    let number = super::lowest_free(
+        s.networks.values().map(|n| n.number),
+        privatelink_common::MAX_NETWORKS,
+        "network",
+    )?;
     let id = cx.new_id("vpc", |id| s.networks.contains_key(id));
     let n = Network {
         id,
+        number,
         name: req.name,
         owner: req.owner,
         cidrs,

@@ -100,6 +100,21 @@ fn bindings(s: &State, caller: &Caller, req: &[BindingReq]) -> ApiResult<Vec<Bin
             priority: b.priority,
         });
     }
+    // The datapath evaluates at most MAX_RULES per endpoint (5 groups × 100 rules would exceed it).
+    let rules: usize = out
+        .iter()
+        .map(|b| s.security_groups[&b.security_group_id].rules.len())
+        .sum();
+    if rules > privatelink_common::MAX_RULES {
+        return Err(ApiError::invalid(
+            "too_many_rules",
+            "security_groups",
+            format!(
+                "the bound groups hold {rules} rules; an endpoint evaluates at most {}",
+                privatelink_common::MAX_RULES
+            ),
+        ));
+    }
     out.sort_by_key(|b| b.priority);
     Ok(out)
 }
@@ -192,9 +207,11 @@ pub fn create(s: &State, cx: &mut Ctx, req: CreateEndpoint) -> Outcome<Endpoint>
     }
     let security_groups = bindings(s, cx.caller, &req.security_groups)?;
     let ip = assign_ip(s, &subnet.id, &subnet.cidr, req.ip.as_deref())?;
+    let link_id = super::lowest_free(s.endpoints.values().map(|e| e.link_id), u32::MAX, "link")?;
     let id = cx.new_id("ep", |id| s.endpoints.contains_key(id));
     let ep = Endpoint {
         id,
+        link_id,
         name: req.name,
         owner,
         network_id: req.network_id,

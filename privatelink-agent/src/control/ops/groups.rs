@@ -122,6 +122,35 @@ fn put(g: SecurityGroup) -> Outcome<SecurityGroup> {
 pub fn set_rules(s: &State, cx: &mut Ctx, id: &str, req: Rules) -> Outcome<SecurityGroup> {
     let mut g = own(s, cx.caller, id)?.clone();
     g.rules = rules(&req.rules)?;
+    // No endpoint this group is bound to may end up evaluating more rules than the datapath holds.
+    for e in s
+        .endpoints
+        .values()
+        .filter(|e| e.security_groups.iter().any(|b| b.security_group_id == id))
+    {
+        let total: usize = e
+            .security_groups
+            .iter()
+            .map(|b| {
+                if b.security_group_id == id {
+                    g.rules.len()
+                } else {
+                    s.security_groups[&b.security_group_id].rules.len()
+                }
+            })
+            .sum();
+        if total > privatelink_common::MAX_RULES {
+            return Err(ApiError::invalid(
+                "too_many_rules",
+                "rules",
+                format!(
+                    "endpoint {} would evaluate {total} rules; at most {}",
+                    e.id,
+                    privatelink_common::MAX_RULES
+                ),
+            ));
+        }
+    }
     put(g)
 }
 

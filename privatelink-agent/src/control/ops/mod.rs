@@ -69,6 +69,17 @@ impl Ctx<'_> {
     }
 }
 
+/// The lowest number ≥ 1 not in `used`, below `limit`.
+pub fn lowest_free(used: impl Iterator<Item = u32>, limit: u32, what: &str) -> ApiResult<u32> {
+    let used: std::collections::BTreeSet<u32> = used.collect();
+    (1..limit).find(|n| !used.contains(n)).ok_or_else(|| {
+        ApiError::conflict(
+            "capacity",
+            format!("all {} {what} numbers are in use", limit - 1),
+        )
+    })
+}
+
 /// Whether `caller` may see objects owned by `owner`.
 pub fn owns(caller: &Caller, owner: &str) -> bool {
     matches!(caller, Caller::Account(a) if a == owner)

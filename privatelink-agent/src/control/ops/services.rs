@@ -195,9 +195,11 @@ pub fn create(s: &State, cx: &mut Ctx, req: CreateService) -> Outcome<Service> {
     }
     let backends = backends(s, &req.network_id, &req.backends)?;
     let port_mappings = mappings(&[], &req.port_mappings)?;
+    let slot = super::lowest_free(s.services.values().map(|v| v.slot), u32::MAX, "service")?;
     let id = cx.new_id("svc", |id| s.services.contains_key(id));
     let svc = Service {
         id,
+        slot,
         name: req.name,
         owner,
         network_id: req.network_id,
