@@ -94,6 +94,12 @@ impl Topology {
             }
             Ok(())
         })?;
+        self.attach_pass(dp)
+    }
+
+    /// Only the pass program on the consumer and provider peers (when an agent process attaches the
+    /// datapath on the node itself).
+    pub fn attach_pass(&self, dp: &mut Datapath) -> Result<()> {
         for ns in self.consumers.iter().chain([&self.provider]) {
             ns.enter(|| dp.pass_program().attach("eth0", XdpMode::Driver))
                 .with_context(|| format!("attaching the pass program in {}", ns.name()))?;

@@ -1,8 +1,11 @@
 //! privatelink node agent.
+pub mod agent;
 pub mod cli;
+pub mod config;
 pub mod control;
 pub mod dataplane;
 pub mod demo;
 pub mod loader;
 pub mod netns;
 pub mod object;
+pub mod sync;

@@ -21,6 +21,13 @@ enum Command {
         #[arg(long)]
         once: bool,
     },
+    /// Run the node: load and attach the datapath on the configured interfaces, serve the API, and
+    /// keep the maps in sync with the control plane.
+    Run {
+        /// The node's agent.toml.
+        #[arg(long, env = "PRIVATELINK_CONFIG")]
+        config: std::path::PathBuf,
+    },
     /// Serve the control-plane REST API (and /openapi.json) without a datapath.
     Api {
         /// Listen address (loopback by default).
@@ -95,6 +102,10 @@ fn main() -> Result<()> {
             Ok(())
         }
         Command::Demo { once } => privatelink_agent::demo::run(once),
+        Command::Run { config } => {
+            let checked = privatelink_agent::config::load(&config)?;
+            privatelink_agent::agent::run(checked)
+        }
         Command::Api {
             listen,
             store,

@@ -7,6 +7,28 @@ use std::{net::Ipv4Addr, time::Duration};
 use aya::programs::{TestRun, TestRunOptions, Xdp};
 use etherparse::{NetSlice, SlicedPacket, TransportSlice};
 
+/// Path of a binary of the agent package (`privatelink-agent`, `privatelink`): `PRIVATELINK_BIN_DIR`
+/// or the target directory this test binary was built into. `cargo xtask test` builds them first.
+pub fn agent_bin(name: &str) -> std::path::PathBuf {
+    let dir = std::env::var_os("PRIVATELINK_BIN_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| {
+            // target/<profile>/deps/<test binary> → target/<profile>
+            let exe = std::env::current_exe().expect("current exe");
+            exe.parent()
+                .and_then(|d| d.parent())
+                .expect("target dir")
+                .to_path_buf()
+        });
+    let bin = dir.join(name);
+    assert!(
+        bin.exists(),
+        "{} is not built: run `cargo xtask test` (or `cargo build --bins`) first",
+        bin.display()
+    );
+    bin
+}
+
 /// Whether this process may load BPF programs and create namespaces. Outside CI a test without
 /// them skips with a printed reason; with `CI=true` it fails instead.
 pub fn privileged(test: &str) -> bool {

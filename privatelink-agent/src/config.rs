@@ -1,0 +1,421 @@
+//! `agent.toml`: the node's configuration. Unknown keys are errors; every error names its key and
+//! nothing is loaded until the whole file is valid.
+use std::{
+    collections::BTreeMap,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+};
+
+use ipnet::Ipv4Net;
+use privatelink_common::DatapathConfig;
+use serde::Deserialize;
+
+use crate::{
+    dataplane::{NatRange, Role},
+    loader::Sizes,
+    sync::{NodeConfig, NodeIface},
+};
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("invalid config: {key}: {message}")]
+pub struct ConfigError {
+    pub key: String,
+    pub message: String,
+}
+
+fn err(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
+    ConfigError {
+        key: key.into(),
+        message: message.into(),
+    }
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentConfig {
+    /// This node's name.
+    pub node: String,
+    /// File holding the admin token (at least 16 characters).
+    pub admin_token_file: PathBuf,
+    #[serde(default)]
+    pub api: ApiConfig,
+    #[serde(default)]
+    pub store: StoreConfig,
+    /// bpffs directory for pins.
+    #[serde(default = "default_bpffs")]
+    pub bpffs: PathBuf,
+    pub interfaces: Vec<InterfaceConfig>,
+    /// NAT range per provider network id.
+    #[serde(default)]
+    pub nat: BTreeMap<String, NatConfig>,
+    #[serde(default)]
+    pub conntrack: ConntrackConfig,
+    /// Seconds between full resyncs (drift repair).
+    #[serde(default = "default_resync")]
+    pub resync_interval: u64,
+}
+
+fn default_bpffs() -> PathBuf {
+    PathBuf::from("/sys/fs/bpf/privatelink")
+}
+
+fn default_resync() -> u64 {
+    30
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiConfig {
+    pub listen: SocketAddr,
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        ApiConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 7070)),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreConfig {
+    pub path: PathBuf,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig {
+            path: PathBuf::from("/var/lib/privatelink/state.db"),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum RoleConfig {
+    Consumer,
+    Provider,
+}
+
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum XdpModeConfig {
+    /// Native (driver) mode, falling back to generic with a logged warning.
+    #[default]
+    Native,
+    Generic,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InterfaceConfig {
+    pub name: String,
+    /// Control-plane network id (`vpc-…`).
+    pub network: String,
+    pub role: RoleConfig,
+    #[serde(default)]
+    pub vlan: u16,
+    #[serde(default)]
+    pub mode: XdpModeConfig,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NatConfig {
+    pub range: String,
+    #[serde(default = "default_ports")]
+    pub ports: String,
+}
+
+fn default_ports() -> String {
+    "1024-65535".into()
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConntrackConfig {
+    /// Entries (two per flow).
+    pub entries: u32,
+    pub tcp_syn_timeout: u64,
+    pub tcp_established_timeout: u64,
+    pub tcp_closing_timeout: u64,
+    pub udp_timeout: u64,
+}
+
+impl Default for ConntrackConfig {
+    fn default() -> Self {
+        let d = DatapathConfig::DEFAULT;
+        ConntrackConfig {
+            entries: privatelink_common::DEFAULT_CONNTRACK_ENTRIES,
+            tcp_syn_timeout: d.tcp_syn_timeout_ns / 1_000_000_000,
+            tcp_established_timeout: d.tcp_established_timeout_ns / 1_000_000_000,
+            tcp_closing_timeout: d.tcp_closing_timeout_ns / 1_000_000_000,
+            udp_timeout: d.udp_timeout_ns / 1_000_000_000,
+        }
+    }
+}
+
+/// The checked configuration: what the agent runs with.
+#[derive(Clone, Debug)]
+pub struct Checked {
+    pub raw: AgentConfig,
+    pub node: NodeConfig,
+    pub sizes: Sizes,
+    pub admin_token: String,
+    /// Interface name → whether generic mode was asked for.
+    pub attach: BTreeMap<String, bool>,
+}
+
+fn read_sys(dev: &str, file: &str) -> Option<String> {
+    std::fs::read_to_string(format!("/sys/class/net/{dev}/{file}"))
+        .ok()
+        .map(|s| s.trim().to_string())
+}
+
+/// Parses and checks `text`. Interfaces are resolved in the calling thread's network namespace.
+pub fn parse(text: &str) -> Result<Checked, ConfigError> {
+    let raw: AgentConfig = toml::from_str(text).map_err(|e| {
+        let key = e.message().to_string();
+        err(
+            e.span()
+                .map(|s| format!("at byte {}", s.start))
+                .unwrap_or_default(),
+            key,
+        )
+    })?;
+    check(raw)
+}
+
+pub fn load(path: &Path) -> Result<Checked, ConfigError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| err("config", format!("{}: {e}", path.display())))?;
+    parse(&text)
+}
+
+fn check(raw: AgentConfig) -> Result<Checked, ConfigError> {
+    if raw.node.trim().is_empty() {
+        return Err(err("node", "must not be empty"));
+    }
+    let token = std::fs::read_to_string(&raw.admin_token_file)
+        .map_err(|e| {
+            err(
+                "admin_token_file",
+                format!("{}: {e}", raw.admin_token_file.display()),
+            )
+        })?
+        .trim()
+        .to_string();
+    if token.len() < 16 {
+        return Err(err(
+            "admin_token_file",
+            "the token must be at least 16 characters",
+        ));
+    }
+    if raw.interfaces.is_empty() {
+        return Err(err("interfaces", "at least one interface"));
+    }
+    let mut ifaces = Vec::new();
+    let mut attach = BTreeMap::new();
+    for (i, c) in raw.interfaces.iter().enumerate() {
+        let key = |f: &str| format!("interfaces[{i}].{f}");
+        let ifindex: u32 = read_sys(&c.name, "ifindex")
+            .and_then(|v| v.parse().ok())
+            .ok_or_else(|| {
+                err(
+                    key("name"),
+                    format!("no interface named {:?} on this node", c.name),
+                )
+            })?;
+        let mac_text = read_sys(&c.name, "address").unwrap_or_default();
+        let mut mac = [0u8; 6];
+        for (j, part) in mac_text.split(':').enumerate().take(6) {
+            mac[j] = u8::from_str_radix(part, 16)
+                .map_err(|_| err(key("name"), format!("unreadable MAC {mac_text:?}")))?;
+        }
+        if c.vlan > 4094 {
+            return Err(err(key("vlan"), "VLAN ids are 0 (untagged) to 4094"));
+        }
+        if !c.network.starts_with("vpc-") {
+            return Err(err(
+                key("network"),
+                format!("{:?} is not a network id (vpc-…)", c.network),
+            ));
+        }
+        if ifaces
+            .iter()
+            .any(|o: &NodeIface| o.ifindex == ifindex && o.vlan_id == c.vlan)
+        {
+            return Err(err(
+                key("name"),
+                format!("{} VLAN {} is listed twice", c.name, c.vlan),
+            ));
+        }
+        let generic = c.mode == XdpModeConfig::Generic;
+        if attach
+            .insert(c.name.clone(), generic)
+            .is_some_and(|g| g != generic)
+        {
+            return Err(err(
+                key("mode"),
+                format!("{} is listed with both modes", c.name),
+            ));
+        }
+        let role = match c.role {
+            RoleConfig::Consumer => Role::Consumer,
+            RoleConfig::Provider => Role::Provider,
+        };
+        ifaces.push(NodeIface {
+            name: c.name.clone(),
+            ifindex,
+            vlan_id: c.vlan,
+            network: c.network.clone(),
+            role,
+            mac,
+        });
+    }
+    let mut nat = BTreeMap::new();
+    for (vpc, n) in &raw.nat {
+        let key = |f: &str| format!("nat.{vpc}.{f}");
+        let addrs: Ipv4Net = n
+            .range
+            .parse()
+            .map_err(|_| err(key("range"), format!("{:?} is not an IPv4 CIDR", n.range)))?;
+        let (lo, hi) = crate::control::validate::rule_ports("", &n.ports).map_err(|_| {
+            err(
+                key("ports"),
+                format!("{:?}: use N-M with ports 1 to 65535", n.ports),
+            )
+        })?;
+        nat.insert(
+            vpc.clone(),
+            NatRange {
+                addrs,
+                ports: lo..=hi,
+            },
+        );
+    }
+    let ct = &raw.conntrack;
+    for (k, v) in [
+        ("tcp_syn_timeout", ct.tcp_syn_timeout),
+        ("tcp_established_timeout", ct.tcp_established_timeout),
+        ("tcp_closing_timeout", ct.tcp_closing_timeout),
+        ("udp_timeout", ct.udp_timeout),
+    ] {
+        if v == 0 {
+            return Err(err(format!("conntrack.{k}"), "must be at least 1 second"));
+        }
+    }
+    if ct.entries < 1024 {
+        return Err(err("conntrack.entries", "at least 1024"));
+    }
+    if raw.resync_interval == 0 {
+        return Err(err("resync_interval", "at least 1 second"));
+    }
+    const S: u64 = 1_000_000_000;
+    let datapath = DatapathConfig {
+        tcp_syn_timeout_ns: ct.tcp_syn_timeout * S,
+        tcp_established_timeout_ns: ct.tcp_established_timeout * S,
+        tcp_closing_timeout_ns: ct.tcp_closing_timeout * S,
+        udp_timeout_ns: ct.udp_timeout * S,
+        ..DatapathConfig::DEFAULT
+    };
+    let sizes = Sizes {
+        conntrack: ct.entries,
+        ..Sizes::default()
+    };
+    Ok(Checked {
+        node: NodeConfig {
+            ifaces,
+            nat,
+            datapath,
+        },
+        sizes,
+        admin_token: token,
+        attach,
+        raw,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with_token(extra: &str) -> Result<Checked, ConfigError> {
+        let dir =
+            std::env::temp_dir().join(format!("plcfg-{}-{}", std::process::id(), extra.len()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let tok = dir.join("token");
+        std::fs::write(&tok, "0123456789abcdef0123").unwrap();
+        let text = format!(
+            "node = \"n1\"\nadmin_token_file = \"{}\"\n{extra}",
+            tok.display()
+        );
+        let r = parse(&text);
+        let _ = std::fs::remove_dir_all(dir);
+        r
+    }
+
+    const LO: &str =
+        "[[interfaces]]\nname = \"lo\"\nnetwork = \"vpc-00000001\"\nrole = \"consumer\"\n";
+
+    #[test]
+    fn a_valid_file_resolves_interfaces() {
+        let c = with_token(&format!(
+            "{LO}[nat.vpc-00000002]\nrange = \"198.19.128.0/20\"\n"
+        ))
+        .unwrap();
+        assert_eq!(c.node.ifaces[0].ifindex, 1);
+        assert_eq!(c.node.nat["vpc-00000002"].ports, 1024..=65535);
+        assert_eq!(
+            c.raw.api.listen.to_string(),
+            "127.0.0.1:7070",
+            "the API listens on loopback by default"
+        );
+    }
+
+    #[test]
+    fn each_error_names_its_key() {
+        let cases = [
+            (
+                "[[interfaces]]\nname = \"nosuchdev0\"\nnetwork = \"vpc-1\"\nrole = \"consumer\"\n",
+                "interfaces[0].name",
+            ),
+            (
+                "[[interfaces]]\nname = \"lo\"\nnetwork = \"x\"\nrole = \"consumer\"\n",
+                "interfaces[0].network",
+            ),
+            (
+                "[[interfaces]]\nname = \"lo\"\nnetwork = \"vpc-1\"\nrole = \"consumer\"\nvlan = 4095\n",
+                "interfaces[0].vlan",
+            ),
+            (
+                &format!("{LO}[nat.vpc-2]\nrange = \"198.19.128.1/33\"\n"),
+                "nat.vpc-2.range",
+            ),
+            (
+                &format!("{LO}[nat.vpc-2]\nrange = \"198.19.128.0/20\"\nports = \"9-1\"\n"),
+                "nat.vpc-2.ports",
+            ),
+            (
+                &format!(
+                    "{LO}[conntrack]\nentries = 10\ntcp_syn_timeout = 1\ntcp_established_timeout = 1\ntcp_closing_timeout = 1\nudp_timeout = 1\n"
+                ),
+                "conntrack.entries",
+            ),
+            ("interfaces = []\n", "interfaces"),
+        ];
+        for (text, key) in cases {
+            assert_eq!(with_token(text).unwrap_err().key, key, "{text}");
+        }
+        let e = with_token(&format!("{LO}bogus = 1\n")).unwrap_err();
+        assert!(
+            e.message.contains("bogus"),
+            "unknown keys are refused by name: {e}"
+        );
+        let e =
+            with_token("[[interfaces]]\nname = \"lo\"\nnetwork = \"vpc-1\"\nrole = \"router\"\n")
+                .unwrap_err();
+        assert!(e.message.contains("router"), "{e}");
+    }
+}

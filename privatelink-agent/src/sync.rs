@@ -1,0 +1,325 @@
+//! Control-plane state → the dataplane model of one node.
+//!
+//! Pure: the reconciler calls it with a state snapshot and the node's configuration, then hands
+//! the model to `Dataplane::apply`, which diffs against what it wrote last.
+use std::{collections::BTreeMap, net::IpAddr};
+
+use ipnet::IpNet;
+use privatelink_common::DatapathConfig;
+
+use crate::{
+    control::{
+        state::State,
+        types::{ConnectionState, Protocol, RuleAction, RuleProtocol},
+        validate,
+    },
+    dataplane::{
+        Action, Iface, Link, LinkState, Model, NatRange, PortMap, Proto, Role, Rule, RuleProto,
+        Service,
+    },
+};
+
+/// An attached interface as the node knows it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NodeIface {
+    pub name: String,
+    pub ifindex: u32,
+    pub vlan_id: u16,
+    /// Control-plane network id (`vpc-…`).
+    pub network: String,
+    pub role: Role,
+    pub mac: [u8; 6],
+}
+
+/// What the node contributes besides the control-plane state.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NodeConfig {
+    pub ifaces: Vec<NodeIface>,
+    /// NAT range by provider network id (`vpc-…`).
+    pub nat: BTreeMap<String, NatRange>,
+    pub datapath: DatapathConfig,
+}
+
+/// The model, and what was left out and why (for the log).
+pub fn model(state: &State, node: &NodeConfig) -> (Model, Vec<String>) {
+    let mut skipped = Vec::new();
+    let number = |vpc: &str| state.networks.get(vpc).map(|n| n.number);
+    let mut m = Model {
+        config: node.datapath,
+        ..Default::default()
+    };
+    for i in &node.ifaces {
+        match number(&i.network) {
+            Some(n) => m.ifaces.push(Iface {
+                ifindex: i.ifindex,
+                vlan_id: i.vlan_id,
+                network_id: n,
+                role: i.role,
+                mac: i.mac,
+            }),
+            None => skipped.push(format!(
+                "interface {}: network {} is not in the control plane",
+                i.name, i.network
+            )),
+        }
+    }
+    for (vpc, range) in &node.nat {
+        match number(vpc) {
+            Some(n) => drop(m.nat.insert(n, range.clone())),
+            None => skipped.push(format!("NAT range for {vpc}: no such network")),
+        }
+    }
+    for svc in state.services.values() {
+        let Some(provider_network) = number(&svc.network_id) else {
+            continue;
+        };
+        let backends = svc
+            .backends
+            .iter()
+            .filter_map(|b| match b {
+                IpAddr::V4(a) => Some(*a),
+                IpAddr::V6(_) => None,
+            })
+            .collect();
+        m.services.insert(
+            svc.slot,
+            Service {
+                provider_network,
+                backends,
+            },
+        );
+        for e in &svc.allowlist {
+            if let Some(a) = state.accounts.get(&e.account_id) {
+                m.allowlist.insert((svc.slot, a.number));
+            }
+        }
+    }
+    for ep in state.endpoints.values() {
+        let (Some(svc), Some(network_id), Some(account)) = (
+            state.services.get(&ep.service_id),
+            number(&ep.network_id),
+            state.accounts.get(&ep.owner),
+        ) else {
+            skipped.push(format!(
+                "endpoint {}: dangling service, network or account",
+                ep.id
+            ));
+            continue;
+        };
+        let IpAddr::V4(ip) = ep.ip else {
+            skipped.push(format!(
+                "endpoint {}: IPv6 endpoints are not forwarded yet",
+                ep.id
+            ));
+            continue;
+        };
+        if svc.owner == ep.owner {
+            // Same account: always allowed.
+            m.allowlist.insert((svc.slot, account.number));
+        }
+        let rules = (!ep.security_groups.is_empty()).then(|| {
+            ep.security_groups
+                .iter()
+                .filter_map(|b| state.security_groups.get(&b.security_group_id))
+                .flat_map(|g| g.rules.iter())
+                .filter_map(|r| {
+                    let IpNet::V4(source) = r.source else {
+                        return None;
+                    };
+                    let (lo, hi) = validate::rule_ports("", &r.ports).ok()?;
+                    Some(Rule {
+                        proto: match r.protocol {
+                            RuleProtocol::Tcp => RuleProto::Tcp,
+                            RuleProtocol::Udp => RuleProto::Udp,
+                            RuleProtocol::Icmp => RuleProto::Icmp,
+                            RuleProtocol::All => RuleProto::All,
+                        },
+                        ports: lo..=hi,
+                        source,
+                        action: match r.action {
+                            RuleAction::Accept => Action::Accept,
+                            RuleAction::Drop => Action::Drop,
+                        },
+                    })
+                })
+                .collect()
+        });
+        m.links.insert(
+            ep.link_id,
+            Link {
+                network_id,
+                ip,
+                service_slot: svc.slot,
+                account: account.number,
+                state: match ep.state {
+                    ConnectionState::Pending => LinkState::Pending,
+                    ConnectionState::Available => LinkState::Available,
+                    ConnectionState::Rejected => LinkState::Rejected,
+                },
+                ports: svc
+                    .port_mappings
+                    .iter()
+                    .map(|p| PortMap {
+                        proto: match p.protocol {
+                            Protocol::Tcp => Proto::Tcp,
+                            Protocol::Udp => Proto::Udp,
+                        },
+                        terminal: p.terminal_port,
+                        service: p.service_port,
+                    })
+                    .collect(),
+                rules,
+            },
+        );
+    }
+    (m, skipped)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::control::{
+        ops::{Caller, accounts, endpoints, groups, services},
+        plane::ControlPlane,
+        store::SqliteStore,
+    };
+
+    fn plane() -> ControlPlane {
+        ControlPlane::open(
+            Box::new(SqliteStore::open(std::path::Path::new(":memory:")).unwrap()),
+            "admin",
+        )
+        .unwrap()
+    }
+
+    fn de<T: serde::de::DeserializeOwned>(v: serde_json::Value) -> T {
+        serde_json::from_value(v).unwrap()
+    }
+
+    #[test]
+    fn state_becomes_links_rules_and_allowlist() {
+        let p = plane();
+        let admin = Caller::Admin;
+        for id in ["provider", "consumer"] {
+            let req = accounts::CreateAccount {
+                id: id.into(),
+                name: id.into(),
+            };
+            p.mutate(&admin, |s, cx| {
+                accounts::create_account(s, cx, req, format!("t-{id}"))
+            })
+            .unwrap();
+        }
+        let net = |owner: &str, cidr: &str| {
+            let req = accounts::CreateNetwork {
+                name: "n".into(),
+                owner: owner.into(),
+                cidrs: vec![cidr.into()],
+            };
+            let n = p
+                .mutate(&admin, |s, cx| accounts::create_network(s, cx, req))
+                .unwrap();
+            let sub = accounts::CreateSubnet {
+                name: "s".into(),
+                cidr: cidr.replace("/16", "/24"),
+            };
+            (
+                n.id.clone(),
+                p.mutate(&admin, |s, cx| accounts::create_subnet(s, cx, &n.id, sub))
+                    .unwrap()
+                    .id,
+            )
+        };
+        let (pnet, _) = net("provider", "198.18.100.0/24");
+        let (cnet, csub) = net("consumer", "198.18.0.0/16");
+        let (prov, cons) = (
+            Caller::Account("provider".into()),
+            Caller::Account("consumer".into()),
+        );
+        let svc = p
+            .mutate(&prov, |s, cx| {
+                services::create(s, cx, de(serde_json::json!({ "name": "db", "network_id": pnet, "service_type": "mysql",
+                    "backends": ["198.18.100.10", "198.18.100.11"], "auto_accept": true,
+                    "port_mappings": [{ "protocol": "tcp", "service_port": 3306, "terminal_port": 13306 }] })))
+            })
+            .unwrap();
+        p.mutate(&prov, |s, cx| {
+            services::allow(
+                s,
+                cx,
+                &svc.id,
+                de(serde_json::json!({ "account_id": "consumer" })),
+            )
+        })
+        .unwrap();
+        let group = |rules: serde_json::Value| {
+            p.mutate(&cons, |s, cx| {
+                groups::create(
+                    s,
+                    cx,
+                    de(serde_json::json!({ "name": "g", "rules": rules })),
+                )
+            })
+            .unwrap()
+            .id
+        };
+        let late = group(
+            serde_json::json!([{ "protocol": "tcp", "ports": "all", "source": "0.0.0.0/0", "action": "accept" }]),
+        );
+        let early = group(serde_json::json!([
+            { "protocol": "all", "source": "2001:db8::/32", "action": "drop" },
+            { "protocol": "tcp", "ports": "13306", "source": "198.18.0.0/24", "action": "drop" }]));
+        let ep = p
+            .mutate(&cons, |s, cx| {
+                endpoints::create(s, cx, de(serde_json::json!({ "name": "ep", "service_id": svc.id, "network_id": cnet, "subnet_id": csub,
+                    "security_groups": [{ "security_group_id": late, "priority": 20 }, { "security_group_id": early, "priority": 10 }] })))
+            })
+            .unwrap();
+        let node = NodeConfig {
+            ifaces: vec![NodeIface {
+                name: "c0".into(),
+                ifindex: 7,
+                vlan_id: 0,
+                network: cnet.clone(),
+                role: Role::Consumer,
+                mac: [2; 6],
+            }],
+            nat: BTreeMap::from([(
+                pnet.clone(),
+                NatRange {
+                    addrs: "198.19.128.0/20".parse().unwrap(),
+                    ports: 1024..=65535,
+                },
+            )]),
+            datapath: DatapathConfig::DEFAULT,
+        };
+        let (m, skipped) = model(&p.snapshot(), &node);
+        assert!(skipped.is_empty(), "{skipped:?}");
+        let state = p.snapshot();
+        let (pn, cn) = (state.networks[&pnet].number, state.networks[&cnet].number);
+        assert_eq!(m.ifaces[0].network_id, cn);
+        assert!(m.nat.contains_key(&pn));
+        assert_eq!(m.services[&svc.slot].backends.len(), 2);
+        let link = &m.links[&ep.link_id];
+        assert_eq!((link.network_id, link.state), (cn, LinkState::Available));
+        assert_eq!(
+            (link.ports[0].terminal, link.ports[0].service),
+            (13306, 3306)
+        );
+        // Priority 10 first, its IPv6 rule left out of the IPv4 list, then priority 20's.
+        let rules = link.rules.as_ref().expect("groups bound");
+        assert_eq!(rules.len(), 2);
+        assert_eq!(
+            (rules[0].action, rules[0].ports.clone()),
+            (Action::Drop, 13306..=13306)
+        );
+        assert_eq!(
+            (rules[1].action, rules[1].ports.clone()),
+            (Action::Accept, 1..=65535)
+        );
+        let consumer_no = state.accounts["consumer"].number;
+        assert!(m.allowlist.contains(&(svc.slot, consumer_no)));
+        // The model compiles into map contents.
+        crate::dataplane::compile(&m, &Default::default()).expect("compiles");
+    }
+}
