@@ -1,5 +1,6 @@
-//! `privatelink-agent run`: load, attach, serve the API, and keep the maps in sync with the
-//! control plane (on every revision, and periodically).
+//! `privatelink-agent run`: load (reusing pinned maps), attach through pinned links, serve the API,
+//! and keep the maps in sync with the control plane (on every revision, and periodically with a
+//! full comparison that repairs drift).
 use std::{sync::Arc, time::Duration};
 
 use anyhow::{Context as _, Result};
@@ -10,16 +11,19 @@ use crate::{
     control::{api, plane::ControlPlane, store::SqliteStore},
     dataplane::Dataplane,
     loader::Datapath,
+    pins::{Attached, Pins},
     sync,
 };
 
-/// Applies the control plane's current state to the maps; logs and keeps the last good state on
-/// refusal.
+/// Applies the control plane's current state to the maps. With `full`, the maps are first read
+/// back and compared with what was written: differences are counted as drift and repaired. A
+/// refused state is logged and the maps keep the last good state.
 fn reconcile(
     plane: &ControlPlane,
     dataplane: &mut Dataplane,
     cfg: &Checked,
     last_skipped: &mut Vec<String>,
+    full: bool,
 ) {
     let state = plane.snapshot();
     let (model, skipped) = sync::model(&state, &cfg.node);
@@ -29,7 +33,18 @@ fn reconcile(
         }
         *last_skipped = skipped;
     }
-    match dataplane.apply(&model) {
+    let result = if full {
+        dataplane.resync(&model)
+    } else {
+        dataplane.apply(&model)
+    };
+    match result {
+        Ok(r) if r.drift > 0 => log::warn!(
+            "sync: revision {}: {} map entries had drifted from what the agent wrote; repaired with {} map writes",
+            state.revision,
+            r.drift,
+            r.writes
+        ),
         Ok(r) if r.writes > 0 || r.flows_cut > 0 => {
             log::info!(
                 "sync: revision {}: {} map writes, {} flows cut",
@@ -46,28 +61,40 @@ fn reconcile(
     }
 }
 
-fn attach(dp: &mut Datapath, cfg: &Checked) -> Result<()> {
+fn attach(dp: &mut Datapath, pins: &Pins, cfg: &Checked) -> Result<()> {
     for (name, &generic) in &cfg.attach {
         let prog = dp.program();
-        if generic {
-            prog.attach(name, XdpMode::Skb)
-                .with_context(|| format!("attaching (generic) to {name}"))?;
-            log::info!("attached to {name} in generic mode (asked for)");
-            continue;
-        }
-        match prog.attach(name, XdpMode::Driver) {
-            Ok(_) => log::info!("attached to {name} in native mode"),
-            Err(e) => {
-                log::warn!("native XDP on {name} failed ({e}); falling back to generic mode");
-                prog.attach(name, XdpMode::Skb)
-                    .with_context(|| format!("attaching (generic) to {name}"))?;
+        let how = if generic {
+            pins.attach(prog, name, XdpMode::Skb)
+                .with_context(|| format!("attaching (generic) to {name}"))?
+        } else {
+            match pins.attach(prog, name, XdpMode::Driver) {
+                Ok(a) => a,
+                Err(e) => {
+                    log::warn!("native XDP on {name} failed ({e:#}); falling back to generic mode");
+                    pins.attach(prog, name, XdpMode::Skb)
+                        .with_context(|| format!("attaching (generic) to {name}"))?
+                }
             }
+        };
+        match how {
+            Attached::Replaced => {
+                log::info!("{name}: replaced the running program through its pinned link")
+            }
+            Attached::New => log::info!(
+                "{name}: attached ({})",
+                if generic {
+                    "generic, as asked"
+                } else {
+                    "native"
+                }
+            ),
         }
     }
     Ok(())
 }
 
-pub fn run(cfg: Checked) -> Result<()> {
+pub fn run(cfg: Checked, detach_on_exit: bool) -> Result<()> {
     let store_path = &cfg.raw.store.path;
     if let Some(dir) = store_path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir)
@@ -76,11 +103,26 @@ pub fn run(cfg: Checked) -> Result<()> {
     let store = SqliteStore::open(store_path)
         .with_context(|| format!("store.path: {}", store_path.display()))?;
     let plane = Arc::new(ControlPlane::open(Box::new(store), &cfg.admin_token)?);
-    let mut dp = Datapath::load(&cfg.sizes).context("loading the datapath")?;
+    let pins = Pins::prepare(&cfg.raw.bpffs)?;
+    let mut dp = Datapath::load_pinned(&cfg.sizes, &pins).context("loading the datapath")?;
     let mut dataplane = Dataplane::new(&mut dp.ebpf)?;
+    let flows = dataplane.flows().len();
+    if flows > 0 || !dataplane.shadow().links.is_empty() {
+        log::info!(
+            "reusing pinned maps: {} links, {flows} conntrack entries",
+            dataplane.shadow().links.len()
+        );
+    }
     let mut skipped = Vec::new();
-    reconcile(&plane, &mut dataplane, &cfg, &mut skipped);
-    attach(&mut dp, &cfg)?;
+    reconcile(&plane, &mut dataplane, &cfg, &mut skipped, false);
+    attach(&mut dp, &pins, &cfg)?;
+    for stale in pins.stale_maps() {
+        log::warn!(
+            "removing {} pinned by an agent with another map layout (its state is not reused)",
+            stale.display()
+        );
+        std::fs::remove_file(&stale).ok();
+    }
     log::info!(
         "node {}: datapath on {} interfaces, state revision {}",
         cfg.raw.node,
@@ -105,17 +147,23 @@ pub fn run(cfg: Checked) -> Result<()> {
             tokio::select! {
                 changed = revisions.changed() => {
                     if changed.is_err() { break; }
-                    reconcile(&plane, &mut dataplane, &cfg, &mut skipped);
+                    reconcile(&plane, &mut dataplane, &cfg, &mut skipped, false);
                 }
-                _ = resync.tick() => reconcile(&plane, &mut dataplane, &cfg, &mut skipped),
+                _ = resync.tick() => reconcile(&plane, &mut dataplane, &cfg, &mut skipped, true),
                 _ = tokio::signal::ctrl_c() => break,
                 _ = term.recv() => break,
             }
         }
         server.abort();
+        Ok::<(), anyhow::Error>(())
+    })?;
+    if detach_on_exit {
+        let n = pins.remove_all()?;
+        log::info!("stopped and detached: {n} pins removed");
+    } else {
         log::info!(
-            "stopping: the programs are detached with the agent (pinning is not in place yet)"
+            "stopped; forwarding continues through the pinned programs and maps (`privatelink-agent detach` removes them)"
         );
-        Ok(())
-    })
+    }
+    Ok(())
 }

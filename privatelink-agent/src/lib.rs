@@ -8,4 +8,5 @@ pub mod demo;
 pub mod loader;
 pub mod netns;
 pub mod object;
+pub mod pins;
 pub mod sync;

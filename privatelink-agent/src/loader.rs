@@ -78,8 +78,25 @@ pub struct Datapath {
 }
 
 impl Datapath {
+    /// Loads with fresh, unpinned maps.
     pub fn load(sizes: &Sizes) -> Result<Self, LoadError> {
-        let mut ebpf = EbpfLoader::new()
+        Self::load_with(sizes, None)
+    }
+
+    /// Loads reusing (or creating and pinning) every map under `pins`.
+    pub fn load_pinned(sizes: &Sizes, pins: &crate::pins::Pins) -> Result<Self, LoadError> {
+        Self::load_with(sizes, Some(pins))
+    }
+
+    fn load_with(sizes: &Sizes, pins: Option<&crate::pins::Pins>) -> Result<Self, LoadError> {
+        let paths: Vec<(&str, std::path::PathBuf)> = pins
+            .map(|p| names::ALL.iter().map(|n| (*n, p.map_path(n))).collect())
+            .unwrap_or_default();
+        let mut loader = EbpfLoader::new();
+        for (name, path) in &paths {
+            loader.map_pin_path(name, path.as_path());
+        }
+        let mut ebpf = loader
             .map_max_entries(names::LINKS, sizes.links)
             .map_max_entries(names::LINK_STATS, sizes.links)
             .map_max_entries(names::ENDPOINT_IPS4, sizes.links)

@@ -27,6 +27,15 @@ enum Command {
         /// The node's agent.toml.
         #[arg(long, env = "PRIVATELINK_CONFIG")]
         config: std::path::PathBuf,
+        /// Remove programs and pins on exit (by default forwarding continues without the agent).
+        #[arg(long)]
+        detach_on_exit: bool,
+    },
+    /// Remove the programs, links and pinned maps of a node (forwarding stops).
+    Detach {
+        /// The bpffs directory the agent pinned under.
+        #[arg(long, default_value = "/sys/fs/bpf/privatelink")]
+        bpffs: std::path::PathBuf,
     },
     /// Serve the control-plane REST API (and /openapi.json) without a datapath.
     Api {
@@ -102,9 +111,21 @@ fn main() -> Result<()> {
             Ok(())
         }
         Command::Demo { once } => privatelink_agent::demo::run(once),
-        Command::Run { config } => {
+        Command::Run {
+            config,
+            detach_on_exit,
+        } => {
             let checked = privatelink_agent::config::load(&config)?;
-            privatelink_agent::agent::run(checked)
+            privatelink_agent::agent::run(checked, detach_on_exit)
+        }
+        Command::Detach { bpffs } => {
+            if !bpffs.exists() {
+                println!("nothing pinned under {}", bpffs.display());
+                return Ok(());
+            }
+            let n = privatelink_agent::pins::Pins::prepare(&bpffs)?.remove_all()?;
+            println!("removed {n} pins under {}", bpffs.display());
+            Ok(())
         }
         Command::Api {
             listen,

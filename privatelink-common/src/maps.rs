@@ -355,4 +355,27 @@ pub mod names {
     pub const GLOBAL_STATS: &str = "GLOBAL_STATS";
     pub const LINK_STATS: &str = "LINK_STATS";
     pub const LINK_DROPS: &str = "LINK_DROPS";
+
+    /// Every map, for pinning.
+    pub const ALL: &[&str] = &[
+        IFACES,
+        ENDPOINTS4,
+        ENDPOINT_IPS4,
+        LINKS,
+        ALLOWLIST,
+        RULES4,
+        MAGLEV,
+        BACKENDS4,
+        NAT4,
+        CT4,
+        CONFIG,
+        DEVMAP,
+        GLOBAL_STATS,
+        LINK_STATS,
+        LINK_DROPS,
+    ];
 }
+
+/// Version of the maps' layout, part of every pin name: bump it with any change to a key or value
+/// type above, so that an upgraded agent creates new maps instead of misreading pinned ones.
+pub const LAYOUT_VERSION: u32 = 1;

@@ -99,16 +99,97 @@ fn round_trip(topo: &Topology, i: usize, timeout: Duration) -> Result<Vec<u8>, S
     })
 }
 
-#[test]
-fn agent_syncs_api_state_into_the_datapath() {
-    if !privileged("agent_syncs_api_state_into_the_datapath") {
-        return;
-    }
-    let topo = Topology::build(2).expect("topology");
-    let dir = std::env::temp_dir().join(format!("privatelink-agent-test-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let db = dir.join("state.db");
+/// A bpffs mounted for one test (pins must outlive the agent process, whose `ip netns exec`
+/// mount namespace has a private /sys); unmounted and removed on drop.
+struct BpfFs(std::path::PathBuf);
 
+impl BpfFs {
+    fn mount(dir: &std::path::Path) -> Self {
+        let m = dir.join("bpffs");
+        std::fs::create_dir_all(&m).unwrap();
+        nix::mount::mount(
+            Some("bpf"),
+            &m,
+            Some("bpf"),
+            nix::mount::MsFlags::empty(),
+            None::<&str>,
+        )
+        .expect("mount bpffs");
+        BpfFs(m)
+    }
+}
+
+impl Drop for BpfFs {
+    fn drop(&mut self) {
+        let _ = nix::mount::umount2(&self.0, nix::mount::MntFlags::MNT_DETACH);
+    }
+}
+
+/// Namespaces, a store with accounts and networks, the agent's config, the service and two
+/// accepted endpoints made through the running agent.
+struct World {
+    topo: Topology,
+    dir: std::path::PathBuf,
+    bpffs: BpfFs,
+    tokens: Vec<String>,
+    svc: String,
+    eps: Vec<String>,
+    _pass: Datapath,
+}
+
+impl World {
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("agent.log")).unwrap_or_default()
+    }
+
+    /// Starts the agent (appending to agent.log) and waits for its API.
+    fn start_agent(&self) -> Agent {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("agent.log"))
+            .unwrap();
+        let child = self
+            .topo
+            .node
+            .command(agent_bin("privatelink-agent").to_str().unwrap())
+            .args([
+                "run",
+                "--config",
+                self.dir.join("agent.toml").to_str().unwrap(),
+            ])
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::from(log.try_clone().unwrap()))
+            .stderr(Stdio::from(log))
+            .spawn()
+            .expect("start the agent");
+        let agent = Agent(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while api(&self.topo, ADMIN, "GET", "/v1/revision", None).0 != 200 {
+            assert!(
+                Instant::now() < deadline,
+                "the agent's API did not come up:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        agent
+    }
+}
+
+impl Drop for World {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Builds everything up to a running agent with the service and two endpoints (Pending).
+fn world(name: &str) -> (World, Agent) {
+    let topo = Topology::build(2).expect("topology");
+    let dir = std::env::temp_dir().join(format!("privatelink-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let bpffs = BpfFs::mount(&dir);
+    let db = dir.join("state.db");
     // Accounts and networks first (the node's config names its networks), with the real code.
     let (mut tokens, mut vpcs) = (Vec::new(), Vec::new());
     {
@@ -152,8 +233,9 @@ fn agent_syncs_api_state_into_the_datapath() {
     }
     std::fs::write(dir.join("admin-token"), ADMIN).unwrap();
     let mut cfg = format!(
-        "node = \"test-node\"\nadmin_token_file = \"{}\"\nresync_interval = 1\n[api]\nlisten = \"{API}\"\n[store]\npath = \"{}\"\n",
+        "node = \"test-node\"\nadmin_token_file = \"{}\"\nresync_interval = 1\nbpffs = \"{}\"\n[api]\nlisten = \"{API}\"\n[store]\npath = \"{}\"\n",
         dir.join("admin-token").display(),
+        bpffs.0.join("privatelink").display(),
         db.display()
     );
     for (i, (name, _, _)) in topo.consumer_ifaces.iter().enumerate() {
@@ -169,133 +251,275 @@ fn agent_syncs_api_state_into_the_datapath() {
     cfg += &format!("[nat.{}]\nrange = \"{NAT_RANGE}\"\n", vpcs[0].0);
     std::fs::write(dir.join("agent.toml"), &cfg).unwrap();
 
-    let log = std::fs::File::create(dir.join("agent.log")).unwrap();
-    let child = topo
-        .node
-        .command(agent_bin("privatelink-agent").to_str().unwrap())
-        .args(["run", "--config", dir.join("agent.toml").to_str().unwrap()])
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::from(log.try_clone().unwrap()))
-        .stderr(Stdio::from(log))
-        .spawn()
-        .expect("start the agent");
-    let _agent = Agent(child);
-    let agent_log = || std::fs::read_to_string(dir.join("agent.log")).unwrap_or_default();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while api(&topo, ADMIN, "GET", "/v1/revision", None).0 != 200 {
-        assert!(
-            Instant::now() < deadline,
-            "the agent's API did not come up:\n{}",
-            agent_log()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-
-    // The redirect targets' peers need an XDP program; the agent attached the datapath itself.
+    // The redirect targets' peers need an XDP program; the agent attaches the datapath itself.
     let mut pass = Datapath::load(&Sizes::small()).expect("load for the pass program");
     topo.attach_pass(&mut pass).expect("pass programs");
-
-    // Provider: service and allowlist. Consumers: an endpoint each at the same address. Provider accepts.
+    let mut w = World {
+        topo,
+        dir,
+        bpffs,
+        tokens,
+        svc: String::new(),
+        eps: Vec::new(),
+        _pass: pass,
+    };
+    let agent = w.start_agent();
     let svc = ok(
-        &topo,
-        &tokens[0],
+        &w.topo,
+        &w.tokens[0],
         "/v1/services",
         json!({ "name": "echo", "network_id": vpcs[0].0, "service_type": "clb",
         "backends": [BACKEND.to_string()], "port_mappings": [{ "protocol": "tcp", "service_port": TCP_PORTS.1, "terminal_port": TCP_PORTS.0 }] }),
     );
-    let svc_id = svc["id"].as_str().unwrap().to_string();
-    let mut eps = Vec::new();
+    w.svc = svc["id"].as_str().unwrap().to_string();
     for c in [1, 2] {
         ok(
-            &topo,
-            &tokens[0],
-            &format!("/v1/services/{svc_id}/allowlist"),
+            &w.topo,
+            &w.tokens[0],
+            &format!("/v1/services/{}/allowlist", w.svc),
             json!({ "account_id": format!("100000000{c}") }),
         );
         let ep = ok(
-            &topo,
-            &tokens[c],
+            &w.topo,
+            &w.tokens[c],
             "/v1/endpoints",
-            json!({ "name": "echo", "service_id": svc_id,
+            json!({ "name": "echo", "service_id": w.svc,
             "network_id": vpcs[c].0, "subnet_id": vpcs[c].1, "ip": ENDPOINT.to_string() }),
         );
-        eps.push(ep["id"].as_str().unwrap().to_string());
+        w.eps.push(ep["id"].as_str().unwrap().to_string());
     }
-    // Pending: no traffic yet.
-    assert!(
-        round_trip(&topo, 0, Duration::from_millis(700)).is_err(),
-        "a Pending endpoint must not forward"
-    );
-    ok(
-        &topo,
-        &tokens[0],
-        &format!("/v1/services/{svc_id}/accept"),
-        json!({ "endpoint_ids": eps }),
-    );
+    (w, agent)
+}
 
-    // A real echo server in the provider namespace.
+/// An echo server in the provider namespace serving connections until `stop` (bounded to 60 s).
+fn echo_server(topo: &Topology, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<()> {
     let listener = topo
         .provider
         .enter(|| TcpListener::bind((BACKEND, TCP_PORTS.1)).expect("bind backend"));
     listener.set_nonblocking(true).unwrap();
-    let stop = Arc::new(AtomicBool::new(false));
-    let stop2 = stop.clone();
-    let server = topo.provider.spawn(move || {
+    topo.provider.spawn(move || {
         let deadline = Instant::now() + Duration::from_secs(60);
-        while !stop2.load(Ordering::Relaxed) && Instant::now() < deadline {
+        while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
             match listener.accept() {
                 Ok((mut s, _)) => {
                     s.set_nonblocking(false).unwrap();
-                    s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
-                    let mut buf = [0u8; 256];
-                    if let Ok(n) = s.read(&mut buf) {
-                        let _ = s.write_all(&buf[..n]);
-                    }
+                    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+                    std::thread::spawn(move || {
+                        let mut buf = vec![0u8; 1 << 16];
+                        while let Ok(n) = s.read(&mut buf) {
+                            if n == 0 || s.write_all(&buf[..n]).is_err() {
+                                break;
+                            }
+                        }
+                    });
                 }
                 Err(_) => std::thread::sleep(Duration::from_millis(10)),
             }
         }
-    });
+    })
+}
 
-    // Both consumers reach the backend through their own endpoint (the agent applies within a sync).
-    for i in 0..2 {
-        let deadline = Instant::now() + Duration::from_secs(5);
-        loop {
-            match round_trip(&topo, i, Duration::from_secs(1)) {
-                Ok(b) => {
-                    assert_eq!(b, format!("hello from consumer {i}").into_bytes());
-                    break;
-                }
-                Err(e) => assert!(
-                    Instant::now() < deadline,
-                    "consumer {i}: {e}\n{}",
-                    agent_log()
-                ),
+fn wait_for_traffic(w: &World, i: usize) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        match round_trip(&w.topo, i, Duration::from_secs(1)) {
+            Ok(b) => {
+                assert_eq!(b, format!("hello from consumer {i}").into_bytes());
+                return;
             }
+            Err(e) => assert!(Instant::now() < deadline, "consumer {i}: {e}\n{}", w.log()),
         }
     }
+}
+
+#[test]
+fn agent_syncs_api_state_into_the_datapath() {
+    if !privileged("agent_syncs_api_state_into_the_datapath") {
+        return;
+    }
+    let (w, _agent) = world("agent-sync");
+    assert!(
+        round_trip(&w.topo, 0, Duration::from_millis(700)).is_err(),
+        "a Pending endpoint must not forward"
+    );
+    ok(
+        &w.topo,
+        &w.tokens[0],
+        &format!("/v1/services/{}/accept", w.svc),
+        json!({ "endpoint_ids": w.eps }),
+    );
+    let stop = Arc::new(AtomicBool::new(false));
+    let server = echo_server(&w.topo, stop.clone());
+    // Both consumers reach the backend through their own endpoint (the agent applies within a sync).
+    wait_for_traffic(&w, 0);
+    wait_for_traffic(&w, 1);
     // Rejecting consumer 1's endpoint cuts it; consumer 2 keeps working.
     ok(
-        &topo,
-        &tokens[0],
-        &format!("/v1/services/{svc_id}/reject"),
-        json!({ "endpoint_ids": [eps[0]] }),
+        &w.topo,
+        &w.tokens[0],
+        &format!("/v1/services/{}/reject", w.svc),
+        json!({ "endpoint_ids": [w.eps[0]] }),
     );
     std::thread::sleep(Duration::from_millis(300));
     assert!(
-        round_trip(&topo, 0, Duration::from_millis(700)).is_err(),
+        round_trip(&w.topo, 0, Duration::from_millis(700)).is_err(),
         "a Rejected endpoint must not forward"
     );
     assert!(
-        round_trip(&topo, 1, Duration::from_secs(2)).is_ok(),
+        round_trip(&w.topo, 1, Duration::from_secs(2)).is_ok(),
         "the other consumer is unaffected"
     );
     stop.store(true, Ordering::Relaxed);
     server.join().unwrap();
     assert!(
-        agent_log().contains("map writes"),
+        w.log().contains("map writes"),
         "the agent logged its syncs:\n{}",
-        agent_log()
+        w.log()
     );
-    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn sigkill_and_restart_keep_a_live_stream_repair_drift_and_detach() {
+    if !privileged("sigkill_and_restart_keep_a_live_stream_repair_drift_and_detach") {
+        return;
+    }
+    let (w, agent) = world("agent-restart");
+    ok(
+        &w.topo,
+        &w.tokens[0],
+        &format!("/v1/services/{}/accept", w.svc),
+        json!({ "endpoint_ids": w.eps }),
+    );
+    let stop = Arc::new(AtomicBool::new(false));
+    let server = echo_server(&w.topo, stop.clone());
+    wait_for_traffic(&w, 0);
+
+    // A stream of a known pattern, echoed back and checked, across a SIGKILL and a restart.
+    let streaming = Arc::new(AtomicBool::new(true));
+    let flag = streaming.clone();
+    let client = w.topo.consumers[0].spawn(move || -> Result<usize, String> {
+        let mut s = TcpStream::connect_timeout(
+            &SocketAddr::from((ENDPOINT, TCP_PORTS.0)),
+            Duration::from_secs(2),
+        )
+        .map_err(|e| format!("connect: {e}"))?;
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut r = s.try_clone().unwrap();
+        let reader = std::thread::spawn(move || -> Result<usize, String> {
+            let (mut buf, mut at) = (vec![0u8; 1 << 16], 0usize);
+            loop {
+                let n = r
+                    .read(&mut buf)
+                    .map_err(|e| format!("read after {at} bytes: {e}"))?;
+                if n == 0 {
+                    return Ok(at);
+                }
+                for (k, b) in buf[..n].iter().enumerate() {
+                    if *b != ((at + k) % 251) as u8 {
+                        return Err(format!("byte {} differs", at + k));
+                    }
+                }
+                at += n;
+            }
+        });
+        let (chunk, mut sent) = (4096usize, 0usize);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while flag.load(Ordering::Relaxed) && Instant::now() < deadline {
+            let data: Vec<u8> = (sent..sent + chunk).map(|i| (i % 251) as u8).collect();
+            s.write_all(&data)
+                .map_err(|e| format!("write after {sent} bytes: {e}"))?;
+            sent += chunk;
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        s.shutdown(std::net::Shutdown::Write)
+            .map_err(|e| e.to_string())?;
+        let got = reader.join().map_err(|_| "reader panicked".to_string())??;
+        if got != sent {
+            return Err(format!("sent {sent} bytes, {got} came back"));
+        }
+        Ok(sent)
+    });
+    std::thread::sleep(Duration::from_secs(1));
+    let mut agent = agent;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(agent.0.id() as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let _ = agent.0.wait();
+    // Without the agent, the pinned program keeps forwarding.
+    std::thread::sleep(Duration::from_millis(700));
+    let agent = w.start_agent();
+    std::thread::sleep(Duration::from_secs(1));
+    streaming.store(false, Ordering::Relaxed);
+    let sent = client
+        .join()
+        .unwrap()
+        .unwrap_or_else(|e| panic!("the stream broke across the restart: {e}\n{}", w.log()));
+    assert!(sent > 100_000, "the stream carried data ({sent} bytes)");
+    let log = w.log();
+    assert!(
+        log.contains("reusing pinned maps"),
+        "the restarted agent reused the pinned state:\n{log}"
+    );
+    assert!(
+        log.contains("replaced the running program"),
+        "and swapped the program atomically:\n{log}"
+    );
+
+    // Drift: delete the endpoint's entry behind the agent's back; the periodic resync repairs it.
+    let path = w.bpffs.0.join("privatelink").join(format!(
+        "{}-v{}",
+        privatelink_common::names::ENDPOINTS4,
+        privatelink_common::LAYOUT_VERSION
+    ));
+    let map = aya::maps::MapData::from_pin(&path).expect("open the pinned endpoint map");
+    let mut endpoints: aya::maps::HashMap<
+        _,
+        privatelink_common::EndpointKey4,
+        privatelink_common::EndpointValue,
+    > = aya::maps::HashMap::try_from(aya::maps::Map::HashMap(map)).unwrap();
+    let keys: Vec<_> = endpoints.keys().filter_map(Result::ok).collect();
+    assert_eq!(keys.len(), 2, "one port mapping per endpoint");
+    for k in &keys {
+        endpoints.remove(k).unwrap();
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !w.log().contains("drifted") {
+        assert!(
+            Instant::now() < deadline,
+            "the resync did not notice the edit:\n{}",
+            w.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(endpoints.keys().count(), 2, "the entries are back");
+    wait_for_traffic(&w, 0);
+
+    // Detach: programs and pins go away.
+    drop(agent);
+    let out = w
+        .topo
+        .node
+        .command(agent_bin("privatelink-agent").to_str().unwrap())
+        .args([
+            "detach",
+            "--bpffs",
+            w.bpffs.0.join("privatelink").to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let link = w.topo.node.ip(&["link", "show", "c0"]).unwrap();
+    assert!(
+        !String::from_utf8_lossy(&link.stdout).contains("prog/xdp"),
+        "c0 has no program after detach"
+    );
+    assert!(!w.bpffs.0.join("privatelink").exists());
+    stop.store(true, Ordering::Relaxed);
+    server.join().unwrap();
 }

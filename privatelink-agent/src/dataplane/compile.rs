@@ -203,7 +203,10 @@ pub fn compile(model: &Model, prev: &MapState) -> Result<MapState, CompileError>
             .iter()
             .map(|&i| backend_slot[&(ids[i as usize] as u32).to_be()])
             .collect();
-        out.maglev.insert(slot, slots);
+        // No backends, no table (reads back the same way from the map).
+        if !table.is_empty() {
+            out.maglev.insert(slot, slots);
+        }
     }
 
     for &(service_slot, account) in &model.allowlist {

@@ -5,7 +5,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use aya::{
     Ebpf,
     maps::{
-        Array, DevMapHash, HashMap, MapData, MapError, PerCpuArray, PerCpuHashMap, xdp::XdpMapError,
+        Array, DevMapHash, HashMap, MapData, MapError, PerCpuArray, PerCpuHashMap, PerCpuValues,
+        xdp::XdpMapError,
     },
 };
 use privatelink_common::{
@@ -68,6 +69,9 @@ pub struct ApplyReport {
     pub writes: usize,
     /// Conntrack entries removed because their link was cut.
     pub flows_cut: usize,
+    /// Entries found different from what was last written (maps edited behind the agent's back),
+    /// counted by `resync` before it repairs them.
+    pub drift: usize,
 }
 
 /// Typed handles on every map, and the shadow of what was last written.
@@ -132,7 +136,7 @@ impl Dataplane {
         ] {
             caps.insert(name, capacity(ebpf, name)?);
         }
-        Ok(Dataplane {
+        Dataplane {
             ifaces: take(ebpf, names::IFACES)?,
             endpoints4: take(ebpf, names::ENDPOINTS4)?,
             endpoint_ips4: take(ebpf, names::ENDPOINT_IPS4)?,
@@ -152,12 +156,101 @@ impl Dataplane {
             shadow: MapState::default(),
             netns: current_netns()?,
             fib_generation: 0,
-        })
+        }
+        .with_shadow_from_maps()
     }
 
     /// What was last written.
     pub fn shadow(&self) -> &MapState {
         &self.shadow
+    }
+
+    /// Starts from what the maps hold (pinned maps of a previous agent), so the first apply writes
+    /// only real differences.
+    fn with_shadow_from_maps(mut self) -> Result<Self, DataplaneError> {
+        self.shadow = self.read_maps()?;
+        self.fib_generation = self.shadow.config.fib_generation;
+        Ok(self)
+    }
+
+    /// The contents of every written map, as the kernel has them now.
+    pub fn read_maps(&self) -> Result<MapState, DataplaneError> {
+        let mut s = MapState::default();
+        let cfg = self.config.get(&0, 0).map_err(map_err(names::CONFIG))?;
+        // A never-written config map reads as zeroes; the datapath then uses the defaults.
+        s.config = if cfg.udp_timeout_ns == 0 {
+            DatapathConfig::DEFAULT
+        } else {
+            cfg
+        };
+        for r in self.ifaces.iter() {
+            let (k, v) = r.map_err(map_err(names::IFACES))?;
+            s.ifaces.insert(k, v);
+        }
+        for k in self.devmap.keys() {
+            s.devmap.insert(k.map_err(map_err(names::DEVMAP))?);
+        }
+        for (i, v) in self.nat4.iter().enumerate() {
+            let v = v.map_err(map_err(names::NAT4))?;
+            if v.count != 0 {
+                s.nat4.insert(i as u32, v);
+            }
+        }
+        for (i, v) in self.backends4.iter().enumerate() {
+            let v = v.map_err(map_err(names::BACKENDS4))?;
+            if v.addr_be != 0 {
+                s.backends4.insert(i as u32, v);
+            }
+        }
+        for (i, v) in self.maglev.iter().enumerate() {
+            let v = v.map_err(map_err(names::MAGLEV))?;
+            if v.backends != 0 {
+                s.maglev.insert(i as u32, v.slots.to_vec());
+            }
+        }
+        for r in self.allowlist.iter() {
+            s.allowlist.insert(r.map_err(map_err(names::ALLOWLIST))?.0);
+        }
+        for (i, v) in self.links.iter().enumerate() {
+            let v = v.map_err(map_err(names::LINKS))?;
+            if v.state != LINK_EMPTY {
+                s.links.insert(i as u32, v);
+            }
+        }
+        // Rule lists in use are the ones links point at.
+        let slots: BTreeSet<u32> = s
+            .links
+            .values()
+            .map(|l| l.rules_slot)
+            .filter(|&r| r != 0)
+            .collect();
+        for slot in slots {
+            let l = self.rules4.get(&slot, 0).map_err(map_err(names::RULES4))?;
+            let n = (l.count as usize).min(MAX_RULES);
+            s.rules4.insert(slot, l.rules[..n].to_vec());
+        }
+        for r in self.endpoint_ips4.iter() {
+            let (k, v) = r.map_err(map_err(names::ENDPOINT_IPS4))?;
+            s.endpoint_ips4.insert(k, v);
+        }
+        for r in self.endpoints4.iter() {
+            let (k, v) = r.map_err(map_err(names::ENDPOINTS4))?;
+            s.endpoints4.insert(k, v);
+        }
+        Ok(s)
+    }
+
+    /// Full resync: compares the maps with what was last written (counting every entry that
+    /// differs as drift), then applies `model` against what the maps really hold.
+    pub fn resync(&mut self, model: &Model) -> Result<ApplyReport, DataplaneError> {
+        let actual = self.read_maps()?;
+        let drift = drift(&self.shadow, &actual);
+        if drift > 0 {
+            self.shadow = actual;
+        }
+        let mut report = self.apply(model)?;
+        report.drift = drift;
+        Ok(report)
     }
 
     /// Checks that `s` fits every map before anything is written.
@@ -293,6 +386,29 @@ impl Dataplane {
                 .map_err(map_err(names::ALLOWLIST))?;
             w += 1;
         }
+        // A link id new to the maps starts with zeroed counters (ids are reused after deletion,
+        // and the counters are pinned across agent restarts).
+        for id in next.links.keys().filter(|id| !prev.links.contains_key(id)) {
+            let zero =
+                PerCpuValues::try_from(vec![LinkStats::default(); nr_cpus()?]).map_err(|e| {
+                    DataplaneError::Map {
+                        map: names::LINK_STATS,
+                        source: MapError::IoError(e),
+                    }
+                })?;
+            self.link_stats
+                .set(*id, zero, 0)
+                .map_err(map_err(names::LINK_STATS))?;
+            let stale: Vec<LinkDropKey> = self
+                .link_drops
+                .keys()
+                .filter_map(Result::ok)
+                .filter(|k| k.link_id == *id)
+                .collect();
+            for k in stale {
+                let _ = self.link_drops.remove(&k);
+            }
+        }
         // 2. Links (state, rule-list pointer flips), then the endpoint entries that point at them.
         for (k, v) in changed(&prev.links, &next.links) {
             self.links.set(*k, v, 0).map_err(map_err(names::LINKS))?;
@@ -391,6 +507,7 @@ impl Dataplane {
         Ok(ApplyReport {
             writes: w,
             flows_cut,
+            drift: 0,
         })
     }
 
@@ -467,6 +584,36 @@ impl Dataplane {
         }
         out
     }
+}
+
+/// Entries that differ between two map states (added, removed or changed).
+fn drift(a: &MapState, b: &MapState) -> usize {
+    fn count<K: Ord, V: PartialEq>(a: &BTreeMap<K, V>, b: &BTreeMap<K, V>) -> usize {
+        a.iter().filter(|(k, v)| b.get(k) != Some(v)).count()
+            + b.keys().filter(|k| !a.contains_key(k)).count()
+    }
+    fn count_set<K: Ord>(a: &BTreeSet<K>, b: &BTreeSet<K>) -> usize {
+        a.symmetric_difference(b).count()
+    }
+    usize::from(a.config != b.config)
+        + count(&a.ifaces, &b.ifaces)
+        + count_set(&a.devmap, &b.devmap)
+        + count(&a.nat4, &b.nat4)
+        + count(&a.backends4, &b.backends4)
+        + count(&a.rules4, &b.rules4)
+        + count(&a.maglev, &b.maglev)
+        + count_set(&a.allowlist, &b.allowlist)
+        + count(&a.links, &b.links)
+        + count(&a.endpoint_ips4, &b.endpoint_ips4)
+        + count(&a.endpoints4, &b.endpoints4)
+}
+
+/// Possible CPUs, the length of per-CPU values.
+fn nr_cpus() -> Result<usize, DataplaneError> {
+    aya::util::nr_cpus().map_err(|(_, e)| DataplaneError::Map {
+        map: names::LINK_STATS,
+        source: MapError::IoError(e),
+    })
 }
 
 fn usable(l: &LinkInfo) -> bool {

@@ -1,0 +1,143 @@
+//! bpffs pins: maps (so state survives agent restarts and upgrades) and per-interface XDP links
+//! (so forwarding continues while the agent is down, and a new program replaces the old one
+//! atomically).
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context as _, Result};
+use aya::programs::{
+    Xdp,
+    links::{FdLink, PinnedLink},
+    xdp::{XdpLink, XdpMode},
+};
+use privatelink_common::{LAYOUT_VERSION, names};
+
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+/// A directory on bpffs holding this node's pins.
+#[derive(Clone, Debug)]
+pub struct Pins {
+    dir: PathBuf,
+}
+
+/// How an interface got its program.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Attached {
+    /// Replaced the program of a pinned link (restart or upgrade: no packet sees no program).
+    Replaced,
+    /// A new link, now pinned.
+    New,
+}
+
+#[allow(
+    clippy::unnecessary_cast,
+    reason = "f_type is i64 on x86_64 but another width on other architectures"
+)]
+fn is_bpffs(p: &Path) -> bool {
+    nix::sys::statfs::statfs(p).is_ok_and(|s| s.filesystem_type().0 as i64 == BPF_FS_MAGIC)
+}
+
+impl Pins {
+    /// Makes sure `dir` is on a mounted bpffs (mounting /sys/fs/bpf if needed) and exists.
+    pub fn prepare(dir: &Path) -> Result<Self> {
+        let root = Path::new("/sys/fs/bpf");
+        if dir.starts_with(root) && !is_bpffs(root) {
+            std::fs::create_dir_all(root).ok();
+            nix::mount::mount(
+                Some("bpf"),
+                root,
+                Some("bpf"),
+                nix::mount::MsFlags::empty(),
+                None::<&str>,
+            )
+            .context("bpffs: mounting /sys/fs/bpf")?;
+            log::info!("mounted bpffs on /sys/fs/bpf");
+        }
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("bpffs: creating {}", dir.display()))?;
+        let parent = dir.ancestors().find(|a| a.exists() && is_bpffs(a));
+        if parent.is_none() {
+            anyhow::bail!("bpffs: {} is not on a bpf filesystem", dir.display());
+        }
+        Ok(Pins {
+            dir: dir.to_path_buf(),
+        })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Where map `name` is pinned in the current layout.
+    pub fn map_path(&self, name: &str) -> PathBuf {
+        self.dir.join(format!("{name}-v{LAYOUT_VERSION}"))
+    }
+
+    fn link_path(&self, ifname: &str) -> PathBuf {
+        self.dir.join(format!("link-{ifname}"))
+    }
+
+    /// Maps pinned by an agent with another layout version (and so not reused).
+    pub fn stale_maps(&self) -> Vec<PathBuf> {
+        let current: Vec<String> = names::ALL
+            .iter()
+            .map(|n| format!("{n}-v{LAYOUT_VERSION}"))
+            .collect();
+        std::fs::read_dir(&self.dir)
+            .into_iter()
+            .flatten()
+            .filter_map(Result::ok)
+            .map(|e| e.path())
+            .filter(|p| {
+                let f = p.file_name().and_then(|f| f.to_str()).unwrap_or("");
+                !f.starts_with("link-") && !current.iter().any(|c| c == f)
+            })
+            .collect()
+    }
+
+    /// Attaches `prog` to `ifname` through its pinned link if there is one (atomic replacement),
+    /// else with a new link that is then pinned.
+    pub fn attach(&self, prog: &mut Xdp, ifname: &str, mode: XdpMode) -> Result<Attached> {
+        let path = self.link_path(ifname);
+        if path.exists() {
+            let replaced = PinnedLink::from_pin(&path)
+                .map_err(anyhow::Error::from)
+                .and_then(|p| XdpLink::try_from(FdLink::from(p)).map_err(anyhow::Error::from))
+                .and_then(|l| prog.attach_to_link(l).map_err(anyhow::Error::from));
+            match replaced {
+                Ok(_) => return Ok(Attached::Replaced),
+                Err(e) => {
+                    // The interface went away and came back, say: start over with a new link.
+                    log::warn!(
+                        "pinned link {} unusable ({e:#}); attaching anew",
+                        path.display()
+                    );
+                    std::fs::remove_file(&path).ok();
+                }
+            }
+        }
+        let id = prog
+            .attach(ifname, mode)
+            .with_context(|| format!("attaching to {ifname}"))?;
+        let link: FdLink = prog
+            .take_link(id)?
+            .try_into()
+            .context("XDP link is not a bpf_link")?;
+        link.pin(&path)
+            .with_context(|| format!("pinning {}", path.display()))?;
+        Ok(Attached::New)
+    }
+
+    /// Removes every pin: programs detach, maps are freed once nothing holds them.
+    pub fn remove_all(&self) -> Result<usize> {
+        let mut n = 0;
+        for e in std::fs::read_dir(&self.dir)
+            .with_context(|| format!("reading {}", self.dir.display()))?
+        {
+            let p = e?.path();
+            std::fs::remove_file(&p).with_context(|| format!("removing {}", p.display()))?;
+            n += 1;
+        }
+        std::fs::remove_dir(&self.dir).ok();
+        Ok(n)
+    }
+}
