@@ -53,13 +53,20 @@ fn api(
             .into();
         let url = format!("http://{API}{path}");
         let auth = format!("Bearer {token}");
+        let body = body.unwrap_or(json!({})).to_string();
         let r = match method.as_str() {
             "GET" => agent.get(&url).header("Authorization", &auth).call(),
+            "DELETE" => agent.delete(&url).header("Authorization", &auth).call(),
+            "PUT" => agent
+                .put(&url)
+                .header("Authorization", &auth)
+                .header("Content-Type", "application/json")
+                .send(body),
             _ => agent
                 .post(&url)
                 .header("Authorization", &auth)
                 .header("Content-Type", "application/json")
-                .send(body.unwrap_or(json!({})).to_string()),
+                .send(body),
         };
         match r {
             Ok(mut r) => {
@@ -369,6 +376,93 @@ fn agent_syncs_api_state_into_the_datapath() {
         round_trip(&w.topo, 1, Duration::from_secs(2)).is_ok(),
         "the other consumer is unaffected"
     );
+    ok(
+        &w.topo,
+        &w.tokens[0],
+        &format!("/v1/services/{}/accept", w.svc),
+        json!({ "endpoint_ids": [w.eps[0]] }),
+    );
+    until(&w, 0, true, "accepted again");
+
+    // Allowlist removal stops consumer 2's Available link; adding the account back restores it.
+    let c2 = &w.tokens[2];
+    api(
+        &w.topo,
+        &w.tokens[0],
+        "DELETE",
+        &format!("/v1/services/{}/allowlist/1000000002", w.svc),
+        None,
+    );
+    until(&w, 1, false, "consumer 2 removed from the allowlist");
+    until(&w, 0, true, "consumer 1 unaffected by consumer 2's removal");
+    ok(
+        &w.topo,
+        &w.tokens[0],
+        &format!("/v1/services/{}/allowlist", w.svc),
+        json!({ "account_id": "1000000002" }),
+    );
+    until(&w, 1, true, "consumer 2 back on the allowlist");
+
+    // A security group dropping the consumer's network blocks new connections; unbinding lifts it.
+    let sg = ok(
+        &w.topo,
+        c2,
+        "/v1/security-groups",
+        json!({ "name": "deny", "rules": [
+        { "protocol": "tcp", "ports": "all", "source": "198.18.0.0/24", "action": "drop" }] }),
+    )["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    ok(
+        &w.topo,
+        c2,
+        &format!("/v1/endpoints/{}/security-groups", w.eps[1]),
+        json!({ "security_group_id": sg, "priority": 1 }),
+    );
+    until(&w, 1, false, "a drop rule bound");
+    api(
+        &w.topo,
+        c2,
+        "DELETE",
+        &format!("/v1/endpoints/{}/security-groups/{sg}", w.eps[1]),
+        None,
+    );
+    until(&w, 1, true, "the group unbound");
+
+    // Backends replaced by an address nobody serves: new flows fail; put back: they work.
+    let backends = |ip: &str| {
+        api(
+            &w.topo,
+            &w.tokens[0],
+            "PUT",
+            &format!("/v1/services/{}/backends", w.svc),
+            Some(json!({ "backends": [ip] })),
+        )
+    };
+    assert_eq!(backends("198.18.100.11").0, 200);
+    until(
+        &w,
+        0,
+        false,
+        "the backend moved to an address without a server",
+    );
+    assert_eq!(backends(&BACKEND.to_string()).0, 200);
+    until(&w, 0, true, "the backend moved back");
+
+    // Deleting the endpoint: its address stops answering.
+    assert_eq!(
+        api(
+            &w.topo,
+            c2,
+            "DELETE",
+            &format!("/v1/endpoints/{}", w.eps[1]),
+            None
+        )
+        .0,
+        204
+    );
+    until(&w, 1, false, "the endpoint deleted");
     stop.store(true, Ordering::Relaxed);
     server.join().unwrap();
     assert!(
@@ -376,6 +470,19 @@ fn agent_syncs_api_state_into_the_datapath() {
         "the agent logged its syncs:\n{}",
         w.log()
     );
+}
+
+/// Waits (bounded) until consumer `i` can (or cannot) make a round trip through its endpoint.
+fn until(w: &World, i: usize, works: bool, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while round_trip(&w.topo, i, Duration::from_millis(500)).is_ok() != works {
+        assert!(
+            Instant::now() < deadline,
+            "{what}: consumer {i} should {}work\n{}",
+            if works { "" } else { "not " },
+            w.log()
+        );
+    }
 }
 
 #[test]
