@@ -375,6 +375,14 @@ mod tests {
     }
 
     #[test]
+    fn the_example_config_matches_the_schema() {
+        let c: AgentConfig = toml::from_str(include_str!("../../examples/agent.toml")).expect("examples/agent.toml");
+        assert_eq!(c.interfaces.len(), 3);
+        assert_eq!(c.interfaces[1].vlan, 120);
+        assert_eq!(c.conntrack.entries, privatelink_common::DEFAULT_CONNTRACK_ENTRIES);
+    }
+
+    #[test]
     fn each_error_names_its_key() {
         let cases = [
             (
