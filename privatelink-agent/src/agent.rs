@@ -1,18 +1,19 @@
 //! `privatelink-agent run`: load (reusing pinned maps), attach through pinned links, serve the API,
 //! and keep the maps in sync with the control plane (on every revision, and periodically with a
 //! full comparison that repairs drift).
-use std::{sync::Arc, time::Duration};
+use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
 use anyhow::{Context as _, Result};
 use aya::programs::xdp::XdpMode;
 
 use crate::{
-    config::Checked,
+    config::{self, Checked},
     control::{api, plane::ControlPlane, store::SqliteStore},
     dataplane::Dataplane,
+    linkwatch::LinkWatch,
     loader::Datapath,
     pins::{Attached, Pins},
-    sync,
+    sync::{self, NodeConfig},
 };
 
 /// Applies the control plane's current state to the maps. With `full`, the maps are first read
@@ -21,12 +22,12 @@ use crate::{
 fn reconcile(
     plane: &ControlPlane,
     dataplane: &mut Dataplane,
-    cfg: &Checked,
+    node: &NodeConfig,
     last_skipped: &mut Vec<String>,
     full: bool,
 ) {
     let state = plane.snapshot();
-    let (model, skipped) = sync::model(&state, &cfg.node);
+    let (model, skipped) = sync::model(&state, node);
     if skipped != *last_skipped {
         for s in &skipped {
             log::warn!("sync: {s}");
@@ -61,37 +62,87 @@ fn reconcile(
     }
 }
 
-fn attach(dp: &mut Datapath, pins: &Pins, cfg: &Checked) -> Result<()> {
-    for (name, &generic) in &cfg.attach {
-        let prog = dp.program();
-        let how = if generic {
-            pins.attach(prog, name, XdpMode::Skb)
-                .with_context(|| format!("attaching (generic) to {name}"))?
-        } else {
-            match pins.attach(prog, name, XdpMode::Driver) {
-                Ok(a) => a,
-                Err(e) => {
-                    log::warn!("native XDP on {name} failed ({e:#}); falling back to generic mode");
-                    pins.attach(prog, name, XdpMode::Skb)
-                        .with_context(|| format!("attaching (generic) to {name}"))?
-                }
+fn attach(dp: &mut Datapath, pins: &Pins, name: &str, generic: bool) -> Result<()> {
+    let prog = dp.program();
+    let how = if generic {
+        pins.attach(prog, name, XdpMode::Skb)
+            .with_context(|| format!("attaching (generic) to {name}"))?
+    } else {
+        match pins.attach(prog, name, XdpMode::Driver) {
+            Ok(a) => a,
+            Err(e) => {
+                log::warn!("native XDP on {name} failed ({e:#}); falling back to generic mode");
+                pins.attach(prog, name, XdpMode::Skb)
+                    .with_context(|| format!("attaching (generic) to {name}"))?
             }
-        };
-        match how {
-            Attached::Replaced => {
-                log::info!("{name}: replaced the running program through its pinned link")
-            }
-            Attached::New => log::info!(
-                "{name}: attached ({})",
-                if generic {
-                    "generic, as asked"
-                } else {
-                    "native"
-                }
-            ),
         }
+    };
+    match how {
+        Attached::Replaced => {
+            log::info!("{name}: replaced the running program through its pinned link")
+        }
+        Attached::New => log::info!(
+            "{name}: attached ({})",
+            if generic {
+                "generic, as asked"
+            } else {
+                "native"
+            }
+        ),
     }
     Ok(())
+}
+
+/// The node's interfaces as they are now: attaches to those that appeared or were re-created
+/// (new ifindex), and returns whether the set changed (so the maps need a sync).
+struct Interfaces {
+    attached: BTreeMap<String, u32>,
+    missing: Vec<String>,
+}
+
+impl Interfaces {
+    fn refresh(
+        &mut self,
+        dp: &mut Datapath,
+        pins: &Pins,
+        cfg: &Checked,
+        node: &mut NodeConfig,
+    ) -> bool {
+        let (found, missing) = config::resolve(&cfg.wanted);
+        if missing != self.missing {
+            for m in &missing {
+                log::warn!("interface {m} is not there; attaching when it appears");
+            }
+            self.missing = missing;
+        }
+        let mut present = BTreeMap::new();
+        for i in &found {
+            present.insert(i.name.clone(), i.ifindex);
+        }
+        for (name, &ifindex) in &present {
+            if self.attached.get(name) == Some(&ifindex) {
+                continue;
+            }
+            match attach(
+                dp,
+                pins,
+                name,
+                cfg.attach.get(name).copied().unwrap_or(false),
+            ) {
+                Ok(()) => drop(self.attached.insert(name.clone(), ifindex)),
+                Err(e) => log::error!("{name}: {e:#}"),
+            }
+        }
+        self.attached.retain(|n, _| present.contains_key(n));
+        // Only interfaces with a program count as the node's.
+        let ifaces: Vec<_> = found
+            .into_iter()
+            .filter(|i| self.attached.get(&i.name) == Some(&i.ifindex))
+            .collect();
+        let changed = ifaces != node.ifaces;
+        node.ifaces = ifaces;
+        changed
+    }
 }
 
 pub fn run(cfg: Checked, detach_on_exit: bool) -> Result<()> {
@@ -114,8 +165,13 @@ pub fn run(cfg: Checked, detach_on_exit: bool) -> Result<()> {
         );
     }
     let mut skipped = Vec::new();
-    reconcile(&plane, &mut dataplane, &cfg, &mut skipped, false);
-    attach(&mut dp, &pins, &cfg)?;
+    let mut node = cfg.node.clone();
+    let mut ifaces = Interfaces {
+        attached: BTreeMap::new(),
+        missing: Vec::new(),
+    };
+    ifaces.refresh(&mut dp, &pins, &cfg, &mut node);
+    reconcile(&plane, &mut dataplane, &node, &mut skipped, false);
     for stale in pins.stale_maps() {
         log::warn!(
             "removing {} pinned by an agent with another map layout (its state is not reused)",
@@ -143,13 +199,24 @@ pub fn run(cfg: Checked, detach_on_exit: bool) -> Result<()> {
         let mut revisions = plane.subscribe();
         let mut resync = tokio::time::interval(Duration::from_secs(cfg.raw.resync_interval));
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        let mut links = LinkWatch::new().context("subscribing to link events")?;
         loop {
             tokio::select! {
                 changed = revisions.changed() => {
                     if changed.is_err() { break; }
-                    reconcile(&plane, &mut dataplane, &cfg, &mut skipped, false);
+                    reconcile(&plane, &mut dataplane, &node, &mut skipped, false);
                 }
-                _ = resync.tick() => reconcile(&plane, &mut dataplane, &cfg, &mut skipped, true),
+                event = links.changed() => {
+                    if let Err(e) = event { log::warn!("link events: {e}"); }
+                    if ifaces.refresh(&mut dp, &pins, &cfg, &mut node) {
+                        reconcile(&plane, &mut dataplane, &node, &mut skipped, false);
+                    }
+                }
+                _ = resync.tick() => {
+                    // Rescan too, in case an event was missed.
+                    ifaces.refresh(&mut dp, &pins, &cfg, &mut node);
+                    reconcile(&plane, &mut dataplane, &node, &mut skipped, true);
+                }
                 _ = tokio::signal::ctrl_c() => break,
                 _ = term.recv() => break,
             }

@@ -156,24 +156,65 @@ impl Default for ConntrackConfig {
     }
 }
 
+/// An interface (or VLAN on it) the node should serve, whether or not it exists yet.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WantedIface {
+    pub name: String,
+    pub vlan_id: u16,
+    pub network: String,
+    pub role: Role,
+}
+
 /// The checked configuration: what the agent runs with.
 #[derive(Clone, Debug)]
 pub struct Checked {
     pub raw: AgentConfig,
+    /// NAT ranges and timeouts; the interfaces are filled in as they are found.
     pub node: NodeConfig,
+    pub wanted: Vec<WantedIface>,
     pub sizes: Sizes,
     pub admin_token: String,
     /// Interface name → whether generic mode was asked for.
     pub attach: BTreeMap<String, bool>,
 }
 
-fn read_sys(dev: &str, file: &str) -> Option<String> {
-    std::fs::read_to_string(format!("/sys/class/net/{dev}/{file}"))
-        .ok()
-        .map(|s| s.trim().to_string())
+/// The wanted interfaces that exist now (in the calling thread's network namespace), with their
+/// index and MAC, and the names of those that do not.
+pub fn resolve(wanted: &[WantedIface]) -> (Vec<NodeIface>, Vec<String>) {
+    let read = |dev: &str, file: &str| {
+        std::fs::read_to_string(format!("/sys/class/net/{dev}/{file}")).ok()
+    };
+    let (mut found, mut missing) = (Vec::new(), Vec::new());
+    for w in wanted {
+        let ifindex = read(&w.name, "ifindex").and_then(|v| v.trim().parse::<u32>().ok());
+        let mac = read(&w.name, "address").and_then(|m| {
+            let parts: Vec<&str> = m.trim().split(':').collect();
+            if parts.len() != 6 {
+                return None;
+            }
+            let mut mac = [0u8; 6];
+            for (j, p) in parts.iter().enumerate() {
+                mac[j] = u8::from_str_radix(p, 16).ok()?;
+            }
+            Some(mac)
+        });
+        match (ifindex, mac) {
+            (Some(ifindex), Some(mac)) => found.push(NodeIface {
+                name: w.name.clone(),
+                ifindex,
+                vlan_id: w.vlan_id,
+                network: w.network.clone(),
+                role: w.role,
+                mac,
+            }),
+            _ => missing.push(w.name.clone()),
+        }
+    }
+    missing.dedup();
+    (found, missing)
 }
 
-/// Parses and checks `text`. Interfaces are resolved in the calling thread's network namespace.
+/// Parses and checks `text` (interfaces are resolved later, as they appear).
 pub fn parse(text: &str) -> Result<Checked, ConfigError> {
     let raw: AgentConfig = toml::from_str(text).map_err(|e| {
         let key = e.message().to_string();
@@ -215,23 +256,20 @@ fn check(raw: AgentConfig) -> Result<Checked, ConfigError> {
     if raw.interfaces.is_empty() {
         return Err(err("interfaces", "at least one interface"));
     }
-    let mut ifaces = Vec::new();
+    let mut wanted: Vec<WantedIface> = Vec::new();
     let mut attach = BTreeMap::new();
     for (i, c) in raw.interfaces.iter().enumerate() {
         let key = |f: &str| format!("interfaces[{i}].{f}");
-        let ifindex: u32 = read_sys(&c.name, "ifindex")
-            .and_then(|v| v.parse().ok())
-            .ok_or_else(|| {
-                err(
-                    key("name"),
-                    format!("no interface named {:?} on this node", c.name),
-                )
-            })?;
-        let mac_text = read_sys(&c.name, "address").unwrap_or_default();
-        let mut mac = [0u8; 6];
-        for (j, part) in mac_text.split(':').enumerate().take(6) {
-            mac[j] = u8::from_str_radix(part, 16)
-                .map_err(|_| err(key("name"), format!("unreadable MAC {mac_text:?}")))?;
+        // Interfaces may appear later (the agent attaches when they do), so only the name's form is
+        // checked here: what the kernel accepts as an interface name.
+        if c.name.is_empty() || c.name.len() > 15 || c.name.contains(['/', ' ', ':']) {
+            return Err(err(
+                key("name"),
+                format!(
+                    "{:?} is not an interface name (1 to 15 characters, no '/', ':' or spaces)",
+                    c.name
+                ),
+            ));
         }
         if c.vlan > 4094 {
             return Err(err(key("vlan"), "VLAN ids are 0 (untagged) to 4094"));
@@ -242,9 +280,9 @@ fn check(raw: AgentConfig) -> Result<Checked, ConfigError> {
                 format!("{:?} is not a network id (vpc-…)", c.network),
             ));
         }
-        if ifaces
+        if wanted
             .iter()
-            .any(|o: &NodeIface| o.ifindex == ifindex && o.vlan_id == c.vlan)
+            .any(|o| o.name == c.name && o.vlan_id == c.vlan)
         {
             return Err(err(
                 key("name"),
@@ -265,13 +303,11 @@ fn check(raw: AgentConfig) -> Result<Checked, ConfigError> {
             RoleConfig::Consumer => Role::Consumer,
             RoleConfig::Provider => Role::Provider,
         };
-        ifaces.push(NodeIface {
+        wanted.push(WantedIface {
             name: c.name.clone(),
-            ifindex,
             vlan_id: c.vlan,
             network: c.network.clone(),
             role,
-            mac,
         });
     }
     let mut nat = BTreeMap::new();
@@ -326,10 +362,11 @@ fn check(raw: AgentConfig) -> Result<Checked, ConfigError> {
     };
     Ok(Checked {
         node: NodeConfig {
-            ifaces,
+            ifaces: Vec::new(),
             nat,
             datapath,
         },
+        wanted,
         sizes,
         admin_token: token,
         attach,
@@ -365,7 +402,17 @@ mod tests {
             "{LO}[nat.vpc-00000002]\nrange = \"198.19.128.0/20\"\n"
         ))
         .unwrap();
-        assert_eq!(c.node.ifaces[0].ifindex, 1);
+        let (found, missing) = resolve(&c.wanted);
+        assert_eq!((found[0].ifindex, missing.len()), (1, 0));
+        let absent = with_token(
+            "[[interfaces]]\nname = \"nosuchdev0\"\nnetwork = \"vpc-1\"\nrole = \"consumer\"\n",
+        )
+        .unwrap();
+        assert_eq!(
+            resolve(&absent.wanted).1,
+            ["nosuchdev0"],
+            "an interface that is not there yet is waited for"
+        );
         assert_eq!(c.node.nat["vpc-00000002"].ports, 1024..=65535);
         assert_eq!(
             c.raw.api.listen.to_string(),
@@ -376,17 +423,21 @@ mod tests {
 
     #[test]
     fn the_example_config_matches_the_schema() {
-        let c: AgentConfig = toml::from_str(include_str!("../../examples/agent.toml")).expect("examples/agent.toml");
+        let c: AgentConfig =
+            toml::from_str(include_str!("../../examples/agent.toml")).expect("examples/agent.toml");
         assert_eq!(c.interfaces.len(), 3);
         assert_eq!(c.interfaces[1].vlan, 120);
-        assert_eq!(c.conntrack.entries, privatelink_common::DEFAULT_CONNTRACK_ENTRIES);
+        assert_eq!(
+            c.conntrack.entries,
+            privatelink_common::DEFAULT_CONNTRACK_ENTRIES
+        );
     }
 
     #[test]
     fn each_error_names_its_key() {
         let cases = [
             (
-                "[[interfaces]]\nname = \"nosuchdev0\"\nnetwork = \"vpc-1\"\nrole = \"consumer\"\n",
+                "[[interfaces]]\nname = \"a-name-longer-than-15\"\nnetwork = \"vpc-1\"\nrole = \"consumer\"\n",
                 "interfaces[0].name",
             ),
             (

@@ -141,7 +141,7 @@ struct World {
     tokens: Vec<String>,
     svc: String,
     eps: Vec<String>,
-    _pass: Datapath,
+    pass: Datapath,
 }
 
 impl World {
@@ -268,7 +268,7 @@ fn world(name: &str) -> (World, Agent) {
         tokens,
         svc: String::new(),
         eps: Vec::new(),
-        _pass: pass,
+        pass,
     };
     let agent = w.start_agent();
     let svc = ok(
@@ -627,6 +627,53 @@ fn sigkill_and_restart_keep_a_live_stream_repair_drift_and_detach() {
         "c0 has no program after detach"
     );
     assert!(!w.bpffs.0.join("privatelink").exists());
+    stop.store(true, Ordering::Relaxed);
+    server.join().unwrap();
+}
+
+#[test]
+fn a_recreated_interface_is_attached_again() {
+    if !privileged("a_recreated_interface_is_attached_again") {
+        return;
+    }
+    let (mut w, _agent) = world("agent-relink");
+    ok(
+        &w.topo,
+        &w.tokens[0],
+        &format!("/v1/services/{}/accept", w.svc),
+        json!({ "endpoint_ids": w.eps }),
+    );
+    let stop = Arc::new(AtomicBool::new(false));
+    let server = echo_server(&w.topo, stop.clone());
+    wait_for_traffic(&w, 0);
+    // The consumer-facing veth goes away (both ends) and comes back with a new index and MAC.
+    let name = w.topo.consumer_ifaces[0].0.clone();
+    w.topo.node.ip(&["link", "del", &name]).unwrap();
+    until(&w, 0, false, "the interface deleted");
+    privatelink_agent::netns::veth(&w.topo.node, &name, &w.topo.consumers[0], "eth0").unwrap();
+    w.topo.consumers[0]
+        .ip(&["addr", "add", "198.18.0.10/24", "dev", "eth0"])
+        .unwrap();
+    let pass = &mut w.pass;
+    w.topo.consumers[0]
+        .enter(|| {
+            pass.pass_program()
+                .attach("eth0", aya::programs::xdp::XdpMode::Driver)
+        })
+        .unwrap();
+    until(
+        &w,
+        0,
+        true,
+        "the interface re-created: the agent attaches to it without a restart",
+    );
+    assert!(
+        w.log().contains("attaching anew")
+            || w.log().matches(&format!("{name}: attached")).count() >= 2,
+        "{}",
+        w.log()
+    );
+    until(&w, 1, true, "the other consumer kept working");
     stop.store(true, Ordering::Relaxed);
     server.join().unwrap();
 }
