@@ -1,7 +1,11 @@
 //! `privatelink-agent run`: load (reusing pinned maps), attach through pinned links, serve the API,
 //! and keep the maps in sync with the control plane (on every revision, and periodically with a
 //! full comparison that repairs drift).
-use std::{collections::BTreeMap, sync::Arc, time::Duration};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    sync::Arc,
+    time::Duration,
+};
 
 use anyhow::{Context as _, Result};
 use aya::programs::xdp::XdpMode;
@@ -10,6 +14,7 @@ use crate::{
     config::{self, Checked},
     control::{api, plane::ControlPlane, store::SqliteStore},
     dataplane::Dataplane,
+    health::{self, Health, TargetKey},
     linkwatch::LinkWatch,
     loader::Datapath,
     pins::{Attached, Pins},
@@ -19,20 +24,32 @@ use crate::{
 /// Applies the control plane's current state to the maps. With `full`, the maps are first read
 /// back and compared with what was written: differences are counted as drift and repaired. A
 /// refused state is logged and the maps keep the last good state.
+/// What the reconciler carries between runs.
+struct Sync {
+    skipped: Vec<String>,
+    unhealthy: BTreeSet<TargetKey>,
+}
+
+/// Applies the control plane's current state to the maps. With `full`, the maps are first read
+/// back and compared with what was written: differences are counted as drift and repaired. A
+/// refused state is logged and the maps keep the last good state. Flows to backends that turned
+/// unhealthy since the last run are cut.
 fn reconcile(
     plane: &ControlPlane,
     dataplane: &mut Dataplane,
     node: &NodeConfig,
-    last_skipped: &mut Vec<String>,
+    health: &Health,
+    sync: &mut Sync,
     full: bool,
 ) {
     let state = plane.snapshot();
-    let (model, skipped) = sync::model(&state, node);
-    if skipped != *last_skipped {
+    let unhealthy = health.unhealthy();
+    let (model, skipped) = sync::model(&state, node, &unhealthy);
+    if skipped != sync.skipped {
         for s in &skipped {
             log::warn!("sync: {s}");
         }
-        *last_skipped = skipped;
+        sync.skipped = skipped;
     }
     let result = if full {
         dataplane.resync(&model)
@@ -60,6 +77,23 @@ fn reconcile(
             state.revision
         ),
     }
+    let newly: BTreeSet<(u32, u32)> = unhealthy
+        .difference(&sync.unhealthy)
+        .filter_map(|(svc, ip)| {
+            let s = state.services.get(svc)?;
+            let net = state.networks.get(&s.network_id)?.number;
+            match ip {
+                std::net::IpAddr::V4(a) => Some((net, u32::from_ne_bytes(a.octets()))),
+                std::net::IpAddr::V6(_) => None,
+            }
+        })
+        .collect();
+    if !newly.is_empty() {
+        let n = dataplane.cut_backend_flows(&newly);
+        log::warn!("health: cut {n} conntrack entries of flows to backends that turned unhealthy");
+    }
+    sync.unhealthy = unhealthy;
+    plane.set_health(health.by_service());
 }
 
 fn attach(dp: &mut Datapath, pins: &Pins, name: &str, generic: bool) -> Result<()> {
@@ -164,14 +198,19 @@ pub fn run(cfg: Checked, detach_on_exit: bool) -> Result<()> {
             dataplane.shadow().links.len()
         );
     }
-    let mut skipped = Vec::new();
+    let mut sync = Sync {
+        skipped: Vec::new(),
+        unhealthy: BTreeSet::new(),
+    };
+    let health = Arc::new(Health::default());
+    let health_changed = Arc::new(tokio::sync::Notify::new());
     let mut node = cfg.node.clone();
     let mut ifaces = Interfaces {
         attached: BTreeMap::new(),
         missing: Vec::new(),
     };
     ifaces.refresh(&mut dp, &pins, &cfg, &mut node);
-    reconcile(&plane, &mut dataplane, &node, &mut skipped, false);
+    reconcile(&plane, &mut dataplane, &node, &health, &mut sync, false);
     for stale in pins.stale_maps() {
         log::warn!(
             "removing {} pinned by an agent with another map layout (its state is not reused)",
@@ -196,6 +235,7 @@ pub fn run(cfg: Checked, detach_on_exit: bool) -> Result<()> {
             .with_context(|| format!("api.listen: binding {}", cfg.raw.api.listen))?;
         log::info!("control-plane API on http://{}", cfg.raw.api.listen);
         let server = tokio::spawn(api::serve(listener, plane.clone()));
+        let checker = tokio::spawn(health::run(plane.clone(), health.clone(), health_changed.clone()));
         let mut revisions = plane.subscribe();
         let mut resync = tokio::time::interval(Duration::from_secs(cfg.raw.resync_interval));
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
@@ -204,24 +244,26 @@ pub fn run(cfg: Checked, detach_on_exit: bool) -> Result<()> {
             tokio::select! {
                 changed = revisions.changed() => {
                     if changed.is_err() { break; }
-                    reconcile(&plane, &mut dataplane, &node, &mut skipped, false);
+                    reconcile(&plane, &mut dataplane, &node, &health, &mut sync, false);
                 }
                 event = links.changed() => {
                     if let Err(e) = event { log::warn!("link events: {e}"); }
                     if ifaces.refresh(&mut dp, &pins, &cfg, &mut node) {
-                        reconcile(&plane, &mut dataplane, &node, &mut skipped, false);
+                        reconcile(&plane, &mut dataplane, &node, &health, &mut sync, false);
                     }
                 }
                 _ = resync.tick() => {
                     // Rescan too, in case an event was missed.
                     ifaces.refresh(&mut dp, &pins, &cfg, &mut node);
-                    reconcile(&plane, &mut dataplane, &node, &mut skipped, true);
+                    reconcile(&plane, &mut dataplane, &node, &health, &mut sync, true);
                 }
+                _ = health_changed.notified() => reconcile(&plane, &mut dataplane, &node, &health, &mut sync, false),
                 _ = tokio::signal::ctrl_c() => break,
                 _ = term.recv() => break,
             }
         }
         server.abort();
+        checker.abort();
         Ok::<(), anyhow::Error>(())
     })?;
     if detach_on_exit {

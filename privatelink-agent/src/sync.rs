@@ -2,7 +2,10 @@
 //!
 //! Pure: the reconciler calls it with a state snapshot and the node's configuration, then hands
 //! the model to `Dataplane::apply`, which diffs against what it wrote last.
-use std::{collections::BTreeMap, net::IpAddr};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
+};
 
 use ipnet::IpNet;
 use privatelink_common::DatapathConfig;
@@ -40,8 +43,14 @@ pub struct NodeConfig {
     pub datapath: DatapathConfig,
 }
 
-/// The model, and what was left out and why (for the log).
-pub fn model(state: &State, node: &NodeConfig) -> (Model, Vec<String>) {
+/// The model, and what was left out and why (for the log). Backends in `unhealthy` (service id,
+/// address) stay out of their service's Maglev table, unless every backend is unhealthy: then all
+/// stay (fail open).
+pub fn model(
+    state: &State,
+    node: &NodeConfig,
+    unhealthy: &BTreeSet<(String, IpAddr)>,
+) -> (Model, Vec<String>) {
     let mut skipped = Vec::new();
     let number = |vpc: &str| state.networks.get(vpc).map(|n| n.number);
     let mut m = Model {
@@ -73,7 +82,7 @@ pub fn model(state: &State, node: &NodeConfig) -> (Model, Vec<String>) {
         let Some(provider_network) = number(&svc.network_id) else {
             continue;
         };
-        let backends = svc
+        let v4: Vec<std::net::Ipv4Addr> = svc
             .backends
             .iter()
             .filter_map(|b| match b {
@@ -81,6 +90,20 @@ pub fn model(state: &State, node: &NodeConfig) -> (Model, Vec<String>) {
                 IpAddr::V6(_) => None,
             })
             .collect();
+        let healthy: Vec<_> = v4
+            .iter()
+            .copied()
+            .filter(|a| !unhealthy.contains(&(svc.id.clone(), IpAddr::V4(*a))))
+            .collect();
+        let backends = if healthy.is_empty() && !v4.is_empty() {
+            skipped.push(format!(
+                "service {}: every backend is unhealthy; keeping them all (fail open)",
+                svc.id
+            ));
+            v4
+        } else {
+            healthy
+        };
         m.services.insert(
             svc.slot,
             Service {
@@ -293,7 +316,7 @@ mod tests {
             )]),
             datapath: DatapathConfig::DEFAULT,
         };
-        let (m, skipped) = model(&p.snapshot(), &node);
+        let (m, skipped) = model(&p.snapshot(), &node, &BTreeSet::new());
         assert!(skipped.is_empty(), "{skipped:?}");
         let state = p.snapshot();
         let (pn, cn) = (state.networks[&pnet].number, state.networks[&cnet].number);
@@ -321,5 +344,67 @@ mod tests {
         assert!(m.allowlist.contains(&(svc.slot, consumer_no)));
         // The model compiles into map contents.
         crate::dataplane::compile(&m, &Default::default()).expect("compiles");
+    }
+}
+
+#[cfg(test)]
+mod health_tests {
+    use super::*;
+    use crate::control::types::{HealthCheck, Service as Svc, ServiceType};
+
+    fn state_with(backends: &[&str]) -> State {
+        let mut s = State::default();
+        s.networks.insert(
+            "vpc-1".into(),
+            crate::control::types::Network {
+                id: "vpc-1".into(),
+                number: 1,
+                name: "n".into(),
+                owner: "p".into(),
+                cidrs: vec![],
+                created_at: 0,
+            },
+        );
+        s.services.insert(
+            "svc-1".into(),
+            Svc {
+                id: "svc-1".into(),
+                slot: 1,
+                name: "s".into(),
+                owner: "p".into(),
+                network_id: "vpc-1".into(),
+                service_type: ServiceType::Custom,
+                backends: backends.iter().map(|b| b.parse().unwrap()).collect(),
+                port_mappings: vec![],
+                auto_accept: false,
+                allowlist: vec![],
+                health_check: HealthCheck::default(),
+                tags: vec![],
+                created_at: 0,
+            },
+        );
+        s
+    }
+
+    #[test]
+    fn unhealthy_backends_leave_the_table_unless_all_are() {
+        let s = state_with(&["198.18.100.10", "198.18.100.11"]);
+        let down = |ips: &[&str]| {
+            ips.iter()
+                .map(|i| ("svc-1".to_string(), i.parse().unwrap()))
+                .collect::<BTreeSet<_>>()
+        };
+        let (m, _) = model(&s, &NodeConfig::default(), &down(&["198.18.100.11"]));
+        assert_eq!(
+            m.services[&1].backends,
+            vec!["198.18.100.10".parse::<std::net::Ipv4Addr>().unwrap()]
+        );
+        let (m, skipped) = model(
+            &s,
+            &NodeConfig::default(),
+            &down(&["198.18.100.10", "198.18.100.11"]),
+        );
+        assert_eq!(m.services[&1].backends.len(), 2, "all unhealthy: fail open");
+        assert!(skipped[0].contains("fail open"));
     }
 }

@@ -62,11 +62,17 @@ fn api(
                 .header("Authorization", &auth)
                 .header("Content-Type", "application/json")
                 .send(body),
-            _ => agent
+            "PATCH" => agent
+                .patch(&url)
+                .header("Authorization", &auth)
+                .header("Content-Type", "application/json")
+                .send(body),
+            "POST" => agent
                 .post(&url)
                 .header("Authorization", &auth)
                 .header("Content-Type", "application/json")
                 .send(body),
+            other => panic!("method {other}"),
         };
         match r {
             Ok(mut r) => {
@@ -300,15 +306,32 @@ fn world(name: &str) -> (World, Agent) {
 
 /// An echo server in the provider namespace serving connections until `stop` (bounded to 60 s).
 fn echo_server(topo: &Topology, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<()> {
+    echo_server_at(
+        topo,
+        BACKEND,
+        stop,
+        Arc::new(std::sync::atomic::AtomicUsize::new(0)),
+    )
+}
+
+/// The same on `addr`, counting accepted connections. Stopping closes the listener only: accepted
+/// connections keep being served.
+fn echo_server_at(
+    topo: &Topology,
+    addr: std::net::Ipv4Addr,
+    stop: Arc<AtomicBool>,
+    accepted: Arc<std::sync::atomic::AtomicUsize>,
+) -> std::thread::JoinHandle<()> {
     let listener = topo
         .provider
-        .enter(|| TcpListener::bind((BACKEND, TCP_PORTS.1)).expect("bind backend"));
+        .enter(|| TcpListener::bind((addr, TCP_PORTS.1)).expect("bind backend"));
     listener.set_nonblocking(true).unwrap();
     topo.provider.spawn(move || {
         let deadline = Instant::now() + Duration::from_secs(60);
         while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
             match listener.accept() {
                 Ok((mut s, _)) => {
+                    accepted.fetch_add(1, Ordering::SeqCst);
                     s.set_nonblocking(false).unwrap();
                     s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
                     std::thread::spawn(move || {
@@ -676,4 +699,111 @@ fn a_recreated_interface_is_attached_again() {
     until(&w, 1, true, "the other consumer kept working");
     stop.store(true, Ordering::Relaxed);
     server.join().unwrap();
+}
+
+#[test]
+fn unhealthy_backends_get_no_new_flows_and_lose_their_old_ones() {
+    if !privileged("unhealthy_backends_get_no_new_flows_and_lose_their_old_ones") {
+        return;
+    }
+    let (w, _agent) = world("agent-health");
+    let second: std::net::Ipv4Addr = "198.18.100.11".parse().unwrap();
+    w.topo
+        .provider
+        .ip(&["addr", "add", "198.18.100.11/24", "dev", "eth0"])
+        .unwrap();
+    let (stop1, stop2) = (
+        Arc::new(AtomicBool::new(false)),
+        Arc::new(AtomicBool::new(false)),
+    );
+    let (n1, n2) = (
+        Arc::new(std::sync::atomic::AtomicUsize::new(0)),
+        Arc::new(std::sync::atomic::AtomicUsize::new(0)),
+    );
+    let s1 = echo_server_at(&w.topo, BACKEND, stop1.clone(), n1.clone());
+    let s2 = echo_server_at(&w.topo, second, stop2.clone(), n2.clone());
+    let (status, _) = api(
+        &w.topo,
+        &w.tokens[0],
+        "PUT",
+        &format!("/v1/services/{}/backends", w.svc),
+        Some(json!({ "backends": [BACKEND.to_string(), second.to_string()] })),
+    );
+    assert_eq!(status, 200);
+    let (status, _) = api(
+        &w.topo,
+        &w.tokens[0],
+        "PATCH",
+        &format!("/v1/services/{}", w.svc),
+        Some(json!({ "health_check": {
+        "enabled": true, "port": 0, "interval_secs": 1, "timeout_secs": 1, "healthy_threshold": 2, "unhealthy_threshold": 2 } })),
+    );
+    assert_eq!(status, 200);
+    ok(
+        &w.topo,
+        &w.tokens[0],
+        &format!("/v1/services/{}/accept", w.svc),
+        json!({ "endpoint_ids": w.eps }),
+    );
+    wait_for_traffic(&w, 0);
+
+    // Hold a connection that landed on the second backend (Maglev spreads new flows over both).
+    let held = w.topo.consumers[0].enter(|| {
+        for _ in 0..40 {
+            let before = n2.load(Ordering::SeqCst);
+            let mut s = TcpStream::connect_timeout(
+                &SocketAddr::from((ENDPOINT, TCP_PORTS.0)),
+                Duration::from_secs(2),
+            )
+            .expect("connect");
+            s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+            s.write_all(b"ping").unwrap();
+            let mut b = [0u8; 4];
+            s.read_exact(&mut b).expect("echo");
+            if n2.load(Ordering::SeqCst) > before {
+                return s;
+            }
+        }
+        panic!("no connection landed on the second backend in 40 tries");
+    });
+    // The second backend stops listening: its checks fail, it leaves the table, its flows are cut.
+    stop2.store(true, Ordering::Relaxed);
+    s2.join().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(8);
+    loop {
+        let (_, h) = api(
+            &w.topo,
+            &w.tokens[0],
+            "GET",
+            &format!("/v1/services/{}/health", w.svc),
+            None,
+        );
+        if h["healthy"] == 1 && h["total"] == 2 {
+            assert_eq!(h["targets"][1]["healthy"], false, "{h}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the second backend was not marked unhealthy: {h}\n{}",
+            w.log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // Every new connection now reaches the healthy backend.
+    for _ in 0..20 {
+        round_trip(&w.topo, 0, Duration::from_secs(2))
+            .unwrap_or_else(|e| panic!("new flows avoid the unhealthy backend: {e}\n{}", w.log()));
+    }
+    // The held connection to the unhealthy backend was cut: its packets have no state any more.
+    let mut held = held;
+    let cut = held
+        .write_all(b"ping")
+        .and_then(|_| held.read_exact(&mut [0u8; 4]));
+    assert!(
+        cut.is_err(),
+        "the flow to the unhealthy backend should have been cut"
+    );
+    assert!(w.log().contains("turned unhealthy"), "{}", w.log());
+    stop1.store(true, Ordering::Relaxed);
+    s1.join().unwrap();
 }

@@ -728,7 +728,7 @@ fn openapi_document_covers_every_route() {
     }
     assert_eq!(
         paths.len(),
-        25,
+        26,
         "every route is documented: {:?}",
         paths.keys().collect::<Vec<_>>()
     );

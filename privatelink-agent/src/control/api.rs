@@ -464,6 +464,31 @@ async fn verify(
     p.read(|s| services::verify(s, &c, &id)).map(ok)
 }
 
+#[utoipa::path(get, path = "/v1/services/{id}/health", params(("id" = String, Path, description = "object id")), responses((status = 200, body = HealthView, description = "Backend health as this node's checks see it"), (status = "4XX", body = ErrorBody, description = "error: stable code, message, offending field")), security(("bearer" = [])), summary = "Backend health as this node's checks see it")]
+async fn service_health(
+    State(p): State<Plane>,
+    Auth(c): Auth,
+    Path(id): Path<String>,
+) -> ApiResult<Response> {
+    let svc = p.read(|s| services::own(s, &c, &id).cloned())?;
+    let seen = p.health(&id);
+    let targets: Vec<TargetView> = svc
+        .backends
+        .iter()
+        .map(|ip| TargetView {
+            ip: ip.to_string(),
+            healthy: seen.iter().find(|(a, _)| a == ip).is_none_or(|(_, h)| *h),
+        })
+        .collect();
+    let healthy = targets.iter().filter(|t| t.healthy).count();
+    Ok(ok(HealthView {
+        enabled: svc.health_check.enabled,
+        healthy,
+        total: targets.len(),
+        targets,
+    }))
+}
+
 #[utoipa::path(get, path = "/v1/services/{id}/endpoints", params(("id" = String, Path, description = "object id")), responses((status = 200, body = Vec<services::Connection>, description = "Endpoints connected to the service (no IPs)"), (status = "4XX", body = ErrorBody, description = "error: stable code, message, offending field")), security(("bearer" = [])), summary = "Endpoints connected to the service (no IPs)")]
 async fn connections(
     State(p): State<Plane>,
@@ -739,6 +764,21 @@ pub struct Results {
 }
 
 #[derive(Serialize, utoipa::ToSchema)]
+pub struct HealthView {
+    enabled: bool,
+    healthy: usize,
+    total: usize,
+    targets: Vec<TargetView>,
+}
+
+/// A backend target; not yet checked counts as healthy (targets start healthy).
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct TargetView {
+    ip: String,
+    healthy: bool,
+}
+
+#[derive(Serialize, utoipa::ToSchema)]
 pub struct Revision {
     revision: u64,
 }
@@ -761,7 +801,7 @@ impl utoipa::Modify for BearerAuth {
 #[openapi(
     info(title = "privatelink control plane", description = "Endpoint services, endpoints, allowlists and security groups."),
     modifiers(&BearerAuth),
-    paths(revision, create_account, list_accounts, issue_token, create_network, list_networks, get_network, delete_network, create_subnet, list_subnets, delete_subnet, create_service, list_services, get_service, update_service, delete_service, set_backends, add_port_mappings, list_allowlist, allow, disallow, verify, connections, accept, reject, create_endpoint, list_endpoints, get_endpoint, update_endpoint, delete_endpoint, bind, set_bindings, unbind, create_group, list_groups, get_group, update_group, set_rules, delete_group, export_csv),
+    paths(revision, service_health, create_account, list_accounts, issue_token, create_network, list_networks, get_network, delete_network, create_subnet, list_subnets, delete_subnet, create_service, list_services, get_service, update_service, delete_service, set_backends, add_port_mappings, list_allowlist, allow, disallow, verify, connections, accept, reject, create_endpoint, list_endpoints, get_endpoint, update_endpoint, delete_endpoint, bind, set_bindings, unbind, create_group, list_groups, get_group, update_group, set_rules, delete_group, export_csv),
 )]
 pub struct ApiDoc;
 
@@ -819,6 +859,7 @@ pub fn router(plane: Plane) -> Router {
         )
         .route("/v1/services/{id}/verify", get(verify))
         .route("/v1/services/{id}/endpoints", get(connections))
+        .route("/v1/services/{id}/health", get(service_health))
         .route("/v1/services/{id}/accept", post(accept))
         .route("/v1/services/{id}/reject", post(reject))
         .route("/v1/endpoints", post(create_endpoint).get(list_endpoints))

@@ -2,6 +2,8 @@
 //! as the next revision, then applied, then announced. A refused or failed mutation leaves both
 //! the store and the state as they were.
 use std::{
+    collections::BTreeMap,
+    net::IpAddr,
     sync::Mutex,
     time::{SystemTime, UNIX_EPOCH},
 };
@@ -24,6 +26,8 @@ pub struct ControlPlane {
     inner: Mutex<Inner>,
     admin_sha256: String,
     revision: watch::Sender<u64>,
+    /// Backend health as this node's checks see it: service id → (address, healthy).
+    health: Mutex<BTreeMap<String, Vec<(IpAddr, bool)>>>,
 }
 
 fn now() -> u64 {
@@ -55,6 +59,7 @@ impl ControlPlane {
             inner: Mutex::new(Inner { state, store }),
             admin_sha256: token_hash(admin_token),
             revision,
+            health: Mutex::new(BTreeMap::new()),
         })
     }
 
@@ -125,6 +130,21 @@ impl ControlPlane {
         drop(guard);
         self.revision.send_replace(revision);
         Ok(response)
+    }
+
+    /// Publishes this node's view of backend health (for the API).
+    pub fn set_health(&self, h: BTreeMap<String, Vec<(IpAddr, bool)>>) {
+        *self.health.lock().unwrap_or_else(|p| p.into_inner()) = h;
+    }
+
+    /// This node's view of a service's backend health.
+    pub fn health(&self, service: &str) -> Vec<(IpAddr, bool)> {
+        self.health
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(service)
+            .cloned()
+            .unwrap_or_default()
     }
 
     pub fn revision(&self) -> u64 {

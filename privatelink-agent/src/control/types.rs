@@ -110,8 +110,52 @@ pub struct Service {
     pub port_mappings: Vec<PortMapping>,
     pub auto_accept: bool,
     pub allowlist: Vec<AllowEntry>,
+    /// Active TCP checks of the backends, run by every node.
+    #[serde(default)]
+    pub health_check: HealthCheck,
     pub tags: Vec<Tag>,
     pub created_at: u64,
+}
+
+/// Active TCP health checking of a service's backends.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(default)]
+pub struct HealthCheck {
+    pub enabled: bool,
+    /// Port to connect to; 0 means the service port of the first TCP port mapping.
+    pub port: u16,
+    pub interval_secs: u32,
+    pub timeout_secs: u32,
+    /// Consecutive successes that make an unhealthy target healthy.
+    pub healthy_threshold: u32,
+    /// Consecutive failures that make a healthy target unhealthy.
+    pub unhealthy_threshold: u32,
+}
+
+impl Default for HealthCheck {
+    fn default() -> Self {
+        HealthCheck {
+            enabled: true,
+            port: 0,
+            interval_secs: 5,
+            timeout_secs: 2,
+            healthy_threshold: 3,
+            unhealthy_threshold: 3,
+        }
+    }
+}
+
+impl HealthCheck {
+    /// The port probed for `svc`, if any (UDP-only services without an explicit port: none).
+    pub fn probe_port(&self, mappings: &[PortMapping]) -> Option<u16> {
+        if self.port != 0 {
+            return Some(self.port);
+        }
+        mappings
+            .iter()
+            .find(|m| m.protocol == Protocol::Tcp)
+            .map(|m| m.service_port)
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]

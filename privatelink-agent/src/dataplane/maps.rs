@@ -543,6 +543,28 @@ impl Dataplane {
         Ok(doomed.len())
     }
 
+    /// Deletes every conntrack entry of flows to the given backends, as (provider network id,
+    /// backend address in network order). Returns how many.
+    pub fn cut_backend_flows(&mut self, backends: &BTreeSet<(u32, u32)>) -> usize {
+        let doomed: Vec<FlowKey4> = self
+            .ct4
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(k, f)| {
+                if f.dir == privatelink_common::DIR_FORWARD {
+                    backends.contains(&(f.peer_network, f.daddr_be))
+                } else {
+                    backends.contains(&(k.network_id, k.saddr_be))
+                }
+            })
+            .map(|(k, _)| k)
+            .collect();
+        for k in &doomed {
+            let _ = self.ct4.remove(k);
+        }
+        doomed.len()
+    }
+
     /// All conntrack entries (for metrics, tests and the CLI).
     pub fn flows(&self) -> Vec<(FlowKey4, Flow4)> {
         self.ct4.iter().filter_map(Result::ok).collect()

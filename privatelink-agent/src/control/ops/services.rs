@@ -8,8 +8,8 @@ use crate::control::{
     error::{ApiError, ApiResult},
     state::State,
     types::{
-        AllowEntry, Change, ConnectionState, Object, PortMapping, Protocol, Service, ServiceType,
-        Tag,
+        AllowEntry, Change, ConnectionState, HealthCheck, Object, PortMapping, Protocol, Service,
+        ServiceType, Tag,
     },
     validate,
 };
@@ -35,6 +35,9 @@ pub struct CreateService {
     pub auto_accept: bool,
     #[serde(default)]
     pub tags: Vec<Tag>,
+    /// Default: enabled, 5 s interval, 2 s timeout, 3 up, 3 down.
+    #[serde(default)]
+    pub health_check: HealthCheck,
 }
 
 #[derive(Clone, Debug, Default, Deserialize, utoipa::ToSchema)]
@@ -42,6 +45,31 @@ pub struct UpdateService {
     pub name: Option<String>,
     pub auto_accept: Option<bool>,
     pub tags: Option<Vec<Tag>>,
+    pub health_check: Option<HealthCheck>,
+}
+
+/// Checks a health-check configuration.
+fn health_check(h: &HealthCheck) -> ApiResult<()> {
+    let bad = |f: &str, m: &str| {
+        Err(ApiError::invalid(
+            "invalid_health_check",
+            format!("health_check.{f}"),
+            m,
+        ))
+    };
+    if !(1..=300).contains(&h.interval_secs) {
+        return bad("interval_secs", "1 to 300 seconds");
+    }
+    if h.timeout_secs == 0 || h.timeout_secs > h.interval_secs {
+        return bad("timeout_secs", "1 second up to the interval");
+    }
+    if !(1..=10).contains(&h.healthy_threshold) {
+        return bad("healthy_threshold", "1 to 10");
+    }
+    if !(1..=10).contains(&h.unhealthy_threshold) {
+        return bad("unhealthy_threshold", "1 to 10");
+    }
+    Ok(())
 }
 
 #[derive(Clone, Debug, Deserialize, utoipa::ToSchema)]
@@ -195,6 +223,7 @@ pub fn create(s: &State, cx: &mut Ctx, req: CreateService) -> Outcome<Service> {
     }
     let backends = backends(s, &req.network_id, &req.backends)?;
     let port_mappings = mappings(&[], &req.port_mappings)?;
+    health_check(&req.health_check)?;
     let slot = super::lowest_free(s.services.values().map(|v| v.slot), u32::MAX, "service")?;
     let id = cx.new_id("svc", |id| s.services.contains_key(id));
     let svc = Service {
@@ -208,6 +237,7 @@ pub fn create(s: &State, cx: &mut Ctx, req: CreateService) -> Outcome<Service> {
         port_mappings,
         auto_accept: req.auto_accept,
         allowlist: Vec::new(),
+        health_check: req.health_check,
         tags: req.tags,
         created_at: cx.now,
     };
@@ -231,6 +261,10 @@ pub fn update(s: &State, cx: &mut Ctx, id: &str, req: UpdateService) -> Outcome<
     }
     if let Some(a) = req.auto_accept {
         svc.auto_accept = a;
+    }
+    if let Some(h) = req.health_check {
+        health_check(&h)?;
+        svc.health_check = h;
     }
     put(svc)
 }
