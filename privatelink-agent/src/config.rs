@@ -50,6 +50,9 @@ pub struct AgentConfig {
     pub nat: BTreeMap<String, NatConfig>,
     #[serde(default)]
     pub conntrack: ConntrackConfig,
+    /// Map capacities (fixed when the maps are created; pinned maps keep theirs until detach).
+    #[serde(default)]
+    pub maps: MapsConfig,
     /// Seconds between full resyncs (drift repair).
     #[serde(default = "default_resync")]
     pub resync_interval: u64,
@@ -163,6 +166,34 @@ pub struct WantedIface {
     pub vlan_id: u16,
     pub network: String,
     pub role: Role,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MapsConfig {
+    /// Endpoints (links) on this node.
+    pub links: u32,
+    /// Endpoint (address, protocol, terminal port) entries.
+    pub endpoint_ports: u32,
+    pub services: u32,
+    pub backends: u32,
+    /// Distinct compiled security-group lists.
+    pub rule_lists: u32,
+    pub allowlist: u32,
+}
+
+impl Default for MapsConfig {
+    fn default() -> Self {
+        let d = Sizes::default();
+        MapsConfig {
+            links: d.links,
+            endpoint_ports: d.endpoint_ports,
+            services: d.services,
+            backends: d.backends,
+            rule_lists: d.rule_lists,
+            allowlist: d.allowlist,
+        }
+    }
 }
 
 /// The checked configuration: what the agent runs with.
@@ -356,9 +387,28 @@ fn check(raw: AgentConfig) -> Result<Checked, ConfigError> {
         udp_timeout_ns: ct.udp_timeout * S,
         ..DatapathConfig::DEFAULT
     };
+    let m = &raw.maps;
+    for (k, v) in [
+        ("links", m.links),
+        ("endpoint_ports", m.endpoint_ports),
+        ("services", m.services),
+        ("backends", m.backends),
+        ("rule_lists", m.rule_lists),
+        ("allowlist", m.allowlist),
+    ] {
+        // Slot 0 of the arrays is reserved, so 2 is the least that holds anything.
+        if !(2..=16_777_216).contains(&v) {
+            return Err(err(format!("maps.{k}"), "2 to 16777216"));
+        }
+    }
     let sizes = Sizes {
+        links: m.links,
+        endpoint_ports: m.endpoint_ports,
+        services: m.services,
+        backends: m.backends,
+        rule_lists: m.rule_lists,
+        allowlist: m.allowlist,
         conntrack: ct.entries,
-        ..Sizes::default()
     };
     Ok(Checked {
         node: NodeConfig {

@@ -3,7 +3,7 @@
 use std::{
     io::{Read as _, Write as _},
     net::{SocketAddr, TcpListener, TcpStream},
-    process::{Child, Stdio},
+    process::{Child, Command, Stdio},
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
@@ -198,6 +198,11 @@ impl Drop for World {
 
 /// Builds everything up to a running agent with the service and two endpoints (Pending).
 fn world(name: &str) -> (World, Agent) {
+    world_with(name, "")
+}
+
+/// The same, with extra lines at the end of agent.toml.
+fn world_with(name: &str, extra: &str) -> (World, Agent) {
     let topo = Topology::build(2).expect("topology");
     let dir = std::env::temp_dir().join(format!("privatelink-{name}-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
@@ -262,6 +267,7 @@ fn world(name: &str) -> (World, Agent) {
         topo.provider_iface.0, vpcs[0].0
     );
     cfg += &format!("[nat.{}]\nrange = \"{NAT_RANGE}\"\n", vpcs[0].0);
+    cfg += extra;
     std::fs::write(dir.join("agent.toml"), &cfg).unwrap();
 
     // The redirect targets' peers need an XDP program; the agent attaches the datapath itself.
@@ -806,4 +812,103 @@ fn unhealthy_backends_get_no_new_flows_and_lose_their_old_ones() {
     assert!(w.log().contains("turned unhealthy"), "{}", w.log());
     stop1.store(true, Ordering::Relaxed);
     s1.join().unwrap();
+}
+
+#[test]
+fn a_state_that_does_not_fit_is_refused_whole_and_the_last_good_one_keeps_forwarding() {
+    if !privileged(
+        "a_state_that_does_not_fit_is_refused_whole_and_the_last_good_one_keeps_forwarding",
+    ) {
+        return;
+    }
+    // Room for link ids 1 and 2 only (slot 0 is reserved).
+    let (w, _agent) = world_with("agent-capacity", "[maps]\nlinks = 3\n");
+    ok(
+        &w.topo,
+        &w.tokens[0],
+        &format!("/v1/services/{}/accept", w.svc),
+        json!({ "endpoint_ids": w.eps }),
+    );
+    let stop = Arc::new(AtomicBool::new(false));
+    let server = echo_server(&w.topo, stop.clone());
+    wait_for_traffic(&w, 0);
+    // A third endpoint: the control plane takes it, this node cannot hold it.
+    let vpc = api(&w.topo, &w.tokens[1], "GET", "/v1/networks", None).1[0].clone();
+    let subnets = api(
+        &w.topo,
+        &w.tokens[1],
+        "GET",
+        &format!("/v1/networks/{}/subnets", vpc["id"].as_str().unwrap()),
+        None,
+    )
+    .1;
+    let third = ok(
+        &w.topo,
+        &w.tokens[1],
+        "/v1/endpoints",
+        json!({ "name": "third", "service_id": w.svc,
+        "network_id": vpc["id"], "subnet_id": subnets[0]["id"], "ip": "198.18.0.101" }),
+    );
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !w.log().contains("refused, maps keep the last good state") {
+        assert!(
+            Instant::now() < deadline,
+            "the agent did not refuse the state:\n{}",
+            w.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        w.log().contains("LINKS"),
+        "the refusal names the map:\n{}",
+        w.log()
+    );
+    // Nothing of the refused state was written: the existing endpoints keep working.
+    until(&w, 0, true, "the last good state keeps forwarding");
+    until(&w, 1, true, "for both consumers");
+    // Once the state fits again it is applied.
+    let (status, _) = api(
+        &w.topo,
+        &w.tokens[1],
+        "DELETE",
+        &format!("/v1/endpoints/{}", third["id"].as_str().unwrap()),
+        None,
+    );
+    assert_eq!(status, 204);
+    stop.store(true, Ordering::Relaxed);
+    server.join().unwrap();
+}
+
+#[test]
+fn an_invalid_config_names_the_key_and_loads_nothing() {
+    if !privileged("an_invalid_config_names_the_key_and_loads_nothing") {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("privatelink-badcfg-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("token"), ADMIN).unwrap();
+    let bpffs = dir.join("pins");
+    let cfg = format!(
+        "node = \"n\"\nadmin_token_file = \"{}\"\nbpffs = \"{}\"\n[store]\npath = \"{}\"\n[[interfaces]]\nname = \"lo\"\nnetwork = \"not-a-vpc\"\nrole = \"consumer\"\n",
+        dir.join("token").display(),
+        bpffs.display(),
+        dir.join("state.db").display()
+    );
+    std::fs::write(dir.join("agent.toml"), cfg).unwrap();
+    let out = Command::new(agent_bin("privatelink-agent"))
+        .args(["run", "--config", dir.join("agent.toml").to_str().unwrap()])
+        .env("RUST_BACKTRACE", "0")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("interfaces[0].network"),
+        "the error names the key: {err}"
+    );
+    assert!(
+        !bpffs.exists() && !dir.join("state.db").exists(),
+        "nothing was created or loaded"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
 }
