@@ -388,22 +388,33 @@ impl Dataplane {
         }
         // A link id new to the maps starts with zeroed counters (ids are reused after deletion,
         // and the counters are pinned across agent restarts).
-        for id in next.links.keys().filter(|id| !prev.links.contains_key(id)) {
-            let zero =
-                PerCpuValues::try_from(vec![LinkStats::default(); nr_cpus()?]).map_err(|e| {
-                    DataplaneError::Map {
-                        map: names::LINK_STATS,
-                        source: MapError::IoError(e),
-                    }
-                })?;
-            self.link_stats
-                .set(*id, zero, 0)
-                .map_err(map_err(names::LINK_STATS))?;
+        let new_links: BTreeSet<u32> = next
+            .links
+            .keys()
+            .filter(|id| !prev.links.contains_key(id))
+            .copied()
+            .collect();
+        if !new_links.is_empty() {
+            let cpus = nr_cpus()?;
+            for id in &new_links {
+                let zero =
+                    PerCpuValues::try_from(vec![LinkStats::default(); cpus]).map_err(|e| {
+                        DataplaneError::Map {
+                            map: names::LINK_STATS,
+                            source: MapError::IoError(e),
+                        }
+                    })?;
+                self.link_stats
+                    .set(*id, zero, 0)
+                    .map_err(map_err(names::LINK_STATS))?;
+            }
+            // One pass over the drop counters: walking a hash map scans all its buckets, so this
+            // must not happen once per link.
             let stale: Vec<LinkDropKey> = self
                 .link_drops
                 .keys()
                 .filter_map(Result::ok)
-                .filter(|k| k.link_id == *id)
+                .filter(|k| new_links.contains(&k.link_id))
                 .collect();
             for k in stale {
                 let _ = self.link_drops.remove(&k);
