@@ -17,6 +17,7 @@ use crate::{
     health::{self, Health, TargetKey},
     linkwatch::LinkWatch,
     loader::Datapath,
+    metrics::AgentMetrics,
     pins::{Attached, Pins},
     sync::{self, NodeConfig},
 };
@@ -40,8 +41,10 @@ fn reconcile(
     node: &NodeConfig,
     health: &Health,
     sync: &mut Sync,
+    metrics: &AgentMetrics,
     full: bool,
 ) {
+    let started = std::time::Instant::now();
     let state = plane.snapshot();
     let unhealthy = health.unhealthy();
     let (model, skipped) = sync::model(&state, node, &unhealthy);
@@ -56,6 +59,17 @@ fn reconcile(
     } else {
         dataplane.apply(&model)
     };
+    match &result {
+        Ok(r) => {
+            metrics.drift_repairs.inc_by(r.drift as u64);
+            metrics.revision.set(state.revision as i64);
+        }
+        Err(_) => drop(metrics.sync_errors.inc()),
+    }
+    *metrics.maps.lock().unwrap_or_else(|p| p.into_inner()) = dataplane.map_usage();
+    metrics
+        .sync_duration
+        .observe(started.elapsed().as_secs_f64());
     match result {
         Ok(r) if r.drift > 0 => log::warn!(
             "sync: revision {}: {} map entries had drifted from what the agent wrote; repaired with {} map writes",
@@ -96,8 +110,10 @@ fn reconcile(
     plane.set_health(health.by_service());
 }
 
-fn attach(dp: &mut Datapath, pins: &Pins, name: &str, generic: bool) -> Result<()> {
+/// Attaches to `name`; returns the mode it runs in.
+fn attach(dp: &mut Datapath, pins: &Pins, name: &str, generic: bool) -> Result<&'static str> {
     let prog = dp.program();
+    let mut mode = if generic { "generic" } else { "native" };
     let how = if generic {
         pins.attach(prog, name, XdpMode::Skb)
             .with_context(|| format!("attaching (generic) to {name}"))?
@@ -106,6 +122,7 @@ fn attach(dp: &mut Datapath, pins: &Pins, name: &str, generic: bool) -> Result<(
             Ok(a) => a,
             Err(e) => {
                 log::warn!("native XDP on {name} failed ({e:#}); falling back to generic mode");
+                mode = "generic";
                 pins.attach(prog, name, XdpMode::Skb)
                     .with_context(|| format!("attaching (generic) to {name}"))?
             }
@@ -115,22 +132,16 @@ fn attach(dp: &mut Datapath, pins: &Pins, name: &str, generic: bool) -> Result<(
         Attached::Replaced => {
             log::info!("{name}: replaced the running program through its pinned link")
         }
-        Attached::New => log::info!(
-            "{name}: attached ({})",
-            if generic {
-                "generic, as asked"
-            } else {
-                "native"
-            }
-        ),
+        Attached::New => log::info!("{name}: attached ({mode})"),
     }
-    Ok(())
+    Ok(mode)
 }
 
 /// The node's interfaces as they are now: attaches to those that appeared or were re-created
 /// (new ifindex), and returns whether the set changed (so the maps need a sync).
 struct Interfaces {
-    attached: BTreeMap<String, u32>,
+    /// name → (ifindex, mode) of interfaces with the program attached.
+    attached: BTreeMap<String, (u32, &'static str)>,
     missing: Vec<String>,
 }
 
@@ -141,6 +152,7 @@ impl Interfaces {
         pins: &Pins,
         cfg: &Checked,
         node: &mut NodeConfig,
+        metrics: &AgentMetrics,
     ) -> bool {
         let (found, missing) = config::resolve(&cfg.wanted);
         if missing != self.missing {
@@ -149,12 +161,10 @@ impl Interfaces {
             }
             self.missing = missing;
         }
-        let mut present = BTreeMap::new();
-        for i in &found {
-            present.insert(i.name.clone(), i.ifindex);
-        }
+        let present: BTreeMap<String, u32> =
+            found.iter().map(|i| (i.name.clone(), i.ifindex)).collect();
         for (name, &ifindex) in &present {
-            if self.attached.get(name) == Some(&ifindex) {
+            if self.attached.get(name).map(|a| a.0) == Some(ifindex) {
                 continue;
             }
             match attach(
@@ -163,20 +173,76 @@ impl Interfaces {
                 name,
                 cfg.attach.get(name).copied().unwrap_or(false),
             ) {
-                Ok(()) => drop(self.attached.insert(name.clone(), ifindex)),
+                Ok(mode) => drop(self.attached.insert(name.clone(), (ifindex, mode))),
                 Err(e) => log::error!("{name}: {e:#}"),
             }
         }
         self.attached.retain(|n, _| present.contains_key(n));
+        metrics.programs.clear();
+        for (name, (_, mode)) in &self.attached {
+            metrics
+                .programs
+                .get_or_create(&vec![
+                    ("interface", name.clone()),
+                    ("mode", mode.to_string()),
+                    ("node", cfg.raw.node.clone()),
+                ])
+                .set(1);
+        }
         // Only interfaces with a program count as the node's.
         let ifaces: Vec<_> = found
             .into_iter()
-            .filter(|i| self.attached.get(&i.name) == Some(&i.ifindex))
+            .filter(|i| self.attached.get(&i.name).map(|a| a.0) == Some(i.ifindex))
             .collect();
         let changed = ifaces != node.ifaces;
         node.ifaces = ifaces;
         changed
     }
+}
+
+/// Serves `/metrics` (a scrape reads the maps, so it runs on the blocking pool).
+async fn serve_metrics(
+    listener: tokio::net::TcpListener,
+    registry: Arc<prometheus_client::registry::Registry>,
+) -> std::io::Result<()> {
+    use axum::{http::header, response::IntoResponse, routing::get};
+    let app = axum::Router::new().route(
+        "/metrics",
+        get(move |headers: axum::http::HeaderMap| {
+            let registry = registry.clone();
+            // Prometheus asks for OpenMetrics; everything else (curl, promtool) gets the classic text.
+            let openmetrics = headers
+                .get(header::ACCEPT)
+                .and_then(|v| v.to_str().ok())
+                .is_some_and(|v| v.contains("application/openmetrics-text"));
+            async move {
+                match tokio::task::spawn_blocking(move || crate::metrics::render(&registry)).await {
+                    Ok(Ok(text)) if openmetrics => (
+                        [(
+                            header::CONTENT_TYPE,
+                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                        )],
+                        text,
+                    )
+                        .into_response(),
+                    Ok(Ok(text)) => (
+                        [(
+                            header::CONTENT_TYPE,
+                            "text/plain; version=0.0.4; charset=utf-8",
+                        )],
+                        crate::metrics::to_prometheus_text(&text),
+                    )
+                        .into_response(),
+                    _ => (
+                        axum::http::StatusCode::INTERNAL_SERVER_ERROR,
+                        "encoding the metrics failed",
+                    )
+                        .into_response(),
+                }
+            }
+        }),
+    );
+    axum::serve(listener, app).await
 }
 
 pub fn run(cfg: Checked, detach_on_exit: bool) -> Result<()> {
@@ -204,13 +270,29 @@ pub fn run(cfg: Checked, detach_on_exit: bool) -> Result<()> {
     };
     let health = Arc::new(Health::default());
     let health_changed = Arc::new(tokio::sync::Notify::new());
+    let metrics = Arc::new(AgentMetrics::default());
+    let registry = Arc::new(crate::metrics::registry(crate::metrics::Sources {
+        node: cfg.raw.node.clone(),
+        reader: dataplane.stats_reader()?,
+        plane: plane.clone(),
+        config: cfg.node.clone(),
+        agent: metrics.clone(),
+    }));
     let mut node = cfg.node.clone();
     let mut ifaces = Interfaces {
         attached: BTreeMap::new(),
         missing: Vec::new(),
     };
-    ifaces.refresh(&mut dp, &pins, &cfg, &mut node);
-    reconcile(&plane, &mut dataplane, &node, &health, &mut sync, false);
+    ifaces.refresh(&mut dp, &pins, &cfg, &mut node, &metrics);
+    reconcile(
+        &plane,
+        &mut dataplane,
+        &node,
+        &health,
+        &mut sync,
+        &metrics,
+        false,
+    );
     for stale in pins.stale_maps() {
         log::warn!(
             "removing {} pinned by an agent with another map layout (its state is not reused)",
@@ -219,9 +301,10 @@ pub fn run(cfg: Checked, detach_on_exit: bool) -> Result<()> {
         std::fs::remove_file(&stale).ok();
     }
     log::info!(
-        "node {}: datapath on {} interfaces, state revision {}",
+        "node {}: datapath on {} of {} interfaces, state revision {}",
         cfg.raw.node,
-        cfg.attach.len(),
+        node.ifaces.len(),
+        cfg.wanted.len(),
         plane.revision()
     );
 
@@ -235,6 +318,11 @@ pub fn run(cfg: Checked, detach_on_exit: bool) -> Result<()> {
             .with_context(|| format!("api.listen: binding {}", cfg.raw.api.listen))?;
         log::info!("control-plane API on http://{}", cfg.raw.api.listen);
         let server = tokio::spawn(api::serve(listener, plane.clone()));
+        let metrics_listener = tokio::net::TcpListener::bind(cfg.raw.metrics.listen)
+            .await
+            .with_context(|| format!("metrics.listen: binding {}", cfg.raw.metrics.listen))?;
+        log::info!("metrics on http://{}/metrics", cfg.raw.metrics.listen);
+        let metrics_server = tokio::spawn(serve_metrics(metrics_listener, registry.clone()));
         let checker = tokio::spawn(health::run(plane.clone(), health.clone(), health_changed.clone()));
         let mut revisions = plane.subscribe();
         let mut resync = tokio::time::interval(Duration::from_secs(cfg.raw.resync_interval));
@@ -244,25 +332,26 @@ pub fn run(cfg: Checked, detach_on_exit: bool) -> Result<()> {
             tokio::select! {
                 changed = revisions.changed() => {
                     if changed.is_err() { break; }
-                    reconcile(&plane, &mut dataplane, &node, &health, &mut sync, false);
+                    reconcile(&plane, &mut dataplane, &node, &health, &mut sync, &metrics, false);
                 }
                 event = links.changed() => {
                     if let Err(e) = event { log::warn!("link events: {e}"); }
-                    if ifaces.refresh(&mut dp, &pins, &cfg, &mut node) {
-                        reconcile(&plane, &mut dataplane, &node, &health, &mut sync, false);
+                    if ifaces.refresh(&mut dp, &pins, &cfg, &mut node, &metrics) {
+                        reconcile(&plane, &mut dataplane, &node, &health, &mut sync, &metrics, false);
                     }
                 }
                 _ = resync.tick() => {
                     // Rescan too, in case an event was missed.
-                    ifaces.refresh(&mut dp, &pins, &cfg, &mut node);
-                    reconcile(&plane, &mut dataplane, &node, &health, &mut sync, true);
+                    ifaces.refresh(&mut dp, &pins, &cfg, &mut node, &metrics);
+                    reconcile(&plane, &mut dataplane, &node, &health, &mut sync, &metrics, true);
                 }
-                _ = health_changed.notified() => reconcile(&plane, &mut dataplane, &node, &health, &mut sync, false),
+                _ = health_changed.notified() => reconcile(&plane, &mut dataplane, &node, &health, &mut sync, &metrics, false),
                 _ = tokio::signal::ctrl_c() => break,
                 _ = term.recv() => break,
             }
         }
         server.abort();
+        metrics_server.abort();
         checker.abort();
         Ok::<(), anyhow::Error>(())
     })?;

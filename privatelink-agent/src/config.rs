@@ -40,6 +40,8 @@ pub struct AgentConfig {
     #[serde(default)]
     pub api: ApiConfig,
     #[serde(default)]
+    pub metrics: MetricsConfig,
+    #[serde(default)]
     pub store: StoreConfig,
     /// bpffs directory for pins.
     #[serde(default = "default_bpffs")]
@@ -76,6 +78,21 @@ impl Default for ApiConfig {
     fn default() -> Self {
         ApiConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 7070)),
+        }
+    }
+}
+
+/// Where `/metrics` (Prometheus, OpenMetrics text) is served.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    pub listen: SocketAddr,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        MetricsConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 9464)),
         }
     }
 }

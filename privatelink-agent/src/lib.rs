@@ -8,6 +8,7 @@ pub mod demo;
 pub mod health;
 pub mod linkwatch;
 pub mod loader;
+pub mod metrics;
 pub mod netns;
 pub mod object;
 pub mod pins;

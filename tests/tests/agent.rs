@@ -912,3 +912,236 @@ fn an_invalid_config_names_the_key_and_loads_nothing() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A process killed and reaped on drop.
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// GET from inside the node namespace; the body as text.
+fn node_get(topo: &Topology, url: &str) -> Option<String> {
+    let url = url.to_string();
+    topo.node.enter(move || {
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(Duration::from_secs(3)))
+            .build()
+            .into();
+        agent
+            .get(&url)
+            .call()
+            .ok()
+            .and_then(|mut r| r.body_mut().read_to_string().ok())
+    })
+}
+
+/// The value of the first sample of `metric` whose labels contain every `want` pair.
+fn sample(text: &str, metric: &str, want: &[(&str, &str)]) -> Option<f64> {
+    text.lines()
+        .filter(|l| l.starts_with(metric) && l[metric.len()..].starts_with('{'))
+        .find_map(|l| {
+            let (labels, value) = l.rsplit_once(' ')?;
+            want.iter()
+                .all(|(k, v)| labels.contains(&format!("{k}=\"{v}\"")))
+                .then(|| value.parse().ok())?
+        })
+}
+
+#[test]
+fn metrics_count_traffic_exactly_and_prometheus_scrapes_them() {
+    if !privileged("metrics_count_traffic_exactly_and_prometheus_scrapes_them") {
+        return;
+    }
+    let (w, _agent) = world("agent-metrics");
+    let add = json!({ "port_mappings": [{ "protocol": "udp", "service_port": privatelink_agent::demo::UDP_PORTS.1, "terminal_port": privatelink_agent::demo::UDP_PORTS.0 }] });
+    ok(
+        &w.topo,
+        &w.tokens[0],
+        &format!("/v1/services/{}/port-mappings", w.svc),
+        add,
+    );
+    ok(
+        &w.topo,
+        &w.tokens[0],
+        &format!("/v1/services/{}/accept", w.svc),
+        json!({ "endpoint_ids": w.eps }),
+    );
+    let udp = w.topo.provider.enter(|| {
+        std::net::UdpSocket::bind((BACKEND, privatelink_agent::demo::UDP_PORTS.1)).unwrap()
+    });
+    udp.set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let stop2 = stop.clone();
+    let echo = w.topo.provider.spawn(move || {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let mut buf = [0u8; 2048];
+        while !stop2.load(Ordering::Relaxed) && Instant::now() < deadline {
+            if let Ok((n, peer)) = udp.recv_from(&mut buf) {
+                let _ = udp.send_to(&buf[..n], peer);
+            }
+        }
+    });
+    // Exactly 10 datagrams of 100 bytes from one socket: one flow.
+    let sock = w.topo.consumers[0].enter(|| std::net::UdpSocket::bind("0.0.0.0:0").unwrap());
+    sock.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    let send = |n: usize| {
+        let sock = sock.try_clone().unwrap();
+        w.topo.consumers[0].enter(move || {
+            for i in 0..n {
+                sock.send_to(
+                    &[i as u8; 100],
+                    (ENDPOINT, privatelink_agent::demo::UDP_PORTS.0),
+                )
+                .unwrap();
+                let mut b = [0u8; 200];
+                let (got, _) = sock
+                    .recv_from(&mut b)
+                    .expect("UDP reply through the endpoint");
+                assert_eq!(got, 100);
+            }
+        })
+    };
+    // The first reply may need the backend's neighbour to be resolved: retry the first datagram.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| send(1))).is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "no UDP reply through the endpoint\n{}",
+            w.log()
+        );
+    }
+    let text = node_get(&w.topo, "http://127.0.0.1:9464/metrics").expect("scrape");
+    let base = [("endpoint_id", w.eps[0].as_str())];
+    let before_fwd = sample(
+        &text,
+        "privatelink_link_packets_total",
+        &[base[0], ("direction", "forward")],
+    )
+    .expect("forward packets");
+    send(10);
+    let text = node_get(&w.topo, "http://127.0.0.1:9464/metrics").expect("scrape");
+    let get = |m: &str, extra: &[(&str, &str)]| {
+        let mut want = vec![base[0]];
+        want.extend_from_slice(extra);
+        sample(&text, m, &want).unwrap_or_else(|| panic!("{m} {extra:?} missing:\n{text}"))
+    };
+    let frame = (14 + 20 + 8 + 100) as f64;
+    assert_eq!(
+        get(
+            "privatelink_link_packets_total",
+            &[("direction", "forward")]
+        ) - before_fwd,
+        10.0
+    );
+    assert_eq!(
+        get("privatelink_link_packets_total", &[("direction", "reply")]),
+        before_fwd + 10.0,
+        "one reply per query"
+    );
+    assert_eq!(
+        get("privatelink_link_bytes_total", &[("direction", "forward")]),
+        (before_fwd + 10.0) * frame
+    );
+    assert_eq!(
+        get("privatelink_link_bytes_total", &[("direction", "reply")]),
+        (before_fwd + 10.0) * frame
+    );
+    assert_eq!(
+        get("privatelink_link_connections_total", &[]),
+        1.0,
+        "one UDP flow"
+    );
+    assert_eq!(get("privatelink_link_active_connections", &[]), 1.0);
+    assert!(
+        text.contains("service_name=\"echo\"") && text.contains("consumer_account=\"1000000001\""),
+        "{text}"
+    );
+    assert!(
+        sample(
+            &text,
+            "privatelink_programs_attached",
+            &[("mode", "native")]
+        )
+        .is_some(),
+        "{text}"
+    );
+    assert!(
+        sample(
+            &text,
+            "privatelink_service_targets",
+            &[("health", "healthy")]
+        ) == Some(1.0),
+        "{text}"
+    );
+
+    // promtool accepts the exposition.
+    let mut check = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool (installed by cargo xtask setup)");
+    check
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = check.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool check metrics: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // A real Prometheus server scrapes the agent and answers a rate query.
+    let pdir = w.dir.join("prometheus");
+    std::fs::create_dir_all(&pdir).unwrap();
+    std::fs::write(pdir.join("prometheus.yml"), "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: privatelink\n    static_configs:\n      - targets: ['127.0.0.1:9464']\n").unwrap();
+    let _prom = Proc(
+        w.topo
+            .node
+            .command("prometheus")
+            .args([
+                &format!("--config.file={}", pdir.join("prometheus.yml").display()),
+                &format!("--storage.tsdb.path={}", pdir.join("data").display()),
+                "--web.listen-address=127.0.0.1:9099",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("prometheus (installed by cargo xtask setup)"),
+    );
+    let query = format!(
+        "http://127.0.0.1:9099/api/v1/query?query=sum(rate(privatelink_link_bytes_total%7Bendpoint_id%3D%22{}%22%2Cdirection%3D%22forward%22%7D%5B5s%5D))",
+        w.eps[0]
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        send(5);
+        let answer = node_get(&w.topo, &query).unwrap_or_default();
+        let v: Value = serde_json::from_str(&answer).unwrap_or(Value::Null);
+        let rate = v["data"]["result"][0]["value"][1]
+            .as_str()
+            .and_then(|s| s.parse::<f64>().ok())
+            .unwrap_or(0.0);
+        if rate > 0.0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "Prometheus never returned a byte rate: {answer}"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    stop.store(true, Ordering::Relaxed);
+    echo.join().unwrap();
+}

@@ -576,6 +576,72 @@ impl Dataplane {
         doomed.len()
     }
 
+    /// Independent handles on the counter and conntrack maps, for a metrics reader on another
+    /// thread (the writer keeps its own).
+    pub fn stats_reader(&self) -> Result<StatsReader, DataplaneError> {
+        use aya::maps::IterableMap as _;
+        fn again(m: &MapData, name: &'static str) -> Result<MapData, DataplaneError> {
+            let id = m.info().map_err(map_err(name))?.id();
+            MapData::from_id(id).map_err(map_err(name))
+        }
+        Ok(StatsReader {
+            link_stats: PerCpuArray::try_from(aya::maps::Map::PerCpuArray(again(
+                self.link_stats.map(),
+                names::LINK_STATS,
+            )?))
+            .map_err(map_err(names::LINK_STATS))?,
+            link_drops: PerCpuHashMap::try_from(aya::maps::Map::PerCpuHashMap(again(
+                self.link_drops.map(),
+                names::LINK_DROPS,
+            )?))
+            .map_err(map_err(names::LINK_DROPS))?,
+            global_stats: PerCpuArray::try_from(aya::maps::Map::PerCpuArray(again(
+                self.global_stats.map(),
+                names::GLOBAL_STATS,
+            )?))
+            .map_err(map_err(names::GLOBAL_STATS))?,
+            ct4: HashMap::try_from(aya::maps::Map::LruHashMap(again(
+                self.ct4.map(),
+                names::CT4,
+            )?))
+            .map_err(map_err(names::CT4))?,
+            ct4_capacity: self
+                .ct4
+                .map()
+                .info()
+                .map_err(map_err(names::CT4))?
+                .max_entries(),
+        })
+    }
+
+    /// Entries and capacity of every map the agent writes, from the shadow.
+    pub fn map_usage(&self) -> Vec<(&'static str, usize, u32)> {
+        let s = &self.shadow;
+        vec![
+            (names::IFACES, s.ifaces.len(), self.caps[names::IFACES]),
+            (
+                names::ENDPOINTS4,
+                s.endpoints4.len(),
+                self.caps[names::ENDPOINTS4],
+            ),
+            (
+                names::ENDPOINT_IPS4,
+                s.endpoint_ips4.len(),
+                self.caps[names::ENDPOINT_IPS4],
+            ),
+            (
+                names::ALLOWLIST,
+                s.allowlist.len(),
+                self.caps[names::ALLOWLIST],
+            ),
+            (names::LINKS, s.links.len(), self.links.len()),
+            (names::RULES4, s.rules4.len(), self.rules4.len()),
+            (names::MAGLEV, s.maglev.len(), self.maglev.len()),
+            (names::BACKENDS4, s.backends4.len(), self.backends4.len()),
+            (names::NAT4, s.nat4.len(), self.nat4.len()),
+        ]
+    }
+
     /// All conntrack entries (for metrics, tests and the CLI).
     pub fn flows(&self) -> Vec<(FlowKey4, Flow4)> {
         self.ct4.iter().filter_map(Result::ok).collect()
@@ -647,6 +713,53 @@ fn nr_cpus() -> Result<usize, DataplaneError> {
         map: names::LINK_STATS,
         source: MapError::IoError(e),
     })
+}
+
+/// Read-only handles on the counters and conntrack (see `Dataplane::stats_reader`).
+pub struct StatsReader {
+    link_stats: PerCpuArray<MapData, LinkStats>,
+    link_drops: PerCpuHashMap<MapData, LinkDropKey, u64>,
+    global_stats: PerCpuArray<MapData, u64>,
+    ct4: HashMap<MapData, FlowKey4, Flow4>,
+    pub ct4_capacity: u32,
+}
+
+impl StatsReader {
+    /// A link's counters summed over CPUs.
+    pub fn link(&self, link_id: u32) -> Option<LinkStats> {
+        let v = self.link_stats.get(&link_id, 0).ok()?;
+        let mut sum = LinkStats::default();
+        for s in v.iter() {
+            sum.add(s);
+        }
+        Some(sum)
+    }
+
+    /// Drops by (link, reason), summed over CPUs.
+    pub fn drops(&self) -> BTreeMap<(u32, u32), u64> {
+        let mut out = BTreeMap::new();
+        for (k, v) in self.link_drops.iter().filter_map(Result::ok) {
+            *out.entry((k.link_id, k.reason)).or_default() += v.iter().sum::<u64>();
+        }
+        out
+    }
+
+    /// Global outcome counters, indexed by outcome code.
+    pub fn outcomes(&self) -> Vec<u64> {
+        (0..OUTCOMES)
+            .map(|i| {
+                self.global_stats
+                    .get(&i, 0)
+                    .map(|v| v.iter().sum())
+                    .unwrap_or(0)
+            })
+            .collect()
+    }
+
+    /// Every conntrack entry.
+    pub fn flows(&self) -> Vec<(FlowKey4, Flow4)> {
+        self.ct4.iter().filter_map(Result::ok).collect()
+    }
 }
 
 fn usable(l: &LinkInfo) -> bool {
