@@ -80,7 +80,8 @@ fn monotonic_ns() -> u64 {
         .unwrap_or(0)
 }
 
-/// A family of const metrics: (labels, value) rows under one descriptor.
+/// A family of const metrics: (labels, value) rows under one descriptor. The descriptor is written
+/// even without rows, so every family is declared (a link's drop series appear with its first drop).
 fn family<M: EncodeMetric>(
     enc: &mut DescriptorEncoder,
     name: &str,
@@ -88,9 +89,6 @@ fn family<M: EncodeMetric>(
     kind: MetricType,
     rows: Vec<(Labels, M)>,
 ) -> Result<(), std::fmt::Error> {
-    if rows.is_empty() {
-        return Ok(());
-    }
     let mut d = enc.encode_descriptor(name, help, None, kind)?;
     for (labels, m) in rows {
         m.encode(d.encode_family(&labels)?)?;

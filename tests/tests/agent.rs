@@ -1142,6 +1142,81 @@ fn metrics_count_traffic_exactly_and_prometheus_scrapes_them() {
         );
         std::thread::sleep(Duration::from_millis(500));
     }
+    check_dashboard(&w, &text);
     stop.store(true, Ordering::Relaxed);
     echo.join().unwrap();
+}
+
+fn encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// The Grafana dashboard: well-formed, every query accepted by the running Prometheus (variables
+/// substituted), every metric it names exposed by the agent.
+fn check_dashboard(w: &World, scrape: &str) {
+    let d: Value = serde_json::from_str(include_str!("../../dashboards/privatelink.json"))
+        .expect("dashboard JSON");
+    assert!(
+        d["uid"].is_string() && d["title"].is_string() && d["schemaVersion"].as_u64() >= Some(30)
+    );
+    let vars: Vec<&str> = d["templating"]["list"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(vars, ["datasource", "node", "service", "endpoint"]);
+    let mut exprs: Vec<String> = Vec::new();
+    for p in d["panels"].as_array().expect("panels") {
+        assert!(
+            p["type"].is_string() && p["title"].is_string() && p["gridPos"]["w"].is_u64(),
+            "{p}"
+        );
+        for t in p["targets"].as_array().expect("targets") {
+            exprs.push(t["expr"].as_str().expect("expr").to_string());
+        }
+    }
+    for v in d["templating"]["list"].as_array().unwrap().iter().skip(1) {
+        exprs.push(v["definition"].as_str().unwrap().to_string());
+    }
+    for e in &exprs {
+        let mut name_at = 0;
+        while let Some(i) = e[name_at..].find("privatelink_") {
+            let start = name_at + i;
+            let end = e[start..]
+                .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                .map_or(e.len(), |j| start + j);
+            let name = &e[start..end];
+            assert!(
+                scrape.contains(&format!("{name}{{")) || scrape.contains(&format!("{name} ")),
+                "{name} (in {e}) is not exposed"
+            );
+            name_at = end;
+        }
+        if e.starts_with("label_values(") {
+            continue;
+        }
+        let q = e
+            .replace("$__rate_interval", "10s")
+            .replace("$service", ".*")
+            .replace("$endpoint", ".*")
+            .replace("$node", ".*");
+        let answer = node_get(
+            &w.topo,
+            &format!("http://127.0.0.1:9099/api/v1/query?query={}", encode(&q)),
+        )
+        .unwrap_or_default();
+        let v: Value = serde_json::from_str(&answer).unwrap_or(Value::Null);
+        assert_eq!(
+            v["status"], "success",
+            "Prometheus refused the dashboard query {q}: {answer}"
+        );
+    }
 }
