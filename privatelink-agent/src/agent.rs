@@ -13,8 +13,9 @@ use aya::programs::xdp::XdpMode;
 use crate::{
     config::{self, Checked},
     control::{api, plane::ControlPlane, store::SqliteStore},
-    dataplane::Dataplane,
+    dataplane::{Dataplane, StatsReader},
     health::{self, Health, TargetKey},
+    history::{Counters, History},
     linkwatch::LinkWatch,
     loader::Datapath,
     metrics::AgentMetrics,
@@ -200,6 +201,68 @@ impl Interfaces {
     }
 }
 
+/// Records one history sample: every endpoint's counters, and each service's sums.
+fn sample_history(
+    plane: &ControlPlane,
+    reader: &StatsReader,
+    history: &std::sync::Mutex<History>,
+    cfg: &NodeConfig,
+) {
+    let state = plane.snapshot();
+    let now_mono = crate::metrics::monotonic_ns();
+    let mut active: BTreeMap<u32, u64> = BTreeMap::new();
+    for (k, f) in reader.flows() {
+        if crate::metrics::active(&f, k.proto, now_mono, &cfg.datapath) {
+            *active.entry(f.link_id).or_default() += 1;
+        }
+    }
+    let mut drops: BTreeMap<u32, u64> = BTreeMap::new();
+    for ((link, _), n) in reader.drops() {
+        *drops.entry(link).or_default() += n;
+    }
+    let mut rows: Vec<(&str, &str, Counters, u64)> = Vec::new();
+    let mut services: BTreeMap<&str, (Counters, u64)> = BTreeMap::new();
+    for ep in state.endpoints.values() {
+        let Some(s) = reader.link(ep.link_id) else {
+            continue;
+        };
+        let c = Counters {
+            fwd_bytes: s.fwd_bytes,
+            rev_bytes: s.rev_bytes,
+            fwd_packets: s.fwd_packets,
+            rev_packets: s.rev_packets,
+            new_conns: s.new_conns,
+            drops: drops.get(&ep.link_id).copied().unwrap_or(0),
+        };
+        let a = active.get(&ep.link_id).copied().unwrap_or(0);
+        rows.push(("endpoint", ep.id.as_str(), c, a));
+        let e = services.entry(ep.service_id.as_str()).or_default();
+        e.0.fwd_bytes += c.fwd_bytes;
+        e.0.rev_bytes += c.rev_bytes;
+        e.0.fwd_packets += c.fwd_packets;
+        e.0.rev_packets += c.rev_packets;
+        e.0.new_conns += c.new_conns;
+        e.0.drops += c.drops;
+        e.1 += a;
+    }
+    rows.extend(services.iter().map(|(id, (c, a))| ("service", *id, *c, *a)));
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let mut h = history.lock().unwrap_or_else(|p| p.into_inner());
+    if let Err(e) = h.record(now, &rows) {
+        log::error!("history: {e}");
+    }
+    let keep = |kind: &str, id: &str| match kind {
+        "endpoint" => state.endpoints.contains_key(id),
+        _ => state.services.contains_key(id),
+    };
+    if let Err(e) = h.retain_cursors(&keep) {
+        log::error!("history: {e}");
+    }
+}
+
 /// Serves `/metrics` (a scrape reads the maps, so it runs on the blocking pool).
 async fn serve_metrics(
     listener: tokio::net::TcpListener,
@@ -278,6 +341,14 @@ pub fn run(cfg: Checked, detach_on_exit: bool) -> Result<()> {
         config: cfg.node.clone(),
         agent: metrics.clone(),
     }));
+    // Monitoring history beside the state file.
+    let history_path = cfg.raw.store.path.with_file_name("history.db");
+    let history = Arc::new(std::sync::Mutex::new(
+        History::open(&history_path)
+            .with_context(|| format!("history: opening {}", history_path.display()))?,
+    ));
+    plane.set_history(history.clone());
+    let history_reader = dataplane.stats_reader()?;
     let mut node = cfg.node.clone();
     let mut ifaces = Interfaces {
         attached: BTreeMap::new(),
@@ -328,6 +399,7 @@ pub fn run(cfg: Checked, detach_on_exit: bool) -> Result<()> {
         let mut resync = tokio::time::interval(Duration::from_secs(cfg.raw.resync_interval));
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         let mut links = LinkWatch::new().context("subscribing to link events")?;
+        let mut sample = tokio::time::interval(Duration::from_secs(10));
         loop {
             tokio::select! {
                 changed = revisions.changed() => {
@@ -346,6 +418,7 @@ pub fn run(cfg: Checked, detach_on_exit: bool) -> Result<()> {
                     reconcile(&plane, &mut dataplane, &node, &health, &mut sync, &metrics, true);
                 }
                 _ = health_changed.notified() => reconcile(&plane, &mut dataplane, &node, &health, &mut sync, &metrics, false),
+                _ = sample.tick() => sample_history(&plane, &history_reader, &history, &node),
                 _ = tokio::signal::ctrl_c() => break,
                 _ = term.recv() => break,
             }

@@ -63,6 +63,21 @@ enum Command {
     },
     /// The control plane's current revision.
     Revision,
+    /// Traffic history of an endpoint or service, from the agent's built-in monitoring.
+    Metrics {
+        #[arg(value_parser = ["endpoint", "service"])]
+        kind: String,
+        id: String,
+        /// realtime (last hour, 10 s), 24h, 7d (1 h) or FROM..TO (unix seconds or RFC 3339).
+        #[arg(long, default_value = "realtime")]
+        period: String,
+        /// 10s, 1h or 1d.
+        #[arg(long)]
+        granularity: Option<String>,
+        /// Start (unix seconds) of a second period of the same length, shown side by side.
+        #[arg(long)]
+        compare_to: Option<String>,
+    },
 }
 
 #[derive(Args, Debug, Default)]
@@ -593,6 +608,22 @@ fn request(cmd: &Command) -> anyhow::Result<Req> {
             req("GET", format!("/v1/export.csv{q}{sep}kind={kind}"), None)
         }
         C::Revision => req("GET", "/v1/revision", None),
+        C::Metrics {
+            kind,
+            id,
+            period,
+            granularity,
+            compare_to,
+        } => {
+            let mut q = format!("period={}", encode(period));
+            if let Some(g) = granularity {
+                q += &format!("&granularity={}", encode(g));
+            }
+            if let Some(c) = compare_to {
+                q += &format!("&compare_to={}", encode(c));
+            }
+            req("GET", format!("/v1/history/{kind}/{id}?{q}"), None)
+        }
     })
 }
 
@@ -617,7 +648,11 @@ fn file_config(path: Option<&std::path::Path>) -> anyhow::Result<FileConfig> {
 
 /// Rows of a JSON reply: a list's items, a bare array, or one object.
 fn rows(v: &Value) -> Vec<&serde_json::Map<String, Value>> {
-    let list = v.get("items").or_else(|| v.get("results")).unwrap_or(v);
+    let list = v
+        .get("items")
+        .or_else(|| v.get("results"))
+        .or_else(|| v.get("points"))
+        .unwrap_or(v);
     match list {
         Value::Array(a) => a.iter().filter_map(Value::as_object).collect(),
         Value::Object(o) => vec![o],
@@ -732,7 +767,12 @@ fn execute(cli: &Cli, out: &mut dyn Write) -> anyhow::Result<i32> {
     let token = cli.token.clone().or(file.token).ok_or_else(|| {
         anyhow::anyhow!("no token: pass --token, set PRIVATELINK_TOKEN, or put token = \"...\" in the config file")
     })?;
-    let r = request(&cli.command)?;
+    let mut r = request(&cli.command)?;
+    // History as CSV comes from the server, with the comparison side by side.
+    let history_csv = matches!(cli.command, Command::Metrics { .. }) && cli.output == Output::Csv;
+    if history_csv {
+        r.path += "&format=csv";
+    }
     let agent: ureq::Agent = ureq::Agent::config_builder()
         .http_status_as_error(false)
         .build()
@@ -770,7 +810,7 @@ fn execute(cli: &Cli, out: &mut dyn Write) -> anyhow::Result<i32> {
             e["message"].as_str().unwrap_or(&text)
         );
     }
-    if matches!(cli.command, Command::Export { .. }) {
+    if matches!(cli.command, Command::Export { .. }) || history_csv {
         out.write_all(text.as_bytes())?;
     } else if !text.is_empty() {
         render(&serde_json::from_str(&text)?, cli.output, out)?;

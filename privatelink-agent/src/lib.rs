@@ -6,6 +6,7 @@ pub mod control;
 pub mod dataplane;
 pub mod demo;
 pub mod health;
+pub mod history;
 pub mod linkwatch;
 pub mod loader;
 pub mod metrics;

@@ -74,7 +74,7 @@ impl std::fmt::Debug for NodeCollector {
     }
 }
 
-fn monotonic_ns() -> u64 {
+pub(crate) fn monotonic_ns() -> u64 {
     nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
         .map(|t| t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64)
         .unwrap_or(0)
@@ -106,7 +106,12 @@ fn gauge(v: i64) -> ConstGauge<i64> {
 
 /// Whether a forward entry is a live connection as the console counts them: TCP in SYN or
 /// ESTABLISHED, UDP until its timeout.
-fn active(f: &privatelink_common::Flow4, proto: u8, now: u64, cfg: &DatapathConfig) -> bool {
+pub(crate) fn active(
+    f: &privatelink_common::Flow4,
+    proto: u8,
+    now: u64,
+    cfg: &DatapathConfig,
+) -> bool {
     let counted = proto == PROTO_UDP || matches!(f.tcp_state, CT_SYN_SENT | CT_ESTABLISHED);
     f.dir == DIR_FORWARD
         && counted

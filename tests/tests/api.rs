@@ -728,7 +728,7 @@ fn openapi_document_covers_every_route() {
     }
     assert_eq!(
         paths.len(),
-        26,
+        27,
         "every route is documented: {:?}",
         paths.keys().collect::<Vec<_>>()
     );
@@ -751,4 +751,144 @@ fn openapi_document_covers_every_route() {
             .get("port_mappings")
             .is_some()
     );
+}
+
+#[test]
+fn history_by_period_with_comparison_and_csv() {
+    use privatelink_agent::history::{Counters, History};
+    let w = world("history");
+    w.provider.ok(
+        "POST",
+        &format!("/v1/services/{}/allowlist", w.svc),
+        json!({ "account_id": "1000000001" }),
+    );
+    let ep = w.c1.ok("POST", "/v1/endpoints", endpoint_req(&w, "hist"))["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    // Without an agent's history: a clear answer.
+    assert_eq!(
+        w.c1.get(&format!("/v1/history/endpoint/{ep}")).code(),
+        "no_history"
+    );
+    let path = w
+        .server
+        .db
+        .with_file_name(format!("history-{}.db", std::process::id()));
+    let h = std::sync::Arc::new(std::sync::Mutex::new(History::open(&path).unwrap()));
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    {
+        let mut h = h.lock().unwrap();
+        let c = |b: u64| Counters {
+            fwd_bytes: b,
+            rev_bytes: b,
+            fwd_packets: b / 10,
+            rev_packets: b / 10,
+            new_conns: b / 100,
+            drops: 0,
+        };
+        // Two hours ago (for the comparison) and the last minute.
+        h.record(now - 7200 - 60, &[("endpoint", &ep, c(0), 0)])
+            .unwrap();
+        h.record(now - 7200 - 50, &[("endpoint", &ep, c(100), 1)])
+            .unwrap();
+        h.record(now - 60, &[("endpoint", &ep, c(100), 1)]).unwrap();
+        for i in 1..=5u64 {
+            h.record(
+                now - 60 + i * 10,
+                &[("endpoint", &ep, c(100 + 1000 * i), 2)],
+            )
+            .unwrap();
+        }
+    }
+    w.server.plane.set_history(h);
+    let r =
+        w.c1.get(&format!("/v1/history/endpoint/{ep}?period=realtime"));
+    assert_eq!(r.status, 200, "{}", r.text);
+    let pts = r.body["points"].as_array().unwrap();
+    // The sample at now-60 saw no new traffic (a zero point with one live connection), then five
+    // intervals of 1000 bytes with two.
+    assert_eq!(pts.len(), 6, "{}", r.text);
+    assert_eq!(
+        (
+            pts[0]["fwd_bytes"].as_u64(),
+            pts[0]["max_active_connections"].as_u64()
+        ),
+        (Some(0), Some(1))
+    );
+    assert!(
+        pts[1..]
+            .iter()
+            .all(|p| p["fwd_bytes"] == 1000 && p["max_active_connections"] == 2),
+        "{}",
+        r.text
+    );
+    assert_eq!(r.body["granularity_secs"], 10);
+    // Hourly, with the same window two hours earlier side by side.
+    let from = now - 3 * 3600;
+    let r = w.c1.get(&format!(
+        "/v1/history/endpoint/{ep}?period={from}..{now}&granularity=1h&compare_to={}",
+        from - 3600
+    ));
+    assert_eq!(r.status, 200, "{}", r.text);
+    let total: u64 = r.body["points"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["fwd_bytes"].as_u64().unwrap())
+        .sum();
+    assert_eq!(
+        total,
+        100 + 5000,
+        "both windows of traffic in the hourly buckets"
+    );
+    assert!(r.body["compare"]["points"].is_array());
+    // Tenants and bad periods.
+    assert_eq!(w.c2.get(&format!("/v1/history/endpoint/{ep}")).status, 404);
+    assert_eq!(
+        w.c1.get(&format!("/v1/history/endpoint/{ep}?period=1w"))
+            .code(),
+        "invalid_period"
+    );
+    assert_eq!(
+        w.c1.get(&format!(
+            "/v1/history/endpoint/{ep}?period={}..{now}&granularity=10s",
+            now - 7200
+        ))
+        .code(),
+        "invalid_period"
+    );
+    // CSV through the CLI (with a second token of the consumer).
+    let token = w
+        .admin
+        .ok("POST", "/v1/accounts/1000000001/tokens", json!({}))["token"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let (mut out, mut err) = (Vec::new(), Vec::new());
+    let args = [
+        "privatelink",
+        "--server",
+        &format!("http://{}", w.server.addr),
+        "--token",
+        &token,
+        "-o",
+        "csv",
+        "metrics",
+        "endpoint",
+        &ep,
+    ];
+    assert_eq!(
+        privatelink_agent::cli::run(args.map(String::from), &mut out, &mut err),
+        0,
+        "{}",
+        String::from_utf8_lossy(&err)
+    );
+    let mut rd = csv::Reader::from_reader(out.as_slice());
+    assert_eq!(&rd.headers().unwrap()[1], "fwd_bytes");
+    assert_eq!(rd.records().count(), 6);
+    let _ = std::fs::remove_file(path);
 }

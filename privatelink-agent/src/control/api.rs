@@ -728,6 +728,139 @@ async fn export_csv(
     }
 }
 
+#[derive(Clone, Debug, Default, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct HistoryQuery {
+    /// `realtime` (last hour, 10 s), `24h`, `7d` (1 h), or `FROM..TO` (unix seconds or RFC 3339).
+    pub period: Option<String>,
+    /// `10s`, `1h` or `1d`.
+    pub granularity: Option<String>,
+    /// Start of a second period of the same length, returned side by side.
+    pub compare_to: Option<String>,
+    /// `json` (default) or `csv`.
+    pub format: Option<String>,
+}
+
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct HistoryView {
+    kind: String,
+    id: String,
+    granularity_secs: u64,
+    from: u64,
+    to: u64,
+    points: Vec<crate::history::Point>,
+    /// The comparison period, when asked for.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    compare: Option<HistoryWindow>,
+}
+
+/// A second window of history, side by side with the first.
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct HistoryWindow {
+    from: u64,
+    to: u64,
+    points: Vec<crate::history::Point>,
+}
+
+#[utoipa::path(get, path = "/v1/history/{kind}/{id}", params(("kind" = String, Path, description = "endpoint or service"), ("id" = String, Path, description = "object id"), HistoryQuery), responses((status = 200, body = HistoryView, description = "Traffic history of an endpoint or service on this node"), (status = "4XX", body = ErrorBody, description = "error: stable code, message, offending field")), security(("bearer" = [])), summary = "Traffic history of an endpoint or service on this node")]
+async fn history(
+    State(p): State<Plane>,
+    Auth(c): Auth,
+    Path((kind, id)): Path<(String, String)>,
+    Query(q): Query<HistoryQuery>,
+) -> ApiResult<Response> {
+    match kind.as_str() {
+        "endpoint" => p.read(|s| endpoints::own(s, &c, &id).map(drop))?,
+        "service" => p.read(|s| services::own(s, &c, &id).map(drop))?,
+        _ => {
+            return Err(ApiError::invalid(
+                "invalid_kind",
+                "kind",
+                "endpoint or service",
+            ));
+        }
+    }
+    let h = p
+        .history()
+        .ok_or_else(|| {
+            ApiError::new(
+                404,
+                "no_history",
+                "this server keeps no monitoring history (only agents do)",
+            )
+        })?
+        .clone();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let period = crate::history::Period::parse(
+        q.period.as_deref().unwrap_or("realtime"),
+        q.granularity.as_deref(),
+        now,
+    )
+    .map_err(|m| ApiError::invalid("invalid_period", "period", m))?;
+    let compare = match &q.compare_to {
+        None => None,
+        Some(from) => {
+            let spec = format!(
+                "{from}..{}",
+                from.parse::<u64>()
+                    .map(|f| (f + period.duration_secs()).to_string())
+                    .unwrap_or_default()
+            );
+            let g = match period.granularity {
+                10 => "10s",
+                3600 => "1h",
+                _ => "1d",
+            };
+            Some(
+                crate::history::Period::parse(&spec, Some(g), now).map_err(|m| {
+                    ApiError::invalid(
+                        "invalid_period",
+                        "compare_to",
+                        format!("compare_to is unix seconds: {m}"),
+                    )
+                })?,
+            )
+        }
+    };
+    let view = tokio::task::spawn_blocking(
+        move || -> Result<HistoryView, crate::history::HistoryError> {
+            let h = h.lock().unwrap_or_else(|e| e.into_inner());
+            let mk = |per: &crate::history::Period, points| HistoryView {
+                kind: kind.clone(),
+                id: id.clone(),
+                granularity_secs: per.granularity,
+                from: per.from,
+                to: per.to,
+                points,
+                compare: None,
+            };
+            let mut v = mk(&period, h.query(&kind, &id, &period)?);
+            if let Some(c) = &compare {
+                v.compare = Some(HistoryWindow {
+                    from: c.from,
+                    to: c.to,
+                    points: h.query(&kind, &id, c)?,
+                });
+            }
+            Ok(v)
+        },
+    )
+    .await
+    .map_err(|e| ApiError::new(500, "internal", e.to_string()))?
+    .map_err(|e| ApiError::new(503, "history_unavailable", e.to_string()))?;
+    if q.format.as_deref() == Some("csv") {
+        let text = crate::history::csv(
+            &view.points,
+            view.compare.as_ref().map(|c| c.points.as_slice()),
+        );
+        return Ok(([(header::CONTENT_TYPE, "text/csv; charset=utf-8")], text).into_response());
+    }
+    Ok(ok(view))
+}
+
 #[utoipa::path(get, path = "/v1/revision", responses((status = 200, body = Revision, description = "The current state revision"), (status = "4XX", body = ErrorBody, description = "error: stable code, message, offending field")), security(("bearer" = [])), summary = "The current state revision")]
 async fn revision(State(p): State<Plane>, Auth(_): Auth) -> ApiResult<Response> {
     Ok(ok(json!({ "revision": p.revision() })))
@@ -801,7 +934,7 @@ impl utoipa::Modify for BearerAuth {
 #[openapi(
     info(title = "privatelink control plane", description = "Endpoint services, endpoints, allowlists and security groups."),
     modifiers(&BearerAuth),
-    paths(revision, service_health, create_account, list_accounts, issue_token, create_network, list_networks, get_network, delete_network, create_subnet, list_subnets, delete_subnet, create_service, list_services, get_service, update_service, delete_service, set_backends, add_port_mappings, list_allowlist, allow, disallow, verify, connections, accept, reject, create_endpoint, list_endpoints, get_endpoint, update_endpoint, delete_endpoint, bind, set_bindings, unbind, create_group, list_groups, get_group, update_group, set_rules, delete_group, export_csv),
+    paths(revision, service_health, history, create_account, list_accounts, issue_token, create_network, list_networks, get_network, delete_network, create_subnet, list_subnets, delete_subnet, create_service, list_services, get_service, update_service, delete_service, set_backends, add_port_mappings, list_allowlist, allow, disallow, verify, connections, accept, reject, create_endpoint, list_endpoints, get_endpoint, update_endpoint, delete_endpoint, bind, set_bindings, unbind, create_group, list_groups, get_group, update_group, set_rules, delete_group, export_csv),
 )]
 pub struct ApiDoc;
 
@@ -884,6 +1017,7 @@ pub fn router(plane: Plane) -> Router {
         )
         .route("/v1/security-groups/{id}/rules", put(set_rules))
         .route("/v1/export.csv", get(export_csv))
+        .route("/v1/history/{kind}/{id}", get(history))
         .route("/openapi.json", get(openapi))
         .fallback(fallback)
         .with_state(plane)

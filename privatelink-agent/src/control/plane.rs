@@ -4,7 +4,7 @@
 use std::{
     collections::BTreeMap,
     net::IpAddr,
-    sync::Mutex,
+    sync::{Arc, Mutex},
     time::{SystemTime, UNIX_EPOCH},
 };
 
@@ -28,6 +28,8 @@ pub struct ControlPlane {
     revision: watch::Sender<u64>,
     /// Backend health as this node's checks see it: service id → (address, healthy).
     health: Mutex<BTreeMap<String, Vec<(IpAddr, bool)>>>,
+    /// This node's monitoring history, when the agent keeps one.
+    history: std::sync::OnceLock<Arc<Mutex<crate::history::History>>>,
 }
 
 fn now() -> u64 {
@@ -60,6 +62,7 @@ impl ControlPlane {
             admin_sha256: token_hash(admin_token),
             revision,
             health: Mutex::new(BTreeMap::new()),
+            history: std::sync::OnceLock::new(),
         })
     }
 
@@ -130,6 +133,15 @@ impl ControlPlane {
         drop(guard);
         self.revision.send_replace(revision);
         Ok(response)
+    }
+
+    /// Attaches the node's monitoring history (served by the API).
+    pub fn set_history(&self, h: Arc<Mutex<crate::history::History>>) {
+        let _ = self.history.set(h);
+    }
+
+    pub fn history(&self) -> Option<&Arc<Mutex<crate::history::History>>> {
+        self.history.get()
     }
 
     /// Publishes this node's view of backend health (for the API).
