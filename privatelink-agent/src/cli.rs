@@ -189,6 +189,18 @@ fn tags(v: &[String]) -> anyhow::Result<Value> {
         .map(Value::Array)
 }
 
+/// The body of a name/tags update: only what was given.
+fn name_tags(name: &Option<String>, t: &Option<Vec<String>>) -> anyhow::Result<Value> {
+    let mut b = json!({});
+    if let Some(n) = name {
+        b["name"] = json!(n);
+    }
+    if let Some(t) = t {
+        b["tags"] = tags(t)?;
+    }
+    Ok(b)
+}
+
 /// `proto:service_port:terminal_port`, e.g. `tcp:3306:3306`.
 fn mappings(v: &[String]) -> anyhow::Result<Value> {
     v.iter()
@@ -478,15 +490,9 @@ fn request(cmd: &Command) -> anyhow::Result<Req> {
                 auto_accept,
                 tags: t,
             } => {
-                let mut b = json!({});
-                if let Some(n) = name {
-                    b["name"] = json!(n);
-                }
+                let mut b = name_tags(name, t)?;
                 if let Some(a) = auto_accept {
                     b["auto_accept"] = json!(a);
-                }
-                if let Some(t) = t {
-                    b["tags"] = tags(t)?;
                 }
                 req("PATCH", format!("/v1/services/{id}"), Some(b))
             }
@@ -552,16 +558,11 @@ fn request(cmd: &Command) -> anyhow::Result<Req> {
             }
             EndpointCmd::List(l) => req("GET", format!("/v1/endpoints{}", l.query()), None),
             EndpointCmd::Get { id } => req("GET", format!("/v1/endpoints/{id}"), None),
-            EndpointCmd::Update { id, name, tags: t } => {
-                let mut b = json!({});
-                if let Some(n) = name {
-                    b["name"] = json!(n);
-                }
-                if let Some(t) = t {
-                    b["tags"] = tags(t)?;
-                }
-                req("PATCH", format!("/v1/endpoints/{id}"), Some(b))
-            }
+            EndpointCmd::Update { id, name, tags: t } => req(
+                "PATCH",
+                format!("/v1/endpoints/{id}"),
+                Some(name_tags(name, t)?),
+            ),
             EndpointCmd::Delete { id } => req("DELETE", format!("/v1/endpoints/{id}"), None),
             EndpointCmd::Bind {
                 id,

@@ -206,6 +206,55 @@ fn provider_and_consumer_workflow_through_the_cli() {
     assert_eq!((&recs[0][0], &recs[0][1]), (ep_id, "true"));
     assert_eq!(&recs[1][1], "false");
 
+    // Updates send only what was given, validated by the server.
+    let upd = json(&cli(
+        &s,
+        &cons,
+        &[
+            "-o",
+            "json",
+            "endpoints",
+            "update",
+            ep_id,
+            "--name",
+            "renamed",
+            "--tag",
+            "team=web",
+        ],
+    ));
+    assert_eq!(
+        (upd["name"].as_str(), upd["tags"][0]["value"].as_str()),
+        (Some("renamed"), Some("web"))
+    );
+    assert_eq!(upd["state"], "Available", "untouched fields stay");
+    let bad = cli(
+        &s,
+        &cons,
+        &["endpoints", "update", ep_id, "--name", "bad name"],
+    );
+    assert!(
+        bad.code == 1 && bad.err.contains("invalid_name"),
+        "{}",
+        bad.err
+    );
+    let svc_upd = json(&cli(
+        &s,
+        &prov,
+        &[
+            "-o",
+            "json",
+            "services",
+            "update",
+            svc_id,
+            "--auto-accept",
+            "true",
+        ],
+    ));
+    assert_eq!(
+        (svc_upd["auto_accept"].as_bool(), svc_upd["name"].as_str()),
+        (Some(true), Some("cache"))
+    );
+
     // Export as CSV with a header.
     let e = cli(&s, &cons, &["export", "endpoints", "--fields", "id,state"]);
     assert_eq!(

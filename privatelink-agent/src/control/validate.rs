@@ -82,6 +82,28 @@ pub fn tags(tags: &[super::types::Tag]) -> ApiResult<()> {
     Ok(())
 }
 
+/// Applies an update of an object's name and tags, both validated before either changes.
+pub fn rename_retag(
+    name: &mut String,
+    tags: &mut Vec<super::types::Tag>,
+    new_name: Option<String>,
+    new_tags: Option<Vec<super::types::Tag>>,
+) -> ApiResult<()> {
+    if let Some(n) = &new_name {
+        self::name("name", n)?;
+    }
+    if let Some(t) = &new_tags {
+        self::tags(t)?;
+    }
+    if let Some(n) = new_name {
+        *name = n;
+    }
+    if let Some(t) = new_tags {
+        *tags = t;
+    }
+    Ok(())
+}
+
 /// A port 1–65535 (taken wide so that 0 and 65536 get a clear error rather than a parse failure).
 pub fn port(field: &str, v: i64) -> ApiResult<u16> {
     if (1..=65535).contains(&v) {

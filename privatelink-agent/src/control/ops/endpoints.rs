@@ -236,14 +236,7 @@ fn put(ep: Endpoint) -> Outcome<Endpoint> {
 
 pub fn update(s: &State, cx: &mut Ctx, id: &str, req: UpdateEndpoint) -> Outcome<Endpoint> {
     let mut ep = own(s, cx.caller, id)?.clone();
-    if let Some(n) = req.name {
-        validate::name("name", &n)?;
-        ep.name = n;
-    }
-    if let Some(t) = req.tags {
-        validate::tags(&t)?;
-        ep.tags = t;
-    }
+    validate::rename_retag(&mut ep.name, &mut ep.tags, req.name, req.tags)?;
     put(ep)
 }
 

@@ -156,14 +156,7 @@ pub fn set_rules(s: &State, cx: &mut Ctx, id: &str, req: Rules) -> Outcome<Secur
 
 pub fn update(s: &State, cx: &mut Ctx, id: &str, req: UpdateGroup) -> Outcome<SecurityGroup> {
     let mut g = own(s, cx.caller, id)?.clone();
-    if let Some(n) = req.name {
-        validate::name("name", &n)?;
-        g.name = n;
-    }
-    if let Some(t) = req.tags {
-        validate::tags(&t)?;
-        g.tags = t;
-    }
+    validate::rename_retag(&mut g.name, &mut g.tags, req.name, req.tags)?;
     put(g)
 }
 

@@ -251,14 +251,7 @@ fn put(svc: Service) -> Outcome<Service> {
 /// Name, tags and auto-accept. Changing auto-accept never changes existing connections.
 pub fn update(s: &State, cx: &mut Ctx, id: &str, req: UpdateService) -> Outcome<Service> {
     let mut svc = own(s, cx.caller, id)?.clone();
-    if let Some(n) = req.name {
-        validate::name("name", &n)?;
-        svc.name = n;
-    }
-    if let Some(t) = req.tags {
-        validate::tags(&t)?;
-        svc.tags = t;
-    }
+    validate::rename_retag(&mut svc.name, &mut svc.tags, req.name, req.tags)?;
     if let Some(a) = req.auto_accept {
         svc.auto_accept = a;
     }
