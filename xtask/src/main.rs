@@ -76,6 +76,8 @@ fn test(args: &[String]) -> Result<()> {
     setup::setup(true)?;
     run(cargo().args(["fmt", "--all", "--check"]))?;
     clippy()?;
+    // The agent integration tests run the real binaries (privatelink-agent, privatelink).
+    run(cargo().args(["build", "--package", "privatelink-agent", "--bins"]))?;
     // Kernel state (namespaces, pinned maps) is shared, so tests run one at a time.
     run(cargo()
         .args(["test", "--no-fail-fast", "--"])
