@@ -226,28 +226,25 @@ pub struct Checked {
     pub attach: BTreeMap<String, bool>,
 }
 
-/// The wanted interfaces that exist now (in the calling thread's network namespace), with their
-/// index and MAC, and the names of those that do not.
+/// The wanted interfaces that exist now, with their index and MAC, and the names of those that do
+/// not. Asks the kernel (getifaddrs over netlink) in the calling thread's network namespace: sysfs
+/// would show the namespace it was mounted in, which differs for a thread that joined another.
 pub fn resolve(wanted: &[WantedIface]) -> (Vec<NodeIface>, Vec<String>) {
-    let read = |dev: &str, file: &str| {
-        std::fs::read_to_string(format!("/sys/class/net/{dev}/{file}")).ok()
-    };
+    let mut links: BTreeMap<String, (u32, [u8; 6])> = BTreeMap::new();
+    if let Ok(addrs) = nix::ifaddrs::getifaddrs() {
+        for a in addrs {
+            if let Some(link) = a.address.as_ref().and_then(|x| x.as_link_addr()) {
+                links.insert(
+                    a.interface_name.clone(),
+                    (link.ifindex() as u32, link.addr().unwrap_or([0; 6])),
+                );
+            }
+        }
+    }
     let (mut found, mut missing) = (Vec::new(), Vec::new());
     for w in wanted {
-        let ifindex = read(&w.name, "ifindex").and_then(|v| v.trim().parse::<u32>().ok());
-        let mac = read(&w.name, "address").and_then(|m| {
-            let parts: Vec<&str> = m.trim().split(':').collect();
-            if parts.len() != 6 {
-                return None;
-            }
-            let mut mac = [0u8; 6];
-            for (j, p) in parts.iter().enumerate() {
-                mac[j] = u8::from_str_radix(p, 16).ok()?;
-            }
-            Some(mac)
-        });
-        match (ifindex, mac) {
-            (Some(ifindex), Some(mac)) => found.push(NodeIface {
+        match links.get(&w.name) {
+            Some(&(ifindex, mac)) => found.push(NodeIface {
                 name: w.name.clone(),
                 ifindex,
                 vlan_id: w.vlan_id,
@@ -255,7 +252,7 @@ pub fn resolve(wanted: &[WantedIface]) -> (Vec<NodeIface>, Vec<String>) {
                 role: w.role,
                 mac,
             }),
-            _ => missing.push(w.name.clone()),
+            None => missing.push(w.name.clone()),
         }
     }
     missing.dedup();

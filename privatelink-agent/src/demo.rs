@@ -16,12 +16,9 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 use aya::programs::xdp::XdpMode;
-use privatelink_common::{OUTCOME_NAMES, is_drop};
 
 use crate::{
-    dataplane::{
-        Dataplane, Iface, Link, LinkState, Model, NatRange, PortMap, Proto, Role, Service,
-    },
+    dataplane::{Iface, Link, LinkState, Model, NatRange, PortMap, Proto, Role, Service},
     loader::{Datapath, Sizes},
     netns::{Netns, veth},
 };
@@ -187,12 +184,74 @@ pub fn service_model(ifaces: Vec<Iface>, links: BTreeMap<u32, Link>) -> Model {
 }
 
 const IO_TIMEOUT: Duration = Duration::from_secs(5);
+const ADMIN_TOKEN: &str = "demo-admin-token-0123456789";
+/// Where the agent serves inside the node namespace.
+pub const API: &str = "127.0.0.1:7070";
+pub const METRICS: &str = "127.0.0.1:9464";
 
-/// The embedded default: builds the topology, loads and attaches the datapath, sends real TCP and
-/// UDP requests from every consumer network through its endpoint, and prints the counters. With
-/// `once` it returns; otherwise it keeps forwarding until Ctrl-C. Namespaces go away on return.
+/// Files of one demo run, removed on drop.
+struct DemoDir(std::path::PathBuf);
+
+impl Drop for DemoDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// An HTTP call to the agent, made from inside the node namespace (where it listens).
+fn call(
+    topo: &Topology,
+    token: &str,
+    method: &str,
+    path: &str,
+    body: Option<serde_json::Value>,
+) -> Result<serde_json::Value> {
+    let (token, method, url) = (
+        token.to_string(),
+        method.to_string(),
+        format!("http://{API}{path}"),
+    );
+    topo.node.enter(move || -> Result<serde_json::Value> {
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(IO_TIMEOUT))
+            .build()
+            .into();
+        let auth = format!("Bearer {token}");
+        let mut r = if method == "GET" {
+            agent.get(&url).header("Authorization", &auth).call()?
+        } else {
+            agent
+                .post(&url)
+                .header("Authorization", &auth)
+                .header("Content-Type", "application/json")
+                .send(body.unwrap_or_default().to_string())?
+        };
+        let status = r.status().as_u16();
+        let text = r.body_mut().read_to_string()?;
+        if !(200..300).contains(&status) {
+            bail!("{method} {url}: {status} {text}");
+        }
+        Ok(serde_json::from_str(&text)?)
+    })
+}
+
+/// The embedded default: two consumer networks with the same CIDR, a provider with a real backend,
+/// and the real agent on the node. Accounts and networks are made with the control-plane code; the
+/// service, endpoints and acceptance go through the agent's API; real TCP and UDP requests go
+/// through both endpoints; the per-link counters come from the agent's /metrics. With `once` it
+/// stops after printing; otherwise the agent serves its API and metrics until Ctrl-C. Namespaces,
+/// pins and files are removed on exit, also after a failure.
 pub fn run(once: bool) -> Result<()> {
+    use crate::control::{
+        ops::{Caller, accounts},
+        plane::ControlPlane,
+        store::SqliteStore,
+    };
     let topo = Topology::build(2).context("building the demo namespaces")?;
+    let dir =
+        DemoDir(std::env::temp_dir().join(format!("privatelink-demo-{}", std::process::id())));
+    std::fs::create_dir_all(&dir.0)?;
     println!(
         "demo: namespaces {} (node), {} (provider), consumers {}",
         topo.node.name(),
@@ -203,63 +262,188 @@ pub fn run(once: bool) -> Result<()> {
             .collect::<Vec<_>>()
             .join(", ")
     );
-    let mut dp = Datapath::load(&Sizes::small()).context("loading the datapath")?;
-    let model = topo.model();
-    let plane = topo.node.enter(|| -> Result<Dataplane> {
-        let mut plane = Dataplane::new(&mut dp.ebpf)?;
-        let report = plane.apply(&model)?;
-        println!("demo: wrote {} map entries", report.writes);
-        Ok(plane)
-    })?;
-    topo.attach(&mut dp)?;
-    println!(
-        "demo: datapath attached (native XDP) on {} node interfaces",
-        topo.consumer_ifaces.len() + 1
+    // An account pair (and one more consumer), their networks and subnets.
+    let db = dir.0.join("state.db");
+    let (mut tokens, mut vpcs) = (Vec::new(), Vec::new());
+    {
+        let plane = ControlPlane::open(Box::new(SqliteStore::open(&db)?), ADMIN_TOKEN)?;
+        for (id, cidr) in [
+            ("provider", "198.18.100.0/24"),
+            ("1000000001", "198.18.0.0/24"),
+            ("1000000002", "198.18.0.0/24"),
+        ] {
+            let req = accounts::CreateAccount {
+                id: id.into(),
+                name: id.into(),
+            };
+            let secret = crate::control::plane::new_token();
+            tokens.push(
+                plane
+                    .mutate(&Caller::Admin, |s, cx| {
+                        accounts::create_account(s, cx, req, secret)
+                    })?
+                    .token,
+            );
+            let req = accounts::CreateNetwork {
+                name: format!("{id}-vpc"),
+                owner: id.into(),
+                cidrs: vec![cidr.into()],
+            };
+            let n = plane.mutate(&Caller::Admin, |s, cx| accounts::create_network(s, cx, req))?;
+            let sub = accounts::CreateSubnet {
+                name: "main".into(),
+                cidr: cidr.into(),
+            };
+            let sn = plane.mutate(&Caller::Admin, |s, cx| {
+                accounts::create_subnet(s, cx, &n.id, sub)
+            })?;
+            vpcs.push((n.id, sn.id));
+        }
+    }
+    std::fs::write(dir.0.join("admin-token"), ADMIN_TOKEN)?;
+    let mut cfg = format!(
+        "node = \"demo\"\nadmin_token_file = \"{}\"\nbpffs = \"/sys/fs/bpf/privatelink-demo-{}\"\n[api]\nlisten = \"{API}\"\n[metrics]\nlisten = \"{METRICS}\"\n[store]\npath = \"{}\"\n",
+        dir.0.join("admin-token").display(),
+        std::process::id(),
+        db.display()
     );
+    for (i, (name, _, _)) in topo.consumer_ifaces.iter().enumerate() {
+        cfg += &format!(
+            "[[interfaces]]\nname = \"{name}\"\nnetwork = \"{}\"\nrole = \"consumer\"\n",
+            vpcs[1 + i].0
+        );
+    }
+    cfg += &format!(
+        "[[interfaces]]\nname = \"{}\"\nnetwork = \"{}\"\nrole = \"provider\"\n",
+        topo.provider_iface.0, vpcs[0].0
+    );
+    cfg += &format!("[nat.{}]\nrange = \"{NAT_RANGE}\"\n", vpcs[0].0);
+    let checked = crate::config::parse(&cfg)?;
 
+    // Peers that receive redirected frames need an XDP program of their own.
+    let mut pass = Datapath::load(&Sizes::small()).context("loading the pass program")?;
+    topo.attach_pass(&mut pass)?;
+    // The backend: a TCP greeter and a UDP echo, until stopped (bounded to 2 minutes).
     let listener = topo
         .provider
         .enter(|| TcpListener::bind((BACKEND, TCP_PORTS.1)))?;
+    listener.set_nonblocking(true)?;
     let udp = topo
         .provider
         .enter(|| UdpSocket::bind((BACKEND, UDP_PORTS.1)))?;
-    let consumers = topo.consumers.len();
-    let tcp_server = topo
-        .provider
-        .spawn(move || -> std::io::Result<Vec<SocketAddr>> {
-            let mut peers = Vec::new();
-            for _ in 0..consumers {
-                let (mut s, peer) = listener.accept()?;
-                s.set_read_timeout(Some(IO_TIMEOUT))?;
-                let mut req = [0u8; 256];
-                let n = s.read(&mut req)?;
-                s.write_all(
-                    format!(
+    udp.set_read_timeout(Some(Duration::from_millis(100)))?;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stop2 = stop.clone();
+    let servers = topo.provider.spawn(move || {
+        let deadline = std::time::Instant::now() + Duration::from_secs(120);
+        let mut buf = [0u8; 512];
+        while !stop2.load(std::sync::atomic::Ordering::Relaxed)
+            && std::time::Instant::now() < deadline
+        {
+            if let Ok((mut s, peer)) = listener.accept() {
+                let _ = s.set_nonblocking(false);
+                let _ = s.set_read_timeout(Some(IO_TIMEOUT));
+                if let Ok(n) = s.read(&mut buf) {
+                    let msg = format!(
                         "hello {} from the backend; you asked {:?}",
                         peer.ip(),
-                        String::from_utf8_lossy(&req[..n])
-                    )
-                    .as_bytes(),
-                )?;
-                peers.push(peer);
+                        String::from_utf8_lossy(&buf[..n])
+                    );
+                    let _ = s.write_all(msg.as_bytes());
+                }
             }
-            Ok(peers)
-        });
-    let udp_server = topo.provider.spawn(move || -> std::io::Result<()> {
-        udp.set_read_timeout(Some(IO_TIMEOUT))?;
-        let mut buf = [0u8; 512];
-        for _ in 0..consumers {
-            let (n, peer) = udp.recv_from(&mut buf)?;
-            udp.send_to(&buf[..n], peer)?;
+            if let Ok((n, peer)) = udp.recv_from(&mut buf) {
+                let _ = udp.send_to(&buf[..n], peer);
+            }
         }
-        Ok(())
     });
+    let agent = topo.node.spawn(move || crate::agent::run(checked, true));
+    let outcome = drive(&topo, &tokens, &vpcs, &agent, once);
+    // Stop the agent unless it should keep serving (it detaches: pins and programs go away); also
+    // after a failure, so the demo never leaves anything behind.
+    if (once || outcome.is_err()) && !agent.is_finished() {
+        nix::sys::signal::kill(nix::unistd::Pid::this(), nix::sys::signal::Signal::SIGTERM)?;
+    }
+    let agent_result = agent
+        .join()
+        .map_err(|_| anyhow::anyhow!("the agent thread panicked"))?;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let _ = servers.join();
+    outcome.and(agent_result)
+}
+
+/// Everything the demo does with a running agent: the service and endpoints through its API, real
+/// requests through both endpoints, the counters from its metrics.
+fn drive(
+    topo: &Topology,
+    tokens: &[String],
+    vpcs: &[(String, String)],
+    agent: &std::thread::JoinHandle<Result<()>>,
+    once: bool,
+) -> Result<()> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while call(topo, ADMIN_TOKEN, "GET", "/v1/revision", None).is_err() {
+        if agent.is_finished() || std::time::Instant::now() > deadline {
+            bail!("the agent's API did not come up");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    println!(
+        "demo: agent running in {} (API {API}, metrics {METRICS})",
+        topo.node.name()
+    );
+    let svc = call(
+        topo,
+        &tokens[0],
+        "POST",
+        "/v1/services",
+        Some(serde_json::json!({
+        "name": "demo-echo", "network_id": vpcs[0].0, "service_type": "clb", "backends": [BACKEND.to_string()],
+        "port_mappings": [
+            { "protocol": "tcp", "service_port": TCP_PORTS.1, "terminal_port": TCP_PORTS.0 },
+            { "protocol": "udp", "service_port": UDP_PORTS.1, "terminal_port": UDP_PORTS.0 }] })),
+    )?;
+    let svc_id = svc["id"].as_str().unwrap_or_default().to_string();
+    let mut eps = Vec::new();
+    for c in [1usize, 2] {
+        let account = format!("100000000{c}");
+        call(
+            topo,
+            &tokens[0],
+            "POST",
+            &format!("/v1/services/{svc_id}/allowlist"),
+            Some(serde_json::json!({ "account_id": account })),
+        )?;
+        let ep = call(
+            topo,
+            &tokens[c],
+            "POST",
+            "/v1/endpoints",
+            Some(serde_json::json!({
+            "name": format!("demo-{c}"), "service_id": svc_id, "network_id": vpcs[c].0, "subnet_id": vpcs[c].1, "ip": ENDPOINT.to_string() })),
+        )?;
+        println!(
+            "demo: account {account} created endpoint {} at {ENDPOINT} ({})",
+            ep["id"].as_str().unwrap_or(""),
+            ep["state"]
+        );
+        eps.push(ep["id"].clone());
+    }
+    call(
+        topo,
+        &tokens[0],
+        "POST",
+        &format!("/v1/services/{svc_id}/accept"),
+        Some(serde_json::json!({ "endpoint_ids": eps })),
+    )?;
+    println!("demo: provider accepted both connections to {svc_id}");
     for (i, ns) in topo.consumers.iter().enumerate() {
-        let (tcp_reply, udp_reply) = ns
-            .enter(|| -> Result<(String, Vec<u8>)> {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let (tcp_reply, udp_reply) = loop {
+            let r = ns.enter(|| -> Result<(String, Vec<u8>)> {
                 let mut s = TcpStream::connect_timeout(
                     &SocketAddr::from((ENDPOINT, TCP_PORTS.0)),
-                    IO_TIMEOUT,
+                    Duration::from_secs(1),
                 )?;
                 s.set_read_timeout(Some(IO_TIMEOUT))?;
                 s.write_all(format!("GET / from consumer network {}", i + 1).as_bytes())?;
@@ -271,8 +455,15 @@ pub fn run(once: bool) -> Result<()> {
                 let mut buf = [0u8; 64];
                 let (n, _) = u.recv_from(&mut buf)?;
                 Ok((reply, buf[..n].to_vec()))
-            })
-            .with_context(|| format!("requests from consumer network {}", i + 1))?;
+            });
+            match r {
+                Ok(v) => break v,
+                Err(e) if std::time::Instant::now() > deadline => {
+                    return Err(e.context(format!("requests from consumer network {}", i + 1)));
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(200)),
+            }
+        };
         println!(
             "consumer {} -> {ENDPOINT}:{}: {tcp_reply}",
             i + 1,
@@ -287,62 +478,53 @@ pub fn run(once: bool) -> Result<()> {
             UDP_PORTS.0
         );
     }
-    tcp_server
-        .join()
-        .map_err(|_| anyhow::anyhow!("TCP server panicked"))??;
-    udp_server
-        .join()
-        .map_err(|_| anyhow::anyhow!("UDP server panicked"))??;
-    print_counters(&plane, &model)?;
+    print_counters(topo)?;
     if !once {
-        println!("demo: forwarding until Ctrl-C (the namespaces are removed on exit)");
-        let (tx, rx) = std::sync::mpsc::channel();
-        ctrlc_channel(tx)?;
-        let _ = rx.recv();
-        print_counters(&plane, &model)?;
-    }
-    Ok(())
-}
-
-fn ctrlc_channel(tx: std::sync::mpsc::Sender<()>) -> Result<()> {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    std::thread::spawn(move || {
-        rt.block_on(async {
-            let _ = tokio::signal::ctrl_c().await;
-        });
-        let _ = tx.send(());
-    });
-    Ok(())
-}
-
-/// Prints per-link counters and the node's non-zero outcome counters.
-pub fn print_counters(plane: &Dataplane, model: &Model) -> Result<()> {
-    println!(
-        "{:<6} {:>10} {:>12} {:>10} {:>12} {:>9} {:>7}",
-        "link", "fwd_pkts", "fwd_bytes", "rev_pkts", "rev_bytes", "new_conns", "resets"
-    );
-    for &id in model.links.keys() {
-        let s = plane.link_stats(id)?;
         println!(
-            "{id:<6} {:>10} {:>12} {:>10} {:>12} {:>9} {:>7}",
-            s.fwd_packets, s.fwd_bytes, s.rev_packets, s.rev_bytes, s.new_conns, s.tcp_resets
+            "demo: serving until Ctrl-C; try `ip netns exec {} curl -s http://{METRICS}/metrics | grep privatelink_link`",
+            topo.node.name()
         );
     }
-    let outcomes = plane.global_stats()?;
-    let line: Vec<String> = outcomes
-        .iter()
-        .enumerate()
-        .filter(|(_, v)| **v > 0)
-        .map(|(i, v)| {
-            format!(
-                "{}{}={v}",
-                if is_drop(i as u32) { "drop:" } else { "" },
-                OUTCOME_NAMES[i]
-            )
-        })
-        .collect();
-    println!("node: {}", line.join(" "));
+    Ok(())
+}
+
+/// Per-link counters as the agent's /metrics reports them.
+fn print_counters(topo: &Topology) -> Result<()> {
+    let text = topo.node.enter(|| -> Result<String> {
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .timeout_global(Some(IO_TIMEOUT))
+            .build()
+            .into();
+        Ok(agent
+            .get(&format!("http://{METRICS}/metrics"))
+            .call()?
+            .body_mut()
+            .read_to_string()?)
+    })?;
+    let value = |metric: &str, endpoint: &str, dir: Option<&str>| -> u64 {
+        text.lines()
+            .filter(|l| {
+                l.starts_with(&format!("{metric}{{"))
+                    && l.contains(&format!("endpoint_name=\"{endpoint}\""))
+            })
+            .filter(|l| dir.is_none_or(|d| l.contains(&format!("direction=\"{d}\""))))
+            .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+            .map(|v| v as u64)
+            .sum()
+    };
+    println!(
+        "{:<8} {:>10} {:>12} {:>10} {:>12} {:>9}",
+        "endpoint", "fwd_pkts", "fwd_bytes", "rev_pkts", "rev_bytes", "new_conns"
+    );
+    for ep in ["demo-1", "demo-2"] {
+        println!(
+            "{ep:<8} {:>10} {:>12} {:>10} {:>12} {:>9}",
+            value("privatelink_link_packets_total", ep, Some("forward")),
+            value("privatelink_link_bytes_total", ep, Some("forward")),
+            value("privatelink_link_packets_total", ep, Some("reply")),
+            value("privatelink_link_bytes_total", ep, Some("reply")),
+            value("privatelink_link_connections_total", ep, None),
+        );
+    }
     Ok(())
 }
