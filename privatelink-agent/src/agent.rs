@@ -46,9 +46,22 @@ fn reconcile(
     full: bool,
 ) {
     let started = std::time::Instant::now();
-    let state = plane.snapshot();
     let unhealthy = health.unhealthy();
-    let (model, skipped) = sync::model(&state, node, &unhealthy);
+    // Everything needed from the state is taken under its read lock: no copy of the whole state.
+    let (revision, (model, skipped), newly) = plane.read(|state| {
+        let newly: BTreeSet<(u32, u32)> = unhealthy
+            .difference(&sync.unhealthy)
+            .filter_map(|(svc, ip)| {
+                let s = state.services.get(svc)?;
+                let net = state.networks.get(&s.network_id)?.number;
+                match ip {
+                    std::net::IpAddr::V4(a) => Some((net, u32::from_ne_bytes(a.octets()))),
+                    std::net::IpAddr::V6(_) => None,
+                }
+            })
+            .collect();
+        (state.revision, sync::model(state, node, &unhealthy), newly)
+    });
     if skipped != sync.skipped {
         for s in &skipped {
             log::warn!("sync: {s}");
@@ -63,7 +76,7 @@ fn reconcile(
     match &result {
         Ok(r) => {
             metrics.drift_repairs.inc_by(r.drift as u64);
-            metrics.revision.set(state.revision as i64);
+            metrics.revision.set(revision as i64);
         }
         Err(_) => drop(metrics.sync_errors.inc()),
     }
@@ -74,35 +87,24 @@ fn reconcile(
     match result {
         Ok(r) if r.drift > 0 => log::warn!(
             "sync: revision {}: {} map entries had drifted from what the agent wrote; repaired with {} map writes",
-            state.revision,
+            revision,
             r.drift,
             r.writes
         ),
         Ok(r) if r.writes > 0 || r.flows_cut > 0 => {
             log::info!(
                 "sync: revision {}: {} map writes, {} flows cut",
-                state.revision,
+                revision,
                 r.writes,
                 r.flows_cut
             )
         }
-        Ok(_) => log::debug!("sync: revision {}: maps up to date", state.revision),
+        Ok(_) => log::debug!("sync: revision {}: maps up to date", revision),
         Err(e) => log::error!(
             "sync: revision {} refused, maps keep the last good state: {e}",
-            state.revision
+            revision
         ),
     }
-    let newly: BTreeSet<(u32, u32)> = unhealthy
-        .difference(&sync.unhealthy)
-        .filter_map(|(svc, ip)| {
-            let s = state.services.get(svc)?;
-            let net = state.networks.get(&s.network_id)?.number;
-            match ip {
-                std::net::IpAddr::V4(a) => Some((net, u32::from_ne_bytes(a.octets()))),
-                std::net::IpAddr::V6(_) => None,
-            }
-        })
-        .collect();
     if !newly.is_empty() {
         let n = dataplane.cut_backend_flows(&newly);
         log::warn!("health: cut {n} conntrack entries of flows to backends that turned unhealthy");
