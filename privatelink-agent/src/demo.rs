@@ -236,6 +236,77 @@ fn call(
     })
 }
 
+/// What `prepare_store` made, in the order asked.
+pub struct Prepared {
+    /// Each account's API token.
+    pub tokens: Vec<String>,
+    /// Each account's (network id, subnet id).
+    pub vpcs: Vec<(String, String)>,
+}
+
+/// Accounts, each with a network and one subnet, made with the control-plane code in the store at
+/// `db`. Entries are (account id, network CIDR, subnet CIDR).
+pub fn prepare_store(
+    db: &std::path::Path,
+    admin_token: &str,
+    accounts: &[(&str, &str, &str)],
+) -> Result<Prepared> {
+    use crate::control::{
+        ops::{Caller, accounts as ops},
+        plane::{ControlPlane, new_token},
+        store::SqliteStore,
+    };
+    let plane = ControlPlane::open(Box::new(SqliteStore::open(db)?), admin_token)?;
+    let (mut tokens, mut vpcs) = (Vec::new(), Vec::new());
+    for &(id, cidr, subnet) in accounts {
+        let req = ops::CreateAccount {
+            id: id.into(),
+            name: id.into(),
+        };
+        let secret = new_token();
+        tokens.push(
+            plane
+                .mutate(&Caller::Admin, |s, cx| {
+                    ops::create_account(s, cx, req, secret)
+                })?
+                .token,
+        );
+        let req = ops::CreateNetwork {
+            name: format!("{id}-vpc"),
+            owner: id.into(),
+            cidrs: vec![cidr.into()],
+        };
+        let n = plane.mutate(&Caller::Admin, |s, cx| ops::create_network(s, cx, req))?;
+        let sub = ops::CreateSubnet {
+            name: "main".into(),
+            cidr: subnet.into(),
+        };
+        let sn = plane.mutate(&Caller::Admin, |s, cx| {
+            ops::create_subnet(s, cx, &n.id, sub)
+        })?;
+        vpcs.push((n.id, sn.id));
+    }
+    Ok(Prepared { tokens, vpcs })
+}
+
+/// agent.toml for the topology: `head` (top-level keys and tables), then consumer interface i in
+/// network `vpcs[1 + i]`, the provider interface and the NAT range in network `vpcs[0]`.
+pub fn agent_config(topo: &Topology, vpcs: &[(String, String)], head: &str) -> String {
+    let mut cfg = head.to_string();
+    for (i, (name, _, _)) in topo.consumer_ifaces.iter().enumerate() {
+        cfg += &format!(
+            "[[interfaces]]\nname = \"{name}\"\nnetwork = \"{}\"\nrole = \"consumer\"\n",
+            vpcs[1 + i].0
+        );
+    }
+    cfg += &format!(
+        "[[interfaces]]\nname = \"{}\"\nnetwork = \"{}\"\nrole = \"provider\"\n",
+        topo.provider_iface.0, vpcs[0].0
+    );
+    cfg += &format!("[nat.{}]\nrange = \"{NAT_RANGE}\"\n", vpcs[0].0);
+    cfg
+}
+
 /// The embedded default: two consumer networks with the same CIDR, a provider with a real backend,
 /// and the real agent on the node. Accounts and networks are made with the control-plane code; the
 /// service, endpoints and acceptance go through the agent's API; real TCP and UDP requests go
@@ -243,11 +314,6 @@ fn call(
 /// stops after printing; otherwise the agent serves its API and metrics until Ctrl-C. Namespaces,
 /// pins and files are removed on exit, also after a failure.
 pub fn run(once: bool) -> Result<()> {
-    use crate::control::{
-        ops::{Caller, accounts},
-        plane::ControlPlane,
-        store::SqliteStore,
-    };
     let topo = Topology::build(2).context("building the demo namespaces")?;
     let dir =
         DemoDir(std::env::temp_dir().join(format!("privatelink-demo-{}", std::process::id())));
@@ -264,60 +330,23 @@ pub fn run(once: bool) -> Result<()> {
     );
     // An account pair (and one more consumer), their networks and subnets.
     let db = dir.0.join("state.db");
-    let (mut tokens, mut vpcs) = (Vec::new(), Vec::new());
-    {
-        let plane = ControlPlane::open(Box::new(SqliteStore::open(&db)?), ADMIN_TOKEN)?;
-        for (id, cidr) in [
-            ("provider", "198.18.100.0/24"),
-            ("1000000001", "198.18.0.0/24"),
-            ("1000000002", "198.18.0.0/24"),
-        ] {
-            let req = accounts::CreateAccount {
-                id: id.into(),
-                name: id.into(),
-            };
-            let secret = crate::control::plane::new_token();
-            tokens.push(
-                plane
-                    .mutate(&Caller::Admin, |s, cx| {
-                        accounts::create_account(s, cx, req, secret)
-                    })?
-                    .token,
-            );
-            let req = accounts::CreateNetwork {
-                name: format!("{id}-vpc"),
-                owner: id.into(),
-                cidrs: vec![cidr.into()],
-            };
-            let n = plane.mutate(&Caller::Admin, |s, cx| accounts::create_network(s, cx, req))?;
-            let sub = accounts::CreateSubnet {
-                name: "main".into(),
-                cidr: cidr.into(),
-            };
-            let sn = plane.mutate(&Caller::Admin, |s, cx| {
-                accounts::create_subnet(s, cx, &n.id, sub)
-            })?;
-            vpcs.push((n.id, sn.id));
-        }
-    }
+    let Prepared { tokens, vpcs } = prepare_store(
+        &db,
+        ADMIN_TOKEN,
+        &[
+            ("provider", "198.18.100.0/24", "198.18.100.0/24"),
+            ("1000000001", "198.18.0.0/24", "198.18.0.0/24"),
+            ("1000000002", "198.18.0.0/24", "198.18.0.0/24"),
+        ],
+    )?;
     std::fs::write(dir.0.join("admin-token"), ADMIN_TOKEN)?;
-    let mut cfg = format!(
+    let head = format!(
         "node = \"demo\"\nadmin_token_file = \"{}\"\nbpffs = \"/sys/fs/bpf/privatelink-demo-{}\"\n[api]\nlisten = \"{API}\"\n[metrics]\nlisten = \"{METRICS}\"\n[store]\npath = \"{}\"\n",
         dir.0.join("admin-token").display(),
         std::process::id(),
         db.display()
     );
-    for (i, (name, _, _)) in topo.consumer_ifaces.iter().enumerate() {
-        cfg += &format!(
-            "[[interfaces]]\nname = \"{name}\"\nnetwork = \"{}\"\nrole = \"consumer\"\n",
-            vpcs[1 + i].0
-        );
-    }
-    cfg += &format!(
-        "[[interfaces]]\nname = \"{}\"\nnetwork = \"{}\"\nrole = \"provider\"\n",
-        topo.provider_iface.0, vpcs[0].0
-    );
-    cfg += &format!("[nat.{}]\nrange = \"{NAT_RANGE}\"\n", vpcs[0].0);
+    let cfg = agent_config(&topo, &vpcs, &head);
     let checked = crate::config::parse(&cfg)?;
 
     // Peers that receive redirected frames need an XDP program of their own.

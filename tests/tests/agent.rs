@@ -12,12 +12,7 @@ use std::{
 };
 
 use privatelink_agent::{
-    control::{
-        ops::{Caller, accounts},
-        plane::ControlPlane,
-        store::SqliteStore,
-    },
-    demo::{BACKEND, ENDPOINT, NAT_RANGE, TCP_PORTS, Topology},
+    demo::{BACKEND, ENDPOINT, TCP_PORTS, Topology},
     loader::{Datapath, Sizes},
 };
 use privatelink_tests::{agent_bin, privileged};
@@ -209,65 +204,25 @@ fn world_with(name: &str, extra: &str) -> (World, Agent) {
     let bpffs = BpfFs::mount(&dir);
     let db = dir.join("state.db");
     // Accounts and networks first (the node's config names its networks), with the real code.
-    let (mut tokens, mut vpcs) = (Vec::new(), Vec::new());
-    {
-        let plane = ControlPlane::open(Box::new(SqliteStore::open(&db).unwrap()), ADMIN).unwrap();
-        for (id, cidr) in [
-            ("provider", "198.18.100.0/24"),
-            ("1000000001", "198.18.0.0/16"),
-            ("1000000002", "198.18.0.0/16"),
-        ] {
-            let req = accounts::CreateAccount {
-                id: id.into(),
-                name: id.into(),
-            };
-            tokens.push(
-                plane
-                    .mutate(&Caller::Admin, |s, cx| {
-                        accounts::create_account(s, cx, req, format!("token-{id}"))
-                    })
-                    .unwrap()
-                    .token,
-            );
-            let req = accounts::CreateNetwork {
-                name: format!("{id}-vpc"),
-                owner: id.into(),
-                cidrs: vec![cidr.into()],
-            };
-            let n = plane
-                .mutate(&Caller::Admin, |s, cx| accounts::create_network(s, cx, req))
-                .unwrap();
-            let sub = accounts::CreateSubnet {
-                name: "main".into(),
-                cidr: cidr.replace("/16", "/24"),
-            };
-            let sn = plane
-                .mutate(&Caller::Admin, |s, cx| {
-                    accounts::create_subnet(s, cx, &n.id, sub)
-                })
-                .unwrap();
-            vpcs.push((n.id, sn.id));
-        }
-    }
+    let privatelink_agent::demo::Prepared { tokens, vpcs } =
+        privatelink_agent::demo::prepare_store(
+            &db,
+            ADMIN,
+            &[
+                ("provider", "198.18.100.0/24", "198.18.100.0/24"),
+                ("1000000001", "198.18.0.0/16", "198.18.0.0/24"),
+                ("1000000002", "198.18.0.0/16", "198.18.0.0/24"),
+            ],
+        )
+        .unwrap();
     std::fs::write(dir.join("admin-token"), ADMIN).unwrap();
-    let mut cfg = format!(
+    let head = format!(
         "node = \"test-node\"\nadmin_token_file = \"{}\"\nresync_interval = 1\nbpffs = \"{}\"\n[api]\nlisten = \"{API}\"\n[store]\npath = \"{}\"\n",
         dir.join("admin-token").display(),
         bpffs.0.join("privatelink").display(),
         db.display()
     );
-    for (i, (name, _, _)) in topo.consumer_ifaces.iter().enumerate() {
-        cfg += &format!(
-            "[[interfaces]]\nname = \"{name}\"\nnetwork = \"{}\"\nrole = \"consumer\"\n",
-            vpcs[1 + i].0
-        );
-    }
-    cfg += &format!(
-        "[[interfaces]]\nname = \"{}\"\nnetwork = \"{}\"\nrole = \"provider\"\n",
-        topo.provider_iface.0, vpcs[0].0
-    );
-    cfg += &format!("[nat.{}]\nrange = \"{NAT_RANGE}\"\n", vpcs[0].0);
-    cfg += extra;
+    let cfg = privatelink_agent::demo::agent_config(&topo, &vpcs, &head) + extra;
     std::fs::write(dir.join("agent.toml"), &cfg).unwrap();
 
     // The redirect targets' peers need an XDP program; the agent attaches the datapath itself.
