@@ -320,11 +320,11 @@ impl Collector for NodeCollector {
                 l.push(("state", st.to_string()));
                 by_state.push((l, gauge(n as i64)));
             }
-            let seen = src.plane.health(&svc.id);
-            let healthy = svc
-                .backends
+            let healthy = src
+                .plane
+                .targets_health(svc)
                 .iter()
-                .filter(|b| seen.iter().find(|(a, _)| a == *b).is_none_or(|(_, h)| *h))
+                .filter(|(_, h)| *h)
                 .count();
             let mut l = base.clone();
             l.push(("health", "healthy".into()));

@@ -471,13 +471,12 @@ async fn service_health(
     Path(id): Path<String>,
 ) -> ApiResult<Response> {
     let svc = p.read(|s| services::own(s, &c, &id).cloned())?;
-    let seen = p.health(&id);
-    let targets: Vec<TargetView> = svc
-        .backends
-        .iter()
-        .map(|ip| TargetView {
+    let targets: Vec<TargetView> = p
+        .targets_health(&svc)
+        .into_iter()
+        .map(|(ip, healthy)| TargetView {
             ip: ip.to_string(),
-            healthy: seen.iter().find(|(a, _)| a == ip).is_none_or(|(_, h)| *h),
+            healthy,
         })
         .collect();
     let healthy = targets.iter().filter(|t| t.healthy).count();

@@ -149,14 +149,20 @@ impl ControlPlane {
         *self.health.lock().unwrap_or_else(|p| p.into_inner()) = h;
     }
 
-    /// This node's view of a service's backend health.
-    pub fn health(&self, service: &str) -> Vec<(IpAddr, bool)> {
-        self.health
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(service)
-            .cloned()
-            .unwrap_or_default()
+    /// Each backend of `svc` with whether this node's checks find it healthy; a target not yet
+    /// checked counts as healthy (targets start healthy).
+    pub fn targets_health(&self, svc: &crate::control::types::Service) -> Vec<(IpAddr, bool)> {
+        let all = self.health.lock().unwrap_or_else(|p| p.into_inner());
+        let seen = all.get(&svc.id);
+        svc.backends
+            .iter()
+            .map(|ip| {
+                let healthy = seen
+                    .and_then(|s| s.iter().find(|(a, _)| a == ip))
+                    .is_none_or(|(_, h)| *h);
+                (*ip, healthy)
+            })
+            .collect()
     }
 
     pub fn revision(&self) -> u64 {

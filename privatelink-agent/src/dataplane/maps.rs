@@ -650,39 +650,45 @@ impl Dataplane {
     /// Global outcome counters summed over CPUs, indexed by outcome code.
     pub fn global_stats(&self) -> Result<Vec<u64>, DataplaneError> {
         (0..OUTCOMES)
-            .map(|i| {
-                let v = self
-                    .global_stats
-                    .get(&i, 0)
-                    .map_err(map_err(names::GLOBAL_STATS))?;
-                Ok(v.iter().sum())
-            })
+            .map(|i| sum_outcome(&self.global_stats, i).map_err(map_err(names::GLOBAL_STATS)))
             .collect()
     }
 
     /// A link's counters summed over CPUs.
     pub fn link_stats(&self, link_id: u32) -> Result<LinkStats, DataplaneError> {
-        let v = self
-            .link_stats
-            .get(&link_id, 0)
-            .map_err(map_err(names::LINK_STATS))?;
-        let mut sum = LinkStats::default();
-        for s in v.iter() {
-            sum.add(s);
-        }
-        Ok(sum)
+        sum_link(&self.link_stats, link_id).map_err(map_err(names::LINK_STATS))
     }
 
     /// A link's drops by reason, summed over CPUs.
     pub fn link_drops(&self, link_id: u32) -> BTreeMap<u32, u64> {
-        let mut out = BTreeMap::new();
-        for (k, v) in self.link_drops.iter().filter_map(Result::ok) {
-            if k.link_id == link_id {
-                *out.entry(k.reason).or_default() += v.iter().sum::<u64>();
-            }
-        }
-        out
+        sum_drops(&self.link_drops)
+            .range((link_id, 0)..=(link_id, u32::MAX))
+            .map(|(&(_, reason), &n)| (reason, n))
+            .collect()
     }
+}
+
+/// One outcome counter summed over CPUs.
+fn sum_outcome(map: &PerCpuArray<MapData, u64>, code: u32) -> Result<u64, MapError> {
+    Ok(map.get(&code, 0)?.iter().sum())
+}
+
+/// A link's counters summed over CPUs.
+fn sum_link(map: &PerCpuArray<MapData, LinkStats>, link_id: u32) -> Result<LinkStats, MapError> {
+    let mut sum = LinkStats::default();
+    for s in map.get(&link_id, 0)?.iter() {
+        sum.add(s);
+    }
+    Ok(sum)
+}
+
+/// Drops by (link, reason), summed over CPUs.
+fn sum_drops(map: &PerCpuHashMap<MapData, LinkDropKey, u64>) -> BTreeMap<(u32, u32), u64> {
+    let mut out = BTreeMap::new();
+    for (k, v) in map.iter().filter_map(Result::ok) {
+        *out.entry((k.link_id, k.reason)).or_default() += v.iter().sum::<u64>();
+    }
+    out
 }
 
 /// Entries that differ between two map states (added, removed or changed).
@@ -727,32 +733,18 @@ pub struct StatsReader {
 impl StatsReader {
     /// A link's counters summed over CPUs.
     pub fn link(&self, link_id: u32) -> Option<LinkStats> {
-        let v = self.link_stats.get(&link_id, 0).ok()?;
-        let mut sum = LinkStats::default();
-        for s in v.iter() {
-            sum.add(s);
-        }
-        Some(sum)
+        sum_link(&self.link_stats, link_id).ok()
     }
 
     /// Drops by (link, reason), summed over CPUs.
     pub fn drops(&self) -> BTreeMap<(u32, u32), u64> {
-        let mut out = BTreeMap::new();
-        for (k, v) in self.link_drops.iter().filter_map(Result::ok) {
-            *out.entry((k.link_id, k.reason)).or_default() += v.iter().sum::<u64>();
-        }
-        out
+        sum_drops(&self.link_drops)
     }
 
     /// Global outcome counters, indexed by outcome code.
     pub fn outcomes(&self) -> Vec<u64> {
         (0..OUTCOMES)
-            .map(|i| {
-                self.global_stats
-                    .get(&i, 0)
-                    .map(|v| v.iter().sum())
-                    .unwrap_or(0)
-            })
+            .map(|i| sum_outcome(&self.global_stats, i).unwrap_or(0))
             .collect()
     }
 
