@@ -3,7 +3,7 @@
 use std::{
     io::{Read as _, Write as _},
     net::{SocketAddr, TcpListener, TcpStream},
-    process::{Child, Command, Stdio},
+    process::{Command, Stdio},
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
@@ -11,83 +11,12 @@ use std::{
     time::{Duration, Instant},
 };
 
-use privatelink_agent::{
-    demo::{BACKEND, ENDPOINT, TCP_PORTS, Topology},
-    loader::{Datapath, Sizes},
+use privatelink_agent::demo::{BACKEND, ENDPOINT, TCP_PORTS, Topology};
+use privatelink_tests::{
+    agent_bin, privileged,
+    world::{ADMIN, Agent, Proc, World, api, node_get, ok, sample},
 };
-use privatelink_tests::{agent_bin, privileged};
 use serde_json::{Value, json};
-
-const ADMIN: &str = "agent-test-admin-token";
-const API: &str = "127.0.0.1:7171";
-
-/// The agent process; killed and reaped on drop (also on panic).
-struct Agent(Child);
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// Calls the agent's API from inside the node namespace (where it listens on loopback).
-fn api(
-    topo: &Topology,
-    token: &str,
-    method: &str,
-    path: &str,
-    body: Option<Value>,
-) -> (u16, Value) {
-    let (token, method, path) = (token.to_string(), method.to_string(), path.to_string());
-    topo.node.enter(move || {
-        let agent: ureq::Agent = ureq::Agent::config_builder()
-            .http_status_as_error(false)
-            .timeout_global(Some(Duration::from_secs(5)))
-            .build()
-            .into();
-        let url = format!("http://{API}{path}");
-        let auth = format!("Bearer {token}");
-        let body = body.unwrap_or(json!({})).to_string();
-        let r = match method.as_str() {
-            "GET" => agent.get(&url).header("Authorization", &auth).call(),
-            "DELETE" => agent.delete(&url).header("Authorization", &auth).call(),
-            "PUT" => agent
-                .put(&url)
-                .header("Authorization", &auth)
-                .header("Content-Type", "application/json")
-                .send(body),
-            "PATCH" => agent
-                .patch(&url)
-                .header("Authorization", &auth)
-                .header("Content-Type", "application/json")
-                .send(body),
-            "POST" => agent
-                .post(&url)
-                .header("Authorization", &auth)
-                .header("Content-Type", "application/json")
-                .send(body),
-            other => panic!("method {other}"),
-        };
-        match r {
-            Ok(mut r) => {
-                let status = r.status().as_u16();
-                let text = r.body_mut().read_to_string().unwrap_or_default();
-                (status, serde_json::from_str(&text).unwrap_or(Value::Null))
-            }
-            Err(_) => (0, Value::Null),
-        }
-    })
-}
-
-fn ok(topo: &Topology, token: &str, path: &str, body: Value) -> Value {
-    let (status, v) = api(topo, token, "POST", path, Some(body.clone()));
-    assert!(
-        status == 200 || status == 201,
-        "POST {path} {body}: {status} {v}"
-    );
-    v
-}
 
 /// One TCP round trip through the endpoint from consumer `i`, within `timeout`.
 fn round_trip(topo: &Topology, i: usize, timeout: Duration) -> Result<Vec<u8>, String> {
@@ -107,142 +36,20 @@ fn round_trip(topo: &Topology, i: usize, timeout: Duration) -> Result<Vec<u8>, S
     })
 }
 
-/// A bpffs mounted for one test (pins must outlive the agent process, whose `ip netns exec`
-/// mount namespace has a private /sys); unmounted and removed on drop.
-struct BpfFs(std::path::PathBuf);
-
-impl BpfFs {
-    fn mount(dir: &std::path::Path) -> Self {
-        let m = dir.join("bpffs");
-        std::fs::create_dir_all(&m).unwrap();
-        nix::mount::mount(
-            Some("bpf"),
-            &m,
-            Some("bpf"),
-            nix::mount::MsFlags::empty(),
-            None::<&str>,
-        )
-        .expect("mount bpffs");
-        BpfFs(m)
-    }
-}
-
-impl Drop for BpfFs {
-    fn drop(&mut self) {
-        let _ = nix::mount::umount2(&self.0, nix::mount::MntFlags::MNT_DETACH);
-    }
-}
-
-/// Namespaces, a store with accounts and networks, the agent's config, the service and two
-/// accepted endpoints made through the running agent.
-struct World {
-    topo: Topology,
-    dir: std::path::PathBuf,
-    bpffs: BpfFs,
-    tokens: Vec<String>,
-    svc: String,
-    eps: Vec<String>,
-    pass: Datapath,
-}
-
-impl World {
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.join("agent.log")).unwrap_or_default()
-    }
-
-    /// Starts the agent (appending to agent.log) and waits for its API.
-    fn start_agent(&self) -> Agent {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.dir.join("agent.log"))
-            .unwrap();
-        let child = self
-            .topo
-            .node
-            .command(agent_bin("privatelink-agent").to_str().unwrap())
-            .args([
-                "run",
-                "--config",
-                self.dir.join("agent.toml").to_str().unwrap(),
-            ])
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::from(log.try_clone().unwrap()))
-            .stderr(Stdio::from(log))
-            .spawn()
-            .expect("start the agent");
-        let agent = Agent(child);
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while api(&self.topo, ADMIN, "GET", "/v1/revision", None).0 != 200 {
-            assert!(
-                Instant::now() < deadline,
-                "the agent's API did not come up:\n{}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        agent
-    }
-}
-
-impl Drop for World {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-/// Builds everything up to a running agent with the service and two endpoints (Pending).
+/// A running agent with the echo service (tcp 80→8080) and one endpoint at `ENDPOINT` in each
+/// consumer network (Pending).
 fn world(name: &str) -> (World, Agent) {
     world_with(name, "")
 }
 
 /// The same, with extra lines at the end of agent.toml.
 fn world_with(name: &str, extra: &str) -> (World, Agent) {
-    let topo = Topology::build(2).expect("topology");
-    let dir = std::env::temp_dir().join(format!("privatelink-{name}-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let bpffs = BpfFs::mount(&dir);
-    let db = dir.join("state.db");
-    // Accounts and networks first (the node's config names its networks), with the real code.
-    let privatelink_agent::demo::Prepared { tokens, vpcs } =
-        privatelink_agent::demo::prepare_store(
-            &db,
-            ADMIN,
-            &[
-                ("provider", "198.18.100.0/24", "198.18.100.0/24"),
-                ("1000000001", "198.18.0.0/16", "198.18.0.0/24"),
-                ("1000000002", "198.18.0.0/16", "198.18.0.0/24"),
-            ],
-        )
-        .unwrap();
-    std::fs::write(dir.join("admin-token"), ADMIN).unwrap();
-    let head = format!(
-        "node = \"test-node\"\nadmin_token_file = \"{}\"\nresync_interval = 1\nbpffs = \"{}\"\n[api]\nlisten = \"{API}\"\n[store]\npath = \"{}\"\n",
-        dir.join("admin-token").display(),
-        bpffs.0.join("privatelink").display(),
-        db.display()
-    );
-    let cfg = privatelink_agent::demo::agent_config(&topo, &vpcs, &head) + extra;
-    std::fs::write(dir.join("agent.toml"), &cfg).unwrap();
-
-    // The redirect targets' peers need an XDP program; the agent attaches the datapath itself.
-    let mut pass = Datapath::load(&Sizes::small()).expect("load for the pass program");
-    topo.attach_pass(&mut pass).expect("pass programs");
-    let mut w = World {
-        topo,
-        dir,
-        bpffs,
-        tokens,
-        svc: String::new(),
-        eps: Vec::new(),
-        pass,
-    };
-    let agent = w.start_agent();
+    let (mut w, agent) = privatelink_tests::world::world_with(name, extra);
     let svc = ok(
         &w.topo,
         &w.tokens[0],
         "/v1/services",
-        json!({ "name": "echo", "network_id": vpcs[0].0, "service_type": "clb",
+        json!({ "name": "echo", "network_id": w.vpcs[0].0, "service_type": "clb",
         "backends": [BACKEND.to_string()], "port_mappings": [{ "protocol": "tcp", "service_port": TCP_PORTS.1, "terminal_port": TCP_PORTS.0 }] }),
     );
     w.svc = svc["id"].as_str().unwrap().to_string();
@@ -258,7 +65,7 @@ fn world_with(name: &str, extra: &str) -> (World, Agent) {
             &w.tokens[c],
             "/v1/endpoints",
             json!({ "name": "echo", "service_id": w.svc,
-            "network_id": vpcs[c].0, "subnet_id": vpcs[c].1, "ip": ENDPOINT.to_string() }),
+            "network_id": w.vpcs[c].0, "subnet_id": w.vpcs[c].1, "ip": ENDPOINT.to_string() }),
         );
         w.eps.push(ep["id"].as_str().unwrap().to_string());
     }
@@ -866,45 +673,6 @@ fn an_invalid_config_names_the_key_and_loads_nothing() {
         "nothing was created or loaded"
     );
     let _ = std::fs::remove_dir_all(&dir);
-}
-
-/// A process killed and reaped on drop.
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// GET from inside the node namespace; the body as text.
-fn node_get(topo: &Topology, url: &str) -> Option<String> {
-    let url = url.to_string();
-    topo.node.enter(move || {
-        let agent: ureq::Agent = ureq::Agent::config_builder()
-            .http_status_as_error(false)
-            .timeout_global(Some(Duration::from_secs(3)))
-            .build()
-            .into();
-        agent
-            .get(&url)
-            .call()
-            .ok()
-            .and_then(|mut r| r.body_mut().read_to_string().ok())
-    })
-}
-
-/// The value of the first sample of `metric` whose labels contain every `want` pair.
-fn sample(text: &str, metric: &str, want: &[(&str, &str)]) -> Option<f64> {
-    text.lines()
-        .filter(|l| l.starts_with(metric) && l[metric.len()..].starts_with('{'))
-        .find_map(|l| {
-            let (labels, value) = l.rsplit_once(' ')?;
-            want.iter()
-                .all(|(k, v)| labels.contains(&format!("{k}=\"{v}\"")))
-                .then(|| value.parse().ok())?
-        })
 }
 
 #[test]

@@ -1,0 +1,253 @@
+//! A running agent binary in the node namespace of the embedded topology, driven through its API:
+//! shared by the agent tests and the acceptance suite.
+use std::{
+    process::{Child, Stdio},
+    time::{Duration, Instant},
+};
+
+use privatelink_agent::{
+    demo::Topology,
+    loader::{Datapath, Sizes},
+};
+use serde_json::{Value, json};
+
+use crate::agent_bin;
+
+pub const ADMIN: &str = "agent-test-admin-token";
+pub const API: &str = "127.0.0.1:7171";
+
+/// A child process (the agent, a server) killed and reaped on drop (also on panic).
+pub struct Proc(pub Child);
+
+/// The agent process.
+pub type Agent = Proc;
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Calls the agent's API from inside the node namespace (where it listens on loopback).
+pub fn api(
+    topo: &Topology,
+    token: &str,
+    method: &str,
+    path: &str,
+    body: Option<Value>,
+) -> (u16, Value) {
+    let (token, method, path) = (token.to_string(), method.to_string(), path.to_string());
+    topo.node.enter(move || {
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(Duration::from_secs(5)))
+            .build()
+            .into();
+        let url = format!("http://{API}{path}");
+        let auth = format!("Bearer {token}");
+        let body = body.unwrap_or(json!({})).to_string();
+        let r = match method.as_str() {
+            "GET" => agent.get(&url).header("Authorization", &auth).call(),
+            "DELETE" => agent.delete(&url).header("Authorization", &auth).call(),
+            "PUT" => agent
+                .put(&url)
+                .header("Authorization", &auth)
+                .header("Content-Type", "application/json")
+                .send(body),
+            "PATCH" => agent
+                .patch(&url)
+                .header("Authorization", &auth)
+                .header("Content-Type", "application/json")
+                .send(body),
+            "POST" => agent
+                .post(&url)
+                .header("Authorization", &auth)
+                .header("Content-Type", "application/json")
+                .send(body),
+            other => panic!("method {other}"),
+        };
+        match r {
+            Ok(mut r) => {
+                let status = r.status().as_u16();
+                let text = r.body_mut().read_to_string().unwrap_or_default();
+                (status, serde_json::from_str(&text).unwrap_or(Value::Null))
+            }
+            Err(_) => (0, Value::Null),
+        }
+    })
+}
+
+pub fn ok(topo: &Topology, token: &str, path: &str, body: Value) -> Value {
+    let (status, v) = api(topo, token, "POST", path, Some(body.clone()));
+    assert!(
+        status == 200 || status == 201,
+        "POST {path} {body}: {status} {v}"
+    );
+    v
+}
+
+/// A bpffs mounted for one test (pins must outlive the agent process, whose `ip netns exec`
+/// mount namespace has a private /sys); unmounted and removed on drop.
+pub struct BpfFs(pub std::path::PathBuf);
+
+impl BpfFs {
+    pub fn mount(dir: &std::path::Path) -> Self {
+        let m = dir.join("bpffs");
+        std::fs::create_dir_all(&m).unwrap();
+        nix::mount::mount(
+            Some("bpf"),
+            &m,
+            Some("bpf"),
+            nix::mount::MsFlags::empty(),
+            None::<&str>,
+        )
+        .expect("mount bpffs");
+        BpfFs(m)
+    }
+}
+
+impl Drop for BpfFs {
+    fn drop(&mut self) {
+        let _ = nix::mount::umount2(&self.0, nix::mount::MntFlags::MNT_DETACH);
+    }
+}
+
+/// Namespaces, a store with accounts and networks, the agent's config, the service and two
+/// accepted endpoints made through the running agent.
+pub struct World {
+    pub topo: Topology,
+    pub dir: std::path::PathBuf,
+    pub bpffs: BpfFs,
+    /// Tokens of the provider account and the two consumer accounts.
+    pub tokens: Vec<String>,
+    /// (network id, subnet id) of the provider network and the two consumer networks.
+    pub vpcs: Vec<(String, String)>,
+    /// Service and endpoints a test made (for its own bookkeeping).
+    pub svc: String,
+    pub eps: Vec<String>,
+    pub pass: Datapath,
+}
+
+impl World {
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("agent.log")).unwrap_or_default()
+    }
+
+    /// Starts the agent (appending to agent.log) and waits for its API.
+    pub fn start_agent(&self) -> Agent {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("agent.log"))
+            .unwrap();
+        let child = self
+            .topo
+            .node
+            .command(agent_bin("privatelink-agent").to_str().unwrap())
+            .args([
+                "run",
+                "--config",
+                self.dir.join("agent.toml").to_str().unwrap(),
+            ])
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::from(log.try_clone().unwrap()))
+            .stderr(Stdio::from(log))
+            .spawn()
+            .expect("start the agent");
+        let agent = Proc(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while api(&self.topo, ADMIN, "GET", "/v1/revision", None).0 != 200 {
+            assert!(
+                Instant::now() < deadline,
+                "the agent's API did not come up:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        agent
+    }
+}
+
+impl Drop for World {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Builds everything up to a running agent: two overlapping consumer networks and a provider
+/// network (accounts, networks and tokens made with the real store code), the agent's config with
+/// `extra` appended, the pass programs on the peers. No service yet.
+pub fn world_with(name: &str, extra: &str) -> (World, Agent) {
+    let topo = Topology::build(2).expect("topology");
+    let dir = std::env::temp_dir().join(format!("privatelink-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let bpffs = BpfFs::mount(&dir);
+    let db = dir.join("state.db");
+    // Accounts and networks first (the node's config names its networks), with the real code.
+    let privatelink_agent::demo::Prepared { tokens, vpcs } =
+        privatelink_agent::demo::prepare_store(
+            &db,
+            ADMIN,
+            &[
+                ("provider", "198.18.100.0/24", "198.18.100.0/24"),
+                ("1000000001", "198.18.0.0/16", "198.18.0.0/24"),
+                ("1000000002", "198.18.0.0/16", "198.18.0.0/24"),
+            ],
+        )
+        .unwrap();
+    std::fs::write(dir.join("admin-token"), ADMIN).unwrap();
+    let head = format!(
+        "node = \"test-node\"\nadmin_token_file = \"{}\"\nresync_interval = 1\nbpffs = \"{}\"\n[api]\nlisten = \"{API}\"\n[store]\npath = \"{}\"\n",
+        dir.join("admin-token").display(),
+        bpffs.0.join("privatelink").display(),
+        db.display()
+    );
+    let cfg = privatelink_agent::demo::agent_config(&topo, &vpcs, &head) + extra;
+    std::fs::write(dir.join("agent.toml"), &cfg).unwrap();
+
+    // The redirect targets' peers need an XDP program; the agent attaches the datapath itself.
+    let mut pass = Datapath::load(&Sizes::small()).expect("load for the pass program");
+    topo.attach_pass(&mut pass).expect("pass programs");
+    let w = World {
+        topo,
+        dir,
+        bpffs,
+        tokens,
+        vpcs,
+        svc: String::new(),
+        eps: Vec::new(),
+        pass,
+    };
+    let agent = w.start_agent();
+    (w, agent)
+}
+
+/// GET from inside the node namespace; the body as text.
+pub fn node_get(topo: &Topology, url: &str) -> Option<String> {
+    let url = url.to_string();
+    topo.node.enter(move || {
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(Duration::from_secs(3)))
+            .build()
+            .into();
+        agent
+            .get(&url)
+            .call()
+            .ok()
+            .and_then(|mut r| r.body_mut().read_to_string().ok())
+    })
+}
+
+/// The value of the first sample of `metric` whose labels contain every `want` pair.
+pub fn sample(text: &str, metric: &str, want: &[(&str, &str)]) -> Option<f64> {
+    text.lines()
+        .filter(|l| l.starts_with(metric) && l[metric.len()..].starts_with('{'))
+        .find_map(|l| {
+            let (labels, value) = l.rsplit_once(' ')?;
+            want.iter()
+                .all(|(k, v)| labels.contains(&format!("{k}=\"{v}\"")))
+                .then(|| value.parse().ok())?
+        })
+}
