@@ -171,7 +171,11 @@ impl World {
 
 impl Drop for World {
     fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
+        // The bpffs is mounted inside the directory: unmount it first or nothing is removed.
+        let _ = nix::mount::umount2(&self.bpffs.0, nix::mount::MntFlags::MNT_DETACH);
+        if let Err(e) = std::fs::remove_dir_all(&self.dir) {
+            eprintln!("leaving {}: {e}", self.dir.display());
+        }
     }
 }
 

@@ -1,0 +1,664 @@
+//! Acceptance: real servers behind endpoints of the real agent, real clients in two consumer
+//! networks with the same CIDR, both at once. For each service type the data is checked byte for
+//! byte, the backend sees the consumer from the NAT range, and the per-link counters account for
+//! the connections and packets the clients made.
+//!
+//! Servers (python3's http.server, redis-server, mariadbd, a UDP echo) run in the provider namespace
+//! on 198.18.100.0/24 addresses only and are killed when the test ends, also on panic.
+use std::{
+    collections::BTreeMap,
+    net::{Ipv4Addr, UdpSocket},
+    path::Path,
+    process::{Output, Stdio},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use ipnet::Ipv4Net;
+use privatelink_agent::netns::Netns;
+use privatelink_tests::{
+    privileged,
+    world::{Proc, World, node_get, ok, sample},
+};
+use serde_json::json;
+
+/// One service of the suite: its backend in the provider network and its endpoint IP in each
+/// consumer network (the same in both: the networks overlap).
+struct Kind {
+    name: &'static str,
+    service_type: &'static str,
+    protocol: &'static str,
+    backend: Ipv4Addr,
+    service_port: u16,
+    terminal_port: u16,
+    endpoint: Ipv4Addr,
+}
+
+const HTTP: Kind = Kind {
+    name: "web",
+    service_type: "clb",
+    protocol: "tcp",
+    backend: Ipv4Addr::new(198, 18, 100, 11),
+    service_port: 8080,
+    terminal_port: 80,
+    endpoint: Ipv4Addr::new(198, 18, 0, 101),
+};
+const REDIS: Kind = Kind {
+    name: "cache",
+    service_type: "redis",
+    protocol: "tcp",
+    backend: Ipv4Addr::new(198, 18, 100, 12),
+    service_port: 6379,
+    terminal_port: 6379,
+    endpoint: Ipv4Addr::new(198, 18, 0, 102),
+};
+const MYSQL: Kind = Kind {
+    name: "db",
+    service_type: "mysql",
+    protocol: "tcp",
+    backend: Ipv4Addr::new(198, 18, 100, 13),
+    service_port: 3306,
+    terminal_port: 13306,
+    endpoint: Ipv4Addr::new(198, 18, 0, 103),
+};
+const UDP: Kind = Kind {
+    name: "resolver",
+    service_type: "custom",
+    protocol: "udp",
+    backend: Ipv4Addr::new(198, 18, 100, 14),
+    service_port: 5353,
+    terminal_port: 53,
+    endpoint: Ipv4Addr::new(198, 18, 0, 104),
+};
+const KINDS: [&Kind; 4] = [&HTTP, &REDIS, &MYSQL, &UDP];
+
+fn nat_range() -> Ipv4Net {
+    privatelink_agent::demo::NAT_RANGE.parse().unwrap()
+}
+
+/// Runs `program` in `ns` under `timeout` (so a hung client fails the test instead of hanging it),
+/// with `stdin` if given; panics with its output unless it exits 0.
+fn run(ns: &Netns, program: &str, args: &[&str], stdin: Option<&[u8]>) -> Output {
+    let mut cmd = ns.command("timeout");
+    cmd.arg("60").arg(program).args(args);
+    cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+    cmd.stdin(if stdin.is_some() {
+        Stdio::piped()
+    } else {
+        Stdio::null()
+    });
+    let mut child = cmd
+        .spawn()
+        .unwrap_or_else(|e| panic!("starting {program}: {e}"));
+    if let Some(data) = stdin {
+        use std::io::Write as _;
+        child.stdin.take().unwrap().write_all(data).unwrap();
+    }
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{program} {args:?} in {} failed ({}):\n{}\n{}",
+        ns.name(),
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// Starts a server in the provider namespace, its output to `log`.
+fn server(w: &World, log: &Path, program: &str, args: &[&str]) -> Proc {
+    let f = std::fs::File::create(log).unwrap();
+    Proc(
+        w.topo
+            .provider
+            .command(program)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(f.try_clone().unwrap()))
+            .stderr(Stdio::from(f))
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {program}: {e}")),
+    )
+}
+
+/// Retries `f` (bounded) until it returns true.
+fn eventually(what: &str, w: &World, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !f() {
+        assert!(Instant::now() < deadline, "{what}\n{}", w.log());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Whether `program` exits 0 in `ns` (for readiness probes).
+fn succeeds(ns: &Netns, program: &str, args: &[&str]) -> bool {
+    ns.command("timeout")
+        .arg("5")
+        .arg(program)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// Deterministic pseudo-random bytes (xorshift), different per seed.
+fn blob(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// The same, as letters and digits (for clients that print values as text).
+fn text_blob(seed: u64, len: usize) -> String {
+    const A: &[u8] = b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789";
+    blob(seed, len)
+        .into_iter()
+        .map(|b| A[b as usize % A.len()] as char)
+        .collect()
+}
+
+/// Per-endpoint counters from one scrape.
+#[derive(Debug, Default, Clone, Copy)]
+struct Counters {
+    connections: f64,
+    fwd_packets: f64,
+    reply_packets: f64,
+    fwd_bytes: f64,
+    reply_bytes: f64,
+}
+
+fn counters(w: &World, endpoints: &BTreeMap<(usize, &str), String>) -> BTreeMap<String, Counters> {
+    let text = node_get(&w.topo, "http://127.0.0.1:9464/metrics").expect("scrape /metrics");
+    endpoints
+        .values()
+        .map(|ep| {
+            let get = |m: &str, dir: Option<&str>| {
+                let mut want = vec![("endpoint_id", ep.as_str())];
+                if let Some(d) = dir {
+                    want.push(("direction", d));
+                }
+                sample(&text, m, &want).unwrap_or(0.0)
+            };
+            (
+                ep.clone(),
+                Counters {
+                    connections: get("privatelink_link_connections_total", None),
+                    fwd_packets: get("privatelink_link_packets_total", Some("forward")),
+                    reply_packets: get("privatelink_link_packets_total", Some("reply")),
+                    fwd_bytes: get("privatelink_link_bytes_total", Some("forward")),
+                    reply_bytes: get("privatelink_link_bytes_total", Some("reply")),
+                },
+            )
+        })
+        .collect()
+}
+
+/// HTTP through the endpoint with curl: each consumer downloads its own 1 MiB file three times.
+fn http_client(w: &World, c: usize) {
+    let ns = &w.topo.consumers[c];
+    let want = blob(c as u64 + 1, 1 << 20);
+    for round in 0..3 {
+        let out = run(
+            ns,
+            "curl",
+            &[
+                "-sS",
+                "--fail",
+                "--max-time",
+                "20",
+                &format!("http://{}/blob-{}", HTTP.endpoint, c + 1),
+            ],
+            None,
+        );
+        assert!(
+            out.stdout == want,
+            "consumer {c} round {round}: {} bytes differ from its own file ({} bytes)",
+            out.stdout.len(),
+            want.len()
+        );
+    }
+}
+
+/// Redis through the endpoint with redis-cli and redis-benchmark.
+fn redis_client(w: &World, c: usize) -> Ipv4Addr {
+    let ns = &w.topo.consumers[c];
+    let host = REDIS.endpoint.to_string();
+    let port = REDIS.terminal_port.to_string();
+    let cli = |args: &[&str], stdin: Option<&[u8]>| {
+        let mut a = vec!["-h", &host, "-p", &port];
+        a.extend_from_slice(args);
+        String::from_utf8(run(ns, "redis-cli", &a, stdin).stdout).unwrap()
+    };
+    let key = format!("consumer-{c}");
+    let value = text_blob(100 + c as u64, 64 << 10);
+    assert_eq!(
+        cli(&["-x", "SET", &key], Some(value.as_bytes())).trim(),
+        "OK"
+    );
+    // -x appends nothing; the stored value is exactly what was sent.
+    assert!(
+        cli(&["GET", &key], None) == format!("{value}\n"),
+        "consumer {c}: GET returned another value"
+    );
+    assert_eq!(cli(&["STRLEN", &key], None).trim(), value.len().to_string());
+    let info = cli(&["CLIENT", "INFO"], None);
+    let addr = info
+        .split_whitespace()
+        .find_map(|f| f.strip_prefix("addr="))
+        .unwrap_or_else(|| panic!("no addr in CLIENT INFO: {info}"));
+    let bench = run(
+        ns,
+        "redis-benchmark",
+        &[
+            "-h", &host, "-p", &port, "-n", "2000", "-c", "4", "-t", "set,get", "--csv",
+        ],
+        None,
+    );
+    let text = String::from_utf8_lossy(&bench.stdout);
+    for t in ["SET", "GET"] {
+        assert!(
+            text.lines().any(|l| l.starts_with(&format!("\"{t}\",\""))),
+            "consumer {c}: redis-benchmark did not finish {t}:\n{text}"
+        );
+    }
+    addr.rsplit_once(':').unwrap().0.parse().unwrap()
+}
+
+/// MariaDB through the endpoint with the mariadb client: a table per consumer, rows in and out.
+fn mysql_client(w: &World, c: usize) -> Ipv4Addr {
+    let ns = &w.topo.consumers[c];
+    let sql = format!(
+        "CREATE DATABASE IF NOT EXISTS acceptance; \
+         CREATE TABLE acceptance.t{c} (id INT PRIMARY KEY, v VARCHAR(64)); \
+         INSERT INTO acceptance.t{c} VALUES (1, 'c{c}-one'), (2, 'c{c}-two'), (3, 'c{c}-three'); \
+         SELECT id, v FROM acceptance.t{c} ORDER BY id; \
+         SELECT USER();"
+    );
+    let out = run(
+        ns,
+        "mariadb",
+        &[
+            "--no-defaults",
+            "-h",
+            &MYSQL.endpoint.to_string(),
+            "-P",
+            &MYSQL.terminal_port.to_string(),
+            "-u",
+            "app",
+            "-papp-secret",
+            "--batch",
+            "--skip-column-names",
+            "-e",
+            &sql,
+        ],
+        None,
+    );
+    let text = String::from_utf8(out.stdout).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(
+        lines[..3],
+        [
+            format!("1\tc{c}-one"),
+            format!("2\tc{c}-two"),
+            format!("3\tc{c}-three")
+        ],
+        "consumer {c}: rows read back:\n{text}"
+    );
+    let host = lines.get(3).copied().unwrap_or_default();
+    host.rsplit_once('@')
+        .and_then(|(_, ip)| ip.parse().ok())
+        .unwrap_or_else(|| panic!("consumer {c}: no client address in the process list:\n{text}"))
+}
+
+/// The DNS-like UDP service: 20 queries from one socket, each answered with the peer the backend
+/// saw and the query itself.
+fn udp_client(w: &World, c: usize) -> Ipv4Addr {
+    let sock = w.topo.consumers[c].enter(|| UdpSocket::bind("0.0.0.0:0").unwrap());
+    sock.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    let mut seen = None;
+    for q in 0..20u64 {
+        let query = text_blob(1000 * (c as u64 + 1) + q, 100);
+        sock.send_to(query.as_bytes(), (UDP.endpoint, UDP.terminal_port))
+            .unwrap();
+        let mut buf = [0u8; 512];
+        let (n, from) = sock
+            .recv_from(&mut buf)
+            .unwrap_or_else(|e| panic!("consumer {c} query {q}: {e}"));
+        assert_eq!(from, (UDP.endpoint, UDP.terminal_port).into());
+        let reply = std::str::from_utf8(&buf[..n]).unwrap();
+        let (peer, echoed) = reply.split_once('\n').unwrap();
+        assert_eq!(echoed, query, "consumer {c} query {q}: another answer");
+        let peer: std::net::SocketAddrV4 = peer.parse().unwrap();
+        assert!(
+            seen.is_none_or(|s| s == peer),
+            "one socket is one flow: {peer} after {seen:?}"
+        );
+        seen = Some(peer);
+    }
+    *seen.unwrap().ip()
+}
+
+/// The UDP echo in the provider namespace (bounded to 120 s).
+fn udp_server(w: &World, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<()> {
+    let sock = w
+        .topo
+        .provider
+        .enter(|| UdpSocket::bind((UDP.backend, UDP.service_port)).unwrap());
+    sock.set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    w.topo.provider.spawn(move || {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        let mut buf = [0u8; 512];
+        while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+            if let Ok((n, peer)) = sock.recv_from(&mut buf) {
+                let mut reply = format!("{peer}\n").into_bytes();
+                reply.extend_from_slice(&buf[..n]);
+                let _ = sock.send_to(&reply, peer);
+            }
+        }
+    })
+}
+
+/// Stops a thread on drop (the UDP server), also on panic.
+struct StopOnDrop(Arc<AtomicBool>);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+}
+
+#[test]
+fn real_clients_reach_real_servers_through_endpoints_in_overlapping_networks() {
+    if !privileged("real_clients_reach_real_servers_through_endpoints_in_overlapping_networks") {
+        return;
+    }
+    let (mut w, _agent) = privatelink_tests::world::world_with("acceptance", "");
+    let provider = &w.topo.provider;
+    for k in KINDS {
+        provider
+            .ip(&["addr", "add", &format!("{}/24", k.backend), "dev", "eth0"])
+            .unwrap();
+    }
+
+    // Servers, on provider addresses only.
+    let dir = w.dir.clone();
+    let www = dir.join("www");
+    std::fs::create_dir_all(&www).unwrap();
+    for c in 1..=2u64 {
+        std::fs::write(www.join(format!("blob-{c}")), blob(c, 1 << 20)).unwrap();
+    }
+    let _http = server(
+        &w,
+        &dir.join("http.log"),
+        "/usr/bin/python3",
+        &[
+            "-u",
+            "-m",
+            "http.server",
+            &HTTP.service_port.to_string(),
+            "--bind",
+            &HTTP.backend.to_string(),
+            "--directory",
+            www.to_str().unwrap(),
+        ],
+    );
+    let _redis = server(
+        &w,
+        &dir.join("redis.log"),
+        "redis-server",
+        &[
+            "--bind",
+            &REDIS.backend.to_string(),
+            "--port",
+            &REDIS.service_port.to_string(),
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--protected-mode",
+            "no",
+            "--dir",
+            dir.to_str().unwrap(),
+        ],
+    );
+    let data = dir.join("mariadb");
+    run(
+        provider,
+        "mariadb-install-db",
+        &[
+            "--no-defaults",
+            &format!("--datadir={}", data.display()),
+            "--user=root",
+            "--auth-root-authentication-method=normal",
+            "--skip-test-db",
+        ],
+        None,
+    );
+    let _mysql = server(
+        &w,
+        &dir.join("mariadb.log"),
+        "mariadbd",
+        &[
+            "--no-defaults",
+            &format!("--datadir={}", data.display()),
+            &format!("--socket={}", data.join("sock").display()),
+            &format!("--pid-file={}", data.join("pid").display()),
+            &format!("--bind-address={}", MYSQL.backend),
+            &format!("--port={}", MYSQL.service_port),
+            "--user=root",
+            "--skip-name-resolve",
+            "--innodb-buffer-pool-size=32M",
+        ],
+    );
+    // A network user for the clients, made over the server's socket once it is up.
+    let sock = format!("--socket={}", data.join("sock").display());
+    eventually("mariadbd starts", &w, || {
+        succeeds(provider, "mariadb", &["--no-defaults", &sock, "-u", "root", "-e", "SELECT 1"])
+    });
+    run(
+        provider,
+        "mariadb",
+        &[
+            "--no-defaults",
+            &sock,
+            "-u",
+            "root",
+            "-e",
+            "CREATE USER 'app'@'%' IDENTIFIED BY 'app-secret'; GRANT ALL ON *.* TO 'app'@'%';",
+        ],
+        None,
+    );
+    let stop = Arc::new(AtomicBool::new(false));
+    let _stop = StopOnDrop(stop.clone());
+    let udp = udp_server(&w, stop);
+
+    // Services, allowlists and endpoints through the agent's API; every endpoint accepted.
+    let mut endpoints: BTreeMap<(usize, &str), String> = BTreeMap::new();
+    for k in KINDS {
+        let svc = ok(
+            &w.topo,
+            &w.tokens[0],
+            "/v1/services",
+            json!({ "name": k.name, "network_id": w.vpcs[0].0, "service_type": k.service_type,
+                "backends": [k.backend.to_string()],
+                "port_mappings": [{ "protocol": k.protocol, "service_port": k.service_port, "terminal_port": k.terminal_port }] }),
+        );
+        let svc = svc["id"].as_str().unwrap().to_string();
+        let mut ids = Vec::new();
+        for c in 0..2 {
+            ok(
+                &w.topo,
+                &w.tokens[0],
+                &format!("/v1/services/{svc}/allowlist"),
+                json!({ "account_id": format!("100000000{}", c + 1) }),
+            );
+            let ep = ok(
+                &w.topo,
+                &w.tokens[c + 1],
+                "/v1/endpoints",
+                json!({ "name": k.name, "service_id": svc, "network_id": w.vpcs[c + 1].0,
+                    "subnet_id": w.vpcs[c + 1].1, "ip": k.endpoint.to_string() }),
+            );
+            let id = ep["id"].as_str().unwrap().to_string();
+            ids.push(id.clone());
+            endpoints.insert((c, k.name), id);
+        }
+        ok(
+            &w.topo,
+            &w.tokens[0],
+            &format!("/v1/services/{svc}/accept"),
+            json!({ "endpoint_ids": ids }),
+        );
+    }
+    w.eps = endpoints.values().cloned().collect();
+
+    // Every server answers through every endpoint (the first packets resolve neighbours).
+    for c in 0..2 {
+        let ns = &w.topo.consumers[c];
+        let url = format!("http://{}/blob-{}", HTTP.endpoint, c + 1);
+        eventually(&format!("HTTP through consumer {c}"), &w, || {
+            succeeds(
+                ns,
+                "curl",
+                &["-sf", "-o", "/dev/null", "--max-time", "2", &url],
+            )
+        });
+        let h = REDIS.endpoint.to_string();
+        eventually(&format!("Redis through consumer {c}"), &w, || {
+            succeeds(ns, "redis-cli", &["-h", &h, "-p", "6379", "PING"])
+        });
+        let h = MYSQL.endpoint.to_string();
+        eventually(&format!("MariaDB through consumer {c}"), &w, || {
+            succeeds(
+                ns,
+                "mariadb",
+                &[
+                    "--no-defaults",
+                    "-h",
+                    &h,
+                    "-P",
+                    "13306",
+                    "-u",
+                    "app",
+                    "-papp-secret",
+                    "-e",
+                    "SELECT 1",
+                ],
+            )
+        });
+        eventually(&format!("UDP through consumer {c}"), &w, || {
+            let sock = ns.enter(|| UdpSocket::bind("0.0.0.0:0").unwrap());
+            sock.set_read_timeout(Some(Duration::from_millis(300)))
+                .unwrap();
+            sock.send_to(b"ping", (UDP.endpoint, UDP.terminal_port))
+                .is_ok()
+                && sock.recv_from(&mut [0u8; 64]).is_ok()
+        });
+    }
+
+    // The measured run: both consumers at once, every service.
+    let before = counters(&w, &endpoints);
+    let http_lines_before = std::fs::read_to_string(dir.join("http.log"))
+        .unwrap()
+        .lines()
+        .count();
+    let seen: Vec<[Ipv4Addr; 3]> = std::thread::scope(|s| {
+        let w = &w;
+        let handles: Vec<_> = (0..2)
+            .map(|c| {
+                s.spawn(move || {
+                    http_client(w, c);
+                    [redis_client(w, c), mysql_client(w, c), udp_client(w, c)]
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("a consumer's clients failed"))
+            .collect()
+    });
+    let after = counters(&w, &endpoints);
+
+    // The backends saw the consumers from the NAT range only.
+    let nat = nat_range();
+    for (c, addrs) in seen.iter().enumerate() {
+        for (k, a) in [&REDIS, &MYSQL, &UDP].iter().zip(addrs) {
+            assert!(
+                nat.contains(a),
+                "{} saw consumer {c} as {a}, outside {nat}",
+                k.name
+            );
+        }
+    }
+    let http_log = std::fs::read_to_string(dir.join("http.log")).unwrap();
+    let gets: Vec<&str> = http_log
+        .lines()
+        .skip(http_lines_before)
+        .filter(|l| l.contains("\"GET /blob-"))
+        .collect();
+    assert_eq!(gets.len(), 6, "three downloads per consumer:\n{http_log}");
+    for l in &gets {
+        let a: Ipv4Addr = l.split_whitespace().next().unwrap().parse().unwrap();
+        assert!(nat.contains(&a), "the HTTP server saw {a}: {l}");
+    }
+
+    // Per-link counters account for what the clients did.
+    for c in 0..2 {
+        let d = |k: &Kind| {
+            let ep = &endpoints[&(c, k.name)];
+            let (a, b) = (after[ep], before[ep]);
+            Counters {
+                connections: a.connections - b.connections,
+                fwd_packets: a.fwd_packets - b.fwd_packets,
+                reply_packets: a.reply_packets - b.reply_packets,
+                fwd_bytes: a.fwd_bytes - b.fwd_bytes,
+                reply_bytes: a.reply_bytes - b.reply_bytes,
+            }
+        };
+        let http = d(&HTTP);
+        assert_eq!(
+            http.connections, 3.0,
+            "consumer {c}: one per curl: {http:?}"
+        );
+        assert!(
+            http.reply_bytes > 3.0 * (1 << 20) as f64,
+            "consumer {c}: 3 MiB came back: {http:?}"
+        );
+        let redis = d(&REDIS);
+        // 4 redis-cli calls plus redis-benchmark's 4 clients per test (and its config probe).
+        assert!(
+            redis.connections >= 12.0,
+            "consumer {c}: redis connections {redis:?}"
+        );
+        assert!(redis.fwd_bytes > (64 << 10) as f64 && redis.reply_bytes > (64 << 10) as f64);
+        let mysql = d(&MYSQL);
+        assert_eq!(
+            mysql.connections, 1.0,
+            "consumer {c}: one client: {mysql:?}"
+        );
+        assert!(mysql.fwd_packets > 0.0 && mysql.reply_packets > 0.0);
+        let udp = d(&UDP);
+        let frame = (14 + 20 + 8 + 100) as f64;
+        assert_eq!(udp.connections, 1.0, "consumer {c}: one socket: {udp:?}");
+        assert_eq!(udp.fwd_packets, 20.0, "consumer {c}: {udp:?}");
+        assert_eq!(udp.reply_packets, 20.0, "consumer {c}: {udp:?}");
+        assert_eq!(udp.fwd_bytes, 20.0 * frame, "consumer {c}: {udp:?}");
+        // Each answer carries "<peer>\n" before the query.
+        assert!(udp.reply_bytes > udp.fwd_bytes, "consumer {c}: {udp:?}");
+    }
+    drop(_stop);
+    udp.join().unwrap();
+}
