@@ -1,12 +1,18 @@
 //! A running agent binary in the node namespace of the embedded topology, driven through its API:
 //! shared by the agent tests and the acceptance suite.
 use std::{
+    io::{Read as _, Write as _},
+    net::{SocketAddr, TcpListener, TcpStream},
     process::{Child, Stdio},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
     time::{Duration, Instant},
 };
 
 use privatelink_agent::{
-    demo::Topology,
+    demo::{BACKEND, ENDPOINT, TCP_PORTS, Topology},
     loader::{Datapath, Sizes},
 };
 use serde_json::{Value, json};
@@ -113,12 +119,17 @@ impl Drop for BpfFs {
     }
 }
 
-/// Namespaces, a store with accounts and networks, the agent's config, the service and two
-/// accepted endpoints made through the running agent.
+/// A tmpfs mounted for the store (unmounted by the world's drop, before its directory goes).
+pub struct Tmpfs(pub Option<std::path::PathBuf>);
+
+/// Namespaces, a store with accounts and networks, the agent's config and the running agent; what
+/// a test made through the API (service, endpoints) for its own bookkeeping.
 pub struct World {
     pub topo: Topology,
     pub dir: std::path::PathBuf,
     pub bpffs: BpfFs,
+    /// The store's tmpfs, when the test asked for one.
+    pub store: Tmpfs,
     /// Tokens of the provider account and the two consumer accounts.
     pub tokens: Vec<String>,
     /// (network id, subnet id) of the provider network and the two consumer networks.
@@ -173,6 +184,9 @@ impl Drop for World {
     fn drop(&mut self) {
         // The bpffs is mounted inside the directory: unmount it first or nothing is removed.
         let _ = nix::mount::umount2(&self.bpffs.0, nix::mount::MntFlags::MNT_DETACH);
+        if let Some(at) = self.store.0.take() {
+            let _ = nix::mount::umount2(&at, nix::mount::MntFlags::MNT_DETACH);
+        }
         if let Err(e) = std::fs::remove_dir_all(&self.dir) {
             eprintln!("leaving {}: {e}", self.dir.display());
         }
@@ -183,11 +197,29 @@ impl Drop for World {
 /// network (accounts, networks and tokens made with the real store code), the agent's config with
 /// `extra` appended, the pass programs on the peers. No service yet.
 pub fn world_with(name: &str, extra: &str) -> (World, Agent) {
+    world_on(name, extra, None)
+}
+
+/// The same, with the store (and the history next to it) on a tmpfs of `store_tmpfs` bytes when
+/// given, so a test can fill the disk under it.
+pub fn world_on(name: &str, extra: &str, store_tmpfs: Option<u64>) -> (World, Agent) {
     let topo = Topology::build(2).expect("topology");
     let dir = std::env::temp_dir().join(format!("privatelink-{name}-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::create_dir_all(dir.join("store")).unwrap();
     let bpffs = BpfFs::mount(&dir);
-    let db = dir.join("state.db");
+    let store = Tmpfs(store_tmpfs.map(|size| {
+        let at = dir.join("store");
+        nix::mount::mount(
+            Some("tmpfs"),
+            &at,
+            Some("tmpfs"),
+            nix::mount::MsFlags::empty(),
+            Some(format!("size={size}").as_str()),
+        )
+        .expect("mount the store's tmpfs");
+        at
+    }));
+    let db = dir.join("store").join("state.db");
     // Accounts and networks first (the node's config names its networks), with the real code.
     let privatelink_agent::demo::Prepared { tokens, vpcs } =
         privatelink_agent::demo::prepare_store(
@@ -217,6 +249,7 @@ pub fn world_with(name: &str, extra: &str) -> (World, Agent) {
         topo,
         dir,
         bpffs,
+        store,
         tokens,
         vpcs,
         svc: String::new(),
@@ -254,4 +287,133 @@ pub fn sample(text: &str, metric: &str, want: &[(&str, &str)]) -> Option<f64> {
                 .all(|(k, v)| labels.contains(&format!("{k}=\"{v}\"")))
                 .then(|| value.parse().ok())?
         })
+}
+
+/// One TCP round trip through the endpoint from consumer `i`, within `timeout`.
+pub fn round_trip(topo: &Topology, i: usize, timeout: Duration) -> Result<Vec<u8>, String> {
+    topo.consumers[i].enter(move || {
+        let addr = SocketAddr::from((ENDPOINT, TCP_PORTS.0));
+        let mut s =
+            TcpStream::connect_timeout(&addr, timeout).map_err(|e| format!("connect: {e}"))?;
+        s.set_read_timeout(Some(timeout))
+            .map_err(|e| e.to_string())?;
+        let msg = format!("hello from consumer {i}");
+        s.write_all(msg.as_bytes())
+            .map_err(|e| format!("write: {e}"))?;
+        let mut buf = vec![0u8; 256];
+        let n = s.read(&mut buf).map_err(|e| format!("read: {e}"))?;
+        buf.truncate(n);
+        Ok(buf)
+    })
+}
+
+/// A running agent with the echo service (tcp 80→8080) and one endpoint at `ENDPOINT` in each
+/// consumer network (Pending).
+pub fn echo_world(name: &str) -> (World, Agent) {
+    echo_world_with(name, "")
+}
+
+/// The same, with extra lines at the end of agent.toml.
+pub fn echo_world_with(name: &str, extra: &str) -> (World, Agent) {
+    echo_service(world_with(name, extra))
+}
+
+/// Adds the echo service and its two endpoints to a running world.
+pub fn echo_service((mut w, agent): (World, Agent)) -> (World, Agent) {
+    let svc = ok(
+        &w.topo,
+        &w.tokens[0],
+        "/v1/services",
+        json!({ "name": "echo", "network_id": w.vpcs[0].0, "service_type": "clb",
+        "backends": [BACKEND.to_string()], "port_mappings": [{ "protocol": "tcp", "service_port": TCP_PORTS.1, "terminal_port": TCP_PORTS.0 }] }),
+    );
+    w.svc = svc["id"].as_str().unwrap().to_string();
+    for c in [1, 2] {
+        ok(
+            &w.topo,
+            &w.tokens[0],
+            &format!("/v1/services/{}/allowlist", w.svc),
+            json!({ "account_id": format!("100000000{c}") }),
+        );
+        let ep = ok(
+            &w.topo,
+            &w.tokens[c],
+            "/v1/endpoints",
+            json!({ "name": "echo", "service_id": w.svc,
+            "network_id": w.vpcs[c].0, "subnet_id": w.vpcs[c].1, "ip": ENDPOINT.to_string() }),
+        );
+        w.eps.push(ep["id"].as_str().unwrap().to_string());
+    }
+    (w, agent)
+}
+
+/// An echo server in the provider namespace serving connections until `stop` (bounded to 60 s).
+pub fn echo_server(topo: &Topology, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<()> {
+    echo_server_at(
+        topo,
+        BACKEND,
+        stop,
+        Arc::new(std::sync::atomic::AtomicUsize::new(0)),
+    )
+}
+
+/// The same on `addr`, counting accepted connections. Stopping closes the listener only: accepted
+/// connections keep being served.
+pub fn echo_server_at(
+    topo: &Topology,
+    addr: std::net::Ipv4Addr,
+    stop: Arc<AtomicBool>,
+    accepted: Arc<std::sync::atomic::AtomicUsize>,
+) -> std::thread::JoinHandle<()> {
+    let listener = topo
+        .provider
+        .enter(|| TcpListener::bind((addr, TCP_PORTS.1)).expect("bind backend"));
+    listener.set_nonblocking(true).unwrap();
+    topo.provider.spawn(move || {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+            match listener.accept() {
+                Ok((mut s, _)) => {
+                    accepted.fetch_add(1, Ordering::SeqCst);
+                    s.set_nonblocking(false).unwrap();
+                    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+                    std::thread::spawn(move || {
+                        let mut buf = vec![0u8; 1 << 16];
+                        while let Ok(n) = s.read(&mut buf) {
+                            if n == 0 || s.write_all(&buf[..n]).is_err() {
+                                break;
+                            }
+                        }
+                    });
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(10)),
+            }
+        }
+    })
+}
+
+pub fn wait_for_traffic(w: &World, i: usize) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        match round_trip(&w.topo, i, Duration::from_secs(1)) {
+            Ok(b) => {
+                assert_eq!(b, format!("hello from consumer {i}").into_bytes());
+                return;
+            }
+            Err(e) => assert!(Instant::now() < deadline, "consumer {i}: {e}\n{}", w.log()),
+        }
+    }
+}
+
+/// Waits (bounded) until consumer `i` can (or cannot) make a round trip through its endpoint.
+pub fn until(w: &World, i: usize, works: bool, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while round_trip(&w.topo, i, Duration::from_millis(500)).is_ok() != works {
+        assert!(
+            Instant::now() < deadline,
+            "{what}: consumer {i} should {}work\n{}",
+            if works { "" } else { "not " },
+            w.log()
+        );
+    }
 }

@@ -466,7 +466,11 @@ fn real_clients_reach_real_servers_through_endpoints_in_overlapping_networks() {
     // A network user for the clients, made over the server's socket once it is up.
     let sock = format!("--socket={}", data.join("sock").display());
     eventually("mariadbd starts", &w, || {
-        succeeds(provider, "mariadb", &["--no-defaults", &sock, "-u", "root", "-e", "SELECT 1"])
+        succeeds(
+            provider,
+            "mariadb",
+            &["--no-defaults", &sock, "-u", "root", "-e", "SELECT 1"],
+        )
     });
     run(
         provider,

@@ -2,7 +2,7 @@
 //! real traffic flows, and a rejection cuts a live consumer while the other keeps going.
 use std::{
     io::{Read as _, Write as _},
-    net::{SocketAddr, TcpListener, TcpStream},
+    net::{SocketAddr, TcpStream},
     process::{Command, Stdio},
     sync::{
         Arc,
@@ -11,124 +11,15 @@ use std::{
     time::{Duration, Instant},
 };
 
-use privatelink_agent::demo::{BACKEND, ENDPOINT, TCP_PORTS, Topology};
+use privatelink_agent::demo::{BACKEND, ENDPOINT, TCP_PORTS};
 use privatelink_tests::{
     agent_bin, privileged,
-    world::{ADMIN, Agent, Proc, World, api, node_get, ok, sample},
+    world::{
+        ADMIN, Proc, World, api, echo_server, echo_server_at, echo_world as world,
+        echo_world_with as world_with, node_get, ok, round_trip, sample, until, wait_for_traffic,
+    },
 };
 use serde_json::{Value, json};
-
-/// One TCP round trip through the endpoint from consumer `i`, within `timeout`.
-fn round_trip(topo: &Topology, i: usize, timeout: Duration) -> Result<Vec<u8>, String> {
-    topo.consumers[i].enter(move || {
-        let addr = SocketAddr::from((ENDPOINT, TCP_PORTS.0));
-        let mut s =
-            TcpStream::connect_timeout(&addr, timeout).map_err(|e| format!("connect: {e}"))?;
-        s.set_read_timeout(Some(timeout))
-            .map_err(|e| e.to_string())?;
-        let msg = format!("hello from consumer {i}");
-        s.write_all(msg.as_bytes())
-            .map_err(|e| format!("write: {e}"))?;
-        let mut buf = vec![0u8; 256];
-        let n = s.read(&mut buf).map_err(|e| format!("read: {e}"))?;
-        buf.truncate(n);
-        Ok(buf)
-    })
-}
-
-/// A running agent with the echo service (tcp 80→8080) and one endpoint at `ENDPOINT` in each
-/// consumer network (Pending).
-fn world(name: &str) -> (World, Agent) {
-    world_with(name, "")
-}
-
-/// The same, with extra lines at the end of agent.toml.
-fn world_with(name: &str, extra: &str) -> (World, Agent) {
-    let (mut w, agent) = privatelink_tests::world::world_with(name, extra);
-    let svc = ok(
-        &w.topo,
-        &w.tokens[0],
-        "/v1/services",
-        json!({ "name": "echo", "network_id": w.vpcs[0].0, "service_type": "clb",
-        "backends": [BACKEND.to_string()], "port_mappings": [{ "protocol": "tcp", "service_port": TCP_PORTS.1, "terminal_port": TCP_PORTS.0 }] }),
-    );
-    w.svc = svc["id"].as_str().unwrap().to_string();
-    for c in [1, 2] {
-        ok(
-            &w.topo,
-            &w.tokens[0],
-            &format!("/v1/services/{}/allowlist", w.svc),
-            json!({ "account_id": format!("100000000{c}") }),
-        );
-        let ep = ok(
-            &w.topo,
-            &w.tokens[c],
-            "/v1/endpoints",
-            json!({ "name": "echo", "service_id": w.svc,
-            "network_id": w.vpcs[c].0, "subnet_id": w.vpcs[c].1, "ip": ENDPOINT.to_string() }),
-        );
-        w.eps.push(ep["id"].as_str().unwrap().to_string());
-    }
-    (w, agent)
-}
-
-/// An echo server in the provider namespace serving connections until `stop` (bounded to 60 s).
-fn echo_server(topo: &Topology, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<()> {
-    echo_server_at(
-        topo,
-        BACKEND,
-        stop,
-        Arc::new(std::sync::atomic::AtomicUsize::new(0)),
-    )
-}
-
-/// The same on `addr`, counting accepted connections. Stopping closes the listener only: accepted
-/// connections keep being served.
-fn echo_server_at(
-    topo: &Topology,
-    addr: std::net::Ipv4Addr,
-    stop: Arc<AtomicBool>,
-    accepted: Arc<std::sync::atomic::AtomicUsize>,
-) -> std::thread::JoinHandle<()> {
-    let listener = topo
-        .provider
-        .enter(|| TcpListener::bind((addr, TCP_PORTS.1)).expect("bind backend"));
-    listener.set_nonblocking(true).unwrap();
-    topo.provider.spawn(move || {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
-            match listener.accept() {
-                Ok((mut s, _)) => {
-                    accepted.fetch_add(1, Ordering::SeqCst);
-                    s.set_nonblocking(false).unwrap();
-                    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-                    std::thread::spawn(move || {
-                        let mut buf = vec![0u8; 1 << 16];
-                        while let Ok(n) = s.read(&mut buf) {
-                            if n == 0 || s.write_all(&buf[..n]).is_err() {
-                                break;
-                            }
-                        }
-                    });
-                }
-                Err(_) => std::thread::sleep(Duration::from_millis(10)),
-            }
-        }
-    })
-}
-
-fn wait_for_traffic(w: &World, i: usize) {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        match round_trip(&w.topo, i, Duration::from_secs(1)) {
-            Ok(b) => {
-                assert_eq!(b, format!("hello from consumer {i}").into_bytes());
-                return;
-            }
-            Err(e) => assert!(Instant::now() < deadline, "consumer {i}: {e}\n{}", w.log()),
-        }
-    }
-}
 
 #[test]
 fn agent_syncs_api_state_into_the_datapath() {
@@ -261,19 +152,6 @@ fn agent_syncs_api_state_into_the_datapath() {
         "the agent logged its syncs:\n{}",
         w.log()
     );
-}
-
-/// Waits (bounded) until consumer `i` can (or cannot) make a round trip through its endpoint.
-fn until(w: &World, i: usize, works: bool, what: &str) {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while round_trip(&w.topo, i, Duration::from_millis(500)).is_ok() != works {
-        assert!(
-            Instant::now() < deadline,
-            "{what}: consumer {i} should {}work\n{}",
-            if works { "" } else { "not " },
-            w.log()
-        );
-    }
 }
 
 #[test]

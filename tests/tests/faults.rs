@@ -1,0 +1,354 @@
+//! Faults around the real agent: a full disk under its store, and malformed frames at rate into a
+//! consumer interface. (Kill and restart under load, interface removal and backend failure are in
+//! `agent.rs`.)
+use std::{
+    io::Write as _,
+    os::fd::AsRawFd as _,
+    time::{Duration, Instant},
+};
+
+use privatelink_agent::demo::{ENDPOINT, TCP_PORTS};
+use privatelink_agent::netns::Netns;
+use privatelink_common::reasons::{
+    DROP_BAD_IHL, DROP_BAD_LENGTH, DROP_FRAGMENT, DROP_TCP_NOT_SYN, DROP_TRUNCATED, FWD_REDIRECT,
+    FWD_TX, OUTCOME_NAMES, PASS_MALFORMED,
+};
+use privatelink_tests::{
+    fixture::Pkt,
+    privileged,
+    world::{api, echo_server, echo_service, node_get, ok, sample, wait_for_traffic, world_on},
+};
+use serde_json::json;
+
+#[test]
+fn a_full_disk_under_the_store_refuses_writes_clearly_and_forwarding_goes_on() {
+    if !privileged("a_full_disk_under_the_store_refuses_writes_clearly_and_forwarding_goes_on") {
+        return;
+    }
+    let (w, _agent) = echo_service(world_on("full-disk", "", Some(16 << 20)));
+    ok(
+        &w.topo,
+        &w.tokens[0],
+        &format!("/v1/services/{}/accept", w.svc),
+        json!({ "endpoint_ids": w.eps }),
+    );
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let server = echo_server(&w.topo, stop.clone());
+    wait_for_traffic(&w, 0);
+
+    // Fill the store's filesystem to the last byte.
+    let filler = w.dir.join("store").join("filler");
+    let mut f = std::fs::File::create(&filler).unwrap();
+    let chunk = vec![0xa5u8; 64 << 10];
+    let full = (0..1024).any(|_| f.write_all(&chunk).is_err());
+    assert!(full, "a 16 MiB tmpfs took 64 MiB");
+    drop(f);
+
+    // Writes: SQLite may still fit a few into pages it holds; within a bounded number one fails.
+    let revision = || {
+        let (status, v) = api(&w.topo, &w.tokens[1], "GET", "/v1/revision", None);
+        assert_eq!(status, 200, "{v}");
+        v["revision"].as_u64().unwrap()
+    };
+    let rules: Vec<serde_json::Value> = (0..50)
+        .map(|r| {
+            json!({ "protocol": "tcp", "ports": format!("{}", 1000 + r), "source": "198.18.0.0/24",
+            "action": "accept", "description": "z".repeat(200) })
+        })
+        .collect();
+    let mut refused = None;
+    for i in 0..200 {
+        let before = revision();
+        let (status, v) = api(
+            &w.topo,
+            &w.tokens[1],
+            "POST",
+            "/v1/security-groups",
+            Some(json!({ "name": format!("sg-{i}"), "rules": rules })),
+        );
+        if status == 201 || status == 200 {
+            continue;
+        }
+        assert_eq!(revision(), before, "a refused write changed nothing");
+        refused = Some((status, v));
+        break;
+    }
+    let (status, v) = refused.expect("200 writes fitted on a full disk");
+    eprintln!("the refused write: {status} {v}");
+    assert_eq!(status, 503, "{v}");
+    assert_eq!(v["error"]["code"], "store_unavailable", "{v}");
+    let msg = v["error"]["message"].as_str().unwrap_or_default();
+    assert!(
+        msg.contains("full") && msg.contains("not saved"),
+        "the error says what happened: {msg}"
+    );
+
+    // Forwarding goes on, for both consumers, on the last good state.
+    wait_for_traffic(&w, 0);
+    wait_for_traffic(&w, 1);
+
+    // Space back: the next write succeeds and the agent is the same process.
+    std::fs::remove_file(&filler).unwrap();
+    ok(
+        &w.topo,
+        &w.tokens[1],
+        "/v1/security-groups",
+        json!({ "name": "after-the-disk-was-freed" }),
+    );
+    wait_for_traffic(&w, 0);
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    server.join().unwrap();
+}
+
+/// A raw AF_PACKET socket on `eth0` of a namespace.
+struct RawSocket(std::os::fd::OwnedFd, i32);
+
+impl RawSocket {
+    fn open(ns: &Netns) -> Self {
+        ns.enter(|| {
+            // SAFETY: plain socket(2); the result is checked and owned at once.
+            let fd = unsafe {
+                libc::socket(
+                    libc::AF_PACKET,
+                    libc::SOCK_RAW,
+                    (libc::ETH_P_ALL as u16).to_be() as i32,
+                )
+            };
+            assert!(fd >= 0, "AF_PACKET: {}", std::io::Error::last_os_error());
+            // SAFETY: fd is a fresh descriptor nobody else owns.
+            let fd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+            let name = std::ffi::CString::new("eth0").unwrap();
+            // SAFETY: a valid NUL-terminated name.
+            let ifindex = unsafe { libc::if_nametoindex(name.as_ptr()) } as i32;
+            assert!(ifindex > 0);
+            RawSocket(fd, ifindex)
+        })
+    }
+
+    /// Sends one frame, retrying while the device queue is full (bounded).
+    fn send(&self, frame: &[u8]) {
+        // SAFETY: zeroed sockaddr_ll is valid; the fields set are the ones AF_PACKET reads.
+        let mut sa: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+        sa.sll_family = libc::AF_PACKET as u16;
+        sa.sll_ifindex = self.1;
+        sa.sll_halen = 6;
+        for _ in 0..1000 {
+            // SAFETY: frame and sa outlive the call; lengths are theirs.
+            let n = unsafe {
+                libc::sendto(
+                    self.0.as_raw_fd(),
+                    frame.as_ptr().cast(),
+                    frame.len(),
+                    0,
+                    (&sa as *const libc::sockaddr_ll).cast(),
+                    std::mem::size_of::<libc::sockaddr_ll>() as u32,
+                )
+            };
+            if n == frame.len() as isize {
+                return;
+            }
+            let e = std::io::Error::last_os_error();
+            assert_eq!(e.raw_os_error(), Some(libc::ENOBUFS), "sendto: {e}");
+            std::thread::sleep(Duration::from_micros(50));
+        }
+        panic!("the device queue stayed full");
+    }
+}
+
+/// Kernel counters of a namespace's `eth0` (rx, tx packets).
+fn eth0_packets(ns: &Netns) -> (u64, u64) {
+    let out = ns
+        .exec("ip", &["-s", "-j", "link", "show", "eth0"])
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let s = &v[0]["stats64"];
+    (
+        s["rx"]["packets"].as_u64().unwrap(),
+        s["tx"]["packets"].as_u64().unwrap(),
+    )
+}
+
+/// Every outcome counter of the node, from one scrape.
+fn outcomes(w: &privatelink_tests::world::World) -> Vec<f64> {
+    let text = node_get(&w.topo, "http://127.0.0.1:9464/metrics").expect("scrape");
+    OUTCOME_NAMES
+        .iter()
+        .map(|o| sample(&text, "privatelink_node_packets_total", &[("outcome", o)]).unwrap_or(0.0))
+        .collect()
+}
+
+#[test]
+fn malformed_frames_at_rate_are_all_counted_and_none_is_forwarded() {
+    if !privileged("malformed_frames_at_rate_are_all_counted_and_none_is_forwarded") {
+        return;
+    }
+    let (w, _agent) = echo_service(privatelink_tests::world::world_with("malformed", ""));
+    ok(
+        &w.topo,
+        &w.tokens[0],
+        &format!("/v1/services/{}/accept", w.svc),
+        json!({ "endpoint_ids": w.eps }),
+    );
+    // No health probes: the provider side must stay silent unless something is forwarded.
+    let (status, v) = api(
+        &w.topo,
+        &w.tokens[0],
+        "PATCH",
+        &format!("/v1/services/{}", w.svc),
+        Some(json!({ "health_check": { "enabled": false } })),
+    );
+    assert_eq!(status, 200, "{v}");
+    std::thread::sleep(Duration::from_millis(300));
+
+    let node_mac = w.topo.consumer_ifaces[0].2;
+    let client_mac = {
+        let out = w.topo.consumers[0]
+            .exec("cat", &["/sys/class/net/eth0/address"])
+            .unwrap();
+        let s = String::from_utf8(out.stdout).unwrap();
+        let b: Vec<u8> = s
+            .trim()
+            .split(':')
+            .map(|h| u8::from_str_radix(h, 16).unwrap())
+            .collect();
+        <[u8; 6]>::try_from(b).unwrap()
+    };
+    let client = privatelink_agent::demo::CLIENT;
+    let syn = |sport: u16| {
+        Pkt::syn(client, sport, ENDPOINT, TCP_PORTS.0)
+            .macs(client_mac, node_mac)
+            .build()
+    };
+    const IHL: usize = 14;
+    // Each class: how many, and the outcome the datapath must give every one of them.
+    let mut expected = vec![0u64; OUTCOME_NAMES.len()];
+    let mut frames: Vec<Vec<u8>> = Vec::new();
+    let mut rng = 0x2545_f491_4f6c_dd1du64;
+    let mut next = || {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        rng
+    };
+    const PER_CLASS: usize = 2000;
+    for i in 0..PER_CLASS {
+        let sport = 20000 + i as u16;
+        // IHL below 5.
+        let mut f = syn(sport);
+        f[IHL] = 0x43;
+        frames.push(f);
+        expected[DROP_BAD_IHL as usize] += 1;
+        // Total length beyond the frame.
+        let mut f = syn(sport);
+        f[IHL + 2..IHL + 4].copy_from_slice(&1400u16.to_be_bytes());
+        frames.push(f);
+        expected[DROP_BAD_LENGTH as usize] += 1;
+        // Fragments (more-fragments, or an offset).
+        frames.push(
+            Pkt::syn(client, sport, ENDPOINT, TCP_PORTS.0)
+                .macs(client_mac, node_mac)
+                .fragment(i % 2 == 0, (i % 2 * 8) as u16)
+                .build(),
+        );
+        expected[DROP_FRAGMENT as usize] += 1;
+        // The TCP header cut short (the IPv4 header consistent with the cut frame).
+        let mut f = syn(sport);
+        let cut = IHL + 20 + (next() % 20) as usize;
+        f.truncate(cut);
+        f[IHL + 2..IHL + 4].copy_from_slice(&((cut - IHL) as u16).to_be_bytes());
+        frames.push(f);
+        expected[DROP_TRUNCATED as usize] += 1;
+        // A stray ACK: no state, no SYN.
+        frames.push(
+            Pkt::tcp(client, sport, ENDPOINT, TCP_PORTS.0, false, true)
+                .macs(client_mac, node_mac)
+                .build(),
+        );
+        expected[DROP_TCP_NOT_SYN as usize] += 1;
+        // IPv4 cut inside its fixed header.
+        let mut f = syn(sport);
+        f.truncate(IHL + (next() % 20) as usize);
+        frames.push(f);
+        expected[PASS_MALFORMED as usize] += 1;
+        // Random bytes after a real Ethernet header (outcome: whatever they parse as).
+        let len = 14 + (next() % 200) as usize;
+        let mut f: Vec<u8> = (0..len).map(|_| next() as u8).collect();
+        f[..6].copy_from_slice(&node_mac);
+        f[6..12].copy_from_slice(&client_mac);
+        if i % 2 == 0 {
+            f[12..14].copy_from_slice(&0x0800u16.to_be_bytes());
+        }
+        frames.push(f);
+    }
+
+    let sock = RawSocket::open(&w.topo.consumers[0]);
+    let peers: Vec<&Netns> = w.topo.consumers.iter().chain([&w.topo.provider]).collect();
+    let kernel_before: Vec<(u64, u64)> = peers.iter().map(|n| eth0_packets(n)).collect();
+    let before = outcomes(&w);
+    let started = Instant::now();
+    for f in &frames {
+        sock.send(f);
+    }
+    let elapsed = started.elapsed();
+    std::thread::sleep(Duration::from_millis(300));
+    let after = outcomes(&w);
+    let kernel_after: Vec<(u64, u64)> = peers.iter().map(|n| eth0_packets(n)).collect();
+    eprintln!(
+        "sent {} malformed frames in {elapsed:?} ({:.0} frames/s)",
+        frames.len(),
+        frames.len() as f64 / elapsed.as_secs_f64()
+    );
+
+    let delta: Vec<u64> = after
+        .iter()
+        .zip(&before)
+        .map(|(a, b)| (a - b) as u64)
+        .collect();
+    let named = |d: &[u64]| {
+        d.iter()
+            .enumerate()
+            .filter(|(_, v)| **v > 0)
+            .map(|(i, v)| format!("{}={v}", OUTCOME_NAMES[i]))
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    // Every frame that reached the node's interfaces got exactly one outcome.
+    let into_node: u64 = kernel_after
+        .iter()
+        .zip(&kernel_before)
+        .map(|(a, b)| a.1 - b.1)
+        .sum();
+    assert!(
+        into_node >= frames.len() as u64,
+        "{into_node} frames arrived"
+    );
+    assert_eq!(
+        delta.iter().sum::<u64>(),
+        into_node,
+        "outcomes {} against {into_node} frames into the node",
+        named(&delta)
+    );
+    // Each malformed class was dropped (or passed) for its own reason, every single frame.
+    for (i, want) in expected.iter().enumerate() {
+        assert!(
+            *want == 0 || delta[i] >= *want,
+            "{}: {} of {want}; all: {}",
+            OUTCOME_NAMES[i],
+            delta[i],
+            named(&delta)
+        );
+    }
+    // Nothing was forwarded: no forward outcome, nothing reached the provider or the other
+    // consumer network.
+    assert_eq!(delta[FWD_TX as usize] + delta[FWD_REDIRECT as usize], 0);
+    assert_eq!(
+        kernel_after[2].0 - kernel_before[2].0,
+        0,
+        "frames reached the provider"
+    );
+    assert_eq!(
+        kernel_after[1].0 - kernel_before[1].0,
+        0,
+        "frames reached the other consumer network"
+    );
+}
