@@ -42,8 +42,9 @@ enum Task {
     },
     /// Clippy on the userspace crates, then separately on the eBPF crate.
     Clippy,
-    /// Datapath benchmarks (ratios to a floor program measured in the same run), map memory, and
-    /// a real-traffic cross-check; prints Markdown for docs/BENCHMARKS.md.
+    /// Datapath benchmarks (ratios to a floor program measured in the same run), map memory, a
+    /// real-traffic cross-check, then privatelink against nftables, HAProxy and direct routing in
+    /// alternating rounds; prints Markdown for docs/BENCHMARKS.md.
     Bench,
 }
 
@@ -105,14 +106,17 @@ fn main() -> Result<()> {
         Task::Clippy => clippy(),
         Task::Bench => {
             setup::setup(true)?;
-            run(cargo().args([
-                "run",
-                "--release",
-                "--package",
-                "privatelink-tests",
-                "--bin",
-                "bench",
-            ]))
+            for bin in ["bench", "compare"] {
+                run(cargo().args([
+                    "run",
+                    "--release",
+                    "--package",
+                    "privatelink-tests",
+                    "--bin",
+                    bin,
+                ]))?;
+            }
+            Ok(())
         }
     }
 }

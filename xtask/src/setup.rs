@@ -28,6 +28,8 @@ pub const PACKAGES: &[&str] = &[
     "xdp-tools",
     "bpftool",
     "curl",
+    "python3",
+    "bind9-dnsutils",
 ];
 
 fn step(name: &str, what: impl std::fmt::Display) {

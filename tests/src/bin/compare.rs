@@ -1,0 +1,667 @@
+//! `cargo xtask bench`, second part: privatelink against what a network team would run instead, in
+//! the same namespace topology and the same run, in alternating rounds:
+//!
+//! 1. privatelink: the XDP datapath (native, on the node's veths), full NAT;
+//! 2. nftables: DNAT + SNAT with the kernel's conntrack, configured by hand;
+//! 3. HAProxy in TCP mode, bound to the endpoint address, connecting from a NAT-range address;
+//! 4. direct routing to the backend, no translation (the floor).
+//!
+//! Clients and servers are the same for every mode; only the node's configuration changes. Every
+//! loop is bounded in time. The peers of the node's veths carry a pass-through XDP program in every
+//! mode (redirect targets need one), so that cost is common to all four.
+use std::{
+    io::{Read as _, Write as _},
+    net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket},
+    os::fd::AsRawFd as _,
+    process::{Child, Stdio},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use aya::programs::xdp::{XdpLinkId, XdpMode};
+use privatelink_agent::{
+    dataplane::{Dataplane, PortMap, Proto},
+    demo::{BACKEND, ENDPOINT, NAT_RANGE, Topology},
+    loader::{Datapath, Sizes},
+};
+use privatelink_tests::privileged;
+
+/// Terminal → service ports: request/response echo, iperf3, UDP sink.
+const ECHO: (u16, u16) = (80, 8080);
+const IPERF: (u16, u16) = (5201, 5201);
+const UDP: (u16, u16) = (53, 5353);
+/// The node's own address on the consumer side (next hop for direct routing).
+const NODE_CONSUMER: &str = "198.18.0.1";
+/// HAProxy's source address toward the backend (from the NAT range, routed back to the node).
+const PROXY_SOURCE: &str = "198.19.128.1";
+const ROUNDS: usize = 3;
+const RUN: Duration = Duration::from_secs(2);
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Mode {
+    Privatelink,
+    Nftables,
+    Haproxy,
+    Direct,
+}
+
+const MODES: [Mode; 4] = [
+    Mode::Privatelink,
+    Mode::Nftables,
+    Mode::Haproxy,
+    Mode::Direct,
+];
+
+impl Mode {
+    fn name(self) -> &'static str {
+        match self {
+            Mode::Privatelink => "privatelink (XDP full NAT)",
+            Mode::Nftables => "nftables DNAT+SNAT",
+            Mode::Haproxy => "HAProxy TCP mode",
+            Mode::Direct => "direct routing (floor)",
+        }
+    }
+
+    /// Where a client connects for (echo, iperf, udp); the terminal ports, or the service ports
+    /// directly when routing.
+    fn target(self) -> (Ipv4Addr, u16, u16, u16) {
+        match self {
+            Mode::Direct => (BACKEND, ECHO.1, IPERF.1, UDP.1),
+            _ => (ENDPOINT, ECHO.0, IPERF.0, UDP.0),
+        }
+    }
+}
+
+/// A process killed on drop.
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+struct Bed {
+    topo: Topology,
+    dp: Datapath,
+    _plane: Dataplane,
+    dir: std::path::PathBuf,
+}
+
+impl Drop for Bed {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn sh(ns: &privatelink_agent::netns::Netns, args: &[&str]) {
+    ns.exec(args[0], &args[1..])
+        .unwrap_or_else(|e| panic!("{args:?}: {e:#}"));
+}
+
+fn bed() -> Bed {
+    let topo = Topology::build(1).expect("topology");
+    let mut dp = Datapath::load(&Sizes::small()).expect("load");
+    let mut model = topo.model();
+    for l in model.links.values_mut() {
+        l.ports.push(PortMap {
+            proto: Proto::Tcp,
+            terminal: IPERF.0,
+            service: IPERF.1,
+        });
+    }
+    let plane = topo.node.enter(|| {
+        let mut p = Dataplane::new(&mut dp.ebpf).expect("maps");
+        p.apply(&model).expect("apply");
+        p
+    });
+    topo.attach_pass(&mut dp).expect("pass programs");
+    // Routing for the direct mode, and a wide port range for the connection-rate clients.
+    sh(
+        &topo.node,
+        &[
+            "ip",
+            "addr",
+            "add",
+            &format!("{NODE_CONSUMER}/24"),
+            "dev",
+            "c0",
+        ],
+    );
+    sh(
+        &topo.consumers[0],
+        &[
+            "ip",
+            "route",
+            "add",
+            "198.18.100.0/24",
+            "via",
+            NODE_CONSUMER,
+        ],
+    );
+    sh(
+        &topo.provider,
+        &["ip", "route", "add", "198.18.0.0/24", "via", "198.18.100.1"],
+    );
+    topo.consumers[0]
+        .sysctl("net.ipv4.ip_local_port_range", "1024 65535")
+        .unwrap();
+    let dir = std::env::temp_dir().join(format!("privatelink-compare-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    Bed {
+        topo,
+        dp,
+        _plane: plane,
+        dir,
+    }
+}
+
+/// What a mode installed on the node, removed on drop.
+enum Installed {
+    Xdp(Vec<XdpLinkId>),
+    Nft,
+    Haproxy(Proc),
+    Nothing,
+}
+
+fn enter(bed: &mut Bed, mode: Mode) -> Installed {
+    let node = &bed.topo.node;
+    match mode {
+        Mode::Privatelink => {
+            let prog = bed.dp.program();
+            let ids = node.enter(|| {
+                ["c0", "p0"]
+                    .iter()
+                    .map(|d| prog.attach(d, XdpMode::Driver).expect("attach"))
+                    .collect()
+            });
+            Installed::Xdp(ids)
+        }
+        Mode::Nftables => {
+            sh(
+                node,
+                &["ip", "addr", "add", &format!("{ENDPOINT}/32"), "dev", "c0"],
+            );
+            let rules = format!(
+                "table ip plbench {{
+  chain pre {{ type nat hook prerouting priority dstnat; policy accept;
+    ip daddr {ENDPOINT} tcp dport {e0} dnat to {BACKEND}:{e1}
+    ip daddr {ENDPOINT} tcp dport {i0} dnat to {BACKEND}:{i1}
+    ip daddr {ENDPOINT} udp dport {u0} dnat to {BACKEND}:{u1}
+  }}
+  chain post {{ type nat hook postrouting priority srcnat; policy accept;
+    ip daddr {BACKEND} oifname \"p0\" snat to {NAT_RANGE}
+  }}
+}}",
+                e0 = ECHO.0,
+                e1 = ECHO.1,
+                i0 = IPERF.0,
+                i1 = IPERF.1,
+                u0 = UDP.0,
+                u1 = UDP.1,
+            );
+            let f = bed.dir.join("rules.nft");
+            std::fs::write(&f, rules).unwrap();
+            sh(node, &["nft", "-f", f.to_str().unwrap()]);
+            Installed::Nft
+        }
+        Mode::Haproxy => {
+            sh(
+                node,
+                &["ip", "addr", "add", &format!("{ENDPOINT}/32"), "dev", "c0"],
+            );
+            sh(
+                node,
+                &[
+                    "ip",
+                    "addr",
+                    "add",
+                    &format!("{PROXY_SOURCE}/32"),
+                    "dev",
+                    "lo",
+                ],
+            );
+            let cfg = format!(
+                "global
+  maxconn 8000
+  nbthread 2
+defaults
+  mode tcp
+  timeout connect 5s
+  timeout client 30s
+  timeout server 30s
+listen echo
+  bind {ENDPOINT}:{e0}
+  server b {BACKEND}:{e1} source {PROXY_SOURCE}
+listen iperf
+  bind {ENDPOINT}:{i0}
+  server b {BACKEND}:{i1} source {PROXY_SOURCE}
+",
+                e0 = ECHO.0,
+                e1 = ECHO.1,
+                i0 = IPERF.0,
+                i1 = IPERF.1,
+            );
+            let f = bed.dir.join("haproxy.cfg");
+            std::fs::write(&f, cfg).unwrap();
+            let log = bed.dir.join("haproxy.log");
+            let p = Proc(
+                node.command("haproxy")
+                    .args(["-db", "-f", f.to_str().unwrap()])
+                    .stdin(Stdio::null())
+                    .stdout(Stdio::from(std::fs::File::create(&log).unwrap()))
+                    .stderr(Stdio::from(std::fs::File::create(&log).unwrap()))
+                    .spawn()
+                    .expect("start haproxy"),
+            );
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while !node.enter(|| {
+                TcpStream::connect_timeout(&(ENDPOINT, ECHO.0).into(), Duration::from_millis(200))
+                    .is_ok()
+            }) {
+                assert!(
+                    Instant::now() < deadline,
+                    "haproxy did not come up: {}",
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                );
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Installed::Haproxy(p)
+        }
+        Mode::Direct => Installed::Nothing,
+    }
+}
+
+fn leave(bed: &mut Bed, installed: Installed) {
+    let node = &bed.topo.node;
+    match installed {
+        Installed::Xdp(ids) => {
+            let prog = bed.dp.program();
+            node.enter(|| {
+                for id in ids {
+                    prog.detach(id).expect("detach");
+                }
+            });
+        }
+        Installed::Nft => {
+            sh(node, &["nft", "delete", "table", "ip", "plbench"]);
+            sh(
+                node,
+                &["ip", "addr", "del", &format!("{ENDPOINT}/32"), "dev", "c0"],
+            );
+        }
+        Installed::Haproxy(p) => {
+            drop(p);
+            sh(
+                node,
+                &["ip", "addr", "del", &format!("{ENDPOINT}/32"), "dev", "c0"],
+            );
+            sh(
+                node,
+                &[
+                    "ip",
+                    "addr",
+                    "del",
+                    &format!("{PROXY_SOURCE}/32"),
+                    "dev",
+                    "lo",
+                ],
+            );
+        }
+        Installed::Nothing => {}
+    }
+}
+
+/// The provider's servers: a TCP echo (a pool of accepting threads), iperf3, a UDP sink.
+struct Servers {
+    stop: Arc<AtomicBool>,
+    udp_received: Arc<AtomicU64>,
+    _iperf: Proc,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for Servers {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+fn servers(bed: &Bed) -> Servers {
+    let provider = &bed.topo.provider;
+    let stop = Arc::new(AtomicBool::new(false));
+    let listener = provider.enter(|| TcpListener::bind((BACKEND, ECHO.1)).expect("bind echo"));
+    listener.set_nonblocking(true).unwrap();
+    let mut threads = Vec::new();
+    for _ in 0..4 {
+        let l = listener.try_clone().unwrap();
+        let stop = stop.clone();
+        threads.push(provider.spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                match l.accept() {
+                    Ok((mut s, _)) => {
+                        s.set_nonblocking(false).unwrap();
+                        s.set_nodelay(true).unwrap();
+                        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+                        let mut buf = [0u8; 256];
+                        while let Ok(n) = s.read(&mut buf) {
+                            if n == 0 || s.write_all(&buf[..n]).is_err() {
+                                break;
+                            }
+                        }
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_micros(200)),
+                }
+            }
+        }));
+    }
+    let udp = provider.enter(|| UdpSocket::bind((BACKEND, UDP.1)).expect("bind udp"));
+    udp.set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    let udp_received = Arc::new(AtomicU64::new(0));
+    {
+        let (stop, count) = (stop.clone(), udp_received.clone());
+        threads.push(provider.spawn(move || {
+            let mut buf = [0u8; 2048];
+            while !stop.load(Ordering::Relaxed) {
+                if udp.recv(&mut buf).is_ok() {
+                    count.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }));
+    }
+    let iperf = Proc(
+        provider
+            .command("iperf3")
+            .args(["-s", "-B", &BACKEND.to_string(), "-p", &IPERF.1.to_string()])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start iperf3"),
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    Servers {
+        stop,
+        udp_received,
+        _iperf: iperf,
+        threads,
+    }
+}
+
+/// Busy CPU time of the whole machine so far (user, nice, system, irq, softirq), in ns.
+fn cpu_busy_ns() -> u64 {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap();
+    let f: Vec<u64> = stat
+        .lines()
+        .next()
+        .unwrap()
+        .split_whitespace()
+        .skip(1)
+        .map(|v| v.parse().unwrap())
+        .collect();
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as u64;
+    (f[0] + f[1] + f[2] + f[5] + f[6]) * 1_000_000_000 / hz
+}
+
+/// iperf3 throughput in Gbit/s with `streams` parallel streams.
+fn throughput(bed: &Bed, mode: Mode, streams: u32) -> f64 {
+    let (host, _, port, _) = mode.target();
+    let out = bed.topo.consumers[0]
+        .exec(
+            "timeout",
+            &[
+                "30",
+                "iperf3",
+                "-c",
+                &host.to_string(),
+                "-p",
+                &port.to_string(),
+                "-t",
+                "3",
+                "-P",
+                &streams.to_string(),
+                "-J",
+            ],
+        )
+        .unwrap_or_else(|e| panic!("iperf3 through {}: {e:#}", mode.name()));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("iperf3 JSON");
+    v["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .expect("bits_per_second")
+        / 1e9
+}
+
+/// Short TCP connections per second (connect, 16-byte request, reply, abortive close) from 4
+/// client threads for `RUN`; and busy CPU ns per connection.
+fn connection_rate(bed: &Bed, mode: Mode) -> (f64, f64) {
+    let (host, port, _, _) = mode.target();
+    let addr = SocketAddr::from((host, port));
+    let done = Arc::new(AtomicU64::new(0));
+    let failed = Arc::new(AtomicU64::new(0));
+    let cpu0 = cpu_busy_ns();
+    let started = Instant::now();
+    let handles: Vec<_> = (0..4)
+        .map(|_| {
+            let (done, failed) = (done.clone(), failed.clone());
+            bed.topo.consumers[0].spawn(move || {
+                let end = Instant::now() + RUN;
+                let mut buf = [0u8; 16];
+                while Instant::now() < end {
+                    let ok = (|| -> std::io::Result<()> {
+                        let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(1))?;
+                        s.set_nodelay(true)?;
+                        s.set_read_timeout(Some(Duration::from_secs(1)))?;
+                        s.write_all(b"0123456789abcdef")?;
+                        s.read_exact(&mut buf)?;
+                        // SO_LINGER 0: RST on close, so no TIME_WAIT exhausts the client's ports.
+                        let linger = libc::linger {
+                            l_onoff: 1,
+                            l_linger: 0,
+                        };
+                        // SAFETY: a valid socket and a correctly sized option value.
+                        unsafe {
+                            libc::setsockopt(
+                                s.as_raw_fd(),
+                                libc::SOL_SOCKET,
+                                libc::SO_LINGER,
+                                (&linger as *const libc::linger).cast(),
+                                std::mem::size_of::<libc::linger>() as u32,
+                            )
+                        };
+                        Ok(())
+                    })();
+                    match ok {
+                        Ok(()) => done.fetch_add(1, Ordering::Relaxed),
+                        Err(_) => failed.fetch_add(1, Ordering::Relaxed),
+                    };
+                }
+            })
+        })
+        .collect();
+    for h in handles {
+        h.join().unwrap();
+    }
+    let secs = started.elapsed().as_secs_f64();
+    let cpu = cpu_busy_ns() - cpu0;
+    let n = done.load(Ordering::Relaxed);
+    let f = failed.load(Ordering::Relaxed);
+    if f > n / 100 {
+        eprintln!("{}: {f} failed connections of {}", mode.name(), n + f);
+    }
+    (n as f64 / secs, cpu as f64 / n.max(1) as f64)
+}
+
+/// Request latency (p50, p99) in µs: one persistent connection, 64-byte requests paced at 2,000 per
+/// second for `RUN`.
+fn latency(bed: &Bed, mode: Mode) -> (f64, f64) {
+    let (host, port, _, _) = mode.target();
+    let mut rtts = bed.topo.consumers[0].enter(move || {
+        let mut s = TcpStream::connect_timeout(&(host, port).into(), Duration::from_secs(2))
+            .expect("connect for latency");
+        s.set_nodelay(true).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
+        let req = [0x42u8; 64];
+        let mut buf = [0u8; 64];
+        let interval = Duration::from_micros(500);
+        let start = Instant::now();
+        let mut rtts = Vec::new();
+        let mut next = start;
+        while start.elapsed() < RUN {
+            let t = Instant::now();
+            s.write_all(&req).unwrap();
+            s.read_exact(&mut buf).unwrap();
+            rtts.push(t.elapsed().as_nanos() as f64 / 1000.0);
+            next += interval;
+            if let Some(wait) = next.checked_duration_since(Instant::now()) {
+                std::thread::sleep(wait);
+            }
+        }
+        rtts
+    });
+    rtts.sort_by(f64::total_cmp);
+    let q = |p: f64| rtts[((rtts.len() - 1) as f64 * p) as usize];
+    (q(0.5), q(0.99))
+}
+
+/// Small UDP packets (18-byte payload: 60-byte frames) from one sender for `RUN`: packets per second
+/// delivered to the backend's socket, and busy CPU ns per delivered packet.
+fn udp_pps(bed: &Bed, servers: &Servers, mode: Mode) -> (f64, f64) {
+    let (host, _, _, port) = mode.target();
+    let sock = bed.topo.consumers[0].enter(|| UdpSocket::bind("0.0.0.0:0").unwrap());
+    sock.connect((host, port)).unwrap();
+    // Resolve the neighbours (and the flow) first.
+    for _ in 0..10 {
+        let _ = sock.send(&[0u8; 18]);
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    let before = servers.udp_received.load(Ordering::Relaxed);
+    let cpu0 = cpu_busy_ns();
+    let started = Instant::now();
+    let payload = [0x17u8; 18];
+    while started.elapsed() < RUN {
+        for _ in 0..256 {
+            let _ = sock.send(&payload);
+        }
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    let secs = started.elapsed().as_secs_f64() - 0.2;
+    let cpu = cpu_busy_ns() - cpu0;
+    let got = servers.udp_received.load(Ordering::Relaxed) - before;
+    (got as f64 / secs, cpu as f64 / got.max(1) as f64)
+}
+
+const METRICS: [&str; 9] = [
+    "TCP throughput, 1 stream (Gbit/s)",
+    "TCP throughput, 8 streams (Gbit/s)",
+    "connections per second (4 clients)",
+    "CPU per connection (µs, whole machine)",
+    "request latency p50 (µs)",
+    "request latency p99 (µs)",
+    "small UDP packets per second delivered",
+    "CPU per delivered UDP packet (ns, whole machine)",
+    "bpf run time per packet (ns, privatelink only)",
+];
+
+fn main() {
+    if !privileged("compare") {
+        eprintln!("compare needs root (CAP_BPF, CAP_NET_ADMIN)");
+        std::process::exit(2);
+    }
+    let mut bed = bed();
+    let servers = servers(&bed);
+    // results[mode][metric] = one value per round.
+    let mut results = vec![vec![Vec::<f64>::new(); METRICS.len()]; MODES.len()];
+    let _stats = aya::sys::enable_stats(aya::sys::Stats::RunTime).expect("enable bpf stats");
+    for round in 0..ROUNDS {
+        // Alternate the order so no mode always runs first (warm caches, conntrack tables).
+        let mut order: Vec<usize> = (0..MODES.len()).collect();
+        order.rotate_left(round % MODES.len());
+        for m in order {
+            let mode = MODES[m];
+            let installed = enter(&mut bed, mode);
+            let (runs0, time0) = {
+                let info = bed.dp.program().info().expect("info");
+                (info.run_count(), info.run_time())
+            };
+            let r = &mut results[m];
+            r[0].push(throughput(&bed, mode, 1));
+            r[1].push(throughput(&bed, mode, 8));
+            let (rate, cpu) = connection_rate(&bed, mode);
+            r[2].push(rate);
+            r[3].push(cpu / 1000.0);
+            let (p50, p99) = latency(&bed, mode);
+            r[4].push(p50);
+            r[5].push(p99);
+            if mode != Mode::Haproxy {
+                let (pps, cpu) = udp_pps(&bed, &servers, mode);
+                r[6].push(pps);
+                r[7].push(cpu);
+            }
+            if mode == Mode::Privatelink {
+                let info = bed.dp.program().info().expect("info");
+                let runs = info.run_count() - runs0;
+                let t = (info.run_time() - time0).as_nanos() as f64;
+                r[8].push(t / runs.max(1) as f64);
+            }
+            leave(&mut bed, installed);
+            eprintln!("round {round}: {} done", mode.name());
+        }
+    }
+    let median = |v: &[f64]| -> Option<f64> {
+        if v.is_empty() {
+            return None;
+        }
+        let mut v = v.to_vec();
+        v.sort_by(f64::total_cmp);
+        Some(v[v.len() / 2])
+    };
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    println!("## privatelink against nftables, HAProxy and direct routing\n");
+    println!(
+        "Kernel {}, {} CPUs; one consumer, node and provider namespace joined by veth; median of {ROUNDS} alternating rounds, {} s per measurement (iperf3: 3 s).\n",
+        kernel.trim(),
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(0),
+        RUN.as_secs()
+    );
+    println!(
+        "| metric | privatelink | nftables | HAProxy | direct | privatelink ÷ direct | privatelink ÷ nftables | privatelink ÷ HAProxy |"
+    );
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|");
+    let fmt = |v: Option<f64>| match v {
+        None => "n/a".to_string(),
+        Some(x) if x >= 1000.0 => format!("{x:.0}"),
+        Some(x) => format!("{x:.2}"),
+    };
+    let ratio = |a: Option<f64>, b: Option<f64>| match (a, b) {
+        (Some(a), Some(b)) if b > 0.0 => format!("{:.2}", a / b),
+        _ => "n/a".to_string(),
+    };
+    for (i, name) in METRICS.iter().enumerate() {
+        let v: Vec<Option<f64>> = (0..MODES.len()).map(|m| median(&results[m][i])).collect();
+        println!(
+            "| {name} | {} | {} | {} | {} | {} | {} | {} |",
+            fmt(v[0]),
+            fmt(v[1]),
+            fmt(v[2]),
+            fmt(v[3]),
+            ratio(v[0], v[3]),
+            ratio(v[0], v[1]),
+            ratio(v[0], v[2])
+        );
+    }
+    println!(
+        "\nHAProxy does not carry UDP (n/a). Ratios are privatelink's value over the other's: above 1 is better for rates and throughput, below 1 is better for latency and CPU.\n"
+    );
+    drop(servers);
+}
