@@ -14,6 +14,7 @@ use crate::{
     config::{self, Checked},
     control::{api, plane::ControlPlane, store::SqliteStore},
     dataplane::{Dataplane, StatsReader},
+    dns::Dns,
     health::{self, Health, TargetKey},
     history::{Counters, History},
     linkwatch::LinkWatch,
@@ -318,7 +319,10 @@ pub fn run(cfg: Checked, detach_on_exit: bool) -> Result<()> {
     }
     let store = SqliteStore::open(store_path)
         .with_context(|| format!("store.path: {}", store_path.display()))?;
-    let plane = Arc::new(ControlPlane::open(Box::new(store), &cfg.admin_token)?);
+    let plane = Arc::new(
+        ControlPlane::open(Box::new(store), &cfg.admin_token)?
+            .with_cluster(cfg.raw.cluster.clone()),
+    );
     let pins = Pins::prepare(&cfg.raw.bpffs)?;
     let mut dp = Datapath::load_pinned(&cfg.sizes, &pins).context("loading the datapath")?;
     let mut dataplane = Dataplane::new(&mut dp.ebpf)?;
@@ -402,22 +406,28 @@ pub fn run(cfg: Checked, detach_on_exit: bool) -> Result<()> {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         let mut links = LinkWatch::new().context("subscribing to link events")?;
         let mut sample = tokio::time::interval(Duration::from_secs(10));
+        let mut dns = Dns::new(cfg.raw.dns.clone(), cfg.raw.cluster.clone());
+        plane.read(|s| dns.update(s));
+        dns.ensure(&node.ifaces);
         loop {
             tokio::select! {
                 changed = revisions.changed() => {
                     if changed.is_err() { break; }
                     reconcile(&plane, &mut dataplane, &node, &health, &mut sync, &metrics, false);
+                    plane.read(|s| dns.update(s));
                 }
                 event = links.changed() => {
                     if let Err(e) = event { log::warn!("link events: {e}"); }
                     if ifaces.refresh(&mut dp, &pins, &cfg, &mut node, &metrics) {
                         reconcile(&plane, &mut dataplane, &node, &health, &mut sync, &metrics, false);
+                        dns.ensure(&node.ifaces);
                     }
                 }
                 _ = resync.tick() => {
                     // Rescan too, in case an event was missed.
                     ifaces.refresh(&mut dp, &pins, &cfg, &mut node, &metrics);
                     reconcile(&plane, &mut dataplane, &node, &health, &mut sync, &metrics, true);
+                    dns.ensure(&node.ifaces);
                 }
                 _ = health_changed.notified() => reconcile(&plane, &mut dataplane, &node, &health, &mut sync, &metrics, false),
                 _ = sample.tick() => sample_history(&plane, &history_reader, &history, &node),

@@ -272,6 +272,9 @@ enum ServiceCmd {
         auto_accept: bool,
         #[arg(long = "tag")]
         tags: Vec<String>,
+        /// The name consumers' private DNS resolves to their endpoint (e.g. db.example.com).
+        #[arg(long)]
+        private_dns_name: Option<String>,
     },
     List(ListArgs),
     Get {
@@ -285,6 +288,9 @@ enum ServiceCmd {
         auto_accept: Option<bool>,
         #[arg(long = "tag")]
         tags: Option<Vec<String>>,
+        /// A new private DNS name; "" removes it.
+        #[arg(long)]
+        private_dns_name: Option<String>,
     },
     Delete {
         id: String,
@@ -352,6 +358,9 @@ enum EndpointCmd {
         groups: Vec<String>,
         #[arg(long = "tag")]
         tags: Vec<String>,
+        /// Resolve the service's private DNS name to this endpoint in its network.
+        #[arg(long)]
+        private_dns: bool,
     },
     List(ListArgs),
     Get {
@@ -363,6 +372,8 @@ enum EndpointCmd {
         name: Option<String>,
         #[arg(long = "tag")]
         tags: Option<Vec<String>>,
+        #[arg(long)]
+        private_dns: Option<bool>,
     },
     Delete {
         id: String,
@@ -474,12 +485,14 @@ fn request(cmd: &Command) -> anyhow::Result<Req> {
                 maps,
                 auto_accept,
                 tags: t,
+                private_dns_name,
             } => req(
                 "POST",
                 "/v1/services",
                 Some(
                     json!({ "name": name, "network_id": network, "service_type": service_type, "backends": backends,
-                             "port_mappings": mappings(maps)?, "auto_accept": auto_accept, "tags": tags(t)? }),
+                             "port_mappings": mappings(maps)?, "auto_accept": auto_accept, "tags": tags(t)?,
+                             "private_dns_name": private_dns_name }),
                 ),
             ),
             ServiceCmd::List(l) => req("GET", format!("/v1/services{}", l.query()), None),
@@ -489,10 +502,14 @@ fn request(cmd: &Command) -> anyhow::Result<Req> {
                 name,
                 auto_accept,
                 tags: t,
+                private_dns_name,
             } => {
                 let mut b = name_tags(name, t)?;
                 if let Some(a) = auto_accept {
                     b["auto_accept"] = json!(a);
+                }
+                if let Some(n) = private_dns_name {
+                    b["private_dns_name"] = json!(n);
                 }
                 req("PATCH", format!("/v1/services/{id}"), Some(b))
             }
@@ -548,9 +565,10 @@ fn request(cmd: &Command) -> anyhow::Result<Req> {
                 ip,
                 groups,
                 tags: t,
+                private_dns,
             } => {
                 let mut b = json!({ "name": name, "service_id": service, "network_id": network, "subnet_id": subnet,
-                                    "security_groups": bindings(groups)?, "tags": tags(t)? });
+                                    "security_groups": bindings(groups)?, "tags": tags(t)?, "private_dns_enabled": private_dns });
                 if let Some(ip) = ip {
                     b["ip"] = json!(ip);
                 }
@@ -558,11 +576,18 @@ fn request(cmd: &Command) -> anyhow::Result<Req> {
             }
             EndpointCmd::List(l) => req("GET", format!("/v1/endpoints{}", l.query()), None),
             EndpointCmd::Get { id } => req("GET", format!("/v1/endpoints/{id}"), None),
-            EndpointCmd::Update { id, name, tags: t } => req(
-                "PATCH",
-                format!("/v1/endpoints/{id}"),
-                Some(name_tags(name, t)?),
-            ),
+            EndpointCmd::Update {
+                id,
+                name,
+                tags: t,
+                private_dns,
+            } => {
+                let mut b = name_tags(name, t)?;
+                if let Some(on) = private_dns {
+                    b["private_dns_enabled"] = json!(on);
+                }
+                req("PATCH", format!("/v1/endpoints/{id}"), Some(b))
+            }
             EndpointCmd::Delete { id } => req("DELETE", format!("/v1/endpoints/{id}"), None),
             EndpointCmd::Bind {
                 id,

@@ -58,6 +58,52 @@ pub struct AgentConfig {
     /// Seconds between full resyncs (drift repair).
     #[serde(default = "default_resync")]
     pub resync_interval: u64,
+    /// Region and DNS zone: the same on every node and API server of the cluster.
+    #[serde(default)]
+    pub cluster: crate::control::types::Cluster,
+    /// Private DNS served to consumer networks.
+    #[serde(default)]
+    pub dns: DnsConfig,
+}
+
+/// What the DNS server answers for names it holds no records for.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum OtherNames {
+    /// NXDOMAIN, authoritatively.
+    #[default]
+    Nxdomain,
+    /// REFUSED (clients then ask their next resolver).
+    Refuse,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DnsConfig {
+    /// TTL of answers (and of negative answers), seconds.
+    pub ttl: u32,
+    pub others: OtherNames,
+    pub port: u16,
+    /// Consumer network id → where its DNS server listens (on that network's interfaces).
+    pub networks: BTreeMap<String, DnsNetwork>,
+}
+
+impl Default for DnsConfig {
+    fn default() -> Self {
+        DnsConfig {
+            ttl: 60,
+            others: OtherNames::default(),
+            port: 53,
+            networks: BTreeMap::new(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DnsNetwork {
+    /// An address of the consumer network; the agent puts it on the network's interfaces.
+    pub listen: std::net::IpAddr,
 }
 
 fn default_bpffs() -> PathBuf {
@@ -259,6 +305,25 @@ pub fn resolve(wanted: &[WantedIface]) -> (Vec<NodeIface>, Vec<String>) {
     (found, missing)
 }
 
+/// Checks the cluster settings (also used by `privatelink-agent api`).
+pub fn check_cluster(c: &crate::control::types::Cluster) -> Result<(), ConfigError> {
+    let region = &c.region;
+    if region.is_empty()
+        || region.len() > 63
+        || !region
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+    {
+        return Err(err(
+            "cluster.region",
+            format!("{region:?}: 1 to 63 lowercase letters, digits and '-'"),
+        ));
+    }
+    crate::control::validate::dns_name("cluster.dns_zone", &c.dns_zone, "")
+        .map_err(|e| err("cluster.dns_zone", e.message))?;
+    Ok(())
+}
+
 /// Parses and checks `text` (interfaces are resolved later, as they appear).
 pub fn parse(text: &str) -> Result<Checked, ConfigError> {
     let raw: AgentConfig = toml::from_str(text).map_err(|e| {
@@ -392,6 +457,30 @@ fn check(raw: AgentConfig) -> Result<Checked, ConfigError> {
     }
     if raw.resync_interval == 0 {
         return Err(err("resync_interval", "at least 1 second"));
+    }
+    check_cluster(&raw.cluster)?;
+    if raw.dns.ttl > 86_400 {
+        return Err(err("dns.ttl", "0 to 86400 seconds"));
+    }
+    if raw.dns.port == 0 {
+        return Err(err("dns.port", "1 to 65535"));
+    }
+    for (vpc, n) in &raw.dns.networks {
+        let consumer = wanted
+            .iter()
+            .any(|w| &w.network == vpc && w.role == Role::Consumer);
+        if !consumer {
+            return Err(err(
+                format!("dns.networks.{vpc}"),
+                "no consumer interface of this network is configured",
+            ));
+        }
+        if n.listen.is_unspecified() || n.listen.is_loopback() || n.listen.is_multicast() {
+            return Err(err(
+                format!("dns.networks.{vpc}.listen"),
+                format!("{} is not an address a consumer can reach", n.listen),
+            ));
+        }
     }
     const S: u64 = 1_000_000_000;
     let datapath = DatapathConfig {
@@ -527,6 +616,23 @@ mod tests {
                 "conntrack.entries",
             ),
             ("interfaces = []\n", "interfaces"),
+            (
+                &format!("{LO}[cluster]\nregion = \"Upper\"\n"),
+                "cluster.region",
+            ),
+            (
+                &format!("{LO}[cluster]\ndns_zone = \"no_underscores.internal\"\n"),
+                "cluster.dns_zone",
+            ),
+            (&format!("{LO}[dns]\nttl = 100000\n"), "dns.ttl"),
+            (
+                &format!("{LO}[dns.networks.vpc-00000002]\nlisten = \"198.18.0.2\"\n"),
+                "dns.networks.vpc-00000002",
+            ),
+            (
+                &format!("{LO}[dns.networks.vpc-00000001]\nlisten = \"0.0.0.0\"\n"),
+                "dns.networks.vpc-00000001.listen",
+            ),
         ];
         for (text, key) in cases {
             assert_eq!(with_token(text).unwrap_err().key, key, "{text}");

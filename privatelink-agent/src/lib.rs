@@ -5,6 +5,7 @@ pub mod config;
 pub mod control;
 pub mod dataplane;
 pub mod demo;
+pub mod dns;
 pub mod health;
 pub mod history;
 pub mod linkwatch;

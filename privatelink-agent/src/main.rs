@@ -52,6 +52,16 @@ enum Command {
         /// File holding the admin token (at least 16 characters).
         #[arg(long, env = "PRIVATELINK_ADMIN_TOKEN_FILE")]
         admin_token_file: std::path::PathBuf,
+        /// Region in service names and endpoint DNS names (the same on every node and API server).
+        #[arg(long, env = "PRIVATELINK_REGION", default_value = "local-1")]
+        region: String,
+        /// Zone of generated endpoint DNS names.
+        #[arg(
+            long,
+            env = "PRIVATELINK_DNS_ZONE",
+            default_value = "privatelink.internal"
+        )]
+        dns_zone: String,
     },
 }
 
@@ -59,6 +69,7 @@ fn serve_api(
     listen: std::net::SocketAddr,
     store: &std::path::Path,
     token_file: &std::path::Path,
+    cluster: privatelink_agent::control::types::Cluster,
 ) -> Result<()> {
     use privatelink_agent::control::{api, plane::ControlPlane, store::SqliteStore};
     let token = std::fs::read_to_string(token_file)
@@ -77,7 +88,8 @@ fn serve_api(
     }
     let sqlite =
         SqliteStore::open(store).with_context(|| format!("store: opening {}", store.display()))?;
-    let plane = std::sync::Arc::new(ControlPlane::open(Box::new(sqlite), &token)?);
+    let plane =
+        std::sync::Arc::new(ControlPlane::open(Box::new(sqlite), &token)?.with_cluster(cluster));
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
@@ -131,6 +143,12 @@ fn main() -> Result<()> {
             listen,
             store,
             admin_token_file,
-        } => serve_api(listen, &store, &admin_token_file),
+            region,
+            dns_zone,
+        } => {
+            let cluster = privatelink_agent::control::types::Cluster { region, dns_zone };
+            privatelink_agent::config::check_cluster(&cluster)?;
+            serve_api(listen, &store, &admin_token_file, cluster)
+        }
     }
 }

@@ -369,8 +369,10 @@ mod health_tests {
             "svc-1".into(),
             Svc {
                 id: "svc-1".into(),
+                service_name: "local-1.s.svc-1".into(),
                 slot: 1,
                 name: "s".into(),
+                private_dns_name: None,
                 owner: "p".into(),
                 network_id: "vpc-1".into(),
                 service_type: ServiceType::Custom,

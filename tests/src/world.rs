@@ -239,7 +239,12 @@ pub fn world_on(name: &str, extra: &str, store_tmpfs: Option<u64>) -> (World, Ag
         bpffs.0.join("privatelink").display(),
         db.display()
     );
-    let cfg = privatelink_agent::demo::agent_config(&topo, &vpcs, &head) + extra;
+    // `{provider}`, `{consumer1}`, `{consumer2}` in `extra` name the networks made above.
+    let extra = extra
+        .replace("{provider}", &vpcs[0].0)
+        .replace("{consumer1}", &vpcs[1].0)
+        .replace("{consumer2}", &vpcs[2].0);
+    let cfg = privatelink_agent::demo::agent_config(&topo, &vpcs, &head) + &extra;
     std::fs::write(dir.join("agent.toml"), &cfg).unwrap();
 
     // The redirect targets' peers need an XDP program; the agent attaches the datapath itself.

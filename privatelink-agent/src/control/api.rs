@@ -92,7 +92,9 @@ pub struct ListQuery {
 
 pub const SERVICE_FIELDS: &[&str] = &[
     "id",
+    "service_name",
     "name",
+    "private_dns_name",
     "owner",
     "network_id",
     "service_type",
@@ -111,6 +113,8 @@ pub const ENDPOINT_FIELDS: &[&str] = &[
     "subnet_id",
     "ip",
     "service_id",
+    "dns_name",
+    "private_dns_enabled",
     "state",
     "security_groups",
     "tags",

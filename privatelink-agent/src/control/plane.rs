@@ -15,6 +15,7 @@ use super::{
     ops::{Caller, Ctx, Outcome, accounts::token_hash},
     state::State,
     store::{Store, StoreError},
+    types::Cluster,
 };
 
 struct Inner {
@@ -30,6 +31,7 @@ pub struct ControlPlane {
     health: Mutex<BTreeMap<String, Vec<(IpAddr, bool)>>>,
     /// This node's monitoring history, when the agent keeps one.
     history: std::sync::OnceLock<Arc<Mutex<crate::history::History>>>,
+    cluster: Cluster,
 }
 
 fn now() -> u64 {
@@ -63,7 +65,18 @@ impl ControlPlane {
             revision,
             health: Mutex::new(BTreeMap::new()),
             history: std::sync::OnceLock::new(),
+            cluster: Cluster::default(),
         })
+    }
+
+    /// With the cluster's region and DNS zone (defaults otherwise).
+    pub fn with_cluster(mut self, cluster: Cluster) -> Self {
+        self.cluster = cluster;
+        self
+    }
+
+    pub fn cluster(&self) -> &Cluster {
+        &self.cluster
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -115,6 +128,7 @@ impl ControlPlane {
             caller,
             now: now(),
             random: &mut rnd,
+            cluster: &self.cluster,
         };
         let (changes, response) = op(&inner.state, &mut cx)?;
         if changes.is_empty() {

@@ -98,9 +98,16 @@ pub struct AllowEntry {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Service {
     pub id: String,
+    /// `<region>.<name>.<id>`, fixed at creation (a rename keeps it), unique, accepted wherever a
+    /// service id is (verify, create endpoint).
+    #[serde(default)]
+    pub service_name: String,
     /// Datapath service slot (Maglev table, allowlist key), allocated once.
     pub slot: u32,
     pub name: String,
+    /// The name consumers' private DNS resolves to their endpoint (e.g. `db.example.com`).
+    #[serde(default)]
+    pub private_dns_name: Option<String>,
     pub owner: String,
     /// Provider network the backends live in.
     pub network_id: String,
@@ -185,6 +192,12 @@ pub struct Endpoint {
     #[schema(value_type = String)]
     pub ip: IpAddr,
     pub service_id: String,
+    /// `<endpoint id>.<service id>.<region>.<zone>`: resolves to the endpoint's IP in its network.
+    #[serde(default)]
+    pub dns_name: String,
+    /// Whether the service's private DNS name resolves to this endpoint in its network.
+    #[serde(default)]
+    pub private_dns_enabled: bool,
     pub state: ConnectionState,
     /// Bound groups, kept sorted by priority.
     pub security_groups: Vec<Binding>,
@@ -270,8 +283,29 @@ impl Object {
 }
 
 /// One write of a mutation. A mutation is a list of these, committed atomically.
+// A change lives for one mutation and most are puts: boxing the object would only add a copy.
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Change {
     Put(Object),
     Delete { kind: &'static str, id: String },
+}
+
+/// Settings every node and API server of a cluster must share: they go into names.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Cluster {
+    /// Region in service names (`<region>.<name>.<service id>`) and endpoint DNS names.
+    pub region: String,
+    /// Zone of generated endpoint DNS names.
+    pub dns_zone: String,
+}
+
+impl Default for Cluster {
+    fn default() -> Self {
+        Cluster {
+            region: "local-1".into(),
+            dns_zone: "privatelink.internal".into(),
+        }
+    }
 }

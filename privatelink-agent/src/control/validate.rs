@@ -14,6 +14,57 @@ pub const MAPPINGS_PER_REQUEST: usize = 50;
 pub const GROUPS_PER_ENDPOINT: usize = 5;
 pub const RULES_PER_GROUP: usize = 100;
 
+/// A DNS name a provider publishes for private DNS: at most 253 characters, at least two labels
+/// of 1–63 letters, digits and hyphens (not at either end of a label), a top-level label that is
+/// not all digits, and not inside the cluster's own `zone` (that holds the generated names).
+/// Returns it lowercased, without a trailing dot.
+pub fn dns_name(field: &str, v: &str, zone: &str) -> ApiResult<String> {
+    let bad = |m: String| Err(ApiError::invalid("invalid_dns_name", field, m));
+    let name = v.strip_suffix('.').unwrap_or(v).to_ascii_lowercase();
+    if name.is_empty() || name.len() > 253 {
+        return bad(format!(
+            "a DNS name is 1 to 253 characters, got {}",
+            name.len()
+        ));
+    }
+    let labels: Vec<&str> = name.split('.').collect();
+    if labels.len() < 2 {
+        return bad(format!(
+            "{v:?} has one label: use a name like db.example.com"
+        ));
+    }
+    for (i, l) in labels.iter().enumerate() {
+        if l.is_empty() || l.len() > 63 {
+            return bad(format!(
+                "label {} of {v:?} has {} characters: labels are 1 to 63",
+                i + 1,
+                l.len()
+            ));
+        }
+        if let Some(c) = l
+            .chars()
+            .find(|c| !(c.is_ascii_alphanumeric() || *c == '-'))
+        {
+            return bad(format!(
+                "{c:?} in label {l:?} is not allowed: letters, digits and '-' only"
+            ));
+        }
+        if l.starts_with('-') || l.ends_with('-') {
+            return bad(format!("label {l:?} starts or ends with '-'"));
+        }
+    }
+    if labels[labels.len() - 1].chars().all(|c| c.is_ascii_digit()) {
+        return bad(format!("{v:?} ends in an all-digit label"));
+    }
+    let zone = zone.to_ascii_lowercase();
+    if name == zone || name.ends_with(&format!(".{zone}")) {
+        return bad(format!(
+            "{v:?} is inside {zone}, which holds the generated endpoint names"
+        ));
+    }
+    Ok(name)
+}
+
 /// CJK Unified Ideographs (with extension A and the compatibility block).
 fn is_cjk(c: char) -> bool {
     matches!(c as u32, 0x4E00..=0x9FFF | 0x3400..=0x4DBF | 0xF900..=0xFAFF)

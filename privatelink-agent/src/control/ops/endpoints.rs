@@ -31,12 +31,58 @@ pub struct CreateEndpoint {
     pub security_groups: Vec<BindingReq>,
     #[serde(default)]
     pub tags: Vec<Tag>,
+    /// Resolve the service's private DNS name to this endpoint in its network. Default: off.
+    #[serde(default)]
+    pub private_dns_enabled: bool,
 }
 
 #[derive(Clone, Debug, Default, Deserialize, utoipa::ToSchema)]
 pub struct UpdateEndpoint {
     pub name: Option<String>,
     pub tags: Option<Vec<Tag>>,
+    pub private_dns_enabled: Option<bool>,
+}
+
+/// An endpoint in `network_id`, other than those `skip` names, whose private DNS is on for `name`.
+pub fn private_dns_taken<'s>(
+    s: &'s State,
+    network_id: &str,
+    name: &str,
+    skip: impl Fn(&Endpoint) -> bool,
+) -> Option<&'s Endpoint> {
+    s.endpoints.values().find(|e| {
+        e.network_id == network_id
+            && e.private_dns_enabled
+            && !skip(e)
+            && s.services
+                .get(&e.service_id)
+                .and_then(|v| v.private_dns_name.as_deref())
+                == Some(name)
+    })
+}
+
+/// Checks that `ep` may have private DNS on: its service publishes a name and no other endpoint in
+/// its network resolves that name.
+fn check_private_dns(s: &State, ep: &Endpoint) -> ApiResult<()> {
+    let svc = &s.services[&ep.service_id];
+    let Some(name) = svc.private_dns_name.as_deref() else {
+        return Err(ApiError::invalid(
+            "no_private_dns_name",
+            "private_dns_enabled",
+            format!("service {} publishes no private DNS name", svc.service_name),
+        ));
+    };
+    if let Some(o) = private_dns_taken(s, &ep.network_id, name, |e| e.id == ep.id) {
+        return Err(ApiError::conflict(
+            "private_dns_conflict",
+            format!(
+                "{name} already resolves to endpoint {} in network {}: turn its private DNS off first",
+                o.id, ep.network_id
+            ),
+        )
+        .with_field("private_dns_enabled"));
+    }
+    Ok(())
 }
 
 #[derive(Clone, Debug, Deserialize, utoipa::ToSchema)]
@@ -192,9 +238,7 @@ pub fn create(s: &State, cx: &mut Ctx, req: CreateEndpoint) -> Outcome<Endpoint>
         .get(&req.subnet_id)
         .filter(|x| x.network_id == req.network_id)
         .ok_or_else(|| ApiError::not_found("subnet", &req.subnet_id).with_field("subnet_id"))?;
-    let svc = s
-        .services
-        .get(&req.service_id)
+    let svc = super::services::by_ref(s, &req.service_id)
         .ok_or_else(|| ApiError::not_found("service", &req.service_id).with_field("service_id"))?;
     if svc.owner != owner && !svc.allowlist.iter().any(|e| e.account_id == owner) {
         return Err(ApiError::forbidden(
@@ -210,6 +254,11 @@ pub fn create(s: &State, cx: &mut Ctx, req: CreateEndpoint) -> Outcome<Endpoint>
     let link_id = super::lowest_free(s.endpoints.values().map(|e| e.link_id), u32::MAX, "link")?;
     let id = cx.new_id("ep", |id| s.endpoints.contains_key(id));
     let ep = Endpoint {
+        dns_name: format!(
+            "{id}.{}.{}.{}",
+            svc.id, cx.cluster.region, cx.cluster.dns_zone
+        ),
+        private_dns_enabled: req.private_dns_enabled,
         id,
         link_id,
         name: req.name,
@@ -217,7 +266,7 @@ pub fn create(s: &State, cx: &mut Ctx, req: CreateEndpoint) -> Outcome<Endpoint>
         network_id: req.network_id,
         subnet_id: req.subnet_id,
         ip,
-        service_id: req.service_id,
+        service_id: svc.id.clone(),
         state: if svc.auto_accept {
             ConnectionState::Available
         } else {
@@ -227,6 +276,9 @@ pub fn create(s: &State, cx: &mut Ctx, req: CreateEndpoint) -> Outcome<Endpoint>
         tags: req.tags,
         created_at: cx.now,
     };
+    if ep.private_dns_enabled {
+        check_private_dns(s, &ep)?;
+    }
     Ok((vec![Change::Put(Object::Endpoint(ep.clone()))], ep))
 }
 
@@ -237,6 +289,12 @@ fn put(ep: Endpoint) -> Outcome<Endpoint> {
 pub fn update(s: &State, cx: &mut Ctx, id: &str, req: UpdateEndpoint) -> Outcome<Endpoint> {
     let mut ep = own(s, cx.caller, id)?.clone();
     validate::rename_retag(&mut ep.name, &mut ep.tags, req.name, req.tags)?;
+    if let Some(on) = req.private_dns_enabled {
+        ep.private_dns_enabled = on;
+        if on {
+            check_private_dns(s, &ep)?;
+        }
+    }
     put(ep)
 }
 

@@ -18,11 +18,13 @@ pub enum Caller {
     Account(String),
 }
 
-/// What an operation may use besides the state: the caller, the clock, and randomness for ids.
+/// What an operation may use besides the state: the caller, the clock, randomness for ids, and the
+/// cluster settings that go into names.
 pub struct Ctx<'a> {
     pub caller: &'a Caller,
     pub now: u64,
     pub random: &'a mut dyn FnMut() -> u32,
+    pub cluster: &'a super::types::Cluster,
 }
 
 /// Changes to commit and the response to return once they are committed.

@@ -38,6 +38,9 @@ pub struct CreateService {
     /// Default: enabled, 5 s interval, 2 s timeout, 3 up, 3 down.
     #[serde(default)]
     pub health_check: HealthCheck,
+    /// The name consumers may turn on private DNS for (e.g. `db.example.com`).
+    #[serde(default)]
+    pub private_dns_name: Option<String>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize, utoipa::ToSchema)]
@@ -46,6 +49,8 @@ pub struct UpdateService {
     pub auto_accept: Option<bool>,
     pub tags: Option<Vec<Tag>>,
     pub health_check: Option<HealthCheck>,
+    /// A new private DNS name; `""` removes it.
+    pub private_dns_name: Option<String>,
 }
 
 /// Checks a health-check configuration.
@@ -98,6 +103,8 @@ pub struct EndpointIds {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct Verified {
     pub id: String,
+    pub service_name: String,
+    pub private_dns_name: Option<String>,
     pub name: String,
     pub service_type: ServiceType,
     pub port_mappings: Vec<PortMapping>,
@@ -224,11 +231,18 @@ pub fn create(s: &State, cx: &mut Ctx, req: CreateService) -> Outcome<Service> {
     let backends = backends(s, &req.network_id, &req.backends)?;
     let port_mappings = mappings(&[], &req.port_mappings)?;
     health_check(&req.health_check)?;
+    let private_dns_name = req
+        .private_dns_name
+        .as_deref()
+        .map(|n| validate::dns_name("private_dns_name", n, &cx.cluster.dns_zone))
+        .transpose()?;
     let slot = super::lowest_free(s.services.values().map(|v| v.slot), u32::MAX, "service")?;
     let id = cx.new_id("svc", |id| s.services.contains_key(id));
     let svc = Service {
+        service_name: format!("{}.{}.{id}", cx.cluster.region, req.name),
         id,
         slot,
+        private_dns_name,
         name: req.name,
         owner,
         network_id: req.network_id,
@@ -259,7 +273,48 @@ pub fn update(s: &State, cx: &mut Ctx, id: &str, req: UpdateService) -> Outcome<
         health_check(&h)?;
         svc.health_check = h;
     }
+    if let Some(n) = req.private_dns_name {
+        svc.private_dns_name = if n.is_empty() {
+            None
+        } else {
+            Some(validate::dns_name(
+                "private_dns_name",
+                &n,
+                &cx.cluster.dns_zone,
+            )?)
+        };
+        // Endpoints that have private DNS on must not end up sharing a name in their network.
+        if let Some(name) = &svc.private_dns_name {
+            for e in s
+                .endpoints
+                .values()
+                .filter(|e| e.service_id == svc.id && e.private_dns_enabled)
+            {
+                if let Some(other) =
+                    super::endpoints::private_dns_taken(s, &e.network_id, name, |o| {
+                        o.service_id == svc.id
+                    })
+                {
+                    return Err(ApiError::conflict(
+                        "private_dns_conflict",
+                        format!(
+                            "{name} already resolves to endpoint {} in network {}, where endpoint {} of this service has private DNS on",
+                            other.id, e.network_id, e.id
+                        ),
+                    )
+                    .with_field("private_dns_name"));
+                }
+            }
+        }
+    }
     put(svc)
+}
+
+/// A service by id or by service name.
+pub fn by_ref<'s>(s: &'s State, r: &str) -> Option<&'s Service> {
+    s.services
+        .get(r)
+        .or_else(|| s.services.values().find(|v| v.service_name == r))
 }
 
 /// "Manage backend services": replaces the backend targets.
@@ -348,12 +403,11 @@ pub fn disallow(s: &State, cx: &mut Ctx, id: &str, account_id: &str) -> Outcome<
 /// Any account may look a service up by id before creating an endpoint.
 pub fn verify(s: &State, caller: &Caller, id: &str) -> ApiResult<Verified> {
     super::account(caller)?;
-    let svc = s
-        .services
-        .get(id)
-        .ok_or_else(|| ApiError::not_found("service", id))?;
+    let svc = by_ref(s, id).ok_or_else(|| ApiError::not_found("service", id))?;
     Ok(Verified {
         id: svc.id.clone(),
+        service_name: svc.service_name.clone(),
+        private_dns_name: svc.private_dns_name.clone(),
         name: svc.name.clone(),
         service_type: svc.service_type,
         port_mappings: svc.port_mappings.clone(),

@@ -1,0 +1,388 @@
+//! Private DNS for consumer networks, served by hickory-server.
+//!
+//! Each consumer network with a `[dns.networks.<vpc>]` entry gets a DNS server (UDP and TCP) on its
+//! configured address, on every interface of that network on this node. The address is put on the
+//! interface (/32 or /128) and the sockets are bound to the interface, so two consumer networks
+//! with the same CIDR and the same DNS address each get their own answers.
+//!
+//! What a network's server answers, recomputed after every sync:
+//! - every Available endpoint's generated name (`<endpoint>.<service>.<region>.<zone>`) → its IP;
+//! - the service's private DNS name → the IP of the one endpoint in this network that has private
+//!   DNS on (the API keeps it to one);
+//! - AAAA or A without an address of that family: NODATA; other names under the zone: NXDOMAIN;
+//!   names outside every zone: NXDOMAIN or REFUSED, as configured.
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::{IpAddr, SocketAddr},
+    str::FromStr as _,
+    sync::{Arc, RwLock},
+    time::Duration,
+};
+
+use anyhow::{Context as _, Result};
+use hickory_server::{
+    Server,
+    net::runtime::{Time, TokioRuntimeProvider},
+    proto::rr::{
+        LowerName, Name, RData, Record, RecordSet, RecordType, RrKey,
+        rdata::{A, AAAA, SOA},
+    },
+    server::{Request, RequestHandler, ResponseHandler, ResponseInfo},
+    store::in_memory::InMemoryZoneHandler,
+    zone_handler::{AxfrPolicy, Catalog, ZoneHandler, ZoneType},
+};
+
+use crate::{
+    config::{DnsConfig, OtherNames},
+    control::{
+        state::State,
+        types::{Cluster, ConnectionState},
+    },
+    dataplane::Role,
+    sync::NodeIface,
+};
+
+/// Name (lowercase, no trailing dot) → addresses, for one consumer network.
+pub type Answers = BTreeMap<String, BTreeSet<IpAddr>>;
+
+/// What the DNS server of consumer network `network` answers, from the control-plane state.
+pub fn answers(state: &State, network: &str) -> Answers {
+    let mut out = Answers::new();
+    for e in state.endpoints.values() {
+        if e.network_id != network || e.state != ConnectionState::Available {
+            continue;
+        }
+        let Some(svc) = state.services.get(&e.service_id) else {
+            continue;
+        };
+        out.entry(e.dns_name.to_ascii_lowercase())
+            .or_default()
+            .insert(e.ip);
+        if e.private_dns_enabled
+            && let Some(name) = &svc.private_dns_name
+        {
+            out.entry(name.clone()).or_default().insert(e.ip);
+        }
+    }
+    out
+}
+
+fn fqdn(name: &str) -> Result<Name> {
+    Name::from_str(&format!("{}.", name.trim_end_matches('.')))
+        .with_context(|| format!("{name:?} is not a DNS name"))
+}
+
+/// One authoritative zone at `origin` with an SOA (its minimum is the negative-answer TTL) and the
+/// given address records.
+fn zone(origin: &Name, records: &[(Name, IpAddr)], ttl: u32) -> Result<Arc<dyn ZoneHandler>> {
+    let mut sets: BTreeMap<RrKey, RecordSet> = BTreeMap::new();
+    let soa = SOA::new(
+        Name::from_str("ns.privatelink.")?,
+        Name::from_str("hostmaster.privatelink.")?,
+        1,
+        3600,
+        600,
+        86400,
+        ttl,
+    );
+    let mut add = |name: &Name, rtype: RecordType, data: RData| {
+        sets.entry(RrKey::new(name.into(), rtype))
+            .or_insert_with(|| RecordSet::new(name.clone(), rtype, 1))
+            .insert(Record::from_rdata(name.clone(), ttl, data), 1);
+    };
+    add(origin, RecordType::SOA, RData::SOA(soa));
+    for (name, ip) in records {
+        match ip {
+            IpAddr::V4(a) => add(name, RecordType::A, RData::A(A(*a))),
+            IpAddr::V6(a) => add(name, RecordType::AAAA, RData::AAAA(AAAA(*a))),
+        }
+    }
+    let z = InMemoryZoneHandler::<TokioRuntimeProvider>::new(
+        origin.clone(),
+        sets,
+        ZoneType::Primary,
+        AxfrPolicy::Deny,
+    )
+    .map_err(|e| anyhow::anyhow!("zone {origin}: {e}"))?;
+    Ok(Arc::new(z))
+}
+
+/// The catalog for one network: the generated-name zone, one zone per private DNS name, and a root
+/// zone when other names get NXDOMAIN.
+pub fn catalog(answers: &Answers, cluster: &Cluster, cfg: &DnsConfig) -> Result<Catalog> {
+    let zone_name = cluster.dns_zone.to_ascii_lowercase();
+    let origin = fqdn(&zone_name)?;
+    let mut generated = Vec::new();
+    let mut cat = Catalog::new();
+    for (name, ips) in answers {
+        let n = fqdn(name)?;
+        let recs: Vec<(Name, IpAddr)> = ips.iter().map(|ip| (n.clone(), *ip)).collect();
+        if name.ends_with(&format!(".{zone_name}")) {
+            generated.extend(recs);
+        } else {
+            cat.upsert(LowerName::new(&n), vec![zone(&n, &recs, cfg.ttl)?]);
+        }
+    }
+    cat.upsert(
+        LowerName::new(&origin),
+        vec![zone(&origin, &generated, cfg.ttl)?],
+    );
+    if cfg.others == OtherNames::Nxdomain {
+        cat.upsert(
+            LowerName::new(&Name::root()),
+            vec![zone(&Name::root(), &[], cfg.ttl)?],
+        );
+    }
+    Ok(cat)
+}
+
+/// The request handler of one network's servers: the current catalog, swapped after each sync.
+#[derive(Clone)]
+struct Shared(Arc<RwLock<Arc<Catalog>>>);
+
+#[async_trait::async_trait]
+impl RequestHandler for Shared {
+    async fn handle_request<R: ResponseHandler, T: Time>(
+        &self,
+        request: &Request,
+        response_handle: R,
+    ) -> ResponseInfo {
+        let catalog = self.0.read().unwrap_or_else(|p| p.into_inner()).clone();
+        catalog
+            .handle_request::<R, T>(request, response_handle)
+            .await
+    }
+}
+
+/// A running server on one interface.
+struct Running {
+    ifindex: u32,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// The node's DNS servers and what they answer.
+pub struct Dns {
+    cfg: DnsConfig,
+    cluster: Cluster,
+    /// Per network: the last answers and the handler the servers share.
+    networks: BTreeMap<String, (Answers, Shared)>,
+    /// Per interface name.
+    running: BTreeMap<String, Running>,
+}
+
+impl Dns {
+    pub fn new(cfg: DnsConfig, cluster: Cluster) -> Self {
+        let networks = cfg
+            .networks
+            .keys()
+            .map(|n| {
+                (
+                    n.clone(),
+                    (
+                        Answers::new(),
+                        Shared(Arc::new(RwLock::new(Arc::new(Catalog::new())))),
+                    ),
+                )
+            })
+            .collect();
+        Dns {
+            cfg,
+            cluster,
+            networks,
+            running: BTreeMap::new(),
+        }
+    }
+
+    /// Recomputes every network's answers; swaps the catalogs whose answers changed.
+    pub fn update(&mut self, state: &State) {
+        for (network, (last, shared)) in &mut self.networks {
+            let now = answers(state, network);
+            if &now == last && !last.is_empty() {
+                continue;
+            }
+            match catalog(&now, &self.cluster, &self.cfg) {
+                Ok(c) => {
+                    *shared.0.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(c);
+                    log::info!("dns: {network} answers {} names", now.len());
+                    *last = now;
+                }
+                Err(e) => log::error!("dns: {network}: {e:#}"),
+            }
+        }
+    }
+
+    /// Starts a server on every present consumer interface of a network with DNS configured (and
+    /// restarts it when the interface was re-created); stops those whose interface is gone.
+    /// Must run inside the tokio runtime.
+    pub fn ensure(&mut self, ifaces: &[NodeIface]) {
+        let present: BTreeMap<&str, &NodeIface> = ifaces
+            .iter()
+            .filter(|i| i.role == Role::Consumer && self.networks.contains_key(&i.network))
+            .map(|i| (i.name.as_str(), i))
+            .collect();
+        self.running.retain(|name, r| {
+            present
+                .get(name.as_str())
+                .is_some_and(|i| i.ifindex == r.ifindex)
+        });
+        for (name, iface) in present {
+            if self.running.contains_key(name) {
+                continue;
+            }
+            let listen = self.cfg.networks[&iface.network].listen;
+            let shared = self.networks[&iface.network].1.clone();
+            match serve(name, listen, self.cfg.port, shared) {
+                Ok(task) => {
+                    log::info!(
+                        "dns: serving {} on {name} at {listen} port {}",
+                        iface.network,
+                        self.cfg.port
+                    );
+                    self.running.insert(
+                        name.to_string(),
+                        Running {
+                            ifindex: iface.ifindex,
+                            task,
+                        },
+                    );
+                }
+                Err(e) => log::warn!("dns: {name}: {e:#} (retried at the next resync)"),
+            }
+        }
+    }
+}
+
+/// Puts `addr` on `dev` (host prefix) unless it is there.
+fn ensure_address(dev: &str, addr: IpAddr) -> Result<()> {
+    let prefix = if addr.is_ipv4() { 32 } else { 128 };
+    let mut cmd = std::process::Command::new("ip");
+    cmd.args(["addr", "replace", &format!("{addr}/{prefix}"), "dev", dev]);
+    if addr.is_ipv6() {
+        cmd.arg("nodad");
+    }
+    let out = cmd.output().context("running ip")?;
+    if !out.status.success() {
+        anyhow::bail!(
+            "ip addr replace {addr}/{prefix} dev {dev}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+/// A socket of `ty` bound to `addr` on device `dev` only.
+fn bound(dev: &str, addr: SocketAddr, ty: socket2::Type) -> Result<socket2::Socket> {
+    let s = socket2::Socket::new(socket2::Domain::for_address(addr), ty, None)?;
+    s.bind_device(Some(dev.as_bytes()))
+        .with_context(|| format!("binding to device {dev}"))?;
+    s.set_reuse_address(true)?;
+    s.set_nonblocking(true)?;
+    s.bind(&addr.into())
+        .with_context(|| format!("binding {addr} on {dev}"))?;
+    Ok(s)
+}
+
+fn serve(
+    dev: &str,
+    listen: IpAddr,
+    port: u16,
+    handler: Shared,
+) -> Result<tokio::task::JoinHandle<()>> {
+    ensure_address(dev, listen)?;
+    let addr = SocketAddr::new(listen, port);
+    let udp = bound(dev, addr, socket2::Type::DGRAM)?;
+    let tcp = bound(dev, addr, socket2::Type::STREAM)?;
+    tcp.listen(128)?;
+    let udp = tokio::net::UdpSocket::from_std(udp.into())?;
+    let tcp = tokio::net::TcpListener::from_std(tcp.into())?;
+    let dev = dev.to_string();
+    Ok(tokio::spawn(async move {
+        let mut server = Server::new(handler);
+        server.register_socket(udp);
+        server.register_listener(tcp, Duration::from_secs(5), 16 << 10);
+        if let Err(e) = server.block_until_done().await {
+            log::warn!("dns: server on {dev} stopped: {e}");
+        }
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::control::types::{Endpoint, Service};
+
+    fn state() -> State {
+        let svc: Service = serde_json::from_value(serde_json::json!({
+            "id": "svc-1", "service_name": "r.db.svc-1", "slot": 1, "name": "db",
+            "private_dns_name": "db.example.com", "owner": "1", "network_id": "vpc-p",
+            "service_type": "mysql", "backends": [], "port_mappings": [], "auto_accept": false,
+            "allowlist": [], "tags": [], "created_at": 0 }))
+        .unwrap();
+        let ep = |id: &str, net: &str, ip: &str, st: &str, private: bool| -> Endpoint {
+            serde_json::from_value(serde_json::json!({
+                "id": id, "link_id": 1, "name": "e", "owner": "2", "network_id": net,
+                "subnet_id": "s", "ip": ip, "service_id": "svc-1",
+                "dns_name": format!("{id}.svc-1.r.privatelink.internal"),
+                "private_dns_enabled": private, "state": st, "security_groups": [], "tags": [],
+                "created_at": 0 }))
+            .unwrap()
+        };
+        let mut s = State::default();
+        s.services.insert(svc.id.clone(), svc);
+        for e in [
+            ep("ep-a", "vpc-1", "198.18.0.100", "Available", true),
+            ep("ep-b", "vpc-2", "198.18.0.100", "Available", false),
+            ep("ep-c", "vpc-1", "198.18.0.101", "Rejected", false),
+        ] {
+            s.endpoints.insert(e.id.clone(), e);
+        }
+        s
+    }
+
+    #[test]
+    fn each_network_answers_its_own_available_endpoints_and_its_private_names() {
+        let s = state();
+        let a = answers(&s, "vpc-1");
+        let ip: IpAddr = "198.18.0.100".parse().unwrap();
+        assert_eq!(
+            a,
+            Answers::from([
+                ("db.example.com".into(), BTreeSet::from([ip])),
+                (
+                    "ep-a.svc-1.r.privatelink.internal".into(),
+                    BTreeSet::from([ip])
+                ),
+            ]),
+            "the rejected endpoint resolves nowhere"
+        );
+        let b = answers(&s, "vpc-2");
+        assert_eq!(
+            b.keys().collect::<Vec<_>>(),
+            ["ep-b.svc-1.r.privatelink.internal"],
+            "private DNS is off in vpc-2"
+        );
+        assert!(answers(&s, "vpc-3").is_empty());
+        // The catalog holds the generated zone, the private name and the root (NXDOMAIN mode).
+        let cfg = DnsConfig::default();
+        let cluster = Cluster::default();
+        let c = catalog(&a, &cluster, &cfg).unwrap();
+        for z in ["privatelink.internal.", "db.example.com.", "."] {
+            assert!(
+                c.contains(&LowerName::new(&Name::from_str(z).unwrap())),
+                "{z}"
+            );
+        }
+        let refuse = DnsConfig {
+            others: OtherNames::Refuse,
+            ..DnsConfig::default()
+        };
+        let c = catalog(&a, &cluster, &refuse).unwrap();
+        assert!(!c.contains(&LowerName::new(&Name::root())));
+    }
+}
