@@ -326,6 +326,59 @@ pub fn check_cluster(c: &crate::control::types::Cluster) -> Result<(), ConfigErr
 
 /// Parses and checks `text` (interfaces are resolved later, as they appear).
 pub fn parse(text: &str) -> Result<Checked, ConfigError> {
+    parse_with(text, &Overrides::default())
+}
+
+/// Values given as flags or environment variables; each replaces its key from the file and is
+/// checked like it.
+#[derive(Clone, Debug, Default)]
+pub struct Overrides {
+    pub node: Option<String>,
+    pub admin_token_file: Option<PathBuf>,
+    pub api_listen: Option<SocketAddr>,
+    pub metrics_listen: Option<SocketAddr>,
+    pub store: Option<PathBuf>,
+    pub bpffs: Option<PathBuf>,
+    pub resync_interval: Option<u64>,
+    pub region: Option<String>,
+    pub dns_zone: Option<String>,
+}
+
+impl Overrides {
+    fn apply(&self, c: &mut AgentConfig) {
+        let o = self.clone();
+        if let Some(v) = o.node {
+            c.node = v;
+        }
+        if let Some(v) = o.admin_token_file {
+            c.admin_token_file = v;
+        }
+        if let Some(v) = o.api_listen {
+            c.api.listen = v;
+        }
+        if let Some(v) = o.metrics_listen {
+            c.metrics.listen = v;
+        }
+        if let Some(v) = o.store {
+            c.store.path = v;
+        }
+        if let Some(v) = o.bpffs {
+            c.bpffs = v;
+        }
+        if let Some(v) = o.resync_interval {
+            c.resync_interval = v;
+        }
+        if let Some(v) = o.region {
+            c.cluster.region = v;
+        }
+        if let Some(v) = o.dns_zone {
+            c.cluster.dns_zone = v;
+        }
+    }
+}
+
+/// The same, with `overrides` applied before the checks.
+pub fn parse_with(text: &str, overrides: &Overrides) -> Result<Checked, ConfigError> {
     let raw: AgentConfig = toml::from_str(text).map_err(|e| {
         let key = e.message().to_string();
         err(
@@ -335,13 +388,19 @@ pub fn parse(text: &str) -> Result<Checked, ConfigError> {
             key,
         )
     })?;
+    let mut raw = raw;
+    overrides.apply(&mut raw);
     check(raw)
 }
 
 pub fn load(path: &Path) -> Result<Checked, ConfigError> {
+    load_with(path, &Overrides::default())
+}
+
+pub fn load_with(path: &Path, overrides: &Overrides) -> Result<Checked, ConfigError> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| err("config", format!("{}: {e}", path.display())))?;
-    parse(&text)
+    parse_with(&text, overrides)
 }
 
 fn check(raw: AgentConfig) -> Result<Checked, ConfigError> {
@@ -584,6 +643,37 @@ mod tests {
             c.conntrack.entries,
             privatelink_common::DEFAULT_CONNTRACK_ENTRIES
         );
+    }
+
+    #[test]
+    fn flags_replace_file_values_and_are_checked_like_them() {
+        let text = format!("node = \"n1\"\nadmin_token_file = \"/nonexistent\"\n{LO}");
+        let dir = std::env::temp_dir().join(format!("plcfg-ovr-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let tok = dir.join("token");
+        std::fs::write(&tok, "0123456789abcdef0123").unwrap();
+        let o = Overrides {
+            node: Some("n2".into()),
+            admin_token_file: Some(tok),
+            resync_interval: Some(5),
+            region: Some("eu-2".into()),
+            ..Overrides::default()
+        };
+        let c = parse_with(&text, &o).unwrap();
+        assert_eq!(
+            (
+                c.raw.node.as_str(),
+                c.raw.resync_interval,
+                c.raw.cluster.region.as_str()
+            ),
+            ("n2", 5, "eu-2")
+        );
+        let bad = Overrides {
+            resync_interval: Some(0),
+            ..o
+        };
+        assert_eq!(parse_with(&text, &bad).unwrap_err().key, "resync_interval");
+        let _ = std::fs::remove_dir_all(dir);
     }
 
     #[test]
