@@ -405,7 +405,8 @@ pub fn run(cfg: Checked, detach_on_exit: bool) -> Result<()> {
         let mut resync = tokio::time::interval(Duration::from_secs(cfg.raw.resync_interval));
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         let mut links = LinkWatch::new().context("subscribing to link events")?;
-        let mut sample = tokio::time::interval(Duration::from_secs(10));
+        let mut sample =
+            tokio::time::interval(Duration::from_secs(cfg.raw.history.sample_interval));
         let mut dns = Dns::new(cfg.raw.dns.clone(), cfg.raw.cluster.clone());
         plane.read(|s| dns.update(s));
         dns.ensure(&node.ifaces);

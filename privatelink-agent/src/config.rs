@@ -64,6 +64,24 @@ pub struct AgentConfig {
     /// Private DNS served to consumer networks.
     #[serde(default)]
     pub dns: DnsConfig,
+    /// Built-in monitoring history.
+    #[serde(default)]
+    pub history: HistoryConfig,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HistoryConfig {
+    /// Seconds between samples of the counters (1 to 10: every 10 s bucket gets one).
+    pub sample_interval: u64,
+}
+
+impl Default for HistoryConfig {
+    fn default() -> Self {
+        HistoryConfig {
+            sample_interval: 10,
+        }
+    }
 }
 
 /// What the DNS server answers for names it holds no records for.
@@ -518,6 +536,9 @@ fn check(raw: AgentConfig) -> Result<Checked, ConfigError> {
         return Err(err("resync_interval", "at least 1 second"));
     }
     check_cluster(&raw.cluster)?;
+    if !(1..=10).contains(&raw.history.sample_interval) {
+        return Err(err("history.sample_interval", "1 to 10 seconds"));
+    }
     if raw.dns.ttl > 86_400 {
         return Err(err("dns.ttl", "0 to 86400 seconds"));
     }

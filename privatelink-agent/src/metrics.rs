@@ -425,7 +425,21 @@ impl Collector for NodeCollector {
             .clone();
         let mut entries = Vec::new();
         let mut caps = Vec::new();
-        for (name, e, c) in maps {
+        // The counter maps: one LINK_STATS slot per link (as LINKS), LINK_DROPS as read above.
+        let links = maps
+            .iter()
+            .find(|m| m.0 == privatelink_common::names::LINKS)
+            .map_or(0, |m| m.1);
+        let (stats_cap, drops_cap) = src.reader.counter_capacity;
+        let counters = [
+            (privatelink_common::names::LINK_STATS, links, stats_cap),
+            (
+                privatelink_common::names::LINK_DROPS,
+                drops.len(),
+                drops_cap,
+            ),
+        ];
+        for (name, e, c) in maps.into_iter().chain(counters) {
             let l: Labels = vec![("map", name.to_string()), ("node", node.clone())];
             entries.push((l.clone(), gauge(e as i64)));
             caps.push((l, gauge(c.into())));

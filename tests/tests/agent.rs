@@ -558,7 +558,7 @@ fn metrics_count_traffic_exactly_and_prometheus_scrapes_them() {
     if !privileged("metrics_count_traffic_exactly_and_prometheus_scrapes_them") {
         return;
     }
-    let (w, _agent) = world("agent-metrics");
+    let (w, _agent) = world_with("agent-metrics", "[history]\nsample_interval = 1\n");
     let add = json!({ "port_mappings": [{ "protocol": "udp", "service_port": privatelink_agent::demo::UDP_PORTS.1, "terminal_port": privatelink_agent::demo::UDP_PORTS.0 }] });
     ok(
         &w.topo,
@@ -588,6 +588,9 @@ fn metrics_count_traffic_exactly_and_prometheus_scrapes_them() {
             }
         }
     });
+    // The history sampler (every second here) has seen the endpoints before any traffic, so its
+    // totals must end up equal to the counters.
+    std::thread::sleep(Duration::from_millis(1500));
     // Exactly 10 datagrams of 100 bytes from one socket: one flow.
     let sock = w.topo.consumers[0].enter(|| std::net::UdpSocket::bind("0.0.0.0:0").unwrap());
     sock.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
@@ -659,6 +662,52 @@ fn metrics_count_traffic_exactly_and_prometheus_scrapes_them() {
         "one UDP flow"
     );
     assert_eq!(get("privatelink_link_active_connections", &[]), 1.0);
+    // The running agent's history holds the same traffic (sampled, summed into 10 s buckets).
+    let (fwd, rev) = (
+        get(
+            "privatelink_link_packets_total",
+            &[("direction", "forward")],
+        ),
+        get("privatelink_link_packets_total", &[("direction", "reply")]),
+    );
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let (status, h) = api(
+            &w.topo,
+            &w.tokens[1],
+            "GET",
+            &format!("/v1/history/endpoint/{}", w.eps[0]),
+            None,
+        );
+        assert_eq!(status, 200, "{h}");
+        let sum = |f: &str| {
+            h["points"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|p| p[f].as_f64().unwrap())
+                .sum::<f64>()
+        };
+        if sum("fwd_packets") == fwd && sum("rev_packets") == rev {
+            assert_eq!(sum("new_connections"), 1.0, "{h}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "history {} / {} packets, counters {fwd} / {rev}: {h}",
+            sum("fwd_packets"),
+            sum("rev_packets")
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    // Map usage covers the counter maps too: one LINK_STATS slot per endpoint, capacities as sized.
+    let map = |m: &str, name: &str| {
+        sample(&text, m, &[("map", name)]).unwrap_or_else(|| panic!("{m} {name}:\n{text}"))
+    };
+    assert_eq!(map("privatelink_map_entries", "LINK_STATS"), 2.0);
+    assert_eq!(map("privatelink_map_entries", "LINKS"), 2.0);
+    assert!(map("privatelink_map_capacity", "LINK_STATS") >= 2.0);
+    assert!(map("privatelink_map_capacity", "LINK_DROPS") > 0.0);
     assert!(
         text.contains("service_name=\"echo\"") && text.contains("consumer_account=\"1000000001\""),
         "{text}"

@@ -611,6 +611,18 @@ impl Dataplane {
                 .info()
                 .map_err(map_err(names::CT4))?
                 .max_entries(),
+            counter_capacity: (
+                self.link_stats
+                    .map()
+                    .info()
+                    .map_err(map_err(names::LINK_STATS))?
+                    .max_entries(),
+                self.link_drops
+                    .map()
+                    .info()
+                    .map_err(map_err(names::LINK_DROPS))?
+                    .max_entries(),
+            ),
         })
     }
 
@@ -728,6 +740,8 @@ pub struct StatsReader {
     global_stats: PerCpuArray<MapData, u64>,
     ct4: HashMap<MapData, FlowKey4, Flow4>,
     pub ct4_capacity: u32,
+    /// Capacities of the counter maps (LINK_STATS, LINK_DROPS).
+    pub counter_capacity: (u32, u32),
 }
 
 impl StatsReader {
