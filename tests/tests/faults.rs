@@ -166,7 +166,7 @@ impl RawSocket {
                 };
                 if n < 34
                     || sa.sll_ifindex != self.1
-                    || sa.sll_pkttype == libc::PACKET_OUTGOING as u8
+                    || sa.sll_pkttype == libc::PACKET_OUTGOING
                     || buf[12..14] != [0x08, 0x00]
                 {
                     continue;
