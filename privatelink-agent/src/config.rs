@@ -349,16 +349,34 @@ pub fn parse(text: &str) -> Result<Checked, ConfigError> {
 
 /// Values given as flags or environment variables; each replaces its key from the file and is
 /// checked like it.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, clap::Args)]
 pub struct Overrides {
+    /// Replaces `node`.
+    #[arg(long, env = "PRIVATELINK_NODE")]
     pub node: Option<String>,
+    /// Replaces `admin_token_file`.
+    #[arg(long, env = "PRIVATELINK_ADMIN_TOKEN_FILE")]
     pub admin_token_file: Option<PathBuf>,
+    /// Replaces `api.listen`.
+    #[arg(long, env = "PRIVATELINK_API_LISTEN")]
     pub api_listen: Option<SocketAddr>,
+    /// Replaces `metrics.listen`.
+    #[arg(long, env = "PRIVATELINK_METRICS_LISTEN")]
     pub metrics_listen: Option<SocketAddr>,
+    /// Replaces `store.path`.
+    #[arg(long, env = "PRIVATELINK_STORE")]
     pub store: Option<PathBuf>,
+    /// Replaces `bpffs`.
+    #[arg(long, env = "PRIVATELINK_BPFFS")]
     pub bpffs: Option<PathBuf>,
+    /// Replaces `resync_interval` (seconds).
+    #[arg(long, env = "PRIVATELINK_RESYNC_INTERVAL")]
     pub resync_interval: Option<u64>,
+    /// Replaces `cluster.region`.
+    #[arg(long, env = "PRIVATELINK_REGION")]
     pub region: Option<String>,
+    /// Replaces `cluster.dns_zone`.
+    #[arg(long, env = "PRIVATELINK_DNS_ZONE")]
     pub dns_zone: Option<String>,
 }
 

@@ -30,33 +30,8 @@ enum Command {
         /// Remove programs and pins on exit (by default forwarding continues without the agent).
         #[arg(long)]
         detach_on_exit: bool,
-        /// Replaces `node`.
-        #[arg(long, env = "PRIVATELINK_NODE")]
-        node: Option<String>,
-        /// Replaces `admin_token_file`.
-        #[arg(long, env = "PRIVATELINK_ADMIN_TOKEN_FILE")]
-        admin_token_file: Option<std::path::PathBuf>,
-        /// Replaces `api.listen`.
-        #[arg(long, env = "PRIVATELINK_API_LISTEN")]
-        api_listen: Option<std::net::SocketAddr>,
-        /// Replaces `metrics.listen`.
-        #[arg(long, env = "PRIVATELINK_METRICS_LISTEN")]
-        metrics_listen: Option<std::net::SocketAddr>,
-        /// Replaces `store.path`.
-        #[arg(long, env = "PRIVATELINK_STORE")]
-        store: Option<std::path::PathBuf>,
-        /// Replaces `bpffs`.
-        #[arg(long, env = "PRIVATELINK_BPFFS")]
-        bpffs: Option<std::path::PathBuf>,
-        /// Replaces `resync_interval` (seconds).
-        #[arg(long, env = "PRIVATELINK_RESYNC_INTERVAL")]
-        resync_interval: Option<u64>,
-        /// Replaces `cluster.region`.
-        #[arg(long, env = "PRIVATELINK_REGION")]
-        region: Option<String>,
-        /// Replaces `cluster.dns_zone`.
-        #[arg(long, env = "PRIVATELINK_DNS_ZONE")]
-        dns_zone: Option<String>,
+        #[command(flatten)]
+        overrides: privatelink_agent::config::Overrides,
     },
     /// Remove the programs, links and pinned maps of a node (forwarding stops).
     Detach {
@@ -153,27 +128,8 @@ fn main() -> Result<()> {
         Command::Run {
             config,
             detach_on_exit,
-            node,
-            admin_token_file,
-            api_listen,
-            metrics_listen,
-            store,
-            bpffs,
-            resync_interval,
-            region,
-            dns_zone,
+            overrides,
         } => {
-            let overrides = privatelink_agent::config::Overrides {
-                node,
-                admin_token_file,
-                api_listen,
-                metrics_listen,
-                store,
-                bpffs,
-                resync_interval,
-                region,
-                dns_zone,
-            };
             let checked = privatelink_agent::config::load_with(&config, &overrides)?;
             privatelink_agent::agent::run(checked, detach_on_exit)
         }
