@@ -407,7 +407,8 @@ pub fn run(cfg: Checked, detach_on_exit: bool) -> Result<()> {
         let mut links = LinkWatch::new().context("subscribing to link events")?;
         let mut sample =
             tokio::time::interval(Duration::from_secs(cfg.raw.history.sample_interval));
-        let mut dns = Dns::new(cfg.raw.dns.clone(), cfg.raw.cluster.clone());
+        let mut dns = Dns::new(cfg.raw.dns.clone(), cfg.raw.cluster.clone())
+            .context("dns: setting up the forwarder")?;
         plane.read(|s| dns.update(s));
         dns.ensure(&node.ifaces);
         loop {

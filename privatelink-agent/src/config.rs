@@ -93,6 +93,8 @@ pub enum OtherNames {
     Nxdomain,
     /// REFUSED (clients then ask their next resolver).
     Refuse,
+    /// Asked of `dns.forwarders` and their answer relayed.
+    Forward,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -101,6 +103,8 @@ pub struct DnsConfig {
     /// TTL of answers (and of negative answers), seconds.
     pub ttl: u32,
     pub others: OtherNames,
+    /// Upstream servers for `others = "forward"` (UDP, then TCP).
+    pub forwarders: Vec<SocketAddr>,
     pub port: u16,
     /// Consumer network id → where its DNS server listens (on that network's interfaces).
     pub networks: BTreeMap<String, DnsNetwork>,
@@ -111,6 +115,7 @@ impl Default for DnsConfig {
         DnsConfig {
             ttl: 60,
             others: OtherNames::default(),
+            forwarders: Vec::new(),
             port: 53,
             networks: BTreeMap::new(),
         }
@@ -562,6 +567,21 @@ fn check(raw: AgentConfig) -> Result<Checked, ConfigError> {
     }
     if raw.dns.port == 0 {
         return Err(err("dns.port", "1 to 65535"));
+    }
+    match (raw.dns.others, raw.dns.forwarders.is_empty()) {
+        (OtherNames::Forward, true) => {
+            return Err(err(
+                "dns.forwarders",
+                "others = \"forward\" needs at least one forwarder (address:port)",
+            ));
+        }
+        (OtherNames::Nxdomain | OtherNames::Refuse, false) => {
+            return Err(err(
+                "dns.forwarders",
+                "forwarders are used only with others = \"forward\"",
+            ));
+        }
+        _ => {}
     }
     for (vpc, n) in &raw.dns.networks {
         let consumer = wanted

@@ -107,9 +107,40 @@ fn zone(origin: &Name, records: &[(Name, IpAddr)], ttl: u32) -> Result<Arc<dyn Z
     Ok(Arc::new(z))
 }
 
-/// The catalog for one network: the generated-name zone, one zone per private DNS name, and a root
-/// zone when other names get NXDOMAIN.
-pub fn catalog(answers: &Answers, cluster: &Cluster, cfg: &DnsConfig) -> Result<Catalog> {
+/// A zone handler at the root that relays every name to `forwarders` (UDP, then TCP).
+pub fn forwarder(forwarders: &[SocketAddr]) -> Result<Arc<dyn ZoneHandler>> {
+    use hickory_server::{
+        resolver::config::NameServerConfig,
+        store::forwarder::{ForwardConfig, ForwardZoneHandler},
+    };
+    let name_servers = forwarders
+        .iter()
+        .map(|a| {
+            let mut ns = NameServerConfig::udp_and_tcp(a.ip());
+            for c in &mut ns.connections {
+                c.port = a.port();
+            }
+            ns
+        })
+        .collect();
+    let handler = ForwardZoneHandler::builder_tokio(ForwardConfig {
+        name_servers,
+        options: None,
+    })
+    .with_origin(Name::root())
+    .build()
+    .map_err(|e| anyhow::anyhow!("forwarder: {e}"))?;
+    Ok(Arc::new(handler))
+}
+
+/// The catalog for one network: the generated-name zone, one zone per private DNS name, and at the
+/// root an empty zone (other names: NXDOMAIN), the `forward` handler, or nothing (REFUSED).
+pub fn catalog(
+    answers: &Answers,
+    cluster: &Cluster,
+    cfg: &DnsConfig,
+    forward: Option<&Arc<dyn ZoneHandler>>,
+) -> Result<Catalog> {
     let zone_name = cluster.dns_zone.to_ascii_lowercase();
     let origin = fqdn(&zone_name)?;
     let mut generated = Vec::new();
@@ -127,11 +158,12 @@ pub fn catalog(answers: &Answers, cluster: &Cluster, cfg: &DnsConfig) -> Result<
         LowerName::new(&origin),
         vec![zone(&origin, &generated, cfg.ttl)?],
     );
-    if cfg.others == OtherNames::Nxdomain {
-        cat.upsert(
-            LowerName::new(&Name::root()),
-            vec![zone(&Name::root(), &[], cfg.ttl)?],
-        );
+    let root = LowerName::new(&Name::root());
+    match (cfg.others, forward) {
+        (OtherNames::Nxdomain, _) => cat.upsert(root, vec![zone(&Name::root(), &[], cfg.ttl)?]),
+        (OtherNames::Forward, Some(f)) => cat.upsert(root, vec![f.clone()]),
+        (OtherNames::Forward, None) => anyhow::bail!("others = \"forward\" without a forwarder"),
+        (OtherNames::Refuse, _) => {}
     }
     Ok(cat)
 }
@@ -174,10 +206,13 @@ pub struct Dns {
     networks: BTreeMap<String, (Answers, Shared)>,
     /// Per interface name.
     running: BTreeMap<String, Running>,
+    /// The upstream relay, shared by every network's catalog (`others = "forward"`).
+    forward: Option<Arc<dyn ZoneHandler>>,
 }
 
 impl Dns {
-    pub fn new(cfg: DnsConfig, cluster: Cluster) -> Self {
+    /// Must run inside the tokio runtime (the forwarder's resolver lives there).
+    pub fn new(cfg: DnsConfig, cluster: Cluster) -> Result<Self> {
         let networks = cfg
             .networks
             .keys()
@@ -191,12 +226,17 @@ impl Dns {
                 )
             })
             .collect();
-        Dns {
+        let forward = match cfg.others {
+            OtherNames::Forward => Some(forwarder(&cfg.forwarders)?),
+            _ => None,
+        };
+        Ok(Dns {
             cfg,
             cluster,
             networks,
             running: BTreeMap::new(),
-        }
+            forward,
+        })
     }
 
     /// Recomputes every network's answers; swaps the catalogs whose answers changed.
@@ -206,7 +246,7 @@ impl Dns {
             if &now == last && !last.is_empty() {
                 continue;
             }
-            match catalog(&now, &self.cluster, &self.cfg) {
+            match catalog(&now, &self.cluster, &self.cfg, self.forward.as_ref()) {
                 Ok(c) => {
                     *shared.0.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(c);
                     log::info!("dns: {network} answers {} names", now.len());
@@ -371,7 +411,7 @@ mod tests {
         // The catalog holds the generated zone, the private name and the root (NXDOMAIN mode).
         let cfg = DnsConfig::default();
         let cluster = Cluster::default();
-        let c = catalog(&a, &cluster, &cfg).unwrap();
+        let c = catalog(&a, &cluster, &cfg, None).unwrap();
         for z in ["privatelink.internal.", "db.example.com.", "."] {
             assert!(
                 c.contains(&LowerName::new(&Name::from_str(z).unwrap())),
@@ -382,7 +422,15 @@ mod tests {
             others: OtherNames::Refuse,
             ..DnsConfig::default()
         };
-        let c = catalog(&a, &cluster, &refuse).unwrap();
+        let c = catalog(&a, &cluster, &refuse, None).unwrap();
         assert!(!c.contains(&LowerName::new(&Name::root())));
+        let forward = DnsConfig {
+            others: OtherNames::Forward,
+            ..DnsConfig::default()
+        };
+        assert!(
+            catalog(&a, &cluster, &forward, None).is_err(),
+            "forwarding needs its handler"
+        );
     }
 }

@@ -111,7 +111,10 @@ fn serve_api(
 }
 
 fn main() -> Result<()> {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(
+        "info,hickory_server=warn,hickory_resolver=warn,hickory_net=warn,hickory_proto=warn",
+    ))
+    .init();
     match Cli::parse().command {
         Command::Check => {
             let mut dp = Datapath::load(&Sizes::default()).context("loading the datapath")?;

@@ -285,3 +285,54 @@ fn private_dns_resolves_per_network_and_stops_when_turned_off() {
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     server.join().unwrap();
 }
+
+#[test]
+fn other_names_are_forwarded_upstream_when_configured() {
+    if !privileged("other_names_are_forwarded_upstream_when_configured") {
+        return;
+    }
+    const UPSTREAM: &str = "198.18.100.53";
+    let extra = format!(
+        "[dns]\nothers = \"forward\"\nforwarders = [\"{UPSTREAM}:53\"]\n[dns.networks.{{consumer1}}]\nlisten = \"{DNS}\"\n"
+    );
+    // The upstream: dnsmasq in the provider network, answering one name and nothing else.
+    let topo_ready = |w: &World| {
+        w.topo
+            .provider
+            .ip(&["addr", "add", &format!("{UPSTREAM}/24"), "dev", "eth0"])
+            .unwrap();
+        privatelink_tests::world::Proc(
+            w.topo
+                .provider
+                .command("dnsmasq")
+                .args([
+                    "--no-daemon",
+                    "--conf-file=/dev/null",
+                    "--no-resolv",
+                    "--no-hosts",
+                    "--bind-interfaces",
+                    &format!("--listen-address={UPSTREAM}"),
+                    "--address=/upstream.example/198.18.100.99",
+                    "--address=/nothing.example/",
+                ])
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .expect("start dnsmasq"),
+        )
+    };
+    let (w, _agent) = world_with("dns-forward", &extra);
+    let _upstream = topo_ready(&w);
+    // Forwarded: the upstream's answer; unknown there: its NXDOMAIN.
+    resolves(
+        &w,
+        0,
+        "upstream.example",
+        "A",
+        "NOERROR",
+        &["198.18.100.99".to_string()],
+    );
+    resolves(&w, 0, "nothing.example", "A", "NXDOMAIN", &[]);
+    // The private zone is still answered here, not forwarded.
+    resolves(&w, 0, "unknown.privatelink.internal", "A", "NXDOMAIN", &[]);
+}

@@ -30,6 +30,7 @@ pub const PACKAGES: &[&str] = &[
     "curl",
     "python3",
     "bind9-dnsutils",
+    "dnsmasq-base",
 ];
 
 fn step(name: &str, what: impl std::fmt::Display) {
