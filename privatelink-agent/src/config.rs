@@ -775,6 +775,14 @@ mod tests {
             ),
             (&format!("{LO}[dns]\nttl = 100000\n"), "dns.ttl"),
             (
+                &format!("{LO}[dns]\nothers = \"forward\"\n"),
+                "dns.forwarders",
+            ),
+            (
+                &format!("{LO}[dns]\nforwarders = [\"198.18.100.53:53\"]\n"),
+                "dns.forwarders",
+            ),
+            (
                 &format!("{LO}[dns.networks.vpc-00000002]\nlisten = \"198.18.0.2\"\n"),
                 "dns.networks.vpc-00000002",
             ),
