@@ -10,7 +10,7 @@ use privatelink_common::{
 
 use super::{
     maglev,
-    model::{Action, LinkState, Model, Proto, Role, RuleProto},
+    model::{Action, Link, LinkState, Model, Proto, Role, RuleProto},
 };
 
 /// The full contents of every map the agent writes.
@@ -222,20 +222,8 @@ pub fn compile(model: &Model, prev: &MapState) -> Result<MapState, CompileError>
     let lists: Vec<(u32, Option<Vec<Rule4>>)> = model
         .links
         .iter()
-        .map(|(&id, l)| {
-            let list = l
-                .rules
-                .as_ref()
-                .map(|rs| rs.iter().map(rule4).collect::<Vec<_>>());
-            match &list {
-                Some(v) if v.len() > MAX_RULES => Err(CompileError::TooManyRules {
-                    link: id,
-                    count: v.len(),
-                }),
-                _ => Ok((id, list)),
-            }
-        })
-        .collect::<Result<_, _>>()?;
+        .map(|(&id, l)| Ok((id, rule_list(id, l)?)))
+        .collect::<Result<_, CompileError>>()?;
     let rule_slot = assign_slots(
         lists.iter().filter_map(|(_, l)| l.clone()),
         &prev_rules,
@@ -246,39 +234,117 @@ pub fn compile(model: &Model, prev: &MapState) -> Result<MapState, CompileError>
     }
 
     for ((&id, l), (_, list)) in model.links.iter().zip(&lists) {
-        if id == 0 {
-            return Err(CompileError::LinkZero);
-        }
-        let svc = model
-            .services
-            .get(&l.service_slot)
-            .ok_or(CompileError::UnknownService {
-                link: id,
-                service: l.service_slot,
-            })?;
-        let consumer_net = network(l.network_id)?;
-        out.links.insert(
+        let e = link_entries(
+            model,
             id,
-            LinkInfo {
-                state: match l.state {
-                    LinkState::Pending => LINK_PENDING,
-                    LinkState::Available => LINK_AVAILABLE,
-                    LinkState::Rejected => LINK_REJECTED,
-                },
-                account: l.account,
-                service_slot: l.service_slot,
-                provider_network: svc.provider_network,
-                rules_slot: list.as_ref().map_or(RULES_NONE, |v| rule_slot[v]),
-                allowed: u32::from(model.allowlist.contains(&(l.service_slot, l.account))),
+            l,
+            list.as_ref().map_or(RULES_NONE, |v| rule_slot[v]),
+        )?;
+        out.add_link(id, e, l.ip)?;
+    }
+    Ok(out)
+}
+
+/// A link's security-group rules as the datapath holds them (`None`: no group bound).
+fn rule_list(id: u32, l: &Link) -> Result<Option<Vec<Rule4>>, CompileError> {
+    let list = l
+        .rules
+        .as_ref()
+        .map(|rs| rs.iter().map(rule4).collect::<Vec<_>>());
+    match list {
+        Some(v) if v.len() > MAX_RULES => Err(CompileError::TooManyRules {
+            link: id,
+            count: v.len(),
+        }),
+        list => Ok(list),
+    }
+}
+
+/// What one link compiles to.
+struct LinkEntries {
+    info: LinkInfo,
+    ip: EndpointIpKey4,
+    ports: Vec<(EndpointKey4, EndpointValue, Proto, u16)>,
+}
+
+/// The entries of link `id` of `model`, pointing at rule list `rules_slot`.
+fn link_entries(
+    model: &Model,
+    id: u32,
+    l: &Link,
+    rules_slot: u32,
+) -> Result<LinkEntries, CompileError> {
+    if id == 0 {
+        return Err(CompileError::LinkZero);
+    }
+    let svc = model
+        .services
+        .get(&l.service_slot)
+        .ok_or(CompileError::UnknownService {
+            link: id,
+            service: l.service_slot,
+        })?;
+    let consumer_net = network(l.network_id)?;
+    let info = LinkInfo {
+        state: match l.state {
+            LinkState::Pending => LINK_PENDING,
+            LinkState::Available => LINK_AVAILABLE,
+            LinkState::Rejected => LINK_REJECTED,
+        },
+        account: l.account,
+        service_slot: l.service_slot,
+        provider_network: svc.provider_network,
+        rules_slot,
+        allowed: u32::from(model.allowlist.contains(&(l.service_slot, l.account))),
+    };
+    let addr_be = u32::from_ne_bytes(l.ip.octets());
+    let mut ports = Vec::with_capacity(l.ports.len());
+    for pm in &l.ports {
+        if pm.terminal == 0 || pm.service == 0 {
+            return Err(CompileError::PortZero { link: id });
+        }
+        let proto = match pm.proto {
+            Proto::Tcp => PROTO_TCP,
+            Proto::Udp => PROTO_UDP,
+        };
+        ports.push((
+            EndpointKey4 {
+                network_id: consumer_net,
+                addr_be,
+                port_be: pm.terminal.to_be(),
+                proto,
+                _pad: 0,
             },
-        );
-        let addr_be = u32::from_ne_bytes(l.ip.octets());
-        let ip_key = EndpointIpKey4 {
+            EndpointValue {
+                link_id: id,
+                service_port_be: pm.service.to_be(),
+                _pad: 0,
+            },
+            pm.proto,
+            pm.terminal,
+        ));
+    }
+    Ok(LinkEntries {
+        info,
+        ip: EndpointIpKey4 {
             network_id: consumer_net,
             addr_be,
-        };
-        if let Some(other) = out.endpoint_ips4.insert(
-            ip_key,
+        },
+        ports,
+    })
+}
+
+impl MapState {
+    /// Adds a link's entries, refusing an address or port another link already holds.
+    fn add_link(
+        &mut self,
+        id: u32,
+        e: LinkEntries,
+        ip: std::net::Ipv4Addr,
+    ) -> Result<(), CompileError> {
+        self.links.insert(id, e.info);
+        if let Some(other) = self.endpoint_ips4.insert(
+            e.ip,
             EndpointIpValue {
                 link_id: id,
                 _pad: 0,
@@ -287,41 +353,322 @@ pub fn compile(model: &Model, prev: &MapState) -> Result<MapState, CompileError>
             return Err(CompileError::DuplicateIp {
                 a: other.link_id,
                 b: id,
-                network: consumer_net,
-                ip: l.ip,
+                network: e.ip.network_id,
+                ip,
             });
         }
-        for pm in &l.ports {
-            if pm.terminal == 0 || pm.service == 0 {
-                return Err(CompileError::PortZero { link: id });
-            }
-            let proto = match pm.proto {
-                Proto::Tcp => PROTO_TCP,
-                Proto::Udp => PROTO_UDP,
-            };
-            let key = EndpointKey4 {
-                network_id: consumer_net,
-                addr_be,
-                port_be: pm.terminal.to_be(),
-                proto,
-                _pad: 0,
-            };
-            let value = EndpointValue {
-                link_id: id,
-                service_port_be: pm.service.to_be(),
-                _pad: 0,
-            };
-            if let Some(other) = out.endpoints4.insert(key, value) {
+        for (key, value, proto, port) in e.ports {
+            if let Some(other) = self.endpoints4.insert(key, value) {
                 return Err(CompileError::DuplicateEndpoint {
                     a: other.link_id,
                     b: id,
-                    network: consumer_net,
-                    ip: l.ip,
-                    proto: pm.proto,
-                    port: pm.terminal,
+                    network: key.network_id,
+                    ip,
+                    proto,
+                    port,
                 });
             }
         }
+        Ok(())
     }
-    Ok(out)
+
+    /// Replaces the per-link entries and rule lists `old` holds with those `new` holds (an
+    /// incremental change, or its undoing with the arguments swapped).
+    pub fn overlay(&mut self, old: &MapState, new: &MapState) {
+        for k in old.links.keys() {
+            self.links.remove(k);
+        }
+        for k in old.endpoint_ips4.keys() {
+            self.endpoint_ips4.remove(k);
+        }
+        for k in old.endpoints4.keys() {
+            self.endpoints4.remove(k);
+        }
+        for k in old.rules4.keys() {
+            self.rules4.remove(k);
+        }
+        self.links.extend(new.links.iter().map(|(k, v)| (*k, *v)));
+        self.endpoint_ips4
+            .extend(new.endpoint_ips4.iter().map(|(k, v)| (*k, *v)));
+        self.endpoints4
+            .extend(new.endpoints4.iter().map(|(k, v)| (*k, *v)));
+        self.rules4
+            .extend(new.rules4.iter().map(|(k, v)| (*k, v.clone())));
+    }
+}
+
+/// More changed links than this and the full compile is used (it is the cheaper one for bulk).
+pub const INCREMENTAL_MAX_LINKS: usize = 1024;
+
+/// A change from `before` to `model` that touches only links, compiled against `shadow` (what
+/// `before` compiled to): the touched links' entries before (`.0`, with the rule lists that stop
+/// being used) and after (`.1`, with the rule lists that start being used). `None` when anything
+/// but links changed, or too many links did: the full compile handles those.
+pub fn compile_links(
+    before: &Model,
+    model: &Model,
+    shadow: &MapState,
+) -> Result<Option<(MapState, MapState)>, CompileError> {
+    if before.config != model.config
+        || before.ifaces != model.ifaces
+        || before.nat != model.nat
+        || before.services != model.services
+        || before.allowlist != model.allowlist
+    {
+        return Ok(None);
+    }
+    // One merged walk over both (sorted) link maps.
+    let mut touched: Vec<(u32, Option<&Link>, Option<&Link>)> = Vec::new();
+    let (mut a, mut b) = (
+        before.links.iter().peekable(),
+        model.links.iter().peekable(),
+    );
+    loop {
+        let step = match (a.peek(), b.peek()) {
+            (None, None) => break,
+            (Some((ka, _)), Some((kb, _))) => ka.cmp(kb),
+            (Some(_), None) => std::cmp::Ordering::Less,
+            (None, Some(_)) => std::cmp::Ordering::Greater,
+        };
+        match step {
+            std::cmp::Ordering::Less => {
+                let (k, l) = a.next().expect("peeked");
+                touched.push((*k, Some(l), None));
+            }
+            std::cmp::Ordering::Greater => {
+                let (k, l) = b.next().expect("peeked");
+                touched.push((*k, None, Some(l)));
+            }
+            std::cmp::Ordering::Equal => {
+                let ((k, x), (_, y)) = (a.next().expect("peeked"), b.next().expect("peeked"));
+                if x != y {
+                    touched.push((*k, Some(x), Some(y)));
+                }
+            }
+        }
+        if touched.len() > INCREMENTAL_MAX_LINKS {
+            return Ok(None);
+        }
+    }
+    let (mut old, mut new) = (MapState::default(), MapState::default());
+    // Before: exactly what the shadow holds for the touched links.
+    for &(id, l, _) in &touched {
+        if let Some(l) = l {
+            let slot = shadow.links.get(&id).map_or(RULES_NONE, |i| i.rules_slot);
+            old.add_link(id, link_entries(before, id, l, slot)?, l.ip)?;
+        }
+    }
+    // After: rule lists found by content, new ones in slots no list holds now (a slot is never
+    // rewritten while links may still point at it).
+    let by_content: HashMap<&Vec<Rule4>, u32> =
+        shadow.rules4.iter().map(|(s, r)| (r, *s)).collect();
+    let mut next_free = RULES_NONE + 1;
+    for &(id, _, l) in &touched {
+        let Some(l) = l else { continue };
+        let slot = match rule_list(id, l)? {
+            None => RULES_NONE,
+            Some(list) => match by_content.get(&list) {
+                Some(&s) => s,
+                None => match new.rules4.iter().find(|(_, r)| **r == list) {
+                    Some((&s, _)) => s,
+                    None => {
+                        while shadow.rules4.contains_key(&next_free)
+                            || new.rules4.contains_key(&next_free)
+                        {
+                            next_free += 1;
+                        }
+                        new.rules4.insert(next_free, list);
+                        next_free
+                    }
+                },
+            },
+        };
+        new.add_link(id, link_entries(model, id, l, slot)?, l.ip)?;
+    }
+    // An address or port an untouched link holds cannot be taken.
+    let is_touched = |link: u32| old.links.contains_key(&link) || new.links.contains_key(&link);
+    for (k, v) in &new.endpoint_ips4 {
+        if let Some(o) = shadow
+            .endpoint_ips4
+            .get(k)
+            .filter(|o| !is_touched(o.link_id))
+        {
+            return Err(CompileError::DuplicateIp {
+                a: o.link_id,
+                b: v.link_id,
+                network: k.network_id,
+                ip: std::net::Ipv4Addr::from(u32::from_be(k.addr_be)),
+            });
+        }
+    }
+    for (k, v) in &new.endpoints4 {
+        if let Some(o) = shadow.endpoints4.get(k).filter(|o| !is_touched(o.link_id)) {
+            return Err(CompileError::DuplicateEndpoint {
+                a: o.link_id,
+                b: v.link_id,
+                network: k.network_id,
+                ip: std::net::Ipv4Addr::from(u32::from_be(k.addr_be)),
+                proto: if k.proto == PROTO_TCP {
+                    Proto::Tcp
+                } else {
+                    Proto::Udp
+                },
+                port: u16::from_be(k.port_be),
+            });
+        }
+    }
+    // Rule lists no link uses any more go (slot 0 is "none").
+    let mut used: BTreeSet<u32> = shadow
+        .links
+        .iter()
+        .filter(|(id, _)| !is_touched(**id))
+        .map(|(_, i)| i.rules_slot)
+        .collect();
+    used.extend(new.links.values().map(|i| i.rules_slot));
+    for (s, r) in &shadow.rules4 {
+        if !used.contains(s) {
+            old.rules4.insert(*s, r.clone());
+        }
+    }
+    Ok(Some((old, new)))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::Ipv4Addr;
+
+    use super::*;
+    use crate::dataplane::model::{PortMap, Rule, Service};
+
+    /// A map state with every link's rule-list slot replaced by the list itself, so states that
+    /// differ only in slot numbering compare equal.
+    fn resolved(s: &MapState) -> (MapState, BTreeMap<u32, Option<Vec<Rule4>>>) {
+        let lists = s
+            .links
+            .iter()
+            .map(|(id, i)| (*id, s.rules4.get(&i.rules_slot).cloned()))
+            .collect();
+        let mut bare = s.clone();
+        for i in bare.links.values_mut() {
+            i.rules_slot = u32::from(i.rules_slot != RULES_NONE);
+        }
+        let mut used: Vec<Vec<Rule4>> = bare.rules4.values().cloned().collect();
+        used.sort_by_key(|l| format!("{l:?}"));
+        bare.rules4 = used
+            .into_iter()
+            .enumerate()
+            .map(|(i, r)| (i as u32, r))
+            .collect();
+        (bare, lists)
+    }
+
+    struct Rng(u64);
+
+    impl Rng {
+        fn next(&mut self, n: u64) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0 % n
+        }
+    }
+
+    fn link(r: &mut Rng) -> Link {
+        let rules = match r.next(4) {
+            0 => None,
+            n => Some(
+                (0..n)
+                    .map(|k| Rule {
+                        proto: RuleProto::Tcp,
+                        ports: (100 * k as u16 + 1)..=(100 * k as u16 + 50),
+                        source: "198.18.0.0/24".parse().unwrap(),
+                        action: if r.next(2) == 0 {
+                            Action::Accept
+                        } else {
+                            Action::Drop
+                        },
+                    })
+                    .collect(),
+            ),
+        };
+        Link {
+            network_id: 1 + r.next(2) as u32,
+            ip: Ipv4Addr::new(198, 18, 0, 1 + r.next(60) as u8),
+            service_slot: 1,
+            account: 1 + r.next(3) as u32,
+            state: [
+                LinkState::Pending,
+                LinkState::Available,
+                LinkState::Rejected,
+            ][r.next(3) as usize],
+            ports: vec![PortMap {
+                proto: if r.next(2) == 0 {
+                    Proto::Tcp
+                } else {
+                    Proto::Udp
+                },
+                terminal: 80,
+                service: 8080,
+            }],
+            rules,
+        }
+    }
+
+    #[test]
+    fn a_links_only_change_compiles_to_what_the_full_compile_gives() {
+        let mut r = Rng(0x9e37_79b9_7f4a_7c15);
+        let mut model = Model {
+            services: BTreeMap::from([(
+                1,
+                Service {
+                    provider_network: 100,
+                    backends: vec![Ipv4Addr::new(198, 18, 100, 10)],
+                },
+            )]),
+            allowlist: BTreeSet::from([(1, 1), (1, 2)]),
+            ..Model::default()
+        };
+        let (mut compared, mut refused) = (0, 0);
+        let mut shadow = compile(&model, &MapState::default()).unwrap();
+        for round in 0..400 {
+            let mut next = model.clone();
+            for _ in 0..1 + r.next(3) {
+                let id = 1 + r.next(40) as u32;
+                match r.next(3) {
+                    0 => drop(next.links.remove(&id)),
+                    _ => drop(next.links.insert(id, link(&mut r))),
+                }
+            }
+            let full = compile(&next, &shadow);
+            let partial = compile_links(&model, &next, &shadow);
+            match (full, partial) {
+                (Ok(full), Ok(Some((old, new)))) => {
+                    let mut inc = shadow.clone();
+                    inc.overlay(&old, &new);
+                    assert_eq!(resolved(&inc), resolved(&full), "round {round}");
+                    // Undoing gives the state back exactly.
+                    let mut undo = inc.clone();
+                    undo.overlay(&new, &old);
+                    assert_eq!(undo, shadow, "round {round}");
+                    shadow = inc;
+                    model = next;
+                    compared += 1;
+                }
+                (Err(_), Err(_)) => refused += 1,
+                (full, partial) => panic!(
+                    "round {round}: full {:?} against incremental {:?}",
+                    full.map(|_| ()),
+                    partial.map(|p| p.is_some())
+                ),
+            }
+        }
+        assert!(
+            compared > 100 && refused > 10,
+            "{compared} compared, {refused} refused"
+        );
+        // Anything but links changed: the full compile is asked for.
+        let mut other = model.clone();
+        other.allowlist.insert((1, 3));
+        assert!(compile_links(&model, &other, &shadow).unwrap().is_none());
+    }
 }
