@@ -378,4 +378,4 @@ pub mod names {
 
 /// Version of the maps' layout, part of every pin name: bump it with any change to a key or value
 /// type above, so that an upgraded agent creates new maps instead of misreading pinned ones.
-pub const LAYOUT_VERSION: u32 = 1;
+pub const LAYOUT_VERSION: u32 = 2;

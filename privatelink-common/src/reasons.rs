@@ -47,27 +47,31 @@ pub const DROP_REWRITE_FAILED: u32 = 18;
 pub const DROP_VLAN: u32 = 19;
 /// Redirect to the egress interface failed (not in the device map).
 pub const DROP_REDIRECT_FAILED: u32 = 20;
+/// An ICMP error (unreachable, time exceeded, parameter problem) that quotes no tracked flow.
+pub const DROP_ICMP_NO_FLOW: u32 = 21;
+/// An ICMP echo request to an endpoint address (services answer none).
+pub const DROP_ICMP_ECHO: u32 = 22;
 /// Number of drop reasons; codes from here on are not drops.
-pub const DROP_REASONS: u32 = 21;
+pub const DROP_REASONS: u32 = 23;
 
 /// Not IPv4/ARP (or IPv6 before that path lands): passed untouched.
-pub const PASS_NOT_IP: u32 = 21;
+pub const PASS_NOT_IP: u32 = 23;
 /// Arrived on an interface (or VLAN) the agent did not register: passed untouched.
-pub const PASS_UNKNOWN_IFACE: u32 = 22;
+pub const PASS_UNKNOWN_IFACE: u32 = 24;
 /// Not addressed to an endpoint (consumer side) or a NAT address (provider side): passed untouched.
-pub const PASS_NOT_ENDPOINT: u32 = 23;
+pub const PASS_NOT_ENDPOINT: u32 = 25;
 /// Too short to tell where it is addressed: passed to the kernel, which drops it.
-pub const PASS_MALFORMED: u32 = 24;
+pub const PASS_MALFORMED: u32 = 26;
 /// Translated, but the next hop has no neighbour entry: handed to the kernel to resolve and forward.
-pub const PASS_NO_NEIGH: u32 = 25;
+pub const PASS_NO_NEIGH: u32 = 27;
 /// ARP request for an endpoint IP answered with XDP_TX.
-pub const ARP_REPLIED: u32 = 26;
+pub const ARP_REPLIED: u32 = 28;
 /// Translated and sent back out of the ingress interface (XDP_TX).
-pub const FWD_TX: u32 = 27;
+pub const FWD_TX: u32 = 29;
 /// Translated and redirected to another interface.
-pub const FWD_REDIRECT: u32 = 28;
+pub const FWD_REDIRECT: u32 = 30;
 /// Number of outcome codes (size of the global counter array).
-pub const OUTCOMES: u32 = 29;
+pub const OUTCOMES: u32 = 31;
 
 /// Metric label value for each outcome code, indexed by code.
 pub const OUTCOME_NAMES: [&str; OUTCOMES as usize] = [
@@ -92,6 +96,8 @@ pub const OUTCOME_NAMES: [&str; OUTCOMES as usize] = [
     "rewrite_failed",
     "vlan",
     "redirect_failed",
+    "icmp_no_flow",
+    "icmp_echo",
     "pass_not_ip",
     "pass_unknown_iface",
     "pass_not_endpoint",

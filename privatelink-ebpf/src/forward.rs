@@ -94,7 +94,7 @@ pub fn send(
 }
 
 #[inline(always)]
-fn out(ctx: &XdpContext, ifindex: u32) -> Verdict {
+pub fn out(ctx: &XdpContext, ifindex: u32) -> Verdict {
     if ifindex == ctx.ingress_ifindex() as u32 {
         return Verdict {
             action: xdp_action::XDP_TX,
@@ -164,7 +164,7 @@ fn rewrite_l34(ctx: &XdpContext, p: &Ip4, flow: &Flow4, dec_ttl: bool) -> bool {
 
 /// Writes the MACs and makes the VLAN tag `vlan_id` (0: untagged), pushing or popping a tag.
 #[inline(always)]
-fn rewrite_l2(ctx: &XdpContext, l2: &L2, dst: &[u8; 6], src: &[u8; 6], vlan_id: u16) -> bool {
+pub fn rewrite_l2(ctx: &XdpContext, l2: &L2, dst: &[u8; 6], src: &[u8; 6], vlan_id: u16) -> bool {
     let tagged = l2.l3_off != EthHdr::LEN;
     let macs_at = match (tagged, vlan_id != 0) {
         (false, false) | (true, true) => 0,

@@ -8,6 +8,7 @@ mod arp;
 mod conntrack;
 mod csum;
 mod forward;
+mod icmp;
 mod nat;
 mod parse;
 mod policy;

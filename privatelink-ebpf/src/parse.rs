@@ -76,10 +76,22 @@ pub struct Ip4 {
     pub tot_len: u16,
 }
 
-/// Validates the IPv4 header at `l3_off` (whose fixed part the caller has seen) and parses TCP/UDP.
-/// `Err(code)`: a drop reason. `Ok(None)`: valid IPv4 but neither TCP nor UDP.
+/// A validated IPv4 header (any protocol).
+pub struct Hdr4 {
+    /// Header length in bytes (IHL × 4).
+    pub hdr_len: usize,
+    /// Total length, host order.
+    pub tot_len: u16,
+    pub proto: u8,
+    pub ttl: u8,
+    pub saddr_be: u32,
+    pub daddr_be: u32,
+}
+
+/// Validates the IPv4 header at `l3_off`: version, IHL, total length within the frame, not a
+/// fragment. `Err(code)`: a drop reason.
 #[inline(always)]
-pub fn ip4(ctx: &XdpContext, l3_off: usize) -> Result<Option<Ip4>, u32> {
+pub fn ip4_hdr(ctx: &XdpContext, l3_off: usize) -> Result<Hdr4, u32> {
     let ip: *const Ipv4Hdr = ptr_at(ctx, l3_off).ok_or(DROP_TRUNCATED)?;
     // SAFETY: bounds checked by ptr_at.
     let ip = unsafe { &*ip };
@@ -100,6 +112,22 @@ pub fn ip4(ctx: &XdpContext, l3_off: usize) -> Result<Option<Ip4>, u32> {
     if u16::from_be_bytes(ip.frags) & 0x3fff != 0 {
         return Err(DROP_FRAGMENT);
     }
+    Ok(Hdr4 {
+        hdr_len,
+        tot_len,
+        proto: ip.proto,
+        ttl: ip.ttl,
+        saddr_be: u32::from_ne_bytes(ip.src_addr),
+        daddr_be: u32::from_ne_bytes(ip.dst_addr),
+    })
+}
+
+/// Validates the IPv4 header at `l3_off` (whose fixed part the caller has seen) and parses TCP/UDP.
+/// `Err(code)`: a drop reason. `Ok(None)`: valid IPv4 but neither TCP nor UDP.
+#[inline(always)]
+pub fn ip4(ctx: &XdpContext, l3_off: usize) -> Result<Option<Ip4>, u32> {
+    let ip = ip4_hdr(ctx, l3_off)?;
+    let (hdr_len, tot_len) = (ip.hdr_len, ip.tot_len);
     let l4_off = l3_off + hdr_len;
     let (sport_be, dport_be, tcp_flags, l4_len) = match ip.proto {
         PROTO_TCP => {
@@ -135,8 +163,8 @@ pub fn ip4(ctx: &XdpContext, l3_off: usize) -> Result<Option<Ip4>, u32> {
     Ok(Some(Ip4 {
         l3_off,
         l4_off,
-        saddr_be: u32::from_ne_bytes(ip.src_addr),
-        daddr_be: u32::from_ne_bytes(ip.dst_addr),
+        saddr_be: ip.saddr_be,
+        daddr_be: ip.daddr_be,
         sport_be,
         dport_be,
         proto: ip.proto,

@@ -2,14 +2,14 @@
 use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
 use network_types::{eth::EthHdr, ip::Ipv4Hdr};
 use privatelink_common::{
-    DIR_FORWARD, DROP_LINK_INACTIVE, DROP_NO_FLOW, DROP_NO_PORT, DROP_TCP_NOT_SYN,
-    DROP_TTL_EXPIRED, DatapathConfig, EndpointIpKey4, EndpointKey4, Flow4, FlowKey4, IfaceInfo,
-    IfaceKey, PASS_MALFORMED, PASS_NOT_ENDPOINT, PASS_NOT_IP, PASS_UNKNOWN_IFACE, PROTO_TCP,
-    ROLE_CONSUMER,
+    DIR_FORWARD, DROP_ICMP_ECHO, DROP_LINK_INACTIVE, DROP_NO_FLOW, DROP_NO_PORT, DROP_TCP_NOT_SYN,
+    DROP_TRUNCATED, DROP_TTL_EXPIRED, DatapathConfig, EndpointIpKey4, EndpointKey4, Flow4,
+    FlowKey4, IfaceInfo, IfaceKey, PASS_MALFORMED, PASS_NOT_ENDPOINT, PASS_NOT_IP,
+    PASS_UNKNOWN_IFACE, PROTO_ICMP, PROTO_TCP, ROLE_CONSUMER,
 };
 
 use crate::{
-    ENDPOINT_IPS4, ENDPOINTS4, IFACES, LINKS, arp, conntrack, forward,
+    ENDPOINT_IPS4, ENDPOINTS4, IFACES, LINKS, arp, conntrack, forward, icmp,
     nat::{self, Origin},
     parse::{self, ETH_P_ARP, ETH_P_IP, Ip4, L2, TCP_ACK, TCP_RST, TCP_SYN, ptr_at},
     policy, stats,
@@ -85,15 +85,7 @@ fn ipv4(ctx: &XdpContext, l2: &L2, iface: &IfaceInfo) -> Verdict {
     }
     let p = match parse::ip4(ctx, l2.l3_off) {
         Ok(Some(p)) => p,
-        // Not TCP/UDP: an endpoint address answers nothing else; a NAT address has no such flow.
-        Ok(None) => {
-            return ours_or_pass(
-                consumer,
-                iface,
-                daddr_be,
-                if consumer { DROP_NO_PORT } else { DROP_NO_FLOW },
-            );
-        }
+        Ok(None) => return not_tcp_udp(ctx, l2, iface, consumer, daddr_be),
         Err(reason) => return ours_or_pass(consumer, iface, daddr_be, reason),
     };
     let key = FlowKey4 {
@@ -117,6 +109,38 @@ fn ipv4(ctx: &XdpContext, l2: &L2, iface: &IfaceInfo) -> Verdict {
         return Verdict::pass(PASS_NOT_ENDPOINT);
     }
     new_flow(ctx, l2, &p, &key, now, &cfg)
+}
+
+/// Valid IPv4, neither TCP nor UDP. ICMP errors to a NAT address are translated back to the
+/// consumer when they quote a tracked flow; an echo request to an endpoint is dropped with its own
+/// reason; anything else addressed to us is dropped (an endpoint answers only its ports, a NAT
+/// address has no such flow), and the rest passes.
+#[inline(always)]
+fn not_tcp_udp(
+    ctx: &XdpContext,
+    l2: &L2,
+    iface: &IfaceInfo,
+    consumer: bool,
+    daddr_be: u32,
+) -> Verdict {
+    let Ok(h) = parse::ip4_hdr(ctx, l2.l3_off) else {
+        return Verdict::drop(DROP_TRUNCATED);
+    };
+    if h.proto == PROTO_ICMP && !consumer {
+        return icmp::from_provider(ctx, l2, iface, &h);
+    }
+    if h.proto == PROTO_ICMP
+        && is_endpoint(iface, daddr_be)
+        && icmp::is_echo_request(ctx, l2.l3_off + h.hdr_len)
+    {
+        return Verdict::drop(DROP_ICMP_ECHO);
+    }
+    ours_or_pass(
+        consumer,
+        iface,
+        daddr_be,
+        if consumer { DROP_NO_PORT } else { DROP_NO_FLOW },
+    )
 }
 
 /// Whether `daddr_be` is an endpoint address in the consumer network of `iface`.

@@ -831,3 +831,161 @@ fn next_hop_is_cached_until_the_fib_generation_changes() {
         );
     });
 }
+
+/// An ICMP error from the provider side to `nat` about `quoted` (the translated packet the
+/// datapath sent, of which the first `quote_len` IP bytes are quoted, as a router would).
+fn icmp_error(
+    h: &Harness,
+    kind: etherparse::Icmpv4Type,
+    quoted: &[u8],
+    quote_len: usize,
+) -> Vec<u8> {
+    let ip = &quoted[14..];
+    let nat: [u8; 4] = ip[12..16].try_into().unwrap();
+    let mut out = Vec::new();
+    etherparse::PacketBuilder::ethernet2(BACKEND_MAC, h.p0_mac)
+        .ipv4(BACKEND.octets(), nat, 64)
+        .icmpv4(kind)
+        .write(&mut out, &ip[..quote_len.min(ip.len())])
+        .unwrap();
+    out
+}
+
+/// An IPv4 packet as the node sent it on: one hop less, header checksum updated.
+fn sent_on(ip: &[u8]) -> Vec<u8> {
+    let (mut h, rest) = etherparse::Ipv4Header::from_slice(ip).expect("IPv4");
+    h.time_to_live -= 1;
+    h.header_checksum = h.calc_header_checksum();
+    let mut out = h.to_bytes().to_vec();
+    out.extend_from_slice(rest);
+    out
+}
+
+/// The ICMP message of a frame, its checksums verified: (outer, type, code, bytes 5–8, quoted).
+fn icmp_checked(frame: &[u8]) -> (etherparse::Ipv4Header, u8, u8, [u8; 4], Vec<u8>) {
+    let p = etherparse::SlicedPacket::from_ethernet(frame).expect("parsable");
+    let Some(etherparse::NetSlice::Ipv4(ip)) = &p.net else {
+        panic!("not IPv4")
+    };
+    let iph = ip.header().to_header();
+    assert_eq!(
+        iph.header_checksum,
+        iph.calc_header_checksum(),
+        "outer IPv4 checksum"
+    );
+    let Some(etherparse::TransportSlice::Icmpv4(icmp)) = &p.transport else {
+        panic!("not ICMP")
+    };
+    assert_eq!(
+        icmp.checksum(),
+        icmp.icmp_type().calc_checksum(icmp.payload()),
+        "ICMP checksum"
+    );
+    (
+        iph,
+        icmp.type_u8(),
+        icmp.code_u8(),
+        icmp.bytes5to8(),
+        icmp.payload().to_vec(),
+    )
+}
+
+#[test]
+fn icmp_errors_about_a_flow_reach_the_consumer_as_about_its_own_packet() {
+    use etherparse::{Icmpv4Type, icmpv4::DestUnreachableHeader};
+    with_harness("icmp_errors", |h| {
+        let m = h.model();
+        h.apply(&m);
+        // TCP: fragmentation needed, quoting the whole translated SYN (as Linux does).
+        let syn = h.consumer_syn(40001);
+        let original = syn.build();
+        let r = h.run(h.c0, &syn);
+        assert_eq!(r.verdict, XDP_REDIRECT);
+        let frag = Icmpv4Type::DestinationUnreachable(DestUnreachableHeader::FragmentationNeeded {
+            next_hop_mtu: 1400,
+        });
+        let err = icmp_error(h, frag.clone(), &r.out, 1500);
+        let before = h.outcomes()[c::FWD_REDIRECT as usize];
+        let reply_before = h.link_stats(LINK).rev_packets;
+        let e = privatelink_tests::test_run(h.dp.program(), h.p0, &err);
+        assert_eq!(e.verdict, XDP_REDIRECT, "the error goes to the consumer");
+        assert_eq!(h.outcomes()[c::FWD_REDIRECT as usize], before + 1);
+        assert_eq!(
+            h.link_stats(LINK).rev_packets,
+            reply_before + 1,
+            "counted on the link"
+        );
+        assert_eq!(&e.out[..12], &[CONSUMER_MAC, h.c0_mac].concat()[..], "MACs");
+        let (outer, kind, code, rest, quoted) = icmp_checked(&e.out);
+        assert_eq!(
+            (
+                Ipv4Addr::from(outer.source),
+                Ipv4Addr::from(outer.destination),
+                outer.time_to_live
+            ),
+            (ENDPOINT, CONSUMER, 63),
+            "from the endpoint to the consumer"
+        );
+        assert_eq!(
+            (kind, code, u16::from_be_bytes([rest[2], rest[3]])),
+            (3, 4, 1400)
+        );
+        // The quote is the consumer's own SYN again, byte for byte (its TCP checksum included),
+        // but for the hop the node took off its TTL; its header checksum is valid.
+        assert_eq!(quoted, sent_on(&original[14..]), "the quoted packet");
+
+        // UDP: port unreachable quoting the IP header and eight bytes (UDP checksum inside).
+        let dgram = Pkt::udp(CONSUMER, 40002, ENDPOINT, 53).macs(CONSUMER_MAC, h.c0_mac);
+        let original = dgram.build();
+        let r = h.run(h.c0, &dgram);
+        assert_eq!(r.verdict, XDP_REDIRECT);
+        let port = Icmpv4Type::DestinationUnreachable(DestUnreachableHeader::Port);
+        let err = icmp_error(h, port.clone(), &r.out, 28);
+        let e = privatelink_tests::test_run(h.dp.program(), h.p0, &err);
+        assert_eq!(e.verdict, XDP_REDIRECT);
+        let (_, kind, code, _, quoted) = icmp_checked(&e.out);
+        assert_eq!((kind, code), (3, 3));
+        assert_eq!(
+            quoted,
+            sent_on(&original[14..14 + 28]),
+            "IP header and UDP header as sent"
+        );
+
+        // Time exceeded works the same way.
+        let r = h.run(h.c0, &h.consumer_syn(40003));
+        let te =
+            Icmpv4Type::TimeExceeded(etherparse::icmpv4::TimeExceededCode::TtlExceededInTransit);
+        let err = icmp_error(h, te, &r.out, 28);
+        let e = privatelink_tests::test_run(h.dp.program(), h.p0, &err);
+        assert_eq!(e.verdict, XDP_REDIRECT);
+
+        // An error quoting no tracked flow (another NAT port): dropped and counted.
+        let r = h.run(h.c0, &h.consumer_syn(40004));
+        let mut stray = r.out.clone();
+        let sport = u16::from_be_bytes([stray[34], stray[35]]).wrapping_add(7);
+        stray[34..36].copy_from_slice(&sport.to_be_bytes());
+        let err = icmp_error(h, port, &stray, 28);
+        let before = h.outcomes()[c::DROP_ICMP_NO_FLOW as usize];
+        let e = privatelink_tests::test_run(h.dp.program(), h.p0, &err);
+        assert_eq!(e.verdict, XDP_DROP);
+        assert_eq!(h.outcomes()[c::DROP_ICMP_NO_FLOW as usize], before + 1);
+        // A quote cut inside its L4 header: dropped as truncated.
+        let err = icmp_error(h, frag, &r.out, 24);
+        let before = h.outcomes()[c::DROP_TRUNCATED as usize];
+        let e = privatelink_tests::test_run(h.dp.program(), h.p0, &err);
+        assert_eq!(e.verdict, XDP_DROP);
+        assert_eq!(h.outcomes()[c::DROP_TRUNCATED as usize], before + 1);
+
+        // Echo requests to an endpoint are dropped with their own reason.
+        let mut ping = Vec::new();
+        etherparse::PacketBuilder::ethernet2(CONSUMER_MAC, h.c0_mac)
+            .ipv4(CONSUMER.octets(), ENDPOINT.octets(), 64)
+            .icmpv4_echo_request(1, 1)
+            .write(&mut ping, b"ping")
+            .unwrap();
+        let before = h.outcomes()[c::DROP_ICMP_ECHO as usize];
+        let e = privatelink_tests::test_run(h.dp.program(), h.c0, &ping);
+        assert_eq!(e.verdict, XDP_DROP);
+        assert_eq!(h.outcomes()[c::DROP_ICMP_ECHO as usize], before + 1);
+    });
+}

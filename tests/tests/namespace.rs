@@ -180,3 +180,38 @@ fn two_overlapping_consumers_reach_real_servers() {
         "each consumer resolved the endpoint through the node"
     );
 }
+
+#[test]
+fn a_closed_backend_port_is_reported_to_the_consumer_through_the_endpoint() {
+    if !privileged("a_closed_backend_port_is_reported_to_the_consumer_through_the_endpoint") {
+        return;
+    }
+    let topo = Topology::build(1).expect("topology");
+    let mut dp = Datapath::load(&Sizes::small()).expect("load");
+    let plane = topo.node.enter(|| {
+        let mut plane = Dataplane::new(&mut dp.ebpf).expect("maps");
+        plane.apply(&topo.model()).expect("apply");
+        plane
+    });
+    topo.attach(&mut dp).expect("attach");
+    // Nothing listens on the backend's UDP port: its kernel answers port unreachable to the NAT
+    // address, and the consumer's connected socket must see the refusal.
+    let refused = topo.consumers[0].enter(|| {
+        let s = UdpSocket::bind("0.0.0.0:0").expect("bind");
+        s.connect((ENDPOINT, UDP_PORTS.0)).expect("connect");
+        s.set_read_timeout(Some(Duration::from_millis(500)))
+            .expect("timeout");
+        (0..10).any(|_| {
+            let _ = s.send(b"anyone there?");
+            let mut buf = [0u8; 64];
+            matches!(s.recv(&mut buf), Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused)
+        })
+    });
+    assert!(refused, "the consumer never saw the port unreachable");
+    let outcomes = plane.global_stats().expect("stats");
+    assert_eq!(
+        outcomes[c::DROP_ICMP_NO_FLOW as usize],
+        0,
+        "the error quoted a tracked flow"
+    );
+}

@@ -1,0 +1,207 @@
+//! ICMP errors about tracked flows, from the provider side back to the consumer.
+//!
+//! A router or backend on the provider side that cannot deliver a packet of a flow (port
+//! unreachable, fragmentation needed, time exceeded, parameter problem) sends the error to the
+//! flow's NAT address, quoting the packet's IPv4 header and first eight L4 bytes. The quoted tuple
+//! is the flow's reply tuple reversed, so the reply entry is found and the error is translated like
+//! the flow: the outer header goes from the endpoint address to the consumer, the quoted packet
+//! becomes the consumer's own (consumer → endpoint, its ports), every checksum is updated
+//! incrementally, and the frame leaves by the reply path. Path MTU discovery works across the
+//! endpoint. An error quoting no tracked flow is dropped and counted.
+use network_types::ip::Ipv4Hdr;
+use privatelink_common::{
+    DIR_REPLY, DROP_BAD_IHL, DROP_ICMP_NO_FLOW, DROP_NO_FLOW, DROP_REWRITE_FAILED, DROP_TRUNCATED,
+    DROP_TTL_EXPIRED, FlowKey4, IfaceInfo, PROTO_TCP, PROTO_UDP,
+};
+
+use crate::{
+    CT4, LINKS,
+    csum::Delta,
+    forward::{out, rewrite_l2},
+    parse::{Hdr4, L2, ptr_at},
+    policy,
+    process::Verdict,
+    stats,
+};
+
+const DEST_UNREACH: u8 = 3;
+const TIME_EXCEEDED: u8 = 11;
+const PARAM_PROBLEM: u8 = 12;
+/// ICMP header: type, code, checksum, four bytes of rest (the MTU for fragmentation needed).
+const ICMP_HLEN: usize = 8;
+
+/// An ICMP message on a provider interface, addressed to a NAT address (`h` validated at `l3_off`).
+#[inline(always)]
+pub fn from_provider(
+    ctx: &aya_ebpf::programs::XdpContext,
+    l2: &L2,
+    iface: &IfaceInfo,
+    h: &Hdr4,
+) -> Verdict {
+    match translate(ctx, l2, iface, h) {
+        Ok(v) => v,
+        Err(reason) => Verdict::drop(reason),
+    }
+}
+
+#[inline(always)]
+fn translate(
+    ctx: &aya_ebpf::programs::XdpContext,
+    l2: &L2,
+    iface: &IfaceInfo,
+    h: &Hdr4,
+) -> Result<Verdict, u32> {
+    let l4_off = l2.l3_off + h.hdr_len;
+    let icmp: *mut [u8; ICMP_HLEN] = ptr_at(ctx, l4_off).ok_or(DROP_TRUNCATED)?;
+    // SAFETY: bounds checked by ptr_at.
+    let kind = unsafe { (*icmp)[0] };
+    if kind != DEST_UNREACH && kind != TIME_EXCEEDED && kind != PARAM_PROBLEM {
+        // Echo and the rest: a NAT address has no such flow.
+        return Err(DROP_NO_FLOW);
+    }
+    // The quoted packet: its IPv4 header (IHL honoured) and the first eight L4 bytes.
+    let inner_off = l4_off + ICMP_HLEN;
+    let inner: *mut Ipv4Hdr = ptr_at(ctx, inner_off).ok_or(DROP_TRUNCATED)?;
+    // SAFETY: bounds checked by ptr_at.
+    let (vihl, proto, in_src, in_dst) = unsafe {
+        (
+            (*inner).vihl,
+            (*inner).proto,
+            u32::from_ne_bytes((*inner).src_addr),
+            u32::from_ne_bytes((*inner).dst_addr),
+        )
+    };
+    let ihl = (vihl & 0x0f) as usize;
+    if vihl >> 4 != 4 || ihl < 5 {
+        return Err(DROP_BAD_IHL);
+    }
+    if proto != PROTO_TCP && proto != PROTO_UDP {
+        return Err(DROP_ICMP_NO_FLOW);
+    }
+    // SAFETY: a plain read of a bounded value, so the verifier keeps the bound on the offset.
+    let in_l4_off = inner_off + unsafe { core::ptr::read_volatile(&(ihl * 4)) };
+    let ports: *mut [u8; 8] = ptr_at(ctx, in_l4_off).ok_or(DROP_TRUNCATED)?;
+    // SAFETY: bounds checked by ptr_at.
+    let q = unsafe { &mut *ports };
+    let (in_sport, in_dport) = (
+        u16::from_ne_bytes([q[0], q[1]]),
+        u16::from_ne_bytes([q[2], q[3]]),
+    );
+    // The quoted packet went NAT address → backend; its reply would come backend → NAT address.
+    let key = FlowKey4 {
+        network_id: iface.network_id,
+        saddr_be: in_dst,
+        daddr_be: in_src,
+        sport_be: in_dport,
+        dport_be: in_sport,
+        proto,
+        _pad: [0; 3],
+    };
+    // Not refreshed: an error keeps no flow alive.
+    // SAFETY: copied out at once.
+    let flow = match unsafe { CT4.get(key) } {
+        Some(f) if f.dir == DIR_REPLY => *f,
+        _ => return Err(DROP_ICMP_NO_FLOW),
+    };
+    let link = LINKS.get(flow.link_id).ok_or(DROP_ICMP_NO_FLOW)?;
+    policy::link_usable(link)?;
+    if h.ttl <= 1 {
+        return Err(DROP_TTL_EXPIRED);
+    }
+
+    // The quoted packet becomes the consumer's: consumer → endpoint, its own ports.
+    let in_l3 = Delta::new()
+        .u32(in_src, flow.daddr_be)
+        .u32(in_dst, flow.saddr_be);
+    // SAFETY: bounds checked by ptr_at above.
+    let inner = unsafe { &mut *inner };
+    let old_in_check = u16::from_ne_bytes(inner.check);
+    let new_in_check = in_l3.apply(old_in_check);
+    inner.src_addr = flow.daddr_be.to_ne_bytes();
+    inner.dst_addr = flow.saddr_be.to_ne_bytes();
+    inner.check = new_in_check.to_ne_bytes();
+    let in_ports = Delta::new()
+        .u16(in_sport, flow.dport_be)
+        .u16(in_dport, flow.sport_be);
+    let [s0, s1] = flow.dport_be.to_ne_bytes();
+    let [d0, d1] = flow.sport_be.to_ne_bytes();
+    *q = [s0, s1, d0, d1, q[4], q[5], q[6], q[7]];
+    // The quoted L4 checksum, where the quote holds it: UDP's is in the eight bytes (zero stays
+    // zero); TCP's only when more than eight bytes were quoted.
+    let mut icmp_delta = in_l3
+        .plus(in_ports)
+        .plus(Delta::new().u16(old_in_check, new_in_check));
+    let l4_delta = in_l3.plus(in_ports);
+    if proto == PROTO_UDP {
+        let old = u16::from_ne_bytes([q[6], q[7]]);
+        if old != 0 {
+            let c = l4_delta.apply(old);
+            let c = if c == 0 { 0xffff } else { c };
+            *q = [
+                q[0],
+                q[1],
+                q[2],
+                q[3],
+                q[4],
+                q[5],
+                c.to_ne_bytes()[0],
+                c.to_ne_bytes()[1],
+            ];
+            icmp_delta = icmp_delta.plus(Delta::new().u16(old, c));
+        }
+    } else if let Some(tcp) = ptr_at::<[u8; 18]>(ctx, in_l4_off) {
+        // SAFETY: bounds checked by ptr_at.
+        let t = unsafe { &mut *tcp };
+        let old = u16::from_ne_bytes([t[16], t[17]]);
+        let c = l4_delta.apply(old).to_ne_bytes();
+        t[16] = c[0];
+        t[17] = c[1];
+        icmp_delta = icmp_delta.plus(Delta::new().u16(old, u16::from_ne_bytes(c)));
+    }
+    // SAFETY: bounds checked by ptr_at above.
+    let icmp = unsafe { &mut *icmp };
+    let c = icmp_delta
+        .apply(u16::from_ne_bytes([icmp[2], icmp[3]]))
+        .to_ne_bytes();
+    icmp[2] = c[0];
+    icmp[3] = c[1];
+
+    // Outer header: from the endpoint address to the consumer, one hop less.
+    let outer: *mut Ipv4Hdr = ptr_at(ctx, l2.l3_off).ok_or(DROP_REWRITE_FAILED)?;
+    // SAFETY: bounds checked by ptr_at.
+    let outer = unsafe { &mut *outer };
+    let old_ttl = u16::from_ne_bytes([outer.ttl, outer.proto]);
+    outer.ttl -= 1;
+    let l3 = Delta::new()
+        .u32(h.saddr_be, flow.saddr_be)
+        .u32(h.daddr_be, flow.daddr_be)
+        .u16(old_ttl, u16::from_ne_bytes([outer.ttl, outer.proto]));
+    outer.src_addr = flow.saddr_be.to_ne_bytes();
+    outer.dst_addr = flow.daddr_be.to_ne_bytes();
+    outer.check = l3.apply(u16::from_ne_bytes(outer.check)).to_ne_bytes();
+
+    let v = if rewrite_l2(ctx, l2, &flow.dst_mac, &flow.src_mac, flow.vlan_id) {
+        out(ctx, flow.egress_ifindex)
+    } else {
+        Verdict::drop(DROP_REWRITE_FAILED)
+    };
+    stats::link_packet(
+        flow.link_id,
+        DIR_REPLY,
+        (ctx.data_end() - ctx.data()) as u64,
+        false,
+        &v,
+    );
+    Ok(v)
+}
+
+const ECHO_REQUEST: u8 = 8;
+
+/// Whether the ICMP message at `off` is an echo request.
+#[inline(always)]
+pub fn is_echo_request(ctx: &aya_ebpf::programs::XdpContext, off: usize) -> bool {
+    // The whole header through one checked pointer (a one-byte check compiles to a comparison
+    // the verifier does not learn a bound from).
+    // SAFETY: bounds checked by ptr_at.
+    ptr_at::<[u8; ICMP_HLEN]>(ctx, off).is_some_and(|h| unsafe { (*h)[0] } == ECHO_REQUEST)
+}
