@@ -12,7 +12,7 @@ use aya::programs::xdp::XdpMode;
 
 use crate::{
     config::{self, Checked},
-    control::{api, plane::ControlPlane, store::SqliteStore},
+    control::{api, plane::ControlPlane},
     dataplane::{Dataplane, StatsReader},
     dns::Dns,
     health::{self, Health, TargetKey},
@@ -311,17 +311,70 @@ async fn serve_metrics(
     axum::serve(listener, app).await
 }
 
-pub fn run(cfg: Checked, detach_on_exit: bool) -> Result<()> {
-    let store_path = &cfg.raw.store.path;
-    if let Some(dir) = store_path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir)
-            .with_context(|| format!("store.path: creating {}", dir.display()))?;
+/// Follows a shared store: reloads the state whenever another server commits (the revision
+/// announcement then drives the usual reconcile). While etcd is unreachable the node keeps
+/// forwarding on its last state; `privatelink_store_up` and the log say so, and following resumes
+/// (with a full reload) when it is back.
+pub async fn follow_store(
+    e: crate::control::etcd::EtcdConfig,
+    plane: Arc<ControlPlane>,
+    metrics: Arc<AgentMetrics>,
+) {
+    let kick = Arc::new(tokio::sync::Notify::new());
+    let refresher = {
+        let (kick, plane, metrics) = (kick.clone(), plane.clone(), metrics.clone());
+        async move {
+            loop {
+                kick.notified().await;
+                let p = plane.clone();
+                match tokio::task::spawn_blocking(move || p.refresh()).await {
+                    Ok(Ok(_)) => drop(metrics.store_up.set(1)),
+                    Ok(Err(err)) => {
+                        metrics.store_up.set(0);
+                        log::warn!("store: reloading from etcd failed: {err}");
+                    }
+                    Err(err) => log::warn!("store: reload task failed: {err}"),
+                }
+            }
+        }
+    };
+    let watcher = async move {
+        loop {
+            let r = crate::control::etcd::watch_revisions(&e, || kick.notify_one()).await;
+            metrics.store_up.set(0);
+            log::warn!(
+                "store: etcd at {:?} unreachable or the watch ended ({}); forwarding goes on with revision {}; retrying",
+                e.endpoints,
+                r.err()
+                    .map_or_else(|| "stream closed".to_string(), |x| x.to_string()),
+                plane.revision()
+            );
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    };
+    tokio::join!(refresher, watcher);
+}
+
+/// Publishes the revision this node applied (in the background: a shared store is a network
+/// call), when it changed.
+fn report_applied(plane: &Arc<ControlPlane>, node: &str, metrics: &AgentMetrics, last: &mut i64) {
+    let applied = metrics.revision.get();
+    if applied == *last {
+        return;
     }
-    let store = SqliteStore::open(store_path)
-        .with_context(|| format!("store.path: {}", store_path.display()))?;
+    *last = applied;
+    let (p, node) = (plane.clone(), node.to_string());
+    tokio::task::spawn_blocking(move || {
+        if let Err(e) = p.report_applied(&node, applied as u64) {
+            log::warn!("store: reporting revision {applied}: {e}");
+        }
+    });
+}
+
+pub fn run(cfg: Checked, detach_on_exit: bool) -> Result<()> {
+    let store = cfg.raw.store.open()?;
     let plane = Arc::new(
-        ControlPlane::open(Box::new(store), &cfg.admin_token)?
-            .with_cluster(cfg.raw.cluster.clone()),
+        ControlPlane::open(store, &cfg.admin_token)?.with_cluster(cfg.raw.cluster.clone()),
     );
     let pins = Pins::prepare(&cfg.raw.bpffs)?;
     let mut dp = Datapath::load_pinned(&cfg.sizes, &pins).context("loading the datapath")?;
@@ -409,6 +462,12 @@ pub fn run(cfg: Checked, detach_on_exit: bool) -> Result<()> {
             tokio::time::interval(Duration::from_secs(cfg.raw.history.sample_interval));
         let mut dns = Dns::new(cfg.raw.dns.clone(), cfg.raw.cluster.clone())
             .context("dns: setting up the forwarder")?;
+        let follower = cfg
+            .raw
+            .store
+            .etcd()
+            .map(|e| tokio::spawn(follow_store(e, plane.clone(), metrics.clone())));
+        let mut reported = 0i64;
         plane.read(|s| dns.update(s));
         dns.ensure(&node.ifaces);
         loop {
@@ -417,6 +476,7 @@ pub fn run(cfg: Checked, detach_on_exit: bool) -> Result<()> {
                     if changed.is_err() { break; }
                     reconcile(&plane, &mut dataplane, &node, &health, &mut sync, &metrics, false);
                     plane.read(|s| dns.update(s));
+                    report_applied(&plane, &cfg.raw.node, &metrics, &mut reported);
                 }
                 event = links.changed() => {
                     if let Err(e) = event { log::warn!("link events: {e}"); }
@@ -440,6 +500,9 @@ pub fn run(cfg: Checked, detach_on_exit: bool) -> Result<()> {
         server.abort();
         metrics_server.abort();
         checker.abort();
+        if let Some(f) = follower {
+            f.abort();
+        }
         Ok::<(), anyhow::Error>(())
     })?;
     if detach_on_exit {

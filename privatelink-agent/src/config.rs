@@ -168,15 +168,55 @@ impl Default for MetricsConfig {
 
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[serde(default)]
 pub struct StoreConfig {
+    /// The embedded store (SQLite); the monitoring history lives beside it in either case.
     pub path: PathBuf,
+    /// etcd endpoints (`http://host:2379`): when given, the state lives there, shared by every
+    /// node and API server of the cluster.
+    pub etcd: Vec<String>,
+    /// Key prefix in etcd.
+    pub prefix: String,
+    /// Seconds per etcd request.
+    pub timeout: u64,
 }
 
 impl Default for StoreConfig {
     fn default() -> Self {
         StoreConfig {
             path: PathBuf::from("/var/lib/privatelink/state.db"),
+            etcd: Vec::new(),
+            prefix: "/privatelink".into(),
+            timeout: 3,
         }
+    }
+}
+
+impl StoreConfig {
+    /// The etcd settings, when the state lives in etcd.
+    pub fn etcd(&self) -> Option<crate::control::etcd::EtcdConfig> {
+        (!self.etcd.is_empty()).then(|| crate::control::etcd::EtcdConfig {
+            endpoints: self.etcd.clone(),
+            prefix: self.prefix.trim_end_matches('/').to_string(),
+            timeout: std::time::Duration::from_secs(self.timeout),
+        })
+    }
+
+    /// Opens the configured store (etcd, or the SQLite file, creating its directory).
+    pub fn open(&self) -> anyhow::Result<Box<dyn crate::control::store::Store>> {
+        use anyhow::Context as _;
+        if let Some(e) = self.etcd() {
+            let s = crate::control::etcd::EtcdStore::connect(e)
+                .with_context(|| format!("store.etcd: {:?}", self.etcd))?;
+            return Ok(Box::new(s));
+        }
+        if let Some(dir) = self.path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir)
+                .with_context(|| format!("store.path: creating {}", dir.display()))?;
+        }
+        let s = crate::control::store::SqliteStore::open(&self.path)
+            .with_context(|| format!("store.path: {}", self.path.display()))?;
+        Ok(Box::new(s))
     }
 }
 
@@ -559,6 +599,23 @@ fn check(raw: AgentConfig) -> Result<Checked, ConfigError> {
         return Err(err("resync_interval", "at least 1 second"));
     }
     check_cluster(&raw.cluster)?;
+    for (i, e) in raw.store.etcd.iter().enumerate() {
+        if !(e.starts_with("http://") || e.starts_with("https://")) || e.len() < 10 {
+            return Err(err(
+                format!("store.etcd[{i}]"),
+                format!("{e:?}: an endpoint is http://host:port"),
+            ));
+        }
+    }
+    if !raw.store.prefix.starts_with('/') || raw.store.prefix.trim_end_matches('/').is_empty() {
+        return Err(err(
+            "store.prefix",
+            format!("{:?}: a key prefix like /privatelink", raw.store.prefix),
+        ));
+    }
+    if !(1..=60).contains(&raw.store.timeout) {
+        return Err(err("store.timeout", "1 to 60 seconds"));
+    }
     if !(1..=10).contains(&raw.history.sample_interval) {
         return Err(err("history.sample_interval", "1 to 10 seconds"));
     }
@@ -774,6 +831,11 @@ mod tests {
                 "cluster.dns_zone",
             ),
             (&format!("{LO}[dns]\nttl = 100000\n"), "dns.ttl"),
+            (
+                &format!("{LO}[store]\netcd = [\"198.18.200.1:2379\"]\n"),
+                "store.etcd[0]",
+            ),
+            (&format!("{LO}[store]\nprefix = \"x\"\n"), "store.prefix"),
             (
                 &format!("{LO}[dns]\nothers = \"forward\"\n"),
                 "dns.forwarders",

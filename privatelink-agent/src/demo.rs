@@ -244,19 +244,18 @@ pub struct Prepared {
     pub vpcs: Vec<(String, String)>,
 }
 
-/// Accounts, each with a network and one subnet, made with the control-plane code in the store at
-/// `db`. Entries are (account id, network CIDR, subnet CIDR).
+/// Accounts, each with a network and one subnet, made with the control-plane code in `store`.
+/// Entries are (account id, network CIDR, subnet CIDR).
 pub fn prepare_store(
-    db: &std::path::Path,
+    store: Box<dyn crate::control::store::Store>,
     admin_token: &str,
     accounts: &[(&str, &str, &str)],
 ) -> Result<Prepared> {
     use crate::control::{
         ops::{Caller, accounts as ops},
         plane::{ControlPlane, new_token},
-        store::SqliteStore,
     };
-    let plane = ControlPlane::open(Box::new(SqliteStore::open(db)?), admin_token)?;
+    let plane = ControlPlane::open(store, admin_token)?;
     let (mut tokens, mut vpcs) = (Vec::new(), Vec::new());
     for &(id, cidr, subnet) in accounts {
         let req = ops::CreateAccount {
@@ -331,7 +330,7 @@ pub fn run(once: bool) -> Result<()> {
     // An account pair (and one more consumer), their networks and subnets.
     let db = dir.0.join("state.db");
     let Prepared { tokens, vpcs } = prepare_store(
-        &db,
+        Box::new(crate::control::store::SqliteStore::open(&db)?),
         ADMIN_TOKEN,
         &[
             ("provider", "198.18.100.0/24", "198.18.100.0/24"),

@@ -64,16 +64,23 @@ enum Command {
             default_value = "privatelink.internal"
         )]
         dns_zone: String,
+        /// etcd endpoints (http://host:port), comma-separated: the state lives there instead of
+        /// the SQLite file.
+        #[arg(long, env = "PRIVATELINK_ETCD", value_delimiter = ',')]
+        etcd: Vec<String>,
+        /// Key prefix in etcd.
+        #[arg(long, env = "PRIVATELINK_ETCD_PREFIX", default_value = "/privatelink")]
+        etcd_prefix: String,
     },
 }
 
 fn serve_api(
     listen: std::net::SocketAddr,
-    store: &std::path::Path,
+    store: &privatelink_agent::config::StoreConfig,
     token_file: &std::path::Path,
     cluster: privatelink_agent::control::types::Cluster,
 ) -> Result<()> {
-    use privatelink_agent::control::{api, plane::ControlPlane, store::SqliteStore};
+    use privatelink_agent::control::{api, plane::ControlPlane};
     let token = std::fs::read_to_string(token_file)
         .with_context(|| format!("admin_token_file: reading {}", token_file.display()))?
         .trim()
@@ -84,14 +91,9 @@ fn serve_api(
             token_file.display()
         );
     }
-    if let Some(dir) = store.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir)
-            .with_context(|| format!("store: creating {}", dir.display()))?;
-    }
-    let sqlite =
-        SqliteStore::open(store).with_context(|| format!("store: opening {}", store.display()))?;
-    let plane =
-        std::sync::Arc::new(ControlPlane::open(Box::new(sqlite), &token)?.with_cluster(cluster));
+    let store_cfg = store;
+    let store = store_cfg.open()?;
+    let plane = std::sync::Arc::new(ControlPlane::open(store, &token)?.with_cluster(cluster));
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
@@ -103,6 +105,14 @@ fn serve_api(
             "control-plane API on http://{listen} (revision {})",
             plane.revision()
         );
+        // A shared store: follow what other servers commit, so reads are current too.
+        let _follower = store_cfg.etcd().map(|e| {
+            tokio::spawn(privatelink_agent::agent::follow_store(
+                e,
+                plane.clone(),
+                Default::default(),
+            ))
+        });
         tokio::select! {
             r = api::serve(listener, plane.clone()) => r.context("serving the API"),
             _ = tokio::signal::ctrl_c() => Ok(()),
@@ -151,9 +161,17 @@ fn main() -> Result<()> {
             admin_token_file,
             region,
             dns_zone,
+            etcd,
+            etcd_prefix,
         } => {
             let cluster = privatelink_agent::control::types::Cluster { region, dns_zone };
             privatelink_agent::config::check_cluster(&cluster)?;
+            let store = privatelink_agent::config::StoreConfig {
+                path: store,
+                etcd,
+                prefix: etcd_prefix,
+                ..Default::default()
+            };
             serve_api(listen, &store, &admin_token_file, cluster)
         }
     }

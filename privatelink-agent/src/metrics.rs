@@ -36,6 +36,9 @@ pub struct AgentMetrics {
     pub sync_errors: Counter,
     pub drift_repairs: Counter,
     pub revision: Gauge,
+    /// 1 while the shared store (etcd) is reachable and followed; 0 while not (forwarding goes on
+    /// with the last state). Always 1 with the embedded store.
+    pub store_up: Gauge,
     /// (interface, mode) → 1 while attached.
     pub programs: Family<Labels, Gauge>,
     /// Map → (entries, capacity), from the writer's shadow after each sync.
@@ -49,6 +52,11 @@ impl Default for AgentMetrics {
             sync_errors: Counter::default(),
             drift_repairs: Counter::default(),
             revision: Gauge::default(),
+            store_up: {
+                let g = Gauge::default();
+                g.set(1);
+                g
+            },
             programs: Family::default(),
             maps: Mutex::new(Vec::new()),
         }
@@ -496,6 +504,11 @@ pub fn registry(sources: Sources) -> Registry {
         "privatelink_sync_revision",
         "Control-plane revision last applied to the maps",
         agent.revision.clone(),
+    );
+    r.register(
+        "privatelink_store_up",
+        "Whether the shared store (etcd) is reachable; the node forwards on its last state while not",
+        agent.store_up.clone(),
     );
     r.register(
         "privatelink_programs_attached",

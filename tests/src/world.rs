@@ -130,6 +130,8 @@ pub struct World {
     pub bpffs: BpfFs,
     /// The store's tmpfs, when the test asked for one.
     pub store: Tmpfs,
+    /// The etcd the state lives in, when the test asked for one.
+    pub etcd: Option<Etcd>,
     /// Tokens of the provider account and the two consumer accounts.
     pub tokens: Vec<String>,
     /// (network id, subnet id) of the provider network and the two consumer networks.
@@ -182,6 +184,9 @@ impl World {
 
 impl Drop for World {
     fn drop(&mut self) {
+        if let Some(e) = self.etcd.as_mut() {
+            e.stop();
+        }
         // The bpffs is mounted inside the directory: unmount it first or nothing is removed.
         let _ = nix::mount::umount2(&self.bpffs.0, nix::mount::MntFlags::MNT_DETACH);
         if let Some(at) = self.store.0.take() {
@@ -203,6 +208,91 @@ pub fn world_with(name: &str, extra: &str) -> (World, Agent) {
 /// The same, with the store (and the history next to it) on a tmpfs of `store_tmpfs` bytes when
 /// given, so a test can fill the disk under it.
 pub fn world_on(name: &str, extra: &str, store_tmpfs: Option<u64>) -> (World, Agent) {
+    world_backed(name, extra, store_tmpfs, false)
+}
+
+/// Where the etcd of a world listens, inside its node namespace.
+pub const ETCD: &str = "http://127.0.0.1:2379";
+
+/// An etcd server in the node namespace (data kept in `dir` across restarts), killed on drop.
+pub struct Etcd {
+    dir: std::path::PathBuf,
+    proc: Option<Proc>,
+}
+
+impl Etcd {
+    pub fn start(node: &privatelink_agent::netns::Netns, dir: &std::path::Path) -> Self {
+        let mut e = Etcd {
+            dir: dir.to_path_buf(),
+            proc: None,
+        };
+        e.restart(node);
+        e
+    }
+
+    /// Starts it (again) and waits until it takes connections.
+    pub fn restart(&mut self, node: &privatelink_agent::netns::Netns) {
+        std::fs::create_dir_all(&self.dir).unwrap();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("etcd.log"))
+            .unwrap();
+        let child = node
+            .command("etcd")
+            .args([
+                "--name",
+                "test",
+                "--data-dir",
+                self.dir.join("data").to_str().unwrap(),
+                "--listen-client-urls",
+                ETCD,
+                "--advertise-client-urls",
+                ETCD,
+                "--listen-peer-urls",
+                "http://127.0.0.1:2380",
+                "--initial-advertise-peer-urls",
+                "http://127.0.0.1:2380",
+                "--initial-cluster",
+                "test=http://127.0.0.1:2380",
+                "--max-txn-ops",
+                "10000",
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(log.try_clone().unwrap()))
+            .stderr(Stdio::from(log))
+            .spawn()
+            .expect("start etcd");
+        self.proc = Some(Proc(child));
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !node.enter(|| {
+            std::net::TcpStream::connect_timeout(
+                &"127.0.0.1:2379".parse().unwrap(),
+                Duration::from_millis(200),
+            )
+            .is_ok()
+        }) {
+            assert!(
+                Instant::now() < deadline,
+                "etcd did not start:\n{}",
+                std::fs::read_to_string(self.dir.join("etcd.log")).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    pub fn stop(&mut self) {
+        self.proc = None;
+    }
+}
+
+/// A world whose state lives in etcd (started in the node namespace) when `etcd`, else in SQLite.
+pub fn world_backed(
+    name: &str,
+    extra: &str,
+    store_tmpfs: Option<u64>,
+    etcd: bool,
+) -> (World, Agent) {
     let topo = Topology::build(2).expect("topology");
     let dir = std::env::temp_dir().join(format!("privatelink-{name}-{}", std::process::id()));
     std::fs::create_dir_all(dir.join("store")).unwrap();
@@ -220,21 +310,36 @@ pub fn world_on(name: &str, extra: &str, store_tmpfs: Option<u64>) -> (World, Ag
         at
     }));
     let db = dir.join("store").join("state.db");
-    // Accounts and networks first (the node's config names its networks), with the real code.
-    let privatelink_agent::demo::Prepared { tokens, vpcs } =
-        privatelink_agent::demo::prepare_store(
-            &db,
-            ADMIN,
-            &[
-                ("provider", "198.18.100.0/24", "198.18.100.0/24"),
-                ("1000000001", "198.18.0.0/16", "198.18.0.0/24"),
-                ("1000000002", "198.18.0.0/16", "198.18.0.0/24"),
-            ],
-        )
+    let store_cfg = privatelink_agent::config::StoreConfig {
+        path: db.clone(),
+        etcd: if etcd { vec![ETCD.to_string()] } else { vec![] },
+        ..Default::default()
+    };
+    let etcd = etcd.then(|| Etcd::start(&topo.node, &dir.join("etcd")));
+    // Accounts and networks first (the node's config names its networks), with the real code,
+    // in the node namespace (where etcd listens).
+    let privatelink_agent::demo::Prepared { tokens, vpcs } = topo
+        .node
+        .enter(|| {
+            privatelink_agent::demo::prepare_store(
+                store_cfg.open()?,
+                ADMIN,
+                &[
+                    ("provider", "198.18.100.0/24", "198.18.100.0/24"),
+                    ("1000000001", "198.18.0.0/16", "198.18.0.0/24"),
+                    ("1000000002", "198.18.0.0/16", "198.18.0.0/24"),
+                ],
+            )
+        })
         .unwrap();
     std::fs::write(dir.join("admin-token"), ADMIN).unwrap();
+    let etcd_line = if etcd.is_some() {
+        format!("etcd = [\"{ETCD}\"]\n")
+    } else {
+        String::new()
+    };
     let head = format!(
-        "node = \"test-node\"\nadmin_token_file = \"{}\"\nresync_interval = 1\nbpffs = \"{}\"\n[api]\nlisten = \"{API}\"\n[store]\npath = \"{}\"\n",
+        "node = \"test-node\"\nadmin_token_file = \"{}\"\nresync_interval = 1\nbpffs = \"{}\"\n[api]\nlisten = \"{API}\"\n[store]\npath = \"{}\"\n{etcd_line}",
         dir.join("admin-token").display(),
         bpffs.0.join("privatelink").display(),
         db.display()
@@ -255,6 +360,7 @@ pub fn world_on(name: &str, extra: &str, store_tmpfs: Option<u64>) -> (World, Ag
         dir,
         bpffs,
         store,
+        etcd,
         tokens,
         vpcs,
         svc: String::new(),

@@ -718,6 +718,7 @@ fn openapi_document_covers_every_route() {
         ("/v1/networks/{id}/subnets", &["get", "post"][..]),
         ("/v1/accounts", &["get", "post"][..]),
         ("/v1/export.csv", &["get"][..]),
+        ("/v1/nodes", &["get"][..]),
     ] {
         for m in methods {
             assert!(
@@ -728,7 +729,7 @@ fn openapi_document_covers_every_route() {
     }
     assert_eq!(
         paths.len(),
-        27,
+        28,
         "every route is documented: {:?}",
         paths.keys().collect::<Vec<_>>()
     );

@@ -31,6 +31,8 @@ pub const PACKAGES: &[&str] = &[
     "python3",
     "bind9-dnsutils",
     "dnsmasq-base",
+    "protobuf-compiler",
+    "libprotobuf-dev",
 ];
 
 fn step(name: &str, what: impl std::fmt::Display) {

@@ -57,13 +57,14 @@ impl FromRequestParts<Plane> for Auth {
     }
 }
 
-/// Runs a mutation on the blocking pool (a commit waits for fsync).
+/// Runs a mutation on the blocking pool (a commit waits for fsync, or for etcd). When another
+/// server committed first, it is validated again against the new state.
 async fn mutate<T: Send + 'static>(
     plane: Plane,
     caller: Caller,
-    op: impl FnOnce(&State_, &mut ops::Ctx) -> ops::Outcome<T> + Send + 'static,
+    op: impl Fn(&State_, &mut ops::Ctx) -> ops::Outcome<T> + Send + 'static,
 ) -> ApiResult<T> {
-    tokio::task::spawn_blocking(move || plane.mutate(&caller, op))
+    tokio::task::spawn_blocking(move || plane.mutate_retrying(&caller, op))
         .await
         .map_err(|e| ApiError::new(500, "internal", format!("mutation task failed: {e}")))?
 }
@@ -244,7 +245,7 @@ async fn create_account(
 ) -> ApiResult<Response> {
     let secret = new_token();
     mutate(p, c, move |s, cx| {
-        accounts::create_account(s, cx, req, secret)
+        accounts::create_account(s, cx, req.clone(), secret.clone())
     })
     .await
     .map(created)
@@ -262,9 +263,11 @@ async fn issue_token(
     Path(id): Path<String>,
 ) -> ApiResult<Response> {
     let secret = new_token();
-    mutate(p, c, move |s, cx| accounts::issue_token(s, cx, &id, secret))
-        .await
-        .map(created)
+    mutate(p, c, move |s, cx| {
+        accounts::issue_token(s, cx, &id, secret.clone())
+    })
+    .await
+    .map(created)
 }
 
 #[utoipa::path(post, path = "/v1/networks", request_body = accounts::CreateNetwork, responses((status = 201, body = crate::control::types::Network, description = "Create a network (admin)"), (status = "4XX", body = ErrorBody, description = "error: stable code, message, offending field")), security(("bearer" = [])), summary = "Create a network (admin)")]
@@ -273,9 +276,11 @@ async fn create_network(
     Auth(c): Auth,
     Body(req): Body<accounts::CreateNetwork>,
 ) -> ApiResult<Response> {
-    mutate(p, c, move |s, cx| accounts::create_network(s, cx, req))
-        .await
-        .map(created)
+    mutate(p, c, move |s, cx| {
+        accounts::create_network(s, cx, req.clone())
+    })
+    .await
+    .map(created)
 }
 
 #[utoipa::path(get, path = "/v1/networks", responses((status = 200, body = Vec<crate::control::types::Network>, description = "Networks the caller may see"), (status = "4XX", body = ErrorBody, description = "error: stable code, message, offending field")), security(("bearer" = [])), summary = "Networks the caller may see")]
@@ -310,9 +315,11 @@ async fn create_subnet(
     Path(id): Path<String>,
     Body(req): Body<accounts::CreateSubnet>,
 ) -> ApiResult<Response> {
-    mutate(p, c, move |s, cx| accounts::create_subnet(s, cx, &id, req))
-        .await
-        .map(created)
+    mutate(p, c, move |s, cx| {
+        accounts::create_subnet(s, cx, &id, req.clone())
+    })
+    .await
+    .map(created)
 }
 
 #[utoipa::path(get, path = "/v1/networks/{id}/subnets", params(("id" = String, Path, description = "object id")), responses((status = 200, body = Vec<crate::control::types::Subnet>, description = "Subnets of a network"), (status = "4XX", body = ErrorBody, description = "error: stable code, message, offending field")), security(("bearer" = [])), summary = "Subnets of a network")]
@@ -343,7 +350,7 @@ async fn create_service(
     Auth(c): Auth,
     Body(req): Body<services::CreateService>,
 ) -> ApiResult<Response> {
-    mutate(p, c, move |s, cx| services::create(s, cx, req))
+    mutate(p, c, move |s, cx| services::create(s, cx, req.clone()))
         .await
         .map(created)
 }
@@ -380,7 +387,7 @@ async fn update_service(
     Path(id): Path<String>,
     Body(req): Body<services::UpdateService>,
 ) -> ApiResult<Response> {
-    mutate(p, c, move |s, cx| services::update(s, cx, &id, req))
+    mutate(p, c, move |s, cx| services::update(s, cx, &id, req.clone()))
         .await
         .map(ok)
 }
@@ -403,9 +410,11 @@ async fn set_backends(
     Path(id): Path<String>,
     Body(req): Body<services::Backends>,
 ) -> ApiResult<Response> {
-    mutate(p, c, move |s, cx| services::set_backends(s, cx, &id, req))
-        .await
-        .map(ok)
+    mutate(p, c, move |s, cx| {
+        services::set_backends(s, cx, &id, req.clone())
+    })
+    .await
+    .map(ok)
 }
 
 #[utoipa::path(post, path = "/v1/services/{id}/port-mappings", request_body = services::AddPortMappings, params(("id" = String, Path, description = "object id")), responses((status = 200, body = crate::control::types::Service, description = "Add port mappings (at most 50 per request; add-only)"), (status = "4XX", body = ErrorBody, description = "error: stable code, message, offending field")), security(("bearer" = [])), summary = "Add port mappings (at most 50 per request; add-only)")]
@@ -416,7 +425,7 @@ async fn add_port_mappings(
     Body(req): Body<services::AddPortMappings>,
 ) -> ApiResult<Response> {
     mutate(p, c, move |s, cx| {
-        services::add_port_mappings(s, cx, &id, req)
+        services::add_port_mappings(s, cx, &id, req.clone())
     })
     .await
     .map(ok)
@@ -443,7 +452,7 @@ async fn allow(
     Path(id): Path<String>,
     Body(req): Body<services::AllowReq>,
 ) -> ApiResult<Response> {
-    mutate(p, c, move |s, cx| services::allow(s, cx, &id, req))
+    mutate(p, c, move |s, cx| services::allow(s, cx, &id, req.clone()))
         .await
         .map(created)
 }
@@ -508,9 +517,11 @@ async fn accept(
     Path(id): Path<String>,
     Body(req): Body<services::EndpointIds>,
 ) -> ApiResult<Response> {
-    mutate(p, c, move |s, cx| services::decide(s, cx, &id, req, true))
-        .await
-        .map(|r| ok(json!({ "results": r })))
+    mutate(p, c, move |s, cx| {
+        services::decide(s, cx, &id, req.clone(), true)
+    })
+    .await
+    .map(|r| ok(json!({ "results": r })))
 }
 
 #[utoipa::path(post, path = "/v1/services/{id}/reject", request_body = services::EndpointIds, params(("id" = String, Path, description = "object id")), responses((status = 200, body = Results, description = "Reject connections, a result per item"), (status = "4XX", body = ErrorBody, description = "error: stable code, message, offending field")), security(("bearer" = [])), summary = "Reject connections, a result per item")]
@@ -520,9 +531,11 @@ async fn reject(
     Path(id): Path<String>,
     Body(req): Body<services::EndpointIds>,
 ) -> ApiResult<Response> {
-    mutate(p, c, move |s, cx| services::decide(s, cx, &id, req, false))
-        .await
-        .map(|r| ok(json!({ "results": r })))
+    mutate(p, c, move |s, cx| {
+        services::decide(s, cx, &id, req.clone(), false)
+    })
+    .await
+    .map(|r| ok(json!({ "results": r })))
 }
 
 // ---- endpoints ----
@@ -533,7 +546,7 @@ async fn create_endpoint(
     Auth(c): Auth,
     Body(req): Body<endpoints::CreateEndpoint>,
 ) -> ApiResult<Response> {
-    mutate(p, c, move |s, cx| endpoints::create(s, cx, req))
+    mutate(p, c, move |s, cx| endpoints::create(s, cx, req.clone()))
         .await
         .map(created)
 }
@@ -570,9 +583,11 @@ async fn update_endpoint(
     Path(id): Path<String>,
     Body(req): Body<endpoints::UpdateEndpoint>,
 ) -> ApiResult<Response> {
-    mutate(p, c, move |s, cx| endpoints::update(s, cx, &id, req))
-        .await
-        .map(ok)
+    mutate(p, c, move |s, cx| {
+        endpoints::update(s, cx, &id, req.clone())
+    })
+    .await
+    .map(ok)
 }
 
 #[utoipa::path(delete, path = "/v1/endpoints/{id}", params(("id" = String, Path, description = "object id")), responses((status = 204, description = "Delete an endpoint"), (status = "4XX", body = ErrorBody, description = "error: stable code, message, offending field")), security(("bearer" = [])), summary = "Delete an endpoint")]
@@ -593,7 +608,7 @@ async fn bind(
     Path(id): Path<String>,
     Body(req): Body<endpoints::BindingReq>,
 ) -> ApiResult<Response> {
-    mutate(p, c, move |s, cx| endpoints::bind(s, cx, &id, req))
+    mutate(p, c, move |s, cx| endpoints::bind(s, cx, &id, req.clone()))
         .await
         .map(ok)
 }
@@ -605,9 +620,11 @@ async fn set_bindings(
     Path(id): Path<String>,
     Body(req): Body<endpoints::Bindings>,
 ) -> ApiResult<Response> {
-    mutate(p, c, move |s, cx| endpoints::set_bindings(s, cx, &id, req))
-        .await
-        .map(ok)
+    mutate(p, c, move |s, cx| {
+        endpoints::set_bindings(s, cx, &id, req.clone())
+    })
+    .await
+    .map(ok)
 }
 
 #[utoipa::path(delete, path = "/v1/endpoints/{id}/security-groups/{sg}", params(("id" = String, Path, description = "object id"), ("sg" = String, Path, description = "security group id")), responses((status = 200, body = crate::control::types::Endpoint, description = "Unbind a security group"), (status = "4XX", body = ErrorBody, description = "error: stable code, message, offending field")), security(("bearer" = [])), summary = "Unbind a security group")]
@@ -629,7 +646,7 @@ async fn create_group(
     Auth(c): Auth,
     Body(req): Body<groups::CreateGroup>,
 ) -> ApiResult<Response> {
-    mutate(p, c, move |s, cx| groups::create(s, cx, req))
+    mutate(p, c, move |s, cx| groups::create(s, cx, req.clone()))
         .await
         .map(created)
 }
@@ -666,7 +683,7 @@ async fn update_group(
     Path(id): Path<String>,
     Body(req): Body<groups::UpdateGroup>,
 ) -> ApiResult<Response> {
-    mutate(p, c, move |s, cx| groups::update(s, cx, &id, req))
+    mutate(p, c, move |s, cx| groups::update(s, cx, &id, req.clone()))
         .await
         .map(ok)
 }
@@ -678,9 +695,11 @@ async fn set_rules(
     Path(id): Path<String>,
     Body(req): Body<groups::Rules>,
 ) -> ApiResult<Response> {
-    mutate(p, c, move |s, cx| groups::set_rules(s, cx, &id, req))
-        .await
-        .map(ok)
+    mutate(p, c, move |s, cx| {
+        groups::set_rules(s, cx, &id, req.clone())
+    })
+    .await
+    .map(ok)
 }
 
 #[utoipa::path(delete, path = "/v1/security-groups/{id}", params(("id" = String, Path, description = "object id")), responses((status = 204, description = "Delete an unbound security group"), (status = "4XX", body = ErrorBody, description = "error: stable code, message, offending field")), security(("bearer" = [])), summary = "Delete an unbound security group")]
@@ -869,6 +888,16 @@ async fn revision(State(p): State<Plane>, Auth(_): Auth) -> ApiResult<Response> 
     Ok(ok(json!({ "revision": p.revision() })))
 }
 
+#[utoipa::path(get, path = "/v1/nodes", responses((status = 200, body = Vec<crate::control::store::NodeReport>, description = "The revision each node agent applied to its datapath, and when it said so"), (status = "4XX", body = ErrorBody, description = "error: stable code, message, offending field")), security(("bearer" = [])), summary = "Which nodes run which revision")]
+async fn nodes(State(p): State<Plane>, Auth(c): Auth) -> ApiResult<Response> {
+    ops::admin(&c)?;
+    let nodes = tokio::task::spawn_blocking(move || p.nodes())
+        .await
+        .map_err(|e| ApiError::new(500, "internal", format!("nodes task failed: {e}")))?
+        .map_err(|e| ApiError::new(503, "store_unavailable", e.to_string()))?;
+    Ok(ok(json!({ "nodes": nodes })))
+}
+
 /// Documentation shapes (the handlers build these with `json!`).
 #[derive(Serialize, utoipa::ToSchema)]
 pub struct ErrorBody {
@@ -937,7 +966,7 @@ impl utoipa::Modify for BearerAuth {
 #[openapi(
     info(title = "privatelink control plane", description = "Endpoint services, endpoints, allowlists and security groups."),
     modifiers(&BearerAuth),
-    paths(revision, service_health, history, create_account, list_accounts, issue_token, create_network, list_networks, get_network, delete_network, create_subnet, list_subnets, delete_subnet, create_service, list_services, get_service, update_service, delete_service, set_backends, add_port_mappings, list_allowlist, allow, disallow, verify, connections, accept, reject, create_endpoint, list_endpoints, get_endpoint, update_endpoint, delete_endpoint, bind, set_bindings, unbind, create_group, list_groups, get_group, update_group, set_rules, delete_group, export_csv),
+    paths(revision, nodes, service_health, history, create_account, list_accounts, issue_token, create_network, list_networks, get_network, delete_network, create_subnet, list_subnets, delete_subnet, create_service, list_services, get_service, update_service, delete_service, set_backends, add_port_mappings, list_allowlist, allow, disallow, verify, connections, accept, reject, create_endpoint, list_endpoints, get_endpoint, update_endpoint, delete_endpoint, bind, set_bindings, unbind, create_group, list_groups, get_group, update_group, set_rules, delete_group, export_csv),
 )]
 pub struct ApiDoc;
 
@@ -953,6 +982,7 @@ async fn fallback() -> ApiError {
 pub fn router(plane: Plane) -> Router {
     Router::new()
         .route("/v1/revision", get(revision))
+        .route("/v1/nodes", get(nodes))
         .route("/v1/accounts", post(create_account).get(list_accounts))
         .route("/v1/accounts/{id}/tokens", post(issue_token))
         .route("/v1/networks", post(create_network).get(list_networks))

@@ -1,6 +1,7 @@
 //! The control plane: the PrivateLink model, its rules, a durable store and the REST API.
 pub mod api;
 pub mod error;
+pub mod etcd;
 pub mod ops;
 pub mod plane;
 pub mod state;

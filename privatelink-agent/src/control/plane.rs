@@ -14,7 +14,7 @@ use super::{
     error::{ApiError, ApiResult},
     ops::{Caller, Ctx, Outcome, accounts::token_hash},
     state::State,
-    store::{Store, StoreError},
+    store::{NodeReport, Store, StoreError},
     types::Cluster,
 };
 
@@ -32,6 +32,17 @@ pub struct ControlPlane {
     /// This node's monitoring history, when the agent keeps one.
     history: std::sync::OnceLock<Arc<Mutex<crate::history::History>>>,
     cluster: Cluster,
+    /// Reports made through this process (the only ones a local store has).
+    local_reports: Mutex<BTreeMap<String, NodeReport>>,
+}
+
+fn unavailable(revision: u64, e: StoreError) -> ApiError {
+    log::error!("commit of revision {revision} failed: {e}");
+    ApiError::new(
+        503,
+        "store_unavailable",
+        format!("the change was not saved and not applied: {e}"),
+    )
 }
 
 fn now() -> u64 {
@@ -66,6 +77,7 @@ impl ControlPlane {
             health: Mutex::new(BTreeMap::new()),
             history: std::sync::OnceLock::new(),
             cluster: Cluster::default(),
+            local_reports: Mutex::new(BTreeMap::new()),
         })
     }
 
@@ -116,11 +128,96 @@ impl ControlPlane {
     }
 
     /// Runs a mutation: validate against the state, commit the changes as the next revision, apply.
+    /// When a shared store moved on meanwhile (another API server committed first), the state is
+    /// reloaded and the caller gets a 409 to retry; [`ControlPlane::mutate_retrying`] retries.
     pub fn mutate<T>(
         &self,
         caller: &Caller,
         op: impl FnOnce(&State, &mut Ctx) -> Outcome<T>,
     ) -> ApiResult<T> {
+        self.attempt(caller, op).unwrap_or_else(|| {
+            Err(ApiError::conflict(
+                "state_changed",
+                "another server changed the state first; retry the request",
+            ))
+        })
+    }
+
+    /// The same, validating again against the reloaded state when another server committed first
+    /// (a bounded number of times).
+    pub fn mutate_retrying<T>(
+        &self,
+        caller: &Caller,
+        op: impl Fn(&State, &mut Ctx) -> Outcome<T>,
+    ) -> ApiResult<T> {
+        for _ in 0..16 {
+            if let Some(r) = self.attempt(caller, &op) {
+                return r;
+            }
+        }
+        Err(ApiError::new(
+            503,
+            "state_busy",
+            "the state kept changing under this request; retry it",
+        ))
+    }
+
+    /// Loads the store's state if it is at another revision than ours (changes committed by other
+    /// servers), and announces it. Returns whether it changed.
+    pub fn refresh(&self) -> Result<bool, StoreError> {
+        let mut guard = self.lock();
+        let fresh = guard.store.load()?;
+        if fresh.revision == guard.state.revision {
+            return Ok(false);
+        }
+        let revision = fresh.revision;
+        guard.state = fresh;
+        drop(guard);
+        self.revision.send_replace(revision);
+        Ok(true)
+    }
+
+    /// Records that `node` applied `revision` (in a shared store, for every server to list).
+    pub fn report_applied(&self, node: &str, revision: u64) -> Result<(), StoreError> {
+        let report = NodeReport {
+            node: node.to_string(),
+            revision,
+            reported_at: now(),
+        };
+        self.local_reports
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(node.to_string(), report.clone());
+        self.lock().store.report(node, &report)
+    }
+
+    /// What every node reported: the shared store's reports, with this process's own.
+    pub fn nodes(&self) -> Result<Vec<NodeReport>, StoreError> {
+        let mut all: BTreeMap<String, NodeReport> = self
+            .lock()
+            .store
+            .nodes()?
+            .into_iter()
+            .map(|r| (r.node.clone(), r))
+            .collect();
+        for (n, r) in self
+            .local_reports
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+        {
+            all.insert(n.clone(), r.clone());
+        }
+        Ok(all.into_values().collect())
+    }
+
+    /// One try: `None` when the store refused the commit because it is at another revision (the
+    /// state is reloaded then).
+    fn attempt<T>(
+        &self,
+        caller: &Caller,
+        op: impl FnOnce(&State, &mut Ctx) -> Outcome<T>,
+    ) -> Option<ApiResult<T>> {
         let mut guard = self.lock();
         let inner = &mut *guard;
         let mut rnd = random;
@@ -130,23 +227,37 @@ impl ControlPlane {
             random: &mut rnd,
             cluster: &self.cluster,
         };
-        let (changes, response) = op(&inner.state, &mut cx)?;
+        let (changes, response) = match op(&inner.state, &mut cx) {
+            Ok(v) => v,
+            Err(e) => return Some(Err(e)),
+        };
         if changes.is_empty() {
-            return Ok(response);
+            return Some(Ok(response));
         }
         let revision = inner.state.revision + 1;
-        inner.store.commit(revision, &changes).map_err(|e| {
-            log::error!("commit of revision {revision} failed: {e}");
-            ApiError::new(
-                503,
-                "store_unavailable",
-                format!("the change was not saved and not applied: {e}"),
-            )
-        })?;
+        match inner.store.commit(revision, &changes) {
+            Ok(()) => {}
+            Err(StoreError::Conflict { current, .. }) => {
+                log::info!(
+                    "revision {revision}: the store is at {current}; reloading and validating again"
+                );
+                return match inner.store.load() {
+                    Ok(fresh) => {
+                        let r = fresh.revision;
+                        inner.state = fresh;
+                        drop(guard);
+                        self.revision.send_replace(r);
+                        None
+                    }
+                    Err(e) => Some(Err(unavailable(revision, e))),
+                };
+            }
+            Err(e) => return Some(Err(unavailable(revision, e))),
+        }
         inner.state.apply(revision, &changes);
         drop(guard);
         self.revision.send_replace(revision);
-        Ok(response)
+        Some(Ok(response))
     }
 
     /// Attaches the node's monitoring history (served by the API).

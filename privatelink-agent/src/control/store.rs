@@ -26,6 +26,8 @@ pub enum StoreError {
     Conflict { wanted: u64, current: u64 },
     #[error("store schema version {0} is newer than this agent understands ({SCHEMA_VERSION})")]
     TooNew(i64),
+    #[error("store: etcd: {0}")]
+    Etcd(String),
 }
 
 pub trait Store: Send {
@@ -33,6 +35,24 @@ pub trait Store: Send {
     fn load(&mut self) -> Result<State, StoreError>;
     /// Commits `changes` as `revision`, which must be the store's revision + 1.
     fn commit(&mut self, revision: u64, changes: &[Change]) -> Result<(), StoreError>;
+    /// Records that `node` applied `revision` to its datapath (shared stores only).
+    fn report(&mut self, _node: &str, _report: &NodeReport) -> Result<(), StoreError> {
+        Ok(())
+    }
+    /// What every node reported (shared stores only).
+    fn nodes(&mut self) -> Result<Vec<NodeReport>, StoreError> {
+        Ok(Vec::new())
+    }
+}
+
+/// One node's last applied revision.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
+pub struct NodeReport {
+    pub node: String,
+    /// State revision the node's datapath holds.
+    pub revision: u64,
+    /// When it reported (unix seconds).
+    pub reported_at: u64,
 }
 
 /// Schema migrations, applied in order; `PRAGMA user_version` records how many ran.

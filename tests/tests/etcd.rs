@@ -1,0 +1,273 @@
+//! The state in a real etcd, shared by the node agent and a second API server (both real binaries,
+//! in the node namespace where the test runs etcd): a change made through the other server reaches
+//! the agent's datapath within a second; two servers racing for one address give exactly one
+//! winner; with etcd stopped, traffic keeps flowing, writes fail clearly and the agent says so;
+//! when it is back, the agent catches up.
+use std::{
+    process::Stdio,
+    sync::{Arc, atomic::AtomicBool},
+    time::{Duration, Instant},
+};
+
+use privatelink_agent::demo::{BACKEND, ENDPOINT, TCP_PORTS};
+use privatelink_tests::{
+    agent_bin, privileged,
+    world::{
+        ADMIN, ETCD, Proc, World, api, echo_server, node_get, round_trip, until, wait_for_traffic,
+        world_backed,
+    },
+};
+use serde_json::{Value, json};
+
+/// The second API server's address (node namespace loopback).
+const OTHER: &str = "127.0.0.1:7272";
+
+/// The standalone API server on the same etcd, waited for.
+fn other_server(w: &World) -> Proc {
+    let log = std::fs::File::create(w.dir.join("api2.log")).unwrap();
+    let p = Proc(
+        w.topo
+            .node
+            .command(agent_bin("privatelink-agent").to_str().unwrap())
+            .args([
+                "api",
+                "--listen",
+                OTHER,
+                "--etcd",
+                ETCD,
+                "--admin-token-file",
+                w.dir.join("admin-token").to_str().unwrap(),
+                "--store",
+                w.dir.join("api2.db").to_str().unwrap(),
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(log.try_clone().unwrap()))
+            .stderr(Stdio::from(log))
+            .spawn()
+            .expect("start the second API server"),
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while other(w, ADMIN, "GET", "/v1/revision", None).0 != 200 {
+        assert!(
+            Instant::now() < deadline,
+            "the second API server did not come up:\n{}",
+            std::fs::read_to_string(w.dir.join("api2.log")).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    p
+}
+
+/// A call to the second API server.
+fn other(w: &World, token: &str, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
+    let (token, method, path) = (token.to_string(), method.to_string(), path.to_string());
+    w.topo.node.enter(move || {
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(Duration::from_secs(10)))
+            .build()
+            .into();
+        let url = format!("http://{OTHER}{path}");
+        let auth = format!("Bearer {token}");
+        let r = match method.as_str() {
+            "GET" => agent.get(&url).header("Authorization", &auth).call(),
+            _ => agent
+                .post(&url)
+                .header("Authorization", &auth)
+                .header("Content-Type", "application/json")
+                .send(body.unwrap_or(json!({})).to_string()),
+        };
+        match r {
+            Ok(mut r) => {
+                let status = r.status().as_u16();
+                let text = r.body_mut().read_to_string().unwrap_or_default();
+                (status, serde_json::from_str(&text).unwrap_or(Value::Null))
+            }
+            Err(_) => (0, Value::Null),
+        }
+    })
+}
+
+fn other_ok(w: &World, token: &str, path: &str, body: Value) -> Value {
+    let (status, v) = other(w, token, "POST", path, Some(body.clone()));
+    assert!(
+        status == 200 || status == 201,
+        "POST {path} {body} on the other server: {status} {v}"
+    );
+    v
+}
+
+/// The revision the agent reports having applied (from `/v1/nodes`).
+fn applied(w: &World) -> u64 {
+    let (status, v) = api(&w.topo, ADMIN, "GET", "/v1/nodes", None);
+    assert_eq!(status, 200, "{v}");
+    v["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["node"] == "test-node")
+        .and_then(|n| n["revision"].as_u64())
+        .unwrap_or(0)
+}
+
+#[test]
+fn agents_follow_etcd_races_have_one_winner_and_an_outage_keeps_forwarding() {
+    if !privileged("agents_follow_etcd_races_have_one_winner_and_an_outage_keeps_forwarding") {
+        return;
+    }
+    let (mut w, _agent) = world_backed("etcd", "", None, true);
+    let _other = other_server(&w);
+    let stop = Arc::new(AtomicBool::new(false));
+    let server = echo_server(&w.topo, stop.clone());
+
+    // Everything through the second server; the agent learns it from etcd.
+    let svc = other_ok(
+        &w,
+        &w.tokens[0],
+        "/v1/services",
+        json!({ "name": "echo", "network_id": w.vpcs[0].0, "service_type": "clb",
+            "backends": [BACKEND.to_string()],
+            "port_mappings": [{ "protocol": "tcp", "service_port": TCP_PORTS.1, "terminal_port": TCP_PORTS.0 }] }),
+    );
+    let svc = svc["id"].as_str().unwrap().to_string();
+    let mut eps = Vec::new();
+    for c in [1, 2] {
+        other_ok(
+            &w,
+            &w.tokens[0],
+            &format!("/v1/services/{svc}/allowlist"),
+            json!({ "account_id": format!("100000000{c}") }),
+        );
+        let ep = other_ok(
+            &w,
+            &w.tokens[c],
+            "/v1/endpoints",
+            json!({ "name": "echo", "service_id": svc, "network_id": w.vpcs[c].0,
+                "subnet_id": w.vpcs[c].1, "ip": ENDPOINT.to_string() }),
+        );
+        eps.push(ep["id"].as_str().unwrap().to_string());
+    }
+    other_ok(
+        &w,
+        &w.tokens[0],
+        &format!("/v1/services/{svc}/accept"),
+        json!({ "endpoint_ids": eps }),
+    );
+    let committed = other(&w, ADMIN, "GET", "/v1/revision", None).1["revision"]
+        .as_u64()
+        .unwrap();
+    let t = Instant::now();
+    while applied(&w) < committed {
+        assert!(
+            t.elapsed() < Duration::from_secs(1),
+            "the agent did not apply revision {committed} within 1 s (at {})\n{}",
+            applied(&w),
+            w.log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    eprintln!(
+        "revision {committed} written through the other server, applied by the node in {:?}",
+        t.elapsed()
+    );
+    wait_for_traffic(&w, 0);
+    wait_for_traffic(&w, 1);
+
+    // Two servers race for the same address: exactly one wins, every time.
+    for round in 0..5u8 {
+        let ip = format!("198.18.0.{}", 150 + round);
+        let body = json!({ "name": "race", "service_id": svc, "network_id": w.vpcs[1].0,
+            "subnet_id": w.vpcs[1].1, "ip": ip });
+        let (a, b) = std::thread::scope(|s| {
+            let x = s.spawn(|| {
+                api(
+                    &w.topo,
+                    &w.tokens[1],
+                    "POST",
+                    "/v1/endpoints",
+                    Some(body.clone()),
+                )
+            });
+            let y = s.spawn(|| {
+                other(
+                    &w,
+                    &w.tokens[1],
+                    "POST",
+                    "/v1/endpoints",
+                    Some(body.clone()),
+                )
+            });
+            (x.join().unwrap(), y.join().unwrap())
+        });
+        let mut statuses = [a.0, b.0];
+        statuses.sort();
+        assert_eq!(
+            statuses,
+            [201, 409],
+            "round {round}: one created, one refused: {a:?} {b:?}"
+        );
+        let loser = if a.0 == 409 { &a.1 } else { &b.1 };
+        assert_eq!(loser["error"]["code"], "ip_in_use", "{loser}");
+    }
+
+    // etcd stopped: traffic keeps flowing, writes fail clearly, the node says so.
+    w.etcd.as_mut().unwrap().stop();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let text = node_get(&w.topo, "http://127.0.0.1:9464/metrics").unwrap_or_default();
+        if text.contains("\nprivatelink_store_up 0") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "store_up never went to 0\n{}",
+            w.log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    for c in [0, 1] {
+        round_trip(&w.topo, c, Duration::from_secs(2))
+            .unwrap_or_else(|e| panic!("consumer {c} during the outage: {e}"));
+    }
+    let (status, v) = other(
+        &w,
+        &w.tokens[0],
+        "POST",
+        &format!("/v1/services/{svc}/reject"),
+        Some(json!({ "endpoint_ids": [eps[0]] })),
+    );
+    assert_eq!(status, 503, "a write without etcd: {v}");
+    assert_eq!(v["error"]["code"], "store_unavailable", "{v}");
+    assert!(
+        w.log().contains("unreachable"),
+        "the agent's log says the store is unreachable:\n{}",
+        w.log()
+    );
+
+    // Back: the agent catches up with a change made right away.
+    w.etcd.as_mut().unwrap().restart(&w.topo.node);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let (status, _) = other(
+            &w,
+            &w.tokens[0],
+            "POST",
+            &format!("/v1/services/{svc}/reject"),
+            Some(json!({ "endpoint_ids": [eps[0]] })),
+        );
+        if status == 200 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "writes did not come back");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    until(&w, 0, false, "consumer 0 rejected after the outage");
+    until(&w, 1, true, "consumer 1 still accepted");
+    let text = node_get(&w.topo, "http://127.0.0.1:9464/metrics").unwrap_or_default();
+    assert!(
+        text.contains("\nprivatelink_store_up 1"),
+        "store_up back to 1"
+    );
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    server.join().unwrap();
+}
