@@ -467,7 +467,8 @@ pub fn run(cfg: Checked, detach_on_exit: bool) -> Result<()> {
             .store
             .etcd()
             .map(|e| tokio::spawn(follow_store(e, plane.clone(), metrics.clone())));
-        let mut reported = 0i64;
+        let mut reported = -1i64;
+        report_applied(&plane, &cfg.raw.node, &metrics, &mut reported);
         plane.read(|s| dns.update(s));
         dns.ensure(&node.ifaces);
         loop {
@@ -490,6 +491,7 @@ pub fn run(cfg: Checked, detach_on_exit: bool) -> Result<()> {
                     ifaces.refresh(&mut dp, &pins, &cfg, &mut node, &metrics);
                     reconcile(&plane, &mut dataplane, &node, &health, &mut sync, &metrics, true);
                     dns.ensure(&node.ifaces);
+                    report_applied(&plane, &cfg.raw.node, &metrics, &mut reported);
                 }
                 _ = health_changed.notified() => reconcile(&plane, &mut dataplane, &node, &health, &mut sync, &metrics, false),
                 _ = sample.tick() => sample_history(&plane, &history_reader, &history, &node),

@@ -115,7 +115,7 @@ fn agents_follow_etcd_races_have_one_winner_and_an_outage_keeps_forwarding() {
     if !privileged("agents_follow_etcd_races_have_one_winner_and_an_outage_keeps_forwarding") {
         return;
     }
-    let (mut w, _agent) = world_backed("etcd", "", None, true);
+    let (mut w, agent) = world_backed("etcd", "", None, true);
     let _other = other_server(&w);
     let stop = Arc::new(AtomicBool::new(false));
     let server = echo_server(&w.topo, stop.clone());
@@ -267,6 +267,30 @@ fn agents_follow_etcd_races_have_one_winner_and_an_outage_keeps_forwarding() {
     assert!(
         text.contains("\nprivatelink_store_up 1"),
         "store_up back to 1"
+    );
+
+    // A node restarted while changes happen catches up: killed, a change made meanwhile through
+    // the other server, started again.
+    drop(agent);
+    other_ok(
+        &w,
+        &w.tokens[0],
+        &format!("/v1/services/{svc}/accept"),
+        json!({ "endpoint_ids": [eps[0]] }),
+    );
+    let committed = other(&w, ADMIN, "GET", "/v1/revision", None).1["revision"]
+        .as_u64()
+        .unwrap();
+    let _agent = w.start_agent();
+    until(
+        &w,
+        0,
+        true,
+        "consumer 0 accepted again while its node was down",
+    );
+    assert!(
+        applied(&w) >= committed,
+        "the restarted node reports the new revision"
     );
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     server.join().unwrap();
