@@ -208,7 +208,23 @@ pub fn world_with(name: &str, extra: &str) -> (World, Agent) {
 /// The same, with the store (and the history next to it) on a tmpfs of `store_tmpfs` bytes when
 /// given, so a test can fill the disk under it.
 pub fn world_on(name: &str, extra: &str, store_tmpfs: Option<u64>) -> (World, Agent) {
-    world_backed(name, extra, store_tmpfs, false)
+    world_backed(name, extra, Backing::Sqlite { tmpfs: store_tmpfs })
+}
+
+/// Where a world's state lives.
+pub enum Backing<'a> {
+    /// SQLite, on a tmpfs of that many bytes when given.
+    Sqlite { tmpfs: Option<u64> },
+    /// An etcd started in the node namespace ([`World::etcd`]).
+    LocalEtcd,
+    /// A shared etcd at `url`: `connect` links the node namespace to it before anything starts;
+    /// `prepared` holds the accounts' tokens and networks another node made (`None`: make them).
+    /// The node is named after the world.
+    SharedEtcd {
+        url: String,
+        connect: &'a dyn Fn(&Topology),
+        prepared: Option<(Vec<String>, Vec<(String, String)>)>,
+    },
 }
 
 /// Where the etcd of a world listens, inside its node namespace.
@@ -218,15 +234,28 @@ pub const ETCD: &str = "http://127.0.0.1:2379";
 pub struct Etcd {
     dir: std::path::PathBuf,
     proc: Option<Proc>,
+    /// (listen, advertise) client URLs.
+    urls: (String, String),
 }
 
 impl Etcd {
     pub fn start(node: &privatelink_agent::netns::Netns, dir: &std::path::Path) -> Self {
+        Self::start_at(node, dir, ETCD, ETCD)
+    }
+
+    /// Started in `ns`, taking clients on `listen` (e.g. every address of a namespace of its own).
+    pub fn start_at(
+        ns: &privatelink_agent::netns::Netns,
+        dir: &std::path::Path,
+        listen: &str,
+        advertise: &str,
+    ) -> Self {
         let mut e = Etcd {
             dir: dir.to_path_buf(),
             proc: None,
+            urls: (listen.to_string(), advertise.to_string()),
         };
-        e.restart(node);
+        e.restart(ns);
         e
     }
 
@@ -246,9 +275,9 @@ impl Etcd {
                 "--data-dir",
                 self.dir.join("data").to_str().unwrap(),
                 "--listen-client-urls",
-                ETCD,
+                &self.urls.0,
                 "--advertise-client-urls",
-                ETCD,
+                &self.urls.1,
                 "--listen-peer-urls",
                 "http://127.0.0.1:2380",
                 "--initial-advertise-peer-urls",
@@ -286,14 +315,13 @@ impl Etcd {
     }
 }
 
-/// A world whose state lives in etcd (started in the node namespace) when `etcd`, else in SQLite.
-pub fn world_backed(
-    name: &str,
-    extra: &str,
-    store_tmpfs: Option<u64>,
-    etcd: bool,
-) -> (World, Agent) {
+/// A world whose state lives as `backing` says.
+pub fn world_backed(name: &str, extra: &str, backing: Backing) -> (World, Agent) {
     let topo = Topology::build(2).expect("topology");
+    let store_tmpfs = match backing {
+        Backing::Sqlite { tmpfs } => tmpfs,
+        _ => None,
+    };
     let dir = std::env::temp_dir().join(format!("privatelink-{name}-{}", std::process::id()));
     std::fs::create_dir_all(dir.join("store")).unwrap();
     let bpffs = BpfFs::mount(&dir);
@@ -310,36 +338,51 @@ pub fn world_backed(
         at
     }));
     let db = dir.join("store").join("state.db");
+    let (url, node_name) = match &backing {
+        Backing::Sqlite { .. } => (None, "test-node"),
+        Backing::LocalEtcd => (Some(ETCD.to_string()), "test-node"),
+        Backing::SharedEtcd { url, connect, .. } => {
+            connect(&topo);
+            (Some(url.clone()), name)
+        }
+    };
     let store_cfg = privatelink_agent::config::StoreConfig {
         path: db.clone(),
-        etcd: if etcd { vec![ETCD.to_string()] } else { vec![] },
+        etcd: url.iter().cloned().collect(),
         ..Default::default()
     };
-    let etcd = etcd.then(|| Etcd::start(&topo.node, &dir.join("etcd")));
+    let etcd =
+        matches!(backing, Backing::LocalEtcd).then(|| Etcd::start(&topo.node, &dir.join("etcd")));
     // Accounts and networks first (the node's config names its networks), with the real code,
-    // in the node namespace (where etcd listens).
-    let privatelink_agent::demo::Prepared { tokens, vpcs } = topo
-        .node
-        .enter(|| {
-            privatelink_agent::demo::prepare_store(
-                store_cfg.open()?,
-                ADMIN,
-                &[
-                    ("provider", "198.18.100.0/24", "198.18.100.0/24"),
-                    ("1000000001", "198.18.0.0/16", "198.18.0.0/24"),
-                    ("1000000002", "198.18.0.0/16", "198.18.0.0/24"),
-                ],
-            )
-        })
-        .unwrap();
-    std::fs::write(dir.join("admin-token"), ADMIN).unwrap();
-    let etcd_line = if etcd.is_some() {
-        format!("etcd = [\"{ETCD}\"]\n")
-    } else {
-        String::new()
+    // in the node namespace (where etcd is reached).
+    let (tokens, vpcs) = match backing {
+        Backing::SharedEtcd {
+            prepared: Some(p), ..
+        } => p,
+        _ => {
+            let p = topo
+                .node
+                .enter(|| {
+                    privatelink_agent::demo::prepare_store(
+                        store_cfg.open()?,
+                        ADMIN,
+                        &[
+                            ("provider", "198.18.100.0/24", "198.18.100.0/24"),
+                            ("1000000001", "198.18.0.0/16", "198.18.0.0/24"),
+                            ("1000000002", "198.18.0.0/16", "198.18.0.0/24"),
+                        ],
+                    )
+                })
+                .unwrap();
+            (p.tokens, p.vpcs)
+        }
     };
+    std::fs::write(dir.join("admin-token"), ADMIN).unwrap();
+    let etcd_line = url
+        .map(|u| format!("etcd = [\"{u}\"]\n"))
+        .unwrap_or_default();
     let head = format!(
-        "node = \"test-node\"\nadmin_token_file = \"{}\"\nresync_interval = 1\nbpffs = \"{}\"\n[api]\nlisten = \"{API}\"\n[store]\npath = \"{}\"\n{etcd_line}",
+        "node = \"{node_name}\"\nadmin_token_file = \"{}\"\nresync_interval = 1\nbpffs = \"{}\"\n[api]\nlisten = \"{API}\"\n[store]\npath = \"{}\"\n{etcd_line}",
         dir.join("admin-token").display(),
         bpffs.0.join("privatelink").display(),
         db.display()

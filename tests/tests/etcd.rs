@@ -13,8 +13,8 @@ use privatelink_agent::demo::{BACKEND, ENDPOINT, TCP_PORTS};
 use privatelink_tests::{
     agent_bin, privileged,
     world::{
-        ADMIN, ETCD, Proc, World, api, echo_server, node_get, round_trip, until, wait_for_traffic,
-        world_backed,
+        ADMIN, Backing, ETCD, Proc, World, api, echo_server, node_get, ok, round_trip, until,
+        wait_for_traffic, world_backed,
     },
 };
 use serde_json::{Value, json};
@@ -115,7 +115,7 @@ fn agents_follow_etcd_races_have_one_winner_and_an_outage_keeps_forwarding() {
     if !privileged("agents_follow_etcd_races_have_one_winner_and_an_outage_keeps_forwarding") {
         return;
     }
-    let (mut w, agent) = world_backed("etcd", "", None, true);
+    let (mut w, agent) = world_backed("etcd", "", Backing::LocalEtcd);
     let _other = other_server(&w);
     let stop = Arc::new(AtomicBool::new(false));
     let server = echo_server(&w.topo, stop.clone());
@@ -294,4 +294,136 @@ fn agents_follow_etcd_races_have_one_winner_and_an_outage_keeps_forwarding() {
     );
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     server.join().unwrap();
+}
+
+#[test]
+fn three_nodes_share_one_etcd_and_apply_a_change_within_a_second() {
+    if !privileged("three_nodes_share_one_etcd_and_apply_a_change_within_a_second") {
+        return;
+    }
+    // etcd in a namespace of its own, one point-to-point link to each node (198.18.200.0/24).
+    let et = privatelink_agent::netns::Netns::new("et").expect("etcd namespace");
+    let dir = std::env::temp_dir().join(format!("privatelink-etcd3-{}", std::process::id()));
+    let _etcd = privatelink_tests::world::Etcd::start_at(
+        &et,
+        &dir,
+        "http://0.0.0.0:2379",
+        "http://198.18.200.1:2379",
+    );
+    let link = |i: u8| {
+        let et = &et;
+        move |topo: &privatelink_agent::demo::Topology| {
+            let dev = format!("n{i}");
+            privatelink_agent::netns::veth(et, &dev, &topo.node, "et0").expect("veth to etcd");
+            et.ip(&[
+                "addr",
+                "add",
+                &format!("198.18.200.{}/30", 4 * i + 1),
+                "dev",
+                &dev,
+            ])
+            .unwrap();
+            topo.node
+                .ip(&[
+                    "addr",
+                    "add",
+                    &format!("198.18.200.{}/30", 4 * i + 2),
+                    "dev",
+                    "et0",
+                ])
+                .unwrap();
+        }
+    };
+    let url = |i: u8| format!("http://198.18.200.{}:2379", 4 * i + 1);
+    let (connect_a, connect_b, connect_c) = (link(0), link(1), link(2));
+    let (a, agent_a) = world_backed(
+        "node-a",
+        "",
+        Backing::SharedEtcd {
+            url: url(0),
+            connect: &connect_a,
+            prepared: None,
+        },
+    );
+    let prepared = (a.tokens.clone(), a.vpcs.clone());
+    let (b, agent_b) = world_backed(
+        "node-b",
+        "",
+        Backing::SharedEtcd {
+            url: url(1),
+            connect: &connect_b,
+            prepared: Some(prepared.clone()),
+        },
+    );
+    let (c, agent_c) = world_backed(
+        "node-c",
+        "",
+        Backing::SharedEtcd {
+            url: url(2),
+            connect: &connect_c,
+            prepared: Some(prepared),
+        },
+    );
+    // The service and both endpoints through node A's API, accepted there too.
+    let (a, agent_a) = privatelink_tests::world::echo_service((a, agent_a));
+    let committed = {
+        ok(
+            &a.topo,
+            &a.tokens[0],
+            &format!("/v1/services/{}/accept", a.svc),
+            json!({ "endpoint_ids": a.eps }),
+        );
+        api(&a.topo, ADMIN, "GET", "/v1/revision", None).1["revision"]
+            .as_u64()
+            .unwrap()
+    };
+    let t = Instant::now();
+    let nodes = |w: &World| -> Vec<(String, u64)> {
+        let (_, v) = api(&w.topo, ADMIN, "GET", "/v1/nodes", None);
+        v["nodes"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .map(|n| {
+                        (
+                            n["node"].as_str().unwrap_or("").to_string(),
+                            n["revision"].as_u64().unwrap_or(0),
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    loop {
+        let all = nodes(&a);
+        let done = ["node-a", "node-b", "node-c"]
+            .iter()
+            .all(|n| all.iter().any(|(m, r)| m == n && *r >= committed));
+        if done {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(1),
+            "not every node applied revision {committed} within 1 s: {all:?}\n{}\n{}",
+            b.log(),
+            c.log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    eprintln!(
+        "revision {committed}, written through node A, applied by all three nodes in {:?}",
+        t.elapsed()
+    );
+    // Traffic through each node's own datapath, from each node's consumers.
+    for w in [&a, &b, &c] {
+        let stop = Arc::new(AtomicBool::new(false));
+        let server = echo_server(&w.topo, stop.clone());
+        wait_for_traffic(w, 0);
+        wait_for_traffic(w, 1);
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        server.join().unwrap();
+    }
+    drop((agent_a, agent_b, agent_c));
+    drop((a, b, c));
+    let _ = std::fs::remove_dir_all(&dir);
 }
