@@ -211,6 +211,9 @@ pub fn world_on(name: &str, extra: &str, store_tmpfs: Option<u64>) -> (World, Ag
     world_backed(name, extra, Backing::Sqlite { tmpfs: store_tmpfs })
 }
 
+/// The accounts' tokens and their (network id, subnet id), as one node made them.
+pub type Accounts = (Vec<String>, Vec<(String, String)>);
+
 /// Where a world's state lives.
 pub enum Backing<'a> {
     /// SQLite, on a tmpfs of that many bytes when given.
@@ -223,7 +226,7 @@ pub enum Backing<'a> {
     SharedEtcd {
         url: String,
         connect: &'a dyn Fn(&Topology),
-        prepared: Option<(Vec<String>, Vec<(String, String)>)>,
+        prepared: Option<Accounts>,
     },
 }
 
