@@ -35,9 +35,19 @@ pub struct EtcdConfig {
 /// The store. Its calls block (on a runtime of its own): it is used from blocking threads, as
 /// the SQLite store is.
 pub struct EtcdStore {
-    rt: tokio::runtime::Runtime,
+    /// Always `Some` until drop (taken there: a runtime dropped inside another's async context
+    /// panics, a background shutdown does not).
+    rt: Option<tokio::runtime::Runtime>,
     client: Client,
     cfg: EtcdConfig,
+}
+
+impl Drop for EtcdStore {
+    fn drop(&mut self) {
+        if let Some(rt) = self.rt.take() {
+            rt.shutdown_background();
+        }
+    }
 }
 
 fn etcd(e: impl std::fmt::Display) -> StoreError {
@@ -56,7 +66,11 @@ impl EtcdStore {
         let client = rt
             .block_on(Client::connect(&cfg.endpoints, Some(opts)))
             .map_err(|e| StoreError::Etcd(format!("connecting to {:?}: {e}", cfg.endpoints)))?;
-        Ok(EtcdStore { rt, client, cfg })
+        Ok(EtcdStore {
+            rt: Some(rt),
+            client,
+            cfg,
+        })
     }
 
     fn revision_key(&self) -> String {
@@ -74,7 +88,12 @@ impl EtcdStore {
     /// The stored revision (0 when nothing was ever committed).
     fn current(&mut self) -> Result<u64, StoreError> {
         let key = self.revision_key();
-        let r = self.rt.block_on(self.client.get(key, None)).map_err(etcd)?;
+        let r = self
+            .rt
+            .as_ref()
+            .expect("runtime until drop")
+            .block_on(self.client.get(key, None))
+            .map_err(etcd)?;
         Ok(r.kvs()
             .first()
             .and_then(|kv| kv.value_str().ok()?.parse().ok())
@@ -87,6 +106,8 @@ impl Store for EtcdStore {
         // One range read: the objects and the revision at the same etcd revision.
         let r = self
             .rt
+            .as_ref()
+            .expect("runtime until drop")
             .block_on(self.client.get(
                 format!("{}/", self.cfg.prefix),
                 Some(GetOptions::new().with_prefix()),
@@ -138,7 +159,12 @@ impl Store for EtcdStore {
             .collect();
         ops.push(TxnOp::put(key, revision.to_string(), None));
         let txn = Txn::new().when([guard]).and_then(ops);
-        let r = self.rt.block_on(self.client.txn(txn)).map_err(etcd)?;
+        let r = self
+            .rt
+            .as_ref()
+            .expect("runtime until drop")
+            .block_on(self.client.txn(txn))
+            .map_err(etcd)?;
         if r.succeeded() {
             return Ok(());
         }
@@ -152,6 +178,8 @@ impl Store for EtcdStore {
         let key = self.node_key(node);
         let body = serde_json::to_vec(report).expect("reports serialise");
         self.rt
+            .as_ref()
+            .expect("runtime until drop")
             .block_on(self.client.put(key, body, None))
             .map_err(etcd)?;
         Ok(())
@@ -160,6 +188,8 @@ impl Store for EtcdStore {
     fn nodes(&mut self) -> Result<Vec<NodeReport>, StoreError> {
         let r = self
             .rt
+            .as_ref()
+            .expect("runtime until drop")
             .block_on(self.client.get(
                 format!("{}/nodes/", self.cfg.prefix),
                 Some(GetOptions::new().with_prefix()),

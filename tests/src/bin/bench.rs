@@ -563,10 +563,125 @@ fn sync_scale() {
     }
 }
 
+/// Shared state in etcd: from one write on one server to every follower having reloaded it, at
+/// 1k and 10k objects (etcd in a namespace of its own; followers are control planes following the
+/// revision key as agents do; a node's datapath apply comes on top, see the sync rows).
+fn etcd_convergence() {
+    use privatelink_agent::control::{
+        etcd::{EtcdConfig, EtcdStore},
+        ops::{Caller, endpoints},
+        plane::ControlPlane,
+        store::Store as _,
+        types::Change,
+    };
+    use std::sync::Arc;
+    println!("## Shared state in etcd: a write to every follower\n");
+    println!(
+        "| objects in the state | write on one server → reloaded by 2 followers (median of 5) | full load of the state |"
+    );
+    println!("|---:|---:|---:|");
+    let ns = privatelink_agent::netns::Netns::new("eb").expect("namespace");
+    let dir = std::env::temp_dir().join(format!("privatelink-bench-etcd-{}", std::process::id()));
+    let etcd = privatelink_tests::world::Etcd::start(&ns, &dir);
+    ns.enter(|| {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        for n in [1_000u32, 10_000] {
+            let cfg = EtcdConfig {
+                endpoints: vec![privatelink_tests::world::ETCD.to_string()],
+                prefix: format!("/bench{n}"),
+                timeout: Duration::from_secs(10),
+            };
+            let (state, _) = big_state(n);
+            let objects = state.objects().count();
+            let mut seed = EtcdStore::connect(cfg.clone()).expect("connect");
+            let changes: Vec<Change> = state.objects().map(Change::Put).collect();
+            // In pieces: etcd takes requests of at most 2 MiB.
+            for (k, chunk) in changes.chunks(1000).enumerate() {
+                seed.commit(k as u64 + 1, chunk).expect("seed the state");
+            }
+            let t = Instant::now();
+            seed.load().expect("load");
+            let load = t.elapsed();
+            let writer =
+                ControlPlane::open(Box::new(seed), "bench-admin-token-xx").expect("writer");
+            let followers: Vec<Arc<ControlPlane>> = (0..2)
+                .map(|_| {
+                    Arc::new(
+                        ControlPlane::open(
+                            Box::new(EtcdStore::connect(cfg.clone()).expect("connect")),
+                            "bench-admin-token-xx",
+                        )
+                        .expect("follower"),
+                    )
+                })
+                .collect();
+            let tasks: Vec<_> = followers
+                .iter()
+                .map(|f| {
+                    rt.spawn(privatelink_agent::agent::follow_store(
+                        cfg.clone(),
+                        f.clone(),
+                        Default::default(),
+                    ))
+                })
+                .collect();
+            std::thread::sleep(Duration::from_millis(500));
+            let caller = Caller::Account("consumer".into());
+            let mut times = Vec::new();
+            for i in 0..5u32 {
+                let id = format!("ep-{:08x}", i * 97);
+                let t = Instant::now();
+                writer
+                    .mutate(&caller, |s, cx| {
+                        endpoints::update(
+                            s,
+                            cx,
+                            &id,
+                            endpoints::UpdateEndpoint {
+                                name: Some(format!("renamed-{i}")),
+                                ..Default::default()
+                            },
+                        )
+                    })
+                    .expect("one write");
+                let r = writer.revision();
+                while followers.iter().any(|f| f.revision() < r) {
+                    assert!(t.elapsed() < Duration::from_secs(30), "followers stuck");
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                times.push(t.elapsed().as_secs_f64() * 1e3);
+            }
+            for t in tasks {
+                t.abort();
+            }
+            times.sort_by(f64::total_cmp);
+            println!(
+                "| {objects} | {:.0} ms | {:.0} ms |",
+                times[2],
+                load.as_secs_f64() * 1e3
+            );
+        }
+    });
+    drop(etcd);
+    let _ = std::fs::remove_dir_all(&dir);
+    println!(
+        "\nA follower reloads the whole state on every revision, so the time grows with the state; applying only the changed keys from the watch events is the next step.\n"
+    );
+}
+
 fn main() {
     if !privileged("bench") {
         eprintln!("bench needs root (CAP_BPF, CAP_NET_ADMIN)");
         std::process::exit(2);
+    }
+    match std::env::var("PRIVATELINK_BENCH_ONLY").as_deref() {
+        Ok("sync") => return sync_scale(),
+        Ok("etcd") => return etcd_convergence(),
+        _ => {}
     }
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
@@ -586,10 +701,6 @@ fn main() {
             .unwrap_or(0)
     );
 
-    if std::env::var("PRIVATELINK_BENCH_ONLY").is_ok_and(|v| v == "sync") {
-        sync_scale();
-        return;
-    }
     let mut rows = Vec::new();
     let mut floors = Vec::new();
     for (eps, fill) in [(10, 0), (10_000, 0), (100_000, 0), (100_000, 500_000)] {
@@ -623,6 +734,7 @@ fn main() {
     );
 
     sync_scale();
+    etcd_convergence();
 
     println!("## Map memory at default sizes\n");
     let dp = Datapath::load(&Sizes::default()).expect("load with default sizes");
