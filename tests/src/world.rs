@@ -43,14 +43,27 @@ pub fn api(
     path: &str,
     body: Option<Value>,
 ) -> (u16, Value) {
+    api_at(topo, API, token, method, path, body)
+}
+
+/// The same for an API server at `addr` in the node namespace.
+pub fn api_at(
+    topo: &Topology,
+    addr: &str,
+    token: &str,
+    method: &str,
+    path: &str,
+    body: Option<Value>,
+) -> (u16, Value) {
     let (token, method, path) = (token.to_string(), method.to_string(), path.to_string());
+    let addr = addr.to_string();
     topo.node.enter(move || {
         let agent: ureq::Agent = ureq::Agent::config_builder()
             .http_status_as_error(false)
-            .timeout_global(Some(Duration::from_secs(5)))
+            .timeout_global(Some(Duration::from_secs(10)))
             .build()
             .into();
-        let url = format!("http://{API}{path}");
+        let url = format!("http://{addr}{path}");
         let auth = format!("Bearer {token}");
         let body = body.unwrap_or(json!({})).to_string();
         let r = match method.as_str() {

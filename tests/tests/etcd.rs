@@ -13,8 +13,8 @@ use privatelink_agent::demo::{BACKEND, ENDPOINT, TCP_PORTS};
 use privatelink_tests::{
     agent_bin, privileged,
     world::{
-        ADMIN, Backing, ETCD, Proc, World, api, echo_server, node_get, ok, round_trip, until,
-        wait_for_traffic, world_backed,
+        ADMIN, Backing, ETCD, Proc, World, api, api_at, echo_server, node_get, ok, round_trip,
+        until, wait_for_traffic, world_backed,
     },
 };
 use serde_json::{Value, json};
@@ -60,32 +60,7 @@ fn other_server(w: &World) -> Proc {
 
 /// A call to the second API server.
 fn other(w: &World, token: &str, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
-    let (token, method, path) = (token.to_string(), method.to_string(), path.to_string());
-    w.topo.node.enter(move || {
-        let agent: ureq::Agent = ureq::Agent::config_builder()
-            .http_status_as_error(false)
-            .timeout_global(Some(Duration::from_secs(10)))
-            .build()
-            .into();
-        let url = format!("http://{OTHER}{path}");
-        let auth = format!("Bearer {token}");
-        let r = match method.as_str() {
-            "GET" => agent.get(&url).header("Authorization", &auth).call(),
-            _ => agent
-                .post(&url)
-                .header("Authorization", &auth)
-                .header("Content-Type", "application/json")
-                .send(body.unwrap_or(json!({})).to_string()),
-        };
-        match r {
-            Ok(mut r) => {
-                let status = r.status().as_u16();
-                let text = r.body_mut().read_to_string().unwrap_or_default();
-                (status, serde_json::from_str(&text).unwrap_or(Value::Null))
-            }
-            Err(_) => (0, Value::Null),
-        }
-    })
+    api_at(&w.topo, OTHER, token, method, path, body)
 }
 
 fn other_ok(w: &World, token: &str, path: &str, body: Value) -> Value {
