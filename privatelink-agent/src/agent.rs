@@ -460,6 +460,7 @@ pub fn run(cfg: Checked, detach_on_exit: bool) -> Result<()> {
         let mut links = LinkWatch::new().context("subscribing to link events")?;
         let mut sample =
             tokio::time::interval(Duration::from_secs(cfg.raw.history.sample_interval));
+        let mut sweep = tokio::time::interval(Duration::from_secs(cfg.raw.conntrack.gc_interval));
         let mut dns = Dns::new(cfg.raw.dns.clone(), cfg.raw.cluster.clone())
             .context("dns: setting up the forwarder")?;
         let follower = cfg
@@ -495,6 +496,12 @@ pub fn run(cfg: Checked, detach_on_exit: bool) -> Result<()> {
                 }
                 _ = health_changed.notified() => reconcile(&plane, &mut dataplane, &node, &health, &mut sync, &metrics, false),
                 _ = sample.tick() => sample_history(&plane, &history_reader, &history, &node),
+                _ = sweep.tick() => {
+                    let n = dataplane.sweep_expired(crate::metrics::monotonic_ns(), &node.datapath);
+                    if n > 0 {
+                        log::debug!("conntrack: {n} expired entries removed");
+                    }
+                }
                 _ = tokio::signal::ctrl_c() => break,
                 _ = term.recv() => break,
             }

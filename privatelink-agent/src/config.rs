@@ -270,6 +270,13 @@ pub struct ConntrackConfig {
     pub tcp_established_timeout: u64,
     pub tcp_closing_timeout: u64,
     pub udp_timeout: u64,
+    /// Seconds between sweeps of expired entries (a full table refuses new flows).
+    #[serde(default = "default_gc_interval")]
+    pub gc_interval: u64,
+}
+
+fn default_gc_interval() -> u64 {
+    5
 }
 
 impl Default for ConntrackConfig {
@@ -281,6 +288,7 @@ impl Default for ConntrackConfig {
             tcp_established_timeout: d.tcp_established_timeout_ns / 1_000_000_000,
             tcp_closing_timeout: d.tcp_closing_timeout_ns / 1_000_000_000,
             udp_timeout: d.udp_timeout_ns / 1_000_000_000,
+            gc_interval: default_gc_interval(),
         }
     }
 }
@@ -587,6 +595,7 @@ fn check(raw: AgentConfig) -> Result<Checked, ConfigError> {
         ("tcp_established_timeout", ct.tcp_established_timeout),
         ("tcp_closing_timeout", ct.tcp_closing_timeout),
         ("udp_timeout", ct.udp_timeout),
+        ("gc_interval", ct.gc_interval),
     ] {
         if v == 0 {
             return Err(err(format!("conntrack.{k}"), "must be at least 1 second"));

@@ -82,7 +82,8 @@ impl std::fmt::Debug for NodeCollector {
     }
 }
 
-pub(crate) fn monotonic_ns() -> u64 {
+/// CLOCK_MONOTONIC in ns: the clock conntrack timestamps are taken on (the coarse variant).
+pub fn monotonic_ns() -> u64 {
     nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
         .map(|t| t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64)
         .unwrap_or(0)

@@ -34,12 +34,14 @@ pub fn expired(flow: &Flow4, proto: u8, now: u64, cfg: &DatapathConfig) -> bool 
     now.saturating_sub(flow.last_seen_ns) > cfg.timeout_for(proto, flow.tcp_state)
 }
 
-/// The live entry for `key`; an expired one counts as absent.
+/// The live entry for `key`; an expired one counts as absent and is removed (its slot is free for
+/// a new flow at once; the twin goes with its own lookup or the agent's sweep).
 #[inline(always)]
 pub fn lookup(key: &FlowKey4, now: u64, cfg: &DatapathConfig) -> Option<*mut Flow4> {
     let f = CT4.get_ptr_mut(key)?;
     // SAFETY: pointer from a successful lookup.
     if expired(unsafe { &*f }, key.proto, now, cfg) {
+        let _ = CT4.remove(key);
         None
     } else {
         Some(f)

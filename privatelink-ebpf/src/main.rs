@@ -17,7 +17,7 @@ mod stats;
 
 use aya_ebpf::{
     macros::{map, xdp},
-    maps::{Array, DevMapHash, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap},
+    maps::{Array, DevMapHash, HashMap, PerCpuArray, PerCpuHashMap},
     programs::XdpContext,
 };
 use privatelink_common::{
@@ -66,10 +66,12 @@ static BACKENDS4: Array<Backend4> = Array::with_max_entries(DEFAULT_MAX_BACKENDS
 #[map]
 static NAT4: Array<NatRange4> = Array::with_max_entries(MAX_NETWORKS, 0);
 
-/// IPv4 conntrack: forward entries (consumer tuple) and reply entries (provider tuple).
+/// IPv4 conntrack: forward entries (consumer tuple) and reply entries (provider tuple). A plain
+/// hash, not an LRU: when it is full, new flows are refused (`conntrack_full`) instead of
+/// established ones being evicted. Expired entries go when a lookup meets them, or by the agent's
+/// sweep.
 #[map]
-static CT4: LruHashMap<FlowKey4, Flow4> =
-    LruHashMap::with_max_entries(DEFAULT_CONNTRACK_ENTRIES, 0);
+static CT4: HashMap<FlowKey4, Flow4> = HashMap::with_max_entries(DEFAULT_CONNTRACK_ENTRIES, 0);
 
 /// Index 0: timeouts set by the agent (defaults apply while unset).
 #[map]

@@ -989,3 +989,51 @@ fn icmp_errors_about_a_flow_reach_the_consumer_as_about_its_own_packet() {
         assert_eq!(h.outcomes()[c::DROP_ICMP_ECHO as usize], before + 1);
     });
 }
+
+#[test]
+fn a_full_conntrack_refuses_new_flows_keeps_established_ones_and_recovers() {
+    if !privatelink_tests::privileged("a_full_conntrack") {
+        return;
+    }
+    // 32 flows fill 64 entries (two per flow); UDP flows expire after a second.
+    let sizes = privatelink_agent::loader::Sizes {
+        conntrack: 64,
+        ..privatelink_agent::loader::Sizes::small()
+    };
+    privatelink_tests::fixture::with_harness_sized(sizes, |h| {
+        let mut m = h.model();
+        m.config.udp_timeout_ns = 1_000_000_000;
+        h.apply(&m);
+        let dgram = |h: &Harness, sport: u16| {
+            Pkt::udp(CONSUMER, sport, ENDPOINT, 53).macs(CONSUMER_MAC, h.c0_mac)
+        };
+        for sport in 30_000..30_032 {
+            let r = h.run(h.c0, &dgram(h, sport));
+            assert_eq!(
+                r.verdict, XDP_REDIRECT,
+                "flow from {sport} while there is room"
+            );
+        }
+        // Full: a new flow is refused and counted, on the node and on its link.
+        assert_dropped(
+            h,
+            h.c0,
+            &dgram(h, 40_000),
+            c::DROP_CONNTRACK_FULL,
+            Some(LINK),
+        );
+        // Established flows are not evicted: every one of them still forwards.
+        for sport in [30_000, 30_015, 30_031] {
+            let r = h.run(h.c0, &dgram(h, sport));
+            assert_eq!(r.verdict, XDP_REDIRECT, "established flow from {sport}");
+        }
+        // Flows end (time out); the sweep frees their entries, and new flows get in.
+        std::thread::sleep(std::time::Duration::from_millis(1300));
+        let swept = h
+            .plane
+            .sweep_expired(privatelink_agent::metrics::monotonic_ns(), &m.config);
+        assert_eq!(swept, 64, "both entries of every flow");
+        let r = h.run(h.c0, &dgram(h, 40_000));
+        assert_eq!(r.verdict, XDP_REDIRECT, "room again after the sweep");
+    });
+}

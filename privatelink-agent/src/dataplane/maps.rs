@@ -584,6 +584,25 @@ impl Dataplane {
         Ok(generation)
     }
 
+    /// Removes the conntrack entries that expired by `now` (monotonic ns), both of each flow: the
+    /// table refuses new flows when full, so ended flows must leave it. Returns how many entries.
+    pub fn sweep_expired(&mut self, now: u64, cfg: &privatelink_common::DatapathConfig) -> usize {
+        let doomed: Vec<FlowKey4> = self
+            .ct4
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(k, f)| {
+                now.saturating_sub(f.last_seen_ns) > cfg.timeout_for(k.proto, f.tcp_state)
+            })
+            .map(|(k, _)| k)
+            .collect();
+        for k in &doomed {
+            // Already gone (the datapath met it first) is fine.
+            let _ = self.ct4.remove(k);
+        }
+        doomed.len()
+    }
+
     /// Deletes every conntrack entry of the given links. Returns how many.
     pub fn cut_flows(&mut self, links: &BTreeSet<u32>) -> Result<usize, DataplaneError> {
         let doomed: Vec<FlowKey4> = self
@@ -646,11 +665,8 @@ impl Dataplane {
                 names::GLOBAL_STATS,
             )?))
             .map_err(map_err(names::GLOBAL_STATS))?,
-            ct4: HashMap::try_from(aya::maps::Map::LruHashMap(again(
-                self.ct4.map(),
-                names::CT4,
-            )?))
-            .map_err(map_err(names::CT4))?,
+            ct4: HashMap::try_from(aya::maps::Map::HashMap(again(self.ct4.map(), names::CT4)?))
+                .map_err(map_err(names::CT4))?,
             ct4_capacity: self
                 .ct4
                 .map()
