@@ -188,6 +188,9 @@ const ADMIN_TOKEN: &str = "demo-admin-token-0123456789";
 /// Where the agent serves inside the node namespace.
 pub const API: &str = "127.0.0.1:7070";
 pub const METRICS: &str = "127.0.0.1:9464";
+/// The demo's private DNS: the name the provider publishes, and where each consumer network asks.
+const PRIVATE_NAME: &str = "echo.demo.example";
+const DNS: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
 
 /// Files of one demo run, removed on drop.
 struct DemoDir(std::path::PathBuf);
@@ -345,7 +348,12 @@ pub fn run(once: bool) -> Result<()> {
         std::process::id(),
         db.display()
     );
-    let cfg = agent_config(&topo, &vpcs, &head);
+    // Private DNS for both consumer networks, at the same address in each.
+    let dns: String = vpcs[1..]
+        .iter()
+        .map(|(vpc, _)| format!("[dns.networks.{vpc}]\nlisten = \"{DNS}\"\n"))
+        .collect();
+    let cfg = agent_config(&topo, &vpcs, &head) + &dns;
     let checked = crate::config::parse(&cfg)?;
 
     // Peers that receive redirected frames need an XDP program of their own.
@@ -427,6 +435,7 @@ fn drive(
         "/v1/services",
         Some(serde_json::json!({
         "name": "demo-echo", "network_id": vpcs[0].0, "service_type": "clb", "backends": [BACKEND.to_string()],
+        "private_dns_name": PRIVATE_NAME,
         "port_mappings": [
             { "protocol": "tcp", "service_port": TCP_PORTS.1, "terminal_port": TCP_PORTS.0 },
             { "protocol": "udp", "service_port": UDP_PORTS.1, "terminal_port": UDP_PORTS.0 }] })),
@@ -448,7 +457,8 @@ fn drive(
             "POST",
             "/v1/endpoints",
             Some(serde_json::json!({
-            "name": format!("demo-{c}"), "service_id": svc_id, "network_id": vpcs[c].0, "subnet_id": vpcs[c].1, "ip": ENDPOINT.to_string() })),
+            "name": format!("demo-{c}"), "service_id": svc_id, "network_id": vpcs[c].0, "subnet_id": vpcs[c].1, "ip": ENDPOINT.to_string(),
+            "private_dns_enabled": true })),
         )?;
         println!(
             "demo: account {account} created endpoint {} at {ENDPOINT} ({})",
@@ -467,10 +477,12 @@ fn drive(
     println!("demo: provider accepted both connections to {svc_id}");
     for (i, ns) in topo.consumers.iter().enumerate() {
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        let (tcp_reply, udp_reply) = loop {
-            let r = ns.enter(|| -> Result<(String, Vec<u8>)> {
+        let (addr, tcp_reply, udp_reply) = loop {
+            let r = ns.enter(|| -> Result<(Ipv4Addr, String, Vec<u8>)> {
+                // By name: the network's private DNS answers with its own endpoint.
+                let addr = resolve(PRIVATE_NAME)?;
                 let mut s = TcpStream::connect_timeout(
-                    &SocketAddr::from((ENDPOINT, TCP_PORTS.0)),
+                    &SocketAddr::from((addr, TCP_PORTS.0)),
                     Duration::from_secs(1),
                 )?;
                 s.set_read_timeout(Some(IO_TIMEOUT))?;
@@ -482,7 +494,7 @@ fn drive(
                 u.send_to(b"udp ping", (ENDPOINT, UDP_PORTS.0))?;
                 let mut buf = [0u8; 64];
                 let (n, _) = u.recv_from(&mut buf)?;
-                Ok((reply, buf[..n].to_vec()))
+                Ok((addr, reply, buf[..n].to_vec()))
             });
             match r {
                 Ok(v) => break v,
@@ -493,7 +505,7 @@ fn drive(
             }
         };
         println!(
-            "consumer {} -> {ENDPOINT}:{}: {tcp_reply}",
+            "consumer {} -> {PRIVATE_NAME} (private DNS at {DNS}: {addr}) port {}: {tcp_reply}",
             i + 1,
             TCP_PORTS.0
         );
@@ -514,6 +526,31 @@ fn drive(
         );
     }
     Ok(())
+}
+
+/// The A record of `name` from the private DNS server of the calling thread's network.
+fn resolve(name: &str) -> Result<Ipv4Addr> {
+    use hickory_server::proto::{
+        op::{Message, MessageType, OpCode, Query},
+        rr::{Name, RData, RecordType},
+    };
+    use std::str::FromStr as _;
+    let mut q = Message::new(0x5eed, MessageType::Query, OpCode::Query);
+    q.add_query(Query::query(Name::from_str(name)?, RecordType::A));
+    let u = UdpSocket::bind("0.0.0.0:0")?;
+    u.set_read_timeout(Some(Duration::from_secs(1)))?;
+    u.send_to(&q.to_vec()?, (DNS, 53))?;
+    let mut buf = [0u8; 512];
+    let n = u.recv(&mut buf)?;
+    let reply = Message::from_vec(&buf[..n])?;
+    reply
+        .answers
+        .iter()
+        .find_map(|r| match r.data {
+            RData::A(a) => Some(a.0),
+            _ => None,
+        })
+        .with_context(|| format!("{name}: no address in the answer"))
 }
 
 /// Per-link counters as the agent's /metrics reports them.

@@ -22,8 +22,10 @@ fn the_demo_serves_both_consumers_and_cleans_up() {
     );
     for i in [1, 2] {
         assert!(
-            text.contains(&format!("consumer {i} -> 198.18.0.100:80: hello 198.19.")),
-            "the backend sees a NAT address:\n{text}"
+            text.contains(&format!(
+                "consumer {i} -> echo.demo.example (private DNS at 198.18.0.2: 198.18.0.100) port 80: hello 198.19."
+            )),
+            "the name resolves to the network's endpoint, and the backend sees a NAT address:\n{text}"
         );
         assert!(
             text.contains(&format!("consumer {i} -> 198.18.0.100:53: udp echo ok")),
