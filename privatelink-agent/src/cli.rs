@@ -63,6 +63,8 @@ enum Command {
     },
     /// The control plane's current revision.
     Revision,
+    /// Which node agents run which revision (admin; shared etcd store).
+    Nodes,
     /// Traffic history of an endpoint or service, from the agent's built-in monitoring.
     Metrics {
         #[arg(value_parser = ["endpoint", "service"])]
@@ -275,6 +277,9 @@ enum ServiceCmd {
         /// The name consumers' private DNS resolves to their endpoint (e.g. db.example.com).
         #[arg(long)]
         private_dns_name: Option<String>,
+        /// Endpoints answer ICMP echo requests (default: dropped and counted).
+        #[arg(long)]
+        answer_ping: bool,
     },
     List(ListArgs),
     Get {
@@ -291,6 +296,8 @@ enum ServiceCmd {
         /// A new private DNS name; "" removes it.
         #[arg(long)]
         private_dns_name: Option<String>,
+        #[arg(long)]
+        answer_ping: Option<bool>,
     },
     Delete {
         id: String,
@@ -486,13 +493,14 @@ fn request(cmd: &Command) -> anyhow::Result<Req> {
                 auto_accept,
                 tags: t,
                 private_dns_name,
+                answer_ping,
             } => req(
                 "POST",
                 "/v1/services",
                 Some(
                     json!({ "name": name, "network_id": network, "service_type": service_type, "backends": backends,
                              "port_mappings": mappings(maps)?, "auto_accept": auto_accept, "tags": tags(t)?,
-                             "private_dns_name": private_dns_name }),
+                             "private_dns_name": private_dns_name, "answer_ping": answer_ping }),
                 ),
             ),
             ServiceCmd::List(l) => req("GET", format!("/v1/services{}", l.query()), None),
@@ -503,10 +511,14 @@ fn request(cmd: &Command) -> anyhow::Result<Req> {
                 auto_accept,
                 tags: t,
                 private_dns_name,
+                answer_ping,
             } => {
                 let mut b = name_tags(name, t)?;
                 if let Some(a) = auto_accept {
                     b["auto_accept"] = json!(a);
+                }
+                if let Some(a) = answer_ping {
+                    b["answer_ping"] = json!(a);
                 }
                 if let Some(n) = private_dns_name {
                     b["private_dns_name"] = json!(n);
@@ -634,6 +646,7 @@ fn request(cmd: &Command) -> anyhow::Result<Req> {
             req("GET", format!("/v1/export.csv{q}{sep}kind={kind}"), None)
         }
         C::Revision => req("GET", "/v1/revision", None),
+        C::Nodes => req("GET", "/v1/nodes", None),
         C::Metrics {
             kind,
             id,

@@ -154,6 +154,7 @@ pub fn endpoint_link(network_id: u32, account: u32) -> Link {
             },
         ],
         rules: None,
+        answer_ping: false,
     }
 }
 

@@ -192,6 +192,7 @@ pub fn model(
                     })
                     .collect(),
                 rules,
+                answer_ping: svc.answer_ping,
             },
         );
     }
@@ -373,6 +374,7 @@ mod health_tests {
                 slot: 1,
                 name: "s".into(),
                 private_dns_name: None,
+                answer_ping: false,
                 owner: "p".into(),
                 network_id: "vpc-1".into(),
                 service_type: ServiceType::Custom,

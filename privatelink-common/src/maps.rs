@@ -143,8 +143,10 @@ pub struct LinkInfo {
     /// Nonzero while the consumer account is allowed (allowlisted or same account); checked on every
     /// packet, so removal from the allowlist cuts established flows too.
     pub allowed: u32,
+    /// Nonzero when the service answers ICMP echo requests to its endpoints (opt-in).
+    pub answer_ping: u32,
 }
-crate::assert_size!(LinkInfo, 24);
+crate::assert_size!(LinkInfo, 28);
 
 /// Key of `ALLOWLIST`: (service slot, account number). Value: 1.
 #[repr(C)]

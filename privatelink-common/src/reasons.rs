@@ -66,12 +66,14 @@ pub const PASS_MALFORMED: u32 = 26;
 pub const PASS_NO_NEIGH: u32 = 27;
 /// ARP request for an endpoint IP answered with XDP_TX.
 pub const ARP_REPLIED: u32 = 28;
+/// ICMP echo request to an endpoint of a service that answers pings, answered with XDP_TX.
+pub const ICMP_ECHO_REPLIED: u32 = 29;
 /// Translated and sent back out of the ingress interface (XDP_TX).
-pub const FWD_TX: u32 = 29;
+pub const FWD_TX: u32 = 30;
 /// Translated and redirected to another interface.
-pub const FWD_REDIRECT: u32 = 30;
+pub const FWD_REDIRECT: u32 = 31;
 /// Number of outcome codes (size of the global counter array).
-pub const OUTCOMES: u32 = 31;
+pub const OUTCOMES: u32 = 32;
 
 /// Metric label value for each outcome code, indexed by code.
 pub const OUTCOME_NAMES: [&str; OUTCOMES as usize] = [
@@ -104,6 +106,7 @@ pub const OUTCOME_NAMES: [&str; OUTCOMES as usize] = [
     "pass_malformed",
     "pass_no_neigh",
     "arp_replied",
+    "icmp_echo_replied",
     "fwd_tx",
     "fwd_redirect",
 ];

@@ -8,10 +8,13 @@
 //! becomes the consumer's own (consumer → endpoint, its ports), every checksum is updated
 //! incrementally, and the frame leaves by the reply path. Path MTU discovery works across the
 //! endpoint. An error quoting no tracked flow is dropped and counted.
+//!
+//! Echo requests to an endpoint are answered only for services that opt in.
 use network_types::ip::Ipv4Hdr;
 use privatelink_common::{
-    DIR_REPLY, DROP_BAD_IHL, DROP_ICMP_NO_FLOW, DROP_NO_FLOW, DROP_REWRITE_FAILED, DROP_TRUNCATED,
-    DROP_TTL_EXPIRED, FlowKey4, IfaceInfo, PROTO_TCP, PROTO_UDP,
+    DIR_REPLY, DROP_BAD_IHL, DROP_ICMP_ECHO, DROP_ICMP_NO_FLOW, DROP_NO_FLOW, DROP_NO_PORT,
+    DROP_REWRITE_FAILED, DROP_TRUNCATED, DROP_TTL_EXPIRED, EndpointIpValue, FlowKey4,
+    ICMP_ECHO_REPLIED, IfaceInfo, PROTO_ICMP, PROTO_TCP, PROTO_UDP,
 };
 
 use crate::{
@@ -196,12 +199,68 @@ fn translate(
 }
 
 const ECHO_REQUEST: u8 = 8;
+const ECHO_REPLY: u8 = 0;
 
-/// Whether the ICMP message at `off` is an echo request.
+/// ICMP from a consumer to endpoint `ep` (`h` validated): an echo request is answered in place
+/// when the service opts in and the link would admit a new flow from the sender (state,
+/// allowlist, security groups with protocol `icmp`); else dropped as `icmp_echo`. Other ICMP to
+/// an endpoint: `no_port`.
 #[inline(always)]
-pub fn is_echo_request(ctx: &aya_ebpf::programs::XdpContext, off: usize) -> bool {
+pub fn to_endpoint(
+    ctx: &aya_ebpf::programs::XdpContext,
+    l2: &L2,
+    ep: &EndpointIpValue,
+    h: &Hdr4,
+) -> Verdict {
+    let l4_off = l2.l3_off + h.hdr_len;
     // The whole header through one checked pointer (a one-byte check compiles to a comparison
     // the verifier does not learn a bound from).
+    let Some(icmp) = ptr_at::<[u8; ICMP_HLEN]>(ctx, l4_off) else {
+        return Verdict::drop(DROP_TRUNCATED);
+    };
     // SAFETY: bounds checked by ptr_at.
-    ptr_at::<[u8; ICMP_HLEN]>(ctx, off).is_some_and(|h| unsafe { (*h)[0] } == ECHO_REQUEST)
+    let icmp = unsafe { &mut *icmp };
+    if icmp[0] != ECHO_REQUEST {
+        return Verdict::drop(DROP_NO_PORT);
+    }
+    let Some(link) = LINKS.get(ep.link_id) else {
+        return Verdict::drop(DROP_ICMP_ECHO);
+    };
+    if link.answer_ping == 0
+        || policy::link_usable(link).is_err()
+        || policy::allowlisted(link).is_err()
+        || policy::security_groups(link.rules_slot, h.saddr_be, 0, PROTO_ICMP).is_err()
+    {
+        return Verdict::drop(DROP_ICMP_ECHO);
+    }
+    // The reply in place: addresses swapped (the IPv4 checksum does not change for a swap), a
+    // fresh TTL, type 0, MACs swapped, out where it came in.
+    let (Some(eth), Some(ip)) = (
+        ptr_at::<[[u8; 6]; 2]>(ctx, 0),
+        ptr_at::<Ipv4Hdr>(ctx, l2.l3_off),
+    ) else {
+        return Verdict::drop(DROP_REWRITE_FAILED);
+    };
+    // SAFETY: bounds checked by ptr_at.
+    let (eth, ip) = unsafe { (&mut *eth, &mut *ip) };
+    *eth = [eth[1], eth[0]];
+    let old_ttl = u16::from_ne_bytes([ip.ttl, ip.proto]);
+    ip.ttl = 64;
+    ip.check = Delta::new()
+        .u16(old_ttl, u16::from_ne_bytes([ip.ttl, ip.proto]))
+        .apply(u16::from_ne_bytes(ip.check))
+        .to_ne_bytes();
+    core::mem::swap(&mut ip.src_addr, &mut ip.dst_addr);
+    let old_type = u16::from_ne_bytes([icmp[0], icmp[1]]);
+    icmp[0] = ECHO_REPLY;
+    let c = Delta::new()
+        .u16(old_type, u16::from_ne_bytes([icmp[0], icmp[1]]))
+        .apply(u16::from_ne_bytes([icmp[2], icmp[3]]))
+        .to_ne_bytes();
+    icmp[2] = c[0];
+    icmp[3] = c[1];
+    Verdict {
+        action: aya_ebpf::bindings::xdp_action::XDP_TX,
+        outcome: ICMP_ECHO_REPLIED,
+    }
 }

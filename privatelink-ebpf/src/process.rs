@@ -2,10 +2,10 @@
 use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
 use network_types::{eth::EthHdr, ip::Ipv4Hdr};
 use privatelink_common::{
-    DIR_FORWARD, DROP_ICMP_ECHO, DROP_LINK_INACTIVE, DROP_NO_FLOW, DROP_NO_PORT, DROP_TCP_NOT_SYN,
-    DROP_TRUNCATED, DROP_TTL_EXPIRED, DatapathConfig, EndpointIpKey4, EndpointKey4, Flow4,
-    FlowKey4, IfaceInfo, IfaceKey, PASS_MALFORMED, PASS_NOT_ENDPOINT, PASS_NOT_IP,
-    PASS_UNKNOWN_IFACE, PROTO_ICMP, PROTO_TCP, ROLE_CONSUMER,
+    DIR_FORWARD, DROP_LINK_INACTIVE, DROP_NO_FLOW, DROP_NO_PORT, DROP_TCP_NOT_SYN, DROP_TRUNCATED,
+    DROP_TTL_EXPIRED, DatapathConfig, EndpointIpKey4, EndpointKey4, Flow4, FlowKey4, IfaceInfo,
+    IfaceKey, PASS_MALFORMED, PASS_NOT_ENDPOINT, PASS_NOT_IP, PASS_UNKNOWN_IFACE, PROTO_ICMP,
+    PROTO_TCP, ROLE_CONSUMER,
 };
 
 use crate::{
@@ -129,11 +129,15 @@ fn not_tcp_udp(
     if h.proto == PROTO_ICMP && !consumer {
         return icmp::from_provider(ctx, l2, iface, &h);
     }
-    if h.proto == PROTO_ICMP
-        && is_endpoint(iface, daddr_be)
-        && icmp::is_echo_request(ctx, l2.l3_off + h.hdr_len)
-    {
-        return Verdict::drop(DROP_ICMP_ECHO);
+    if h.proto == PROTO_ICMP && consumer {
+        let key = EndpointIpKey4 {
+            network_id: iface.network_id,
+            addr_be: daddr_be,
+        };
+        // SAFETY: copied out at once.
+        if let Some(ep) = (unsafe { ENDPOINT_IPS4.get(key) }).copied() {
+            return icmp::to_endpoint(ctx, l2, &ep, &h);
+        }
     }
     ours_or_pass(
         consumer,

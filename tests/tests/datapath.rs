@@ -987,6 +987,43 @@ fn icmp_errors_about_a_flow_reach_the_consumer_as_about_its_own_packet() {
         let e = privatelink_tests::test_run(h.dp.program(), h.c0, &ping);
         assert_eq!(e.verdict, XDP_DROP);
         assert_eq!(h.outcomes()[c::DROP_ICMP_ECHO as usize], before + 1);
+
+        // A service that opts in answers them in place.
+        let mut m = h.model();
+        m.links.get_mut(&LINK).unwrap().answer_ping = true;
+        h.apply(&m);
+        let before = h.outcomes()[c::ICMP_ECHO_REPLIED as usize];
+        let e = privatelink_tests::test_run(h.dp.program(), h.c0, &ping);
+        assert_eq!(e.verdict, XDP_TX, "answered out of the ingress interface");
+        assert_eq!(h.outcomes()[c::ICMP_ECHO_REPLIED as usize], before + 1);
+        assert_eq!(
+            &e.out[..12],
+            &[CONSUMER_MAC, h.c0_mac].concat()[..],
+            "MACs swapped"
+        );
+        let (outer, kind, code, rest, data) = icmp_checked(&e.out);
+        assert_eq!(
+            (
+                Ipv4Addr::from(outer.source),
+                Ipv4Addr::from(outer.destination),
+                outer.time_to_live
+            ),
+            (ENDPOINT, CONSUMER, 64)
+        );
+        assert_eq!(
+            (kind, code, rest, data.as_slice()),
+            (0, 0, [0, 1, 0, 1], &b"ping"[..])
+        );
+        // Security groups apply: a group dropping ICMP silences it again.
+        m.links.get_mut(&LINK).unwrap().rules = Some(vec![
+            rule(RuleProto::Icmp, 0..=65535, "0.0.0.0/0", Action::Drop),
+            rule(RuleProto::All, 0..=65535, "0.0.0.0/0", Action::Accept),
+        ]);
+        h.apply(&m);
+        let before = h.outcomes()[c::DROP_ICMP_ECHO as usize];
+        let e = privatelink_tests::test_run(h.dp.program(), h.c0, &ping);
+        assert_eq!(e.verdict, XDP_DROP);
+        assert_eq!(h.outcomes()[c::DROP_ICMP_ECHO as usize], before + 1);
     });
 }
 

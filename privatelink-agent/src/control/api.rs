@@ -96,6 +96,7 @@ pub const SERVICE_FIELDS: &[&str] = &[
     "service_name",
     "name",
     "private_dns_name",
+    "answer_ping",
     "owner",
     "network_id",
     "service_type",

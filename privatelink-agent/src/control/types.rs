@@ -108,6 +108,9 @@ pub struct Service {
     /// The name consumers' private DNS resolves to their endpoint (e.g. `db.example.com`).
     #[serde(default)]
     pub private_dns_name: Option<String>,
+    /// Whether endpoints answer ICMP echo requests (default: dropped and counted).
+    #[serde(default)]
+    pub answer_ping: bool,
     pub owner: String,
     /// Provider network the backends live in.
     pub network_id: String,

@@ -296,6 +296,7 @@ fn link_entries(
         provider_network: svc.provider_network,
         rules_slot,
         allowed: u32::from(model.allowlist.contains(&(l.service_slot, l.account))),
+        answer_ping: u32::from(l.answer_ping),
     };
     let addr_be = u32::from_ne_bytes(l.ip.octets());
     let mut ports = Vec::with_capacity(l.ports.len());
@@ -611,6 +612,7 @@ mod tests {
                 service: 8080,
             }],
             rules,
+            answer_ping: r.next(2) == 0,
         }
     }
 

@@ -94,6 +94,8 @@ pub struct Link {
     pub ports: Vec<PortMap>,
     /// Bound security groups compiled in priority order; `None` when no group is bound.
     pub rules: Option<Vec<Rule>>,
+    /// The service answers ICMP echo requests to this endpoint.
+    pub answer_ping: bool,
 }
 
 /// A service: its provider network and its (healthy) backends.

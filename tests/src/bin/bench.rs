@@ -347,6 +347,7 @@ fn big_state(
             slot: 1,
             name: "s".into(),
             private_dns_name: None,
+            answer_ping: false,
             owner: "provider".into(),
             network_id: "vpc-p".into(),
             service_type: ServiceType::Custom,

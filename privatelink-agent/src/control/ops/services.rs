@@ -41,6 +41,9 @@ pub struct CreateService {
     /// The name consumers may turn on private DNS for (e.g. `db.example.com`).
     #[serde(default)]
     pub private_dns_name: Option<String>,
+    /// Endpoints answer ICMP echo requests. Default: no.
+    #[serde(default)]
+    pub answer_ping: bool,
 }
 
 #[derive(Clone, Debug, Default, Deserialize, utoipa::ToSchema)]
@@ -51,6 +54,7 @@ pub struct UpdateService {
     pub health_check: Option<HealthCheck>,
     /// A new private DNS name; `""` removes it.
     pub private_dns_name: Option<String>,
+    pub answer_ping: Option<bool>,
 }
 
 /// Checks a health-check configuration.
@@ -243,6 +247,7 @@ pub fn create(s: &State, cx: &mut Ctx, req: CreateService) -> Outcome<Service> {
         id,
         slot,
         private_dns_name,
+        answer_ping: req.answer_ping,
         name: req.name,
         owner,
         network_id: req.network_id,
@@ -268,6 +273,9 @@ pub fn update(s: &State, cx: &mut Ctx, id: &str, req: UpdateService) -> Outcome<
     validate::rename_retag(&mut svc.name, &mut svc.tags, req.name, req.tags)?;
     if let Some(a) = req.auto_accept {
         svc.auto_accept = a;
+    }
+    if let Some(a) = req.answer_ping {
+        svc.answer_ping = a;
     }
     if let Some(h) = req.health_check {
         health_check(&h)?;
