@@ -583,6 +583,14 @@ fn etcd_convergence() {
     println!("|---:|---:|---:|");
     let ns = privatelink_agent::netns::Netns::new("eb").expect("namespace");
     let dir = std::env::temp_dir().join(format!("privatelink-bench-etcd-{}", std::process::id()));
+    /// Removes etcd's directory when the benchmark ends, also on a panic.
+    struct Gone(std::path::PathBuf);
+    impl Drop for Gone {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+    let _gone = Gone(dir.clone());
     let etcd = privatelink_tests::world::Etcd::start(&ns, &dir);
     ns.enter(|| {
         let rt = tokio::runtime::Builder::new_multi_thread()
@@ -668,7 +676,6 @@ fn etcd_convergence() {
         }
     });
     drop(etcd);
-    let _ = std::fs::remove_dir_all(&dir);
     println!(
         "\nA follower reloads the whole state on every revision, so the time grows with the state; applying only the changed keys from the watch events is the next step.\n"
     );
