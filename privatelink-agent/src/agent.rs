@@ -460,7 +460,30 @@ pub fn run(cfg: Checked, detach_on_exit: bool) -> Result<()> {
         let mut links = LinkWatch::new().context("subscribing to link events")?;
         let mut sample =
             tokio::time::interval(Duration::from_secs(cfg.raw.history.sample_interval));
-        let mut sweep = tokio::time::interval(Duration::from_secs(cfg.raw.conntrack.gc_interval));
+        // Conntrack sweeps on a thread of their own: a full table takes long to walk.
+        let sweeping = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let sweeper = {
+            let (on, mut ct) = (sweeping.clone(), dataplane.stats_reader()?);
+            let (every, timeouts) = (
+                Duration::from_secs(cfg.raw.conntrack.gc_interval),
+                node.datapath,
+            );
+            std::thread::Builder::new()
+                .name("ct-sweep".into())
+                .spawn(move || {
+                    let mut last = std::time::Instant::now();
+                    while on.load(std::sync::atomic::Ordering::Relaxed) {
+                        std::thread::sleep(Duration::from_millis(100));
+                        if last.elapsed() >= every {
+                            last = std::time::Instant::now();
+                            let n = ct.sweep_expired(crate::metrics::monotonic_ns(), &timeouts);
+                            if n > 0 {
+                                log::debug!("conntrack: {n} expired entries removed");
+                            }
+                        }
+                    }
+                })?
+        };
         let mut dns = Dns::new(cfg.raw.dns.clone(), cfg.raw.cluster.clone())
             .context("dns: setting up the forwarder")?;
         let follower = cfg
@@ -496,12 +519,7 @@ pub fn run(cfg: Checked, detach_on_exit: bool) -> Result<()> {
                 }
                 _ = health_changed.notified() => reconcile(&plane, &mut dataplane, &node, &health, &mut sync, &metrics, false),
                 _ = sample.tick() => sample_history(&plane, &history_reader, &history, &node),
-                _ = sweep.tick() => {
-                    let n = dataplane.sweep_expired(crate::metrics::monotonic_ns(), &node.datapath);
-                    if n > 0 {
-                        log::debug!("conntrack: {n} expired entries removed");
-                    }
-                }
+
                 _ = tokio::signal::ctrl_c() => break,
                 _ = term.recv() => break,
             }
@@ -512,6 +530,8 @@ pub fn run(cfg: Checked, detach_on_exit: bool) -> Result<()> {
         if let Some(f) = follower {
             f.abort();
         }
+        sweeping.store(false, std::sync::atomic::Ordering::Relaxed);
+        let _ = sweeper.join();
         Ok::<(), anyhow::Error>(())
     })?;
     if detach_on_exit {

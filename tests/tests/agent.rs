@@ -558,7 +558,10 @@ fn metrics_count_traffic_exactly_and_prometheus_scrapes_them() {
     if !privileged("metrics_count_traffic_exactly_and_prometheus_scrapes_them") {
         return;
     }
-    let (w, _agent) = world_with("agent-metrics", "[history]\nsample_interval = 1\n");
+    let (w, _agent) = world_with(
+        "agent-metrics",
+        "[history]\nsample_interval = 1\n[conntrack]\nentries = 65536\ntcp_syn_timeout = 60\ntcp_established_timeout = 7200\ntcp_closing_timeout = 10\nudp_timeout = 5\ngc_interval = 1\n",
+    );
     let add = json!({ "port_mappings": [{ "protocol": "udp", "service_port": privatelink_agent::demo::UDP_PORTS.1, "terminal_port": privatelink_agent::demo::UDP_PORTS.0 }] });
     ok(
         &w.topo,
@@ -793,6 +796,21 @@ fn metrics_count_traffic_exactly_and_prometheus_scrapes_them() {
         std::thread::sleep(Duration::from_millis(500));
     }
     check_dashboard(&w, &text);
+    // The running agent sweeps ended flows out of the table: the UDP flow times out (5 s here) and
+    // its two entries leave within a sweep (every second here).
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let text = node_get(&w.topo, "http://127.0.0.1:9464/metrics").expect("scrape");
+        let entries = sample(&text, "privatelink_conntrack_entries", &[]).unwrap_or(-1.0);
+        if entries == 0.0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{entries} conntrack entries left after the flow ended"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
     stop.store(true, Ordering::Relaxed);
     echo.join().unwrap();
 }

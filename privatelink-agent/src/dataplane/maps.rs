@@ -587,20 +587,7 @@ impl Dataplane {
     /// Removes the conntrack entries that expired by `now` (monotonic ns), both of each flow: the
     /// table refuses new flows when full, so ended flows must leave it. Returns how many entries.
     pub fn sweep_expired(&mut self, now: u64, cfg: &privatelink_common::DatapathConfig) -> usize {
-        let doomed: Vec<FlowKey4> = self
-            .ct4
-            .iter()
-            .filter_map(Result::ok)
-            .filter(|(k, f)| {
-                now.saturating_sub(f.last_seen_ns) > cfg.timeout_for(k.proto, f.tcp_state)
-            })
-            .map(|(k, _)| k)
-            .collect();
-        for k in &doomed {
-            // Already gone (the datapath met it first) is fine.
-            let _ = self.ct4.remove(k);
-        }
-        doomed.len()
+        sweep(&mut self.ct4, now, cfg)
     }
 
     /// Deletes every conntrack entry of the given links. Returns how many.
@@ -806,7 +793,32 @@ pub struct StatsReader {
     pub counter_capacity: (u32, u32),
 }
 
+/// Removes the expired entries of `ct4` (see [`Dataplane::sweep_expired`]).
+fn sweep(
+    ct4: &mut HashMap<MapData, FlowKey4, Flow4>,
+    now: u64,
+    cfg: &privatelink_common::DatapathConfig,
+) -> usize {
+    let doomed: Vec<FlowKey4> = ct4
+        .iter()
+        .filter_map(Result::ok)
+        .filter(|(k, f)| now.saturating_sub(f.last_seen_ns) > cfg.timeout_for(k.proto, f.tcp_state))
+        .map(|(k, _)| k)
+        .collect();
+    for k in &doomed {
+        // Already gone (the datapath met it first) is fine.
+        let _ = ct4.remove(k);
+    }
+    doomed.len()
+}
+
 impl StatsReader {
+    /// The same sweep through this handle, so it can run on a thread of its own (walking a table
+    /// of a million flows takes about a second).
+    pub fn sweep_expired(&mut self, now: u64, cfg: &privatelink_common::DatapathConfig) -> usize {
+        sweep(&mut self.ct4, now, cfg)
+    }
+
     /// A link's counters summed over CPUs.
     pub fn link(&self, link_id: u32) -> Option<LinkStats> {
         sum_link(&self.link_stats, link_id).ok()
