@@ -813,8 +813,8 @@ fn sweep(
 }
 
 impl StatsReader {
-    /// The same sweep through this handle, so it can run on a thread of its own (walking a table
-    /// of a million flows takes about a second).
+    /// The same sweep through this handle, so it can run on a thread of its own (a large table is
+    /// walked one entry per syscall pair, which must not delay syncs).
     pub fn sweep_expired(&mut self, now: u64, cfg: &privatelink_common::DatapathConfig) -> usize {
         sweep(&mut self.ct4, now, cfg)
     }
