@@ -248,18 +248,16 @@ pub struct Prepared {
     pub vpcs: Vec<(String, String)>,
 }
 
-/// Accounts, each with a network and one subnet, made with the control-plane code in `store`.
-/// Entries are (account id, network CIDR, subnet CIDR).
-pub fn prepare_store(
-    store: Box<dyn crate::control::store::Store>,
-    admin_token: &str,
+/// Accounts, each with a network and one subnet, made through `plane` with the control-plane
+/// operations. Entries are (account id, network CIDR, subnet CIDR).
+pub fn prepare(
+    plane: &crate::control::plane::ControlPlane,
     accounts: &[(&str, &str, &str)],
 ) -> Result<Prepared> {
     use crate::control::{
         ops::{Caller, accounts as ops},
-        plane::{ControlPlane, new_token},
+        plane::new_token,
     };
-    let plane = ControlPlane::open(store, admin_token)?;
     let (mut tokens, mut vpcs) = (Vec::new(), Vec::new());
     for &(id, cidr, subnet) in accounts {
         let req = ops::CreateAccount {
@@ -333,9 +331,11 @@ pub fn run(once: bool) -> Result<()> {
     );
     // An account pair (and one more consumer), their networks and subnets.
     let db = dir.0.join("state.db");
-    let Prepared { tokens, vpcs } = prepare_store(
-        Box::new(crate::control::store::SqliteStore::open(&db)?),
-        ADMIN_TOKEN,
+    let Prepared { tokens, vpcs } = prepare(
+        &crate::control::plane::ControlPlane::open(
+            Box::new(crate::control::store::SqliteStore::open(&db)?),
+            ADMIN_TOKEN,
+        )?,
         &[
             ("provider", "198.18.100.0/24", "198.18.100.0/24"),
             ("1000000001", "198.18.0.0/24", "198.18.0.0/24"),

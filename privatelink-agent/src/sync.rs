@@ -203,7 +203,7 @@ pub fn model(
 mod tests {
     use super::*;
     use crate::control::{
-        ops::{Caller, accounts, endpoints, groups, services},
+        ops::{Caller, endpoints, groups, services},
         plane::ControlPlane,
         store::SqliteStore,
     };
@@ -223,39 +223,15 @@ mod tests {
     #[test]
     fn state_becomes_links_rules_and_allowlist() {
         let p = plane();
-        let admin = Caller::Admin;
-        for id in ["provider", "consumer"] {
-            let req = accounts::CreateAccount {
-                id: id.into(),
-                name: id.into(),
-            };
-            p.mutate(&admin, |s, cx| {
-                accounts::create_account(s, cx, req, format!("t-{id}"))
-            })
-            .unwrap();
-        }
-        let net = |owner: &str, cidr: &str| {
-            let req = accounts::CreateNetwork {
-                name: "n".into(),
-                owner: owner.into(),
-                cidrs: vec![cidr.into()],
-            };
-            let n = p
-                .mutate(&admin, |s, cx| accounts::create_network(s, cx, req))
-                .unwrap();
-            let sub = accounts::CreateSubnet {
-                name: "s".into(),
-                cidr: cidr.replace("/16", "/24"),
-            };
-            (
-                n.id.clone(),
-                p.mutate(&admin, |s, cx| accounts::create_subnet(s, cx, &n.id, sub))
-                    .unwrap()
-                    .id,
-            )
-        };
-        let (pnet, _) = net("provider", "198.18.100.0/24");
-        let (cnet, csub) = net("consumer", "198.18.0.0/16");
+        let prepared = crate::demo::prepare(
+            &p,
+            &[
+                ("provider", "198.18.100.0/24", "198.18.100.0/24"),
+                ("consumer", "198.18.0.0/16", "198.18.0.0/24"),
+            ],
+        )
+        .unwrap();
+        let [(pnet, _), (cnet, csub)] = <[(String, String); 2]>::try_from(prepared.vpcs).unwrap();
         let (prov, cons) = (
             Caller::Account("provider".into()),
             Caller::Account("consumer".into()),

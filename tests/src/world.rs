@@ -379,9 +379,11 @@ pub fn world_backed(name: &str, extra: &str, backing: Backing) -> (World, Agent)
             let p = topo
                 .node
                 .enter(|| {
-                    privatelink_agent::demo::prepare_store(
-                        store_cfg.open()?,
-                        ADMIN,
+                    privatelink_agent::demo::prepare(
+                        &privatelink_agent::control::plane::ControlPlane::open(
+                            store_cfg.open()?,
+                            ADMIN,
+                        )?,
                         &[
                             ("provider", "198.18.100.0/24", "198.18.100.0/24"),
                             ("1000000001", "198.18.0.0/16", "198.18.0.0/24"),

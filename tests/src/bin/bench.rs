@@ -484,42 +484,16 @@ fn sync_scale() {
         "bench-admin-token-xx",
     )
     .unwrap();
-    use privatelink_agent::control::ops::{Caller, accounts, endpoints, services};
-    let admin = Caller::Admin;
-    for id in ["provider", "consumer"] {
-        let req = accounts::CreateAccount {
-            id: id.into(),
-            name: id.into(),
-        };
-        plane
-            .mutate(&admin, |s, cx| {
-                accounts::create_account(s, cx, req, format!("t-{id}"))
-            })
-            .unwrap();
-    }
-    let net = |owner: &str, cidr: &str, sub: &str| {
-        let req = accounts::CreateNetwork {
-            name: "n".into(),
-            owner: owner.into(),
-            cidrs: vec![cidr.into()],
-        };
-        let n = plane
-            .mutate(&admin, |s, cx| accounts::create_network(s, cx, req))
-            .unwrap();
-        let sreq = accounts::CreateSubnet {
-            name: "s".into(),
-            cidr: sub.into(),
-        };
-        (
-            n.id.clone(),
-            plane
-                .mutate(&admin, |s, cx| accounts::create_subnet(s, cx, &n.id, sreq))
-                .unwrap()
-                .id,
-        )
-    };
-    let (pnet, _) = net("provider", "198.18.100.0/24", "198.18.100.0/24");
-    let (cnet, csub) = net("consumer", "198.18.0.0/16", "198.18.0.0/16");
+    use privatelink_agent::control::ops::{Caller, endpoints, services};
+    let prepared = privatelink_agent::demo::prepare(
+        &plane,
+        &[
+            ("provider", "198.18.100.0/24", "198.18.100.0/24"),
+            ("consumer", "198.18.0.0/16", "198.18.0.0/16"),
+        ],
+    )
+    .unwrap();
+    let [(pnet, _), (cnet, csub)] = <[(String, String); 2]>::try_from(prepared.vpcs).unwrap();
     let prov = Caller::Account("provider".into());
     let svc = plane
         .mutate(&prov, |s, cx| {
