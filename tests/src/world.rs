@@ -156,6 +156,16 @@ pub struct World {
 }
 
 impl World {
+    /// The provider accepts every endpoint the test made (`eps`) on its service (`svc`).
+    pub fn accept_all(&self) {
+        ok(
+            &self.topo,
+            &self.tokens[0],
+            &format!("/v1/services/{}/accept", self.svc),
+            json!({ "endpoint_ids": self.eps }),
+        );
+    }
+
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.join("agent.log")).unwrap_or_default()
     }

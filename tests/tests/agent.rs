@@ -31,12 +31,7 @@ fn agent_syncs_api_state_into_the_datapath() {
         round_trip(&w.topo, 0, Duration::from_millis(700)).is_err(),
         "a Pending endpoint must not forward"
     );
-    ok(
-        &w.topo,
-        &w.tokens[0],
-        &format!("/v1/services/{}/accept", w.svc),
-        json!({ "endpoint_ids": w.eps }),
-    );
+    w.accept_all();
     let stop = Arc::new(AtomicBool::new(false));
     let server = echo_server(&w.topo, stop.clone());
     // Both consumers reach the backend through their own endpoint (the agent applies within a sync).
@@ -160,12 +155,7 @@ fn sigkill_and_restart_keep_a_live_stream_repair_drift_and_detach() {
         return;
     }
     let (w, agent) = world("agent-restart");
-    ok(
-        &w.topo,
-        &w.tokens[0],
-        &format!("/v1/services/{}/accept", w.svc),
-        json!({ "endpoint_ids": w.eps }),
-    );
+    w.accept_all();
     let stop = Arc::new(AtomicBool::new(false));
     let server = echo_server(&w.topo, stop.clone());
     wait_for_traffic(&w, 0);
@@ -306,12 +296,7 @@ fn a_recreated_interface_is_attached_again() {
         return;
     }
     let (mut w, _agent) = world("agent-relink");
-    ok(
-        &w.topo,
-        &w.tokens[0],
-        &format!("/v1/services/{}/accept", w.svc),
-        json!({ "endpoint_ids": w.eps }),
-    );
+    w.accept_all();
     let stop = Arc::new(AtomicBool::new(false));
     let server = echo_server(&w.topo, stop.clone());
     wait_for_traffic(&w, 0);
@@ -385,12 +370,7 @@ fn unhealthy_backends_get_no_new_flows_and_lose_their_old_ones() {
         "enabled": true, "port": 0, "interval_secs": 1, "timeout_secs": 1, "healthy_threshold": 2, "unhealthy_threshold": 2 } })),
     );
     assert_eq!(status, 200);
-    ok(
-        &w.topo,
-        &w.tokens[0],
-        &format!("/v1/services/{}/accept", w.svc),
-        json!({ "endpoint_ids": w.eps }),
-    );
+    w.accept_all();
     wait_for_traffic(&w, 0);
 
     // Hold a connection that landed on the second backend (Maglev spreads new flows over both).
@@ -463,12 +443,7 @@ fn a_state_that_does_not_fit_is_refused_whole_and_the_last_good_one_keeps_forwar
     }
     // Room for link ids 1 and 2 only (slot 0 is reserved).
     let (w, _agent) = world_with("agent-capacity", "[maps]\nlinks = 3\n");
-    ok(
-        &w.topo,
-        &w.tokens[0],
-        &format!("/v1/services/{}/accept", w.svc),
-        json!({ "endpoint_ids": w.eps }),
-    );
+    w.accept_all();
     let stop = Arc::new(AtomicBool::new(false));
     let server = echo_server(&w.topo, stop.clone());
     wait_for_traffic(&w, 0);
@@ -569,12 +544,7 @@ fn metrics_count_traffic_exactly_and_prometheus_scrapes_them() {
         &format!("/v1/services/{}/port-mappings", w.svc),
         add,
     );
-    ok(
-        &w.topo,
-        &w.tokens[0],
-        &format!("/v1/services/{}/accept", w.svc),
-        json!({ "endpoint_ids": w.eps }),
-    );
+    w.accept_all();
     let udp = w.topo.provider.enter(|| {
         std::net::UdpSocket::bind((BACKEND, privatelink_agent::demo::UDP_PORTS.1)).unwrap()
     });

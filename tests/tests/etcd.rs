@@ -13,8 +13,8 @@ use privatelink_agent::demo::{BACKEND, ENDPOINT, TCP_PORTS};
 use privatelink_tests::{
     agent_bin, privileged,
     world::{
-        ADMIN, Backing, ETCD, Proc, World, api, api_at, echo_server, node_get, ok, round_trip,
-        until, wait_for_traffic, world_backed,
+        ADMIN, Backing, ETCD, Proc, World, api, api_at, echo_server, node_get, round_trip, until,
+        wait_for_traffic, world_backed,
     },
 };
 use serde_json::{Value, json};
@@ -342,12 +342,7 @@ fn three_nodes_share_one_etcd_and_apply_a_change_within_a_second() {
     // The service and both endpoints through node A's API, accepted there too.
     let (a, agent_a) = privatelink_tests::world::echo_service((a, agent_a));
     let committed = {
-        ok(
-            &a.topo,
-            &a.tokens[0],
-            &format!("/v1/services/{}/accept", a.svc),
-            json!({ "endpoint_ids": a.eps }),
-        );
+        a.accept_all();
         api(&a.topo, ADMIN, "GET", "/v1/revision", None).1["revision"]
             .as_u64()
             .unwrap()

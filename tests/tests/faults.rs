@@ -26,12 +26,7 @@ fn a_full_disk_under_the_store_refuses_writes_clearly_and_forwarding_goes_on() {
         return;
     }
     let (w, _agent) = echo_service(world_on("full-disk", "", Some(16 << 20)));
-    ok(
-        &w.topo,
-        &w.tokens[0],
-        &format!("/v1/services/{}/accept", w.svc),
-        json!({ "endpoint_ids": w.eps }),
-    );
+    w.accept_all();
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let server = echo_server(&w.topo, stop.clone());
     wait_for_traffic(&w, 0);
@@ -235,12 +230,7 @@ fn malformed_frames_at_rate_are_all_counted_and_none_is_forwarded() {
         return;
     }
     let (w, _agent) = echo_service(privatelink_tests::world::world_with("malformed", ""));
-    ok(
-        &w.topo,
-        &w.tokens[0],
-        &format!("/v1/services/{}/accept", w.svc),
-        json!({ "endpoint_ids": w.eps }),
-    );
+    w.accept_all();
     // No health probes: the provider side must stay silent unless something is forwarded.
     let (status, v) = api(
         &w.topo,
