@@ -50,15 +50,11 @@ fn reconcile(
     let unhealthy = health.unhealthy();
     // Everything needed from the state is taken under its read lock: no copy of the whole state.
     let (revision, (model, skipped), newly) = plane.read(|state| {
-        let newly: BTreeSet<(u32, u32)> = unhealthy
+        let newly: BTreeSet<(u32, std::net::IpAddr)> = unhealthy
             .difference(&sync.unhealthy)
             .filter_map(|(svc, ip)| {
                 let s = state.services.get(svc)?;
-                let net = state.networks.get(&s.network_id)?.number;
-                match ip {
-                    std::net::IpAddr::V4(a) => Some((net, u32::from_ne_bytes(a.octets()))),
-                    std::net::IpAddr::V6(_) => None,
-                }
+                Some((state.networks.get(&s.network_id)?.number, *ip))
             })
             .collect();
         (state.revision, sync::model(state, node, &unhealthy), newly)
@@ -214,8 +210,8 @@ fn sample_history(
     let state = plane.snapshot();
     let now_mono = crate::metrics::monotonic_ns();
     let mut active: BTreeMap<u32, u64> = BTreeMap::new();
-    for (k, f) in reader.flows() {
-        if crate::metrics::active(&f, k.proto, now_mono, &cfg.datapath) {
+    for f in reader.flow_views() {
+        if crate::metrics::active(&f, now_mono, &cfg.datapath) {
             *active.entry(f.link_id).or_default() += 1;
         }
     }
@@ -379,7 +375,7 @@ pub fn run(cfg: Checked, detach_on_exit: bool) -> Result<()> {
     let pins = Pins::prepare(&cfg.raw.bpffs)?;
     let mut dp = Datapath::load_pinned(&cfg.sizes, &pins).context("loading the datapath")?;
     let mut dataplane = Dataplane::new(&mut dp.ebpf)?;
-    let flows = dataplane.flows().len();
+    let flows = dataplane.flows().len() + dataplane.flows6().len();
     if flows > 0 || !dataplane.shadow().links.is_empty() {
         log::info!(
             "reusing pinned maps: {} links, {flows} conntrack entries",

@@ -168,8 +168,12 @@ enum NetworkCmd {
         network: String,
         #[arg(long)]
         name: String,
+        /// IPv4, or IPv6 for an IPv6-only subnet.
         #[arg(long)]
         cidr: String,
+        /// An IPv6 range next to an IPv4 --cidr (dual-stack subnet).
+        #[arg(long)]
+        ipv6_cidr: Option<String>,
     },
     Subnets {
         network: String,
@@ -358,8 +362,14 @@ enum EndpointCmd {
         network: String,
         #[arg(long)]
         subnet: String,
+        /// ipv4, ipv6 or dualstack (default: the family of the subnet's cidr).
+        #[arg(long)]
+        ip_address_type: Option<String>,
         #[arg(long)]
         ip: Option<String>,
+        /// The IPv6 address of a dualstack endpoint.
+        #[arg(long)]
+        ipv6: Option<String>,
         /// sg-id:priority, repeatable.
         #[arg(long = "sg")]
         groups: Vec<String>,
@@ -469,10 +479,11 @@ fn request(cmd: &Command) -> anyhow::Result<Req> {
                 network,
                 name,
                 cidr,
+                ipv6_cidr,
             } => req(
                 "POST",
                 format!("/v1/networks/{network}/subnets"),
-                Some(json!({ "name": name, "cidr": cidr })),
+                Some(json!({ "name": name, "cidr": cidr, "ipv6_cidr": ipv6_cidr })),
             ),
             NetworkCmd::Subnets { network } => {
                 req("GET", format!("/v1/networks/{network}/subnets"), None)
@@ -574,15 +585,23 @@ fn request(cmd: &Command) -> anyhow::Result<Req> {
                 service,
                 network,
                 subnet,
+                ip_address_type,
                 ip,
+                ipv6,
                 groups,
                 tags: t,
                 private_dns,
             } => {
                 let mut b = json!({ "name": name, "service_id": service, "network_id": network, "subnet_id": subnet,
                                     "security_groups": bindings(groups)?, "tags": tags(t)?, "private_dns_enabled": private_dns });
-                if let Some(ip) = ip {
-                    b["ip"] = json!(ip);
+                for (k, v) in [
+                    ("ip_address_type", ip_address_type),
+                    ("ip", ip),
+                    ("ipv6", ipv6),
+                ] {
+                    if let Some(v) = v {
+                        b[k] = json!(v);
+                    }
                 }
                 req("POST", "/v1/endpoints", Some(b))
             }

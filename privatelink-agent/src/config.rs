@@ -253,8 +253,20 @@ pub struct InterfaceConfig {
 #[serde(deny_unknown_fields)]
 pub struct NatConfig {
     pub range: String,
+    /// The IPv6 range (at most a /96: only the last 32 bits vary), or `"none"` for no IPv6 source
+    /// NAT in this network.
+    #[serde(default = "default_range6")]
+    pub range6: String,
     #[serde(default = "default_ports")]
     pub ports: String,
+}
+
+/// Default IPv6 source-NAT range: inside 2001:db8::/32, the documentation prefix, so a node that
+/// is not configured for IPv6 can never translate into someone's real addresses.
+pub const DEFAULT_NAT_RANGE6: &str = "2001:db8:ff::/116";
+
+fn default_range6() -> String {
+    DEFAULT_NAT_RANGE6.into()
 }
 
 fn default_ports() -> String {
@@ -266,6 +278,9 @@ fn default_ports() -> String {
 pub struct ConntrackConfig {
     /// Entries (two per flow).
     pub entries: u32,
+    /// IPv6 entries (two per flow).
+    #[serde(default = "default_entries6")]
+    pub entries6: u32,
     pub tcp_syn_timeout: u64,
     pub tcp_established_timeout: u64,
     pub tcp_closing_timeout: u64,
@@ -279,11 +294,16 @@ fn default_gc_interval() -> u64 {
     5
 }
 
+fn default_entries6() -> u32 {
+    privatelink_common::DEFAULT_CONNTRACK6_ENTRIES
+}
+
 impl Default for ConntrackConfig {
     fn default() -> Self {
         let d = DatapathConfig::DEFAULT;
         ConntrackConfig {
             entries: privatelink_common::DEFAULT_CONNTRACK_ENTRIES,
+            entries6: privatelink_common::DEFAULT_CONNTRACK6_ENTRIES,
             tcp_syn_timeout: d.tcp_syn_timeout_ns / 1_000_000_000,
             tcp_established_timeout: d.tcp_established_timeout_ns / 1_000_000_000,
             tcp_closing_timeout: d.tcp_closing_timeout_ns / 1_000_000_000,
@@ -313,6 +333,8 @@ pub struct MapsConfig {
     pub backends: u32,
     /// Distinct compiled security-group lists.
     pub rule_lists: u32,
+    /// Distinct compiled IPv6 security-group lists (10 KiB each).
+    pub rule_lists6: u32,
     pub allowlist: u32,
 }
 
@@ -325,6 +347,7 @@ impl Default for MapsConfig {
             services: d.services,
             backends: d.backends,
             rule_lists: d.rule_lists,
+            rule_lists6: d.rule_lists6,
             allowlist: d.allowlist,
         }
     }
@@ -581,10 +604,29 @@ fn check(raw: AgentConfig) -> Result<Checked, ConfigError> {
                 format!("{:?}: use N-M with ports 1 to 65535", n.ports),
             )
         })?;
+        let addrs6 = match n.range6.as_str() {
+            "none" => None,
+            r => {
+                let net: ipnet::Ipv6Net = r.parse().map_err(|_| {
+                    err(
+                        key("range6"),
+                        format!("{r:?} is not an IPv6 CIDR (or \"none\")"),
+                    )
+                })?;
+                if net.prefix_len() < 96 {
+                    return Err(err(
+                        key("range6"),
+                        format!("{r:?} is wider than a /96 (only the last 32 bits may vary)"),
+                    ));
+                }
+                Some(net.trunc())
+            }
+        };
         nat.insert(
             vpc.clone(),
             NatRange {
                 addrs,
+                addrs6,
                 ports: lo..=hi,
             },
         );
@@ -603,6 +645,9 @@ fn check(raw: AgentConfig) -> Result<Checked, ConfigError> {
     }
     if ct.entries < 1024 {
         return Err(err("conntrack.entries", "at least 1024"));
+    }
+    if ct.entries6 < 1024 {
+        return Err(err("conntrack.entries6", "at least 1024"));
     }
     if raw.resync_interval == 0 {
         return Err(err("resync_interval", "at least 1 second"));
@@ -681,6 +726,7 @@ fn check(raw: AgentConfig) -> Result<Checked, ConfigError> {
         ("services", m.services),
         ("backends", m.backends),
         ("rule_lists", m.rule_lists),
+        ("rule_lists6", m.rule_lists6),
         ("allowlist", m.allowlist),
     ] {
         // Slot 0 of the arrays is reserved, so 2 is the least that holds anything.
@@ -694,8 +740,10 @@ fn check(raw: AgentConfig) -> Result<Checked, ConfigError> {
         services: m.services,
         backends: m.backends,
         rule_lists: m.rule_lists,
+        rule_lists6: m.rule_lists6,
         allowlist: m.allowlist,
         conntrack: ct.entries,
+        conntrack6: ct.entries6,
     };
     Ok(Checked {
         node: NodeConfig {

@@ -27,6 +27,13 @@ pub const CLIENT: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 10);
 pub const ENDPOINT: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 100);
 pub const BACKEND: Ipv4Addr = Ipv4Addr::new(198, 18, 100, 10);
 pub const NAT_RANGE: &str = "198.19.128.0/20";
+/// The IPv6 source-NAT range (the default of `[nat.<network>] range6`).
+pub const NAT_RANGE6: &str = crate::config::DEFAULT_NAT_RANGE6;
+/// IPv6 addresses of the fixtures' dual-stack endpoint and backend.
+pub const ENDPOINT6: std::net::Ipv6Addr =
+    std::net::Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x100);
+pub const BACKEND6: std::net::Ipv6Addr =
+    std::net::Ipv6Addr::new(0x2001, 0xdb8, 0x64, 0, 0, 0, 0, 0x10);
 pub const PROVIDER_NET: u32 = 100;
 pub const SERVICE: u32 = 1;
 /// Terminal → service ports of the demo service.
@@ -137,7 +144,8 @@ impl Topology {
 pub fn endpoint_link(network_id: u32, account: u32) -> Link {
     Link {
         network_id,
-        ip: ENDPOINT,
+        ip4: Some(ENDPOINT),
+        ip6: None,
         service_slot: SERVICE,
         account,
         state: LinkState::Available,
@@ -158,8 +166,8 @@ pub fn endpoint_link(network_id: u32, account: u32) -> Link {
     }
 }
 
-/// The demo service (backend `BACKEND` in `PROVIDER_NET`, NAT range `NAT_RANGE`) with the given
-/// interfaces and links; every link's account is allowlisted.
+/// The demo service (backends `BACKEND` and `BACKEND6` in `PROVIDER_NET`, NAT ranges `NAT_RANGE`
+/// and `NAT_RANGE6`) with the given interfaces and links; every link's account is allowlisted.
 pub fn service_model(ifaces: Vec<Iface>, links: BTreeMap<u32, Link>) -> Model {
     let allowlist: BTreeSet<(u32, u32)> = links.values().map(|l| (SERVICE, l.account)).collect();
     Model {
@@ -169,6 +177,7 @@ pub fn service_model(ifaces: Vec<Iface>, links: BTreeMap<u32, Link>) -> Model {
             PROVIDER_NET,
             NatRange {
                 addrs: NAT_RANGE.parse().expect("constant"),
+                addrs6: Some(NAT_RANGE6.parse().expect("constant")),
                 ports: 1024..=65535,
             },
         )]),
@@ -176,7 +185,7 @@ pub fn service_model(ifaces: Vec<Iface>, links: BTreeMap<u32, Link>) -> Model {
             SERVICE,
             Service {
                 provider_network: PROVIDER_NET,
-                backends: vec![BACKEND],
+                backends: vec![BACKEND.into(), BACKEND6.into()],
             },
         )]),
         links,
@@ -249,7 +258,8 @@ pub struct Prepared {
 }
 
 /// Accounts, each with a network and one subnet, made through `plane` with the control-plane
-/// operations. Entries are (account id, network CIDR, subnet CIDR).
+/// operations. Entries are (account id, network CIDRs, subnet CIDR); several network CIDRs are
+/// separated by commas, and a subnet written `v4,v6` is dual-stack.
 pub fn prepare(
     plane: &crate::control::plane::ControlPlane,
     accounts: &[(&str, &str, &str)],
@@ -275,12 +285,14 @@ pub fn prepare(
         let req = ops::CreateNetwork {
             name: format!("{id}-vpc"),
             owner: id.into(),
-            cidrs: vec![cidr.into()],
+            cidrs: cidr.split(',').map(str::to_string).collect(),
         };
         let n = plane.mutate(&Caller::Admin, |s, cx| ops::create_network(s, cx, req))?;
+        let mut ranges = subnet.split(',');
         let sub = ops::CreateSubnet {
             name: "main".into(),
-            cidr: subnet.into(),
+            cidr: ranges.next().unwrap_or_default().into(),
+            ipv6_cidr: ranges.next().map(str::to_string),
         };
         let sn = plane.mutate(&Caller::Admin, |s, cx| {
             ops::create_subnet(s, cx, &n.id, sub)

@@ -55,13 +55,14 @@ pub fn answers(state: &State, network: &str) -> Answers {
         let Some(svc) = state.services.get(&e.service_id) else {
             continue;
         };
+        // A dual-stack endpoint answers A and AAAA.
         out.entry(e.dns_name.to_ascii_lowercase())
             .or_default()
-            .insert(e.ip);
+            .extend(e.all_ips());
         if e.private_dns_enabled
             && let Some(name) = &svc.private_dns_name
         {
-            out.entry(name.clone()).or_default().insert(e.ip);
+            out.entry(name.clone()).or_default().extend(e.all_ips());
         }
     }
     out

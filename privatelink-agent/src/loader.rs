@@ -1,18 +1,21 @@
 //! Loading the embedded object with map sizes chosen at load time.
 use aya::{
     Ebpf, EbpfLoader,
+    maps::ProgramArray,
     programs::{ProgramError, Xdp},
 };
 use privatelink_common::{
-    DEFAULT_CONNTRACK_ENTRIES, DEFAULT_MAX_ALLOWLIST, DEFAULT_MAX_BACKENDS,
-    DEFAULT_MAX_ENDPOINT_PORTS, DEFAULT_MAX_LINKS, DEFAULT_MAX_RULE_LISTS, DEFAULT_MAX_SERVICES,
-    names,
+    DEFAULT_CONNTRACK_ENTRIES, DEFAULT_CONNTRACK6_ENTRIES, DEFAULT_MAX_ALLOWLIST,
+    DEFAULT_MAX_BACKENDS, DEFAULT_MAX_ENDPOINT_PORTS, DEFAULT_MAX_LINKS, DEFAULT_MAX_RULE_LISTS,
+    DEFAULT_MAX_RULE_LISTS6, DEFAULT_MAX_SERVICES, names,
 };
 
 use crate::object;
 
 /// Program name of the datapath entry point in the object.
 pub const PROGRAM: &str = "privatelink";
+/// Program name of the IPv6 datapath, tail-called by the datapath through the `JUMP` map.
+pub const PROGRAM6: &str = "privatelink6";
 /// Program name of the pass-through program for veth peers that receive redirects.
 pub const PASS_PROGRAM: &str = "pass";
 /// Program name of the benchmark floor (parse, swap MACs, XDP_TX).
@@ -26,9 +29,13 @@ pub struct Sizes {
     pub services: u32,
     pub backends: u32,
     pub rule_lists: u32,
+    /// Distinct compiled IPv6 rule lists.
+    pub rule_lists6: u32,
     pub allowlist: u32,
     /// Entries; a flow takes two.
     pub conntrack: u32,
+    /// IPv6 conntrack entries; a flow takes two.
+    pub conntrack6: u32,
 }
 
 impl Default for Sizes {
@@ -39,8 +46,10 @@ impl Default for Sizes {
             services: DEFAULT_MAX_SERVICES,
             backends: DEFAULT_MAX_BACKENDS,
             rule_lists: DEFAULT_MAX_RULE_LISTS,
+            rule_lists6: DEFAULT_MAX_RULE_LISTS6,
             allowlist: DEFAULT_MAX_ALLOWLIST,
             conntrack: DEFAULT_CONNTRACK_ENTRIES,
+            conntrack6: DEFAULT_CONNTRACK6_ENTRIES,
         }
     }
 }
@@ -54,8 +63,10 @@ impl Sizes {
             services: 64,
             backends: 256,
             rule_lists: 64,
+            rule_lists6: 64,
             allowlist: 1024,
             conntrack: 65_536,
+            conntrack6: 16_384,
         }
     }
 }
@@ -70,6 +81,10 @@ pub enum LoadError {
     Program(#[from] ProgramError),
     #[error("the object has no program `{0}`")]
     MissingProgram(&'static str),
+    #[error("installing the IPv6 program: {0}")]
+    Jump(std::io::Error),
+    #[error("installing the IPv6 program: {0}")]
+    JumpMap(aya::maps::MapError),
 }
 
 /// The loaded object: programs and maps, not yet attached anywhere.
@@ -106,12 +121,32 @@ impl Datapath {
             .map_max_entries(names::RULES4, sizes.rule_lists)
             .map_max_entries(names::ALLOWLIST, sizes.allowlist)
             .map_max_entries(names::CT4, sizes.conntrack)
+            .map_max_entries(names::ENDPOINT_IPS6, sizes.links)
+            .map_max_entries(names::ENDPOINTS6, sizes.endpoint_ports)
+            .map_max_entries(names::MAGLEV6, sizes.services)
+            .map_max_entries(names::BACKENDS6, sizes.backends)
+            .map_max_entries(names::RULES6, sizes.rule_lists6)
+            .map_max_entries(names::CT6, sizes.conntrack6)
             .load(object::bytes()?)?;
         let prog: &mut Xdp = ebpf
             .program_mut(PROGRAM)
             .ok_or(LoadError::MissingProgram(PROGRAM))?
             .try_into()?;
         prog.load()?;
+        let prog6: &mut Xdp = ebpf
+            .program_mut(PROGRAM6)
+            .ok_or(LoadError::MissingProgram(PROGRAM6))?
+            .try_into()?;
+        prog6.load()?;
+        // Before anything attaches: IPv6 frames find their program from the first packet on
+        // (a reused, pinned JUMP map gets this object's program in place of the old one).
+        let fd = prog6.fd()?.try_clone().map_err(LoadError::Jump)?;
+        let mut jump: ProgramArray<_> = ebpf
+            .map_mut(names::JUMP)
+            .ok_or(LoadError::MissingProgram(PROGRAM6))?
+            .try_into()
+            .map_err(LoadError::JumpMap)?;
+        jump.set(0, &fd, 0).map_err(LoadError::JumpMap)?;
         let pass: &mut Xdp = ebpf
             .program_mut(PASS_PROGRAM)
             .ok_or(LoadError::MissingProgram(PASS_PROGRAM))?

@@ -115,12 +115,8 @@ fn gauge(v: i64) -> ConstGauge<i64> {
 
 /// Whether a forward entry is a live connection as the console counts them: TCP in SYN or
 /// ESTABLISHED, UDP until its timeout.
-pub(crate) fn active(
-    f: &privatelink_common::Flow4,
-    proto: u8,
-    now: u64,
-    cfg: &DatapathConfig,
-) -> bool {
+pub(crate) fn active(f: &crate::dataplane::FlowView, now: u64, cfg: &DatapathConfig) -> bool {
+    let proto = f.proto;
     let counted = proto == PROTO_UDP || matches!(f.tcp_state, CT_SYN_SENT | CT_ESTABLISHED);
     f.dir == DIR_FORWARD
         && counted
@@ -132,16 +128,16 @@ impl Collector for NodeCollector {
         let src = self.sources.lock().unwrap_or_else(|p| p.into_inner());
         let state = src.plane.snapshot();
         let node = src.node.clone();
-        let flows = src.reader.flows();
+        let flows = src.reader.flow_views();
         let now = monotonic_ns();
         let mut active_by_link: BTreeMap<u32, i64> = BTreeMap::new();
         let mut nat_used: BTreeMap<u32, i64> = BTreeMap::new();
-        for (k, f) in &flows {
-            if active(f, k.proto, now, &src.config.datapath) {
+        for f in &flows {
+            if active(f, now, &src.config.datapath) {
                 *active_by_link.entry(f.link_id).or_default() += 1;
             }
             if f.dir == DIR_REPLY {
-                *nat_used.entry(k.network_id).or_default() += 1;
+                *nat_used.entry(f.network_id).or_default() += 1;
             }
         }
         let drops = src.reader.drops();
@@ -391,7 +387,10 @@ impl Collector for NodeCollector {
             "privatelink_conntrack_capacity",
             "Conntrack capacity in entries",
             MetricType::Gauge,
-            vec![(n.clone(), gauge(src.reader.ct4_capacity.into()))],
+            vec![(
+                n.clone(),
+                gauge(i64::from(src.reader.ct4_capacity) + i64::from(src.reader.ct6_capacity)),
+            )],
         )?;
         let mut used = Vec::new();
         let mut avail = Vec::new();

@@ -82,28 +82,31 @@ pub fn model(
         let Some(provider_network) = number(&svc.network_id) else {
             continue;
         };
-        let v4: Vec<std::net::Ipv4Addr> = svc
-            .backends
-            .iter()
-            .filter_map(|b| match b {
-                IpAddr::V4(a) => Some(*a),
-                IpAddr::V6(_) => None,
-            })
-            .collect();
-        let healthy: Vec<_> = v4
-            .iter()
-            .copied()
-            .filter(|a| !unhealthy.contains(&(svc.id.clone(), IpAddr::V4(*a))))
-            .collect();
-        let backends = if healthy.is_empty() && !v4.is_empty() {
-            skipped.push(format!(
-                "service {}: every backend is unhealthy; keeping them all (fail open)",
-                svc.id
-            ));
-            v4
-        } else {
-            healthy
-        };
+        // Per family: IPv4 endpoints reach IPv4 backends, IPv6 endpoints IPv6 ones.
+        let mut backends = Vec::new();
+        for v6 in [false, true] {
+            let family: Vec<IpAddr> = svc
+                .backends
+                .iter()
+                .copied()
+                .filter(|a| a.is_ipv6() == v6)
+                .collect();
+            let healthy: Vec<IpAddr> = family
+                .iter()
+                .copied()
+                .filter(|a| !unhealthy.contains(&(svc.id.clone(), *a)))
+                .collect();
+            if healthy.is_empty() && !family.is_empty() {
+                skipped.push(format!(
+                    "service {}: every IPv{} backend is unhealthy; keeping them all (fail open)",
+                    svc.id,
+                    if v6 { 6 } else { 4 }
+                ));
+                backends.extend(family);
+            } else {
+                backends.extend(healthy);
+            }
+        }
         m.services.insert(
             svc.slot,
             Service {
@@ -129,13 +132,7 @@ pub fn model(
             ));
             continue;
         };
-        let IpAddr::V4(ip) = ep.ip else {
-            skipped.push(format!(
-                "endpoint {}: IPv6 endpoints are not forwarded yet",
-                ep.id
-            ));
-            continue;
-        };
+        let (ip4, ip6) = ep.addrs();
         if svc.owner == ep.owner {
             // Same account: always allowed.
             m.allowlist.insert((svc.slot, account.number));
@@ -146,9 +143,7 @@ pub fn model(
                 .filter_map(|b| state.security_groups.get(&b.security_group_id))
                 .flat_map(|g| g.rules.iter())
                 .filter_map(|r| {
-                    let IpNet::V4(source) = r.source else {
-                        return None;
-                    };
+                    let source: IpNet = r.source;
                     let (lo, hi) = validate::rule_ports("", &r.ports).ok()?;
                     Some(Rule {
                         proto: match r.protocol {
@@ -171,7 +166,8 @@ pub fn model(
             ep.link_id,
             Link {
                 network_id,
-                ip,
+                ip4,
+                ip6,
                 service_slot: svc.slot,
                 account: account.number,
                 state: match ep.state {
@@ -288,6 +284,7 @@ mod tests {
                 pnet.clone(),
                 NatRange {
                     addrs: "198.19.128.0/20".parse().unwrap(),
+                    addrs6: None,
                     ports: 1024..=65535,
                 },
             )]),
@@ -306,21 +303,27 @@ mod tests {
             (link.ports[0].terminal, link.ports[0].service),
             (13306, 3306)
         );
-        // Priority 10 first, its IPv6 rule left out of the IPv4 list, then priority 20's.
+        // Priority 10 first (its IPv6 rule, then its IPv4 rule), then priority 20's.
         let rules = link.rules.as_ref().expect("groups bound");
-        assert_eq!(rules.len(), 2);
+        assert_eq!(rules.len(), 3);
+        assert!(rules[0].source.addr().is_ipv6());
         assert_eq!(
-            (rules[0].action, rules[0].ports.clone()),
+            (rules[1].action, rules[1].ports.clone()),
             (Action::Drop, 13306..=13306)
         );
         assert_eq!(
-            (rules[1].action, rules[1].ports.clone()),
+            (rules[2].action, rules[2].ports.clone()),
             (Action::Accept, 1..=65535)
         );
         let consumer_no = state.accounts["consumer"].number;
         assert!(m.allowlist.contains(&(svc.slot, consumer_no)));
-        // The model compiles into map contents.
-        crate::dataplane::compile(&m, &Default::default()).expect("compiles");
+        // The model compiles into map contents: an IPv4-only endpoint gets the IPv4 rules only,
+        // and no IPv6 list.
+        let maps = crate::dataplane::compile(&m, &Default::default()).expect("compiles");
+        let info = maps.links[&ep.link_id];
+        assert_eq!(maps.rules4[&info.rules_slot].len(), 2);
+        assert_eq!(info.rules_slot6, privatelink_common::RULES_NONE);
+        assert!(maps.rules6.is_empty() && maps.endpoints6.is_empty());
     }
 }
 

@@ -8,8 +8,8 @@
 //! - With the `user` feature, each type is `aya::Pod` and `bytemuck::Pod` for the agent; the eBPF crate
 //!   never enables it.
 //!
-//! Maps are split per address family (IPv4 now, IPv6 later) like Cilium's CT4/CT6, so the IPv4 path
-//! hashes 20-byte keys rather than 40-byte ones.
+//! Maps are split per address family like Cilium's CT4/CT6, so the IPv4 path hashes 20-byte keys
+//! rather than 44-byte ones; conntrack keys and values are one generic type per family.
 #![no_std]
 
 pub mod maps;

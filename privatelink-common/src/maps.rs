@@ -17,6 +17,13 @@ pub const DEFAULT_MAX_BACKENDS: u32 = 16_384;
 pub const DEFAULT_MAX_RULE_LISTS: u32 = 2048;
 /// Default conntrack capacity in entries; each flow takes two (forward and reverse).
 pub const DEFAULT_CONNTRACK_ENTRIES: u32 = 2_097_152;
+/// Default IPv6 conntrack capacity in entries (an IPv6 entry takes 124 bytes of key and value
+/// against 76 for IPv4, and most deployments carry mostly IPv4). Resizable at load.
+pub const DEFAULT_CONNTRACK6_ENTRIES: u32 = 524_288;
+/// Default number of compiled IPv6 rule lists (10 KiB each). Resizable at load.
+pub const DEFAULT_MAX_RULE_LISTS6: u32 = 1024;
+/// Extension headers the IPv6 parser walks before it gives up (`DROP_IPV6_EXT`).
+pub const MAX_EXT_HDRS: usize = 4;
 /// Default capacity of the allowlist hash.
 pub const DEFAULT_MAX_ALLOWLIST: u32 = 65_536;
 
@@ -47,6 +54,7 @@ pub const ACTION_DROP: u8 = 2;
 
 /// IP protocol numbers used in keys (`proto` fields).
 pub const PROTO_ICMP: u8 = 1;
+pub const PROTO_ICMPV6: u8 = 58;
 pub const PROTO_TCP: u8 = 6;
 pub const PROTO_UDP: u8 = 17;
 /// In a rule: any protocol.
@@ -107,6 +115,32 @@ pub struct EndpointValue {
 }
 crate::assert_size!(EndpointValue, 8);
 
+/// An IPv6 address as four words of wire bytes, each read natively (`u32::from_ne_bytes` of four
+/// address bytes): network order, like the `_be` IPv4 fields, and compared a word at a time.
+pub type In6 = [u32; 4];
+
+/// Key of `ENDPOINTS6`: an endpoint IPv6 address and terminal port in a consumer network.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct EndpointKey6 {
+    pub network_id: u32,
+    pub addr_be: In6,
+    pub port_be: u16,
+    pub proto: u8,
+    pub _pad: u8,
+}
+crate::assert_size!(EndpointKey6, 24);
+
+/// Key of `ENDPOINT_IPS6`: an endpoint IPv6 address in a consumer network (neighbour discovery,
+/// and keeping the address unusable by anything else on the node).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct EndpointIpKey6 {
+    pub network_id: u32,
+    pub addr_be: In6,
+}
+crate::assert_size!(EndpointIpKey6, 20);
+
 /// Key of `ENDPOINT_IPS4`: an endpoint IPv4 address in a consumer network (for ARP and for keeping
 /// the address unusable by anything else on the node).
 #[repr(C)]
@@ -138,15 +172,17 @@ pub struct LinkInfo {
     pub service_slot: u32,
     /// Provider network id: NAT range and reverse flow key.
     pub provider_network: u32,
-    /// Compiled rule list slot, [`RULES_NONE`] when no group is bound.
+    /// Compiled IPv4 rule list slot (`RULES4`), [`RULES_NONE`] when no group is bound.
     pub rules_slot: u32,
+    /// Compiled IPv6 rule list slot (`RULES6`), [`RULES_NONE`] when no group is bound.
+    pub rules_slot6: u32,
     /// Nonzero while the consumer account is allowed (allowlisted or same account); checked on every
     /// packet, so removal from the allowlist cuts established flows too.
     pub allowed: u32,
     /// Nonzero when the service answers ICMP echo requests to its endpoints (opt-in).
     pub answer_ping: u32,
 }
-crate::assert_size!(LinkInfo, 28);
+crate::assert_size!(LinkInfo, 32);
 
 /// Key of `ALLOWLIST`: (service slot, account number). Value: 1.
 #[repr(C)]
@@ -186,7 +222,33 @@ pub struct RuleList4 {
 }
 crate::assert_size!(RuleList4, 8 + 16 * MAX_RULES);
 
-/// Value of the `MAGLEV` array, indexed by service slot.
+/// One compiled IPv6 security-group rule.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Rule6 {
+    /// Source network, already masked.
+    pub addr_be: In6,
+    pub mask_be: In6,
+    /// Destination (terminal) port range, inclusive, host order.
+    pub port_lo: u16,
+    pub port_hi: u16,
+    pub proto: u8,
+    pub action: u8,
+    pub _pad: [u8; 2],
+}
+crate::assert_size!(Rule6, 40);
+
+/// Value of the `RULES6` array: an endpoint's bound groups' IPv6 rules in evaluation order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RuleList6 {
+    pub count: u32,
+    pub _pad: u32,
+    pub rules: [Rule6; MAX_RULES],
+}
+crate::assert_size!(RuleList6, 8 + 40 * MAX_RULES);
+
+/// Value of the `MAGLEV` and `MAGLEV6` arrays, indexed by service slot.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct MaglevTable {
@@ -207,6 +269,28 @@ pub struct Backend4 {
 }
 crate::assert_size!(Backend4, 8);
 
+/// Value of the `BACKENDS6` array, indexed by backend slot (all zeroes: empty slot).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Backend6 {
+    pub addr_be: In6,
+}
+crate::assert_size!(Backend6, 16);
+
+/// Value of the `NAT6` array, indexed by provider network id: the IPv6 source-NAT range, `count`
+/// addresses from `base_be` (only the last word varies, so the range is at most a /96).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NatRange6 {
+    pub base_be: In6,
+    /// Number of addresses; zero means no range.
+    pub count: u32,
+    pub port_min: u16,
+    pub port_max: u16,
+    pub _pad: u32,
+}
+crate::assert_size!(NatRange6, 28);
+
 /// Value of the `NAT4` array, indexed by provider network id: the source-NAT range.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -222,32 +306,36 @@ pub struct NatRange4 {
 }
 crate::assert_size!(NatRange4, 16);
 
-/// Key of `CT4`: a flow as seen on ingress, in the network it arrived from.
+/// Key of `CT4` (`A` = `u32`) and `CT6` (`A` = [`In6`]): a flow as seen on ingress, in the
+/// network it arrived from.
 ///
 /// Forward entries are keyed by the consumer's tuple in its network; reply entries by the backend's
 /// tuple (backend → NAT address) in the provider network.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct FlowKey4 {
+pub struct FlowKey<A> {
     pub network_id: u32,
-    pub saddr_be: u32,
-    pub daddr_be: u32,
+    pub saddr_be: A,
+    pub daddr_be: A,
     pub sport_be: u16,
     pub dport_be: u16,
     pub proto: u8,
     pub _pad: [u8; 3],
 }
+pub type FlowKey4 = FlowKey<u32>;
+pub type FlowKey6 = FlowKey<In6>;
 crate::assert_size!(FlowKey4, 20);
+crate::assert_size!(FlowKey6, 44);
 
-/// Value of `CT4`: how to rewrite a packet of the flow, and the flow's state.
+/// Value of `CT4` and `CT6`: how to rewrite a packet of the flow, and the flow's state.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Flow4 {
+pub struct Flow<A> {
     /// `bpf_ktime_get_coarse_ns` of the last packet (refreshed at most once a second).
     pub last_seen_ns: u64,
     /// New source and destination after translation.
-    pub saddr_be: u32,
-    pub daddr_be: u32,
+    pub saddr_be: A,
+    pub daddr_be: A,
     pub sport_be: u16,
     pub dport_be: u16,
     pub link_id: u32,
@@ -270,7 +358,10 @@ pub struct Flow4 {
     pub nh_generation: u32,
     pub _pad: u32,
 }
+pub type Flow4 = Flow<u32>;
+pub type Flow6 = Flow<In6>;
 crate::assert_size!(Flow4, 56);
+crate::assert_size!(Flow6, 80);
 
 /// Value of the one-element `CONFIG` array: timeouts the agent sets.
 #[repr(C)]
@@ -338,6 +429,14 @@ crate::user_pod!(
     FlowKey4,
     Flow4,
     DatapathConfig,
+    EndpointKey6,
+    EndpointIpKey6,
+    Rule6,
+    RuleList6,
+    Backend6,
+    NatRange6,
+    FlowKey6,
+    Flow6,
 );
 
 /// Map names as declared in the eBPF object (the agent looks maps up by these).
@@ -357,6 +456,14 @@ pub mod names {
     pub const GLOBAL_STATS: &str = "GLOBAL_STATS";
     pub const LINK_STATS: &str = "LINK_STATS";
     pub const LINK_DROPS: &str = "LINK_DROPS";
+    pub const ENDPOINTS6: &str = "ENDPOINTS6";
+    pub const ENDPOINT_IPS6: &str = "ENDPOINT_IPS6";
+    pub const RULES6: &str = "RULES6";
+    pub const MAGLEV6: &str = "MAGLEV6";
+    pub const BACKENDS6: &str = "BACKENDS6";
+    pub const NAT6: &str = "NAT6";
+    pub const CT6: &str = "CT6";
+    pub const JUMP: &str = "JUMP";
 
     /// Every map, for pinning.
     pub const ALL: &[&str] = &[
@@ -375,9 +482,17 @@ pub mod names {
         GLOBAL_STATS,
         LINK_STATS,
         LINK_DROPS,
+        ENDPOINTS6,
+        ENDPOINT_IPS6,
+        RULES6,
+        MAGLEV6,
+        BACKENDS6,
+        NAT6,
+        CT6,
+        JUMP,
     ];
 }
 
 /// Version of the maps' layout, part of every pin name: bump it with any change to a key or value
 /// type above, so that an upgraded agent creates new maps instead of misreading pinned ones.
-pub const LAYOUT_VERSION: u32 = 2;
+pub const LAYOUT_VERSION: u32 = 3;

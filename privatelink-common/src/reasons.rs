@@ -5,13 +5,15 @@
 //! Every packet the program sees ends in exactly one global outcome counter, so the counters account
 //! for every packet.
 
-/// Packet shorter than the headers it announces (Ethernet, VLAN, IPv4, TCP or UDP) and addressed to us.
+/// Packet shorter than the headers it announces (Ethernet, VLAN, IPv4/IPv6 and its extension
+/// headers, TCP or UDP) and addressed to us.
 pub const DROP_TRUNCATED: u32 = 0;
-/// IPv4 IHL below 5 or beyond the packet.
+/// IPv4 IHL below 5 or beyond the packet, or an IP version that does not match the EtherType.
 pub const DROP_BAD_IHL: u32 = 1;
-/// IPv4 total length below the header or beyond the frame.
+/// IPv4 total length below the header or beyond the frame; IPv6 payload length beyond the frame.
 pub const DROP_BAD_LENGTH: u32 = 2;
-/// IPv4 fragment (first or later) for an endpoint or NAT address: full NAT needs the L4 ports.
+/// IPv4 fragment or IPv6 fragment header (first or later) for an endpoint or NAT address: full
+/// NAT needs the L4 ports.
 pub const DROP_FRAGMENT: u32 = 3;
 /// Addressed to an endpoint IP on a port that is not one of its terminal ports.
 pub const DROP_NO_PORT: u32 = 4;
@@ -27,7 +29,7 @@ pub const DROP_NOT_ALLOWLISTED: u32 = 8;
 pub const DROP_SECURITY_GROUP: u32 = 9;
 /// A TCP segment without state that is not a plain SYN.
 pub const DROP_TCP_NOT_SYN: u32 = 10;
-/// TTL would reach zero.
+/// TTL (IPv4) or hop limit (IPv6) would reach zero.
 pub const DROP_TTL_EXPIRED: u32 = 11;
 /// The service has no backend in its Maglev table.
 pub const DROP_NO_BACKEND: u32 = 12;
@@ -51,29 +53,34 @@ pub const DROP_REDIRECT_FAILED: u32 = 20;
 pub const DROP_ICMP_NO_FLOW: u32 = 21;
 /// An ICMP echo request to an endpoint address (services answer none).
 pub const DROP_ICMP_ECHO: u32 = 22;
+/// An IPv6 extension-header chain longer than the parser walks (`MAX_EXT_HDRS`), on a packet
+/// addressed to an endpoint or NAT address.
+pub const DROP_IPV6_EXT: u32 = 23;
 /// Number of drop reasons; codes from here on are not drops.
-pub const DROP_REASONS: u32 = 23;
+pub const DROP_REASONS: u32 = 24;
 
-/// Not IPv4/ARP (or IPv6 before that path lands): passed untouched.
-pub const PASS_NOT_IP: u32 = 23;
+/// Neither IPv4, IPv6 nor ARP: passed untouched.
+pub const PASS_NOT_IP: u32 = 24;
 /// Arrived on an interface (or VLAN) the agent did not register: passed untouched.
-pub const PASS_UNKNOWN_IFACE: u32 = 24;
+pub const PASS_UNKNOWN_IFACE: u32 = 25;
 /// Not addressed to an endpoint (consumer side) or a NAT address (provider side): passed untouched.
-pub const PASS_NOT_ENDPOINT: u32 = 25;
+pub const PASS_NOT_ENDPOINT: u32 = 26;
 /// Too short to tell where it is addressed: passed to the kernel, which drops it.
-pub const PASS_MALFORMED: u32 = 26;
+pub const PASS_MALFORMED: u32 = 27;
 /// Translated, but the next hop has no neighbour entry: handed to the kernel to resolve and forward.
-pub const PASS_NO_NEIGH: u32 = 27;
+pub const PASS_NO_NEIGH: u32 = 28;
 /// ARP request for an endpoint IP answered with XDP_TX.
-pub const ARP_REPLIED: u32 = 28;
+pub const ARP_REPLIED: u32 = 29;
 /// ICMP echo request to an endpoint of a service that answers pings, answered with XDP_TX.
-pub const ICMP_ECHO_REPLIED: u32 = 29;
+pub const ICMP_ECHO_REPLIED: u32 = 30;
 /// Translated and sent back out of the ingress interface (XDP_TX).
-pub const FWD_TX: u32 = 30;
+pub const FWD_TX: u32 = 31;
 /// Translated and redirected to another interface.
-pub const FWD_REDIRECT: u32 = 31;
+pub const FWD_REDIRECT: u32 = 32;
+/// IPv6 neighbour solicitation for an endpoint address answered with an advertisement (XDP_TX).
+pub const ND_REPLIED: u32 = 33;
 /// Number of outcome codes (size of the global counter array).
-pub const OUTCOMES: u32 = 32;
+pub const OUTCOMES: u32 = 34;
 
 /// Metric label value for each outcome code, indexed by code.
 pub const OUTCOME_NAMES: [&str; OUTCOMES as usize] = [
@@ -100,6 +107,7 @@ pub const OUTCOME_NAMES: [&str; OUTCOMES as usize] = [
     "redirect_failed",
     "icmp_no_flow",
     "icmp_echo",
+    "ipv6_ext",
     "pass_not_ip",
     "pass_unknown_iface",
     "pass_not_endpoint",
@@ -109,6 +117,7 @@ pub const OUTCOME_NAMES: [&str; OUTCOMES as usize] = [
     "icmp_echo_replied",
     "fwd_tx",
     "fwd_redirect",
+    "nd_replied",
 ];
 
 /// Whether an outcome code is a drop.

@@ -1,13 +1,14 @@
 //! Flow state: lookup with expiry, TCP state, refresh of both entries of a flow.
 use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
 use privatelink_common::{
-    CT_CLOSING, CT_ESTABLISHED, CT_SYN_SENT, DIR_FORWARD, DIR_REPLY, DatapathConfig, Flow4,
-    FlowKey4, PROTO_TCP,
+    CT_CLOSING, CT_ESTABLISHED, CT_SYN_SENT, DIR_FORWARD, DIR_REPLY, DatapathConfig, Flow, FlowKey,
+    PROTO_TCP,
 };
 
 use crate::{
-    CONFIG, CT4,
-    parse::{Ip4, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
+    CONFIG,
+    family::Family,
+    parse::{Pkt, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
 };
 
 /// last_seen is written at most this often per flow (a write per packet would bounce cache lines).
@@ -30,18 +31,18 @@ pub fn config() -> DatapathConfig {
 }
 
 #[inline(always)]
-pub fn expired(flow: &Flow4, proto: u8, now: u64, cfg: &DatapathConfig) -> bool {
+pub fn expired<A>(flow: &Flow<A>, proto: u8, now: u64, cfg: &DatapathConfig) -> bool {
     now.saturating_sub(flow.last_seen_ns) > cfg.timeout_for(proto, flow.tcp_state)
 }
 
 /// The live entry for `key`; an expired one counts as absent and is removed (its slot is free for
 /// a new flow at once; the twin goes with its own lookup or the agent's sweep).
 #[inline(always)]
-pub fn lookup(key: &FlowKey4, now: u64, cfg: &DatapathConfig) -> Option<*mut Flow4> {
-    let f = CT4.get_ptr_mut(key)?;
+pub fn lookup<A: Family>(key: &FlowKey<A>, now: u64, cfg: &DatapathConfig) -> Option<*mut Flow<A>> {
+    let f = A::ct().get_ptr_mut(key)?;
     // SAFETY: pointer from a successful lookup.
     if expired(unsafe { &*f }, key.proto, now, cfg) {
-        let _ = CT4.remove(key);
+        let _ = A::ct().remove(key);
         None
     } else {
         Some(f)
@@ -50,8 +51,8 @@ pub fn lookup(key: &FlowKey4, now: u64, cfg: &DatapathConfig) -> Option<*mut Flo
 
 /// The key of the other direction's entry of the same flow.
 #[inline(always)]
-pub fn twin_key(flow: &Flow4, proto: u8) -> FlowKey4 {
-    FlowKey4 {
+pub fn twin_key<A: Family>(flow: &Flow<A>, proto: u8) -> FlowKey<A> {
+    FlowKey {
         network_id: flow.peer_network,
         saddr_be: flow.daddr_be,
         daddr_be: flow.saddr_be,
@@ -64,7 +65,7 @@ pub fn twin_key(flow: &Flow4, proto: u8) -> FlowKey4 {
 
 /// Advances TCP state and refreshes the flow (and its twin) for a packet that hit `flow`.
 #[inline(always)]
-pub fn update(flow: *mut Flow4, p: &Ip4, now: u64) {
+pub fn update<A: Family>(flow: *mut Flow<A>, p: &Pkt<A>, now: u64) {
     // SAFETY: pointer from a successful lookup; concurrent updates of these plain fields are benign.
     let flow = unsafe { &mut *flow };
     let old = flow.tcp_state;
@@ -92,7 +93,7 @@ pub fn update(flow: *mut Flow4, p: &Ip4, now: u64) {
         flow.egress_ifindex = 0;
     }
     // Both entries live and die together, so a one-way stream keeps its reply mapping reserved.
-    if let Some(t) = CT4.get_ptr_mut(twin_key(flow, p.proto)) {
+    if let Some(t) = A::ct().get_ptr_mut(twin_key(flow, p.proto)) {
         // SAFETY: pointer from a successful lookup.
         unsafe {
             (*t).tcp_state = state;

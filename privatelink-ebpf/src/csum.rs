@@ -49,3 +49,21 @@ fn fold16(s: u32) -> u16 {
     let s = (s & 0xffff) + (s >> 16);
     ((s & 0xffff) + (s >> 16)) as u16
 }
+
+/// The one's-complement sum of a byte array as 16-bit words read natively (`N` even).
+#[inline(always)]
+pub fn sum<const N: usize>(b: &[u8; N]) -> u32 {
+    let mut s = 0u32;
+    let mut i = 0;
+    while i + 1 < N {
+        s += u16::from_ne_bytes([b[i], b[i + 1]]) as u32;
+        i += 2;
+    }
+    s
+}
+
+/// The checksum field for a region whose words sum to `s`.
+#[inline(always)]
+pub fn finish(s: u32) -> u16 {
+    !fold16(s)
+}

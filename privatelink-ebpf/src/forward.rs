@@ -5,30 +5,29 @@ use aya_ebpf::{
     helpers::{bpf_fib_lookup as fib_lookup, bpf_xdp_adjust_head},
     programs::XdpContext,
 };
-use network_types::{eth::EthHdr, ip::Ipv4Hdr, tcp::TcpHdr, udp::UdpHdr};
+use network_types::{eth::EthHdr, tcp::TcpHdr, udp::UdpHdr};
 use privatelink_common::{
     DIR_FORWARD, DROP_FIB_FAILED, DROP_REDIRECT_FAILED, DROP_REWRITE_FAILED, FWD_REDIRECT, FWD_TX,
-    Flow4, PASS_NO_NEIGH, PROTO_TCP,
+    Flow, PASS_NO_NEIGH, PROTO_TCP,
 };
 
 use crate::{
     DEVMAP,
     csum::Delta,
-    parse::{ETH_P_8021Q, Ip4, L2, VLAN_HLEN, ptr_at},
+    family::Family,
+    parse::{ETH_P_8021Q, L2, Pkt, VLAN_HLEN, ptr_at},
     process::Verdict,
 };
-
-const AF_INET: u8 = 2;
 
 /// Translates the packet by `flow` and sends it on. `entry` is the flow's conntrack entry, where a
 /// forward flow caches the next hop its FIB lookup found (`None` for a flow created just now).
 #[inline(always)]
-pub fn send(
+pub fn send<A: Family>(
     ctx: &XdpContext,
     l2: &L2,
-    p: &Ip4,
-    flow: &Flow4,
-    entry: Option<*mut Flow4>,
+    p: &Pkt<A>,
+    flow: &Flow<A>,
+    entry: Option<*mut Flow<A>>,
     fib_gen: u32,
 ) -> Verdict {
     let cached =
@@ -45,14 +44,13 @@ pub fn send(
     }
     // SAFETY: plain-old-data struct, all zeroes is valid.
     let mut fib: bpf_fib_lookup = unsafe { core::mem::zeroed() };
-    fib.family = AF_INET;
+    fib.family = A::AF;
     fib.l4_protocol = p.proto;
     fib.sport = flow.sport_be;
     fib.dport = flow.dport_be;
     fib.__bindgen_anon_1.tot_len = p.tot_len;
     fib.ifindex = ctx.ingress_ifindex() as u32;
-    fib.__bindgen_anon_3.ipv4_src = flow.saddr_be;
-    fib.__bindgen_anon_4.ipv4_dst = flow.daddr_be;
+    A::fib_addrs(&mut fib, flow.saddr_be, flow.daddr_be);
     // SAFETY: ctx and the params struct are valid for the call.
     let rc = unsafe {
         fib_lookup(
@@ -111,26 +109,13 @@ pub fn out(ctx: &XdpContext, ifindex: u32) -> Verdict {
 }
 
 /// Rewrites addresses and ports to the flow's, with incremental IPv4 and L4 checksum updates
-/// (pseudo-header included; a zero UDP checksum stays zero) and, if asked, the TTL decrement.
+/// (pseudo-header included; a zero UDP checksum stays zero) and, if asked, the TTL (hop limit)
+/// decrement.
 #[inline(always)]
-fn rewrite_l34(ctx: &XdpContext, p: &Ip4, flow: &Flow4, dec_ttl: bool) -> bool {
-    let Some(ip) = ptr_at::<Ipv4Hdr>(ctx, p.l3_off) else {
+fn rewrite_l34<A: Family>(ctx: &XdpContext, p: &Pkt<A>, flow: &Flow<A>, dec_ttl: bool) -> bool {
+    let Some(addrs) = A::rewrite_l3(ctx, p, flow, dec_ttl) else {
         return false;
     };
-    // SAFETY: bounds checked by ptr_at.
-    let ip = unsafe { &mut *ip };
-    let addrs = Delta::new()
-        .u32(p.saddr_be, flow.saddr_be)
-        .u32(p.daddr_be, flow.daddr_be);
-    let mut l3 = addrs;
-    if dec_ttl {
-        let old = u16::from_ne_bytes([ip.ttl, ip.proto]);
-        ip.ttl -= 1;
-        l3 = l3.u16(old, u16::from_ne_bytes([ip.ttl, ip.proto]));
-    }
-    ip.src_addr = flow.saddr_be.to_ne_bytes();
-    ip.dst_addr = flow.daddr_be.to_ne_bytes();
-    ip.check = l3.apply(u16::from_ne_bytes(ip.check)).to_ne_bytes();
     let l4 = addrs.plus(
         Delta::new()
             .u16(p.sport_be, flow.sport_be)

@@ -229,7 +229,7 @@ pub fn to_endpoint(
     if link.answer_ping == 0
         || policy::link_usable(link).is_err()
         || policy::allowlisted(link).is_err()
-        || policy::security_groups(link.rules_slot, h.saddr_be, 0, PROTO_ICMP).is_err()
+        || policy::security_groups4(link.rules_slot, h.saddr_be, 0, PROTO_ICMP).is_err()
     {
         return Verdict::drop(DROP_ICMP_ECHO);
     }

@@ -7,8 +7,10 @@
 mod arp;
 mod conntrack;
 mod csum;
+mod family;
 mod forward;
 mod icmp;
+mod icmp6;
 mod nat;
 mod parse;
 mod policy;
@@ -17,15 +19,16 @@ mod stats;
 
 use aya_ebpf::{
     macros::{map, xdp},
-    maps::{Array, DevMapHash, HashMap, PerCpuArray, PerCpuHashMap},
+    maps::{Array, DevMapHash, HashMap, PerCpuArray, PerCpuHashMap, ProgramArray},
     programs::XdpContext,
 };
 use privatelink_common::{
-    AllowKey, Backend4, DEFAULT_CONNTRACK_ENTRIES, DEFAULT_MAX_ALLOWLIST, DEFAULT_MAX_BACKENDS,
-    DEFAULT_MAX_ENDPOINT_PORTS, DEFAULT_MAX_LINKS, DEFAULT_MAX_RULE_LISTS, DEFAULT_MAX_SERVICES,
-    DatapathConfig, EndpointIpKey4, EndpointIpValue, EndpointKey4, EndpointValue, Flow4, FlowKey4,
-    IfaceInfo, IfaceKey, LinkDropKey, LinkInfo, LinkStats, MAX_NETWORKS, MaglevTable, NatRange4,
-    OUTCOMES, RuleList4,
+    AllowKey, Backend4, Backend6, DEFAULT_CONNTRACK_ENTRIES, DEFAULT_CONNTRACK6_ENTRIES,
+    DEFAULT_MAX_ALLOWLIST, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_ENDPOINT_PORTS, DEFAULT_MAX_LINKS,
+    DEFAULT_MAX_RULE_LISTS, DEFAULT_MAX_RULE_LISTS6, DEFAULT_MAX_SERVICES, DatapathConfig,
+    EndpointIpKey4, EndpointIpKey6, EndpointIpValue, EndpointKey4, EndpointKey6, EndpointValue,
+    Flow4, Flow6, FlowKey4, FlowKey6, IfaceInfo, IfaceKey, LinkDropKey, LinkInfo, LinkStats,
+    MAX_NETWORKS, MaglevTable, NatRange4, NatRange6, OUTCOMES, RuleList4, RuleList6,
 };
 
 /// (ifindex, VLAN id) → network and role. Frames from anything else pass untouched.
@@ -73,6 +76,36 @@ static NAT4: Array<NatRange4> = Array::with_max_entries(MAX_NETWORKS, 0);
 #[map]
 static CT4: HashMap<FlowKey4, Flow4> = HashMap::with_max_entries(DEFAULT_CONNTRACK_ENTRIES, 0);
 
+/// (consumer network, endpoint IPv6, protocol, terminal port) → link and service port.
+#[map]
+static ENDPOINTS6: HashMap<EndpointKey6, EndpointValue> =
+    HashMap::with_max_entries(DEFAULT_MAX_ENDPOINT_PORTS, 0);
+
+/// (consumer network, endpoint IPv6) → link: neighbour discovery and "this address is ours".
+#[map]
+static ENDPOINT_IPS6: HashMap<EndpointIpKey6, EndpointIpValue> =
+    HashMap::with_max_entries(DEFAULT_MAX_LINKS, 0);
+
+/// Rule-list slot → compiled IPv6 rules of an endpoint's groups (slot 0 unused: no groups).
+#[map]
+static RULES6: Array<RuleList6> = Array::with_max_entries(DEFAULT_MAX_RULE_LISTS6, 0);
+
+/// Service slot → Maglev table of IPv6 backend slots.
+#[map]
+static MAGLEV6: Array<MaglevTable> = Array::with_max_entries(DEFAULT_MAX_SERVICES, 0);
+
+/// Backend slot → backend IPv6 address.
+#[map]
+static BACKENDS6: Array<Backend6> = Array::with_max_entries(DEFAULT_MAX_BACKENDS, 0);
+
+/// Provider network id → IPv6 source-NAT range.
+#[map]
+static NAT6: Array<NatRange6> = Array::with_max_entries(MAX_NETWORKS, 0);
+
+/// IPv6 conntrack, as `CT4`.
+#[map]
+static CT6: HashMap<FlowKey6, Flow6> = HashMap::with_max_entries(DEFAULT_CONNTRACK6_ENTRIES, 0);
+
 /// Index 0: timeouts set by the agent (defaults apply while unset).
 #[map]
 static CONFIG: Array<DatapathConfig> = Array::with_max_entries(1, 0);
@@ -93,10 +126,28 @@ static LINK_STATS: PerCpuArray<LinkStats> = PerCpuArray::with_max_entries(DEFAUL
 #[map]
 static LINK_DROPS: PerCpuHashMap<LinkDropKey, u64> = PerCpuHashMap::with_max_entries(65_536, 0);
 
+/// Index 0: the IPv6 program, tail-called for IPv6 frames. A program of its own keeps the IPv4
+/// path's instructions and stack exactly what they were (both paths in one function exceed the
+/// 512-byte stack).
+#[map]
+static JUMP: ProgramArray = ProgramArray::with_max_entries(1, 0);
+
+/// Per-CPU scratch of the IPv6 program: the parsed packet lives in map memory, not in registers
+/// (the calling convention would spill its eight address words around every helper call, and the
+/// 512-byte stack does not hold that).
+#[map]
+static SCRATCH6: PerCpuArray<parse::Ip6> = PerCpuArray::with_max_entries(1, 0);
+
 /// The datapath: attached to every consumer- and provider-facing interface.
 #[xdp]
 pub fn privatelink(ctx: XdpContext) -> u32 {
     process::process(&ctx)
+}
+
+/// The IPv6 datapath, entered only by tail call from `privatelink`.
+#[xdp]
+pub fn privatelink6(ctx: XdpContext) -> u32 {
+    process::process6(&ctx)
 }
 
 /// Attached to veth peers that receive redirected frames (veth delivers XDP_REDIRECT only to a peer

@@ -5,11 +5,11 @@ use aya_ebpf::{
 };
 use privatelink_common::{
     CT_OPEN, CT_SYN_SENT, DIR_FORWARD, DIR_REPLY, DROP_CONNTRACK_FULL, DROP_NAT_EXHAUSTED,
-    DROP_NO_BACKEND, DROP_NO_NAT_RANGE, DatapathConfig, Flow4, FlowKey4, LinkInfo, MAGLEV_SIZE,
-    NAT_PORT_RETRIES, NatRange4, PROTO_TCP,
+    DROP_NO_BACKEND, DROP_NO_NAT_RANGE, DatapathConfig, Flow, FlowKey, LinkInfo, MAGLEV_SIZE,
+    NAT_PORT_RETRIES, PROTO_TCP,
 };
 
-use crate::{BACKENDS4, CT4, MAGLEV, NAT4, conntrack, parse::Ip4};
+use crate::{conntrack, family::Family, parse::Pkt};
 
 const EEXIST: i32 = 17;
 
@@ -34,18 +34,18 @@ fn mix(mut h: u32) -> u32 {
 
 /// Hash of a flow's consumer-side tuple (stable: Maglev needs the same backend for the same flow).
 #[inline(always)]
-pub fn flow_hash(k: &FlowKey4) -> u32 {
+pub fn flow_hash<A: Family>(k: &FlowKey<A>) -> u32 {
     let ports = ((k.sport_be as u32) << 16) | k.dport_be as u32;
-    let h = mix(k.saddr_be ^ 0x9e37_79b9);
-    let h = mix(h ^ k.daddr_be);
+    let h = mix(k.saddr_be.fold() ^ 0x9e37_79b9);
+    let h = mix(h ^ k.daddr_be.fold());
     let h = mix(h ^ ports);
     mix(h ^ (k.proto as u32) ^ (k.network_id << 8))
 }
 
 /// The backend address for a new flow of the service, by Maglev table.
 #[inline(always)]
-pub fn pick_backend(service_slot: u32, hash: u32) -> Result<u32, u32> {
-    let table = MAGLEV.get(service_slot).ok_or(DROP_NO_BACKEND)?;
+pub fn pick_backend<A: Family>(service_slot: u32, hash: u32) -> Result<A, u32> {
+    let table = A::maglev().get(service_slot).ok_or(DROP_NO_BACKEND)?;
     if table.backends == 0 {
         return Err(DROP_NO_BACKEND);
     }
@@ -55,59 +55,48 @@ pub fn pick_backend(service_slot: u32, hash: u32) -> Result<u32, u32> {
     // SAFETY: reading a local.
     let bucket = unsafe { core::ptr::read_volatile(&bucket) };
     let slot = *table.slots.get(bucket).ok_or(DROP_NO_BACKEND)?;
-    BACKENDS4
-        .get(slot)
-        .map(|b| b.addr_be)
-        .ok_or(DROP_NO_BACKEND)
-}
-
-/// Whether `addr_be` is in the NAT range of provider network `network_id`.
-#[inline(always)]
-pub fn is_nat_addr(network_id: u32, addr_be: u32) -> bool {
-    match NAT4.get(network_id) {
-        Some(r) => u32::from_be(addr_be).wrapping_sub(r.base) < r.count,
-        None => false,
-    }
+    A::backend(slot).ok_or(DROP_NO_BACKEND)
 }
 
 #[inline(always)]
-fn random_port(r: &NatRange4) -> u16 {
-    let span = (r.port_max as u32).saturating_sub(r.port_min as u32) + 1;
+fn random_port(port_min: u16, port_max: u16) -> u16 {
+    let span = (port_max as u32).saturating_sub(port_min as u32) + 1;
     // SAFETY: helper without preconditions.
     let rnd = unsafe { bpf_get_prandom_u32() };
-    r.port_min + (rnd % span) as u16
+    port_min + (rnd % span) as u16
 }
 
 /// Chooses a NAT address and port whose reply tuple is free, and writes both flow entries.
-/// Returns the forward entry (the translation to apply now).
+/// `flow` ends as the forward entry (the translation to apply now); it is built in place as the
+/// reply entry first, so one flow's worth of stack serves both (the IPv6 program's 512 bytes
+/// would not hold three).
 #[allow(clippy::too_many_arguments)]
+#[allow(
+    clippy::needless_borrows_for_generic_args,
+    reason = "by value, the key and flow would be copied to the stack once more"
+)]
 #[inline(always)]
-pub fn create_flow(
-    key: &FlowKey4,
-    p: &Ip4,
+pub fn create_flow<A: Family>(
+    key: &FlowKey<A>,
+    p: &Pkt<A>,
     link: &LinkInfo,
     link_id: u32,
-    backend_be: u32,
+    backend_be: A,
     service_port_be: u16,
     origin: &Origin,
     hash: u32,
     now: u64,
     cfg: &DatapathConfig,
-) -> Result<Flow4, u32> {
-    let range = match NAT4.get(link.provider_network) {
-        Some(r) if r.count != 0 => *r,
-        _ => return Err(DROP_NO_NAT_RANGE),
-    };
-    let nat_addr_be = range
-        .base
-        .wrapping_add(mix(hash ^ 0x5bd1_e995) % range.count)
-        .to_be();
+    flow: &mut Flow<A>,
+) -> Result<(), u32> {
+    let (nat_addr_be, port_min, port_max) =
+        A::nat_addr(link.provider_network, mix(hash ^ 0x5bd1_e995)).ok_or(DROP_NO_NAT_RANGE)?;
     let state = if p.proto == PROTO_TCP {
         CT_SYN_SENT
     } else {
         CT_OPEN
     };
-    let reply = Flow4 {
+    *flow = Flow {
         last_seen_ns: now,
         saddr_be: p.daddr_be,
         daddr_be: p.saddr_be,
@@ -126,13 +115,13 @@ pub fn create_flow(
     };
     // Keep the consumer's port when the range allows it (fewer surprises), else pick at random.
     let sport = u16::from_be(p.sport_be);
-    let mut port = if sport >= range.port_min && sport <= range.port_max {
+    let mut port = if sport >= port_min && sport <= port_max {
         sport
     } else {
-        random_port(&range)
+        random_port(port_min, port_max)
     };
     for _ in 0..=NAT_PORT_RETRIES {
-        let rkey = FlowKey4 {
+        let rkey = FlowKey {
             network_id: link.provider_network,
             saddr_be: backend_be,
             daddr_be: nat_addr_be,
@@ -141,36 +130,31 @@ pub fn create_flow(
             proto: p.proto,
             _pad: [0; 3],
         };
-        let claimed = match CT4.insert(rkey, reply, BPF_NOEXIST as u64) {
+        let claimed = match A::ct().insert(&rkey, &*flow, BPF_NOEXIST as u64) {
             Ok(()) => true,
-            Err(e) if e == -EEXIST => reclaim(&rkey, key, &reply, now, cfg)?,
+            Err(e) if e == -EEXIST => reclaim(&rkey, key, flow, now, cfg)?,
             Err(_) => return Err(DROP_CONNTRACK_FULL),
         };
         if claimed {
-            let fwd = Flow4 {
-                last_seen_ns: now,
-                saddr_be: nat_addr_be,
-                daddr_be: backend_be,
-                sport_be: port.to_be(),
-                dport_be: service_port_be,
-                link_id,
-                peer_network: link.provider_network,
-                egress_ifindex: 0,
-                src_mac: [0; 6],
-                dst_mac: [0; 6],
-                vlan_id: 0,
-                dir: DIR_FORWARD,
-                tcp_state: state,
-                nh_generation: 0,
-                _pad: 0,
-            };
-            if CT4.insert(key, fwd, BPF_ANY as u64).is_err() {
-                let _ = CT4.remove(rkey);
+            // The reply entry is written: the same memory becomes the forward entry (link,
+            // state and timestamps are the same).
+            flow.saddr_be = nat_addr_be;
+            flow.daddr_be = backend_be;
+            flow.sport_be = port.to_be();
+            flow.dport_be = service_port_be;
+            flow.peer_network = link.provider_network;
+            flow.egress_ifindex = 0;
+            flow.src_mac = [0; 6];
+            flow.dst_mac = [0; 6];
+            flow.vlan_id = 0;
+            flow.dir = DIR_FORWARD;
+            if A::ct().insert(key, &*flow, BPF_ANY as u64).is_err() {
+                let _ = A::ct().remove(&rkey);
                 return Err(DROP_CONNTRACK_FULL);
             }
-            return Ok(fwd);
+            return Ok(());
         }
-        port = random_port(&range);
+        port = random_port(port_min, port_max);
     }
     Err(DROP_NAT_EXHAUSTED)
 }
@@ -178,15 +162,15 @@ pub fn create_flow(
 /// A reply tuple is taken: it may still be ours to overwrite when its flow expired or when it is
 /// this very consumer flow's old entry.
 #[inline(always)]
-fn reclaim(
-    rkey: &FlowKey4,
-    key: &FlowKey4,
-    reply: &Flow4,
+fn reclaim<A: Family>(
+    rkey: &FlowKey<A>,
+    key: &FlowKey<A>,
+    reply: &Flow<A>,
     now: u64,
     cfg: &DatapathConfig,
 ) -> Result<bool, u32> {
     // SAFETY: the value is copied out at once.
-    let Some(old) = (unsafe { CT4.get(rkey) }) else {
+    let Some(old) = (unsafe { A::ct().get(rkey) }) else {
         return Ok(false);
     };
     let ours = old.peer_network == key.network_id
@@ -197,7 +181,7 @@ fn reclaim(
     if !ours && !conntrack::expired(old, rkey.proto, now, cfg) {
         return Ok(false);
     }
-    match CT4.insert(rkey, reply, BPF_EXIST as u64) {
+    match A::ct().insert(rkey, reply, BPF_EXIST as u64) {
         Ok(()) => Ok(true),
         Err(_) => Err(DROP_CONNTRACK_FULL),
     }

@@ -1,11 +1,11 @@
 //! Admission of new flows: link state, allowlist, security groups (first match in priority order).
 use privatelink_common::{
     ACTION_ACCEPT, AllowKey, DROP_LINK_INACTIVE, DROP_LINK_PENDING, DROP_LINK_REJECTED,
-    DROP_NOT_ALLOWLISTED, DROP_SECURITY_GROUP, LINK_AVAILABLE, LINK_PENDING, LINK_REJECTED,
+    DROP_NOT_ALLOWLISTED, DROP_SECURITY_GROUP, In6, LINK_AVAILABLE, LINK_PENDING, LINK_REJECTED,
     LinkInfo, MAX_RULES, PROTO_ANY, RULES_NONE,
 };
 
-use crate::{ALLOWLIST, RULES4};
+use crate::{ALLOWLIST, RULES4, RULES6};
 
 /// The check every packet of a link passes (one array lookup was needed to get `link`).
 #[inline(always)]
@@ -33,28 +33,16 @@ pub fn allowlisted(link: &LinkInfo) -> Result<(), u32> {
     }
 }
 
-/// Evaluates the endpoint's compiled rule list against a new flow: first match decides, no match
-/// drops, no list bound accepts. `dport` is the terminal port, host order.
+/// First match in a compiled list decides; no match drops. `matches` says whether rule `i` matches.
 #[inline(always)]
-pub fn security_groups(slot: u32, saddr_be: u32, dport: u16, proto: u8) -> Result<(), u32> {
-    if slot == RULES_NONE {
-        return Ok(());
-    }
-    // A missing slot fails closed.
-    let list = RULES4.get(slot).ok_or(DROP_SECURITY_GROUP)?;
-    let count = list.count as usize;
+fn first_match(count: u32, matches: impl Fn(usize) -> Option<u8>) -> Result<(), u32> {
+    let count = count as usize;
     for i in 0..MAX_RULES {
         if i >= count {
             break;
         }
-        // SAFETY: i < MAX_RULES, the array's length.
-        let r = unsafe { list.rules.get_unchecked(i) };
-        if (r.proto == PROTO_ANY || r.proto == proto)
-            && saddr_be & r.mask_be == r.addr_be
-            && dport >= r.port_lo
-            && dport <= r.port_hi
-        {
-            return if r.action == ACTION_ACCEPT {
+        if let Some(action) = matches(i) {
+            return if action == ACTION_ACCEPT {
                 Ok(())
             } else {
                 Err(DROP_SECURITY_GROUP)
@@ -62,4 +50,45 @@ pub fn security_groups(slot: u32, saddr_be: u32, dport: u16, proto: u8) -> Resul
         }
     }
     Err(DROP_SECURITY_GROUP)
+}
+
+/// Evaluates an endpoint's compiled IPv4 rule list against a new flow: first match decides, no
+/// match drops, no list bound accepts. `dport` is the terminal port, host order.
+#[inline(always)]
+pub fn security_groups4(slot: u32, saddr_be: u32, dport: u16, proto: u8) -> Result<(), u32> {
+    if slot == RULES_NONE {
+        return Ok(());
+    }
+    // A missing slot fails closed.
+    let list = RULES4.get(slot).ok_or(DROP_SECURITY_GROUP)?;
+    first_match(list.count, |i| {
+        // SAFETY: i < MAX_RULES, the array's length.
+        let r = unsafe { list.rules.get_unchecked(i) };
+        ((r.proto == PROTO_ANY || r.proto == proto)
+            && saddr_be & r.mask_be == r.addr_be
+            && dport >= r.port_lo
+            && dport <= r.port_hi)
+            .then_some(r.action)
+    })
+}
+
+/// [`security_groups4`] for IPv6 sources and the endpoint's IPv6 rule list.
+#[inline(always)]
+pub fn security_groups6(slot: u32, saddr_be: In6, dport: u16, proto: u8) -> Result<(), u32> {
+    if slot == RULES_NONE {
+        return Ok(());
+    }
+    let list = RULES6.get(slot).ok_or(DROP_SECURITY_GROUP)?;
+    first_match(list.count, |i| {
+        // SAFETY: i < MAX_RULES, the array's length.
+        let r = unsafe { list.rules.get_unchecked(i) };
+        ((r.proto == PROTO_ANY || r.proto == proto)
+            && saddr_be[0] & r.mask_be[0] == r.addr_be[0]
+            && saddr_be[1] & r.mask_be[1] == r.addr_be[1]
+            && saddr_be[2] & r.mask_be[2] == r.addr_be[2]
+            && saddr_be[3] & r.mask_be[3] == r.addr_be[3]
+            && dport >= r.port_lo
+            && dport <= r.port_hi)
+            .then_some(r.action)
+    })
 }

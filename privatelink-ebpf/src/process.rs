@@ -3,15 +3,20 @@ use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
 use network_types::{eth::EthHdr, ip::Ipv4Hdr};
 use privatelink_common::{
     DIR_FORWARD, DROP_LINK_INACTIVE, DROP_NO_FLOW, DROP_NO_PORT, DROP_TCP_NOT_SYN, DROP_TRUNCATED,
-    DROP_TTL_EXPIRED, DatapathConfig, EndpointIpKey4, EndpointKey4, Flow4, FlowKey4, IfaceInfo,
-    IfaceKey, PASS_MALFORMED, PASS_NOT_ENDPOINT, PASS_NOT_IP, PASS_UNKNOWN_IFACE, PROTO_ICMP,
-    PROTO_TCP, ROLE_CONSUMER,
+    DROP_TTL_EXPIRED, DatapathConfig, Flow, FlowKey, IfaceInfo, IfaceKey, In6, PASS_MALFORMED,
+    PASS_NOT_ENDPOINT, PASS_NOT_IP, PASS_UNKNOWN_IFACE, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP,
+    ROLE_CONSUMER,
 };
 
 use crate::{
-    ENDPOINT_IPS4, ENDPOINTS4, IFACES, LINKS, arp, conntrack, forward, icmp,
+    IFACES, JUMP, LINKS, SCRATCH6, arp, conntrack,
+    family::Family,
+    forward, icmp, icmp6,
     nat::{self, Origin},
-    parse::{self, ETH_P_ARP, ETH_P_IP, Ip4, L2, TCP_ACK, TCP_RST, TCP_SYN, ptr_at},
+    parse::{
+        self, ETH_P_ARP, ETH_P_IP, ETH_P_IPV6, Hdr6, Ip6, L2, Pkt, TCP_ACK, TCP_RST, TCP_SYN,
+        ptr_at,
+    },
     policy, stats,
 };
 
@@ -62,10 +67,39 @@ fn classify(ctx: &XdpContext) -> Verdict {
     };
     match l2.ether_type {
         ETH_P_IP => ipv4(ctx, &l2, &iface),
+        ETH_P_IPV6 => {
+            // SAFETY: ctx is the program's context; returns only when the call failed.
+            unsafe { JUMP.tail_call(ctx, 0) };
+            // No IPv6 program installed: the frame passes untouched, as before IPv6 support.
+            Verdict::pass(PASS_NOT_IP)
+        }
         ETH_P_ARP if iface.role == ROLE_CONSUMER => arp::respond(ctx, &l2, &iface),
         ETH_P_ARP => Verdict::pass(PASS_NOT_ENDPOINT),
         _ => Verdict::pass(PASS_NOT_IP),
     }
+}
+
+/// The IPv6 program: classifies again (a tail call keeps no state) and takes the IPv6 path.
+#[inline(always)]
+pub fn process6(ctx: &XdpContext) -> u32 {
+    let v = match parse::l2(ctx) {
+        None => Verdict::pass(PASS_MALFORMED),
+        Some(l2) => {
+            let key = IfaceKey {
+                ifindex: ctx.ingress_ifindex() as u32,
+                vlan_id: l2.vlan_id,
+                _pad: 0,
+            };
+            // SAFETY: copied out at once.
+            match (unsafe { IFACES.get(key) }).copied() {
+                Some(iface) if l2.ether_type == ETH_P_IPV6 => ipv6(ctx, &l2, &iface),
+                Some(_) => Verdict::pass(PASS_NOT_IP),
+                None => Verdict::pass(PASS_UNKNOWN_IFACE),
+            }
+        }
+    };
+    stats::outcome(v.outcome);
+    v.action
 }
 
 #[inline(always)]
@@ -80,7 +114,7 @@ fn ipv4(ctx: &XdpContext, l2: &L2, iface: &IfaceInfo) -> Verdict {
     // Provider side: the NAT range check is an array read, so it goes first. Consumer side: the
     // endpoint-address check is a hash lookup, so it waits until conntrack has missed (a flow
     // entry's tuple already names an endpoint address).
-    if !consumer && !nat::is_nat_addr(iface.network_id, daddr_be) {
+    if !consumer && !u32::is_nat(iface.network_id, daddr_be) {
         return Verdict::pass(PASS_NOT_ENDPOINT);
     }
     let p = match parse::ip4(ctx, l2.l3_off) {
@@ -88,7 +122,45 @@ fn ipv4(ctx: &XdpContext, l2: &L2, iface: &IfaceInfo) -> Verdict {
         Ok(None) => return not_tcp_udp(ctx, l2, iface, consumer, daddr_be),
         Err(reason) => return ours_or_pass(consumer, iface, daddr_be, reason),
     };
-    let key = FlowKey4 {
+    tracked(ctx, l2, iface, consumer, &p)
+}
+
+/// The IPv6 twin of [`ipv4`]: the same checks in the same order, with the extension headers
+/// walked by the parser.
+#[inline(always)]
+fn ipv6(ctx: &XdpContext, l2: &L2, iface: &IfaceInfo) -> Verdict {
+    let Some(ip) = parse::ip6_fixed(ctx, l2.l3_off) else {
+        return Verdict::pass(PASS_MALFORMED);
+    };
+    // SAFETY: bounds checked by ptr_at.
+    let daddr_be = parse::in6(unsafe { &(*ip).dst });
+    let consumer = iface.role == ROLE_CONSUMER;
+    if !consumer && !In6::is_nat(iface.network_id, daddr_be) {
+        return Verdict::pass(PASS_NOT_ENDPOINT);
+    }
+    let Some(slot) = SCRATCH6.get_ptr_mut(0) else {
+        return Verdict::pass(PASS_MALFORMED);
+    };
+    // SAFETY: per-CPU value, no concurrent user.
+    let p = unsafe { &mut *slot };
+    match parse::ip6(ctx, l2.l3_off, p) {
+        Ok(None) => tracked(ctx, l2, iface, consumer, p),
+        Ok(Some(h)) => not_tcp_udp6(ctx, l2, iface, consumer, &h, p),
+        Err(reason) => ours_or_pass(consumer, iface, daddr_be, reason),
+    }
+}
+
+/// A TCP or UDP packet to an endpoint (consumer side) or a NAT address (provider side): its flow,
+/// or a new one.
+#[inline(always)]
+fn tracked<A: Family>(
+    ctx: &XdpContext,
+    l2: &L2,
+    iface: &IfaceInfo,
+    consumer: bool,
+    p: &Pkt<A>,
+) -> Verdict {
+    let key = FlowKey {
         network_id: iface.network_id,
         saddr_be: p.saddr_be,
         daddr_be: p.daddr_be,
@@ -100,15 +172,15 @@ fn ipv4(ctx: &XdpContext, l2: &L2, iface: &IfaceInfo) -> Verdict {
     let now = conntrack::now();
     let cfg = conntrack::config();
     if let Some(flow) = conntrack::lookup(&key, now, &cfg) {
-        return established(ctx, l2, &p, flow, now, cfg.fib_generation);
+        return established(ctx, l2, p, flow, now, cfg.fib_generation);
     }
     if !consumer {
         return Verdict::drop(DROP_NO_FLOW);
     }
-    if !is_endpoint(iface, daddr_be) {
+    if !is_endpoint(iface, p.daddr_be) {
         return Verdict::pass(PASS_NOT_ENDPOINT);
     }
-    new_flow(ctx, l2, &p, &key, now, &cfg)
+    new_flow(ctx, l2, p, &key, now, &cfg)
 }
 
 /// Valid IPv4, neither TCP nor UDP. ICMP errors to a NAT address are translated back to the
@@ -129,15 +201,11 @@ fn not_tcp_udp(
     if h.proto == PROTO_ICMP && !consumer {
         return icmp::from_provider(ctx, l2, iface, &h);
     }
-    if h.proto == PROTO_ICMP && consumer {
-        let key = EndpointIpKey4 {
-            network_id: iface.network_id,
-            addr_be: daddr_be,
-        };
-        // SAFETY: copied out at once.
-        if let Some(ep) = (unsafe { ENDPOINT_IPS4.get(key) }).copied() {
-            return icmp::to_endpoint(ctx, l2, &ep, &h);
-        }
+    if h.proto == PROTO_ICMP
+        && consumer
+        && let Some(ep) = u32::endpoint_ip(iface.network_id, daddr_be)
+    {
+        return icmp::to_endpoint(ctx, l2, &ep, &h);
     }
     ours_or_pass(
         consumer,
@@ -147,21 +215,45 @@ fn not_tcp_udp(
     )
 }
 
+/// Valid IPv6, neither TCP nor UDP. On consumer interfaces, neighbour solicitations for endpoint
+/// addresses are answered and echo requests to endpoints handled as for IPv4. ICMPv6 errors to a
+/// NAT address are not translated (yet): dropped as `no_flow`. Anything else addressed to us is
+/// dropped, and the rest (router and neighbour discovery of the node itself, ...) passes.
+#[inline(always)]
+fn not_tcp_udp6(
+    ctx: &XdpContext,
+    l2: &L2,
+    iface: &IfaceInfo,
+    consumer: bool,
+    h: &Hdr6,
+    p: &Ip6,
+) -> Verdict {
+    if h.proto == PROTO_ICMPV6 && consumer {
+        if let Some(v) = icmp6::neighbour_solicitation(ctx, l2, iface, h, p) {
+            return v;
+        }
+        if let Some(ep) = In6::endpoint_ip(iface.network_id, p.daddr_be) {
+            return icmp6::to_endpoint(ctx, l2, &ep, h, p);
+        }
+    }
+    ours_or_pass(
+        consumer,
+        iface,
+        p.daddr_be,
+        if consumer { DROP_NO_PORT } else { DROP_NO_FLOW },
+    )
+}
+
 /// Whether `daddr_be` is an endpoint address in the consumer network of `iface`.
 #[inline(always)]
-fn is_endpoint(iface: &IfaceInfo, daddr_be: u32) -> bool {
-    let key = EndpointIpKey4 {
-        network_id: iface.network_id,
-        addr_be: daddr_be,
-    };
-    // SAFETY: the value is not read.
-    unsafe { ENDPOINT_IPS4.get(key) }.is_some()
+fn is_endpoint<A: Family>(iface: &IfaceInfo, daddr_be: A) -> bool {
+    A::endpoint_ip(iface.network_id, daddr_be).is_some()
 }
 
 /// A packet the datapath cannot handle: dropped with `reason` if it is addressed to us (the
 /// provider side has checked its NAT range already), else passed untouched.
 #[inline(always)]
-fn ours_or_pass(consumer: bool, iface: &IfaceInfo, daddr_be: u32, reason: u32) -> Verdict {
+fn ours_or_pass<A: Family>(consumer: bool, iface: &IfaceInfo, daddr_be: A, reason: u32) -> Verdict {
     if consumer && !is_endpoint(iface, daddr_be) {
         return Verdict::pass(PASS_NOT_ENDPOINT);
     }
@@ -171,11 +263,11 @@ fn ours_or_pass(consumer: bool, iface: &IfaceInfo, daddr_be: u32, reason: u32) -
 /// A packet of a tracked flow: policy is skipped, the link is re-checked (reject, allowlist removal
 /// and deletion cut live flows).
 #[inline(always)]
-fn established(
+fn established<A: Family>(
     ctx: &XdpContext,
     l2: &L2,
-    p: &Ip4,
-    flow_ptr: *mut Flow4,
+    p: &Pkt<A>,
+    flow_ptr: *mut Flow<A>,
     now: u64,
     fib_gen: u32,
 ) -> Verdict {
@@ -204,28 +296,21 @@ fn established(
 
 /// A packet without state towards an endpoint: admit, pick a backend, allocate NAT, create state.
 #[inline(always)]
-fn new_flow(
+fn new_flow<A: Family>(
     ctx: &XdpContext,
     l2: &L2,
-    p: &Ip4,
-    key: &FlowKey4,
+    p: &Pkt<A>,
+    key: &FlowKey<A>,
     now: u64,
     cfg: &DatapathConfig,
 ) -> Verdict {
-    let ep_key = EndpointKey4 {
-        network_id: key.network_id,
-        addr_be: p.daddr_be,
-        port_be: p.dport_be,
-        proto: p.proto,
-        _pad: 0,
-    };
-    // SAFETY: copied out at once.
-    let Some(ep) = (unsafe { ENDPOINTS4.get(ep_key) }).copied() else {
+    let Some(ep) = A::endpoint(key.network_id, p.daddr_be, p.dport_be, p.proto) else {
         return Verdict::drop(DROP_NO_PORT);
     };
     let Some(link) = LINKS.get(ep.link_id).copied() else {
         return Verdict::drop(DROP_LINK_INACTIVE);
     };
+    let mut flow = Flow::default();
     let v = match admit_and_create(
         ctx,
         l2,
@@ -236,8 +321,9 @@ fn new_flow(
         ep.service_port_be,
         now,
         cfg,
+        &mut flow,
     ) {
-        Ok(flow) => {
+        Ok(()) => {
             stats::link_new_conn(ep.link_id);
             forward::send(ctx, l2, p, &flow, None, cfg.fib_generation)
         }
@@ -255,33 +341,29 @@ fn new_flow(
 
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
-fn admit_and_create(
+fn admit_and_create<A: Family>(
     ctx: &XdpContext,
     l2: &L2,
-    p: &Ip4,
-    key: &FlowKey4,
+    p: &Pkt<A>,
+    key: &FlowKey<A>,
     link: &privatelink_common::LinkInfo,
     link_id: u32,
     service_port_be: u16,
     now: u64,
     cfg: &DatapathConfig,
-) -> Result<Flow4, u32> {
+    flow: &mut Flow<A>,
+) -> Result<(), u32> {
     policy::link_usable(link)?;
     policy::allowlisted(link)?;
     if p.proto == PROTO_TCP && p.tcp_flags & (TCP_SYN | TCP_ACK | TCP_RST) != TCP_SYN {
         return Err(DROP_TCP_NOT_SYN);
     }
-    policy::security_groups(
-        link.rules_slot,
-        p.saddr_be,
-        u16::from_be(p.dport_be),
-        p.proto,
-    )?;
+    A::security_groups(link, p.saddr_be, u16::from_be(p.dport_be), p.proto)?;
     if p.ttl <= 1 {
         return Err(DROP_TTL_EXPIRED);
     }
     let hash = nat::flow_hash(key);
-    let backend_be = nat::pick_backend(link.service_slot, hash)?;
+    let backend_be = nat::pick_backend::<A>(link.service_slot, hash)?;
     let eth = ptr_at::<EthHdr>(ctx, 0).ok_or(PASS_MALFORMED)?;
     // SAFETY: bounds checked by ptr_at.
     let (node_mac, peer_mac) = unsafe { ((*eth).dst_addr, (*eth).src_addr) };
@@ -302,6 +384,7 @@ fn admit_and_create(
         hash,
         now,
         cfg,
+        flow,
     )
 }
 

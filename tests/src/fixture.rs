@@ -289,8 +289,35 @@ pub fn with_harness_sized(sizes: Sizes, f: impl FnOnce(&mut Harness) + Send) {
         veth(&node, a, &node, b).unwrap_or_else(|e| panic!("veth {a}: {e:#}"));
     }
     node.sysctl("net.ipv4.ip_forward", "1").expect("ip_forward");
+    // bpf_fib_lookup answers IPv6 only where IPv6 forwarding is on.
+    node.sysctl("net.ipv6.conf.all.forwarding", "1")
+        .expect("ipv6 forwarding");
     node.ip(&["addr", "add", "198.18.100.1/24", "dev", "p0"])
         .expect("p0 address");
+    node.ip(&[
+        "-6",
+        "addr",
+        "add",
+        "2001:db8:64::1/64",
+        "dev",
+        "p0",
+        "nodad",
+    ])
+    .expect("p0 IPv6 address");
+    let mac = BACKEND_MAC.map(|b| format!("{b:02x}")).join(":");
+    node.ip(&[
+        "-6",
+        "neigh",
+        "replace",
+        &demo::BACKEND6.to_string(),
+        "lladdr",
+        &mac,
+        "dev",
+        "p0",
+        "nud",
+        "permanent",
+    ])
+    .expect("IPv6 neighbour");
     for (ip, mac) in [(BACKEND, BACKEND_MAC), (BACKEND2, BACKEND2_MAC)] {
         let mac = mac.map(|b| format!("{b:02x}")).join(":");
         node.ip(&[

@@ -665,7 +665,7 @@ fn rejecting_a_link_cuts_its_live_flows() {
 fn maglev_keeps_flows_and_moves_about_one_in_n_new_ones() {
     with_harness("maglev", |h| {
         let mut m = h.model();
-        m.services.get_mut(&SERVICE).unwrap().backends = vec![BACKEND, BACKEND2];
+        m.services.get_mut(&SERVICE).unwrap().backends = vec![BACKEND.into(), BACKEND2.into()];
         h.apply(&m);
         let backend_of = |h: &mut Harness, sport: u16, syn: bool| {
             let p = Pkt::tcp(CONSUMER, sport, ENDPOINT, 80, syn, !syn).macs(CONSUMER_MAC, h.c0_mac);
@@ -683,7 +683,8 @@ fn maglev_keeps_flows_and_moves_about_one_in_n_new_ones() {
             (100..200).contains(&on_b2),
             "two backends share evenly: {on_b2} of 300 on the second"
         );
-        m.services.get_mut(&SERVICE).unwrap().backends = vec![BACKEND, BACKEND2, BACKEND_NO_NEIGH];
+        m.services.get_mut(&SERVICE).unwrap().backends =
+            vec![BACKEND.into(), BACKEND2.into(), BACKEND_NO_NEIGH.into()];
         h.apply(&m);
         for (i, p) in (41000..41300).enumerate() {
             assert_eq!(
@@ -709,7 +710,7 @@ fn maglev_keeps_flows_and_moves_about_one_in_n_new_ones() {
 fn no_neighbour_hands_the_translated_packet_to_the_kernel() {
     with_harness("no_neigh", |h| {
         let mut m = h.model();
-        m.services.get_mut(&SERVICE).unwrap().backends = vec![BACKEND_NO_NEIGH];
+        m.services.get_mut(&SERVICE).unwrap().backends = vec![BACKEND_NO_NEIGH.into()];
         h.apply(&m);
         let syn = h.consumer_syn(43000);
         let r = h.run(h.c0, &syn);
@@ -754,7 +755,7 @@ fn bad_state_is_refused_whole_and_changes_nothing() {
         // More links than the map holds.
         let mut big = m.clone();
         let mut far = m.links[&LINK].clone();
-        far.ip = Ipv4Addr::new(198, 18, 0, 200);
+        far.ip4 = Some(Ipv4Addr::new(198, 18, 0, 200));
         big.links.insert(5000, far);
         match h.plane.apply(&big) {
             Err(DataplaneError::Capacity { map, .. }) => assert_eq!(map, c::names::LINKS),

@@ -1,5 +1,5 @@
 //! The PrivateLink objects as stored and returned by the API.
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
@@ -40,9 +40,40 @@ pub struct Subnet {
     pub name: String,
     pub owner: String,
     pub network_id: String,
+    /// The subnet's range: IPv4, or IPv6 for an IPv6-only subnet.
     #[schema(value_type = String, example = "198.18.0.0/24")]
     pub cidr: IpNet,
+    /// An IPv6 range next to an IPv4 `cidr` (dual-stack subnet).
+    #[serde(default)]
+    #[schema(value_type = Option<String>, example = "2001:db8::/64")]
+    pub ipv6_cidr: Option<IpNet>,
     pub created_at: u64,
+}
+
+impl Subnet {
+    /// The IPv4 range, if any.
+    pub fn v4(&self) -> Option<IpNet> {
+        Some(self.cidr).filter(|c| matches!(c, IpNet::V4(_)))
+    }
+
+    /// The IPv6 range, if any.
+    pub fn v6(&self) -> Option<IpNet> {
+        match self.cidr {
+            IpNet::V6(_) => Some(self.cidr),
+            IpNet::V4(_) => self.ipv6_cidr,
+        }
+    }
+}
+
+/// Address families of an endpoint.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum IpAddressType {
+    #[default]
+    Ipv4,
+    Ipv6,
+    /// One address of each family, serving the same port mappings.
+    Dualstack,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
@@ -192,8 +223,15 @@ pub struct Endpoint {
     pub owner: String,
     pub network_id: String,
     pub subnet_id: String,
+    /// The endpoint's address: its IPv4 address, or its IPv6 address for an `ipv6` endpoint.
     #[schema(value_type = String)]
     pub ip: IpAddr,
+    #[serde(default)]
+    pub ip_address_type: IpAddressType,
+    /// The IPv6 address of `ipv6` and `dualstack` endpoints.
+    #[serde(default)]
+    #[schema(value_type = Option<String>)]
+    pub ipv6: Option<Ipv6Addr>,
     pub service_id: String,
     /// `<endpoint id>.<service id>.<region>.<zone>`: resolves to the endpoint's IP in its network.
     #[serde(default)]
@@ -206,6 +244,22 @@ pub struct Endpoint {
     pub security_groups: Vec<Binding>,
     pub tags: Vec<Tag>,
     pub created_at: u64,
+}
+
+impl Endpoint {
+    /// The endpoint's IPv4 and IPv6 addresses.
+    pub fn addrs(&self) -> (Option<Ipv4Addr>, Option<Ipv6Addr>) {
+        match self.ip {
+            IpAddr::V4(a) => (Some(a), self.ipv6),
+            IpAddr::V6(a) => (None, Some(a)),
+        }
+    }
+
+    /// Every address of the endpoint.
+    pub fn all_ips(&self) -> impl Iterator<Item = IpAddr> {
+        let (a, b) = self.addrs();
+        a.map(IpAddr::V4).into_iter().chain(b.map(IpAddr::V6))
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]

@@ -1,11 +1,17 @@
 //! Model → exact map contents. Pure: no kernel access, so every rule is unit-testable.
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    hash::Hash,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+};
 
+use ipnet::IpNet;
 use privatelink_common::{
-    ACTION_ACCEPT, ACTION_DROP, AllowKey, Backend4, DatapathConfig, EndpointIpKey4,
-    EndpointIpValue, EndpointKey4, EndpointValue, IfaceInfo, IfaceKey, LINK_AVAILABLE,
-    LINK_PENDING, LINK_REJECTED, LinkInfo, MAX_NETWORKS, MAX_RULES, NatRange4, PROTO_ANY,
-    PROTO_ICMP, PROTO_TCP, PROTO_UDP, ROLE_CONSUMER, ROLE_PROVIDER, RULES_NONE, Rule4,
+    ACTION_ACCEPT, ACTION_DROP, AllowKey, Backend4, Backend6, DatapathConfig, EndpointIpKey4,
+    EndpointIpKey6, EndpointIpValue, EndpointKey4, EndpointKey6, EndpointValue, IfaceInfo,
+    IfaceKey, In6, LINK_AVAILABLE, LINK_PENDING, LINK_REJECTED, LinkInfo, MAX_NETWORKS, MAX_RULES,
+    NatRange4, NatRange6, PROTO_ANY, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, ROLE_CONSUMER,
+    ROLE_PROVIDER, RULES_NONE, Rule4, Rule6,
 };
 
 use super::{
@@ -20,15 +26,21 @@ pub struct MapState {
     pub ifaces: BTreeMap<IfaceKey, IfaceInfo>,
     pub devmap: BTreeSet<u32>,
     pub nat4: BTreeMap<u32, NatRange4>,
+    pub nat6: BTreeMap<u32, NatRange6>,
     pub backends4: BTreeMap<u32, Backend4>,
+    pub backends6: BTreeMap<u32, Backend6>,
     /// Rule-list slot → rules (slots are content-addressed: a list never changes in place).
     pub rules4: BTreeMap<u32, Vec<Rule4>>,
-    /// Service slot → Maglev table of backend slots.
+    pub rules6: BTreeMap<u32, Vec<Rule6>>,
+    /// Service slot → Maglev table of backend slots, per family.
     pub maglev: BTreeMap<u32, Vec<u32>>,
+    pub maglev6: BTreeMap<u32, Vec<u32>>,
     pub allowlist: BTreeSet<AllowKey>,
     pub links: BTreeMap<u32, LinkInfo>,
     pub endpoint_ips4: BTreeMap<EndpointIpKey4, EndpointIpValue>,
     pub endpoints4: BTreeMap<EndpointKey4, EndpointValue>,
+    pub endpoint_ips6: BTreeMap<EndpointIpKey6, EndpointIpValue>,
+    pub endpoints6: BTreeMap<EndpointKey6, EndpointValue>,
 }
 
 /// A model that cannot be written. Nothing is written when compile fails.
@@ -47,7 +59,7 @@ pub enum CompileError {
         a: u32,
         b: u32,
         network: u32,
-        ip: std::net::Ipv4Addr,
+        ip: IpAddr,
         proto: Proto,
         port: u16,
     },
@@ -56,10 +68,14 @@ pub enum CompileError {
         a: u32,
         b: u32,
         network: u32,
-        ip: std::net::Ipv4Addr,
+        ip: IpAddr,
     },
     #[error("NAT range of network {network}: empty port range")]
     NatPorts { network: u32 },
+    #[error("IPv6 NAT range of network {network}: /{len} is wider than /96")]
+    Nat6Prefix { network: u32, len: u8 },
+    #[error("link {0} has no address")]
+    NoAddress(u32),
     #[error("link id 0 is reserved")]
     LinkZero,
 }
@@ -72,29 +88,78 @@ fn network(id: u32) -> Result<u32, CompileError> {
     }
 }
 
-fn rule4(r: &super::model::Rule) -> Rule4 {
-    Rule4 {
-        addr_be: u32::from_ne_bytes(r.source.network().octets()),
-        mask_be: u32::from_ne_bytes(r.source.netmask().octets()),
+/// An IPv6 address as the datapath holds it (four wire words read natively).
+pub fn in6(a: Ipv6Addr) -> In6 {
+    let o = a.octets();
+    std::array::from_fn(|i| {
+        u32::from_ne_bytes([o[4 * i], o[4 * i + 1], o[4 * i + 2], o[4 * i + 3]])
+    })
+}
+
+/// The address the datapath's words stand for.
+pub fn addr6(w: In6) -> Ipv6Addr {
+    let mut o = [0u8; 16];
+    for (i, word) in w.iter().enumerate() {
+        o[4 * i..4 * i + 4].copy_from_slice(&word.to_ne_bytes());
+    }
+    Ipv6Addr::from(o)
+}
+
+fn be4(a: Ipv4Addr) -> u32 {
+    u32::from_ne_bytes(a.octets())
+}
+
+fn proto_code(p: RuleProto, icmp: u8) -> u8 {
+    match p {
+        RuleProto::Tcp => PROTO_TCP,
+        RuleProto::Udp => PROTO_UDP,
+        RuleProto::Icmp => icmp,
+        RuleProto::All => PROTO_ANY,
+    }
+}
+
+fn action_code(a: Action) -> u8 {
+    match a {
+        Action::Accept => ACTION_ACCEPT,
+        Action::Drop => ACTION_DROP,
+    }
+}
+
+/// The rule for IPv4 flows, if its source is IPv4.
+fn rule4(r: &super::model::Rule) -> Option<Rule4> {
+    let IpNet::V4(src) = r.source else {
+        return None;
+    };
+    Some(Rule4 {
+        addr_be: be4(src.network()),
+        mask_be: be4(src.netmask()),
         port_lo: *r.ports.start(),
         port_hi: *r.ports.end(),
-        proto: match r.proto {
-            RuleProto::Tcp => PROTO_TCP,
-            RuleProto::Udp => PROTO_UDP,
-            RuleProto::Icmp => PROTO_ICMP,
-            RuleProto::All => PROTO_ANY,
-        },
-        action: match r.action {
-            Action::Accept => ACTION_ACCEPT,
-            Action::Drop => ACTION_DROP,
-        },
+        proto: proto_code(r.proto, PROTO_ICMP),
+        action: action_code(r.action),
         _pad: [0; 2],
-    }
+    })
+}
+
+/// The rule for IPv6 flows, if its source is IPv6 (protocol `icmp` means ICMPv6 here).
+fn rule6(r: &super::model::Rule) -> Option<Rule6> {
+    let IpNet::V6(src) = r.source else {
+        return None;
+    };
+    Some(Rule6 {
+        addr_be: in6(src.network()),
+        mask_be: in6(src.netmask()),
+        port_lo: *r.ports.start(),
+        port_hi: *r.ports.end(),
+        proto: proto_code(r.proto, PROTO_ICMPV6),
+        action: action_code(r.action),
+        _pad: [0; 2],
+    })
 }
 
 /// Gives each distinct wanted item a slot ≥ `first`: its previous slot if it had one (unchanged
 /// content keeps its slot, so nothing is rewritten), else the lowest free one.
-fn assign_slots<K: std::hash::Hash + Eq + Clone>(
+fn assign_slots<K: Hash + Eq + Clone>(
     wanted: impl IntoIterator<Item = K>,
     prev: &HashMap<K, u32>,
     first: u32,
@@ -119,6 +184,46 @@ fn assign_slots<K: std::hash::Hash + Eq + Clone>(
         }
     }
     slots
+}
+
+/// Backend slots of one family (keyed by the wire form of the address, kept from `prev`), and
+/// each service's Maglev table over them. `ids` turns an address into the Maglev identity (the
+/// same set of backends always gives the same table).
+fn backends<A: Copy + Ord + Hash, V>(
+    model: &Model,
+    pick: impl Fn(&IpAddr) -> Option<A>,
+    id: impl Fn(A) -> u64,
+    prev: &BTreeMap<u32, V>,
+    wire: impl Fn(&V) -> A,
+) -> (HashMap<A, u32>, BTreeMap<u32, Vec<u32>>) {
+    let prev_slot: HashMap<A, u32> = prev.iter().map(|(&s, b)| (wire(b), s)).collect();
+    let wanted: BTreeSet<A> = model
+        .services
+        .values()
+        .flat_map(|s| s.backends.iter().filter_map(&pick))
+        .collect();
+    let slot = assign_slots(wanted, &prev_slot, 0);
+    let mut tables = BTreeMap::new();
+    for (&service, svc) in &model.services {
+        let mut addrs: Vec<(u64, A)> = svc
+            .backends
+            .iter()
+            .filter_map(&pick)
+            .map(|a| (id(a), a))
+            .collect();
+        addrs.sort_unstable();
+        addrs.dedup();
+        let ids: Vec<u64> = addrs.iter().map(|(i, _)| *i).collect();
+        let table = maglev::table(&ids);
+        // No backends, no table (reads back the same way from the map).
+        if !table.is_empty() {
+            tables.insert(
+                service,
+                table.iter().map(|&i| slot[&addrs[i as usize].1]).collect(),
+            );
+        }
+    }
+    (slot, tables)
 }
 
 /// Compiles `model` into map contents, reusing `prev`'s slots for unchanged content so that a
@@ -165,49 +270,62 @@ pub fn compile(model: &Model, prev: &MapState) -> Result<MapState, CompileError>
                 _pad: 0,
             },
         );
-    }
-
-    // Backends: one slot per distinct address, kept from the previous state where it existed.
-    let prev_backend: HashMap<u32, u32> = prev
-        .backends4
-        .iter()
-        .map(|(&s, b)| (b.addr_be, s))
-        .collect();
-    let wanted: BTreeSet<u32> = model
-        .services
-        .values()
-        .flat_map(|s| s.backends.iter().map(|a| u32::from_ne_bytes(a.octets())))
-        .collect();
-    let backend_slot = assign_slots(wanted, &prev_backend, 0);
-    for (&addr, &s) in &backend_slot {
-        out.backends4.insert(
-            s,
-            Backend4 {
-                addr_be: addr,
-                _pad: 0,
-            },
-        );
-    }
-    for (&slot, svc) in &model.services {
-        network(svc.provider_network)?;
-        // Order-independent: the same set of backends always gives the same table.
-        let mut ids: Vec<u64> = svc
-            .backends
-            .iter()
-            .map(|a| u64::from(u32::from(*a)))
-            .collect();
-        ids.sort_unstable();
-        ids.dedup();
-        let table = maglev::table(&ids);
-        let slots = table
-            .iter()
-            .map(|&i| backend_slot[&(ids[i as usize] as u32).to_be()])
-            .collect();
-        // No backends, no table (reads back the same way from the map).
-        if !table.is_empty() {
-            out.maglev.insert(slot, slots);
+        if let Some(r6) = r.addrs6 {
+            if r6.prefix_len() < 96 {
+                return Err(CompileError::Nat6Prefix {
+                    network: net,
+                    len: r6.prefix_len(),
+                });
+            }
+            out.nat6.insert(
+                net,
+                NatRange6 {
+                    base_be: in6(r6.network()),
+                    count: 1u32 << (128 - r6.prefix_len()).min(31),
+                    port_min: *r.ports.start(),
+                    port_max: *r.ports.end(),
+                    _pad: 0,
+                },
+            );
         }
     }
+
+    for svc in model.services.values() {
+        network(svc.provider_network)?;
+    }
+    let (slots4, maglev4) = backends(
+        model,
+        |a| match a {
+            IpAddr::V4(a) => Some(be4(*a)),
+            IpAddr::V6(_) => None,
+        },
+        |be| u64::from(u32::from_be(be)),
+        &prev.backends4,
+        |b| b.addr_be,
+    );
+    out.backends4 = slots4
+        .into_iter()
+        .map(|(addr_be, s)| (s, Backend4 { addr_be, _pad: 0 }))
+        .collect();
+    out.maglev = maglev4;
+    let (slots6, maglev6) = backends(
+        model,
+        |a| match a {
+            IpAddr::V6(a) => Some(in6(*a)),
+            IpAddr::V4(_) => None,
+        },
+        |w| {
+            let x = u128::from(addr6(w));
+            (x >> 64) as u64 ^ x as u64
+        },
+        &prev.backends6,
+        |b| b.addr_be,
+    );
+    out.backends6 = slots6
+        .into_iter()
+        .map(|(addr_be, s)| (s, Backend6 { addr_be }))
+        .collect();
+    out.maglev6 = maglev6;
 
     for &(service_slot, account) in &model.allowlist {
         out.allowlist.insert(AllowKey {
@@ -216,66 +334,90 @@ pub fn compile(model: &Model, prev: &MapState) -> Result<MapState, CompileError>
         });
     }
 
-    // Rule lists: content-addressed slots (slot 0 means "no groups").
-    let prev_rules: HashMap<Vec<Rule4>, u32> =
-        prev.rules4.iter().map(|(&s, r)| (r.clone(), s)).collect();
-    let lists: Vec<(u32, Option<Vec<Rule4>>)> = model
+    // Rule lists: content-addressed slots per family (slot 0 means "no groups").
+    let lists: Vec<RuleLists> = model
         .links
         .iter()
-        .map(|(&id, l)| Ok((id, rule_list(id, l)?)))
+        .map(|(&id, l)| rule_lists(id, l))
         .collect::<Result<_, CompileError>>()?;
-    let rule_slot = assign_slots(
-        lists.iter().filter_map(|(_, l)| l.clone()),
-        &prev_rules,
+    let prev4: HashMap<Vec<Rule4>, u32> =
+        prev.rules4.iter().map(|(&s, r)| (r.clone(), s)).collect();
+    let slot4 = assign_slots(
+        lists.iter().filter_map(|l| l.0.clone()),
+        &prev4,
         RULES_NONE + 1,
     );
-    for (list, &s) in &rule_slot {
-        out.rules4.insert(s, list.clone());
-    }
+    let prev6: HashMap<Vec<Rule6>, u32> =
+        prev.rules6.iter().map(|(&s, r)| (r.clone(), s)).collect();
+    let slot6 = assign_slots(
+        lists.iter().filter_map(|l| l.1.clone()),
+        &prev6,
+        RULES_NONE + 1,
+    );
+    out.rules4 = slot4.iter().map(|(l, &s)| (s, l.clone())).collect();
+    out.rules6 = slot6.iter().map(|(l, &s)| (s, l.clone())).collect();
 
-    for ((&id, l), (_, list)) in model.links.iter().zip(&lists) {
-        let e = link_entries(
-            model,
-            id,
-            l,
-            list.as_ref().map_or(RULES_NONE, |v| rule_slot[v]),
-        )?;
-        out.add_link(id, e, l.ip)?;
+    for ((&id, l), (r4, r6)) in model.links.iter().zip(&lists) {
+        let slots = (
+            r4.as_ref().map_or(RULES_NONE, |v| slot4[v]),
+            r6.as_ref().map_or(RULES_NONE, |v| slot6[v]),
+        );
+        out.add_link(id, link_entries(model, id, l, slots)?)?;
     }
     Ok(out)
 }
 
-/// A link's security-group rules as the datapath holds them (`None`: no group bound).
-fn rule_list(id: u32, l: &Link) -> Result<Option<Vec<Rule4>>, CompileError> {
-    let list = l
-        .rules
-        .as_ref()
-        .map(|rs| rs.iter().map(rule4).collect::<Vec<_>>());
-    match list {
-        Some(v) if v.len() > MAX_RULES => Err(CompileError::TooManyRules {
-            link: id,
-            count: v.len(),
-        }),
-        list => Ok(list),
+/// A link's security-group rules per family as the datapath holds them (`None`: no group bound,
+/// or no address of that family).
+type RuleLists = (Option<Vec<Rule4>>, Option<Vec<Rule6>>);
+
+fn rule_lists(id: u32, l: &Link) -> Result<RuleLists, CompileError> {
+    fn check<R>(id: u32, v: Option<Vec<R>>) -> Result<Option<Vec<R>>, CompileError> {
+        match v {
+            Some(v) if v.len() > MAX_RULES => Err(CompileError::TooManyRules {
+                link: id,
+                count: v.len(),
+            }),
+            v => Ok(v),
+        }
     }
+    let Some(rs) = &l.rules else {
+        return Ok((None, None));
+    };
+    let v4 = l.ip4.map(|_| rs.iter().filter_map(rule4).collect());
+    let v6 = l.ip6.map(|_| rs.iter().filter_map(rule6).collect());
+    Ok((check(id, v4)?, check(id, v6)?))
 }
 
 /// What one link compiles to.
 struct LinkEntries {
     info: LinkInfo,
-    ip: EndpointIpKey4,
-    ports: Vec<(EndpointKey4, EndpointValue, Proto, u16)>,
+    ip4: Option<EndpointIpKey4>,
+    ip6: Option<EndpointIpKey6>,
+    ports4: Vec<(EndpointKey4, EndpointValue)>,
+    ports6: Vec<(EndpointKey6, EndpointValue)>,
 }
 
-/// The entries of link `id` of `model`, pointing at rule list `rules_slot`.
+fn proto_of(code: u8) -> Proto {
+    if code == PROTO_TCP {
+        Proto::Tcp
+    } else {
+        Proto::Udp
+    }
+}
+
+/// The entries of link `id` of `model`, pointing at rule lists `rules` (IPv4, IPv6).
 fn link_entries(
     model: &Model,
     id: u32,
     l: &Link,
-    rules_slot: u32,
+    rules: (u32, u32),
 ) -> Result<LinkEntries, CompileError> {
     if id == 0 {
         return Err(CompileError::LinkZero);
+    }
+    if l.ip4.is_none() && l.ip6.is_none() {
+        return Err(CompileError::NoAddress(id));
     }
     let svc = model
         .services
@@ -294,12 +436,29 @@ fn link_entries(
         account: l.account,
         service_slot: l.service_slot,
         provider_network: svc.provider_network,
-        rules_slot,
+        rules_slot: rules.0,
+        rules_slot6: rules.1,
         allowed: u32::from(model.allowlist.contains(&(l.service_slot, l.account))),
         answer_ping: u32::from(l.answer_ping),
     };
-    let addr_be = u32::from_ne_bytes(l.ip.octets());
-    let mut ports = Vec::with_capacity(l.ports.len());
+    let value = |service: u16| EndpointValue {
+        link_id: id,
+        service_port_be: service.to_be(),
+        _pad: 0,
+    };
+    let mut e = LinkEntries {
+        info,
+        ip4: l.ip4.map(|a| EndpointIpKey4 {
+            network_id: consumer_net,
+            addr_be: be4(a),
+        }),
+        ip6: l.ip6.map(|a| EndpointIpKey6 {
+            network_id: consumer_net,
+            addr_be: in6(a),
+        }),
+        ports4: Vec::new(),
+        ports6: Vec::new(),
+    };
     for pm in &l.ports {
         if pm.terminal == 0 || pm.service == 0 {
             return Err(CompileError::PortZero { link: id });
@@ -308,98 +467,241 @@ fn link_entries(
             Proto::Tcp => PROTO_TCP,
             Proto::Udp => PROTO_UDP,
         };
-        ports.push((
-            EndpointKey4 {
-                network_id: consumer_net,
-                addr_be,
-                port_be: pm.terminal.to_be(),
-                proto,
-                _pad: 0,
-            },
-            EndpointValue {
-                link_id: id,
-                service_port_be: pm.service.to_be(),
-                _pad: 0,
-            },
-            pm.proto,
-            pm.terminal,
-        ));
+        if let Some(a) = l.ip4 {
+            e.ports4.push((
+                EndpointKey4 {
+                    network_id: consumer_net,
+                    addr_be: be4(a),
+                    port_be: pm.terminal.to_be(),
+                    proto,
+                    _pad: 0,
+                },
+                value(pm.service),
+            ));
+        }
+        if let Some(a) = l.ip6 {
+            e.ports6.push((
+                EndpointKey6 {
+                    network_id: consumer_net,
+                    addr_be: in6(a),
+                    port_be: pm.terminal.to_be(),
+                    proto,
+                    _pad: 0,
+                },
+                value(pm.service),
+            ));
+        }
     }
-    Ok(LinkEntries {
-        info,
-        ip: EndpointIpKey4 {
-            network_id: consumer_net,
-            addr_be,
+    Ok(e)
+}
+
+/// Keys of the endpoint maps: the network and address they claim, for error messages.
+trait Claim: Ord + Copy {
+    fn network(&self) -> u32;
+    fn ip(&self) -> IpAddr;
+    /// Protocol and terminal port, for port entries.
+    fn port(&self) -> Option<(Proto, u16)>;
+}
+
+impl Claim for EndpointIpKey4 {
+    fn network(&self) -> u32 {
+        self.network_id
+    }
+    fn ip(&self) -> IpAddr {
+        Ipv4Addr::from(self.addr_be.to_ne_bytes()).into()
+    }
+    fn port(&self) -> Option<(Proto, u16)> {
+        None
+    }
+}
+
+impl Claim for EndpointIpKey6 {
+    fn network(&self) -> u32 {
+        self.network_id
+    }
+    fn ip(&self) -> IpAddr {
+        addr6(self.addr_be).into()
+    }
+    fn port(&self) -> Option<(Proto, u16)> {
+        None
+    }
+}
+
+impl Claim for EndpointKey4 {
+    fn network(&self) -> u32 {
+        self.network_id
+    }
+    fn ip(&self) -> IpAddr {
+        Ipv4Addr::from(self.addr_be.to_ne_bytes()).into()
+    }
+    fn port(&self) -> Option<(Proto, u16)> {
+        Some((proto_of(self.proto), u16::from_be(self.port_be)))
+    }
+}
+
+impl Claim for EndpointKey6 {
+    fn network(&self) -> u32 {
+        self.network_id
+    }
+    fn ip(&self) -> IpAddr {
+        addr6(self.addr_be).into()
+    }
+    fn port(&self) -> Option<(Proto, u16)> {
+        Some((proto_of(self.proto), u16::from_be(self.port_be)))
+    }
+}
+
+/// The error for links `a` and `b` both claiming `k`.
+fn clash<K: Claim>(k: &K, a: u32, b: u32) -> CompileError {
+    match k.port() {
+        Some((proto, port)) => CompileError::DuplicateEndpoint {
+            a,
+            b,
+            network: k.network(),
+            ip: k.ip(),
+            proto,
+            port,
         },
-        ports,
-    })
+        None => CompileError::DuplicateIp {
+            a,
+            b,
+            network: k.network(),
+            ip: k.ip(),
+        },
+    }
+}
+
+/// Values of the endpoint maps name their link.
+trait OfLink: Copy {
+    fn link(&self) -> u32;
+}
+
+impl OfLink for EndpointIpValue {
+    fn link(&self) -> u32 {
+        self.link_id
+    }
+}
+
+impl OfLink for EndpointValue {
+    fn link(&self) -> u32 {
+        self.link_id
+    }
+}
+
+/// Inserts `entries`, refusing a key another link already holds.
+fn claim<K: Claim, V: OfLink>(
+    map: &mut BTreeMap<K, V>,
+    entries: impl IntoIterator<Item = (K, V)>,
+) -> Result<(), CompileError> {
+    for (k, v) in entries {
+        if let Some(other) = map.insert(k, v) {
+            // The first holder reported first, as the order of insertion is the order of links.
+            return Err(clash(&k, other.link(), v.link()));
+        }
+    }
+    Ok(())
+}
+
+/// Refuses entries of `new` whose key an untouched link holds in `shadow`.
+fn untouched_clash<K: Claim, V: OfLink>(
+    new: &BTreeMap<K, V>,
+    shadow: &BTreeMap<K, V>,
+    is_touched: impl Fn(u32) -> bool,
+) -> Result<(), CompileError> {
+    for (k, v) in new {
+        if let Some(o) = shadow.get(k).filter(|o| !is_touched(o.link())) {
+            return Err(clash(k, o.link(), v.link()));
+        }
+    }
+    Ok(())
+}
+
+fn replace<K: Ord + Clone, V: Clone>(
+    map: &mut BTreeMap<K, V>,
+    old: &BTreeMap<K, V>,
+    new: &BTreeMap<K, V>,
+) {
+    for k in old.keys() {
+        map.remove(k);
+    }
+    map.extend(new.iter().map(|(k, v)| (k.clone(), v.clone())));
 }
 
 impl MapState {
     /// Adds a link's entries, refusing an address or port another link already holds.
-    fn add_link(
-        &mut self,
-        id: u32,
-        e: LinkEntries,
-        ip: std::net::Ipv4Addr,
-    ) -> Result<(), CompileError> {
+    fn add_link(&mut self, id: u32, e: LinkEntries) -> Result<(), CompileError> {
         self.links.insert(id, e.info);
-        if let Some(other) = self.endpoint_ips4.insert(
-            e.ip,
-            EndpointIpValue {
-                link_id: id,
-                _pad: 0,
-            },
-        ) {
-            return Err(CompileError::DuplicateIp {
-                a: other.link_id,
-                b: id,
-                network: e.ip.network_id,
-                ip,
-            });
-        }
-        for (key, value, proto, port) in e.ports {
-            if let Some(other) = self.endpoints4.insert(key, value) {
-                return Err(CompileError::DuplicateEndpoint {
-                    a: other.link_id,
-                    b: id,
-                    network: key.network_id,
-                    ip,
-                    proto,
-                    port,
-                });
-            }
-        }
-        Ok(())
+        let value = EndpointIpValue {
+            link_id: id,
+            _pad: 0,
+        };
+        claim(&mut self.endpoint_ips4, e.ip4.map(|k| (k, value)))?;
+        claim(&mut self.endpoint_ips6, e.ip6.map(|k| (k, value)))?;
+        claim(&mut self.endpoints4, e.ports4)?;
+        claim(&mut self.endpoints6, e.ports6)
     }
 
     /// Replaces the per-link entries and rule lists `old` holds with those `new` holds (an
     /// incremental change, or its undoing with the arguments swapped).
     pub fn overlay(&mut self, old: &MapState, new: &MapState) {
-        for k in old.links.keys() {
-            self.links.remove(k);
-        }
-        for k in old.endpoint_ips4.keys() {
-            self.endpoint_ips4.remove(k);
-        }
-        for k in old.endpoints4.keys() {
-            self.endpoints4.remove(k);
-        }
-        for k in old.rules4.keys() {
-            self.rules4.remove(k);
-        }
-        self.links.extend(new.links.iter().map(|(k, v)| (*k, *v)));
-        self.endpoint_ips4
-            .extend(new.endpoint_ips4.iter().map(|(k, v)| (*k, *v)));
-        self.endpoints4
-            .extend(new.endpoints4.iter().map(|(k, v)| (*k, *v)));
-        self.rules4
-            .extend(new.rules4.iter().map(|(k, v)| (*k, v.clone())));
+        replace(&mut self.links, &old.links, &new.links);
+        replace(
+            &mut self.endpoint_ips4,
+            &old.endpoint_ips4,
+            &new.endpoint_ips4,
+        );
+        replace(&mut self.endpoints4, &old.endpoints4, &new.endpoints4);
+        replace(
+            &mut self.endpoint_ips6,
+            &old.endpoint_ips6,
+            &new.endpoint_ips6,
+        );
+        replace(&mut self.endpoints6, &old.endpoints6, &new.endpoints6);
+        replace(&mut self.rules4, &old.rules4, &new.rules4);
+        replace(&mut self.rules6, &old.rules6, &new.rules6);
     }
 }
 
 /// More changed links than this and the full compile is used (it is the cheaper one for bulk).
 pub const INCREMENTAL_MAX_LINKS: usize = 1024;
+
+/// The slot of a touched link's rule list: the slot holding the same content, else a slot no list
+/// holds now (a slot is never rewritten while links may still point at it), recorded in `new`.
+fn list_slot<R: Clone + Eq + Hash>(
+    list: Option<Vec<R>>,
+    shadow: &BTreeMap<u32, Vec<R>>,
+    by_content: &HashMap<&Vec<R>, u32>,
+    new: &mut BTreeMap<u32, Vec<R>>,
+) -> u32 {
+    let Some(list) = list else {
+        return RULES_NONE;
+    };
+    if let Some(&s) = by_content.get(&list) {
+        return s;
+    }
+    if let Some((&s, _)) = new.iter().find(|(_, r)| **r == list) {
+        return s;
+    }
+    let mut next = RULES_NONE + 1;
+    while shadow.contains_key(&next) || new.contains_key(&next) {
+        next += 1;
+    }
+    new.insert(next, list);
+    next
+}
+
+/// Rule lists of `shadow` that no link in `used` points at any more, into `old`.
+fn unused_lists<R: Clone>(
+    shadow: &BTreeMap<u32, Vec<R>>,
+    used: &BTreeSet<u32>,
+    old: &mut BTreeMap<u32, Vec<R>>,
+) {
+    for (s, r) in shadow {
+        if !used.contains(s) {
+            old.insert(*s, r.clone());
+        }
+    }
+}
 
 /// A change from `before` to `model` that touches only links, compiled against `shadow` (what
 /// `before` compiled to): the touched links' entries before (`.0`, with the rule lists that stop
@@ -455,111 +757,92 @@ pub fn compile_links(
     // Before: exactly what the shadow holds for the touched links.
     for &(id, l, _) in &touched {
         if let Some(l) = l {
-            let slot = shadow.links.get(&id).map_or(RULES_NONE, |i| i.rules_slot);
-            old.add_link(id, link_entries(before, id, l, slot)?, l.ip)?;
+            let slots = shadow
+                .links
+                .get(&id)
+                .map_or((RULES_NONE, RULES_NONE), |i| (i.rules_slot, i.rules_slot6));
+            old.add_link(id, link_entries(before, id, l, slots)?)?;
         }
     }
-    // After: rule lists found by content, new ones in slots no list holds now (a slot is never
-    // rewritten while links may still point at it).
-    let by_content: HashMap<&Vec<Rule4>, u32> =
-        shadow.rules4.iter().map(|(s, r)| (r, *s)).collect();
-    let mut next_free = RULES_NONE + 1;
+    // After: rule lists found by content, new ones in free slots.
+    let content4: HashMap<&Vec<Rule4>, u32> = shadow.rules4.iter().map(|(s, r)| (r, *s)).collect();
+    let content6: HashMap<&Vec<Rule6>, u32> = shadow.rules6.iter().map(|(s, r)| (r, *s)).collect();
     for &(id, _, l) in &touched {
         let Some(l) = l else { continue };
-        let slot = match rule_list(id, l)? {
-            None => RULES_NONE,
-            Some(list) => match by_content.get(&list) {
-                Some(&s) => s,
-                None => match new.rules4.iter().find(|(_, r)| **r == list) {
-                    Some((&s, _)) => s,
-                    None => {
-                        while shadow.rules4.contains_key(&next_free)
-                            || new.rules4.contains_key(&next_free)
-                        {
-                            next_free += 1;
-                        }
-                        new.rules4.insert(next_free, list);
-                        next_free
-                    }
-                },
-            },
-        };
-        new.add_link(id, link_entries(model, id, l, slot)?, l.ip)?;
+        let (r4, r6) = rule_lists(id, l)?;
+        let slots = (
+            list_slot(r4, &shadow.rules4, &content4, &mut new.rules4),
+            list_slot(r6, &shadow.rules6, &content6, &mut new.rules6),
+        );
+        new.add_link(id, link_entries(model, id, l, slots)?)?;
     }
     // An address or port an untouched link holds cannot be taken.
     let is_touched = |link: u32| old.links.contains_key(&link) || new.links.contains_key(&link);
-    for (k, v) in &new.endpoint_ips4 {
-        if let Some(o) = shadow
-            .endpoint_ips4
-            .get(k)
-            .filter(|o| !is_touched(o.link_id))
-        {
-            return Err(CompileError::DuplicateIp {
-                a: o.link_id,
-                b: v.link_id,
-                network: k.network_id,
-                ip: std::net::Ipv4Addr::from(u32::from_be(k.addr_be)),
-            });
-        }
-    }
-    for (k, v) in &new.endpoints4 {
-        if let Some(o) = shadow.endpoints4.get(k).filter(|o| !is_touched(o.link_id)) {
-            return Err(CompileError::DuplicateEndpoint {
-                a: o.link_id,
-                b: v.link_id,
-                network: k.network_id,
-                ip: std::net::Ipv4Addr::from(u32::from_be(k.addr_be)),
-                proto: if k.proto == PROTO_TCP {
-                    Proto::Tcp
-                } else {
-                    Proto::Udp
-                },
-                port: u16::from_be(k.port_be),
-            });
-        }
-    }
+    untouched_clash(&new.endpoint_ips4, &shadow.endpoint_ips4, is_touched)?;
+    untouched_clash(&new.endpoint_ips6, &shadow.endpoint_ips6, is_touched)?;
+    untouched_clash(&new.endpoints4, &shadow.endpoints4, is_touched)?;
+    untouched_clash(&new.endpoints6, &shadow.endpoints6, is_touched)?;
     // Rule lists no link uses any more go (slot 0 is "none").
-    let mut used: BTreeSet<u32> = shadow
-        .links
-        .iter()
-        .filter(|(id, _)| !is_touched(**id))
+    let untouched = || shadow.links.iter().filter(|(id, _)| !is_touched(**id));
+    let used4: BTreeSet<u32> = untouched()
         .map(|(_, i)| i.rules_slot)
+        .chain(new.links.values().map(|i| i.rules_slot))
         .collect();
-    used.extend(new.links.values().map(|i| i.rules_slot));
-    for (s, r) in &shadow.rules4 {
-        if !used.contains(s) {
-            old.rules4.insert(*s, r.clone());
-        }
-    }
+    let used6: BTreeSet<u32> = untouched()
+        .map(|(_, i)| i.rules_slot6)
+        .chain(new.links.values().map(|i| i.rules_slot6))
+        .collect();
+    unused_lists(&shadow.rules4, &used4, &mut old.rules4);
+    unused_lists(&shadow.rules6, &used6, &mut old.rules6);
     Ok(Some((old, new)))
 }
 
 #[cfg(test)]
 mod tests {
-    use std::net::Ipv4Addr;
-
     use super::*;
     use crate::dataplane::model::{PortMap, Rule, Service};
 
-    /// A map state with every link's rule-list slot replaced by the list itself, so states that
-    /// differ only in slot numbering compare equal.
-    fn resolved(s: &MapState) -> (MapState, BTreeMap<u32, Option<Vec<Rule4>>>) {
+    /// The lists of `lists`, renumbered in an order independent of their slots.
+    fn renumbered<R: Clone + std::fmt::Debug>(
+        lists: &BTreeMap<u32, Vec<R>>,
+    ) -> BTreeMap<u32, Vec<R>> {
+        let mut used: Vec<Vec<R>> = lists.values().cloned().collect();
+        used.sort_by_key(|l| format!("{l:?}"));
+        used.into_iter()
+            .enumerate()
+            .map(|(i, r)| (i as u32, r))
+            .collect()
+    }
+
+    /// A map state with every link's rule-list slots replaced by the lists themselves, so states
+    /// that differ only in slot numbering compare equal.
+    #[allow(clippy::type_complexity)]
+    fn resolved(
+        s: &MapState,
+    ) -> (
+        MapState,
+        BTreeMap<u32, (Option<Vec<Rule4>>, Option<Vec<Rule6>>)>,
+    ) {
         let lists = s
             .links
             .iter()
-            .map(|(id, i)| (*id, s.rules4.get(&i.rules_slot).cloned()))
+            .map(|(id, i)| {
+                (
+                    *id,
+                    (
+                        s.rules4.get(&i.rules_slot).cloned(),
+                        s.rules6.get(&i.rules_slot6).cloned(),
+                    ),
+                )
+            })
             .collect();
         let mut bare = s.clone();
         for i in bare.links.values_mut() {
             i.rules_slot = u32::from(i.rules_slot != RULES_NONE);
+            i.rules_slot6 = u32::from(i.rules_slot6 != RULES_NONE);
         }
-        let mut used: Vec<Vec<Rule4>> = bare.rules4.values().cloned().collect();
-        used.sort_by_key(|l| format!("{l:?}"));
-        bare.rules4 = used
-            .into_iter()
-            .enumerate()
-            .map(|(i, r)| (i as u32, r))
-            .collect();
+        bare.rules4 = renumbered(&bare.rules4);
+        bare.rules6 = renumbered(&bare.rules6);
         (bare, lists)
     }
 
@@ -582,7 +865,11 @@ mod tests {
                     .map(|k| Rule {
                         proto: RuleProto::Tcp,
                         ports: (100 * k as u16 + 1)..=(100 * k as u16 + 50),
-                        source: "198.18.0.0/24".parse().unwrap(),
+                        source: if r.next(2) == 0 {
+                            "198.18.0.0/24".parse().unwrap()
+                        } else {
+                            "2001:db8::/64".parse().unwrap()
+                        },
                         action: if r.next(2) == 0 {
                             Action::Accept
                         } else {
@@ -592,9 +879,27 @@ mod tests {
                     .collect(),
             ),
         };
+        // IPv4, IPv6 or both, from small pools so that addresses collide.
+        let ip4 = match r.next(3) {
+            0 => None,
+            _ => Some(Ipv4Addr::new(198, 18, 0, 1 + r.next(60) as u8)),
+        };
         Link {
             network_id: 1 + r.next(2) as u32,
-            ip: Ipv4Addr::new(198, 18, 0, 1 + r.next(60) as u8),
+            ip4,
+            ip6: match r.next(2) {
+                0 if ip4.is_some() => None,
+                _ => Some(Ipv6Addr::new(
+                    0x2001,
+                    0xdb8,
+                    0,
+                    0,
+                    0,
+                    0,
+                    0,
+                    1 + r.next(60) as u16,
+                )),
+            },
             service_slot: 1,
             account: 1 + r.next(3) as u32,
             state: [
@@ -624,7 +929,10 @@ mod tests {
                 1,
                 Service {
                     provider_network: 100,
-                    backends: vec![Ipv4Addr::new(198, 18, 100, 10)],
+                    backends: vec![
+                        Ipv4Addr::new(198, 18, 100, 10).into(),
+                        Ipv6Addr::new(0x2001, 0xdb8, 0x64, 0, 0, 0, 0, 10).into(),
+                    ],
                 },
             )]),
             allowlist: BTreeSet::from([(1, 1), (1, 2)]),

@@ -10,10 +10,11 @@ use aya::{
     },
 };
 use privatelink_common::{
-    AllowKey, Backend4, DatapathConfig, EndpointIpKey4, EndpointIpValue, EndpointKey4,
-    EndpointValue, Flow4, FlowKey4, IfaceInfo, IfaceKey, LINK_AVAILABLE, LINK_EMPTY, LinkDropKey,
-    LinkInfo, LinkStats, MAGLEV_SIZE, MAX_RULES, MaglevTable, NatRange4, OUTCOMES, Rule4,
-    RuleList4, names,
+    AllowKey, Backend4, Backend6, DatapathConfig, EndpointIpKey4, EndpointIpKey6, EndpointIpValue,
+    EndpointKey4, EndpointKey6, EndpointValue, Flow, Flow4, Flow6, FlowKey, FlowKey4, FlowKey6,
+    IfaceInfo, IfaceKey, LINK_AVAILABLE, LINK_EMPTY, LinkDropKey, LinkInfo, LinkStats, MAGLEV_SIZE,
+    MAX_RULES, MaglevTable, NatRange4, NatRange6, OUTCOMES, Rule4, Rule6, RuleList4, RuleList6,
+    names,
 };
 
 use super::{
@@ -86,6 +87,13 @@ pub struct Dataplane {
     backends4: Array<MapData, Backend4>,
     nat4: Array<MapData, NatRange4>,
     ct4: HashMap<MapData, FlowKey4, Flow4>,
+    endpoints6: HashMap<MapData, EndpointKey6, EndpointValue>,
+    endpoint_ips6: HashMap<MapData, EndpointIpKey6, EndpointIpValue>,
+    rules6: Array<MapData, RuleList6>,
+    maglev6: Array<MapData, MaglevTable>,
+    backends6: Array<MapData, Backend6>,
+    nat6: Array<MapData, NatRange6>,
+    ct6: HashMap<MapData, FlowKey6, Flow6>,
     config: Array<MapData, DatapathConfig>,
     devmap: DevMapHash<MapData>,
     global_stats: PerCpuArray<MapData, u64>,
@@ -135,6 +143,8 @@ impl Dataplane {
             names::IFACES,
             names::ENDPOINTS4,
             names::ENDPOINT_IPS4,
+            names::ENDPOINTS6,
+            names::ENDPOINT_IPS6,
             names::ALLOWLIST,
         ] {
             caps.insert(name, capacity(ebpf, name)?);
@@ -150,6 +160,13 @@ impl Dataplane {
             backends4: take(ebpf, names::BACKENDS4)?,
             nat4: take(ebpf, names::NAT4)?,
             ct4: take(ebpf, names::CT4)?,
+            endpoints6: take(ebpf, names::ENDPOINTS6)?,
+            endpoint_ips6: take(ebpf, names::ENDPOINT_IPS6)?,
+            rules6: take(ebpf, names::RULES6)?,
+            maglev6: take(ebpf, names::MAGLEV6)?,
+            backends6: take(ebpf, names::BACKENDS6)?,
+            nat6: take(ebpf, names::NAT6)?,
+            ct6: take(ebpf, names::CT6)?,
             config: take(ebpf, names::CONFIG)?,
             devmap: take(ebpf, names::DEVMAP)?,
             global_stats: take(ebpf, names::GLOBAL_STATS)?,
@@ -206,10 +223,27 @@ impl Dataplane {
                 s.backends4.insert(i as u32, v);
             }
         }
-        for (i, v) in self.maglev.iter().enumerate() {
-            let v = v.map_err(map_err(names::MAGLEV))?;
-            if v.backends != 0 {
-                s.maglev.insert(i as u32, v.slots.to_vec());
+        for (i, v) in self.nat6.iter().enumerate() {
+            let v = v.map_err(map_err(names::NAT6))?;
+            if v.count != 0 {
+                s.nat6.insert(i as u32, v);
+            }
+        }
+        for (i, v) in self.backends6.iter().enumerate() {
+            let v = v.map_err(map_err(names::BACKENDS6))?;
+            if v.addr_be != [0; 4] {
+                s.backends6.insert(i as u32, v);
+            }
+        }
+        for (map, out, name) in [
+            (&self.maglev, &mut s.maglev, names::MAGLEV),
+            (&self.maglev6, &mut s.maglev6, names::MAGLEV6),
+        ] {
+            for (i, v) in map.iter().enumerate() {
+                let v = v.map_err(map_err(name))?;
+                if v.backends != 0 {
+                    out.insert(i as u32, v.slots.to_vec());
+                }
             }
         }
         for r in self.allowlist.iter() {
@@ -232,6 +266,25 @@ impl Dataplane {
             let l = self.rules4.get(&slot, 0).map_err(map_err(names::RULES4))?;
             let n = (l.count as usize).min(MAX_RULES);
             s.rules4.insert(slot, l.rules[..n].to_vec());
+        }
+        let slots6: BTreeSet<u32> = s
+            .links
+            .values()
+            .map(|l| l.rules_slot6)
+            .filter(|&r| r != 0)
+            .collect();
+        for slot in slots6 {
+            let l = self.rules6.get(&slot, 0).map_err(map_err(names::RULES6))?;
+            let n = (l.count as usize).min(MAX_RULES);
+            s.rules6.insert(slot, l.rules[..n].to_vec());
+        }
+        for r in self.endpoint_ips6.iter() {
+            let (k, v) = r.map_err(map_err(names::ENDPOINT_IPS6))?;
+            s.endpoint_ips6.insert(k, v);
+        }
+        for r in self.endpoints6.iter() {
+            let (k, v) = r.map_err(map_err(names::ENDPOINTS6))?;
+            s.endpoints6.insert(k, v);
         }
         for r in self.endpoint_ips4.iter() {
             let (k, v) = r.map_err(map_err(names::ENDPOINT_IPS4))?;
@@ -276,6 +329,8 @@ impl Dataplane {
         hash(names::IFACES, s.ifaces.len())?;
         hash(names::ENDPOINTS4, s.endpoints4.len())?;
         hash(names::ENDPOINT_IPS4, s.endpoint_ips4.len())?;
+        hash(names::ENDPOINTS6, s.endpoints6.len())?;
+        hash(names::ENDPOINT_IPS6, s.endpoint_ips6.len())?;
         hash(names::ALLOWLIST, s.allowlist.len())?;
         let array =
             |name: &'static str, len: u32, max_index: Option<u32>| -> Result<(), DataplaneError> {
@@ -313,6 +368,26 @@ impl Dataplane {
             names::NAT4,
             self.nat4.len(),
             s.nat4.keys().next_back().copied(),
+        )?;
+        array(
+            names::RULES6,
+            self.rules6.len(),
+            s.rules6.keys().next_back().copied(),
+        )?;
+        array(
+            names::MAGLEV6,
+            self.maglev6.len(),
+            s.maglev6.keys().next_back().copied(),
+        )?;
+        array(
+            names::BACKENDS6,
+            self.backends6.len(),
+            s.backends6.keys().next_back().copied(),
+        )?;
+        array(
+            names::NAT6,
+            self.nat6.len(),
+            s.nat6.keys().next_back().copied(),
         )?;
         Ok(())
     }
@@ -426,6 +501,28 @@ impl Dataplane {
                 .map_err(map_err(names::MAGLEV))?;
             w += 1;
         }
+        w += put_array(&mut self.nat6, &prev.nat6, &next.nat6, names::NAT6, |v| *v)?;
+        w += put_array(
+            &mut self.backends6,
+            &prev.backends6,
+            &next.backends6,
+            names::BACKENDS6,
+            |v| *v,
+        )?;
+        w += put_array(
+            &mut self.rules6,
+            &prev.rules6,
+            &next.rules6,
+            names::RULES6,
+            |v| rule_list6(v),
+        )?;
+        w += put_array(
+            &mut self.maglev6,
+            &prev.maglev6,
+            &next.maglev6,
+            names::MAGLEV6,
+            |v| maglev_table(v),
+        )?;
         for k in next.allowlist.difference(&prev.allowlist) {
             self.allowlist
                 .insert(k, 1, 0)
@@ -483,7 +580,31 @@ impl Dataplane {
                 .map_err(map_err(names::ENDPOINTS4))?;
             w += 1;
         }
+        w += put_hash(
+            &mut self.endpoint_ips6,
+            &prev.endpoint_ips6,
+            &next.endpoint_ips6,
+            names::ENDPOINT_IPS6,
+        )?;
+        w += put_hash(
+            &mut self.endpoints6,
+            &prev.endpoints6,
+            &next.endpoints6,
+            names::ENDPOINTS6,
+        )?;
         // 3. Removals, entry points first, then what they pointed at.
+        w += del_hash(
+            &mut self.endpoints6,
+            &prev.endpoints6,
+            &next.endpoints6,
+            names::ENDPOINTS6,
+        )?;
+        w += del_hash(
+            &mut self.endpoint_ips6,
+            &prev.endpoint_ips6,
+            &next.endpoint_ips6,
+            names::ENDPOINT_IPS6,
+        )?;
         for k in removed(&prev.endpoints4, &next.endpoints4) {
             self.endpoints4
                 .remove(k)
@@ -551,6 +672,34 @@ impl Dataplane {
                 .map_err(map_err(names::NAT4))?;
             w += 1;
         }
+        w += clear_array(
+            &mut self.maglev6,
+            &prev.maglev6,
+            &next.maglev6,
+            names::MAGLEV6,
+            maglev_table(&[]),
+        )?;
+        w += clear_array(
+            &mut self.rules6,
+            &prev.rules6,
+            &next.rules6,
+            names::RULES6,
+            rule_list6(&[]),
+        )?;
+        w += clear_array(
+            &mut self.backends6,
+            &prev.backends6,
+            &next.backends6,
+            names::BACKENDS6,
+            Backend6::default(),
+        )?;
+        w += clear_array(
+            &mut self.nat6,
+            &prev.nat6,
+            &next.nat6,
+            names::NAT6,
+            NatRange6::default(),
+        )?;
         for k in removed(&prev.ifaces, &next.ifaces) {
             self.ifaces.remove(k).map_err(map_err(names::IFACES))?;
             w += 1;
@@ -587,45 +736,34 @@ impl Dataplane {
     /// Removes the conntrack entries that expired by `now` (monotonic ns), both of each flow: the
     /// table refuses new flows when full, so ended flows must leave it. Returns how many entries.
     pub fn sweep_expired(&mut self, now: u64, cfg: &privatelink_common::DatapathConfig) -> usize {
-        sweep(&mut self.ct4, now, cfg)
+        sweep(&mut self.ct4, now, cfg) + sweep(&mut self.ct6, now, cfg)
     }
 
     /// Deletes every conntrack entry of the given links. Returns how many.
     pub fn cut_flows(&mut self, links: &BTreeSet<u32>) -> Result<usize, DataplaneError> {
-        let doomed: Vec<FlowKey4> = self
-            .ct4
-            .iter()
-            .filter_map(Result::ok)
-            .filter(|(_, f)| links.contains(&f.link_id))
-            .map(|(k, _)| k)
-            .collect();
-        for k in &doomed {
-            // Already gone (expired and evicted meanwhile) is fine.
-            let _ = self.ct4.remove(k);
-        }
-        Ok(doomed.len())
+        Ok(
+            remove_where(&mut self.ct4, |_, f| links.contains(&f.link_id))
+                + remove_where(&mut self.ct6, |_, f| links.contains(&f.link_id)),
+        )
     }
 
     /// Deletes every conntrack entry of flows to the given backends, as (provider network id,
-    /// backend address in network order). Returns how many.
-    pub fn cut_backend_flows(&mut self, backends: &BTreeSet<(u32, u32)>) -> usize {
-        let doomed: Vec<FlowKey4> = self
-            .ct4
-            .iter()
-            .filter_map(Result::ok)
-            .filter(|(k, f)| {
-                if f.dir == privatelink_common::DIR_FORWARD {
-                    backends.contains(&(f.peer_network, f.daddr_be))
-                } else {
-                    backends.contains(&(k.network_id, k.saddr_be))
-                }
-            })
-            .map(|(k, _)| k)
-            .collect();
-        for k in &doomed {
-            let _ = self.ct4.remove(k);
+    /// backend address). Returns how many.
+    pub fn cut_backend_flows(&mut self, backends: &BTreeSet<(u32, std::net::IpAddr)>) -> usize {
+        fn to_backend<A: Copy>(k: &FlowKey<A>, f: &Flow<A>) -> (u32, A) {
+            if f.dir == privatelink_common::DIR_FORWARD {
+                (f.peer_network, f.daddr_be)
+            } else {
+                (k.network_id, k.saddr_be)
+            }
         }
-        doomed.len()
+        remove_where(&mut self.ct4, |k, f| {
+            let (net, a) = to_backend(k, f);
+            backends.contains(&(net, std::net::Ipv4Addr::from(a.to_ne_bytes()).into()))
+        }) + remove_where(&mut self.ct6, |k, f| {
+            let (net, a) = to_backend(k, f);
+            backends.contains(&(net, super::compile::addr6(a).into()))
+        })
     }
 
     /// Independent handles on the counter and conntrack maps, for a metrics reader on another
@@ -654,6 +792,14 @@ impl Dataplane {
             .map_err(map_err(names::GLOBAL_STATS))?,
             ct4: HashMap::try_from(aya::maps::Map::HashMap(again(self.ct4.map(), names::CT4)?))
                 .map_err(map_err(names::CT4))?,
+            ct6: HashMap::try_from(aya::maps::Map::HashMap(again(self.ct6.map(), names::CT6)?))
+                .map_err(map_err(names::CT6))?,
+            ct6_capacity: self
+                .ct6
+                .map()
+                .info()
+                .map_err(map_err(names::CT6))?
+                .max_entries(),
             ct4_capacity: self
                 .ct4
                 .map()
@@ -700,12 +846,31 @@ impl Dataplane {
             (names::MAGLEV, s.maglev.len(), self.maglev.len()),
             (names::BACKENDS4, s.backends4.len(), self.backends4.len()),
             (names::NAT4, s.nat4.len(), self.nat4.len()),
+            (
+                names::ENDPOINTS6,
+                s.endpoints6.len(),
+                self.caps[names::ENDPOINTS6],
+            ),
+            (
+                names::ENDPOINT_IPS6,
+                s.endpoint_ips6.len(),
+                self.caps[names::ENDPOINT_IPS6],
+            ),
+            (names::RULES6, s.rules6.len(), self.rules6.len()),
+            (names::MAGLEV6, s.maglev6.len(), self.maglev6.len()),
+            (names::BACKENDS6, s.backends6.len(), self.backends6.len()),
+            (names::NAT6, s.nat6.len(), self.nat6.len()),
         ]
     }
 
-    /// All conntrack entries (for metrics, tests and the CLI).
+    /// All IPv4 conntrack entries (for metrics, tests and the CLI).
     pub fn flows(&self) -> Vec<(FlowKey4, Flow4)> {
         self.ct4.iter().filter_map(Result::ok).collect()
+    }
+
+    /// All IPv6 conntrack entries.
+    pub fn flows6(&self) -> Vec<(FlowKey6, Flow6)> {
+        self.ct6.iter().filter_map(Result::ok).collect()
     }
 
     /// Global outcome counters summed over CPUs, indexed by outcome code.
@@ -772,6 +937,12 @@ fn drift(a: &MapState, b: &MapState) -> usize {
         + count(&a.links, &b.links)
         + count(&a.endpoint_ips4, &b.endpoint_ips4)
         + count(&a.endpoints4, &b.endpoints4)
+        + count(&a.nat6, &b.nat6)
+        + count(&a.backends6, &b.backends6)
+        + count(&a.rules6, &b.rules6)
+        + count(&a.maglev6, &b.maglev6)
+        + count(&a.endpoint_ips6, &b.endpoint_ips6)
+        + count(&a.endpoints6, &b.endpoints6)
 }
 
 /// Possible CPUs, the length of per-CPU values.
@@ -788,35 +959,123 @@ pub struct StatsReader {
     link_drops: PerCpuHashMap<MapData, LinkDropKey, u64>,
     global_stats: PerCpuArray<MapData, u64>,
     ct4: HashMap<MapData, FlowKey4, Flow4>,
+    ct6: HashMap<MapData, FlowKey6, Flow6>,
     pub ct4_capacity: u32,
+    pub ct6_capacity: u32,
     /// Capacities of the counter maps (LINK_STATS, LINK_DROPS).
     pub counter_capacity: (u32, u32),
 }
 
-/// Removes the expired entries of `ct4` (see [`Dataplane::sweep_expired`]).
-fn sweep(
-    ct4: &mut HashMap<MapData, FlowKey4, Flow4>,
-    now: u64,
-    cfg: &privatelink_common::DatapathConfig,
-) -> usize {
-    let doomed: Vec<FlowKey4> = ct4
+/// Removes the conntrack entries `doomed` picks. Returns how many.
+fn remove_where<A>(
+    ct: &mut HashMap<MapData, FlowKey<A>, Flow<A>>,
+    doomed: impl Fn(&FlowKey<A>, &Flow<A>) -> bool,
+) -> usize
+where
+    FlowKey<A>: aya::Pod,
+    Flow<A>: aya::Pod,
+{
+    let keys: Vec<FlowKey<A>> = ct
         .iter()
         .filter_map(Result::ok)
-        .filter(|(k, f)| now.saturating_sub(f.last_seen_ns) > cfg.timeout_for(k.proto, f.tcp_state))
+        .filter(|(k, f)| doomed(k, f))
         .map(|(k, _)| k)
         .collect();
-    for k in &doomed {
+    for k in &keys {
         // Already gone (the datapath met it first) is fine.
-        let _ = ct4.remove(k);
+        let _ = ct.remove(k);
     }
-    doomed.len()
+    keys.len()
+}
+
+/// Removes the expired entries of a conntrack map (see [`Dataplane::sweep_expired`]).
+fn sweep<A>(
+    ct: &mut HashMap<MapData, FlowKey<A>, Flow<A>>,
+    now: u64,
+    cfg: &privatelink_common::DatapathConfig,
+) -> usize
+where
+    FlowKey<A>: aya::Pod,
+    Flow<A>: aya::Pod,
+{
+    remove_where(ct, |k, f| {
+        now.saturating_sub(f.last_seen_ns) > cfg.timeout_for(k.proto, f.tcp_state)
+    })
+}
+
+/// Writes the entries of an array map that are new or changed, converted by `value`.
+fn put_array<V, M: aya::Pod>(
+    map: &mut Array<MapData, M>,
+    prev: &BTreeMap<u32, V>,
+    next: &BTreeMap<u32, V>,
+    name: &'static str,
+    value: impl Fn(&V) -> M,
+) -> Result<usize, DataplaneError>
+where
+    V: PartialEq,
+{
+    let mut w = 0;
+    for (k, v) in changed(prev, next) {
+        map.set(*k, value(v), 0).map_err(map_err(name))?;
+        w += 1;
+    }
+    Ok(w)
+}
+
+/// Resets the entries of an array map that `next` no longer has to `empty`.
+fn clear_array<V, M: aya::Pod + Copy>(
+    map: &mut Array<MapData, M>,
+    prev: &BTreeMap<u32, V>,
+    next: &BTreeMap<u32, V>,
+    name: &'static str,
+    empty: M,
+) -> Result<usize, DataplaneError> {
+    let mut w = 0;
+    for k in removed(prev, next) {
+        map.set(*k, empty, 0).map_err(map_err(name))?;
+        w += 1;
+    }
+    Ok(w)
+}
+
+/// Writes the entries of a hash map that are new or changed.
+fn put_hash<K: aya::Pod + Ord, V: aya::Pod + PartialEq>(
+    map: &mut HashMap<MapData, K, V>,
+    prev: &BTreeMap<K, V>,
+    next: &BTreeMap<K, V>,
+    name: &'static str,
+) -> Result<usize, DataplaneError> {
+    let mut w = 0;
+    for (k, v) in changed(prev, next) {
+        map.insert(k, v, 0).map_err(map_err(name))?;
+        w += 1;
+    }
+    Ok(w)
+}
+
+/// Deletes the entries of a hash map that `next` no longer has.
+fn del_hash<K: aya::Pod + Ord, V>(
+    map: &mut HashMap<MapData, K, V>,
+    prev: &BTreeMap<K, V>,
+    next: &BTreeMap<K, V>,
+    name: &'static str,
+) -> Result<usize, DataplaneError>
+where
+    V: aya::Pod,
+{
+    let mut w = 0;
+    for k in removed(prev, next) {
+        map.remove(k).map_err(map_err(name))?;
+        w += 1;
+    }
+    Ok(w)
 }
 
 impl StatsReader {
     /// The same sweep through this handle, so it can run on a thread of its own (a large table is
     /// walked one entry per syscall pair, which must not delay syncs).
     pub fn sweep_expired(&mut self, now: u64, cfg: &privatelink_common::DatapathConfig) -> usize {
-        sweep(&mut self.ct4, now, cfg)
+        sweep(&mut self.ct4, now, cfg) + sweep(&mut self.ct6, now, cfg)
     }
 
     /// A link's counters summed over CPUs.
@@ -836,10 +1095,44 @@ impl StatsReader {
             .collect()
     }
 
-    /// Every conntrack entry.
+    /// Every IPv4 conntrack entry.
     pub fn flows(&self) -> Vec<(FlowKey4, Flow4)> {
         self.ct4.iter().filter_map(Result::ok).collect()
     }
+
+    /// Every IPv6 conntrack entry.
+    pub fn flows6(&self) -> Vec<(FlowKey6, Flow6)> {
+        self.ct6.iter().filter_map(Result::ok).collect()
+    }
+
+    /// Every conntrack entry of both families, as the counters see them.
+    pub fn flow_views(&self) -> Vec<FlowView> {
+        fn view<A>((k, f): (FlowKey<A>, Flow<A>)) -> FlowView {
+            FlowView {
+                network_id: k.network_id,
+                proto: k.proto,
+                link_id: f.link_id,
+                dir: f.dir,
+                tcp_state: f.tcp_state,
+                last_seen_ns: f.last_seen_ns,
+            }
+        }
+        let v4 = self.ct4.iter().filter_map(Result::ok).map(view);
+        v4.chain(self.ct6.iter().filter_map(Result::ok).map(view))
+            .collect()
+    }
+}
+
+/// What the counters need of a conntrack entry of either family.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FlowView {
+    /// Network of the entry's key (provider network for reply entries).
+    pub network_id: u32,
+    pub proto: u8,
+    pub link_id: u32,
+    pub dir: u8,
+    pub tcp_state: u8,
+    pub last_seen_ns: u64,
 }
 
 fn usable(l: &LinkInfo) -> bool {
@@ -877,6 +1170,16 @@ fn rule_list(rules: &[Rule4]) -> RuleList4 {
         count: rules.len() as u32,
         _pad: 0,
         rules: [Rule4::default(); MAX_RULES],
+    };
+    l.rules[..rules.len()].copy_from_slice(rules);
+    l
+}
+
+fn rule_list6(rules: &[Rule6]) -> RuleList6 {
+    let mut l = RuleList6 {
+        count: rules.len() as u32,
+        _pad: 0,
+        rules: [Rule6::default(); MAX_RULES],
     };
     l.rules[..rules.len()].copy_from_slice(rules);
     l

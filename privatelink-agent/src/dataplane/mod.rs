@@ -5,5 +5,5 @@ pub mod maps;
 pub mod model;
 
 pub use compile::{CompileError, MapState, compile};
-pub use maps::{Dataplane, DataplaneError, StatsReader};
+pub use maps::{Dataplane, DataplaneError, FlowView, StatsReader};
 pub use model::*;

@@ -2,11 +2,11 @@
 //! [`Model`]; [`super::compile`] turns a model into exact map contents.
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     ops::RangeInclusive,
 };
 
-use ipnet::Ipv4Net;
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use privatelink_common::DatapathConfig;
 
 /// Role of an attached interface.
@@ -31,6 +31,9 @@ pub struct Iface {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct NatRange {
     pub addrs: Ipv4Net,
+    /// The IPv6 range, at most a /96 (only the last 32 bits vary); `None`: no IPv6 source NAT,
+    /// so IPv6 endpoints of services in this network drop new flows (`no_nat_range`).
+    pub addrs6: Option<Ipv6Net>,
     pub ports: RangeInclusive<u16>,
 }
 
@@ -61,7 +64,8 @@ pub enum Action {
 pub struct Rule {
     pub proto: RuleProto,
     pub ports: RangeInclusive<u16>,
-    pub source: Ipv4Net,
+    /// IPv4 sources apply to IPv4 flows, IPv6 sources to IPv6 flows.
+    pub source: IpNet,
     pub action: Action,
 }
 
@@ -86,7 +90,10 @@ pub enum LinkState {
 pub struct Link {
     /// Consumer network the endpoint lives in.
     pub network_id: u32,
-    pub ip: Ipv4Addr,
+    /// The endpoint's IPv4 address (`ipv4` and `dualstack` endpoints).
+    pub ip4: Option<Ipv4Addr>,
+    /// The endpoint's IPv6 address (`ipv6` and `dualstack` endpoints).
+    pub ip6: Option<Ipv6Addr>,
     pub service_slot: u32,
     /// Agent-assigned number of the consumer account.
     pub account: u32,
@@ -102,7 +109,8 @@ pub struct Link {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Service {
     pub provider_network: u32,
-    pub backends: Vec<Ipv4Addr>,
+    /// IPv4 endpoints reach the IPv4 backends, IPv6 endpoints the IPv6 ones.
+    pub backends: Vec<IpAddr>,
 }
 
 /// Everything one node's datapath needs.

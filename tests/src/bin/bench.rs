@@ -103,7 +103,7 @@ fn with_endpoints(h: &Harness, n: u32) -> privatelink_agent::dataplane::Model {
     let mut m = h.model();
     for i in 0..n {
         let mut l: Link = demo::endpoint_link(CONSUMER_NET, 1000 + i);
-        l.ip = endpoint_addr(i);
+        l.ip4 = Some(endpoint_addr(i));
         m.links.insert(2 + i, l);
         m.allowlist.insert((demo::SERVICE, 1000 + i));
     }
@@ -383,6 +383,8 @@ fn big_state(
                 network_id: "vpc-c".into(),
                 subnet_id: "subnet-c".into(),
                 ip: std::net::IpAddr::V4(endpoint_addr(i)),
+                ip_address_type: Default::default(),
+                ipv6: None,
                 service_id: "svc-1".into(),
                 dns_name: String::new(),
                 private_dns_enabled: false,
@@ -399,6 +401,7 @@ fn big_state(
             "vpc-p".to_string(),
             privatelink_agent::dataplane::NatRange {
                 addrs: "198.19.128.0/20".parse().unwrap(),
+                addrs6: None,
                 ports: 1024..=65535,
             },
         )]),

@@ -37,7 +37,11 @@ pub struct CreateNetwork {
 #[derive(Clone, Debug, Deserialize, utoipa::ToSchema)]
 pub struct CreateSubnet {
     pub name: String,
+    /// IPv4, or IPv6 for an IPv6-only subnet.
     pub cidr: String,
+    /// An IPv6 range next to an IPv4 `cidr` (dual-stack subnet).
+    #[serde(default)]
+    pub ipv6_cidr: Option<String>,
 }
 
 pub fn token_hash(token: &str) -> String {
@@ -207,26 +211,53 @@ pub fn create_subnet(
     let net = network(s, cx.caller, network_id)?.clone();
     validate::name("name", &req.name)?;
     let cidr = validate::cidr("cidr", &req.cidr)?;
-    if !net.cidrs.iter().any(|c| c.contains(&cidr)) {
-        return Err(ApiError::invalid(
-            "subnet_outside_network",
-            "cidr",
-            format!(
-                "{cidr} is not inside the network's CIDRs ({})",
-                join(&net.cidrs)
-            ),
-        ));
-    }
-    if let Some(o) = s
-        .subnets
-        .values()
-        .find(|o| o.network_id == network_id && (o.cidr.contains(&cidr) || cidr.contains(&o.cidr)))
-    {
-        return Err(ApiError::invalid(
-            "overlapping_subnet",
-            "cidr",
-            format!("{cidr} overlaps subnet {} ({})", o.id, o.cidr),
-        ));
+    let ipv6_cidr = match &req.ipv6_cidr {
+        None => None,
+        Some(v) => {
+            let c = validate::cidr("ipv6_cidr", v)?;
+            if !matches!(c, IpNet::V6(_)) || !matches!(cidr, IpNet::V4(_)) {
+                return Err(ApiError::invalid(
+                    "invalid_cidr",
+                    "ipv6_cidr",
+                    format!(
+                        "ipv6_cidr must be an IPv6 range next to an IPv4 cidr (got {c} next to {cidr})"
+                    ),
+                ));
+            }
+            Some(c)
+        }
+    };
+    for (field, range) in [("cidr", Some(cidr)), ("ipv6_cidr", ipv6_cidr)] {
+        let Some(range) = range else { continue };
+        if !net.cidrs.iter().any(|c| c.contains(&range)) {
+            return Err(ApiError::invalid(
+                "subnet_outside_network",
+                field,
+                format!(
+                    "{range} is not inside the network's CIDRs ({})",
+                    join(&net.cidrs)
+                ),
+            ));
+        }
+        let theirs = |o: &Subnet| {
+            [Some(o.cidr), o.ipv6_cidr]
+                .into_iter()
+                .flatten()
+                .collect::<Vec<_>>()
+        };
+        if let Some((o, r)) = s
+            .subnets
+            .values()
+            .filter(|o| o.network_id == network_id)
+            .flat_map(|o| theirs(o).into_iter().map(move |r| (o, r)))
+            .find(|(_, r)| r.contains(&range) || range.contains(r))
+        {
+            return Err(ApiError::invalid(
+                "overlapping_subnet",
+                field,
+                format!("{range} overlaps subnet {} ({r})", o.id),
+            ));
+        }
     }
     let id = cx.new_id("subnet", |id| s.subnets.contains_key(id));
     let sn = Subnet {
@@ -235,6 +266,7 @@ pub fn create_subnet(
         owner: net.owner.clone(),
         network_id: network_id.to_string(),
         cidr,
+        ipv6_cidr,
         created_at: cx.now,
     };
     Ok((vec![Change::Put(Object::Subnet(sn.clone()))], sn))

@@ -9,7 +9,7 @@ use super::{Caller, Ctx, Outcome, owns};
 use crate::control::{
     error::{ApiError, ApiResult},
     state::State,
-    types::{Binding, Change, ConnectionState, Endpoint, Object, Tag},
+    types::{Binding, Change, ConnectionState, Endpoint, IpAddressType, Object, Subnet, Tag},
     validate,
 };
 
@@ -25,8 +25,15 @@ pub struct CreateEndpoint {
     pub service_id: String,
     pub network_id: String,
     pub subnet_id: String,
-    /// A free address of the subnet; assigned automatically when absent.
+    /// `ipv4`, `ipv6` or `dualstack`; by default the family of the subnet's `cidr`.
+    #[serde(default)]
+    pub ip_address_type: Option<IpAddressType>,
+    /// A free IPv4 address of the subnet (the IPv6 address for an `ipv6` endpoint); assigned
+    /// automatically when absent.
     pub ip: Option<String>,
+    /// A free IPv6 address of the subnet for a `dualstack` endpoint; assigned when absent.
+    #[serde(default)]
+    pub ipv6: Option<String>,
     #[serde(default)]
     pub security_groups: Vec<BindingReq>,
     #[serde(default)]
@@ -176,19 +183,95 @@ fn usable(net: &IpNet, ip: IpAddr) -> bool {
     }
 }
 
-fn assign_ip(s: &State, subnet_id: &str, cidr: &IpNet, wanted: Option<&str>) -> ApiResult<IpAddr> {
+/// The endpoint's addresses (`ip`, and the IPv6 one of a dual-stack or IPv6 endpoint) for the
+/// requested address type in `subnet`.
+fn assign_ips(
+    s: &State,
+    subnet: &Subnet,
+    req: &CreateEndpoint,
+) -> ApiResult<(IpAddressType, IpAddr, Option<std::net::Ipv6Addr>)> {
+    let kind = req.ip_address_type.unwrap_or(match subnet.cidr {
+        IpNet::V4(_) => IpAddressType::Ipv4,
+        IpNet::V6(_) => IpAddressType::Ipv6,
+    });
+    let need = |range: Option<IpNet>, family: &str| {
+        range.ok_or_else(|| {
+            ApiError::invalid(
+                "subnet_family",
+                "ip_address_type",
+                format!(
+                    "a {} endpoint needs an {family} range, and subnet {} has none",
+                    serde_json::to_value(kind).map_or_else(|_| "?".into(), |v| v.to_string()),
+                    subnet.id
+                ),
+            )
+        })
+    };
+    let v6_of = |a: IpAddr| match a {
+        IpAddr::V6(a) => Some(a),
+        IpAddr::V4(_) => None,
+    };
+    match kind {
+        IpAddressType::Ipv4 => {
+            if req.ipv6.is_some() {
+                return Err(ApiError::invalid(
+                    "invalid_ip",
+                    "ipv6",
+                    "an ipv4 endpoint has no IPv6 address",
+                ));
+            }
+            let ip = assign_ip(
+                s,
+                &subnet.id,
+                &need(subnet.v4(), "IPv4")?,
+                req.ip.as_deref(),
+                "ip",
+            )?;
+            Ok((kind, ip, None))
+        }
+        IpAddressType::Ipv6 => {
+            let (field, wanted) = match (&req.ipv6, &req.ip) {
+                (Some(_), Some(_)) => {
+                    return Err(ApiError::invalid(
+                        "invalid_ip",
+                        "ip",
+                        "an ipv6 endpoint has one address: give ip or ipv6",
+                    ));
+                }
+                (Some(w), None) => ("ipv6", Some(w.as_str())),
+                (None, w) => ("ip", w.as_deref()),
+            };
+            let ip = assign_ip(s, &subnet.id, &need(subnet.v6(), "IPv6")?, wanted, field)?;
+            Ok((kind, ip, v6_of(ip)))
+        }
+        IpAddressType::Dualstack => {
+            let (r4, r6) = (need(subnet.v4(), "IPv4")?, need(subnet.v6(), "IPv6")?);
+            let ip = assign_ip(s, &subnet.id, &r4, req.ip.as_deref(), "ip")?;
+            let ip6 = assign_ip(s, &subnet.id, &r6, req.ipv6.as_deref(), "ipv6")?;
+            Ok((kind, ip, v6_of(ip6)))
+        }
+    }
+}
+
+fn assign_ip(
+    s: &State,
+    subnet_id: &str,
+    cidr: &IpNet,
+    wanted: Option<&str>,
+    field: &str,
+) -> ApiResult<IpAddr> {
     let used: BTreeSet<IpAddr> = s
         .endpoints
         .values()
         .filter(|e| e.subnet_id == subnet_id)
-        .map(|e| e.ip)
+        .flat_map(|e| e.all_ips())
         .collect();
     if let Some(w) = wanted {
-        let ip = validate::ip("ip", w)?;
+        let ip = validate::ip(field, w)?;
         if !cidr.contains(&ip) || !usable(cidr, ip) {
             return Err(ApiError::invalid(
                 "ip_outside_subnet",
-                "ip",
+                field,
                 format!("{ip} is not a usable address of subnet {cidr}"),
             ));
         }
@@ -197,7 +280,7 @@ fn assign_ip(s: &State, subnet_id: &str, cidr: &IpNet, wanted: Option<&str>) -> 
                 "ip_in_use",
                 format!("{ip} is already used in subnet {subnet_id}"),
             )
-            .with_field("ip"));
+            .with_field(field));
         }
         return Ok(ip);
     }
@@ -250,7 +333,7 @@ pub fn create(s: &State, cx: &mut Ctx, req: CreateEndpoint) -> Outcome<Endpoint>
         ));
     }
     let security_groups = bindings(s, cx.caller, &req.security_groups)?;
-    let ip = assign_ip(s, &subnet.id, &subnet.cidr, req.ip.as_deref())?;
+    let (ip_address_type, ip, ipv6) = assign_ips(s, subnet, &req)?;
     let link_id = super::lowest_free(s.endpoints.values().map(|e| e.link_id), u32::MAX, "link")?;
     let id = cx.new_id("ep", |id| s.endpoints.contains_key(id));
     let ep = Endpoint {
@@ -266,6 +349,8 @@ pub fn create(s: &State, cx: &mut Ctx, req: CreateEndpoint) -> Outcome<Endpoint>
         network_id: req.network_id,
         subnet_id: req.subnet_id,
         ip,
+        ip_address_type,
+        ipv6,
         service_id: svc.id.clone(),
         state: if svc.auto_accept {
             ConnectionState::Available

@@ -1,0 +1,519 @@
+//! IPv6 packet fixtures through BPF_PROG_TEST_RUN (the IPv6 program, reached by tail call from the
+//! datapath): verdict, exact output bytes with checksums verified independently, and counters.
+//! State is written through the agent's `Dataplane::apply`.
+use std::net::{IpAddr, Ipv6Addr};
+
+use etherparse::{
+    EtherType, Ethernet2Header, IpNumber, Ipv6Header, NetSlice, SlicedPacket, TcpHeader,
+    TransportSlice, UdpHeader,
+};
+use ipnet::Ipv6Net;
+use privatelink_agent::{
+    dataplane::{Action, Model, Rule, RuleProto},
+    demo::{BACKEND6, ENDPOINT6, NAT_RANGE6},
+};
+use privatelink_common as c;
+use privatelink_tests::{
+    fixture::{BACKEND_MAC, CONSUMER_MAC, Harness, LINK, with_harness},
+    test_run,
+};
+
+const XDP_DROP: u32 = 1;
+const XDP_PASS: u32 = 2;
+const XDP_TX: u32 = 3;
+const XDP_REDIRECT: u32 = 4;
+
+const CONSUMER6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x10);
+
+/// Extension headers a fixture can carry (each eight bytes, padded with PadN).
+#[derive(Clone, Copy, Debug)]
+enum Ext {
+    HopByHop,
+    DestOpts,
+    Fragment,
+}
+
+/// An Ethernet/IPv6/(extension headers)/TCP|UDP frame with correct checksums.
+#[derive(Clone, Debug)]
+struct Pkt6 {
+    src_mac: [u8; 6],
+    dst_mac: [u8; 6],
+    src: Ipv6Addr,
+    dst: Ipv6Addr,
+    sport: u16,
+    dport: u16,
+    hop_limit: u8,
+    ext: Vec<Ext>,
+    /// `Some((syn, ack))` for TCP, `None` for UDP.
+    tcp: Option<(bool, bool)>,
+    payload: Vec<u8>,
+}
+
+impl Pkt6 {
+    fn syn(src: Ipv6Addr, sport: u16, dst: Ipv6Addr, dport: u16) -> Self {
+        Pkt6 {
+            src_mac: CONSUMER_MAC,
+            dst_mac: [0; 6],
+            src,
+            dst,
+            sport,
+            dport,
+            hop_limit: 64,
+            ext: Vec::new(),
+            tcp: Some((true, false)),
+            payload: b"privatelink6".to_vec(),
+        }
+    }
+
+    fn udp(src: Ipv6Addr, sport: u16, dst: Ipv6Addr, dport: u16) -> Self {
+        Pkt6 {
+            tcp: None,
+            ..Self::syn(src, sport, dst, dport)
+        }
+    }
+
+    fn macs(mut self, src: [u8; 6], dst: [u8; 6]) -> Self {
+        (self.src_mac, self.dst_mac) = (src, dst);
+        self
+    }
+
+    /// The same packet with addresses, ports, MACs and hop limit changed as a translation would.
+    fn translated(
+        &self,
+        src: (Ipv6Addr, u16),
+        dst: (Ipv6Addr, u16),
+        macs: ([u8; 6], [u8; 6]),
+        hop_limit: u8,
+    ) -> Self {
+        let mut p = self.clone();
+        ((p.src, p.sport), (p.dst, p.dport)) = (src, dst);
+        (p.src_mac, p.dst_mac) = macs;
+        p.hop_limit = hop_limit;
+        p
+    }
+
+    fn build(&self) -> Vec<u8> {
+        let (proto, l4_len) = match self.tcp {
+            Some(_) => (IpNumber::TCP, 20),
+            None => (IpNumber::UDP, 8),
+        };
+        // The pseudo-header sees the upper-layer length and protocol, not the extension headers.
+        let pseudo = Ipv6Header {
+            traffic_class: 0,
+            flow_label: Default::default(),
+            payload_length: (l4_len + self.payload.len()) as u16,
+            next_header: proto,
+            hop_limit: self.hop_limit,
+            source: self.src.octets(),
+            destination: self.dst.octets(),
+        };
+        let mut ip = pseudo.clone();
+        ip.payload_length += 8 * self.ext.len() as u16;
+        let code = |e: &Ext| match e {
+            Ext::HopByHop => IpNumber(0),
+            Ext::DestOpts => IpNumber(60),
+            Ext::Fragment => IpNumber(44),
+        };
+        if let Some(first) = self.ext.first() {
+            ip.next_header = code(first);
+        }
+        let mut out = Vec::new();
+        Ethernet2Header {
+            source: self.src_mac,
+            destination: self.dst_mac,
+            ether_type: EtherType::IPV6,
+        }
+        .write(&mut out)
+        .expect("eth");
+        ip.write(&mut out).expect("ipv6");
+        for (i, e) in self.ext.iter().enumerate() {
+            let next = self.ext.get(i + 1).map_or(proto, code).0;
+            match e {
+                // Length 0 (eight bytes), then PadN with four bytes of padding.
+                Ext::HopByHop | Ext::DestOpts => out.extend([next, 0, 1, 4, 0, 0, 0, 0]),
+                // Offset 0, more fragments: the first fragment.
+                Ext::Fragment => out.extend([next, 0, 0, 1, 0, 0, 0, 7]),
+            }
+        }
+        match self.tcp {
+            Some((syn, ack)) => {
+                let mut t = TcpHeader::new(self.sport, self.dport, 1000, 64_000);
+                (t.syn, t.ack) = (syn, ack);
+                if ack {
+                    t.acknowledgment_number = 1;
+                }
+                t.checksum = t
+                    .calc_checksum_ipv6(&pseudo, &self.payload)
+                    .expect("tcp checksum");
+                t.write(&mut out).expect("tcp");
+            }
+            None => {
+                UdpHeader::with_ipv6_checksum(self.sport, self.dport, &pseudo, &self.payload)
+                    .expect("udp")
+                    .write(&mut out)
+                    .expect("udp");
+            }
+        }
+        out.extend_from_slice(&self.payload);
+        out
+    }
+}
+
+/// Source, source port of a forwarded IPv6 frame, after checking its L4 checksum independently.
+fn parse_checked6(frame: &[u8]) -> (Ipv6Addr, u16) {
+    let p = SlicedPacket::from_ethernet(frame).expect("parsable frame");
+    let Some(NetSlice::Ipv6(ip)) = &p.net else {
+        panic!("not IPv6: {frame:02x?}")
+    };
+    let mut iph = ip.header().to_header();
+    iph.next_header = match &p.transport {
+        Some(TransportSlice::Tcp(_)) => IpNumber::TCP,
+        _ => IpNumber::UDP,
+    };
+    match &p.transport {
+        Some(TransportSlice::Tcp(t)) => {
+            let want = t
+                .to_header()
+                .calc_checksum_ipv6(&iph, t.payload())
+                .expect("tcp checksum");
+            assert_eq!(t.checksum(), want, "bad TCP checksum in {frame:02x?}");
+            (iph.source.into(), t.source_port())
+        }
+        Some(TransportSlice::Udp(u)) => {
+            let want = u
+                .to_header()
+                .calc_checksum_ipv6(&iph, u.payload())
+                .expect("udp checksum");
+            assert_eq!(u.checksum(), want, "bad UDP checksum in {frame:02x?}");
+            (iph.source.into(), u.source_port())
+        }
+        other => panic!("not TCP/UDP: {other:?}"),
+    }
+}
+
+fn nat6() -> Ipv6Net {
+    NAT_RANGE6.parse().expect("constant")
+}
+
+/// The fixtures' model with the endpoint dual-stack (IPv4 `ENDPOINT`, IPv6 `ENDPOINT6`).
+fn dual(h: &Harness) -> Model {
+    let mut m = h.model();
+    m.links.get_mut(&LINK).expect("link").ip6 = Some(ENDPOINT6);
+    m
+}
+
+fn run(h: &mut Harness, ifindex: u32, frame: &[u8]) -> privatelink_tests::Run {
+    test_run(h.dp.program(), ifindex, frame)
+}
+
+fn assert_dropped(h: &mut Harness, frame: &[u8], reason: u32) {
+    let before = h.outcomes()[reason as usize];
+    let c0 = h.c0;
+    let r = run(h, c0, frame);
+    let name = c::OUTCOME_NAMES[reason as usize];
+    assert_eq!(r.verdict, XDP_DROP, "expected a drop ({name})");
+    assert_eq!(h.outcomes()[reason as usize], before + 1, "counter {name}");
+}
+
+#[test]
+fn tcp_and_udp_over_ipv6_are_translated_both_ways_with_counters() {
+    with_harness("tcp6", |h| {
+        let m = dual(h);
+        h.apply(&m);
+        let syn = Pkt6::syn(CONSUMER6, 40000, ENDPOINT6, 80).macs(CONSUMER_MAC, h.c0_mac);
+        let r = run(h, h.c0, &syn.build());
+        assert_eq!(r.verdict, XDP_REDIRECT, "SYN to the IPv6 endpoint");
+        let (nat, nport) = parse_checked6(&r.out);
+        assert!(nat6().contains(&nat), "source {nat} not in {}", nat6());
+        assert_eq!(nport, 40000, "the consumer's port is kept when free");
+        let want = syn.translated((nat, 40000), (BACKEND6, 8080), (h.p0_mac, BACKEND_MAC), 63);
+        assert_eq!(r.out, want.build(), "forward bytes");
+
+        let mut synack = Pkt6::syn(BACKEND6, 8080, nat, 40000).macs(BACKEND_MAC, h.p0_mac);
+        synack.tcp = Some((true, true));
+        let r2 = run(h, h.p0, &synack.build());
+        assert_eq!(r2.verdict, XDP_REDIRECT, "SYN-ACK back to the consumer");
+        let want2 = synack.translated(
+            (ENDPOINT6, 80),
+            (CONSUMER6, 40000),
+            (h.c0_mac, CONSUMER_MAC),
+            63,
+        );
+        assert_eq!(r2.out, want2.build(), "reply bytes");
+        parse_checked6(&r2.out);
+        let flows = h.plane.flows6();
+        assert_eq!(flows.len(), 2, "a forward and a reply entry");
+        assert!(flows.iter().all(|(_, f)| f.tcp_state == c::CT_ESTABLISHED));
+        assert!(h.plane.flows().is_empty(), "nothing in the IPv4 table");
+
+        let udp = Pkt6::udp(CONSUMER6, 5000, ENDPOINT6, 53).macs(CONSUMER_MAC, h.c0_mac);
+        let r3 = run(h, h.c0, &udp.build());
+        assert_eq!(r3.verdict, XDP_REDIRECT, "UDP to the IPv6 endpoint");
+        let (unat, uport) = parse_checked6(&r3.out);
+        assert_eq!(
+            r3.out,
+            udp.translated((unat, uport), (BACKEND6, 5353), (h.p0_mac, BACKEND_MAC), 63)
+                .build()
+        );
+
+        let s = h.link_stats(LINK);
+        assert_eq!((s.fwd_packets, s.rev_packets, s.new_conns), (2, 1, 2));
+        assert_eq!(s.fwd_bytes, (syn.build().len() + udp.build().len()) as u64);
+        assert_eq!(s.rev_bytes, synack.build().len() as u64);
+        assert_eq!(h.outcomes()[c::FWD_REDIRECT as usize], 3);
+
+        // The same endpoint still serves IPv4.
+        let syn4 = h.consumer_syn(41000);
+        assert_eq!(h.run(h.c0, &syn4).verdict, XDP_REDIRECT);
+    });
+}
+
+#[test]
+fn extension_headers_fragments_and_hop_limit() {
+    with_harness("ext6", |h| {
+        let m = dual(h);
+        h.apply(&m);
+        let base = Pkt6::syn(CONSUMER6, 40100, ENDPOINT6, 80).macs(CONSUMER_MAC, h.c0_mac);
+        // Two extension headers are walked; they stay in the forwarded frame.
+        let mut two = base.clone();
+        two.ext = vec![Ext::HopByHop, Ext::DestOpts];
+        let r = run(h, h.c0, &two.build());
+        assert_eq!(r.verdict, XDP_REDIRECT, "SYN behind two extension headers");
+        let (nat, _) = parse_checked6(&r.out);
+        assert_eq!(
+            r.out,
+            two.translated((nat, 40100), (BACKEND6, 8080), (h.p0_mac, BACKEND_MAC), 63)
+                .build()
+        );
+        // A chain longer than the parser walks.
+        let mut long = base.clone();
+        long.sport = 40101;
+        long.ext = vec![Ext::DestOpts; c::MAX_EXT_HDRS + 1];
+        assert_dropped(h, &long.build(), c::DROP_IPV6_EXT);
+        // A fragment, directly or behind an option header.
+        for ext in [vec![Ext::Fragment], vec![Ext::HopByHop, Ext::Fragment]] {
+            let mut frag = base.clone();
+            frag.sport = 40102;
+            frag.ext = ext;
+            assert_dropped(h, &frag.build(), c::DROP_FRAGMENT);
+        }
+        let mut last_hop = base.clone();
+        last_hop.sport = 40103;
+        last_hop.hop_limit = 1;
+        assert_dropped(h, &last_hop.build(), c::DROP_TTL_EXPIRED);
+        // Cut inside the TCP header: the payload length announces more than the frame holds,
+        // and once it agrees with the cut, the TCP header is what does not fit.
+        let mut cut = base.build()[..14 + 40 + 10].to_vec();
+        assert_dropped(h, &cut, c::DROP_BAD_LENGTH);
+        cut[18..20].copy_from_slice(&10u16.to_be_bytes());
+        assert_dropped(h, &cut, c::DROP_TRUNCATED);
+        // Not for an endpoint: passes untouched.
+        let other = Pkt6::syn(
+            CONSUMER6,
+            40104,
+            Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 1),
+            80,
+        )
+        .macs(CONSUMER_MAC, h.c0_mac)
+        .build();
+        let before = h.outcomes()[c::PASS_NOT_ENDPOINT as usize];
+        let r = run(h, h.c0, &other);
+        assert_eq!((r.verdict, r.out.clone()), (XDP_PASS, other));
+        assert_eq!(h.outcomes()[c::PASS_NOT_ENDPOINT as usize], before + 1);
+        // An endpoint port it does not serve.
+        let mut port = base.clone();
+        port.dport = 81;
+        assert_dropped(h, &port.build(), c::DROP_NO_PORT);
+    });
+}
+
+#[test]
+fn ipv6_security_group_rules_apply_to_ipv6_flows_only() {
+    with_harness("sg6", |h| {
+        let rule = |source: &str, action| Rule {
+            proto: RuleProto::Tcp,
+            ports: 80..=80,
+            source: source.parse().expect("cidr"),
+            action,
+        };
+        let mut m = dual(h);
+        // First match wins: the consumer's /128 is dropped before the /64 accepts; IPv4 sources
+        // are accepted by their own rule.
+        m.links.get_mut(&LINK).expect("link").rules = Some(vec![
+            rule("2001:db8::10/128", Action::Drop),
+            rule("2001:db8::/64", Action::Accept),
+            rule("198.18.0.0/24", Action::Accept),
+        ]);
+        h.apply(&m);
+        let c0_mac = h.c0_mac;
+        let from = |src: Ipv6Addr, sport| {
+            Pkt6::syn(src, sport, ENDPOINT6, 80)
+                .macs(CONSUMER_MAC, c0_mac)
+                .build()
+        };
+        assert_dropped(h, &from(CONSUMER6, 40200), c::DROP_SECURITY_GROUP);
+        let neighbour = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x11);
+        assert_eq!(run(h, h.c0, &from(neighbour, 40201)).verdict, XDP_REDIRECT);
+        // Outside every IPv6 rule: no match drops.
+        let stranger = Ipv6Addr::new(0x2001, 0xdb8, 1, 0, 0, 0, 0, 0x11);
+        assert_dropped(h, &from(stranger, 40202), c::DROP_SECURITY_GROUP);
+        // IPv4 traffic of the same endpoint meets the IPv4 rule.
+        let syn4 = h.consumer_syn(40203);
+        assert_eq!(h.run(h.c0, &syn4).verdict, XDP_REDIRECT);
+        // IPv6 flows of a Pending link are refused like IPv4 ones.
+        m.links.get_mut(&LINK).expect("link").state =
+            privatelink_agent::dataplane::LinkState::Pending;
+        h.apply(&m);
+        assert_dropped(h, &from(neighbour, 40204), c::DROP_LINK_PENDING);
+    });
+}
+
+/// A neighbour solicitation from the consumer for `target`.
+fn solicitation(h: &Harness, target: Ipv6Addr) -> Vec<u8> {
+    let mut group = [0xff02, 0, 0, 0, 0, 1, 0xff00, 0];
+    let t = target.segments();
+    group[6] |= t[6] & 0xff;
+    group[7] = t[7];
+    let dst = Ipv6Addr::from(group);
+    let mut icmp = vec![135, 0, 0, 0, 0, 0, 0, 0];
+    icmp.extend(target.octets());
+    icmp.extend([1, 1]);
+    icmp.extend(CONSUMER_MAC);
+    let sum = icmp6_checksum(CONSUMER6, dst, &icmp);
+    icmp[2..4].copy_from_slice(&sum.to_be_bytes());
+    let mut out = Vec::new();
+    let mcast = {
+        let o = dst.octets();
+        [0x33, 0x33, o[12], o[13], o[14], o[15]]
+    };
+    Ethernet2Header {
+        source: CONSUMER_MAC,
+        destination: mcast,
+        ether_type: EtherType::IPV6,
+    }
+    .write(&mut out)
+    .expect("eth");
+    Ipv6Header {
+        traffic_class: 0,
+        flow_label: Default::default(),
+        payload_length: icmp.len() as u16,
+        next_header: IpNumber::IPV6_ICMP,
+        hop_limit: 255,
+        source: CONSUMER6.octets(),
+        destination: dst.octets(),
+    }
+    .write(&mut out)
+    .expect("ipv6");
+    let _ = h;
+    out.extend(icmp);
+    out
+}
+
+/// The ICMPv6 checksum, computed from scratch.
+fn icmp6_checksum(src: Ipv6Addr, dst: Ipv6Addr, body: &[u8]) -> u16 {
+    let mut words: Vec<u8> = Vec::new();
+    words.extend(src.octets());
+    words.extend(dst.octets());
+    words.extend((body.len() as u32).to_be_bytes());
+    words.extend([0, 0, 0, 58]);
+    let mut b = body.to_vec();
+    b[2] = 0;
+    b[3] = 0;
+    words.extend(b);
+    if words.len() % 2 == 1 {
+        words.push(0);
+    }
+    let mut s: u32 = words
+        .chunks(2)
+        .map(|w| u32::from(u16::from_be_bytes([w[0], w[1]])))
+        .sum();
+    while s > 0xffff {
+        s = (s & 0xffff) + (s >> 16);
+    }
+    !(s as u16)
+}
+
+#[test]
+fn neighbour_solicitations_for_endpoints_are_answered() {
+    with_harness("nd6", |h| {
+        let m = dual(h);
+        h.apply(&m);
+        let ns = solicitation(h, ENDPOINT6);
+        let r = run(h, h.c0, &ns);
+        assert_eq!(r.verdict, XDP_TX, "solicitation for the endpoint answered");
+        assert_eq!(h.outcomes()[c::ND_REPLIED as usize], 1);
+        let na = &r.out;
+        assert_eq!(&na[0..6], &CONSUMER_MAC, "to the soliciting host");
+        assert_eq!(&na[6..12], &h.c0_mac, "from the interface");
+        let ip = Ipv6Header::from_slice(&na[14..]).expect("ipv6").0;
+        assert_eq!(Ipv6Addr::from(ip.source), ENDPOINT6);
+        assert_eq!(Ipv6Addr::from(ip.destination), CONSUMER6);
+        assert_eq!(ip.hop_limit, 255);
+        let body = &na[14 + 40..];
+        assert_eq!(body.len(), 32);
+        assert_eq!((body[0], body[1]), (136, 0), "a neighbour advertisement");
+        assert_eq!(body[4], 0x60, "solicited and override, not a router");
+        assert_eq!(&body[8..24], &ENDPOINT6.octets(), "target");
+        assert_eq!(&body[24..26], &[2, 1], "target link-layer address option");
+        assert_eq!(&body[26..32], &h.c0_mac);
+        assert_eq!(
+            u16::from_be_bytes([body[2], body[3]]),
+            icmp6_checksum(ENDPOINT6, CONSUMER6, body),
+            "ICMPv6 checksum"
+        );
+        // For an address that is no endpoint: the kernel's business.
+        let other = solicitation(h, Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 1));
+        let r = run(h, h.c0, &other);
+        assert_eq!((r.verdict, r.out.clone()), (XDP_PASS, other));
+        // Consumer network 2 has no such endpoint: its interface does not answer.
+        let ns2 = solicitation(h, ENDPOINT6);
+        assert_eq!(run(h, h.c1, &ns2).verdict, XDP_PASS);
+    });
+}
+
+#[test]
+fn echo_requests_to_an_ipv6_endpoint_are_dropped_unless_the_service_answers() {
+    with_harness("echo6", |h| {
+        let mut m = dual(h);
+        h.apply(&m);
+        let mut icmp = vec![128, 0, 0, 0, 0, 1, 0, 1, b'p', b'l'];
+        let sum = icmp6_checksum(CONSUMER6, ENDPOINT6, &icmp);
+        icmp[2..4].copy_from_slice(&sum.to_be_bytes());
+        let mut frame = Vec::new();
+        Ethernet2Header {
+            source: CONSUMER_MAC,
+            destination: h.c0_mac,
+            ether_type: EtherType::IPV6,
+        }
+        .write(&mut frame)
+        .expect("eth");
+        Ipv6Header {
+            traffic_class: 0,
+            flow_label: Default::default(),
+            payload_length: icmp.len() as u16,
+            next_header: IpNumber::IPV6_ICMP,
+            hop_limit: 64,
+            source: CONSUMER6.octets(),
+            destination: ENDPOINT6.octets(),
+        }
+        .write(&mut frame)
+        .expect("ipv6");
+        frame.extend(&icmp);
+        assert_dropped(h, &frame, c::DROP_ICMP_ECHO);
+        m.links.get_mut(&LINK).expect("link").answer_ping = true;
+        h.apply(&m);
+        let r = run(h, h.c0, &frame);
+        assert_eq!(r.verdict, XDP_TX, "echo answered once the service opts in");
+        let ip = Ipv6Header::from_slice(&r.out[14..]).expect("ipv6").0;
+        assert_eq!(
+            (IpAddr::from(ip.source), IpAddr::from(ip.destination)),
+            (ENDPOINT6.into(), CONSUMER6.into())
+        );
+        let body = &r.out[14 + 40..];
+        assert_eq!(body[0], 129, "echo reply");
+        assert_eq!(
+            u16::from_be_bytes([body[2], body[3]]),
+            icmp6_checksum(ENDPOINT6, CONSUMER6, body)
+        );
+    });
+}
