@@ -204,96 +204,43 @@ impl Dataplane {
         } else {
             cfg
         };
-        for r in self.ifaces.iter() {
-            let (k, v) = r.map_err(map_err(names::IFACES))?;
-            s.ifaces.insert(k, v);
-        }
+        s.ifaces = read_hash(&self.ifaces, names::IFACES)?;
         for k in self.devmap.keys() {
             s.devmap.insert(k.map_err(map_err(names::DEVMAP))?);
         }
-        for (i, v) in self.nat4.iter().enumerate() {
-            let v = v.map_err(map_err(names::NAT4))?;
-            if v.count != 0 {
-                s.nat4.insert(i as u32, v);
-            }
-        }
-        for (i, v) in self.backends4.iter().enumerate() {
-            let v = v.map_err(map_err(names::BACKENDS4))?;
-            if v.addr_be != 0 {
-                s.backends4.insert(i as u32, v);
-            }
-        }
-        for (i, v) in self.nat6.iter().enumerate() {
-            let v = v.map_err(map_err(names::NAT6))?;
-            if v.count != 0 {
-                s.nat6.insert(i as u32, v);
-            }
-        }
-        for (i, v) in self.backends6.iter().enumerate() {
-            let v = v.map_err(map_err(names::BACKENDS6))?;
-            if v.addr_be != [0; 4] {
-                s.backends6.insert(i as u32, v);
-            }
-        }
-        for (map, out, name) in [
-            (&self.maglev, &mut s.maglev, names::MAGLEV),
-            (&self.maglev6, &mut s.maglev6, names::MAGLEV6),
-        ] {
-            for (i, v) in map.iter().enumerate() {
-                let v = v.map_err(map_err(name))?;
-                if v.backends != 0 {
-                    out.insert(i as u32, v.slots.to_vec());
-                }
-            }
-        }
+        // Array slots nobody wrote read as zeroes: those are not entries.
+        s.nat4 = read_array(&self.nat4, names::NAT4, |v| (v.count != 0).then_some(v))?;
+        s.backends4 = read_array(&self.backends4, names::BACKENDS4, |v| {
+            (v.addr_be != 0).then_some(v)
+        })?;
+        s.nat6 = read_array(&self.nat6, names::NAT6, |v| (v.count != 0).then_some(v))?;
+        s.backends6 = read_array(&self.backends6, names::BACKENDS6, |v| {
+            (v.addr_be != [0; 4]).then_some(v)
+        })?;
+        let table = |v: MaglevTable| (v.backends != 0).then(|| v.slots.to_vec());
+        s.maglev = read_array(&self.maglev, names::MAGLEV, table)?;
+        s.maglev6 = read_array(&self.maglev6, names::MAGLEV6, table)?;
         for r in self.allowlist.iter() {
             s.allowlist.insert(r.map_err(map_err(names::ALLOWLIST))?.0);
         }
-        for (i, v) in self.links.iter().enumerate() {
-            let v = v.map_err(map_err(names::LINKS))?;
-            if v.state != LINK_EMPTY {
-                s.links.insert(i as u32, v);
-            }
-        }
+        s.links = read_array(&self.links, names::LINKS, |v| {
+            (v.state != LINK_EMPTY).then_some(v)
+        })?;
         // Rule lists in use are the ones links point at.
-        let slots: BTreeSet<u32> = s
-            .links
-            .values()
-            .map(|l| l.rules_slot)
-            .filter(|&r| r != 0)
-            .collect();
-        for slot in slots {
+        for slot in rule_slots(&s.links, |l| l.rules_slot) {
             let l = self.rules4.get(&slot, 0).map_err(map_err(names::RULES4))?;
-            let n = (l.count as usize).min(MAX_RULES);
-            s.rules4.insert(slot, l.rules[..n].to_vec());
+            s.rules4
+                .insert(slot, l.rules[..(l.count as usize).min(MAX_RULES)].to_vec());
         }
-        let slots6: BTreeSet<u32> = s
-            .links
-            .values()
-            .map(|l| l.rules_slot6)
-            .filter(|&r| r != 0)
-            .collect();
-        for slot in slots6 {
+        for slot in rule_slots(&s.links, |l| l.rules_slot6) {
             let l = self.rules6.get(&slot, 0).map_err(map_err(names::RULES6))?;
-            let n = (l.count as usize).min(MAX_RULES);
-            s.rules6.insert(slot, l.rules[..n].to_vec());
+            s.rules6
+                .insert(slot, l.rules[..(l.count as usize).min(MAX_RULES)].to_vec());
         }
-        for r in self.endpoint_ips6.iter() {
-            let (k, v) = r.map_err(map_err(names::ENDPOINT_IPS6))?;
-            s.endpoint_ips6.insert(k, v);
-        }
-        for r in self.endpoints6.iter() {
-            let (k, v) = r.map_err(map_err(names::ENDPOINTS6))?;
-            s.endpoints6.insert(k, v);
-        }
-        for r in self.endpoint_ips4.iter() {
-            let (k, v) = r.map_err(map_err(names::ENDPOINT_IPS4))?;
-            s.endpoint_ips4.insert(k, v);
-        }
-        for r in self.endpoints4.iter() {
-            let (k, v) = r.map_err(map_err(names::ENDPOINTS4))?;
-            s.endpoints4.insert(k, v);
-        }
+        s.endpoint_ips4 = read_hash(&self.endpoint_ips4, names::ENDPOINT_IPS4)?;
+        s.endpoints4 = read_hash(&self.endpoints4, names::ENDPOINTS4)?;
+        s.endpoint_ips6 = read_hash(&self.endpoint_ips6, names::ENDPOINT_IPS6)?;
+        s.endpoints6 = read_hash(&self.endpoints6, names::ENDPOINTS6)?;
         Ok(s)
     }
 
@@ -469,38 +416,33 @@ impl Dataplane {
                 .map_err(map_err(names::CONFIG))?;
             w += 1;
         }
-        for (k, v) in changed(&prev.ifaces, &next.ifaces) {
-            self.ifaces
-                .insert(k, v, 0)
-                .map_err(map_err(names::IFACES))?;
-            w += 1;
-        }
+        w += put_hash(&mut self.ifaces, &prev.ifaces, &next.ifaces, names::IFACES)?;
         for &ifindex in next.devmap.difference(&prev.devmap) {
             self.devmap.insert(ifindex, ifindex, None, 0)?;
             w += 1;
         }
-        for (k, v) in changed(&prev.nat4, &next.nat4) {
-            self.nat4.set(*k, v, 0).map_err(map_err(names::NAT4))?;
-            w += 1;
-        }
-        for (k, v) in changed(&prev.backends4, &next.backends4) {
-            self.backends4
-                .set(*k, v, 0)
-                .map_err(map_err(names::BACKENDS4))?;
-            w += 1;
-        }
-        for (k, v) in changed(&prev.rules4, &next.rules4) {
-            self.rules4
-                .set(*k, rule_list(v), 0)
-                .map_err(map_err(names::RULES4))?;
-            w += 1;
-        }
-        for (k, v) in changed(&prev.maglev, &next.maglev) {
-            self.maglev
-                .set(*k, maglev_table(v), 0)
-                .map_err(map_err(names::MAGLEV))?;
-            w += 1;
-        }
+        w += put_array(&mut self.nat4, &prev.nat4, &next.nat4, names::NAT4, |v| *v)?;
+        w += put_array(
+            &mut self.backends4,
+            &prev.backends4,
+            &next.backends4,
+            names::BACKENDS4,
+            |v| *v,
+        )?;
+        w += put_array(
+            &mut self.rules4,
+            &prev.rules4,
+            &next.rules4,
+            names::RULES4,
+            |v| rule_list(v),
+        )?;
+        w += put_array(
+            &mut self.maglev,
+            &prev.maglev,
+            &next.maglev,
+            names::MAGLEV,
+            |v| maglev_table(v),
+        )?;
         w += put_array(&mut self.nat6, &prev.nat6, &next.nat6, names::NAT6, |v| *v)?;
         w += put_array(
             &mut self.backends6,
@@ -564,22 +506,25 @@ impl Dataplane {
             }
         }
         // 2. Links (state, rule-list pointer flips), then the endpoint entries that point at them.
-        for (k, v) in changed(&prev.links, &next.links) {
-            self.links.set(*k, v, 0).map_err(map_err(names::LINKS))?;
-            w += 1;
-        }
-        for (k, v) in changed(&prev.endpoint_ips4, &next.endpoint_ips4) {
-            self.endpoint_ips4
-                .insert(k, v, 0)
-                .map_err(map_err(names::ENDPOINT_IPS4))?;
-            w += 1;
-        }
-        for (k, v) in changed(&prev.endpoints4, &next.endpoints4) {
-            self.endpoints4
-                .insert(k, v, 0)
-                .map_err(map_err(names::ENDPOINTS4))?;
-            w += 1;
-        }
+        w += put_array(
+            &mut self.links,
+            &prev.links,
+            &next.links,
+            names::LINKS,
+            |v| *v,
+        )?;
+        w += put_hash(
+            &mut self.endpoint_ips4,
+            &prev.endpoint_ips4,
+            &next.endpoint_ips4,
+            names::ENDPOINT_IPS4,
+        )?;
+        w += put_hash(
+            &mut self.endpoints4,
+            &prev.endpoints4,
+            &next.endpoints4,
+            names::ENDPOINTS4,
+        )?;
         w += put_hash(
             &mut self.endpoint_ips6,
             &prev.endpoint_ips6,
@@ -594,10 +539,22 @@ impl Dataplane {
         )?;
         // 3. Removals, entry points first, then what they pointed at.
         w += del_hash(
+            &mut self.endpoints4,
+            &prev.endpoints4,
+            &next.endpoints4,
+            names::ENDPOINTS4,
+        )?;
+        w += del_hash(
             &mut self.endpoints6,
             &prev.endpoints6,
             &next.endpoints6,
             names::ENDPOINTS6,
+        )?;
+        w += del_hash(
+            &mut self.endpoint_ips4,
+            &prev.endpoint_ips4,
+            &next.endpoint_ips4,
+            names::ENDPOINT_IPS4,
         )?;
         w += del_hash(
             &mut self.endpoint_ips6,
@@ -605,31 +562,17 @@ impl Dataplane {
             &next.endpoint_ips6,
             names::ENDPOINT_IPS6,
         )?;
-        for k in removed(&prev.endpoints4, &next.endpoints4) {
-            self.endpoints4
-                .remove(k)
-                .map_err(map_err(names::ENDPOINTS4))?;
-            w += 1;
-        }
-        for k in removed(&prev.endpoint_ips4, &next.endpoint_ips4) {
-            self.endpoint_ips4
-                .remove(k)
-                .map_err(map_err(names::ENDPOINT_IPS4))?;
-            w += 1;
-        }
-        for k in removed(&prev.links, &next.links) {
-            self.links
-                .set(
-                    *k,
-                    LinkInfo {
-                        state: LINK_EMPTY,
-                        ..Default::default()
-                    },
-                    0,
-                )
-                .map_err(map_err(names::LINKS))?;
-            w += 1;
-        }
+        let empty_link = LinkInfo {
+            state: LINK_EMPTY,
+            ..Default::default()
+        };
+        w += clear_array(
+            &mut self.links,
+            &prev.links,
+            &next.links,
+            names::LINKS,
+            empty_link,
+        )?;
         for k in prev.allowlist.difference(&next.allowlist) {
             self.allowlist
                 .remove(k)
@@ -648,30 +591,34 @@ impl Dataplane {
         } else {
             self.cut_flows(&cut)?
         };
-        for k in removed(&prev.maglev, &next.maglev) {
-            self.maglev
-                .set(*k, maglev_table(&[]), 0)
-                .map_err(map_err(names::MAGLEV))?;
-            w += 1;
-        }
-        for k in removed(&prev.rules4, &next.rules4) {
-            self.rules4
-                .set(*k, rule_list(&[]), 0)
-                .map_err(map_err(names::RULES4))?;
-            w += 1;
-        }
-        for k in removed(&prev.backends4, &next.backends4) {
-            self.backends4
-                .set(*k, Backend4::default(), 0)
-                .map_err(map_err(names::BACKENDS4))?;
-            w += 1;
-        }
-        for k in removed(&prev.nat4, &next.nat4) {
-            self.nat4
-                .set(*k, NatRange4::default(), 0)
-                .map_err(map_err(names::NAT4))?;
-            w += 1;
-        }
+        w += clear_array(
+            &mut self.maglev,
+            &prev.maglev,
+            &next.maglev,
+            names::MAGLEV,
+            maglev_table(&[]),
+        )?;
+        w += clear_array(
+            &mut self.rules4,
+            &prev.rules4,
+            &next.rules4,
+            names::RULES4,
+            rule_list(&[]),
+        )?;
+        w += clear_array(
+            &mut self.backends4,
+            &prev.backends4,
+            &next.backends4,
+            names::BACKENDS4,
+            Backend4::default(),
+        )?;
+        w += clear_array(
+            &mut self.nat4,
+            &prev.nat4,
+            &next.nat4,
+            names::NAT4,
+            NatRange4::default(),
+        )?;
         w += clear_array(
             &mut self.maglev6,
             &prev.maglev6,
@@ -700,10 +647,7 @@ impl Dataplane {
             names::NAT6,
             NatRange6::default(),
         )?;
-        for k in removed(&prev.ifaces, &next.ifaces) {
-            self.ifaces.remove(k).map_err(map_err(names::IFACES))?;
-            w += 1;
-        }
+        w += del_hash(&mut self.ifaces, &prev.ifaces, &next.ifaces, names::IFACES)?;
         for &ifindex in prev.devmap.difference(&next.devmap) {
             self.devmap
                 .remove(ifindex)
@@ -1001,6 +945,34 @@ where
     remove_where(ct, |k, f| {
         now.saturating_sub(f.last_seen_ns) > cfg.timeout_for(k.proto, f.tcp_state)
     })
+}
+
+/// The rule-list slots (of the family `slot` picks) that links point at; 0 is "no groups".
+fn rule_slots(links: &BTreeMap<u32, LinkInfo>, slot: impl Fn(&LinkInfo) -> u32) -> BTreeSet<u32> {
+    links.values().map(slot).filter(|&r| r != 0).collect()
+}
+
+/// Every entry of a hash map.
+fn read_hash<K: aya::Pod + Ord, V: aya::Pod>(
+    map: &HashMap<MapData, K, V>,
+    name: &'static str,
+) -> Result<BTreeMap<K, V>, DataplaneError> {
+    map.iter().map(|r| r.map_err(map_err(name))).collect()
+}
+
+/// The slots of an array map that `entry` turns into entries (it refuses empty slots).
+fn read_array<M: aya::Pod, V>(
+    map: &Array<MapData, M>,
+    name: &'static str,
+    entry: impl Fn(M) -> Option<V>,
+) -> Result<BTreeMap<u32, V>, DataplaneError> {
+    let mut out = BTreeMap::new();
+    for (i, v) in map.iter().enumerate() {
+        if let Some(e) = entry(v.map_err(map_err(name))?) {
+            out.insert(i as u32, e);
+        }
+    }
+    Ok(out)
 }
 
 /// Writes the entries of an array map that are new or changed, converted by `value`.
