@@ -14,12 +14,13 @@ use network_types::ip::Ipv4Hdr;
 use privatelink_common::{
     DIR_REPLY, DROP_BAD_IHL, DROP_ICMP_ECHO, DROP_ICMP_NO_FLOW, DROP_NO_FLOW, DROP_NO_PORT,
     DROP_REWRITE_FAILED, DROP_TRUNCATED, DROP_TTL_EXPIRED, EndpointIpValue, FlowKey4,
-    ICMP_ECHO_REPLIED, IfaceInfo, PROTO_ICMP, PROTO_TCP, PROTO_UDP,
+    ICMP_ECHO_REPLIED, IfaceInfo, LinkInfo, PROTO_ICMP, PROTO_TCP, PROTO_UDP,
 };
 
 use crate::{
     CT4, LINKS,
     csum::Delta,
+    family::Family,
     forward::{out, rewrite_l2},
     parse::{Hdr4, L2, ptr_at},
     policy,
@@ -30,8 +31,9 @@ use crate::{
 const DEST_UNREACH: u8 = 3;
 const TIME_EXCEEDED: u8 = 11;
 const PARAM_PROBLEM: u8 = 12;
-/// ICMP header: type, code, checksum, four bytes of rest (the MTU for fragmentation needed).
-const ICMP_HLEN: usize = 8;
+/// ICMP (and ICMPv6) header: type, code, checksum, four bytes of rest (the MTU for
+/// fragmentation needed).
+pub const ICMP_HLEN: usize = 8;
 
 /// An ICMP message on a provider interface, addressed to a NAT address (`h` validated at `l3_off`).
 #[inline(always)]
@@ -226,11 +228,7 @@ pub fn to_endpoint(
     let Some(link) = LINKS.get(ep.link_id) else {
         return Verdict::drop(DROP_ICMP_ECHO);
     };
-    if link.answer_ping == 0
-        || policy::link_usable(link).is_err()
-        || policy::allowlisted(link).is_err()
-        || policy::security_groups4(link.rules_slot, h.saddr_be, 0, PROTO_ICMP).is_err()
-    {
+    if !answers_echo(link, h.saddr_be, PROTO_ICMP) {
         return Verdict::drop(DROP_ICMP_ECHO);
     }
     // The reply in place: addresses swapped (the IPv4 checksum does not change for a swap), a
@@ -251,8 +249,26 @@ pub fn to_endpoint(
         .apply(u16::from_ne_bytes(ip.check))
         .to_ne_bytes();
     core::mem::swap(&mut ip.src_addr, &mut ip.dst_addr);
+    into_reply(icmp, ECHO_REPLY)
+}
+
+/// Whether an echo request from `saddr` to an endpoint of `link` is answered: the service opts
+/// in and the link would admit a new flow from the sender (state, allowlist, security groups with
+/// protocol `proto`, ICMP or ICMPv6).
+#[inline(always)]
+pub fn answers_echo<A: Family>(link: &LinkInfo, saddr: A, proto: u8) -> bool {
+    link.answer_ping != 0
+        && policy::link_usable(link).is_ok()
+        && policy::allowlisted(link).is_ok()
+        && A::security_groups(link, saddr, 0, proto).is_ok()
+}
+
+/// Turns the echo request header `icmp` into a reply of type `reply` (the checksum updated for
+/// the type; the caller has swapped addresses and MACs) and sends it back out (XDP_TX).
+#[inline(always)]
+pub fn into_reply(icmp: &mut [u8; ICMP_HLEN], reply: u8) -> Verdict {
     let old_type = u16::from_ne_bytes([icmp[0], icmp[1]]);
-    icmp[0] = ECHO_REPLY;
+    icmp[0] = reply;
     let c = Delta::new()
         .u16(old_type, u16::from_ne_bytes([icmp[0], icmp[1]]))
         .apply(u16::from_ne_bytes([icmp[2], icmp[3]]))

@@ -8,16 +8,15 @@
 //! address detection (unspecified source) and solicitations in any other shape pass to the kernel.
 use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
 use privatelink_common::{
-    DROP_ICMP_ECHO, DROP_NO_PORT, DROP_REWRITE_FAILED, DROP_TRUNCATED, EndpointIpValue,
-    ICMP_ECHO_REPLIED, IfaceInfo, In6, ND_REPLIED, PROTO_ICMPV6,
+    DROP_ICMP_ECHO, DROP_NO_PORT, DROP_REWRITE_FAILED, DROP_TRUNCATED, EndpointIpValue, IfaceInfo,
+    In6, ND_REPLIED, PROTO_ICMPV6,
 };
 
 use crate::{
-    LINKS,
-    csum::{self, Delta},
+    LINKS, csum,
     family::Family,
+    icmp::{self, ICMP_HLEN},
     parse::{Hdr6, IPV6_HLEN, Ip6, Ipv6Raw, L2, in6, ptr_at, wire6},
-    policy,
     process::Verdict,
 };
 
@@ -30,15 +29,13 @@ const OPT_SOURCE_LLA: u8 = 1;
 const OPT_TARGET_LLA: u8 = 2;
 /// Advertisement flags: solicited, override (not a router).
 const NA_FLAGS: [u8; 4] = [0x60, 0, 0, 0];
-/// ICMPv6 header: type, code, checksum, four bytes of rest.
-const ICMP6_HLEN: usize = 8;
 
 /// A solicitation with one source link-layer address option, the shape every host sends when it
 /// has an address (RFC 4861 §4.3), as one struct so one bounds check covers it.
 #[repr(C)]
 struct Solicitation {
     ip: Ipv6Raw,
-    icmp: [u8; ICMP6_HLEN],
+    icmp: [u8; ICMP_HLEN],
     target: [[u8; 4]; 4],
     opt: [u8; 2],
     lla: [u8; 6],
@@ -128,7 +125,7 @@ fn wire_bytes(w: &[[u8; 4]; 4]) -> [u8; 16] {
 /// with protocol `icmp`); else dropped as `icmp_echo`. Other ICMPv6 to an endpoint: `no_port`.
 #[inline(always)]
 pub fn to_endpoint(ctx: &XdpContext, l2: &L2, ep: &EndpointIpValue, h: &Hdr6, p: &Ip6) -> Verdict {
-    let Some(icmp) = ptr_at::<[u8; ICMP6_HLEN]>(ctx, h.l4_off) else {
+    let Some(icmp) = ptr_at::<[u8; ICMP_HLEN]>(ctx, h.l4_off) else {
         return Verdict::drop(DROP_TRUNCATED);
     };
     // SAFETY: bounds checked by ptr_at.
@@ -139,11 +136,7 @@ pub fn to_endpoint(ctx: &XdpContext, l2: &L2, ep: &EndpointIpValue, h: &Hdr6, p:
     let Some(link) = LINKS.get(ep.link_id) else {
         return Verdict::drop(DROP_ICMP_ECHO);
     };
-    if link.answer_ping == 0
-        || policy::link_usable(link).is_err()
-        || policy::allowlisted(link).is_err()
-        || In6::security_groups(link, p.saddr_be, 0, PROTO_ICMPV6).is_err()
-    {
+    if !icmp::answers_echo(link, p.saddr_be, PROTO_ICMPV6) {
         return Verdict::drop(DROP_ICMP_ECHO);
     }
     // The reply in place: addresses swapped (the pseudo-header sum does not change for a swap),
@@ -159,16 +152,5 @@ pub fn to_endpoint(ctx: &XdpContext, l2: &L2, ep: &EndpointIpValue, h: &Hdr6, p:
     *eth = [eth[1], eth[0]];
     ip.head[7] = 64;
     core::mem::swap(&mut ip.src, &mut ip.dst);
-    let old_type = u16::from_ne_bytes([icmp[0], icmp[1]]);
-    icmp[0] = ECHO_REPLY;
-    let c = Delta::new()
-        .u16(old_type, u16::from_ne_bytes([icmp[0], icmp[1]]))
-        .apply(u16::from_ne_bytes([icmp[2], icmp[3]]))
-        .to_ne_bytes();
-    icmp[2] = c[0];
-    icmp[3] = c[1];
-    Verdict {
-        action: xdp_action::XDP_TX,
-        outcome: ICMP_ECHO_REPLIED,
-    }
+    icmp::into_reply(icmp, ECHO_REPLY)
 }
