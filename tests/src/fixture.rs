@@ -304,21 +304,12 @@ pub fn with_harness_sized(sizes: Sizes, f: impl FnOnce(&mut Harness) + Send) {
         "nodad",
     ])
     .expect("p0 IPv6 address");
-    let mac = BACKEND_MAC.map(|b| format!("{b:02x}")).join(":");
-    node.ip(&[
-        "-6",
-        "neigh",
-        "replace",
-        &demo::BACKEND6.to_string(),
-        "lladdr",
-        &mac,
-        "dev",
-        "p0",
-        "nud",
-        "permanent",
-    ])
-    .expect("IPv6 neighbour");
-    for (ip, mac) in [(BACKEND, BACKEND_MAC), (BACKEND2, BACKEND2_MAC)] {
+    let backends: [(std::net::IpAddr, _); 3] = [
+        (BACKEND.into(), BACKEND_MAC),
+        (BACKEND2.into(), BACKEND2_MAC),
+        (demo::BACKEND6.into(), BACKEND_MAC),
+    ];
+    for (ip, mac) in backends {
         let mac = mac.map(|b| format!("{b:02x}")).join(":");
         node.ip(&[
             "neigh",
