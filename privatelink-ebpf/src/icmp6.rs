@@ -1,29 +1,44 @@
-//! ICMPv6 on consumer interfaces: neighbour discovery for endpoint addresses (the IPv6 twin of the
-//! ARP responder) and echo requests to endpoints.
+//! ICMPv6: neighbour discovery for endpoint addresses (the IPv6 twin of the ARP responder), echo
+//! requests to endpoints, and errors about tracked flows from the provider side.
 //!
 //! A consumer resolves its endpoint's IPv6 address with a neighbour solicitation to the
 //! solicited-node multicast group. The node answers, per consumer network, with a solicited
 //! neighbour advertisement carrying the receiving interface's MAC (XDP_TX), so overlapping
 //! consumer prefixes and many endpoints need no kernel neighbour or address state. Duplicate
 //! address detection (unspecified source) and solicitations in any other shape pass to the kernel.
+//!
+//! Errors (destination unreachable, packet too big, time exceeded, parameter problem) sent to a NAT
+//! address about a flow's packet are translated like the flow, as [`crate::icmp`] does for IPv4:
+//! the outer header goes from the endpoint to the consumer, the quoted packet becomes the
+//! consumer's own, and the ICMPv6 checksum (which covers the pseudo-header and the whole quote)
+//! is updated incrementally. Path MTU discovery works across an IPv6 endpoint.
 use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
 use privatelink_common::{
-    DROP_ICMP_ECHO, DROP_NO_PORT, DROP_REWRITE_FAILED, DROP_TRUNCATED, EndpointIpValue, IfaceInfo,
-    In6, ND_REPLIED, PROTO_ICMPV6,
+    DIR_REPLY, DROP_BAD_IHL, DROP_ICMP_ECHO, DROP_ICMP_NO_FLOW, DROP_NO_FLOW, DROP_NO_PORT,
+    DROP_REWRITE_FAILED, DROP_TRUNCATED, DROP_TTL_EXPIRED, EndpointIpValue, FlowKey6, IfaceInfo,
+    In6, ND_REPLIED, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP,
 };
 
 use crate::{
-    LINKS, csum,
+    CT6, ERROR_KEY6, LINKS,
+    csum::{self, Delta},
     family::Family,
+    forward::{out, rewrite_l2},
     icmp::{self, ICMP_HLEN},
     parse::{Hdr6, IPV6_HLEN, Ip6, Ipv6Raw, L2, in6, ptr_at, wire6},
+    policy,
     process::Verdict,
+    stats,
 };
 
 const NEIGHBOUR_SOLICITATION: u8 = 135;
 const NEIGHBOUR_ADVERTISEMENT: u8 = 136;
 const ECHO_REQUEST: u8 = 128;
 const ECHO_REPLY: u8 = 129;
+/// Error types (RFC 4443 §3): destination unreachable, packet too big, time exceeded, parameter
+/// problem; errors are types 0–127, and these four are the ones that quote a packet.
+const DEST_UNREACH: u8 = 1;
+const PARAM_PROBLEM: u8 = 4;
 /// Option types: source and target link-layer address.
 const OPT_SOURCE_LLA: u8 = 1;
 const OPT_TARGET_LLA: u8 = 2;
@@ -153,4 +168,161 @@ pub fn to_endpoint(ctx: &XdpContext, l2: &L2, ep: &EndpointIpValue, h: &Hdr6, p:
     ip.head[7] = 64;
     core::mem::swap(&mut ip.src, &mut ip.dst);
     icmp::into_reply(icmp, ECHO_REPLY)
+}
+
+/// An ICMPv6 error's header and the IPv6 header it quotes, under one bounds check.
+#[repr(C)]
+struct ErrorHead {
+    icmp: [u8; ICMP_HLEN],
+    inner: Ipv6Raw,
+}
+
+/// An ICMPv6 message on a provider interface, addressed to a NAT address (`h` and `p` validated:
+/// the outer header).
+#[inline(always)]
+pub fn from_provider(ctx: &XdpContext, l2: &L2, iface: &IfaceInfo, h: &Hdr6, p: &Ip6) -> Verdict {
+    match translate_error(ctx, l2, iface, h, p) {
+        Ok(v) => v,
+        Err(reason) => Verdict::drop(reason),
+    }
+}
+
+#[inline(always)]
+fn translate_error(
+    ctx: &XdpContext,
+    l2: &L2,
+    iface: &IfaceInfo,
+    h: &Hdr6,
+    p: &Ip6,
+) -> Result<Verdict, u32> {
+    let icmp: *const [u8; ICMP_HLEN] = ptr_at(ctx, h.l4_off).ok_or(DROP_TRUNCATED)?;
+    // SAFETY: bounds checked by ptr_at.
+    let kind = unsafe { (*icmp)[0] };
+    if !(DEST_UNREACH..=PARAM_PROBLEM).contains(&kind) {
+        // Echo and the rest: a NAT address has no such flow.
+        return Err(DROP_NO_FLOW);
+    }
+    let e: *mut ErrorHead = ptr_at(ctx, h.l4_off).ok_or(DROP_TRUNCATED)?;
+    // SAFETY: bounds checked by ptr_at.
+    let e = unsafe { &mut *e };
+    if e.inner.head[0] >> 4 != 6 {
+        return Err(DROP_BAD_IHL);
+    }
+    // The quoted packet's upper header must follow its fixed header: the datapath forwards the
+    // consumer's extension headers, so a quote carrying some is not walked (dropped, counted).
+    let proto = e.inner.head[6];
+    if proto != PROTO_TCP && proto != PROTO_UDP {
+        return Err(DROP_ICMP_NO_FLOW);
+    }
+    let in_l4_off = h.l4_off + ICMP_HLEN + IPV6_HLEN;
+    let ports: *mut [u8; 8] = ptr_at(ctx, in_l4_off).ok_or(DROP_TRUNCATED)?;
+    // SAFETY: bounds checked by ptr_at.
+    let q = unsafe { &mut *ports };
+    let (in_sport, in_dport) = (
+        u16::from_ne_bytes([q[0], q[1]]),
+        u16::from_ne_bytes([q[2], q[3]]),
+    );
+    // The quoted packet went NAT address → backend; its reply would come backend → NAT address.
+    // The key is built in per-CPU map memory, and the entry is read in place: on the stack,
+    // either would push the program's frame past 512 bytes.
+    let key = ERROR_KEY6.get_ptr_mut(0).ok_or(DROP_ICMP_NO_FLOW)?;
+    // SAFETY: per-CPU value, no concurrent user.
+    let key = unsafe { &mut *key };
+    *key = FlowKey6 {
+        network_id: iface.network_id,
+        saddr_be: in6(&e.inner.dst),
+        daddr_be: in6(&e.inner.src),
+        sport_be: in_dport,
+        dport_be: in_sport,
+        proto,
+        _pad: [0; 3],
+    };
+    // Not refreshed: an error keeps no flow alive. Passed by reference: by value it would be
+    // copied to the stack.
+    // SAFETY: a map value, read only.
+    #[allow(clippy::needless_borrows_for_generic_args)]
+    let flow = match unsafe { CT6.get(&*key) } {
+        Some(f) if f.dir == DIR_REPLY => f,
+        _ => return Err(DROP_ICMP_NO_FLOW),
+    };
+    let link = LINKS.get(flow.link_id).ok_or(DROP_ICMP_NO_FLOW)?;
+    policy::link_usable(link)?;
+    if h.hop_limit <= 1 {
+        return Err(DROP_TTL_EXPIRED);
+    }
+
+    // The quoted packet becomes the consumer's: consumer → endpoint, its own ports. No IPv6
+    // header checksum; the quoted L4 checksum's pseudo-header sees the address change.
+    // Word by word, each read and written at once (whole addresses held in registers spill).
+    let mut in_l3 = Delta::new();
+    for i in 0..4 {
+        let (src, dst) = (flow.daddr_be[i], flow.saddr_be[i]);
+        in_l3 = in_l3
+            .u32(u32::from_ne_bytes(e.inner.src[i]), src)
+            .u32(u32::from_ne_bytes(e.inner.dst[i]), dst);
+        e.inner.src[i] = src.to_ne_bytes();
+        e.inner.dst[i] = dst.to_ne_bytes();
+    }
+    let in_ports = Delta::new()
+        .u16(in_sport, flow.dport_be)
+        .u16(in_dport, flow.sport_be);
+    let [s0, s1] = flow.dport_be.to_ne_bytes();
+    let [d0, d1] = flow.sport_be.to_ne_bytes();
+    *q = [s0, s1, d0, d1, q[4], q[5], q[6], q[7]];
+    let l4_delta = in_l3.plus(in_ports);
+    let mut icmp_delta = l4_delta;
+    // The quoted L4 checksum, where the quote holds it: UDP's is in the eight bytes, TCP's only
+    // when more than eight bytes were quoted (IPv6 errors quote as much as fits in 1280 bytes).
+    if proto == PROTO_UDP {
+        let old = u16::from_ne_bytes([q[6], q[7]]);
+        if old != 0 {
+            let c = l4_delta.apply(old);
+            let c = if c == 0 { 0xffff } else { c };
+            let [c0, c1] = c.to_ne_bytes();
+            *q = [q[0], q[1], q[2], q[3], q[4], q[5], c0, c1];
+            icmp_delta = icmp_delta.plus(Delta::new().u16(old, c));
+        }
+    } else if let Some(tcp) = ptr_at::<[u8; 18]>(ctx, in_l4_off) {
+        // SAFETY: bounds checked by ptr_at.
+        let t = unsafe { &mut *tcp };
+        let old = u16::from_ne_bytes([t[16], t[17]]);
+        let c = l4_delta.apply(old).to_ne_bytes();
+        t[16] = c[0];
+        t[17] = c[1];
+        icmp_delta = icmp_delta.plus(Delta::new().u16(old, u16::from_ne_bytes(c)));
+    }
+
+    // Outer header: from the endpoint address to the consumer, one hop less. The ICMPv6
+    // checksum's pseudo-header sees the address change.
+    let outer: *mut Ipv6Raw = ptr_at(ctx, l2.l3_off).ok_or(DROP_REWRITE_FAILED)?;
+    // SAFETY: bounds checked by ptr_at.
+    let outer = unsafe { &mut *outer };
+    let mut l3 = Delta::new();
+    for i in 0..4 {
+        let (src, dst) = (flow.saddr_be[i], flow.daddr_be[i]);
+        l3 = l3.u32(p.saddr_be[i], src).u32(p.daddr_be[i], dst);
+        outer.src[i] = src.to_ne_bytes();
+        outer.dst[i] = dst.to_ne_bytes();
+    }
+    outer.head[7] -= 1;
+    let icmp_delta = icmp_delta.plus(l3);
+    let c = icmp_delta
+        .apply(u16::from_ne_bytes([e.icmp[2], e.icmp[3]]))
+        .to_ne_bytes();
+    e.icmp[2] = c[0];
+    e.icmp[3] = c[1];
+
+    let v = if rewrite_l2(ctx, l2, &flow.dst_mac, &flow.src_mac, flow.vlan_id) {
+        out(ctx, flow.egress_ifindex)
+    } else {
+        Verdict::drop(DROP_REWRITE_FAILED)
+    };
+    stats::link_packet(
+        flow.link_id,
+        DIR_REPLY,
+        (ctx.data_end() - ctx.data()) as u64,
+        false,
+        &v,
+    );
+    Ok(v)
 }

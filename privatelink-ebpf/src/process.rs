@@ -216,9 +216,10 @@ fn not_tcp_udp(
 }
 
 /// Valid IPv6, neither TCP nor UDP. On consumer interfaces, neighbour solicitations for endpoint
-/// addresses are answered and echo requests to endpoints handled as for IPv4. ICMPv6 errors to a
-/// NAT address are not translated (yet): dropped as `no_flow`. Anything else addressed to us is
-/// dropped, and the rest (router and neighbour discovery of the node itself, ...) passes.
+/// addresses are answered and echo requests to endpoints handled as for IPv4; ICMPv6 errors to a
+/// NAT address are translated back to the consumer when they quote a tracked flow. Anything else
+/// addressed to us is dropped, and the rest (router and neighbour discovery of the node itself,
+/// ...) passes.
 #[inline(always)]
 fn not_tcp_udp6(
     ctx: &XdpContext,
@@ -228,6 +229,9 @@ fn not_tcp_udp6(
     h: &Hdr6,
     p: &Ip6,
 ) -> Verdict {
+    if h.proto == PROTO_ICMPV6 && !consumer {
+        return icmp6::from_provider(ctx, l2, iface, h, p);
+    }
     if h.proto == PROTO_ICMPV6 && consumer {
         if let Some(v) = icmp6::neighbour_solicitation(ctx, l2, iface, h, p) {
             return v;

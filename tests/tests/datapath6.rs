@@ -517,3 +517,163 @@ fn echo_requests_to_an_ipv6_endpoint_are_dropped_unless_the_service_answers() {
         );
     });
 }
+
+/// An ICMPv6 error from the backend to the NAT address of `quoted` (the translated frame the
+/// datapath sent), quoting its first `quote_len` IPv6 bytes, as a router would.
+fn icmp6_error(
+    h: &Harness,
+    kind: etherparse::Icmpv6Type,
+    quoted: &[u8],
+    quote_len: usize,
+    hop_limit: u8,
+) -> Vec<u8> {
+    let ip = &quoted[14..];
+    let nat: [u8; 16] = ip[8..24].try_into().expect("source address");
+    let mut out = Vec::new();
+    etherparse::PacketBuilder::ethernet2(BACKEND_MAC, h.p0_mac)
+        .ipv6(BACKEND6.octets(), nat, hop_limit)
+        .icmpv6(kind)
+        .write(&mut out, &ip[..quote_len.min(ip.len())])
+        .expect("icmpv6 error");
+    out
+}
+
+/// An IPv6 packet as the node sent it on: one hop less (no header checksum to fix).
+fn sent_on6(ip: &[u8]) -> Vec<u8> {
+    let mut out = ip.to_vec();
+    out[7] -= 1;
+    out
+}
+
+/// The ICMPv6 message of a frame, its checksum verified independently: (outer header, type,
+/// code, bytes 5–8, quoted packet).
+fn icmp6_checked(frame: &[u8]) -> (etherparse::Ipv6Header, u8, u8, [u8; 4], Vec<u8>) {
+    let p = SlicedPacket::from_ethernet(frame).expect("parsable");
+    let Some(NetSlice::Ipv6(ip)) = &p.net else {
+        panic!("not IPv6: {frame:02x?}")
+    };
+    let iph = ip.header().to_header();
+    let Some(TransportSlice::Icmpv6(icmp)) = &p.transport else {
+        panic!("not ICMPv6: {frame:02x?}")
+    };
+    assert!(
+        icmp.is_checksum_valid(iph.source, iph.destination),
+        "ICMPv6 checksum of {frame:02x?}"
+    );
+    (
+        iph,
+        icmp.type_u8(),
+        icmp.code_u8(),
+        icmp.bytes5to8(),
+        icmp.payload().to_vec(),
+    )
+}
+
+#[test]
+fn icmpv6_errors_about_a_flow_reach_the_consumer_as_about_its_own_packet() {
+    use etherparse::{Icmpv6Type, icmpv6::DestUnreachableCode, icmpv6::TimeExceededCode};
+    with_harness("icmp6_errors", |h| {
+        let m = dual(h);
+        h.apply(&m);
+        // TCP: packet too big, quoting the whole translated SYN (a router quotes up to 1280 bytes).
+        let syn = Pkt6::syn(CONSUMER6, 40001, ENDPOINT6, 80).macs(CONSUMER_MAC, h.c0_mac);
+        let original = syn.build();
+        let r = run(h, h.c0, &original);
+        assert_eq!(r.verdict, XDP_REDIRECT, "SYN to the IPv6 endpoint");
+        let ptb = Icmpv6Type::PacketTooBig { mtu: 1280 };
+        let err = icmp6_error(h, ptb, &r.out, 1500, 64);
+        let before = h.outcomes()[c::FWD_REDIRECT as usize];
+        let reply_before = h.link_stats(LINK).rev_packets;
+        let p0 = h.p0;
+        let e = run(h, p0, &err);
+        assert_eq!(e.verdict, XDP_REDIRECT, "the error goes to the consumer");
+        assert_eq!(h.outcomes()[c::FWD_REDIRECT as usize], before + 1);
+        assert_eq!(
+            h.link_stats(LINK).rev_packets,
+            reply_before + 1,
+            "counted on the link"
+        );
+        assert_eq!(&e.out[..12], &[CONSUMER_MAC, h.c0_mac].concat()[..], "MACs");
+        let (outer, kind, code, rest, quoted) = icmp6_checked(&e.out);
+        assert_eq!(
+            (
+                Ipv6Addr::from(outer.source),
+                Ipv6Addr::from(outer.destination),
+                outer.hop_limit
+            ),
+            (ENDPOINT6, CONSUMER6, 63),
+            "from the endpoint to the consumer"
+        );
+        assert_eq!((kind, code, u32::from_be_bytes(rest)), (2, 0, 1280));
+        // The quote is the consumer's own SYN again, byte for byte (its TCP checksum included),
+        // but for the hop the node took off.
+        assert_eq!(quoted, sent_on6(&original[14..]), "the quoted packet");
+
+        // UDP: port unreachable quoting the IPv6 header and the UDP header (checksum inside).
+        let dgram = Pkt6::udp(CONSUMER6, 40002, ENDPOINT6, 53).macs(CONSUMER_MAC, h.c0_mac);
+        let original = dgram.build();
+        let r = run(h, h.c0, &original);
+        assert_eq!(r.verdict, XDP_REDIRECT);
+        let port = Icmpv6Type::DestinationUnreachable(DestUnreachableCode::Port);
+        let err = icmp6_error(h, port, &r.out, 48, 64);
+        let e = run(h, p0, &err);
+        assert_eq!(e.verdict, XDP_REDIRECT);
+        let (_, kind, code, _, quoted) = icmp6_checked(&e.out);
+        assert_eq!((kind, code), (1, 4));
+        assert_eq!(
+            quoted,
+            sent_on6(&original[14..14 + 48]),
+            "IPv6 header and UDP header as sent"
+        );
+
+        // Time exceeded quoting only eight TCP bytes (no TCP checksum in the quote).
+        let syn3 = Pkt6::syn(CONSUMER6, 40003, ENDPOINT6, 80).macs(CONSUMER_MAC, h.c0_mac);
+        let original = syn3.build();
+        let r = run(h, h.c0, &original);
+        let te = Icmpv6Type::TimeExceeded(TimeExceededCode::HopLimitExceeded);
+        let err = icmp6_error(h, te, &r.out, 48, 64);
+        let e = run(h, p0, &err);
+        assert_eq!(e.verdict, XDP_REDIRECT);
+        let (_, kind, _, _, quoted) = icmp6_checked(&e.out);
+        assert_eq!(kind, 3);
+        assert_eq!(quoted, sent_on6(&original[14..14 + 48]));
+
+        // An error whose own hop limit is spent is not forwarded.
+        let err = icmp6_error(h, te, &r.out, 48, 1);
+        assert_provider_drop(h, &err, c::DROP_TTL_EXPIRED);
+        // An error quoting no tracked flow (another NAT port): dropped and counted.
+        let mut stray = r.out.clone();
+        let sport = u16::from_be_bytes([stray[54], stray[55]]).wrapping_add(7);
+        stray[54..56].copy_from_slice(&sport.to_be_bytes());
+        let err = icmp6_error(h, port, &stray, 48, 64);
+        assert_provider_drop(h, &err, c::DROP_ICMP_NO_FLOW);
+        // A quote cut inside its L4 header: dropped as truncated.
+        let err = icmp6_error(h, ptb, &r.out, 44, 64);
+        assert_provider_drop(h, &err, c::DROP_TRUNCATED);
+        // An echo request to a NAT address: no such flow.
+        let nat: [u8; 16] = r.out[22..38].try_into().expect("address");
+        let mut ping = Vec::new();
+        etherparse::PacketBuilder::ethernet2(BACKEND_MAC, h.p0_mac)
+            .ipv6(BACKEND6.octets(), nat, 64)
+            .icmpv6_echo_request(1, 1)
+            .write(&mut ping, b"ping")
+            .expect("echo");
+        assert_provider_drop(h, &ping, c::DROP_NO_FLOW);
+        // None of the errors created or refreshed state: still the three flows' entries.
+        assert_eq!(
+            h.plane.flows6().len(),
+            6,
+            "two entries per flow, nothing more"
+        );
+    });
+}
+
+/// `frame` on the provider interface is dropped, counted as `reason`, and forwarded nothing.
+fn assert_provider_drop(h: &mut Harness, frame: &[u8], reason: u32) {
+    let before = h.outcomes()[reason as usize];
+    let p0 = h.p0;
+    let r = run(h, p0, frame);
+    let name = c::OUTCOME_NAMES[reason as usize];
+    assert_eq!(r.verdict, XDP_DROP, "expected a drop ({name})");
+    assert_eq!(h.outcomes()[reason as usize], before + 1, "counter {name}");
+}
