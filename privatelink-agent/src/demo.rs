@@ -1,8 +1,10 @@
 //! The embedded default topology, used by `privatelink-agent demo` and the namespace tests:
 //! two consumer networks with the same CIDR (198.18.0.0/24, client .10, endpoint .100), a node
 //! running the datapath natively on its veths, and a provider network (198.18.100.0/24, backend .10)
-//! that routes the NAT range (198.19.128.0/20) back to the node. Everything lives in namespaces
-//! created here and deleted on drop.
+//! that routes the NAT range (198.19.128.0/20) back to the node. Every network is dual-stack: the
+//! consumers share 2001:db8::/64 too (client ::10, endpoint ::100), the provider has
+//! 2001:db8:64::/64 (node ::1, backend ::10) and routes the IPv6 NAT range (2001:db8:ff::/116) to
+//! the node. Everything lives in namespaces created here and deleted on drop.
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::Ipv4Addr,
@@ -24,6 +26,10 @@ use crate::{
 };
 
 pub const CLIENT: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 10);
+/// The consumers' IPv6 client address (the same in every consumer network: they overlap).
+pub const CLIENT6: std::net::Ipv6Addr = std::net::Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x10);
+/// The node's IPv6 address on the provider network, where the IPv6 NAT range is routed.
+pub const NODE6: std::net::Ipv6Addr = std::net::Ipv6Addr::new(0x2001, 0xdb8, 0x64, 0, 0, 0, 0, 1);
 pub const ENDPOINT: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 100);
 pub const BACKEND: Ipv4Addr = Ipv4Addr::new(198, 18, 100, 10);
 pub const NAT_RANGE: &str = "198.19.128.0/20";
@@ -59,18 +65,38 @@ impl Topology {
         let mut consumer_ifaces = Vec::new();
         node.sysctl("net.ipv4.ip_forward", "1")?;
         node.sysctl("net.ipv4.conf.all.rp_filter", "0")?;
+        // The IPv6 datapath's FIB lookups need forwarding on.
+        node.sysctl("net.ipv6.conf.all.forwarding", "1")?;
         for i in 0..consumers {
             let ns = Netns::new(&format!("c{i}"))?;
             let dev = format!("c{i}");
             veth(&node, &dev, &ns, "eth0")?;
             ns.ip(&["addr", "add", &format!("{CLIENT}/24"), "dev", "eth0"])?;
+            ns.ip(&[
+                "addr",
+                "add",
+                &format!("{CLIENT6}/64"),
+                "dev",
+                "eth0",
+                "nodad",
+            ])?;
             consumer_ifaces.push((dev.clone(), node.ifindex(&dev)?, node.mac(&dev)?));
             cons.push(ns);
         }
         veth(&node, "p0", &provider, "eth0")?;
         node.ip(&["addr", "add", "198.18.100.1/24", "dev", "p0"])?;
+        node.ip(&["addr", "add", &format!("{NODE6}/64"), "dev", "p0", "nodad"])?;
         provider.ip(&["addr", "add", &format!("{BACKEND}/24"), "dev", "eth0"])?;
+        provider.ip(&[
+            "addr",
+            "add",
+            &format!("{BACKEND6}/64"),
+            "dev",
+            "eth0",
+            "nodad",
+        ])?;
         provider.ip(&["route", "add", NAT_RANGE, "via", "198.18.100.1"])?;
+        provider.ip(&["route", "add", NAT_RANGE6, "via", &NODE6.to_string()])?;
         let provider_iface = ("p0".to_string(), node.ifindex("p0")?, node.mac("p0")?);
         Ok(Topology {
             consumers: cons,

@@ -7,7 +7,7 @@
 //! on 198.18.100.0/24 addresses only and are killed when the test ends, also on panic.
 use std::{
     collections::BTreeMap,
-    net::{Ipv4Addr, UdpSocket},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket},
     path::Path,
     process::{Output, Stdio},
     sync::{
@@ -207,18 +207,24 @@ fn counters(w: &World, endpoints: &BTreeMap<(usize, &str), String>) -> BTreeMap<
 
 /// HTTP through the endpoint with curl: each consumer downloads its own 1 MiB file three times.
 fn http_client(w: &World, c: usize) {
+    http_at(w, c, HTTP.endpoint.into(), HTTP.terminal_port, 3);
+}
+
+/// Consumer `c` downloads its own 1 MiB file `rounds` times from `endpoint` (either family).
+fn http_at(w: &World, c: usize, endpoint: IpAddr, port: u16, rounds: usize) {
     let ns = &w.topo.consumers[c];
     let want = blob(c as u64 + 1, 1 << 20);
-    for round in 0..3 {
+    for round in 0..rounds {
         let out = run(
             ns,
             "curl",
             &[
                 "-sS",
                 "--fail",
+                "--globoff",
                 "--max-time",
                 "20",
-                &format!("http://{}/blob-{}", HTTP.endpoint, c + 1),
+                &format!("http://{}/blob-{}", SocketAddr::new(endpoint, port), c + 1),
             ],
             None,
         );
@@ -233,9 +239,17 @@ fn http_client(w: &World, c: usize) {
 
 /// Redis through the endpoint with redis-cli and redis-benchmark.
 fn redis_client(w: &World, c: usize) -> Ipv4Addr {
+    match redis_at(w, c, REDIS.endpoint.into(), REDIS.terminal_port) {
+        IpAddr::V4(a) => a,
+        other => panic!("consumer {c}: Redis saw {other} for an IPv4 endpoint"),
+    }
+}
+
+/// Redis at `endpoint` with redis-cli and redis-benchmark: the address the server saw.
+fn redis_at(w: &World, c: usize, endpoint: IpAddr, port: u16) -> IpAddr {
     let ns = &w.topo.consumers[c];
-    let host = REDIS.endpoint.to_string();
-    let port = REDIS.terminal_port.to_string();
+    let host = endpoint.to_string();
+    let port = port.to_string();
     let cli = |args: &[&str], stdin: Option<&[u8]>| {
         let mut a = vec!["-h", &host, "-p", &port];
         a.extend_from_slice(args);
@@ -273,7 +287,11 @@ fn redis_client(w: &World, c: usize) -> Ipv4Addr {
             "consumer {c}: redis-benchmark did not finish {t}:\n{text}"
         );
     }
-    addr.rsplit_once(':').unwrap().0.parse().unwrap()
+    // `addr=198.19.128.5:40000`, or `addr=[2001:db8:ff::5]:40000`.
+    let ip = addr.rsplit_once(':').map_or(addr, |(ip, _)| ip);
+    ip.trim_matches(['[', ']'])
+        .parse()
+        .unwrap_or_else(|e| panic!("consumer {c}: {e}: addr={addr} in CLIENT INFO {info}"))
 }
 
 /// MariaDB through the endpoint with the mariadb client: a table per consumer, rows in and out.
@@ -325,37 +343,61 @@ fn mysql_client(w: &World, c: usize) -> Ipv4Addr {
 /// The DNS-like UDP service: 20 queries from one socket, each answered with the peer the backend
 /// saw and the query itself.
 fn udp_client(w: &World, c: usize) -> Ipv4Addr {
-    let sock = w.topo.consumers[c].enter(|| UdpSocket::bind("0.0.0.0:0").unwrap());
+    match udp_at(
+        w,
+        c,
+        SocketAddr::new(UDP.endpoint.into(), UDP.terminal_port),
+        20,
+    ) {
+        IpAddr::V4(a) => a,
+        other => panic!("consumer {c}: the UDP backend saw {other} for an IPv4 endpoint"),
+    }
+}
+
+/// `queries` 100-byte queries from one socket of consumer `c` to `endpoint`, each answered with
+/// the peer the backend saw and the query itself: that peer's address (IPv4-mapped addresses of a
+/// dual-stack server socket read back as IPv4).
+fn udp_at(w: &World, c: usize, endpoint: SocketAddr, queries: u64) -> IpAddr {
+    let any: SocketAddr = match endpoint {
+        SocketAddr::V4(_) => "0.0.0.0:0".parse().unwrap(),
+        SocketAddr::V6(_) => "[::]:0".parse().unwrap(),
+    };
+    let sock = w.topo.consumers[c].enter(|| UdpSocket::bind(any).unwrap());
     sock.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
     let mut seen = None;
-    for q in 0..20u64 {
+    for q in 0..queries {
         let query = text_blob(1000 * (c as u64 + 1) + q, 100);
-        sock.send_to(query.as_bytes(), (UDP.endpoint, UDP.terminal_port))
-            .unwrap();
+        sock.send_to(query.as_bytes(), endpoint).unwrap();
         let mut buf = [0u8; 512];
         let (n, from) = sock
             .recv_from(&mut buf)
-            .unwrap_or_else(|e| panic!("consumer {c} query {q}: {e}"));
-        assert_eq!(from, (UDP.endpoint, UDP.terminal_port).into());
+            .unwrap_or_else(|e| panic!("consumer {c} query {q} to {endpoint}: {e}"));
+        assert_eq!(from, endpoint);
         let reply = std::str::from_utf8(&buf[..n]).unwrap();
         let (peer, echoed) = reply.split_once('\n').unwrap();
         assert_eq!(echoed, query, "consumer {c} query {q}: another answer");
-        let peer: std::net::SocketAddrV4 = peer.parse().unwrap();
+        let peer: SocketAddr = peer.parse().unwrap();
         assert!(
             seen.is_none_or(|s| s == peer),
             "one socket is one flow: {peer} after {seen:?}"
         );
         seen = Some(peer);
     }
-    *seen.unwrap().ip()
+    seen.unwrap().ip().to_canonical()
 }
 
 /// The UDP echo in the provider namespace (bounded to 120 s).
 fn udp_server(w: &World, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<()> {
-    let sock = w
-        .topo
-        .provider
-        .enter(|| UdpSocket::bind((UDP.backend, UDP.service_port)).unwrap());
+    udp_server_at(
+        w,
+        SocketAddr::new(UDP.backend.into(), UDP.service_port),
+        stop,
+    )
+}
+
+/// The UDP echo at `at` in the provider namespace (bounded to 120 s).
+fn udp_server_at(w: &World, at: SocketAddr, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<()> {
+    let sock = w.topo.provider.enter(|| UdpSocket::bind(at).unwrap());
     sock.set_read_timeout(Some(Duration::from_millis(100)))
         .unwrap();
     w.topo.provider.spawn(move || {
@@ -665,4 +707,291 @@ fn real_clients_reach_real_servers_through_endpoints_in_overlapping_networks() {
     }
     drop(_stop);
     udp.join().unwrap();
+}
+
+/// IPv6 addresses of the dual-stack and IPv6-only services' backends and endpoints (the endpoint
+/// addresses are the same in both consumer networks: their IPv6 prefixes overlap too).
+const WEB6: (Ipv6Addr, Ipv6Addr) = (
+    Ipv6Addr::new(0x2001, 0xdb8, 0x64, 0, 0, 0, 0, 0x11),
+    Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x101),
+);
+const CACHE6: (Ipv6Addr, Ipv6Addr) = (
+    Ipv6Addr::new(0x2001, 0xdb8, 0x64, 0, 0, 0, 0, 0x12),
+    Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x102),
+);
+const RESOLVER6: (Ipv6Addr, Ipv6Addr) = (
+    Ipv6Addr::new(0x2001, 0xdb8, 0x64, 0, 0, 0, 0, 0x14),
+    Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x104),
+);
+
+fn nat_range6() -> ipnet::Ipv6Net {
+    privatelink_agent::demo::NAT_RANGE6.parse().unwrap()
+}
+
+#[test]
+fn real_clients_reach_real_servers_through_ipv6_and_dual_stack_endpoints() {
+    if !privileged("real_clients_reach_real_servers_through_ipv6_and_dual_stack_endpoints") {
+        return;
+    }
+    let (w, _agent) = privatelink_tests::world::world_with("accept6", "");
+    let provider = &w.topo.provider;
+    for a in [HTTP.backend, UDP.backend] {
+        provider
+            .ip(&["addr", "add", &format!("{a}/24"), "dev", "eth0"])
+            .unwrap();
+    }
+    for (a, _) in [WEB6, CACHE6, RESOLVER6] {
+        provider
+            .ip(&["addr", "add", &format!("{a}/64"), "dev", "eth0", "nodad"])
+            .unwrap();
+    }
+
+    // Servers: HTTP on both families of one dual-stack socket, Redis on IPv6 only, the UDP echo
+    // on a socket per backend address (an unbound UDP socket would answer from the interface's
+    // primary address, not the one the query went to).
+    let dir = w.dir.clone();
+    let www = dir.join("www");
+    std::fs::create_dir_all(&www).unwrap();
+    for c in 1..=2u64 {
+        std::fs::write(www.join(format!("blob-{c}")), blob(c, 1 << 20)).unwrap();
+    }
+    let _http = server(
+        &w,
+        &dir.join("http.log"),
+        "/usr/bin/python3",
+        &[
+            "-u",
+            "-m",
+            "http.server",
+            &HTTP.service_port.to_string(),
+            "--bind",
+            "::",
+            "--directory",
+            www.to_str().unwrap(),
+        ],
+    );
+    let _redis = server(
+        &w,
+        &dir.join("redis.log"),
+        "redis-server",
+        &[
+            "--bind",
+            &CACHE6.0.to_string(),
+            "--port",
+            &REDIS.service_port.to_string(),
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--protected-mode",
+            "no",
+            "--dir",
+            dir.to_str().unwrap(),
+        ],
+    );
+    let stop = Arc::new(AtomicBool::new(false));
+    let _stop = StopOnDrop(stop.clone());
+    let udp = [IpAddr::from(RESOLVER6.0), UDP.backend.into()]
+        .map(|a| udp_server_at(&w, SocketAddr::new(a, UDP.service_port), stop.clone()));
+
+    // web and resolver: dual-stack endpoints (IPv4 and IPv6 backends); cache: IPv6 only.
+    let services: [(&Kind, Vec<String>, &str, Ipv6Addr); 3] = [
+        (
+            &HTTP,
+            vec![HTTP.backend.to_string(), WEB6.0.to_string()],
+            "dualstack",
+            WEB6.1,
+        ),
+        (&REDIS, vec![CACHE6.0.to_string()], "ipv6", CACHE6.1),
+        (
+            &UDP,
+            vec![UDP.backend.to_string(), RESOLVER6.0.to_string()],
+            "dualstack",
+            RESOLVER6.1,
+        ),
+    ];
+    let mut endpoints: BTreeMap<(usize, &str), String> = BTreeMap::new();
+    for (k, backends, family, ip6) in &services {
+        let svc = ok(
+            &w.topo,
+            &w.tokens[0],
+            "/v1/services",
+            json!({ "name": k.name, "network_id": w.vpcs[0].0, "service_type": k.service_type,
+                "backends": backends,
+                "port_mappings": [{ "protocol": k.protocol, "service_port": k.service_port, "terminal_port": k.terminal_port }] }),
+        );
+        let svc = svc["id"].as_str().unwrap().to_string();
+        let mut ids = Vec::new();
+        for c in 0..2 {
+            ok(
+                &w.topo,
+                &w.tokens[0],
+                &format!("/v1/services/{svc}/allowlist"),
+                json!({ "account_id": format!("100000000{}", c + 1) }),
+            );
+            let mut req = json!({ "name": k.name, "service_id": svc, "network_id": w.vpcs[c + 1].0,
+                "subnet_id": w.vpcs[c + 1].1, "ip_address_type": family });
+            if *family == "dualstack" {
+                req["ip"] = json!(k.endpoint.to_string());
+                req["ipv6"] = json!(ip6.to_string());
+            } else {
+                req["ip"] = json!(ip6.to_string());
+            }
+            let ep = ok(&w.topo, &w.tokens[c + 1], "/v1/endpoints", req);
+            assert_eq!(ep["ip_address_type"], json!(family), "{ep}");
+            let id = ep["id"].as_str().unwrap().to_string();
+            ids.push(id.clone());
+            endpoints.insert((c, k.name), id);
+        }
+        ok(
+            &w.topo,
+            &w.tokens[0],
+            &format!("/v1/services/{svc}/accept"),
+            json!({ "endpoint_ids": ids }),
+        );
+    }
+
+    // Every server answers through every endpoint address (the first packets resolve neighbours:
+    // the consumers' through the datapath's neighbour advertisements).
+    for c in 0..2 {
+        let ns = &w.topo.consumers[c];
+        for ip in [IpAddr::from(WEB6.1), HTTP.endpoint.into()] {
+            let url = format!("http://{}/blob-{}", SocketAddr::new(ip, 80), c + 1);
+            eventually(&format!("HTTP to {ip} through consumer {c}"), &w, || {
+                succeeds(
+                    ns,
+                    "curl",
+                    &["-sf", "-g", "-o", "/dev/null", "--max-time", "2", &url],
+                )
+            });
+        }
+        let h = CACHE6.1.to_string();
+        eventually(&format!("Redis through consumer {c}"), &w, || {
+            succeeds(ns, "redis-cli", &["-h", &h, "-p", "6379", "PING"])
+        });
+        for ip in [IpAddr::from(RESOLVER6.1), UDP.endpoint.into()] {
+            let to = SocketAddr::new(ip, UDP.terminal_port);
+            eventually(&format!("UDP to {to} through consumer {c}"), &w, || {
+                let any = if ip.is_ipv6() { "[::]:0" } else { "0.0.0.0:0" };
+                let sock = ns.enter(|| UdpSocket::bind(any).unwrap());
+                sock.set_read_timeout(Some(Duration::from_millis(300)))
+                    .unwrap();
+                sock.send_to(b"ping", to).is_ok() && sock.recv_from(&mut [0u8; 64]).is_ok()
+            });
+        }
+    }
+
+    // The measured run, both consumers at once: per consumer, three downloads over IPv6 and one
+    // over IPv4 from the same dual-stack endpoint, Redis over IPv6, 20 UDP queries over IPv6 and
+    // 5 over IPv4.
+    let before = counters(&w, &endpoints);
+    let http_lines_before = std::fs::read_to_string(dir.join("http.log"))
+        .unwrap()
+        .lines()
+        .count();
+    let seen: Vec<[IpAddr; 3]> = std::thread::scope(|s| {
+        let w = &w;
+        let handles: Vec<_> = (0..2)
+            .map(|c| {
+                s.spawn(move || {
+                    http_at(w, c, WEB6.1.into(), HTTP.terminal_port, 3);
+                    http_at(w, c, HTTP.endpoint.into(), HTTP.terminal_port, 1);
+                    let resolver = |ip: IpAddr| SocketAddr::new(ip, UDP.terminal_port);
+                    [
+                        redis_at(w, c, CACHE6.1.into(), REDIS.terminal_port),
+                        udp_at(w, c, resolver(RESOLVER6.1.into()), 20),
+                        udp_at(w, c, resolver(UDP.endpoint.into()), 5),
+                    ]
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("a consumer's clients failed"))
+            .collect()
+    });
+    let after = counters(&w, &endpoints);
+
+    // The backends saw IPv6 consumers from the IPv6 NAT range and IPv4 ones from the IPv4 range.
+    let (nat4, nat6) = (nat_range(), nat_range6());
+    for (c, [redis, udp6, udp4]) in seen.iter().enumerate() {
+        for a in [redis, udp6] {
+            assert!(
+                matches!(a, IpAddr::V6(a) if nat6.contains(a)),
+                "consumer {c} was seen as {a} over IPv6, outside {nat6}"
+            );
+        }
+        assert!(
+            matches!(udp4, IpAddr::V4(a) if nat4.contains(a)),
+            "consumer {c} was seen as {udp4} over IPv4, outside {nat4}"
+        );
+    }
+    let http_log = std::fs::read_to_string(dir.join("http.log")).unwrap();
+    let peers: Vec<IpAddr> = http_log
+        .lines()
+        .skip(http_lines_before)
+        .filter(|l| l.contains("\"GET /blob-"))
+        .map(|l| {
+            let a = l.split_whitespace().next().unwrap();
+            let a: IpAddr = a.parse().unwrap_or_else(|e| panic!("{a}: {e} in {l}"));
+            a.to_canonical()
+        })
+        .collect();
+    assert_eq!(peers.len(), 8, "four downloads per consumer:\n{http_log}");
+    let v6 = peers
+        .iter()
+        .filter(|a| matches!(a, IpAddr::V6(a) if nat6.contains(a)))
+        .count();
+    let v4 = peers
+        .iter()
+        .filter(|a| matches!(a, IpAddr::V4(a) if nat4.contains(a)))
+        .count();
+    assert_eq!((v6, v4), (6, 2), "the HTTP server saw {peers:?}");
+
+    // Per-link counters account for both families' traffic on the same endpoint.
+    for c in 0..2 {
+        let d = |name: &str| {
+            let ep = &endpoints[&(c, name)];
+            let (a, b) = (after[ep], before[ep]);
+            Counters {
+                connections: a.connections - b.connections,
+                fwd_packets: a.fwd_packets - b.fwd_packets,
+                reply_packets: a.reply_packets - b.reply_packets,
+                fwd_bytes: a.fwd_bytes - b.fwd_bytes,
+                reply_bytes: a.reply_bytes - b.reply_bytes,
+            }
+        };
+        let http = d(HTTP.name);
+        assert_eq!(
+            http.connections, 4.0,
+            "consumer {c}: one per curl, both families: {http:?}"
+        );
+        assert!(
+            http.reply_bytes > 4.0 * (1 << 20) as f64,
+            "consumer {c}: 4 MiB came back: {http:?}"
+        );
+        let redis = d(REDIS.name);
+        assert!(
+            redis.connections >= 12.0,
+            "consumer {c}: redis connections {redis:?}"
+        );
+        assert!(redis.fwd_bytes > (64 << 10) as f64 && redis.reply_bytes > (64 << 10) as f64);
+        let udp = d(UDP.name);
+        let (frame6, frame4) = ((14 + 40 + 8 + 100) as f64, (14 + 20 + 8 + 100) as f64);
+        assert_eq!(
+            udp.connections, 2.0,
+            "consumer {c}: one socket per family: {udp:?}"
+        );
+        assert_eq!(udp.fwd_packets, 25.0, "consumer {c}: {udp:?}");
+        assert_eq!(udp.reply_packets, 25.0, "consumer {c}: {udp:?}");
+        assert_eq!(
+            udp.fwd_bytes,
+            20.0 * frame6 + 5.0 * frame4,
+            "consumer {c}: {udp:?}"
+        );
+    }
+    drop(_stop);
+    for u in udp {
+        u.join().unwrap();
+    }
 }
