@@ -2,14 +2,14 @@
 //! provider namespace with real TCP and UDP servers. Bounded: fixed counts, socket timeouts.
 use std::{
     io::{Read, Write},
-    net::{SocketAddr, TcpListener, TcpStream, UdpSocket},
+    net::{IpAddr, SocketAddr, TcpListener, TcpStream, UdpSocket},
     time::Duration,
 };
 
 use ipnet::Ipv4Net;
 use privatelink_agent::{
     dataplane::{Dataplane, DataplaneError},
-    demo::{BACKEND, ENDPOINT, NAT_RANGE, TCP_PORTS, Topology, UDP_PORTS},
+    demo::{BACKEND, ENDPOINT, ENDPOINT6, NAT_RANGE, TCP_PORTS, Topology, UDP_PORTS},
     loader::{Datapath, Sizes},
 };
 use privatelink_common as c;
@@ -188,30 +188,48 @@ fn a_closed_backend_port_is_reported_to_the_consumer_through_the_endpoint() {
     }
     let topo = Topology::build(1).expect("topology");
     let mut dp = Datapath::load(&Sizes::small()).expect("load");
+    // The endpoint dual-stack: the same refusal must come back over IPv4 (ICMP) and IPv6 (ICMPv6).
+    let mut model = topo.model();
+    for link in model.links.values_mut() {
+        link.ip6 = Some(ENDPOINT6);
+    }
     let plane = topo.node.enter(|| {
         let mut plane = Dataplane::new(&mut dp.ebpf).expect("maps");
-        plane.apply(&topo.model()).expect("apply");
+        plane.apply(&model).expect("apply");
         plane
     });
     topo.attach(&mut dp).expect("attach");
     // Nothing listens on the backend's UDP port: its kernel answers port unreachable to the NAT
     // address, and the consumer's connected socket must see the refusal.
-    let refused = topo.consumers[0].enter(|| {
-        let s = UdpSocket::bind("0.0.0.0:0").expect("bind");
-        s.connect((ENDPOINT, UDP_PORTS.0)).expect("connect");
-        s.set_read_timeout(Some(Duration::from_millis(500)))
-            .expect("timeout");
-        (0..10).any(|_| {
-            let _ = s.send(b"anyone there?");
-            let mut buf = [0u8; 64];
-            matches!(s.recv(&mut buf), Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused)
-        })
-    });
-    assert!(refused, "the consumer never saw the port unreachable");
+    for (any, endpoint) in [
+        ("0.0.0.0:0", IpAddr::from(ENDPOINT)),
+        ("[::]:0", ENDPOINT6.into()),
+    ] {
+        let refused = topo.consumers[0].enter(|| {
+            let s = UdpSocket::bind(any).expect("bind");
+            s.connect((endpoint, UDP_PORTS.0)).expect("connect");
+            s.set_read_timeout(Some(Duration::from_millis(500)))
+                .expect("timeout");
+            (0..10).any(|_| {
+                let _ = s.send(b"anyone there?");
+                let mut buf = [0u8; 64];
+                matches!(s.recv(&mut buf), Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused)
+            })
+        });
+        assert!(
+            refused,
+            "the consumer never saw the port unreachable from {endpoint}"
+        );
+    }
     let outcomes = plane.global_stats().expect("stats");
     assert_eq!(
         outcomes[c::DROP_ICMP_NO_FLOW as usize],
         0,
-        "the error quoted a tracked flow"
+        "the errors quoted tracked flows"
+    );
+    assert_eq!(
+        plane.flows().len() + plane.flows6().len(),
+        4,
+        "one flow per family, two entries each"
     );
 }
