@@ -4,8 +4,7 @@
 use std::net::{IpAddr, Ipv6Addr};
 
 use etherparse::{
-    EtherType, Ethernet2Header, IpNumber, Ipv6Header, NetSlice, SlicedPacket, TcpHeader,
-    TransportSlice, UdpHeader,
+    EtherType, Ethernet2Header, IpNumber, Ipv6Header, NetSlice, SlicedPacket, TransportSlice,
 };
 use ipnet::Ipv6Net;
 use privatelink_agent::{
@@ -15,6 +14,7 @@ use privatelink_agent::{
 use privatelink_common as c;
 use privatelink_tests::{
     fixture::{BACKEND_MAC, CONSUMER_MAC, Harness, LINK, with_harness},
+    fixture6::{CONSUMER6, Ext, Pkt6, parse_checked6},
     test_run,
 };
 
@@ -22,174 +22,6 @@ const XDP_DROP: u32 = 1;
 const XDP_PASS: u32 = 2;
 const XDP_TX: u32 = 3;
 const XDP_REDIRECT: u32 = 4;
-
-const CONSUMER6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x10);
-
-/// Extension headers a fixture can carry (each eight bytes, padded with PadN).
-#[derive(Clone, Copy, Debug)]
-enum Ext {
-    HopByHop,
-    DestOpts,
-    Fragment,
-}
-
-/// An Ethernet/IPv6/(extension headers)/TCP|UDP frame with correct checksums.
-#[derive(Clone, Debug)]
-struct Pkt6 {
-    src_mac: [u8; 6],
-    dst_mac: [u8; 6],
-    src: Ipv6Addr,
-    dst: Ipv6Addr,
-    sport: u16,
-    dport: u16,
-    hop_limit: u8,
-    ext: Vec<Ext>,
-    /// `Some((syn, ack))` for TCP, `None` for UDP.
-    tcp: Option<(bool, bool)>,
-    payload: Vec<u8>,
-}
-
-impl Pkt6 {
-    fn syn(src: Ipv6Addr, sport: u16, dst: Ipv6Addr, dport: u16) -> Self {
-        Pkt6 {
-            src_mac: CONSUMER_MAC,
-            dst_mac: [0; 6],
-            src,
-            dst,
-            sport,
-            dport,
-            hop_limit: 64,
-            ext: Vec::new(),
-            tcp: Some((true, false)),
-            payload: b"privatelink6".to_vec(),
-        }
-    }
-
-    fn udp(src: Ipv6Addr, sport: u16, dst: Ipv6Addr, dport: u16) -> Self {
-        Pkt6 {
-            tcp: None,
-            ..Self::syn(src, sport, dst, dport)
-        }
-    }
-
-    fn macs(mut self, src: [u8; 6], dst: [u8; 6]) -> Self {
-        (self.src_mac, self.dst_mac) = (src, dst);
-        self
-    }
-
-    /// The same packet with addresses, ports, MACs and hop limit changed as a translation would.
-    fn translated(
-        &self,
-        src: (Ipv6Addr, u16),
-        dst: (Ipv6Addr, u16),
-        macs: ([u8; 6], [u8; 6]),
-        hop_limit: u8,
-    ) -> Self {
-        let mut p = self.clone();
-        ((p.src, p.sport), (p.dst, p.dport)) = (src, dst);
-        (p.src_mac, p.dst_mac) = macs;
-        p.hop_limit = hop_limit;
-        p
-    }
-
-    fn build(&self) -> Vec<u8> {
-        let (proto, l4_len) = match self.tcp {
-            Some(_) => (IpNumber::TCP, 20),
-            None => (IpNumber::UDP, 8),
-        };
-        // The pseudo-header sees the upper-layer length and protocol, not the extension headers.
-        let pseudo = Ipv6Header {
-            traffic_class: 0,
-            flow_label: Default::default(),
-            payload_length: (l4_len + self.payload.len()) as u16,
-            next_header: proto,
-            hop_limit: self.hop_limit,
-            source: self.src.octets(),
-            destination: self.dst.octets(),
-        };
-        let mut ip = pseudo.clone();
-        ip.payload_length += 8 * self.ext.len() as u16;
-        let code = |e: &Ext| match e {
-            Ext::HopByHop => IpNumber(0),
-            Ext::DestOpts => IpNumber(60),
-            Ext::Fragment => IpNumber(44),
-        };
-        if let Some(first) = self.ext.first() {
-            ip.next_header = code(first);
-        }
-        let mut out = Vec::new();
-        Ethernet2Header {
-            source: self.src_mac,
-            destination: self.dst_mac,
-            ether_type: EtherType::IPV6,
-        }
-        .write(&mut out)
-        .expect("eth");
-        ip.write(&mut out).expect("ipv6");
-        for (i, e) in self.ext.iter().enumerate() {
-            let next = self.ext.get(i + 1).map_or(proto, code).0;
-            match e {
-                // Length 0 (eight bytes), then PadN with four bytes of padding.
-                Ext::HopByHop | Ext::DestOpts => out.extend([next, 0, 1, 4, 0, 0, 0, 0]),
-                // Offset 0, more fragments: the first fragment.
-                Ext::Fragment => out.extend([next, 0, 0, 1, 0, 0, 0, 7]),
-            }
-        }
-        match self.tcp {
-            Some((syn, ack)) => {
-                let mut t = TcpHeader::new(self.sport, self.dport, 1000, 64_000);
-                (t.syn, t.ack) = (syn, ack);
-                if ack {
-                    t.acknowledgment_number = 1;
-                }
-                t.checksum = t
-                    .calc_checksum_ipv6(&pseudo, &self.payload)
-                    .expect("tcp checksum");
-                t.write(&mut out).expect("tcp");
-            }
-            None => {
-                UdpHeader::with_ipv6_checksum(self.sport, self.dport, &pseudo, &self.payload)
-                    .expect("udp")
-                    .write(&mut out)
-                    .expect("udp");
-            }
-        }
-        out.extend_from_slice(&self.payload);
-        out
-    }
-}
-
-/// Source, source port of a forwarded IPv6 frame, after checking its L4 checksum independently.
-fn parse_checked6(frame: &[u8]) -> (Ipv6Addr, u16) {
-    let p = SlicedPacket::from_ethernet(frame).expect("parsable frame");
-    let Some(NetSlice::Ipv6(ip)) = &p.net else {
-        panic!("not IPv6: {frame:02x?}")
-    };
-    let mut iph = ip.header().to_header();
-    iph.next_header = match &p.transport {
-        Some(TransportSlice::Tcp(_)) => IpNumber::TCP,
-        _ => IpNumber::UDP,
-    };
-    match &p.transport {
-        Some(TransportSlice::Tcp(t)) => {
-            let want = t
-                .to_header()
-                .calc_checksum_ipv6(&iph, t.payload())
-                .expect("tcp checksum");
-            assert_eq!(t.checksum(), want, "bad TCP checksum in {frame:02x?}");
-            (iph.source.into(), t.source_port())
-        }
-        Some(TransportSlice::Udp(u)) => {
-            let want = u
-                .to_header()
-                .calc_checksum_ipv6(&iph, u.payload())
-                .expect("udp checksum");
-            assert_eq!(u.checksum(), want, "bad UDP checksum in {frame:02x?}");
-            (iph.source.into(), u.source_port())
-        }
-        other => panic!("not TCP/UDP: {other:?}"),
-    }
-}
 
 fn nat6() -> Ipv6Net {
     NAT_RANGE6.parse().expect("constant")
