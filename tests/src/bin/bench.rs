@@ -8,14 +8,14 @@
 use std::{
     collections::BTreeMap,
     io::{Read as _, Write as _},
-    net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream},
+    net::{Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream},
     time::{Duration, Instant},
 };
 
 use aya::programs::{TestRun, TestRunOptions};
 use privatelink_agent::{
     dataplane::{Action, Dataplane, Link, Rule, RuleProto},
-    demo::{self, Topology},
+    demo::{self, BACKEND6, ENDPOINT6, Topology},
     loader::{Datapath, Sizes, map_memory},
 };
 use privatelink_tests::{
@@ -23,6 +23,7 @@ use privatelink_tests::{
         BACKEND, BACKEND_MAC, CONSUMER_MAC, CONSUMER_NET, ENDPOINT, Harness, LINK, NOT_ENDPOINT,
         Pkt, with_harness_sized,
     },
+    fixture6::{Pkt6, parse_checked6},
     privileged, test_run,
 };
 
@@ -98,9 +99,11 @@ fn endpoint_addr(i: u32) -> Ipv4Addr {
     Ipv4Addr::from(a)
 }
 
-/// `n` extra endpoints (links 2..) in the consumer network, one TCP port each.
+/// `n` extra endpoints (links 2..) in the consumer network, one TCP port each; the measured
+/// endpoint (link 1) is dual-stack, so the IPv6 rows run against the same state.
 fn with_endpoints(h: &Harness, n: u32) -> privatelink_agent::dataplane::Model {
     let mut m = h.model();
+    m.links.get_mut(&LINK).expect("link").ip6 = Some(ENDPOINT6);
     for i in 0..n {
         let mut l: Link = demo::endpoint_link(CONSUMER_NET, 1000 + i);
         l.ip4 = Some(endpoint_addr(i));
@@ -133,6 +136,37 @@ fn rules(n: usize) -> Option<Vec<Rule>> {
     if n == 0 { None } else { Some(v) }
 }
 
+/// The IPv6 twin of [`rules`]: `n`-1 IPv6 rules that do not match the consumer, then an
+/// accept-all.
+fn rules6(n: usize) -> Option<Vec<Rule>> {
+    let mut v: Vec<Rule> = (0..n.saturating_sub(1))
+        .map(|i| Rule {
+            proto: RuleProto::Tcp,
+            ports: 80..=80,
+            source: format!("2001:db8:1::{i:x}/128").parse().expect("cidr"),
+            action: Action::Drop,
+        })
+        .collect();
+    if n > 0 {
+        v.push(Rule {
+            proto: RuleProto::All,
+            ports: 0..=65535,
+            source: "::/0".parse().expect("cidr"),
+            action: Action::Accept,
+        });
+    }
+    if n == 0 { None } else { Some(v) }
+}
+
+/// IPv6 consumer tuple number `i` (fresh for each new flow).
+fn consumer6(i: u32) -> (Ipv6Addr, u16) {
+    let base = u128::from(Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 1, 0));
+    (
+        Ipv6Addr::from(base + u128::from(i / 50_000)),
+        1024 + (i % 50_000) as u16,
+    )
+}
+
 /// Consumer tuple number `i` (fresh for each new flow).
 fn consumer(i: u32) -> (Ipv4Addr, u16) {
     (
@@ -153,6 +187,7 @@ fn measure(endpoints: u32, ct_fill: u32, rows: &mut Vec<Row>, floors: &mut Vec<(
         endpoint_ports: 262_144,
         allowlist: 131_072,
         conntrack: 2_097_152,
+        conntrack6: 262_144,
         ..Sizes::small()
     };
     with_harness_sized(sizes, |h| {
@@ -250,6 +285,42 @@ fn measure(endpoints: u32, ct_fill: u32, rows: &mut Vec<Row>, floors: &mut Vec<(
                 mean_ns(h, c0, |i| {
                     let (src, port) = consumer(start + i);
                     Pkt::syn(src, port, ENDPOINT, 80)
+                        .macs(CONSUMER_MAC, c0_mac)
+                        .build()
+                }),
+            );
+        }
+
+        // The same paths over IPv6 (the tail call into the IPv6 program included).
+        h.plane.apply(&model).expect("apply without rules");
+        let (src, port) = consumer6(next);
+        next += 1;
+        let syn = Pkt6::syn(src, port, ENDPOINT6, 80).macs(CONSUMER_MAC, c0_mac);
+        let r = test_run(h.dp.program(), c0, &syn.build());
+        assert_eq!(r.verdict, 4, "IPv6 SYN redirected");
+        let (nat, nport) = parse_checked6(&r.out);
+        let mut ack = syn.clone();
+        ack.tcp = Some((false, true));
+        let ack = ack.build();
+        row("IPv6 established forward", mean_ns(h, c0, |_| ack.clone()));
+        let mut reply = Pkt6::syn(BACKEND6, 8080, nat, nport).macs(BACKEND_MAC, p0_mac);
+        reply.tcp = Some((false, true));
+        let reply = reply.build();
+        row("IPv6 established reply", mean_ns(h, p0, |_| reply.clone()));
+        for (n, path) in [
+            (0, "IPv6 new flow, 0 rules"),
+            (16, "IPv6 new flow, 16 rules"),
+        ] {
+            let mut m = model.clone();
+            m.links.get_mut(&LINK).expect("link").rules = rules6(n);
+            h.plane.apply(&m).expect("apply IPv6 rules");
+            let start = next;
+            next += SAMPLES;
+            row(
+                path,
+                mean_ns(h, c0, |i| {
+                    let (src, port) = consumer6(start + i);
+                    Pkt6::syn(src, port, ENDPOINT6, 80)
                         .macs(CONSUMER_MAC, c0_mac)
                         .build()
                 }),
@@ -717,6 +788,19 @@ fn main() {
     println!(
         "\nSecurity-group cost per evaluated rule: {per_rule:.2} ns ((256 rules − 0 rules) / 255 at 10 endpoints).\n"
     );
+    println!("IPv6 against IPv4, same path, same run:\n");
+    println!("| configuration | path | IPv6 ÷ IPv4 |");
+    println!("|---|---|---:|");
+    for r in rows.iter().filter(|r| r.path.starts_with("IPv6 ")) {
+        let v4 = &r.path["IPv6 ".len()..];
+        if let Some(b) = rows.iter().find(|b| b.config == r.config && b.path == v4) {
+            println!("| {} | {} | {:.2} |", r.config, v4, r.ns / b.ns);
+        }
+    }
+    println!();
+    if std::env::var("PRIVATELINK_BENCH_ONLY").as_deref() == Ok("datapath") {
+        return;
+    }
 
     sync_scale();
     etcd_convergence();
