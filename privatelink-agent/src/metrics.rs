@@ -131,13 +131,14 @@ impl Collector for NodeCollector {
         let flows = src.reader.flow_views();
         let now = monotonic_ns();
         let mut active_by_link: BTreeMap<u32, i64> = BTreeMap::new();
-        let mut nat_used: BTreeMap<u32, i64> = BTreeMap::new();
+        // (provider network, IPv6) → reply entries: one per NAT (address, port) pair in use.
+        let mut nat_used: BTreeMap<(u32, bool), i64> = BTreeMap::new();
         for f in &flows {
             if active(f, now, &src.config.datapath) {
                 *active_by_link.entry(f.link_id).or_default() += 1;
             }
             if f.dir == DIR_REPLY {
-                *nat_used.entry(f.network_id).or_default() += 1;
+                *nat_used.entry((f.network_id, f.ipv6)).or_default() += 1;
             }
         }
         let drops = src.reader.drops();
@@ -398,18 +399,27 @@ impl Collector for NodeCollector {
             let Some(net) = state.networks.get(vpc) else {
                 continue;
             };
-            let l: Labels = vec![
-                ("provider_network", vpc.clone()),
-                ("range", range.addrs.to_string()),
-                ("node", node.clone()),
-            ];
-            used.push((
-                l.clone(),
-                gauge(nat_used.get(&net.number).copied().unwrap_or(0)),
-            ));
             let ports = i64::from(*range.ports.end()) - i64::from(*range.ports.start()) + 1;
-            let addrs = 1i64 << (32 - u32::from(range.addrs.prefix_len())).min(31);
-            avail.push((l, gauge(addrs * ports)));
+            // Each family's range is its own pool: a row per range, labelled with its prefix.
+            let v4 = (
+                range.addrs.to_string(),
+                false,
+                32 - u32::from(range.addrs.prefix_len()),
+            );
+            let v6 = range
+                .addrs6
+                .map(|r| (r.to_string(), true, 128 - u32::from(r.prefix_len())));
+            for (prefix, ipv6, host_bits) in std::iter::once(v4).chain(v6) {
+                let l: Labels = vec![
+                    ("provider_network", vpc.clone()),
+                    ("range", prefix),
+                    ("node", node.clone()),
+                ];
+                let in_use = nat_used.get(&(net.number, ipv6)).copied().unwrap_or(0);
+                used.push((l.clone(), gauge(in_use)));
+                // At most 2^32 addresses (an IPv6 range is at most a /96).
+                avail.push((l, gauge((1i64 << host_bits.min(32)) * ports)));
+            }
         }
         family(
             &mut enc,

@@ -948,6 +948,34 @@ fn real_clients_reach_real_servers_through_ipv6_and_dual_stack_endpoints() {
         .count();
     assert_eq!((v6, v4), (6, 2), "the HTTP server saw {peers:?}");
 
+    // NAT usage per family's range: every flow holds one (address, port) pair of its family's
+    // range, so the two rows add up to the flows in conntrack (one scrape, one reading), and each
+    // holds at least the two consumers' UDP flows of its family (live for the 60 s UDP timeout).
+    let text = node_get(&w.topo, "http://127.0.0.1:9464/metrics").expect("scrape /metrics");
+    let nat = |m: &str, range: String| {
+        sample(&text, m, &[("range", range.as_str())])
+            .unwrap_or_else(|| panic!("{m} for {range} missing:\n{text}"))
+    };
+    let (used4, used6) = (
+        nat("privatelink_nat_ports_used", nat4.to_string()),
+        nat("privatelink_nat_ports_used", nat6.to_string()),
+    );
+    let entries = sample(&text, "privatelink_conntrack_entries", &[]).expect("conntrack entries");
+    assert_eq!(
+        used4 + used6,
+        entries / 2.0,
+        "one NAT pair per flow:\n{text}"
+    );
+    assert!(
+        used4 >= 2.0 && used6 >= 2.0,
+        "used {used4} IPv4, {used6} IPv6"
+    );
+    assert_eq!(
+        nat("privatelink_nat_ports_available", nat6.to_string()),
+        (1u64 << (128 - nat6.prefix_len())) as f64 * 64512.0,
+        "the IPv6 range's addresses × ports 1024-65535"
+    );
+
     // Per-link counters account for both families' traffic on the same endpoint.
     for c in 0..2 {
         let d = |name: &str| {

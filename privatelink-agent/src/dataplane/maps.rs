@@ -1079,8 +1079,9 @@ impl StatsReader {
 
     /// Every conntrack entry of both families, as the counters see them.
     pub fn flow_views(&self) -> Vec<FlowView> {
-        fn view<A>((k, f): (FlowKey<A>, Flow<A>)) -> FlowView {
-            FlowView {
+        fn view<A>(ipv6: bool) -> impl Fn((FlowKey<A>, Flow<A>)) -> FlowView {
+            move |(k, f)| FlowView {
+                ipv6,
                 network_id: k.network_id,
                 proto: k.proto,
                 link_id: f.link_id,
@@ -1089,8 +1090,8 @@ impl StatsReader {
                 last_seen_ns: f.last_seen_ns,
             }
         }
-        let v4 = self.ct4.iter().filter_map(Result::ok).map(view);
-        v4.chain(self.ct6.iter().filter_map(Result::ok).map(view))
+        let v4 = self.ct4.iter().filter_map(Result::ok).map(view(false));
+        v4.chain(self.ct6.iter().filter_map(Result::ok).map(view(true)))
             .collect()
     }
 }
@@ -1098,6 +1099,8 @@ impl StatsReader {
 /// What the counters need of a conntrack entry of either family.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct FlowView {
+    /// From the IPv6 table.
+    pub ipv6: bool,
     /// Network of the entry's key (provider network for reply entries).
     pub network_id: u32,
     pub proto: u8,
