@@ -12,9 +12,11 @@ use std::{
 
 use std::{
     io::{Read as _, Write as _},
-    net::{SocketAddr, TcpListener, TcpStream, UdpSocket},
+    net::{IpAddr, SocketAddr, TcpListener, TcpStream, UdpSocket},
     time::Duration,
 };
+
+use hickory_server::proto::rr::RecordType;
 
 use anyhow::{Context as _, Result, bail};
 use aya::programs::xdp::XdpMode;
@@ -348,8 +350,8 @@ pub fn agent_config(topo: &Topology, vpcs: &[(String, String)], head: &str) -> S
 
 /// The embedded default: two consumer networks with the same CIDR, a provider with a real backend,
 /// and the real agent on the node. Accounts and networks are made with the control-plane code; the
-/// service, endpoints and acceptance go through the agent's API; real TCP and UDP requests go
-/// through both endpoints; the per-link counters come from the agent's /metrics. With `once` it
+/// service, endpoints (dual-stack) and acceptance go through the agent's API; real TCP and UDP
+/// requests go through both endpoints over IPv4 and IPv6; the per-link counters come from the agent's /metrics. With `once` it
 /// stops after printing; otherwise the agent serves its API and metrics until Ctrl-C. Namespaces,
 /// pins and files are removed on exit, also after a failure.
 pub fn run(once: bool) -> Result<()> {
@@ -375,9 +377,21 @@ pub fn run(once: bool) -> Result<()> {
             ADMIN_TOKEN,
         )?,
         &[
-            ("provider", "198.18.100.0/24", "198.18.100.0/24"),
-            ("1000000001", "198.18.0.0/24", "198.18.0.0/24"),
-            ("1000000002", "198.18.0.0/24", "198.18.0.0/24"),
+            (
+                "provider",
+                "198.18.100.0/24,2001:db8:64::/64",
+                "198.18.100.0/24,2001:db8:64::/64",
+            ),
+            (
+                "1000000001",
+                "198.18.0.0/24,2001:db8::/64",
+                "198.18.0.0/24,2001:db8::/64",
+            ),
+            (
+                "1000000002",
+                "198.18.0.0/24,2001:db8::/64",
+                "198.18.0.0/24,2001:db8::/64",
+            ),
         ],
     )?;
     std::fs::write(dir.0.join("admin-token"), ADMIN_TOKEN)?;
@@ -398,15 +412,20 @@ pub fn run(once: bool) -> Result<()> {
     // Peers that receive redirected frames need an XDP program of their own.
     let mut pass = Datapath::load(&Sizes::small()).context("loading the pass program")?;
     topo.attach_pass(&mut pass)?;
-    // The backend: a TCP greeter and a UDP echo, until stopped (bounded to 2 minutes).
-    let listener = topo
-        .provider
-        .enter(|| TcpListener::bind((BACKEND, TCP_PORTS.1)))?;
-    listener.set_nonblocking(true)?;
-    let udp = topo
-        .provider
-        .enter(|| UdpSocket::bind((BACKEND, UDP_PORTS.1)))?;
-    udp.set_read_timeout(Some(Duration::from_millis(100)))?;
+    // The backend, on both its addresses: a TCP greeter and a UDP echo, until stopped (bounded to
+    // 2 minutes).
+    let mut sockets = Vec::new();
+    for addr in [IpAddr::from(BACKEND), BACKEND6.into()] {
+        let listener = topo
+            .provider
+            .enter(|| TcpListener::bind((addr, TCP_PORTS.1)))?;
+        listener.set_nonblocking(true)?;
+        let udp = topo
+            .provider
+            .enter(|| UdpSocket::bind((addr, UDP_PORTS.1)))?;
+        udp.set_read_timeout(Some(Duration::from_millis(50)))?;
+        sockets.push((listener, udp));
+    }
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let stop2 = stop.clone();
     let servers = topo.provider.spawn(move || {
@@ -415,20 +434,8 @@ pub fn run(once: bool) -> Result<()> {
         while !stop2.load(std::sync::atomic::Ordering::Relaxed)
             && std::time::Instant::now() < deadline
         {
-            if let Ok((mut s, peer)) = listener.accept() {
-                let _ = s.set_nonblocking(false);
-                let _ = s.set_read_timeout(Some(IO_TIMEOUT));
-                if let Ok(n) = s.read(&mut buf) {
-                    let msg = format!(
-                        "hello {} from the backend; you asked {:?}",
-                        peer.ip(),
-                        String::from_utf8_lossy(&buf[..n])
-                    );
-                    let _ = s.write_all(msg.as_bytes());
-                }
-            }
-            if let Ok((n, peer)) = udp.recv_from(&mut buf) {
-                let _ = udp.send_to(&buf[..n], peer);
+            for (listener, udp) in &sockets {
+                serve_once(listener, udp, &mut buf);
             }
         }
     });
@@ -445,6 +452,26 @@ pub fn run(once: bool) -> Result<()> {
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let _ = servers.join();
     outcome.and(agent_result)
+}
+
+/// One round of the demo backend on one address: a pending connection greeted, a pending
+/// datagram echoed.
+fn serve_once(listener: &TcpListener, udp: &UdpSocket, buf: &mut [u8; 512]) {
+    if let Ok((mut s, peer)) = listener.accept() {
+        let _ = s.set_nonblocking(false);
+        let _ = s.set_read_timeout(Some(IO_TIMEOUT));
+        if let Ok(n) = s.read(buf) {
+            let msg = format!(
+                "hello {} from the backend; you asked {:?}",
+                peer.ip(),
+                String::from_utf8_lossy(&buf[..n])
+            );
+            let _ = s.write_all(msg.as_bytes());
+        }
+    }
+    if let Ok((n, peer)) = udp.recv_from(buf) {
+        let _ = udp.send_to(&buf[..n], peer);
+    }
 }
 
 /// Everything the demo does with a running agent: the service and endpoints through its API, real
@@ -473,7 +500,7 @@ fn drive(
         "POST",
         "/v1/services",
         Some(serde_json::json!({
-        "name": "demo-echo", "network_id": vpcs[0].0, "service_type": "clb", "backends": [BACKEND.to_string()],
+        "name": "demo-echo", "network_id": vpcs[0].0, "service_type": "clb", "backends": [BACKEND.to_string(), BACKEND6.to_string()],
         "private_dns_name": PRIVATE_NAME,
         "port_mappings": [
             { "protocol": "tcp", "service_port": TCP_PORTS.1, "terminal_port": TCP_PORTS.0 },
@@ -496,11 +523,12 @@ fn drive(
             "POST",
             "/v1/endpoints",
             Some(serde_json::json!({
-            "name": format!("demo-{c}"), "service_id": svc_id, "network_id": vpcs[c].0, "subnet_id": vpcs[c].1, "ip": ENDPOINT.to_string(),
+            "name": format!("demo-{c}"), "service_id": svc_id, "network_id": vpcs[c].0, "subnet_id": vpcs[c].1,
+            "ip_address_type": "dualstack", "ip": ENDPOINT.to_string(), "ipv6": ENDPOINT6.to_string(),
             "private_dns_enabled": true })),
         )?;
         println!(
-            "demo: account {account} created endpoint {} at {ENDPOINT} ({})",
+            "demo: account {account} created dual-stack endpoint {} at {ENDPOINT} and {ENDPOINT6} ({})",
             ep["id"].as_str().unwrap_or(""),
             ep["state"]
         );
@@ -515,47 +543,36 @@ fn drive(
     )?;
     println!("demo: provider accepted both connections to {svc_id}");
     for (i, ns) in topo.consumers.iter().enumerate() {
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        let (addr, tcp_reply, udp_reply) = loop {
-            let r = ns.enter(|| -> Result<(Ipv4Addr, String, Vec<u8>)> {
-                // By name: the network's private DNS answers with its own endpoint.
-                let addr = resolve(PRIVATE_NAME)?;
-                let mut s = TcpStream::connect_timeout(
-                    &SocketAddr::from((addr, TCP_PORTS.0)),
-                    Duration::from_secs(1),
-                )?;
-                s.set_read_timeout(Some(IO_TIMEOUT))?;
-                s.write_all(format!("GET / from consumer network {}", i + 1).as_bytes())?;
-                let mut reply = String::new();
-                s.read_to_string(&mut reply)?;
-                let u = UdpSocket::bind("0.0.0.0:0")?;
-                u.set_read_timeout(Some(IO_TIMEOUT))?;
-                u.send_to(b"udp ping", (ENDPOINT, UDP_PORTS.0))?;
-                let mut buf = [0u8; 64];
-                let (n, _) = u.recv_from(&mut buf)?;
-                Ok((addr, reply, buf[..n].to_vec()))
-            });
-            match r {
-                Ok(v) => break v,
-                Err(e) if std::time::Instant::now() > deadline => {
-                    return Err(e.context(format!("requests from consumer network {}", i + 1)));
+        // By name over each family: the network's private DNS answers with its own endpoint's
+        // address (A, then AAAA); then a TCP request to that address and a UDP echo.
+        for (kind, record) in [("A", RecordType::A), ("AAAA", RecordType::AAAA)] {
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            let (addr, tcp_reply, udp_reply) = loop {
+                match ns.enter(|| exchange(i, record)) {
+                    Ok(v) => break v,
+                    Err(e) if std::time::Instant::now() > deadline => {
+                        return Err(e.context(format!(
+                            "requests over {kind} from consumer network {}",
+                            i + 1
+                        )));
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(200)),
                 }
-                Err(_) => std::thread::sleep(Duration::from_millis(200)),
+            };
+            println!(
+                "consumer {} -> {PRIVATE_NAME} {kind} (private DNS at {DNS}: {addr}) port {}: {tcp_reply}",
+                i + 1,
+                TCP_PORTS.0
+            );
+            if udp_reply != b"udp ping" {
+                bail!("consumer {}: UDP echo came back as {udp_reply:?}", i + 1);
             }
-        };
-        println!(
-            "consumer {} -> {PRIVATE_NAME} (private DNS at {DNS}: {addr}) port {}: {tcp_reply}",
-            i + 1,
-            TCP_PORTS.0
-        );
-        if udp_reply != b"udp ping" {
-            bail!("consumer {}: UDP echo came back as {udp_reply:?}", i + 1);
+            println!(
+                "consumer {} -> {}: udp echo ok",
+                i + 1,
+                SocketAddr::new(addr, UDP_PORTS.0)
+            );
         }
-        println!(
-            "consumer {} -> {ENDPOINT}:{}: udp echo ok",
-            i + 1,
-            UDP_PORTS.0
-        );
     }
     print_counters(topo)?;
     if !once {
@@ -567,15 +584,38 @@ fn drive(
     Ok(())
 }
 
-/// The A record of `name` from the private DNS server of the calling thread's network.
-fn resolve(name: &str) -> Result<Ipv4Addr> {
+/// From the calling thread's consumer network: `PRIVATE_NAME` resolved as `record`, a TCP request
+/// to that address and a UDP echo through it. (address, TCP reply, UDP reply).
+fn exchange(i: usize, record: RecordType) -> Result<(IpAddr, String, Vec<u8>)> {
+    let addr = resolve(PRIVATE_NAME, record)?;
+    let mut s =
+        TcpStream::connect_timeout(&SocketAddr::new(addr, TCP_PORTS.0), Duration::from_secs(1))?;
+    s.set_read_timeout(Some(IO_TIMEOUT))?;
+    s.write_all(format!("GET / from consumer network {}", i + 1).as_bytes())?;
+    let mut reply = String::new();
+    s.read_to_string(&mut reply)?;
+    let any: SocketAddr = match addr {
+        IpAddr::V4(_) => (Ipv4Addr::UNSPECIFIED, 0).into(),
+        IpAddr::V6(_) => (std::net::Ipv6Addr::UNSPECIFIED, 0).into(),
+    };
+    let u = UdpSocket::bind(any)?;
+    u.set_read_timeout(Some(IO_TIMEOUT))?;
+    u.send_to(b"udp ping", (addr, UDP_PORTS.0))?;
+    let mut buf = [0u8; 64];
+    let (n, _) = u.recv_from(&mut buf)?;
+    Ok((addr, reply, buf[..n].to_vec()))
+}
+
+/// The `record` (A or AAAA) of `name` from the private DNS server of the calling thread's
+/// network.
+fn resolve(name: &str, record: RecordType) -> Result<IpAddr> {
     use hickory_server::proto::{
         op::{Message, MessageType, OpCode, Query},
-        rr::{Name, RData, RecordType},
+        rr::{Name, RData},
     };
     use std::str::FromStr as _;
     let mut q = Message::new(0x5eed, MessageType::Query, OpCode::Query);
-    q.add_query(Query::query(Name::from_str(name)?, RecordType::A));
+    q.add_query(Query::query(Name::from_str(name)?, record));
     let u = UdpSocket::bind("0.0.0.0:0")?;
     u.set_read_timeout(Some(Duration::from_secs(1)))?;
     u.send_to(&q.to_vec()?, (DNS, 53))?;
@@ -586,10 +626,11 @@ fn resolve(name: &str) -> Result<Ipv4Addr> {
         .answers
         .iter()
         .find_map(|r| match r.data {
-            RData::A(a) => Some(a.0),
+            RData::A(a) => Some(IpAddr::from(a.0)),
+            RData::AAAA(a) => Some(IpAddr::from(a.0)),
             _ => None,
         })
-        .with_context(|| format!("{name}: no address in the answer"))
+        .with_context(|| format!("{name}: no {record} address in the answer"))
 }
 
 /// Per-link counters as the agent's /metrics reports them.

@@ -20,17 +20,29 @@ fn the_demo_serves_both_consumers_and_cleans_up() {
         "{text}\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    // Both families of the dual-stack endpoint: the name resolves (A and AAAA) to the network's
+    // endpoint, and the backend sees the family's NAT range.
     for i in [1, 2] {
-        assert!(
-            text.contains(&format!(
-                "consumer {i} -> echo.demo.example (private DNS at 198.18.0.2: 198.18.0.100) port 80: hello 198.19."
-            )),
-            "the name resolves to the network's endpoint, and the backend sees a NAT address:\n{text}"
-        );
-        assert!(
-            text.contains(&format!("consumer {i} -> 198.18.0.100:53: udp echo ok")),
-            "{text}"
-        );
+        for (kind, endpoint, nat, udp) in [
+            ("A", "198.18.0.100", "198.19.", "198.18.0.100:53"),
+            (
+                "AAAA",
+                "2001:db8::100",
+                "2001:db8:ff::",
+                "[2001:db8::100]:53",
+            ),
+        ] {
+            assert!(
+                text.contains(&format!(
+                    "consumer {i} -> echo.demo.example {kind} (private DNS at 198.18.0.2: {endpoint}) port 80: hello {nat}"
+                )),
+                "consumer {i} over {kind}:\n{text}"
+            );
+            assert!(
+                text.contains(&format!("consumer {i} -> {udp}: udp echo ok")),
+                "{text}"
+            );
+        }
     }
     assert!(text.contains("provider accepted both connections"));
     // Per-link counters from the agent's metrics: both links carried traffic both ways.
@@ -43,7 +55,7 @@ fn the_demo_serves_both_consumers_and_cleans_up() {
             .skip(1)
             .map(|v| v.parse().unwrap())
             .collect();
-        assert!(row[0] > 0 && row[2] > 0 && row[4] >= 2, "{ep}: {row:?}");
+        assert!(row[0] > 0 && row[2] > 0 && row[4] >= 4, "{ep}: {row:?}");
     }
     // Nothing left: the namespaces it printed, its pins, its files.
     let names: Vec<&str> = text
