@@ -39,12 +39,38 @@ fn run(h: &mut Harness, ifindex: u32, frame: &[u8]) -> privatelink_tests::Run {
 }
 
 fn assert_dropped(h: &mut Harness, frame: &[u8], reason: u32) {
-    let before = h.outcomes()[reason as usize];
     let c0 = h.c0;
-    let r = run(h, c0, frame);
+    dropped_on(h, c0, frame, reason, None);
+}
+
+/// `frame` received on `ifindex` is dropped and counted as `reason`, on the node and, when given,
+/// on `link`.
+fn dropped_on(h: &mut Harness, ifindex: u32, frame: &[u8], reason: u32, link: Option<u32>) {
+    let before = h.outcomes()[reason as usize];
+    let link_before = link.map(|l| h.plane.link_drops(l).get(&reason).copied().unwrap_or(0));
+    let r = run(h, ifindex, frame);
     let name = c::OUTCOME_NAMES[reason as usize];
     assert_eq!(r.verdict, XDP_DROP, "expected a drop ({name})");
     assert_eq!(h.outcomes()[reason as usize], before + 1, "counter {name}");
+    if let (Some(l), Some(b)) = (link, link_before) {
+        let now = h.plane.link_drops(l).get(&reason).copied().unwrap_or(0);
+        assert_eq!(now, b + 1, "link {l} drop counter {name}");
+    }
+}
+
+/// A TCP segment from the IPv6 consumer to the IPv6 endpoint on `c0`.
+fn seg6(h: &Harness, sport: u16, syn: bool, ack: bool) -> Vec<u8> {
+    let mut p = Pkt6::syn(CONSUMER6, sport, ENDPOINT6, 80).macs(CONSUMER_MAC, h.c0_mac);
+    p.tcp = Some((syn, ack));
+    p.build()
+}
+
+/// Opens an IPv6 flow from `sport`: the NAT (address, port) it got.
+fn open6(h: &mut Harness, sport: u16) -> (Ipv6Addr, u16) {
+    let c0 = h.c0;
+    let r = run(h, c0, &seg6(h, sport, true, false));
+    assert_eq!(r.verdict, XDP_REDIRECT, "IPv6 SYN from {sport}");
+    parse_checked6(&r.out)
 }
 
 #[test]
@@ -502,10 +528,142 @@ fn icmpv6_errors_about_a_flow_reach_the_consumer_as_about_its_own_packet() {
 
 /// `frame` on the provider interface is dropped, counted as `reason`, and forwarded nothing.
 fn assert_provider_drop(h: &mut Harness, frame: &[u8], reason: u32) {
-    let before = h.outcomes()[reason as usize];
     let p0 = h.p0;
-    let r = run(h, p0, frame);
-    let name = c::OUTCOME_NAMES[reason as usize];
-    assert_eq!(r.verdict, XDP_DROP, "expected a drop ({name})");
-    assert_eq!(h.outcomes()[reason as usize], before + 1, "counter {name}");
+    dropped_on(h, p0, frame, reason, None);
+}
+
+#[test]
+fn ipv6_link_state_allowlist_and_groups_gate_new_flows_and_rejection_cuts_them() {
+    use privatelink_agent::dataplane::LinkState;
+    with_harness("gates6", |h| {
+        let mut m = dual(h);
+        let c0 = h.c0;
+        m.links.get_mut(&LINK).expect("link").state = LinkState::Pending;
+        h.apply(&m);
+        let syn = seg6(h, 41000, true, false);
+        dropped_on(h, c0, &syn, c::DROP_LINK_PENDING, Some(LINK));
+        m.links.get_mut(&LINK).expect("link").state = LinkState::Rejected;
+        h.apply(&m);
+        dropped_on(h, c0, &syn, c::DROP_LINK_REJECTED, Some(LINK));
+        m.links.get_mut(&LINK).expect("link").state = LinkState::Available;
+        let allowlist = std::mem::take(&mut m.allowlist);
+        h.apply(&m);
+        dropped_on(h, c0, &syn, c::DROP_NOT_ALLOWLISTED, Some(LINK));
+        m.allowlist = allowlist;
+        h.apply(&m);
+        // A segment of no flow that is not a SYN opens nothing.
+        let stray = seg6(h, 41001, false, true);
+        dropped_on(h, c0, &stray, c::DROP_TCP_NOT_SYN, Some(LINK));
+        let (nat, nport) = open6(h, 41002);
+        assert_eq!(h.link_stats(LINK).new_conns, 1);
+
+        // Groups bound with no rule: the established flow keeps going, new ones drop.
+        m.links.get_mut(&LINK).expect("link").rules = Some(vec![]);
+        h.apply(&m);
+        let ack = seg6(h, 41002, false, true);
+        let r = run(h, c0, &ack);
+        assert_eq!(r.verdict, XDP_REDIRECT, "established flow skips policy");
+        assert_eq!(parse_checked6(&r.out), (nat, nport));
+        let syn = seg6(h, 41003, true, false);
+        dropped_on(h, c0, &syn, c::DROP_SECURITY_GROUP, Some(LINK));
+
+        // Rejecting the link cuts the live IPv6 flow: both entries go at once.
+        m.links.get_mut(&LINK).expect("link").state = LinkState::Rejected;
+        let report = h.plane.apply(&m).expect("apply");
+        assert_eq!(report.flows_cut, 2, "both entries of the IPv6 flow");
+        assert!(h.plane.flows6().is_empty());
+        dropped_on(h, c0, &ack, c::DROP_LINK_REJECTED, Some(LINK));
+        let mut reply = Pkt6::syn(BACKEND6, 8080, nat, nport).macs(BACKEND_MAC, h.p0_mac);
+        reply.tcp = Some((false, true));
+        assert_provider_drop(h, &reply.build(), c::DROP_NO_FLOW);
+    });
+}
+
+#[test]
+fn overlapping_ipv6_consumers_collide_on_nat_and_retry() {
+    with_harness("nat_collision6", |h| {
+        let mut m = dual(h);
+        // One IPv6 NAT address: the same consumer tuple from two networks must get two ports.
+        let only: Ipv6Addr = "2001:db8:ff::7".parse().expect("address");
+        m.nat
+            .get_mut(&privatelink_agent::demo::PROVIDER_NET)
+            .expect("range")
+            .addrs6 = Some(Ipv6Net::new(only, 128).expect("prefix"));
+        let mut other = m.links[&LINK].clone();
+        other.network_id = privatelink_tests::fixture::CONSUMER_NET2;
+        m.links.insert(2, other);
+        h.apply(&m);
+        let (nat1, port1) = open6(h, 40800);
+        let syn2 = Pkt6::syn(CONSUMER6, 40800, ENDPOINT6, 80).macs(CONSUMER_MAC, h.c1_mac);
+        let c1 = h.c1;
+        let r = run(h, c1, &syn2.build());
+        assert_eq!(
+            r.verdict, XDP_REDIRECT,
+            "the same tuple from the other network"
+        );
+        let (nat2, port2) = parse_checked6(&r.out);
+        assert_eq!((nat1, nat2), (only, only));
+        assert_eq!(port1, 40800);
+        assert_ne!(port2, 40800, "the second flow had to retry for a free port");
+        // Each reply goes back to its own network's interface, exactly.
+        for (port, mac) in [(port1, h.c0_mac), (port2, h.c1_mac)] {
+            let mut reply = Pkt6::syn(BACKEND6, 8080, only, port).macs(BACKEND_MAC, h.p0_mac);
+            reply.tcp = Some((true, true));
+            let p0 = h.p0;
+            let r = run(h, p0, &reply.build());
+            assert_eq!(r.verdict, XDP_REDIRECT);
+            assert_eq!(
+                r.out,
+                reply
+                    .translated((ENDPOINT6, 80), (CONSUMER6, 40800), (mac, CONSUMER_MAC), 63)
+                    .build()
+            );
+        }
+        assert_eq!(h.link_stats(1).new_conns + h.link_stats(2).new_conns, 2);
+    });
+}
+
+#[test]
+fn a_full_ipv6_conntrack_refuses_new_flows_keeps_established_ones_and_recovers() {
+    if !privatelink_tests::privileged("a_full_ipv6_conntrack") {
+        return;
+    }
+    // 32 flows fill 64 entries; UDP flows expire after a second. The IPv4 table stays roomy.
+    let sizes = privatelink_agent::loader::Sizes {
+        conntrack6: 64,
+        ..privatelink_agent::loader::Sizes::small()
+    };
+    privatelink_tests::fixture::with_harness_sized(sizes, |h| {
+        let mut m = dual(h);
+        m.config.udp_timeout_ns = 1_000_000_000;
+        h.apply(&m);
+        let c0 = h.c0;
+        let dgram = |h: &Harness, sport: u16| {
+            Pkt6::udp(CONSUMER6, sport, ENDPOINT6, 53)
+                .macs(CONSUMER_MAC, h.c0_mac)
+                .build()
+        };
+        for sport in 30_000..30_032 {
+            let r = run(h, c0, &dgram(h, sport));
+            assert_eq!(
+                r.verdict, XDP_REDIRECT,
+                "flow from {sport} while there is room"
+            );
+        }
+        dropped_on(h, c0, &dgram(h, 40_000), c::DROP_CONNTRACK_FULL, Some(LINK));
+        for sport in [30_000, 30_015, 30_031] {
+            let r = run(h, c0, &dgram(h, sport));
+            assert_eq!(r.verdict, XDP_REDIRECT, "established flow from {sport}");
+        }
+        // IPv4 has its own table: still room there.
+        assert_eq!(h.run(h.c0, &h.consumer_syn(40_001)).verdict, XDP_REDIRECT);
+        std::thread::sleep(std::time::Duration::from_millis(1300));
+        let swept = h
+            .plane
+            .sweep_expired(privatelink_agent::metrics::monotonic_ns(), &m.config);
+        assert_eq!(swept, 64, "both entries of every IPv6 flow (the IPv4 SYN lives on)");
+        assert!(h.plane.flows6().is_empty());
+        let r = run(h, c0, &dgram(h, 40_000));
+        assert_eq!(r.verdict, XDP_REDIRECT, "room again after the sweep");
+    });
 }
