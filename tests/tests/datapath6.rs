@@ -661,7 +661,10 @@ fn a_full_ipv6_conntrack_refuses_new_flows_keeps_established_ones_and_recovers()
         let swept = h
             .plane
             .sweep_expired(privatelink_agent::metrics::monotonic_ns(), &m.config);
-        assert_eq!(swept, 64, "both entries of every IPv6 flow (the IPv4 SYN lives on)");
+        assert_eq!(
+            swept, 64,
+            "both entries of every IPv6 flow (the IPv4 SYN lives on)"
+        );
         assert!(h.plane.flows6().is_empty());
         let r = run(h, c0, &dgram(h, 40_000));
         assert_eq!(r.verdict, XDP_REDIRECT, "room again after the sweep");
