@@ -138,6 +138,10 @@ static JUMP: ProgramArray = ProgramArray::with_max_entries(1, 0);
 #[map]
 static SCRATCH6: PerCpuArray<parse::Ip6> = PerCpuArray::with_max_entries(1, 0);
 
+/// Per-CPU hand-off from `privatelink` to `privatelink6`: the receiving interface, looked up once.
+#[map]
+static HANDOFF6: PerCpuArray<IfaceInfo> = PerCpuArray::with_max_entries(1, 0);
+
 /// Per-CPU scratch of the IPv6 program's ICMPv6 error path: the conntrack key of the quoted flow.
 #[map]
 static ERROR_KEY6: PerCpuArray<FlowKey6> = PerCpuArray::with_max_entries(1, 0);

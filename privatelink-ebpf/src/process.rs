@@ -9,7 +9,7 @@ use privatelink_common::{
 };
 
 use crate::{
-    IFACES, JUMP, LINKS, SCRATCH6, arp, conntrack,
+    HANDOFF6, IFACES, JUMP, LINKS, SCRATCH6, arp, conntrack,
     family::Family,
     forward, icmp, icmp6,
     nat::{self, Origin},
@@ -68,8 +68,14 @@ fn classify(ctx: &XdpContext) -> Verdict {
     match l2.ether_type {
         ETH_P_IP => ipv4(ctx, &l2, &iface),
         ETH_P_IPV6 => {
-            // SAFETY: ctx is the program's context; returns only when the call failed.
-            unsafe { JUMP.tail_call(ctx, 0) };
+            // The interface goes along through per-CPU memory (a tail call keeps no state; the
+            // callee would otherwise look it up again). Same CPU, nothing runs in between.
+            if let Some(slot) = HANDOFF6.get_ptr_mut(0) {
+                // SAFETY: per-CPU value, no concurrent user.
+                unsafe { *slot = iface };
+                // SAFETY: ctx is the program's context; returns only when the call failed.
+                unsafe { JUMP.tail_call(ctx, 0) };
+            }
             // No IPv6 program installed: the frame passes untouched, as before IPv6 support.
             Verdict::pass(PASS_NOT_IP)
         }
@@ -79,24 +85,17 @@ fn classify(ctx: &XdpContext) -> Verdict {
     }
 }
 
-/// The IPv6 program: classifies again (a tail call keeps no state) and takes the IPv6 path.
+/// The IPv6 program: parses layer 2 again (offsets do not survive a tail call), takes the
+/// receiving interface from the caller's hand-off and takes the IPv6 path.
 #[inline(always)]
 pub fn process6(ctx: &XdpContext) -> u32 {
-    let v = match parse::l2(ctx) {
-        None => Verdict::pass(PASS_MALFORMED),
-        Some(l2) => {
-            let key = IfaceKey {
-                ifindex: ctx.ingress_ifindex() as u32,
-                vlan_id: l2.vlan_id,
-                _pad: 0,
-            };
-            // SAFETY: copied out at once.
-            match (unsafe { IFACES.get(key) }).copied() {
-                Some(iface) if l2.ether_type == ETH_P_IPV6 => ipv6(ctx, &l2, &iface),
-                Some(_) => Verdict::pass(PASS_NOT_IP),
-                None => Verdict::pass(PASS_UNKNOWN_IFACE),
-            }
-        }
+    // SAFETY: copied out at once; written by `classify` on this CPU just before the tail call.
+    let iface = HANDOFF6.get(0).copied();
+    let v = match (parse::l2(ctx), iface) {
+        (None, _) => Verdict::pass(PASS_MALFORMED),
+        (Some(l2), Some(iface)) if l2.ether_type == ETH_P_IPV6 => ipv6(ctx, &l2, &iface),
+        (Some(_), Some(_)) => Verdict::pass(PASS_NOT_IP),
+        (Some(_), None) => Verdict::pass(PASS_UNKNOWN_IFACE),
     };
     stats::outcome(v.outcome);
     v.action

@@ -187,7 +187,7 @@ fn measure(endpoints: u32, ct_fill: u32, rows: &mut Vec<Row>, floors: &mut Vec<(
         endpoint_ports: 262_144,
         allowlist: 131_072,
         conntrack: 2_097_152,
-        conntrack6: 262_144,
+        conntrack6: 131_072,
         ..Sizes::small()
     };
     with_harness_sized(sizes, |h| {
