@@ -580,6 +580,41 @@ fn ipv6_link_state_allowlist_and_groups_gate_new_flows_and_rejection_cuts_them()
 }
 
 #[test]
+fn ipv6_without_a_neighbour_hands_the_translated_packet_to_the_kernel() {
+    with_harness("no_neigh6", |h| {
+        let mut m = dual(h);
+        // On the provider interface's prefix, with no neighbour entry.
+        let unresolved: Ipv6Addr = "2001:db8:64::20".parse().expect("address");
+        m.services
+            .get_mut(&privatelink_agent::demo::SERVICE)
+            .expect("service")
+            .backends = vec![
+            privatelink_tests::fixture::BACKEND.into(),
+            unresolved.into(),
+        ];
+        h.apply(&m);
+        let syn = Pkt6::syn(CONSUMER6, 43000, ENDPOINT6, 80).macs(CONSUMER_MAC, h.c0_mac);
+        let c0 = h.c0;
+        let r = run(h, c0, &syn.build());
+        assert_eq!(r.verdict, XDP_PASS, "the kernel resolves the neighbour");
+        let (nat, nport) = parse_checked6(&r.out);
+        // Hop limit untouched and MACs as received: the kernel's forwarding does both.
+        assert_eq!(
+            r.out,
+            syn.translated(
+                (nat, nport),
+                (unresolved, 8080),
+                (syn.src_mac, syn.dst_mac),
+                64
+            )
+            .build()
+        );
+        assert_eq!(h.outcomes()[c::PASS_NO_NEIGH as usize], 1);
+        assert_eq!(h.link_stats(LINK).fwd_packets, 1);
+    });
+}
+
+#[test]
 fn overlapping_ipv6_consumers_collide_on_nat_and_retry() {
     with_harness("nat_collision6", |h| {
         let mut m = dual(h);
