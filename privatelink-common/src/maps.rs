@@ -464,6 +464,10 @@ pub mod names {
     pub const NAT6: &str = "NAT6";
     pub const CT6: &str = "CT6";
     pub const JUMP: &str = "JUMP";
+    /// Per-CPU hand-off from the IPv4 program to the IPv6 one across the tail call. Pinned so
+    /// that, while a restarted agent replaces the programs, an old program's hand-off reaches the
+    /// new IPv6 program (which the pinned `JUMP` already names).
+    pub const HANDOFF6: &str = "HANDOFF6";
 
     /// Every map, for pinning.
     pub const ALL: &[&str] = &[
@@ -490,6 +494,7 @@ pub mod names {
         NAT6,
         CT6,
         JUMP,
+        HANDOFF6,
     ];
 }
 

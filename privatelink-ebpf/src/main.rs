@@ -139,6 +139,8 @@ static JUMP: ProgramArray = ProgramArray::with_max_entries(1, 0);
 static SCRATCH6: PerCpuArray<parse::Ip6> = PerCpuArray::with_max_entries(1, 0);
 
 /// Per-CPU hand-off from `privatelink` to `privatelink6`: the receiving interface, looked up once.
+/// Pinned like the state maps: during an agent restart the old `privatelink` tail-calls the new
+/// `privatelink6` (through the pinned `JUMP`), and both must see the same hand-off.
 #[map]
 static HANDOFF6: PerCpuArray<IfaceInfo> = PerCpuArray::with_max_entries(1, 0);
 

@@ -705,3 +705,35 @@ fn a_full_ipv6_conntrack_refuses_new_flows_keeps_established_ones_and_recovers()
         assert_eq!(r.verdict, XDP_REDIRECT, "room again after the sweep");
     });
 }
+
+#[test]
+fn ipv6_keeps_forwarding_while_a_restarted_agent_swaps_the_programs() {
+    use privatelink_agent::{
+        dataplane::Dataplane,
+        loader::{Datapath, Sizes},
+        pins::Pins,
+    };
+    with_harness("restart6", |h| {
+        // An agent and its restarted successor: two loads of the object on the same pins. The
+        // second installs its IPv6 program in the pinned JUMP at once, while the first one's
+        // programs are still attached, so the old IPv4 program tail-calls the new IPv6 one.
+        let dir = std::env::temp_dir().join(format!("privatelink-restart6-{}", std::process::id()));
+        let fs = privatelink_tests::world::BpfFs::mount(&dir);
+        let pins = Pins::prepare(&fs.0.join("privatelink")).expect("pins");
+        let mut old = Datapath::load_pinned(&Sizes::small(), &pins).expect("first load");
+        let mut plane = Dataplane::new(&mut old.ebpf).expect("maps");
+        plane.apply(&dual(h)).expect("apply");
+        let new = Datapath::load_pinned(&Sizes::small(), &pins).expect("second load");
+        let syn = seg6(h, 42000, true, false);
+        let r = test_run(old.program(), h.c0, &syn);
+        assert_eq!(
+            r.verdict, XDP_REDIRECT,
+            "an IPv6 SYN through the old program and the new IPv6 program"
+        );
+        let (nat, _) = parse_checked6(&r.out);
+        assert!(nat6().contains(&nat), "translated: {nat}");
+        drop((plane, old, new));
+        drop(fs);
+        let _ = std::fs::remove_dir_all(&dir);
+    });
+}
