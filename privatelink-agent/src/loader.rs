@@ -20,6 +20,14 @@ pub const PROGRAM6: &str = "privatelink6";
 pub const PASS_PROGRAM: &str = "pass";
 /// Program name of the benchmark floor (parse, swap MACs, XDP_TX).
 pub const FLOOR_PROGRAM: &str = "floor";
+/// Program names of the benchmark load generator (live-frames test runs) and sink (count, drop).
+pub const GEN_PROGRAM: &str = "traffic_gen";
+pub const SINK_PROGRAM: &str = "sink";
+/// The sink's per-CPU counter, and the generator's frame head (restored on every run).
+const SINK: &str = "SINK";
+const GEN_FRAME: &str = "GEN_FRAME";
+/// Bytes of that head.
+pub const GEN_HEAD: usize = 48;
 
 /// Capacities of the resizable maps.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -152,11 +160,13 @@ impl Datapath {
             .ok_or(LoadError::MissingProgram(PASS_PROGRAM))?
             .try_into()?;
         pass.load()?;
-        let floor: &mut Xdp = ebpf
-            .program_mut(FLOOR_PROGRAM)
-            .ok_or(LoadError::MissingProgram(FLOOR_PROGRAM))?
-            .try_into()?;
-        floor.load()?;
+        for name in [FLOOR_PROGRAM, GEN_PROGRAM, SINK_PROGRAM] {
+            let p: &mut Xdp = ebpf
+                .program_mut(name)
+                .ok_or(LoadError::MissingProgram(name))?
+                .try_into()?;
+            p.load()?;
+        }
         Ok(Datapath { ebpf })
     }
 
@@ -172,6 +182,47 @@ impl Datapath {
     /// The benchmark floor program.
     pub fn floor_program(&mut self) -> &mut Xdp {
         self.xdp(FLOOR_PROGRAM)
+    }
+
+    /// The benchmark load generator (see the eBPF crate's `bench.rs`).
+    pub fn gen_program(&mut self) -> &mut Xdp {
+        self.xdp(GEN_PROGRAM)
+    }
+
+    /// Sets the frame head the generator restores on every run: the first [`GEN_HEAD`] bytes of
+    /// `frame` (the frame given to the live-frames test run).
+    pub fn set_gen_frame(&mut self, frame: &[u8]) -> Result<(), aya::maps::MapError> {
+        let mut head = [0u64; GEN_HEAD / 8];
+        for (i, w) in head.iter_mut().enumerate() {
+            let mut b = [0u8; 8];
+            for (j, x) in b.iter_mut().enumerate() {
+                *x = frame.get(i * 8 + j).copied().unwrap_or(0);
+            }
+            *w = u64::from_ne_bytes(b);
+        }
+        let mut m: aya::maps::Array<_, [u64; GEN_HEAD / 8]> = self
+            .ebpf
+            .map_mut(GEN_FRAME)
+            .ok_or(aya::maps::MapError::InvalidName {
+                name: GEN_FRAME.into(),
+            })?
+            .try_into()?;
+        m.set(0, head, 0)
+    }
+
+    /// The benchmark sink (counts and drops).
+    pub fn sink_program(&mut self) -> &mut Xdp {
+        self.xdp(SINK_PROGRAM)
+    }
+
+    /// Frames the sink has dropped so far, all CPUs.
+    pub fn sink_count(&self) -> Result<u64, aya::maps::MapError> {
+        let m: aya::maps::PerCpuArray<_, u64> = self
+            .ebpf
+            .map(SINK)
+            .ok_or(aya::maps::MapError::InvalidName { name: SINK.into() })?
+            .try_into()?;
+        Ok(m.get(&0, 0)?.iter().sum())
     }
 
     fn xdp(&mut self, name: &str) -> &mut Xdp {

@@ -5,6 +5,7 @@
 #![no_main]
 
 mod arp;
+mod bench;
 mod conntrack;
 mod csum;
 mod family;
@@ -172,6 +173,26 @@ pub fn pass(_ctx: XdpContext) -> u32 {
 #[xdp]
 pub fn floor(ctx: XdpContext) -> u32 {
     process::floor(&ctx)
+}
+
+/// Benchmark generator's frame head, restored on every run (see `bench.rs`).
+#[map]
+static GEN_FRAME: Array<[u64; bench::GEN_HEAD / 8]> = Array::with_max_entries(1, 0);
+
+/// Benchmark sink counter: frames `sink` dropped (per CPU).
+#[map]
+static SINK: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+/// Benchmark load generator (`cargo xtask bench`), run in live-frames mode: see `bench.rs`.
+#[xdp]
+pub fn traffic_gen(ctx: XdpContext) -> u32 {
+    bench::generate(&ctx)
+}
+
+/// Benchmark sink (`cargo xtask bench`): counts and drops.
+#[xdp]
+pub fn sink(_ctx: XdpContext) -> u32 {
+    bench::sink()
 }
 
 #[cfg(not(test))]

@@ -7,7 +7,10 @@
 //! 4. direct routing to the backend, no translation (the floor).
 //!
 //! Clients and servers are the same for every mode; only the node's configuration changes. Every
-//! loop is bounded in time. The peers of the node's veths carry a pass-through XDP program in every
+//! loop is bounded in time. Besides socket clients, a socket-free generator (an XDP program run in
+//! live-frames mode on the consumer's interface) sends small UDP frames into a sink that counts and
+//! drops them on the provider's interface, so the frame rate measures the forwarding rather than
+//! the sockets at both ends. The peers of the node's veths carry a pass-through XDP program in every
 //! mode (redirect targets need one), so that cost is common to all four.
 use std::{
     io::{Read as _, Write as _},
@@ -21,10 +24,13 @@ use std::{
     time::{Duration, Instant},
 };
 
-use aya::programs::xdp::{XdpLinkId, XdpMode};
+use aya::programs::{
+    TestRun as _, TestRunAttrs, TestRunOptions,
+    xdp::{XdpLinkId, XdpMode},
+};
 use privatelink_agent::{
     dataplane::{Dataplane, PortMap, Proto},
-    demo::{BACKEND, ENDPOINT, NAT_RANGE, Topology},
+    demo::{BACKEND, CLIENT, ENDPOINT, NAT_RANGE, Topology},
     loader::{Datapath, Sizes},
 };
 use privatelink_tests::privileged;
@@ -90,6 +96,8 @@ struct Bed {
     dp: Datapath,
     _plane: Dataplane,
     dir: std::path::PathBuf,
+    /// The pass program on the provider's interface (the generator measurement swaps in the sink).
+    provider_pass: Option<XdpLinkId>,
 }
 
 impl Drop for Bed {
@@ -119,7 +127,31 @@ fn bed() -> Bed {
         p.apply(&model).expect("apply");
         p
     });
-    topo.attach_pass(&mut dp).expect("pass programs");
+    // Pass programs on the peers (redirect targets need one), the provider's kept to swap.
+    topo.consumers[0]
+        .enter(|| dp.pass_program().attach("eth0", XdpMode::Driver))
+        .expect("pass program on the consumer");
+    let provider_pass = topo
+        .provider
+        .enter(|| dp.pass_program().attach("eth0", XdpMode::Driver))
+        .expect("pass program on the provider");
+    // The backend's neighbour is fixed: the sink drops ARP, so the node could not resolve it.
+    let backend_mac = topo.provider.mac("eth0").expect("provider MAC");
+    sh(
+        &topo.node,
+        &[
+            "ip",
+            "neigh",
+            "replace",
+            &BACKEND.to_string(),
+            "lladdr",
+            &backend_mac.map(|b| format!("{b:02x}")).join(":"),
+            "dev",
+            "p0",
+            "nud",
+            "permanent",
+        ],
+    );
     // Routing for the direct mode, and a wide port range for the connection-rate clients.
     sh(
         &topo.node,
@@ -157,6 +189,7 @@ fn bed() -> Bed {
         dp,
         _plane: plane,
         dir,
+        provider_pass: Some(provider_pass),
     }
 }
 
@@ -559,7 +592,88 @@ fn udp_pps(bed: &Bed, servers: &Servers, mode: Mode) -> (f64, f64) {
     (got as f64 / secs, cpu as f64 / got.max(1) as f64)
 }
 
-const METRICS: [&str; 9] = [
+/// Frames per live-frames test run of the generator, and frames per batch.
+const GEN_REPEAT: u32 = 1 << 16;
+const GEN_BATCH: u32 = 64;
+
+/// Small UDP frames (60 bytes, one flow) from the socket-free generator on the consumer's
+/// interface for `RUN`, into a sink that counts and drops on the provider's: frames per second
+/// delivered, and busy CPU ns per delivered frame. The generator is one thread; no socket is
+/// involved on either side, so what remains is the forwarding and veth.
+fn gen_pps(bed: &mut Bed, mode: Mode) -> (f64, f64) {
+    let (host, _, _, port) = mode.target();
+    // veth hands frames sent by XDP only to a peer with an XDP program: where the kernel
+    // forwards, the node's consumer interface gets the pass program for the measurement.
+    let node_pass = (mode != Mode::Privatelink).then(|| {
+        let prog = bed.dp.pass_program();
+        bed.topo
+            .node
+            .enter(|| prog.attach("c0", XdpMode::Driver))
+            .expect("pass program on c0")
+    });
+    let provider = &bed.topo.provider;
+    let pass = bed.provider_pass.take().expect("pass attached");
+    provider.enter(|| bed.dp.pass_program().detach(pass).expect("detach pass"));
+    let sink = provider
+        .enter(|| bed.dp.sink_program().attach("eth0", XdpMode::Driver))
+        .expect("attach the sink");
+
+    let consumer = &bed.topo.consumers[0];
+    let ifindex = consumer.ifindex("eth0").expect("consumer ifindex");
+    let mut frame = Vec::new();
+    etherparse::PacketBuilder::ethernet2(
+        consumer.mac("eth0").expect("consumer MAC"),
+        bed.topo.consumer_ifaces[0].2,
+    )
+    .ipv4(CLIENT.octets(), host.octets(), 64)
+    .udp(40000, port)
+    .write(&mut frame, &[0x17u8; 18])
+    .expect("frame");
+    bed.dp.set_gen_frame(&frame).expect("generator frame");
+    let md: [u32; 6] = [0, frame.len() as u32, 0, ifindex, 0, 0];
+    let ctx: Vec<u8> = md.iter().flat_map(|v| v.to_ne_bytes()).collect();
+    let send = |dp: &mut Datapath, repeat: u32| {
+        let generator = dp.gen_program();
+        let mut o = TestRunOptions::new();
+        o.data_in = Some(&frame);
+        o.ctx_in = Some(&ctx);
+        o.repeat = repeat;
+        o.attrs = TestRunAttrs::new().xdp_live_frames(GEN_BATCH);
+        consumer
+            .enter(|| generator.test_run(o))
+            .expect("live-frames test run");
+    };
+    // Warm-up: the flow (privatelink) or the kernel's conntrack entry (nftables) exists after it.
+    send(&mut bed.dp, 1024);
+    std::thread::sleep(Duration::from_millis(100));
+    let before = bed.dp.sink_count().expect("sink count");
+    let cpu0 = cpu_busy_ns();
+    let started = Instant::now();
+    while started.elapsed() < RUN {
+        send(&mut bed.dp, GEN_REPEAT);
+    }
+    let secs = started.elapsed().as_secs_f64();
+    // Frames still queued in veth are counted, not their later time: a short settle.
+    std::thread::sleep(Duration::from_millis(50));
+    let cpu = cpu_busy_ns() - cpu0;
+    let got = bed.dp.sink_count().expect("sink count") - before;
+
+    provider.enter(|| bed.dp.sink_program().detach(sink).expect("detach the sink"));
+    bed.provider_pass = Some(
+        provider
+            .enter(|| bed.dp.pass_program().attach("eth0", XdpMode::Driver))
+            .expect("pass program back"),
+    );
+    if let Some(id) = node_pass {
+        let prog = bed.dp.pass_program();
+        bed.topo
+            .node
+            .enter(|| prog.detach(id).expect("detach c0 pass"));
+    }
+    (got as f64 / secs, cpu as f64 / got.max(1) as f64)
+}
+
+const METRICS: [&str; 11] = [
     "TCP throughput, 1 stream (Gbit/s)",
     "TCP throughput, 8 streams (Gbit/s)",
     "connections per second (4 clients)",
@@ -569,6 +683,8 @@ const METRICS: [&str; 9] = [
     "small UDP packets per second delivered",
     "CPU per delivered UDP packet (ns, whole machine)",
     "bpf run time per packet (ns, privatelink only)",
+    "small UDP frames per second, socket-free generator and sink",
+    "CPU per delivered frame (ns, socket-free, whole machine)",
 ];
 
 fn main() {
@@ -576,6 +692,9 @@ fn main() {
         eprintln!("compare needs root (CAP_BPF, CAP_NET_ADMIN)");
         std::process::exit(2);
     }
+    // `PRIVATELINK_BENCH_ONLY=pps`: only the socket-free frame rate (a quick look at the datapath
+    // against the kernel's forwarding, without the socket-bound metrics).
+    let only_pps = std::env::var("PRIVATELINK_BENCH_ONLY").as_deref() == Ok("pps");
     let mut bed = bed();
     let servers = servers(&bed);
     // results[mode][metric] = one value per round.
@@ -593,6 +712,15 @@ fn main() {
                 (info.run_count(), info.run_time())
             };
             let r = &mut results[m];
+            if only_pps {
+                if mode != Mode::Haproxy {
+                    let (pps, cpu) = gen_pps(&mut bed, mode);
+                    r[9].push(pps);
+                    r[10].push(cpu);
+                }
+                leave(&mut bed, installed);
+                continue;
+            }
             r[0].push(throughput(&bed, mode, 1));
             r[1].push(throughput(&bed, mode, 8));
             let (rate, cpu) = connection_rate(&bed, mode);
@@ -611,6 +739,12 @@ fn main() {
                 let runs = info.run_count() - runs0;
                 let t = (info.run_time() - time0).as_nanos() as f64;
                 r[8].push(t / runs.max(1) as f64);
+            }
+            if mode != Mode::Haproxy {
+                let (pps, cpu) = gen_pps(&mut bed, mode);
+                let r = &mut results[m];
+                r[9].push(pps);
+                r[10].push(cpu);
             }
             leave(&mut bed, installed);
             eprintln!("round {round}: {} done", mode.name());
