@@ -26,6 +26,7 @@ pub const SINK_PROGRAM: &str = "sink";
 /// The sink's per-CPU counter, and the generator's frame head (restored on every run).
 const SINK: &str = "SINK";
 const GEN_FRAME: &str = "GEN_FRAME";
+const GEN_FLOWS: &str = "GEN_FLOWS";
 /// Bytes of that head.
 pub const GEN_HEAD: usize = 48;
 
@@ -208,6 +209,19 @@ impl Datapath {
             })?
             .try_into()?;
         m.set(0, head, 0)
+    }
+
+    /// Turns the generator's new-flow sequence on or off. On, every frame gets a source (address,
+    /// port) that no frame of this load had before (the sequence is never rewound).
+    pub fn set_gen_new_flows(&mut self, on: bool) -> Result<(), aya::maps::MapError> {
+        let mut m: aya::maps::Array<_, u64> = self
+            .ebpf
+            .map_mut(GEN_FLOWS)
+            .ok_or(aya::maps::MapError::InvalidName {
+                name: GEN_FLOWS.into(),
+            })?
+            .try_into()?;
+        m.set(0, u64::from(on), 0)
     }
 
     /// The benchmark sink (counts and drops).

@@ -179,6 +179,10 @@ pub fn floor(ctx: XdpContext) -> u32 {
 #[map]
 static GEN_FRAME: Array<[u64; bench::GEN_HEAD / 8]> = Array::with_max_entries(1, 0);
 
+/// Benchmark generator's new-flow switch and sequence: [on, frames numbered so far].
+#[map]
+static GEN_FLOWS: Array<u64> = Array::with_max_entries(2, 0);
+
 /// Benchmark sink counter: frames `sink` dropped (per CPU).
 #[map]
 static SINK: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);

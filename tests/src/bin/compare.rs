@@ -113,7 +113,12 @@ fn sh(ns: &privatelink_agent::netns::Netns, args: &[&str]) {
 
 fn bed() -> Bed {
     let topo = Topology::build(1).expect("topology");
-    let mut dp = Datapath::load(&Sizes::small()).expect("load");
+    // Conntrack for every round's new-flow measurement (UDP flows outlive a round).
+    let sizes = Sizes {
+        conntrack: 1 << 20,
+        ..Sizes::small()
+    };
+    let mut dp = Datapath::load(&sizes).expect("load");
     let mut model = topo.model();
     for l in model.links.values_mut() {
         l.ports.push(PortMap {
@@ -595,12 +600,22 @@ fn udp_pps(bed: &Bed, servers: &Servers, mode: Mode) -> (f64, f64) {
 /// Frames per live-frames test run of the generator, and frames per batch.
 const GEN_REPEAT: u32 = 1 << 16;
 const GEN_BATCH: u32 = 64;
+/// New flows per new-flow measurement: fits the kernel's default conntrack limit (262,144) and,
+/// over every round, the datapath's table as the bed sizes it.
+const GEN_NEW_FLOWS: u32 = 1 << 17;
 
-/// Small UDP frames (60 bytes, one flow) from the socket-free generator on the consumer's
-/// interface for `RUN`, into a sink that counts and drops on the provider's: frames per second
-/// delivered, and busy CPU ns per delivered frame. The generator is one thread; no socket is
-/// involved on either side, so what remains is the forwarding and veth.
-fn gen_pps(bed: &mut Bed, mode: Mode) -> (f64, f64) {
+/// What the socket-free generator measured: (frames per second delivered, busy CPU ns per
+/// delivered frame) for one flow, then the same with every frame a new flow.
+struct GenRates {
+    one_flow: (f64, f64),
+    new_flows: (f64, f64),
+}
+
+/// Small UDP frames (60 bytes) from the socket-free generator on the consumer's interface into a
+/// sink that counts and drops on the provider's: one flow for `RUN`, then `GEN_NEW_FLOWS` frames
+/// that each open a new flow. The generator is one thread; no socket is involved on either side,
+/// so what remains is the forwarding and veth (and the generator, the same in every mode).
+fn gen_pps(bed: &mut Bed, mode: Mode) -> GenRates {
     let (host, _, _, port) = mode.target();
     // veth hands frames sent by XDP only to a peer with an XDP program: where the kernel
     // forwards, the node's consumer interface gets the pass program for the measurement.
@@ -629,6 +644,9 @@ fn gen_pps(bed: &mut Bed, mode: Mode) -> (f64, f64) {
     .udp(40000, port)
     .write(&mut frame, &[0x17u8; 18])
     .expect("frame");
+    // No UDP checksum (IPv4 allows it): the new-flow sequence changes the source port and
+    // address, and the kernel's conntrack would count frames with a stale checksum invalid.
+    frame[40..42].copy_from_slice(&[0, 0]);
     bed.dp.set_gen_frame(&frame).expect("generator frame");
     let md: [u32; 6] = [0, frame.len() as u32, 0, ifindex, 0, 0];
     let ctx: Vec<u8> = md.iter().flat_map(|v| v.to_ne_bytes()).collect();
@@ -644,19 +662,29 @@ fn gen_pps(bed: &mut Bed, mode: Mode) -> (f64, f64) {
             .expect("live-frames test run");
     };
     // Warm-up: the flow (privatelink) or the kernel's conntrack entry (nftables) exists after it.
+    bed.dp.set_gen_new_flows(false).expect("generator mode");
     send(&mut bed.dp, 1024);
     std::thread::sleep(Duration::from_millis(100));
-    let before = bed.dp.sink_count().expect("sink count");
-    let cpu0 = cpu_busy_ns();
-    let started = Instant::now();
-    while started.elapsed() < RUN {
-        send(&mut bed.dp, GEN_REPEAT);
-    }
-    let secs = started.elapsed().as_secs_f64();
-    // Frames still queued in veth are counted, not their later time: a short settle.
-    std::thread::sleep(Duration::from_millis(50));
-    let cpu = cpu_busy_ns() - cpu0;
-    let got = bed.dp.sink_count().expect("sink count") - before;
+    // Frames still queued in veth when the clock stops are counted: a short settle first.
+    let measure = |dp: &mut Datapath, until: &dyn Fn(&Instant, u32) -> bool| {
+        let before = dp.sink_count().expect("sink count");
+        let cpu0 = cpu_busy_ns();
+        let started = Instant::now();
+        let mut runs = 0;
+        while !until(&started, runs) {
+            send(dp, GEN_REPEAT);
+            runs += 1;
+        }
+        let secs = started.elapsed().as_secs_f64();
+        std::thread::sleep(Duration::from_millis(50));
+        let cpu = cpu_busy_ns() - cpu0;
+        let got = dp.sink_count().expect("sink count") - before;
+        (got as f64 / secs, cpu as f64 / got.max(1) as f64)
+    };
+    let one_flow = measure(&mut bed.dp, &|started, _| started.elapsed() >= RUN);
+    bed.dp.set_gen_new_flows(true).expect("generator mode");
+    let new_flows = measure(&mut bed.dp, &|_, runs| runs * GEN_REPEAT >= GEN_NEW_FLOWS);
+    bed.dp.set_gen_new_flows(false).expect("generator mode");
 
     provider.enter(|| bed.dp.sink_program().detach(sink).expect("detach the sink"));
     bed.provider_pass = Some(
@@ -670,10 +698,13 @@ fn gen_pps(bed: &mut Bed, mode: Mode) -> (f64, f64) {
             .node
             .enter(|| prog.detach(id).expect("detach c0 pass"));
     }
-    (got as f64 / secs, cpu as f64 / got.max(1) as f64)
+    GenRates {
+        one_flow,
+        new_flows,
+    }
 }
 
-const METRICS: [&str; 11] = [
+const METRICS: [&str; 13] = [
     "TCP throughput, 1 stream (Gbit/s)",
     "TCP throughput, 8 streams (Gbit/s)",
     "connections per second (4 clients)",
@@ -685,6 +716,8 @@ const METRICS: [&str; 11] = [
     "bpf run time per packet (ns, privatelink only)",
     "small UDP frames per second, socket-free generator and sink",
     "CPU per delivered frame (ns, socket-free, whole machine)",
+    "new flows per second, socket-free (one UDP frame per flow)",
+    "CPU per new flow (ns, socket-free, whole machine)",
 ];
 
 fn main() {
@@ -714,9 +747,11 @@ fn main() {
             let r = &mut results[m];
             if only_pps {
                 if mode != Mode::Haproxy {
-                    let (pps, cpu) = gen_pps(&mut bed, mode);
-                    r[9].push(pps);
-                    r[10].push(cpu);
+                    let g = gen_pps(&mut bed, mode);
+                    r[9].push(g.one_flow.0);
+                    r[10].push(g.one_flow.1);
+                    r[11].push(g.new_flows.0);
+                    r[12].push(g.new_flows.1);
                 }
                 leave(&mut bed, installed);
                 continue;
@@ -741,10 +776,12 @@ fn main() {
                 r[8].push(t / runs.max(1) as f64);
             }
             if mode != Mode::Haproxy {
-                let (pps, cpu) = gen_pps(&mut bed, mode);
+                let g = gen_pps(&mut bed, mode);
                 let r = &mut results[m];
-                r[9].push(pps);
-                r[10].push(cpu);
+                r[9].push(g.one_flow.0);
+                r[10].push(g.one_flow.1);
+                r[11].push(g.new_flows.0);
+                r[12].push(g.new_flows.1);
             }
             leave(&mut bed, installed);
             eprintln!("round {round}: {} done", mode.name());
