@@ -1,0 +1,78 @@
+//! The benchmark's own XDP programs (`cargo xtask bench`): the generator must send exactly the
+//! frame it was given, or a new valid flow per frame, and the sink must count what it drops. A
+//! wrong checksum here would make the kernel's conntrack refuse the frames in the comparison.
+use etherparse::{NetSlice, PacketBuilder, SlicedPacket, TransportSlice};
+use privatelink_agent::loader::{Datapath, Sizes};
+use privatelink_tests::{privileged, test_run};
+
+const XDP_DROP: u32 = 1;
+const XDP_TX: u32 = 3;
+
+/// A 60-byte UDP frame from 198.18.0.10:40000 to 198.18.0.100:53 without UDP checksum.
+fn frame() -> Vec<u8> {
+    let mut f = Vec::new();
+    PacketBuilder::ethernet2([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2])
+        .ipv4([198, 18, 0, 10], [198, 18, 0, 100], 64)
+        .udp(40000, 53)
+        .write(&mut f, &[0x17; 18])
+        .expect("frame");
+    f[40..42].copy_from_slice(&[0, 0]);
+    f
+}
+
+/// (source address, source port) of a generated frame, its IPv4 checksum verified.
+fn source(f: &[u8]) -> ([u8; 4], u16) {
+    let p = SlicedPacket::from_ethernet(f).expect("parsable");
+    let Some(NetSlice::Ipv4(ip)) = &p.net else {
+        panic!("not IPv4: {f:02x?}")
+    };
+    let h = ip.header().to_header();
+    assert_eq!(h.header_checksum, h.calc_header_checksum(), "IPv4 checksum");
+    let Some(TransportSlice::Udp(u)) = &p.transport else {
+        panic!("not UDP")
+    };
+    assert_eq!(u.checksum(), 0, "no UDP checksum");
+    (h.source, u.source_port())
+}
+
+#[test]
+fn the_generator_restores_its_frame_or_opens_a_new_flow_per_frame_and_the_sink_counts() {
+    if !privileged("the_generator_restores_its_frame_or_opens_a_new_flow_per_frame") {
+        return;
+    }
+    let mut dp = Datapath::load(&Sizes::small()).expect("load");
+    let want = frame();
+    dp.set_gen_frame(&want).expect("frame head");
+    // A frame as the forwarding left it (another destination, other MACs) goes out as given.
+    let mut translated = want.clone();
+    translated[0..12].copy_from_slice(&[9; 12]);
+    translated[30..34].copy_from_slice(&[198, 18, 100, 10]);
+    let r = test_run(dp.gen_program(), 0, &translated);
+    assert_eq!(r.verdict, XDP_TX);
+    assert_eq!(r.out, want, "the head is restored, the rest untouched");
+
+    // New flows: ports from 1024 on, the address's last byte moving on after 64,512 of them.
+    dp.set_gen_new_flows(true).expect("new flows on");
+    let mut seen = std::collections::BTreeSet::new();
+    for i in 0..3u16 {
+        let r = test_run(dp.gen_program(), 0, &want);
+        assert_eq!(r.verdict, XDP_TX);
+        let (src, port) = source(&r.out);
+        assert_eq!((src, port), ([198, 18, 0, 10], 1024 + i));
+        assert!(seen.insert((src, port)));
+        assert_eq!(r.out[42..], want[42..], "payload untouched");
+    }
+    for _ in 3..64_512 {
+        test_run(dp.gen_program(), 0, &want);
+    }
+    let r = test_run(dp.gen_program(), 0, &want);
+    assert_eq!(source(&r.out), ([198, 18, 0, 11], 1024), "the next address");
+    dp.set_gen_new_flows(false).expect("new flows off");
+    assert_eq!(test_run(dp.gen_program(), 0, &want).out, want);
+
+    let before = dp.sink_count().expect("sink count");
+    for _ in 0..5 {
+        assert_eq!(test_run(dp.sink_program(), 0, &want).verdict, XDP_DROP);
+    }
+    assert_eq!(dp.sink_count().expect("sink count"), before + 5);
+}
