@@ -134,6 +134,8 @@ impl Datapath {
             .map_max_entries(names::ENDPOINTS6, sizes.endpoint_ports)
             .map_max_entries(names::MAGLEV6, sizes.services)
             .map_max_entries(names::BACKENDS6, sizes.backends)
+            .map_max_entries(names::NEXTHOP4, sizes.backends)
+            .map_max_entries(names::NEXTHOP6, sizes.backends)
             .map_max_entries(names::RULES6, sizes.rule_lists6)
             .map_max_entries(names::CT6, sizes.conntrack6)
             .load(object::bytes()?)?;

@@ -378,6 +378,23 @@ pub struct DatapathConfig {
 }
 crate::assert_size!(DatapathConfig, 40);
 
+/// Value of `NEXTHOP4` and `NEXTHOP6` (per CPU, indexed by backend slot): the next hop the last
+/// FIB lookup found for the backend. A new flow to the backend takes it instead of a FIB lookup
+/// of its own while `generation` equals [`DatapathConfig::fib_generation`] and it is younger than
+/// a second (the same bound as a flow's cached next hop). `ifindex` 0: nothing cached.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NextHop {
+    /// `bpf_ktime_get_coarse_ns` of the lookup.
+    pub resolved_ns: u64,
+    pub ifindex: u32,
+    pub generation: u32,
+    pub src_mac: [u8; 6],
+    pub dst_mac: [u8; 6],
+    pub _pad: u32,
+}
+crate::assert_size!(NextHop, 32);
+
 const SEC: u64 = 1_000_000_000;
 
 impl DatapathConfig {
@@ -437,6 +454,7 @@ crate::user_pod!(
     NatRange6,
     FlowKey6,
     Flow6,
+    NextHop,
 );
 
 /// Map names as declared in the eBPF object (the agent looks maps up by these).
@@ -463,6 +481,9 @@ pub mod names {
     pub const BACKENDS6: &str = "BACKENDS6";
     pub const NAT6: &str = "NAT6";
     pub const CT6: &str = "CT6";
+    /// Per-backend next-hop caches (per CPU). Not pinned: a cache, refilled within a second.
+    pub const NEXTHOP4: &str = "NEXTHOP4";
+    pub const NEXTHOP6: &str = "NEXTHOP6";
     pub const JUMP: &str = "JUMP";
     /// Per-CPU hand-off from the IPv4 program to the IPv6 one across the tail call. Pinned so
     /// that, while a restarted agent replaces the programs, an old program's hand-off reaches the

@@ -6,18 +6,18 @@
 //! IPv6's existence.
 use aya_ebpf::{
     bindings::bpf_fib_lookup,
-    maps::{Array, HashMap},
+    maps::{Array, HashMap, PerCpuArray},
     programs::XdpContext,
 };
 use network_types::ip::Ipv4Hdr;
 use privatelink_common::{
     EndpointIpKey4, EndpointIpKey6, EndpointIpValue, EndpointKey4, EndpointKey6, EndpointValue,
-    Flow, FlowKey, In6, LinkInfo, MaglevTable,
+    Flow, FlowKey, In6, LinkInfo, MaglevTable, NextHop,
 };
 
 use crate::{
     BACKENDS4, BACKENDS6, CT4, CT6, ENDPOINT_IPS4, ENDPOINT_IPS6, ENDPOINTS4, ENDPOINTS6, MAGLEV,
-    MAGLEV6, NAT4, NAT6,
+    MAGLEV6, NAT4, NAT6, NEXTHOP4, NEXTHOP6,
     csum::Delta,
     parse::{Ipv6Raw, Pkt, ptr_at, wire6},
     policy,
@@ -37,6 +37,8 @@ pub trait Family: Copy + PartialEq + Default + 'static {
     fn maglev() -> &'static Array<MaglevTable>;
     /// The backend address in `slot`.
     fn backend(slot: u32) -> Option<Self>;
+    /// Backend slot → the next hop of its last FIB lookup (per CPU).
+    fn nexthops() -> &'static PerCpuArray<NextHop>;
     /// The NAT range of provider network `network`: its `pick`-th address (modulo its size) and
     /// its port range. `None`: no range.
     fn nat_addr(network: u32, pick: u32) -> Option<(Self, u16, u16)>;
@@ -82,6 +84,11 @@ impl Family for u32 {
     #[inline(always)]
     fn backend(slot: u32) -> Option<u32> {
         BACKENDS4.get(slot).map(|b| b.addr_be)
+    }
+
+    #[inline(always)]
+    fn nexthops() -> &'static PerCpuArray<NextHop> {
+        &NEXTHOP4
     }
 
     #[inline(always)]
@@ -185,6 +192,11 @@ impl Family for In6 {
     #[inline(always)]
     fn backend(slot: u32) -> Option<In6> {
         BACKENDS6.get(slot).map(|b| b.addr_be)
+    }
+
+    #[inline(always)]
+    fn nexthops() -> &'static PerCpuArray<NextHop> {
+        &NEXTHOP6
     }
 
     #[inline(always)]

@@ -8,7 +8,7 @@ use aya_ebpf::{
 use network_types::{eth::EthHdr, tcp::TcpHdr, udp::UdpHdr};
 use privatelink_common::{
     DIR_FORWARD, DROP_FIB_FAILED, DROP_REDIRECT_FAILED, DROP_REWRITE_FAILED, FWD_REDIRECT, FWD_TX,
-    Flow, PASS_NO_NEIGH, PROTO_TCP,
+    Flow, NextHop, PASS_NO_NEIGH, PROTO_TCP,
 };
 
 use crate::{
@@ -19,8 +19,24 @@ use crate::{
     process::Verdict,
 };
 
+/// A FIB lookup's next hop is reused for this long (by a flow, or by new flows to its backend).
+pub const NEXTHOP_TTL_NS: u64 = 1_000_000_000;
+
+/// The next hop cached for backend `slot`, if it is of FIB generation `fib_gen` and fresh. Read
+/// in place (this CPU's entry; only this CPU writes it).
+#[inline(always)]
+pub fn cached_nexthop<A: Family>(slot: u32, now: u64, fib_gen: u32) -> Option<&'static NextHop> {
+    let nh = A::nexthops().get(slot)?;
+    (nh.ifindex != 0
+        && nh.generation == fib_gen
+        && now.saturating_sub(nh.resolved_ns) < NEXTHOP_TTL_NS)
+        .then_some(nh)
+}
+
 /// Translates the packet by `flow` and sends it on. `entry` is the flow's conntrack entry, where a
 /// forward flow caches the next hop its FIB lookup found (`None` for a flow created just now).
+/// `learn`: (backend slot, now) of a new flow, whose FIB result becomes the backend's cached next
+/// hop.
 #[inline(always)]
 pub fn send<A: Family>(
     ctx: &XdpContext,
@@ -29,6 +45,7 @@ pub fn send<A: Family>(
     flow: &Flow<A>,
     entry: Option<*mut Flow<A>>,
     fib_gen: u32,
+    learn: Option<(u32, u64)>,
 ) -> Verdict {
     let cached =
         flow.dir == DIR_FORWARD && flow.egress_ifindex != 0 && flow.nh_generation == fib_gen;
@@ -70,6 +87,21 @@ pub fn send<A: Family>(
                     (*e).nh_generation = fib_gen;
                     (*e).egress_ifindex = fib.ifindex;
                 }
+            }
+            if let Some((slot, now)) = learn
+                && let Some(c) = A::nexthops().get_ptr_mut(slot)
+            {
+                // SAFETY: per-CPU value, no concurrent writer.
+                unsafe {
+                    *c = NextHop {
+                        resolved_ns: now,
+                        ifindex: fib.ifindex,
+                        generation: fib_gen,
+                        src_mac: fib.smac,
+                        dst_mac: fib.dmac,
+                        _pad: 0,
+                    }
+                };
             }
             if !rewrite_l34(ctx, p, flow, true) || !rewrite_l2(ctx, l2, &fib.dmac, &fib.smac, 0) {
                 return Verdict::drop(DROP_REWRITE_FAILED);

@@ -29,7 +29,7 @@ use privatelink_common::{
     DEFAULT_MAX_RULE_LISTS, DEFAULT_MAX_RULE_LISTS6, DEFAULT_MAX_SERVICES, DatapathConfig,
     EndpointIpKey4, EndpointIpKey6, EndpointIpValue, EndpointKey4, EndpointKey6, EndpointValue,
     Flow4, Flow6, FlowKey4, FlowKey6, IfaceInfo, IfaceKey, LinkDropKey, LinkInfo, LinkStats,
-    MAX_NETWORKS, MaglevTable, NatRange4, NatRange6, OUTCOMES, RuleList4, RuleList6,
+    MAX_NETWORKS, MaglevTable, NatRange4, NatRange6, NextHop, OUTCOMES, RuleList4, RuleList6,
 };
 
 /// (ifindex, VLAN id) → network and role. Frames from anything else pass untouched.
@@ -106,6 +106,14 @@ static NAT6: Array<NatRange6> = Array::with_max_entries(MAX_NETWORKS, 0);
 /// IPv6 conntrack, as `CT4`.
 #[map]
 static CT6: HashMap<FlowKey6, Flow6> = HashMap::with_max_entries(DEFAULT_CONNTRACK6_ENTRIES, 0);
+
+/// Backend slot → the next hop of its last FIB lookup (per CPU), for new flows; see `NextHop`.
+#[map]
+static NEXTHOP4: PerCpuArray<NextHop> = PerCpuArray::with_max_entries(DEFAULT_MAX_BACKENDS, 0);
+
+/// The same for IPv6 backend slots.
+#[map]
+static NEXTHOP6: PerCpuArray<NextHop> = PerCpuArray::with_max_entries(DEFAULT_MAX_BACKENDS, 0);
 
 /// Index 0: timeouts set by the agent (defaults apply while unset).
 #[map]

@@ -6,7 +6,7 @@ use aya_ebpf::{
 use privatelink_common::{
     CT_OPEN, CT_SYN_SENT, DIR_FORWARD, DIR_REPLY, DROP_CONNTRACK_FULL, DROP_NAT_EXHAUSTED,
     DROP_NO_BACKEND, DROP_NO_NAT_RANGE, DatapathConfig, Flow, FlowKey, LinkInfo, MAGLEV_SIZE,
-    NAT_PORT_RETRIES, PROTO_TCP,
+    NAT_PORT_RETRIES, NextHop, PROTO_TCP,
 };
 
 use crate::{conntrack, family::Family, parse::Pkt};
@@ -42,9 +42,9 @@ pub fn flow_hash<A: Family>(k: &FlowKey<A>) -> u32 {
     mix(h ^ (k.proto as u32) ^ (k.network_id << 8))
 }
 
-/// The backend address for a new flow of the service, by Maglev table.
+/// The backend for a new flow of the service, by Maglev table: its slot and address.
 #[inline(always)]
-pub fn pick_backend<A: Family>(service_slot: u32, hash: u32) -> Result<A, u32> {
+pub fn pick_backend<A: Family>(service_slot: u32, hash: u32) -> Result<(u32, A), u32> {
     let table = A::maglev().get(service_slot).ok_or(DROP_NO_BACKEND)?;
     if table.backends == 0 {
         return Err(DROP_NO_BACKEND);
@@ -55,7 +55,7 @@ pub fn pick_backend<A: Family>(service_slot: u32, hash: u32) -> Result<A, u32> {
     // SAFETY: reading a local.
     let bucket = unsafe { core::ptr::read_volatile(&bucket) };
     let slot = *table.slots.get(bucket).ok_or(DROP_NO_BACKEND)?;
-    A::backend(slot).ok_or(DROP_NO_BACKEND)
+    Ok((slot, A::backend(slot).ok_or(DROP_NO_BACKEND)?))
 }
 
 #[inline(always)]
@@ -66,7 +66,8 @@ fn random_port(port_min: u16, port_max: u16) -> u16 {
     port_min + (rnd % span) as u16
 }
 
-/// Chooses a NAT address and port whose reply tuple is free, and writes both flow entries.
+/// Chooses a NAT address and port whose reply tuple is free, and writes both flow entries. With
+/// `nh` (the backend's cached next hop), the forward entry starts out with it.
 /// `flow` ends as the forward entry (the translation to apply now); it is built in place as the
 /// reply entry first, so one flow's worth of stack serves both (the IPv6 program's 512 bytes
 /// would not hold three).
@@ -87,6 +88,7 @@ pub fn create_flow<A: Family>(
     hash: u32,
     now: u64,
     cfg: &DatapathConfig,
+    nh: Option<&NextHop>,
     flow: &mut Flow<A>,
 ) -> Result<(), u32> {
     let (nat_addr_be, port_min, port_max) =
@@ -143,9 +145,19 @@ pub fn create_flow<A: Family>(
             flow.sport_be = port.to_be();
             flow.dport_be = service_port_be;
             flow.peer_network = link.provider_network;
-            flow.egress_ifindex = 0;
-            flow.src_mac = [0; 6];
-            flow.dst_mac = [0; 6];
+            match nh {
+                Some(nh) => {
+                    flow.egress_ifindex = nh.ifindex;
+                    flow.src_mac = nh.src_mac;
+                    flow.dst_mac = nh.dst_mac;
+                    flow.nh_generation = nh.generation;
+                }
+                None => {
+                    flow.egress_ifindex = 0;
+                    flow.src_mac = [0; 6];
+                    flow.dst_mac = [0; 6];
+                }
+            }
             flow.vlan_id = 0;
             flow.dir = DIR_FORWARD;
             if A::ct().insert(key, &*flow, BPF_ANY as u64).is_err() {

@@ -285,7 +285,7 @@ fn established<A: Family>(
         Verdict::drop(DROP_TTL_EXPIRED)
     } else {
         conntrack::update(flow_ptr, p, now);
-        forward::send(ctx, l2, p, &flow, Some(flow_ptr), fib_gen)
+        forward::send(ctx, l2, p, &flow, Some(flow_ptr), fib_gen, None)
     };
     stats::link_packet(
         flow.link_id,
@@ -326,9 +326,17 @@ fn new_flow<A: Family>(
         cfg,
         &mut flow,
     ) {
-        Ok(()) => {
+        Ok(slot) => {
             stats::link_new_conn(ep.link_id);
-            forward::send(ctx, l2, p, &flow, None, cfg.fib_generation)
+            forward::send(
+                ctx,
+                l2,
+                p,
+                &flow,
+                None,
+                cfg.fib_generation,
+                Some((slot, now)),
+            )
         }
         Err(reason) => Verdict::drop(reason),
     };
@@ -355,7 +363,7 @@ fn admit_and_create<A: Family>(
     now: u64,
     cfg: &DatapathConfig,
     flow: &mut Flow<A>,
-) -> Result<(), u32> {
+) -> Result<u32, u32> {
     policy::link_usable(link)?;
     policy::allowlisted(link)?;
     if p.proto == PROTO_TCP && p.tcp_flags & (TCP_SYN | TCP_ACK | TCP_RST) != TCP_SYN {
@@ -366,7 +374,9 @@ fn admit_and_create<A: Family>(
         return Err(DROP_TTL_EXPIRED);
     }
     let hash = nat::flow_hash(key);
-    let backend_be = nat::pick_backend::<A>(link.service_slot, hash)?;
+    let (slot, backend_be) = nat::pick_backend::<A>(link.service_slot, hash)?;
+    // The backend's next hop, when a recent flow to it resolved one: no FIB lookup for this flow.
+    let nh = forward::cached_nexthop::<A>(slot, now, cfg.fib_generation);
     let eth = ptr_at::<EthHdr>(ctx, 0).ok_or(PASS_MALFORMED)?;
     // SAFETY: bounds checked by ptr_at.
     let (node_mac, peer_mac) = unsafe { ((*eth).dst_addr, (*eth).src_addr) };
@@ -387,8 +397,10 @@ fn admit_and_create<A: Family>(
         hash,
         now,
         cfg,
+        nh,
         flow,
-    )
+    )?;
+    Ok(slot)
 }
 
 #[inline(always)]

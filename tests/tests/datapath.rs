@@ -891,6 +891,64 @@ fn icmp_checked(frame: &[u8]) -> (etherparse::Ipv4Header, u8, u8, [u8; 4], Vec<u
     )
 }
 
+/// Points the backend's neighbour entry at `mac` (no FIB generation bump: only caches can tell).
+fn move_backend(mac: [u8; 6]) {
+    let mac = mac.map(|b| format!("{b:02x}")).join(":");
+    let out = std::process::Command::new("ip")
+        .args([
+            "neigh",
+            "replace",
+            &BACKEND.to_string(),
+            "lladdr",
+            &mac,
+            "dev",
+            "p0",
+            "nud",
+            "permanent",
+        ])
+        .output()
+        .expect("ip neigh");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn new_flows_reuse_their_backends_next_hop_until_it_ages_or_the_generation_changes() {
+    with_harness("backend_next_hop", |h| {
+        // The cache is per CPU: every run on one CPU, so each one sees what the last one left.
+        let mut cpus = nix::sched::CpuSet::new();
+        cpus.set(0).expect("cpu 0");
+        nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &cpus).expect("affinity");
+        let m = h.model();
+        h.apply(&m);
+        let dst_mac = |h: &mut Harness, pkt: &Pkt| {
+            let r = h.run(h.c0, pkt);
+            assert_eq!(r.verdict, XDP_REDIRECT, "{pkt:?}");
+            parse_checked(&r.out).dst_mac
+        };
+        // The first flow's FIB lookup fills the backend's next hop.
+        assert_eq!(dst_mac(h, &h.consumer_syn(46000)), BACKEND_MAC);
+        let moved = [0x02, 0, 0, 0, 0x64, 0x99];
+        move_backend(moved);
+        // A new flow within the second takes it without a lookup, and so does its next packet
+        // (the forward entry starts out with it).
+        assert_eq!(dst_mac(h, &h.consumer_syn(46001)), BACKEND_MAC, "cached");
+        let ack = Pkt::tcp(CONSUMER, 46001, ENDPOINT, 80, false, true).macs(CONSUMER_MAC, h.c0_mac);
+        assert_eq!(dst_mac(h, &ack), BACKEND_MAC, "the flow's own entry");
+        // A route or neighbour change (the agent bumps the generation): resolved again.
+        h.plane.bump_fib_generation().expect("bump");
+        assert_eq!(dst_mac(h, &h.consumer_syn(46002)), moved, "re-resolved");
+        // Without a bump, a cached next hop lives at most a second.
+        move_backend(BACKEND_MAC);
+        assert_eq!(dst_mac(h, &h.consumer_syn(46003)), moved, "still cached");
+        std::thread::sleep(std::time::Duration::from_millis(1100));
+        assert_eq!(dst_mac(h, &h.consumer_syn(46004)), BACKEND_MAC, "aged out");
+    });
+}
+
 #[test]
 fn icmp_errors_about_a_flow_reach_the_consumer_as_about_its_own_packet() {
     use etherparse::{Icmpv4Type, icmpv4::DestUnreachableHeader};
