@@ -70,6 +70,10 @@ pub const CT_ESTABLISHED: u8 = 2;
 pub const CT_CLOSING: u8 = 3;
 pub const CT_OPEN: u8 = 4;
 
+/// Untagged interfaces with an ifindex below this are also in `IFACE_INDEX`, an array indexed by
+/// ifindex (an array lookup the verifier inlines instead of a hash lookup, on every packet).
+pub const IFACE_INDEX_ENTRIES: u32 = 4096;
+
 /// Key of `IFACES`: the interface (and 802.1Q VLAN id, 0 for untagged) a frame arrived on.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -460,6 +464,8 @@ crate::user_pod!(
 /// Map names as declared in the eBPF object (the agent looks maps up by these).
 pub mod names {
     pub const IFACES: &str = "IFACES";
+    /// Untagged interfaces by ifindex (below [`super::IFACE_INDEX_ENTRIES`]); role 0: not there.
+    pub const IFACE_INDEX: &str = "IFACE_INDEX";
     pub const ENDPOINTS4: &str = "ENDPOINTS4";
     pub const ENDPOINT_IPS4: &str = "ENDPOINT_IPS4";
     pub const LINKS: &str = "LINKS";
@@ -516,6 +522,7 @@ pub mod names {
         CT6,
         JUMP,
         HANDOFF6,
+        IFACE_INDEX,
     ];
 }
 

@@ -57,7 +57,7 @@ pub fn send<A: Family>(
         {
             return Verdict::drop(DROP_REWRITE_FAILED);
         }
-        return out(ctx, flow.egress_ifindex);
+        return out(l2, flow.egress_ifindex);
     }
     // SAFETY: plain-old-data struct, all zeroes is valid.
     let mut fib: bpf_fib_lookup = unsafe { core::mem::zeroed() };
@@ -66,7 +66,7 @@ pub fn send<A: Family>(
     fib.sport = flow.sport_be;
     fib.dport = flow.dport_be;
     fib.__bindgen_anon_1.tot_len = p.tot_len;
-    fib.ifindex = ctx.ingress_ifindex() as u32;
+    fib.ifindex = l2.ingress;
     A::fib_addrs(&mut fib, flow.saddr_be, flow.daddr_be);
     // SAFETY: ctx and the params struct are valid for the call.
     let rc = unsafe {
@@ -106,7 +106,7 @@ pub fn send<A: Family>(
             if !rewrite_l34(ctx, p, flow, true) || !rewrite_l2(ctx, l2, &fib.dmac, &fib.smac, 0) {
                 return Verdict::drop(DROP_REWRITE_FAILED);
             }
-            out(ctx, fib.ifindex)
+            out(l2, fib.ifindex)
         }
         // The kernel forwards the translated packet (decrementing TTL itself) and resolves the
         // neighbour; the next packet of the flow takes the fast path.
@@ -124,8 +124,8 @@ pub fn send<A: Family>(
 }
 
 #[inline(always)]
-pub fn out(ctx: &XdpContext, ifindex: u32) -> Verdict {
-    if ifindex == ctx.ingress_ifindex() as u32 {
+pub fn out(l2: &L2, ifindex: u32) -> Verdict {
+    if ifindex == l2.ingress {
         return Verdict {
             action: xdp_action::XDP_TX,
             outcome: FWD_TX,

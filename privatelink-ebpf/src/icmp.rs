@@ -186,7 +186,7 @@ fn translate(
     outer.check = l3.apply(u16::from_ne_bytes(outer.check)).to_ne_bytes();
 
     let v = if rewrite_l2(ctx, l2, &flow.dst_mac, &flow.src_mac, flow.vlan_id) {
-        out(ctx, flow.egress_ifindex)
+        out(l2, flow.egress_ifindex)
     } else {
         Verdict::drop(DROP_REWRITE_FAILED)
     };

@@ -313,7 +313,7 @@ fn translate_error(
     e.icmp[3] = c[1];
 
     let v = if rewrite_l2(ctx, l2, &flow.dst_mac, &flow.src_mac, flow.vlan_id) {
-        out(ctx, flow.egress_ifindex)
+        out(l2, flow.egress_ifindex)
     } else {
         Verdict::drop(DROP_REWRITE_FAILED)
     };

@@ -37,11 +37,15 @@ pub fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Option<*mut T> {
     Some((start + offset) as *mut T)
 }
 
-/// Layer 2 as parsed: where layer 3 starts, its EtherType and the VLAN id (0 when untagged).
+/// Layer 2 as parsed: where layer 3 starts, its EtherType and the VLAN id (0 when untagged), and
+/// the receiving interface. The context's ifindex is read here only: read in several places, LLVM
+/// keeps the field's address in a register, and the verifier refuses a load through a context
+/// pointer that was moved.
 pub struct L2 {
     pub l3_off: usize,
     pub ether_type: u16,
     pub vlan_id: u16,
+    pub ingress: u32,
 }
 
 /// Parses Ethernet and at most one 802.1Q/802.1ad tag. `None`: too short to tell anything.
@@ -50,11 +54,13 @@ pub fn l2(ctx: &XdpContext) -> Option<L2> {
     let eth: *const EthHdr = ptr_at(ctx, 0)?;
     // SAFETY: bounds checked by ptr_at.
     let ether_type = unsafe { (*eth).ether_type };
+    let ingress = ctx.ingress_ifindex() as u32;
     if ether_type != ETH_P_8021Q && ether_type != ETH_P_8021AD {
         return Some(L2 {
             l3_off: EthHdr::LEN,
             ether_type,
             vlan_id: 0,
+            ingress,
         });
     }
     let tag: *const [u8; VLAN_HLEN] = ptr_at(ctx, EthHdr::LEN)?;
@@ -64,6 +70,7 @@ pub fn l2(ctx: &XdpContext) -> Option<L2> {
         l3_off: EthHdr::LEN + VLAN_HLEN,
         ether_type: u16::from_ne_bytes([tag[2], tag[3]]),
         vlan_id: u16::from_be_bytes([tag[0], tag[1]]) & 0x0fff,
+        ingress,
     })
 }
 

@@ -9,7 +9,7 @@ use privatelink_common::{
 };
 
 use crate::{
-    HANDOFF6, IFACES, JUMP, LINKS, SCRATCH6, arp, conntrack,
+    HANDOFF6, IFACE_INDEX, IFACES, JUMP, LINKS, SCRATCH6, arp, conntrack,
     family::Family,
     forward, icmp, icmp6,
     nat::{self, Origin},
@@ -56,13 +56,7 @@ fn classify(ctx: &XdpContext) -> Verdict {
     let Some(l2) = parse::l2(ctx) else {
         return Verdict::pass(PASS_MALFORMED);
     };
-    let key = IfaceKey {
-        ifindex: ctx.ingress_ifindex() as u32,
-        vlan_id: l2.vlan_id,
-        _pad: 0,
-    };
-    // SAFETY: copied out at once.
-    let Some(iface) = (unsafe { IFACES.get(key) }).copied() else {
+    let Some(iface) = receiving_iface(l2.ingress, l2.vlan_id) else {
         return Verdict::pass(PASS_UNKNOWN_IFACE);
     };
     match l2.ether_type {
@@ -83,6 +77,25 @@ fn classify(ctx: &XdpContext) -> Verdict {
         ETH_P_ARP => Verdict::pass(PASS_NOT_ENDPOINT),
         _ => Verdict::pass(PASS_NOT_IP),
     }
+}
+
+/// The interface (and VLAN) a frame arrived on: untagged ones from the ifindex array, the rest
+/// (and ifindexes beyond it) from the hash.
+#[inline(always)]
+fn receiving_iface(ifindex: u32, vlan_id: u16) -> Option<IfaceInfo> {
+    if vlan_id == 0
+        && let Some(i) = IFACE_INDEX.get(ifindex)
+        && i.role != 0
+    {
+        return Some(*i);
+    }
+    let key = IfaceKey {
+        ifindex,
+        vlan_id,
+        _pad: 0,
+    };
+    // SAFETY: copied out at once.
+    (unsafe { IFACES.get(key) }).copied()
 }
 
 /// The IPv6 program: parses layer 2 again (offsets do not survive a tail call), takes the
@@ -381,7 +394,7 @@ fn admit_and_create<A: Family>(
     // SAFETY: bounds checked by ptr_at.
     let (node_mac, peer_mac) = unsafe { ((*eth).dst_addr, (*eth).src_addr) };
     let origin = Origin {
-        ifindex: ctx.ingress_ifindex() as u32,
+        ifindex: l2.ingress,
         vlan_id: l2.vlan_id,
         node_mac,
         peer_mac,

@@ -950,6 +950,92 @@ fn new_flows_reuse_their_backends_next_hop_until_it_ages_or_the_generation_chang
 }
 
 #[test]
+fn interfaces_are_found_by_ifindex_array_or_beyond_it_by_hash() {
+    with_harness("iface_index", |h| {
+        // An interface whose ifindex is beyond the array: it lives in the hash only.
+        let big = c::IFACE_INDEX_ENTRIES + 904;
+        for args in [
+            vec![
+                "link",
+                "add",
+                "plbig0",
+                "index",
+                &big.to_string(),
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "plbig0p",
+            ],
+            vec!["link", "set", "plbig0", "up"],
+            vec!["link", "set", "plbig0p", "up"],
+        ] {
+            let out = std::process::Command::new("ip")
+                .args(&args)
+                .output()
+                .expect("ip");
+            assert!(
+                out.status.success(),
+                "ip {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        let mac: [u8; 6] = [0x02, 0, 0, 0, 0xb1, 0x90];
+        let mut m = h.model();
+        m.ifaces.push(privatelink_agent::dataplane::Iface {
+            ifindex: big,
+            vlan_id: 0,
+            network_id: privatelink_tests::fixture::CONSUMER_NET2,
+            role: privatelink_agent::dataplane::Role::Consumer,
+            mac,
+        });
+        let mut other = m.links[&LINK].clone();
+        other.network_id = privatelink_tests::fixture::CONSUMER_NET2;
+        m.links.insert(2, other);
+        h.apply(&m);
+        let usage: std::collections::BTreeMap<_, _> = h
+            .plane
+            .map_usage()
+            .into_iter()
+            .map(|(name, n, _)| (name, n))
+            .collect();
+        assert_eq!(usage[c::names::IFACES], 4, "every interface in the hash");
+        assert_eq!(
+            usage[c::names::IFACE_INDEX],
+            3,
+            "the three with small ifindexes in the array"
+        );
+        // Both kinds classify: a new flow from each.
+        let from_small = Pkt::syn(CONSUMER, 47000, ENDPOINT, 80).macs(CONSUMER_MAC, h.c0_mac);
+        assert_eq!(h.run(h.c0, &from_small).verdict, XDP_REDIRECT, "array");
+        let from_big = Pkt::syn(CONSUMER, 47001, ENDPOINT, 80).macs(CONSUMER_MAC, mac);
+        assert_eq!(h.run(big, &from_big).verdict, XDP_REDIRECT, "hash");
+        assert_eq!(
+            h.link_stats(2).new_conns,
+            1,
+            "counted on the big interface's network's link"
+        );
+        // Removing an interface removes it from both.
+        h.apply(&h.model());
+        let usage: std::collections::BTreeMap<_, _> = h
+            .plane
+            .map_usage()
+            .into_iter()
+            .map(|(name, n, _)| (name, n))
+            .collect();
+        assert_eq!(
+            (usage[c::names::IFACES], usage[c::names::IFACE_INDEX]),
+            (3, 3)
+        );
+        assert_eq!(
+            h.run(big, &from_big).verdict,
+            XDP_PASS,
+            "an unknown interface passes"
+        );
+    });
+}
+
+#[test]
 fn icmp_errors_about_a_flow_reach_the_consumer_as_about_its_own_packet() {
     use etherparse::{Icmpv4Type, icmpv4::DestUnreachableHeader};
     with_harness("icmp_errors", |h| {

@@ -8,10 +8,10 @@ use std::{
 use ipnet::IpNet;
 use privatelink_common::{
     ACTION_ACCEPT, ACTION_DROP, AllowKey, Backend4, Backend6, DatapathConfig, EndpointIpKey4,
-    EndpointIpKey6, EndpointIpValue, EndpointKey4, EndpointKey6, EndpointValue, IfaceInfo,
-    IfaceKey, In6, LINK_AVAILABLE, LINK_PENDING, LINK_REJECTED, LinkInfo, MAX_NETWORKS, MAX_RULES,
-    NatRange4, NatRange6, PROTO_ANY, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, ROLE_CONSUMER,
-    ROLE_PROVIDER, RULES_NONE, Rule4, Rule6,
+    EndpointIpKey6, EndpointIpValue, EndpointKey4, EndpointKey6, EndpointValue,
+    IFACE_INDEX_ENTRIES, IfaceInfo, IfaceKey, In6, LINK_AVAILABLE, LINK_PENDING, LINK_REJECTED,
+    LinkInfo, MAX_NETWORKS, MAX_RULES, NatRange4, NatRange6, PROTO_ANY, PROTO_ICMP, PROTO_ICMPV6,
+    PROTO_TCP, PROTO_UDP, ROLE_CONSUMER, ROLE_PROVIDER, RULES_NONE, Rule4, Rule6,
 };
 
 use super::{
@@ -24,6 +24,8 @@ use super::{
 pub struct MapState {
     pub config: DatapathConfig,
     pub ifaces: BTreeMap<IfaceKey, IfaceInfo>,
+    /// The untagged interfaces of `ifaces` with an ifindex below `IFACE_INDEX_ENTRIES`, by ifindex.
+    pub iface_index: BTreeMap<u32, IfaceInfo>,
     pub devmap: BTreeSet<u32>,
     pub nat4: BTreeMap<u32, NatRange4>,
     pub nat6: BTreeMap<u32, NatRange6>,
@@ -244,15 +246,16 @@ pub fn compile(model: &Model, prev: &MapState) -> Result<MapState, CompileError>
             Role::Consumer => ROLE_CONSUMER,
             Role::Provider => ROLE_PROVIDER,
         };
-        out.ifaces.insert(
-            key,
-            IfaceInfo {
-                network_id: network(i.network_id)?,
-                role,
-                _pad: 0,
-                mac: i.mac,
-            },
-        );
+        let info = IfaceInfo {
+            network_id: network(i.network_id)?,
+            role,
+            _pad: 0,
+            mac: i.mac,
+        };
+        out.ifaces.insert(key, info);
+        if i.vlan_id == 0 && i.ifindex < IFACE_INDEX_ENTRIES {
+            out.iface_index.insert(i.ifindex, info);
+        }
         out.devmap.insert(i.ifindex);
     }
     for (&net, r) in &model.nat {

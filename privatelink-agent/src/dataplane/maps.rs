@@ -78,6 +78,7 @@ pub struct ApplyReport {
 /// Typed handles on every map, and the shadow of what was last written.
 pub struct Dataplane {
     ifaces: HashMap<MapData, IfaceKey, IfaceInfo>,
+    iface_index: Array<MapData, IfaceInfo>,
     endpoints4: HashMap<MapData, EndpointKey4, EndpointValue>,
     endpoint_ips4: HashMap<MapData, EndpointIpKey4, EndpointIpValue>,
     links: Array<MapData, LinkInfo>,
@@ -151,6 +152,7 @@ impl Dataplane {
         }
         Dataplane {
             ifaces: take(ebpf, names::IFACES)?,
+            iface_index: take(ebpf, names::IFACE_INDEX)?,
             endpoints4: take(ebpf, names::ENDPOINTS4)?,
             endpoint_ips4: take(ebpf, names::ENDPOINT_IPS4)?,
             links: take(ebpf, names::LINKS)?,
@@ -205,6 +207,9 @@ impl Dataplane {
             cfg
         };
         s.ifaces = read_hash(&self.ifaces, names::IFACES)?;
+        s.iface_index = read_array(&self.iface_index, names::IFACE_INDEX, |v| {
+            (v.role != 0).then_some(v)
+        })?;
         for k in self.devmap.keys() {
             s.devmap.insert(k.map_err(map_err(names::DEVMAP))?);
         }
@@ -417,6 +422,13 @@ impl Dataplane {
             w += 1;
         }
         w += put_hash(&mut self.ifaces, &prev.ifaces, &next.ifaces, names::IFACES)?;
+        w += put_array(
+            &mut self.iface_index,
+            &prev.iface_index,
+            &next.iface_index,
+            names::IFACE_INDEX,
+            |v| *v,
+        )?;
         for &ifindex in next.devmap.difference(&prev.devmap) {
             self.devmap.insert(ifindex, ifindex, None, 0)?;
             w += 1;
@@ -647,6 +659,13 @@ impl Dataplane {
             names::NAT6,
             NatRange6::default(),
         )?;
+        w += clear_array(
+            &mut self.iface_index,
+            &prev.iface_index,
+            &next.iface_index,
+            names::IFACE_INDEX,
+            IfaceInfo::default(),
+        )?;
         w += del_hash(&mut self.ifaces, &prev.ifaces, &next.ifaces, names::IFACES)?;
         for &ifindex in prev.devmap.difference(&next.devmap) {
             self.devmap
@@ -771,6 +790,11 @@ impl Dataplane {
         vec![
             (names::IFACES, s.ifaces.len(), self.caps[names::IFACES]),
             (
+                names::IFACE_INDEX,
+                s.iface_index.len(),
+                self.iface_index.len(),
+            ),
+            (
                 names::ENDPOINTS4,
                 s.endpoints4.len(),
                 self.caps[names::ENDPOINTS4],
@@ -872,6 +896,7 @@ fn drift(a: &MapState, b: &MapState) -> usize {
     }
     usize::from(a.config != b.config)
         + count(&a.ifaces, &b.ifaces)
+        + count(&a.iface_index, &b.iface_index)
         + count_set(&a.devmap, &b.devmap)
         + count(&a.nat4, &b.nat4)
         + count(&a.backends4, &b.backends4)
