@@ -34,6 +34,8 @@ pub struct Pkt6 {
     /// `Some((syn, ack))` for TCP, `None` for UDP.
     pub tcp: Option<(bool, bool)>,
     pub payload: Vec<u8>,
+    /// An 802.1Q tag with this VLAN id, when set.
+    pub vlan: Option<u16>,
 }
 
 impl Pkt6 {
@@ -49,6 +51,7 @@ impl Pkt6 {
             ext: Vec::new(),
             tcp: Some((true, false)),
             payload: b"privatelink6".to_vec(),
+            vlan: None,
         }
     }
 
@@ -108,10 +111,18 @@ impl Pkt6 {
         Ethernet2Header {
             source: self.src_mac,
             destination: self.dst_mac,
-            ether_type: EtherType::IPV6,
+            ether_type: if self.vlan.is_some() {
+                EtherType::VLAN_TAGGED_FRAME
+            } else {
+                EtherType::IPV6
+            },
         }
         .write(&mut out)
         .expect("eth");
+        if let Some(id) = self.vlan {
+            out.extend(id.to_be_bytes());
+            out.extend(EtherType::IPV6.0.to_be_bytes());
+        }
         ip.write(&mut out).expect("ipv6");
         for (i, e) in self.ext.iter().enumerate() {
             let next = self.ext.get(i + 1).map_or(proto, code).0;

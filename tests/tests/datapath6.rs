@@ -615,6 +615,52 @@ fn ipv6_without_a_neighbour_hands_the_translated_packet_to_the_kernel() {
 }
 
 #[test]
+fn a_vlan_tag_selects_the_network_for_ipv6_and_comes_back_on_replies() {
+    with_harness("vlan6", |h| {
+        let mut m = dual(h);
+        // VLAN 10 on c1 carries network 1 (a trunk), as in the IPv4 fixture.
+        m.ifaces[1].vlan_id = 10;
+        m.ifaces[1].network_id = privatelink_tests::fixture::CONSUMER_NET;
+        h.apply(&m);
+        let mut syn = Pkt6::syn(CONSUMER6, 40600, ENDPOINT6, 80).macs(CONSUMER_MAC, h.c1_mac);
+        syn.vlan = Some(10);
+        let c1 = h.c1;
+        let r = run(h, c1, &syn.build());
+        assert_eq!(r.verdict, XDP_REDIRECT, "tagged IPv6 SYN");
+        let (nat, nport) = parse_checked6(&r.out);
+        let mut want = syn.translated((nat, nport), (BACKEND6, 8080), (h.p0_mac, BACKEND_MAC), 63);
+        want.vlan = None;
+        assert_eq!(
+            r.out,
+            want.build(),
+            "the tag is popped towards the provider"
+        );
+        let mut synack = Pkt6::syn(BACKEND6, 8080, nat, nport).macs(BACKEND_MAC, h.p0_mac);
+        synack.tcp = Some((true, true));
+        let p0 = h.p0;
+        let r = run(h, p0, &synack.build());
+        assert_eq!(r.verdict, XDP_REDIRECT);
+        let mut want = synack.translated(
+            (ENDPOINT6, 80),
+            (CONSUMER6, 40600),
+            (h.c1_mac, CONSUMER_MAC),
+            63,
+        );
+        want.vlan = Some(10);
+        assert_eq!(
+            r.out,
+            want.build(),
+            "the tag is pushed back towards the consumer"
+        );
+        // Another tag on c1 is no registered network: passed untouched.
+        syn.vlan = Some(11);
+        let other = syn.build();
+        let r = run(h, c1, &other);
+        assert_eq!((r.verdict, &r.out), (XDP_PASS, &other));
+    });
+}
+
+#[test]
 fn overlapping_ipv6_consumers_collide_on_nat_and_retry() {
     with_harness("nat_collision6", |h| {
         let mut m = dual(h);
