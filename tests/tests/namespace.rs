@@ -233,3 +233,123 @@ fn a_closed_backend_port_is_reported_to_the_consumer_through_the_endpoint() {
         "one flow per family, two entries each"
     );
 }
+
+/// A server behind a router whose next link has a smaller MTU: reads everything, answers with the
+/// byte count (8 bytes, big endian).
+fn count_server(listener: TcpListener) -> u64 {
+    let (mut s, _) = listener.accept().expect("accept");
+    s.set_read_timeout(Some(Duration::from_secs(20)))
+        .expect("timeout");
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut total = 0u64;
+    loop {
+        let n = s.read(&mut buf).expect("server read");
+        if n == 0 {
+            break;
+        }
+        total += n as u64;
+    }
+    s.write_all(&total.to_be_bytes()).expect("server write");
+    total
+}
+
+#[test]
+fn path_mtu_discovery_works_across_the_endpoint_in_both_families() {
+    if !privileged("path_mtu_discovery_works_across_the_endpoint_in_both_families") {
+        return;
+    }
+    use privatelink_agent::{demo::SERVICE, netns::Netns};
+    use std::net::{Ipv4Addr, Ipv6Addr};
+    // consumer → node (XDP) → provider, a router → far link with MTU 1280 on the router's side →
+    // the backend in a namespace of its own, whose own MTU is 1500 (so it advertises MSS 1460 and
+    // nothing but the router's errors can tell the consumer to send less).
+    const FAR4: Ipv4Addr = Ipv4Addr::new(198, 18, 101, 10);
+    const FAR6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x65, 0, 0, 0, 0, 0x10);
+    let topo = Topology::build(1).expect("topology");
+    let far = Netns::new("fr").expect("far namespace");
+    privatelink_agent::netns::veth(&topo.provider, "far0", &far, "eth0").expect("veth");
+    let p = &topo.provider;
+    p.sysctl("net.ipv4.ip_forward", "1").expect("forwarding");
+    p.sysctl("net.ipv6.conf.all.forwarding", "1")
+        .expect("forwarding");
+    for args in [
+        vec!["link", "set", "far0", "mtu", "1280"],
+        vec!["addr", "add", "198.18.101.1/24", "dev", "far0"],
+        vec!["addr", "add", "2001:db8:65::1/64", "dev", "far0", "nodad"],
+    ] {
+        p.ip(&args)
+            .unwrap_or_else(|e| panic!("provider {args:?}: {e:#}"));
+    }
+    for args in [
+        vec!["addr", "add", "198.18.101.10/24", "dev", "eth0"],
+        vec!["addr", "add", "2001:db8:65::10/64", "dev", "eth0", "nodad"],
+        vec!["route", "add", NAT_RANGE, "via", "198.18.101.1"],
+        vec![
+            "route",
+            "add",
+            privatelink_agent::demo::NAT_RANGE6,
+            "via",
+            "2001:db8:65::1",
+        ],
+    ] {
+        far.ip(&args)
+            .unwrap_or_else(|e| panic!("far {args:?}: {e:#}"));
+    }
+    for args in [
+        vec!["route", "add", "198.18.101.0/24", "via", "198.18.100.10"],
+        vec!["route", "add", "2001:db8:65::/64", "via", "2001:db8:64::10"],
+    ] {
+        topo.node
+            .ip(&args)
+            .unwrap_or_else(|e| panic!("node {args:?}: {e:#}"));
+    }
+    let mut dp = Datapath::load(&Sizes::small()).expect("load");
+    let mut model = topo.model();
+    for link in model.links.values_mut() {
+        link.ip6 = Some(ENDPOINT6);
+    }
+    model.services.get_mut(&SERVICE).expect("service").backends = vec![FAR4.into(), FAR6.into()];
+    let _plane = topo.node.enter(|| {
+        let mut plane = Dataplane::new(&mut dp.ebpf).expect("maps");
+        plane.apply(&model).expect("apply");
+        plane
+    });
+    topo.attach(&mut dp).expect("attach");
+
+    const SENT: usize = 256 * 1024;
+    for (far_addr, endpoint) in [
+        (IpAddr::from(FAR4), IpAddr::from(ENDPOINT)),
+        (FAR6.into(), ENDPOINT6.into()),
+    ] {
+        let listener = far
+            .enter(|| TcpListener::bind((far_addr, TCP_PORTS.1)))
+            .expect("bind");
+        let server = far.spawn(move || count_server(listener));
+        let got = topo.consumers[0].enter(|| {
+            let addr = SocketAddr::new(endpoint, TCP_PORTS.0);
+            let mut s = TcpStream::connect_timeout(&addr, TIMEOUT).expect("connect");
+            s.set_read_timeout(Some(Duration::from_secs(20)))
+                .expect("timeout");
+            s.set_write_timeout(Some(Duration::from_secs(20)))
+                .expect("timeout");
+            s.write_all(&vec![0x5a; SENT])
+                .unwrap_or_else(|e| panic!("writing to {endpoint}: {e} (no PMTU discovery?)"));
+            s.shutdown(std::net::Shutdown::Write).expect("shutdown");
+            let mut n = [0u8; 8];
+            s.read_exact(&mut n)
+                .unwrap_or_else(|e| panic!("reply from {endpoint}: {e} (no PMTU discovery?)"));
+            u64::from_be_bytes(n)
+        });
+        assert_eq!(got, SENT as u64, "everything arrived through {endpoint}");
+        assert_eq!(server.join().expect("server"), SENT as u64);
+        // The consumer learnt the smaller path MTU toward the endpoint from the translated error.
+        let route = topo.consumers[0]
+            .exec("ip", &["route", "get", &endpoint.to_string()])
+            .expect("ip route get");
+        let route = String::from_utf8_lossy(&route.stdout).to_string();
+        assert!(
+            route.contains("mtu 1280"),
+            "no learnt MTU toward {endpoint}: {route}"
+        );
+    }
+}
