@@ -12,7 +12,7 @@ use privatelink_common::{
 };
 
 use crate::{
-    DEVMAP,
+    DEVMAP, FIB_SCRATCH,
     csum::Delta,
     family::Family,
     parse::{ETH_P_8021Q, L2, Pkt, VLAN_HLEN, ptr_at},
@@ -121,6 +121,53 @@ pub fn send<A: Family>(
         }
         _ => Verdict::drop(DROP_FIB_FAILED),
     }
+}
+
+/// Makes sure the forward entry at `entry` caches a next hop of FIB generation `fib_gen`, for
+/// packets that are not the flow's own (ICMP errors about it): a FIB lookup when it does not, its
+/// result written to the entry as the flow's own packets would. `Err`: a drop reason.
+#[inline(always)]
+pub fn ensure_next_hop<A: Family>(
+    ctx: &XdpContext,
+    l2: &L2,
+    entry: *mut Flow<A>,
+    fib_gen: u32,
+    proto: u8,
+) -> Result<(), u32> {
+    // SAFETY: pointer from a successful lookup; plain fields, benign races.
+    let e = unsafe { &mut *entry };
+    if e.egress_ifindex != 0 && e.nh_generation == fib_gen {
+        return Ok(());
+    }
+    // The parameters in per-CPU map memory: on the stack they do not fit next to the IPv6
+    // program's frame.
+    let fib = FIB_SCRATCH.get_ptr_mut(0).ok_or(DROP_FIB_FAILED)?;
+    // SAFETY: per-CPU value, no concurrent user; plain-old-data, all zeroes is valid.
+    let fib = unsafe {
+        *fib = core::mem::zeroed();
+        &mut *fib
+    };
+    fib.family = A::AF;
+    fib.l4_protocol = proto;
+    fib.ifindex = l2.ingress;
+    A::fib_addrs(fib, e.saddr_be, e.daddr_be);
+    // SAFETY: ctx and the params struct are valid for the call.
+    let rc = unsafe {
+        fib_lookup(
+            ctx.ctx.cast(),
+            fib,
+            core::mem::size_of::<bpf_fib_lookup>() as i32,
+            0,
+        )
+    };
+    if rc as u32 != BPF_FIB_LKUP_RET_SUCCESS {
+        return Err(DROP_FIB_FAILED);
+    }
+    e.src_mac = fib.smac;
+    e.dst_mac = fib.dmac;
+    e.nh_generation = fib_gen;
+    e.egress_ifindex = fib.ifindex;
+    Ok(())
 }
 
 #[inline(always)]

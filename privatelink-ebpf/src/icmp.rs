@@ -1,4 +1,4 @@
-//! ICMP errors about tracked flows, from the provider side back to the consumer.
+//! ICMP errors about tracked flows, in both directions.
 //!
 //! A router or backend on the provider side that cannot deliver a packet of a flow (port
 //! unreachable, fragmentation needed, time exceeded, parameter problem) sends the error to the
@@ -9,19 +9,26 @@
 //! incrementally, and the frame leaves by the reply path. Path MTU discovery works across the
 //! endpoint. An error quoting no tracked flow is dropped and counted.
 //!
+//! The mirror image: a consumer (or a router on its side) that cannot take a reply sends the error
+//! to the endpoint address, quoting the reply as it was delivered. Its tuple reversed is the
+//! flow's forward key, and the same rewrite with the forward entry makes it an error from the NAT
+//! address to the backend about the backend's own packet; it leaves by the forward path (the
+//! flow's cached next hop, else a FIB lookup). Large replies then adapt to a smaller MTU on the
+//! consumer's side.
+//!
 //! Echo requests to an endpoint are answered only for services that opt in.
 use network_types::ip::Ipv4Hdr;
 use privatelink_common::{
-    DIR_REPLY, DROP_BAD_IHL, DROP_ICMP_ECHO, DROP_ICMP_NO_FLOW, DROP_NO_FLOW, DROP_NO_PORT,
-    DROP_REWRITE_FAILED, DROP_TRUNCATED, DROP_TTL_EXPIRED, EndpointIpValue, FlowKey4,
+    DIR_FORWARD, DIR_REPLY, DROP_BAD_IHL, DROP_ICMP_ECHO, DROP_ICMP_NO_FLOW, DROP_NO_FLOW,
+    DROP_NO_PORT, DROP_REWRITE_FAILED, DROP_TRUNCATED, DROP_TTL_EXPIRED, EndpointIpValue, FlowKey4,
     ICMP_ECHO_REPLIED, IfaceInfo, LinkInfo, PROTO_ICMP, PROTO_TCP, PROTO_UDP,
 };
 
 use crate::{
-    CT4, LINKS,
+    CT4, LINKS, conntrack,
     csum::Delta,
     family::Family,
-    forward::{out, rewrite_l2},
+    forward::{ensure_next_hop, out, rewrite_l2},
     parse::{Hdr4, L2, ptr_at},
     policy,
     process::Verdict,
@@ -43,18 +50,23 @@ pub fn from_provider(
     iface: &IfaceInfo,
     h: &Hdr4,
 ) -> Verdict {
-    match translate(ctx, l2, iface, h) {
+    match translate(ctx, l2, iface, h, DIR_REPLY) {
         Ok(v) => v,
         Err(reason) => Verdict::drop(reason),
     }
 }
 
+/// Translates an error about a flow's packet. `dir`: the entry the quoted packet's reversed tuple
+/// names, [`DIR_REPLY`] for errors from the provider side (to a NAT address), [`DIR_FORWARD`] for
+/// errors from the consumer side (to an endpoint address). Either way the quoted packet's
+/// addresses and ports become the entry's reversed and the outer ones the entry's own.
 #[inline(always)]
 fn translate(
     ctx: &aya_ebpf::programs::XdpContext,
     l2: &L2,
     iface: &IfaceInfo,
     h: &Hdr4,
+    dir: u8,
 ) -> Result<Verdict, u32> {
     let l4_off = l2.l3_off + h.hdr_len;
     let icmp: *mut [u8; ICMP_HLEN] = ptr_at(ctx, l4_off).ok_or(DROP_TRUNCATED)?;
@@ -104,10 +116,23 @@ fn translate(
     };
     // Not refreshed: an error keeps no flow alive.
     // SAFETY: copied out at once.
-    let flow = match unsafe { CT4.get(key) } {
-        Some(f) if f.dir == DIR_REPLY => *f,
+    let entry = match CT4.get_ptr_mut(key) {
+        // SAFETY: pointer from a successful lookup.
+        Some(f) if unsafe { (*f).dir } == dir => f,
         _ => return Err(DROP_ICMP_NO_FLOW),
     };
+    if dir == DIR_FORWARD {
+        // Towards the backend: the flow's next hop, resolved now if it has none.
+        ensure_next_hop(
+            ctx,
+            l2,
+            entry,
+            conntrack::config().fib_generation,
+            PROTO_ICMP,
+        )?;
+    }
+    // SAFETY: pointer from a successful lookup; copied out at once.
+    let flow = unsafe { *entry };
     let link = LINKS.get(flow.link_id).ok_or(DROP_ICMP_NO_FLOW)?;
     policy::link_usable(link)?;
     if h.ttl <= 1 {
@@ -185,6 +210,7 @@ fn translate(
     outer.dst_addr = flow.daddr_be.to_ne_bytes();
     outer.check = l3.apply(u16::from_ne_bytes(outer.check)).to_ne_bytes();
 
+    // Reply entries hold the way back, forward entries the next hop (ensured above).
     let v = if rewrite_l2(ctx, l2, &flow.dst_mac, &flow.src_mac, flow.vlan_id) {
         out(l2, flow.egress_ifindex)
     } else {
@@ -192,7 +218,7 @@ fn translate(
     };
     stats::link_packet(
         flow.link_id,
-        DIR_REPLY,
+        dir,
         (ctx.data_end() - ctx.data()) as u64,
         false,
         &v,
@@ -203,14 +229,15 @@ fn translate(
 const ECHO_REQUEST: u8 = 8;
 const ECHO_REPLY: u8 = 0;
 
-/// ICMP from a consumer to endpoint `ep` (`h` validated): an echo request is answered in place
-/// when the service opts in and the link would admit a new flow from the sender (state,
-/// allowlist, security groups with protocol `icmp`); else dropped as `icmp_echo`. Other ICMP to
-/// an endpoint: `no_port`.
+/// ICMP from a consumer to endpoint `ep` (`h` validated): an error about a reply of a tracked
+/// flow is translated towards the backend; an echo request is answered in place when the service
+/// opts in and the link would admit a new flow from the sender (state, allowlist, security groups
+/// with protocol `icmp`); else dropped as `icmp_echo`. Other ICMP to an endpoint: `no_port`.
 #[inline(always)]
 pub fn to_endpoint(
     ctx: &aya_ebpf::programs::XdpContext,
     l2: &L2,
+    iface: &IfaceInfo,
     ep: &EndpointIpValue,
     h: &Hdr4,
 ) -> Verdict {
@@ -222,6 +249,12 @@ pub fn to_endpoint(
     };
     // SAFETY: bounds checked by ptr_at.
     let icmp = unsafe { &mut *icmp };
+    if icmp[0] == DEST_UNREACH || icmp[0] == TIME_EXCEEDED || icmp[0] == PARAM_PROBLEM {
+        return match translate(ctx, l2, iface, h, DIR_FORWARD) {
+            Ok(v) => v,
+            Err(reason) => Verdict::drop(reason),
+        };
+    }
     if icmp[0] != ECHO_REQUEST {
         return Verdict::drop(DROP_NO_PORT);
     }

@@ -14,16 +14,16 @@
 //! is updated incrementally. Path MTU discovery works across an IPv6 endpoint.
 use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
 use privatelink_common::{
-    DIR_REPLY, DROP_BAD_IHL, DROP_ICMP_ECHO, DROP_ICMP_NO_FLOW, DROP_NO_FLOW, DROP_NO_PORT,
+    DIR_FORWARD, DROP_BAD_IHL, DROP_ICMP_ECHO, DROP_ICMP_NO_FLOW, DROP_NO_FLOW, DROP_NO_PORT,
     DROP_REWRITE_FAILED, DROP_TRUNCATED, DROP_TTL_EXPIRED, EndpointIpValue, FlowKey6, IfaceInfo,
     In6, ND_REPLIED, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP,
 };
 
 use crate::{
-    CT6, ERROR_KEY6, LINKS,
+    CT6, ERROR_KEY6, LINKS, conntrack,
     csum::{self, Delta},
     family::Family,
-    forward::{out, rewrite_l2},
+    forward::{ensure_next_hop, out, rewrite_l2},
     icmp::{self, ICMP_HLEN},
     parse::{Hdr6, IPV6_HLEN, Ip6, Ipv6Raw, L2, in6, ptr_at, wire6},
     policy,
@@ -135,9 +135,10 @@ fn wire_bytes(w: &[[u8; 4]; 4]) -> [u8; 16] {
     b
 }
 
-/// ICMPv6 from a consumer to endpoint `ep`: an echo request is answered in place when the service
-/// opts in and the link would admit a new flow from the sender (state, allowlist, security groups
-/// with protocol `icmp`); else dropped as `icmp_echo`. Other ICMPv6 to an endpoint: `no_port`.
+/// ICMPv6 from a consumer to endpoint `ep` other than an error (see [`error`]): an echo request is
+/// answered in place when the service opts in and the link would admit a new flow from the sender
+/// (state, allowlist, security groups with protocol `icmp`); else dropped as `icmp_echo`. Other
+/// ICMPv6 to an endpoint: `no_port`.
 #[inline(always)]
 pub fn to_endpoint(ctx: &XdpContext, l2: &L2, ep: &EndpointIpValue, h: &Hdr6, p: &Ip6) -> Verdict {
     let Some(icmp) = ptr_at::<[u8; ICMP_HLEN]>(ctx, h.l4_off) else {
@@ -177,16 +178,28 @@ struct ErrorHead {
     inner: Ipv6Raw,
 }
 
-/// An ICMPv6 message on a provider interface, addressed to a NAT address (`h` and `p` validated:
-/// the outer header).
+/// Whether the ICMPv6 message (`h` validated) is an error that quotes a packet.
 #[inline(always)]
-pub fn from_provider(ctx: &XdpContext, l2: &L2, iface: &IfaceInfo, h: &Hdr6, p: &Ip6) -> Verdict {
-    match translate_error(ctx, l2, iface, h, p) {
+pub fn is_error(ctx: &XdpContext, h: &Hdr6) -> bool {
+    ptr_at::<[u8; ICMP_HLEN]>(ctx, h.l4_off)
+        // SAFETY: bounds checked by ptr_at.
+        .is_some_and(|icmp| (DEST_UNREACH..=PARAM_PROBLEM).contains(unsafe { &(*icmp)[0] }))
+}
+
+/// An ICMPv6 message about a flow (`h` and `p` validated: the outer header): on a provider
+/// interface to a NAT address (`dir` `DIR_REPLY`), or an error from a consumer to an endpoint
+/// address (`dir` `DIR_FORWARD`).
+#[inline(always)]
+pub fn error(ctx: &XdpContext, l2: &L2, iface: &IfaceInfo, h: &Hdr6, p: &Ip6, dir: u8) -> Verdict {
+    match translate_error(ctx, l2, iface, h, p, dir) {
         Ok(v) => v,
         Err(reason) => Verdict::drop(reason),
     }
 }
 
+/// Translates an error about a flow's packet, as [`icmp`] does for IPv4: `dir` is the entry the
+/// quoted packet's reversed tuple names (`DIR_REPLY` from the provider side, `DIR_FORWARD`
+/// from the consumer side).
 #[inline(always)]
 fn translate_error(
     ctx: &XdpContext,
@@ -194,6 +207,7 @@ fn translate_error(
     iface: &IfaceInfo,
     h: &Hdr6,
     p: &Ip6,
+    dir: u8,
 ) -> Result<Verdict, u32> {
     let icmp: *const [u8; ICMP_HLEN] = ptr_at(ctx, h.l4_off).ok_or(DROP_TRUNCATED)?;
     // SAFETY: bounds checked by ptr_at.
@@ -239,12 +253,24 @@ fn translate_error(
     };
     // Not refreshed: an error keeps no flow alive. Passed by reference: by value it would be
     // copied to the stack.
-    // SAFETY: a map value, read only.
     #[allow(clippy::needless_borrows_for_generic_args)]
-    let flow = match unsafe { CT6.get(&*key) } {
-        Some(f) if f.dir == DIR_REPLY => f,
+    let entry = match CT6.get_ptr_mut(&*key) {
+        // SAFETY: pointer from a successful lookup.
+        Some(f) if unsafe { (*f).dir } == dir => f,
         _ => return Err(DROP_ICMP_NO_FLOW),
     };
+    if dir == DIR_FORWARD {
+        // Towards the backend: the flow's next hop, resolved now if it has none.
+        ensure_next_hop(
+            ctx,
+            l2,
+            entry,
+            conntrack::config().fib_generation,
+            PROTO_ICMPV6,
+        )?;
+    }
+    // SAFETY: pointer from a successful lookup; read in place (no copy on the stack).
+    let flow = unsafe { &*entry };
     let link = LINKS.get(flow.link_id).ok_or(DROP_ICMP_NO_FLOW)?;
     policy::link_usable(link)?;
     if h.hop_limit <= 1 {
@@ -312,6 +338,7 @@ fn translate_error(
     e.icmp[2] = c[0];
     e.icmp[3] = c[1];
 
+    // Reply entries hold the way back, forward entries the next hop (ensured above).
     let v = if rewrite_l2(ctx, l2, &flow.dst_mac, &flow.src_mac, flow.vlan_id) {
         out(l2, flow.egress_ifindex)
     } else {
@@ -319,7 +346,7 @@ fn translate_error(
     };
     stats::link_packet(
         flow.link_id,
-        DIR_REPLY,
+        dir,
         (ctx.data_end() - ctx.data()) as u64,
         false,
         &v,

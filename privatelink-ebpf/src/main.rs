@@ -159,6 +159,11 @@ static SCRATCH6: PerCpuArray<parse::Ip6> = PerCpuArray::with_max_entries(1, 0);
 #[map]
 static HANDOFF6: PerCpuArray<IfaceInfo> = PerCpuArray::with_max_entries(1, 0);
 
+/// Per-CPU scratch: FIB lookup parameters of the ICMP error paths (see `forward::next_hop`).
+#[map]
+static FIB_SCRATCH: PerCpuArray<aya_ebpf::bindings::bpf_fib_lookup> =
+    PerCpuArray::with_max_entries(1, 0);
+
 /// Per-CPU scratch of the IPv6 program's ICMPv6 error path: the conntrack key of the quoted flow.
 #[map]
 static ERROR_KEY6: PerCpuArray<FlowKey6> = PerCpuArray::with_max_entries(1, 0);

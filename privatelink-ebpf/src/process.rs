@@ -2,10 +2,10 @@
 use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
 use network_types::{eth::EthHdr, ip::Ipv4Hdr};
 use privatelink_common::{
-    DIR_FORWARD, DROP_LINK_INACTIVE, DROP_NO_FLOW, DROP_NO_PORT, DROP_TCP_NOT_SYN, DROP_TRUNCATED,
-    DROP_TTL_EXPIRED, DatapathConfig, Flow, FlowKey, IfaceInfo, IfaceKey, In6, PASS_MALFORMED,
-    PASS_NOT_ENDPOINT, PASS_NOT_IP, PASS_UNKNOWN_IFACE, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP,
-    ROLE_CONSUMER,
+    DIR_FORWARD, DIR_REPLY, DROP_LINK_INACTIVE, DROP_NO_FLOW, DROP_NO_PORT, DROP_TCP_NOT_SYN,
+    DROP_TRUNCATED, DROP_TTL_EXPIRED, DatapathConfig, Flow, FlowKey, IfaceInfo, IfaceKey, In6,
+    PASS_MALFORMED, PASS_NOT_ENDPOINT, PASS_NOT_IP, PASS_UNKNOWN_IFACE, PROTO_ICMP, PROTO_ICMPV6,
+    PROTO_TCP, ROLE_CONSUMER,
 };
 
 use crate::{
@@ -217,7 +217,7 @@ fn not_tcp_udp(
         && consumer
         && let Some(ep) = u32::endpoint_ip(iface.network_id, daddr_be)
     {
-        return icmp::to_endpoint(ctx, l2, &ep, &h);
+        return icmp::to_endpoint(ctx, l2, iface, &ep, &h);
     }
     ours_or_pass(
         consumer,
@@ -241,14 +241,27 @@ fn not_tcp_udp6(
     h: &Hdr6,
     p: &Ip6,
 ) -> Verdict {
-    if h.proto == PROTO_ICMPV6 && !consumer {
-        return icmp6::from_provider(ctx, l2, iface, h, p);
-    }
-    if h.proto == PROTO_ICMPV6 && consumer {
-        if let Some(v) = icmp6::neighbour_solicitation(ctx, l2, iface, h, p) {
+    if h.proto == PROTO_ICMPV6 {
+        // One call site for both directions' error translation (it is the IPv6 program's largest
+        // piece of stack): to a NAT address about a reply entry's tuple, or from a consumer to an
+        // endpoint address about a forward entry's.
+        let ep = if consumer {
+            In6::endpoint_ip(iface.network_id, p.daddr_be)
+        } else {
+            None
+        };
+        let dir = match (consumer, &ep) {
+            (false, _) => Some(DIR_REPLY),
+            (true, Some(_)) if icmp6::is_error(ctx, h) => Some(DIR_FORWARD),
+            _ => None,
+        };
+        if let Some(dir) = dir {
+            return icmp6::error(ctx, l2, iface, h, p, dir);
+        }
+        if consumer && let Some(v) = icmp6::neighbour_solicitation(ctx, l2, iface, h, p) {
             return v;
         }
-        if let Some(ep) = In6::endpoint_ip(iface.network_id, p.daddr_be) {
+        if let Some(ep) = ep {
             return icmp6::to_endpoint(ctx, l2, &ep, h, p);
         }
     }

@@ -1173,6 +1173,65 @@ fn icmp_errors_about_a_flow_reach_the_consumer_as_about_its_own_packet() {
 }
 
 #[test]
+fn icmp_errors_from_the_consumer_about_a_reply_reach_the_backend_as_about_its_own_packet() {
+    use etherparse::{Icmpv4Type, icmpv4::DestUnreachableHeader};
+    with_harness("icmp_errors_back", |h| {
+        let m = h.model();
+        h.apply(&m);
+        let (nat, nport) = open_flow(h, 40020);
+        // The backend's SYN-ACK, as it left the backend and as the consumer got it.
+        let synack = Pkt::tcp(BACKEND, 8080, nat, nport, true, true).macs(BACKEND_MAC, h.p0_mac);
+        let original = synack.build();
+        let r = h.run(h.p0, &synack);
+        assert_eq!(r.verdict, XDP_REDIRECT);
+        // The consumer's side cannot take it whole: fragmentation needed, to the endpoint address.
+        let frag = Icmpv4Type::DestinationUnreachable(DestUnreachableHeader::FragmentationNeeded {
+            next_hop_mtu: 1280,
+        });
+        let mut err = Vec::new();
+        etherparse::PacketBuilder::ethernet2(CONSUMER_MAC, h.c0_mac)
+            .ipv4(CONSUMER.octets(), ENDPOINT.octets(), 64)
+            .icmpv4(frag)
+            .write(&mut err, &r.out[14..])
+            .expect("error");
+        let fwd_before = h.link_stats(LINK).fwd_packets;
+        let e = privatelink_tests::test_run(h.dp.program(), h.c0, &err);
+        assert_eq!(e.verdict, XDP_REDIRECT, "the error goes to the backend");
+        assert_eq!(h.link_stats(LINK).fwd_packets, fwd_before + 1, "counted");
+        assert_eq!(&e.out[..12], &[BACKEND_MAC, h.p0_mac].concat()[..], "MACs");
+        let (outer, kind, code, rest, quoted) = icmp_checked(&e.out);
+        assert_eq!(
+            (
+                Ipv4Addr::from(outer.source),
+                Ipv4Addr::from(outer.destination),
+                outer.time_to_live
+            ),
+            (nat, BACKEND, 63),
+            "from the NAT address to the backend"
+        );
+        assert_eq!(
+            (kind, code, u16::from_be_bytes([rest[2], rest[3]])),
+            (3, 4, 1280)
+        );
+        // The quote is the backend's own SYN-ACK, checksum included, but for the node's hop.
+        assert_eq!(quoted, sent_on(&original[14..]), "the quoted packet");
+
+        // An error quoting no tracked flow is dropped and counted; so is one quoting a cut header.
+        let mut stray = r.out.clone();
+        stray[36..38].copy_from_slice(&40999u16.to_be_bytes());
+        let mut err = Vec::new();
+        etherparse::PacketBuilder::ethernet2(CONSUMER_MAC, h.c0_mac)
+            .ipv4(CONSUMER.octets(), ENDPOINT.octets(), 64)
+            .icmpv4(Icmpv4Type::DestinationUnreachable(
+                DestUnreachableHeader::Port,
+            ))
+            .write(&mut err, &stray[14..])
+            .expect("error");
+        assert_dropped_raw(h, &err, c::DROP_ICMP_NO_FLOW);
+    });
+}
+
+#[test]
 fn a_full_conntrack_refuses_new_flows_keeps_established_ones_and_recovers() {
     if !privatelink_tests::privileged("a_full_conntrack") {
         return;

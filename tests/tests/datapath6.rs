@@ -526,6 +526,61 @@ fn icmpv6_errors_about_a_flow_reach_the_consumer_as_about_its_own_packet() {
     });
 }
 
+#[test]
+fn icmpv6_errors_from_the_consumer_about_a_reply_reach_the_backend_as_about_its_own_packet() {
+    with_harness("icmp6_errors_back", |h| {
+        let m = dual(h);
+        h.apply(&m);
+        let (nat, nport) = open6(h, 40020);
+        // The backend's SYN-ACK as it left the backend, and as the consumer got it.
+        let mut synack = Pkt6::syn(BACKEND6, 8080, nat, nport).macs(BACKEND_MAC, h.p0_mac);
+        synack.tcp = Some((true, true));
+        let original = synack.build();
+        let p0 = h.p0;
+        let r = run(h, p0, &original);
+        assert_eq!(r.verdict, XDP_REDIRECT);
+        // The consumer's side cannot take it whole: packet too big, to the endpoint address.
+        let mut err = Vec::new();
+        etherparse::PacketBuilder::ethernet2(CONSUMER_MAC, h.c0_mac)
+            .ipv6(CONSUMER6.octets(), ENDPOINT6.octets(), 64)
+            .icmpv6(etherparse::Icmpv6Type::PacketTooBig { mtu: 1280 })
+            .write(&mut err, &r.out[14..])
+            .expect("error");
+        let fwd_before = h.link_stats(LINK).fwd_packets;
+        let c0 = h.c0;
+        let e = run(h, c0, &err);
+        assert_eq!(e.verdict, XDP_REDIRECT, "the error goes to the backend");
+        assert_eq!(h.link_stats(LINK).fwd_packets, fwd_before + 1, "counted");
+        assert_eq!(&e.out[..12], &[BACKEND_MAC, h.p0_mac].concat()[..], "MACs");
+        let (outer, kind, _, rest, quoted) = icmp6_checked(&e.out);
+        assert_eq!(
+            (
+                Ipv6Addr::from(outer.source),
+                Ipv6Addr::from(outer.destination),
+                outer.hop_limit
+            ),
+            (nat, BACKEND6, 63),
+            "from the NAT address to the backend"
+        );
+        assert_eq!((kind, u32::from_be_bytes(rest)), (2, 1280));
+        assert_eq!(
+            quoted,
+            sent_on6(&original[14..]),
+            "the backend's own SYN-ACK"
+        );
+        // A quote of no tracked flow: dropped and counted.
+        let mut stray = r.out.clone();
+        stray[56..58].copy_from_slice(&40999u16.to_be_bytes());
+        let mut err = Vec::new();
+        etherparse::PacketBuilder::ethernet2(CONSUMER_MAC, h.c0_mac)
+            .ipv6(CONSUMER6.octets(), ENDPOINT6.octets(), 64)
+            .icmpv6(etherparse::Icmpv6Type::PacketTooBig { mtu: 1280 })
+            .write(&mut err, &stray[14..])
+            .expect("error");
+        dropped_on(h, c0, &err, c::DROP_ICMP_NO_FLOW, None);
+    });
+}
+
 /// `frame` on the provider interface is dropped, counted as `reason`, and forwarded nothing.
 fn assert_provider_drop(h: &mut Harness, frame: &[u8], reason: u32) {
     let p0 = h.p0;
