@@ -20,12 +20,12 @@
 use network_types::ip::Ipv4Hdr;
 use privatelink_common::{
     DIR_FORWARD, DIR_REPLY, DROP_BAD_IHL, DROP_ICMP_ECHO, DROP_ICMP_NO_FLOW, DROP_NO_FLOW,
-    DROP_NO_PORT, DROP_REWRITE_FAILED, DROP_TRUNCATED, DROP_TTL_EXPIRED, EndpointIpValue, FlowKey4,
-    ICMP_ECHO_REPLIED, IfaceInfo, LinkInfo, PROTO_ICMP, PROTO_TCP, PROTO_UDP,
+    DROP_NO_PORT, DROP_REWRITE_FAILED, DROP_TRUNCATED, DROP_TTL_EXPIRED, EndpointIpValue, Flow,
+    FlowKey, FlowKey4, ICMP_ECHO_REPLIED, IfaceInfo, LinkInfo, PROTO_ICMP, PROTO_TCP, PROTO_UDP,
 };
 
 use crate::{
-    CT4, LINKS, conntrack,
+    LINKS, conntrack,
     csum::Delta,
     family::Family,
     forward::{ensure_next_hop, out, rewrite_l2},
@@ -114,23 +114,7 @@ fn translate(
         proto,
         _pad: [0; 3],
     };
-    // Not refreshed: an error keeps no flow alive.
-    // SAFETY: copied out at once.
-    let entry = match CT4.get_ptr_mut(key) {
-        // SAFETY: pointer from a successful lookup.
-        Some(f) if unsafe { (*f).dir } == dir => f,
-        _ => return Err(DROP_ICMP_NO_FLOW),
-    };
-    if dir == DIR_FORWARD {
-        // Towards the backend: the flow's next hop, resolved now if it has none.
-        ensure_next_hop(
-            ctx,
-            l2,
-            entry,
-            conntrack::config().fib_generation,
-            PROTO_ICMP,
-        )?;
-    }
+    let entry = error_entry(ctx, l2, &key, dir, PROTO_ICMP)?;
     // SAFETY: pointer from a successful lookup; copied out at once.
     let flow = unsafe { *entry };
     let link = LINKS.get(flow.link_id).ok_or(DROP_ICMP_NO_FLOW)?;
@@ -150,44 +134,10 @@ fn translate(
     inner.src_addr = flow.daddr_be.to_ne_bytes();
     inner.dst_addr = flow.saddr_be.to_ne_bytes();
     inner.check = new_in_check.to_ne_bytes();
-    let in_ports = Delta::new()
-        .u16(in_sport, flow.dport_be)
-        .u16(in_dport, flow.sport_be);
-    let [s0, s1] = flow.dport_be.to_ne_bytes();
-    let [d0, d1] = flow.sport_be.to_ne_bytes();
-    *q = [s0, s1, d0, d1, q[4], q[5], q[6], q[7]];
-    // The quoted L4 checksum, where the quote holds it: UDP's is in the eight bytes (zero stays
-    // zero); TCP's only when more than eight bytes were quoted.
-    let mut icmp_delta = in_l3
-        .plus(in_ports)
-        .plus(Delta::new().u16(old_in_check, new_in_check));
-    let l4_delta = in_l3.plus(in_ports);
-    if proto == PROTO_UDP {
-        let old = u16::from_ne_bytes([q[6], q[7]]);
-        if old != 0 {
-            let c = l4_delta.apply(old);
-            let c = if c == 0 { 0xffff } else { c };
-            *q = [
-                q[0],
-                q[1],
-                q[2],
-                q[3],
-                q[4],
-                q[5],
-                c.to_ne_bytes()[0],
-                c.to_ne_bytes()[1],
-            ];
-            icmp_delta = icmp_delta.plus(Delta::new().u16(old, c));
-        }
-    } else if let Some(tcp) = ptr_at::<[u8; 18]>(ctx, in_l4_off) {
-        // SAFETY: bounds checked by ptr_at.
-        let t = unsafe { &mut *tcp };
-        let old = u16::from_ne_bytes([t[16], t[17]]);
-        let c = l4_delta.apply(old).to_ne_bytes();
-        t[16] = c[0];
-        t[17] = c[1];
-        icmp_delta = icmp_delta.plus(Delta::new().u16(old, u16::from_ne_bytes(c)));
-    }
+    let quoted_l4 = rewrite_quoted_l4(ctx, q, in_l4_off, proto, &flow, in_l3);
+    let icmp_delta = in_l3
+        .plus(Delta::new().u16(old_in_check, new_in_check))
+        .plus(quoted_l4);
     // SAFETY: bounds checked by ptr_at above.
     let icmp = unsafe { &mut *icmp };
     let c = icmp_delta
@@ -210,7 +160,83 @@ fn translate(
     outer.dst_addr = flow.daddr_be.to_ne_bytes();
     outer.check = l3.apply(u16::from_ne_bytes(outer.check)).to_ne_bytes();
 
-    // Reply entries hold the way back, forward entries the next hop (ensured above).
+    Ok(send_error(ctx, l2, &flow, dir))
+}
+
+/// The conntrack entry an ICMP error is about: `key` is the quoted packet's tuple reversed, and
+/// the entry must be of direction `dir`. Not refreshed: an error keeps no flow alive. Towards the
+/// backend (`DIR_FORWARD`) the flow's next hop is made sure of (resolved now if it has none).
+#[inline(always)]
+pub fn error_entry<A: Family>(
+    ctx: &aya_ebpf::programs::XdpContext,
+    l2: &L2,
+    key: &FlowKey<A>,
+    dir: u8,
+    proto: u8,
+) -> Result<*mut Flow<A>, u32> {
+    let entry = match A::ct().get_ptr_mut(key) {
+        // SAFETY: pointer from a successful lookup.
+        Some(f) if unsafe { (*f).dir } == dir => f,
+        _ => return Err(DROP_ICMP_NO_FLOW),
+    };
+    if dir == DIR_FORWARD {
+        ensure_next_hop(ctx, l2, entry, conntrack::config().fib_generation, proto)?;
+    }
+    Ok(entry)
+}
+
+/// Rewrites the quoted packet's ports (the first four of the eight quoted L4 bytes `q`, at
+/// `l4_off`) to those `flow` gives the other side of the tuple, and its L4 checksum where the
+/// quote holds it: UDP's is in the eight bytes (zero stays zero), TCP's only when more than eight
+/// bytes were quoted. `addrs`: the change of the quoted addresses, which the pseudo-header sees.
+/// Returns the change of the quoted L4 bytes, for the ICMP checksum.
+#[inline(always)]
+pub fn rewrite_quoted_l4<A: Family>(
+    ctx: &aya_ebpf::programs::XdpContext,
+    q: &mut [u8; 8],
+    l4_off: usize,
+    proto: u8,
+    flow: &Flow<A>,
+    addrs: Delta,
+) -> Delta {
+    let ports = Delta::new()
+        .u16(u16::from_ne_bytes([q[0], q[1]]), flow.dport_be)
+        .u16(u16::from_ne_bytes([q[2], q[3]]), flow.sport_be);
+    let [s0, s1] = flow.dport_be.to_ne_bytes();
+    let [d0, d1] = flow.sport_be.to_ne_bytes();
+    *q = [s0, s1, d0, d1, q[4], q[5], q[6], q[7]];
+    let l4 = addrs.plus(ports);
+    let mut changed = ports;
+    if proto == PROTO_UDP {
+        let old = u16::from_ne_bytes([q[6], q[7]]);
+        if old != 0 {
+            let c = l4.apply(old);
+            let c = if c == 0 { 0xffff } else { c };
+            let [c0, c1] = c.to_ne_bytes();
+            *q = [q[0], q[1], q[2], q[3], q[4], q[5], c0, c1];
+            changed = changed.plus(Delta::new().u16(old, c));
+        }
+    } else if let Some(tcp) = ptr_at::<[u8; 18]>(ctx, l4_off) {
+        // SAFETY: bounds checked by ptr_at.
+        let t = unsafe { &mut *tcp };
+        let old = u16::from_ne_bytes([t[16], t[17]]);
+        let c = l4.apply(old).to_ne_bytes();
+        t[16] = c[0];
+        t[17] = c[1];
+        changed = changed.plus(Delta::new().u16(old, u16::from_ne_bytes(c)));
+    }
+    changed
+}
+
+/// Sends a translated error out by its entry (reply entries hold the way back, forward entries
+/// the next hop [`error_entry`] made sure of) and counts it on the flow's link in direction `dir`.
+#[inline(always)]
+pub fn send_error<A: Family>(
+    ctx: &aya_ebpf::programs::XdpContext,
+    l2: &L2,
+    flow: &Flow<A>,
+    dir: u8,
+) -> Verdict {
     let v = if rewrite_l2(ctx, l2, &flow.dst_mac, &flow.src_mac, flow.vlan_id) {
         out(l2, flow.egress_ifindex)
     } else {
@@ -223,7 +249,7 @@ fn translate(
         false,
         &v,
     );
-    Ok(v)
+    v
 }
 
 const ECHO_REQUEST: u8 = 8;

@@ -14,21 +14,19 @@
 //! is updated incrementally. Path MTU discovery works across an IPv6 endpoint.
 use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
 use privatelink_common::{
-    DIR_FORWARD, DROP_BAD_IHL, DROP_ICMP_ECHO, DROP_ICMP_NO_FLOW, DROP_NO_FLOW, DROP_NO_PORT,
+    DROP_BAD_IHL, DROP_ICMP_ECHO, DROP_ICMP_NO_FLOW, DROP_NO_FLOW, DROP_NO_PORT,
     DROP_REWRITE_FAILED, DROP_TRUNCATED, DROP_TTL_EXPIRED, EndpointIpValue, FlowKey6, IfaceInfo,
     In6, ND_REPLIED, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP,
 };
 
 use crate::{
-    CT6, ERROR_KEY6, LINKS, conntrack,
+    ERROR_KEY6, LINKS,
     csum::{self, Delta},
     family::Family,
-    forward::{ensure_next_hop, out, rewrite_l2},
     icmp::{self, ICMP_HLEN},
     parse::{Hdr6, IPV6_HLEN, Ip6, Ipv6Raw, L2, in6, ptr_at, wire6},
     policy,
     process::Verdict,
-    stats,
 };
 
 const NEIGHBOUR_SOLICITATION: u8 = 135;
@@ -251,24 +249,7 @@ fn translate_error(
         proto,
         _pad: [0; 3],
     };
-    // Not refreshed: an error keeps no flow alive. Passed by reference: by value it would be
-    // copied to the stack.
-    #[allow(clippy::needless_borrows_for_generic_args)]
-    let entry = match CT6.get_ptr_mut(&*key) {
-        // SAFETY: pointer from a successful lookup.
-        Some(f) if unsafe { (*f).dir } == dir => f,
-        _ => return Err(DROP_ICMP_NO_FLOW),
-    };
-    if dir == DIR_FORWARD {
-        // Towards the backend: the flow's next hop, resolved now if it has none.
-        ensure_next_hop(
-            ctx,
-            l2,
-            entry,
-            conntrack::config().fib_generation,
-            PROTO_ICMPV6,
-        )?;
-    }
+    let entry = icmp::error_entry(ctx, l2, key, dir, PROTO_ICMPV6)?;
     // SAFETY: pointer from a successful lookup; read in place (no copy on the stack).
     let flow = unsafe { &*entry };
     let link = LINKS.get(flow.link_id).ok_or(DROP_ICMP_NO_FLOW)?;
@@ -289,34 +270,10 @@ fn translate_error(
         e.inner.src[i] = src.to_ne_bytes();
         e.inner.dst[i] = dst.to_ne_bytes();
     }
-    let in_ports = Delta::new()
-        .u16(in_sport, flow.dport_be)
-        .u16(in_dport, flow.sport_be);
-    let [s0, s1] = flow.dport_be.to_ne_bytes();
-    let [d0, d1] = flow.sport_be.to_ne_bytes();
-    *q = [s0, s1, d0, d1, q[4], q[5], q[6], q[7]];
-    let l4_delta = in_l3.plus(in_ports);
-    let mut icmp_delta = l4_delta;
-    // The quoted L4 checksum, where the quote holds it: UDP's is in the eight bytes, TCP's only
-    // when more than eight bytes were quoted (IPv6 errors quote as much as fits in 1280 bytes).
-    if proto == PROTO_UDP {
-        let old = u16::from_ne_bytes([q[6], q[7]]);
-        if old != 0 {
-            let c = l4_delta.apply(old);
-            let c = if c == 0 { 0xffff } else { c };
-            let [c0, c1] = c.to_ne_bytes();
-            *q = [q[0], q[1], q[2], q[3], q[4], q[5], c0, c1];
-            icmp_delta = icmp_delta.plus(Delta::new().u16(old, c));
-        }
-    } else if let Some(tcp) = ptr_at::<[u8; 18]>(ctx, in_l4_off) {
-        // SAFETY: bounds checked by ptr_at.
-        let t = unsafe { &mut *tcp };
-        let old = u16::from_ne_bytes([t[16], t[17]]);
-        let c = l4_delta.apply(old).to_ne_bytes();
-        t[16] = c[0];
-        t[17] = c[1];
-        icmp_delta = icmp_delta.plus(Delta::new().u16(old, u16::from_ne_bytes(c)));
-    }
+    // IPv6 errors quote as much as fits in 1280 bytes: TCP's checksum is usually quoted.
+    let icmp_delta = in_l3.plus(icmp::rewrite_quoted_l4(
+        ctx, q, in_l4_off, proto, flow, in_l3,
+    ));
 
     // Outer header: from the endpoint address to the consumer, one hop less. The ICMPv6
     // checksum's pseudo-header sees the address change.
@@ -338,18 +295,5 @@ fn translate_error(
     e.icmp[2] = c[0];
     e.icmp[3] = c[1];
 
-    // Reply entries hold the way back, forward entries the next hop (ensured above).
-    let v = if rewrite_l2(ctx, l2, &flow.dst_mac, &flow.src_mac, flow.vlan_id) {
-        out(l2, flow.egress_ifindex)
-    } else {
-        Verdict::drop(DROP_REWRITE_FAILED)
-    };
-    stats::link_packet(
-        flow.link_id,
-        dir,
-        (ctx.data_end() - ctx.data()) as u64,
-        false,
-        &v,
-    );
-    Ok(v)
+    Ok(icmp::send_error(ctx, l2, flow, dir))
 }
