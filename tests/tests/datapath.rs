@@ -795,26 +795,7 @@ fn next_hop_is_cached_until_the_fib_generation_changes() {
         // The first established packet resolves and caches; the backend then moves to a new MAC.
         assert_eq!(parse_checked(&h.run(h.c0, &ack).out).dst_mac, BACKEND_MAC);
         let moved = [0x02, 0, 0, 0, 0x64, 0x99];
-        let mac = moved.map(|b| format!("{b:02x}")).join(":");
-        let out = std::process::Command::new("ip")
-            .args([
-                "neigh",
-                "replace",
-                &BACKEND.to_string(),
-                "lladdr",
-                &mac,
-                "dev",
-                "p0",
-                "nud",
-                "permanent",
-            ])
-            .output()
-            .expect("ip neigh");
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        move_backend(moved);
         let r = h.run(h.c0, &ack);
         assert_eq!(
             parse_checked(&r.out).dst_mac,
@@ -849,6 +830,18 @@ fn icmp_error(
         .icmpv4(kind)
         .write(&mut out, &ip[..quote_len.min(ip.len())])
         .unwrap();
+    out
+}
+
+/// An ICMP error from the consumer to the endpoint address about `quoted` (a frame the datapath
+/// delivered to the consumer), quoting all of its IP packet.
+fn consumer_error(h: &Harness, kind: etherparse::Icmpv4Type, quoted: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    etherparse::PacketBuilder::ethernet2(CONSUMER_MAC, h.c0_mac)
+        .ipv4(CONSUMER.octets(), ENDPOINT.octets(), 64)
+        .icmpv4(kind)
+        .write(&mut out, &quoted[14..])
+        .expect("icmp error");
     out
 }
 
@@ -891,28 +884,33 @@ fn icmp_checked(frame: &[u8]) -> (etherparse::Ipv4Header, u8, u8, [u8; 4], Vec<u
     )
 }
 
+/// Runs `ip` in the calling thread's namespace (the harness's node), failing the test if it fails.
+fn ip(args: &[&str]) {
+    let out = std::process::Command::new("ip")
+        .args(args)
+        .output()
+        .expect("ip");
+    assert!(
+        out.status.success(),
+        "ip {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// Points the backend's neighbour entry at `mac` (no FIB generation bump: only caches can tell).
 fn move_backend(mac: [u8; 6]) {
     let mac = mac.map(|b| format!("{b:02x}")).join(":");
-    let out = std::process::Command::new("ip")
-        .args([
-            "neigh",
-            "replace",
-            &BACKEND.to_string(),
-            "lladdr",
-            &mac,
-            "dev",
-            "p0",
-            "nud",
-            "permanent",
-        ])
-        .output()
-        .expect("ip neigh");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    ip(&[
+        "neigh",
+        "replace",
+        &BACKEND.to_string(),
+        "lladdr",
+        &mac,
+        "dev",
+        "p0",
+        "nud",
+        "permanent",
+    ]);
 }
 
 #[test]
@@ -970,15 +968,7 @@ fn interfaces_are_found_by_ifindex_array_or_beyond_it_by_hash() {
             vec!["link", "set", "plbig0", "up"],
             vec!["link", "set", "plbig0p", "up"],
         ] {
-            let out = std::process::Command::new("ip")
-                .args(&args)
-                .output()
-                .expect("ip");
-            assert!(
-                out.status.success(),
-                "ip {args:?}: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
+            ip(&args);
         }
         let mac: [u8; 6] = [0x02, 0, 0, 0, 0xb1, 0x90];
         let mut m = h.model();
@@ -1188,12 +1178,7 @@ fn icmp_errors_from_the_consumer_about_a_reply_reach_the_backend_as_about_its_ow
         let frag = Icmpv4Type::DestinationUnreachable(DestUnreachableHeader::FragmentationNeeded {
             next_hop_mtu: 1280,
         });
-        let mut err = Vec::new();
-        etherparse::PacketBuilder::ethernet2(CONSUMER_MAC, h.c0_mac)
-            .ipv4(CONSUMER.octets(), ENDPOINT.octets(), 64)
-            .icmpv4(frag)
-            .write(&mut err, &r.out[14..])
-            .expect("error");
+        let err = consumer_error(h, frag, &r.out);
         let fwd_before = h.link_stats(LINK).fwd_packets;
         let e = privatelink_tests::test_run(h.dp.program(), h.c0, &err);
         assert_eq!(e.verdict, XDP_REDIRECT, "the error goes to the backend");
@@ -1219,14 +1204,8 @@ fn icmp_errors_from_the_consumer_about_a_reply_reach_the_backend_as_about_its_ow
         // An error quoting no tracked flow is dropped and counted; so is one quoting a cut header.
         let mut stray = r.out.clone();
         stray[36..38].copy_from_slice(&40999u16.to_be_bytes());
-        let mut err = Vec::new();
-        etherparse::PacketBuilder::ethernet2(CONSUMER_MAC, h.c0_mac)
-            .ipv4(CONSUMER.octets(), ENDPOINT.octets(), 64)
-            .icmpv4(Icmpv4Type::DestinationUnreachable(
-                DestUnreachableHeader::Port,
-            ))
-            .write(&mut err, &stray[14..])
-            .expect("error");
+        let port = Icmpv4Type::DestinationUnreachable(DestUnreachableHeader::Port);
+        let err = consumer_error(h, port, &stray);
         assert_dropped_raw(h, &err, c::DROP_ICMP_NO_FLOW);
     });
 }

@@ -396,6 +396,18 @@ fn icmp6_error(
     out
 }
 
+/// An ICMPv6 error from the consumer to the endpoint address about `quoted` (a frame the datapath
+/// delivered to the consumer), quoting all of its IPv6 packet.
+fn consumer_error6(h: &Harness, kind: etherparse::Icmpv6Type, quoted: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    etherparse::PacketBuilder::ethernet2(CONSUMER_MAC, h.c0_mac)
+        .ipv6(CONSUMER6.octets(), ENDPOINT6.octets(), 64)
+        .icmpv6(kind)
+        .write(&mut out, &quoted[14..])
+        .expect("icmpv6 error");
+    out
+}
+
 /// An IPv6 packet as the node sent it on: one hop less (no header checksum to fix).
 fn sent_on6(ip: &[u8]) -> Vec<u8> {
     let mut out = ip.to_vec();
@@ -540,12 +552,8 @@ fn icmpv6_errors_from_the_consumer_about_a_reply_reach_the_backend_as_about_its_
         let r = run(h, p0, &original);
         assert_eq!(r.verdict, XDP_REDIRECT);
         // The consumer's side cannot take it whole: packet too big, to the endpoint address.
-        let mut err = Vec::new();
-        etherparse::PacketBuilder::ethernet2(CONSUMER_MAC, h.c0_mac)
-            .ipv6(CONSUMER6.octets(), ENDPOINT6.octets(), 64)
-            .icmpv6(etherparse::Icmpv6Type::PacketTooBig { mtu: 1280 })
-            .write(&mut err, &r.out[14..])
-            .expect("error");
+        let ptb = etherparse::Icmpv6Type::PacketTooBig { mtu: 1280 };
+        let err = consumer_error6(h, ptb, &r.out);
         let fwd_before = h.link_stats(LINK).fwd_packets;
         let c0 = h.c0;
         let e = run(h, c0, &err);
@@ -571,12 +579,7 @@ fn icmpv6_errors_from_the_consumer_about_a_reply_reach_the_backend_as_about_its_
         // A quote of no tracked flow: dropped and counted.
         let mut stray = r.out.clone();
         stray[56..58].copy_from_slice(&40999u16.to_be_bytes());
-        let mut err = Vec::new();
-        etherparse::PacketBuilder::ethernet2(CONSUMER_MAC, h.c0_mac)
-            .ipv6(CONSUMER6.octets(), ENDPOINT6.octets(), 64)
-            .icmpv6(etherparse::Icmpv6Type::PacketTooBig { mtu: 1280 })
-            .write(&mut err, &stray[14..])
-            .expect("error");
+        let err = consumer_error6(h, ptb, &stray);
         dropped_on(h, c0, &err, c::DROP_ICMP_NO_FLOW, None);
     });
 }

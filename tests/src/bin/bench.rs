@@ -115,47 +115,40 @@ fn with_endpoints(h: &Harness, n: u32) -> privatelink_agent::dataplane::Model {
 
 fn rules(n: usize) -> Option<Vec<Rule>> {
     // n-1 rules that do not match the consumer (198.18.0.10), then an accept-all.
-    let mut v: Vec<Rule> = (0..n.saturating_sub(1))
-        .map(|i| Rule {
-            proto: RuleProto::Tcp,
-            ports: 80..=80,
-            source: format!("198.19.{}.{}/32", i / 256, i % 256)
-                .parse()
-                .expect("cidr"),
-            action: Action::Drop,
-        })
-        .collect();
-    if n > 0 {
-        v.push(Rule {
-            proto: RuleProto::All,
-            ports: 0..=65535,
-            source: "0.0.0.0/0".parse().expect("cidr"),
-            action: Action::Accept,
-        });
-    }
-    if n == 0 { None } else { Some(v) }
+    rules_with(
+        n,
+        |i| format!("198.19.{}.{}/32", i / 256, i % 256),
+        "0.0.0.0/0",
+    )
 }
 
 /// The IPv6 twin of [`rules`]: `n`-1 IPv6 rules that do not match the consumer, then an
 /// accept-all.
 fn rules6(n: usize) -> Option<Vec<Rule>> {
-    let mut v: Vec<Rule> = (0..n.saturating_sub(1))
+    rules_with(n, |i| format!("2001:db8:1::{i:x}/128"), "::/0")
+}
+
+/// `n`-1 TCP drop rules from the sources `nonmatching` names, then an accept-all from `any`; no
+/// list (no group bound) for 0.
+fn rules_with(n: usize, nonmatching: impl Fn(usize) -> String, any: &str) -> Option<Vec<Rule>> {
+    if n == 0 {
+        return None;
+    }
+    let mut v: Vec<Rule> = (0..n - 1)
         .map(|i| Rule {
             proto: RuleProto::Tcp,
             ports: 80..=80,
-            source: format!("2001:db8:1::{i:x}/128").parse().expect("cidr"),
+            source: nonmatching(i).parse().expect("cidr"),
             action: Action::Drop,
         })
         .collect();
-    if n > 0 {
-        v.push(Rule {
-            proto: RuleProto::All,
-            ports: 0..=65535,
-            source: "::/0".parse().expect("cidr"),
-            action: Action::Accept,
-        });
-    }
-    if n == 0 { None } else { Some(v) }
+    v.push(Rule {
+        proto: RuleProto::All,
+        ports: 0..=65535,
+        source: any.parse().expect("cidr"),
+        action: Action::Accept,
+    });
+    Some(v)
 }
 
 /// IPv6 consumer tuple number `i` (fresh for each new flow).
@@ -270,26 +263,18 @@ fn measure(endpoints: u32, ct_fill: u32, rows: &mut Vec<Row>, floors: &mut Vec<(
             .build();
         row("established reply", mean_ns(h, p0, |_| reply.clone()));
 
-        for (n, path) in [
+        let syn4 = |i| {
+            let (src, port) = consumer(i);
+            Pkt::syn(src, port, ENDPOINT, 80)
+                .macs(CONSUMER_MAC, c0_mac)
+                .build()
+        };
+        let cases = [
             (0, "new flow, 0 rules"),
             (16, "new flow, 16 rules"),
             (256, "new flow, 256 rules"),
-        ] {
-            let mut m = model.clone();
-            m.links.get_mut(&LINK).expect("link").rules = rules(n);
-            h.plane.apply(&m).expect("apply rules");
-            let start = next;
-            next += SAMPLES;
-            row(
-                path,
-                mean_ns(h, c0, |i| {
-                    let (src, port) = consumer(start + i);
-                    Pkt::syn(src, port, ENDPOINT, 80)
-                        .macs(CONSUMER_MAC, c0_mac)
-                        .build()
-                }),
-            );
-        }
+        ];
+        new_flows(h, &model, &cases, rules, syn4, &mut next, &mut row);
 
         // The same paths over IPv6 (the tail call into the IPv6 program included).
         h.plane.apply(&model).expect("apply without rules");
@@ -307,26 +292,39 @@ fn measure(endpoints: u32, ct_fill: u32, rows: &mut Vec<Row>, floors: &mut Vec<(
         reply.tcp = Some((false, true));
         let reply = reply.build();
         row("IPv6 established reply", mean_ns(h, p0, |_| reply.clone()));
-        for (n, path) in [
+        let syn6 = |i| {
+            let (src, port) = consumer6(i);
+            Pkt6::syn(src, port, ENDPOINT6, 80)
+                .macs(CONSUMER_MAC, c0_mac)
+                .build()
+        };
+        let cases = [
             (0, "IPv6 new flow, 0 rules"),
             (16, "IPv6 new flow, 16 rules"),
-        ] {
-            let mut m = model.clone();
-            m.links.get_mut(&LINK).expect("link").rules = rules6(n);
-            h.plane.apply(&m).expect("apply IPv6 rules");
-            let start = next;
-            next += SAMPLES;
-            row(
-                path,
-                mean_ns(h, c0, |i| {
-                    let (src, port) = consumer6(start + i);
-                    Pkt6::syn(src, port, ENDPOINT6, 80)
-                        .macs(CONSUMER_MAC, c0_mac)
-                        .build()
-                }),
-            );
-        }
+        ];
+        new_flows(h, &model, &cases, rules6, syn6, &mut next, &mut row);
     });
+}
+
+/// New-flow rows: for each (rule count, path), the measured link gets `rules(n)` and every
+/// sample is a SYN `syn(i)` from a consumer tuple no sample used before (`next` on).
+fn new_flows(
+    h: &mut Harness,
+    model: &privatelink_agent::dataplane::Model,
+    cases: &[(usize, &'static str)],
+    rules: fn(usize) -> Option<Vec<Rule>>,
+    syn: impl Fn(u32) -> Vec<u8>,
+    next: &mut u32,
+    row: &mut impl FnMut(&'static str, f64),
+) {
+    for &(n, path) in cases {
+        let mut m = model.clone();
+        m.links.get_mut(&LINK).expect("link").rules = rules(n);
+        h.plane.apply(&m).expect("apply rules");
+        let start = *next;
+        *next += SAMPLES;
+        row(path, mean_ns(h, h.c0, |i| syn(start + i)));
+    }
 }
 
 /// Real traffic through veth with the kernel's own run-time statistics.
