@@ -125,6 +125,54 @@ fn server(w: &World, log: &Path, program: &str, args: &[&str]) -> Proc {
     )
 }
 
+/// python's http.server on `bind`, serving each consumer's own 1 MiB file (`blob-1`, `blob-2`),
+/// logging to http.log.
+fn http_server(w: &World, bind: &str) -> Proc {
+    let www = w.dir.join("www");
+    std::fs::create_dir_all(&www).unwrap();
+    for c in 1..=2u64 {
+        std::fs::write(www.join(format!("blob-{c}")), blob(c, 1 << 20)).unwrap();
+    }
+    server(
+        w,
+        &w.dir.join("http.log"),
+        "/usr/bin/python3",
+        &[
+            "-u",
+            "-m",
+            "http.server",
+            &HTTP.service_port.to_string(),
+            "--bind",
+            bind,
+            "--directory",
+            www.to_str().unwrap(),
+        ],
+    )
+}
+
+/// redis-server on `bind`, without persistence, logging to redis.log.
+fn redis_server(w: &World, bind: &str) -> Proc {
+    server(
+        w,
+        &w.dir.join("redis.log"),
+        "redis-server",
+        &[
+            "--bind",
+            bind,
+            "--port",
+            &REDIS.service_port.to_string(),
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--protected-mode",
+            "no",
+            "--dir",
+            w.dir.to_str().unwrap(),
+        ],
+    )
+}
+
 /// Retries `f` (bounded) until it returns true.
 fn eventually(what: &str, w: &World, mut f: impl FnMut() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -177,6 +225,21 @@ struct Counters {
     reply_packets: f64,
     fwd_bytes: f64,
     reply_bytes: f64,
+}
+
+impl std::ops::Sub for Counters {
+    type Output = Counters;
+
+    /// What happened between two scrapes.
+    fn sub(self, b: Counters) -> Counters {
+        Counters {
+            connections: self.connections - b.connections,
+            fwd_packets: self.fwd_packets - b.fwd_packets,
+            reply_packets: self.reply_packets - b.reply_packets,
+            fwd_bytes: self.fwd_bytes - b.fwd_bytes,
+            reply_bytes: self.reply_bytes - b.reply_bytes,
+        }
+    }
 }
 
 fn counters(w: &World, endpoints: &BTreeMap<(usize, &str), String>) -> BTreeMap<String, Counters> {
@@ -413,6 +476,52 @@ fn udp_server_at(w: &World, at: SocketAddr, stop: Arc<AtomicBool>) -> std::threa
     })
 }
 
+/// Service `k` with `backends` through the provider's API, both consumer accounts allowlisted, an
+/// endpoint of each consumer (`address`: the request's address fields), all accepted.
+/// Records the endpoint ids in `endpoints` by (consumer, service name); returns the endpoints.
+fn offer(
+    w: &World,
+    k: &'static Kind,
+    backends: &[String],
+    endpoints: &mut BTreeMap<(usize, &str), String>,
+    address: serde_json::Value,
+) -> Vec<serde_json::Value> {
+    let svc = ok(
+        &w.topo,
+        &w.tokens[0],
+        "/v1/services",
+        json!({ "name": k.name, "network_id": w.vpcs[0].0, "service_type": k.service_type,
+            "backends": backends,
+            "port_mappings": [{ "protocol": k.protocol, "service_port": k.service_port, "terminal_port": k.terminal_port }] }),
+    );
+    let svc = svc["id"].as_str().unwrap().to_string();
+    let mut made = Vec::new();
+    for c in 0..2 {
+        ok(
+            &w.topo,
+            &w.tokens[0],
+            &format!("/v1/services/{svc}/allowlist"),
+            json!({ "account_id": format!("100000000{}", c + 1) }),
+        );
+        let mut req = json!({ "name": k.name, "service_id": svc, "network_id": w.vpcs[c + 1].0,
+            "subnet_id": w.vpcs[c + 1].1 });
+        for (f, v) in address.as_object().expect("address fields") {
+            req[f] = v.clone();
+        }
+        let ep = ok(&w.topo, &w.tokens[c + 1], "/v1/endpoints", req);
+        endpoints.insert((c, k.name), ep["id"].as_str().unwrap().to_string());
+        made.push(ep);
+    }
+    let ids: Vec<&serde_json::Value> = made.iter().map(|ep| &ep["id"]).collect();
+    ok(
+        &w.topo,
+        &w.tokens[0],
+        &format!("/v1/services/{svc}/accept"),
+        json!({ "endpoint_ids": ids }),
+    );
+    made
+}
+
 /// Stops a thread on drop (the UDP server), also on panic.
 struct StopOnDrop(Arc<AtomicBool>);
 
@@ -437,45 +546,8 @@ fn real_clients_reach_real_servers_through_endpoints_in_overlapping_networks() {
 
     // Servers, on provider addresses only.
     let dir = w.dir.clone();
-    let www = dir.join("www");
-    std::fs::create_dir_all(&www).unwrap();
-    for c in 1..=2u64 {
-        std::fs::write(www.join(format!("blob-{c}")), blob(c, 1 << 20)).unwrap();
-    }
-    let _http = server(
-        &w,
-        &dir.join("http.log"),
-        "/usr/bin/python3",
-        &[
-            "-u",
-            "-m",
-            "http.server",
-            &HTTP.service_port.to_string(),
-            "--bind",
-            &HTTP.backend.to_string(),
-            "--directory",
-            www.to_str().unwrap(),
-        ],
-    );
-    let _redis = server(
-        &w,
-        &dir.join("redis.log"),
-        "redis-server",
-        &[
-            "--bind",
-            &REDIS.backend.to_string(),
-            "--port",
-            &REDIS.service_port.to_string(),
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--protected-mode",
-            "no",
-            "--dir",
-            dir.to_str().unwrap(),
-        ],
-    );
+    let _http = http_server(&w, &HTTP.backend.to_string());
+    let _redis = redis_server(&w, &REDIS.backend.to_string());
     let data = dir.join("mariadb");
     run(
         provider,
@@ -534,39 +606,12 @@ fn real_clients_reach_real_servers_through_endpoints_in_overlapping_networks() {
     // Services, allowlists and endpoints through the agent's API; every endpoint accepted.
     let mut endpoints: BTreeMap<(usize, &str), String> = BTreeMap::new();
     for k in KINDS {
-        let svc = ok(
-            &w.topo,
-            &w.tokens[0],
-            "/v1/services",
-            json!({ "name": k.name, "network_id": w.vpcs[0].0, "service_type": k.service_type,
-                "backends": [k.backend.to_string()],
-                "port_mappings": [{ "protocol": k.protocol, "service_port": k.service_port, "terminal_port": k.terminal_port }] }),
-        );
-        let svc = svc["id"].as_str().unwrap().to_string();
-        let mut ids = Vec::new();
-        for c in 0..2 {
-            ok(
-                &w.topo,
-                &w.tokens[0],
-                &format!("/v1/services/{svc}/allowlist"),
-                json!({ "account_id": format!("100000000{}", c + 1) }),
-            );
-            let ep = ok(
-                &w.topo,
-                &w.tokens[c + 1],
-                "/v1/endpoints",
-                json!({ "name": k.name, "service_id": svc, "network_id": w.vpcs[c + 1].0,
-                    "subnet_id": w.vpcs[c + 1].1, "ip": k.endpoint.to_string() }),
-            );
-            let id = ep["id"].as_str().unwrap().to_string();
-            ids.push(id.clone());
-            endpoints.insert((c, k.name), id);
-        }
-        ok(
-            &w.topo,
-            &w.tokens[0],
-            &format!("/v1/services/{svc}/accept"),
-            json!({ "endpoint_ids": ids }),
+        offer(
+            &w,
+            k,
+            &[k.backend.to_string()],
+            &mut endpoints,
+            json!({ "ip": k.endpoint.to_string() }),
         );
     }
     w.eps = endpoints.values().cloned().collect();
@@ -665,14 +710,7 @@ fn real_clients_reach_real_servers_through_endpoints_in_overlapping_networks() {
     for c in 0..2 {
         let d = |k: &Kind| {
             let ep = &endpoints[&(c, k.name)];
-            let (a, b) = (after[ep], before[ep]);
-            Counters {
-                connections: a.connections - b.connections,
-                fwd_packets: a.fwd_packets - b.fwd_packets,
-                reply_packets: a.reply_packets - b.reply_packets,
-                fwd_bytes: a.fwd_bytes - b.fwd_bytes,
-                reply_bytes: a.reply_bytes - b.reply_bytes,
-            }
+            after[ep] - before[ep]
         };
         let http = d(&HTTP);
         assert_eq!(
@@ -750,45 +788,8 @@ fn real_clients_reach_real_servers_through_ipv6_and_dual_stack_endpoints() {
     // on a socket per backend address (an unbound UDP socket would answer from the interface's
     // primary address, not the one the query went to).
     let dir = w.dir.clone();
-    let www = dir.join("www");
-    std::fs::create_dir_all(&www).unwrap();
-    for c in 1..=2u64 {
-        std::fs::write(www.join(format!("blob-{c}")), blob(c, 1 << 20)).unwrap();
-    }
-    let _http = server(
-        &w,
-        &dir.join("http.log"),
-        "/usr/bin/python3",
-        &[
-            "-u",
-            "-m",
-            "http.server",
-            &HTTP.service_port.to_string(),
-            "--bind",
-            "::",
-            "--directory",
-            www.to_str().unwrap(),
-        ],
-    );
-    let _redis = server(
-        &w,
-        &dir.join("redis.log"),
-        "redis-server",
-        &[
-            "--bind",
-            &CACHE6.0.to_string(),
-            "--port",
-            &REDIS.service_port.to_string(),
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--protected-mode",
-            "no",
-            "--dir",
-            dir.to_str().unwrap(),
-        ],
-    );
+    let _http = http_server(&w, "::");
+    let _redis = redis_server(&w, &CACHE6.0.to_string());
     let stop = Arc::new(AtomicBool::new(false));
     let _stop = StopOnDrop(stop.clone());
     let udp = [IpAddr::from(RESOLVER6.0), UDP.backend.into()]
@@ -812,43 +813,15 @@ fn real_clients_reach_real_servers_through_ipv6_and_dual_stack_endpoints() {
     ];
     let mut endpoints: BTreeMap<(usize, &str), String> = BTreeMap::new();
     for (k, backends, family, ip6) in &services {
-        let svc = ok(
-            &w.topo,
-            &w.tokens[0],
-            "/v1/services",
-            json!({ "name": k.name, "network_id": w.vpcs[0].0, "service_type": k.service_type,
-                "backends": backends,
-                "port_mappings": [{ "protocol": k.protocol, "service_port": k.service_port, "terminal_port": k.terminal_port }] }),
-        );
-        let svc = svc["id"].as_str().unwrap().to_string();
-        let mut ids = Vec::new();
-        for c in 0..2 {
-            ok(
-                &w.topo,
-                &w.tokens[0],
-                &format!("/v1/services/{svc}/allowlist"),
-                json!({ "account_id": format!("100000000{}", c + 1) }),
-            );
-            let mut req = json!({ "name": k.name, "service_id": svc, "network_id": w.vpcs[c + 1].0,
-                "subnet_id": w.vpcs[c + 1].1, "ip_address_type": family });
-            if *family == "dualstack" {
-                req["ip"] = json!(k.endpoint.to_string());
-                req["ipv6"] = json!(ip6.to_string());
-            } else {
-                req["ip"] = json!(ip6.to_string());
-            }
-            let ep = ok(&w.topo, &w.tokens[c + 1], "/v1/endpoints", req);
+        let address = if *family == "dualstack" {
+            json!({ "ip_address_type": family, "ip": k.endpoint.to_string(), "ipv6": ip6.to_string() })
+        } else {
+            json!({ "ip_address_type": family, "ip": ip6.to_string() })
+        };
+        let made = offer(&w, k, backends, &mut endpoints, address);
+        for ep in made {
             assert_eq!(ep["ip_address_type"], json!(family), "{ep}");
-            let id = ep["id"].as_str().unwrap().to_string();
-            ids.push(id.clone());
-            endpoints.insert((c, k.name), id);
         }
-        ok(
-            &w.topo,
-            &w.tokens[0],
-            &format!("/v1/services/{svc}/accept"),
-            json!({ "endpoint_ids": ids }),
-        );
     }
 
     // Every server answers through every endpoint address (the first packets resolve neighbours:
@@ -980,14 +953,7 @@ fn real_clients_reach_real_servers_through_ipv6_and_dual_stack_endpoints() {
     for c in 0..2 {
         let d = |name: &str| {
             let ep = &endpoints[&(c, name)];
-            let (a, b) = (after[ep], before[ep]);
-            Counters {
-                connections: a.connections - b.connections,
-                fwd_packets: a.fwd_packets - b.fwd_packets,
-                reply_packets: a.reply_packets - b.reply_packets,
-                fwd_bytes: a.fwd_bytes - b.fwd_bytes,
-                reply_bytes: a.reply_bytes - b.reply_bytes,
-            }
+            after[ep] - before[ep]
         };
         let http = d(HTTP.name);
         assert_eq!(
