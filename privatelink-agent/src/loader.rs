@@ -163,13 +163,8 @@ impl Datapath {
             .ok_or(LoadError::MissingProgram(PASS_PROGRAM))?
             .try_into()?;
         pass.load()?;
-        for name in [FLOOR_PROGRAM, GEN_PROGRAM, SINK_PROGRAM] {
-            let p: &mut Xdp = ebpf
-                .program_mut(name)
-                .ok_or(LoadError::MissingProgram(name))?
-                .try_into()?;
-            p.load()?;
-        }
+        // The benchmark's programs (floor, generator, sink) load on first use, not here: an
+        // agent never runs them.
         Ok(Datapath { ebpf })
     }
 
@@ -183,13 +178,13 @@ impl Datapath {
     }
 
     /// The benchmark floor program.
-    pub fn floor_program(&mut self) -> &mut Xdp {
-        self.xdp(FLOOR_PROGRAM)
+    pub fn floor_program(&mut self) -> Result<&mut Xdp, LoadError> {
+        self.bench_program(FLOOR_PROGRAM)
     }
 
     /// The benchmark load generator (see the eBPF crate's `bench.rs`).
-    pub fn gen_program(&mut self) -> &mut Xdp {
-        self.xdp(GEN_PROGRAM)
+    pub fn gen_program(&mut self) -> Result<&mut Xdp, LoadError> {
+        self.bench_program(GEN_PROGRAM)
     }
 
     /// Sets the frame head the generator restores on every run: the first [`GEN_HEAD`] bytes of
@@ -227,8 +222,21 @@ impl Datapath {
     }
 
     /// The benchmark sink (counts and drops).
-    pub fn sink_program(&mut self) -> &mut Xdp {
-        self.xdp(SINK_PROGRAM)
+    pub fn sink_program(&mut self) -> Result<&mut Xdp, LoadError> {
+        self.bench_program(SINK_PROGRAM)
+    }
+
+    /// A benchmark program, loaded (through the verifier) the first time it is asked for.
+    fn bench_program(&mut self, name: &'static str) -> Result<&mut Xdp, LoadError> {
+        let p: &mut Xdp = self
+            .ebpf
+            .program_mut(name)
+            .ok_or(LoadError::MissingProgram(name))?
+            .try_into()?;
+        if p.fd().is_err() {
+            p.load()?;
+        }
+        Ok(p)
     }
 
     /// Frames the sink has dropped so far, all CPUs.

@@ -47,7 +47,7 @@ fn the_generator_restores_its_frame_or_opens_a_new_flow_per_frame_and_the_sink_c
     let mut translated = want.clone();
     translated[0..12].copy_from_slice(&[9; 12]);
     translated[30..34].copy_from_slice(&[198, 18, 100, 10]);
-    let r = test_run(dp.gen_program(), 0, &translated);
+    let r = test_run(dp.gen_program().expect("generator program"), 0, &translated);
     assert_eq!(r.verdict, XDP_TX);
     assert_eq!(r.out, want, "the head is restored, the rest untouched");
 
@@ -55,7 +55,7 @@ fn the_generator_restores_its_frame_or_opens_a_new_flow_per_frame_and_the_sink_c
     dp.set_gen_new_flows(true).expect("new flows on");
     let mut seen = std::collections::BTreeSet::new();
     for i in 0..3u16 {
-        let r = test_run(dp.gen_program(), 0, &want);
+        let r = test_run(dp.gen_program().expect("generator program"), 0, &want);
         assert_eq!(r.verdict, XDP_TX);
         let (src, port) = source(&r.out);
         assert_eq!((src, port), ([198, 18, 0, 10], 1024 + i));
@@ -63,16 +63,22 @@ fn the_generator_restores_its_frame_or_opens_a_new_flow_per_frame_and_the_sink_c
         assert_eq!(r.out[42..], want[42..], "payload untouched");
     }
     for _ in 3..64_512 {
-        test_run(dp.gen_program(), 0, &want);
+        test_run(dp.gen_program().expect("generator program"), 0, &want);
     }
-    let r = test_run(dp.gen_program(), 0, &want);
+    let r = test_run(dp.gen_program().expect("generator program"), 0, &want);
     assert_eq!(source(&r.out), ([198, 18, 0, 11], 1024), "the next address");
     dp.set_gen_new_flows(false).expect("new flows off");
-    assert_eq!(test_run(dp.gen_program(), 0, &want).out, want);
+    assert_eq!(
+        test_run(dp.gen_program().expect("generator program"), 0, &want).out,
+        want
+    );
 
     let before = dp.sink_count().expect("sink count");
     for _ in 0..5 {
-        assert_eq!(test_run(dp.sink_program(), 0, &want).verdict, XDP_DROP);
+        assert_eq!(
+            test_run(dp.sink_program().expect("sink program"), 0, &want).verdict,
+            XDP_DROP
+        );
     }
     assert_eq!(dp.sink_count().expect("sink count"), before + 5);
 }

@@ -67,6 +67,7 @@ fn floor(h: &mut Harness) -> (f64, f64) {
             o.data_in = Some(&pkt);
             o.data_out = Some(&mut out);
             h.dp.floor_program()
+                .expect("floor program")
                 .test_run(o)
                 .expect("floor test run")
                 .duration
@@ -79,6 +80,7 @@ fn floor(h: &mut Harness) -> (f64, f64) {
     o.repeat = FLOOR_REPEAT;
     let rn =
         h.dp.floor_program()
+            .expect("floor program")
             .test_run(o)
             .expect("floor repeat run")
             .duration

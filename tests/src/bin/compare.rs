@@ -630,7 +630,12 @@ fn gen_pps(bed: &mut Bed, mode: Mode) -> GenRates {
     let pass = bed.provider_pass.take().expect("pass attached");
     provider.enter(|| bed.dp.pass_program().detach(pass).expect("detach pass"));
     let sink = provider
-        .enter(|| bed.dp.sink_program().attach("eth0", XdpMode::Driver))
+        .enter(|| {
+            bed.dp
+                .sink_program()
+                .expect("sink program")
+                .attach("eth0", XdpMode::Driver)
+        })
         .expect("attach the sink");
 
     let consumer = &bed.topo.consumers[0];
@@ -651,7 +656,7 @@ fn gen_pps(bed: &mut Bed, mode: Mode) -> GenRates {
     let md: [u32; 6] = [0, frame.len() as u32, 0, ifindex, 0, 0];
     let ctx: Vec<u8> = md.iter().flat_map(|v| v.to_ne_bytes()).collect();
     let send = |dp: &mut Datapath, repeat: u32| {
-        let generator = dp.gen_program();
+        let generator = dp.gen_program().expect("generator program");
         let mut o = TestRunOptions::new();
         o.data_in = Some(&frame);
         o.ctx_in = Some(&ctx);
@@ -686,7 +691,13 @@ fn gen_pps(bed: &mut Bed, mode: Mode) -> GenRates {
     let new_flows = measure(&mut bed.dp, &|_, runs| runs * GEN_REPEAT >= GEN_NEW_FLOWS);
     bed.dp.set_gen_new_flows(false).expect("generator mode");
 
-    provider.enter(|| bed.dp.sink_program().detach(sink).expect("detach the sink"));
+    provider.enter(|| {
+        bed.dp
+            .sink_program()
+            .expect("sink program")
+            .detach(sink)
+            .expect("detach the sink")
+    });
     bed.provider_pass = Some(
         provider
             .enter(|| bed.dp.pass_program().attach("eth0", XdpMode::Driver))
