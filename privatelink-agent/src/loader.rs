@@ -23,6 +23,10 @@ pub const FLOOR_PROGRAM: &str = "floor";
 /// Program names of the benchmark load generator (live-frames test runs) and sink (count, drop).
 pub const GEN_PROGRAM: &str = "traffic_gen";
 pub const SINK_PROGRAM: &str = "sink";
+/// Program name of the benchmark replay (restores the frame, tail-calls the measured program).
+pub const REPLAY_PROGRAM: &str = "replay";
+/// Its program array: index 0 is the program it hands frames to.
+const REPLAY_JUMP: &str = "REPLAY_JUMP";
 /// The sink's per-CPU counter, and the generator's frame head (restored on every run).
 const SINK: &str = "SINK";
 const GEN_FRAME: &str = "GEN_FRAME";
@@ -94,6 +98,10 @@ pub enum LoadError {
     Jump(std::io::Error),
     #[error("installing the IPv6 program: {0}")]
     JumpMap(aya::maps::MapError),
+    #[error("installing the benchmark replay's target: {0}")]
+    Replay(std::io::Error),
+    #[error("installing the benchmark replay's target: {0}")]
+    ReplayMap(aya::maps::MapError),
 }
 
 /// The loaded object: programs and maps, not yet attached anywhere.
@@ -219,6 +227,26 @@ impl Datapath {
             })?
             .try_into()?;
         m.set(0, u64::from(on), 0)
+    }
+
+    /// The benchmark replay, handing every frame (its head restored from the generator's frame,
+    /// with the generator's new-flow sequence when that is on) to `target`: the datapath
+    /// ([`PROGRAM`]) or the floor ([`FLOOR_PROGRAM`]). Run it with repeat > 1.
+    pub fn replay_into(&mut self, target: &'static str) -> Result<&mut Xdp, LoadError> {
+        let fd = self
+            .bench_program(target)?
+            .fd()?
+            .try_clone()
+            .map_err(LoadError::Replay)?;
+        self.bench_program(REPLAY_PROGRAM)?;
+        let mut jump: ProgramArray<_> = self
+            .ebpf
+            .map_mut(REPLAY_JUMP)
+            .ok_or(LoadError::MissingProgram(REPLAY_PROGRAM))?
+            .try_into()
+            .map_err(LoadError::ReplayMap)?;
+        jump.set(0, &fd, 0).map_err(LoadError::ReplayMap)?;
+        self.bench_program(REPLAY_PROGRAM)
     }
 
     /// The benchmark sink (counts and drops).

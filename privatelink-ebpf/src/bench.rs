@@ -8,9 +8,13 @@
 //! also gets a source (address, port) no earlier frame had, so every frame opens a new flow. `sink` counts and drops
 //! every frame it sees: attached on the receiving side, it tells how many frames a forwarding
 //! setup delivered, without a socket's cost in the measurement.
+//!
+//! `replay` makes the same rewrite and then tail-calls the program in `REPLAY_JUMP`: the datapath
+//! gets a fresh copy of the frame on every run, so its paths can be measured with repeat > 1 (hot,
+//! like the floor), the rewrite and the tail call being measured by replaying into the floor.
 use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
 
-use crate::{GEN_FLOWS, GEN_FRAME, SINK, csum::Delta, parse::ptr_at};
+use crate::{GEN_FLOWS, GEN_FRAME, REPLAY_JUMP, SINK, csum::Delta, parse::ptr_at};
 
 /// Bytes of the frame `traffic_gen` restores on every run: Ethernet, IPv4 and UDP headers (42) and
 /// the first payload bytes.
@@ -24,12 +28,29 @@ const IP_CHECK: usize = 24;
 const SRC_LOW: usize = 28;
 const UDP_SPORT: usize = 34;
 
-/// Restores the frame's head from `GEN_FRAME` (frames shorter than [`GEN_HEAD`] go as they are)
-/// and sends it back out of the interface it is run on.
+/// Restores the frame's head and sends it back out of the interface it is run on.
 #[inline(always)]
 pub fn generate(ctx: &XdpContext) -> u32 {
+    rewrite_head(ctx);
+    xdp_action::XDP_TX
+}
+
+/// Restores the frame's head and hands it to the program under measurement (`REPLAY_JUMP[0]`);
+/// XDP_ABORTED when none is installed.
+#[inline(always)]
+pub fn replay(ctx: &XdpContext) -> u32 {
+    rewrite_head(ctx);
+    // SAFETY: ctx is the program's context; returns only when the call failed.
+    unsafe { REPLAY_JUMP.tail_call(ctx, 0) };
+    xdp_action::XDP_ABORTED
+}
+
+/// Writes the frame's head again from `GEN_FRAME` (frames shorter than [`GEN_HEAD`] stay as they
+/// are) and, with `GEN_FLOWS[0]` set, gives it the next source of the new-flow sequence.
+#[inline(always)]
+fn rewrite_head(ctx: &XdpContext) {
     let Some(frame) = ptr_at::<[u8; GEN_HEAD]>(ctx, 0) else {
-        return xdp_action::XDP_TX;
+        return;
     };
     // SAFETY: bounds checked by ptr_at.
     let frame = unsafe { &mut *frame };
@@ -59,7 +80,6 @@ pub fn generate(ctx: &XdpContext) -> u32 {
         frame[UDP_SPORT] = p0;
         frame[UDP_SPORT + 1] = p1;
     }
-    xdp_action::XDP_TX
 }
 
 /// Counts the frame and drops it.

@@ -212,6 +212,17 @@ pub fn traffic_gen(ctx: XdpContext) -> u32 {
     bench::generate(&ctx)
 }
 
+/// Index 0: the program `replay` hands each frame to (the datapath or the floor); bench only.
+#[map]
+static REPLAY_JUMP: ProgramArray = ProgramArray::with_max_entries(1, 0);
+
+/// Benchmark replay (`cargo xtask bench`): restores the frame, then tail-calls `REPLAY_JUMP[0]`,
+/// so a path that rewrites the frame can run with repeat > 1: see `bench.rs`.
+#[xdp]
+pub fn replay(ctx: XdpContext) -> u32 {
+    bench::replay(&ctx)
+}
+
 /// Benchmark sink (`cargo xtask bench`): counts and drops.
 #[xdp]
 pub fn sink(_ctx: XdpContext) -> u32 {

@@ -16,8 +16,9 @@ use aya::programs::{TestRun, TestRunOptions};
 use privatelink_agent::{
     dataplane::{Action, Dataplane, Link, Rule, RuleProto},
     demo::{self, BACKEND6, ENDPOINT6, Topology},
-    loader::{Datapath, Sizes, map_memory},
+    loader::{Datapath, FLOOR_PROGRAM, PROGRAM, Sizes, map_memory},
 };
+
 use privatelink_tests::{
     fixture::{
         BACKEND, BACKEND_MAC, CONSUMER_MAC, CONSUMER_NET, ENDPOINT, Harness, LINK, NOT_ENDPOINT,
@@ -55,6 +56,76 @@ fn hot_ns(h: &mut Harness, ifindex: u32, pkt: &[u8]) -> f64 {
         .expect("hot test run")
         .duration
         .as_nanos() as f64
+}
+
+/// XDP verdicts the measured paths end in.
+const XDP_PASS: u32 = 2;
+const XDP_TX: u32 = 3;
+const XDP_REDIRECT: u32 = 4;
+
+/// Runs of a hot (replayed) measurement, and rounds of it whose median counts.
+const REPLAY_REPEAT: u32 = 1_000_000;
+const REPLAY_ROUNDS: usize = 5;
+
+/// Source of the replayed new-flow sequence: no repeat-1 row uses it (they use 198.18.1.0 up to
+/// .20), and the sequence's 60k flows per configuration stay on this one address.
+const REPLAY_SOURCE: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 200);
+
+/// Per-packet cost of `target` (the datapath or the floor) fed by the replay program, `repeat`
+/// runs on `pkt` received on `ifindex`: every run starts from the frame's original head, and with
+/// `new_flows` from a source no run had before. Hot like the floor row: nothing but the measured
+/// programs runs between two runs. Panics unless the last run's verdict is `verdict`.
+fn replay_ns(
+    h: &mut Harness,
+    target: &'static str,
+    ifindex: u32,
+    pkt: &[u8],
+    new_flows: bool,
+    repeat: u32,
+    verdict: u32,
+) -> f64 {
+    h.dp.set_gen_frame(pkt).expect("replay frame");
+    h.dp.set_gen_new_flows(new_flows).expect("replay sequence");
+    let md: [u32; 6] = [0, pkt.len() as u32, 0, ifindex, 0, 0];
+    let ctx: Vec<u8> = md.iter().flat_map(|v| v.to_ne_bytes()).collect();
+    let mut o = TestRunOptions::new();
+    o.data_in = Some(pkt);
+    o.ctx_in = Some(&ctx);
+    o.repeat = repeat;
+    let r =
+        h.dp.replay_into(target)
+            .expect("replay program")
+            .test_run(o)
+            .expect("replay test run");
+    h.dp.set_gen_new_flows(false).expect("replay sequence off");
+    assert_eq!(
+        r.return_value, verdict,
+        "replay into {target}: wrong verdict, so the wrong path was measured"
+    );
+    r.duration.as_nanos() as f64
+}
+
+/// Median of [`REPLAY_ROUNDS`] hot replays of a path that creates no state (so every round
+/// measures the same thing): a busy host's spikes do not move it.
+fn replay_median(
+    h: &mut Harness,
+    target: &'static str,
+    ifindex: u32,
+    pkt: &[u8],
+    verdict: u32,
+) -> f64 {
+    let mut v: Vec<f64> = (0..REPLAY_ROUNDS)
+        .map(|_| replay_ns(h, target, ifindex, pkt, false, REPLAY_REPEAT, verdict))
+        .collect();
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// The replay's own cost per run (head rewrite and tail call): replay into the floor minus the
+/// floor alone, both hot on the same frame.
+fn replay_overhead(h: &mut Harness, floor_hot: f64) -> f64 {
+    let pkt = h.consumer_syn(1).build();
+    replay_median(h, FLOOR_PROGRAM, 0, &pkt, XDP_TX) - floor_hot
 }
 
 /// (floor cost per packet, timer overhead per call), both in ns.
@@ -176,7 +247,8 @@ struct Row {
     ns: f64,
 }
 
-fn measure(endpoints: u32, ct_fill: u32, rows: &mut Vec<Row>, floors: &mut Vec<(f64, f64)>) {
+/// One configuration's rows; `floors` gets its (floor, timer overhead, replay cost) in ns.
+fn measure(endpoints: u32, ct_fill: u32, rows: &mut Vec<Row>, floors: &mut Vec<(f64, f64, f64)>) {
     let sizes = Sizes {
         links: 131_072,
         endpoint_ports: 262_144,
@@ -221,7 +293,6 @@ fn measure(endpoints: u32, ct_fill: u32, rows: &mut Vec<Row>, floors: &mut Vec<(
             );
         }
         let (fl, overhead) = floor(h);
-        floors.push((fl, overhead));
         // The one datapath path that leaves buffer and state unchanged, so it can also be measured
         // like the floor (hot, repeat 10M): its gap to the repeat-1 row is the cold-cache cost a
         // repeat-1 run adds, not program cost. No timer overhead to subtract here.
@@ -234,6 +305,16 @@ fn measure(endpoints: u32, ct_fill: u32, rows: &mut Vec<Row>, floors: &mut Vec<(
             path: "unknown destination (pass), hot repeat 10M",
             ns: hot,
         });
+        // Hot rows of the paths that rewrite the frame or create state: the replay restores the
+        // frame before every run; its own cost (replay into the floor minus the floor) comes off.
+        let replay_cost = replay_overhead(h, fl);
+        floors.push((fl, overhead, replay_cost));
+        let mut hot_rows: Vec<(&'static str, f64)> = Vec::new();
+        let mut hot_row = |path: &'static str, ns: f64| hot_rows.push((path, ns - replay_cost));
+        hot_row(
+            "unknown destination (pass), hot replay",
+            replay_median(h, PROGRAM, h.c0, &unknown_pkt, XDP_PASS),
+        );
         let mut row = |path: &'static str, ns: f64| {
             rows.push(Row {
                 config: config.clone(),
@@ -264,6 +345,14 @@ fn measure(endpoints: u32, ct_fill: u32, rows: &mut Vec<Row>, floors: &mut Vec<(
             .macs(BACKEND_MAC, p0_mac)
             .build();
         row("established reply", mean_ns(h, p0, |_| reply.clone()));
+        hot_row(
+            "established forward, hot replay",
+            replay_median(h, PROGRAM, c0, &ack, XDP_REDIRECT),
+        );
+        hot_row(
+            "established reply, hot replay",
+            replay_median(h, PROGRAM, p0, &reply, XDP_REDIRECT),
+        );
 
         let syn4 = |i| {
             let (src, port) = consumer(i);
@@ -277,6 +366,27 @@ fn measure(endpoints: u32, ct_fill: u32, rows: &mut Vec<Row>, floors: &mut Vec<(
             (256, "new flow, 256 rules"),
         ];
         new_flows(h, &model, &cases, rules, syn4, &mut next, &mut row);
+        let hot_syn = Pkt::syn(REPLAY_SOURCE, 1024, ENDPOINT, 80)
+            .macs(CONSUMER_MAC, c0_mac)
+            .build();
+        for (n, path) in [
+            (0, "new flow, 0 rules, hot replay"),
+            (16, "new flow, 16 rules, hot replay"),
+            (256, "new flow, 256 rules, hot replay"),
+        ] {
+            let mut m = model.clone();
+            m.links.get_mut(&LINK).expect("link").rules = rules(n);
+            h.plane.apply(&m).expect("apply rules");
+            let before = h.link_stats(LINK).new_conns;
+            // As many runs as repeat-1 samples: each opens a flow, and the table has room.
+            let ns = replay_ns(h, PROGRAM, c0, &hot_syn, true, SAMPLES, XDP_REDIRECT);
+            assert_eq!(
+                h.link_stats(LINK).new_conns - before,
+                u64::from(SAMPLES),
+                "{path}: every replayed SYN must open a flow"
+            );
+            hot_row(path, ns);
+        }
 
         // The same paths over IPv6 (the tail call into the IPv6 program included).
         h.plane.apply(&model).expect("apply without rules");
@@ -305,6 +415,11 @@ fn measure(endpoints: u32, ct_fill: u32, rows: &mut Vec<Row>, floors: &mut Vec<(
             (16, "IPv6 new flow, 16 rules"),
         ];
         new_flows(h, &model, &cases, rules6, syn6, &mut next, &mut row);
+        rows.extend(hot_rows.into_iter().map(|(path, ns)| Row {
+            config: config.clone(),
+            path,
+            ns,
+        }));
     });
 }
 
@@ -764,8 +879,9 @@ fn main() {
     }
     let floor = floors.iter().map(|f| f.0).sum::<f64>() / floors.len() as f64;
     let overhead = floors.iter().map(|f| f.1).sum::<f64>() / floors.len() as f64;
+    let replay = floors.iter().map(|f| f.2).sum::<f64>() / floors.len() as f64;
     println!(
-        "Floor program (parse, swap MACs, XDP_TX), repeat {FLOOR_REPEAT}: **{floor:.1} ns**; per-call timer overhead subtracted from every repeat-1 figure: {overhead:.1} ns.\n"
+        "Floor program (parse, swap MACs, XDP_TX), repeat {FLOOR_REPEAT}: **{floor:.1} ns**; per-call timer overhead subtracted from every repeat-1 figure: {overhead:.1} ns; replay cost (frame restore and tail call, replay into the floor minus the floor) subtracted from every hot replay figure: {replay:.1} ns.\n"
     );
     let base: BTreeMap<&str, f64> = rows
         .iter()
@@ -795,6 +911,24 @@ fn main() {
         let v4 = &r.path["IPv6 ".len()..];
         if let Some(b) = rows.iter().find(|b| b.config == r.config && b.path == v4) {
             println!("| {} | {} | {:.2} |", r.config, v4, r.ns / b.ns);
+        }
+    }
+    println!(
+        "\nHot (replayed, nothing else running between runs) against repeat-1, same path, same run:\n"
+    );
+    println!("| configuration | path | hot ns | × floor | hot ÷ repeat-1 |");
+    println!("|---|---|---:|---:|---:|");
+    for r in rows.iter().filter(|r| r.path.ends_with(", hot replay")) {
+        let cold = &r.path[..r.path.len() - ", hot replay".len()];
+        if let Some(b) = rows.iter().find(|b| b.config == r.config && b.path == cold) {
+            println!(
+                "| {} | {} | {:.1} | {:.2} | {:.2} |",
+                r.config,
+                cold,
+                r.ns,
+                r.ns / floor,
+                r.ns / b.ns
+            );
         }
     }
     println!();
