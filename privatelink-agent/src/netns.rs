@@ -1,15 +1,136 @@
 //! Network namespaces for tests and the demo: uniquely named, torn down on drop (also on panic),
 //! addresses only from 198.18.0.0/15 and 2001:db8::/32, nothing in the root namespace.
+//!
+//! Drop does not run when a process dies of a signal, so each namespace also has an owner record
+//! (`OWNERS/<name>`: the creating process's pid and start time). The first namespace a process
+//! creates sweeps the namespaces whose owner is gone (killed, even with SIGKILL): their processes
+//! are killed and they are deleted. A process that may be stopped by a signal (the benchmarks) also
+//! calls [`teardown_on_signals`], which removes its namespaces before it exits.
 use std::{
     fs::File,
+    path::{Path, PathBuf},
     process::{Command, Output, Stdio},
-    sync::atomic::{AtomicU32, Ordering},
+    sync::{
+        Mutex, Once,
+        atomic::{AtomicU32, Ordering},
+    },
 };
 
 use anyhow::{Context as _, Result, bail};
 use nix::sched::{CloneFlags, setns};
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+/// Where owner records live (tmpfs: gone after a reboot, like the namespaces).
+pub const OWNERS: &str = "/run/privatelink/netns";
+
+/// Names of this process's live namespaces, for [`teardown_on_signals`].
+static LIVE: Mutex<Vec<String>> = Mutex::new(Vec::new());
+
+/// The sweep runs once per process, before its first namespace.
+static SWEEP: Once = Once::new();
+
+/// A process's identity that survives pid reuse: pid and start time (clock ticks since boot, field
+/// 22 of `/proc/<pid>/stat`).
+fn identity(pid: u32) -> Option<String> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) is in parentheses and may contain spaces: count after it.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let start = rest.split(' ').nth(19)?;
+    Some(format!("{pid} {start}"))
+}
+
+fn owner_record(name: &str) -> PathBuf {
+    Path::new(OWNERS).join(name)
+}
+
+/// Kills every process inside namespace `name`, then deletes it and its owner record.
+fn remove(name: &str) -> Result<()> {
+    if let Ok(out) = ip(&["netns", "pids", name]) {
+        for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+            if let Ok(pid) = pid.parse::<i32>() {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+        }
+    }
+    let deleted = ip(&["netns", "del", name]);
+    let _ = std::fs::remove_file(owner_record(name));
+    match deleted {
+        // Gone either way (another cleaner got there first).
+        Err(_) if !Path::new("/run/netns").join(name).exists() => Ok(()),
+        other => other.map(drop),
+    }
+}
+
+/// Namespaces whose owner record names a process that no longer runs: `(name, record)`.
+pub fn orphans() -> Vec<(String, String)> {
+    let Ok(dir) = std::fs::read_dir(OWNERS) else {
+        return Vec::new();
+    };
+    dir.filter_map(|e| {
+        let e = e.ok()?;
+        let name = e.file_name().into_string().ok()?;
+        let record = std::fs::read_to_string(e.path()).ok()?;
+        let pid: u32 = record.split(' ').next()?.trim().parse().ok()?;
+        (identity(pid).as_deref() != Some(record.trim())).then_some((name, record))
+    })
+    .collect()
+}
+
+/// Removes the namespaces (and what runs in them) of processes that died without tearing them
+/// down; returns their names.
+pub fn sweep_orphans() -> Vec<String> {
+    let mut gone = Vec::new();
+    for (name, record) in orphans() {
+        if !Path::new("/run/netns").join(&name).exists() {
+            let _ = std::fs::remove_file(owner_record(&name));
+            continue;
+        }
+        match remove(&name) {
+            Ok(()) => {
+                eprintln!(
+                    "netns: removed {name}, left behind by process {}",
+                    record.trim()
+                );
+                gone.push(name);
+            }
+            Err(e) => eprintln!("warning: could not remove orphaned namespace {name}: {e:#}"),
+        }
+    }
+    gone
+}
+
+/// On SIGINT, SIGTERM or SIGHUP: kill what runs in this process's namespaces, delete them, and exit
+/// with 128 + the signal's number. For processes that do not handle these signals themselves
+/// (the benchmark binaries); idempotent.
+pub fn teardown_on_signals() -> Result<()> {
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+    static INSTALLED: Once = Once::new();
+    let mut result = Ok(());
+    INSTALLED.call_once(|| {
+        result = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP])
+            .context("installing the namespace teardown's signal handler")
+            .map(|mut signals| {
+                std::thread::spawn(move || {
+                    if let Some(sig) = signals.forever().next() {
+                        let names =
+                            std::mem::take(&mut *LIVE.lock().unwrap_or_else(|p| p.into_inner()));
+                        eprintln!("signal {sig}: removing {} namespace(s)", names.len());
+                        for name in names {
+                            if let Err(e) = remove(&name) {
+                                eprintln!("warning: could not delete namespace {name}: {e:#}");
+                            }
+                        }
+                        std::process::exit(128 + sig);
+                    }
+                });
+            });
+    });
+    result
+}
 
 /// A network namespace that exists while this value lives.
 #[derive(Debug)]
@@ -41,9 +162,23 @@ pub fn ip(args: &[&str]) -> Result<Output> {
 impl Netns {
     /// Creates `pl<tag><pid><n>` (short: interface names derived from it must fit 15 bytes).
     pub fn new(tag: &str) -> Result<Self> {
+        SWEEP.call_once(|| {
+            sweep_orphans();
+        });
         let n = COUNTER.fetch_add(1, Ordering::Relaxed);
         let name = format!("pl{tag}{}x{n}", std::process::id());
-        ip(&["netns", "add", &name])?;
+        // The record first: a namespace never exists without one, whenever this process dies.
+        let me = identity(std::process::id()).context("reading this process's start time")?;
+        std::fs::create_dir_all(OWNERS).with_context(|| format!("creating {OWNERS}"))?;
+        std::fs::write(owner_record(&name), &me)
+            .with_context(|| format!("writing the owner record of {name}"))?;
+        if let Err(e) = ip(&["netns", "add", &name]) {
+            let _ = std::fs::remove_file(owner_record(&name));
+            return Err(e);
+        }
+        LIVE.lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(name.clone());
         let ns = Netns { name };
         ns.ip(&["link", "set", "lo", "up"])?;
         Ok(ns)
@@ -131,10 +266,14 @@ impl Netns {
 
 impl Drop for Netns {
     fn drop(&mut self) {
+        LIVE.lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|n| n != &self.name);
         // Deleting the namespace removes its interfaces and the veth peers they had elsewhere.
         if let Err(e) = ip(&["netns", "del", &self.name]) {
             eprintln!("warning: could not delete namespace {}: {e:#}", self.name);
         }
+        let _ = std::fs::remove_file(owner_record(&self.name));
     }
 }
 

@@ -849,6 +849,8 @@ fn main() {
         eprintln!("bench needs root (CAP_BPF, CAP_NET_ADMIN)");
         std::process::exit(2);
     }
+    // Stopped by a signal (Ctrl-C, a timeout), it still removes its namespaces and their servers.
+    privatelink_agent::netns::teardown_on_signals().expect("signal handler");
     match std::env::var("PRIVATELINK_BENCH_ONLY").as_deref() {
         Ok("sync") => return sync_scale(),
         Ok("etcd") => return etcd_convergence(),

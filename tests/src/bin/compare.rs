@@ -736,6 +736,8 @@ fn main() {
         eprintln!("compare needs root (CAP_BPF, CAP_NET_ADMIN)");
         std::process::exit(2);
     }
+    // Stopped by a signal (Ctrl-C, a timeout), it still removes its namespaces and their servers.
+    privatelink_agent::netns::teardown_on_signals().expect("signal handler");
     // `PRIVATELINK_BENCH_ONLY=pps`: only the socket-free frame rate (a quick look at the datapath
     // against the kernel's forwarding, without the socket-bound metrics).
     let only_pps = std::env::var("PRIVATELINK_BENCH_ONLY").as_deref() == Ok("pps");
