@@ -121,6 +121,10 @@ static NEXTHOP4: PerCpuArray<NextHop> = PerCpuArray::with_max_entries(DEFAULT_MA
 #[map]
 static NEXTHOP6: PerCpuArray<NextHop> = PerCpuArray::with_max_entries(DEFAULT_MAX_BACKENDS, 0);
 
+/// Per-CPU [jiffies, coarse monotonic ns] of the last clock read (see `conntrack::now`).
+#[map]
+static TICK_CLOCK: PerCpuArray<[u64; 2]> = PerCpuArray::with_max_entries(1, 0);
+
 /// Index 0: timeouts set by the agent (defaults apply while unset).
 #[map]
 static CONFIG: Array<DatapathConfig> = Array::with_max_entries(1, 0);

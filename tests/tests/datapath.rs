@@ -1257,3 +1257,64 @@ fn a_full_conntrack_refuses_new_flows_keeps_established_ones_and_recovers() {
         assert_eq!(r.verdict, XDP_REDIRECT, "room again after the sweep");
     });
 }
+
+#[test]
+fn flow_times_follow_the_clock_and_idle_flows_expire_in_the_datapath() {
+    if !privatelink_tests::privileged("flow_times_follow_the_clock") {
+        return;
+    }
+    // The datapath reads the coarse clock once per tick and CPU and reuses it in between: the
+    // times it writes must still be the clock's (within a tick), and move on as it does.
+    let clock = privatelink_agent::metrics::monotonic_ns;
+    let tick_slack = 50_000_000; // coarse time lags the precise clock by at most a tick
+    privatelink_tests::fixture::with_harness(
+        "flow_times_follow_the_clock_and_idle_flows_expire_in_the_datapath",
+        |h| {
+            let mut m = h.model();
+            m.config.udp_timeout_ns = 1_000_000_000;
+            h.apply(&m);
+            let dgram = Pkt::udp(CONSUMER, 31_000, ENDPOINT, 53).macs(CONSUMER_MAC, h.c0_mac);
+            let newest = |h: &Harness| {
+                h.plane
+                    .flows()
+                    .iter()
+                    .map(|(_, f)| f.last_seen_ns)
+                    .max()
+                    .expect("a flow entry")
+            };
+
+            let before = clock();
+            assert_eq!(h.run(h.c0, &dgram).verdict, XDP_REDIRECT, "first datagram");
+            let after = clock();
+            let created = newest(h);
+            assert!(
+                created + tick_slack >= before && created <= after,
+                "the new flow's time {created} is the clock's ({before}..{after})"
+            );
+            assert_eq!(h.link_stats(LINK).new_conns, 1);
+
+            // Within the timeout: the same flow, and no refresh yet (at most once a second).
+            std::thread::sleep(std::time::Duration::from_millis(600));
+            assert_eq!(h.run(h.c0, &dgram).verdict, XDP_REDIRECT, "second datagram");
+            assert_eq!(h.link_stats(LINK).new_conns, 1, "still the first flow");
+            assert_eq!(newest(h), created, "not refreshed within a second");
+
+            // 1.2 s after its last refresh the flow has expired: the datapath's clock moved on,
+            // so the next datagram opens a new flow, stamped with the time of now.
+            std::thread::sleep(std::time::Duration::from_millis(600));
+            let before = clock();
+            assert_eq!(h.run(h.c0, &dgram).verdict, XDP_REDIRECT, "third datagram");
+            let after = clock();
+            assert_eq!(
+                h.link_stats(LINK).new_conns,
+                2,
+                "the idle flow expired in the datapath and a new one was opened"
+            );
+            let renewed = newest(h);
+            assert!(
+                renewed + tick_slack >= before && renewed <= after,
+                "the new flow's time {renewed} is the clock's ({before}..{after})"
+            );
+        },
+    );
+}
