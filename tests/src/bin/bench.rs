@@ -43,21 +43,21 @@ fn mean_ns(h: &mut Harness, ifindex: u32, mut pkt: impl FnMut(u32) -> Vec<u8>) -
     total as f64 / f64::from(SAMPLES)
 }
 
-/// Per-packet cost of the datapath with repeat = 10M on one packet received on `ifindex`.
-fn hot_ns(h: &mut Harness, ifindex: u32, pkt: &[u8]) -> f64 {
+/// Per-packet cost of the datapath, `repeat` runs on one packet received on `ifindex` (a path
+/// that leaves frame and state as they were).
+fn hot_ns(h: &mut Harness, ifindex: u32, pkt: &[u8], repeat: u32) -> f64 {
     let md: [u32; 6] = [0, pkt.len() as u32, 0, ifindex, 0, 0];
     let ctx: Vec<u8> = md.iter().flat_map(|v| v.to_ne_bytes()).collect();
     let mut o = TestRunOptions::new();
     o.data_in = Some(pkt);
     o.ctx_in = Some(&ctx);
-    o.repeat = FLOOR_REPEAT;
+    o.repeat = repeat;
     h.dp.program()
         .test_run(o)
         .expect("hot test run")
         .duration
         .as_nanos() as f64
 }
-
 /// XDP verdicts the measured paths end in.
 const XDP_PASS: u32 = 2;
 const XDP_TX: u32 = 3;
@@ -65,7 +65,7 @@ const XDP_REDIRECT: u32 = 4;
 
 /// Runs of a hot (replayed) measurement, and rounds of it whose median counts.
 const REPLAY_REPEAT: u32 = 1_000_000;
-const REPLAY_ROUNDS: usize = 5;
+const REPLAY_ROUNDS: usize = 7;
 
 /// Source of the replayed new-flow sequence: no repeat-1 row uses it (they use 198.18.1.0 up to
 /// .20), and the sequence's 60k flows per configuration stay on this one address.
@@ -105,20 +105,47 @@ fn replay_ns(
     r.duration.as_nanos() as f64
 }
 
-/// Median of [`REPLAY_ROUNDS`] hot replays of a path that creates no state (so every round
-/// measures the same thing): a busy host's spikes do not move it.
-fn replay_median(
-    h: &mut Harness,
-    target: &'static str,
-    ifindex: u32,
-    pkt: &[u8],
-    verdict: u32,
-) -> f64 {
-    let mut v: Vec<f64> = (0..REPLAY_ROUNDS)
-        .map(|_| replay_ns(h, target, ifindex, pkt, false, REPLAY_REPEAT, verdict))
-        .collect();
+fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
+}
+
+/// The replay's own cost per run (head rewrite, tail call), taken on the one path measurable both
+/// ways: the unknown destination `anchor` (ifindex, frame), replayed minus run directly, into the
+/// same program, back to back.
+fn replay_cost(h: &mut Harness, anchor: (u32, &[u8])) -> f64 {
+    let replayed = replay_ns(
+        h,
+        PROGRAM,
+        anchor.0,
+        anchor.1,
+        false,
+        REPLAY_REPEAT,
+        XDP_PASS,
+    );
+    replayed - hot_ns(h, anchor.0, anchor.1, REPLAY_REPEAT)
+}
+
+/// Hot per-packet cost of paths that rewrite the frame but create no state, each (ifindex, frame,
+/// verdict): replayed, minus the replay's cost measured in the same round. [`REPLAY_ROUNDS`]
+/// interleaved rounds and the median of each, so the host's drift (seconds long here) cancels
+/// instead of landing on one side of the subtraction. Also returns the median replay cost.
+fn hot_paths(
+    h: &mut Harness,
+    anchor: (u32, &[u8]),
+    paths: &[(u32, &[u8], u32)],
+) -> (Vec<f64>, f64) {
+    let mut per_path: Vec<Vec<f64>> = vec![Vec::new(); paths.len()];
+    let mut costs = Vec::new();
+    for _ in 0..REPLAY_ROUNDS {
+        let cost = replay_cost(h, anchor);
+        costs.push(cost);
+        for (i, &(ifindex, pkt, verdict)) in paths.iter().enumerate() {
+            let ns = replay_ns(h, PROGRAM, ifindex, pkt, false, REPLAY_REPEAT, verdict);
+            per_path[i].push(ns - cost);
+        }
+    }
+    (per_path.into_iter().map(median).collect(), median(costs))
 }
 
 /// The replay's own cost per run (head rewrite and tail call) as the floor sees it: replay into
@@ -126,7 +153,10 @@ fn replay_median(
 /// on the datapath's unknown-destination path).
 fn replay_overhead(h: &mut Harness, floor_hot: f64) -> f64 {
     let pkt = h.consumer_syn(1).build();
-    replay_median(h, FLOOR_PROGRAM, 0, &pkt, XDP_TX) - floor_hot
+    let via: Vec<f64> = (0..REPLAY_ROUNDS)
+        .map(|_| replay_ns(h, FLOOR_PROGRAM, 0, &pkt, false, REPLAY_REPEAT, XDP_TX))
+        .collect();
+    median(via) - floor_hot
 }
 
 /// (floor cost per packet, timer overhead per call), both in ns.
@@ -306,22 +336,21 @@ fn measure(
         let unknown_pkt = Pkt::syn(Ipv4Addr::new(198, 18, 0, 10), 999, NOT_ENDPOINT, 80)
             .macs(CONSUMER_MAC, h.c0_mac)
             .build();
-        let mut hots: Vec<f64> = (0..3).map(|_| hot_ns(h, h.c0, &unknown_pkt)).collect();
-        hots.sort_by(f64::total_cmp);
-        let hot = hots[1];
+        let hot = median(
+            (0..3)
+                .map(|_| hot_ns(h, h.c0, &unknown_pkt, FLOOR_REPEAT))
+                .collect(),
+        );
         rows.push(Row {
             config: config.clone(),
             path: "unknown destination (pass), hot repeat 10M",
             ns: hot,
         });
         // Hot rows of the paths that rewrite the frame or create state: the replay restores the
-        // frame before every run. Its own cost (head rewrite, tail call) is taken on the one path
-        // measurable both ways, the unknown destination: replayed minus direct, into the same
-        // program. Replaying into the floor minus the floor cross-checks it.
-        let replay_cost = replay_median(h, PROGRAM, h.c0, &unknown_pkt, XDP_PASS) - hot;
-        floors.push((fl, overhead, replay_cost, replay_overhead(h, fl)));
+        // frame before every run, and its own cost, measured in the same round on the
+        // unknown-destination path, comes off (see `hot_paths`).
+        let anchor = (h.c0, unknown_pkt.as_slice());
         let mut hot_rows: Vec<(&'static str, f64)> = Vec::new();
-        let mut hot_row = |path: &'static str, ns: f64| hot_rows.push((path, ns - replay_cost));
         let mut row = |path: &'static str, ns: f64| {
             rows.push(Row {
                 config: config.clone(),
@@ -352,14 +381,14 @@ fn measure(
             .macs(BACKEND_MAC, p0_mac)
             .build();
         row("established reply", mean_ns(h, p0, |_| reply.clone()));
-        hot_row(
-            "established forward, hot replay",
-            replay_median(h, PROGRAM, c0, &ack, XDP_REDIRECT),
+        let (hot, cost) = hot_paths(
+            h,
+            anchor,
+            &[(c0, &ack, XDP_REDIRECT), (p0, &reply, XDP_REDIRECT)],
         );
-        hot_row(
-            "established reply, hot replay",
-            replay_median(h, PROGRAM, p0, &reply, XDP_REDIRECT),
-        );
+        floors.push((fl, overhead, cost, replay_overhead(h, fl)));
+        hot_rows.push(("established forward, hot replay", hot[0]));
+        hot_rows.push(("established reply, hot replay", hot[1]));
 
         let syn4 = |i| {
             let (src, port) = consumer(i);
@@ -385,14 +414,16 @@ fn measure(
             m.links.get_mut(&LINK).expect("link").rules = rules(n);
             h.plane.apply(&m).expect("apply rules");
             let before = h.link_stats(LINK).new_conns;
-            // As many runs as repeat-1 samples: each opens a flow, and the table has room.
+            // As many runs as repeat-1 samples: each opens a flow, and the table has room. One
+            // round (the flows stay), its replay cost measured just before.
+            let cost = replay_cost(h, anchor);
             let ns = replay_ns(h, PROGRAM, c0, &hot_syn, true, SAMPLES, XDP_REDIRECT);
             assert_eq!(
                 h.link_stats(LINK).new_conns - before,
                 u64::from(SAMPLES),
                 "{path}: every replayed SYN must open a flow"
             );
-            hot_row(path, ns);
+            hot_rows.push((path, ns - cost));
         }
 
         // The same paths over IPv6 (the tail call into the IPv6 program included).
