@@ -353,3 +353,129 @@ fn path_mtu_discovery_works_across_the_endpoint_in_both_families() {
         );
     }
 }
+
+/// A backend that answers one request for N bytes (8 bytes, big endian) with N bytes, then
+/// closes; returns the peer it served (the NAT address).
+fn bulk_server(listener: TcpListener) -> SocketAddr {
+    let (mut s, peer) = listener.accept().expect("accept");
+    s.set_read_timeout(Some(Duration::from_secs(20)))
+        .expect("timeout");
+    s.set_write_timeout(Some(Duration::from_secs(20)))
+        .expect("timeout");
+    let mut n = [0u8; 8];
+    s.read_exact(&mut n).expect("request");
+    let n = u64::from_be_bytes(n) as usize;
+    s.write_all(&vec![0xa5; n])
+        .unwrap_or_else(|e| panic!("sending {n} bytes to {peer}: {e} (no PMTU discovery?)"));
+    peer
+}
+
+#[test]
+fn path_mtu_discovery_works_for_replies_to_a_consumer_behind_a_smaller_mtu() {
+    if !privileged("path_mtu_discovery_works_for_replies_to_a_consumer_behind_a_smaller_mtu") {
+        return;
+    }
+    use privatelink_agent::{
+        demo::{BACKEND6, SERVICE},
+        netns::{Netns, veth},
+    };
+    use std::net::{Ipv4Addr, Ipv6Addr};
+    // The client sits behind a router in the consumer network whose link toward it has MTU 1280:
+    // near (client) → consumer namespace (router, near0 MTU 1280) → node (XDP) → provider
+    // (backend, MTU 1500). The client's own MTU is 1500, so it advertises MSS 1460; the replies
+    // outgrow the router's near link, and its frag-needed / packet-too-big goes to the endpoint
+    // address. Only the datapath's translation of that error (to the NAT address's flow, out to
+    // the backend) tells the backend to send less.
+    const NEAR4: Ipv4Addr = Ipv4Addr::new(198, 18, 102, 10);
+    const NEAR6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x66, 0, 0, 0, 0, 0x10);
+    let topo = Topology::build(1).expect("topology");
+    let near = Netns::new("nr").expect("near namespace");
+    let router = &topo.consumers[0];
+    veth(router, "near0", &near, "eth0").expect("veth");
+    router
+        .sysctl("net.ipv4.ip_forward", "1")
+        .expect("forwarding");
+    router
+        .sysctl("net.ipv4.conf.all.rp_filter", "0")
+        .expect("rp_filter");
+    router
+        .sysctl("net.ipv6.conf.all.forwarding", "1")
+        .expect("forwarding");
+    for args in [
+        vec!["link", "set", "near0", "mtu", "1280"],
+        vec!["addr", "add", "198.18.102.1/24", "dev", "near0"],
+        vec!["addr", "add", "2001:db8:66::1/64", "dev", "near0", "nodad"],
+    ] {
+        router
+            .ip(&args)
+            .unwrap_or_else(|e| panic!("router {args:?}: {e:#}"));
+    }
+    for args in [
+        vec!["addr", "add", "198.18.102.10/24", "dev", "eth0"],
+        vec!["addr", "add", "2001:db8:66::10/64", "dev", "eth0", "nodad"],
+        vec!["route", "add", "198.18.0.0/24", "via", "198.18.102.1"],
+        vec!["route", "add", "2001:db8::/64", "via", "2001:db8:66::1"],
+    ] {
+        near.ip(&args)
+            .unwrap_or_else(|e| panic!("near {args:?}: {e:#}"));
+    }
+    let mut dp = Datapath::load(&Sizes::small()).expect("load");
+    let mut model = topo.model();
+    for link in model.links.values_mut() {
+        link.ip6 = Some(ENDPOINT6);
+    }
+    model.services.get_mut(&SERVICE).expect("service").backends =
+        vec![BACKEND.into(), BACKEND6.into()];
+    let _plane = topo.node.enter(|| {
+        let mut plane = Dataplane::new(&mut dp.ebpf).expect("maps");
+        plane.apply(&model).expect("apply");
+        plane
+    });
+    topo.attach(&mut dp).expect("attach");
+
+    const WANTED: u64 = 256 * 1024;
+    for (backend, client, endpoint) in [
+        (
+            IpAddr::from(BACKEND),
+            IpAddr::from(NEAR4),
+            IpAddr::from(ENDPOINT),
+        ),
+        (BACKEND6.into(), NEAR6.into(), ENDPOINT6.into()),
+    ] {
+        let listener = topo
+            .provider
+            .enter(|| TcpListener::bind((backend, TCP_PORTS.1)))
+            .expect("bind");
+        let server = topo.provider.spawn(move || bulk_server(listener));
+        let got = near.enter(|| {
+            let addr = SocketAddr::new(endpoint, TCP_PORTS.0);
+            let mut s = TcpStream::connect_timeout(&addr, TIMEOUT)
+                .unwrap_or_else(|e| panic!("{client} connecting to {addr}: {e}"));
+            s.set_read_timeout(Some(Duration::from_secs(20)))
+                .expect("timeout");
+            s.write_all(&WANTED.to_be_bytes()).expect("request");
+            let mut got = Vec::new();
+            s.read_to_end(&mut got)
+                .unwrap_or_else(|e| panic!("reply from {endpoint}: {e} (no PMTU discovery?)"));
+            got
+        });
+        assert_eq!(
+            got.len() as u64,
+            WANTED,
+            "everything arrived from {endpoint}"
+        );
+        assert!(got.iter().all(|&b| b == 0xa5), "the bytes sent");
+        let nat = server.join().expect("server").ip();
+        // The backend learnt the smaller path MTU toward the NAT address from the translated
+        // error (its route cache says so).
+        let route = topo
+            .provider
+            .exec("ip", &["route", "get", &nat.to_string()])
+            .expect("ip route get");
+        let route = String::from_utf8_lossy(&route.stdout).to_string();
+        assert!(
+            route.contains("mtu 1280"),
+            "no learnt MTU toward {nat}: {route}"
+        );
+    }
+}
