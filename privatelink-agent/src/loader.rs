@@ -23,6 +23,8 @@ pub const FLOOR_PROGRAM: &str = "floor";
 /// Program names of the benchmark load generator (live-frames test runs) and sink (count, drop).
 pub const GEN_PROGRAM: &str = "traffic_gen";
 pub const SINK_PROGRAM: &str = "sink";
+/// Program name of the benchmark responder (answers TCP SYNs with SYN-ACKs in a backend's place).
+pub const RESPONDER_PROGRAM: &str = "responder";
 /// Program name of the benchmark replay (restores the frame, tail-calls the measured program).
 pub const REPLAY_PROGRAM: &str = "replay";
 /// Its program array: index 0 is the program it hands frames to.
@@ -32,7 +34,7 @@ const SINK: &str = "SINK";
 const GEN_FRAME: &str = "GEN_FRAME";
 const GEN_FLOWS: &str = "GEN_FLOWS";
 /// Bytes of that head.
-pub const GEN_HEAD: usize = 48;
+pub const GEN_HEAD: usize = 56;
 
 /// Capacities of the resizable maps.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -249,13 +251,18 @@ impl Datapath {
         self.bench_program(REPLAY_PROGRAM)
     }
 
+    /// The benchmark responder (see the eBPF crate's `bench.rs`).
+    pub fn responder_program(&mut self) -> Result<&mut Xdp, LoadError> {
+        self.bench_program(RESPONDER_PROGRAM)
+    }
+
     /// The benchmark sink (counts and drops).
     pub fn sink_program(&mut self) -> Result<&mut Xdp, LoadError> {
         self.bench_program(SINK_PROGRAM)
     }
 
-    /// A benchmark program, loaded (through the verifier) the first time it is asked for.
-    fn bench_program(&mut self, name: &'static str) -> Result<&mut Xdp, LoadError> {
+    /// A benchmark program (by name), loaded (through the verifier) the first time it is asked for.
+    pub fn bench_program(&mut self, name: &'static str) -> Result<&mut Xdp, LoadError> {
         let p: &mut Xdp = self
             .ebpf
             .program_mut(name)

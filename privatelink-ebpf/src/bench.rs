@@ -16,17 +16,31 @@ use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
 
 use crate::{GEN_FLOWS, GEN_FRAME, REPLAY_JUMP, SINK, csum::Delta, parse::ptr_at};
 
-/// Bytes of the frame `traffic_gen` restores on every run: Ethernet, IPv4 and UDP headers (42) and
-/// the first payload bytes.
-pub const GEN_HEAD: usize = 48;
+/// Bytes of the frame `traffic_gen` restores on every run: Ethernet, IPv4 and TCP headers (54, or
+/// 42 with UDP) and the first bytes after them.
+pub const GEN_HEAD: usize = 56;
 
 /// Source ports a new-flow sequence uses per source address (1024-65535).
 const PORTS: u64 = 64_512;
-/// Offsets in the frame (Ethernet, IPv4 without options, UDP): the IPv4 checksum, the second
-/// word of the source address, the UDP source port.
+/// Offsets in the frame (Ethernet, IPv4 without options, then UDP or TCP): the IPv4 protocol and
+/// checksum, the second word of the source address, the L4 source port, the UDP and the TCP
+/// checksum, and the TCP sequence number, acknowledgement number and flags.
+const IP_PROTO: usize = 23;
 const IP_CHECK: usize = 24;
 const SRC_LOW: usize = 28;
-const UDP_SPORT: usize = 34;
+const L4_SPORT: usize = 34;
+const UDP_CHECK: usize = 40;
+const TCP_SEQ: usize = 38;
+const TCP_ACK_NO: usize = 42;
+const TCP_FLAGS: usize = 47;
+const TCP_CHECK: usize = 50;
+/// IP protocol numbers, and the TCP flags a SYN and its answer carry.
+const PROTO_TCP: u8 = 6;
+const PROTO_UDP: u8 = 17;
+const SYN: u8 = 0x02;
+const ACK: u8 = 0x10;
+/// The responder's initial sequence number (any value does).
+const RESPONDER_ISN: u32 = 0x5eed_0001;
 
 /// Restores the frame's head and sends it back out of the interface it is run on.
 #[inline(always)]
@@ -69,17 +83,93 @@ fn rewrite_head(ctx: &XdpContext) {
         let low = frame[SRC_LOW + 1].wrapping_add((*n / PORTS) as u8);
         *n += 1;
         let new = u16::from_ne_bytes([frame[SRC_LOW], low]);
-        let check = Delta::new()
-            .u16(old, new)
-            .apply(u16::from_ne_bytes([frame[IP_CHECK], frame[IP_CHECK + 1]]))
-            .to_ne_bytes();
-        frame[IP_CHECK] = check[0];
-        frame[IP_CHECK + 1] = check[1];
+        let addr = Delta::new().u16(old, new);
+        put16(frame, IP_CHECK, addr.apply(get16(frame, IP_CHECK)));
         frame[SRC_LOW + 1] = low;
-        let [p0, p1] = port.to_be_bytes();
-        frame[UDP_SPORT] = p0;
-        frame[UDP_SPORT + 1] = p1;
+        // The L4 checksum covers the address (pseudo-header) and the port: kept valid, so a
+        // kernel's conntrack takes the frame.
+        let port = port.to_be_bytes();
+        let l4 = addr.u16(get16(frame, L4_SPORT), u16::from_ne_bytes(port));
+        frame[L4_SPORT] = port[0];
+        frame[L4_SPORT + 1] = port[1];
+        if frame[IP_PROTO] == PROTO_TCP {
+            put16(frame, TCP_CHECK, l4.apply(get16(frame, TCP_CHECK)));
+        } else if frame[IP_PROTO] == PROTO_UDP && get16(frame, UDP_CHECK) != 0 {
+            let c = l4.apply(get16(frame, UDP_CHECK));
+            put16(frame, UDP_CHECK, if c == 0 { 0xffff } else { c });
+        }
     }
+}
+
+#[inline(always)]
+fn get16<const N: usize>(b: &[u8; N], at: usize) -> u16 {
+    u16::from_ne_bytes([b[at], b[at + 1]])
+}
+
+#[inline(always)]
+fn put16<const N: usize>(b: &mut [u8; N], at: usize, v: u16) {
+    let v = v.to_ne_bytes();
+    b[at] = v[0];
+    b[at + 1] = v[1];
+}
+
+/// Answers a TCP SYN (Ethernet, IPv4 without options) with its SYN-ACK, sent back out of the
+/// interface it came in on: MACs, addresses and ports swapped, acknowledging the SYN's sequence
+/// number, the checksum kept valid. Anything else is dropped. With it in a backend's place, a
+/// connection's setup crosses the forwarding both ways without a socket: a sink on the consumer
+/// side counts the answers.
+#[inline(always)]
+pub fn respond(ctx: &XdpContext) -> u32 {
+    let Some(frame) = ptr_at::<[u8; 54]>(ctx, 0) else {
+        return xdp_action::XDP_DROP;
+    };
+    // SAFETY: bounds checked by ptr_at.
+    let f = unsafe { &mut *frame };
+    if f[12] != 0x08
+        || f[13] != 0x00
+        || f[14] != 0x45
+        || f[IP_PROTO] != PROTO_TCP
+        || f[TCP_FLAGS] & (SYN | ACK) != SYN
+    {
+        return xdp_action::XDP_DROP;
+    }
+    // Swapping the MACs, the addresses (pseudo-header) and the ports leaves both sums as they
+    // are; the sequence and acknowledgement numbers and the flags change.
+    for i in 0..6 {
+        f.swap(i, 6 + i);
+    }
+    for i in 0..4 {
+        f.swap(26 + i, 30 + i);
+    }
+    for i in 0..2 {
+        f.swap(L4_SPORT + i, L4_SPORT + 2 + i);
+    }
+    let seq = u32::from_ne_bytes([f[TCP_SEQ], f[TCP_SEQ + 1], f[TCP_SEQ + 2], f[TCP_SEQ + 3]]);
+    let ack = u32::from_ne_bytes([
+        f[TCP_ACK_NO],
+        f[TCP_ACK_NO + 1],
+        f[TCP_ACK_NO + 2],
+        f[TCP_ACK_NO + 3],
+    ]);
+    let new_seq = RESPONDER_ISN.to_be().to_ne_bytes();
+    let new_ack = u32::from_be(seq).wrapping_add(1).to_be().to_ne_bytes();
+    let old_flags = get16(f, TCP_FLAGS - 1);
+    f[TCP_FLAGS] = SYN | ACK;
+    let d = Delta::new()
+        .u32(seq, u32::from_ne_bytes(new_seq))
+        .u32(ack, u32::from_ne_bytes(new_ack))
+        .u16(old_flags, get16(f, TCP_FLAGS - 1));
+    // Byte by byte: a slice copy may become a memcpy call.
+    put16(f, TCP_SEQ, u16::from_ne_bytes([new_seq[0], new_seq[1]]));
+    put16(f, TCP_SEQ + 2, u16::from_ne_bytes([new_seq[2], new_seq[3]]));
+    put16(f, TCP_ACK_NO, u16::from_ne_bytes([new_ack[0], new_ack[1]]));
+    put16(
+        f,
+        TCP_ACK_NO + 2,
+        u16::from_ne_bytes([new_ack[2], new_ack[3]]),
+    );
+    put16(f, TCP_CHECK, d.apply(get16(f, TCP_CHECK)));
+    xdp_action::XDP_TX
 }
 
 /// Counts the frame and drops it.

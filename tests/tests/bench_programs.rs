@@ -82,3 +82,93 @@ fn the_generator_restores_its_frame_or_opens_a_new_flow_per_frame_and_the_sink_c
     }
     assert_eq!(dp.sink_count().expect("sink count"), before + 5);
 }
+
+/// A TCP SYN from 198.18.0.10:40000 to 198.18.100.10:8080 with an MSS option (58 bytes).
+fn syn() -> Vec<u8> {
+    let mut f = Vec::new();
+    PacketBuilder::ethernet2([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2])
+        .ipv4([198, 18, 0, 10], [198, 18, 100, 10], 64)
+        .tcp(40000, 8080, 0x0102_0304, 64240)
+        .syn()
+        .options(&[etherparse::TcpOptionElement::MaximumSegmentSize(1460)])
+        .expect("options")
+        .write(&mut f, &[])
+        .expect("frame");
+    f
+}
+
+/// (source port, syn, ack, sequence number, acknowledgement number) of a TCP frame whose IPv4 and
+/// TCP checksums are verified.
+fn tcp_of(f: &[u8]) -> (u16, bool, bool, u32, u32) {
+    let parsed = privatelink_tests::parse_checked(f);
+    let p = SlicedPacket::from_ethernet(f).expect("parsable");
+    let Some(TransportSlice::Tcp(t)) = &p.transport else {
+        panic!("not TCP: {f:02x?}")
+    };
+    (
+        parsed.sport,
+        t.syn(),
+        t.ack(),
+        t.sequence_number(),
+        t.acknowledgment_number(),
+    )
+}
+
+#[test]
+fn the_generator_keeps_tcp_checksums_valid_and_the_responder_answers_syns() {
+    if !privileged("the_generator_keeps_tcp_checksums_valid_and_the_responder_answers_syns") {
+        return;
+    }
+    let mut dp = Datapath::load(&Sizes::small()).expect("load");
+    let want = syn();
+    dp.set_gen_frame(&want).expect("frame head");
+    dp.set_gen_new_flows(true).expect("new flows on");
+    let mut sent = Vec::new();
+    for i in 0..3u16 {
+        let r = test_run(dp.gen_program().expect("generator program"), 0, &want);
+        assert_eq!(r.verdict, XDP_TX);
+        assert_eq!(
+            tcp_of(&r.out),
+            (1024 + i, true, false, 0x0102_0304, 0),
+            "a new source port, the SYN and both checksums valid"
+        );
+        assert_eq!(r.out[54..], want[54..], "options untouched");
+        sent.push(r.out);
+    }
+
+    for (i, s) in sent.iter().enumerate() {
+        let r = test_run(dp.responder_program().expect("responder program"), 0, s);
+        assert_eq!(r.verdict, XDP_TX, "a SYN is answered");
+        let (sport, syn, ack, seq, ack_no) = tcp_of(&r.out);
+        assert_eq!(sport, 8080, "from the port the SYN went to");
+        assert!(syn && ack, "SYN-ACK");
+        assert_eq!(ack_no, 0x0102_0305, "acknowledges the SYN");
+        assert_ne!(seq, 0, "a sequence number of its own");
+        let got = privatelink_tests::parse_checked(&r.out);
+        let asked = privatelink_tests::parse_checked(s);
+        assert_eq!(
+            (got.src, got.dst, got.dport, got.src_mac, got.dst_mac),
+            (
+                asked.dst,
+                asked.src,
+                asked.sport,
+                asked.dst_mac,
+                asked.src_mac
+            ),
+            "SYN-ACK {i}: addresses, ports and MACs swapped"
+        );
+        assert_eq!(r.out[54..], s[54..], "options kept");
+    }
+    // Anything but a SYN is dropped.
+    let mut ack = sent[0].clone();
+    ack[47] = 0x10;
+    assert_eq!(
+        test_run(dp.responder_program().expect("responder program"), 0, &ack).verdict,
+        XDP_DROP
+    );
+    let udp = frame();
+    assert_eq!(
+        test_run(dp.responder_program().expect("responder program"), 0, &udp).verdict,
+        XDP_DROP
+    );
+}

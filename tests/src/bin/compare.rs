@@ -31,7 +31,7 @@ use aya::programs::{
 use privatelink_agent::{
     dataplane::{Dataplane, PortMap, Proto},
     demo::{BACKEND, CLIENT, ENDPOINT, NAT_RANGE, Topology},
-    loader::{Datapath, Sizes},
+    loader::{Datapath, RESPONDER_PROGRAM, SINK_PROGRAM, Sizes},
 };
 use privatelink_tests::privileged;
 
@@ -98,6 +98,7 @@ struct Bed {
     dir: std::path::PathBuf,
     /// The pass program on the provider's interface (the generator measurement swaps in the sink).
     provider_pass: Option<XdpLinkId>,
+    consumer_pass: Option<XdpLinkId>,
 }
 
 impl Drop for Bed {
@@ -113,9 +114,9 @@ fn sh(ns: &privatelink_agent::netns::Netns, args: &[&str]) {
 
 fn bed() -> Bed {
     let topo = Topology::build(1).expect("topology");
-    // Conntrack for every round's new-flow measurement (UDP flows outlive a round).
+    // Conntrack for every round's new-flow and handshake measurements (flows outlive a round).
     let sizes = Sizes {
-        conntrack: 1 << 20,
+        conntrack: 1 << 21,
         ..Sizes::small()
     };
     let mut dp = Datapath::load(&sizes).expect("load");
@@ -133,7 +134,7 @@ fn bed() -> Bed {
         p
     });
     // Pass programs on the peers (redirect targets need one), the provider's kept to swap.
-    topo.consumers[0]
+    let consumer_pass = topo.consumers[0]
         .enter(|| dp.pass_program().attach("eth0", XdpMode::Driver))
         .expect("pass program on the consumer");
     let provider_pass = topo
@@ -157,6 +158,28 @@ fn bed() -> Bed {
             "permanent",
         ],
     );
+    // The generator's sources (198.18.0.10 on, the address moving on every 64,512 ports) get
+    // fixed neighbours too: the consumer side's sink drops ARP while SYN-ACKs come back, and the
+    // kernel's forwarding (nftables, direct) needs their MAC.
+    let consumer_mac = topo.consumers[0].mac("eth0").expect("consumer MAC");
+    let consumer_mac = consumer_mac.map(|b| format!("{b:02x}")).join(":");
+    for last in 10..=40 {
+        sh(
+            &topo.node,
+            &[
+                "ip",
+                "neigh",
+                "replace",
+                &format!("198.18.0.{last}"),
+                "lladdr",
+                &consumer_mac,
+                "dev",
+                "c0",
+                "nud",
+                "permanent",
+            ],
+        );
+    }
     // Routing for the direct mode, and a wide port range for the connection-rate clients.
     sh(
         &topo.node,
@@ -195,6 +218,7 @@ fn bed() -> Bed {
         _plane: plane,
         dir,
         provider_pass: Some(provider_pass),
+        consumer_pass: Some(consumer_pass),
     }
 }
 
@@ -603,119 +627,187 @@ const GEN_BATCH: u32 = 64;
 /// New flows per new-flow measurement: fits the kernel's default conntrack limit (262,144) and,
 /// over every round, the datapath's table as the bed sizes it.
 const GEN_NEW_FLOWS: u32 = 1 << 17;
+/// TCP handshakes per handshake measurement (with the UDP new flows of the same round, within the
+/// kernel's conntrack limit too).
+const GEN_HANDSHAKES: u32 = 1 << 16;
 
 /// What the socket-free generator measured: (frames per second delivered, busy CPU ns per
-/// delivered frame) for one flow, then the same with every frame a new flow.
+/// delivered frame) for one flow, then the same with every frame a new flow, then TCP handshakes
+/// (a SYN out, its SYN-ACK back, both through the node) per second and busy CPU ns per handshake.
 struct GenRates {
     one_flow: (f64, f64),
     new_flows: (f64, f64),
+    handshakes: (f64, f64),
 }
 
-/// Small UDP frames (60 bytes) from the socket-free generator on the consumer's interface into a
-/// sink that counts and drops on the provider's: one flow for `RUN`, then `GEN_NEW_FLOWS` frames
-/// that each open a new flow. The generator is one thread; no socket is involved on either side,
-/// so what remains is the forwarding and veth (and the generator, the same in every mode).
-fn gen_pps(bed: &mut Bed, mode: Mode) -> GenRates {
-    let (host, _, _, port) = mode.target();
-    // veth hands frames sent by XDP only to a peer with an XDP program: where the kernel
-    // forwards, the node's consumer interface gets the pass program for the measurement.
-    let node_pass = (mode != Mode::Privatelink).then(|| {
-        let prog = bed.dp.pass_program();
-        bed.topo
-            .node
-            .enter(|| prog.attach("c0", XdpMode::Driver))
-            .expect("pass program on c0")
-    });
-    let provider = &bed.topo.provider;
-    let pass = bed.provider_pass.take().expect("pass attached");
-    provider.enter(|| bed.dp.pass_program().detach(pass).expect("detach pass"));
-    let sink = provider
-        .enter(|| {
-            bed.dp
-                .sink_program()
-                .expect("sink program")
-                .attach("eth0", XdpMode::Driver)
-        })
-        .expect("attach the sink");
+/// Which program receives the generator's frames at either end: the consumer's and the
+/// provider's interface get `program` (by name) in place of their pass program.
+fn swap_in(
+    bed: &mut Bed,
+    consumer: Option<&'static str>,
+    provider: Option<&'static str>,
+) -> [Option<XdpLinkId>; 2] {
+    let mut out = [None, None];
+    for (i, (ns, slot, program)) in [
+        (&bed.topo.consumers[0], &mut bed.consumer_pass, consumer),
+        (&bed.topo.provider, &mut bed.provider_pass, provider),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let Some(program) = program else { continue };
+        let pass = slot.take().expect("pass attached");
+        ns.enter(|| bed.dp.pass_program().detach(pass).expect("detach pass"));
+        let prog = bed
+            .dp
+            .bench_program(program)
+            .unwrap_or_else(|e| panic!("{program} program: {e}"));
+        out[i] = Some(
+            ns.enter(|| prog.attach("eth0", XdpMode::Driver))
+                .unwrap_or_else(|e| panic!("attaching {program}: {e}")),
+        );
+    }
+    out
+}
 
+/// Undoes [`swap_in`]: the pass programs go back.
+fn swap_out(bed: &mut Bed, links: [Option<XdpLinkId>; 2], programs: [Option<&'static str>; 2]) {
+    for (i, (link, program)) in links.into_iter().zip(programs).enumerate() {
+        let (Some(link), Some(program)) = (link, program) else {
+            continue;
+        };
+        let ns = if i == 0 {
+            &bed.topo.consumers[0]
+        } else {
+            &bed.topo.provider
+        };
+        let prog = bed.dp.bench_program(program).expect("bench program");
+        ns.enter(|| prog.detach(link).expect("detach"));
+        let pass = ns
+            .enter(|| bed.dp.pass_program().attach("eth0", XdpMode::Driver))
+            .expect("pass program back");
+        if i == 0 {
+            bed.consumer_pass = Some(pass);
+        } else {
+            bed.provider_pass = Some(pass);
+        }
+    }
+}
+
+/// Sends `frame` from the consumer's interface with the generator in live-frames mode until
+/// `until` (given the start and the test runs so far) holds, and returns what the sink counted:
+/// (frames per second, busy CPU ns per counted frame). Frames still queued in veth when the clock
+/// stops are counted: a short settle first.
+fn generate(bed: &mut Bed, frame: &[u8], until: &dyn Fn(&Instant, u32) -> bool) -> (f64, f64) {
     let consumer = &bed.topo.consumers[0];
     let ifindex = consumer.ifindex("eth0").expect("consumer ifindex");
-    let mut frame = Vec::new();
-    etherparse::PacketBuilder::ethernet2(
-        consumer.mac("eth0").expect("consumer MAC"),
-        bed.topo.consumer_ifaces[0].2,
-    )
-    .ipv4(CLIENT.octets(), host.octets(), 64)
-    .udp(40000, port)
-    .write(&mut frame, &[0x17u8; 18])
-    .expect("frame");
-    // No UDP checksum (IPv4 allows it): the new-flow sequence changes the source port and
-    // address, and the kernel's conntrack would count frames with a stale checksum invalid.
-    frame[40..42].copy_from_slice(&[0, 0]);
-    bed.dp.set_gen_frame(&frame).expect("generator frame");
     let md: [u32; 6] = [0, frame.len() as u32, 0, ifindex, 0, 0];
     let ctx: Vec<u8> = md.iter().flat_map(|v| v.to_ne_bytes()).collect();
-    let send = |dp: &mut Datapath, repeat: u32| {
-        let generator = dp.gen_program().expect("generator program");
+    let before = bed.dp.sink_count().expect("sink count");
+    let cpu0 = cpu_busy_ns();
+    let started = Instant::now();
+    let mut runs = 0;
+    while !until(&started, runs) {
+        let generator = bed.dp.gen_program().expect("generator program");
         let mut o = TestRunOptions::new();
-        o.data_in = Some(&frame);
+        o.data_in = Some(frame);
         o.ctx_in = Some(&ctx);
-        o.repeat = repeat;
+        o.repeat = GEN_REPEAT;
         o.attrs = TestRunAttrs::new().xdp_live_frames(GEN_BATCH);
         consumer
             .enter(|| generator.test_run(o))
             .expect("live-frames test run");
+        runs += 1;
+    }
+    let secs = started.elapsed().as_secs_f64();
+    std::thread::sleep(Duration::from_millis(50));
+    let cpu = cpu_busy_ns() - cpu0;
+    let got = bed.dp.sink_count().expect("sink count") - before;
+    (got as f64 / secs, cpu as f64 / got.max(1) as f64)
+}
+
+/// Socket-free rates through the node, with the generator on the consumer's interface (one
+/// thread; no socket on either side, so what remains is the forwarding and veth, and the
+/// generator, the same in every mode):
+/// - small UDP frames (60 bytes) into a sink that counts and drops on the provider's interface:
+///   one flow for `RUN`, then `GEN_NEW_FLOWS` frames that each open a new flow;
+/// - TCP SYNs, each of a new flow, into the responder in the backend's place, whose SYN-ACKs come
+///   back through the node into a sink on the consumer's interface: `GEN_HANDSHAKES` connection
+///   setups, each creating the forwarding's state and crossing it both ways.
+fn gen_pps(bed: &mut Bed, mode: Mode) -> GenRates {
+    let (host, echo, _, port) = mode.target();
+    // veth hands frames sent by XDP only to a peer with an XDP program: where the kernel
+    // forwards, the node's interfaces get the pass program for the measurement (the consumer's
+    // for the generator's frames, the provider's for the responder's).
+    let node_pass: Vec<XdpLinkId> = if mode == Mode::Privatelink {
+        Vec::new()
+    } else {
+        ["c0", "p0"]
+            .into_iter()
+            .map(|dev| {
+                let prog = bed.dp.pass_program();
+                bed.topo
+                    .node
+                    .enter(|| prog.attach(dev, XdpMode::Driver))
+                    .unwrap_or_else(|e| panic!("pass program on {dev}: {e}"))
+            })
+            .collect()
     };
+    let consumer_mac = bed.topo.consumers[0].mac("eth0").expect("consumer MAC");
+    let node_mac = bed.topo.consumer_ifaces[0].2;
+
+    let programs = [None, Some(SINK_PROGRAM)];
+    let links = swap_in(bed, programs[0], programs[1]);
+    let mut frame = Vec::new();
+    etherparse::PacketBuilder::ethernet2(consumer_mac, node_mac)
+        .ipv4(CLIENT.octets(), host.octets(), 64)
+        .udp(40000, port)
+        .write(&mut frame, &[0x17u8; 18])
+        .expect("frame");
+    // No UDP checksum (IPv4 allows it): fewer bytes for the sequence to keep right.
+    frame[40..42].copy_from_slice(&[0, 0]);
+    bed.dp.set_gen_frame(&frame).expect("generator frame");
     // Warm-up: the flow (privatelink) or the kernel's conntrack entry (nftables) exists after it.
     bed.dp.set_gen_new_flows(false).expect("generator mode");
-    send(&mut bed.dp, 1024);
+    generate(bed, &frame, &|_, runs| runs >= 1);
     std::thread::sleep(Duration::from_millis(100));
-    // Frames still queued in veth when the clock stops are counted: a short settle first.
-    let measure = |dp: &mut Datapath, until: &dyn Fn(&Instant, u32) -> bool| {
-        let before = dp.sink_count().expect("sink count");
-        let cpu0 = cpu_busy_ns();
-        let started = Instant::now();
-        let mut runs = 0;
-        while !until(&started, runs) {
-            send(dp, GEN_REPEAT);
-            runs += 1;
-        }
-        let secs = started.elapsed().as_secs_f64();
-        std::thread::sleep(Duration::from_millis(50));
-        let cpu = cpu_busy_ns() - cpu0;
-        let got = dp.sink_count().expect("sink count") - before;
-        (got as f64 / secs, cpu as f64 / got.max(1) as f64)
-    };
-    let one_flow = measure(&mut bed.dp, &|started, _| started.elapsed() >= RUN);
+    let one_flow = generate(bed, &frame, &|started, _| started.elapsed() >= RUN);
     bed.dp.set_gen_new_flows(true).expect("generator mode");
-    let new_flows = measure(&mut bed.dp, &|_, runs| runs * GEN_REPEAT >= GEN_NEW_FLOWS);
+    let new_flows = generate(bed, &frame, &|_, runs| runs * GEN_REPEAT >= GEN_NEW_FLOWS);
     bed.dp.set_gen_new_flows(false).expect("generator mode");
+    swap_out(bed, links, programs);
 
-    provider.enter(|| {
-        bed.dp
-            .sink_program()
-            .expect("sink program")
-            .detach(sink)
-            .expect("detach the sink")
-    });
-    bed.provider_pass = Some(
-        provider
-            .enter(|| bed.dp.pass_program().attach("eth0", XdpMode::Driver))
-            .expect("pass program back"),
-    );
-    if let Some(id) = node_pass {
+    let programs = [Some(SINK_PROGRAM), Some(RESPONDER_PROGRAM)];
+    let links = swap_in(bed, programs[0], programs[1]);
+    let mut syn = Vec::new();
+    etherparse::PacketBuilder::ethernet2(consumer_mac, node_mac)
+        .ipv4(CLIENT.octets(), host.octets(), 64)
+        .tcp(40000, echo, 1, 64240)
+        .syn()
+        .options(&[etherparse::TcpOptionElement::MaximumSegmentSize(1460)])
+        .expect("TCP options")
+        .write(&mut syn, &[])
+        .expect("SYN");
+    bed.dp.set_gen_frame(&syn).expect("generator frame");
+    bed.dp.set_gen_new_flows(true).expect("generator mode");
+    let handshakes = generate(bed, &syn, &|_, runs| runs * GEN_REPEAT >= GEN_HANDSHAKES);
+    bed.dp.set_gen_new_flows(false).expect("generator mode");
+    swap_out(bed, links, programs);
+
+    for id in node_pass {
         let prog = bed.dp.pass_program();
         bed.topo
             .node
-            .enter(|| prog.detach(id).expect("detach c0 pass"));
+            .enter(|| prog.detach(id).expect("detach the node's pass program"));
     }
     GenRates {
         one_flow,
         new_flows,
+        handshakes,
     }
 }
 
-const METRICS: [&str; 13] = [
+const METRICS: [&str; 15] = [
     "TCP throughput, 1 stream (Gbit/s)",
     "TCP throughput, 8 streams (Gbit/s)",
     "connections per second (4 clients)",
@@ -729,6 +821,8 @@ const METRICS: [&str; 13] = [
     "CPU per delivered frame (ns, socket-free, whole machine)",
     "new flows per second, socket-free (one UDP frame per flow)",
     "CPU per new flow (ns, socket-free, whole machine)",
+    "TCP handshakes per second, socket-free (SYN out, SYN-ACK back, a new flow each)",
+    "CPU per handshake (ns, socket-free, whole machine)",
 ];
 
 fn main() {
@@ -765,6 +859,8 @@ fn main() {
                     r[10].push(g.one_flow.1);
                     r[11].push(g.new_flows.0);
                     r[12].push(g.new_flows.1);
+                    r[13].push(g.handshakes.0);
+                    r[14].push(g.handshakes.1);
                 }
                 leave(&mut bed, installed);
                 continue;
@@ -795,6 +891,8 @@ fn main() {
                 r[10].push(g.one_flow.1);
                 r[11].push(g.new_flows.0);
                 r[12].push(g.new_flows.1);
+                r[13].push(g.handshakes.0);
+                r[14].push(g.handshakes.1);
             }
             leave(&mut bed, installed);
             eprintln!("round {round}: {} done", mode.name());
