@@ -12,7 +12,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use aya::programs::{TestRun, TestRunOptions};
+use aya::programs::{TestRun, TestRunOptions, Xdp};
 use privatelink_agent::{
     dataplane::{Action, Dataplane, Link, Rule, RuleProto},
     demo::{self, BACKEND6, ENDPOINT6, Topology},
@@ -43,21 +43,25 @@ fn mean_ns(h: &mut Harness, ifindex: u32, mut pkt: impl FnMut(u32) -> Vec<u8>) -
     total as f64 / f64::from(SAMPLES)
 }
 
-/// Per-packet cost of the datapath, `repeat` runs on one packet received on `ifindex` (a path
-/// that leaves frame and state as they were).
-fn hot_ns(h: &mut Harness, ifindex: u32, pkt: &[u8], repeat: u32) -> f64 {
+/// One BPF_PROG_TEST_RUN of `prog`, `repeat` runs on `pkt` received on `ifindex`: the last run's
+/// verdict and the mean duration of a run in ns.
+fn run_repeated(prog: &mut Xdp, ifindex: u32, pkt: &[u8], repeat: u32) -> (u32, f64) {
     let md: [u32; 6] = [0, pkt.len() as u32, 0, ifindex, 0, 0];
     let ctx: Vec<u8> = md.iter().flat_map(|v| v.to_ne_bytes()).collect();
     let mut o = TestRunOptions::new();
     o.data_in = Some(pkt);
     o.ctx_in = Some(&ctx);
     o.repeat = repeat;
-    h.dp.program()
-        .test_run(o)
-        .expect("hot test run")
-        .duration
-        .as_nanos() as f64
+    let r = prog.test_run(o).expect("repeated test run");
+    (r.return_value, r.duration.as_nanos() as f64)
 }
+
+/// Per-packet cost of the datapath, `repeat` runs on one packet received on `ifindex` (a path
+/// that leaves frame and state as they were).
+fn hot_ns(h: &mut Harness, ifindex: u32, pkt: &[u8], repeat: u32) -> f64 {
+    run_repeated(h.dp.program(), ifindex, pkt, repeat).1
+}
+
 /// XDP verdicts the measured paths end in.
 const XDP_PASS: u32 = 2;
 const XDP_TX: u32 = 3;
@@ -86,23 +90,14 @@ fn replay_ns(
 ) -> f64 {
     h.dp.set_gen_frame(pkt).expect("replay frame");
     h.dp.set_gen_new_flows(new_flows).expect("replay sequence");
-    let md: [u32; 6] = [0, pkt.len() as u32, 0, ifindex, 0, 0];
-    let ctx: Vec<u8> = md.iter().flat_map(|v| v.to_ne_bytes()).collect();
-    let mut o = TestRunOptions::new();
-    o.data_in = Some(pkt);
-    o.ctx_in = Some(&ctx);
-    o.repeat = repeat;
-    let r =
-        h.dp.replay_into(target)
-            .expect("replay program")
-            .test_run(o)
-            .expect("replay test run");
+    let replay = h.dp.replay_into(target).expect("replay program");
+    let (got, ns) = run_repeated(replay, ifindex, pkt, repeat);
     h.dp.set_gen_new_flows(false).expect("replay sequence off");
     assert_eq!(
-        r.return_value, verdict,
+        got, verdict,
         "replay into {target}: wrong verdict, so the wrong path was measured"
     );
-    r.duration.as_nanos() as f64
+    ns
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
