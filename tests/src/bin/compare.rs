@@ -943,7 +943,7 @@ fn main() {
         );
     }
     println!(
-        "\nHAProxy does not carry UDP (n/a). Ratios are privatelink's value over the other's: above 1 is better for rates and throughput, below 1 is better for latency and CPU.\n"
+        "\nHAProxy does not carry UDP, and terminates TCP itself, so it has no UDP or socket-free rows (n/a). Ratios are privatelink's value over the other's: above 1 is better for rates and throughput, below 1 is better for latency and CPU.\n"
     );
     drop(servers);
 }
