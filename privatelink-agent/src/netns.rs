@@ -48,7 +48,10 @@ fn owner_record(name: &str) -> PathBuf {
 fn remove(name: &str) -> Result<()> {
     if let Ok(out) = ip(&["netns", "pids", name]) {
         for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
-            if let Ok(pid) = pid.parse::<i32>() {
+            // Never this process (its main thread could have entered the namespace).
+            if let Ok(pid) = pid.parse::<i32>()
+                && pid != std::process::id() as i32
+            {
                 let _ = nix::sys::signal::kill(
                     nix::unistd::Pid::from_raw(pid),
                     nix::sys::signal::Signal::SIGKILL,
