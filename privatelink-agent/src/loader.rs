@@ -240,7 +240,6 @@ impl Datapath {
             .fd()?
             .try_clone()
             .map_err(LoadError::Replay)?;
-        self.bench_program(REPLAY_PROGRAM)?;
         let mut jump: ProgramArray<_> = self
             .ebpf
             .map_mut(REPLAY_JUMP)

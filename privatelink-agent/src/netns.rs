@@ -44,6 +44,11 @@ fn owner_record(name: &str) -> PathBuf {
     Path::new(OWNERS).join(name)
 }
 
+/// Whether namespace `name` exists (its mount point under `/run/netns`, where `ip` keeps them).
+fn exists(name: &str) -> bool {
+    Path::new("/run/netns").join(name).exists()
+}
+
 /// Kills every process inside namespace `name`, then deletes it and its owner record.
 fn remove(name: &str) -> Result<()> {
     if let Ok(out) = ip(&["netns", "pids", name]) {
@@ -63,7 +68,7 @@ fn remove(name: &str) -> Result<()> {
     let _ = std::fs::remove_file(owner_record(name));
     match deleted {
         // Gone either way (another cleaner got there first).
-        Err(_) if !Path::new("/run/netns").join(name).exists() => Ok(()),
+        Err(_) if !exists(name) => Ok(()),
         other => other.map(drop),
     }
 }
@@ -88,7 +93,7 @@ pub fn orphans() -> Vec<(String, String)> {
 pub fn sweep_orphans() -> Vec<String> {
     let mut gone = Vec::new();
     for (name, record) in orphans() {
-        if !Path::new("/run/netns").join(&name).exists() {
+        if !exists(&name) {
             let _ = std::fs::remove_file(owner_record(&name));
             continue;
         }

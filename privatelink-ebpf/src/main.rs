@@ -227,8 +227,8 @@ pub fn replay(ctx: XdpContext) -> u32 {
     bench::replay(&ctx)
 }
 
-/// Benchmark responder (`cargo xtask bench`): answers TCP SYNs with SYN-ACKs in a backend's place,
-/// counts and drops the rest; see `bench.rs`.
+/// Benchmark responder (`cargo xtask bench`): answers TCP SYNs with SYN-ACKs in a backend's place
+/// and drops the rest; see `bench.rs`.
 #[xdp]
 pub fn responder(ctx: XdpContext) -> u32 {
     bench::respond(&ctx)

@@ -78,30 +78,36 @@ struct XdpMd {
     egress_ifindex: u32,
 }
 
-/// Runs `prog` once on `packet` as if received on `ifindex` (which must exist in the calling
-/// thread's network namespace).
-pub fn test_run(prog: &Xdp, ifindex: u32, packet: &[u8]) -> Run {
-    // The kernel takes the frame length from data_end when a context is given.
+/// The `ctx_in` of a test run on a frame of `len` bytes received on `ifindex`: a `struct xdp_md`
+/// (the kernel takes the frame length from data_end when a context is given).
+pub fn xdp_ctx(ifindex: u32, len: usize) -> Vec<u8> {
     let md = XdpMd {
         data: 0,
-        data_end: packet.len() as u32,
+        data_end: len as u32,
         data_meta: 0,
         ingress_ifindex: ifindex,
         rx_queue_index: 0,
         egress_ifindex: 0,
     };
     // SAFETY: XdpMd is repr(C) plain integers.
-    let ctx = unsafe {
+    unsafe {
         std::slice::from_raw_parts(
             (&md as *const XdpMd).cast::<u8>(),
             std::mem::size_of::<XdpMd>(),
         )
-    };
+    }
+    .to_vec()
+}
+
+/// Runs `prog` once on `packet` as if received on `ifindex` (which must exist in the calling
+/// thread's network namespace).
+pub fn test_run(prog: &Xdp, ifindex: u32, packet: &[u8]) -> Run {
+    let ctx = xdp_ctx(ifindex, packet.len());
     let mut out = vec![0u8; packet.len() + 256];
     let mut opts = TestRunOptions::new();
     opts.data_in = Some(packet);
     opts.data_out = Some(&mut out);
-    opts.ctx_in = Some(ctx);
+    opts.ctx_in = Some(&ctx);
     let r = prog
         .test_run(opts)
         .unwrap_or_else(|e| panic!("BPF_PROG_TEST_RUN failed: {e}"));

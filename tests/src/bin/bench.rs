@@ -18,14 +18,13 @@ use privatelink_agent::{
     demo::{self, BACKEND6, ENDPOINT6, Topology},
     loader::{Datapath, FLOOR_PROGRAM, PROGRAM, Sizes, map_memory},
 };
-
 use privatelink_tests::{
     fixture::{
         BACKEND, BACKEND_MAC, CONSUMER_MAC, CONSUMER_NET, ENDPOINT, Harness, LINK, NOT_ENDPOINT,
         Pkt, with_harness_sized,
     },
     fixture6::{Pkt6, parse_checked6},
-    privileged, test_run,
+    privileged, test_run, xdp_ctx,
 };
 
 /// repeat-1 samples per path.
@@ -46,8 +45,7 @@ fn mean_ns(h: &mut Harness, ifindex: u32, mut pkt: impl FnMut(u32) -> Vec<u8>) -
 /// One BPF_PROG_TEST_RUN of `prog`, `repeat` runs on `pkt` received on `ifindex`: the last run's
 /// verdict and the mean duration of a run in ns.
 fn run_repeated(prog: &mut Xdp, ifindex: u32, pkt: &[u8], repeat: u32) -> (u32, f64) {
-    let md: [u32; 6] = [0, pkt.len() as u32, 0, ifindex, 0, 0];
-    let ctx: Vec<u8> = md.iter().flat_map(|v| v.to_ne_bytes()).collect();
+    let ctx = xdp_ctx(ifindex, pkt.len());
     let mut o = TestRunOptions::new();
     o.data_in = Some(pkt);
     o.ctx_in = Some(&ctx);

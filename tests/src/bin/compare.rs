@@ -98,6 +98,7 @@ struct Bed {
     dir: std::path::PathBuf,
     /// The pass program on the provider's interface (the generator measurement swaps in the sink).
     provider_pass: Option<XdpLinkId>,
+    /// The same on the consumer's interface (the handshake measurement swaps in the sink).
     consumer_pass: Option<XdpLinkId>,
 }
 
@@ -640,6 +641,19 @@ struct GenRates {
     handshakes: (f64, f64),
 }
 
+impl GenRates {
+    /// Appends this round's values to a mode's results (one list per entry of `METRICS`, the
+    /// socket-free rows from [`FIRST_SOCKET_FREE`] on, in this order).
+    fn record(&self, results: &mut [Vec<f64>]) {
+        let values = [self.one_flow, self.new_flows, self.handshakes]
+            .into_iter()
+            .flat_map(|(rate, cpu)| [rate, cpu]);
+        for (r, v) in results[FIRST_SOCKET_FREE..].iter_mut().zip(values) {
+            r.push(v);
+        }
+    }
+}
+
 /// Which program receives the generator's frames at either end: the consumer's and the
 /// provider's interface get `program` (by name) in place of their pass program.
 fn swap_in(
@@ -694,15 +708,19 @@ fn swap_out(bed: &mut Bed, links: [Option<XdpLinkId>; 2], programs: [Option<&'st
     }
 }
 
-/// Sends `frame` from the consumer's interface with the generator in live-frames mode until
-/// `until` (given the start and the test runs so far) holds, and returns what the sink counted:
-/// (frames per second, busy CPU ns per counted frame). Frames still queued in veth when the clock
-/// stops are counted: a short settle first.
-fn generate(bed: &mut Bed, frame: &[u8], until: &dyn Fn(&Instant, u32) -> bool) -> (f64, f64) {
+/// Sends `frame` from the consumer's interface with the generator in live-frames mode, `repeat`
+/// frames per test run, until `until` (given the start and the test runs so far) holds, and
+/// returns what the sink counted: (frames per second, busy CPU ns per counted frame). Frames still
+/// queued in veth when the clock stops are counted: a short settle first.
+fn generate(
+    bed: &mut Bed,
+    frame: &[u8],
+    repeat: u32,
+    until: &dyn Fn(&Instant, u32) -> bool,
+) -> (f64, f64) {
     let consumer = &bed.topo.consumers[0];
     let ifindex = consumer.ifindex("eth0").expect("consumer ifindex");
-    let md: [u32; 6] = [0, frame.len() as u32, 0, ifindex, 0, 0];
-    let ctx: Vec<u8> = md.iter().flat_map(|v| v.to_ne_bytes()).collect();
+    let ctx = privatelink_tests::xdp_ctx(ifindex, frame.len());
     let before = bed.dp.sink_count().expect("sink count");
     let cpu0 = cpu_busy_ns();
     let started = Instant::now();
@@ -712,7 +730,7 @@ fn generate(bed: &mut Bed, frame: &[u8], until: &dyn Fn(&Instant, u32) -> bool) 
         let mut o = TestRunOptions::new();
         o.data_in = Some(frame);
         o.ctx_in = Some(&ctx);
-        o.repeat = GEN_REPEAT;
+        o.repeat = repeat;
         o.attrs = TestRunAttrs::new().xdp_live_frames(GEN_BATCH);
         consumer
             .enter(|| generator.test_run(o))
@@ -769,11 +787,15 @@ fn gen_pps(bed: &mut Bed, mode: Mode) -> GenRates {
     bed.dp.set_gen_frame(&frame).expect("generator frame");
     // Warm-up: the flow (privatelink) or the kernel's conntrack entry (nftables) exists after it.
     bed.dp.set_gen_new_flows(false).expect("generator mode");
-    generate(bed, &frame, &|_, runs| runs >= 1);
+    generate(bed, &frame, 1024, &|_, runs| runs >= 1);
     std::thread::sleep(Duration::from_millis(100));
-    let one_flow = generate(bed, &frame, &|started, _| started.elapsed() >= RUN);
+    let one_flow = generate(bed, &frame, GEN_REPEAT, &|started, _| {
+        started.elapsed() >= RUN
+    });
     bed.dp.set_gen_new_flows(true).expect("generator mode");
-    let new_flows = generate(bed, &frame, &|_, runs| runs * GEN_REPEAT >= GEN_NEW_FLOWS);
+    let new_flows = generate(bed, &frame, GEN_REPEAT, &|_, runs| {
+        runs * GEN_REPEAT >= GEN_NEW_FLOWS
+    });
     bed.dp.set_gen_new_flows(false).expect("generator mode");
     swap_out(bed, links, programs);
 
@@ -790,7 +812,9 @@ fn gen_pps(bed: &mut Bed, mode: Mode) -> GenRates {
         .expect("SYN");
     bed.dp.set_gen_frame(&syn).expect("generator frame");
     bed.dp.set_gen_new_flows(true).expect("generator mode");
-    let handshakes = generate(bed, &syn, &|_, runs| runs * GEN_REPEAT >= GEN_HANDSHAKES);
+    let handshakes = generate(bed, &syn, GEN_REPEAT, &|_, runs| {
+        runs * GEN_REPEAT >= GEN_HANDSHAKES
+    });
     bed.dp.set_gen_new_flows(false).expect("generator mode");
     swap_out(bed, links, programs);
 
@@ -806,6 +830,9 @@ fn gen_pps(bed: &mut Bed, mode: Mode) -> GenRates {
         handshakes,
     }
 }
+
+/// Index in `METRICS` of the first socket-free row.
+const FIRST_SOCKET_FREE: usize = 9;
 
 const METRICS: [&str; 15] = [
     "TCP throughput, 1 stream (Gbit/s)",
@@ -854,13 +881,7 @@ fn main() {
             let r = &mut results[m];
             if only_pps {
                 if mode != Mode::Haproxy {
-                    let g = gen_pps(&mut bed, mode);
-                    r[9].push(g.one_flow.0);
-                    r[10].push(g.one_flow.1);
-                    r[11].push(g.new_flows.0);
-                    r[12].push(g.new_flows.1);
-                    r[13].push(g.handshakes.0);
-                    r[14].push(g.handshakes.1);
+                    gen_pps(&mut bed, mode).record(r);
                 }
                 leave(&mut bed, installed);
                 continue;
@@ -885,14 +906,7 @@ fn main() {
                 r[8].push(t / runs.max(1) as f64);
             }
             if mode != Mode::Haproxy {
-                let g = gen_pps(&mut bed, mode);
-                let r = &mut results[m];
-                r[9].push(g.one_flow.0);
-                r[10].push(g.one_flow.1);
-                r[11].push(g.new_flows.0);
-                r[12].push(g.new_flows.1);
-                r[13].push(g.handshakes.0);
-                r[14].push(g.handshakes.1);
+                gen_pps(&mut bed, mode).record(&mut results[m]);
             }
             leave(&mut bed, installed);
             eprintln!("round {round}: {} done", mode.name());
