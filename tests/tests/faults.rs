@@ -215,6 +215,25 @@ fn eth0_packets(ns: &Netns) -> (u64, u64) {
     )
 }
 
+/// The node's outcome counters and its peers' eth0 counters, read while no frame arrives: a
+/// stray frame (neighbour discovery, say) landing between the two reads would be counted on one
+/// side only, so the pair is read again until the peers' counters are the same before and after
+/// the scrape (bounded).
+fn settled(w: &privatelink_tests::world::World, peers: &[&Netns]) -> (Vec<f64>, Vec<(u64, u64)>) {
+    for _ in 0..20 {
+        let kernel: Vec<(u64, u64)> = peers.iter().map(|n| eth0_packets(n)).collect();
+        let counted = outcomes(w);
+        if peers
+            .iter()
+            .map(|n| eth0_packets(n))
+            .eq(kernel.iter().copied())
+        {
+            return (counted, kernel);
+        }
+    }
+    panic!("frames kept arriving: no quiet moment to read the counters");
+}
+
 /// Every outcome counter of the node, from one scrape.
 fn outcomes(w: &privatelink_tests::world::World) -> Vec<f64> {
     let text = node_get(&w.topo, "http://127.0.0.1:9464/metrics").expect("scrape");
@@ -328,16 +347,14 @@ fn malformed_frames_at_rate_are_all_counted_and_none_is_forwarded() {
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let at_provider = RawSocket::open(&w.topo.provider).incoming_ipv4_sources(stop.clone());
     let at_other = RawSocket::open(&w.topo.consumers[1]).incoming_ipv4_sources(stop.clone());
-    let kernel_before: Vec<(u64, u64)> = peers.iter().map(|n| eth0_packets(n)).collect();
-    let before = outcomes(&w);
+    let (before, kernel_before) = settled(&w, &peers);
     let started = Instant::now();
     for f in &frames {
         sock.send(f);
     }
     let elapsed = started.elapsed();
     std::thread::sleep(Duration::from_millis(300));
-    let after = outcomes(&w);
-    let kernel_after: Vec<(u64, u64)> = peers.iter().map(|n| eth0_packets(n)).collect();
+    let (after, kernel_after) = settled(&w, &peers);
     eprintln!(
         "sent {} malformed frames in {elapsed:?} ({:.0} frames/s)",
         frames.len(),
