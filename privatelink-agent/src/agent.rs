@@ -24,9 +24,6 @@ use crate::{
     sync::{self, NodeConfig},
 };
 
-/// Applies the control plane's current state to the maps. With `full`, the maps are first read
-/// back and compared with what was written: differences are counted as drift and repaired. A
-/// refused state is logged and the maps keep the last good state.
 /// What the reconciler carries between runs.
 struct Sync {
     skipped: Vec<String>,
@@ -317,20 +314,39 @@ pub async fn follow_store(
     metrics: Arc<AgentMetrics>,
 ) {
     let kick = Arc::new(tokio::sync::Notify::new());
+    // A reload that fails is tried again (with backoff) until it succeeds. Waiting for the next
+    // revision event instead would leave the node on a stale state for good when the failed
+    // reload was the one the watcher asks for on reconnecting: a change committed while the
+    // watch was down raises no event on the new watch.
     let refresher = {
         let (kick, plane, metrics) = (kick.clone(), plane.clone(), metrics.clone());
         async move {
             loop {
                 kick.notified().await;
-                let p = plane.clone();
-                match tokio::task::spawn_blocking(move || p.refresh()).await {
-                    Ok(Ok(_)) => drop(metrics.store_up.set(1)),
-                    Ok(Err(err)) => {
+                retry(
+                    || {
+                        let p = plane.clone();
+                        async move {
+                            match tokio::task::spawn_blocking(move || p.refresh()).await {
+                                Ok(r) => r.map(drop).map_err(|e| e.to_string()),
+                                Err(e) => Err(format!("reload task failed: {e}")),
+                            }
+                        }
+                    },
+                    Duration::from_millis(100),
+                    Duration::from_secs(2),
+                    |attempt, err| {
                         metrics.store_up.set(0);
-                        log::warn!("store: reloading from etcd failed: {err}");
-                    }
-                    Err(err) => log::warn!("store: reload task failed: {err}"),
-                }
+                        // Once per outage in the log, not once per attempt.
+                        if attempt == 1 {
+                            log::warn!("store: reloading from etcd failed: {err}; retrying");
+                        } else {
+                            log::debug!("store: reload attempt {attempt} failed: {err}");
+                        }
+                    },
+                )
+                .await;
+                metrics.store_up.set(1);
             }
         }
     };
@@ -351,18 +367,44 @@ pub async fn follow_store(
     tokio::join!(refresher, watcher);
 }
 
+/// Runs `attempt` until it succeeds. After the n-th failure `failed(n, &error)` is called and the
+/// next attempt waits `first`, doubled each time up to `max`.
+async fn retry<E, F: std::future::Future<Output = Result<(), E>>>(
+    mut attempt: impl FnMut() -> F,
+    first: Duration,
+    max: Duration,
+    mut failed: impl FnMut(u32, &E),
+) {
+    let mut wait = first;
+    let mut n = 0u32;
+    while let Err(e) = attempt().await {
+        n = n.saturating_add(1);
+        failed(n, &e);
+        tokio::time::sleep(wait).await;
+        wait = (wait * 2).min(max);
+    }
+}
+
 /// Publishes the revision this node applied (in the background: a shared store is a network
-/// call), when it changed.
-fn report_applied(plane: &Arc<ControlPlane>, node: &str, metrics: &AgentMetrics, last: &mut i64) {
+/// call), when it changed since the last report that succeeded: a failed report is made again on
+/// the next call (the periodic resync makes one), so an outage does not leave the node's row stale.
+fn report_applied(
+    plane: &Arc<ControlPlane>,
+    node: &str,
+    metrics: &AgentMetrics,
+    last: &Arc<std::sync::atomic::AtomicI64>,
+) {
+    use std::sync::atomic::Ordering::Relaxed;
     let applied = metrics.revision.get();
-    if applied == *last {
+    if last.swap(applied, Relaxed) == applied {
         return;
     }
-    *last = applied;
-    let (p, node) = (plane.clone(), node.to_string());
+    let (p, node, last) = (plane.clone(), node.to_string(), last.clone());
     tokio::task::spawn_blocking(move || {
         if let Err(e) = p.report_applied(&node, applied as u64) {
-            log::warn!("store: reporting revision {applied}: {e}");
+            log::warn!("store: reporting revision {applied}: {e}; trying again later");
+            // Unless a newer revision was reported meanwhile.
+            let _ = last.compare_exchange(applied, -1, Relaxed, Relaxed);
         }
     });
 }
@@ -487,8 +529,8 @@ pub fn run(cfg: Checked, detach_on_exit: bool) -> Result<()> {
             .store
             .etcd()
             .map(|e| tokio::spawn(follow_store(e, plane.clone(), metrics.clone())));
-        let mut reported = -1i64;
-        report_applied(&plane, &cfg.raw.node, &metrics, &mut reported);
+        let reported = Arc::new(std::sync::atomic::AtomicI64::new(-1));
+        report_applied(&plane, &cfg.raw.node, &metrics, &reported);
         plane.read(|s| dns.update(s));
         dns.ensure(&node.ifaces);
         loop {
@@ -497,7 +539,7 @@ pub fn run(cfg: Checked, detach_on_exit: bool) -> Result<()> {
                     if changed.is_err() { break; }
                     reconcile(&plane, &mut dataplane, &node, &health, &mut sync, &metrics, false);
                     plane.read(|s| dns.update(s));
-                    report_applied(&plane, &cfg.raw.node, &metrics, &mut reported);
+                    report_applied(&plane, &cfg.raw.node, &metrics, &reported);
                 }
                 event = links.changed() => {
                     if let Err(e) = event { log::warn!("link events: {e}"); }
@@ -511,7 +553,7 @@ pub fn run(cfg: Checked, detach_on_exit: bool) -> Result<()> {
                     ifaces.refresh(&mut dp, &pins, &cfg, &mut node, &metrics);
                     reconcile(&plane, &mut dataplane, &node, &health, &mut sync, &metrics, true);
                     dns.ensure(&node.ifaces);
-                    report_applied(&plane, &cfg.raw.node, &metrics, &mut reported);
+                    report_applied(&plane, &cfg.raw.node, &metrics, &reported);
                 }
                 _ = health_changed.notified() => reconcile(&plane, &mut dataplane, &node, &health, &mut sync, &metrics, false),
                 _ = sample.tick() => sample_history(&plane, &history_reader, &history, &node),
@@ -539,4 +581,39 @@ pub fn run(cfg: Checked, detach_on_exit: bool) -> Result<()> {
         );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, Instant};
+
+    #[tokio::test]
+    async fn a_failing_attempt_is_retried_with_doubling_waits_until_it_succeeds() {
+        let mut calls = 0u32;
+        let mut failures = Vec::new();
+        let t = Instant::now();
+        super::retry(
+            || {
+                calls += 1;
+                let r = if calls <= 3 { Err(calls) } else { Ok(()) };
+                async move { r }
+            },
+            Duration::from_millis(10),
+            Duration::from_millis(25),
+            |n, e: &u32| failures.push((n, *e)),
+        )
+        .await;
+        assert_eq!(calls, 4, "three failures, then the success ends it");
+        assert_eq!(
+            failures,
+            [(1, 1), (2, 2), (3, 3)],
+            "each failure reported once"
+        );
+        // Waits 10, 20, then 25 (capped): at least 55 ms in all.
+        assert!(
+            t.elapsed() >= Duration::from_millis(55),
+            "{:?}",
+            t.elapsed()
+        );
+    }
 }
