@@ -70,8 +70,11 @@ fn rewrite_head(ctx: &XdpContext) {
     // SAFETY: bounds checked by ptr_at.
     let frame = unsafe { &mut *frame };
     if let Some(head) = GEN_FRAME.get(0) {
-        // SAFETY: same size, plain bytes.
-        *frame = unsafe { core::mem::transmute::<[u64; GEN_HEAD / 8], [u8; GEN_HEAD]>(*head) };
+        // A plain `memcpy`, expanded inline (an assignment would be a `memmove` call, see `mem`).
+        // SAFETY: the same number of bytes; the map value and the frame are distinct memory.
+        unsafe {
+            core::ptr::copy_nonoverlapping(head.as_ptr().cast::<u8>(), frame.as_mut_ptr(), GEN_HEAD)
+        };
     }
     if let (Some(on), Some(next)) = (GEN_FLOWS.get(0), GEN_FLOWS.get_ptr_mut(1))
         && *on != 0
