@@ -324,9 +324,36 @@ pub struct FlowKey<A> {
     pub sport_be: u16,
     pub dport_be: u16,
     pub proto: u8,
-    pub _pad: [u8; 3],
+    /// Padding as two plain fields, not `[u8; 3]`: the datapath builds a key per packet, and a
+    /// zeroed byte array becomes a `memset` call there (a BPF-to-BPF call into a byte loop).
+    pub _pad0: u8,
+    pub _pad1: u16,
 }
 pub type FlowKey4 = FlowKey<u32>;
+
+impl<A> FlowKey<A> {
+    /// A key with its padding zeroed (the hash covers every byte).
+    #[inline(always)]
+    pub const fn new(
+        network_id: u32,
+        saddr_be: A,
+        daddr_be: A,
+        sport_be: u16,
+        dport_be: u16,
+        proto: u8,
+    ) -> Self {
+        FlowKey {
+            network_id,
+            saddr_be,
+            daddr_be,
+            sport_be,
+            dport_be,
+            proto,
+            _pad0: 0,
+            _pad1: 0,
+        }
+    }
+}
 pub type FlowKey6 = FlowKey<In6>;
 crate::assert_size!(FlowKey4, 20);
 crate::assert_size!(FlowKey6, 44);

@@ -69,15 +69,14 @@ pub fn lookup<A: Family>(key: &FlowKey<A>, now: u64, cfg: &DatapathConfig) -> Op
 /// The key of the other direction's entry of the same flow.
 #[inline(always)]
 pub fn twin_key<A: Family>(flow: &Flow<A>, proto: u8) -> FlowKey<A> {
-    FlowKey {
-        network_id: flow.peer_network,
-        saddr_be: flow.daddr_be,
-        daddr_be: flow.saddr_be,
-        sport_be: flow.dport_be,
-        dport_be: flow.sport_be,
+    FlowKey::new(
+        flow.peer_network,
+        flow.daddr_be,
+        flow.saddr_be,
+        flow.dport_be,
+        flow.sport_be,
         proto,
-        _pad: [0; 3],
-    }
+    )
 }
 
 /// Advances TCP state and refreshes the flow (and its twin) for a packet that hit `flow`.

@@ -19,6 +19,7 @@ use crate::{
     BACKENDS4, BACKENDS6, CT4, CT6, ENDPOINT_IPS4, ENDPOINT_IPS6, ENDPOINTS4, ENDPOINTS6, MAGLEV,
     MAGLEV6, NAT4, NAT6, NEXTHOP4, NEXTHOP6,
     csum::Delta,
+    mem,
     parse::{Ipv6Raw, Pkt, ptr_at, wire6},
     policy,
 };
@@ -254,8 +255,11 @@ impl Family for In6 {
 
     #[inline(always)]
     fn fib_addrs(fib: &mut bpf_fib_lookup, src: In6, dst: In6) {
-        fib.__bindgen_anon_3.ipv6_src = src;
-        fib.__bindgen_anon_4.ipv6_dst = dst;
+        // SAFETY: writing a union field of plain integers.
+        unsafe {
+            mem::copy(&mut fib.__bindgen_anon_3.ipv6_src, &src);
+            mem::copy(&mut fib.__bindgen_anon_4.ipv6_dst, &dst);
+        }
     }
 
     #[inline(always)]

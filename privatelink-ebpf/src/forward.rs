@@ -15,6 +15,7 @@ use crate::{
     DEVMAP, FIB_SCRATCH,
     csum::Delta,
     family::Family,
+    mem,
     parse::{ETH_P_8021Q, L2, Pkt, VLAN_HLEN, ptr_at},
     process::Verdict,
 };
@@ -59,20 +60,24 @@ pub fn send<A: Family>(
         }
         return out(l2, flow.egress_ifindex);
     }
-    // SAFETY: plain-old-data struct, all zeroes is valid.
-    let mut fib: bpf_fib_lookup = unsafe { core::mem::zeroed() };
+    let mut slot = core::mem::MaybeUninit::<bpf_fib_lookup>::uninit();
+    // SAFETY: plain-old-data struct, all zeroes is valid; fully written by `zero`.
+    let fib = unsafe {
+        mem::zero(slot.as_mut_ptr());
+        slot.assume_init_mut()
+    };
     fib.family = A::AF;
     fib.l4_protocol = p.proto;
     fib.sport = flow.sport_be;
     fib.dport = flow.dport_be;
     fib.__bindgen_anon_1.tot_len = p.tot_len;
     fib.ifindex = l2.ingress;
-    A::fib_addrs(&mut fib, flow.saddr_be, flow.daddr_be);
+    A::fib_addrs(fib, flow.saddr_be, flow.daddr_be);
     // SAFETY: ctx and the params struct are valid for the call.
     let rc = unsafe {
         fib_lookup(
             ctx.ctx.cast(),
-            &mut fib,
+            fib,
             core::mem::size_of::<bpf_fib_lookup>() as i32,
             0,
         )
@@ -82,8 +87,8 @@ pub fn send<A: Family>(
             if let Some(e) = entry {
                 // SAFETY: pointer from a successful lookup; plain fields, benign races.
                 unsafe {
-                    (*e).src_mac = fib.smac;
-                    (*e).dst_mac = fib.dmac;
+                    mem::copy_mac(&mut (*e).src_mac, &fib.smac);
+                    mem::copy_mac(&mut (*e).dst_mac, &fib.dmac);
                     (*e).nh_generation = fib_gen;
                     (*e).egress_ifindex = fib.ifindex;
                 }
@@ -144,7 +149,7 @@ pub fn ensure_next_hop<A: Family>(
     let fib = FIB_SCRATCH.get_ptr_mut(0).ok_or(DROP_FIB_FAILED)?;
     // SAFETY: per-CPU value, no concurrent user; plain-old-data, all zeroes is valid.
     let fib = unsafe {
-        *fib = core::mem::zeroed();
+        mem::zero(fib);
         &mut *fib
     };
     fib.family = A::AF;
@@ -163,8 +168,8 @@ pub fn ensure_next_hop<A: Family>(
     if rc as u32 != BPF_FIB_LKUP_RET_SUCCESS {
         return Err(DROP_FIB_FAILED);
     }
-    e.src_mac = fib.smac;
-    e.dst_mac = fib.dmac;
+    mem::copy_mac(&mut e.src_mac, &fib.smac);
+    mem::copy_mac(&mut e.dst_mac, &fib.dmac);
     e.nh_generation = fib_gen;
     e.egress_ifindex = fib.ifindex;
     Ok(())

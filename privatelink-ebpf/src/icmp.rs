@@ -105,15 +105,7 @@ fn translate(
         u16::from_ne_bytes([q[2], q[3]]),
     );
     // The quoted packet went NAT address → backend; its reply would come backend → NAT address.
-    let key = FlowKey4 {
-        network_id: iface.network_id,
-        saddr_be: in_dst,
-        daddr_be: in_src,
-        sport_be: in_dport,
-        dport_be: in_sport,
-        proto,
-        _pad: [0; 3],
-    };
+    let key = FlowKey4::new(iface.network_id, in_dst, in_src, in_dport, in_sport, proto);
     let entry = error_entry(ctx, l2, &key, dir, PROTO_ICMP)?;
     // SAFETY: pointer from a successful lookup; copied out at once.
     let flow = unsafe { *entry };

@@ -240,15 +240,14 @@ fn translate_error(
     let key = ERROR_KEY6.get_ptr_mut(0).ok_or(DROP_ICMP_NO_FLOW)?;
     // SAFETY: per-CPU value, no concurrent user.
     let key = unsafe { &mut *key };
-    *key = FlowKey6 {
-        network_id: iface.network_id,
-        saddr_be: in6(&e.inner.dst),
-        daddr_be: in6(&e.inner.src),
-        sport_be: in_dport,
-        dport_be: in_sport,
+    *key = FlowKey6::new(
+        iface.network_id,
+        in6(&e.inner.dst),
+        in6(&e.inner.src),
+        in_dport,
+        in_sport,
         proto,
-        _pad: [0; 3],
-    };
+    );
     let entry = icmp::error_entry(ctx, l2, key, dir, PROTO_ICMPV6)?;
     // SAFETY: pointer from a successful lookup; read in place (no copy on the stack).
     let flow = unsafe { &*entry };

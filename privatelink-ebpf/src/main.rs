@@ -12,6 +12,7 @@ mod family;
 mod forward;
 mod icmp;
 mod icmp6;
+mod mem;
 mod nat;
 mod parse;
 mod policy;

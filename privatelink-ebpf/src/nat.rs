@@ -3,13 +3,15 @@ use aya_ebpf::{
     bindings::{BPF_ANY, BPF_EXIST, BPF_NOEXIST},
     helpers::bpf_get_prandom_u32,
 };
+use core::mem::MaybeUninit;
+
 use privatelink_common::{
     CT_OPEN, CT_SYN_SENT, DIR_FORWARD, DIR_REPLY, DROP_CONNTRACK_FULL, DROP_NAT_EXHAUSTED,
     DROP_NO_BACKEND, DROP_NO_NAT_RANGE, DatapathConfig, Flow, FlowKey, LinkInfo, MAGLEV_SIZE,
     NAT_PORT_RETRIES, NextHop, PROTO_TCP,
 };
 
-use crate::{conntrack, family::Family, parse::Pkt};
+use crate::{conntrack, family::Family, mem, parse::Pkt};
 
 const EEXIST: i32 = 17;
 
@@ -68,7 +70,7 @@ fn random_port(port_min: u16, port_max: u16) -> u16 {
 
 /// Chooses a NAT address and port whose reply tuple is free, and writes both flow entries. With
 /// `nh` (the backend's cached next hop), the forward entry starts out with it.
-/// `flow` ends as the forward entry (the translation to apply now); it is built in place as the
+/// `flow` ends as the forward entry (written whenever this returns `Ok`) (the translation to apply now); it is built in place as the
 /// reply entry first, so one flow's worth of stack serves both (the IPv6 program's 512 bytes
 /// would not hold three).
 #[allow(clippy::too_many_arguments)]
@@ -89,7 +91,7 @@ pub fn create_flow<A: Family>(
     now: u64,
     cfg: &DatapathConfig,
     nh: Option<&NextHop>,
-    flow: &mut Flow<A>,
+    flow: &mut MaybeUninit<Flow<A>>,
 ) -> Result<(), u32> {
     let (nat_addr_be, port_min, port_max) =
         A::nat_addr(link.provider_network, mix(hash ^ 0x5bd1_e995)).ok_or(DROP_NO_NAT_RANGE)?;
@@ -98,23 +100,26 @@ pub fn create_flow<A: Family>(
     } else {
         CT_OPEN
     };
-    *flow = Flow {
-        last_seen_ns: now,
-        saddr_be: p.daddr_be,
-        daddr_be: p.saddr_be,
-        sport_be: p.dport_be,
-        dport_be: p.sport_be,
-        link_id,
-        peer_network: key.network_id,
-        egress_ifindex: origin.ifindex,
-        src_mac: origin.node_mac,
-        dst_mac: origin.peer_mac,
-        vlan_id: origin.vlan_id,
-        dir: DIR_REPLY,
-        tcp_state: state,
-        nh_generation: 0,
-        _pad: 0,
-    };
+    let flow = mem::write(
+        flow,
+        Flow {
+            last_seen_ns: now,
+            saddr_be: p.daddr_be,
+            daddr_be: p.saddr_be,
+            sport_be: p.dport_be,
+            dport_be: p.sport_be,
+            link_id,
+            peer_network: key.network_id,
+            egress_ifindex: origin.ifindex,
+            src_mac: origin.node_mac,
+            dst_mac: origin.peer_mac,
+            vlan_id: origin.vlan_id,
+            dir: DIR_REPLY,
+            tcp_state: state,
+            nh_generation: 0,
+            _pad: 0,
+        },
+    );
     // Keep the consumer's port when the range allows it (fewer surprises), else pick at random.
     let sport = u16::from_be(p.sport_be);
     let mut port = if sport >= port_min && sport <= port_max {
@@ -123,15 +128,14 @@ pub fn create_flow<A: Family>(
         random_port(port_min, port_max)
     };
     for _ in 0..=NAT_PORT_RETRIES {
-        let rkey = FlowKey {
-            network_id: link.provider_network,
-            saddr_be: backend_be,
-            daddr_be: nat_addr_be,
-            sport_be: service_port_be,
-            dport_be: port.to_be(),
-            proto: p.proto,
-            _pad: [0; 3],
-        };
+        let rkey = FlowKey::new(
+            link.provider_network,
+            backend_be,
+            nat_addr_be,
+            service_port_be,
+            port.to_be(),
+            p.proto,
+        );
         let claimed = match A::ct().insert(&rkey, &*flow, BPF_NOEXIST as u64) {
             Ok(()) => true,
             Err(e) if e == -EEXIST => reclaim(&rkey, key, flow, now, cfg)?,
@@ -148,14 +152,14 @@ pub fn create_flow<A: Family>(
             match nh {
                 Some(nh) => {
                     flow.egress_ifindex = nh.ifindex;
-                    flow.src_mac = nh.src_mac;
-                    flow.dst_mac = nh.dst_mac;
+                    mem::copy_mac(&mut flow.src_mac, &nh.src_mac);
+                    mem::copy_mac(&mut flow.dst_mac, &nh.dst_mac);
                     flow.nh_generation = nh.generation;
                 }
                 None => {
                     flow.egress_ifindex = 0;
-                    flow.src_mac = [0; 6];
-                    flow.dst_mac = [0; 6];
+                    mem::zero_mac(&mut flow.src_mac);
+                    mem::zero_mac(&mut flow.dst_mac);
                 }
             }
             flow.vlan_id = 0;

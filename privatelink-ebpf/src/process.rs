@@ -1,4 +1,6 @@
 //! One packet, start to finish: classify, look up, admit or drop, translate, send; count the outcome.
+use core::mem::MaybeUninit;
+
 use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
 use network_types::{eth::EthHdr, ip::Ipv4Hdr};
 use privatelink_common::{
@@ -172,15 +174,14 @@ fn tracked<A: Family>(
     consumer: bool,
     p: &Pkt<A>,
 ) -> Verdict {
-    let key = FlowKey {
-        network_id: iface.network_id,
-        saddr_be: p.saddr_be,
-        daddr_be: p.daddr_be,
-        sport_be: p.sport_be,
-        dport_be: p.dport_be,
-        proto: p.proto,
-        _pad: [0; 3],
-    };
+    let key = FlowKey::new(
+        iface.network_id,
+        p.saddr_be,
+        p.daddr_be,
+        p.sport_be,
+        p.dport_be,
+        p.proto,
+    );
     let now = conntrack::now();
     let cfg = conntrack::config();
     if let Some(flow) = conntrack::lookup(&key, now, &cfg) {
@@ -339,7 +340,9 @@ fn new_flow<A: Family>(
     let Some(link) = LINKS.get(ep.link_id).copied() else {
         return Verdict::drop(DROP_LINK_INACTIVE);
     };
-    let mut flow = Flow::default();
+    // Written by `create_flow` before it succeeds (a `Flow::default()` here would be a 56-byte
+    // `memset` call, see `mem`).
+    let mut flow = MaybeUninit::<Flow<A>>::uninit();
     let v = match admit_and_create(
         ctx,
         l2,
@@ -358,7 +361,8 @@ fn new_flow<A: Family>(
                 ctx,
                 l2,
                 p,
-                &flow,
+                // SAFETY: `admit_and_create` succeeded, so `create_flow` wrote the entry.
+                unsafe { flow.assume_init_ref() },
                 None,
                 cfg.fib_generation,
                 Some((slot, now)),
@@ -388,7 +392,7 @@ fn admit_and_create<A: Family>(
     service_port_be: u16,
     now: u64,
     cfg: &DatapathConfig,
-    flow: &mut Flow<A>,
+    flow: &mut MaybeUninit<Flow<A>>,
 ) -> Result<u32, u32> {
     policy::link_usable(link)?;
     policy::allowlisted(link)?;

@@ -1,0 +1,76 @@
+//! Copies and clears on the packet paths, written so they stay inline.
+//!
+//! An assignment of a byte array, an address or a struct, or a zeroed struct, becomes a `memmove`
+//! or `memset` (MemCpyOpt turns a copy of a copy into a `memmove` when it cannot tell a map value
+//! from a stack copy), and this LLVM's BPF backend emits both as BPF-to-BPF calls into a loop that
+//! moves one byte per iteration: about 50 instructions for a MAC address and over 200 for a flow
+//! entry. A plain `memcpy` is expanded inline, so MAC addresses go through
+//! `copy_nonoverlapping`; words are written with volatile stores, which no pass merges or
+//! rewrites.
+use core::{mem::MaybeUninit, ptr};
+
+/// `*dst = *src` for a MAC address.
+#[inline(always)]
+pub fn copy_mac(dst: &mut [u8; 6], src: &[u8; 6]) {
+    // SAFETY: a shared and a mutable reference never overlap.
+    unsafe { ptr::copy_nonoverlapping(src.as_ptr(), dst.as_mut_ptr(), 6) }
+}
+
+/// `*dst = [0; 6]`.
+#[inline(always)]
+pub fn zero_mac(dst: &mut [u8; 6]) {
+    let p = dst.as_mut_ptr();
+    for i in 0..6 {
+        // SAFETY: in bounds of the array.
+        unsafe { ptr::write_volatile(p.add(i), 0) };
+    }
+}
+
+/// Stores `size_of::<T>() / 4` words from `src` (`None`: zeroes) to `dst`. `T`'s size and
+/// alignment are multiples of 4 (checked at compile time).
+///
+/// # Safety
+/// `dst` is valid for writes of a `T`; with `None`, all-zero bytes are a valid `T`.
+#[inline(always)]
+unsafe fn store_words<T: Copy>(dst: *mut T, src: Option<&T>) {
+    const {
+        assert!(size_of::<T>().is_multiple_of(4) && align_of::<T>() >= 4);
+    }
+    let d = dst.cast::<u32>();
+    for i in 0..size_of::<T>() / 4 {
+        // SAFETY: in bounds of `*src`, aligned (checked above); a `T: Copy` has no padding the
+        // datapath's types leave undefined (every `repr(C)` type spells its padding out).
+        let w = src.map_or(0, |s| unsafe {
+            ptr::read((s as *const T).cast::<u32>().add(i))
+        });
+        // SAFETY: in bounds of `*dst`, aligned; the caller vouches for it.
+        unsafe { ptr::write_volatile(d.add(i), w) };
+    }
+}
+
+/// `*dst = *src`.
+#[inline(always)]
+pub fn copy<T: Copy>(dst: &mut T, src: &T) {
+    // SAFETY: `dst` is a valid `T` to write.
+    unsafe { store_words(dst, Some(src)) }
+}
+
+/// `dst.write(v)`.
+#[inline(always)]
+pub fn write<T: Copy>(dst: &mut MaybeUninit<T>, v: T) -> &mut T {
+    // SAFETY: `dst` is valid for writes and is fully written before it is read.
+    unsafe {
+        store_words(dst.as_mut_ptr(), Some(&v));
+        dst.assume_init_mut()
+    }
+}
+
+/// All-zero bytes into `*dst`.
+///
+/// # Safety
+/// `dst` is valid for writes of a `T`, and all-zero bytes are a valid `T`.
+#[inline(always)]
+pub unsafe fn zero<T: Copy>(dst: *mut T) {
+    // SAFETY: the caller vouches for it.
+    unsafe { store_words(dst, None) }
+}
