@@ -20,6 +20,8 @@ pub const PROGRAM6: &str = "privatelink6";
 pub const PASS_PROGRAM: &str = "pass";
 /// Program name of the benchmark floor (parse, swap MACs, XDP_TX).
 pub const FLOOR_PROGRAM: &str = "floor";
+/// Program name of the floor plus the interface and conntrack lookups (a bench decomposition).
+pub const LOOKUP_FLOOR_PROGRAM: &str = "lookup_floor";
 /// Program names of the benchmark load generator (live-frames test runs) and sink (count, drop).
 pub const GEN_PROGRAM: &str = "traffic_gen";
 pub const SINK_PROGRAM: &str = "sink";

@@ -199,6 +199,14 @@ pub fn floor(ctx: XdpContext) -> u32 {
     process::floor(&ctx)
 }
 
+/// Benchmark decomposition: the floor plus what every tracked packet pays first, the receiving
+/// interface and one conntrack lookup of the frame's tuple. XDP_TX on a hit, XDP_PASS otherwise.
+/// Not attached anywhere.
+#[xdp]
+pub fn lookup_floor(ctx: XdpContext) -> u32 {
+    process::lookup_floor(&ctx)
+}
+
 /// Benchmark generator's frame head, restored on every run (see `bench.rs`).
 #[map]
 static GEN_FRAME: Array<[u64; bench::GEN_HEAD / 8]> = Array::with_max_entries(1, 0);

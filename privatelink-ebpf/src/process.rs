@@ -438,6 +438,42 @@ fn frame_len(ctx: &XdpContext) -> u64 {
     (ctx.data_end() - ctx.data()) as u64
 }
 
+/// The benchmark floor with the interface and conntrack lookups of `classify` and `tracked` (the
+/// same code) between the parse and the bounce: what a hash lookup adds to the floor.
+#[inline(always)]
+pub fn lookup_floor(ctx: &XdpContext) -> u32 {
+    let Some(l2) = parse::l2(ctx) else {
+        return xdp_action::XDP_PASS;
+    };
+    let Some(iface) = receiving_iface(l2.ingress, l2.vlan_id) else {
+        return xdp_action::XDP_PASS;
+    };
+    if l2.ether_type != ETH_P_IP {
+        return xdp_action::XDP_PASS;
+    }
+    let Ok(Some(p)) = parse::ip4(ctx, l2.l3_off) else {
+        return xdp_action::XDP_PASS;
+    };
+    let key = FlowKey::new(
+        iface.network_id,
+        p.saddr_be,
+        p.daddr_be,
+        p.sport_be,
+        p.dport_be,
+        p.proto,
+    );
+    let now = conntrack::now();
+    if conntrack::lookup(&key, now, &conntrack::config()).is_none() {
+        return xdp_action::XDP_PASS;
+    }
+    let Some(eth) = ptr_at::<EthHdr>(ctx, 0) else {
+        return xdp_action::XDP_PASS;
+    };
+    // SAFETY: bounds checked by ptr_at.
+    unsafe { core::mem::swap(&mut (*eth).src_addr, &mut (*eth).dst_addr) };
+    xdp_action::XDP_TX
+}
+
 /// The benchmark floor: the same parse, then swap MACs and bounce the frame.
 #[inline(always)]
 pub fn floor(ctx: &XdpContext) -> u32 {

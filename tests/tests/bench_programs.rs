@@ -172,3 +172,38 @@ fn the_generator_keeps_tcp_checksums_valid_and_the_responder_answers_syns() {
         XDP_DROP
     );
 }
+
+#[test]
+fn the_lookup_floor_bounces_frames_of_tracked_flows_and_passes_the_rest() {
+    use privatelink_tests::fixture::{CONSUMER, CONSUMER_MAC, ENDPOINT, Pkt, with_harness};
+    const XDP_PASS: u32 = 2;
+    const XDP_REDIRECT: u32 = 4;
+    with_harness("lookup_floor", |h| {
+        let m = h.model();
+        h.apply(&m);
+        let ack = Pkt::tcp(CONSUMER, 40000, ENDPOINT, 80, false, true)
+            .macs(CONSUMER_MAC, h.c0_mac)
+            .build();
+        let (c0, prog) = (h.c0, privatelink_agent::loader::LOOKUP_FLOOR_PROGRAM);
+        let before = h.outcomes();
+        let r = test_run(h.dp.bench_program(prog).expect("lookup floor"), c0, &ack);
+        assert_eq!(r.verdict, XDP_PASS, "no flow yet: {r:?}");
+        assert_eq!(r.out, ack, "a miss leaves the frame as it was");
+
+        assert_eq!(h.run(c0, &h.consumer_syn(40000)).verdict, XDP_REDIRECT);
+        let r = test_run(h.dp.bench_program(prog).expect("lookup floor"), c0, &ack);
+        assert_eq!(r.verdict, XDP_TX, "the SYN's flow is found");
+        let mut want = ack.clone();
+        want[..6].copy_from_slice(&ack[6..12]);
+        want[6..12].copy_from_slice(&ack[..6]);
+        assert_eq!(r.out, want, "a hit swaps the MACs, nothing else");
+
+        // On the provider interface the same tuple is in another network: no flow there.
+        let r = test_run(h.dp.bench_program(prog).expect("lookup floor"), h.p0, &ack);
+        assert_eq!(r.verdict, XDP_PASS, "the key carries the receiving network");
+        let mut after = h.outcomes();
+        // Only the SYN run through the datapath counted; the lookup floor counts nothing.
+        after[privatelink_common::FWD_REDIRECT as usize] -= 1;
+        assert_eq!(after, before, "outcome counters");
+    });
+}

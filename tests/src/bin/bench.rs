@@ -16,7 +16,7 @@ use aya::programs::{TestRun, TestRunOptions, Xdp};
 use privatelink_agent::{
     dataplane::{Action, Dataplane, Link, Rule, RuleProto},
     demo::{self, BACKEND6, ENDPOINT6, Topology},
-    loader::{Datapath, FLOOR_PROGRAM, PROGRAM, Sizes, map_memory},
+    loader::{Datapath, FLOOR_PROGRAM, LOOKUP_FLOOR_PROGRAM, PROGRAM, Sizes, map_memory},
 };
 use privatelink_tests::{
     fixture::{
@@ -271,6 +271,66 @@ struct Row {
     ns: f64,
 }
 
+/// The row of the lookup floor (hot like the floor; no replay cost to subtract).
+const LOOKUP_FLOOR_ROW: &str = "floor + interface and conntrack lookups (hit), hot repeat 10M";
+
+/// Map sizes of the datapath rows: room for 100k endpoints and 1M flows.
+fn bench_sizes() -> Sizes {
+    Sizes {
+        links: 131_072,
+        endpoint_ports: 262_144,
+        allowlist: 131_072,
+        conntrack: 2_097_152,
+        conntrack6: 131_072,
+        ..Sizes::small()
+    }
+}
+
+/// Hot replayed runs of a profile (`PRIVATELINK_BENCH_PROFILE`): a few seconds each.
+const PROFILE_ESTABLISHED_RUNS: u32 = 50_000_000;
+const PROFILE_NEW_FLOW_RUNS: u32 = 900_000;
+
+/// `PRIVATELINK_BENCH_PROFILE=established` or `new-flow`: one long hot run of that IPv4 path at
+/// 10 endpoints and nothing else, for a sampling profiler to split between the program and the
+/// kernel functions it calls (docs/BENCHMARKS.md has the `perf` commands).
+fn profile(path: &str) {
+    with_harness_sized(bench_sizes(), |h| {
+        let model = with_endpoints(h, 9);
+        h.plane.apply(&model).expect("apply");
+        let (c0, c0_mac) = (h.c0, h.c0_mac);
+        let (runs, ns) = match path {
+            "established" => {
+                let (src, port) = consumer(0);
+                let syn = Pkt::syn(src, port, ENDPOINT, 80).macs(CONSUMER_MAC, c0_mac);
+                let r = test_run(h.dp.program(), c0, &syn.build());
+                assert_eq!(r.verdict, XDP_REDIRECT, "the SYN opens the flow");
+                let ack = Pkt::tcp(src, port, ENDPOINT, 80, false, true)
+                    .macs(CONSUMER_MAC, c0_mac)
+                    .build();
+                let n = PROFILE_ESTABLISHED_RUNS;
+                (n, replay_ns(h, PROGRAM, c0, &ack, false, n, XDP_REDIRECT))
+            }
+            "new-flow" => {
+                let syn = Pkt::syn(REPLAY_SOURCE, 1024, ENDPOINT, 80)
+                    .macs(CONSUMER_MAC, c0_mac)
+                    .build();
+                let n = PROFILE_NEW_FLOW_RUNS;
+                let ns = replay_ns(h, PROGRAM, c0, &syn, true, n, XDP_REDIRECT);
+                assert_eq!(
+                    h.link_stats(LINK).new_conns,
+                    u64::from(n),
+                    "every replayed SYN must open a flow"
+                );
+                (n, ns)
+            }
+            other => panic!("PRIVATELINK_BENCH_PROFILE={other}: established or new-flow"),
+        };
+        println!(
+            "{path}: {runs} hot replayed runs, {ns:.1} ns each, the replay's own cost included"
+        );
+    });
+}
+
 /// One configuration's rows; `floors` gets its floor, timer overhead, replay cost and replay
 /// cost measured through the floor, in ns.
 fn measure(
@@ -279,15 +339,7 @@ fn measure(
     rows: &mut Vec<Row>,
     floors: &mut Vec<(f64, f64, f64, f64)>,
 ) {
-    let sizes = Sizes {
-        links: 131_072,
-        endpoint_ports: 262_144,
-        allowlist: 131_072,
-        conntrack: 2_097_152,
-        conntrack6: 131_072,
-        ..Sizes::small()
-    };
-    with_harness_sized(sizes, |h| {
+    with_harness_sized(bench_sizes(), |h| {
         let model = with_endpoints(h, endpoints.saturating_sub(1));
         let t = Instant::now();
         let report = h.plane.apply(&model).expect("apply");
@@ -380,6 +432,21 @@ fn measure(
             &[(c0, &ack, XDP_REDIRECT), (p0, &reply, XDP_REDIRECT)],
         );
         floors.push((fl, overhead, cost, replay_overhead(h, fl)));
+        // What the conntrack lookup alone adds to the floor: the floor program with the
+        // datapath's interface and conntrack lookups in between, on the established flow's frame.
+        let lookup = median(
+            (0..3)
+                .map(|_| {
+                    let prog =
+                        h.dp.bench_program(LOOKUP_FLOOR_PROGRAM)
+                            .expect("lookup floor");
+                    let (verdict, ns) = run_repeated(prog, c0, &ack, FLOOR_REPEAT);
+                    assert_eq!(verdict, XDP_TX, "the lookup floor must find the flow");
+                    ns
+                })
+                .collect(),
+        );
+        hot_rows.push((LOOKUP_FLOOR_ROW, lookup));
         hot_rows.push(("established forward, hot replay", hot[0]));
         hot_rows.push(("established reply, hot replay", hot[1]));
 
@@ -882,6 +949,9 @@ fn main() {
     }
     // Stopped by a signal (Ctrl-C, a timeout), it still removes its namespaces and their servers.
     privatelink_agent::netns::teardown_on_signals().expect("signal handler");
+    if let Ok(path) = std::env::var("PRIVATELINK_BENCH_PROFILE") {
+        return profile(&path);
+    }
     match std::env::var("PRIVATELINK_BENCH_ONLY").as_deref() {
         Ok("sync") => return sync_scale(),
         Ok("etcd") => return etcd_convergence(),
