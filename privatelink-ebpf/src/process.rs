@@ -164,6 +164,19 @@ fn ipv6(ctx: &XdpContext, l2: &L2, iface: &IfaceInfo) -> Verdict {
     }
 }
 
+/// The conntrack key of a packet received on `iface`: its tuple in the interface's network.
+#[inline(always)]
+fn flow_key<A: Family>(iface: &IfaceInfo, p: &Pkt<A>) -> FlowKey<A> {
+    FlowKey::new(
+        iface.network_id,
+        p.saddr_be,
+        p.daddr_be,
+        p.sport_be,
+        p.dport_be,
+        p.proto,
+    )
+}
+
 /// A TCP or UDP packet to an endpoint (consumer side) or a NAT address (provider side): its flow,
 /// or a new one.
 #[inline(always)]
@@ -174,14 +187,7 @@ fn tracked<A: Family>(
     consumer: bool,
     p: &Pkt<A>,
 ) -> Verdict {
-    let key = FlowKey::new(
-        iface.network_id,
-        p.saddr_be,
-        p.daddr_be,
-        p.sport_be,
-        p.dport_be,
-        p.proto,
-    );
+    let key = flow_key(iface, p);
     let now = conntrack::now();
     let cfg = conntrack::config();
     if let Some(flow) = conntrack::lookup(&key, now, &cfg) {
@@ -454,24 +460,12 @@ pub fn lookup_floor(ctx: &XdpContext) -> u32 {
     let Ok(Some(p)) = parse::ip4(ctx, l2.l3_off) else {
         return xdp_action::XDP_PASS;
     };
-    let key = FlowKey::new(
-        iface.network_id,
-        p.saddr_be,
-        p.daddr_be,
-        p.sport_be,
-        p.dport_be,
-        p.proto,
-    );
+    let key = flow_key(&iface, &p);
     let now = conntrack::now();
     if conntrack::lookup(&key, now, &conntrack::config()).is_none() {
         return xdp_action::XDP_PASS;
     }
-    let Some(eth) = ptr_at::<EthHdr>(ctx, 0) else {
-        return xdp_action::XDP_PASS;
-    };
-    // SAFETY: bounds checked by ptr_at.
-    unsafe { core::mem::swap(&mut (*eth).src_addr, &mut (*eth).dst_addr) };
-    xdp_action::XDP_TX
+    bounce(ctx)
 }
 
 /// The benchmark floor: the same parse, then swap MACs and bounce the frame.
@@ -483,6 +477,13 @@ pub fn floor(ctx: &XdpContext) -> u32 {
     if l2.ether_type != ETH_P_IP || parse::ip4(ctx, l2.l3_off).ok().flatten().is_none() {
         return xdp_action::XDP_PASS;
     }
+    bounce(ctx)
+}
+
+/// The floors' ending: swap the MACs and send the frame back out (XDP_PASS if the frame is too
+/// short for an Ethernet header, which a parsed frame never is).
+#[inline(always)]
+fn bounce(ctx: &XdpContext) -> u32 {
     let Some(eth) = ptr_at::<EthHdr>(ctx, 0) else {
         return xdp_action::XDP_PASS;
     };
