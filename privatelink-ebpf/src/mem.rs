@@ -27,7 +27,9 @@ pub fn zero_mac(dst: &mut [u8; 6]) {
 }
 
 /// Stores `size_of::<T>() / 4` words from `src` (`None`: zeroes) to `dst`. `T`'s size and
-/// alignment are multiples of 4 (checked at compile time).
+/// alignment are multiples of 4 (checked at compile time), and `T` has no implicit padding: every
+/// type this is used with is a `privatelink-common` type, whose padding is spelled out as fields
+/// and whose size assertion would fail if the compiler added any, or an integer array.
 ///
 /// # Safety
 /// `dst` is valid for writes of a `T`; with `None`, all-zero bytes are a valid `T`.
@@ -38,8 +40,8 @@ unsafe fn store_words<T: Copy>(dst: *mut T, src: Option<&T>) {
     }
     let d = dst.cast::<u32>();
     for i in 0..size_of::<T>() / 4 {
-        // SAFETY: in bounds of `*src`, aligned (checked above); a `T: Copy` has no padding the
-        // datapath's types leave undefined (every `repr(C)` type spells its padding out).
+        // SAFETY: in bounds of `*src`, aligned (checked above), and initialised (no implicit
+        // padding, see above).
         let w = src.map_or(0, |s| unsafe {
             ptr::read((s as *const T).cast::<u32>().add(i))
         });
