@@ -1,10 +1,10 @@
 //! Backend choice (Maglev), source-NAT allocation and the flow entries that record it.
+use core::mem::MaybeUninit;
+
 use aya_ebpf::{
     bindings::{BPF_ANY, BPF_EXIST, BPF_NOEXIST},
     helpers::bpf_get_prandom_u32,
 };
-use core::mem::MaybeUninit;
-
 use privatelink_common::{
     CT_OPEN, CT_SYN_SENT, DIR_FORWARD, DIR_REPLY, DROP_CONNTRACK_FULL, DROP_NAT_EXHAUSTED,
     DROP_NO_BACKEND, DROP_NO_NAT_RANGE, DatapathConfig, Flow, FlowKey, LinkInfo, MAGLEV_SIZE,
@@ -70,9 +70,9 @@ fn random_port(port_min: u16, port_max: u16) -> u16 {
 
 /// Chooses a NAT address and port whose reply tuple is free, and writes both flow entries. With
 /// `nh` (the backend's cached next hop), the forward entry starts out with it.
-/// `flow` ends as the forward entry (written whenever this returns `Ok`) (the translation to apply now); it is built in place as the
-/// reply entry first, so one flow's worth of stack serves both (the IPv6 program's 512 bytes
-/// would not hold three).
+/// `flow` is written whenever this returns `Ok`, and ends as the forward entry (the translation to
+/// apply now); it is built in place as the reply entry first, so one flow's worth of stack serves
+/// both (the IPv6 program's 512 bytes would not hold three).
 #[allow(clippy::too_many_arguments)]
 #[allow(
     clippy::needless_borrows_for_generic_args,

@@ -3,10 +3,15 @@
 //! wrong checksum here would make the kernel's conntrack refuse the frames in the comparison.
 use etherparse::{NetSlice, PacketBuilder, SlicedPacket, TransportSlice};
 use privatelink_agent::loader::{Datapath, Sizes};
-use privatelink_tests::{privileged, test_run};
+use privatelink_tests::{
+    fixture::{CONSUMER, CONSUMER_MAC, ENDPOINT, Pkt, with_harness},
+    privileged, test_run,
+};
 
 const XDP_DROP: u32 = 1;
+const XDP_PASS: u32 = 2;
 const XDP_TX: u32 = 3;
+const XDP_REDIRECT: u32 = 4;
 
 /// A 60-byte UDP frame from 198.18.0.10:40000 to 198.18.0.100:53 without UDP checksum.
 fn frame() -> Vec<u8> {
@@ -175,9 +180,6 @@ fn the_generator_keeps_tcp_checksums_valid_and_the_responder_answers_syns() {
 
 #[test]
 fn the_lookup_floor_bounces_frames_of_tracked_flows_and_passes_the_rest() {
-    use privatelink_tests::fixture::{CONSUMER, CONSUMER_MAC, ENDPOINT, Pkt, with_harness};
-    const XDP_PASS: u32 = 2;
-    const XDP_REDIRECT: u32 = 4;
     with_harness("lookup_floor", |h| {
         let m = h.model();
         h.apply(&m);
