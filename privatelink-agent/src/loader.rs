@@ -27,16 +27,20 @@ pub const GEN_PROGRAM: &str = "traffic_gen";
 pub const SINK_PROGRAM: &str = "sink";
 /// Program name of the benchmark responder (answers TCP SYNs with SYN-ACKs in a backend's place).
 pub const RESPONDER_PROGRAM: &str = "responder";
+/// Program name of the benchmark acker (answers SYN-ACKs with the final ACK in a client's place).
+pub const ACKER_PROGRAM: &str = "acker";
 /// Program name of the benchmark replay (restores the frame, tail-calls the measured program).
 pub const REPLAY_PROGRAM: &str = "replay";
 /// Its program array: index 0 is the program it hands frames to.
 const REPLAY_JUMP: &str = "REPLAY_JUMP";
-/// The sink's per-CPU counter, and the generator's frame head (restored on every run).
+/// The benchmark programs' per-CPU counters, and the generator's frame head (restored on every
+/// run, [`GEN_HEAD`] bytes).
 const SINK: &str = "SINK";
 const GEN_FRAME: &str = "GEN_FRAME";
 const GEN_FLOWS: &str = "GEN_FLOWS";
-/// Bytes of that head.
-pub const GEN_HEAD: usize = 56;
+const GEN_WINDOW: &str = "GEN_WINDOW";
+pub use privatelink_common::bench::GEN_HEAD;
+use privatelink_common::bench::{WINDOW_LIMIT, WINDOW_TOTAL, WINDOW_WORDS};
 
 /// Capacities of the resizable maps.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -233,6 +237,35 @@ impl Datapath {
         m.set(0, u64::from(on), 0)
     }
 
+    /// Sets the generator's window for short connections and starts its counts from zero: at most
+    /// `limit` connections pending (sent, not yet completed by the acker), `total` in all; frames
+    /// beyond that are dropped unsent. A `limit` of 0 turns the window off (every frame is sent).
+    pub fn set_gen_window(&mut self, limit: u64, total: u64) -> Result<(), aya::maps::MapError> {
+        let mut w = [0u64; WINDOW_WORDS];
+        w[WINDOW_LIMIT] = limit;
+        w[WINDOW_TOTAL] = total;
+        let mut m: aya::maps::Array<_, [u64; WINDOW_WORDS]> = self
+            .ebpf
+            .map_mut(GEN_WINDOW)
+            .ok_or(aya::maps::MapError::InvalidName {
+                name: GEN_WINDOW.into(),
+            })?
+            .try_into()?;
+        m.set(0, w, 0)
+    }
+
+    /// The generator's window as it stands (indexes: `privatelink_common::bench::WINDOW_*`).
+    pub fn gen_window(&self) -> Result<[u64; WINDOW_WORDS], aya::maps::MapError> {
+        let m: aya::maps::Array<_, [u64; WINDOW_WORDS]> = self
+            .ebpf
+            .map(GEN_WINDOW)
+            .ok_or(aya::maps::MapError::InvalidName {
+                name: GEN_WINDOW.into(),
+            })?
+            .try_into()?;
+        m.get(&0, 0)
+    }
+
     /// The benchmark replay, handing every frame (its head restored from the generator's frame,
     /// with the generator's new-flow sequence when that is on) to `target`: the datapath
     /// ([`PROGRAM`]) or the floor ([`FLOOR_PROGRAM`]). Run it with repeat > 1.
@@ -275,14 +308,24 @@ impl Datapath {
         Ok(p)
     }
 
-    /// Frames the sink has dropped so far, all CPUs.
+    /// Frames the sink has dropped, or connections the acker completed, so far, all CPUs.
     pub fn sink_count(&self) -> Result<u64, aya::maps::MapError> {
+        self.bench_counter(privatelink_common::bench::SINK_COUNTED)
+    }
+
+    /// SYNs the responder has answered so far, all CPUs.
+    pub fn responder_count(&self) -> Result<u64, aya::maps::MapError> {
+        self.bench_counter(privatelink_common::bench::SINK_RESPONDED)
+    }
+
+    /// `SINK[index]` summed over the CPUs.
+    fn bench_counter(&self, index: u32) -> Result<u64, aya::maps::MapError> {
         let m: aya::maps::PerCpuArray<_, u64> = self
             .ebpf
             .map(SINK)
             .ok_or(aya::maps::MapError::InvalidName { name: SINK.into() })?
             .try_into()?;
-        Ok(m.get(&0, 0)?.iter().sum())
+        Ok(m.get(&index, 0)?.iter().sum())
     }
 
     fn xdp(&mut self, name: &str) -> &mut Xdp {

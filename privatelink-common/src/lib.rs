@@ -12,6 +12,7 @@
 //! rather than 44-byte ones; conntrack keys and values are one generic type per family.
 #![no_std]
 
+pub mod bench;
 pub mod maps;
 pub mod reasons;
 pub mod stats;

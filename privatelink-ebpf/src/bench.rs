@@ -7,25 +7,31 @@
 //! frame's first [`GEN_HEAD`] bytes again from `GEN_FRAME`. With `GEN_FLOWS[0]` set, every frame
 //! also gets a source (address, port) no earlier frame had, so every frame opens a new flow. `sink` counts and drops
 //! every frame it sees: attached on the receiving side, it tells how many frames a forwarding
-//! setup delivered, without a socket's cost in the measurement.
+//! setup delivered, without a socket's cost in the measurement. `responder` and `acker` stand in
+//! for a server and a client of short TCP connections (handshake, request, reply, reset), so
+//! connections can cross a node with no socket at either end; with a window set (`GEN_WINDOW`),
+//! the generator keeps at most so many of them pending, like a client pool.
 //!
 //! `replay` makes the same rewrite and then tail-calls the program in `REPLAY_JUMP`: the datapath
 //! gets a fresh copy of the frame on every run, so its paths can be measured with repeat > 1 (hot,
 //! like the floor). The bench takes the rewrite's and the tail call's cost on the one path that
 //! can run both ways (the unknown destination: replayed minus run directly).
-use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
+use core::intrinsics::{AtomicOrdering, atomic_xadd};
 
-use crate::{GEN_FLOWS, GEN_FRAME, REPLAY_JUMP, SINK, csum::Delta, parse::ptr_at};
+use aya_ebpf::{bindings::xdp_action, helpers::bpf_ktime_get_ns, programs::XdpContext};
+pub use privatelink_common::bench::GEN_HEAD;
+use privatelink_common::bench::{
+    SINK_COUNTED, SINK_RESPONDED, WINDOW_DONE, WINDOW_FIRST_NS, WINDOW_LAST_NS, WINDOW_LIMIT,
+    WINDOW_SENT, WINDOW_TOTAL,
+};
 
-/// Bytes of the frame `traffic_gen` restores on every run: Ethernet, IPv4 and TCP headers (54, or
-/// 42 with UDP) and the first bytes after them.
-pub const GEN_HEAD: usize = 56;
+use crate::{GEN_FLOWS, GEN_FRAME, GEN_WINDOW, REPLAY_JUMP, SINK, csum::Delta, parse::ptr_at};
 
 /// Source ports a new-flow sequence uses per source address (1024-65535).
 const PORTS: u64 = 64_512;
 /// Offsets in the frame (Ethernet, IPv4 without options, then UDP or TCP): the IPv4 protocol and
 /// checksum, the second word of the source address, the L4 source port, the UDP and the TCP
-/// checksum, and the TCP sequence number, acknowledgement number and flags.
+/// checksum, and the TCP sequence number, acknowledgement number, header length and flags.
 const IP_PROTO: usize = 23;
 const IP_CHECK: usize = 24;
 const SRC_LOW: usize = 28;
@@ -33,19 +39,29 @@ const L4_SPORT: usize = 34;
 const UDP_CHECK: usize = 40;
 const TCP_SEQ: usize = 38;
 const TCP_ACK_NO: usize = 42;
+const TCP_DOFF: usize = 46;
 const TCP_FLAGS: usize = 47;
 const TCP_CHECK: usize = 50;
-/// IP protocol numbers, and the TCP flags a SYN and its answer carry.
+/// The IPv4 total length.
+const IP_LEN: usize = 16;
+/// IP protocol numbers, and TCP flags.
 const PROTO_TCP: u8 = 6;
 const PROTO_UDP: u8 = 17;
+const FIN: u8 = 0x01;
 const SYN: u8 = 0x02;
+const RST: u8 = 0x04;
+const PSH: u8 = 0x08;
 const ACK: u8 = 0x10;
 /// The responder's initial sequence number (any value does).
 const RESPONDER_ISN: u32 = 0x5eed_0001;
 
-/// Restores the frame's head and sends it back out of the interface it is run on.
+/// Restores the frame's head and sends it back out of the interface it is run on, or drops it
+/// unsent while the window (see [`window_admits`]) is full.
 #[inline(always)]
 pub fn generate(ctx: &XdpContext) -> u32 {
+    if !window_admits() {
+        return xdp_action::XDP_DROP;
+    }
     rewrite_head(ctx);
     xdp_action::XDP_TX
 }
@@ -132,28 +148,69 @@ fn put32<const N: usize>(b: &mut [u8; N], at: usize, v: u32) {
     b[at + 3] = v[3];
 }
 
-/// Answers a TCP SYN (Ethernet, IPv4 without options) with its SYN-ACK, sent back out of the
-/// interface it came in on: MACs, addresses and ports swapped, acknowledging the SYN's sequence
-/// number, the checksum kept valid. Anything else is dropped. With it in a backend's place, a
-/// connection's setup crosses the forwarding both ways without a socket: a sink on the consumer
-/// side counts the answers.
+/// Stands in for a TCP server (with the generator's SYNs, a backend): a SYN is answered with its
+/// SYN-ACK (counted in `SINK[1]`), a request with its echo, a FIN with a reset. Every answer goes
+/// back out of the interface the segment came in on; anything else is dropped. With it in a
+/// backend's place, connections cross the forwarding both ways without a socket.
 #[inline(always)]
 pub fn respond(ctx: &XdpContext) -> u32 {
+    answer(ctx, End::Server)
+}
+
+/// Stands in for a TCP client making short connections (connect, request, reply, abortive close,
+/// as the comparison's socket clients do): a SYN-ACK is answered with the final ACK carrying a
+/// request (the SYN-ACK's option bytes, as payload), the reply with a reset, which completes the
+/// connection (counted in `SINK[0]` and in the generator's window), a FIN with a reset.
+#[inline(always)]
+pub fn ack(ctx: &XdpContext) -> u32 {
+    answer(ctx, End::Client)
+}
+
+/// Which end of a connection [`answer`] plays.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum End {
+    Server,
+    Client,
+}
+
+/// The responder's and the acker's common part: answers a TCP segment (Ethernet, IPv4 without
+/// options) as `end` would, with MACs, addresses and ports swapped and the checksum kept valid.
+#[inline(always)]
+fn answer(ctx: &XdpContext, end: End) -> u32 {
     let Some(frame) = ptr_at::<[u8; 54]>(ctx, 0) else {
         return xdp_action::XDP_DROP;
     };
     // SAFETY: bounds checked by ptr_at.
     let f = unsafe { &mut *frame };
-    if f[12] != 0x08
-        || f[13] != 0x00
-        || f[14] != 0x45
-        || f[IP_PROTO] != PROTO_TCP
-        || f[TCP_FLAGS] & (SYN | ACK) != SYN
-    {
+    if f[12] != 0x08 || f[13] != 0x00 || f[14] != 0x45 || f[IP_PROTO] != PROTO_TCP {
         return xdp_action::XDP_DROP;
     }
+    let header = u32::from(f[TCP_DOFF] >> 4) * 4;
+    let ip_len = u32::from(u16::from_be_bytes([f[IP_LEN], f[IP_LEN + 1]]));
+    if header < 20 || ip_len < 20 + header {
+        return xdp_action::XDP_DROP;
+    }
+    let payload = ip_len - 20 - header;
+    let flags = f[TCP_FLAGS];
+    let seq = u32::from_be(get32(f, TCP_SEQ));
+    let ack = u32::from_be(get32(f, TCP_ACK_NO));
+    // (flags, sequence number, acknowledgement number, header bytes) of the answer: a SYN-ACK
+    // or a reply continues at the number the segment acknowledged, a SYN-ACK's SYN starts a
+    // sequence of its own.
+    let (reply, new_seq, new_ack, new_header) = match (flags & (SYN | ACK | RST | FIN), end) {
+        (SYN, End::Server) => (SYN | ACK, RESPONDER_ISN, seq.wrapping_add(1), header),
+        // The final ACK carries the request: with the header cut to 20 bytes, the SYN-ACK's
+        // option bytes become its payload, and the frame keeps its length.
+        (x, End::Client) if x == SYN | ACK && header > 20 => {
+            (ACK | PSH, ack, seq.wrapping_add(1), 20)
+        }
+        (x, _) if x == FIN | ACK => (RST | ACK, ack, seq.wrapping_add(payload + 1), header),
+        (ACK, End::Server) if payload > 0 => (ACK | PSH, ack, seq.wrapping_add(payload), header),
+        (ACK, End::Client) if payload > 0 => (RST | ACK, ack, seq.wrapping_add(payload), header),
+        _ => return xdp_action::XDP_DROP,
+    };
     // Swapping the MACs, the addresses (pseudo-header) and the ports leaves both sums as they
-    // are; the sequence and acknowledgement numbers and the flags change.
+    // are; the sequence and acknowledgement numbers, the header length and the flags change.
     for i in 0..6 {
         f.swap(i, 6 + i);
     }
@@ -163,28 +220,80 @@ pub fn respond(ctx: &XdpContext) -> u32 {
     for i in 0..2 {
         f.swap(L4_SPORT + i, L4_SPORT + 2 + i);
     }
-    let seq = get32(f, TCP_SEQ);
-    let ack = get32(f, TCP_ACK_NO);
-    let new_seq = RESPONDER_ISN.to_be();
-    let new_ack = u32::from_be(seq).wrapping_add(1).to_be();
-    let old_flags = get16(f, TCP_FLAGS - 1);
-    f[TCP_FLAGS] = SYN | ACK;
+    let (old_seq, old_ack) = (get32(f, TCP_SEQ), get32(f, TCP_ACK_NO));
+    let (new_seq, new_ack) = (new_seq.to_be(), new_ack.to_be());
+    let old_word = get16(f, TCP_DOFF);
+    f[TCP_DOFF] = ((new_header / 4) as u8) << 4 | (f[TCP_DOFF] & 0x0f);
+    f[TCP_FLAGS] = reply;
     let d = Delta::new()
-        .u32(seq, new_seq)
-        .u32(ack, new_ack)
-        .u16(old_flags, get16(f, TCP_FLAGS - 1));
+        .u32(old_seq, new_seq)
+        .u32(old_ack, new_ack)
+        .u16(old_word, get16(f, TCP_DOFF));
     put32(f, TCP_SEQ, new_seq);
     put32(f, TCP_ACK_NO, new_ack);
     put16(f, TCP_CHECK, d.apply(get16(f, TCP_CHECK)));
+    if reply == SYN | ACK {
+        count(SINK_RESPONDED);
+    } else if end == End::Client && flags & FIN == 0 && reply & RST != 0 {
+        count(SINK_COUNTED);
+        connection_done();
+    }
     xdp_action::XDP_TX
+}
+
+/// Admits the generator's next frame under its window (`GEN_WINDOW`): with a limit set, at most
+/// that many connections pending (sent, not yet completed by the acker) and at most the total.
+/// The first admitted frame's time is kept.
+#[inline(always)]
+fn window_admits() -> bool {
+    let Some(w) = GEN_WINDOW.get_ptr_mut(0) else {
+        return true;
+    };
+    // SAFETY: a map value; one generator runs at a time, the acker only adds to `WINDOW_DONE`
+    // and writes `WINDOW_LAST_NS`.
+    let w = unsafe { &mut *w };
+    if w[WINDOW_LIMIT] == 0 {
+        return true;
+    }
+    // SAFETY: an aligned u64 of map memory that the acker adds to atomically.
+    let done = unsafe { core::ptr::read_volatile(&w[WINDOW_DONE]) };
+    let sent = w[WINDOW_SENT];
+    if sent >= w[WINDOW_TOTAL] || sent.wrapping_sub(done) >= w[WINDOW_LIMIT] {
+        return false;
+    }
+    if sent == 0 {
+        // SAFETY: the helper has no preconditions.
+        w[WINDOW_FIRST_NS] = unsafe { bpf_ktime_get_ns() };
+    }
+    w[WINDOW_SENT] = sent + 1;
+    true
+}
+
+/// A connection the generator started has completed: one less pending, and its time kept.
+#[inline(always)]
+fn connection_done() {
+    let Some(w) = GEN_WINDOW.get_ptr_mut(0) else {
+        return;
+    };
+    // An atomic add (BPF_ATOMIC): the acker may run on any CPU. The target has no atomic types
+    // with read-modify-write operations, so the intrinsic is called directly.
+    // SAFETY: an aligned u64 of map memory.
+    unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(&mut (*w)[WINDOW_DONE], 1) };
+    // SAFETY: as above; a plain store, the latest completion's time wins.
+    unsafe { (*w)[WINDOW_LAST_NS] = bpf_ktime_get_ns() };
 }
 
 /// Counts the frame and drops it.
 #[inline(always)]
 pub fn sink() -> u32 {
-    if let Some(c) = SINK.get_ptr_mut(0) {
+    count(SINK_COUNTED);
+    xdp_action::XDP_DROP
+}
+
+#[inline(always)]
+fn count(counter: u32) {
+    if let Some(c) = SINK.get_ptr_mut(counter) {
         // SAFETY: per-CPU value, no concurrent writer.
         unsafe { *c += 1 };
     }
-    xdp_action::XDP_DROP
 }

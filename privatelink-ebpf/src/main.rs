@@ -3,6 +3,10 @@
 //! Every map is described at its declaration; keys and values are defined in `privatelink-common`.
 #![no_std]
 #![no_main]
+// `atomic_xadd` for the benchmark's shared counter (bench.rs): the BPF target has no atomic
+// read-modify-write types.
+#![allow(internal_features)]
+#![feature(core_intrinsics)]
 
 mod arp;
 mod bench;
@@ -215,9 +219,16 @@ static GEN_FRAME: Array<[u64; bench::GEN_HEAD / 8]> = Array::with_max_entries(1,
 #[map]
 static GEN_FLOWS: Array<u64> = Array::with_max_entries(2, 0);
 
-/// Benchmark sink counter: frames `sink` dropped (per CPU).
+/// Benchmark generator's window for short connections; see `privatelink_common::bench`.
 #[map]
-static SINK: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+static GEN_WINDOW: Array<[u64; privatelink_common::bench::WINDOW_WORDS]> =
+    Array::with_max_entries(1, 0);
+
+/// Benchmark counters (per CPU): frames `sink` dropped or connections `acker` completed (0), SYNs
+/// `responder` answered (1).
+#[map]
+static SINK: PerCpuArray<u64> =
+    PerCpuArray::with_max_entries(privatelink_common::bench::SINK_ENTRIES, 0);
 
 /// Benchmark load generator (`cargo xtask bench`), run in live-frames mode: see `bench.rs`.
 #[xdp]
@@ -236,11 +247,18 @@ pub fn replay(ctx: XdpContext) -> u32 {
     bench::replay(&ctx)
 }
 
-/// Benchmark responder (`cargo xtask bench`): answers TCP SYNs with SYN-ACKs in a backend's place
-/// and drops the rest; see `bench.rs`.
+/// Benchmark responder (`cargo xtask bench`): answers TCP SYNs with SYN-ACKs and requests with
+/// their echo in a backend's place, and drops the rest; see `bench.rs`.
 #[xdp]
 pub fn responder(ctx: XdpContext) -> u32 {
     bench::respond(&ctx)
+}
+
+/// Benchmark client (`cargo xtask bench`): completes short TCP connections in a client's place
+/// (final ACK with a request, reset after the reply) and drops the rest; see `bench.rs`.
+#[xdp]
+pub fn acker(ctx: XdpContext) -> u32 {
+    bench::ack(&ctx)
 }
 
 /// Benchmark sink (`cargo xtask bench`): counts and drops.

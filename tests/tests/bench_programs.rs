@@ -1,8 +1,11 @@
 //! The benchmark's own XDP programs (`cargo xtask bench`): the generator must send exactly the
-//! frame it was given, or a new valid flow per frame, and the sink must count what it drops. A
+//! frame it was given, or a new valid flow per frame, and hold frames back while its window is
+//! full; the sink must count what it drops, and the responder and the acker must play their end of
+//! a short TCP connection with valid segments. A
 //! wrong checksum here would make the kernel's conntrack refuse the frames in the comparison.
 use etherparse::{NetSlice, PacketBuilder, SlicedPacket, TransportSlice};
-use privatelink_agent::loader::{Datapath, Sizes};
+use privatelink_agent::loader::{ACKER_PROGRAM, Datapath, RESPONDER_PROGRAM, Sizes};
+use privatelink_common::bench::{WINDOW_DONE, WINDOW_FIRST_NS, WINDOW_LAST_NS, WINDOW_SENT};
 use privatelink_tests::{
     fixture::{CONSUMER, CONSUMER_MAC, ENDPOINT, Pkt, with_harness},
     privileged, test_run,
@@ -175,6 +178,226 @@ fn the_generator_keeps_tcp_checksums_valid_and_the_responder_answers_syns() {
     assert_eq!(
         test_run(dp.responder_program().expect("responder program"), 0, &udp).verdict,
         XDP_DROP
+    );
+}
+
+/// A TCP segment as the test reads it back, both checksums verified: (source port, flags as
+/// "SAFRP" letters, sequence number, acknowledgement number, payload).
+fn segment(f: &[u8]) -> (u16, String, u32, u32, Vec<u8>) {
+    let sport = privatelink_tests::parse_checked(f).sport;
+    let p = SlicedPacket::from_ethernet(f).expect("parsable");
+    let Some(TransportSlice::Tcp(t)) = &p.transport else {
+        panic!("not TCP: {f:02x?}")
+    };
+    let flags = [
+        (t.syn(), 'S'),
+        (t.ack(), 'A'),
+        (t.fin(), 'F'),
+        (t.rst(), 'R'),
+        (t.psh(), 'P'),
+    ]
+    .iter()
+    .filter(|(on, _)| *on)
+    .map(|(_, c)| *c)
+    .collect();
+    (
+        sport,
+        flags,
+        t.sequence_number(),
+        t.acknowledgment_number(),
+        t.payload().to_vec(),
+    )
+}
+
+/// Runs `program` on `frame` and returns its answer, after checking that the answer goes back
+/// where the frame came from (MACs, addresses and ports swapped).
+fn answered(dp: &mut Datapath, program: &'static str, frame: &[u8]) -> Vec<u8> {
+    let r = test_run(dp.bench_program(program).expect("program"), 0, frame);
+    assert_eq!(r.verdict, XDP_TX, "{program} answers {frame:02x?}");
+    let (got, asked) = (
+        privatelink_tests::parse_checked(&r.out),
+        privatelink_tests::parse_checked(frame),
+    );
+    assert_eq!(
+        (
+            got.src,
+            got.dst,
+            got.sport,
+            got.dport,
+            got.src_mac,
+            got.dst_mac
+        ),
+        (
+            asked.dst,
+            asked.src,
+            asked.dport,
+            asked.sport,
+            asked.dst_mac,
+            asked.src_mac
+        ),
+        "{program}: addresses, ports and MACs swapped"
+    );
+    assert_eq!(
+        r.out.len(),
+        frame.len(),
+        "{program}: the frame keeps its length"
+    );
+    r.out
+}
+
+#[test]
+fn the_acker_and_the_responder_play_a_short_connection_and_count_what_completes() {
+    if !privileged("the_acker_and_the_responder_play_a_short_connection") {
+        return;
+    }
+    let mut dp = Datapath::load(&Sizes::small()).expect("load");
+    let (acked0, answered0) = (
+        dp.sink_count().expect("acker count"),
+        dp.responder_count().expect("responder count"),
+    );
+    let syn = syn();
+    let client_isn = 0x0102_0304u32;
+    let syn_ack = answered(&mut dp, RESPONDER_PROGRAM, &syn);
+    let (_, flags, server_isn, ack, payload) = segment(&syn_ack);
+    assert_eq!((flags.as_str(), ack), ("SA", client_isn + 1), "SYN-ACK");
+    assert!(payload.is_empty());
+
+    // The final ACK carries the request: the SYN-ACK's MSS option bytes, now payload.
+    let request = answered(&mut dp, ACKER_PROGRAM, &syn_ack);
+    let (_, flags, seq, ack, payload) = segment(&request);
+    assert_eq!(
+        (flags.as_str(), seq, ack, payload.as_slice()),
+        ("AP", client_isn + 1, server_isn + 1, &syn_ack[54..58]),
+        "the final ACK with a 4-byte request"
+    );
+
+    let reply = answered(&mut dp, RESPONDER_PROGRAM, &request);
+    let (_, flags, seq, ack, payload) = segment(&reply);
+    assert_eq!(
+        (flags.as_str(), seq, ack, payload.as_slice()),
+        ("AP", server_isn + 1, client_isn + 5, &syn_ack[54..58]),
+        "the echo, acknowledging the request"
+    );
+
+    let reset = answered(&mut dp, ACKER_PROGRAM, &reply);
+    let (_, flags, seq, ack, _) = segment(&reset);
+    assert_eq!(
+        (flags.as_str(), seq, ack),
+        ("AR", client_isn + 5, server_isn + 5),
+        "the client's reset, at the server's next expected sequence number"
+    );
+
+    // A FIN is reset by either end, and is no completed connection.
+    let mut fin = request.clone();
+    fin[47] = 0x11;
+    let fin = fix(&fin);
+    for program in [RESPONDER_PROGRAM, ACKER_PROGRAM] {
+        let (_, flags, seq, ack, _) = segment(&answered(&mut dp, program, &fin));
+        assert_eq!(
+            (flags.as_str(), seq, ack),
+            ("AR", server_isn + 1, client_isn + 6),
+            "{program} resets a FIN (request and FIN acknowledged)"
+        );
+    }
+
+    // Dropped: a bare ACK by both, a SYN by the acker, a reset, a SYN-ACK without options to make
+    // a request of, UDP.
+    let mut bare_syn_ack = Vec::new();
+    PacketBuilder::ethernet2([2, 0, 0, 0, 0, 2], [2, 0, 0, 0, 0, 1])
+        .ipv4([198, 18, 100, 10], [198, 18, 0, 10], 64)
+        .tcp(8080, 40000, 7, 64240)
+        .syn()
+        .ack(client_isn + 1)
+        .write(&mut bare_syn_ack, &[])
+        .expect("SYN-ACK");
+    let mut bare_ack = request[..54].to_vec();
+    bare_ack[16..18].copy_from_slice(&40u16.to_be_bytes());
+    bare_ack[47] = 0x10;
+    let drops: [(&str, &str, &[u8]); 8] = [
+        (RESPONDER_PROGRAM, "a bare ACK", &fix(&bare_ack)),
+        (ACKER_PROGRAM, "a bare ACK", &fix(&bare_ack)),
+        (ACKER_PROGRAM, "a SYN", &syn),
+        (RESPONDER_PROGRAM, "a reset", &reset),
+        (ACKER_PROGRAM, "a reset", &reset),
+        (ACKER_PROGRAM, "a SYN-ACK without options", &bare_syn_ack),
+        (RESPONDER_PROGRAM, "UDP", &frame()),
+        (ACKER_PROGRAM, "UDP", &frame()),
+    ];
+    for (program, what, f) in drops {
+        assert_eq!(
+            test_run(dp.bench_program(program).expect("program"), 0, f).verdict,
+            XDP_DROP,
+            "{program} drops {what}"
+        );
+    }
+    assert_eq!(
+        (
+            dp.sink_count().expect("acker count") - acked0,
+            dp.responder_count().expect("responder count") - answered0
+        ),
+        (1, 1),
+        "one connection completed, one SYN answered"
+    );
+}
+
+/// `frame` (IPv4 without options, then TCP) with both checksums computed afresh.
+fn fix(frame: &[u8]) -> Vec<u8> {
+    let mut f = frame.to_vec();
+    let p = SlicedPacket::from_ethernet(frame).expect("parsable");
+    let (Some(NetSlice::Ipv4(ip)), Some(TransportSlice::Tcp(t))) = (&p.net, &p.transport) else {
+        panic!("not TCP over IPv4: {frame:02x?}")
+    };
+    let ip = ip.header().to_header();
+    let tcp = t
+        .to_header()
+        .calc_checksum_ipv4(&ip, t.payload())
+        .expect("TCP checksum");
+    f[24..26].copy_from_slice(&ip.calc_header_checksum().to_be_bytes());
+    f[50..52].copy_from_slice(&tcp.to_be_bytes());
+    f
+}
+
+#[test]
+fn the_generators_window_holds_back_frames_while_connections_are_pending() {
+    if !privileged("the_generators_window_holds_back_frames") {
+        return;
+    }
+    let mut dp = Datapath::load(&Sizes::small()).expect("load");
+    let syn = syn();
+    dp.set_gen_frame(&syn).expect("frame head");
+    dp.set_gen_new_flows(true).expect("new flows on");
+    let generate =
+        |dp: &mut Datapath| test_run(dp.gen_program().expect("generator program"), 0, &syn).verdict;
+    // Two pending at most, three in all.
+    dp.set_gen_window(2, 3).expect("window");
+    assert_eq!([generate(&mut dp), generate(&mut dp)], [XDP_TX, XDP_TX]);
+    assert_eq!(generate(&mut dp), XDP_DROP, "two pending: held back");
+    let w = dp.gen_window().expect("window");
+    assert_eq!((w[WINDOW_SENT], w[WINDOW_DONE]), (2, 0));
+    assert_ne!(w[WINDOW_FIRST_NS], 0, "the first frame's time is kept");
+
+    // One connection completes (the acker resets the reply of a connection).
+    let syn_ack = answered(&mut dp, RESPONDER_PROGRAM, &syn);
+    let request = answered(&mut dp, ACKER_PROGRAM, &syn_ack);
+    let reply = answered(&mut dp, RESPONDER_PROGRAM, &request);
+    answered(&mut dp, ACKER_PROGRAM, &reply);
+    let w = dp.gen_window().expect("window");
+    assert_eq!(w[WINDOW_DONE], 1);
+    assert!(
+        w[WINDOW_LAST_NS] >= w[WINDOW_FIRST_NS],
+        "the completion's time is kept"
+    );
+    assert_eq!(generate(&mut dp), XDP_TX, "one pending: the next goes");
+    assert_eq!(
+        generate(&mut dp),
+        XDP_DROP,
+        "three sent: the total is reached"
+    );
+
+    dp.set_gen_window(0, 0).expect("window off");
+    assert_eq!(
+        [generate(&mut dp), generate(&mut dp), generate(&mut dp)],
+        [XDP_TX; 3]
     );
 }
 

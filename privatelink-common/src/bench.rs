@@ -1,0 +1,25 @@
+//! Constants of the benchmark programs (`cargo xtask bench`), shared by the eBPF crate's
+//! `bench.rs` and the loader that drives them.
+
+/// Bytes of the frame the generator and the replay restore on every run: Ethernet, IPv4 and TCP
+/// headers (54, or 42 with UDP) and the first bytes after them.
+pub const GEN_HEAD: usize = 56;
+
+/// `SINK` entries (per-CPU packet counters): frames the sink dropped or connections the acker
+/// completed, and SYNs the responder answered.
+pub const SINK_COUNTED: u32 = 0;
+pub const SINK_RESPONDED: u32 = 1;
+/// Entries of `SINK`.
+pub const SINK_ENTRIES: u32 = 2;
+
+/// Words of the generator's window (`GEN_WINDOW[0]`, host order): connections pending at most
+/// (0: no window, every frame is sent), connections to start in all, started so far, completed so
+/// far (by the acker), and the `bpf_ktime_get_ns` times of the first start and the latest
+/// completion.
+pub const WINDOW_LIMIT: usize = 0;
+pub const WINDOW_TOTAL: usize = 1;
+pub const WINDOW_SENT: usize = 2;
+pub const WINDOW_DONE: usize = 3;
+pub const WINDOW_FIRST_NS: usize = 4;
+pub const WINDOW_LAST_NS: usize = 5;
+pub const WINDOW_WORDS: usize = 6;
