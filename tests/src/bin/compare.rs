@@ -31,8 +31,9 @@ use aya::programs::{
 use privatelink_agent::{
     dataplane::{Dataplane, PortMap, Proto},
     demo::{BACKEND, CLIENT, ENDPOINT, NAT_RANGE, Topology},
-    loader::{Datapath, RESPONDER_PROGRAM, SINK_PROGRAM, Sizes},
+    loader::{ACKER_PROGRAM, Datapath, RESPONDER_PROGRAM, SINK_PROGRAM, Sizes},
 };
+use privatelink_common::bench::{WINDOW_DONE, WINDOW_FIRST_NS, WINDOW_LAST_NS, WINDOW_SENT};
 use privatelink_tests::privileged;
 
 /// Terminal → service ports: request/response echo, iperf3, UDP sink.
@@ -159,12 +160,12 @@ fn bed() -> Bed {
             "permanent",
         ],
     );
-    // The generator's sources (198.18.0.10 on, the address moving on every 64,512 ports) get
-    // fixed neighbours too: the consumer side's sink drops ARP while SYN-ACKs come back, and the
-    // kernel's forwarding (nftables, direct) needs their MAC.
+    // The generator's sources (198.18.0.10 on, the address moving on every 64,512 ports; a whole
+    // run uses about 35 addresses) get fixed neighbours too: the consumer side's sink drops ARP
+    // while SYN-ACKs come back, and the kernel's forwarding (nftables, direct) needs their MAC.
     let consumer_mac = topo.consumers[0].mac("eth0").expect("consumer MAC");
     let consumer_mac = consumer_mac.map(|b| format!("{b:02x}")).join(":");
-    for last in 10..=40 {
+    for last in 10..=70 {
         sh(
             &topo.node,
             &[
@@ -209,6 +210,11 @@ fn bed() -> Bed {
         &["ip", "route", "add", "198.18.0.0/24", "via", "198.18.100.1"],
     );
     topo.consumers[0]
+        .sysctl("net.ipv4.ip_local_port_range", "1024 65535")
+        .unwrap();
+    // HAProxy's connections to the backend all come from one address: the socket clients'
+    // connections leave TIME_WAIT behind there before the socket-free ones start.
+    topo.node
         .sysctl("net.ipv4.ip_local_port_range", "1024 65535")
         .unwrap();
     let dir = std::env::temp_dir().join(format!("privatelink-compare-{}", std::process::id()));
@@ -643,12 +649,15 @@ struct GenRates {
 
 impl GenRates {
     /// Appends this round's values to a mode's results (one list per entry of `METRICS`, the
-    /// socket-free rows from [`FIRST_SOCKET_FREE`] on, in this order).
+    /// socket-free rows from [`FIRST_SOCKET_FREE`] to [`CONNECTIONS_ROW`], in this order).
     fn record(&self, results: &mut [Vec<f64>]) {
         let values = [self.one_flow, self.new_flows, self.handshakes]
             .into_iter()
             .flat_map(|(rate, cpu)| [rate, cpu]);
-        for (r, v) in results[FIRST_SOCKET_FREE..].iter_mut().zip(values) {
+        for (r, v) in results[FIRST_SOCKET_FREE..CONNECTIONS_ROW]
+            .iter_mut()
+            .zip(values)
+        {
             r.push(v);
         }
     }
@@ -754,23 +763,7 @@ fn generate(
 ///   setups, each creating the forwarding's state and crossing it both ways.
 fn gen_pps(bed: &mut Bed, mode: Mode) -> GenRates {
     let (host, echo, _, port) = mode.target();
-    // veth hands frames sent by XDP only to a peer with an XDP program: where the kernel
-    // forwards, the node's interfaces get the pass program for the measurement (the consumer's
-    // for the generator's frames, the provider's for the responder's).
-    let node_pass: Vec<XdpLinkId> = if mode == Mode::Privatelink {
-        Vec::new()
-    } else {
-        ["c0", "p0"]
-            .into_iter()
-            .map(|dev| {
-                let prog = bed.dp.pass_program();
-                bed.topo
-                    .node
-                    .enter(|| prog.attach(dev, XdpMode::Driver))
-                    .unwrap_or_else(|e| panic!("pass program on {dev}: {e}"))
-            })
-            .collect()
-    };
+    let node_pass = node_pass_on(bed, mode);
     let consumer_mac = bed.topo.consumers[0].mac("eth0").expect("consumer MAC");
     let node_mac = bed.topo.consumer_ifaces[0].2;
 
@@ -801,15 +794,7 @@ fn gen_pps(bed: &mut Bed, mode: Mode) -> GenRates {
 
     let programs = [Some(SINK_PROGRAM), Some(RESPONDER_PROGRAM)];
     let links = swap_in(bed, programs[0], programs[1]);
-    let mut syn = Vec::new();
-    etherparse::PacketBuilder::ethernet2(consumer_mac, node_mac)
-        .ipv4(CLIENT.octets(), host.octets(), 64)
-        .tcp(40000, echo, 1, 64240)
-        .syn()
-        .options(&[etherparse::TcpOptionElement::MaximumSegmentSize(1460)])
-        .expect("TCP options")
-        .write(&mut syn, &[])
-        .expect("SYN");
+    let syn = syn_frame(bed, host, echo);
     bed.dp.set_gen_frame(&syn).expect("generator frame");
     bed.dp.set_gen_new_flows(true).expect("generator mode");
     let handshakes = generate(bed, &syn, GEN_REPEAT, &|_, runs| {
@@ -818,12 +803,7 @@ fn gen_pps(bed: &mut Bed, mode: Mode) -> GenRates {
     bed.dp.set_gen_new_flows(false).expect("generator mode");
     swap_out(bed, links, programs);
 
-    for id in node_pass {
-        let prog = bed.dp.pass_program();
-        bed.topo
-            .node
-            .enter(|| prog.detach(id).expect("detach the node's pass program"));
-    }
+    node_pass_off(bed, node_pass);
     GenRates {
         one_flow,
         new_flows,
@@ -831,10 +811,122 @@ fn gen_pps(bed: &mut Bed, mode: Mode) -> GenRates {
     }
 }
 
+/// veth hands frames sent by XDP only to a peer with an XDP program: where the kernel forwards,
+/// the node's interfaces get the pass program for a socket-free measurement (the consumer's for
+/// the generator's frames, the provider's for the responder's).
+fn node_pass_on(bed: &mut Bed, mode: Mode) -> Vec<XdpLinkId> {
+    if mode == Mode::Privatelink {
+        return Vec::new();
+    }
+    ["c0", "p0"]
+        .into_iter()
+        .map(|dev| {
+            let prog = bed.dp.pass_program();
+            bed.topo
+                .node
+                .enter(|| prog.attach(dev, XdpMode::Driver))
+                .unwrap_or_else(|e| panic!("pass program on {dev}: {e}"))
+        })
+        .collect()
+}
+
+/// Undoes [`node_pass_on`].
+fn node_pass_off(bed: &mut Bed, ids: Vec<XdpLinkId>) {
+    for id in ids {
+        let prog = bed.dp.pass_program();
+        bed.topo
+            .node
+            .enter(|| prog.detach(id).expect("detach the node's pass program"));
+    }
+}
+
+/// A TCP SYN from the consumer to `host:port` (the generator gives each one a new source).
+fn syn_frame(bed: &Bed, host: Ipv4Addr, port: u16) -> Vec<u8> {
+    let consumer_mac = bed.topo.consumers[0].mac("eth0").expect("consumer MAC");
+    let node_mac = bed.topo.consumer_ifaces[0].2;
+    let mut syn = Vec::new();
+    etherparse::PacketBuilder::ethernet2(consumer_mac, node_mac)
+        .ipv4(CLIENT.octets(), host.octets(), 64)
+        .tcp(40000, port, 1, 64240)
+        .syn()
+        .options(&[etherparse::TcpOptionElement::MaximumSegmentSize(1460)])
+        .expect("TCP options")
+        .write(&mut syn, &[])
+        .expect("SYN");
+    syn
+}
+
+/// Connections per socket-free connection measurement, and at most this many pending (sent and
+/// not yet completed); generator iterations per test run (most of them, while the window is full,
+/// drop their frame unsent), and how long a measurement may take at most.
+const GEN_CONNECTIONS: u64 = 1 << 16;
+const GEN_PENDING: u64 = 256;
+const GEN_WINDOW_REPEAT: u32 = 1 << 22;
+const GEN_CONNECTION_LIMIT: Duration = Duration::from_secs(10);
+
+/// Short TCP connections through the node with no socket at either end, every mode alike, as the
+/// socket clients make them (connect, request, reply, abortive close): the generator sends SYNs of
+/// new flows from the consumer's interface; the responder, in the backend's place, answers SYNs
+/// and echoes requests; the acker, in the client's place, answers the SYN-ACK with the final ACK
+/// and a request and the reply with a reset. Through the NATs every segment crosses the node;
+/// with HAProxy, its kernel completes the client's handshake and HAProxy accepts, connects to the
+/// backend, relays the request and the reply, and closes both sides. A connection counts when the
+/// acker resets it after the reply. The generator keeps at most `GEN_PENDING` pending, like a
+/// client pool with that many connections open, so a proxy works at its own pace instead of being
+/// flooded; it spins while the window is full (one CPU busy in every mode), so no CPU figure.
+/// Returns connections per second, timed in the programs from the first SYN sent to the last
+/// connection completed.
+fn connections(bed: &mut Bed, mode: Mode) -> f64 {
+    let (host, echo, _, _) = mode.target();
+    let node_pass = node_pass_on(bed, mode);
+    let programs = [Some(ACKER_PROGRAM), Some(RESPONDER_PROGRAM)];
+    let links = swap_in(bed, programs[0], programs[1]);
+    let syn = syn_frame(bed, host, echo);
+    bed.dp.set_gen_frame(&syn).expect("generator frame");
+    bed.dp.set_gen_new_flows(true).expect("generator mode");
+    bed.dp
+        .set_gen_window(GEN_PENDING, GEN_CONNECTIONS)
+        .expect("generator window");
+    let consumer = &bed.topo.consumers[0];
+    let ifindex = consumer.ifindex("eth0").expect("consumer ifindex");
+    let ctx = privatelink_tests::xdp_ctx(ifindex, syn.len());
+    let started = Instant::now();
+    let mut w = bed.dp.gen_window().expect("generator window");
+    while w[WINDOW_DONE] < GEN_CONNECTIONS && started.elapsed() < GEN_CONNECTION_LIMIT {
+        let generator = bed.dp.gen_program().expect("generator program");
+        let mut o = TestRunOptions::new();
+        o.data_in = Some(&syn);
+        o.ctx_in = Some(&ctx);
+        o.repeat = GEN_WINDOW_REPEAT;
+        o.attrs = TestRunAttrs::new().xdp_live_frames(GEN_BATCH);
+        consumer
+            .enter(|| generator.test_run(o))
+            .expect("live-frames test run");
+        w = bed.dp.gen_window().expect("generator window");
+    }
+    if w[WINDOW_DONE] < w[WINDOW_SENT] {
+        eprintln!(
+            "{}: {} of {} socket-free connections not completed within {GEN_CONNECTION_LIMIT:?}",
+            mode.name(),
+            w[WINDOW_SENT] - w[WINDOW_DONE],
+            w[WINDOW_SENT]
+        );
+    }
+    bed.dp.set_gen_window(0, 0).expect("generator window off");
+    bed.dp.set_gen_new_flows(false).expect("generator mode");
+    swap_out(bed, links, programs);
+    node_pass_off(bed, node_pass);
+    let ns = w[WINDOW_LAST_NS].saturating_sub(w[WINDOW_FIRST_NS]);
+    w[WINDOW_DONE] as f64 / (ns.max(1) as f64 / 1e9)
+}
+
 /// Index in `METRICS` of the first socket-free row.
 const FIRST_SOCKET_FREE: usize = 9;
 
-const METRICS: [&str; 15] = [
+/// Index in `METRICS` of the socket-free connection rows (every mode, HAProxy included).
+const CONNECTIONS_ROW: usize = 15;
+
+const METRICS: [&str; 16] = [
     "TCP throughput, 1 stream (Gbit/s)",
     "TCP throughput, 8 streams (Gbit/s)",
     "connections per second (4 clients)",
@@ -850,6 +942,7 @@ const METRICS: [&str; 15] = [
     "CPU per new flow (ns, socket-free, whole machine)",
     "TCP handshakes per second, socket-free (SYN out, SYN-ACK back, a new flow each)",
     "CPU per handshake (ns, socket-free, whole machine)",
+    "short TCP connections per second, socket-free (handshake, request, reply, reset; 256 open)",
 ];
 
 fn main() {
@@ -859,8 +952,8 @@ fn main() {
     }
     // Stopped by a signal (Ctrl-C, a timeout), it still removes its namespaces and their servers.
     privatelink_agent::netns::teardown_on_signals().expect("signal handler");
-    // `PRIVATELINK_BENCH_ONLY=pps`: only the socket-free frame rate (a quick look at the datapath
-    // against the kernel's forwarding, without the socket-bound metrics).
+    // `PRIVATELINK_BENCH_ONLY=pps`: only the socket-free rows (a quick look at the datapath
+    // against the kernel's forwarding and HAProxy, without the socket-bound metrics).
     let only_pps = std::env::var("PRIVATELINK_BENCH_ONLY").as_deref() == Ok("pps");
     let mut bed = bed();
     let servers = servers(&bed);
@@ -879,10 +972,14 @@ fn main() {
                 (info.run_count(), info.run_time())
             };
             let r = &mut results[m];
-            if only_pps {
+            let socket_free = |bed: &mut Bed, r: &mut [Vec<f64>]| {
                 if mode != Mode::Haproxy {
-                    gen_pps(&mut bed, mode).record(r);
+                    gen_pps(bed, mode).record(r);
                 }
+                r[CONNECTIONS_ROW].push(connections(bed, mode));
+            };
+            if only_pps {
+                socket_free(&mut bed, r);
                 leave(&mut bed, installed);
                 continue;
             }
@@ -905,9 +1002,7 @@ fn main() {
                 let t = (info.run_time() - time0).as_nanos() as f64;
                 r[8].push(t / runs.max(1) as f64);
             }
-            if mode != Mode::Haproxy {
-                gen_pps(&mut bed, mode).record(&mut results[m]);
-            }
+            socket_free(&mut bed, r);
             leave(&mut bed, installed);
             eprintln!("round {round}: {} done", mode.name());
         }
@@ -957,7 +1052,7 @@ fn main() {
         );
     }
     println!(
-        "\nHAProxy does not carry UDP, and terminates TCP itself, so it has no UDP or socket-free rows (n/a). Ratios are privatelink's value over the other's: above 1 is better for rates and throughput, below 1 is better for latency and CPU.\n"
+        "\nHAProxy does not carry UDP, and terminates TCP itself, so it has no UDP rows and no socket-free frame or handshake rows (n/a); in the socket-free short-connection row its kernel answers the client and HAProxy relays to the backend. Ratios are privatelink's value over the other's: above 1 is better for rates and throughput, below 1 is better for latency and CPU.\n"
     );
     drop(servers);
 }
