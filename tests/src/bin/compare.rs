@@ -717,6 +717,20 @@ fn swap_out(bed: &mut Bed, links: [Option<XdpLinkId>; 2], programs: [Option<&'st
     }
 }
 
+/// One live-frames test run of the generator on the consumer's interface: `repeat` iterations on
+/// `frame` (context `ctx`, see `privatelink_tests::xdp_ctx`), in batches of `GEN_BATCH`.
+fn live_run(bed: &mut Bed, frame: &[u8], ctx: &[u8], repeat: u32) {
+    let generator = bed.dp.gen_program().expect("generator program");
+    let mut o = TestRunOptions::new();
+    o.data_in = Some(frame);
+    o.ctx_in = Some(ctx);
+    o.repeat = repeat;
+    o.attrs = TestRunAttrs::new().xdp_live_frames(GEN_BATCH);
+    bed.topo.consumers[0]
+        .enter(|| generator.test_run(o))
+        .expect("live-frames test run");
+}
+
 /// Sends `frame` from the consumer's interface with the generator in live-frames mode, `repeat`
 /// frames per test run, until `until` (given the start and the test runs so far) holds, and
 /// returns what the sink counted: (frames per second, busy CPU ns per counted frame). Frames still
@@ -735,15 +749,7 @@ fn generate(
     let started = Instant::now();
     let mut runs = 0;
     while !until(&started, runs) {
-        let generator = bed.dp.gen_program().expect("generator program");
-        let mut o = TestRunOptions::new();
-        o.data_in = Some(frame);
-        o.ctx_in = Some(&ctx);
-        o.repeat = repeat;
-        o.attrs = TestRunAttrs::new().xdp_live_frames(GEN_BATCH);
-        consumer
-            .enter(|| generator.test_run(o))
-            .expect("live-frames test run");
+        live_run(bed, frame, &ctx, repeat);
         runs += 1;
     }
     let secs = started.elapsed().as_secs_f64();
@@ -893,15 +899,7 @@ fn connections(bed: &mut Bed, mode: Mode) -> f64 {
     let started = Instant::now();
     let mut w = bed.dp.gen_window().expect("generator window");
     while w[WINDOW_DONE] < GEN_CONNECTIONS && started.elapsed() < GEN_CONNECTION_LIMIT {
-        let generator = bed.dp.gen_program().expect("generator program");
-        let mut o = TestRunOptions::new();
-        o.data_in = Some(&syn);
-        o.ctx_in = Some(&ctx);
-        o.repeat = GEN_WINDOW_REPEAT;
-        o.attrs = TestRunAttrs::new().xdp_live_frames(GEN_BATCH);
-        consumer
-            .enter(|| generator.test_run(o))
-            .expect("live-frames test run");
+        live_run(bed, &syn, &ctx, GEN_WINDOW_REPEAT);
         w = bed.dp.gen_window().expect("generator window");
     }
     if w[WINDOW_DONE] < w[WINDOW_SENT] {
