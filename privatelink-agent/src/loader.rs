@@ -25,9 +25,11 @@ pub const LOOKUP_FLOOR_PROGRAM: &str = "lookup_floor";
 /// Program names of the benchmark load generator (live-frames test runs) and sink (count, drop).
 pub const GEN_PROGRAM: &str = "traffic_gen";
 pub const SINK_PROGRAM: &str = "sink";
-/// Program name of the benchmark responder (answers TCP SYNs with SYN-ACKs in a backend's place).
+/// Program name of the benchmark responder (a backend's end of a short TCP connection: SYN-ACK,
+/// echo, reset).
 pub const RESPONDER_PROGRAM: &str = "responder";
-/// Program name of the benchmark acker (answers SYN-ACKs with the final ACK in a client's place).
+/// Program name of the benchmark acker (a client's end of a short TCP connection: the final ACK
+/// with a request, then a reset).
 pub const ACKER_PROGRAM: &str = "acker";
 /// Program name of the benchmark replay (restores the frame, tail-calls the measured program).
 pub const REPLAY_PROGRAM: &str = "replay";
@@ -214,26 +216,15 @@ impl Datapath {
             }
             *w = u64::from_ne_bytes(b);
         }
-        let mut m: aya::maps::Array<_, [u64; GEN_HEAD / 8]> = self
-            .ebpf
-            .map_mut(GEN_FRAME)
-            .ok_or(aya::maps::MapError::InvalidName {
-                name: GEN_FRAME.into(),
-            })?
-            .try_into()?;
+        let mut m: aya::maps::Array<_, [u64; GEN_HEAD / 8]> =
+            self.bench_map_mut(GEN_FRAME)?.try_into()?;
         m.set(0, head, 0)
     }
 
     /// Turns the generator's new-flow sequence on or off. On, every frame gets a source (address,
     /// port) that no frame of this load had before (the sequence is never rewound).
     pub fn set_gen_new_flows(&mut self, on: bool) -> Result<(), aya::maps::MapError> {
-        let mut m: aya::maps::Array<_, u64> = self
-            .ebpf
-            .map_mut(GEN_FLOWS)
-            .ok_or(aya::maps::MapError::InvalidName {
-                name: GEN_FLOWS.into(),
-            })?
-            .try_into()?;
+        let mut m: aya::maps::Array<_, u64> = self.bench_map_mut(GEN_FLOWS)?.try_into()?;
         m.set(0, u64::from(on), 0)
     }
 
@@ -244,25 +235,14 @@ impl Datapath {
         let mut w = [0u64; WINDOW_WORDS];
         w[WINDOW_LIMIT] = limit;
         w[WINDOW_TOTAL] = total;
-        let mut m: aya::maps::Array<_, [u64; WINDOW_WORDS]> = self
-            .ebpf
-            .map_mut(GEN_WINDOW)
-            .ok_or(aya::maps::MapError::InvalidName {
-                name: GEN_WINDOW.into(),
-            })?
-            .try_into()?;
+        let mut m: aya::maps::Array<_, [u64; WINDOW_WORDS]> =
+            self.bench_map_mut(GEN_WINDOW)?.try_into()?;
         m.set(0, w, 0)
     }
 
     /// The generator's window as it stands (indexes: `privatelink_common::bench::WINDOW_*`).
     pub fn gen_window(&self) -> Result<[u64; WINDOW_WORDS], aya::maps::MapError> {
-        let m: aya::maps::Array<_, [u64; WINDOW_WORDS]> = self
-            .ebpf
-            .map(GEN_WINDOW)
-            .ok_or(aya::maps::MapError::InvalidName {
-                name: GEN_WINDOW.into(),
-            })?
-            .try_into()?;
+        let m: aya::maps::Array<_, [u64; WINDOW_WORDS]> = self.bench_map(GEN_WINDOW)?.try_into()?;
         m.get(&0, 0)
     }
 
@@ -308,7 +288,7 @@ impl Datapath {
         Ok(p)
     }
 
-    /// Frames the sink has dropped, or connections the acker completed, so far, all CPUs.
+    /// Frames the sink has dropped so far, all CPUs.
     pub fn sink_count(&self) -> Result<u64, aya::maps::MapError> {
         self.bench_counter(privatelink_common::bench::SINK_COUNTED)
     }
@@ -320,12 +300,22 @@ impl Datapath {
 
     /// `SINK[index]` summed over the CPUs.
     fn bench_counter(&self, index: u32) -> Result<u64, aya::maps::MapError> {
-        let m: aya::maps::PerCpuArray<_, u64> = self
-            .ebpf
-            .map(SINK)
-            .ok_or(aya::maps::MapError::InvalidName { name: SINK.into() })?
-            .try_into()?;
+        let m: aya::maps::PerCpuArray<_, u64> = self.bench_map(SINK)?.try_into()?;
         Ok(m.get(&index, 0)?.iter().sum())
+    }
+
+    /// A benchmark map by name (an object without it is a build mismatch, reported as such).
+    fn bench_map(&self, name: &str) -> Result<&aya::maps::Map, aya::maps::MapError> {
+        self.ebpf
+            .map(name)
+            .ok_or_else(|| aya::maps::MapError::InvalidName { name: name.into() })
+    }
+
+    /// The same, writable.
+    fn bench_map_mut(&mut self, name: &str) -> Result<&mut aya::maps::Map, aya::maps::MapError> {
+        self.ebpf
+            .map_mut(name)
+            .ok_or_else(|| aya::maps::MapError::InvalidName { name: name.into() })
     }
 
     fn xdp(&mut self, name: &str) -> &mut Xdp {
