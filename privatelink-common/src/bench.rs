@@ -5,8 +5,8 @@
 /// headers (54, or 42 with UDP) and the first bytes after them.
 pub const GEN_HEAD: usize = 56;
 
-/// `SINK` entries (per-CPU packet counters): frames the sink dropped or connections the acker
-/// completed, and SYNs the responder answered.
+/// `SINK` entries (per-CPU packet counters): frames the sink dropped, and SYNs the responder
+/// answered.
 pub const SINK_COUNTED: u32 = 0;
 pub const SINK_RESPONDED: u32 = 1;
 /// Entries of `SINK`.

@@ -160,7 +160,7 @@ pub fn respond(ctx: &XdpContext) -> u32 {
 /// Stands in for a TCP client making short connections (connect, request, reply, abortive close,
 /// as the comparison's socket clients do): a SYN-ACK is answered with the final ACK carrying a
 /// request (the SYN-ACK's option bytes, as payload), the reply with a reset, which completes the
-/// connection (counted in `SINK[0]` and in the generator's window), a FIN with a reset.
+/// connection (counted in the generator's window, `GEN_WINDOW`), a FIN with a reset.
 #[inline(always)]
 pub fn ack(ctx: &XdpContext) -> u32 {
     answer(ctx, End::Client)
@@ -235,7 +235,6 @@ fn answer(ctx: &XdpContext, end: End) -> u32 {
     if reply == SYN | ACK {
         count(SINK_RESPONDED);
     } else if end == End::Client && flags & FIN == 0 && reply & RST != 0 {
-        count(SINK_COUNTED);
         connection_done();
     }
     xdp_action::XDP_TX
@@ -290,6 +289,7 @@ pub fn sink() -> u32 {
     xdp_action::XDP_DROP
 }
 
+/// Adds one to `SINK[counter]` on this CPU.
 #[inline(always)]
 fn count(counter: u32) {
     if let Some(c) = SINK.get_ptr_mut(counter) {

@@ -224,8 +224,7 @@ static GEN_FLOWS: Array<u64> = Array::with_max_entries(2, 0);
 static GEN_WINDOW: Array<[u64; privatelink_common::bench::WINDOW_WORDS]> =
     Array::with_max_entries(1, 0);
 
-/// Benchmark counters (per CPU): frames `sink` dropped or connections `acker` completed (0), SYNs
-/// `responder` answered (1).
+/// Benchmark counters (per CPU): frames `sink` dropped (0), SYNs `responder` answered (1).
 #[map]
 static SINK: PerCpuArray<u64> =
     PerCpuArray::with_max_entries(privatelink_common::bench::SINK_ENTRIES, 0);
