@@ -41,8 +41,12 @@ const SINK: &str = "SINK";
 const GEN_FRAME: &str = "GEN_FRAME";
 const GEN_FLOWS: &str = "GEN_FLOWS";
 const GEN_WINDOW: &str = "GEN_WINDOW";
+const SINK_CLOCK: &str = "SINK_CLOCK";
 pub use privatelink_common::bench::GEN_HEAD;
-use privatelink_common::bench::{WINDOW_LIMIT, WINDOW_TOTAL, WINDOW_WORDS};
+use privatelink_common::bench::{
+    CLOCK_FIRST_COUNT, CLOCK_FIRST_NS, CLOCK_LAST_COUNT, CLOCK_LAST_NS, CLOCK_WORDS, WINDOW_LIMIT,
+    WINDOW_TOTAL, WINDOW_WORDS,
+};
 
 /// Capacities of the resizable maps.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -296,6 +300,32 @@ impl Datapath {
     /// SYNs the responder has answered so far, all CPUs.
     pub fn responder_count(&self) -> Result<u64, aya::maps::MapError> {
         self.bench_counter(privatelink_common::bench::SINK_RESPONDED)
+    }
+
+    /// Starts the sink's clock again: every CPU's samples zeroed (see
+    /// `privatelink_common::bench::CLOCK_WORDS`).
+    pub fn reset_sink_clock(&mut self) -> Result<(), aya::maps::MapError> {
+        let mut m: aya::maps::PerCpuArray<_, [u64; CLOCK_WORDS]> =
+            self.bench_map_mut(SINK_CLOCK)?.try_into()?;
+        // As many values as the map has CPUs.
+        let cpus = m.get(&0, 0)?.len();
+        let zero = aya::maps::PerCpuValues::try_from(vec![[0u64; CLOCK_WORDS]; cpus])?;
+        m.set(0, zero, 0)
+    }
+
+    /// What the sink counted between its clock's first and latest samples since
+    /// [`Self::reset_sink_clock`]: (frames, nanoseconds), summed over the CPUs that sampled twice
+    /// (frames) and from the earliest first to the latest last sample (time).
+    pub fn sink_clock(&self) -> Result<(u64, u64), aya::maps::MapError> {
+        let m: aya::maps::PerCpuArray<_, [u64; CLOCK_WORDS]> =
+            self.bench_map(SINK_CLOCK)?.try_into()?;
+        let (mut frames, mut first, mut last) = (0, u64::MAX, 0);
+        for c in m.get(&0, 0)?.iter().filter(|c| c[CLOCK_LAST_NS] != 0) {
+            frames += c[CLOCK_LAST_COUNT] - c[CLOCK_FIRST_COUNT];
+            first = first.min(c[CLOCK_FIRST_NS]);
+            last = last.max(c[CLOCK_LAST_NS]);
+        }
+        Ok((frames, last.saturating_sub(first)))
     }
 
     /// `SINK[index]` summed over the CPUs.

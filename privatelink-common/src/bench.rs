@@ -23,3 +23,17 @@ pub const WINDOW_DONE: usize = 3;
 pub const WINDOW_FIRST_NS: usize = 4;
 pub const WINDOW_LAST_NS: usize = 5;
 pub const WINDOW_WORDS: usize = 6;
+
+/// Words of the sink's clock (`SINK_CLOCK`, per CPU, host order): the sink's count and the
+/// `bpf_ktime_get_ns` time at the first and at the latest of its samples, taken on every
+/// [`CLOCK_EVERY`]th frame a CPU counts. Frames over time between the two samples is the rate the
+/// sink received at, with the generator's pauses before its first frame and after its last left
+/// out. Zeroed by the loader before a measurement.
+pub const CLOCK_FIRST_COUNT: usize = 0;
+pub const CLOCK_FIRST_NS: usize = 1;
+pub const CLOCK_LAST_COUNT: usize = 2;
+pub const CLOCK_LAST_NS: usize = 3;
+pub const CLOCK_WORDS: usize = 4;
+/// The sink samples its clock on every this many frames (a power of two) per CPU.
+pub const CLOCK_EVERY: u64 = 64;
+const _: () = assert!(CLOCK_EVERY.is_power_of_two());

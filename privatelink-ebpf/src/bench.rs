@@ -21,11 +21,14 @@ use core::intrinsics::{AtomicOrdering, atomic_xadd};
 use aya_ebpf::{bindings::xdp_action, helpers::bpf_ktime_get_ns, programs::XdpContext};
 pub use privatelink_common::bench::GEN_HEAD;
 use privatelink_common::bench::{
-    SINK_COUNTED, SINK_RESPONDED, WINDOW_DONE, WINDOW_FIRST_NS, WINDOW_LAST_NS, WINDOW_LIMIT,
-    WINDOW_SENT, WINDOW_TOTAL,
+    CLOCK_EVERY, CLOCK_FIRST_COUNT, CLOCK_FIRST_NS, CLOCK_LAST_COUNT, CLOCK_LAST_NS, SINK_COUNTED,
+    SINK_RESPONDED, WINDOW_DONE, WINDOW_FIRST_NS, WINDOW_LAST_NS, WINDOW_LIMIT, WINDOW_SENT,
+    WINDOW_TOTAL,
 };
 
-use crate::{GEN_FLOWS, GEN_FRAME, GEN_WINDOW, REPLAY_JUMP, SINK, csum::Delta, parse::ptr_at};
+use crate::{
+    GEN_FLOWS, GEN_FRAME, GEN_WINDOW, REPLAY_JUMP, SINK, SINK_CLOCK, csum::Delta, parse::ptr_at,
+};
 
 /// Source ports a new-flow sequence uses per source address (1024-65535).
 const PORTS: u64 = 64_512;
@@ -282,18 +285,38 @@ fn connection_done() {
     unsafe { (*w)[WINDOW_LAST_NS] = bpf_ktime_get_ns() };
 }
 
-/// Counts the frame and drops it.
+/// Counts the frame and drops it; on every [`CLOCK_EVERY`]th frame of this CPU, samples the
+/// clock (`SINK_CLOCK`): the first sample since the loader zeroed it, or the latest.
 #[inline(always)]
 pub fn sink() -> u32 {
-    count(SINK_COUNTED);
+    let n = count(SINK_COUNTED);
+    if n & (CLOCK_EVERY - 1) == 0
+        && let Some(c) = SINK_CLOCK.get_ptr_mut(0)
+    {
+        // SAFETY: per-CPU value, no concurrent writer.
+        let c = unsafe { &mut *c };
+        // SAFETY: the helper has no preconditions.
+        let now = unsafe { bpf_ktime_get_ns() };
+        if c[CLOCK_FIRST_NS] == 0 {
+            c[CLOCK_FIRST_COUNT] = n;
+            c[CLOCK_FIRST_NS] = now;
+        } else {
+            c[CLOCK_LAST_COUNT] = n;
+            c[CLOCK_LAST_NS] = now;
+        }
+    }
     xdp_action::XDP_DROP
 }
 
-/// Adds one to `SINK[counter]` on this CPU.
+/// Adds one to `SINK[counter]` on this CPU; returns the new count (0 without the map).
 #[inline(always)]
-fn count(counter: u32) {
-    if let Some(c) = SINK.get_ptr_mut(counter) {
-        // SAFETY: per-CPU value, no concurrent writer.
-        unsafe { *c += 1 };
+fn count(counter: u32) -> u64 {
+    let Some(c) = SINK.get_ptr_mut(counter) else {
+        return 0;
+    };
+    // SAFETY: per-CPU value, no concurrent writer.
+    unsafe {
+        *c += 1;
+        *c
     }
 }

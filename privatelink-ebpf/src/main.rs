@@ -229,6 +229,12 @@ static GEN_WINDOW: Array<[u64; privatelink_common::bench::WINDOW_WORDS]> =
 static SINK: PerCpuArray<u64> =
     PerCpuArray::with_max_entries(privatelink_common::bench::SINK_ENTRIES, 0);
 
+/// Benchmark sink's clock (per CPU): its count and time at its first and latest sample; see
+/// `privatelink_common::bench::CLOCK_WORDS`.
+#[map]
+static SINK_CLOCK: PerCpuArray<[u64; privatelink_common::bench::CLOCK_WORDS]> =
+    PerCpuArray::with_max_entries(1, 0);
+
 /// Benchmark load generator (`cargo xtask bench`), run in live-frames mode: see `bench.rs`.
 #[xdp]
 pub fn traffic_gen(ctx: XdpContext) -> u32 {

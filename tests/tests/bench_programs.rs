@@ -3,9 +3,12 @@
 //! full; the sink must count what it drops, and the responder and the acker must play their end of
 //! a short TCP connection with valid segments. A wrong checksum here would make the kernel's
 //! conntrack refuse the frames in the comparison.
+use aya::programs::{TestRun, TestRunOptions};
 use etherparse::{NetSlice, PacketBuilder, SlicedPacket, TransportSlice};
 use privatelink_agent::loader::{ACKER_PROGRAM, Datapath, RESPONDER_PROGRAM, Sizes};
-use privatelink_common::bench::{WINDOW_DONE, WINDOW_FIRST_NS, WINDOW_LAST_NS, WINDOW_SENT};
+use privatelink_common::bench::{
+    CLOCK_EVERY, WINDOW_DONE, WINDOW_FIRST_NS, WINDOW_LAST_NS, WINDOW_SENT,
+};
 use privatelink_tests::{
     fixture::{CONSUMER, CONSUMER_MAC, ENDPOINT, Pkt, with_harness},
     privileged, test_run,
@@ -385,6 +388,67 @@ fn the_generators_window_holds_back_frames_while_connections_are_pending() {
         [generate(&mut dp), generate(&mut dp), generate(&mut dp)],
         [XDP_TX; 3]
     );
+}
+
+/// Runs the sink on `frame` `repeat` times in one test run (one CPU throughout).
+fn sink_run(dp: &mut Datapath, frame: &[u8], repeat: u32) {
+    let ctx = privatelink_tests::xdp_ctx(0, frame.len());
+    let mut o = TestRunOptions::new();
+    o.data_in = Some(frame);
+    o.ctx_in = Some(&ctx);
+    o.repeat = repeat;
+    let r = dp
+        .sink_program()
+        .expect("sink program")
+        .test_run(o)
+        .unwrap_or_else(|e| panic!("sink test run: {e}"));
+    assert_eq!(r.return_value, XDP_DROP, "the sink drops");
+}
+
+#[test]
+fn the_sinks_clock_times_the_frames_between_its_first_and_latest_sample() {
+    if !privileged("the_sinks_clock_times_the_frames") {
+        return;
+    }
+    // The clock is per CPU: every run on one CPU, so each one sees what the last one left.
+    let mut cpus = nix::sched::CpuSet::new();
+    cpus.set(0).expect("cpu 0");
+    nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &cpus).expect("affinity");
+    let mut dp = Datapath::load(&Sizes::small()).expect("load");
+    let f = frame();
+    dp.reset_sink_clock().expect("reset");
+    assert_eq!(dp.sink_clock().expect("clock"), (0, 0), "nothing sampled");
+    // 64 frames hold one multiple of CLOCK_EVERY of the CPU's count: a first sample, no span.
+    sink_run(&mut dp, &f, CLOCK_EVERY as u32);
+    assert_eq!(
+        dp.sink_clock().expect("clock"),
+        (0, 0),
+        "one sample: no span"
+    );
+
+    // After a reset, 300 frames hold 4 or 5 multiples of 64 of the count: the span from the
+    // first sample to the latest is 3 or 4 times 64 frames.
+    dp.reset_sink_clock().expect("reset");
+    let before = dp.sink_count().expect("count");
+    sink_run(&mut dp, &f, 300);
+    assert_eq!(dp.sink_count().expect("count"), before + 300);
+    let (frames, ns) = dp.sink_clock().expect("clock");
+    assert!(
+        frames == 3 * CLOCK_EVERY || frames == 4 * CLOCK_EVERY,
+        "frames between the samples of 300: {frames}"
+    );
+    assert!(ns > 0, "a span of time: {ns} ns");
+    sink_run(&mut dp, &f, 640);
+    let (more, later) = dp.sink_clock().expect("clock");
+    assert_eq!(
+        more,
+        frames + 640,
+        "the latest sample moves on, the first stays"
+    );
+    assert!(later > ns, "{later} ns after {ns} ns");
+
+    dp.reset_sink_clock().expect("reset");
+    assert_eq!(dp.sink_clock().expect("clock"), (0, 0), "reset");
 }
 
 #[test]
