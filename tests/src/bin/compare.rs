@@ -628,8 +628,9 @@ fn udp_pps(bed: &Bed, servers: &Servers, mode: Mode) -> (f64, f64) {
     (got as f64 / secs, cpu as f64 / got.max(1) as f64)
 }
 
-/// Frames per live-frames test run of the generator, and frames per batch.
-const GEN_REPEAT: u32 = 1 << 16;
+/// Frames of the one-flow measurement (one test run: about 2-5 s, whichever the mode), and frames
+/// per batch of the generator's test runs.
+const GEN_FRAMES: u32 = 1 << 22;
 const GEN_BATCH: u32 = 64;
 /// New flows per new-flow measurement: fits the kernel's default conntrack limit (262,144) and,
 /// over every round, the datapath's table as the bed sizes it.
@@ -731,39 +732,38 @@ fn live_run(bed: &mut Bed, frame: &[u8], ctx: &[u8], repeat: u32) {
         .expect("live-frames test run");
 }
 
-/// Sends `frame` from the consumer's interface with the generator in live-frames mode, `repeat`
-/// frames per test run, until `until` (given the start and the test runs so far) holds, and
-/// returns what the sink counted: (frames per second, busy CPU ns per counted frame). Frames still
-/// queued in veth when the clock stops are counted: a short settle first.
-fn generate(
-    bed: &mut Bed,
-    frame: &[u8],
-    repeat: u32,
-    until: &dyn Fn(&Instant, u32) -> bool,
-) -> (f64, f64) {
+/// Sends `frames` copies of `frame` from the consumer's interface in one live-frames test run of
+/// the generator, and returns what the sink received: (frames per second, busy CPU ns per counted
+/// frame). The rate is timed by the sink's own clock, from its first sample to its last, so the
+/// test run's setup and teardown (about 12 ms with nothing sent, a larger share of a faster mode's
+/// wall time) stay out of it. Frames still queued in veth when the run returns are counted: a
+/// short settle first.
+fn generate(bed: &mut Bed, frame: &[u8], frames: u32) -> (f64, f64) {
     let consumer = &bed.topo.consumers[0];
     let ifindex = consumer.ifindex("eth0").expect("consumer ifindex");
     let ctx = privatelink_tests::xdp_ctx(ifindex, frame.len());
+    bed.dp.reset_sink_clock().expect("sink clock");
     let before = bed.dp.sink_count().expect("sink count");
     let cpu0 = cpu_busy_ns();
-    let started = Instant::now();
-    let mut runs = 0;
-    while !until(&started, runs) {
-        live_run(bed, frame, &ctx, repeat);
-        runs += 1;
-    }
-    let secs = started.elapsed().as_secs_f64();
+    live_run(bed, frame, &ctx, frames);
     std::thread::sleep(Duration::from_millis(50));
     let cpu = cpu_busy_ns() - cpu0;
     let got = bed.dp.sink_count().expect("sink count") - before;
-    (got as f64 / secs, cpu as f64 / got.max(1) as f64)
+    let (timed, ns) = bed.dp.sink_clock().expect("sink clock");
+    if ns == 0 {
+        eprintln!("the sink timed none of {frames} frames ({got} counted)");
+    }
+    (
+        timed as f64 / (ns.max(1) as f64 / 1e9),
+        cpu as f64 / got.max(1) as f64,
+    )
 }
 
 /// Socket-free rates through the node, with the generator on the consumer's interface (one
 /// thread; no socket on either side, so what remains is the forwarding and veth, and the
 /// generator, the same in every mode):
 /// - small UDP frames (60 bytes) into a sink that counts and drops on the provider's interface:
-///   one flow for `RUN`, then `GEN_NEW_FLOWS` frames that each open a new flow;
+///   one flow (`GEN_FRAMES` frames), then `GEN_NEW_FLOWS` frames that each open a new flow;
 /// - TCP SYNs, each of a new flow, into the responder in the backend's place, whose SYN-ACKs come
 ///   back through the node into a sink on the consumer's interface: `GEN_HANDSHAKES` connection
 ///   setups, each creating the forwarding's state and crossing it both ways.
@@ -786,15 +786,11 @@ fn gen_pps(bed: &mut Bed, mode: Mode) -> GenRates {
     bed.dp.set_gen_frame(&frame).expect("generator frame");
     // Warm-up: the flow (privatelink) or the kernel's conntrack entry (nftables) exists after it.
     bed.dp.set_gen_new_flows(false).expect("generator mode");
-    generate(bed, &frame, 1024, &|_, runs| runs >= 1);
+    generate(bed, &frame, 1024);
     std::thread::sleep(Duration::from_millis(100));
-    let one_flow = generate(bed, &frame, GEN_REPEAT, &|started, _| {
-        started.elapsed() >= RUN
-    });
+    let one_flow = generate(bed, &frame, GEN_FRAMES);
     bed.dp.set_gen_new_flows(true).expect("generator mode");
-    let new_flows = generate(bed, &frame, GEN_REPEAT, &|_, runs| {
-        runs * GEN_REPEAT >= GEN_NEW_FLOWS
-    });
+    let new_flows = generate(bed, &frame, GEN_NEW_FLOWS);
     bed.dp.set_gen_new_flows(false).expect("generator mode");
     swap_out(bed, links, programs);
 
@@ -803,9 +799,7 @@ fn gen_pps(bed: &mut Bed, mode: Mode) -> GenRates {
     let syn = syn_frame(bed, host, echo);
     bed.dp.set_gen_frame(&syn).expect("generator frame");
     bed.dp.set_gen_new_flows(true).expect("generator mode");
-    let handshakes = generate(bed, &syn, GEN_REPEAT, &|_, runs| {
-        runs * GEN_REPEAT >= GEN_HANDSHAKES
-    });
+    let handshakes = generate(bed, &syn, GEN_HANDSHAKES);
     bed.dp.set_gen_new_flows(false).expect("generator mode");
     swap_out(bed, links, programs);
 
