@@ -119,6 +119,20 @@ pub fn test_run(prog: &Xdp, ifindex: u32, packet: &[u8]) -> Run {
     }
 }
 
+/// Runs `prog` `repeat` times on `packet` in one test run, as if received on `ifindex`, without
+/// reading the frame back: (the last run's verdict, the kernel's mean time per run in ns).
+pub fn test_run_repeated(prog: &Xdp, ifindex: u32, packet: &[u8], repeat: u32) -> (u32, f64) {
+    let ctx = xdp_ctx(ifindex, packet.len());
+    let mut opts = TestRunOptions::new();
+    opts.data_in = Some(packet);
+    opts.ctx_in = Some(&ctx);
+    opts.repeat = repeat;
+    let r = prog
+        .test_run(opts)
+        .unwrap_or_else(|e| panic!("BPF_PROG_TEST_RUN (repeat {repeat}) failed: {e}"));
+    (r.return_value, r.duration.as_nanos() as f64)
+}
+
 /// The L3/L4 view of a frame, with its checksums verified independently of the datapath.
 #[derive(Debug, PartialEq, Eq)]
 pub struct Parsed {

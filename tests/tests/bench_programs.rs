@@ -3,7 +3,6 @@
 //! full; the sink must count what it drops, and the responder and the acker must play their end of
 //! a short TCP connection with valid segments. A wrong checksum here would make the kernel's
 //! conntrack refuse the frames in the comparison.
-use aya::programs::{TestRun, TestRunOptions};
 use etherparse::{NetSlice, PacketBuilder, SlicedPacket, TransportSlice};
 use privatelink_agent::loader::{ACKER_PROGRAM, Datapath, RESPONDER_PROGRAM, Sizes};
 use privatelink_common::bench::{
@@ -11,7 +10,7 @@ use privatelink_common::bench::{
 };
 use privatelink_tests::{
     fixture::{CONSUMER, CONSUMER_MAC, ENDPOINT, Pkt, with_harness},
-    privileged, test_run,
+    privileged, test_run, test_run_repeated,
 };
 
 const XDP_DROP: u32 = 1;
@@ -392,17 +391,9 @@ fn the_generators_window_holds_back_frames_while_connections_are_pending() {
 
 /// Runs the sink on `frame` `repeat` times in one test run (one CPU throughout).
 fn sink_run(dp: &mut Datapath, frame: &[u8], repeat: u32) {
-    let ctx = privatelink_tests::xdp_ctx(0, frame.len());
-    let mut o = TestRunOptions::new();
-    o.data_in = Some(frame);
-    o.ctx_in = Some(&ctx);
-    o.repeat = repeat;
-    let r = dp
-        .sink_program()
-        .expect("sink program")
-        .test_run(o)
-        .unwrap_or_else(|e| panic!("sink test run: {e}"));
-    assert_eq!(r.return_value, XDP_DROP, "the sink drops");
+    let sink = dp.sink_program().expect("sink program");
+    let (verdict, _) = test_run_repeated(sink, 0, frame, repeat);
+    assert_eq!(verdict, XDP_DROP, "the sink drops");
 }
 
 #[test]

@@ -12,7 +12,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use aya::programs::{TestRun, TestRunOptions, Xdp};
+use aya::programs::{TestRun, TestRunOptions};
 use privatelink_agent::{
     dataplane::{Action, Dataplane, Link, Rule, RuleProto},
     demo::{self, BACKEND6, ENDPOINT6, Topology},
@@ -24,7 +24,7 @@ use privatelink_tests::{
         Pkt, with_harness_sized,
     },
     fixture6::{Pkt6, parse_checked6},
-    privileged, test_run, xdp_ctx,
+    privileged, test_run, test_run_repeated,
 };
 
 /// repeat-1 samples per path.
@@ -42,22 +42,10 @@ fn mean_ns(h: &mut Harness, ifindex: u32, mut pkt: impl FnMut(u32) -> Vec<u8>) -
     total as f64 / f64::from(SAMPLES)
 }
 
-/// One BPF_PROG_TEST_RUN of `prog`, `repeat` runs on `pkt` received on `ifindex`: the last run's
-/// verdict and the mean duration of a run in ns.
-fn run_repeated(prog: &mut Xdp, ifindex: u32, pkt: &[u8], repeat: u32) -> (u32, f64) {
-    let ctx = xdp_ctx(ifindex, pkt.len());
-    let mut o = TestRunOptions::new();
-    o.data_in = Some(pkt);
-    o.ctx_in = Some(&ctx);
-    o.repeat = repeat;
-    let r = prog.test_run(o).expect("repeated test run");
-    (r.return_value, r.duration.as_nanos() as f64)
-}
-
 /// Per-packet cost of the datapath, `repeat` runs on one packet received on `ifindex` (a path
 /// that leaves frame and state as they were).
 fn hot_ns(h: &mut Harness, ifindex: u32, pkt: &[u8], repeat: u32) -> f64 {
-    run_repeated(h.dp.program(), ifindex, pkt, repeat).1
+    test_run_repeated(h.dp.program(), ifindex, pkt, repeat).1
 }
 
 /// XDP verdicts the measured paths end in.
@@ -89,7 +77,7 @@ fn replay_ns(
     h.dp.set_gen_frame(pkt).expect("replay frame");
     h.dp.set_gen_new_flows(new_flows).expect("replay sequence");
     let replay = h.dp.replay_into(target).expect("replay program");
-    let (got, ns) = run_repeated(replay, ifindex, pkt, repeat);
+    let (got, ns) = test_run_repeated(replay, ifindex, pkt, repeat);
     h.dp.set_gen_new_flows(false).expect("replay sequence off");
     assert_eq!(
         got, verdict,
@@ -440,7 +428,7 @@ fn measure(
                     let prog =
                         h.dp.bench_program(LOOKUP_FLOOR_PROGRAM)
                             .expect("lookup floor");
-                    let (verdict, ns) = run_repeated(prog, c0, &ack, FLOOR_REPEAT);
+                    let (verdict, ns) = test_run_repeated(prog, c0, &ack, FLOOR_REPEAT);
                     assert_eq!(verdict, XDP_TX, "the lookup floor must find the flow");
                     ns
                 })
