@@ -376,6 +376,21 @@ impl Collector for NodeCollector {
             rows,
         )?;
         let n: Labels = vec![("node", node.clone())];
+        let (hits, fills) = src.reader.flow_cache();
+        family(
+            &mut enc,
+            "privatelink_flow_cache_hits",
+            "Packets of established flows served from the per-CPU flow cache instead of conntrack",
+            MetricType::Counter,
+            vec![(n.clone(), counter(hits))],
+        )?;
+        family(
+            &mut enc,
+            "privatelink_flow_cache_fills",
+            "Conntrack entries copied into the per-CPU flow cache",
+            MetricType::Counter,
+            vec![(n.clone(), counter(fills))],
+        )?;
         family(
             &mut enc,
             "privatelink_conntrack_entries",

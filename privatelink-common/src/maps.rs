@@ -394,6 +394,43 @@ pub type Flow6 = Flow<In6>;
 crate::assert_size!(Flow4, 56);
 crate::assert_size!(Flow6, 80);
 
+/// Slots of each CPU's flow cache (`FLOW_CACHE4`, `FLOW_CACHE6`), a power of two.
+pub const FLOW_CACHE_SLOTS: u32 = 4096;
+
+/// Value of the per-CPU `FLOW_CACHE4` (`A` = `u32`) and `FLOW_CACHE6` (`A` = [`In6`]) arrays: a
+/// direct-mapped copy of a conntrack entry in front of `CT4`/`CT6`, so that a steady flow's packet
+/// costs an inlined array read instead of a hash-table lookup (a helper call and the kernel's
+/// jhash). Written by the datapath only, on the CPU that owns it.
+///
+/// An entry stands in for its conntrack entry only while nothing the hash path would do differs:
+/// `generation` equals [`DatapathConfig::flow_generation`] (the agent bumps it after deleting
+/// entries); the copy is younger than a second and than half the flow's shortest timeout (TCP:
+/// established or closing) by its own `last_seen_ns`, which is never newer than the table's, so
+/// neither the datapath nor the agent's sweep can have expired the entry it copies; the flow is
+/// UDP or established TCP and the packet carries no SYN, FIN or RST (no state change to write);
+/// and a forward entry's next hop is of the current FIB generation. Anything else goes to the table, and the table's
+/// entry is copied back in afterwards. Slot 0-filled: empty (protocol 0 matches no packet).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowCacheEntry<A> {
+    pub key: FlowKey<A>,
+    /// The config's `flow_generation` when the entry was copied in.
+    pub generation: u32,
+    pub flow: Flow<A>,
+}
+pub type FlowCacheEntry4 = FlowCacheEntry<u32>;
+pub type FlowCacheEntry6 = FlowCacheEntry<In6>;
+crate::assert_size!(FlowCacheEntry4, 80);
+crate::assert_size!(FlowCacheEntry6, 128);
+
+/// Index of the hits counter in the per-CPU `FLOW_CACHE_STATS` array: packets of established
+/// flows served from the flow cache.
+pub const FLOW_CACHE_HITS: u32 = 0;
+/// Index of the fills counter: conntrack entries copied into the flow cache.
+pub const FLOW_CACHE_FILLS: u32 = 1;
+/// Entries of `FLOW_CACHE_STATS`.
+pub const FLOW_CACHE_COUNTERS: u32 = 2;
+
 /// Value of the one-element `CONFIG` array: timeouts the agent sets.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -405,7 +442,10 @@ pub struct DatapathConfig {
     /// Bumped by the agent when routes or neighbours change: cached next hops of older
     /// generations are resolved again.
     pub fib_generation: u32,
-    pub _pad: u32,
+    /// Bumped by the agent after it deleted conntrack entries: flow-cache entries of older
+    /// generations are ignored (see [`FlowCacheEntry`]). Was padding before the flow cache, so a
+    /// pinned config of an older agent reads as generation 0.
+    pub flow_generation: u32,
 }
 crate::assert_size!(DatapathConfig, 40);
 
@@ -436,7 +476,7 @@ impl DatapathConfig {
         tcp_closing_timeout_ns: 10 * SEC,
         udp_timeout_ns: 60 * SEC,
         fib_generation: 0,
-        _pad: 0,
+        flow_generation: 0,
     };
 
     /// The idle timeout for a flow in `state` (one of the `CT_*` codes).
@@ -486,6 +526,8 @@ crate::user_pod!(
     FlowKey6,
     Flow6,
     NextHop,
+    FlowCacheEntry4,
+    FlowCacheEntry6,
 );
 
 /// Map names as declared in the eBPF object (the agent looks maps up by these).
@@ -517,6 +559,12 @@ pub mod names {
     /// Per-backend next-hop caches (per CPU). Not pinned: a cache, refilled within a second.
     pub const NEXTHOP4: &str = "NEXTHOP4";
     pub const NEXTHOP6: &str = "NEXTHOP6";
+    /// Per-CPU flow caches in front of CT4/CT6. Not pinned: a cache, refilled from conntrack by
+    /// the next packet of each flow.
+    pub const FLOW_CACHE4: &str = "FLOW_CACHE4";
+    pub const FLOW_CACHE6: &str = "FLOW_CACHE6";
+    /// Flow-cache hits and fills (per CPU). Not pinned, like the caches it counts.
+    pub const FLOW_CACHE_STATS: &str = "FLOW_CACHE_STATS";
     pub const JUMP: &str = "JUMP";
     /// Per-CPU hand-off from the IPv4 program to the IPv6 one across the tail call. Pinned so
     /// that, while a restarted agent replaces the programs, an old program's hand-off reaches the

@@ -12,12 +12,12 @@ use aya_ebpf::{
 use network_types::ip::Ipv4Hdr;
 use privatelink_common::{
     EndpointIpKey4, EndpointIpKey6, EndpointIpValue, EndpointKey4, EndpointKey6, EndpointValue,
-    Flow, FlowKey, In6, LinkInfo, MaglevTable, NextHop,
+    Flow, FlowCacheEntry, FlowKey, In6, LinkInfo, MaglevTable, NextHop,
 };
 
 use crate::{
-    BACKENDS4, BACKENDS6, CT4, CT6, ENDPOINT_IPS4, ENDPOINT_IPS6, ENDPOINTS4, ENDPOINTS6, MAGLEV,
-    MAGLEV6, NAT4, NAT6, NEXTHOP4, NEXTHOP6,
+    BACKENDS4, BACKENDS6, CT4, CT6, ENDPOINT_IPS4, ENDPOINT_IPS6, ENDPOINTS4, ENDPOINTS6,
+    FLOW_CACHE4, FLOW_CACHE6, MAGLEV, MAGLEV6, NAT4, NAT6, NEXTHOP4, NEXTHOP6,
     csum::Delta,
     mem,
     parse::{Ipv6Raw, Pkt, ptr_at, wire6},
@@ -32,6 +32,8 @@ pub trait Family: Copy + PartialEq + Default + 'static {
     const AF: u8;
     /// The conntrack map.
     fn ct() -> &'static HashMap<FlowKey<Self>, Flow<Self>>;
+    /// The per-CPU flow cache in front of the conntrack map.
+    fn flow_cache() -> &'static PerCpuArray<FlowCacheEntry<Self>>;
     /// The address folded to 32 bits (the identity for IPv4), for the flow hash.
     fn fold(self) -> u32;
     /// Service slot → Maglev table of this family's backend slots.
@@ -70,6 +72,11 @@ impl Family for u32 {
     #[inline(always)]
     fn ct() -> &'static HashMap<FlowKey<u32>, Flow<u32>> {
         &CT4
+    }
+
+    #[inline(always)]
+    fn flow_cache() -> &'static PerCpuArray<FlowCacheEntry<u32>> {
+        &FLOW_CACHE4
     }
 
     #[inline(always)]
@@ -178,6 +185,11 @@ impl Family for In6 {
     #[inline(always)]
     fn ct() -> &'static HashMap<FlowKey<In6>, Flow<In6>> {
         &CT6
+    }
+
+    #[inline(always)]
+    fn flow_cache() -> &'static PerCpuArray<FlowCacheEntry<In6>> {
+        &FLOW_CACHE6
     }
 
     #[inline(always)]

@@ -13,6 +13,7 @@ mod bench;
 mod conntrack;
 mod csum;
 mod family;
+mod flowcache;
 mod forward;
 mod icmp;
 mod icmp6;
@@ -33,9 +34,9 @@ use privatelink_common::{
     DEFAULT_MAX_ALLOWLIST, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_ENDPOINT_PORTS, DEFAULT_MAX_LINKS,
     DEFAULT_MAX_RULE_LISTS, DEFAULT_MAX_RULE_LISTS6, DEFAULT_MAX_SERVICES, DatapathConfig,
     EndpointIpKey4, EndpointIpKey6, EndpointIpValue, EndpointKey4, EndpointKey6, EndpointValue,
-    Flow4, Flow6, FlowKey4, FlowKey6, IFACE_INDEX_ENTRIES, IfaceInfo, IfaceKey, LinkDropKey,
-    LinkInfo, LinkStats, MAX_NETWORKS, MaglevTable, NatRange4, NatRange6, NextHop, OUTCOMES,
-    RuleList4, RuleList6,
+    FLOW_CACHE_COUNTERS, FLOW_CACHE_SLOTS, Flow4, Flow6, FlowCacheEntry4, FlowCacheEntry6,
+    FlowKey4, FlowKey6, IFACE_INDEX_ENTRIES, IfaceInfo, IfaceKey, LinkDropKey, LinkInfo, LinkStats,
+    MAX_NETWORKS, MaglevTable, NatRange4, NatRange6, NextHop, OUTCOMES, RuleList4, RuleList6,
 };
 
 /// (ifindex, VLAN id) → network and role. Frames from anything else pass untouched.
@@ -126,6 +127,20 @@ static NEXTHOP4: PerCpuArray<NextHop> = PerCpuArray::with_max_entries(DEFAULT_MA
 #[map]
 static NEXTHOP6: PerCpuArray<NextHop> = PerCpuArray::with_max_entries(DEFAULT_MAX_BACKENDS, 0);
 
+/// Per-CPU direct-mapped copies of `CT4` entries of steady flows (see `FlowCacheEntry`).
+#[map]
+static FLOW_CACHE4: PerCpuArray<FlowCacheEntry4> =
+    PerCpuArray::with_max_entries(FLOW_CACHE_SLOTS, 0);
+
+/// The same in front of `CT6`.
+#[map]
+static FLOW_CACHE6: PerCpuArray<FlowCacheEntry6> =
+    PerCpuArray::with_max_entries(FLOW_CACHE_SLOTS, 0);
+
+/// Per-CPU flow-cache hits and fills (`FLOW_CACHE_HITS`, `FLOW_CACHE_FILLS`).
+#[map]
+static FLOW_CACHE_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(FLOW_CACHE_COUNTERS, 0);
+
 /// Per-CPU [jiffies, coarse monotonic ns] of the last clock read (see `conntrack::now`).
 #[map]
 static TICK_CLOCK: PerCpuArray<[u64; 2]> = PerCpuArray::with_max_entries(1, 0);
@@ -177,14 +192,18 @@ static FIB_SCRATCH: PerCpuArray<aya_ebpf::bindings::bpf_fib_lookup> =
 #[map]
 static ERROR_KEY6: PerCpuArray<FlowKey6> = PerCpuArray::with_max_entries(1, 0);
 
-/// The datapath: attached to every consumer- and provider-facing interface.
+/// The datapath: attached to every consumer- and provider-facing interface. Inlined into the
+/// macro's entry point: past a size LLVM stops inlining it on its own, and the whole program then
+/// sits behind a BPF-to-BPF call (a call and a return per packet).
 #[xdp]
+#[inline(always)]
 pub fn privatelink(ctx: XdpContext) -> u32 {
     process::process(&ctx)
 }
 
-/// The IPv6 datapath, entered only by tail call from `privatelink`.
+/// The IPv6 datapath, entered only by tail call from `privatelink`. Inlined like `privatelink`.
 #[xdp]
+#[inline(always)]
 pub fn privatelink6(ctx: XdpContext) -> u32 {
     process::process6(&ctx)
 }

@@ -76,3 +76,19 @@ pub unsafe fn zero<T: Copy>(dst: *mut T) {
     // SAFETY: the caller vouches for it.
     unsafe { store_words(dst, None) }
 }
+
+/// `*a == *b` word by word, for the same kind of `T` as [`copy`] (explicit padding, size and
+/// alignment multiples of 4): a derived `==` on an address array can become a `bcmp` call.
+#[inline(always)]
+pub fn same<T: Copy>(a: &T, b: &T) -> bool {
+    const {
+        assert!(size_of::<T>().is_multiple_of(4) && align_of::<T>() >= 4);
+    }
+    let (a, b) = ((a as *const T).cast::<u32>(), (b as *const T).cast::<u32>());
+    let mut diff = 0u32;
+    for i in 0..size_of::<T>() / 4 {
+        // SAFETY: in bounds of both, aligned, initialised (no implicit padding, see `store_words`).
+        diff |= unsafe { ptr::read(a.add(i)) ^ ptr::read(b.add(i)) };
+    }
+    diff == 0
+}

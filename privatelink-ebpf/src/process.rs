@@ -5,15 +5,15 @@ use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
 use network_types::{eth::EthHdr, ip::Ipv4Hdr};
 use privatelink_common::{
     DIR_FORWARD, DIR_REPLY, DROP_LINK_INACTIVE, DROP_NO_FLOW, DROP_NO_PORT, DROP_TCP_NOT_SYN,
-    DROP_TRUNCATED, DROP_TTL_EXPIRED, DatapathConfig, Flow, FlowKey, IfaceInfo, IfaceKey, In6,
-    PASS_MALFORMED, PASS_NOT_ENDPOINT, PASS_NOT_IP, PASS_UNKNOWN_IFACE, PROTO_ICMP, PROTO_ICMPV6,
-    PROTO_TCP, ROLE_CONSUMER,
+    DROP_TRUNCATED, DROP_TTL_EXPIRED, DatapathConfig, FWD_REDIRECT, FWD_TX, Flow, FlowKey,
+    IfaceInfo, IfaceKey, In6, PASS_MALFORMED, PASS_NOT_ENDPOINT, PASS_NOT_IP, PASS_UNKNOWN_IFACE,
+    PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, ROLE_CONSUMER,
 };
 
 use crate::{
     HANDOFF6, IFACE_INDEX, IFACES, JUMP, LINKS, SCRATCH6, arp, conntrack,
     family::Family,
-    forward, icmp, icmp6,
+    flowcache, forward, icmp, icmp6,
     nat::{self, Origin},
     parse::{
         self, ETH_P_ARP, ETH_P_IP, ETH_P_IPV6, Hdr6, Ip6, L2, Pkt, TCP_ACK, TCP_RST, TCP_SYN,
@@ -190,8 +190,17 @@ fn tracked<A: Family>(
     let key = flow_key(iface, p);
     let now = conntrack::now();
     let cfg = conntrack::config();
-    if let Some(flow) = conntrack::lookup(&key, now, &cfg) {
-        return established(ctx, l2, p, flow, now, cfg.fib_generation);
+    if let Some(e) = flowcache::get(&key, p, now, &cfg) {
+        return established(ctx, l2, p, &e.flow, None, now, cfg.fib_generation);
+    }
+    if let Some(entry) = conntrack::lookup(&key, now, &cfg) {
+        // SAFETY: pointer from a successful lookup; copied so the rewrite uses one consistent view.
+        let flow = unsafe { *entry };
+        let v = established(ctx, l2, p, &flow, Some(entry), now, cfg.fib_generation);
+        if v.outcome == FWD_REDIRECT || v.outcome == FWD_TX {
+            flowcache::fill(&key, entry, cfg.flow_generation);
+        }
+        return v;
     }
     if !consumer {
         return Verdict::drop(DROP_NO_FLOW);
@@ -297,18 +306,19 @@ fn ours_or_pass<A: Family>(consumer: bool, iface: &IfaceInfo, daddr_be: A, reaso
 }
 
 /// A packet of a tracked flow: policy is skipped, the link is re-checked (reject, allowlist removal
-/// and deletion cut live flows).
+/// and deletion cut live flows). `entry`: the conntrack entry `flow` was copied from, to refresh;
+/// `None` when `flow` is this CPU's flow-cache copy, which stands in only where the refresh would
+/// write nothing.
 #[inline(always)]
 fn established<A: Family>(
     ctx: &XdpContext,
     l2: &L2,
     p: &Pkt<A>,
-    flow_ptr: *mut Flow<A>,
+    flow: &Flow<A>,
+    entry: Option<*mut Flow<A>>,
     now: u64,
     fib_gen: u32,
 ) -> Verdict {
-    // SAFETY: pointer from a successful lookup; copied so the rewrite uses one consistent view.
-    let flow = unsafe { *flow_ptr };
     let Some(link) = LINKS.get(flow.link_id) else {
         return Verdict::drop(DROP_LINK_INACTIVE);
     };
@@ -317,8 +327,10 @@ fn established<A: Family>(
     } else if p.ttl <= 1 {
         Verdict::drop(DROP_TTL_EXPIRED)
     } else {
-        conntrack::update(flow_ptr, p, now);
-        forward::send(ctx, l2, p, &flow, Some(flow_ptr), fib_gen, None)
+        if let Some(e) = entry {
+            conntrack::update(e, p, now);
+        }
+        forward::send(ctx, l2, p, flow, entry, fib_gen, None)
     };
     stats::link_packet(
         flow.link_id,

@@ -1318,3 +1318,111 @@ fn flow_times_follow_the_clock_and_idle_flows_expire_in_the_datapath() {
         },
     );
 }
+
+/// Pins the calling thread to CPU 0: the flow cache is per CPU, and the test must see one.
+fn pin_to_cpu0() {
+    let mut cpus = nix::sched::CpuSet::new();
+    cpus.set(0).expect("cpu 0");
+    nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &cpus).expect("affinity");
+}
+
+#[test]
+fn steady_flows_are_served_from_the_flow_cache_until_the_agent_cuts_them() {
+    with_harness("flow_cache", |h| {
+        pin_to_cpu0();
+        let m = h.model();
+        h.apply(&m);
+        let (nat, port) = open_flow(h, 41500);
+        let cache = |h: &Harness| h.plane.flow_cache_stats().expect("flow cache counters");
+        assert_eq!(
+            cache(h),
+            (0, 0),
+            "a flow that only sent its SYN is not cached"
+        );
+        // The SYN-ACK takes conntrack (it changes the state) and establishes the flow: its reply
+        // entry is then copied in.
+        let syn_ack = Pkt::tcp(BACKEND, 8080, nat, port, true, true).macs(BACKEND_MAC, h.p0_mac);
+        assert_eq!(h.run(h.p0, &syn_ack).verdict, XDP_REDIRECT, "SYN-ACK");
+        assert_eq!(
+            cache(h),
+            (0, 1),
+            "the SYN-ACK is not a hit, its entry is filled"
+        );
+
+        // The first ACK takes conntrack and copies the forward entry in; the second is served
+        // from the copy, byte for byte the same, and counted on the link all the same.
+        let ack = Pkt::tcp(CONSUMER, 41500, ENDPOINT, 80, false, true).macs(CONSUMER_MAC, h.c0_mac);
+        let first = h.run(h.c0, &ack);
+        assert_eq!(first.verdict, XDP_REDIRECT, "first ACK");
+        assert_eq!(
+            cache(h),
+            (0, 2),
+            "the first ACK fills the forward entry's slot"
+        );
+        let fwd_before = h.link_stats(LINK).fwd_packets;
+        let second = h.run(h.c0, &ack);
+        assert_eq!(second.verdict, XDP_REDIRECT, "second ACK");
+        assert_eq!(cache(h), (1, 2), "the second ACK is a hit");
+        assert_eq!(
+            second.out, first.out,
+            "a hit translates exactly as conntrack does"
+        );
+        assert_eq!(
+            second.out,
+            ack.translated((nat, port), (BACKEND, 8080), (h.p0_mac, BACKEND_MAC), 63)
+                .build(),
+            "the translation"
+        );
+        assert_eq!(
+            h.link_stats(LINK).fwd_packets,
+            fwd_before + 1,
+            "hit counted"
+        );
+
+        // The reply direction's slot, filled by the SYN-ACK.
+        let reply = Pkt::tcp(BACKEND, 8080, nat, port, false, true).macs(BACKEND_MAC, h.p0_mac);
+        let r = h.run(h.p0, &reply);
+        assert_eq!(r.verdict, XDP_REDIRECT, "reply");
+        assert_eq!(cache(h), (2, 2), "the reply is a hit");
+        assert_eq!(
+            r.out,
+            reply
+                .translated(
+                    (ENDPOINT, 80),
+                    (CONSUMER, 41500),
+                    (h.c0_mac, CONSUMER_MAC),
+                    63
+                )
+                .build(),
+            "a reply hit translates as conntrack does"
+        );
+
+        // A FIN changes the state: it takes conntrack, which records it.
+        let fin = Pkt::tcp(CONSUMER, 41500, ENDPOINT, 80, false, true)
+            .flags(true, false)
+            .macs(CONSUMER_MAC, h.c0_mac);
+        assert_eq!(h.run(h.c0, &fin).verdict, XDP_REDIRECT, "FIN");
+        assert_eq!(cache(h).0, 2, "a FIN is not served from the cache");
+        let closing = h
+            .plane
+            .flows()
+            .into_iter()
+            .filter(|(k, _)| k.sport_be == 41500u16.to_be())
+            .all(|(_, f)| f.tcp_state == c::CT_CLOSING);
+        assert!(closing, "the FIN moved both entries to closing");
+
+        // The agent deletes the flow (its backend turned unhealthy): the cached copies must not
+        // keep it alive. The ACK is now a stray one, the reply has no flow.
+        let cut = h
+            .plane
+            .cut_backend_flows(&std::collections::BTreeSet::from([(
+                PROVIDER_NET,
+                std::net::IpAddr::from(BACKEND),
+            )]));
+        assert_eq!(cut, 2, "both entries deleted");
+        let hits = cache(h).0;
+        assert_dropped(h, h.c0, &ack, c::DROP_TCP_NOT_SYN, Some(LINK));
+        assert_dropped(h, h.p0, &reply, c::DROP_NO_FLOW, None);
+        assert_eq!(cache(h).0, hits, "no hit after the cut");
+    });
+}

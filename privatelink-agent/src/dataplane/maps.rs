@@ -100,6 +100,7 @@ pub struct Dataplane {
     global_stats: PerCpuArray<MapData, u64>,
     link_stats: PerCpuArray<MapData, LinkStats>,
     link_drops: PerCpuHashMap<MapData, LinkDropKey, u64>,
+    flow_cache_stats: PerCpuArray<MapData, u64>,
     /// Capacities of the hash maps (arrays know their length).
     caps: BTreeMap<&'static str, u32>,
     shadow: MapState,
@@ -110,6 +111,9 @@ pub struct Dataplane {
     netns: u64,
     /// Owned here, not by the model: bumped when routes or neighbours change.
     fib_generation: u32,
+    /// Owned here too: bumped after conntrack entries were deleted, so that the datapath's
+    /// per-CPU flow caches stop standing in for them.
+    flow_generation: u32,
 }
 
 fn take<T: TryFrom<aya::maps::Map, Error = MapError>>(
@@ -174,11 +178,13 @@ impl Dataplane {
             global_stats: take(ebpf, names::GLOBAL_STATS)?,
             link_stats: take(ebpf, names::LINK_STATS)?,
             link_drops: take(ebpf, names::LINK_DROPS)?,
+            flow_cache_stats: take(ebpf, names::FLOW_CACHE_STATS)?,
             caps,
             shadow: MapState::default(),
             last_model: None,
             netns: current_netns()?,
             fib_generation: 0,
+            flow_generation: 0,
         }
         .with_shadow_from_maps()
     }
@@ -193,6 +199,7 @@ impl Dataplane {
     fn with_shadow_from_maps(mut self) -> Result<Self, DataplaneError> {
         self.shadow = self.read_maps()?;
         self.fib_generation = self.shadow.config.fib_generation;
+        self.flow_generation = self.shadow.config.flow_generation;
         Ok(self)
     }
 
@@ -363,6 +370,7 @@ impl Dataplane {
         }
         let mut next = compile(model, &self.shadow)?;
         next.config.fib_generation = self.fib_generation;
+        next.config.flow_generation = self.flow_generation;
         self.check_capacity(&next)?;
         let prev = std::mem::take(&mut self.shadow);
         self.last_model = None;
@@ -370,6 +378,7 @@ impl Dataplane {
             Ok(report) => {
                 self.shadow = next;
                 self.last_model = Some(model.clone());
+                self.after_cut(report.flows_cut);
                 Ok(report)
             }
             Err(e) => {
@@ -394,6 +403,9 @@ impl Dataplane {
             return Err(e);
         }
         let result = self.write(&old, &new);
+        if let Ok(r) = &result {
+            self.after_cut(r.flows_cut);
+        }
         match (&result, &mut self.last_model) {
             (Ok(_), Some(before)) => {
                 for id in old.links.keys() {
@@ -696,6 +708,34 @@ impl Dataplane {
         Ok(generation)
     }
 
+    /// Retires every per-CPU flow-cache entry (they name the generation they were copied in), for
+    /// after conntrack entries were deleted: a cached copy must not outlive its entry. Expired
+    /// entries need no bump: a copy is trusted for less than half the flow's timeout since the
+    /// table's last refresh, so the sweep never deletes an entry a cache may stand in for.
+    pub fn bump_flow_generation(&mut self) -> Result<u32, DataplaneError> {
+        let generation = self.flow_generation.wrapping_add(1);
+        let config = DatapathConfig {
+            flow_generation: generation,
+            ..self.shadow.config
+        };
+        self.config
+            .set(0, config, 0)
+            .map_err(map_err(names::CONFIG))?;
+        self.flow_generation = generation;
+        self.shadow.config = config;
+        Ok(generation)
+    }
+
+    /// The bump after `cut` deleted entries. The deletions stand either way; should the config
+    /// write fail, a cached copy outlives its entry by at most a second (its age limit).
+    fn after_cut(&mut self, cut: usize) {
+        if cut > 0
+            && let Err(e) = self.bump_flow_generation()
+        {
+            log::warn!("flow cache: {cut} conntrack entries deleted, generation not bumped: {e}");
+        }
+    }
+
     /// Removes the conntrack entries that expired by `now` (monotonic ns), both of each flow: the
     /// table refuses new flows when full, so ended flows must leave it. Returns how many entries.
     pub fn sweep_expired(&mut self, now: u64, cfg: &privatelink_common::DatapathConfig) -> usize {
@@ -720,13 +760,15 @@ impl Dataplane {
                 (k.network_id, k.saddr_be)
             }
         }
-        remove_where(&mut self.ct4, |k, f| {
+        let n = remove_where(&mut self.ct4, |k, f| {
             let (net, a) = to_backend(k, f);
             backends.contains(&(net, std::net::Ipv4Addr::from(a.to_ne_bytes()).into()))
         }) + remove_where(&mut self.ct6, |k, f| {
             let (net, a) = to_backend(k, f);
             backends.contains(&(net, super::compile::addr6(a).into()))
-        })
+        });
+        self.after_cut(n);
+        n
     }
 
     /// Independent handles on the counter and conntrack maps, for a metrics reader on another
@@ -753,6 +795,11 @@ impl Dataplane {
                 names::GLOBAL_STATS,
             )?))
             .map_err(map_err(names::GLOBAL_STATS))?,
+            flow_cache_stats: PerCpuArray::try_from(aya::maps::Map::PerCpuArray(again(
+                self.flow_cache_stats.map(),
+                names::FLOW_CACHE_STATS,
+            )?))
+            .map_err(map_err(names::FLOW_CACHE_STATS))?,
             ct4: HashMap::try_from(aya::maps::Map::HashMap(again(self.ct4.map(), names::CT4)?))
                 .map_err(map_err(names::CT4))?,
             ct6: HashMap::try_from(aya::maps::Map::HashMap(again(self.ct6.map(), names::CT6)?))
@@ -848,6 +895,11 @@ impl Dataplane {
             .collect()
     }
 
+    /// Flow-cache (hits, fills) summed over CPUs.
+    pub fn flow_cache_stats(&self) -> Result<(u64, u64), DataplaneError> {
+        flow_cache_sums(&self.flow_cache_stats)
+    }
+
     /// A link's counters summed over CPUs.
     pub fn link_stats(&self, link_id: u32) -> Result<LinkStats, DataplaneError> {
         sum_link(&self.link_stats, link_id).map_err(map_err(names::LINK_STATS))
@@ -860,6 +912,15 @@ impl Dataplane {
             .map(|(&(_, reason), &n)| (reason, n))
             .collect()
     }
+}
+
+/// Flow-cache (hits, fills) summed over CPUs.
+fn flow_cache_sums(map: &PerCpuArray<MapData, u64>) -> Result<(u64, u64), DataplaneError> {
+    let sum = |i| sum_outcome(map, i).map_err(map_err(names::FLOW_CACHE_STATS));
+    Ok((
+        sum(privatelink_common::FLOW_CACHE_HITS)?,
+        sum(privatelink_common::FLOW_CACHE_FILLS)?,
+    ))
 }
 
 /// One outcome counter summed over CPUs.
@@ -927,6 +988,7 @@ pub struct StatsReader {
     link_stats: PerCpuArray<MapData, LinkStats>,
     link_drops: PerCpuHashMap<MapData, LinkDropKey, u64>,
     global_stats: PerCpuArray<MapData, u64>,
+    flow_cache_stats: PerCpuArray<MapData, u64>,
     ct4: HashMap<MapData, FlowKey4, Flow4>,
     ct6: HashMap<MapData, FlowKey6, Flow6>,
     pub ct4_capacity: u32,
@@ -1073,6 +1135,11 @@ impl StatsReader {
     /// walked one entry per syscall pair, which must not delay syncs).
     pub fn sweep_expired(&mut self, now: u64, cfg: &privatelink_common::DatapathConfig) -> usize {
         sweep(&mut self.ct4, now, cfg) + sweep(&mut self.ct6, now, cfg)
+    }
+
+    /// Flow-cache (hits, fills) summed over CPUs (zeroes if unreadable).
+    pub fn flow_cache(&self) -> (u64, u64) {
+        flow_cache_sums(&self.flow_cache_stats).unwrap_or_default()
     }
 
     /// A link's counters summed over CPUs.
