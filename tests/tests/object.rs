@@ -55,3 +55,38 @@ fn no_program_calls_the_byte_loop_memset_memmove_or_memcpy() {
         calls.join("\n")
     );
 }
+
+/// The datapath programs run as one function each: a BPF-to-BPF call (a subprogram LLVM chose not
+/// to inline, such as the body behind the `#[xdp]` entry once it grows) costs a call and a return
+/// per packet. A call is `BPF_JMP | BPF_CALL` (0x85) with source register `BPF_PSEUDO_CALL` (1),
+/// to a function in the same section or, relocated, in another.
+#[test]
+fn the_datapath_programs_make_no_bpf_to_bpf_calls() {
+    let bytes = privatelink_agent::object::bytes().expect("the eBPF object is built");
+    let file = object::File::parse(bytes).expect("the eBPF object is ELF");
+    for program in ["privatelink", "privatelink6"] {
+        let sym = file
+            .symbols()
+            .find(|s| s.name() == Ok(program) && s.kind() == SymbolKind::Text)
+            .unwrap_or_else(|| panic!("no function {program} in the object"));
+        let section = file
+            .section_by_index(sym.section_index().expect("a section"))
+            .expect("its section");
+        let code = section.data().expect("section bytes");
+        let start = sym.address() as usize;
+        let insns = &code[start..start + sym.size() as usize];
+        let calls: Vec<usize> = insns
+            .chunks_exact(8)
+            .enumerate()
+            .filter(|(_, i)| i[0] == 0x85 && i[1] >> 4 == 1)
+            .map(|(n, _)| n)
+            .collect();
+        assert!(
+            calls.is_empty(),
+            "{program} calls subprograms at instructions {calls:?}: mark what it calls \
+             #[inline(always)]"
+        );
+        // The walk read the program itself, not an empty symbol.
+        assert!(insns.len() > 8_000, "{program}: only {} bytes", insns.len());
+    }
+}
