@@ -260,6 +260,7 @@ struct Row {
 }
 
 /// The row of the lookup floor (hot like the floor; no replay cost to subtract).
+const HALF_OPEN_ROW: &str = "half-open forward (conntrack, not in the flow cache), hot replay";
 const LOOKUP_FLOOR_ROW: &str = "floor + interface and conntrack lookups (hit), hot repeat 10M";
 
 /// Map sizes of the datapath rows: room for 100k endpoints and 1M flows.
@@ -278,6 +279,18 @@ fn bench_sizes() -> Sizes {
 const PROFILE_ESTABLISHED_RUNS: u32 = 50_000_000;
 const PROFILE_NEW_FLOW_RUNS: u32 = 900_000;
 
+/// Answers the forwarded SYN `fwd` with the backend's SYN-ACK, so the flow is established (as
+/// the flows the established rows stand for are; a half-open one is not served from the flow
+/// cache).
+fn establish(h: &mut Harness, fwd: &[u8]) {
+    let out = privatelink_tests::parse_checked(fwd);
+    let syn_ack = Pkt::tcp(BACKEND, 8080, out.src, out.sport, true, true)
+        .macs(BACKEND_MAC, h.p0_mac)
+        .build();
+    let r = test_run(h.dp.program(), h.p0, &syn_ack);
+    assert_eq!(r.verdict, XDP_REDIRECT, "the SYN-ACK establishes the flow");
+}
+
 /// `PRIVATELINK_BENCH_PROFILE=established` or `new-flow`: one long hot run of that IPv4 path at
 /// 10 endpoints and nothing else, for a sampling profiler to split between the program and the
 /// kernel functions it calls (docs/BENCHMARKS.md has the `perf` commands).
@@ -292,6 +305,7 @@ fn profile(path: &str) {
                 let syn = Pkt::syn(src, port, ENDPOINT, 80).macs(CONSUMER_MAC, c0_mac);
                 let r = test_run(h.dp.program(), c0, &syn.build());
                 assert_eq!(r.verdict, XDP_REDIRECT, "the SYN opens the flow");
+                establish(h, &r.out);
                 let ack = Pkt::tcp(src, port, ENDPOINT, 80, false, true)
                     .macs(CONSUMER_MAC, c0_mac)
                     .build();
@@ -406,6 +420,7 @@ fn measure(
         let syn = Pkt::syn(src, port, ENDPOINT, 80).macs(CONSUMER_MAC, c0_mac);
         let r = test_run(h.dp.program(), c0, &syn.build());
         let out = privatelink_tests::parse_checked(&r.out);
+        establish(h, &r.out);
         let ack = Pkt::tcp(src, port, ENDPOINT, 80, false, true)
             .macs(CONSUMER_MAC, c0_mac)
             .build();
@@ -414,10 +429,25 @@ fn measure(
             .macs(BACKEND_MAC, p0_mac)
             .build();
         row("established reply", mean_ns(h, p0, |_| reply.clone()));
+        // A flow whose SYN was never answered: its packets are not served from the flow cache,
+        // so this is what a packet of a tracked flow costs through conntrack, the cache's probe
+        // and miss included.
+        let (src, port) = consumer(next);
+        next += 1;
+        let half_syn = Pkt::syn(src, port, ENDPOINT, 80).macs(CONSUMER_MAC, c0_mac);
+        let r = test_run(h.dp.program(), c0, &half_syn.build());
+        assert_eq!(r.verdict, XDP_REDIRECT, "the half-open flow's SYN");
+        let half_open = Pkt::tcp(src, port, ENDPOINT, 80, false, true)
+            .macs(CONSUMER_MAC, c0_mac)
+            .build();
         let (hot, cost) = hot_paths(
             h,
             anchor,
-            &[(c0, &ack, XDP_REDIRECT), (p0, &reply, XDP_REDIRECT)],
+            &[
+                (c0, &ack, XDP_REDIRECT),
+                (p0, &reply, XDP_REDIRECT),
+                (c0, &half_open, XDP_REDIRECT),
+            ],
         );
         floors.push((fl, overhead, cost, replay_overhead(h, fl)));
         // What the conntrack lookup alone adds to the floor: the floor program with the
@@ -437,6 +467,7 @@ fn measure(
         hot_rows.push((LOOKUP_FLOOR_ROW, lookup));
         hot_rows.push(("established forward, hot replay", hot[0]));
         hot_rows.push(("established reply, hot replay", hot[1]));
+        hot_rows.push((HALF_OPEN_ROW, hot[2]));
 
         let syn4 = |i| {
             let (src, port) = consumer(i);
@@ -482,6 +513,10 @@ fn measure(
         let r = test_run(h.dp.program(), c0, &syn.build());
         assert_eq!(r.verdict, 4, "IPv6 SYN redirected");
         let (nat, nport) = parse_checked6(&r.out);
+        let mut syn_ack = Pkt6::syn(BACKEND6, 8080, nat, nport).macs(BACKEND_MAC, p0_mac);
+        syn_ack.tcp = Some((true, true));
+        let r = test_run(h.dp.program(), p0, &syn_ack.build());
+        assert_eq!(r.verdict, 4, "the IPv6 SYN-ACK establishes the flow");
         let mut ack = syn.clone();
         ack.tcp = Some((false, true));
         let ack = ack.build();
