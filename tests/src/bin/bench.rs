@@ -291,7 +291,8 @@ fn establish(h: &mut Harness, fwd: &[u8]) {
     assert_eq!(r.verdict, XDP_REDIRECT, "the SYN-ACK establishes the flow");
 }
 
-/// `PRIVATELINK_BENCH_PROFILE=established` or `new-flow`: one long hot run of that IPv4 path at
+/// `PRIVATELINK_BENCH_PROFILE=established`, `half-open` (a flow whose SYN was never answered: not
+/// served from the flow cache) or `new-flow`: one long hot run of that IPv4 path at
 /// 10 endpoints and nothing else, for a sampling profiler to split between the program and the
 /// kernel functions it calls (docs/BENCHMARKS.md has the `perf` commands).
 fn profile(path: &str) {
@@ -300,12 +301,14 @@ fn profile(path: &str) {
         h.plane.apply(&model).expect("apply");
         let (c0, c0_mac) = (h.c0, h.c0_mac);
         let (runs, ns) = match path {
-            "established" => {
+            "established" | "half-open" => {
                 let (src, port) = consumer(0);
                 let syn = Pkt::syn(src, port, ENDPOINT, 80).macs(CONSUMER_MAC, c0_mac);
                 let r = test_run(h.dp.program(), c0, &syn.build());
                 assert_eq!(r.verdict, XDP_REDIRECT, "the SYN opens the flow");
-                establish(h, &r.out);
+                if path == "established" {
+                    establish(h, &r.out);
+                }
                 let ack = Pkt::tcp(src, port, ENDPOINT, 80, false, true)
                     .macs(CONSUMER_MAC, c0_mac)
                     .build();
@@ -325,7 +328,9 @@ fn profile(path: &str) {
                 );
                 (n, ns)
             }
-            other => panic!("PRIVATELINK_BENCH_PROFILE={other}: established or new-flow"),
+            other => {
+                panic!("PRIVATELINK_BENCH_PROFILE={other}: established, half-open or new-flow")
+            }
         };
         println!(
             "{path}: {runs} hot replayed runs, {ns:.1} ns each, the replay's own cost included"
