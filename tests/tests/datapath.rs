@@ -1426,3 +1426,50 @@ fn steady_flows_are_served_from_the_flow_cache_until_the_agent_cuts_them() {
         assert_eq!(cache(h).0, hits, "no hit after the cut");
     });
 }
+
+#[test]
+fn a_link_cut_and_restored_does_not_revive_its_cached_flows() {
+    with_harness("flow_cache_link_cut", |h| {
+        pin_to_cpu0();
+        let mut m = h.model();
+        h.apply(&m);
+        // Once as a links-only change, once together with a service change (the agent writes
+        // the two through different paths).
+        for (sport, touch_service) in [(41600, false), (41601, true)] {
+            let (nat, port) = open_flow(h, sport);
+            let syn_ack =
+                Pkt::tcp(BACKEND, 8080, nat, port, true, true).macs(BACKEND_MAC, h.p0_mac);
+            assert_eq!(h.run(h.p0, &syn_ack).verdict, XDP_REDIRECT, "SYN-ACK");
+            let ack =
+                Pkt::tcp(CONSUMER, sport, ENDPOINT, 80, false, true).macs(CONSUMER_MAC, h.c0_mac);
+            assert_eq!(h.run(h.c0, &ack).verdict, XDP_REDIRECT, "first ACK (fill)");
+            let before = h.plane.flow_cache_stats().expect("counters").0;
+            assert_eq!(h.run(h.c0, &ack).verdict, XDP_REDIRECT, "second ACK (hit)");
+            let hits = h.plane.flow_cache_stats().expect("counters").0;
+            assert_eq!(
+                hits,
+                before + 1,
+                "the flow is served from the cache before the cut"
+            );
+
+            // Rejected, then accepted again well within the copies' lifetime: the flow's entries
+            // went with the reject, so the link being usable again must not bring them back.
+            m.links.get_mut(&LINK).unwrap().state = LinkState::Rejected;
+            if touch_service {
+                m.services.get_mut(&SERVICE).unwrap().backends =
+                    vec![BACKEND.into(), BACKEND2.into()];
+            }
+            assert_eq!(h.plane.apply(&m).expect("reject").flows_cut, 2, "flow cut");
+            m.links.get_mut(&LINK).unwrap().state = LinkState::Available;
+            h.apply(&m);
+            assert_dropped(h, h.c0, &ack, c::DROP_TCP_NOT_SYN, Some(LINK));
+            let reply = Pkt::tcp(BACKEND, 8080, nat, port, false, true).macs(BACKEND_MAC, h.p0_mac);
+            assert_dropped(h, h.p0, &reply, c::DROP_NO_FLOW, None);
+            assert_eq!(
+                h.plane.flow_cache_stats().expect("counters").0,
+                hits,
+                "no hit after the cut (service touched: {touch_service})"
+            );
+        }
+    });
+}
