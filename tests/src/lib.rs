@@ -133,6 +133,14 @@ pub fn test_run_repeated(prog: &Xdp, ifindex: u32, packet: &[u8], repeat: u32) -
     (r.return_value, r.duration.as_nanos() as f64)
 }
 
+/// Pins the calling thread to CPU 0: for tests of per-CPU state (the flow cache, the sink's
+/// clock), which must see every run on one CPU.
+pub fn pin_to_cpu0() {
+    let mut cpus = nix::sched::CpuSet::new();
+    cpus.set(0).expect("cpu 0");
+    nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &cpus).expect("affinity");
+}
+
 /// The L3/L4 view of a frame, with its checksums verified independently of the datapath.
 #[derive(Debug, PartialEq, Eq)]
 pub struct Parsed {

@@ -402,9 +402,7 @@ fn the_sinks_clock_times_the_frames_between_its_first_and_latest_sample() {
         return;
     }
     // The clock is per CPU: every run on one CPU, so each one sees what the last one left.
-    let mut cpus = nix::sched::CpuSet::new();
-    cpus.set(0).expect("cpu 0");
-    nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &cpus).expect("affinity");
+    privatelink_tests::pin_to_cpu0();
     let mut dp = Datapath::load(&Sizes::small()).expect("load");
     let f = frame();
     dp.reset_sink_clock().expect("reset");

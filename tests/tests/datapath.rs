@@ -917,9 +917,7 @@ fn move_backend(mac: [u8; 6]) {
 fn new_flows_reuse_their_backends_next_hop_until_it_ages_or_the_generation_changes() {
     with_harness("backend_next_hop", |h| {
         // The cache is per CPU: every run on one CPU, so each one sees what the last one left.
-        let mut cpus = nix::sched::CpuSet::new();
-        cpus.set(0).expect("cpu 0");
-        nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &cpus).expect("affinity");
+        privatelink_tests::pin_to_cpu0();
         let m = h.model();
         h.apply(&m);
         let dst_mac = |h: &mut Harness, pkt: &Pkt| {
@@ -1319,17 +1317,10 @@ fn flow_times_follow_the_clock_and_idle_flows_expire_in_the_datapath() {
     );
 }
 
-/// Pins the calling thread to CPU 0: the flow cache is per CPU, and the test must see one.
-fn pin_to_cpu0() {
-    let mut cpus = nix::sched::CpuSet::new();
-    cpus.set(0).expect("cpu 0");
-    nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &cpus).expect("affinity");
-}
-
 #[test]
 fn steady_flows_are_served_from_the_flow_cache_until_the_agent_cuts_them() {
     with_harness("flow_cache", |h| {
-        pin_to_cpu0();
+        privatelink_tests::pin_to_cpu0();
         let m = h.model();
         h.apply(&m);
         let (nat, port) = open_flow(h, 41500);
@@ -1430,7 +1421,7 @@ fn steady_flows_are_served_from_the_flow_cache_until_the_agent_cuts_them() {
 #[test]
 fn a_link_cut_and_restored_does_not_revive_its_cached_flows() {
     with_harness("flow_cache_link_cut", |h| {
-        pin_to_cpu0();
+        privatelink_tests::pin_to_cpu0();
         let mut m = h.model();
         h.apply(&m);
         // Once as a links-only change, once together with a service change (the agent writes

@@ -841,3 +841,77 @@ fn ipv6_keeps_forwarding_while_a_restarted_agent_swaps_the_programs() {
         let _ = std::fs::remove_dir_all(&dir);
     });
 }
+
+#[test]
+fn steady_ipv6_flows_are_served_from_the_flow_cache_until_the_agent_cuts_them() {
+    with_harness("flow_cache6", |h| {
+        privatelink_tests::pin_to_cpu0();
+        let m = dual(h);
+        h.apply(&m);
+        let cache = |h: &Harness| h.plane.flow_cache_stats().expect("flow cache counters");
+        let udp = Pkt6::udp(CONSUMER6, 5100, ENDPOINT6, 53).macs(CONSUMER_MAC, h.c0_mac);
+        let r = run(h, h.c0, &udp.build());
+        assert_eq!(r.verdict, XDP_REDIRECT, "the first datagram opens the flow");
+        assert_eq!(
+            cache(h),
+            (0, 0),
+            "a new flow is not copied in by its first packet"
+        );
+        let (nat, nport) = parse_checked6(&r.out);
+        let want = udp
+            .translated((nat, nport), (BACKEND6, 5353), (h.p0_mac, BACKEND_MAC), 63)
+            .build();
+        let second = run(h, h.c0, &udp.build());
+        assert_eq!(cache(h), (0, 1), "the second datagram fills the slot");
+        let third = run(h, h.c0, &udp.build());
+        assert_eq!(cache(h), (1, 1), "the third is a hit");
+        assert_eq!(
+            (second.out, third.out),
+            (want.clone(), want),
+            "same bytes either way"
+        );
+
+        let reply = Pkt6::udp(BACKEND6, 5353, nat, nport).macs(BACKEND_MAC, h.p0_mac);
+        let back = reply
+            .translated(
+                (ENDPOINT6, 53),
+                (CONSUMER6, 5100),
+                (h.c0_mac, CONSUMER_MAC),
+                63,
+            )
+            .build();
+        assert_eq!(
+            run(h, h.p0, &reply.build()).out,
+            back,
+            "reply through conntrack"
+        );
+        assert_eq!(
+            run(h, h.p0, &reply.build()).out,
+            back,
+            "reply from the cache"
+        );
+        assert_eq!(cache(h), (2, 2), "reply: one fill, one hit");
+
+        // The backend turns unhealthy and the agent cuts its flows: the next datagram opens a
+        // new flow instead of riding the cached copy, and the reply finds no flow.
+        let cut = h
+            .plane
+            .cut_backend_flows(&std::collections::BTreeSet::from([(
+                privatelink_tests::fixture::PROVIDER_NET,
+                IpAddr::from(BACKEND6),
+            )]));
+        assert_eq!(cut, 2, "both entries deleted");
+        let conns = h.link_stats(LINK).new_conns;
+        assert_eq!(
+            run(h, h.c0, &udp.build()).verdict,
+            XDP_REDIRECT,
+            "datagram after the cut"
+        );
+        assert_eq!(
+            h.link_stats(LINK).new_conns,
+            conns + 1,
+            "a new flow, not a hit"
+        );
+        assert_eq!(cache(h).0, 2, "no hit after the cut");
+    });
+}
