@@ -696,15 +696,11 @@ impl Dataplane {
     /// next packet). Called when routes or neighbours change.
     pub fn bump_fib_generation(&mut self) -> Result<u32, DataplaneError> {
         let generation = self.fib_generation.wrapping_add(1);
-        let config = DatapathConfig {
+        self.write_config(DatapathConfig {
             fib_generation: generation,
             ..self.shadow.config
-        };
-        self.config
-            .set(0, config, 0)
-            .map_err(map_err(names::CONFIG))?;
+        })?;
         self.fib_generation = generation;
-        self.shadow.config = config;
         Ok(generation)
     }
 
@@ -714,16 +710,21 @@ impl Dataplane {
     /// table's last refresh, so the sweep never deletes an entry a cache may stand in for.
     pub fn bump_flow_generation(&mut self) -> Result<u32, DataplaneError> {
         let generation = self.flow_generation.wrapping_add(1);
-        let config = DatapathConfig {
+        self.write_config(DatapathConfig {
             flow_generation: generation,
             ..self.shadow.config
-        };
+        })?;
+        self.flow_generation = generation;
+        Ok(generation)
+    }
+
+    /// Writes `config` and, once it is in the map, the shadow's copy.
+    fn write_config(&mut self, config: DatapathConfig) -> Result<(), DataplaneError> {
         self.config
             .set(0, config, 0)
             .map_err(map_err(names::CONFIG))?;
-        self.flow_generation = generation;
         self.shadow.config = config;
-        Ok(generation)
+        Ok(())
     }
 
     /// The bump after `cut` deleted entries. The deletions stand either way; should the config
