@@ -105,8 +105,9 @@ pub fn fill<A: Family>(
     let e = unsafe { &mut *e };
     mem::copy(&mut e.flow, f);
     // Another CPU with a packet of the same flow may have written the entry during the copy (a
-    // refreshed next hop, say): keep only a copy that still matches it, never a torn mix. Until
-    // the key is written the slot cannot match any packet.
+    // refreshed next hop, say): keep only a copy that still matches it, never a torn mix. Nothing
+    // reads the slot meanwhile (only this CPU does, and XDP runs to completion); a torn copy is
+    // retired by clearing its key's protocol, which no packet's key has.
     if !mem::same(&e.flow, f) {
         e.key.proto = 0;
         return;
