@@ -609,6 +609,21 @@ fn metrics_count_traffic_exactly_and_prometheus_scrapes_them() {
         sample(&text, m, &want).unwrap_or_else(|| panic!("{m} {extra:?} missing:\n{text}"))
     };
     let frame = (14 + 20 + 8 + 100) as f64;
+    // A UDP flow of this many datagrams each way is served from the per-CPU flow cache after its
+    // first packets on a CPU; every hit is a forwarded packet.
+    let hits = sample(&text, "privatelink_flow_cache_hits_total", &[]).expect("cache hits");
+    let forwarded: f64 = ["fwd_tx", "fwd_redirect"]
+        .iter()
+        .map(|o| sample(&text, "privatelink_node_packets_total", &[("outcome", o)]).unwrap_or(0.0))
+        .sum();
+    assert!(
+        hits > 0.0 && hits <= forwarded,
+        "flow-cache hits {hits} of {forwarded} forwarded packets"
+    );
+    assert!(
+        sample(&text, "privatelink_flow_cache_fills_total", &[]).expect("cache fills") > 0.0,
+        "the flow was copied into the cache"
+    );
     assert_eq!(
         get(
             "privatelink_link_packets_total",
