@@ -382,8 +382,10 @@ impl Dataplane {
                 Ok(report)
             }
             Err(e) => {
-                // Partly written: the next full resync compares against the maps themselves.
+                // Partly written: the next full resync compares against the maps themselves. The
+                // part may have cut flows, so their cached copies go too.
                 self.shadow = prev;
+                self.after_cut(1);
                 Err(e)
             }
         }
@@ -403,9 +405,8 @@ impl Dataplane {
             return Err(e);
         }
         let result = self.write(&old, &new);
-        if let Ok(r) = &result {
-            self.after_cut(r.flows_cut);
-        }
+        // A failed write may have cut flows before it stopped: their cached copies go too.
+        self.after_cut(result.as_ref().map_or(1, |r| r.flows_cut));
         match (&result, &mut self.last_model) {
             (Ok(_), Some(before)) => {
                 for id in old.links.keys() {
