@@ -7,7 +7,7 @@
 //! table's entry is copied back in afterwards, so the cache never decides anything on its own.
 use privatelink_common::{
     CT_ESTABLISHED, DIR_FORWARD, DatapathConfig, FLOW_CACHE_FILLS, FLOW_CACHE_HITS,
-    FLOW_CACHE_SLOTS, FlowCacheEntry, FlowKey, PROTO_TCP, PROTO_UDP,
+    FLOW_CACHE_SLOTS, Flow, FlowCacheEntry, FlowKey, PROTO_TCP, PROTO_UDP,
 };
 
 use crate::{
@@ -15,6 +15,7 @@ use crate::{
     family::Family,
     mem,
     parse::{Pkt, TCP_FIN, TCP_RST, TCP_SYN},
+    stats,
 };
 
 /// A copy is trusted for at most this long after the table's `last_seen_ns` it carries: the
@@ -32,14 +33,6 @@ fn slot<A: Family>(key: &FlowKey<A>) -> u32 {
         ^ (key.network_id << 8)
         ^ key.proto as u32;
     x.wrapping_mul(0x9e37_79b1) >> (32 - FLOW_CACHE_SLOTS.trailing_zeros())
-}
-
-#[inline(always)]
-fn count(counter: u32) {
-    if let Some(c) = FLOW_CACHE_STATS.get_ptr_mut(counter) {
-        // SAFETY: per-CPU value, no concurrent writer.
-        unsafe { *c += 1 };
-    }
 }
 
 /// Whether a packet with these TCP flags leaves the flow's state as it is (UDP: always).
@@ -77,7 +70,7 @@ pub fn get<A: Family>(
     {
         return None;
     }
-    count(FLOW_CACHE_HITS);
+    stats::add_one(&FLOW_CACHE_STATS, FLOW_CACHE_HITS);
     Some(e)
 }
 
@@ -86,11 +79,7 @@ pub fn get<A: Family>(
 /// `flow_generation` as read before the table lookup, so that an entry the agent deletes in
 /// between is copied in under a generation that is already gone.
 #[inline(always)]
-pub fn fill<A: Family>(
-    key: &FlowKey<A>,
-    entry: *const privatelink_common::Flow<A>,
-    generation: u32,
-) {
+pub fn fill<A: Family>(key: &FlowKey<A>, entry: *const Flow<A>, generation: u32) {
     // SAFETY: pointer from a successful lookup; plain fields (see below for concurrent writers).
     let f = unsafe { &*entry };
     let steady =
@@ -114,5 +103,5 @@ pub fn fill<A: Family>(
     }
     mem::copy(&mut e.key, key);
     e.generation = generation;
-    count(FLOW_CACHE_FILLS);
+    stats::add_one(&FLOW_CACHE_STATS, FLOW_CACHE_FILLS);
 }

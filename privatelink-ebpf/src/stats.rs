@@ -1,15 +1,21 @@
 //! Counters: one global outcome per packet, per-link traffic and drops.
-use aya_ebpf::bindings::BPF_NOEXIST;
+use aya_ebpf::{bindings::BPF_NOEXIST, maps::PerCpuArray};
 use privatelink_common::{DIR_FORWARD, LinkDropKey, is_drop};
 
 use crate::{GLOBAL_STATS, LINK_DROPS, LINK_STATS, process::Verdict};
 
+/// Adds one to this CPU's counter `index` of `counters` (an index past the end counts nothing).
 #[inline(always)]
-pub fn outcome(code: u32) {
-    if let Some(c) = GLOBAL_STATS.get_ptr_mut(code) {
+pub fn add_one(counters: &PerCpuArray<u64>, index: u32) {
+    if let Some(c) = counters.get_ptr_mut(index) {
         // SAFETY: per-CPU value, no concurrent writer.
         unsafe { *c += 1 };
     }
+}
+
+#[inline(always)]
+pub fn outcome(code: u32) {
+    add_one(&GLOBAL_STATS, code);
 }
 
 #[inline(always)]
