@@ -408,8 +408,9 @@ pub const FLOW_CACHE_SLOTS: u32 = 4096;
 /// established or closing) by its own `last_seen_ns`, which is never newer than the table's, so
 /// neither the datapath nor the agent's sweep can have expired the entry it copies; the flow is
 /// UDP or established TCP and the packet carries no SYN, FIN or RST (no state change to write);
-/// and a forward entry's next hop is of the current FIB generation. Anything else goes to the table, and the table's
-/// entry is copied back in afterwards. Slot 0-filled: empty (protocol 0 matches no packet).
+/// and a forward entry's next hop is of the current FIB generation. Anything else goes to the
+/// table, and the table's entry is copied back in afterwards. Slot 0-filled: empty (protocol 0
+/// matches no packet).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FlowCacheEntry<A> {
