@@ -385,7 +385,7 @@ impl Dataplane {
                 // Partly written: the next full resync compares against the maps themselves. The
                 // part may have cut flows, so their cached copies go too.
                 self.shadow = prev;
-                self.after_cut(1);
+                self.retire_cached_flows("a map write failed partway");
                 Err(e)
             }
         }
@@ -406,7 +406,10 @@ impl Dataplane {
         }
         let result = self.write(&old, &new);
         // A failed write may have cut flows before it stopped: their cached copies go too.
-        self.after_cut(result.as_ref().map_or(1, |r| r.flows_cut));
+        match &result {
+            Ok(r) => self.after_cut(r.flows_cut),
+            Err(_) => self.retire_cached_flows("a map write failed partway"),
+        }
         match (&result, &mut self.last_model) {
             (Ok(_), Some(before)) => {
                 for id in old.links.keys() {
@@ -731,10 +734,15 @@ impl Dataplane {
     /// The bump after `cut` deleted entries. The deletions stand either way; should the config
     /// write fail, a cached copy outlives its entry by at most a second (its age limit).
     fn after_cut(&mut self, cut: usize) {
-        if cut > 0
-            && let Err(e) = self.bump_flow_generation()
-        {
-            log::warn!("flow cache: {cut} conntrack entries deleted, generation not bumped: {e}");
+        if cut > 0 {
+            self.retire_cached_flows(&format!("{cut} conntrack entries deleted"));
+        }
+    }
+
+    /// [`Self::bump_flow_generation`], logging a failure with `why` the bump was due.
+    fn retire_cached_flows(&mut self, why: &str) {
+        if let Err(e) = self.bump_flow_generation() {
+            log::warn!("flow cache: {why}, generation not bumped: {e}");
         }
     }
 
