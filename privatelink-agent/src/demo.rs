@@ -412,8 +412,9 @@ pub fn run(once: bool) -> Result<()> {
     // Peers that receive redirected frames need an XDP program of their own.
     let mut pass = Datapath::load(&Sizes::small()).context("loading the pass program")?;
     topo.attach_pass(&mut pass)?;
-    // The backend, on both its addresses: a TCP greeter and a UDP echo, until stopped (bounded to
-    // 2 minutes).
+    // The backend, on both its addresses: a TCP greeter and a UDP echo, for as long as the agent
+    // runs (the demo stops it once the agent has stopped: after the requests, or at Ctrl-C when
+    // it keeps serving). Each round waits up to 50 ms per address for a datagram, so it idles.
     let mut sockets = Vec::new();
     for addr in [IpAddr::from(BACKEND), BACKEND6.into()] {
         let listener = topo
@@ -429,11 +430,8 @@ pub fn run(once: bool) -> Result<()> {
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let stop2 = stop.clone();
     let servers = topo.provider.spawn(move || {
-        let deadline = std::time::Instant::now() + Duration::from_secs(120);
         let mut buf = [0u8; 512];
-        while !stop2.load(std::sync::atomic::Ordering::Relaxed)
-            && std::time::Instant::now() < deadline
-        {
+        while !stop2.load(std::sync::atomic::Ordering::Relaxed) {
             for (listener, udp) in &sockets {
                 serve_once(listener, udp, &mut buf);
             }
@@ -579,6 +577,12 @@ fn drive(
         println!(
             "demo: serving until Ctrl-C; try `ip netns exec {} curl -s http://{METRICS}/metrics | grep privatelink_link`",
             topo.node.name()
+        );
+        // The backend answers with one line, no HTTP headers.
+        println!(
+            "demo: or a request through consumer 1's endpoint: `ip netns exec {} curl -s --http0.9 http://{ENDPOINT}:{}/`",
+            topo.consumers[0].name(),
+            TCP_PORTS.0
         );
     }
     Ok(())
