@@ -28,6 +28,7 @@ use privatelink_common::bench::{
 
 use crate::{
     GEN_FLOWS, GEN_FRAME, GEN_WINDOW, REPLAY_JUMP, SINK, SINK_CLOCK, csum::Delta, parse::ptr_at,
+    stats,
 };
 
 /// Source ports a new-flow sequence uses per source address (1024-65535).
@@ -236,7 +237,7 @@ fn answer(ctx: &XdpContext, end: End) -> u32 {
     put32(f, TCP_ACK_NO, new_ack);
     put16(f, TCP_CHECK, d.apply(get16(f, TCP_CHECK)));
     if reply == SYN | ACK {
-        count(SINK_RESPONDED);
+        stats::add_one(&SINK, SINK_RESPONDED);
     } else if end == End::Client && flags & FIN == 0 && reply & RST != 0 {
         connection_done();
     }
@@ -289,7 +290,7 @@ fn connection_done() {
 /// clock (`SINK_CLOCK`): the first sample since the loader zeroed it, or the latest.
 #[inline(always)]
 pub fn sink() -> u32 {
-    let n = count(SINK_COUNTED);
+    let n = stats::add_one(&SINK, SINK_COUNTED);
     if n & (CLOCK_EVERY - 1) == 0
         && let Some(c) = SINK_CLOCK.get_ptr_mut(0)
     {
@@ -306,17 +307,4 @@ pub fn sink() -> u32 {
         }
     }
     xdp_action::XDP_DROP
-}
-
-/// Adds one to `SINK[counter]` on this CPU; returns the new count (0 without the map).
-#[inline(always)]
-fn count(counter: u32) -> u64 {
-    let Some(c) = SINK.get_ptr_mut(counter) else {
-        return 0;
-    };
-    // SAFETY: per-CPU value, no concurrent writer.
-    unsafe {
-        *c += 1;
-        *c
-    }
 }

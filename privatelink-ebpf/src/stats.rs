@@ -4,12 +4,17 @@ use privatelink_common::{DIR_FORWARD, LinkDropKey, is_drop};
 
 use crate::{GLOBAL_STATS, LINK_DROPS, LINK_STATS, process::Verdict};
 
-/// Adds one to this CPU's counter `index` of `counters` (an index past the end counts nothing).
+/// Adds one to this CPU's counter `index` of `counters` and returns the new count (an index past
+/// the end counts nothing and returns 0).
 #[inline(always)]
-pub fn add_one(counters: &PerCpuArray<u64>, index: u32) {
-    if let Some(c) = counters.get_ptr_mut(index) {
-        // SAFETY: per-CPU value, no concurrent writer.
-        unsafe { *c += 1 };
+pub fn add_one(counters: &PerCpuArray<u64>, index: u32) -> u64 {
+    let Some(c) = counters.get_ptr_mut(index) else {
+        return 0;
+    };
+    // SAFETY: per-CPU value, no concurrent writer.
+    unsafe {
+        *c += 1;
+        *c
     }
 }
 
