@@ -744,6 +744,7 @@ fn check(raw: AgentConfig) -> Result<Checked, ConfigError> {
         allowlist: m.allowlist,
         conntrack: ct.entries,
         conntrack6: ct.entries6,
+        bench_slots: 1,
     };
     Ok(Checked {
         node: NodeConfig {

@@ -22,6 +22,9 @@ pub const PASS_PROGRAM: &str = "pass";
 pub const FLOOR_PROGRAM: &str = "floor";
 /// Program name of the floor plus the interface and conntrack lookups (a bench decomposition).
 pub const LOOKUP_FLOOR_PROGRAM: &str = "lookup_floor";
+/// Program name of the floor plus a new flow's two slot claims in an open-addressing table (a
+/// bench decomposition: what a conntrack not built on the kernel's hash map could cost at least).
+pub const SLOT_FLOOR_PROGRAM: &str = "slot_floor";
 /// Program names of the benchmark load generator (live-frames test runs) and sink (count, drop).
 pub const GEN_PROGRAM: &str = "traffic_gen";
 pub const SINK_PROGRAM: &str = "sink";
@@ -42,6 +45,7 @@ const GEN_FRAME: &str = "GEN_FRAME";
 const GEN_FLOWS: &str = "GEN_FLOWS";
 const GEN_WINDOW: &str = "GEN_WINDOW";
 const SINK_CLOCK: &str = "SINK_CLOCK";
+const SLOTS: &str = "SLOTS";
 pub use privatelink_common::bench::GEN_HEAD;
 use privatelink_common::bench::{
     CLOCK_FIRST_COUNT, CLOCK_FIRST_NS, CLOCK_LAST_COUNT, CLOCK_LAST_NS, CLOCK_WORDS, WINDOW_LIMIT,
@@ -63,6 +67,9 @@ pub struct Sizes {
     pub conntrack: u32,
     /// IPv6 conntrack entries; a flow takes two.
     pub conntrack6: u32,
+    /// Slots of the benchmark's open-addressing table (`slot_floor`): 1 outside the bench, where
+    /// nothing runs that program, so the map takes no memory.
+    pub bench_slots: u32,
 }
 
 impl Default for Sizes {
@@ -77,6 +84,7 @@ impl Default for Sizes {
             allowlist: DEFAULT_MAX_ALLOWLIST,
             conntrack: DEFAULT_CONNTRACK_ENTRIES,
             conntrack6: DEFAULT_CONNTRACK6_ENTRIES,
+            bench_slots: 1,
         }
     }
 }
@@ -94,6 +102,7 @@ impl Sizes {
             allowlist: 1024,
             conntrack: 65_536,
             conntrack6: 16_384,
+            bench_slots: 1,
         }
     }
 }
@@ -160,6 +169,7 @@ impl Datapath {
             .map_max_entries(names::NEXTHOP6, sizes.backends)
             .map_max_entries(names::RULES6, sizes.rule_lists6)
             .map_max_entries(names::CT6, sizes.conntrack6)
+            .map_max_entries(SLOTS, sizes.bench_slots)
             .load(object::bytes()?)?;
         let prog: &mut Xdp = ebpf
             .program_mut(PROGRAM)

@@ -37,3 +37,14 @@ pub const CLOCK_WORDS: usize = 4;
 /// The sink samples its clock on every this many frames (a power of two) per CPU.
 pub const CLOCK_EVERY: u64 = 64;
 const _: () = assert!(CLOCK_EVERY.is_power_of_two());
+
+/// Words of a slot of `SLOTS`, the table `slot_floor` claims a new flow's two slots in: one
+/// 64-byte cache line, what an open-addressing conntrack entry (key and flow, packed) would take.
+pub const SLOT_WORDS: usize = 8;
+/// Slots of `SLOTS` when the bench sizes it: a power of two, as many as `CT4`'s entries at the
+/// bench's sizes (two per flow). Every other load gives it one slot, so an agent allocates nothing
+/// for it.
+pub const SLOT_TABLE_ENTRIES: u32 = 2_097_152;
+const _: () = assert!(SLOT_TABLE_ENTRIES.is_power_of_two());
+/// Slots after the hashed one that `slot_floor` tries (linear probing) before it gives up.
+pub const SLOT_PROBES: u32 = 4;

@@ -16,18 +16,26 @@
 //! gets a fresh copy of the frame on every run, so its paths can be measured with repeat > 1 (hot,
 //! like the floor). The bench takes the rewrite's and the tail call's cost on the one path that
 //! can run both ways (the unknown destination: replayed minus run directly).
-use core::intrinsics::{AtomicOrdering, atomic_xadd};
+//!
+//! `slot_floor` is the floor plus the memory traffic of a new flow in an open-addressing flow
+//! table (`SLOTS`, as many 64-byte slots as the conntrack has entries): it claims one slot for
+//! the forward tuple and one for the reply tuple by compare-and-swap, as a conntrack not built on
+//! the kernel's hash map would. Run with fresh tuples, it measures what such a design could cost
+//! a new flow at least, against the real new flow's two hash inserts.
+use core::intrinsics::{AtomicOrdering, atomic_cxchg, atomic_xadd};
 
 use aya_ebpf::{bindings::xdp_action, helpers::bpf_ktime_get_ns, programs::XdpContext};
 pub use privatelink_common::bench::GEN_HEAD;
 use privatelink_common::bench::{
     CLOCK_EVERY, CLOCK_FIRST_COUNT, CLOCK_FIRST_NS, CLOCK_LAST_COUNT, CLOCK_LAST_NS, SINK_COUNTED,
-    SINK_RESPONDED, WINDOW_DONE, WINDOW_FIRST_NS, WINDOW_LAST_NS, WINDOW_LIMIT, WINDOW_SENT,
-    WINDOW_TOTAL,
+    SINK_RESPONDED, SLOT_PROBES, SLOT_TABLE_ENTRIES, SLOT_WORDS, WINDOW_DONE, WINDOW_FIRST_NS,
+    WINDOW_LAST_NS, WINDOW_LIMIT, WINDOW_SENT, WINDOW_TOTAL,
 };
 
 use crate::{
-    GEN_FLOWS, GEN_FRAME, GEN_WINDOW, REPLAY_JUMP, SINK, SINK_CLOCK, csum::Delta, parse::ptr_at,
+    GEN_FLOWS, GEN_FRAME, GEN_WINDOW, REPLAY_JUMP, SINK, SINK_CLOCK, SLOTS,
+    csum::Delta,
+    parse::{Ip4, ptr_at},
     stats,
 };
 
@@ -307,4 +315,68 @@ pub fn sink() -> u32 {
         }
     }
     xdp_action::XDP_DROP
+}
+
+/// Salt of the reply tuple's hash: the reply entry is keyed by the backend's tuple towards a NAT
+/// address, which the floor does not allocate; any other hash of the tuple is as cold.
+const REPLY_SALT: u64 = 0x9e37_79b9_7f4a_7c15;
+
+/// Claims the forward and the reply slot of a new flow with tuple `p` in `SLOTS` (see the module
+/// documentation). False when a tuple found no free slot within [`SLOT_PROBES`] (the table is
+/// full there, or the bench did not size it).
+#[inline(always)]
+pub fn claim_flow_slots(p: &Ip4) -> bool {
+    let ports = (u64::from(p.sport_be) << 16) | u64::from(p.dport_be);
+    let fwd = (u64::from(p.saddr_be) << 32) | u64::from(p.daddr_be);
+    let rev = (u64::from(p.daddr_be) << 32) | u64::from(p.saddr_be);
+    let proto = u64::from(p.proto);
+    claim(mix(fwd, (ports << 8) | proto), fwd, ports)
+        && claim(mix(rev ^ REPLY_SALT, (ports << 8) | proto), rev, ports)
+}
+
+/// A 64-bit hash of two words (multiply and xor-shift rounds): a few instructions, no helper.
+#[inline(always)]
+fn mix(a: u64, b: u64) -> u64 {
+    let mut x = a ^ b.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    x ^= x >> 33;
+    x = x.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+    x ^ (x >> 29)
+}
+
+/// Takes the first free slot from `hash`'s on: word 0 goes from 0 (free) to the hash's tag by
+/// compare-and-swap, so two CPUs never take one slot; then the rest of the line is written, as a
+/// flow entry would be.
+#[inline(always)]
+fn claim(hash: u64, tuple: u64, ports: u64) -> bool {
+    let tag = hash | 1;
+    let mut i = 0u32;
+    while i < SLOT_PROBES {
+        let index = (hash as u32).wrapping_add(i) & (SLOT_TABLE_ENTRIES - 1);
+        let Some(slot) = SLOTS.get_ptr_mut(index) else {
+            return false;
+        };
+        // BPF_ATOMIC compare-and-exchange on map memory (the target has no atomic types).
+        // SAFETY: an aligned u64 of map memory.
+        let (_, won) = unsafe {
+            atomic_cxchg::<u64, { AtomicOrdering::Relaxed }, { AtomicOrdering::Relaxed }>(
+                &mut (*slot)[0],
+                0,
+                tag,
+            )
+        };
+        if won {
+            // SAFETY: the slot is this run's now; plain stores into its map memory.
+            let s = unsafe { &mut *slot };
+            s[1] = tuple;
+            s[2] = ports;
+            let mut w = 3;
+            while w < SLOT_WORDS {
+                s[w] = tag;
+                w += 1;
+            }
+            return true;
+        }
+        i += 1;
+    }
+    false
 }

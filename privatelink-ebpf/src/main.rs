@@ -3,8 +3,8 @@
 //! Every map is described at its declaration; keys and values are defined in `privatelink-common`.
 #![no_std]
 #![no_main]
-// `atomic_xadd` for the benchmark's shared counter (bench.rs): the BPF target has no atomic
-// read-modify-write types.
+// `atomic_xadd` and `atomic_cxchg` for the benchmark's shared counter and slot table (bench.rs):
+// the BPF target has no atomic read-modify-write types.
 #![allow(internal_features)]
 #![feature(core_intrinsics)]
 
@@ -229,6 +229,19 @@ pub fn floor(ctx: XdpContext) -> u32 {
 pub fn lookup_floor(ctx: XdpContext) -> u32 {
     process::lookup_floor(&ctx)
 }
+
+/// Benchmark decomposition: the floor plus the two slots a new flow would claim in an
+/// open-addressing flow table (`SLOTS`), by compare-and-swap; see `bench.rs`. XDP_TX once both
+/// are claimed, XDP_PASS otherwise. Not attached anywhere.
+#[xdp]
+pub fn slot_floor(ctx: XdpContext) -> u32 {
+    process::slot_floor(&ctx)
+}
+
+/// `slot_floor`'s table: one slot here, `privatelink_common::bench::SLOT_TABLE_ENTRIES` when the
+/// bench loads the object (see the loader's `Sizes::bench_slots`).
+#[map]
+static SLOTS: Array<[u64; privatelink_common::bench::SLOT_WORDS]> = Array::with_max_entries(1, 0);
 
 /// Benchmark generator's frame head, restored on every run (see `bench.rs`).
 #[map]

@@ -480,6 +480,25 @@ pub fn lookup_floor(ctx: &XdpContext) -> u32 {
     bounce(ctx)
 }
 
+/// The benchmark floor with a new flow's two slot claims in an open-addressing table between the
+/// parse and the bounce (see `bench.rs`): XDP_TX once both are claimed, XDP_PASS otherwise.
+#[inline(always)]
+pub fn slot_floor(ctx: &XdpContext) -> u32 {
+    let Some(l2) = parse::l2(ctx) else {
+        return xdp_action::XDP_PASS;
+    };
+    if l2.ether_type != ETH_P_IP {
+        return xdp_action::XDP_PASS;
+    }
+    let Ok(Some(p)) = parse::ip4(ctx, l2.l3_off) else {
+        return xdp_action::XDP_PASS;
+    };
+    if !crate::bench::claim_flow_slots(&p) {
+        return xdp_action::XDP_PASS;
+    }
+    bounce(ctx)
+}
+
 /// The benchmark floor: the same parse, then swap MACs and bounce the frame.
 #[inline(always)]
 pub fn floor(ctx: &XdpContext) -> u32 {

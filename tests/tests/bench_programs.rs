@@ -471,3 +471,69 @@ fn the_lookup_floor_bounces_frames_of_tracked_flows_and_passes_the_rest() {
         assert_eq!(after, before, "outcome counters");
     });
 }
+
+#[test]
+fn the_slot_floor_claims_two_slots_per_new_tuple_until_its_probes_run_out() {
+    if !privileged("the_slot_floor_claims_two_slots_per_new_tuple_until_its_probes_run_out") {
+        return;
+    }
+    use privatelink_agent::loader::SLOT_FLOOR_PROGRAM;
+    use privatelink_common::bench::{SLOT_PROBES, SLOT_TABLE_ENTRIES};
+    let syn = |port| {
+        Pkt::syn(CONSUMER, port, ENDPOINT, 80)
+            .macs(CONSUMER_MAC, [2, 0, 0, 0, 0, 9])
+            .build()
+    };
+    let bounced = |f: &[u8]| {
+        let mut want = f.to_vec();
+        want[..6].copy_from_slice(&f[6..12]);
+        want[6..12].copy_from_slice(&f[..6]);
+        want
+    };
+
+    // With the agent's sizes the table has one slot, so the floor finds none and passes.
+    let mut dp = Datapath::load(&Sizes::small()).expect("load");
+    let r = test_run(
+        dp.bench_program(SLOT_FLOOR_PROGRAM).expect("slot floor"),
+        0,
+        &syn(40000),
+    );
+    assert_eq!(r.verdict, XDP_PASS, "a one-slot table: {r:?}");
+    drop(dp);
+
+    let sizes = Sizes {
+        bench_slots: SLOT_TABLE_ENTRIES,
+        ..Sizes::small()
+    };
+    let mut dp = Datapath::load(&sizes).expect("load with the bench's slot table");
+    let f = syn(40000);
+    // The same tuple again finds its slots taken and probes on, one slot further each run.
+    for run in 0..SLOT_PROBES {
+        let r = test_run(
+            dp.bench_program(SLOT_FLOOR_PROGRAM).expect("slot floor"),
+            0,
+            &f,
+        );
+        assert_eq!(r.verdict, XDP_TX, "run {run} claims two slots: {r:?}");
+        assert_eq!(
+            r.out,
+            bounced(&f),
+            "run {run}: the MACs swapped, nothing else"
+        );
+    }
+    let r = test_run(
+        dp.bench_program(SLOT_FLOOR_PROGRAM).expect("slot floor"),
+        0,
+        &f,
+    );
+    assert_eq!(r.verdict, XDP_PASS, "all {SLOT_PROBES} probes taken: {r:?}");
+    assert_eq!(r.out, f, "a frame that found no slot passes as it came");
+    // Another tuple hashes elsewhere and still finds room.
+    let g = syn(40001);
+    let r = test_run(
+        dp.bench_program(SLOT_FLOOR_PROGRAM).expect("slot floor"),
+        0,
+        &g,
+    );
+    assert_eq!(r.verdict, XDP_TX, "a new tuple: {r:?}");
+}

@@ -16,8 +16,12 @@ use aya::programs::{TestRun, TestRunOptions};
 use privatelink_agent::{
     dataplane::{Action, Dataplane, Link, Rule, RuleProto},
     demo::{self, BACKEND6, ENDPOINT6, Topology},
-    loader::{Datapath, FLOOR_PROGRAM, LOOKUP_FLOOR_PROGRAM, PROGRAM, Sizes, map_memory},
+    loader::{
+        Datapath, FLOOR_PROGRAM, LOOKUP_FLOOR_PROGRAM, PROGRAM, SLOT_FLOOR_PROGRAM, Sizes,
+        map_memory,
+    },
 };
+use privatelink_common::bench::SLOT_TABLE_ENTRIES;
 use privatelink_tests::{
     fixture::{
         BACKEND, BACKEND_MAC, CONSUMER_MAC, CONSUMER_NET, ENDPOINT, Harness, LINK, NOT_ENDPOINT,
@@ -262,6 +266,9 @@ struct Row {
 /// The row of the lookup floor (hot like the floor; no replay cost to subtract).
 const HALF_OPEN_ROW: &str = "half-open forward (conntrack, not in the flow cache), hot replay";
 const LOOKUP_FLOOR_ROW: &str = "floor + interface and conntrack lookups (hit), hot repeat 10M";
+/// The row of the slot floor: a new flow's memory traffic in an open-addressing table.
+const SLOT_FLOOR_ROW: &str =
+    "floor + a new flow's two slot claims in an open-addressing table (fresh tuples), hot";
 
 /// Map sizes of the datapath rows: room for 100k endpoints and 1M flows.
 fn bench_sizes() -> Sizes {
@@ -271,6 +278,7 @@ fn bench_sizes() -> Sizes {
         allowlist: 131_072,
         conntrack: 2_097_152,
         conntrack6: 131_072,
+        bench_slots: SLOT_TABLE_ENTRIES,
         ..Sizes::small()
     }
 }
@@ -509,6 +517,12 @@ fn measure(
             );
             hot_rows.push((path, ns - cost));
         }
+        // What a new flow would cost at least in a conntrack that is not the kernel's hash map:
+        // the floor plus two slots claimed by compare-and-swap in a table of the conntrack's size,
+        // with the same fresh tuples (the sequence goes on from the rows above).
+        let cost = replay_cost(h, anchor);
+        let ns = replay_ns(h, SLOT_FLOOR_PROGRAM, c0, &hot_syn, true, SAMPLES, XDP_TX);
+        hot_rows.push((SLOT_FLOOR_ROW, ns - cost));
 
         // The same paths over IPv6 (the tail call into the IPv6 program included).
         h.plane.apply(&model).expect("apply without rules");
@@ -1044,6 +1058,29 @@ fn main() {
     println!(
         "\nSecurity-group cost per evaluated rule: {per_rule:.2} ns ((256 rules − 0 rules) / 255 at 10 endpoints).\n"
     );
+    println!(
+        "A new flow against its memory floor (the floor plus two slots claimed in an open-addressing table of the conntrack's size: what a conntrack not built on the kernel's hash map would cost at least), hot, same run:\n"
+    );
+    println!(
+        "| configuration | slot floor ns | × floor | new flow, 16 rules, hot ns | new flow ÷ slot floor |"
+    );
+    println!("|---|---:|---:|---:|---:|");
+    for r in rows.iter().filter(|r| r.path == SLOT_FLOOR_ROW) {
+        if let Some(b) = rows
+            .iter()
+            .find(|b| b.config == r.config && b.path == "new flow, 16 rules, hot replay")
+        {
+            println!(
+                "| {} | {:.1} | {:.2} | {:.1} | {:.2} |",
+                r.config,
+                r.ns,
+                r.ns / floor,
+                b.ns,
+                b.ns / r.ns
+            );
+        }
+    }
+    println!();
     println!("IPv6 against IPv4, same path, same run:\n");
     println!("| configuration | path | IPv6 ÷ IPv4 |");
     println!("|---|---|---:|");
