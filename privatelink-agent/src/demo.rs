@@ -177,7 +177,7 @@ pub fn endpoint_link(network_id: u32, account: u32) -> Link {
         service_slot: SERVICE,
         account,
         state: LinkState::Available,
-        ports: vec![
+        ports: [
             PortMap {
                 proto: Proto::Tcp,
                 terminal: TCP_PORTS.0,
@@ -188,7 +188,8 @@ pub fn endpoint_link(network_id: u32, account: u32) -> Link {
                 terminal: UDP_PORTS.0,
                 service: UDP_PORTS.1,
             },
-        ],
+        ]
+        .into(),
         rules: None,
         answer_ping: false,
     }

@@ -5,6 +5,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::IpAddr,
+    sync::Arc,
 };
 
 use ipnet::IpNet;
@@ -78,7 +79,23 @@ pub fn model(
             None => skipped.push(format!("NAT range for {vpc}: no such network")),
         }
     }
+    // Per service, what each of its endpoints' links repeats: its port mappings are built once
+    // and shared (a model holds every link, and is rebuilt on every revision).
+    let mut services = BTreeMap::new();
     for svc in state.services.values() {
+        let ports: Arc<[PortMap]> = svc
+            .port_mappings
+            .iter()
+            .map(|p| PortMap {
+                proto: match p.protocol {
+                    Protocol::Tcp => Proto::Tcp,
+                    Protocol::Udp => Proto::Udp,
+                },
+                terminal: p.terminal_port,
+                service: p.service_port,
+            })
+            .collect();
+        services.insert(svc.id.as_str(), (svc, ports));
         let Some(provider_network) = number(&svc.network_id) else {
             continue;
         };
@@ -120,9 +137,12 @@ pub fn model(
             }
         }
     }
+    // Collected in a vector and built in one go: sorting by link id and building the tree from
+    // the sorted run is cheaper than 100k inserts into a growing tree.
+    let mut links = Vec::with_capacity(state.endpoints.len());
     for ep in state.endpoints.values() {
-        let (Some(svc), Some(network_id), Some(account)) = (
-            state.services.get(&ep.service_id),
+        let (Some((svc, ports)), Some(network_id), Some(account)) = (
+            services.get(ep.service_id.as_str()),
             number(&ep.network_id),
             state.accounts.get(&ep.owner),
         ) else {
@@ -162,7 +182,7 @@ pub fn model(
                 })
                 .collect()
         });
-        m.links.insert(
+        links.push((
             ep.link_id,
             Link {
                 network_id,
@@ -175,23 +195,14 @@ pub fn model(
                     ConnectionState::Available => LinkState::Available,
                     ConnectionState::Rejected => LinkState::Rejected,
                 },
-                ports: svc
-                    .port_mappings
-                    .iter()
-                    .map(|p| PortMap {
-                        proto: match p.protocol {
-                            Protocol::Tcp => Proto::Tcp,
-                            Protocol::Udp => Proto::Udp,
-                        },
-                        terminal: p.terminal_port,
-                        service: p.service_port,
-                    })
-                    .collect(),
+                ports: Arc::clone(ports),
                 rules,
                 answer_ping: svc.answer_ping,
             },
-        );
+        ));
     }
+    // Two endpoints with one link id (a corrupt state): the later one wins, as with inserts.
+    m.links = links.into_iter().collect();
     (m, skipped)
 }
 

@@ -742,11 +742,12 @@ fn bad_state_is_refused_whole_and_changes_nothing() {
         // Two links claiming the same endpoint address and port.
         let mut dup = m.clone();
         let mut l2 = dup.links[&LINK].clone();
-        l2.ports = vec![PortMap {
+        l2.ports = [PortMap {
             proto: Proto::Tcp,
             terminal: 80,
             service: 9090,
-        }];
+        }]
+        .into();
         dup.links.insert(2, l2);
         assert!(
             h.plane.apply(&dup).is_err(),

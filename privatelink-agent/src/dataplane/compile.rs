@@ -462,7 +462,7 @@ fn link_entries(
         ports4: Vec::new(),
         ports6: Vec::new(),
     };
-    for pm in &l.ports {
+    for pm in l.ports.iter() {
         if pm.terminal == 0 || pm.service == 0 {
             return Err(CompileError::PortZero { link: id });
         }
@@ -910,7 +910,7 @@ mod tests {
                 LinkState::Available,
                 LinkState::Rejected,
             ][r.next(3) as usize],
-            ports: vec![PortMap {
+            ports: [PortMap {
                 proto: if r.next(2) == 0 {
                     Proto::Tcp
                 } else {
@@ -918,7 +918,8 @@ mod tests {
                 },
                 terminal: 80,
                 service: 8080,
-            }],
+            }]
+            .into(),
             rules,
             answer_ping: r.next(2) == 0,
         }

@@ -4,6 +4,7 @@ use std::{
     collections::{BTreeMap, BTreeSet},
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
     ops::RangeInclusive,
+    sync::Arc,
 };
 
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
@@ -98,7 +99,9 @@ pub struct Link {
     /// Agent-assigned number of the consumer account.
     pub account: u32,
     pub state: LinkState,
-    pub ports: Vec<PortMap>,
+    /// The service's port mappings: one allocation per service, shared by all of its links (the
+    /// sync builds a model with every link on each revision; see `sync::model`).
+    pub ports: Arc<[PortMap]>,
     /// Bound security groups compiled in priority order; `None` when no group is bound.
     pub rules: Option<Vec<Rule>>,
     /// The service answers ICMP echo requests to this endpoint.

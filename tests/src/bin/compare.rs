@@ -124,11 +124,12 @@ fn bed() -> Bed {
     let mut dp = Datapath::load(&sizes).expect("load");
     let mut model = topo.model();
     for l in model.links.values_mut() {
-        l.ports.push(PortMap {
+        let iperf = PortMap {
             proto: Proto::Tcp,
             terminal: IPERF.0,
             service: IPERF.1,
-        });
+        };
+        l.ports = l.ports.iter().copied().chain([iperf]).collect();
     }
     let plane = topo.node.enter(|| {
         let mut p = Dataplane::new(&mut dp.ebpf).expect("maps");
