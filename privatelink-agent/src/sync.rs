@@ -81,7 +81,7 @@ pub fn model(
     }
     // Per service, what each of its endpoints' links repeats: its port mappings are built once
     // and shared (a model holds every link, and is rebuilt on every revision).
-    let mut services = BTreeMap::new();
+    let mut services_by_id = BTreeMap::new();
     for svc in state.services.values() {
         let ports: Arc<[PortMap]> = svc
             .port_mappings
@@ -95,7 +95,7 @@ pub fn model(
                 service: p.service_port,
             })
             .collect();
-        services.insert(svc.id.as_str(), (svc, ports));
+        services_by_id.insert(svc.id.as_str(), (svc, ports));
         let Some(provider_network) = number(&svc.network_id) else {
             continue;
         };
@@ -137,12 +137,12 @@ pub fn model(
             }
         }
     }
-    // Collected in a vector and built in one go: sorting by link id and building the tree from
-    // the sorted run is cheaper than 100k inserts into a growing tree.
+    // Collected in a vector and built in one go: the tree is built from the run sorted by link
+    // id, with no search per link.
     let mut links = Vec::with_capacity(state.endpoints.len());
     for ep in state.endpoints.values() {
         let (Some((svc, ports)), Some(network_id), Some(account)) = (
-            services.get(ep.service_id.as_str()),
+            services_by_id.get(ep.service_id.as_str()),
             number(&ep.network_id),
             state.accounts.get(&ep.owner),
         ) else {
