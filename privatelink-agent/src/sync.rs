@@ -3,18 +3,17 @@
 //! Pure: the reconciler calls it with a state snapshot and the node's configuration, then hands
 //! the model to `Dataplane::apply`, which diffs against what it wrote last.
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::{BTreeMap, BTreeSet, HashMap},
     net::IpAddr,
     sync::Arc,
 };
 
-use ipnet::IpNet;
 use privatelink_common::DatapathConfig;
 
 use crate::{
     control::{
         state::State,
-        types::{ConnectionState, Protocol, RuleAction, RuleProtocol},
+        types::{Binding, ConnectionState, Protocol, RuleAction, RuleProtocol, SgRule},
         validate,
     },
     dataplane::{
@@ -137,6 +136,16 @@ pub fn model(
             }
         }
     }
+    // Each group's rules in model form, converted once; and the rule list of each distinct list of
+    // bound groups, built once and shared by the endpoints bound to the same groups in the same
+    // order (typical: a few group sets over many endpoints).
+    let group_rules: BTreeMap<&str, Vec<Rule>> = state
+        .security_groups
+        .values()
+        .map(|g| (g.id.as_str(), g.rules.iter().filter_map(rule).collect()))
+        .collect();
+    let mut rule_lists: HashMap<&[Binding], Arc<[Rule]>> = HashMap::new();
+    let mut last_list: Option<(&[Binding], Arc<[Rule]>)> = None;
     // Collected in a vector and built in one go: the tree is built from the run sorted by link
     // id, with no search per link.
     let mut links = Vec::with_capacity(state.endpoints.len());
@@ -158,29 +167,22 @@ pub fn model(
             m.allowlist.insert((svc.slot, account.number));
         }
         let rules = (!ep.security_groups.is_empty()).then(|| {
-            ep.security_groups
-                .iter()
-                .filter_map(|b| state.security_groups.get(&b.security_group_id))
-                .flat_map(|g| g.rules.iter())
-                .filter_map(|r| {
-                    let source: IpNet = r.source;
-                    let (lo, hi) = validate::rule_ports("", &r.ports).ok()?;
-                    Some(Rule {
-                        proto: match r.protocol {
-                            RuleProtocol::Tcp => RuleProto::Tcp,
-                            RuleProtocol::Udp => RuleProto::Udp,
-                            RuleProtocol::Icmp => RuleProto::Icmp,
-                            RuleProtocol::All => RuleProto::All,
-                        },
-                        ports: lo..=hi,
-                        source,
-                        action: match r.action {
-                            RuleAction::Accept => Action::Accept,
-                            RuleAction::Drop => Action::Drop,
-                        },
-                    })
-                })
-                .collect()
+            let bound = ep.security_groups.as_slice();
+            // Neighbouring endpoints are often bound alike: a comparison before the hash.
+            if let Some((last, list)) = &last_list
+                && *last == bound
+            {
+                return Arc::clone(list);
+            }
+            let list = Arc::clone(rule_lists.entry(bound).or_insert_with(|| {
+                bound
+                    .iter()
+                    .filter_map(|b| group_rules.get(b.security_group_id.as_str()))
+                    .flat_map(|rules| rules.iter().cloned())
+                    .collect()
+            }));
+            last_list = Some((bound, Arc::clone(&list)));
+            list
         });
         links.push((
             ep.link_id,
@@ -204,6 +206,26 @@ pub fn model(
     // Two endpoints with one link id (a corrupt state): the later one wins, as with inserts.
     m.links = links.into_iter().collect();
     (m, skipped)
+}
+
+/// A security-group rule in model form; `None` for a port range the control plane would not
+/// have stored.
+fn rule(r: &SgRule) -> Option<Rule> {
+    let (lo, hi) = validate::rule_ports("", &r.ports).ok()?;
+    Some(Rule {
+        proto: match r.protocol {
+            RuleProtocol::Tcp => RuleProto::Tcp,
+            RuleProtocol::Udp => RuleProto::Udp,
+            RuleProtocol::Icmp => RuleProto::Icmp,
+            RuleProtocol::All => RuleProto::All,
+        },
+        ports: lo..=hi,
+        source: r.source,
+        action: match r.action {
+            RuleAction::Accept => Action::Accept,
+            RuleAction::Drop => Action::Drop,
+        },
+    })
 }
 
 #[cfg(test)]
@@ -335,6 +357,46 @@ mod tests {
         assert_eq!(maps.rules4[&info.rules_slot].len(), 2);
         assert_eq!(info.rules_slot6, privatelink_common::RULES_NONE);
         assert!(maps.rules6.is_empty() && maps.endpoints6.is_empty());
+
+        // Rule lists are shared between endpoints bound alike, and only between them: endpoints
+        // bound [early], [early, late] again, [early] again and to nothing, created in that order
+        // (neighbours differ, so both the neighbour comparison and the table are crossed).
+        let bound = |groups: serde_json::Value| {
+            p.mutate(&cons, |s, cx| {
+                endpoints::create(
+                    s,
+                    cx,
+                    de(serde_json::json!({ "name": "ep", "service_id": svc.id,
+                    "network_id": cnet, "subnet_id": csub, "security_groups": groups })),
+                )
+            })
+            .unwrap()
+            .link_id
+        };
+        let only_early = serde_json::json!([{ "security_group_id": early, "priority": 10 }]);
+        let both = serde_json::json!([{ "security_group_id": early, "priority": 10 },
+            { "security_group_id": late, "priority": 20 }]);
+        let ids = [
+            bound(only_early.clone()),
+            bound(both),
+            bound(only_early),
+            bound(serde_json::json!([])),
+        ];
+        let (m, _) = model(&p.snapshot(), &node, &BTreeSet::new());
+        let rules = |id: u32| m.links[&id].rules.clone();
+        let (a, b, c) = (
+            rules(ids[0]).unwrap(),
+            rules(ids[1]).unwrap(),
+            rules(ids[2]).unwrap(),
+        );
+        assert_eq!((a.len(), b.len()), (2, 3));
+        assert!(Arc::ptr_eq(&a, &c), "endpoints bound alike share one list");
+        assert_eq!(
+            b,
+            link.rules.clone().unwrap(),
+            "same groups, same order, same rules"
+        );
+        assert!(rules(ids[3]).is_none());
     }
 }
 

@@ -197,7 +197,7 @@ fn established_flows_skip_policy_new_ones_do_not() {
         h.apply(&m);
         let (nat, nport) = open_flow(h, 40001);
         // Groups bound with no rule: every new flow drops from now on.
-        m.links.get_mut(&LINK).unwrap().rules = Some(vec![]);
+        m.links.get_mut(&LINK).unwrap().rules = Some(Vec::new().into());
         h.apply(&m);
         let ack = Pkt::tcp(CONSUMER, 40001, ENDPOINT, 80, false, true).macs(CONSUMER_MAC, h.c0_mac);
         let r = h.run(h.c0, &ack);
@@ -273,7 +273,7 @@ fn security_groups_first_match_in_priority_order_with_edges() {
         let mut m = h.model();
         let set =
             |h: &mut Harness, m: &mut privatelink_agent::dataplane::Model, rules: Vec<Rule>| {
-                m.links.get_mut(&LINK).unwrap().rules = Some(rules);
+                m.links.get_mut(&LINK).unwrap().rules = Some(rules.into());
                 h.apply(m);
             };
         // A higher-priority drop shadows a lower-priority accept...
@@ -764,15 +764,10 @@ fn bad_state_is_refused_whole_and_changes_nothing() {
         }
         // Too many rules for one endpoint.
         let mut many = m.clone();
-        many.links.get_mut(&LINK).unwrap().rules = Some(vec![
-            rule(
-                RuleProto::All,
-                0..=65535,
-                "0.0.0.0/0",
-                Action::Accept
-            );
-            c::MAX_RULES + 1
-        ]);
+        many.links.get_mut(&LINK).unwrap().rules = Some(
+            vec![rule(RuleProto::All, 0..=65535, "0.0.0.0/0", Action::Accept); c::MAX_RULES + 1]
+                .into(),
+        );
         assert!(h.plane.apply(&many).is_err());
         assert_eq!(h.plane.shadow(), &shadow, "the shadow is untouched");
         // And the datapath still serves the old state.
@@ -1149,10 +1144,13 @@ fn icmp_errors_about_a_flow_reach_the_consumer_as_about_its_own_packet() {
             (0, 0, [0, 1, 0, 1], &b"ping"[..])
         );
         // Security groups apply: a group dropping ICMP silences it again.
-        m.links.get_mut(&LINK).unwrap().rules = Some(vec![
-            rule(RuleProto::Icmp, 0..=65535, "0.0.0.0/0", Action::Drop),
-            rule(RuleProto::All, 0..=65535, "0.0.0.0/0", Action::Accept),
-        ]);
+        m.links.get_mut(&LINK).unwrap().rules = Some(
+            vec![
+                rule(RuleProto::Icmp, 0..=65535, "0.0.0.0/0", Action::Drop),
+                rule(RuleProto::All, 0..=65535, "0.0.0.0/0", Action::Accept),
+            ]
+            .into(),
+        );
         h.apply(&m);
         let before = h.outcomes()[c::DROP_ICMP_ECHO as usize];
         let e = privatelink_tests::test_run(h.dp.program(), h.c0, &ping);

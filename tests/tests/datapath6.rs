@@ -197,11 +197,14 @@ fn ipv6_security_group_rules_apply_to_ipv6_flows_only() {
         let mut m = dual(h);
         // First match wins: the consumer's /128 is dropped before the /64 accepts; IPv4 sources
         // are accepted by their own rule.
-        m.links.get_mut(&LINK).expect("link").rules = Some(vec![
-            rule("2001:db8::10/128", Action::Drop),
-            rule("2001:db8::/64", Action::Accept),
-            rule("198.18.0.0/24", Action::Accept),
-        ]);
+        m.links.get_mut(&LINK).expect("link").rules = Some(
+            vec![
+                rule("2001:db8::10/128", Action::Drop),
+                rule("2001:db8::/64", Action::Accept),
+                rule("198.18.0.0/24", Action::Accept),
+            ]
+            .into(),
+        );
         h.apply(&m);
         let c0_mac = h.c0_mac;
         let from = |src: Ipv6Addr, sport| {
@@ -616,7 +619,7 @@ fn ipv6_link_state_allowlist_and_groups_gate_new_flows_and_rejection_cuts_them()
         assert_eq!(h.link_stats(LINK).new_conns, 1);
 
         // Groups bound with no rule: the established flow keeps going, new ones drop.
-        m.links.get_mut(&LINK).expect("link").rules = Some(vec![]);
+        m.links.get_mut(&LINK).expect("link").rules = Some(Vec::new().into());
         h.apply(&m);
         let ack = seg6(h, 41002, false, true);
         let r = run(h, c0, &ack);

@@ -206,7 +206,7 @@ pub enum ConnectionState {
     Rejected,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Binding {
     pub security_group_id: String,
     /// Smaller is evaluated first.

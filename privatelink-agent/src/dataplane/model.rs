@@ -102,8 +102,9 @@ pub struct Link {
     /// The service's port mappings: one allocation per service, shared by all of its links (the
     /// sync builds a model with every link on each revision; see `sync::model`).
     pub ports: Arc<[PortMap]>,
-    /// Bound security groups compiled in priority order; `None` when no group is bound.
-    pub rules: Option<Vec<Rule>>,
+    /// Bound security groups compiled in priority order; `None` when no group is bound. Shared by
+    /// the links bound to the same groups (see `sync::model`).
+    pub rules: Option<Arc<[Rule]>>,
     /// The service answers ICMP echo requests to this endpoint.
     pub answer_ping: bool,
 }
