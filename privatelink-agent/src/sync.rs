@@ -145,7 +145,6 @@ pub fn model(
         .map(|g| (g.id.as_str(), g.rules.iter().filter_map(rule).collect()))
         .collect();
     let mut rule_lists: HashMap<&[Binding], Arc<[Rule]>> = HashMap::new();
-    let mut last_list: Option<(&[Binding], Arc<[Rule]>)> = None;
     // Collected in a vector and built in one go: the tree is built from the run sorted by link
     // id, with no search per link.
     let mut links = Vec::with_capacity(state.endpoints.len());
@@ -168,21 +167,13 @@ pub fn model(
         }
         let rules = (!ep.security_groups.is_empty()).then(|| {
             let bound = ep.security_groups.as_slice();
-            // Neighbouring endpoints are often bound alike: a comparison before the hash.
-            if let Some((last, list)) = &last_list
-                && *last == bound
-            {
-                return Arc::clone(list);
-            }
-            let list = Arc::clone(rule_lists.entry(bound).or_insert_with(|| {
+            Arc::clone(rule_lists.entry(bound).or_insert_with(|| {
                 bound
                     .iter()
                     .filter_map(|b| group_rules.get(b.security_group_id.as_str()))
                     .flat_map(|rules| rules.iter().cloned())
                     .collect()
-            }));
-            last_list = Some((bound, Arc::clone(&list)));
-            list
+            }))
         });
         links.push((
             ep.link_id,
@@ -360,7 +351,7 @@ mod tests {
 
         // Rule lists are shared between endpoints bound alike, and only between them: endpoints
         // bound [early], [early, late] again, [early] again and to nothing, created in that order
-        // (neighbours differ, so both the neighbour comparison and the table are crossed).
+        // (the two bound [early] are not neighbours).
         let bound = |groups: serde_json::Value| {
             p.mutate(&cons, |s, cx| {
                 endpoints::create(
