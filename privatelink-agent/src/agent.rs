@@ -304,84 +304,109 @@ async fn serve_metrics(
     axum::serve(listener, app).await
 }
 
-/// Follows a shared store: reloads the state whenever another server commits (the revision
-/// announcement then drives the usual reconcile). While etcd is unreachable the node keeps
+/// Follows a shared store as an informer does: a full load, then the commits of other servers
+/// from a watch that starts right after it, each applied to the state as it arrives (the revision
+/// announcement then drives the usual reconcile), so a change costs a follower what it changed,
+/// not the whole state. A watch that ends, a history compacted past the load or a missed revision
+/// means a full load again, and a watch from there. While etcd is unreachable the node keeps
 /// forwarding on its last state; `privatelink_store_up` and the log say so, and following resumes
-/// (with a full reload) when it is back.
+/// (with a full load) when it is back.
 pub async fn follow_store(
     e: crate::control::etcd::EtcdConfig,
     plane: Arc<ControlPlane>,
     metrics: Arc<AgentMetrics>,
 ) {
-    let kick = Arc::new(tokio::sync::Notify::new());
-    // A reload that fails is tried again (with backoff) until it succeeds. Waiting for the next
-    // revision event instead would leave the node on a stale state for good when the failed
-    // reload was the one the watcher asks for on reconnecting: a change committed while the
-    // watch was down raises no event on the new watch.
-    let refresher = {
-        let (kick, plane, metrics) = (kick.clone(), plane.clone(), metrics.clone());
-        async move {
-            loop {
-                kick.notified().await;
-                retry(
-                    || {
-                        let p = plane.clone();
-                        async move {
-                            match tokio::task::spawn_blocking(move || p.refresh()).await {
-                                Ok(r) => r.map(drop).map_err(|e| e.to_string()),
-                                Err(e) => Err(format!("reload task failed: {e}")),
-                            }
-                        }
-                    },
-                    Duration::from_millis(100),
-                    Duration::from_secs(2),
-                    |attempt, err| {
-                        metrics.store_up.set(0);
-                        // Once per outage in the log, not once per attempt.
-                        if attempt == 1 {
-                            log::warn!("store: reloading from etcd failed: {err}; retrying");
-                        } else {
-                            log::debug!("store: reload attempt {attempt} failed: {err}");
-                        }
-                    },
-                )
-                .await;
-                metrics.store_up.set(1);
+    use crate::control::plane::Remote;
+    loop {
+        // A load that fails is tried again (with backoff) until it succeeds: the watch starts
+        // where the load read, so nothing committed in between is missed.
+        let from = retry(
+            || {
+                let p = plane.clone();
+                async move {
+                    match tokio::task::spawn_blocking(move || p.refresh()).await {
+                        Ok(r) => r.map_err(|e| e.to_string()),
+                        Err(e) => Err(format!("reload task failed: {e}")),
+                    }
+                }
+            },
+            Duration::from_millis(100),
+            Duration::from_secs(2),
+            |attempt, err| {
+                metrics.store_up.set(0);
+                // Once per outage in the log, not once per attempt.
+                if attempt == 1 {
+                    log::warn!("store: reloading from etcd failed: {err}; retrying");
+                } else {
+                    log::debug!("store: reload attempt {attempt} failed: {err}");
+                }
+            },
+        )
+        .await;
+        metrics.store_reloads.inc();
+        metrics.store_up.set(1);
+        let Some(from) = from else {
+            log::error!("store: the shared store gives no watch position; not following it");
+            return;
+        };
+        let r = crate::control::etcd::watch_commits(&e, from, |c| {
+            let (p, metrics) = (plane.clone(), metrics.clone());
+            async move {
+                let revision = c.revision;
+                // The state's lock may be held by a commit waiting on etcd: off the runtime.
+                match tokio::task::spawn_blocking(move || p.apply_remote(&c)).await {
+                    Ok(Remote::Applied) => {
+                        metrics.store_commits_followed.inc();
+                        true
+                    }
+                    Ok(Remote::Known) => true,
+                    Ok(Remote::Gap { current }) => {
+                        log::info!(
+                            "store: revision {revision} arrived while the state is at {current}; loading in full"
+                        );
+                        false
+                    }
+                    Err(err) => {
+                        log::warn!("store: applying revision {revision} failed: {err}");
+                        false
+                    }
+                }
             }
-        }
-    };
-    let watcher = async move {
-        loop {
-            let r = crate::control::etcd::watch_revisions(&e, || kick.notify_one()).await;
+        })
+        .await;
+        if let Err(err) = r {
             metrics.store_up.set(0);
             log::warn!(
-                "store: etcd at {:?} unreachable or the watch ended ({}); forwarding goes on with revision {}; retrying",
+                "store: etcd at {:?} unreachable or the watch ended ({err}); forwarding goes on with revision {}; retrying",
                 e.endpoints,
-                r.err()
-                    .map_or_else(|| "stream closed".to_string(), |x| x.to_string()),
                 plane.revision()
             );
             tokio::time::sleep(Duration::from_secs(1)).await;
         }
-    };
-    tokio::join!(refresher, watcher);
+    }
 }
 
-/// Runs `attempt` until it succeeds. After the n-th failure `failed(n, &error)` is called and the
-/// next attempt waits `first`, doubled each time up to `max`.
-async fn retry<E, F: std::future::Future<Output = Result<(), E>>>(
+/// Runs `attempt` until it succeeds, and returns what it gave. After the n-th failure
+/// `failed(n, &error)` is called and the next attempt waits `first`, doubled each time up to
+/// `max`.
+async fn retry<T, E, F: std::future::Future<Output = Result<T, E>>>(
     mut attempt: impl FnMut() -> F,
     first: Duration,
     max: Duration,
     mut failed: impl FnMut(u32, &E),
-) {
+) -> T {
     let mut wait = first;
     let mut n = 0u32;
-    while let Err(e) = attempt().await {
-        n = n.saturating_add(1);
-        failed(n, &e);
-        tokio::time::sleep(wait).await;
-        wait = (wait * 2).min(max);
+    loop {
+        match attempt().await {
+            Ok(v) => return v,
+            Err(e) => {
+                n = n.saturating_add(1);
+                failed(n, &e);
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(max);
+            }
+        }
     }
 }
 

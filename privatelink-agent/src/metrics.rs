@@ -39,6 +39,10 @@ pub struct AgentMetrics {
     /// 1 while the shared store (etcd) is reachable and followed; 0 while not (forwarding goes on
     /// with the last state). Always 1 with the embedded store.
     pub store_up: Gauge,
+    /// Full loads of the shared store's state (the first, after a lost watch, after a gap).
+    pub store_reloads: Counter,
+    /// Commits of other servers applied from the shared store's watch, without a full load.
+    pub store_commits_followed: Counter,
     /// (interface, mode) → 1 while attached.
     pub programs: Family<Labels, Gauge>,
     /// Map → (entries, capacity), from the writer's shadow after each sync.
@@ -57,6 +61,8 @@ impl Default for AgentMetrics {
                 g.set(1);
                 g
             },
+            store_reloads: Counter::default(),
+            store_commits_followed: Counter::default(),
             programs: Family::default(),
             maps: Mutex::new(Vec::new()),
         }
@@ -534,6 +540,16 @@ pub fn registry(sources: Sources) -> Registry {
         "privatelink_store_up",
         "Whether the shared store (etcd) is reachable; the node forwards on its last state while not",
         agent.store_up.clone(),
+    );
+    r.register(
+        "privatelink_store_reloads",
+        "Full loads of the shared store's state: at start, after a lost watch or a missed revision",
+        agent.store_reloads.clone(),
+    );
+    r.register(
+        "privatelink_store_commits_followed",
+        "Commits of other servers applied from the shared store's watch, without a full load",
+        agent.store_commits_followed.clone(),
     );
     r.register(
         "privatelink_programs_attached",

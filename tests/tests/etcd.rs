@@ -72,6 +72,20 @@ fn other_ok(w: &World, token: &str, path: &str, body: Value) -> Value {
     v
 }
 
+/// A counter of the agent's metrics (0 when it is not there yet).
+fn counter(w: &World, name: &str) -> u64 {
+    let text = node_get(&w.topo, "http://127.0.0.1:9464/metrics").unwrap_or_default();
+    text.lines()
+        .find_map(|l| {
+            l.strip_prefix(name)?
+                .strip_prefix(' ')?
+                .trim()
+                .parse::<f64>()
+                .ok()
+        })
+        .map_or(0, |v| v as u64)
+}
+
 /// The revision the agent reports having applied (from `/v1/nodes`).
 fn applied(w: &World) -> u64 {
     let (status, v) = api(&w.topo, ADMIN, "GET", "/v1/nodes", None);
@@ -148,7 +162,17 @@ fn agents_follow_etcd_races_have_one_winner_and_an_outage_keeps_forwarding() {
     wait_for_traffic(&w, 0);
     wait_for_traffic(&w, 1);
 
+    // Followed, not reloaded: each commit of the other server reaches the agent through its
+    // watch; the agent has loaded the whole state only when it started.
+    let reloads = counter(&w, "privatelink_store_reloads_total");
+    let followed = counter(&w, "privatelink_store_commits_followed_total");
+    assert!(
+        reloads >= 1 && followed >= 1,
+        "at least the start's load and one followed commit: {reloads} and {followed}"
+    );
+
     // Two servers race for the same address: exactly one wins, every time.
+    let mut raced = Vec::new();
     for round in 0..5u8 {
         let ip = format!("198.18.0.{}", 150 + round);
         let body = json!({ "name": "race", "service_id": svc, "network_id": w.vpcs[1].0,
@@ -181,9 +205,63 @@ fn agents_follow_etcd_races_have_one_winner_and_an_outage_keeps_forwarding() {
             [201, 409],
             "round {round}: one created, one refused: {a:?} {b:?}"
         );
-        let loser = if a.0 == 409 { &a.1 } else { &b.1 };
+        let (winner, loser) = if a.0 == 409 {
+            (&b.1, &a.1)
+        } else {
+            (&a.1, &b.1)
+        };
         assert_eq!(loser["error"]["code"], "ip_in_use", "{loser}");
+        raced.push(winner["id"].as_str().unwrap().to_string());
     }
+    // Deleted through the other server: gone from the agent's state too, by its watch.
+    for id in &raced {
+        let (status, v) = other(
+            &w,
+            &w.tokens[1],
+            "DELETE",
+            &format!("/v1/endpoints/{id}"),
+            None,
+        );
+        assert!(status == 200 || status == 204, "DELETE {id}: {status} {v}");
+    }
+    let committed = other(&w, ADMIN, "GET", "/v1/revision", None).1["revision"]
+        .as_u64()
+        .unwrap();
+    let t = Instant::now();
+    while applied(&w) < committed {
+        assert!(
+            t.elapsed() < Duration::from_secs(2),
+            "the agent did not apply revision {committed} (at {})\n{}",
+            applied(&w),
+            w.log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    for id in &raced {
+        let (status, v) = api(
+            &w.topo,
+            &w.tokens[1],
+            "GET",
+            &format!("/v1/endpoints/{id}"),
+            None,
+        );
+        assert_eq!(
+            status, 404,
+            "endpoint {id} deleted elsewhere is gone from the node: {v}"
+        );
+    }
+    assert_eq!(
+        counter(&w, "privatelink_store_reloads_total"),
+        reloads,
+        "no full load while the watch is up\n{}",
+        w.log()
+    );
+    // Five races (the agent's own winners it had applied already) and five deletions.
+    let more = counter(&w, "privatelink_store_commits_followed_total") - followed;
+    assert!(
+        (5..=10).contains(&more),
+        "the deletions and the other server's winners were followed: {more}"
+    );
 
     // etcd stopped: traffic keeps flowing, writes fail clearly, the node says so.
     w.etcd.as_mut().unwrap().stop();
@@ -242,6 +320,10 @@ fn agents_follow_etcd_races_have_one_winner_and_an_outage_keeps_forwarding() {
     assert!(
         text.contains("\nprivatelink_store_up 1"),
         "store_up back to 1"
+    );
+    assert!(
+        counter(&w, "privatelink_store_reloads_total") > reloads,
+        "the watch lost with etcd: a full load when it is back"
     );
 
     // A node restarted while changes happen catches up: killed, a change made meanwhile through

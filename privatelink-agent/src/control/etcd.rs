@@ -9,18 +9,33 @@
 //! - `<prefix>/objects/<kind>/<id>`: one object each, as JSON (the same bodies as SQLite).
 //! - `<prefix>/nodes/<node>`: what each node agent last applied (outside the revision).
 //!
+//! Followers (node agents, other API servers) list and watch, as Kubernetes informers do: a full
+//! load reads every key at one etcd revision, in pages; a watch from the revision after it then
+//! delivers each later transaction's events, which are applied to the state as one commit. A
+//! history compacted past that point, a lost watch or a gap in the state revisions makes them load
+//! in full again.
+//!
 //! Ids the datapath must agree on (link ids, service slots, network numbers) are allocated by the
 //! operations from the state and committed in the same transaction, so every node writes the same
 //! maps for the same state.
 use std::time::Duration;
 
-use etcd_client::{Client, Compare, CompareOp, ConnectOptions, GetOptions, Txn, TxnOp};
+use etcd_client::{
+    Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, Txn, TxnOp, WatchOptions,
+};
 
 use super::{
     state::State,
-    store::{NodeReport, Store, StoreError},
-    types::{Change, Object},
+    store::{Commit, NodeReport, Store, StoreError},
+    types::{Change, Object, kind_named},
 };
+
+/// Keys read per request of a full load: a few hundred KiB of typical objects.
+const LOAD_PAGE: i64 = 500;
+
+/// The largest response the store reads (a load page, a watch message with a backlog of
+/// transactions): gRPC's default of 4 MiB would refuse a page of large security groups.
+const MAX_MESSAGE: usize = 64 << 20;
 
 /// Connection settings of the etcd store.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -40,6 +55,9 @@ pub struct EtcdStore {
     rt: Option<tokio::runtime::Runtime>,
     client: Client,
     cfg: EtcdConfig,
+    /// The etcd revision the last load read: a watch from the one after it sees every later
+    /// commit.
+    loaded_at: Option<i64>,
 }
 
 impl Drop for EtcdStore {
@@ -70,6 +88,7 @@ impl EtcdStore {
             rt: Some(rt),
             client,
             cfg,
+            loaded_at: None,
         })
     }
 
@@ -103,38 +122,51 @@ impl EtcdStore {
 
 impl Store for EtcdStore {
     fn load(&mut self) -> Result<State, StoreError> {
-        // One range read: the objects and the revision at the same etcd revision.
-        let r = self
-            .rt
-            .as_ref()
-            .expect("runtime until drop")
-            .block_on(self.client.get(
-                format!("{}/", self.cfg.prefix),
-                Some(GetOptions::new().with_prefix()),
-            ))
-            .map_err(etcd)?;
-        let objects = format!("{}/objects/", self.cfg.prefix);
-        let revision_key = self.revision_key();
+        // Pages of keys, every page at the etcd revision of the first: the objects and the
+        // revision as of one moment, however large the state.
+        let prefix = format!("{}/", self.cfg.prefix);
+        let end = range_end(&prefix);
+        let rt = self.rt.as_ref().expect("runtime until drop");
+        let mut kv = self
+            .client
+            .kv_client()
+            .max_decoding_message_size(MAX_MESSAGE);
         let mut state = State::default();
-        for kv in r.kvs() {
-            let key = kv.key_str().map_err(etcd)?;
-            if key == revision_key {
-                state.revision = kv
-                    .value_str()
-                    .ok()
-                    .and_then(|v| v.parse().ok())
-                    .ok_or_else(|| StoreError::Etcd(format!("{key} is not a revision")))?;
-            } else if let Some(rest) = key.strip_prefix(&objects) {
-                let (kind, id) = rest.split_once('/').unwrap_or((rest, ""));
-                let o: Object =
-                    serde_json::from_slice(kv.value()).map_err(|source| StoreError::Corrupt {
-                        kind: kind.to_string(),
-                        id: id.to_string(),
-                        source,
-                    })?;
-                state.put(o);
+        let mut from = prefix.clone().into_bytes();
+        let mut at = 0;
+        loop {
+            let mut opts = GetOptions::new()
+                .with_range(end.clone())
+                .with_limit(LOAD_PAGE);
+            if at != 0 {
+                opts = opts.with_revision(at);
+            }
+            let r = rt
+                .block_on(kv.get(from.clone(), Some(opts)))
+                .map_err(etcd)?;
+            if at == 0 {
+                at = r
+                    .header()
+                    .map(|h| h.revision())
+                    .ok_or_else(|| StoreError::Etcd("a read without a revision".into()))?;
+            }
+            for kv in r.kvs() {
+                let key = kv.key_str().map_err(etcd)?;
+                match self.cfg.classify(key, Some(kv.value()))? {
+                    Some(Keyed::Revision(v)) => state.revision = v,
+                    Some(Keyed::Object(Change::Put(o))) => state.put(o),
+                    _ => {}
+                }
+            }
+            match r.kvs().last() {
+                Some(last) if r.more() => {
+                    from = last.key().to_vec();
+                    from.push(0);
+                }
+                _ => break,
             }
         }
+        self.loaded_at = Some(at);
         Ok(state)
     }
 
@@ -185,6 +217,10 @@ impl Store for EtcdStore {
         Ok(())
     }
 
+    fn watch_from(&self) -> Option<i64> {
+        self.loaded_at.map(|at| at + 1)
+    }
+
     fn nodes(&mut self) -> Result<Vec<NodeReport>, StoreError> {
         let r = self
             .rt
@@ -202,31 +238,297 @@ impl Store for EtcdStore {
     }
 }
 
-/// Calls `changed` once when watching starts (whatever was committed before is caught by the
-/// caller reloading then) and once per committed revision after, until the stream ends or fails.
-/// The caller reconnects and reloads the whole state, which covers a compacted history or a lost
-/// watch.
-pub async fn watch_revisions(
+/// The end of the key range of everything under `prefix` (which ends in `/`).
+fn range_end(prefix: &str) -> Vec<u8> {
+    let mut end = prefix.as_bytes().to_vec();
+    // `/` + 1: every key under the prefix sorts below it.
+    if let Some(last) = end.last_mut() {
+        *last += 1;
+    }
+    end
+}
+
+/// What a key under the prefix holds.
+// Lives for one key and is taken apart at once, as `Change` is: boxing would only add a copy.
+#[allow(clippy::large_enum_variant)]
+enum Keyed {
+    /// The state revision.
+    Revision(u64),
+    /// An object written (`Put`) or deleted (`Delete`).
+    Object(Change),
+}
+
+/// A watch event as etcd delivers it: `key` written (`value`) or deleted (`None`) by the
+/// transaction of etcd revision `at`.
+pub struct KeyEvent<'a> {
+    pub at: i64,
+    pub key: &'a str,
+    pub value: Option<&'a [u8]>,
+}
+
+impl EtcdConfig {
+    /// What `key` (under this prefix) is: the revision, an object, or neither (node reports).
+    /// `value`: `None` for a deletion.
+    fn classify(&self, key: &str, value: Option<&[u8]>) -> Result<Option<Keyed>, StoreError> {
+        let Some(rest) = key
+            .strip_prefix(self.prefix.as_str())
+            .and_then(|r| r.strip_prefix('/'))
+        else {
+            return Ok(None);
+        };
+        if rest == "revision" {
+            let v = value
+                .and_then(|v| std::str::from_utf8(v).ok()?.parse().ok())
+                .ok_or_else(|| StoreError::Etcd(format!("{key} is not a revision")))?;
+            return Ok(Some(Keyed::Revision(v)));
+        }
+        let Some(rest) = rest.strip_prefix("objects/") else {
+            return Ok(None);
+        };
+        let (kind, id) = rest.split_once('/').unwrap_or((rest, ""));
+        let Some(value) = value else {
+            return Ok(kind_named(kind).map(|kind| {
+                Keyed::Object(Change::Delete {
+                    kind,
+                    id: id.to_string(),
+                })
+            }));
+        };
+        let o: Object = serde_json::from_slice(value).map_err(|source| StoreError::Corrupt {
+            kind: kind.to_string(),
+            id: id.to_string(),
+            source,
+        })?;
+        Ok(Some(Keyed::Object(Change::Put(o))))
+    }
+
+    /// The commits among watch events, in order. The events of one etcd revision are one
+    /// transaction: a commit when it wrote the revision key; one that wrote only node reports
+    /// is no commit. Objects changed without the revision, or the revision deleted, are not a
+    /// state any commit made: an error (the follower loads in full).
+    pub fn commits<'a>(
+        &self,
+        events: impl IntoIterator<Item = KeyEvent<'a>>,
+    ) -> Result<Vec<Commit>, StoreError> {
+        let mut out = Vec::new();
+        // The transaction being gathered: its etcd revision, state revision and changes.
+        let mut txn: Option<(i64, Option<u64>, Vec<Change>)> = None;
+        let finish = |txn: Option<(i64, Option<u64>, Vec<Change>)>,
+                      out: &mut Vec<Commit>|
+         -> Result<(), StoreError> {
+            match txn {
+                Some((_, Some(revision), changes)) => out.push(Commit { revision, changes }),
+                Some((at, None, changes)) if !changes.is_empty() => {
+                    return Err(StoreError::Etcd(format!(
+                        "objects changed at etcd revision {at} without a state revision"
+                    )));
+                }
+                _ => {}
+            }
+            Ok(())
+        };
+        for e in events {
+            if txn.as_ref().is_some_and(|(at, _, _)| *at != e.at) {
+                finish(txn.take(), &mut out)?;
+            }
+            let (_, revision, changes) = txn.get_or_insert_with(|| (e.at, None, Vec::new()));
+            match (self.classify(e.key, e.value)?, e.value) {
+                (Some(Keyed::Revision(v)), Some(_)) => *revision = Some(v),
+                (Some(Keyed::Revision(_)), None) => {
+                    return Err(StoreError::Etcd(format!("{} was deleted", e.key)));
+                }
+                (Some(Keyed::Object(c)), _) => changes.push(c),
+                (None, _) => {}
+            }
+        }
+        finish(txn, &mut out)?;
+        Ok(out)
+    }
+}
+
+/// Follows the state's commits from etcd revision `from` (the store's `watch_from` after a
+/// load): `apply` gets each commit in order, for as long as it returns true. `Ok` when `apply`
+/// returned false; `Err` when the watch could not start or ended (etcd unreachable, history
+/// compacted past `from`, an event that is no commit). Either way the caller loads in full and
+/// watches again from there.
+pub async fn watch_commits<F: std::future::Future<Output = bool>>(
     cfg: &EtcdConfig,
-    mut changed: impl FnMut(),
+    from: i64,
+    mut apply: impl FnMut(Commit) -> F,
 ) -> Result<(), StoreError> {
     let opts = ConnectOptions::new().with_connect_timeout(cfg.timeout);
-    let mut client = Client::connect(&cfg.endpoints, Some(opts))
+    let client = Client::connect(&cfg.endpoints, Some(opts))
         .await
         .map_err(etcd)?;
-    let key = format!("{}/revision", cfg.prefix);
-    let mut stream = client.watch(key, None).await.map_err(etcd)?;
-    changed();
+    let mut watch = client.watch_client().max_decoding_message_size(MAX_MESSAGE);
+    let mut stream = watch
+        .watch(
+            format!("{}/", cfg.prefix),
+            Some(WatchOptions::new().with_prefix().with_start_revision(from)),
+        )
+        .await
+        .map_err(etcd)?;
     while let Some(msg) = stream.message().await.map_err(etcd)? {
         if msg.canceled() {
             return Err(StoreError::Etcd(format!(
-                "watch canceled (compacted at {})",
-                msg.compact_revision()
+                "watch canceled (compacted at {}): {}",
+                msg.compact_revision(),
+                msg.cancel_reason()
             )));
         }
-        if !msg.events().is_empty() {
-            changed();
+        let events = msg.events().iter().filter_map(|e| {
+            let kv = e.kv()?;
+            Some(KeyEvent {
+                at: kv.mod_revision(),
+                key: kv.key_str().ok()?,
+                value: (e.event_type() == EventType::Put).then(|| kv.value()),
+            })
+        });
+        for c in cfg.commits(events)? {
+            if !apply(c).await {
+                return Ok(());
+            }
         }
     }
-    Ok(())
+    Err(StoreError::Etcd("the watch stream ended".into()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::control::types::Account;
+
+    fn cfg() -> EtcdConfig {
+        EtcdConfig {
+            endpoints: vec![],
+            prefix: "/pl".into(),
+            timeout: Duration::from_secs(1),
+        }
+    }
+
+    fn account(id: &str) -> (Object, Vec<u8>) {
+        let o = Object::Account(Account {
+            id: id.into(),
+            number: 7,
+            name: format!("name of {id}"),
+            created_at: 1,
+        });
+        let body = serde_json::to_vec(&o).unwrap();
+        (o, body)
+    }
+
+    fn put<'a>(at: i64, key: &'a str, value: &'a [u8]) -> KeyEvent<'a> {
+        KeyEvent {
+            at,
+            key,
+            value: Some(value),
+        }
+    }
+
+    fn delete(at: i64, key: &str) -> KeyEvent<'_> {
+        KeyEvent {
+            at,
+            key,
+            value: None,
+        }
+    }
+
+    #[test]
+    fn each_transaction_is_one_commit_with_its_puts_and_deletes_in_order() {
+        let (a, body_a) = account("acc-a");
+        let (b, body_b) = account("acc-b");
+        let commits = cfg()
+            .commits([
+                put(10, "/pl/objects/account/acc-a", &body_a),
+                put(10, "/pl/revision", b"4"),
+                // A node's report: no commit of its own.
+                put(11, "/pl/nodes/node-1", b"{}"),
+                delete(12, "/pl/objects/account/acc-a"),
+                put(12, "/pl/objects/account/acc-b", &body_b),
+                delete(12, "/pl/objects/security_group/sg-1"),
+                put(12, "/pl/revision", b"5"),
+            ])
+            .unwrap();
+        assert_eq!(
+            commits,
+            [
+                Commit {
+                    revision: 4,
+                    changes: vec![Change::Put(a)],
+                },
+                Commit {
+                    revision: 5,
+                    changes: vec![
+                        Change::Delete {
+                            kind: "account",
+                            id: "acc-a".into(),
+                        },
+                        Change::Put(b),
+                        Change::Delete {
+                            kind: "security_group",
+                            id: "sg-1".into(),
+                        },
+                    ],
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn keys_of_another_prefix_or_kind_are_no_changes() {
+        let (_, body) = account("acc-a");
+        let commits = cfg()
+            .commits([
+                // `/plx` merely starts like the prefix.
+                put(3, "/plx/objects/account/acc-a", &body),
+                delete(3, "/pl/objects/no_such_kind/x"),
+                put(3, "/pl/revision", b"9"),
+            ])
+            .unwrap();
+        assert_eq!(
+            commits,
+            [Commit {
+                revision: 9,
+                changes: vec![],
+            }]
+        );
+    }
+
+    #[test]
+    fn events_that_no_commit_makes_are_errors() {
+        let (_, body) = account("acc-a");
+        let cases: [(&str, Vec<KeyEvent>); 4] = [
+            (
+                "objects without the revision",
+                vec![put(5, "/pl/objects/account/acc-a", &body)],
+            ),
+            ("the revision deleted", vec![delete(5, "/pl/revision")]),
+            (
+                "a revision that is no number",
+                vec![put(5, "/pl/revision", b"x")],
+            ),
+            (
+                "an object that is no object",
+                vec![
+                    put(5, "/pl/objects/account/acc-a", b"{"),
+                    put(5, "/pl/revision", b"2"),
+                ],
+            ),
+        ];
+        for (what, events) in cases {
+            assert!(cfg().commits(events).is_err(), "{what}: an error");
+        }
+    }
+
+    #[test]
+    fn the_load_range_covers_exactly_the_prefix() {
+        let end = range_end("/pl/");
+        assert_eq!(end, b"/pl0");
+        for inside in ["/pl/", "/pl/revision", "/pl/objects/\u{ff}"] {
+            assert!(inside.as_bytes() < end.as_slice(), "{inside}");
+        }
+        for outside in ["/pl0", "/plx/objects/account/a", "/pm"] {
+            assert!(outside.as_bytes() >= end.as_slice(), "{outside}");
+        }
+    }
 }

@@ -14,9 +14,20 @@ use super::{
     error::{ApiError, ApiResult},
     ops::{Caller, Ctx, Outcome, accounts::token_hash},
     state::State,
-    store::{NodeReport, Store, StoreError},
+    store::{Commit, NodeReport, Store, StoreError},
     types::Cluster,
 };
+
+/// What became of a commit made elsewhere ([`ControlPlane::apply_remote`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Remote {
+    /// It was the next revision: the state has it now.
+    Applied,
+    /// The state had it already.
+    Known,
+    /// Revisions between the state's (`current`) and the commit's are missing: load in full.
+    Gap { current: u64 },
+}
 
 struct Inner {
     state: State,
@@ -162,19 +173,39 @@ impl ControlPlane {
         ))
     }
 
-    /// Loads the store's state if it is at another revision than ours (changes committed by other
-    /// servers), and announces it. Returns whether it changed.
-    pub fn refresh(&self) -> Result<bool, StoreError> {
+    /// Loads the store's state in full, takes it if it is at another revision than ours (changes
+    /// committed by other servers) and announces it. Returns where a watch of the store starts to
+    /// see every later commit (`Store::watch_from`).
+    pub fn refresh(&self) -> Result<Option<i64>, StoreError> {
         let mut guard = self.lock();
         let fresh = guard.store.load()?;
+        let from = guard.store.watch_from();
         if fresh.revision == guard.state.revision {
-            return Ok(false);
+            return Ok(from);
         }
         let revision = fresh.revision;
         guard.state = fresh;
         drop(guard);
         self.revision.send_replace(revision);
-        Ok(true)
+        Ok(from)
+    }
+
+    /// Applies a commit another server made, as a watch of the store delivered it, and announces
+    /// it. Only the next revision applies; one this state has (its own commits, or a load that
+    /// was newer than the watch) is passed over.
+    pub fn apply_remote(&self, commit: &Commit) -> Remote {
+        let mut guard = self.lock();
+        let current = guard.state.revision;
+        if commit.revision <= current {
+            return Remote::Known;
+        }
+        if commit.revision != current + 1 {
+            return Remote::Gap { current };
+        }
+        guard.state.apply(commit.revision, &commit.changes);
+        drop(guard);
+        self.revision.send_replace(commit.revision);
+        Remote::Applied
     }
 
     /// Records that `node` applied `revision` (in a shared store, for every server to list).
@@ -292,5 +323,66 @@ impl ControlPlane {
 
     pub fn revision(&self) -> u64 {
         self.lock().state.revision
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::control::types::{Account, Change, Object};
+
+    /// A store at revision 2 that takes every commit.
+    struct AtTwo;
+
+    impl Store for AtTwo {
+        fn load(&mut self) -> Result<State, StoreError> {
+            Ok(State {
+                revision: 2,
+                ..State::default()
+            })
+        }
+        fn commit(&mut self, _revision: u64, _changes: &[Change]) -> Result<(), StoreError> {
+            Ok(())
+        }
+    }
+
+    fn put(revision: u64, id: &str) -> Commit {
+        Commit {
+            revision,
+            changes: vec![Change::Put(Object::Account(Account {
+                id: id.into(),
+                number: revision as u32,
+                name: id.into(),
+                created_at: 0,
+            }))],
+        }
+    }
+
+    #[test]
+    fn only_the_next_revision_applies_and_a_gap_changes_nothing() {
+        let plane = ControlPlane::open(Box::new(AtTwo), "admin-token-for-the-test").unwrap();
+        let mut announced = plane.subscribe();
+        assert_eq!(plane.apply_remote(&put(2, "old")), Remote::Known);
+        assert_eq!(
+            plane.apply_remote(&put(4, "far")),
+            Remote::Gap { current: 2 }
+        );
+        assert_eq!(plane.snapshot(), AtTwo.load().unwrap(), "nothing applied");
+        assert!(!announced.has_changed().unwrap(), "nothing announced");
+
+        assert_eq!(plane.apply_remote(&put(3, "next")), Remote::Applied);
+        assert_eq!(plane.revision(), 3);
+        assert!(plane.read(|s| s.accounts.contains_key("next")));
+        assert_eq!(*announced.borrow_and_update(), 3, "announced");
+        let deleted = Commit {
+            revision: 4,
+            changes: vec![Change::Delete {
+                kind: "account",
+                id: "next".into(),
+            }],
+        };
+        assert_eq!(plane.apply_remote(&deleted), Remote::Applied);
+        assert!(plane.read(|s| s.accounts.is_empty()), "the delete applied");
+        assert_eq!(plane.apply_remote(&deleted), Remote::Known, "once only");
     }
 }

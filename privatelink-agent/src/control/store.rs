@@ -43,6 +43,20 @@ pub trait Store: Send {
     fn nodes(&mut self) -> Result<Vec<NodeReport>, StoreError> {
         Ok(Vec::new())
     }
+    /// Where a watch of the store's changes starts to see every commit after the last load
+    /// (etcd: the revision after the one it read). `None`: no load yet, or a store nobody else
+    /// writes.
+    fn watch_from(&self) -> Option<i64> {
+        None
+    }
+}
+
+/// One committed mutation as another server sees it (a watch of a shared store): the state
+/// revision it made and its changes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Commit {
+    pub revision: u64,
+    pub changes: Vec<Change>,
 }
 
 /// One node's last applied revision.

@@ -313,6 +313,22 @@ pub enum Object {
     SecurityGroup(SecurityGroup),
 }
 
+/// Every object kind, as `Object::kind` names it (and store keys and `Change::Delete` carry it).
+pub const KINDS: [&str; 7] = [
+    "account",
+    "token",
+    "network",
+    "subnet",
+    "service",
+    "endpoint",
+    "security_group",
+];
+
+/// The kind named `name`, if there is one.
+pub fn kind_named(name: &str) -> Option<&'static str> {
+    KINDS.iter().copied().find(|k| *k == name)
+}
+
 impl Object {
     pub fn kind(&self) -> &'static str {
         match self {
