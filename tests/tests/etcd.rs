@@ -72,6 +72,25 @@ fn other_ok(w: &World, token: &str, path: &str, body: Value) -> Value {
     v
 }
 
+/// Waits for the agent to report the other server's latest revision applied, for at most
+/// `within`: that revision and how long it took.
+fn applied_within(w: &World, within: Duration) -> (u64, Duration) {
+    let committed = other(w, ADMIN, "GET", "/v1/revision", None).1["revision"]
+        .as_u64()
+        .unwrap();
+    let t = Instant::now();
+    while applied(w) < committed {
+        assert!(
+            t.elapsed() < within,
+            "the agent did not apply revision {committed} within {within:?} (at {})\n{}",
+            applied(w),
+            w.log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    (committed, t.elapsed())
+}
+
 /// A counter of the agent's metrics (0 when it is not there yet).
 fn counter(w: &World, name: &str) -> u64 {
     let text = node_get(&w.topo, "http://127.0.0.1:9464/metrics").unwrap_or_default();
@@ -142,22 +161,9 @@ fn agents_follow_etcd_races_have_one_winner_and_an_outage_keeps_forwarding() {
         &format!("/v1/services/{svc}/accept"),
         json!({ "endpoint_ids": eps }),
     );
-    let committed = other(&w, ADMIN, "GET", "/v1/revision", None).1["revision"]
-        .as_u64()
-        .unwrap();
-    let t = Instant::now();
-    while applied(&w) < committed {
-        assert!(
-            t.elapsed() < Duration::from_secs(1),
-            "the agent did not apply revision {committed} within 1 s (at {})\n{}",
-            applied(&w),
-            w.log()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let (committed, took) = applied_within(&w, Duration::from_secs(1));
     eprintln!(
-        "revision {committed} written through the other server, applied by the node in {:?}",
-        t.elapsed()
+        "revision {committed} written through the other server, applied by the node in {took:?}"
     );
     wait_for_traffic(&w, 0);
     wait_for_traffic(&w, 1);
@@ -224,19 +230,7 @@ fn agents_follow_etcd_races_have_one_winner_and_an_outage_keeps_forwarding() {
         );
         assert!(status == 200 || status == 204, "DELETE {id}: {status} {v}");
     }
-    let committed = other(&w, ADMIN, "GET", "/v1/revision", None).1["revision"]
-        .as_u64()
-        .unwrap();
-    let t = Instant::now();
-    while applied(&w) < committed {
-        assert!(
-            t.elapsed() < Duration::from_secs(2),
-            "the agent did not apply revision {committed} (at {})\n{}",
-            applied(&w),
-            w.log()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    applied_within(&w, Duration::from_secs(1));
     for id in &raced {
         let (status, v) = api(
             &w.topo,
