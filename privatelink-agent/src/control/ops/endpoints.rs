@@ -253,6 +253,17 @@ fn assign_ips(
     }
 }
 
+/// How many addresses of a subnet an automatic assignment searches.
+const CANDIDATES: usize = 65_536;
+
+/// An address as a number (IPv4 in the low 32 bits).
+fn number(a: IpAddr) -> u128 {
+    match a {
+        IpAddr::V4(a) => u32::from(a).into(),
+        IpAddr::V6(a) => a.into(),
+    }
+}
+
 fn assign_ip(
     s: &State,
     subnet_id: &str,
@@ -260,12 +271,12 @@ fn assign_ip(
     wanted: Option<&str>,
     field: &str,
 ) -> ApiResult<IpAddr> {
-    let used: BTreeSet<IpAddr> = s
-        .endpoints
-        .values()
-        .filter(|e| e.subnet_id == subnet_id)
-        .flat_map(|e| e.all_ips())
-        .collect();
+    let used = || {
+        s.endpoints
+            .values()
+            .filter(move |e| e.subnet_id == subnet_id)
+            .flat_map(|e| e.all_ips())
+    };
     if let Some(w) = wanted {
         let ip = validate::ip(field, w)?;
         if !cidr.contains(&ip) || !usable(cidr, ip) {
@@ -275,7 +286,7 @@ fn assign_ip(
                 format!("{ip} is not a usable address of subnet {cidr}"),
             ));
         }
-        if used.contains(&ip) {
+        if used().any(|u| u == ip) {
             return Err(ApiError::conflict(
                 "ip_in_use",
                 format!("{ip} is already used in subnet {subnet_id}"),
@@ -284,20 +295,28 @@ fn assign_ip(
         }
         return Ok(ip);
     }
-    // Bounded: a subnet's first 65536 candidates are searched.
-    let free = match cidr {
-        IpNet::V4(n) => n
-            .hosts()
-            .map(IpAddr::V4)
-            .take(65_536)
-            .find(|a| !used.contains(a) && usable(cidr, *a)),
-        IpNet::V6(n) => n
-            .hosts()
-            .map(IpAddr::V6)
-            .skip(1)
-            .take(65_536)
-            .find(|a| !used.contains(a)),
+    // Bounded: a subnet's first 65536 candidates are searched. They are consecutive addresses,
+    // so the ones in use are marked by their distance from the first (one pass over the
+    // endpoints, where a set of the addresses cost a tree insert and lookup per endpoint).
+    let candidates: Box<dyn Iterator<Item = IpAddr>> = match cidr {
+        IpNet::V4(n) => Box::new(n.hosts().map(IpAddr::V4).take(CANDIDATES)),
+        IpNet::V6(n) => Box::new(n.hosts().map(IpAddr::V6).skip(1).take(CANDIDATES)),
     };
+    let mut candidates = candidates.peekable();
+    let first = candidates.peek().map_or(0, |a| number(*a));
+    let mut taken = vec![false; CANDIDATES];
+    for u in used().filter(|u| u.is_ipv4() == cidr.addr().is_ipv4()) {
+        if let Some(t) = usize::try_from(number(u).wrapping_sub(first))
+            .ok()
+            .and_then(|i| taken.get_mut(i))
+        {
+            *t = true;
+        }
+    }
+    let free = candidates
+        .zip(&taken)
+        .find(|(a, taken)| !**taken && usable(cidr, *a))
+        .map(|(a, _)| a);
     free.ok_or_else(|| {
         ApiError::conflict(
             "subnet_full",
@@ -425,4 +444,148 @@ pub fn set_bindings(s: &State, cx: &mut Ctx, id: &str, req: Bindings) -> Outcome
     let mut ep = own(s, cx.caller, id)?.clone();
     ep.security_groups = bindings(s, cx.caller, &req.security_groups)?;
     put(ep)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::Ipv6Addr;
+
+    use super::*;
+
+    /// A state with endpoints at `ips` (with IPv6 addresses beside them where given), all in
+    /// subnet `sub`, and one at the same addresses in another subnet.
+    fn state(ips: &[(&str, Option<&str>)]) -> State {
+        let mut s = State::default();
+        let mut add = |i: usize, subnet: &str, ip: &str, v6: Option<&str>| {
+            let id = format!("ep-{subnet}-{i}");
+            s.endpoints.insert(
+                id.clone(),
+                Endpoint {
+                    id,
+                    link_id: i as u32 + 1,
+                    name: "e".into(),
+                    owner: "a".into(),
+                    network_id: "n".into(),
+                    subnet_id: subnet.into(),
+                    ip: ip.parse().unwrap(),
+                    ip_address_type: IpAddressType::Ipv4,
+                    ipv6: v6.map(|a| a.parse::<Ipv6Addr>().unwrap()),
+                    service_id: "svc".into(),
+                    dns_name: String::new(),
+                    private_dns_enabled: false,
+                    state: ConnectionState::Available,
+                    security_groups: vec![],
+                    tags: vec![],
+                    created_at: 0,
+                },
+            );
+        };
+        for (i, (ip, v6)) in ips.iter().enumerate() {
+            add(i, "sub", ip, *v6);
+        }
+        add(99, "other", "198.18.0.3", None);
+        s
+    }
+
+    fn auto(s: &State, cidr: &str) -> ApiResult<IpAddr> {
+        assign_ip(s, "sub", &cidr.parse().unwrap(), None, "ip")
+    }
+
+    #[test]
+    fn the_first_free_usable_address_of_the_subnet_is_assigned() {
+        let s = state(&[
+            ("198.18.0.1", None),
+            ("198.18.0.2", None),
+            ("198.18.0.4", None),
+        ]);
+        // .3 is taken in another subnet only.
+        assert_eq!(auto(&s, "198.18.0.0/29").unwrap().to_string(), "198.18.0.3");
+        let none = state(&[]);
+        assert_eq!(
+            auto(&none, "198.18.0.0/29").unwrap().to_string(),
+            "198.18.0.1",
+            "not the network address"
+        );
+        assert_eq!(
+            auto(&none, "198.18.0.8/31").unwrap().to_string(),
+            "198.18.0.8",
+            "a /31 has no network address"
+        );
+        let full = state(&[
+            ("198.18.0.1", None),
+            ("198.18.0.2", None),
+            ("198.18.0.3", None),
+            ("198.18.0.4", None),
+            ("198.18.0.5", None),
+            ("198.18.0.6", None),
+        ]);
+        assert_eq!(
+            auto(&full, "198.18.0.0/29").unwrap_err().code,
+            "subnet_full",
+            "the broadcast address is not usable"
+        );
+    }
+
+    #[test]
+    fn ipv6_assignment_skips_the_network_address_and_sees_only_ipv6_neighbours() {
+        // A dual-stack neighbour holds 2001:db8::1; its IPv4 address is no IPv6 candidate's.
+        let s = state(&[("198.18.0.2", Some("2001:db8::1"))]);
+        assert_eq!(
+            auto(&s, "2001:db8::/126").unwrap().to_string(),
+            "2001:db8::2"
+        );
+        let full = state(&[
+            ("198.18.0.1", Some("2001:db8::1")),
+            ("198.18.0.2", Some("2001:db8::2")),
+            ("198.18.0.3", Some("2001:db8::3")),
+        ]);
+        assert_eq!(
+            auto(&full, "2001:db8::/126").unwrap_err().code,
+            "subnet_full"
+        );
+        // An IPv6 address with the number of an IPv4 candidate (::198.18.0.1, a value only,
+        // never sent anywhere) does not take that candidate.
+        let s = state(&[("198.18.0.9", Some("::c612:1"))]);
+        assert_eq!(auto(&s, "198.18.0.0/29").unwrap().to_string(), "198.18.0.1");
+    }
+
+    #[test]
+    fn a_wanted_address_in_use_in_the_subnet_is_refused() {
+        let s = state(&[("198.18.0.5", Some("2001:db8::5"))]);
+        let want =
+            |ip: &str, cidr: &str| assign_ip(&s, "sub", &cidr.parse().unwrap(), Some(ip), "ip");
+        assert_eq!(
+            want("198.18.0.5", "198.18.0.0/24").unwrap_err().code,
+            "ip_in_use"
+        );
+        assert_eq!(
+            want("2001:db8::5", "2001:db8::/64").unwrap_err().code,
+            "ip_in_use"
+        );
+        // Used in another subnet only.
+        assert_eq!(
+            want("198.18.0.3", "198.18.0.0/24").unwrap().to_string(),
+            "198.18.0.3"
+        );
+        assert_eq!(
+            want("198.18.0.255", "198.18.0.0/24").unwrap_err().code,
+            "ip_outside_subnet"
+        );
+    }
+
+    #[test]
+    fn the_lowest_free_number_is_taken_and_the_limit_is_kept() {
+        let free =
+            |used: &[u32], limit| super::super::lowest_free(used.iter().copied(), limit, "t");
+        assert_eq!(free(&[], 10).unwrap(), 1);
+        assert_eq!(free(&[1, 2, 3], 10).unwrap(), 4);
+        assert_eq!(free(&[2, 3], 10).unwrap(), 1);
+        assert_eq!(
+            free(&[3, 1, 1, 0], 10).unwrap(),
+            2,
+            "duplicates and 0 count once or not at all"
+        );
+        assert_eq!(free(&[u32::MAX - 1, 1], u32::MAX).unwrap(), 2);
+        assert_eq!(free(&[1, 2], 3).unwrap_err().code, "capacity");
+    }
 }
