@@ -1,4 +1,5 @@
 //! The control plane: the PrivateLink model, its rules, a durable store and the REST API.
+pub mod alloc;
 pub mod api;
 pub mod error;
 pub mod etcd;

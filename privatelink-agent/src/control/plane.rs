@@ -11,11 +11,12 @@ use std::{
 use tokio::sync::watch;
 
 use super::{
+    alloc::Allocations,
     error::{ApiError, ApiResult},
     ops::{Caller, Ctx, Outcome, accounts::token_hash},
     state::State,
     store::{Commit, NodeReport, Store, StoreError},
-    types::Cluster,
+    types::{Change, Cluster},
 };
 
 /// What became of a commit made elsewhere ([`ControlPlane::apply_remote`]).
@@ -31,7 +32,32 @@ pub enum Remote {
 
 struct Inner {
     state: State,
+    /// What endpoint creation allocates from, kept in step with `state` by the two methods below,
+    /// the only ways the state changes.
+    alloc: Allocations,
     store: Box<dyn Store>,
+}
+
+impl Inner {
+    fn new(state: State, store: Box<dyn Store>) -> Self {
+        Inner {
+            alloc: Allocations::of(&state),
+            state,
+            store,
+        }
+    }
+
+    /// Takes a state loaded in full.
+    fn replace(&mut self, state: State) {
+        self.alloc = Allocations::of(&state);
+        self.state = state;
+    }
+
+    /// Applies a commit's changes as `revision`.
+    fn apply(&mut self, revision: u64, changes: &[Change]) {
+        self.alloc.apply(&self.state, changes);
+        self.state.apply(revision, changes);
+    }
 }
 
 pub struct ControlPlane {
@@ -86,7 +112,7 @@ impl ControlPlane {
         let state = store.load()?;
         let (revision, _) = watch::channel(state.revision);
         Ok(ControlPlane {
-            inner: Mutex::new(Inner { state, store }),
+            inner: Mutex::new(Inner::new(state, store)),
             admin_sha256: token_hash(admin_token),
             revision,
             health: Mutex::new(BTreeMap::new()),
@@ -189,7 +215,7 @@ impl ControlPlane {
             return Ok(from);
         }
         let revision = fresh.revision;
-        guard.state = fresh;
+        guard.replace(fresh);
         drop(guard);
         self.revision.send_replace(revision);
         Ok(from)
@@ -207,7 +233,7 @@ impl ControlPlane {
         if commit.revision != current + 1 {
             return Remote::Gap { current };
         }
-        guard.state.apply(commit.revision, &commit.changes);
+        guard.apply(commit.revision, &commit.changes);
         drop(guard);
         self.revision.send_replace(commit.revision);
         Remote::Applied
@@ -262,6 +288,7 @@ impl ControlPlane {
             now: now(),
             random: &mut rnd,
             cluster: &self.cluster,
+            alloc: &inner.alloc,
         };
         let (changes, response) = match op(&inner.state, &mut cx) {
             Ok(v) => v,
@@ -294,7 +321,7 @@ impl ControlPlane {
                 return match inner.store.load() {
                     Ok(fresh) => {
                         let r = fresh.revision;
-                        inner.state = fresh;
+                        inner.replace(fresh);
                         drop(guard);
                         self.revision.send_replace(r);
                         None
@@ -304,7 +331,7 @@ impl ControlPlane {
             }
             Err(e) => return Some(Err(unavailable(revision, e))),
         }
-        inner.state.apply(revision, &changes);
+        inner.apply(revision, &changes);
         drop(guard);
         self.revision.send_replace(revision);
         Some(Ok(response))

@@ -7,6 +7,7 @@ use serde::Deserialize;
 
 use super::{Caller, Ctx, Outcome, owns};
 use crate::control::{
+    alloc::Allocations,
     error::{ApiError, ApiResult},
     state::State,
     types::{Binding, Change, ConnectionState, Endpoint, IpAddressType, Object, Subnet, Tag},
@@ -186,7 +187,7 @@ fn usable(net: &IpNet, ip: IpAddr) -> bool {
 /// The endpoint's addresses (`ip`, and the IPv6 one of a dual-stack or IPv6 endpoint) for the
 /// requested address type in `subnet`.
 fn assign_ips(
-    s: &State,
+    alloc: &Allocations,
     subnet: &Subnet,
     req: &CreateEndpoint,
 ) -> ApiResult<(IpAddressType, IpAddr, Option<std::net::Ipv6Addr>)> {
@@ -221,7 +222,7 @@ fn assign_ips(
                 ));
             }
             let ip = assign_ip(
-                s,
+                alloc,
                 &subnet.id,
                 &need(subnet.v4(), "IPv4")?,
                 req.ip.as_deref(),
@@ -241,42 +242,31 @@ fn assign_ips(
                 (Some(w), None) => ("ipv6", Some(w.as_str())),
                 (None, w) => ("ip", w.as_deref()),
             };
-            let ip = assign_ip(s, &subnet.id, &need(subnet.v6(), "IPv6")?, wanted, field)?;
+            let ip = assign_ip(
+                alloc,
+                &subnet.id,
+                &need(subnet.v6(), "IPv6")?,
+                wanted,
+                field,
+            )?;
             Ok((kind, ip, v6_of(ip)))
         }
         IpAddressType::Dualstack => {
             let (r4, r6) = (need(subnet.v4(), "IPv4")?, need(subnet.v6(), "IPv6")?);
-            let ip = assign_ip(s, &subnet.id, &r4, req.ip.as_deref(), "ip")?;
-            let ip6 = assign_ip(s, &subnet.id, &r6, req.ipv6.as_deref(), "ipv6")?;
+            let ip = assign_ip(alloc, &subnet.id, &r4, req.ip.as_deref(), "ip")?;
+            let ip6 = assign_ip(alloc, &subnet.id, &r6, req.ipv6.as_deref(), "ipv6")?;
             Ok((kind, ip, v6_of(ip6)))
         }
     }
 }
 
-/// How many addresses of a subnet an automatic assignment searches.
-const CANDIDATES: usize = 65_536;
-
-/// An address as a number (IPv4 in the low 32 bits).
-fn number(a: IpAddr) -> u128 {
-    match a {
-        IpAddr::V4(a) => u32::from(a).into(),
-        IpAddr::V6(a) => a.into(),
-    }
-}
-
 fn assign_ip(
-    s: &State,
+    alloc: &Allocations,
     subnet_id: &str,
     cidr: &IpNet,
     wanted: Option<&str>,
     field: &str,
 ) -> ApiResult<IpAddr> {
-    let used = || {
-        s.endpoints
-            .values()
-            .filter(move |e| e.subnet_id == subnet_id)
-            .flat_map(|e| e.all_ips())
-    };
     if let Some(w) = wanted {
         let ip = validate::ip(field, w)?;
         if !cidr.contains(&ip) || !usable(cidr, ip) {
@@ -286,7 +276,7 @@ fn assign_ip(
                 format!("{ip} is not a usable address of subnet {cidr}"),
             ));
         }
-        if used().any(|u| u == ip) {
+        if alloc.addr_taken(subnet_id, ip) {
             return Err(ApiError::conflict(
                 "ip_in_use",
                 format!("{ip} is already used in subnet {subnet_id}"),
@@ -295,29 +285,8 @@ fn assign_ip(
         }
         return Ok(ip);
     }
-    // Bounded: a subnet's first 65536 candidates are searched. They are consecutive addresses,
-    // so the ones in use are marked by their distance from the first (one pass over the
-    // endpoints, where a set of the addresses cost a tree insert and lookup per endpoint).
-    let candidates: Box<dyn Iterator<Item = IpAddr>> = match cidr {
-        IpNet::V4(n) => Box::new(n.hosts().map(IpAddr::V4).take(CANDIDATES)),
-        IpNet::V6(n) => Box::new(n.hosts().map(IpAddr::V6).skip(1).take(CANDIDATES)),
-    };
-    let mut candidates = candidates.peekable();
-    let first = candidates.peek().map_or(0, |a| number(*a));
-    let mut taken = vec![false; CANDIDATES];
-    for u in used().filter(|u| u.is_ipv4() == cidr.addr().is_ipv4()) {
-        if let Some(t) = usize::try_from(number(u).wrapping_sub(first))
-            .ok()
-            .and_then(|i| taken.get_mut(i))
-        {
-            *t = true;
-        }
-    }
-    let free = candidates
-        .zip(&taken)
-        .find(|(a, taken)| !**taken && usable(cidr, *a))
-        .map(|(a, _)| a);
-    free.ok_or_else(|| {
+    // Bounded: a subnet's first 65536 candidates are searched.
+    alloc.first_free(subnet_id, cidr).ok_or_else(|| {
         ApiError::conflict(
             "subnet_full",
             format!("no free address left in subnet {subnet_id}"),
@@ -352,8 +321,11 @@ pub fn create(s: &State, cx: &mut Ctx, req: CreateEndpoint) -> Outcome<Endpoint>
         ));
     }
     let security_groups = bindings(s, cx.caller, &req.security_groups)?;
-    let (ip_address_type, ip, ipv6) = assign_ips(s, subnet, &req)?;
-    let link_id = super::lowest_free(s.endpoints.values().map(|e| e.link_id), u32::MAX, "link")?;
+    let (ip_address_type, ip, ipv6) = assign_ips(cx.alloc, subnet, &req)?;
+    let link_id = cx
+        .alloc
+        .lowest_link(u32::MAX)
+        .ok_or_else(|| super::capacity(u32::MAX, "link"))?;
     let id = cx.new_id("ep", |id| s.endpoints.contains_key(id));
     let ep = Endpoint {
         dns_name: format!(
@@ -488,7 +460,13 @@ mod tests {
     }
 
     fn auto(s: &State, cidr: &str) -> ApiResult<IpAddr> {
-        assign_ip(s, "sub", &cidr.parse().unwrap(), None, "ip")
+        assign_ip(
+            &Allocations::of(s),
+            "sub",
+            &cidr.parse().unwrap(),
+            None,
+            "ip",
+        )
     }
 
     #[test]
@@ -551,9 +529,9 @@ mod tests {
 
     #[test]
     fn a_wanted_address_in_use_in_the_subnet_is_refused() {
-        let s = state(&[("198.18.0.5", Some("2001:db8::5"))]);
+        let alloc = Allocations::of(&state(&[("198.18.0.5", Some("2001:db8::5"))]));
         let want =
-            |ip: &str, cidr: &str| assign_ip(&s, "sub", &cidr.parse().unwrap(), Some(ip), "ip");
+            |ip: &str, cidr: &str| assign_ip(&alloc, "sub", &cidr.parse().unwrap(), Some(ip), "ip");
         assert_eq!(
             want("198.18.0.5", "198.18.0.0/24").unwrap_err().code,
             "ip_in_use"
