@@ -202,7 +202,7 @@ mod tests {
     use std::net::Ipv6Addr;
 
     use super::*;
-    use crate::control::types::{Account, ConnectionState, IpAddressType};
+    use crate::control::types::Account;
 
     /// A small deterministic generator (xorshift), so a failure reproduces.
     struct Rng(u64);
@@ -220,24 +220,13 @@ mod tests {
         let ip = IpAddr::V4([198, 18, 0, r.below(16) as u8].into());
         let ipv6 = (r.below(2) == 0)
             .then(|| Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, r.below(8) as u16));
-        Endpoint {
-            id: format!("ep-{}", r.below(20)),
-            link_id: r.below(12) as u32 + 1,
-            name: "e".into(),
-            owner: "a".into(),
-            network_id: "n".into(),
-            subnet_id: ["a", "b"][r.below(2) as usize].into(),
+        Endpoint::for_test(
+            &format!("ep-{}", r.below(20)),
+            r.below(12) as u32 + 1,
+            ["a", "b"][r.below(2) as usize],
             ip,
-            ip_address_type: IpAddressType::Ipv4,
             ipv6,
-            service_id: "svc".into(),
-            dns_name: String::new(),
-            private_dns_enabled: false,
-            state: ConnectionState::Available,
-            security_groups: vec![],
-            tags: vec![],
-            created_at: 0,
-        }
+        )
     }
 
     /// What the allocations must answer, by looking at every endpoint (the way validation

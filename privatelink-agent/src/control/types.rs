@@ -260,6 +260,36 @@ impl Endpoint {
         let (a, b) = self.addrs();
         a.map(IpAddr::V4).into_iter().chain(b.map(IpAddr::V6))
     }
+
+    /// An available IPv4 (or dual-stack, with `ipv6`) endpoint of the given id, link and subnet,
+    /// everything else a placeholder: for tests of what is derived from endpoints.
+    #[cfg(test)]
+    pub fn for_test(
+        id: &str,
+        link_id: u32,
+        subnet_id: &str,
+        ip: IpAddr,
+        ipv6: Option<Ipv6Addr>,
+    ) -> Self {
+        Endpoint {
+            id: id.into(),
+            link_id,
+            name: "e".into(),
+            owner: "a".into(),
+            network_id: "n".into(),
+            subnet_id: subnet_id.into(),
+            ip,
+            ip_address_type: IpAddressType::Ipv4,
+            ipv6,
+            service_id: "svc".into(),
+            dns_name: String::new(),
+            private_dns_enabled: false,
+            state: ConnectionState::Available,
+            security_groups: vec![],
+            tags: vec![],
+            created_at: 0,
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]

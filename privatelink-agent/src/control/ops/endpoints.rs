@@ -430,26 +430,10 @@ mod tests {
         let mut s = State::default();
         let mut add = |i: usize, subnet: &str, ip: &str, v6: Option<&str>| {
             let id = format!("ep-{subnet}-{i}");
+            let v6 = v6.map(|a| a.parse::<Ipv6Addr>().unwrap());
             s.endpoints.insert(
                 id.clone(),
-                Endpoint {
-                    id,
-                    link_id: i as u32 + 1,
-                    name: "e".into(),
-                    owner: "a".into(),
-                    network_id: "n".into(),
-                    subnet_id: subnet.into(),
-                    ip: ip.parse().unwrap(),
-                    ip_address_type: IpAddressType::Ipv4,
-                    ipv6: v6.map(|a| a.parse::<Ipv6Addr>().unwrap()),
-                    service_id: "svc".into(),
-                    dns_name: String::new(),
-                    private_dns_enabled: false,
-                    state: ConnectionState::Available,
-                    security_groups: vec![],
-                    tags: vec![],
-                    created_at: 0,
-                },
+                Endpoint::for_test(&id, i as u32 + 1, subnet, ip.parse().unwrap(), v6),
             );
         };
         for (i, (ip, v6)) in ips.iter().enumerate() {
