@@ -31,7 +31,9 @@ pub enum Remote {
 }
 
 struct Inner {
-    state: State,
+    /// Shared with the snapshots readers hold (metrics, history): a snapshot is a reference
+    /// count, and a change while one is out copies the state once (`Arc::make_mut`).
+    state: Arc<State>,
     /// What endpoint creation allocates from, kept in step with `state` by the two methods below,
     /// the only ways the state changes.
     alloc: Allocations,
@@ -42,7 +44,7 @@ impl Inner {
     fn new(state: State, store: Box<dyn Store>) -> Self {
         Inner {
             alloc: Allocations::of(&state),
-            state,
+            state: Arc::new(state),
             store,
         }
     }
@@ -50,13 +52,13 @@ impl Inner {
     /// Takes a state loaded in full.
     fn replace(&mut self, state: State) {
         self.alloc = Allocations::of(&state);
-        self.state = state;
+        self.state = Arc::new(state);
     }
 
     /// Applies a commit's changes as `revision`.
     fn apply(&mut self, revision: u64, changes: &[Change]) {
         self.alloc.apply(&self.state, changes);
-        self.state.apply(revision, changes);
+        Arc::make_mut(&mut self.state).apply(revision, changes);
     }
 }
 
@@ -158,9 +160,10 @@ impl ControlPlane {
         f(&self.lock().state)
     }
 
-    /// A copy of the state (for the dataplane sync).
-    pub fn snapshot(&self) -> State {
-        self.lock().state.clone()
+    /// The current state, to read without holding the control plane's lock (metrics, history):
+    /// shared, not copied (a copy of 100k endpoints took 50 ms, under the lock).
+    pub fn snapshot(&self) -> Arc<State> {
+        Arc::clone(&self.lock().state)
     }
 
     /// Announces every committed revision.
@@ -479,6 +482,22 @@ mod tests {
     }
 
     #[test]
+    fn snapshots_are_shared_and_keep_their_revision_while_the_state_moves_on() {
+        let plane = ControlPlane::open(Box::new(AtTwo), "admin-token-for-the-test").unwrap();
+        let held = plane.snapshot();
+        assert!(
+            Arc::ptr_eq(&held, &plane.snapshot()),
+            "no copy per snapshot"
+        );
+        assert_eq!(plane.apply_remote(&put(3, "next")), Remote::Applied);
+        assert_eq!(held.revision, 2, "a held snapshot stays as it was");
+        assert!(!held.accounts.contains_key("next"));
+        let now = plane.snapshot();
+        assert_eq!(now.revision, 3);
+        assert!(now.accounts.contains_key("next"));
+    }
+
+    #[test]
     fn only_the_next_revision_applies_and_a_gap_changes_nothing() {
         let plane = ControlPlane::open(Box::new(AtTwo), "admin-token-for-the-test").unwrap();
         let mut announced = plane.subscribe();
@@ -487,7 +506,7 @@ mod tests {
             plane.apply_remote(&put(4, "far")),
             Remote::Gap { current: 2 }
         );
-        assert_eq!(plane.snapshot(), AtTwo.load().unwrap(), "nothing applied");
+        assert_eq!(*plane.snapshot(), AtTwo.load().unwrap(), "nothing applied");
         assert!(!announced.has_changed().unwrap(), "nothing announced");
 
         assert_eq!(plane.apply_remote(&put(3, "next")), Remote::Applied);
