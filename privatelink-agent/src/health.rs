@@ -129,7 +129,7 @@ pub async fn run(plane: Arc<ControlPlane>, health: Arc<Health>, changed: Arc<Not
         tokio::select! {
             _ = tick.tick() => {
                 let now = Instant::now();
-                let list = targets(&plane.snapshot());
+                let list = plane.read(targets);
                 let wanted: BTreeSet<TargetKey> = list.iter().map(|(k, _, _)| k.clone()).collect();
                 health.retain(&wanted);
                 due.retain(|k, _| wanted.contains(k));
