@@ -1,7 +1,7 @@
 //! What endpoint creation allocates from, kept in step with the state: the link ids in use and
 //! each subnet's addresses in use, as sorted sets, so that the lowest free link id and the first
-//! free address are binary searches instead of a walk over every endpoint (4 ms per creation with
-//! 100k endpoints in a subnet).
+//! free address are binary searches instead of a walk over every endpoint (which took 4 ms per
+//! creation with 100k endpoints in a subnet).
 //!
 //! The control plane owns the state and changes it in three ways only: a full load, its own
 //! commits and the commits it follows. Each rebuilds or updates these sets with it
@@ -15,58 +15,54 @@ use super::{
     types::{Change, Endpoint, Object},
 };
 
-/// A multiset of numbers with the distinct ones sorted, for "the first number from here that
-/// is not taken" by binary search.
+/// A multiset of numbers, kept sorted, for "the first number from here that is not taken" by
+/// binary search.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 struct Taken {
-    /// How many holders each number has (normally one).
-    count: BTreeMap<u128, u32>,
-    /// The numbers of `count`, ascending.
-    sorted: Vec<u128>,
+    /// Each number taken, ascending, with how many hold it (normally one).
+    held: Vec<(u128, u32)>,
 }
 
 impl Taken {
     fn add(&mut self, n: u128) {
-        let c = self.count.entry(n).or_insert(0);
-        *c += 1;
-        if *c == 1 {
-            let at = self.sorted.partition_point(|&x| x < n);
-            self.sorted.insert(at, n);
+        match self.held.binary_search_by_key(&n, |e| e.0) {
+            Ok(i) => self.held[i].1 += 1,
+            Err(i) => self.held.insert(i, (n, 1)),
         }
     }
 
     fn remove(&mut self, n: u128) {
-        let Some(c) = self.count.get_mut(&n) else {
-            return;
-        };
-        *c -= 1;
-        if *c == 0 {
-            self.count.remove(&n);
-            if let Ok(at) = self.sorted.binary_search(&n) {
-                self.sorted.remove(at);
+        if let Ok(i) = self.held.binary_search_by_key(&n, |e| e.0) {
+            self.held[i].1 -= 1;
+            if self.held[i].1 == 0 {
+                self.held.remove(i);
             }
         }
     }
 
     fn contains(&self, n: u128) -> bool {
-        self.count.contains_key(&n)
+        self.held.binary_search_by_key(&n, |e| e.0).is_ok()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.held.is_empty()
     }
 
     /// The smallest number in `first..first + len` that is not taken.
     fn first_free(&self, first: u128, len: u128) -> Option<u128> {
-        let run = &self.sorted[self.sorted.partition_point(|&x| x < first)..];
+        let run = &self.held[self.held.partition_point(|e| e.0 < first)..];
         // `run` is strictly increasing from `first` on, so `run[j] == first + j` holds for a
         // prefix of it: the first `j` where it fails (or the prefix's end) is free.
         let (mut lo, mut hi) = (0, run.len());
         while lo < hi {
             let mid = lo + (hi - lo) / 2;
-            if run[mid] == first + mid as u128 {
+            if Some(run[mid].0) == first.checked_add(mid as u128) {
                 lo = mid + 1;
             } else {
                 hi = mid;
             }
         }
-        let n = first + lo as u128;
+        let n = first.checked_add(lo as u128)?;
         (n < first.saturating_add(len)).then_some(n)
     }
 }
@@ -117,7 +113,7 @@ impl Allocations {
             if let Some(t) = self.addrs.get_mut(&key) {
                 t.remove(number(ip));
                 // A subnet without endpoints leaves nothing behind, as if it never had any.
-                if t.sorted.is_empty() {
+                if t.is_empty() {
                     self.addrs.remove(&key);
                 }
             }
@@ -179,16 +175,20 @@ impl Allocations {
             ),
             IpNet::V6(n) => {
                 let size = 1u128.checked_shl(128 - u32::from(n.prefix_len()));
+                // A /128 has no address after its network address (which may be the last).
                 (
-                    u128::from(n.network()) + 1,
+                    u128::from(n.network()).wrapping_add(1),
                     size.map_or(u128::MAX, |s| s - 1),
                 )
             }
         };
         let len = len.min(CANDIDATES);
+        if len == 0 {
+            return None;
+        }
         let n = match self.addrs.get(&(subnet.to_string(), cidr.addr().is_ipv6())) {
             Some(t) => t.first_free(first, len)?,
-            None => (len > 0).then_some(first)?,
+            None => first,
         };
         Some(match cidr {
             IpNet::V4(_) => IpAddr::V4((n as u32).into()),
@@ -326,6 +326,40 @@ mod tests {
         let mut far = Allocations::default();
         far.links.add(u128::from(u32::MAX - 1));
         assert_eq!(far.lowest_link(u32::MAX), Some(1));
+    }
+
+    #[test]
+    fn the_ends_of_the_address_space_do_not_overflow() {
+        // Values only, never sent anywhere: the last IPv6 addresses.
+        let mut a = Allocations::default();
+        let top: IpNet = "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff/128"
+            .parse()
+            .unwrap();
+        assert_eq!(
+            a.first_free("s", &top),
+            None,
+            "a /128 has nothing to assign"
+        );
+        let last4: IpNet = "ffff:ffff:ffff:ffff:ffff:ffff:ffff:fffc/126"
+            .parse()
+            .unwrap();
+        let t = a.addrs.entry(("s".into(), true)).or_default();
+        for n in 1..=3 {
+            t.add(u128::MAX - 3 + n);
+        }
+        assert_eq!(
+            a.first_free("s", &last4),
+            None,
+            "all three taken, up to the last"
+        );
+        a.addrs
+            .get_mut(&("s".into(), true))
+            .unwrap()
+            .remove(u128::MAX - 1);
+        assert_eq!(
+            a.first_free("s", &last4),
+            Some("ffff:ffff:ffff:ffff:ffff:ffff:ffff:fffe".parse().unwrap())
+        );
     }
 
     #[test]
