@@ -19,44 +19,48 @@ use super::{
 /// binary search.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 struct Taken {
-    /// Each number taken, ascending, with how many hold it (normally one).
-    held: Vec<(u128, u32)>,
+    /// Each number taken, once, ascending (16 bytes a number: inserting moves half of them).
+    sorted: Vec<u128>,
+    /// Holders beyond the first of a number (a corrupt state's duplicates; normally empty).
+    extra: BTreeMap<u128, u32>,
 }
 
 impl Taken {
     fn add(&mut self, n: u128) {
-        match self.held.binary_search_by_key(&n, |e| e.0) {
-            Ok(i) => self.held[i].1 += 1,
-            Err(i) => self.held.insert(i, (n, 1)),
+        match self.sorted.binary_search(&n) {
+            Ok(_) => *self.extra.entry(n).or_insert(0) += 1,
+            Err(i) => self.sorted.insert(i, n),
         }
     }
 
     fn remove(&mut self, n: u128) {
-        if let Ok(i) = self.held.binary_search_by_key(&n, |e| e.0) {
-            self.held[i].1 -= 1;
-            if self.held[i].1 == 0 {
-                self.held.remove(i);
+        if let Some(c) = self.extra.get_mut(&n) {
+            *c -= 1;
+            if *c == 0 {
+                self.extra.remove(&n);
             }
+        } else if let Ok(i) = self.sorted.binary_search(&n) {
+            self.sorted.remove(i);
         }
     }
 
     fn contains(&self, n: u128) -> bool {
-        self.held.binary_search_by_key(&n, |e| e.0).is_ok()
+        self.sorted.binary_search(&n).is_ok()
     }
 
     fn is_empty(&self) -> bool {
-        self.held.is_empty()
+        self.sorted.is_empty()
     }
 
     /// The smallest number in `first..first + len` that is not taken.
     fn first_free(&self, first: u128, len: u128) -> Option<u128> {
-        let run = &self.held[self.held.partition_point(|e| e.0 < first)..];
+        let run = &self.sorted[self.sorted.partition_point(|&x| x < first)..];
         // `run` is strictly increasing from `first` on, so `run[j] == first + j` holds for a
         // prefix of it: the first `j` where it fails (or the prefix's end) is free.
         let (mut lo, mut hi) = (0, run.len());
         while lo < hi {
             let mid = lo + (hi - lo) / 2;
-            if Some(run[mid].0) == first.checked_add(mid as u128) {
+            if Some(run[mid]) == first.checked_add(mid as u128) {
                 lo = mid + 1;
             } else {
                 hi = mid;
