@@ -1463,3 +1463,49 @@ fn a_link_cut_and_restored_does_not_revive_its_cached_flows() {
         }
     });
 }
+
+/// Conntrack is read in batches of 4,096 entries (`BPF_MAP_LOOKUP_BATCH`): 5,000 flows make
+/// 10,000 entries, three batches, and every reader sees each entry once (the agent's view, the
+/// counters' view), and a cut removes them all.
+#[test]
+fn conntrack_reads_in_batches_see_every_entry_once() {
+    with_harness("conntrack_batches", |h| {
+        let m = h.model();
+        h.apply(&m);
+        const FLOWS: u16 = 5_000;
+        for i in 0..FLOWS {
+            let r = h.run(h.c0, &h.consumer_syn(10_000 + i));
+            assert_eq!(r.verdict, XDP_REDIRECT, "SYN {i}");
+        }
+        let flows = h.plane.flows();
+        assert_eq!(
+            flows.len(),
+            2 * FLOWS as usize,
+            "a forward and a reply entry each"
+        );
+        let keys: std::collections::BTreeSet<_> = flows.iter().map(|(k, _)| *k).collect();
+        assert_eq!(keys.len(), flows.len(), "no entry twice");
+        let forward: std::collections::BTreeSet<u16> = flows
+            .iter()
+            .filter(|(_, f)| f.dir == c::DIR_FORWARD)
+            .map(|(k, _)| u16::from_be(k.sport_be))
+            .collect();
+        assert_eq!(
+            forward,
+            (10_000..10_000 + FLOWS).collect(),
+            "every consumer port's forward entry"
+        );
+        let views = h.plane.stats_reader().expect("reader").flow_views();
+        assert_eq!(
+            views.len(),
+            flows.len(),
+            "the counters read the same entries"
+        );
+        let cut = h
+            .plane
+            .cut_flows(&std::collections::BTreeSet::from([LINK]))
+            .expect("cut");
+        assert_eq!(cut, flows.len(), "the cut finds every entry");
+        assert!(h.plane.flows().is_empty(), "and removes them");
+    });
+}

@@ -890,12 +890,12 @@ impl Dataplane {
 
     /// All IPv4 conntrack entries (for metrics, tests and the CLI).
     pub fn flows(&self) -> Vec<(FlowKey4, Flow4)> {
-        self.ct4.iter().filter_map(Result::ok).collect()
+        super::batch::entries(&self.ct4)
     }
 
     /// All IPv6 conntrack entries.
     pub fn flows6(&self) -> Vec<(FlowKey6, Flow6)> {
-        self.ct6.iter().filter_map(Result::ok).collect()
+        super::batch::entries(&self.ct6)
     }
 
     /// Global outcome counters summed over CPUs, indexed by outcome code.
@@ -1016,9 +1016,8 @@ where
     FlowKey<A>: aya::Pod,
     Flow<A>: aya::Pod,
 {
-    let keys: Vec<FlowKey<A>> = ct
-        .iter()
-        .filter_map(Result::ok)
+    let keys: Vec<FlowKey<A>> = super::batch::entries(ct)
+        .into_iter()
         .filter(|(k, f)| doomed(k, f))
         .map(|(k, _)| k)
         .collect();
@@ -1054,7 +1053,10 @@ fn read_hash<K: aya::Pod + Ord, V: aya::Pod>(
     map: &HashMap<MapData, K, V>,
     name: &'static str,
 ) -> Result<BTreeMap<K, V>, DataplaneError> {
-    map.iter().map(|r| r.map_err(map_err(name))).collect()
+    Ok(super::batch::try_entries(map)
+        .map_err(map_err(name))?
+        .into_iter()
+        .collect())
 }
 
 /// The slots of an array map that `entry` turns into entries (it refuses empty slots).
@@ -1171,12 +1173,12 @@ impl StatsReader {
 
     /// Every IPv4 conntrack entry.
     pub fn flows(&self) -> Vec<(FlowKey4, Flow4)> {
-        self.ct4.iter().filter_map(Result::ok).collect()
+        super::batch::entries(&self.ct4)
     }
 
     /// Every IPv6 conntrack entry.
     pub fn flows6(&self) -> Vec<(FlowKey6, Flow6)> {
-        self.ct6.iter().filter_map(Result::ok).collect()
+        super::batch::entries(&self.ct6)
     }
 
     /// Every conntrack entry of both families, as the counters see them.
@@ -1192,8 +1194,10 @@ impl StatsReader {
                 last_seen_ns: f.last_seen_ns,
             }
         }
-        let v4 = self.ct4.iter().filter_map(Result::ok).map(view(false));
-        v4.chain(self.ct6.iter().filter_map(Result::ok).map(view(true)))
+        let v4 = super::batch::entries(&self.ct4)
+            .into_iter()
+            .map(view(false));
+        v4.chain(super::batch::entries(&self.ct6).into_iter().map(view(true)))
             .collect()
     }
 }

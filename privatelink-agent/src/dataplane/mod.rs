@@ -1,4 +1,5 @@
 //! Turning the agent's model of the node into BPF map contents, and writing them.
+pub mod batch;
 pub mod compile;
 pub mod maglev;
 pub mod maps;
