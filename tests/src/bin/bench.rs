@@ -388,6 +388,14 @@ fn measure(
                 h.plane.flows().len(),
                 t.elapsed()
             );
+            // What every metrics scrape and history sample reads (and a sweep, before deleting).
+            let reader = h.plane.stats_reader().expect("stats reader");
+            let t = Instant::now();
+            let n = reader.flow_views().len();
+            eprintln!(
+                "bench: read all {n} conntrack entries in {:?} (batched lookups)",
+                t.elapsed()
+            );
         }
         let (fl, overhead) = floor(h);
         // The one datapath path that leaves buffer and state unchanged, so it can also be measured
