@@ -47,11 +47,26 @@ pub type Answers = BTreeMap<String, BTreeSet<IpAddr>>;
 
 /// What the DNS server of consumer network `network` answers, from the control-plane state.
 pub fn answers(state: &State, network: &str) -> Answers {
-    let mut out = Answers::new();
+    answers_of(state, [network])
+        .remove(network)
+        .unwrap_or_default()
+}
+
+/// [`answers`] for each of `networks`, in one pass over the endpoints (a node serving DNS in many
+/// networks would otherwise walk every endpoint once per network on every revision).
+pub fn answers_of<'n>(
+    state: &State,
+    networks: impl IntoIterator<Item = &'n str>,
+) -> BTreeMap<&'n str, Answers> {
+    let mut out: BTreeMap<&str, Answers> =
+        networks.into_iter().map(|n| (n, Answers::new())).collect();
     for e in state.endpoints.values() {
-        if e.network_id != network || e.state != ConnectionState::Available {
+        if e.state != ConnectionState::Available {
             continue;
         }
+        let Some(out) = out.get_mut(e.network_id.as_str()) else {
+            continue;
+        };
         let Some(svc) = state.services.get(&e.service_id) else {
             continue;
         };
@@ -242,8 +257,10 @@ impl Dns {
 
     /// Recomputes every network's answers; swaps the catalogs whose answers changed.
     pub fn update(&mut self, state: &State) {
+        let names: Vec<String> = self.networks.keys().cloned().collect();
+        let mut all = answers_of(state, names.iter().map(String::as_str));
         for (network, (last, shared)) in &mut self.networks {
-            let now = answers(state, network);
+            let now = all.remove(network.as_str()).unwrap_or_default();
             if &now == last && !last.is_empty() {
                 continue;
             }
@@ -409,6 +426,17 @@ mod tests {
             "private DNS is off in vpc-2"
         );
         assert!(answers(&s, "vpc-3").is_empty());
+        // All networks in one pass give each network what it gives alone.
+        let all = answers_of(&s, ["vpc-1", "vpc-2", "vpc-3"]);
+        assert_eq!(
+            (
+                &all["vpc-1"],
+                &all["vpc-2"],
+                all["vpc-3"].is_empty(),
+                all.len()
+            ),
+            (&a, &b, true, 3)
+        );
         // The catalog holds the generated zone, the private name and the root (NXDOMAIN mode).
         let cfg = DnsConfig::default();
         let cluster = Cluster::default();
