@@ -51,24 +51,25 @@ impl Taken {
     fn is_empty(&self) -> bool {
         self.sorted.is_empty()
     }
+}
 
-    /// The smallest number in `first..first + len` that is not taken.
-    fn first_free(&self, first: u128, len: u128) -> Option<u128> {
-        let run = &self.sorted[self.sorted.partition_point(|&x| x < first)..];
-        // `run` is strictly increasing from `first` on, so `run[j] == first + j` holds for a
-        // prefix of it: the first `j` where it fails (or the prefix's end) is free.
-        let (mut lo, mut hi) = (0, run.len());
-        while lo < hi {
-            let mid = lo + (hi - lo) / 2;
-            if Some(run[mid]) == first.checked_add(mid as u128) {
-                lo = mid + 1;
-            } else {
-                hi = mid;
-            }
+/// The smallest number in `first..first + len` that is not in `sorted` (ascending, each number
+/// once), by binary search.
+pub fn first_free_in(sorted: &[u128], first: u128, len: u128) -> Option<u128> {
+    let run = &sorted[sorted.partition_point(|&x| x < first)..];
+    // `run` is strictly increasing from `first` on, so `run[j] == first + j` holds for a prefix
+    // of it: the first `j` where it fails (or the prefix's end) is free.
+    let (mut lo, mut hi) = (0, run.len());
+    while lo < hi {
+        let mid = lo + (hi - lo) / 2;
+        if Some(run[mid]) == first.checked_add(mid as u128) {
+            lo = mid + 1;
+        } else {
+            hi = mid;
         }
-        let n = first.checked_add(lo as u128)?;
-        (n < first.saturating_add(len)).then_some(n)
     }
+    let n = first.checked_add(lo as u128)?;
+    (n < first.saturating_add(len)).then_some(n)
 }
 
 /// Link ids and subnet addresses in use.
@@ -151,9 +152,7 @@ impl Allocations {
 
     /// The lowest link id from 1 that no endpoint holds, below `limit`.
     pub fn lowest_link(&self, limit: u32) -> Option<u32> {
-        let n = self
-            .links
-            .first_free(1, u128::from(limit).saturating_sub(1))?;
+        let n = first_free_in(&self.links.sorted, 1, u128::from(limit).saturating_sub(1))?;
         u32::try_from(n).ok()
     }
 
@@ -191,7 +190,7 @@ impl Allocations {
             return None;
         }
         let n = match self.addrs.get(&(subnet.to_string(), cidr.addr().is_ipv6())) {
-            Some(t) => t.first_free(first, len)?,
+            Some(t) => first_free_in(&t.sorted, first, len)?,
             None => first,
         };
         Some(match cidr {

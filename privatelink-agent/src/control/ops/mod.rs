@@ -75,16 +75,11 @@ impl Ctx<'_> {
 
 /// The lowest number ≥ 1 not in `used`, below `limit`.
 pub fn lowest_free(used: impl Iterator<Item = u32>, limit: u32, what: &str) -> ApiResult<u32> {
-    // Of n numbers in use, one of 1..=n+1 is free, so marks for 0..=n+1 decide, in one pass.
-    let used: Vec<u32> = used.collect();
-    let mut taken = vec![false; used.len() + 2];
-    for u in used {
-        if let Some(t) = taken.get_mut(u as usize) {
-            *t = true;
-        }
-    }
-    (1..limit)
-        .find(|&n| !taken.get(n as usize).copied().unwrap_or(false))
+    let mut used: Vec<u128> = used.map(u128::from).collect();
+    used.sort_unstable();
+    used.dedup();
+    super::alloc::first_free_in(&used, 1, u128::from(limit).saturating_sub(1))
+        .and_then(|n| u32::try_from(n).ok())
         .ok_or_else(|| capacity(limit, what))
 }
 
