@@ -277,8 +277,10 @@ impl EtcdConfig {
             return Ok(None);
         };
         if rest == "revision" {
-            let v = value
-                .and_then(|v| std::str::from_utf8(v).ok()?.parse().ok())
+            let value = value.ok_or_else(|| StoreError::Etcd(format!("{key} was deleted")))?;
+            let v = std::str::from_utf8(value)
+                .ok()
+                .and_then(|v| v.parse().ok())
                 .ok_or_else(|| StoreError::Etcd(format!("{key} is not a revision")))?;
             return Ok(Some(Keyed::Revision(v)));
         }
@@ -332,13 +334,10 @@ impl EtcdConfig {
                 finish(txn.take(), &mut out)?;
             }
             let (_, revision, changes) = txn.get_or_insert_with(|| (e.at, None, Vec::new()));
-            match (self.classify(e.key, e.value)?, e.value) {
-                (Some(Keyed::Revision(v)), Some(_)) => *revision = Some(v),
-                (Some(Keyed::Revision(_)), None) => {
-                    return Err(StoreError::Etcd(format!("{} was deleted", e.key)));
-                }
-                (Some(Keyed::Object(c)), _) => changes.push(c),
-                (None, _) => {}
+            match self.classify(e.key, e.value)? {
+                Some(Keyed::Revision(v)) => *revision = Some(v),
+                Some(Keyed::Object(c)) => changes.push(c),
+                None => {}
             }
         }
         finish(txn, &mut out)?;
