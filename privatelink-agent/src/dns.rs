@@ -45,16 +45,10 @@ use crate::{
 /// Name (lowercase, no trailing dot) → addresses, for one consumer network.
 pub type Answers = BTreeMap<String, BTreeSet<IpAddr>>;
 
-/// What the DNS server of consumer network `network` answers, from the control-plane state.
-pub fn answers(state: &State, network: &str) -> Answers {
-    answers_of(state, [network])
-        .remove(network)
-        .unwrap_or_default()
-}
-
-/// [`answers`] for each of `networks`, in one pass over the endpoints (a node serving DNS in many
-/// networks would otherwise walk every endpoint once per network on every revision).
-pub fn answers_of<'n>(
+/// What the DNS server of each consumer network of `networks` answers, from the control-plane
+/// state, in one pass over the endpoints (a node serving DNS in many networks would otherwise walk
+/// every endpoint once per network on every revision).
+pub fn answers<'n>(
     state: &State,
     networks: impl IntoIterator<Item = &'n str>,
 ) -> BTreeMap<&'n str, Answers> {
@@ -258,7 +252,7 @@ impl Dns {
     /// Recomputes every network's answers; swaps the catalogs whose answers changed.
     pub fn update(&mut self, state: &State) {
         let names: Vec<String> = self.networks.keys().cloned().collect();
-        let mut all = answers_of(state, names.iter().map(String::as_str));
+        let mut all = answers(state, names.iter().map(String::as_str));
         for (network, (last, shared)) in &mut self.networks {
             let now = all.remove(network.as_str()).unwrap_or_default();
             if &now == last && !last.is_empty() {
@@ -406,7 +400,8 @@ mod tests {
     #[test]
     fn each_network_answers_its_own_available_endpoints_and_its_private_names() {
         let s = state();
-        let a = answers(&s, "vpc-1");
+        let alone = |network| answers(&s, [network]).remove(network).unwrap();
+        let a = alone("vpc-1");
         let ip: IpAddr = "198.18.0.100".parse().unwrap();
         assert_eq!(
             a,
@@ -419,15 +414,15 @@ mod tests {
             ]),
             "the rejected endpoint resolves nowhere"
         );
-        let b = answers(&s, "vpc-2");
+        let b = alone("vpc-2");
         assert_eq!(
             b.keys().collect::<Vec<_>>(),
             ["ep-b.svc-1.r.privatelink.internal"],
             "private DNS is off in vpc-2"
         );
-        assert!(answers(&s, "vpc-3").is_empty());
+        assert!(alone("vpc-3").is_empty());
         // All networks in one pass give each network what it gives alone.
-        let all = answers_of(&s, ["vpc-1", "vpc-2", "vpc-3"]);
+        let all = answers(&s, ["vpc-1", "vpc-2", "vpc-3"]);
         assert_eq!(
             (
                 &all["vpc-1"],
