@@ -1,6 +1,7 @@
 //! Builds the eBPF crate on the eBPF toolchain with aya-build (BTF included) into `OUT_DIR`, or writes
 //! an empty stub when `PRIVATELINK_SKIP_EBPF=1` so that check, clippy and unit tests work without
-//! bpf-linker. Loading the stub fails with an error that names the missing step.
+//! bpf-linker. Loading the stub fails with an error that names the missing step. Without the `node`
+//! feature nothing is built.
 use std::{env, fs, path::PathBuf};
 
 use anyhow::{Context as _, anyhow};
@@ -11,6 +12,11 @@ const OBJECT: &str = "privatelink";
 fn main() -> anyhow::Result<()> {
     println!("cargo:rerun-if-env-changed={SKIP_EBPF_ENV}");
     let out_dir = PathBuf::from(env::var_os("OUT_DIR").ok_or_else(|| anyhow!("OUT_DIR not set"))?);
+    // Only the node runtime embeds the object: the CLI alone (`--no-default-features --features
+    // cli`) and the control plane build without the nightly toolchain and bpf-linker.
+    if env::var_os("CARGO_FEATURE_NODE").is_none() {
+        return Ok(());
+    }
     let skip = env::var(SKIP_EBPF_ENV).is_ok_and(|v| v == "1" || v.eq_ignore_ascii_case("true"));
     if skip {
         println!("cargo:warning={SKIP_EBPF_ENV} is set: embedding an empty eBPF stub");

@@ -1,17 +1,19 @@
-//! privatelink node agent.
-pub mod agent;
+//! privatelink: the control plane, the node runtime, the datapath driver and the CLI.
+//!
+//! What gets deployed where (docs/ARCHITECTURE.md):
+//! - [`control`]: the PrivateLink model, its rules, the store and the REST API. It runs in every
+//!   API server (`privatelink-agent api`) and in every node agent, and imports nothing from
+//!   the node side.
+//! - [`node`]: the node runtime (`privatelink-agent run`) on each network node.
+//! - [`datapath`]: loading the eBPF object, pins, and the map writer the node runtime drives.
+//! - [`cli`]: the `privatelink` REST client, which builds on its own (feature `cli`).
+#[cfg(feature = "cli")]
 pub mod cli;
-pub mod config;
+#[cfg(feature = "control")]
 pub mod control;
-pub mod dataplane;
-pub mod demo;
-pub mod dns;
-pub mod health;
-pub mod history;
-pub mod linkwatch;
-pub mod loader;
-pub mod metrics;
-pub mod netns;
-pub mod object;
-pub mod pins;
-pub mod sync;
+#[cfg(feature = "node")]
+pub mod datapath;
+#[cfg(feature = "node")]
+pub mod node;
+#[cfg(any(test, feature = "testkit"))]
+pub mod testkit;

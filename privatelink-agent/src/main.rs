@@ -1,7 +1,7 @@
 //! `privatelink-agent`: the node agent's command line.
 use anyhow::{Context as _, Result};
 use clap::{Parser, Subcommand};
-use privatelink_agent::loader::{Datapath, Sizes};
+use privatelink_agent::datapath::loader::{Datapath, Sizes};
 
 #[derive(Parser)]
 #[command(version, about = "privatelink node agent")]
@@ -14,13 +14,6 @@ struct Cli {
 enum Command {
     /// Load the datapath into the kernel (verifier included) with default map sizes, report, unload.
     Check,
-    /// The embedded default: a namespace topology (two consumer networks with overlapping CIDRs, a
-    /// provider with a real backend), endpoints in both, real requests through, counters printed.
-    Demo {
-        /// Exit after printing instead of forwarding until Ctrl-C.
-        #[arg(long)]
-        once: bool,
-    },
     /// Run the node: load and attach the datapath on the configured interfaces, serve the API, and
     /// keep the maps in sync with the control plane.
     Run {
@@ -31,7 +24,7 @@ enum Command {
         #[arg(long)]
         detach_on_exit: bool,
         #[command(flatten)]
-        overrides: privatelink_agent::config::Overrides,
+        overrides: privatelink_agent::node::config::Overrides,
     },
     /// Remove the programs, links and pinned maps of a node (forwarding stops).
     Detach {
@@ -76,7 +69,7 @@ enum Command {
 
 fn serve_api(
     listen: std::net::SocketAddr,
-    store: &privatelink_agent::config::StoreConfig,
+    store: &privatelink_agent::node::config::StoreConfig,
     token_file: &std::path::Path,
     cluster: privatelink_agent::control::types::Cluster,
 ) -> Result<()> {
@@ -107,7 +100,7 @@ fn serve_api(
         );
         // A shared store: follow what other servers commit, so reads are current too.
         let _follower = store_cfg.etcd().map(|e| {
-            tokio::spawn(privatelink_agent::agent::follow_store(
+            tokio::spawn(privatelink_agent::control::follow::follow_store(
                 e,
                 plane.clone(),
                 Default::default(),
@@ -137,21 +130,20 @@ fn main() -> Result<()> {
             );
             Ok(())
         }
-        Command::Demo { once } => privatelink_agent::demo::run(once),
         Command::Run {
             config,
             detach_on_exit,
             overrides,
         } => {
-            let checked = privatelink_agent::config::load_with(&config, &overrides)?;
-            privatelink_agent::agent::run(checked, detach_on_exit)
+            let checked = privatelink_agent::node::config::load_with(&config, &overrides)?;
+            privatelink_agent::node::runtime::run(checked, detach_on_exit)
         }
         Command::Detach { bpffs } => {
             if !bpffs.exists() {
                 println!("nothing pinned under {}", bpffs.display());
                 return Ok(());
             }
-            let n = privatelink_agent::pins::Pins::prepare(&bpffs)?.remove_all()?;
+            let n = privatelink_agent::datapath::pins::Pins::prepare(&bpffs)?.remove_all()?;
             println!("removed {n} pins under {}", bpffs.display());
             Ok(())
         }
@@ -165,8 +157,8 @@ fn main() -> Result<()> {
             etcd_prefix,
         } => {
             let cluster = privatelink_agent::control::types::Cluster { region, dns_zone };
-            privatelink_agent::config::check_cluster(&cluster)?;
-            let store = privatelink_agent::config::StoreConfig {
+            privatelink_agent::node::config::check_cluster(&cluster)?;
+            let store = privatelink_agent::node::config::StoreConfig {
                 path: store,
                 etcd,
                 prefix: etcd_prefix,

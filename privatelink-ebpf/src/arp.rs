@@ -10,7 +10,7 @@ use privatelink_common::{
 use crate::{
     ENDPOINT_IPS4,
     parse::{L2, ptr_at},
-    process::Verdict,
+    verdict::Verdict,
 };
 
 const ARPHRD_ETHER: [u8; 2] = 1u16.to_be_bytes();

@@ -81,7 +81,7 @@ pub fn twin_key<A: Family>(flow: &Flow<A>, proto: u8) -> FlowKey<A> {
 
 /// Advances TCP state and refreshes the flow (and its twin) for a packet that hit `flow`.
 #[inline(always)]
-pub fn update<A: Family>(flow: *mut Flow<A>, p: &Pkt<A>, now: u64) {
+pub(crate) fn update<A: Family>(flow: *mut Flow<A>, p: &Pkt<A>, now: u64) {
     // SAFETY: pointer from a successful lookup; concurrent updates of these plain fields are benign.
     let flow = unsafe { &mut *flow };
     let old = flow.tcp_state;

@@ -4,7 +4,7 @@
 //! depend on byte order as long as every word is read the same way, so no swaps are needed.
 
 /// Accumulates the difference of 16-bit words replaced in a checksummed region.
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, Default)]
 pub struct Delta(u32);
 
 impl Delta {

@@ -17,7 +17,7 @@ use crate::{
     family::Family,
     mem,
     parse::{ETH_P_8021Q, L2, Pkt, VLAN_HLEN, ptr_at},
-    process::Verdict,
+    verdict::Verdict,
 };
 
 /// A FIB lookup's next hop is reused for this long (by a flow, or by new flows to its backend).

@@ -30,9 +30,8 @@ use crate::{
     family::Family,
     forward::{ensure_next_hop, out, rewrite_l2},
     parse::{Hdr4, L2, ptr_at},
-    policy,
-    process::Verdict,
-    stats,
+    policy, stats,
+    verdict::Verdict,
 };
 
 const DEST_UNREACH: u8 = 3;

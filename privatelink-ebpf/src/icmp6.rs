@@ -26,7 +26,7 @@ use crate::{
     icmp::{self, ICMP_HLEN},
     parse::{Hdr6, IPV6_HLEN, Ip6, Ipv6Raw, L2, in6, ptr_at, wire6},
     policy,
-    process::Verdict,
+    verdict::Verdict,
 };
 
 const NEIGHBOUR_SOLICITATION: u8 = 135;

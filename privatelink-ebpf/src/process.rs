@@ -1,7 +1,7 @@
 //! One packet, start to finish: classify, look up, admit or drop, translate, send; count the outcome.
 use core::mem::MaybeUninit;
 
-use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
+use aya_ebpf::programs::XdpContext;
 use network_types::{eth::EthHdr, ip::Ipv4Hdr};
 use privatelink_common::{
     DIR_FORWARD, DIR_REPLY, DROP_LINK_INACTIVE, DROP_NO_FLOW, DROP_NO_PORT, DROP_TCP_NOT_SYN,
@@ -20,31 +20,8 @@ use crate::{
         ptr_at,
     },
     policy, stats,
+    verdict::Verdict,
 };
-
-/// What to do with the packet, and the outcome code it is counted under.
-pub struct Verdict {
-    pub action: u32,
-    pub outcome: u32,
-}
-
-impl Verdict {
-    #[inline(always)]
-    pub fn drop(reason: u32) -> Self {
-        Verdict {
-            action: xdp_action::XDP_DROP,
-            outcome: reason,
-        }
-    }
-
-    #[inline(always)]
-    pub fn pass(outcome: u32) -> Self {
-        Verdict {
-            action: xdp_action::XDP_PASS,
-            outcome,
-        }
-    }
-}
 
 #[inline(always)]
 pub fn process(ctx: &XdpContext) -> u32 {
@@ -84,7 +61,7 @@ fn classify(ctx: &XdpContext) -> Verdict {
 /// The interface (and VLAN) a frame arrived on: untagged ones from the ifindex array, the rest
 /// (and ifindexes beyond it) from the hash.
 #[inline(always)]
-fn receiving_iface(ifindex: u32, vlan_id: u16) -> Option<IfaceInfo> {
+pub fn receiving_iface(ifindex: u32, vlan_id: u16) -> Option<IfaceInfo> {
     if vlan_id == 0
         && let Some(i) = IFACE_INDEX.get(ifindex)
         && i.role != 0
@@ -166,7 +143,7 @@ fn ipv6(ctx: &XdpContext, l2: &L2, iface: &IfaceInfo) -> Verdict {
 
 /// The conntrack key of a packet received on `iface`: its tuple in the interface's network.
 #[inline(always)]
-fn flow_key<A: Family>(iface: &IfaceInfo, p: &Pkt<A>) -> FlowKey<A> {
+pub fn flow_key<A: Family>(iface: &IfaceInfo, p: &Pkt<A>) -> FlowKey<A> {
     FlowKey::new(
         iface.network_id,
         p.saddr_be,
@@ -454,71 +431,4 @@ fn admit_and_create<A: Family>(
 #[inline(always)]
 fn frame_len(ctx: &XdpContext) -> u64 {
     (ctx.data_end() - ctx.data()) as u64
-}
-
-/// The benchmark floor with the interface and conntrack lookups of `classify` and `tracked` (the
-/// same code) between the parse and the bounce: what a hash lookup adds to the floor.
-#[inline(always)]
-pub fn lookup_floor(ctx: &XdpContext) -> u32 {
-    let Some(l2) = parse::l2(ctx) else {
-        return xdp_action::XDP_PASS;
-    };
-    let Some(iface) = receiving_iface(l2.ingress, l2.vlan_id) else {
-        return xdp_action::XDP_PASS;
-    };
-    if l2.ether_type != ETH_P_IP {
-        return xdp_action::XDP_PASS;
-    }
-    let Ok(Some(p)) = parse::ip4(ctx, l2.l3_off) else {
-        return xdp_action::XDP_PASS;
-    };
-    let key = flow_key(&iface, &p);
-    let now = conntrack::now();
-    if conntrack::lookup(&key, now, &conntrack::config()).is_none() {
-        return xdp_action::XDP_PASS;
-    }
-    bounce(ctx)
-}
-
-/// The benchmark floor with a new flow's two slot claims in an open-addressing table between the
-/// parse and the bounce (see `bench.rs`): XDP_TX once both are claimed, XDP_PASS otherwise.
-#[inline(always)]
-pub fn slot_floor(ctx: &XdpContext) -> u32 {
-    let Some(l2) = parse::l2(ctx) else {
-        return xdp_action::XDP_PASS;
-    };
-    if l2.ether_type != ETH_P_IP {
-        return xdp_action::XDP_PASS;
-    }
-    let Ok(Some(p)) = parse::ip4(ctx, l2.l3_off) else {
-        return xdp_action::XDP_PASS;
-    };
-    if !crate::bench::claim_flow_slots(&p) {
-        return xdp_action::XDP_PASS;
-    }
-    bounce(ctx)
-}
-
-/// The benchmark floor: the same parse, then swap MACs and bounce the frame.
-#[inline(always)]
-pub fn floor(ctx: &XdpContext) -> u32 {
-    let Some(l2) = parse::l2(ctx) else {
-        return xdp_action::XDP_PASS;
-    };
-    if l2.ether_type != ETH_P_IP || parse::ip4(ctx, l2.l3_off).ok().flatten().is_none() {
-        return xdp_action::XDP_PASS;
-    }
-    bounce(ctx)
-}
-
-/// The floors' ending: swap the MACs and send the frame back out (XDP_PASS if the frame is too
-/// short for an Ethernet header, which a parsed frame never is).
-#[inline(always)]
-fn bounce(ctx: &XdpContext) -> u32 {
-    let Some(eth) = ptr_at::<EthHdr>(ctx, 0) else {
-        return xdp_action::XDP_PASS;
-    };
-    // SAFETY: bounds checked by ptr_at.
-    unsafe { core::mem::swap(&mut (*eth).src_addr, &mut (*eth).dst_addr) };
-    xdp_action::XDP_TX
 }

@@ -2,7 +2,7 @@
 use aya_ebpf::{bindings::BPF_NOEXIST, maps::PerCpuArray};
 use privatelink_common::{DIR_FORWARD, LinkDropKey, is_drop};
 
-use crate::{GLOBAL_STATS, LINK_DROPS, LINK_STATS, process::Verdict};
+use crate::{GLOBAL_STATS, LINK_DROPS, LINK_STATS, verdict::Verdict};
 
 /// Adds one to this CPU's counter `index` of `counters` and returns the new count (an index past
 /// the end counts nothing and returns 0).

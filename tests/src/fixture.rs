@@ -11,10 +11,10 @@ use etherparse::{
     TcpHeader, UdpHeader, VlanId, VlanPcp,
 };
 use privatelink_agent::{
-    dataplane::{Dataplane, Iface, Model, Role},
-    demo,
-    loader::{Datapath, Sizes},
-    netns::{Netns, veth},
+    datapath::loader::{Datapath, Sizes},
+    datapath::{Dataplane, Iface, Model, Role},
+    testkit::demo,
+    testkit::netns::{Netns, veth},
 };
 use privatelink_common::LinkStats;
 
@@ -265,6 +265,10 @@ impl Pkt {
 /// The node under test: namespace, loaded datapath, dataplane writer, interface facts.
 pub struct Harness {
     pub dp: Datapath,
+    /// The benchmark object beside `dp`, loaded on first use ([`Harness::bench`]) with
+    /// `bench_slots` slots in the slot floor's table.
+    pub bench: Option<crate::benchkit::Bench>,
+    pub bench_slots: u32,
     pub plane: Dataplane,
     pub c0: u32,
     pub c1: u32,
@@ -336,6 +340,8 @@ pub fn with_harness_sized(sizes: Sizes, f: impl FnOnce(&mut Harness) + Send) {
         let plane = Dataplane::new(&mut dp.ebpf).expect("taking the maps");
         let mut h = Harness {
             dp,
+            bench: None,
+            bench_slots: 1,
             plane,
             c0,
             c1,
@@ -349,6 +355,24 @@ pub fn with_harness_sized(sizes: Sizes, f: impl FnOnce(&mut Harness) + Send) {
 }
 
 impl Harness {
+    /// The benchmark object beside the datapath (loaded on first use).
+    pub fn bench(&mut self) -> &mut crate::benchkit::Bench {
+        let (dp, slots) = (&self.dp, self.bench_slots);
+        self.bench.get_or_insert_with(|| {
+            crate::benchkit::Bench::load(dp, slots).expect("loading the benchmark object")
+        })
+    }
+
+    /// The benchmark replay into `target` (the datapath's [`crate::benchkit::PROGRAM`] or a
+    /// floor): see [`crate::benchkit::Bench::replay_into`].
+    pub fn replay_into(&mut self, target: &'static str) -> &mut aya::programs::Xdp {
+        self.bench();
+        let bench = self.bench.as_mut().expect("loaded above");
+        bench
+            .replay_into(&mut self.dp, target)
+            .expect("the replay program")
+    }
+
     /// One consumer network per consumer interface, the provider network with its NAT range, one
     /// service with `BACKEND`, one Available link at `ENDPOINT` (tcp 80→8080, udp 53→5353), no
     /// security group: the demo's service, so fixtures and demo cannot drift apart.

@@ -10,7 +10,7 @@ use etherparse::{
 use crate::fixture::CONSUMER_MAC;
 
 /// The IPv6 consumer of the fixtures (the namespaces' client address).
-pub const CONSUMER6: Ipv6Addr = privatelink_agent::demo::CLIENT6;
+pub const CONSUMER6: Ipv6Addr = privatelink_agent::testkit::demo::CLIENT6;
 
 /// Extension headers a fixture can carry (each eight bytes, padded with PadN).
 #[derive(Clone, Copy, Debug)]

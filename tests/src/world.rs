@@ -12,8 +12,8 @@ use std::{
 };
 
 use privatelink_agent::{
-    demo::{BACKEND, ENDPOINT, TCP_PORTS, Topology},
-    loader::{Datapath, Sizes},
+    datapath::loader::{Datapath, Sizes},
+    testkit::demo::{BACKEND, ENDPOINT, TCP_PORTS, Topology},
 };
 use serde_json::{Value, json};
 
@@ -265,13 +265,13 @@ pub struct Etcd {
 }
 
 impl Etcd {
-    pub fn start(node: &privatelink_agent::netns::Netns, dir: &std::path::Path) -> Self {
+    pub fn start(node: &privatelink_agent::testkit::netns::Netns, dir: &std::path::Path) -> Self {
         Self::start_at(node, dir, ETCD, ETCD)
     }
 
     /// Started in `ns`, taking clients on `listen` (e.g. every address of a namespace of its own).
     pub fn start_at(
-        ns: &privatelink_agent::netns::Netns,
+        ns: &privatelink_agent::testkit::netns::Netns,
         dir: &std::path::Path,
         listen: &str,
         advertise: &str,
@@ -286,7 +286,7 @@ impl Etcd {
     }
 
     /// Starts it (again) and waits until it takes connections.
-    pub fn restart(&mut self, node: &privatelink_agent::netns::Netns) {
+    pub fn restart(&mut self, node: &privatelink_agent::testkit::netns::Netns) {
         std::fs::create_dir_all(&self.dir).unwrap();
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -372,7 +372,7 @@ pub fn world_backed(name: &str, extra: &str, backing: Backing) -> (World, Agent)
             (Some(url.clone()), name)
         }
     };
-    let store_cfg = privatelink_agent::config::StoreConfig {
+    let store_cfg = privatelink_agent::node::config::StoreConfig {
         path: db.clone(),
         etcd: url.iter().cloned().collect(),
         ..Default::default()
@@ -389,7 +389,7 @@ pub fn world_backed(name: &str, extra: &str, backing: Backing) -> (World, Agent)
             let p = topo
                 .node
                 .enter(|| {
-                    privatelink_agent::demo::prepare(
+                    privatelink_agent::testkit::demo::prepare(
                         &privatelink_agent::control::plane::ControlPlane::open(
                             store_cfg.open()?,
                             ADMIN,
@@ -432,7 +432,7 @@ pub fn world_backed(name: &str, extra: &str, backing: Backing) -> (World, Agent)
         .replace("{provider}", &vpcs[0].0)
         .replace("{consumer1}", &vpcs[1].0)
         .replace("{consumer2}", &vpcs[2].0);
-    let cfg = privatelink_agent::demo::agent_config(&topo, &vpcs, &head) + &extra;
+    let cfg = privatelink_agent::testkit::demo::agent_config(&topo, &vpcs, &head) + &extra;
     std::fs::write(dir.join("agent.toml"), &cfg).unwrap();
 
     // The redirect targets' peers need an XDP program; the agent attaches the datapath itself.

@@ -18,7 +18,7 @@ use std::{
 };
 
 use ipnet::Ipv4Net;
-use privatelink_agent::netns::Netns;
+use privatelink_agent::testkit::netns::Netns;
 use privatelink_tests::{
     privileged,
     world::{Proc, World, node_get, ok, sample},
@@ -76,7 +76,7 @@ const UDP: Kind = Kind {
 const KINDS: [&Kind; 4] = [&HTTP, &REDIS, &MYSQL, &UDP];
 
 fn nat_range() -> Ipv4Net {
-    privatelink_agent::demo::NAT_RANGE.parse().unwrap()
+    privatelink_agent::testkit::demo::NAT_RANGE.parse().unwrap()
 }
 
 /// Runs `program` in `ns` under `timeout` (so a hung client fails the test instead of hanging it),
@@ -763,7 +763,9 @@ const RESOLVER6: (Ipv6Addr, Ipv6Addr) = (
 );
 
 fn nat_range6() -> ipnet::Ipv6Net {
-    privatelink_agent::demo::NAT_RANGE6.parse().unwrap()
+    privatelink_agent::testkit::demo::NAT_RANGE6
+        .parse()
+        .unwrap()
 }
 
 #[test]

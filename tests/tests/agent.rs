@@ -11,7 +11,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use privatelink_agent::demo::{BACKEND, ENDPOINT, TCP_PORTS};
+use privatelink_agent::testkit::demo::{BACKEND, ENDPOINT, TCP_PORTS};
 use privatelink_tests::{
     agent_bin, privileged,
     world::{
@@ -304,7 +304,8 @@ fn a_recreated_interface_is_attached_again() {
     let name = w.topo.consumer_ifaces[0].0.clone();
     w.topo.node.ip(&["link", "del", &name]).unwrap();
     until(&w, 0, false, "the interface deleted");
-    privatelink_agent::netns::veth(&w.topo.node, &name, &w.topo.consumers[0], "eth0").unwrap();
+    privatelink_agent::testkit::netns::veth(&w.topo.node, &name, &w.topo.consumers[0], "eth0")
+        .unwrap();
     w.topo.consumers[0]
         .ip(&["addr", "add", "198.18.0.10/24", "dev", "eth0"])
         .unwrap();
@@ -537,7 +538,7 @@ fn metrics_count_traffic_exactly_and_prometheus_scrapes_them() {
         "agent-metrics",
         "[history]\nsample_interval = 1\n[conntrack]\nentries = 65536\ntcp_syn_timeout = 60\ntcp_established_timeout = 7200\ntcp_closing_timeout = 10\nudp_timeout = 5\ngc_interval = 1\n",
     );
-    let add = json!({ "port_mappings": [{ "protocol": "udp", "service_port": privatelink_agent::demo::UDP_PORTS.1, "terminal_port": privatelink_agent::demo::UDP_PORTS.0 }] });
+    let add = json!({ "port_mappings": [{ "protocol": "udp", "service_port": privatelink_agent::testkit::demo::UDP_PORTS.1, "terminal_port": privatelink_agent::testkit::demo::UDP_PORTS.0 }] });
     ok(
         &w.topo,
         &w.tokens[0],
@@ -546,7 +547,7 @@ fn metrics_count_traffic_exactly_and_prometheus_scrapes_them() {
     );
     w.accept_all();
     let udp = w.topo.provider.enter(|| {
-        std::net::UdpSocket::bind((BACKEND, privatelink_agent::demo::UDP_PORTS.1)).unwrap()
+        std::net::UdpSocket::bind((BACKEND, privatelink_agent::testkit::demo::UDP_PORTS.1)).unwrap()
     });
     udp.set_read_timeout(Some(Duration::from_millis(200)))
         .unwrap();
@@ -573,7 +574,7 @@ fn metrics_count_traffic_exactly_and_prometheus_scrapes_them() {
             for i in 0..n {
                 sock.send_to(
                     &[i as u8; 100],
-                    (ENDPOINT, privatelink_agent::demo::UDP_PORTS.0),
+                    (ENDPOINT, privatelink_agent::testkit::demo::UDP_PORTS.0),
                 )
                 .unwrap();
                 let mut b = [0u8; 200];

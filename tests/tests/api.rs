@@ -756,7 +756,7 @@ fn openapi_document_covers_every_route() {
 
 #[test]
 fn history_by_period_with_comparison_and_csv() {
-    use privatelink_agent::history::{Counters, History};
+    use privatelink_agent::node::history::{Counters, History};
     let w = world("history");
     w.provider.ok(
         "POST",
@@ -805,7 +805,9 @@ fn history_by_period_with_comparison_and_csv() {
             .unwrap();
         }
     }
-    w.server.plane.set_history(h);
+    w.server.plane.attach_node(std::sync::Arc::new(
+        privatelink_agent::node::local::NodeFacts::new(Some(h)),
+    ));
     let r =
         w.c1.get(&format!("/v1/history/endpoint/{ep}?period=realtime"));
     assert_eq!(r.status, 200, "{}", r.text);

@@ -4,10 +4,11 @@
 //! a short TCP connection with valid segments. A wrong checksum here would make the kernel's
 //! conntrack refuse the frames in the comparison.
 use etherparse::{NetSlice, PacketBuilder, SlicedPacket, TransportSlice};
-use privatelink_agent::loader::{ACKER_PROGRAM, Datapath, RESPONDER_PROGRAM, Sizes};
+use privatelink_agent::datapath::loader::{Datapath, Sizes};
 use privatelink_common::bench::{
     CLOCK_EVERY, WINDOW_DONE, WINDOW_FIRST_NS, WINDOW_LAST_NS, WINDOW_SENT,
 };
+use privatelink_tests::benchkit::{ACKER_PROGRAM, Bench, RESPONDER_PROGRAM};
 use privatelink_tests::{
     fixture::{CONSUMER, CONSUMER_MAC, ENDPOINT, Pkt, with_harness},
     privileged, test_run, test_run_repeated,
@@ -50,22 +51,27 @@ fn the_generator_restores_its_frame_or_opens_a_new_flow_per_frame_and_the_sink_c
     if !privileged("the_generator_restores_its_frame_or_opens_a_new_flow_per_frame") {
         return;
     }
-    let mut dp = Datapath::load(&Sizes::small()).expect("load");
+    let dp = Datapath::load(&Sizes::small()).expect("load");
+    let mut bench = Bench::load(&dp, 1).expect("bench object");
     let want = frame();
-    dp.set_gen_frame(&want).expect("frame head");
+    bench.set_gen_frame(&want).expect("frame head");
     // A frame as the forwarding left it (another destination, other MACs) goes out as given.
     let mut translated = want.clone();
     translated[0..12].copy_from_slice(&[9; 12]);
     translated[30..34].copy_from_slice(&[198, 18, 100, 10]);
-    let r = test_run(dp.gen_program().expect("generator program"), 0, &translated);
+    let r = test_run(
+        bench.gen_program().expect("generator program"),
+        0,
+        &translated,
+    );
     assert_eq!(r.verdict, XDP_TX);
     assert_eq!(r.out, want, "the head is restored, the rest untouched");
 
     // New flows: ports from 1024 on, the address's last byte moving on after 64,512 of them.
-    dp.set_gen_new_flows(true).expect("new flows on");
+    bench.set_gen_new_flows(true).expect("new flows on");
     let mut seen = std::collections::BTreeSet::new();
     for i in 0..3u16 {
-        let r = test_run(dp.gen_program().expect("generator program"), 0, &want);
+        let r = test_run(bench.gen_program().expect("generator program"), 0, &want);
         assert_eq!(r.verdict, XDP_TX);
         let (src, port) = source(&r.out);
         assert_eq!((src, port), ([198, 18, 0, 10], 1024 + i));
@@ -73,24 +79,24 @@ fn the_generator_restores_its_frame_or_opens_a_new_flow_per_frame_and_the_sink_c
         assert_eq!(r.out[42..], want[42..], "payload untouched");
     }
     for _ in 3..64_512 {
-        test_run(dp.gen_program().expect("generator program"), 0, &want);
+        test_run(bench.gen_program().expect("generator program"), 0, &want);
     }
-    let r = test_run(dp.gen_program().expect("generator program"), 0, &want);
+    let r = test_run(bench.gen_program().expect("generator program"), 0, &want);
     assert_eq!(source(&r.out), ([198, 18, 0, 11], 1024), "the next address");
-    dp.set_gen_new_flows(false).expect("new flows off");
+    bench.set_gen_new_flows(false).expect("new flows off");
     assert_eq!(
-        test_run(dp.gen_program().expect("generator program"), 0, &want).out,
+        test_run(bench.gen_program().expect("generator program"), 0, &want).out,
         want
     );
 
-    let before = dp.sink_count().expect("sink count");
+    let before = bench.sink_count().expect("sink count");
     for _ in 0..5 {
         assert_eq!(
-            test_run(dp.sink_program().expect("sink program"), 0, &want).verdict,
+            test_run(bench.sink_program().expect("sink program"), 0, &want).verdict,
             XDP_DROP
         );
     }
-    assert_eq!(dp.sink_count().expect("sink count"), before + 5);
+    assert_eq!(bench.sink_count().expect("sink count"), before + 5);
 }
 
 /// A TCP SYN from 198.18.0.10:40000 to 198.18.100.10:8080 with an MSS option (58 bytes).
@@ -140,13 +146,14 @@ fn the_generator_keeps_tcp_checksums_valid_and_the_responder_answers_syns() {
     if !privileged("the_generator_keeps_tcp_checksums_valid_and_the_responder_answers_syns") {
         return;
     }
-    let mut dp = Datapath::load(&Sizes::small()).expect("load");
+    let dp = Datapath::load(&Sizes::small()).expect("load");
+    let mut bench = Bench::load(&dp, 1).expect("bench object");
     let want = syn();
-    dp.set_gen_frame(&want).expect("frame head");
-    dp.set_gen_new_flows(true).expect("new flows on");
+    bench.set_gen_frame(&want).expect("frame head");
+    bench.set_gen_new_flows(true).expect("new flows on");
     let mut sent = Vec::new();
     for i in 0..3u16 {
-        let r = test_run(dp.gen_program().expect("generator program"), 0, &want);
+        let r = test_run(bench.gen_program().expect("generator program"), 0, &want);
         assert_eq!(r.verdict, XDP_TX);
         let (sport, flags, seq, ack, _) = segment(&r.out);
         assert_eq!(
@@ -159,7 +166,7 @@ fn the_generator_keeps_tcp_checksums_valid_and_the_responder_answers_syns() {
     }
 
     for (i, s) in sent.iter().enumerate() {
-        let r = test_run(dp.responder_program().expect("responder program"), 0, s);
+        let r = test_run(bench.responder_program().expect("responder program"), 0, s);
         assert_eq!(r.verdict, XDP_TX, "a SYN is answered");
         let (sport, flags, seq, ack_no, _) = segment(&r.out);
         assert_eq!(sport, 8080, "from the port the SYN went to");
@@ -185,20 +192,30 @@ fn the_generator_keeps_tcp_checksums_valid_and_the_responder_answers_syns() {
     let mut ack = sent[0].clone();
     ack[47] = 0x10;
     assert_eq!(
-        test_run(dp.responder_program().expect("responder program"), 0, &ack).verdict,
+        test_run(
+            bench.responder_program().expect("responder program"),
+            0,
+            &ack
+        )
+        .verdict,
         XDP_DROP
     );
     let udp = frame();
     assert_eq!(
-        test_run(dp.responder_program().expect("responder program"), 0, &udp).verdict,
+        test_run(
+            bench.responder_program().expect("responder program"),
+            0,
+            &udp
+        )
+        .verdict,
         XDP_DROP
     );
 }
 
 /// Runs `program` on `frame` and returns its answer, after checking that the answer goes back
 /// where the frame came from (MACs, addresses and ports swapped).
-fn answered(dp: &mut Datapath, program: &'static str, frame: &[u8]) -> Vec<u8> {
-    let r = test_run(dp.bench_program(program).expect("program"), 0, frame);
+fn answered(bench: &mut Bench, program: &'static str, frame: &[u8]) -> Vec<u8> {
+    let r = test_run(bench.bench_program(program).expect("program"), 0, frame);
     assert_eq!(r.verdict, XDP_TX, "{program} answers {frame:02x?}");
     let (got, asked) = (
         privatelink_tests::parse_checked(&r.out),
@@ -236,21 +253,22 @@ fn the_acker_and_the_responder_play_a_short_connection_and_count_what_completes(
     if !privileged("the_acker_and_the_responder_play_a_short_connection") {
         return;
     }
-    let mut dp = Datapath::load(&Sizes::small()).expect("load");
-    let completed = |dp: &Datapath| dp.gen_window().expect("window")[WINDOW_DONE];
+    let dp = Datapath::load(&Sizes::small()).expect("load");
+    let mut bench = Bench::load(&dp, 1).expect("bench object");
+    let completed = |bench: &Bench| bench.gen_window().expect("window")[WINDOW_DONE];
     let (completed0, answered0) = (
-        completed(&dp),
-        dp.responder_count().expect("responder count"),
+        completed(&bench),
+        bench.responder_count().expect("responder count"),
     );
     let syn = syn();
     let client_isn = 0x0102_0304u32;
-    let syn_ack = answered(&mut dp, RESPONDER_PROGRAM, &syn);
+    let syn_ack = answered(&mut bench, RESPONDER_PROGRAM, &syn);
     let (_, flags, server_isn, ack, payload) = segment(&syn_ack);
     assert_eq!((flags.as_str(), ack), ("SA", client_isn + 1), "SYN-ACK");
     assert!(payload.is_empty());
 
     // The final ACK carries the request: the SYN-ACK's MSS option bytes, now payload.
-    let request = answered(&mut dp, ACKER_PROGRAM, &syn_ack);
+    let request = answered(&mut bench, ACKER_PROGRAM, &syn_ack);
     let (_, flags, seq, ack, payload) = segment(&request);
     assert_eq!(
         (flags.as_str(), seq, ack, payload.as_slice()),
@@ -258,7 +276,7 @@ fn the_acker_and_the_responder_play_a_short_connection_and_count_what_completes(
         "the final ACK with a 4-byte request"
     );
 
-    let reply = answered(&mut dp, RESPONDER_PROGRAM, &request);
+    let reply = answered(&mut bench, RESPONDER_PROGRAM, &request);
     let (_, flags, seq, ack, payload) = segment(&reply);
     assert_eq!(
         (flags.as_str(), seq, ack, payload.as_slice()),
@@ -266,7 +284,7 @@ fn the_acker_and_the_responder_play_a_short_connection_and_count_what_completes(
         "the echo, acknowledging the request"
     );
 
-    let reset = answered(&mut dp, ACKER_PROGRAM, &reply);
+    let reset = answered(&mut bench, ACKER_PROGRAM, &reply);
     let (_, flags, seq, ack, _) = segment(&reset);
     assert_eq!(
         (flags.as_str(), seq, ack),
@@ -279,7 +297,7 @@ fn the_acker_and_the_responder_play_a_short_connection_and_count_what_completes(
     fin[47] = 0x11;
     let fin = fix(&fin);
     for program in [RESPONDER_PROGRAM, ACKER_PROGRAM] {
-        let (_, flags, seq, ack, _) = segment(&answered(&mut dp, program, &fin));
+        let (_, flags, seq, ack, _) = segment(&answered(&mut bench, program, &fin));
         assert_eq!(
             (flags.as_str(), seq, ack),
             ("AR", server_isn + 1, client_isn + 6),
@@ -313,15 +331,15 @@ fn the_acker_and_the_responder_play_a_short_connection_and_count_what_completes(
     ];
     for (program, what, f) in drops {
         assert_eq!(
-            test_run(dp.bench_program(program).expect("program"), 0, f).verdict,
+            test_run(bench.bench_program(program).expect("program"), 0, f).verdict,
             XDP_DROP,
             "{program} drops {what}"
         );
     }
     assert_eq!(
         (
-            completed(&dp) - completed0,
-            dp.responder_count().expect("responder count") - answered0
+            completed(&bench) - completed0,
+            bench.responder_count().expect("responder count") - answered0
         ),
         (1, 1),
         "one connection completed, one SYN answered"
@@ -350,48 +368,57 @@ fn the_generators_window_holds_back_frames_while_connections_are_pending() {
     if !privileged("the_generators_window_holds_back_frames") {
         return;
     }
-    let mut dp = Datapath::load(&Sizes::small()).expect("load");
+    let dp = Datapath::load(&Sizes::small()).expect("load");
+    let mut bench = Bench::load(&dp, 1).expect("bench object");
     let syn = syn();
-    dp.set_gen_frame(&syn).expect("frame head");
-    dp.set_gen_new_flows(true).expect("new flows on");
-    let generate =
-        |dp: &mut Datapath| test_run(dp.gen_program().expect("generator program"), 0, &syn).verdict;
+    bench.set_gen_frame(&syn).expect("frame head");
+    bench.set_gen_new_flows(true).expect("new flows on");
+    let generate = |bench: &mut Bench| {
+        test_run(bench.gen_program().expect("generator program"), 0, &syn).verdict
+    };
     // Two pending at most, three in all.
-    dp.set_gen_window(2, 3).expect("window");
-    assert_eq!([generate(&mut dp), generate(&mut dp)], [XDP_TX, XDP_TX]);
-    assert_eq!(generate(&mut dp), XDP_DROP, "two pending: held back");
-    let w = dp.gen_window().expect("window");
+    bench.set_gen_window(2, 3).expect("window");
+    assert_eq!(
+        [generate(&mut bench), generate(&mut bench)],
+        [XDP_TX, XDP_TX]
+    );
+    assert_eq!(generate(&mut bench), XDP_DROP, "two pending: held back");
+    let w = bench.gen_window().expect("window");
     assert_eq!((w[WINDOW_SENT], w[WINDOW_DONE]), (2, 0));
     assert_ne!(w[WINDOW_FIRST_NS], 0, "the first frame's time is kept");
 
     // One connection completes (the acker resets the reply of a connection).
-    let syn_ack = answered(&mut dp, RESPONDER_PROGRAM, &syn);
-    let request = answered(&mut dp, ACKER_PROGRAM, &syn_ack);
-    let reply = answered(&mut dp, RESPONDER_PROGRAM, &request);
-    answered(&mut dp, ACKER_PROGRAM, &reply);
-    let w = dp.gen_window().expect("window");
+    let syn_ack = answered(&mut bench, RESPONDER_PROGRAM, &syn);
+    let request = answered(&mut bench, ACKER_PROGRAM, &syn_ack);
+    let reply = answered(&mut bench, RESPONDER_PROGRAM, &request);
+    answered(&mut bench, ACKER_PROGRAM, &reply);
+    let w = bench.gen_window().expect("window");
     assert_eq!(w[WINDOW_DONE], 1);
     assert!(
         w[WINDOW_LAST_NS] >= w[WINDOW_FIRST_NS],
         "the completion's time is kept"
     );
-    assert_eq!(generate(&mut dp), XDP_TX, "one pending: the next goes");
+    assert_eq!(generate(&mut bench), XDP_TX, "one pending: the next goes");
     assert_eq!(
-        generate(&mut dp),
+        generate(&mut bench),
         XDP_DROP,
         "three sent: the total is reached"
     );
 
-    dp.set_gen_window(0, 0).expect("window off");
+    bench.set_gen_window(0, 0).expect("window off");
     assert_eq!(
-        [generate(&mut dp), generate(&mut dp), generate(&mut dp)],
+        [
+            generate(&mut bench),
+            generate(&mut bench),
+            generate(&mut bench)
+        ],
         [XDP_TX; 3]
     );
 }
 
 /// Runs the sink on `frame` `repeat` times in one test run (one CPU throughout).
-fn sink_run(dp: &mut Datapath, frame: &[u8], repeat: u32) {
-    let sink = dp.sink_program().expect("sink program");
+fn sink_run(bench: &mut Bench, frame: &[u8], repeat: u32) {
+    let sink = bench.sink_program().expect("sink program");
     let (verdict, _) = test_run_repeated(sink, 0, frame, repeat);
     assert_eq!(verdict, XDP_DROP, "the sink drops");
 }
@@ -403,32 +430,37 @@ fn the_sinks_clock_times_the_frames_between_its_first_and_latest_sample() {
     }
     // The clock is per CPU: every run on one CPU, so each one sees what the last one left.
     privatelink_tests::pin_to_cpu0();
-    let mut dp = Datapath::load(&Sizes::small()).expect("load");
+    let dp = Datapath::load(&Sizes::small()).expect("load");
+    let mut bench = Bench::load(&dp, 1).expect("bench object");
     let f = frame();
-    dp.reset_sink_clock().expect("reset");
-    assert_eq!(dp.sink_clock().expect("clock"), (0, 0), "nothing sampled");
-    // 64 frames hold one multiple of CLOCK_EVERY of the CPU's count: a first sample, no span.
-    sink_run(&mut dp, &f, CLOCK_EVERY as u32);
+    bench.reset_sink_clock().expect("reset");
     assert_eq!(
-        dp.sink_clock().expect("clock"),
+        bench.sink_clock().expect("clock"),
+        (0, 0),
+        "nothing sampled"
+    );
+    // 64 frames hold one multiple of CLOCK_EVERY of the CPU's count: a first sample, no span.
+    sink_run(&mut bench, &f, CLOCK_EVERY as u32);
+    assert_eq!(
+        bench.sink_clock().expect("clock"),
         (0, 0),
         "one sample: no span"
     );
 
     // After a reset, 300 frames hold 4 or 5 multiples of 64 of the count: the span from the
     // first sample to the latest is 3 or 4 times 64 frames.
-    dp.reset_sink_clock().expect("reset");
-    let before = dp.sink_count().expect("count");
-    sink_run(&mut dp, &f, 300);
-    assert_eq!(dp.sink_count().expect("count"), before + 300);
-    let (frames, ns) = dp.sink_clock().expect("clock");
+    bench.reset_sink_clock().expect("reset");
+    let before = bench.sink_count().expect("count");
+    sink_run(&mut bench, &f, 300);
+    assert_eq!(bench.sink_count().expect("count"), before + 300);
+    let (frames, ns) = bench.sink_clock().expect("clock");
     assert!(
         frames == 3 * CLOCK_EVERY || frames == 4 * CLOCK_EVERY,
         "frames between the samples of 300: {frames}"
     );
     assert!(ns > 0, "a span of time: {ns} ns");
-    sink_run(&mut dp, &f, 640);
-    let (more, later) = dp.sink_clock().expect("clock");
+    sink_run(&mut bench, &f, 640);
+    let (more, later) = bench.sink_clock().expect("clock");
     assert_eq!(
         more,
         frames + 640,
@@ -436,8 +468,8 @@ fn the_sinks_clock_times_the_frames_between_its_first_and_latest_sample() {
     );
     assert!(later > ns, "{later} ns after {ns} ns");
 
-    dp.reset_sink_clock().expect("reset");
-    assert_eq!(dp.sink_clock().expect("clock"), (0, 0), "reset");
+    bench.reset_sink_clock().expect("reset");
+    assert_eq!(bench.sink_clock().expect("clock"), (0, 0), "reset");
 }
 
 #[test]
@@ -448,14 +480,22 @@ fn the_lookup_floor_bounces_frames_of_tracked_flows_and_passes_the_rest() {
         let ack = Pkt::tcp(CONSUMER, 40000, ENDPOINT, 80, false, true)
             .macs(CONSUMER_MAC, h.c0_mac)
             .build();
-        let (c0, prog) = (h.c0, privatelink_agent::loader::LOOKUP_FLOOR_PROGRAM);
+        let (c0, prog) = (h.c0, privatelink_tests::benchkit::LOOKUP_FLOOR_PROGRAM);
         let before = h.outcomes();
-        let r = test_run(h.dp.bench_program(prog).expect("lookup floor"), c0, &ack);
+        let r = test_run(
+            h.bench().bench_program(prog).expect("lookup floor"),
+            c0,
+            &ack,
+        );
         assert_eq!(r.verdict, XDP_PASS, "no flow yet: {r:?}");
         assert_eq!(r.out, ack, "a miss leaves the frame as it was");
 
         assert_eq!(h.run(c0, &h.consumer_syn(40000)).verdict, XDP_REDIRECT);
-        let r = test_run(h.dp.bench_program(prog).expect("lookup floor"), c0, &ack);
+        let r = test_run(
+            h.bench().bench_program(prog).expect("lookup floor"),
+            c0,
+            &ack,
+        );
         assert_eq!(r.verdict, XDP_TX, "the SYN's flow is found");
         let mut want = ack.clone();
         want[..6].copy_from_slice(&ack[6..12]);
@@ -463,7 +503,12 @@ fn the_lookup_floor_bounces_frames_of_tracked_flows_and_passes_the_rest() {
         assert_eq!(r.out, want, "a hit swaps the MACs, nothing else");
 
         // On the provider interface the same tuple is in another network: no flow there.
-        let r = test_run(h.dp.bench_program(prog).expect("lookup floor"), h.p0, &ack);
+        let p0 = h.p0;
+        let r = test_run(
+            h.bench().bench_program(prog).expect("lookup floor"),
+            p0,
+            &ack,
+        );
         assert_eq!(r.verdict, XDP_PASS, "the key carries the receiving network");
         let mut after = h.outcomes();
         // Only the SYN run through the datapath counted; the lookup floor counts nothing.
@@ -477,8 +522,8 @@ fn the_slot_floor_claims_two_slots_per_new_tuple_until_its_probes_run_out() {
     if !privileged("the_slot_floor_claims_two_slots_per_new_tuple_until_its_probes_run_out") {
         return;
     }
-    use privatelink_agent::loader::SLOT_FLOOR_PROGRAM;
     use privatelink_common::bench::{SLOT_PROBES, SLOT_TABLE_ENTRIES};
+    use privatelink_tests::benchkit::SLOT_FLOOR_PROGRAM;
     let syn = |port| {
         Pkt::syn(CONSUMER, port, ENDPOINT, 80)
             .macs(CONSUMER_MAC, [2, 0, 0, 0, 0, 9])
@@ -492,25 +537,23 @@ fn the_slot_floor_claims_two_slots_per_new_tuple_until_its_probes_run_out() {
     };
 
     // With the agent's sizes the table has one slot, so the floor finds none and passes.
-    let mut dp = Datapath::load(&Sizes::small()).expect("load");
+    let dp = Datapath::load(&Sizes::small()).expect("load");
+    let mut bench = Bench::load(&dp, 1).expect("bench object");
     let r = test_run(
-        dp.bench_program(SLOT_FLOOR_PROGRAM).expect("slot floor"),
+        bench.bench_program(SLOT_FLOOR_PROGRAM).expect("slot floor"),
         0,
         &syn(40000),
     );
     assert_eq!(r.verdict, XDP_PASS, "a one-slot table: {r:?}");
-    drop(dp);
+    drop((bench, dp));
 
-    let sizes = Sizes {
-        bench_slots: SLOT_TABLE_ENTRIES,
-        ..Sizes::small()
-    };
-    let mut dp = Datapath::load(&sizes).expect("load with the bench's slot table");
+    let dp = Datapath::load(&Sizes::small()).expect("load");
+    let mut bench = Bench::load(&dp, SLOT_TABLE_ENTRIES).expect("the bench's slot table");
     let f = syn(40000);
     // The same tuple again finds its slots taken and probes on, one slot further each run.
     for run in 0..SLOT_PROBES {
         let r = test_run(
-            dp.bench_program(SLOT_FLOOR_PROGRAM).expect("slot floor"),
+            bench.bench_program(SLOT_FLOOR_PROGRAM).expect("slot floor"),
             0,
             &f,
         );
@@ -522,7 +565,7 @@ fn the_slot_floor_claims_two_slots_per_new_tuple_until_its_probes_run_out() {
         );
     }
     let r = test_run(
-        dp.bench_program(SLOT_FLOOR_PROGRAM).expect("slot floor"),
+        bench.bench_program(SLOT_FLOOR_PROGRAM).expect("slot floor"),
         0,
         &f,
     );
@@ -531,9 +574,37 @@ fn the_slot_floor_claims_two_slots_per_new_tuple_until_its_probes_run_out() {
     // Another tuple hashes elsewhere and still finds room.
     let g = syn(40001);
     let r = test_run(
-        dp.bench_program(SLOT_FLOOR_PROGRAM).expect("slot floor"),
+        bench.bench_program(SLOT_FLOOR_PROGRAM).expect("slot floor"),
         0,
         &g,
     );
     assert_eq!(r.verdict, XDP_TX, "a new tuple: {r:?}");
+}
+
+/// The floors measure the datapath's own state: every map the lookup floor uses is one of the
+/// datapath program's maps (the same kernel map, not a copy with the same name).
+#[test]
+fn the_benchmark_object_uses_the_datapaths_own_maps() {
+    with_harness("bench_shares_maps", |h| {
+        let map_ids = |p: &aya::programs::Xdp| -> std::collections::BTreeSet<u32> {
+            p.info()
+                .expect("program info")
+                .map_ids()
+                .expect("map ids")
+                .unwrap_or_default()
+                .into_iter()
+                .collect()
+        };
+        let datapath = map_ids(h.dp.program());
+        let floor = map_ids(
+            h.bench()
+                .bench_program(privatelink_tests::benchkit::LOOKUP_FLOOR_PROGRAM)
+                .expect("lookup floor"),
+        );
+        assert!(floor.len() >= 3, "the lookup floor uses maps: {floor:?}");
+        assert!(
+            floor.is_subset(&datapath),
+            "lookup floor maps {floor:?} not all in the datapath's {datapath:?}"
+        );
+    });
 }

@@ -3,7 +3,7 @@
 use std::net::Ipv4Addr;
 
 use ipnet::Ipv4Net;
-use privatelink_agent::dataplane::{
+use privatelink_agent::datapath::{
     Action, DataplaneError, LinkState, PortMap, Proto, Rule, RuleProto,
 };
 use privatelink_common as c;
@@ -272,7 +272,7 @@ fn security_groups_first_match_in_priority_order_with_edges() {
     with_harness("security_groups", |h| {
         let mut m = h.model();
         let set =
-            |h: &mut Harness, m: &mut privatelink_agent::dataplane::Model, rules: Vec<Rule>| {
+            |h: &mut Harness, m: &mut privatelink_agent::datapath::Model, rules: Vec<Rule>| {
                 m.links.get_mut(&LINK).unwrap().rules = Some(rules.into());
                 h.apply(m);
             };
@@ -966,11 +966,11 @@ fn interfaces_are_found_by_ifindex_array_or_beyond_it_by_hash() {
         }
         let mac: [u8; 6] = [0x02, 0, 0, 0, 0xb1, 0x90];
         let mut m = h.model();
-        m.ifaces.push(privatelink_agent::dataplane::Iface {
+        m.ifaces.push(privatelink_agent::datapath::Iface {
             ifindex: big,
             vlan_id: 0,
             network_id: privatelink_tests::fixture::CONSUMER_NET2,
-            role: privatelink_agent::dataplane::Role::Consumer,
+            role: privatelink_agent::datapath::Role::Consumer,
             mac,
         });
         let mut other = m.links[&LINK].clone();
@@ -1213,9 +1213,9 @@ fn a_full_conntrack_refuses_new_flows_keeps_established_ones_and_recovers() {
         return;
     }
     // 32 flows fill 64 entries (two per flow); UDP flows expire after a second.
-    let sizes = privatelink_agent::loader::Sizes {
+    let sizes = privatelink_agent::datapath::loader::Sizes {
         conntrack: 64,
-        ..privatelink_agent::loader::Sizes::small()
+        ..privatelink_agent::datapath::loader::Sizes::small()
     };
     privatelink_tests::fixture::with_harness_sized(sizes, |h| {
         let mut m = h.model();
@@ -1248,7 +1248,7 @@ fn a_full_conntrack_refuses_new_flows_keeps_established_ones_and_recovers() {
         std::thread::sleep(std::time::Duration::from_millis(1300));
         let swept = h
             .plane
-            .sweep_expired(privatelink_agent::metrics::monotonic_ns(), &m.config);
+            .sweep_expired(privatelink_agent::node::metrics::monotonic_ns(), &m.config);
         assert_eq!(swept, 64, "both entries of every flow");
         let r = h.run(h.c0, &dgram(h, 40_000));
         assert_eq!(r.verdict, XDP_REDIRECT, "room again after the sweep");
@@ -1262,7 +1262,7 @@ fn flow_times_follow_the_clock_and_idle_flows_expire_in_the_datapath() {
     }
     // The datapath reads the coarse clock once per tick and CPU and reuses it in between: the
     // times it writes must still be the clock's (within a tick), and move on as it does.
-    let clock = privatelink_agent::metrics::monotonic_ns;
+    let clock = privatelink_agent::node::metrics::monotonic_ns;
     let tick_slack = 50_000_000; // coarse time lags the precise clock by at most a tick
     privatelink_tests::fixture::with_harness(
         "flow_times_follow_the_clock_and_idle_flows_expire_in_the_datapath",

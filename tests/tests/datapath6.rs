@@ -8,8 +8,8 @@ use etherparse::{
 };
 use ipnet::Ipv6Net;
 use privatelink_agent::{
-    dataplane::{Action, Model, Rule, RuleProto},
-    demo::{BACKEND6, ENDPOINT6, NAT_RANGE6},
+    datapath::{Action, Model, Rule, RuleProto},
+    testkit::demo::{BACKEND6, ENDPOINT6, NAT_RANGE6},
 };
 use privatelink_common as c;
 use privatelink_tests::{
@@ -223,7 +223,7 @@ fn ipv6_security_group_rules_apply_to_ipv6_flows_only() {
         assert_eq!(h.run(h.c0, &syn4).verdict, XDP_REDIRECT);
         // IPv6 flows of a Pending link are refused like IPv4 ones.
         m.links.get_mut(&LINK).expect("link").state =
-            privatelink_agent::dataplane::LinkState::Pending;
+            privatelink_agent::datapath::LinkState::Pending;
         h.apply(&m);
         assert_dropped(h, &from(neighbour, 40204), c::DROP_LINK_PENDING);
     });
@@ -595,7 +595,7 @@ fn assert_provider_drop(h: &mut Harness, frame: &[u8], reason: u32) {
 
 #[test]
 fn ipv6_link_state_allowlist_and_groups_gate_new_flows_and_rejection_cuts_them() {
-    use privatelink_agent::dataplane::LinkState;
+    use privatelink_agent::datapath::LinkState;
     with_harness("gates6", |h| {
         let mut m = dual(h);
         let c0 = h.c0;
@@ -647,7 +647,7 @@ fn ipv6_without_a_neighbour_hands_the_translated_packet_to_the_kernel() {
         // On the provider interface's prefix, with no neighbour entry.
         let unresolved: Ipv6Addr = "2001:db8:64::20".parse().expect("address");
         m.services
-            .get_mut(&privatelink_agent::demo::SERVICE)
+            .get_mut(&privatelink_agent::testkit::demo::SERVICE)
             .expect("service")
             .backends = vec![
             privatelink_tests::fixture::BACKEND.into(),
@@ -728,7 +728,7 @@ fn overlapping_ipv6_consumers_collide_on_nat_and_retry() {
         // One IPv6 NAT address: the same consumer tuple from two networks must get two ports.
         let only: Ipv6Addr = "2001:db8:ff::7".parse().expect("address");
         m.nat
-            .get_mut(&privatelink_agent::demo::PROVIDER_NET)
+            .get_mut(&privatelink_agent::testkit::demo::PROVIDER_NET)
             .expect("range")
             .addrs6 = Some(Ipv6Net::new(only, 128).expect("prefix"));
         let mut other = m.links[&LINK].clone();
@@ -771,9 +771,9 @@ fn a_full_ipv6_conntrack_refuses_new_flows_keeps_established_ones_and_recovers()
         return;
     }
     // 32 flows fill 64 entries; UDP flows expire after a second. The IPv4 table stays roomy.
-    let sizes = privatelink_agent::loader::Sizes {
+    let sizes = privatelink_agent::datapath::loader::Sizes {
         conntrack6: 64,
-        ..privatelink_agent::loader::Sizes::small()
+        ..privatelink_agent::datapath::loader::Sizes::small()
     };
     privatelink_tests::fixture::with_harness_sized(sizes, |h| {
         let mut m = dual(h);
@@ -802,7 +802,7 @@ fn a_full_ipv6_conntrack_refuses_new_flows_keeps_established_ones_and_recovers()
         std::thread::sleep(std::time::Duration::from_millis(1300));
         let swept = h
             .plane
-            .sweep_expired(privatelink_agent::metrics::monotonic_ns(), &m.config);
+            .sweep_expired(privatelink_agent::node::metrics::monotonic_ns(), &m.config);
         assert_eq!(
             swept, 64,
             "both entries of every IPv6 flow (the IPv4 SYN lives on)"
@@ -816,9 +816,9 @@ fn a_full_ipv6_conntrack_refuses_new_flows_keeps_established_ones_and_recovers()
 #[test]
 fn ipv6_keeps_forwarding_while_a_restarted_agent_swaps_the_programs() {
     use privatelink_agent::{
-        dataplane::Dataplane,
-        loader::{Datapath, Sizes},
-        pins::Pins,
+        datapath::Dataplane,
+        datapath::loader::{Datapath, Sizes},
+        datapath::pins::Pins,
     };
     with_harness("restart6", |h| {
         // An agent and its restarted successor: two loads of the object on the same pins. The

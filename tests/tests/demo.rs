@@ -1,16 +1,16 @@
-//! The default of `cargo xtask build-and-load`: `privatelink-agent demo --once` through the real
-//! agent, and nothing left behind afterwards.
+//! The default of `cargo xtask build-and-load`: `privatelink-demo --once` through the real agent,
+//! and nothing left behind afterwards.
 use std::process::Command;
 
-use privatelink_tests::{agent_bin, privileged};
+use privatelink_tests::privileged;
 
 #[test]
 fn the_demo_serves_both_consumers_and_cleans_up() {
     if !privileged("the_demo_serves_both_consumers_and_cleans_up") {
         return;
     }
-    let out = Command::new(agent_bin("privatelink-agent"))
-        .args(["demo", "--once"])
+    let out = Command::new(env!("CARGO_BIN_EXE_privatelink-demo"))
+        .arg("--once")
         .env("RUST_BACKTRACE", "0")
         .output()
         .unwrap();

@@ -9,8 +9,8 @@ use std::{
 };
 
 use privatelink_agent::{
-    demo::{BACKEND, TCP_PORTS},
-    netns::Netns,
+    testkit::demo::{BACKEND, TCP_PORTS},
+    testkit::netns::Netns,
 };
 use privatelink_tests::{
     privileged,

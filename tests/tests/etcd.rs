@@ -9,7 +9,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use privatelink_agent::demo::{BACKEND, ENDPOINT, TCP_PORTS};
+use privatelink_agent::testkit::demo::{BACKEND, ENDPOINT, TCP_PORTS};
 use privatelink_tests::{
     agent_bin, privileged,
     world::{
@@ -353,7 +353,7 @@ fn three_nodes_share_one_etcd_and_apply_a_change_within_a_second() {
         return;
     }
     // etcd in a namespace of its own, one point-to-point link to each node (198.18.200.0/24).
-    let et = privatelink_agent::netns::Netns::new("et").expect("etcd namespace");
+    let et = privatelink_agent::testkit::netns::Netns::new("et").expect("etcd namespace");
     let dir = std::env::temp_dir().join(format!("privatelink-etcd3-{}", std::process::id()));
     let _etcd = privatelink_tests::world::Etcd::start_at(
         &et,
@@ -363,9 +363,10 @@ fn three_nodes_share_one_etcd_and_apply_a_change_within_a_second() {
     );
     let link = |i: u8| {
         let et = &et;
-        move |topo: &privatelink_agent::demo::Topology| {
+        move |topo: &privatelink_agent::testkit::demo::Topology| {
             let dev = format!("n{i}");
-            privatelink_agent::netns::veth(et, &dev, &topo.node, "et0").expect("veth to etcd");
+            privatelink_agent::testkit::netns::veth(et, &dev, &topo.node, "et0")
+                .expect("veth to etcd");
             et.ip(&[
                 "addr",
                 "add",

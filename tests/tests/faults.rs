@@ -7,8 +7,8 @@ use std::{
     time::{Duration, Instant},
 };
 
-use privatelink_agent::demo::{ENDPOINT, TCP_PORTS};
-use privatelink_agent::netns::Netns;
+use privatelink_agent::testkit::demo::{ENDPOINT, TCP_PORTS};
+use privatelink_agent::testkit::netns::Netns;
 use privatelink_common::reasons::{
     DROP_BAD_IHL, DROP_BAD_LENGTH, DROP_FRAGMENT, DROP_TCP_NOT_SYN, DROP_TRUNCATED, FWD_REDIRECT,
     FWD_TX, OUTCOME_NAMES, PASS_MALFORMED,
@@ -274,7 +274,7 @@ fn malformed_frames_at_rate_are_all_counted_and_none_is_forwarded() {
             .collect();
         <[u8; 6]>::try_from(b).unwrap()
     };
-    let client = privatelink_agent::demo::CLIENT;
+    let client = privatelink_agent::testkit::demo::CLIENT;
     let syn = |sport: u16| {
         Pkt::syn(client, sport, ENDPOINT, TCP_PORTS.0)
             .macs(client_mac, node_mac)
@@ -409,7 +409,7 @@ fn malformed_frames_at_rate_are_all_counted_and_none_is_forwarded() {
     sock.send(&syn(40_000));
     std::thread::sleep(Duration::from_millis(300));
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let nat: ipnet::Ipv4Net = privatelink_agent::demo::NAT_RANGE.parse().unwrap();
+    let nat: ipnet::Ipv4Net = privatelink_agent::testkit::demo::NAT_RANGE.parse().unwrap();
     let provider_saw = at_provider.join().unwrap();
     let forwarded: Vec<_> = provider_saw
         .iter()

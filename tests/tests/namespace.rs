@@ -8,9 +8,9 @@ use std::{
 
 use ipnet::Ipv4Net;
 use privatelink_agent::{
-    dataplane::{Dataplane, DataplaneError},
-    demo::{BACKEND, ENDPOINT, ENDPOINT6, NAT_RANGE, TCP_PORTS, Topology, UDP_PORTS},
-    loader::{Datapath, Sizes},
+    datapath::loader::{Datapath, Sizes},
+    datapath::{Dataplane, DataplaneError},
+    testkit::demo::{BACKEND, ENDPOINT, ENDPOINT6, NAT_RANGE, TCP_PORTS, Topology, UDP_PORTS},
 };
 use privatelink_common as c;
 use privatelink_tests::privileged;
@@ -258,7 +258,7 @@ fn path_mtu_discovery_works_across_the_endpoint_in_both_families() {
     if !privileged("path_mtu_discovery_works_across_the_endpoint_in_both_families") {
         return;
     }
-    use privatelink_agent::{demo::SERVICE, netns::Netns};
+    use privatelink_agent::testkit::{demo::SERVICE, netns::Netns};
     use std::net::{Ipv4Addr, Ipv6Addr};
     // consumer → node (XDP) → provider, a router → far link with MTU 1280 on the router's side →
     // the backend in a namespace of its own, whose own MTU is 1500 (so it advertises MSS 1460 and
@@ -267,7 +267,7 @@ fn path_mtu_discovery_works_across_the_endpoint_in_both_families() {
     const FAR6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x65, 0, 0, 0, 0, 0x10);
     let topo = Topology::build(1).expect("topology");
     let far = Netns::new("fr").expect("far namespace");
-    privatelink_agent::netns::veth(&topo.provider, "far0", &far, "eth0").expect("veth");
+    privatelink_agent::testkit::netns::veth(&topo.provider, "far0", &far, "eth0").expect("veth");
     let p = &topo.provider;
     p.sysctl("net.ipv4.ip_forward", "1").expect("forwarding");
     p.sysctl("net.ipv6.conf.all.forwarding", "1")
@@ -287,7 +287,7 @@ fn path_mtu_discovery_works_across_the_endpoint_in_both_families() {
         vec![
             "route",
             "add",
-            privatelink_agent::demo::NAT_RANGE6,
+            privatelink_agent::testkit::demo::NAT_RANGE6,
             "via",
             "2001:db8:65::1",
         ],
@@ -376,8 +376,8 @@ fn path_mtu_discovery_works_for_replies_to_a_consumer_behind_a_smaller_mtu() {
         return;
     }
     use privatelink_agent::{
-        demo::{BACKEND6, SERVICE},
-        netns::{Netns, veth},
+        testkit::demo::{BACKEND6, SERVICE},
+        testkit::netns::{Netns, veth},
     };
     use std::net::{Ipv4Addr, Ipv6Addr};
     // The client sits behind a router in the consumer network whose link toward it has MTU 1280:

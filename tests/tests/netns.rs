@@ -12,7 +12,7 @@ use nix::{
     sys::signal::{self, Signal},
     unistd::Pid,
 };
-use privatelink_agent::netns::{self, Netns, OWNERS};
+use privatelink_agent::testkit::netns::{self, Netns, OWNERS};
 use privatelink_tests::privileged;
 
 /// A holder process, with the namespace it made and the pid of the process inside it.

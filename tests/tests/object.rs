@@ -8,7 +8,7 @@ const BYTE_LOOPS: [&str; 5] = ["memset", "memmove", "memcpy", "memcmp", "bcmp"];
 
 #[test]
 fn no_program_calls_the_byte_loop_memset_memmove_or_memcpy() {
-    let bytes = privatelink_agent::object::bytes().expect("the eBPF object is built");
+    let bytes = privatelink_agent::datapath::object::bytes().expect("the eBPF object is built");
     let file = object::File::parse(bytes).expect("the eBPF object is ELF");
     let mut calls = Vec::new();
     let mut relocations = 0;
@@ -62,7 +62,7 @@ fn no_program_calls_the_byte_loop_memset_memmove_or_memcpy() {
 /// to a function in the same section or, relocated, in another.
 #[test]
 fn the_datapath_programs_make_no_bpf_to_bpf_calls() {
-    let bytes = privatelink_agent::object::bytes().expect("the eBPF object is built");
+    let bytes = privatelink_agent::datapath::object::bytes().expect("the eBPF object is built");
     let file = object::File::parse(bytes).expect("the eBPF object is ELF");
     for program in ["privatelink", "privatelink6"] {
         let sym = file
@@ -88,5 +88,74 @@ fn the_datapath_programs_make_no_bpf_to_bpf_calls() {
         );
         // The walk read the program itself, not an empty symbol.
         assert!(insns.len() > 8_000, "{program}: only {} bytes", insns.len());
+    }
+}
+
+/// What the agent loads is the datapath and nothing else: its programs and maps, named here one
+/// by one. The benchmark programs and their maps live in the `privatelink-bench` object.
+#[test]
+fn the_production_object_holds_exactly_the_datapath_programs_and_maps() {
+    const PROGRAMS: [&str; 3] = ["pass", "privatelink", "privatelink6"];
+    const MAPS: [&str; 34] = [
+        "ALLOWLIST",
+        "BACKENDS4",
+        "BACKENDS6",
+        "CONFIG",
+        "CT4",
+        "CT6",
+        "DEVMAP",
+        "ENDPOINTS4",
+        "ENDPOINTS6",
+        "ENDPOINT_IPS4",
+        "ENDPOINT_IPS6",
+        "ERROR_KEY6",
+        "FIB_SCRATCH",
+        "FLOW_CACHE4",
+        "FLOW_CACHE6",
+        "FLOW_CACHE_STATS",
+        "GLOBAL_STATS",
+        "HANDOFF6",
+        "IFACES",
+        "IFACE_INDEX",
+        "JUMP",
+        "LINKS",
+        "LINK_DROPS",
+        "LINK_STATS",
+        "MAGLEV",
+        "MAGLEV6",
+        "NAT4",
+        "NAT6",
+        "NEXTHOP4",
+        "NEXTHOP6",
+        "RULES4",
+        "RULES6",
+        "SCRATCH6",
+        "TICK_CLOCK",
+    ];
+    let bytes = privatelink_agent::datapath::object::bytes().expect("the eBPF object is built");
+    let file = object::File::parse(bytes).expect("the eBPF object is ELF");
+    let in_section = |prefix: &str, kind: SymbolKind| {
+        let mut names: Vec<String> = file
+            .symbols()
+            .filter(|s| s.kind() == kind)
+            .filter(|s| {
+                s.section_index()
+                    .and_then(|i| file.section_by_index(i).ok())
+                    .and_then(|sec| sec.name().ok().map(|n| n.starts_with(prefix)))
+                    .unwrap_or(false)
+            })
+            .filter_map(|s| s.name().ok().map(str::to_string))
+            .collect();
+        names.sort();
+        names
+    };
+    assert_eq!(in_section("xdp", SymbolKind::Text), PROGRAMS, "programs");
+    assert_eq!(in_section("maps", SymbolKind::Data), MAPS, "maps");
+    // Every pinned map is one of them (the pin list and the object cannot drift apart).
+    for name in privatelink_common::names::ALL {
+        assert!(
+            MAPS.contains(name),
+            "{name} is pinned but not in the object"
+        );
     }
 }

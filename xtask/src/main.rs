@@ -1,4 +1,5 @@
 //! Project tasks: `cargo xtask <setup|build-and-load|test|clippy|bench>`.
+mod cli_alone;
 mod cmd;
 mod setup;
 
@@ -26,10 +27,10 @@ enum Task {
         #[arg(long)]
         no_packages: bool,
     },
-    /// Build everything and run the agent: the embedded demo without arguments, or the given agent
-    /// arguments (e.g. `-- run --config agent.toml`).
+    /// Build and run: the embedded demo without arguments (or `-- demo [--once]`), else the agent
+    /// with the given arguments (e.g. `-- run --config agent.toml`).
     BuildAndLoad {
-        /// Arguments for the agent binary (default: `demo`).
+        /// `demo [--once]` (the default), or arguments for the agent binary.
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
@@ -42,6 +43,8 @@ enum Task {
     },
     /// Clippy on the userspace crates, then separately on the eBPF crate.
     Clippy,
+    /// Build the `privatelink` CLI alone (feature `cli`) with bpf-linker and protoc hidden.
+    CliAlone,
     /// Datapath benchmarks (ratios to a floor program measured in the same run), map memory, a
     /// real-traffic cross-check, then privatelink against nftables, HAProxy and direct routing in
     /// alternating rounds; prints Markdown for docs/BENCHMARKS.md.
@@ -69,6 +72,11 @@ fn clippy() -> Result<()> {
             "bpfel-unknown-none",
             "-Z",
             "build-std=core",
+            // The library, the agent's object and the benchmark object.
+            "--lib",
+            "--bins",
+            "--features",
+            "bench",
         ])
         .args(["--", "-D", "warnings"]))
 }
@@ -77,6 +85,17 @@ fn test(args: &[String]) -> Result<()> {
     setup::setup(true)?;
     run(cargo().args(["fmt", "--all", "--check"]))?;
     clippy()?;
+    // The control plane alone: it compiles without the node side (no import of it).
+    run(cargo().args([
+        "check",
+        "--package",
+        "privatelink-agent",
+        "--lib",
+        "--no-default-features",
+        "--features",
+        "control",
+    ]))?;
+    cli_alone::check(&workspace_root())?;
     // The agent integration tests run the real binaries (privatelink-agent, privatelink).
     run(cargo().args(["build", "--package", "privatelink-agent", "--bins"]))?;
     // Kernel state (namespaces, pinned maps) is shared, so tests run one at a time.
@@ -88,14 +107,14 @@ fn test(args: &[String]) -> Result<()> {
 
 fn build_and_load(args: &[String]) -> Result<()> {
     setup::setup(true)?;
-    run(cargo().args(["build", "--release", "--package", "privatelink-agent"]))?;
-    let agent = workspace_root().join("target/release/privatelink-agent");
-    let args: Vec<String> = if args.is_empty() {
-        vec!["demo".into()]
-    } else {
-        args.to_vec()
+    // The demo is test support (the tests crate); anything else is the agent's command line.
+    let (package, bin, args) = match args.split_first() {
+        None => ("privatelink-tests", "privatelink-demo", args),
+        Some((first, rest)) if first == "demo" => ("privatelink-tests", "privatelink-demo", rest),
+        Some(_) => ("privatelink-agent", "privatelink-agent", args),
     };
-    run(Command::new(agent).args(&args))
+    run(cargo().args(["build", "--release", "--package", package, "--bin", bin]))?;
+    run(Command::new(workspace_root().join("target/release").join(bin)).args(args))
 }
 
 fn main() -> Result<()> {
@@ -104,6 +123,7 @@ fn main() -> Result<()> {
         Task::BuildAndLoad { args } => build_and_load(&args),
         Task::Test { args } => test(&args),
         Task::Clippy => clippy(),
+        Task::CliAlone => cli_alone::check(&workspace_root()),
         Task::Bench => {
             setup::setup(true)?;
             for bin in ["bench", "compare"] {

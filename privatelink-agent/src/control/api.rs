@@ -771,7 +771,7 @@ pub struct HistoryView {
     granularity_secs: u64,
     from: u64,
     to: u64,
-    points: Vec<crate::history::Point>,
+    points: Vec<crate::control::monitoring::Point>,
     /// The comparison period, when asked for.
     #[serde(skip_serializing_if = "Option::is_none")]
     compare: Option<HistoryWindow>,
@@ -782,7 +782,7 @@ pub struct HistoryView {
 pub struct HistoryWindow {
     from: u64,
     to: u64,
-    points: Vec<crate::history::Point>,
+    points: Vec<crate::control::monitoring::Point>,
 }
 
 #[utoipa::path(get, path = "/v1/history/{kind}/{id}", params(("kind" = String, Path, description = "endpoint or service"), ("id" = String, Path, description = "object id"), HistoryQuery), responses((status = 200, body = HistoryView, description = "Traffic history of an endpoint or service on this node"), (status = "4XX", body = ErrorBody, description = "error: stable code, message, offending field")), security(("bearer" = [])), summary = "Traffic history of an endpoint or service on this node")]
@@ -803,21 +803,18 @@ async fn history(
             ));
         }
     }
-    let h = p
-        .history()
-        .ok_or_else(|| {
-            ApiError::new(
-                404,
-                "no_history",
-                "this server keeps no monitoring history (only agents do)",
-            )
-        })?
-        .clone();
+    let h = p.node_local().ok_or_else(|| {
+        ApiError::new(
+            404,
+            "no_history",
+            "this server keeps no monitoring history (only agents do)",
+        )
+    })?;
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0);
-    let period = crate::history::Period::parse(
+    let period = crate::control::monitoring::Period::parse(
         q.period.as_deref().unwrap_or("realtime"),
         q.granularity.as_deref(),
         now,
@@ -838,7 +835,7 @@ async fn history(
                 _ => "1d",
             };
             Some(
-                crate::history::Period::parse(&spec, Some(g), now).map_err(|m| {
+                crate::control::monitoring::Period::parse(&spec, Some(g), now).map_err(|m| {
                     ApiError::invalid(
                         "invalid_period",
                         "compare_to",
@@ -848,34 +845,35 @@ async fn history(
             )
         }
     };
-    let view = tokio::task::spawn_blocking(
-        move || -> Result<HistoryView, crate::history::HistoryError> {
-            let h = h.lock().unwrap_or_else(|e| e.into_inner());
-            let mk = |per: &crate::history::Period, points| HistoryView {
-                kind: kind.clone(),
-                id: id.clone(),
-                granularity_secs: per.granularity,
-                from: per.from,
-                to: per.to,
-                points,
-                compare: None,
-            };
-            let mut v = mk(&period, h.query(&kind, &id, &period)?);
-            if let Some(c) = &compare {
-                v.compare = Some(HistoryWindow {
-                    from: c.from,
-                    to: c.to,
-                    points: h.query(&kind, &id, c)?,
-                });
-            }
-            Ok(v)
-        },
-    )
+    let view = tokio::task::spawn_blocking(move || -> Result<HistoryView, String> {
+        let query = |per: &crate::control::monitoring::Period| {
+            h.history(&kind, &id, per)
+                .unwrap_or_else(|| Err("this node keeps no monitoring history".into()))
+        };
+        let mk = |per: &crate::control::monitoring::Period, points| HistoryView {
+            kind: kind.clone(),
+            id: id.clone(),
+            granularity_secs: per.granularity,
+            from: per.from,
+            to: per.to,
+            points,
+            compare: None,
+        };
+        let mut v = mk(&period, query(&period)?);
+        if let Some(c) = &compare {
+            v.compare = Some(HistoryWindow {
+                from: c.from,
+                to: c.to,
+                points: query(c)?,
+            });
+        }
+        Ok(v)
+    })
     .await
     .map_err(|e| ApiError::new(500, "internal", e.to_string()))?
-    .map_err(|e| ApiError::new(503, "history_unavailable", e.to_string()))?;
+    .map_err(|e| ApiError::new(503, "history_unavailable", e))?;
     if q.format.as_deref() == Some("csv") {
-        let text = crate::history::csv(
+        let text = crate::control::monitoring::csv(
             &view.points,
             view.compare.as_ref().map(|c| c.points.as_slice()),
         );

@@ -13,6 +13,7 @@ use tokio::sync::watch;
 use super::{
     alloc::Allocations,
     error::{ApiError, ApiResult},
+    local::NodeLocal,
     ops::{Caller, Ctx, Outcome, accounts::token_hash},
     state::State,
     store::{Commit, NodeReport, Store, StoreError},
@@ -66,13 +67,9 @@ pub struct ControlPlane {
     inner: Mutex<Inner>,
     admin_sha256: String,
     revision: watch::Sender<u64>,
-    /// Backend health as this node's checks see it: service id → (address, healthy).
-    health: Mutex<BTreeMap<String, Vec<(IpAddr, bool)>>>,
-    /// This node's monitoring history, when the agent keeps one.
-    history: std::sync::OnceLock<Arc<Mutex<crate::history::History>>>,
+    /// The node this plane runs beside, if any: its health view, history and report.
+    local: std::sync::OnceLock<Arc<dyn NodeLocal>>,
     cluster: Cluster,
-    /// Reports made through this process (the only ones a local store has).
-    local_reports: Mutex<BTreeMap<String, NodeReport>>,
 }
 
 /// How long a refused commit waits for the store's follower to bring the state to the store's
@@ -117,10 +114,8 @@ impl ControlPlane {
             inner: Mutex::new(Inner::new(state, store)),
             admin_sha256: token_hash(admin_token),
             revision,
-            health: Mutex::new(BTreeMap::new()),
-            history: std::sync::OnceLock::new(),
+            local: std::sync::OnceLock::new(),
             cluster: Cluster::default(),
-            local_reports: Mutex::new(BTreeMap::new()),
         })
     }
 
@@ -242,21 +237,12 @@ impl ControlPlane {
         Remote::Applied
     }
 
-    /// Records that `node` applied `revision` (in a shared store, for every server to list).
-    pub fn report_applied(&self, node: &str, revision: u64) -> Result<(), StoreError> {
-        let report = NodeReport {
-            node: node.to_string(),
-            revision,
-            reported_at: now(),
-        };
-        self.local_reports
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(node.to_string(), report.clone());
-        self.lock().store.report(node, &report)
+    /// Records that a node applied a revision (in a shared store, for every server to list).
+    pub fn report_applied(&self, report: &NodeReport) -> Result<(), StoreError> {
+        self.lock().store.report(&report.node, report)
     }
 
-    /// What every node reported: the shared store's reports, with this process's own.
+    /// What every node reported: the shared store's reports, with the attached node's own.
     pub fn nodes(&self) -> Result<Vec<NodeReport>, StoreError> {
         let mut all: BTreeMap<String, NodeReport> = self
             .lock()
@@ -265,13 +251,8 @@ impl ControlPlane {
             .into_iter()
             .map(|r| (r.node.clone(), r))
             .collect();
-        for (n, r) in self
-            .local_reports
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-        {
-            all.insert(n.clone(), r.clone());
+        if let Some(r) = self.local.get().and_then(|l| l.report()) {
+            all.insert(r.node.clone(), r);
         }
         Ok(all.into_values().collect())
     }
@@ -354,32 +335,25 @@ impl ControlPlane {
         }
     }
 
-    /// Attaches the node's monitoring history (served by the API).
-    pub fn set_history(&self, h: Arc<Mutex<crate::history::History>>) {
-        let _ = self.history.set(h);
+    /// Attaches the node this plane runs beside (once; later calls are ignored).
+    pub fn attach_node(&self, local: Arc<dyn NodeLocal>) {
+        let _ = self.local.set(local);
     }
 
-    pub fn history(&self) -> Option<&Arc<Mutex<crate::history::History>>> {
-        self.history.get()
+    /// The attached node, if any.
+    pub fn node_local(&self) -> Option<Arc<dyn NodeLocal>> {
+        self.local.get().cloned()
     }
 
-    /// Publishes this node's view of backend health (for the API).
-    pub fn set_health(&self, h: BTreeMap<String, Vec<(IpAddr, bool)>>) {
-        *self.health.lock().unwrap_or_else(|p| p.into_inner()) = h;
-    }
-
-    /// Each backend of `svc` with whether this node's checks find it healthy; a target not yet
-    /// checked counts as healthy (targets start healthy).
+    /// Each backend of `svc` with whether the attached node's checks find it healthy; a target
+    /// not yet checked, or without a node, counts as healthy (targets start healthy).
     pub fn targets_health(&self, svc: &crate::control::types::Service) -> Vec<(IpAddr, bool)> {
-        let all = self.health.lock().unwrap_or_else(|p| p.into_inner());
-        let seen = all.get(&svc.id);
+        let local = self.local.get();
         svc.backends
             .iter()
             .map(|ip| {
-                let healthy = seen
-                    .and_then(|s| s.iter().find(|(a, _)| a == ip))
-                    .is_none_or(|(_, h)| *h);
-                (*ip, healthy)
+                let healthy = local.and_then(|l| l.backend_healthy(&svc.id, *ip));
+                (*ip, healthy.unwrap_or(true))
             })
             .collect()
     }

@@ -20,6 +20,33 @@ pub struct State {
 }
 
 impl State {
+    /// A service by id or by service name.
+    pub fn service_by_ref(&self, r: &str) -> Option<&Service> {
+        self.services
+            .get(r)
+            .or_else(|| self.services.values().find(|v| v.service_name == r))
+    }
+
+    /// An endpoint in `network_id`, other than those `skip` names, whose private DNS is on for
+    /// `name`.
+    pub fn private_dns_holder(
+        &self,
+        network_id: &str,
+        name: &str,
+        skip: impl Fn(&Endpoint) -> bool,
+    ) -> Option<&Endpoint> {
+        self.endpoints.values().find(|e| {
+            e.network_id == network_id
+                && e.private_dns_enabled
+                && !skip(e)
+                && self
+                    .services
+                    .get(&e.service_id)
+                    .and_then(|v| v.private_dns_name.as_deref())
+                    == Some(name)
+        })
+    }
+
     /// Applies one object write.
     pub fn put(&mut self, o: Object) {
         match o {

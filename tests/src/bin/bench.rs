@@ -14,15 +14,14 @@ use std::{
 
 use aya::programs::{TestRun, TestRunOptions};
 use privatelink_agent::{
-    dataplane::{Action, Dataplane, Link, Rule, RuleProto},
-    demo::{self, BACKEND6, ENDPOINT6, Topology},
-    loader::{
-        Datapath, FLOOR_PROGRAM, LOOKUP_FLOOR_PROGRAM, PROGRAM, SLOT_FLOOR_PROGRAM, Sizes,
-        map_memory,
-    },
+    datapath::loader::{Datapath, Sizes, map_memory},
+    datapath::{Action, Dataplane, Link, Rule, RuleProto},
+    testkit::demo::{self, BACKEND6, ENDPOINT6, Topology},
 };
-use privatelink_common::bench::SLOT_TABLE_ENTRIES;
 use privatelink_tests::{
+    benchkit::{
+        FLOOR_PROGRAM, LOOKUP_FLOOR_PROGRAM, PROGRAM, SLOT_FLOOR_PROGRAM, SLOT_TABLE_ENTRIES,
+    },
     fixture::{
         BACKEND, BACKEND_MAC, CONSUMER_MAC, CONSUMER_NET, ENDPOINT, Harness, LINK, NOT_ENDPOINT,
         Pkt, with_harness_sized,
@@ -78,11 +77,15 @@ fn replay_ns(
     repeat: u32,
     verdict: u32,
 ) -> f64 {
-    h.dp.set_gen_frame(pkt).expect("replay frame");
-    h.dp.set_gen_new_flows(new_flows).expect("replay sequence");
-    let replay = h.dp.replay_into(target).expect("replay program");
+    h.bench().set_gen_frame(pkt).expect("replay frame");
+    h.bench()
+        .set_gen_new_flows(new_flows)
+        .expect("replay sequence");
+    let replay = h.replay_into(target);
     let (got, ns) = test_run_repeated(replay, ifindex, pkt, repeat);
-    h.dp.set_gen_new_flows(false).expect("replay sequence off");
+    h.bench()
+        .set_gen_new_flows(false)
+        .expect("replay sequence off");
     assert_eq!(
         got, verdict,
         "replay into {target}: wrong verdict, so the wrong path was measured"
@@ -153,7 +156,8 @@ fn floor(h: &mut Harness) -> (f64, f64) {
             let mut o = TestRunOptions::new();
             o.data_in = Some(&pkt);
             o.data_out = Some(&mut out);
-            h.dp.floor_program()
+            h.bench()
+                .floor_program()
                 .expect("floor program")
                 .test_run(o)
                 .expect("floor test run")
@@ -165,13 +169,14 @@ fn floor(h: &mut Harness) -> (f64, f64) {
     let mut o = TestRunOptions::new();
     o.data_in = Some(&pkt);
     o.repeat = FLOOR_REPEAT;
-    let rn =
-        h.dp.floor_program()
-            .expect("floor program")
-            .test_run(o)
-            .expect("floor repeat run")
-            .duration
-            .as_nanos() as f64;
+    let rn = h
+        .bench()
+        .floor_program()
+        .expect("floor program")
+        .test_run(o)
+        .expect("floor repeat run")
+        .duration
+        .as_nanos() as f64;
     (rn, r1 - rn)
 }
 
@@ -190,7 +195,7 @@ fn endpoint_addr(i: u32) -> Ipv4Addr {
 
 /// `n` extra endpoints (links 2..) in the consumer network, one TCP port each; the measured
 /// endpoint (link 1) is dual-stack, so the IPv6 rows run against the same state.
-fn with_endpoints(h: &Harness, n: u32) -> privatelink_agent::dataplane::Model {
+fn with_endpoints(h: &Harness, n: u32) -> privatelink_agent::datapath::Model {
     let mut m = h.model();
     m.links.get_mut(&LINK).expect("link").ip6 = Some(ENDPOINT6);
     for i in 0..n {
@@ -278,7 +283,6 @@ fn bench_sizes() -> Sizes {
         allowlist: 131_072,
         conntrack: 2_097_152,
         conntrack6: 131_072,
-        bench_slots: SLOT_TABLE_ENTRIES,
         ..Sizes::small()
     }
 }
@@ -305,6 +309,7 @@ fn establish(h: &mut Harness, fwd: &[u8]) {
 /// kernel functions it calls (docs/BENCHMARKS.md has the `perf` commands).
 fn profile(path: &str) {
     with_harness_sized(bench_sizes(), |h| {
+        h.bench_slots = SLOT_TABLE_ENTRIES;
         let model = with_endpoints(h, 9);
         h.plane.apply(&model).expect("apply");
         let (c0, c0_mac) = (h.c0, h.c0_mac);
@@ -355,6 +360,7 @@ fn measure(
     floors: &mut Vec<(f64, f64, f64, f64)>,
 ) {
     with_harness_sized(bench_sizes(), |h| {
+        h.bench_slots = SLOT_TABLE_ENTRIES;
         let model = with_endpoints(h, endpoints.saturating_sub(1));
         let t = Instant::now();
         let report = h.plane.apply(&model).expect("apply");
@@ -476,9 +482,10 @@ fn measure(
         let lookup = median(
             (0..3)
                 .map(|_| {
-                    let prog =
-                        h.dp.bench_program(LOOKUP_FLOOR_PROGRAM)
-                            .expect("lookup floor");
+                    let prog = h
+                        .bench()
+                        .bench_program(LOOKUP_FLOOR_PROGRAM)
+                        .expect("lookup floor");
                     let (verdict, ns) = test_run_repeated(prog, c0, &ack, FLOOR_REPEAT);
                     assert_eq!(verdict, XDP_TX, "the lookup floor must find the flow");
                     ns
@@ -575,7 +582,7 @@ fn measure(
 /// sample is a SYN `syn(i)` from a consumer tuple no sample used before (`next` on).
 fn new_flows(
     h: &mut Harness,
-    model: &privatelink_agent::dataplane::Model,
+    model: &privatelink_agent::datapath::Model,
     cases: &[(usize, &'static str)],
     rules: fn(usize) -> Option<Vec<Rule>>,
     syn: impl Fn(u32) -> Vec<u8>,
@@ -642,7 +649,7 @@ fn big_state(
     n: u32,
 ) -> (
     privatelink_agent::control::state::State,
-    privatelink_agent::sync::NodeConfig,
+    privatelink_agent::node::sync::NodeConfig,
 ) {
     use privatelink_agent::control::types::*;
     let mut s = privatelink_agent::control::state::State::default();
@@ -729,11 +736,11 @@ fn big_state(
             },
         );
     }
-    let node = privatelink_agent::sync::NodeConfig {
+    let node = privatelink_agent::node::sync::NodeConfig {
         ifaces: vec![],
         nat: std::collections::BTreeMap::from([(
             "vpc-p".to_string(),
-            privatelink_agent::dataplane::NatRange {
+            privatelink_agent::datapath::NatRange {
                 addrs: "198.19.128.0/20".parse().unwrap(),
                 addrs6: None,
                 ports: 1024..=65535,
@@ -863,7 +870,7 @@ fn sync_scale() {
         let rss0 = rss_mib();
         let (s10k, node) = big_state(10_000);
         let t = Instant::now();
-        let (m, _) = privatelink_agent::sync::model(&s10k, &node, &BTreeSet::new());
+        let (m, _) = privatelink_agent::node::sync::model(&s10k, &node, &BTreeSet::new());
         h.plane.apply(&m).expect("apply 10k");
         println!(
             "| apply 10,000 new endpoints (model, compile, diff, map writes) | {:.0} ms | < 1 s |",
@@ -872,7 +879,7 @@ fn sync_scale() {
         drop(s10k);
         let (mut s, node) = big_state(100_000);
         let t = Instant::now();
-        let (m, _) = privatelink_agent::sync::model(&s, &node, &BTreeSet::new());
+        let (m, _) = privatelink_agent::node::sync::model(&s, &node, &BTreeSet::new());
         h.plane.apply(&m).expect("apply 100k");
         println!(
             "| apply 100,000 endpoints (90,000 new) | {:.0} ms | |",
@@ -889,7 +896,7 @@ fn sync_scale() {
                     let e = s.endpoints.get_mut(&id).unwrap();
                     e.state = privatelink_agent::control::types::ConnectionState::Rejected;
                     let t = Instant::now();
-                    let (m, _) = privatelink_agent::sync::model(s, &node, &BTreeSet::new());
+                    let (m, _) = privatelink_agent::node::sync::model(s, &node, &BTreeSet::new());
                     model_times.push(t.elapsed().as_secs_f64() * 1e3);
                     let r = h.plane.apply(&m).expect("apply one change");
                     times.push(t.elapsed().as_secs_f64() * 1e3);
@@ -909,7 +916,7 @@ fn sync_scale() {
         );
         // The same with security groups bound to every endpoint: two groups of 8 rules each.
         bind_groups(&mut s);
-        let (m, _) = privatelink_agent::sync::model(&s, &node, &BTreeSet::new());
+        let (m, _) = privatelink_agent::node::sync::model(&s, &node, &BTreeSet::new());
         h.plane.apply(&m).expect("apply the bound groups");
         let (model_ms, ms) = one_change(h, &mut s, 5);
         println!(
@@ -925,7 +932,7 @@ fn sync_scale() {
     )
     .unwrap();
     use privatelink_agent::control::ops::{Caller, endpoints, services};
-    let prepared = privatelink_agent::demo::prepare(
+    let prepared = privatelink_agent::testkit::demo::prepare(
         &plane,
         &[
             ("provider", "198.18.100.0/24", "198.18.100.0/24"),
@@ -1001,7 +1008,7 @@ fn etcd_convergence() {
         "| objects in the state | write on one server → applied by 2 followers (median of 5) | full load of the state |"
     );
     println!("|---:|---:|---:|");
-    let ns = privatelink_agent::netns::Netns::new("eb").expect("namespace");
+    let ns = privatelink_agent::testkit::netns::Netns::new("eb").expect("namespace");
     let dir = std::env::temp_dir().join(format!("privatelink-bench-etcd-{}", std::process::id()));
     /// Removes etcd's directory when the benchmark ends, also on a panic.
     struct Gone(std::path::PathBuf);
@@ -1051,7 +1058,7 @@ fn etcd_convergence() {
             let tasks: Vec<_> = followers
                 .iter()
                 .map(|f| {
-                    rt.spawn(privatelink_agent::agent::follow_store(
+                    rt.spawn(privatelink_agent::control::follow::follow_store(
                         cfg.clone(),
                         f.clone(),
                         Default::default(),
@@ -1107,7 +1114,7 @@ fn main() {
         std::process::exit(2);
     }
     // Stopped by a signal (Ctrl-C, a timeout), it still removes its namespaces and their servers.
-    privatelink_agent::netns::teardown_on_signals().expect("signal handler");
+    privatelink_agent::testkit::netns::teardown_on_signals().expect("signal handler");
     if let Ok(path) = std::env::var("PRIVATELINK_BENCH_PROFILE") {
         return profile(&path);
     }

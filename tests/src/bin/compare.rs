@@ -29,12 +29,15 @@ use aya::programs::{
     xdp::{XdpLinkId, XdpMode},
 };
 use privatelink_agent::{
-    dataplane::{Dataplane, PortMap, Proto},
-    demo::{BACKEND, CLIENT, ENDPOINT, NAT_RANGE, Topology},
-    loader::{ACKER_PROGRAM, Datapath, RESPONDER_PROGRAM, SINK_PROGRAM, Sizes},
+    datapath::loader::{Datapath, Sizes},
+    datapath::{Dataplane, PortMap, Proto},
+    testkit::demo::{BACKEND, CLIENT, ENDPOINT, NAT_RANGE, Topology},
 };
 use privatelink_common::bench::{WINDOW_DONE, WINDOW_FIRST_NS, WINDOW_LAST_NS, WINDOW_SENT};
-use privatelink_tests::privileged;
+use privatelink_tests::{
+    benchkit::{ACKER_PROGRAM, Bench, RESPONDER_PROGRAM, SINK_PROGRAM},
+    privileged,
+};
 
 /// Terminal → service ports: request/response echo, iperf3, UDP sink.
 const ECHO: (u16, u16) = (80, 8080);
@@ -95,6 +98,8 @@ impl Drop for Proc {
 struct Bed {
     topo: Topology,
     dp: Datapath,
+    /// The benchmark object (generator, sink, responder, acker) beside the datapath.
+    bench: Bench,
     _plane: Dataplane,
     dir: std::path::PathBuf,
     /// The pass program on the provider's interface (the generator measurement swaps in the sink).
@@ -109,7 +114,7 @@ impl Drop for Bed {
     }
 }
 
-fn sh(ns: &privatelink_agent::netns::Netns, args: &[&str]) {
+fn sh(ns: &privatelink_agent::testkit::netns::Netns, args: &[&str]) {
     ns.exec(args[0], &args[1..])
         .unwrap_or_else(|e| panic!("{args:?}: {e:#}"));
 }
@@ -220,9 +225,11 @@ fn bed() -> Bed {
         .unwrap();
     let dir = std::env::temp_dir().join(format!("privatelink-compare-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
+    let bench = Bench::load(&dp, 1).expect("the benchmark object");
     Bed {
         topo,
         dp,
+        bench,
         _plane: plane,
         dir,
         provider_pass: Some(provider_pass),
@@ -684,7 +691,7 @@ fn swap_in(
         let pass = slot.take().expect("pass attached");
         ns.enter(|| bed.dp.pass_program().detach(pass).expect("detach pass"));
         let prog = bed
-            .dp
+            .bench
             .bench_program(program)
             .unwrap_or_else(|e| panic!("{program} program: {e}"));
         out[i] = Some(
@@ -706,7 +713,7 @@ fn swap_out(bed: &mut Bed, links: [Option<XdpLinkId>; 2], programs: [Option<&'st
         } else {
             &bed.topo.provider
         };
-        let prog = bed.dp.bench_program(program).expect("bench program");
+        let prog = bed.bench.bench_program(program).expect("bench program");
         ns.enter(|| prog.detach(link).expect("detach"));
         let pass = ns
             .enter(|| bed.dp.pass_program().attach("eth0", XdpMode::Driver))
@@ -722,7 +729,7 @@ fn swap_out(bed: &mut Bed, links: [Option<XdpLinkId>; 2], programs: [Option<&'st
 /// One live-frames test run of the generator on the consumer's interface: `repeat` iterations on
 /// `frame` (context `ctx`, see `privatelink_tests::xdp_ctx`), in batches of `GEN_BATCH`.
 fn live_run(bed: &mut Bed, frame: &[u8], ctx: &[u8], repeat: u32) {
-    let generator = bed.dp.gen_program().expect("generator program");
+    let generator = bed.bench.gen_program().expect("generator program");
     let mut o = TestRunOptions::new();
     o.data_in = Some(frame);
     o.ctx_in = Some(ctx);
@@ -743,14 +750,14 @@ fn generate(bed: &mut Bed, frame: &[u8], frames: u32) -> (f64, f64) {
     let consumer = &bed.topo.consumers[0];
     let ifindex = consumer.ifindex("eth0").expect("consumer ifindex");
     let ctx = privatelink_tests::xdp_ctx(ifindex, frame.len());
-    bed.dp.reset_sink_clock().expect("sink clock");
-    let before = bed.dp.sink_count().expect("sink count");
+    bed.bench.reset_sink_clock().expect("sink clock");
+    let before = bed.bench.sink_count().expect("sink count");
     let cpu0 = cpu_busy_ns();
     live_run(bed, frame, &ctx, frames);
     std::thread::sleep(Duration::from_millis(50));
     let cpu = cpu_busy_ns() - cpu0;
-    let got = bed.dp.sink_count().expect("sink count") - before;
-    let (timed, ns) = bed.dp.sink_clock().expect("sink clock");
+    let got = bed.bench.sink_count().expect("sink count") - before;
+    let (timed, ns) = bed.bench.sink_clock().expect("sink clock");
     if ns == 0 {
         eprintln!("the sink timed none of {frames} frames ({got} counted)");
     }
@@ -784,24 +791,24 @@ fn gen_pps(bed: &mut Bed, mode: Mode) -> GenRates {
         .expect("frame");
     // No UDP checksum (IPv4 allows it): fewer bytes for the sequence to keep right.
     frame[40..42].copy_from_slice(&[0, 0]);
-    bed.dp.set_gen_frame(&frame).expect("generator frame");
+    bed.bench.set_gen_frame(&frame).expect("generator frame");
     // Warm-up: the flow (privatelink) or the kernel's conntrack entry (nftables) exists after it.
-    bed.dp.set_gen_new_flows(false).expect("generator mode");
+    bed.bench.set_gen_new_flows(false).expect("generator mode");
     generate(bed, &frame, 1024);
     std::thread::sleep(Duration::from_millis(100));
     let one_flow = generate(bed, &frame, GEN_FRAMES);
-    bed.dp.set_gen_new_flows(true).expect("generator mode");
+    bed.bench.set_gen_new_flows(true).expect("generator mode");
     let new_flows = generate(bed, &frame, GEN_NEW_FLOWS);
-    bed.dp.set_gen_new_flows(false).expect("generator mode");
+    bed.bench.set_gen_new_flows(false).expect("generator mode");
     swap_out(bed, links, programs);
 
     let programs = [Some(SINK_PROGRAM), Some(RESPONDER_PROGRAM)];
     let links = swap_in(bed, programs[0], programs[1]);
     let syn = syn_frame(bed, host, echo);
-    bed.dp.set_gen_frame(&syn).expect("generator frame");
-    bed.dp.set_gen_new_flows(true).expect("generator mode");
+    bed.bench.set_gen_frame(&syn).expect("generator frame");
+    bed.bench.set_gen_new_flows(true).expect("generator mode");
     let handshakes = generate(bed, &syn, GEN_HANDSHAKES);
-    bed.dp.set_gen_new_flows(false).expect("generator mode");
+    bed.bench.set_gen_new_flows(false).expect("generator mode");
     swap_out(bed, links, programs);
 
     node_pass_off(bed, node_pass);
@@ -883,19 +890,19 @@ fn connections(bed: &mut Bed, mode: Mode) -> f64 {
     let programs = [Some(ACKER_PROGRAM), Some(RESPONDER_PROGRAM)];
     let links = swap_in(bed, programs[0], programs[1]);
     let syn = syn_frame(bed, host, echo);
-    bed.dp.set_gen_frame(&syn).expect("generator frame");
-    bed.dp.set_gen_new_flows(true).expect("generator mode");
-    bed.dp
+    bed.bench.set_gen_frame(&syn).expect("generator frame");
+    bed.bench.set_gen_new_flows(true).expect("generator mode");
+    bed.bench
         .set_gen_window(GEN_PENDING, GEN_CONNECTIONS)
         .expect("generator window");
     let consumer = &bed.topo.consumers[0];
     let ifindex = consumer.ifindex("eth0").expect("consumer ifindex");
     let ctx = privatelink_tests::xdp_ctx(ifindex, syn.len());
     let started = Instant::now();
-    let mut w = bed.dp.gen_window().expect("generator window");
+    let mut w = bed.bench.gen_window().expect("generator window");
     while w[WINDOW_DONE] < GEN_CONNECTIONS && started.elapsed() < GEN_CONNECTION_LIMIT {
         live_run(bed, &syn, &ctx, GEN_WINDOW_REPEAT);
-        w = bed.dp.gen_window().expect("generator window");
+        w = bed.bench.gen_window().expect("generator window");
     }
     if w[WINDOW_DONE] < w[WINDOW_SENT] {
         eprintln!(
@@ -905,8 +912,10 @@ fn connections(bed: &mut Bed, mode: Mode) -> f64 {
             w[WINDOW_SENT]
         );
     }
-    bed.dp.set_gen_window(0, 0).expect("generator window off");
-    bed.dp.set_gen_new_flows(false).expect("generator mode");
+    bed.bench
+        .set_gen_window(0, 0)
+        .expect("generator window off");
+    bed.bench.set_gen_new_flows(false).expect("generator mode");
     swap_out(bed, links, programs);
     node_pass_off(bed, node_pass);
     let ns = w[WINDOW_LAST_NS].saturating_sub(w[WINDOW_FIRST_NS]);
@@ -944,7 +953,7 @@ fn main() {
         std::process::exit(2);
     }
     // Stopped by a signal (Ctrl-C, a timeout), it still removes its namespaces and their servers.
-    privatelink_agent::netns::teardown_on_signals().expect("signal handler");
+    privatelink_agent::testkit::netns::teardown_on_signals().expect("signal handler");
     // `PRIVATELINK_BENCH_ONLY=pps`: only the socket-free rows (a quick look at the datapath
     // against the kernel's forwarding and HAProxy, without the socket-bound metrics).
     let only_pps = std::env::var("PRIVATELINK_BENCH_ONLY").as_deref() == Ok("pps");

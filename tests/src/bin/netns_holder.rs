@@ -7,7 +7,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use privatelink_agent::netns::{self, Netns};
+use privatelink_agent::testkit::netns::{self, Netns};
 
 fn main() {
     let ns = Netns::new("h").expect("namespace");

@@ -51,24 +51,6 @@ pub struct UpdateEndpoint {
     pub private_dns_enabled: Option<bool>,
 }
 
-/// An endpoint in `network_id`, other than those `skip` names, whose private DNS is on for `name`.
-pub fn private_dns_taken<'s>(
-    s: &'s State,
-    network_id: &str,
-    name: &str,
-    skip: impl Fn(&Endpoint) -> bool,
-) -> Option<&'s Endpoint> {
-    s.endpoints.values().find(|e| {
-        e.network_id == network_id
-            && e.private_dns_enabled
-            && !skip(e)
-            && s.services
-                .get(&e.service_id)
-                .and_then(|v| v.private_dns_name.as_deref())
-                == Some(name)
-    })
-}
-
 /// Checks that `ep` may have private DNS on: its service publishes a name and no other endpoint in
 /// its network resolves that name.
 fn check_private_dns(s: &State, ep: &Endpoint) -> ApiResult<()> {
@@ -80,7 +62,7 @@ fn check_private_dns(s: &State, ep: &Endpoint) -> ApiResult<()> {
             format!("service {} publishes no private DNS name", svc.service_name),
         ));
     };
-    if let Some(o) = private_dns_taken(s, &ep.network_id, name, |e| e.id == ep.id) {
+    if let Some(o) = s.private_dns_holder(&ep.network_id, name, |e| e.id == ep.id) {
         return Err(ApiError::conflict(
             "private_dns_conflict",
             format!(
@@ -309,7 +291,8 @@ pub fn create(s: &State, cx: &mut Ctx, req: CreateEndpoint) -> Outcome<Endpoint>
         .get(&req.subnet_id)
         .filter(|x| x.network_id == req.network_id)
         .ok_or_else(|| ApiError::not_found("subnet", &req.subnet_id).with_field("subnet_id"))?;
-    let svc = super::services::by_ref(s, &req.service_id)
+    let svc = s
+        .service_by_ref(&req.service_id)
         .ok_or_else(|| ApiError::not_found("service", &req.service_id).with_field("service_id"))?;
     if svc.owner != owner && !svc.allowlist.iter().any(|e| e.account_id == owner) {
         return Err(ApiError::forbidden(

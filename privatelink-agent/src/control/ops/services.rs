@@ -299,9 +299,7 @@ pub fn update(s: &State, cx: &mut Ctx, id: &str, req: UpdateService) -> Outcome<
                 .filter(|e| e.service_id == svc.id && e.private_dns_enabled)
             {
                 if let Some(other) =
-                    super::endpoints::private_dns_taken(s, &e.network_id, name, |o| {
-                        o.service_id == svc.id
-                    })
+                    s.private_dns_holder(&e.network_id, name, |o| o.service_id == svc.id)
                 {
                     return Err(ApiError::conflict(
                         "private_dns_conflict",
@@ -316,13 +314,6 @@ pub fn update(s: &State, cx: &mut Ctx, id: &str, req: UpdateService) -> Outcome<
         }
     }
     put(svc)
-}
-
-/// A service by id or by service name.
-pub fn by_ref<'s>(s: &'s State, r: &str) -> Option<&'s Service> {
-    s.services
-        .get(r)
-        .or_else(|| s.services.values().find(|v| v.service_name == r))
 }
 
 /// "Manage backend services": replaces the backend targets.
@@ -411,7 +402,9 @@ pub fn disallow(s: &State, cx: &mut Ctx, id: &str, account_id: &str) -> Outcome<
 /// Any account may look a service up by id before creating an endpoint.
 pub fn verify(s: &State, caller: &Caller, id: &str) -> ApiResult<Verified> {
     super::account(caller)?;
-    let svc = by_ref(s, id).ok_or_else(|| ApiError::not_found("service", id))?;
+    let svc = s
+        .service_by_ref(id)
+        .ok_or_else(|| ApiError::not_found("service", id))?;
     Ok(Verified {
         id: svc.id.clone(),
         service_name: svc.service_name.clone(),

@@ -22,9 +22,9 @@ use anyhow::{Context as _, Result, bail};
 use aya::programs::xdp::XdpMode;
 
 use crate::{
-    dataplane::{Iface, Link, LinkState, Model, NatRange, PortMap, Proto, Role, Service},
-    loader::{Datapath, Sizes},
-    netns::{Netns, veth},
+    datapath::loader::{Datapath, Sizes},
+    datapath::{Iface, Link, LinkState, Model, NatRange, PortMap, Proto, Role, Service},
+    testkit::netns::{Netns, veth},
 };
 
 pub const CLIENT: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 10);
@@ -36,7 +36,7 @@ pub const ENDPOINT: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 100);
 pub const BACKEND: Ipv4Addr = Ipv4Addr::new(198, 18, 100, 10);
 pub const NAT_RANGE: &str = "198.19.128.0/20";
 /// The IPv6 source-NAT range (the default of `[nat.<network>] range6`).
-pub const NAT_RANGE6: &str = crate::config::DEFAULT_NAT_RANGE6;
+pub const NAT_RANGE6: &str = crate::node::config::DEFAULT_NAT_RANGE6;
 /// IPv6 addresses of the fixtures' dual-stack endpoint and backend.
 pub const ENDPOINT6: std::net::Ipv6Addr =
     std::net::Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x100);
@@ -408,7 +408,7 @@ pub fn run(once: bool) -> Result<()> {
         .map(|(vpc, _)| format!("[dns.networks.{vpc}]\nlisten = \"{DNS}\"\n"))
         .collect();
     let cfg = agent_config(&topo, &vpcs, &head) + &dns;
-    let checked = crate::config::parse(&cfg)?;
+    let checked = crate::node::config::parse(&cfg)?;
 
     // Peers that receive redirected frames need an XDP program of their own.
     let mut pass = Datapath::load(&Sizes::small()).context("loading the pass program")?;
@@ -438,7 +438,9 @@ pub fn run(once: bool) -> Result<()> {
             }
         }
     });
-    let agent = topo.node.spawn(move || crate::agent::run(checked, true));
+    let agent = topo
+        .node
+        .spawn(move || crate::node::runtime::run(checked, true));
     let outcome = drive(&topo, &tokens, &vpcs, &agent, once);
     // Stop the agent unless it should keep serving (it detaches: pins and programs go away); also
     // after a failure, so the demo never leaves anything behind.

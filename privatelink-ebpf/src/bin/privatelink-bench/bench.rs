@@ -32,12 +32,13 @@ use privatelink_common::bench::{
     WINDOW_LAST_NS, WINDOW_LIMIT, WINDOW_SENT, WINDOW_TOTAL,
 };
 
-use crate::{
-    GEN_FLOWS, GEN_FRAME, GEN_WINDOW, REPLAY_JUMP, SINK, SINK_CLOCK, SLOTS,
+use privatelink_ebpf::{
     csum::Delta,
     parse::{Ip4, ptr_at},
     stats,
 };
+
+use crate::{GEN_FLOWS, GEN_FRAME, GEN_WINDOW, REPLAY_JUMP, SINK, SINK_CLOCK, SLOTS};
 
 /// Source ports a new-flow sequence uses per source address (1024-65535).
 const PORTS: u64 = 64_512;

@@ -33,13 +33,13 @@ use hickory_server::{
 };
 
 use crate::{
-    config::{DnsConfig, OtherNames},
     control::{
         state::State,
         types::{Cluster, ConnectionState},
     },
-    dataplane::Role,
-    sync::NodeIface,
+    datapath::Role,
+    node::config::{DnsConfig, OtherNames},
+    node::sync::NodeIface,
 };
 
 /// Name (lowercase, no trailing dot) → addresses, for one consumer network.

@@ -16,7 +16,7 @@ use crate::{
         types::{Binding, ConnectionState, Protocol, RuleAction, RuleProtocol, SgRule},
         validate,
     },
-    dataplane::{
+    datapath::{
         Action, Iface, Link, LinkState, Model, NatRange, PortMap, Proto, Role, Rule, RuleProto,
         Service,
     },
@@ -243,7 +243,7 @@ mod tests {
     #[test]
     fn state_becomes_links_rules_and_allowlist() {
         let p = plane();
-        let prepared = crate::demo::prepare(
+        let prepared = crate::testkit::demo::prepare(
             &p,
             &[
                 ("provider", "198.18.100.0/24", "198.18.100.0/24"),
@@ -343,7 +343,7 @@ mod tests {
         assert!(m.allowlist.contains(&(svc.slot, consumer_no)));
         // The model compiles into map contents: an IPv4-only endpoint gets the IPv4 rules only,
         // and no IPv6 list.
-        let maps = crate::dataplane::compile(&m, &Default::default()).expect("compiles");
+        let maps = crate::datapath::compile(&m, &Default::default()).expect("compiles");
         let info = maps.links[&ep.link_id];
         assert_eq!(maps.rules4[&info.rules_slot].len(), 2);
         assert_eq!(info.rules_slot6, privatelink_common::RULES_NONE);

@@ -11,9 +11,9 @@ use privatelink_common::DatapathConfig;
 use serde::Deserialize;
 
 use crate::{
-    dataplane::{NatRange, Role},
-    loader::Sizes,
-    sync::{NodeConfig, NodeIface},
+    datapath::loader::Sizes,
+    datapath::{NatRange, Role},
+    node::sync::{NodeConfig, NodeIface},
 };
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -744,7 +744,6 @@ fn check(raw: AgentConfig) -> Result<Checked, ConfigError> {
         allowlist: m.allowlist,
         conntrack: ct.entries,
         conntrack6: ct.entries6,
-        bench_slots: 1,
     };
     Ok(Checked {
         node: NodeConfig {
@@ -809,8 +808,8 @@ mod tests {
 
     #[test]
     fn the_example_config_matches_the_schema() {
-        let c: AgentConfig =
-            toml::from_str(include_str!("../../examples/agent.toml")).expect("examples/agent.toml");
+        let c: AgentConfig = toml::from_str(include_str!("../../../examples/agent.toml"))
+            .expect("examples/agent.toml");
         assert_eq!(c.interfaces.len(), 3);
         assert_eq!(c.interfaces[1].vlan, 120);
         assert_eq!(

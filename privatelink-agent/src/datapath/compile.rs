@@ -803,7 +803,7 @@ pub fn compile_links(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::dataplane::model::{PortMap, Rule, Service};
+    use crate::datapath::model::{PortMap, Rule, Service};
 
     /// The lists of `lists`, renumbered in an order independent of their slots.
     fn renumbered<R: Clone + std::fmt::Debug>(

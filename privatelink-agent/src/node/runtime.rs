@@ -11,23 +11,30 @@ use anyhow::{Context as _, Result};
 use aya::programs::xdp::XdpMode;
 
 use crate::{
-    config::{self, Checked},
-    control::{api, plane::ControlPlane},
-    dataplane::{Dataplane, StatsReader},
-    dns::Dns,
-    health::{self, Health, TargetKey},
-    history::{Counters, History},
-    linkwatch::LinkWatch,
-    loader::Datapath,
-    metrics::AgentMetrics,
-    pins::{Attached, Pins},
-    sync::{self, NodeConfig},
+    control::{api, follow::follow_store, plane::ControlPlane, store::NodeReport},
+    datapath::{
+        Dataplane, StatsReader,
+        loader::Datapath,
+        pins::{Attached, Pins},
+    },
+    node::{
+        config::{self, Checked},
+        dns::Dns,
+        health::{self, Health, TargetKey},
+        history::{Counters, History},
+        linkwatch::LinkWatch,
+        local::NodeFacts,
+        metrics::AgentMetrics,
+        sync::{self, NodeConfig},
+    },
 };
 
 /// What the reconciler carries between runs.
 struct Sync {
     skipped: Vec<String>,
     unhealthy: BTreeSet<TargetKey>,
+    /// What the node publishes to the control plane (health as applied, history, report).
+    facts: Arc<NodeFacts>,
 }
 
 /// Applies the control plane's current state to the maps. With `full`, the maps are first read
@@ -104,7 +111,7 @@ fn reconcile(
         log::warn!("health: cut {n} conntrack entries of flows to backends that turned unhealthy");
     }
     sync.unhealthy = unhealthy;
-    plane.set_health(health.by_service());
+    sync.facts.set_health(health.by_service());
 }
 
 /// Attaches to `name`; returns the mode it runs in.
@@ -205,10 +212,10 @@ fn sample_history(
     cfg: &NodeConfig,
 ) {
     let state = plane.snapshot();
-    let now_mono = crate::metrics::monotonic_ns();
+    let now_mono = crate::node::metrics::monotonic_ns();
     let mut active: BTreeMap<u32, u64> = BTreeMap::new();
     for f in reader.flow_views() {
-        if crate::metrics::active(&f, now_mono, &cfg.datapath) {
+        if crate::node::metrics::active(&f, now_mono, &cfg.datapath) {
             *active.entry(f.link_id).or_default() += 1;
         }
     }
@@ -275,7 +282,9 @@ async fn serve_metrics(
                 .and_then(|v| v.to_str().ok())
                 .is_some_and(|v| v.contains("application/openmetrics-text"));
             async move {
-                match tokio::task::spawn_blocking(move || crate::metrics::render(&registry)).await {
+                match tokio::task::spawn_blocking(move || crate::node::metrics::render(&registry))
+                    .await
+                {
                     Ok(Ok(text)) if openmetrics => (
                         [(
                             header::CONTENT_TYPE,
@@ -289,7 +298,7 @@ async fn serve_metrics(
                             header::CONTENT_TYPE,
                             "text/plain; version=0.0.4; charset=utf-8",
                         )],
-                        crate::metrics::to_prometheus_text(&text),
+                        crate::node::metrics::to_prometheus_text(&text),
                     )
                         .into_response(),
                     _ => (
@@ -304,117 +313,12 @@ async fn serve_metrics(
     axum::serve(listener, app).await
 }
 
-/// Follows a shared store as an informer does: a full load, then the commits of other servers
-/// from a watch that starts right after it, each applied to the state as it arrives (the revision
-/// announcement then drives the usual reconcile), so a change costs a follower what it changed,
-/// not the whole state. A watch that ends, a history compacted past the load or a missed revision
-/// means a full load again, and a watch from there. While etcd is unreachable the node keeps
-/// forwarding on its last state; `privatelink_store_up` and the log say so, and following resumes
-/// (with a full load) when it is back.
-pub async fn follow_store(
-    e: crate::control::etcd::EtcdConfig,
-    plane: Arc<ControlPlane>,
-    metrics: Arc<AgentMetrics>,
-) {
-    use crate::control::plane::Remote;
-    loop {
-        // A load that fails is tried again (with backoff) until it succeeds: the watch starts
-        // where the load read, so nothing committed in between is missed.
-        let from = retry(
-            || {
-                let p = plane.clone();
-                async move {
-                    match tokio::task::spawn_blocking(move || p.refresh()).await {
-                        Ok(r) => r.map_err(|e| e.to_string()),
-                        Err(e) => Err(format!("reload task failed: {e}")),
-                    }
-                }
-            },
-            Duration::from_millis(100),
-            Duration::from_secs(2),
-            |attempt, err| {
-                metrics.store_up.set(0);
-                // Once per outage in the log, not once per attempt.
-                if attempt == 1 {
-                    log::warn!("store: reloading from etcd failed: {err}; retrying");
-                } else {
-                    log::debug!("store: reload attempt {attempt} failed: {err}");
-                }
-            },
-        )
-        .await;
-        metrics.store_reloads.inc();
-        metrics.store_up.set(1);
-        let Some(from) = from else {
-            log::error!("store: the shared store gives no watch position; not following it");
-            return;
-        };
-        let r = crate::control::etcd::watch_commits(&e, from, |c| {
-            let (p, metrics) = (plane.clone(), metrics.clone());
-            async move {
-                let revision = c.revision;
-                // The state's lock may be held by a commit waiting on etcd: off the runtime.
-                match tokio::task::spawn_blocking(move || p.apply_remote(&c)).await {
-                    Ok(Remote::Applied) => {
-                        metrics.store_commits_followed.inc();
-                        true
-                    }
-                    Ok(Remote::Known) => true,
-                    Ok(Remote::Gap { current }) => {
-                        log::info!(
-                            "store: revision {revision} arrived while the state is at {current}; loading in full"
-                        );
-                        false
-                    }
-                    Err(err) => {
-                        log::warn!("store: applying revision {revision} failed: {err}");
-                        false
-                    }
-                }
-            }
-        })
-        .await;
-        if let Err(err) = r {
-            metrics.store_up.set(0);
-            log::warn!(
-                "store: etcd at {:?} unreachable or the watch ended ({err}); forwarding goes on with revision {}; retrying",
-                e.endpoints,
-                plane.revision()
-            );
-            tokio::time::sleep(Duration::from_secs(1)).await;
-        }
-    }
-}
-
-/// Runs `attempt` until it succeeds, and returns what it gave. After the n-th failure
-/// `failed(n, &error)` is called and the next attempt waits `first`, doubled each time up to
-/// `max`.
-async fn retry<T, E, F: std::future::Future<Output = Result<T, E>>>(
-    mut attempt: impl FnMut() -> F,
-    first: Duration,
-    max: Duration,
-    mut failed: impl FnMut(u32, &E),
-) -> T {
-    let mut wait = first;
-    let mut n = 0u32;
-    loop {
-        match attempt().await {
-            Ok(v) => return v,
-            Err(e) => {
-                n = n.saturating_add(1);
-                failed(n, &e);
-                tokio::time::sleep(wait).await;
-                wait = (wait * 2).min(max);
-            }
-        }
-    }
-}
-
 /// Publishes the revision this node applied (in the background: a shared store is a network
 /// call), when it changed since the last report that succeeded: a failed report is made again on
 /// the next call (the periodic resync makes one), so an outage does not leave the node's row stale.
 fn report_applied(
     plane: &Arc<ControlPlane>,
+    facts: &NodeFacts,
     node: &str,
     metrics: &AgentMetrics,
     last: &Arc<std::sync::atomic::AtomicI64>,
@@ -424,9 +328,18 @@ fn report_applied(
     if last.swap(applied, Relaxed) == applied {
         return;
     }
-    let (p, node, last) = (plane.clone(), node.to_string(), last.clone());
+    let report = NodeReport {
+        node: node.to_string(),
+        revision: applied as u64,
+        reported_at: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs()),
+    };
+    // Listed by this node's own API at once, even while the shared store is unreachable.
+    facts.set_report(report.clone());
+    let (p, last) = (plane.clone(), last.clone());
     tokio::task::spawn_blocking(move || {
-        if let Err(e) = p.report_applied(&node, applied as u64) {
+        if let Err(e) = p.report_applied(&report) {
             log::warn!("store: reporting revision {applied}: {e}; trying again later");
             // Unless a newer revision was reported meanwhile.
             let _ = last.compare_exchange(applied, -1, Relaxed, Relaxed);
@@ -449,27 +362,30 @@ pub fn run(cfg: Checked, detach_on_exit: bool) -> Result<()> {
             dataplane.shadow().links.len()
         );
     }
-    let mut sync = Sync {
-        skipped: Vec::new(),
-        unhealthy: BTreeSet::new(),
-    };
-    let health = Arc::new(Health::default());
-    let health_changed = Arc::new(tokio::sync::Notify::new());
-    let metrics = Arc::new(AgentMetrics::default());
-    let registry = Arc::new(crate::metrics::registry(crate::metrics::Sources {
-        node: cfg.raw.node.clone(),
-        reader: dataplane.stats_reader()?,
-        plane: plane.clone(),
-        config: cfg.node.clone(),
-        agent: metrics.clone(),
-    }));
     // Monitoring history beside the state file.
     let history_path = cfg.raw.store.path.with_file_name("history.db");
     let history = Arc::new(std::sync::Mutex::new(
         History::open(&history_path)
             .with_context(|| format!("history: opening {}", history_path.display()))?,
     ));
-    plane.set_history(history.clone());
+    let mut sync = Sync {
+        skipped: Vec::new(),
+        unhealthy: BTreeSet::new(),
+        facts: Arc::new(NodeFacts::new(Some(history.clone()))),
+    };
+    plane.attach_node(sync.facts.clone());
+    let health = Arc::new(Health::default());
+    let health_changed = Arc::new(tokio::sync::Notify::new());
+    let metrics = Arc::new(AgentMetrics::default());
+    let registry = Arc::new(crate::node::metrics::registry(
+        crate::node::metrics::Sources {
+            node: cfg.raw.node.clone(),
+            reader: dataplane.stats_reader()?,
+            plane: plane.clone(),
+            config: cfg.node.clone(),
+            agent: metrics.clone(),
+        },
+    ));
     let history_reader = dataplane.stats_reader()?;
     let mut node = cfg.node.clone();
     let mut ifaces = Interfaces {
@@ -539,7 +455,7 @@ pub fn run(cfg: Checked, detach_on_exit: bool) -> Result<()> {
                         std::thread::sleep(Duration::from_millis(100));
                         if last.elapsed() >= every {
                             last = std::time::Instant::now();
-                            let n = ct.sweep_expired(crate::metrics::monotonic_ns(), &timeouts);
+                            let n = ct.sweep_expired(crate::node::metrics::monotonic_ns(), &timeouts);
                             if n > 0 {
                                 log::debug!("conntrack: {n} expired entries removed");
                             }
@@ -553,9 +469,9 @@ pub fn run(cfg: Checked, detach_on_exit: bool) -> Result<()> {
             .raw
             .store
             .etcd()
-            .map(|e| tokio::spawn(follow_store(e, plane.clone(), metrics.clone())));
+            .map(|e| tokio::spawn(follow_store(e, plane.clone(), metrics.store.clone())));
         let reported = Arc::new(std::sync::atomic::AtomicI64::new(-1));
-        report_applied(&plane, &cfg.raw.node, &metrics, &reported);
+        report_applied(&plane, &sync.facts, &cfg.raw.node, &metrics, &reported);
         plane.read(|s| dns.update(s));
         dns.ensure(&node.ifaces);
         loop {
@@ -564,7 +480,7 @@ pub fn run(cfg: Checked, detach_on_exit: bool) -> Result<()> {
                     if changed.is_err() { break; }
                     reconcile(&plane, &mut dataplane, &node, &health, &mut sync, &metrics, false);
                     plane.read(|s| dns.update(s));
-                    report_applied(&plane, &cfg.raw.node, &metrics, &reported);
+                    report_applied(&plane, &sync.facts, &cfg.raw.node, &metrics, &reported);
                 }
                 event = links.changed() => {
                     if let Err(e) = event { log::warn!("link events: {e}"); }
@@ -578,7 +494,7 @@ pub fn run(cfg: Checked, detach_on_exit: bool) -> Result<()> {
                     ifaces.refresh(&mut dp, &pins, &cfg, &mut node, &metrics);
                     reconcile(&plane, &mut dataplane, &node, &health, &mut sync, &metrics, true);
                     dns.ensure(&node.ifaces);
-                    report_applied(&plane, &cfg.raw.node, &metrics, &reported);
+                    report_applied(&plane, &sync.facts, &cfg.raw.node, &metrics, &reported);
                 }
                 _ = health_changed.notified() => reconcile(&plane, &mut dataplane, &node, &health, &mut sync, &metrics, false),
                 _ = sample.tick() => sample_history(&plane, &history_reader, &history, &node),
@@ -606,39 +522,4 @@ pub fn run(cfg: Checked, detach_on_exit: bool) -> Result<()> {
         );
     }
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use std::time::{Duration, Instant};
-
-    #[tokio::test]
-    async fn a_failing_attempt_is_retried_with_doubling_waits_until_it_succeeds() {
-        let mut calls = 0u32;
-        let mut failures = Vec::new();
-        let t = Instant::now();
-        super::retry(
-            || {
-                calls += 1;
-                let r = if calls <= 3 { Err(calls) } else { Ok(()) };
-                async move { r }
-            },
-            Duration::from_millis(10),
-            Duration::from_millis(25),
-            |n, e: &u32| failures.push((n, *e)),
-        )
-        .await;
-        assert_eq!(calls, 4, "three failures, then the success ends it");
-        assert_eq!(
-            failures,
-            [(1, 1), (2, 2), (3, 3)],
-            "each failure reported once"
-        );
-        // Waits 10, 20, then 25 (capped): at least 55 ms in all.
-        assert!(
-            t.elapsed() >= Duration::from_millis(55),
-            "{:?}",
-            t.elapsed()
-        );
-    }
 }

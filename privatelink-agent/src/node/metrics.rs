@@ -25,7 +25,11 @@ use prometheus_client::{
     registry::Registry,
 };
 
-use crate::{control::plane::ControlPlane, dataplane::StatsReader, sync::NodeConfig};
+use crate::{
+    control::{follow::StoreMetrics, plane::ControlPlane},
+    datapath::StatsReader,
+    node::sync::NodeConfig,
+};
 
 type Labels = Vec<(&'static str, String)>;
 
@@ -36,13 +40,8 @@ pub struct AgentMetrics {
     pub sync_errors: Counter,
     pub drift_repairs: Counter,
     pub revision: Gauge,
-    /// 1 while the shared store (etcd) is reachable and followed; 0 while not (forwarding goes on
-    /// with the last state). Always 1 with the embedded store.
-    pub store_up: Gauge,
-    /// Full loads of the shared store's state (the first, after a lost watch, after a gap).
-    pub store_reloads: Counter,
-    /// Commits of other servers applied from the shared store's watch, without a full load.
-    pub store_commits_followed: Counter,
+    /// Following the shared store.
+    pub store: StoreMetrics,
     /// (interface, mode) → 1 while attached.
     pub programs: Family<Labels, Gauge>,
     /// Map → (entries, capacity), from the writer's shadow after each sync.
@@ -56,13 +55,7 @@ impl Default for AgentMetrics {
             sync_errors: Counter::default(),
             drift_repairs: Counter::default(),
             revision: Gauge::default(),
-            store_up: {
-                let g = Gauge::default();
-                g.set(1);
-                g
-            },
-            store_reloads: Counter::default(),
-            store_commits_followed: Counter::default(),
+            store: StoreMetrics::default(),
             programs: Family::default(),
             maps: Mutex::new(Vec::new()),
         }
@@ -121,7 +114,7 @@ fn gauge(v: i64) -> ConstGauge<i64> {
 
 /// Whether a forward entry is a live connection as the console counts them: TCP in SYN or
 /// ESTABLISHED, UDP until its timeout.
-pub(crate) fn active(f: &crate::dataplane::FlowView, now: u64, cfg: &DatapathConfig) -> bool {
+pub(crate) fn active(f: &crate::datapath::FlowView, now: u64, cfg: &DatapathConfig) -> bool {
     let proto = f.proto;
     let counted = proto == PROTO_UDP || matches!(f.tcp_state, CT_SYN_SENT | CT_ESTABLISHED);
     f.dir == DIR_FORWARD
@@ -539,17 +532,17 @@ pub fn registry(sources: Sources) -> Registry {
     r.register(
         "privatelink_store_up",
         "Whether the shared store (etcd) is reachable; the node forwards on its last state while not",
-        agent.store_up.clone(),
+        agent.store.up.clone(),
     );
     r.register(
         "privatelink_store_reloads",
         "Full loads of the shared store's state: at start, after a lost watch or a missed revision",
-        agent.store_reloads.clone(),
+        agent.store.reloads.clone(),
     );
     r.register(
         "privatelink_store_commits_followed",
         "Commits of other servers applied from the shared store's watch, without a full load",
-        agent.store_commits_followed.clone(),
+        agent.store.commits_followed.clone(),
     );
     r.register(
         "privatelink_programs_attached",

@@ -1,0 +1,104 @@
+//! What this node publishes to the control plane beside it ([`NodeLocal`]): the health of
+//! backends as its checks last applied it, its monitoring history, and the revision it applied.
+use std::{
+    collections::BTreeMap,
+    net::IpAddr,
+    sync::{Arc, Mutex},
+};
+
+use crate::{
+    control::{
+        local::NodeLocal,
+        monitoring::{Period, Point},
+        store::NodeReport,
+    },
+    node::history::History,
+};
+
+/// The node's side of [`NodeLocal`]; the runtime updates it, the API reads it.
+#[derive(Default)]
+pub struct NodeFacts {
+    /// service id → (backend, healthy), as the last sync applied it.
+    health: Mutex<BTreeMap<String, Vec<(IpAddr, bool)>>>,
+    history: Option<Arc<Mutex<History>>>,
+    report: Mutex<Option<NodeReport>>,
+}
+
+impl NodeFacts {
+    pub fn new(history: Option<Arc<Mutex<History>>>) -> Self {
+        NodeFacts {
+            history,
+            ..Default::default()
+        }
+    }
+
+    pub fn set_health(&self, health: BTreeMap<String, Vec<(IpAddr, bool)>>) {
+        *self.health.lock().unwrap_or_else(|p| p.into_inner()) = health;
+    }
+
+    pub fn set_report(&self, report: NodeReport) {
+        *self.report.lock().unwrap_or_else(|p| p.into_inner()) = Some(report);
+    }
+}
+
+impl NodeLocal for NodeFacts {
+    fn backend_healthy(&self, service_id: &str, backend: IpAddr) -> Option<bool> {
+        let all = self.health.lock().unwrap_or_else(|p| p.into_inner());
+        all.get(service_id)?
+            .iter()
+            .find(|(a, _)| *a == backend)
+            .map(|(_, h)| *h)
+    }
+
+    fn history(&self, kind: &str, id: &str, period: &Period) -> Option<Result<Vec<Point>, String>> {
+        let h = self.history.as_ref()?;
+        let h = h.lock().unwrap_or_else(|p| p.into_inner());
+        Some(h.query(kind, id, period).map_err(|e| e.to_string()))
+    }
+
+    fn report(&self) -> Option<NodeReport> {
+        self.report
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn health_is_unknown_until_set_then_read_per_backend() {
+        let f = NodeFacts::new(None);
+        let (a, b): (IpAddr, IpAddr) = (
+            "198.18.100.10".parse().unwrap(),
+            "2001:db8::10".parse().unwrap(),
+        );
+        assert_eq!(f.backend_healthy("svc-1", a), None);
+        f.set_health(BTreeMap::from([(
+            "svc-1".to_string(),
+            vec![(a, false), (b, true)],
+        )]));
+        assert_eq!(f.backend_healthy("svc-1", a), Some(false));
+        assert_eq!(f.backend_healthy("svc-1", b), Some(true));
+        assert_eq!(
+            f.backend_healthy("svc-2", a),
+            None,
+            "another service's backend"
+        );
+        assert!(
+            f.history(
+                "endpoint",
+                "vpce-1",
+                &Period {
+                    from: 0,
+                    to: 10,
+                    granularity: 10
+                }
+            )
+            .is_none()
+        );
+        assert!(f.report().is_none());
+    }
+}

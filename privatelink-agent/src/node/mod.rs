@@ -1,0 +1,14 @@
+//! The node runtime: what runs on each network node beside the datapath. Its configuration
+//! ([`config`]), the pure function from control-plane state to the node's datapath model
+//! ([`sync`]), interface watching ([`linkwatch`]), backend health checks ([`health`]), the DNS
+//! server ([`dns`]), Prometheus metrics ([`metrics`]), monitoring history ([`history`]), and the
+//! event loop that ties them together ([`runtime`]).
+pub mod config;
+pub mod dns;
+pub mod health;
+pub mod history;
+pub mod linkwatch;
+pub mod local;
+pub mod metrics;
+pub mod runtime;
+pub mod sync;

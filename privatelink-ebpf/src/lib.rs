@@ -1,0 +1,26 @@
+//! privatelink XDP datapath: the maps ([`maps`]) and the logic, one packet pipeline
+//! ([`process`]) over the modules below. The objects are the binaries: `privatelink` (what the
+//! agent loads: the entry points only) and `privatelink-bench` (the benchmark programs, built with
+//! the `bench` feature and loaded only by the benchmarks).
+#![no_std]
+
+mod arp;
+pub mod conntrack;
+pub mod csum;
+mod family;
+mod flowcache;
+mod forward;
+mod icmp;
+mod icmp6;
+pub mod maps;
+mod mem;
+mod nat;
+pub mod parse;
+mod policy;
+pub mod process;
+pub mod stats;
+mod verdict;
+
+pub use maps::*;
+// The benchmark object builds its floors from the same parse, lookups and counters: `conntrack`,
+// `csum`, `parse`, `process` and `stats` are public for it; the rest is the pipeline's own.

@@ -1,0 +1,169 @@
+//! Every map of the datapath, each described at its declaration; keys and values are defined in
+//! `privatelink-common`. The agent pins them by these names.
+use aya_ebpf::{
+    macros::map,
+    maps::{Array, DevMapHash, HashMap, PerCpuArray, PerCpuHashMap, ProgramArray},
+};
+use privatelink_common::{
+    AllowKey, Backend4, Backend6, DEFAULT_CONNTRACK_ENTRIES, DEFAULT_CONNTRACK6_ENTRIES,
+    DEFAULT_MAX_ALLOWLIST, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_ENDPOINT_PORTS, DEFAULT_MAX_LINKS,
+    DEFAULT_MAX_RULE_LISTS, DEFAULT_MAX_RULE_LISTS6, DEFAULT_MAX_SERVICES, DatapathConfig,
+    EndpointIpKey4, EndpointIpKey6, EndpointIpValue, EndpointKey4, EndpointKey6, EndpointValue,
+    FLOW_CACHE_COUNTERS, FLOW_CACHE_SLOTS, Flow4, Flow6, FlowCacheEntry4, FlowCacheEntry6,
+    FlowKey4, FlowKey6, IFACE_INDEX_ENTRIES, IfaceInfo, IfaceKey, LinkDropKey, LinkInfo, LinkStats,
+    MAX_NETWORKS, MaglevTable, NatRange4, NatRange6, NextHop, OUTCOMES, RuleList4, RuleList6,
+};
+
+/// (ifindex, VLAN id) → network and role. Frames from anything else pass untouched.
+#[map]
+pub static IFACES: HashMap<IfaceKey, IfaceInfo> = HashMap::with_max_entries(4096, 0);
+
+/// ifindex → untagged interface (role 0: look in `IFACES`), the same entries as `IFACES` for
+/// untagged interfaces with small ifindexes: an array lookup instead of a hash lookup per packet.
+#[map]
+pub static IFACE_INDEX: Array<IfaceInfo> = Array::with_max_entries(IFACE_INDEX_ENTRIES, 0);
+
+/// (consumer network, endpoint IPv4, protocol, terminal port) → link and service port.
+#[map]
+pub static ENDPOINTS4: HashMap<EndpointKey4, EndpointValue> =
+    HashMap::with_max_entries(DEFAULT_MAX_ENDPOINT_PORTS, 0);
+
+/// (consumer network, endpoint IPv4) → link: ARP answers and "this address is ours".
+#[map]
+pub static ENDPOINT_IPS4: HashMap<EndpointIpKey4, EndpointIpValue> =
+    HashMap::with_max_entries(DEFAULT_MAX_LINKS, 0);
+
+/// Link id → state, account, service, provider network, rule list. Checked on every packet.
+#[map]
+pub static LINKS: Array<LinkInfo> = Array::with_max_entries(DEFAULT_MAX_LINKS, 0);
+
+/// (service slot, account) present ⇔ the account may use the service.
+#[map]
+pub static ALLOWLIST: HashMap<AllowKey, u32> = HashMap::with_max_entries(DEFAULT_MAX_ALLOWLIST, 0);
+
+/// Rule-list slot → compiled security groups of an endpoint (slot 0 unused: no groups).
+#[map]
+pub static RULES4: Array<RuleList4> = Array::with_max_entries(DEFAULT_MAX_RULE_LISTS, 0);
+
+/// Service slot → Maglev table of backend slots.
+#[map]
+pub static MAGLEV: Array<MaglevTable> = Array::with_max_entries(DEFAULT_MAX_SERVICES, 0);
+
+/// Backend slot → backend IPv4 address.
+#[map]
+pub static BACKENDS4: Array<Backend4> = Array::with_max_entries(DEFAULT_MAX_BACKENDS, 0);
+
+/// Provider network id → source-NAT range.
+#[map]
+pub static NAT4: Array<NatRange4> = Array::with_max_entries(MAX_NETWORKS, 0);
+
+/// IPv4 conntrack: forward entries (consumer tuple) and reply entries (provider tuple). A plain
+/// hash, not an LRU: when it is full, new flows are refused (`conntrack_full`) instead of
+/// established ones being evicted. Expired entries go when a lookup meets them, or by the agent's
+/// sweep.
+#[map]
+pub static CT4: HashMap<FlowKey4, Flow4> = HashMap::with_max_entries(DEFAULT_CONNTRACK_ENTRIES, 0);
+
+/// (consumer network, endpoint IPv6, protocol, terminal port) → link and service port.
+#[map]
+pub static ENDPOINTS6: HashMap<EndpointKey6, EndpointValue> =
+    HashMap::with_max_entries(DEFAULT_MAX_ENDPOINT_PORTS, 0);
+
+/// (consumer network, endpoint IPv6) → link: neighbour discovery and "this address is ours".
+#[map]
+pub static ENDPOINT_IPS6: HashMap<EndpointIpKey6, EndpointIpValue> =
+    HashMap::with_max_entries(DEFAULT_MAX_LINKS, 0);
+
+/// Rule-list slot → compiled IPv6 rules of an endpoint's groups (slot 0 unused: no groups).
+#[map]
+pub static RULES6: Array<RuleList6> = Array::with_max_entries(DEFAULT_MAX_RULE_LISTS6, 0);
+
+/// Service slot → Maglev table of IPv6 backend slots.
+#[map]
+pub static MAGLEV6: Array<MaglevTable> = Array::with_max_entries(DEFAULT_MAX_SERVICES, 0);
+
+/// Backend slot → backend IPv6 address.
+#[map]
+pub static BACKENDS6: Array<Backend6> = Array::with_max_entries(DEFAULT_MAX_BACKENDS, 0);
+
+/// Provider network id → IPv6 source-NAT range.
+#[map]
+pub static NAT6: Array<NatRange6> = Array::with_max_entries(MAX_NETWORKS, 0);
+
+/// IPv6 conntrack, as `CT4`.
+#[map]
+pub static CT6: HashMap<FlowKey6, Flow6> = HashMap::with_max_entries(DEFAULT_CONNTRACK6_ENTRIES, 0);
+
+/// Backend slot → the next hop of its last FIB lookup (per CPU), for new flows; see `NextHop`.
+#[map]
+pub static NEXTHOP4: PerCpuArray<NextHop> = PerCpuArray::with_max_entries(DEFAULT_MAX_BACKENDS, 0);
+
+/// The same for IPv6 backend slots.
+#[map]
+pub static NEXTHOP6: PerCpuArray<NextHop> = PerCpuArray::with_max_entries(DEFAULT_MAX_BACKENDS, 0);
+
+/// Per-CPU direct-mapped copies of `CT4` entries of steady flows (see `FlowCacheEntry`).
+#[map]
+pub static FLOW_CACHE4: PerCpuArray<FlowCacheEntry4> =
+    PerCpuArray::with_max_entries(FLOW_CACHE_SLOTS, 0);
+
+/// The same in front of `CT6`.
+#[map]
+pub static FLOW_CACHE6: PerCpuArray<FlowCacheEntry6> =
+    PerCpuArray::with_max_entries(FLOW_CACHE_SLOTS, 0);
+
+/// Per-CPU flow-cache hits and fills (`FLOW_CACHE_HITS`, `FLOW_CACHE_FILLS`).
+#[map]
+pub static FLOW_CACHE_STATS: PerCpuArray<u64> =
+    PerCpuArray::with_max_entries(FLOW_CACHE_COUNTERS, 0);
+
+/// Per-CPU [jiffies, coarse monotonic ns] of the last clock read (see `conntrack::now`).
+#[map]
+pub static TICK_CLOCK: PerCpuArray<[u64; 2]> = PerCpuArray::with_max_entries(1, 0);
+
+/// Index 0: timeouts set by the agent (defaults apply while unset).
+#[map]
+pub static CONFIG: Array<DatapathConfig> = Array::with_max_entries(1, 0);
+
+/// ifindex → ifindex of every attached interface, for XDP_REDIRECT.
+#[map]
+pub static DEVMAP: DevMapHash = DevMapHash::with_max_entries(4096, 0);
+
+/// Outcome code → packets (per CPU); every packet lands in exactly one.
+#[map]
+pub static GLOBAL_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(OUTCOMES, 0);
+
+/// Link id → counters (per CPU).
+#[map]
+pub static LINK_STATS: PerCpuArray<LinkStats> = PerCpuArray::with_max_entries(DEFAULT_MAX_LINKS, 0);
+
+/// (link id, drop reason) → packets (per CPU).
+#[map]
+pub static LINK_DROPS: PerCpuHashMap<LinkDropKey, u64> = PerCpuHashMap::with_max_entries(65_536, 0);
+
+/// Index 0: the IPv6 program, tail-called for IPv6 frames. A program of its own keeps the IPv4
+/// path's instructions and stack exactly what they were (both paths in one function exceed the
+/// 512-byte stack).
+#[map]
+pub static JUMP: ProgramArray = ProgramArray::with_max_entries(1, 0);
+
+/// Per-CPU scratch of the IPv6 program: the parsed packet lives in map memory, not in registers
+/// (the calling convention would spill its eight address words around every helper call, and the
+/// 512-byte stack does not hold that).
+#[map]
+pub static SCRATCH6: PerCpuArray<crate::parse::Ip6> = PerCpuArray::with_max_entries(1, 0);
+
+/// Per-CPU hand-off from `privatelink` to `privatelink6`: the receiving interface, looked up once.
+/// Pinned like the state maps: during an agent restart the old `privatelink` tail-calls the new
+/// `privatelink6` (through the pinned `JUMP`), and both must see the same hand-off.
+#[map]
+pub static HANDOFF6: PerCpuArray<IfaceInfo> = PerCpuArray::with_max_entries(1, 0);
+
+/// Per-CPU scratch: FIB lookup parameters of the ICMP error paths (see `forward::next_hop`).
+#[map]
+pub static FIB_SCRATCH: PerCpuArray<aya_ebpf::bindings::bpf_fib_lookup> =
+    PerCpuArray::with_max_entries(1, 0);
+
+/// Per-CPU scratch of the IPv6 program's ICMPv6 error path: the conntrack key of the quoted flow.
+#[map]
+pub static ERROR_KEY6: PerCpuArray<FlowKey6> = PerCpuArray::with_max_entries(1, 0);
