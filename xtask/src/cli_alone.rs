@@ -70,8 +70,12 @@ pub fn check(root: &Path) -> Result<()> {
             "--features",
             "cli",
         ]))?;
-    let help = output(Command::new(target.join("debug/privatelink")).arg("--help"))?;
-    if !help.contains("privatelink control-plane client") {
+    let out = Command::new(target.join("debug/privatelink"))
+        .arg("--help")
+        .output()
+        .context("running the CLI built alone")?;
+    let help = String::from_utf8_lossy(&out.stdout) + String::from_utf8_lossy(&out.stderr);
+    if !out.status.success() || !help.contains("privatelink control-plane client") {
         bail!("the CLI built alone does not describe itself:\n{help}");
     }
     // What it linked: nothing of the node side (aya) nor of the stores (etcd, SQLite).
