@@ -874,3 +874,187 @@ fn check_dashboard(w: &World, scrape: &str) {
         );
     }
 }
+
+/// Route and neighbour changes reach the datapath at once: the agent watches them (rtnetlink)
+/// and bumps the FIB generation, so a live flow's cached next hop (kept up to a second otherwise)
+/// is resolved again by its next packet. A UDP flow through the endpoint sends every 2 ms; the
+/// backend's MAC address moves, then the node learns the new address (a neighbour change) or a
+/// route to a gateway that has it (a route change), and replies must resume within 100 ms.
+#[test]
+fn a_backends_next_hop_moves_under_a_live_flow_within_100_ms() {
+    if !privileged("a_backends_next_hop_moves_under_a_live_flow_within_100_ms") {
+        return;
+    }
+    use std::net::{Ipv4Addr, UdpSocket};
+    const UDP: (u16, u16) = (53, 5353);
+    let (mut w, _agent) = privatelink_tests::world::world_with("nh", "");
+    let svc = ok(
+        &w.topo,
+        &w.tokens[0],
+        "/v1/services",
+        json!({ "name": "udp-echo", "network_id": w.vpcs[0].0, "service_type": "clb",
+        "backends": [BACKEND.to_string()], "port_mappings": [{ "protocol": "udp", "service_port": UDP.1, "terminal_port": UDP.0 }] }),
+    );
+    w.svc = svc["id"].as_str().unwrap().to_string();
+    ok(
+        &w.topo,
+        &w.tokens[0],
+        &format!("/v1/services/{}/allowlist", w.svc),
+        json!({ "account_id": "1000000001" }),
+    );
+    let ep = ok(
+        &w.topo,
+        &w.tokens[1],
+        "/v1/endpoints",
+        json!({ "name": "udp", "service_id": w.svc, "network_id": w.vpcs[1].0,
+        "subnet_id": w.vpcs[1].1, "ip": ENDPOINT.to_string() }),
+    );
+    w.eps.push(ep["id"].as_str().unwrap().to_string());
+    w.accept_all();
+
+    // A UDP echo in the backend's place, bounded in time.
+    let stop = Arc::new(AtomicBool::new(false));
+    let server = w
+        .topo
+        .provider
+        .enter(|| UdpSocket::bind((BACKEND, UDP.1)).expect("bind the echo"));
+    server
+        .set_read_timeout(Some(Duration::from_millis(50)))
+        .unwrap();
+    let echo = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let deadline = Instant::now() + Duration::from_secs(60);
+            let mut buf = [0u8; 64];
+            while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+                if let Ok((n, from)) = server.recv_from(&mut buf) {
+                    let _ = server.send_to(&buf[..n], from);
+                }
+            }
+        })
+    };
+    let client = w.topo.consumers[0].enter(|| {
+        let s = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).unwrap();
+        s.connect((ENDPOINT, UDP.0)).unwrap();
+        s.set_read_timeout(Some(Duration::from_millis(2))).unwrap();
+        s
+    });
+    // Sends every 2 ms (one flow: the same source port) until a reply comes after `since`, or
+    // `limit` passes; returns how long after `since` the first reply came.
+    let mut seq = 0u32;
+    let mut first_reply_after = |since: Instant, limit: Duration| -> Option<Duration> {
+        let mut buf = [0u8; 64];
+        while since.elapsed() < limit {
+            seq += 1;
+            client.send(&seq.to_be_bytes()).unwrap();
+            let sent = Instant::now();
+            while sent.elapsed() < Duration::from_millis(2) {
+                if let Ok(n) = client.recv(&mut buf) {
+                    let got = u32::from_be_bytes(buf[..n.min(4)].try_into().unwrap_or([0; 4]));
+                    // Only a reply to a datagram sent after the change counts.
+                    if n == 4 && got == seq {
+                        return Some(since.elapsed());
+                    }
+                }
+            }
+        }
+        None
+    };
+    let start = Instant::now();
+    assert!(
+        first_reply_after(start, Duration::from_secs(5)).is_some(),
+        "no reply through the endpoint before the change:\n{}",
+        w.log()
+    );
+    // Keep the flow's next hop freshly cached, then move things.
+    assert!(first_reply_after(Instant::now(), Duration::from_secs(1)).is_some());
+    let node = &w.topo.node;
+    let p0 = w.topo.provider_iface.0.clone();
+    let backend = BACKEND.to_string();
+    let set_backend_mac = |mac: &str| {
+        w.topo
+            .provider
+            .ip(&["link", "set", "dev", "eth0", "address", mac])
+            .expect("backend MAC");
+    };
+
+    // 1. A neighbour change: the backend moves to another MAC; the node learns it.
+    set_backend_mac("02:00:5e:00:53:01");
+    let t0 = Instant::now();
+    node.ip(&[
+        "neigh",
+        "replace",
+        &backend,
+        "lladdr",
+        "02:00:5e:00:53:01",
+        "dev",
+        &p0,
+        "nud",
+        "permanent",
+    ])
+    .expect("neighbour change");
+    let after = first_reply_after(t0, Duration::from_secs(3));
+    assert!(
+        after.is_some_and(|d| d < Duration::from_millis(100)),
+        "after a neighbour change the flow resumed after {after:?} (want < 100 ms)\n{}",
+        w.log()
+    );
+
+    // 2. A route change: the backend is reached through a gateway address whose neighbour entry
+    // is its MAC; it moves again, and the route moves to a second gateway that has the new MAC.
+    node.ip(&[
+        "neigh",
+        "replace",
+        "198.18.100.21",
+        "lladdr",
+        "02:00:5e:00:53:01",
+        "dev",
+        &p0,
+        "nud",
+        "permanent",
+    ])
+    .expect("gateway 1");
+    node.ip(&[
+        "route",
+        "replace",
+        &format!("{backend}/32"),
+        "via",
+        "198.18.100.21",
+        "dev",
+        &p0,
+    ])
+    .expect("route via gateway 1");
+    assert!(first_reply_after(Instant::now(), Duration::from_secs(1)).is_some());
+    node.ip(&[
+        "neigh",
+        "replace",
+        "198.18.100.22",
+        "lladdr",
+        "02:00:5e:00:53:02",
+        "dev",
+        &p0,
+        "nud",
+        "permanent",
+    ])
+    .expect("gateway 2");
+    set_backend_mac("02:00:5e:00:53:02");
+    let t0 = Instant::now();
+    node.ip(&[
+        "route",
+        "replace",
+        &format!("{backend}/32"),
+        "via",
+        "198.18.100.22",
+        "dev",
+        &p0,
+    ])
+    .expect("route via gateway 2");
+    let after = first_reply_after(t0, Duration::from_secs(3));
+    assert!(
+        after.is_some_and(|d| d < Duration::from_millis(100)),
+        "after a route change the flow resumed after {after:?} (want < 100 ms)\n{}",
+        w.log()
+    );
+    stop.store(true, Ordering::Relaxed);
+    echo.join().unwrap();
+}

@@ -1,6 +1,9 @@
 //! The map writer: shadow state in userspace, only differences written, in an order that never
 //! forwards wrongly in between, and flows of cut links removed from conntrack at once.
-use std::collections::{BTreeMap, BTreeSet};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    sync::{Arc, Mutex},
+};
 
 use aya::{
     Ebpf,
@@ -95,7 +98,7 @@ pub struct Dataplane {
     backends6: Array<MapData, Backend6>,
     nat6: Array<MapData, NatRange6>,
     ct6: HashMap<MapData, FlowKey6, Flow6>,
-    config: Array<MapData, DatapathConfig>,
+    config: ConfigMap,
     devmap: DevMapHash<MapData>,
     global_stats: PerCpuArray<MapData, u64>,
     link_stats: PerCpuArray<MapData, LinkStats>,
@@ -109,9 +112,8 @@ pub struct Dataplane {
     last_model: Option<Model>,
     /// The network namespace whose interfaces the ifindexes in the state refer to.
     netns: u64,
-    /// Owned here, not by the model: bumped when routes or neighbours change.
-    fib_generation: u32,
-    /// Owned here too: bumped after conntrack entries were deleted, so that the datapath's
+    /// Owned here, not by the model (the FIB generation is the config map's own, see
+    /// [`ConfigMap`]): bumped after conntrack entries were deleted, so that the datapath's
     /// per-CPU flow caches stop standing in for them.
     flow_generation: u32,
 }
@@ -173,7 +175,10 @@ impl Dataplane {
             backends6: take(ebpf, names::BACKENDS6)?,
             nat6: take(ebpf, names::NAT6)?,
             ct6: take(ebpf, names::CT6)?,
-            config: take(ebpf, names::CONFIG)?,
+            config: ConfigMap(Arc::new(Mutex::new(ConfigInner {
+                map: take(ebpf, names::CONFIG)?,
+                fib_generation: 0,
+            }))),
             devmap: take(ebpf, names::DEVMAP)?,
             global_stats: take(ebpf, names::GLOBAL_STATS)?,
             link_stats: take(ebpf, names::LINK_STATS)?,
@@ -183,7 +188,6 @@ impl Dataplane {
             shadow: MapState::default(),
             last_model: None,
             netns: current_netns()?,
-            fib_generation: 0,
             flow_generation: 0,
         }
         .with_shadow_from_maps()
@@ -198,7 +202,7 @@ impl Dataplane {
     /// only real differences.
     fn with_shadow_from_maps(mut self) -> Result<Self, DataplaneError> {
         self.shadow = self.read_maps()?;
-        self.fib_generation = self.shadow.config.fib_generation;
+        self.config.lock().fib_generation = self.shadow.config.fib_generation;
         self.flow_generation = self.shadow.config.flow_generation;
         Ok(self)
     }
@@ -206,7 +210,7 @@ impl Dataplane {
     /// The contents of every written map, as the kernel has them now.
     pub fn read_maps(&self) -> Result<MapState, DataplaneError> {
         let mut s = MapState::default();
-        let cfg = self.config.get(&0, 0).map_err(map_err(names::CONFIG))?;
+        let cfg = self.config.read()?;
         // A never-written config map reads as zeroes; the datapath then uses the defaults.
         s.config = if cfg.udp_timeout_ns == 0 {
             DatapathConfig::DEFAULT
@@ -369,7 +373,7 @@ impl Dataplane {
             return self.apply_links(model, old, new);
         }
         let mut next = compile(model, &self.shadow)?;
-        next.config.fib_generation = self.fib_generation;
+        next.config.fib_generation = self.config.fib_generation();
         next.config.flow_generation = self.flow_generation;
         self.check_capacity(&next)?;
         let prev = std::mem::take(&mut self.shadow);
@@ -431,10 +435,8 @@ impl Dataplane {
         let mut w = 0usize;
         // 1. What others point at comes first: config, interfaces, NAT, backends, rule lists,
         //    Maglev tables, allowlist.
-        if prev.config != next.config {
-            self.config
-                .set(0, next.config, 0)
-                .map_err(map_err(names::CONFIG))?;
+        if !same_config(&prev.config, &next.config) {
+            self.config.write(next.config)?;
             w += 1;
         }
         w += put_hash(&mut self.ifaces, &prev.ifaces, &next.ifaces, names::IFACES)?;
@@ -697,15 +699,18 @@ impl Dataplane {
     }
 
     /// Invalidates every cached next hop (forward flows resolve their next hop again with their
-    /// next packet). Called when routes or neighbours change.
+    /// next packet). Called when routes or neighbours change; [`Self::config_map`] does the same
+    /// from another thread.
     pub fn bump_fib_generation(&mut self) -> Result<u32, DataplaneError> {
-        let generation = self.fib_generation.wrapping_add(1);
-        self.write_config(DatapathConfig {
-            fib_generation: generation,
-            ..self.shadow.config
-        })?;
-        self.fib_generation = generation;
+        let generation = self.config.bump_fib_generation()?;
+        self.shadow.config.fib_generation = generation;
         Ok(generation)
+    }
+
+    /// The config map, for bumping the FIB generation from another thread (the network watcher)
+    /// without waiting for this writer.
+    pub fn config_map(&self) -> ConfigMap {
+        self.config.clone()
     }
 
     /// Retires every per-CPU flow-cache entry (they name the generation they were copied in), for
@@ -724,10 +729,7 @@ impl Dataplane {
 
     /// Writes `config` and, once it is in the map, the shadow's copy.
     fn write_config(&mut self, config: DatapathConfig) -> Result<(), DataplaneError> {
-        self.config
-            .set(0, config, 0)
-            .map_err(map_err(names::CONFIG))?;
-        self.shadow.config = config;
+        self.shadow.config = self.config.write(config)?;
         Ok(())
     }
 
@@ -956,6 +958,85 @@ fn sum_drops(map: &PerCpuHashMap<MapData, LinkDropKey, u64>) -> BTreeMap<(u32, u
     out
 }
 
+/// Whether two configs are the same as the writer sees them: the FIB generation is the config
+/// map's own ([`ConfigMap`]) and may move on between the writer's writes.
+fn same_config(a: &DatapathConfig, b: &DatapathConfig) -> bool {
+    DatapathConfig {
+        fib_generation: 0,
+        ..*a
+    } == DatapathConfig {
+        fib_generation: 0,
+        ..*b
+    }
+}
+
+/// The datapath's config map (index 0), shared by the map writer and whoever bumps the FIB
+/// generation from another thread (the network watcher, which must not wait for a full resync).
+/// Every write happens under its lock and carries the latest FIB generation, so neither side
+/// undoes the other's change.
+#[derive(Clone)]
+pub struct ConfigMap(Arc<Mutex<ConfigInner>>);
+
+struct ConfigInner {
+    map: Array<MapData, DatapathConfig>,
+    fib_generation: u32,
+}
+
+impl ConfigMap {
+    fn lock(&self) -> std::sync::MutexGuard<'_, ConfigInner> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn read(&self) -> Result<DatapathConfig, DataplaneError> {
+        self.lock().map.get(&0, 0).map_err(map_err(names::CONFIG))
+    }
+
+    fn fib_generation(&self) -> u32 {
+        self.lock().fib_generation
+    }
+
+    /// Writes `config` with the current FIB generation; returns what was written.
+    fn write(&self, config: DatapathConfig) -> Result<DatapathConfig, DataplaneError> {
+        let mut inner = self.lock();
+        let config = DatapathConfig {
+            fib_generation: inner.fib_generation,
+            ..config
+        };
+        inner
+            .map
+            .set(0, config, 0)
+            .map_err(map_err(names::CONFIG))?;
+        Ok(config)
+    }
+
+    /// Invalidates every cached next hop: the map's config as it is, with the next FIB
+    /// generation. Returns that generation.
+    pub fn bump_fib_generation(&self) -> Result<u32, DataplaneError> {
+        let mut inner = self.lock();
+        let current = inner.map.get(&0, 0).map_err(map_err(names::CONFIG))?;
+        // A never-written map reads as zeroes (the datapath then uses the defaults).
+        let current = if current.udp_timeout_ns == 0 {
+            DatapathConfig::DEFAULT
+        } else {
+            current
+        };
+        let generation = inner.fib_generation.wrapping_add(1);
+        inner
+            .map
+            .set(
+                0,
+                DatapathConfig {
+                    fib_generation: generation,
+                    ..current
+                },
+                0,
+            )
+            .map_err(map_err(names::CONFIG))?;
+        inner.fib_generation = generation;
+        Ok(generation)
+    }
+}
+
 /// Entries that differ between two map states (added, removed or changed).
 fn drift(a: &MapState, b: &MapState) -> usize {
     fn count<K: Ord, V: PartialEq>(a: &BTreeMap<K, V>, b: &BTreeMap<K, V>) -> usize {
@@ -965,7 +1046,7 @@ fn drift(a: &MapState, b: &MapState) -> usize {
     fn count_set<K: Ord>(a: &BTreeSet<K>, b: &BTreeSet<K>) -> usize {
         a.symmetric_difference(b).count()
     }
-    usize::from(a.config != b.config)
+    usize::from(!same_config(&a.config, &b.config))
         + count(&a.ifaces, &b.ifaces)
         + count(&a.iface_index, &b.iface_index)
         + count_set(&a.devmap, &b.devmap)

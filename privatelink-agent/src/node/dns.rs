@@ -289,7 +289,7 @@ impl Dns {
             }
             let listen = self.cfg.networks[&iface.network].listen;
             let shared = self.networks[&iface.network].1.clone();
-            match serve(name, listen, self.cfg.port, shared) {
+            match serve(iface, listen, self.cfg.port, shared) {
                 Ok(task) => {
                     log::info!(
                         "dns: serving {} on {name} at {listen} port {}",
@@ -310,24 +310,6 @@ impl Dns {
     }
 }
 
-/// Puts `addr` on `dev` (host prefix) unless it is there.
-fn ensure_address(dev: &str, addr: IpAddr) -> Result<()> {
-    let prefix = if addr.is_ipv4() { 32 } else { 128 };
-    let mut cmd = std::process::Command::new("ip");
-    cmd.args(["addr", "replace", &format!("{addr}/{prefix}"), "dev", dev]);
-    if addr.is_ipv6() {
-        cmd.arg("nodad");
-    }
-    let out = cmd.output().context("running ip")?;
-    if !out.status.success() {
-        anyhow::bail!(
-            "ip addr replace {addr}/{prefix} dev {dev}: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(())
-}
-
 /// A socket of `ty` bound to `addr` on device `dev` only.
 fn bound(dev: &str, addr: SocketAddr, ty: socket2::Type) -> Result<socket2::Socket> {
     let s = socket2::Socket::new(socket2::Domain::for_address(addr), ty, None)?;
@@ -341,12 +323,14 @@ fn bound(dev: &str, addr: SocketAddr, ty: socket2::Type) -> Result<socket2::Sock
 }
 
 fn serve(
-    dev: &str,
+    iface: &NodeIface,
     listen: IpAddr,
     port: u16,
     handler: Shared,
 ) -> Result<tokio::task::JoinHandle<()>> {
-    ensure_address(dev, listen)?;
+    let dev = iface.name.as_str();
+    crate::node::addr::replace_host_address(iface.ifindex, listen)
+        .with_context(|| format!("putting {listen} on {dev}"))?;
     let addr = SocketAddr::new(listen, port);
     let udp = bound(dev, addr, socket2::Type::DGRAM)?;
     let tcp = bound(dev, addr, socket2::Type::STREAM)?;

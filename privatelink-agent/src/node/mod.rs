@@ -1,14 +1,15 @@
 //! The node runtime: what runs on each network node beside the datapath. Its configuration
 //! ([`config`]), the pure function from control-plane state to the node's datapath model
-//! ([`sync`]), interface watching ([`linkwatch`]), backend health checks ([`health`]), the DNS
+//! ([`sync`]), link, route and neighbour events ([`netwatch`]), backend health checks ([`health`]), the DNS
 //! server ([`dns`]), Prometheus metrics ([`metrics`]), monitoring history ([`history`]), and the
 //! event loop that ties them together ([`runtime`]).
+pub mod addr;
 pub mod config;
 pub mod dns;
 pub mod health;
 pub mod history;
-pub mod linkwatch;
 pub mod local;
 pub mod metrics;
+pub mod netwatch;
 pub mod runtime;
 pub mod sync;

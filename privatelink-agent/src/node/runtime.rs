@@ -22,9 +22,9 @@ use crate::{
         dns::Dns,
         health::{self, Health, TargetKey},
         history::{Counters, History},
-        linkwatch::LinkWatch,
         local::NodeFacts,
         metrics::AgentMetrics,
+        netwatch::NetWatch,
         sync::{self, NodeConfig},
     },
 };
@@ -436,7 +436,14 @@ pub fn run(cfg: Checked, detach_on_exit: bool) -> Result<()> {
         let mut revisions = plane.subscribe();
         let mut resync = tokio::time::interval(Duration::from_secs(cfg.raw.resync_interval));
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-        let mut links = LinkWatch::new().context("subscribing to link events")?;
+        // Route and neighbour changes bump the FIB generation from the watcher's own thread: a full
+        // resync in this loop must not hold back a moved next hop.
+        let config = dataplane.config_map();
+        let mut net = NetWatch::new(move || match config.bump_fib_generation() {
+            Ok(g) => log::debug!("routes or neighbours changed: FIB generation {g}"),
+            Err(e) => log::warn!("routes or neighbours changed, but the FIB generation was not bumped: {e}"),
+        })
+        .context("subscribing to link, route and neighbour events")?;
         let mut sample =
             tokio::time::interval(Duration::from_secs(cfg.raw.history.sample_interval));
         // Conntrack sweeps on a thread of their own: a full table takes long to walk.
@@ -482,9 +489,8 @@ pub fn run(cfg: Checked, detach_on_exit: bool) -> Result<()> {
                     plane.read(|s| dns.update(s));
                     report_applied(&plane, &sync.facts, &cfg.raw.node, &metrics, &reported);
                 }
-                event = links.changed() => {
-                    if let Err(e) = event { log::warn!("link events: {e}"); }
-                    if ifaces.refresh(&mut dp, &pins, &cfg, &mut node, &metrics) {
+                changes = net.changed() => {
+                    if changes.links && ifaces.refresh(&mut dp, &pins, &cfg, &mut node, &metrics) {
                         reconcile(&plane, &mut dataplane, &node, &health, &mut sync, &metrics, false);
                         dns.ensure(&node.ifaces);
                     }
