@@ -6,10 +6,11 @@ use axum::{
     extract::{FromRequest, FromRequestParts, Path, Query, Request, State},
     http::{StatusCode, header, request::Parts},
     response::{IntoResponse, Response},
-    routing::{get, post, put},
+    routing::get,
 };
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 use serde_json::{Value, json};
+use utoipa_axum::{router::OpenApiRouter, routes};
 
 use super::{
     error::{ApiError, ApiResult},
@@ -432,6 +433,12 @@ async fn add_port_mappings(
     .map(ok)
 }
 
+#[utoipa::path(method(put, delete), path = "/v1/services/{id}/port-mappings", params(("id" = String, Path, description = "object id")), responses((status = "4XX", body = ErrorBody, description = "always 405 port_mapping_immutable: port mappings are add-only")), security(("bearer" = [])), summary = "Port mappings cannot be replaced or removed")]
+async fn immutable_mappings(Auth(_): Auth) -> ApiResult<Response> {
+    Err(services::immutable_mapping())
+}
+
+#[utoipa::path(method(put, patch, delete), path = "/v1/services/{id}/port-mappings/{mapping}", params(("id" = String, Path, description = "object id"), ("mapping" = String, Path, description = "a port mapping")), responses((status = "4XX", body = ErrorBody, description = "always 405 port_mapping_immutable: port mappings are add-only")), security(("bearer" = [])), summary = "A port mapping cannot be changed or removed")]
 async fn immutable_mapping(Auth(_): Auth) -> ApiResult<Response> {
     Err(services::immutable_mapping())
 }
@@ -965,92 +972,65 @@ impl utoipa::Modify for BearerAuth {
 #[openapi(
     info(title = "privatelink control plane", description = "Endpoint services, endpoints, allowlists and security groups."),
     modifiers(&BearerAuth),
-    paths(revision, nodes, service_health, history, create_account, list_accounts, issue_token, create_network, list_networks, get_network, delete_network, create_subnet, list_subnets, delete_subnet, create_service, list_services, get_service, update_service, delete_service, set_backends, add_port_mappings, list_allowlist, allow, disallow, verify, connections, accept, reject, create_endpoint, list_endpoints, get_endpoint, update_endpoint, delete_endpoint, bind, set_bindings, unbind, create_group, list_groups, get_group, update_group, set_rules, delete_group, export_csv),
 )]
-pub struct ApiDoc;
-
-async fn openapi() -> Response {
-    ok(<ApiDoc as utoipa::OpenApi>::openapi())
-}
+struct ApiDoc;
 
 async fn fallback() -> ApiError {
     ApiError::new(404, "no_route", "no such API route")
 }
 
-/// The API routes.
+/// Every API route with its OpenAPI operation, from one registration: the router serves exactly
+/// what the document describes.
+fn routes() -> OpenApiRouter<Plane> {
+    OpenApiRouter::with_openapi(<ApiDoc as utoipa::OpenApi>::openapi())
+        .routes(routes!(revision))
+        .routes(routes!(nodes))
+        .routes(routes!(create_account, list_accounts))
+        .routes(routes!(issue_token))
+        .routes(routes!(create_network, list_networks))
+        .routes(routes!(get_network, delete_network))
+        .routes(routes!(create_subnet, list_subnets))
+        .routes(routes!(delete_subnet))
+        .routes(routes!(create_service, list_services))
+        .routes(routes!(get_service, update_service, delete_service))
+        .routes(routes!(set_backends))
+        .routes(routes!(add_port_mappings, immutable_mappings))
+        .routes(routes!(immutable_mapping))
+        .routes(routes!(list_allowlist, allow))
+        .routes(routes!(disallow))
+        .routes(routes!(verify))
+        .routes(routes!(connections))
+        .routes(routes!(service_health))
+        .routes(routes!(accept))
+        .routes(routes!(reject))
+        .routes(routes!(create_endpoint, list_endpoints))
+        .routes(routes!(get_endpoint, update_endpoint, delete_endpoint))
+        .routes(routes!(bind, set_bindings))
+        .routes(routes!(unbind))
+        .routes(routes!(create_group, list_groups))
+        .routes(routes!(get_group, update_group, delete_group))
+        .routes(routes!(set_rules))
+        .routes(routes!(export_csv))
+        .routes(routes!(history))
+}
+
+/// The OpenAPI document: the operations of [`routes`], as served at `/openapi.json`.
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    routes().split_for_parts().1
+}
+
+/// The API routes, `/openapi.json` and a JSON 404 for anything else.
 pub fn router(plane: Plane) -> Router {
-    Router::new()
-        .route("/v1/revision", get(revision))
-        .route("/v1/nodes", get(nodes))
-        .route("/v1/accounts", post(create_account).get(list_accounts))
-        .route("/v1/accounts/{id}/tokens", post(issue_token))
-        .route("/v1/networks", post(create_network).get(list_networks))
-        .route("/v1/networks/{id}", get(get_network).delete(delete_network))
+    let (router, doc) = routes().split_for_parts();
+    let doc = Arc::new(doc);
+    router
         .route(
-            "/v1/networks/{id}/subnets",
-            post(create_subnet).get(list_subnets),
+            "/openapi.json",
+            get(move || {
+                let doc = doc.clone();
+                async move { ok(&*doc) }
+            }),
         )
-        .route(
-            "/v1/networks/{id}/subnets/{subnet}",
-            axum::routing::delete(delete_subnet),
-        )
-        .route("/v1/services", post(create_service).get(list_services))
-        .route(
-            "/v1/services/{id}",
-            get(get_service)
-                .patch(update_service)
-                .delete(delete_service),
-        )
-        .route("/v1/services/{id}/backends", put(set_backends))
-        .route(
-            "/v1/services/{id}/port-mappings",
-            post(add_port_mappings)
-                .put(immutable_mapping)
-                .delete(immutable_mapping),
-        )
-        .route(
-            "/v1/services/{id}/port-mappings/{mapping}",
-            put(immutable_mapping)
-                .patch(immutable_mapping)
-                .delete(immutable_mapping),
-        )
-        .route(
-            "/v1/services/{id}/allowlist",
-            get(list_allowlist).post(allow),
-        )
-        .route(
-            "/v1/services/{id}/allowlist/{account}",
-            axum::routing::delete(disallow),
-        )
-        .route("/v1/services/{id}/verify", get(verify))
-        .route("/v1/services/{id}/endpoints", get(connections))
-        .route("/v1/services/{id}/health", get(service_health))
-        .route("/v1/services/{id}/accept", post(accept))
-        .route("/v1/services/{id}/reject", post(reject))
-        .route("/v1/endpoints", post(create_endpoint).get(list_endpoints))
-        .route(
-            "/v1/endpoints/{id}",
-            get(get_endpoint)
-                .patch(update_endpoint)
-                .delete(delete_endpoint),
-        )
-        .route(
-            "/v1/endpoints/{id}/security-groups",
-            post(bind).put(set_bindings),
-        )
-        .route(
-            "/v1/endpoints/{id}/security-groups/{sg}",
-            axum::routing::delete(unbind),
-        )
-        .route("/v1/security-groups", post(create_group).get(list_groups))
-        .route(
-            "/v1/security-groups/{id}",
-            get(get_group).patch(update_group).delete(delete_group),
-        )
-        .route("/v1/security-groups/{id}/rules", put(set_rules))
-        .route("/v1/export.csv", get(export_csv))
-        .route("/v1/history/{kind}/{id}", get(history))
-        .route("/openapi.json", get(openapi))
         .fallback(fallback)
         .with_state(plane)
 }
