@@ -1,71 +1,81 @@
 //! The default of `cargo xtask build-and-load`: `privatelink-demo --once` through the real agent,
-//! and nothing left behind afterwards.
+//! and nothing left behind afterwards. What it did is read from its JSON report, not its prose.
 use std::process::Command;
 
 use privatelink_tests::privileged;
+use serde_json::Value;
 
 #[test]
 fn the_demo_serves_both_consumers_and_cleans_up() {
     if !privileged("the_demo_serves_both_consumers_and_cleans_up") {
         return;
     }
+    let report_file = std::env::temp_dir().join(format!(
+        "privatelink-demo-report-{}.json",
+        std::process::id()
+    ));
     let out = Command::new(env!("CARGO_BIN_EXE_privatelink-demo"))
         .arg("--once")
+        .arg("--report")
+        .arg(&report_file)
         .env("RUST_BACKTRACE", "0")
         .output()
         .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
-        "{text}\n{}",
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-    // Both families of the dual-stack endpoint: the name resolves (A and AAAA) to the network's
-    // endpoint, and the backend sees the family's NAT range.
-    for i in [1, 2] {
-        for (kind, endpoint, nat, udp) in [
-            ("A", "198.18.0.100", "198.19.", "198.18.0.100:53"),
-            (
-                "AAAA",
-                "2001:db8::100",
-                "2001:db8:ff::",
-                "[2001:db8::100]:53",
-            ),
+    let report: Value =
+        serde_json::from_slice(&std::fs::read(&report_file).expect("the report")).unwrap();
+    std::fs::remove_file(&report_file).ok();
+
+    // Both consumers over both families of the dual-stack endpoint: the name resolves (A and
+    // AAAA) to the network's own endpoint, the backend sees the family's NAT range, and the UDP
+    // echo comes back.
+    let exchanges = report["exchanges"].as_array().expect("exchanges");
+    for consumer in [1, 2] {
+        for (record, endpoint, nat) in [
+            ("A", "198.18.0.100", "hello 198.19."),
+            ("AAAA", "2001:db8::100", "hello 2001:db8:ff::"),
         ] {
+            let e = exchanges
+                .iter()
+                .find(|e| e["consumer"] == consumer && e["record"] == record)
+                .unwrap_or_else(|| panic!("no {record} exchange of consumer {consumer}: {report}"));
+            assert_eq!(e["resolved"], endpoint, "{e}");
             assert!(
-                text.contains(&format!(
-                    "consumer {i} -> echo.demo.example {kind} (private DNS at 198.18.0.2: {endpoint}) port 80: hello {nat}"
-                )),
-                "consumer {i} over {kind}:\n{text}"
+                e["tcp_reply"].as_str().unwrap().starts_with(nat),
+                "consumer {consumer} over {record}: {e}"
             );
-            assert!(
-                text.contains(&format!("consumer {i} -> {udp}: udp echo ok")),
-                "{text}"
-            );
+            assert_eq!(e["udp_echo_ok"], true, "{e}");
         }
     }
-    assert!(text.contains("provider accepted both connections"));
+    assert_eq!(exchanges.len(), 4, "{report}");
     // Per-link counters from the agent's metrics: both links carried traffic both ways.
     for ep in ["demo-1", "demo-2"] {
-        let row: Vec<u64> = text
-            .lines()
-            .find(|l| l.starts_with(ep))
-            .unwrap_or_else(|| panic!("no counters for {ep}:\n{text}"))
-            .split_whitespace()
-            .skip(1)
-            .map(|v| v.parse().unwrap())
-            .collect();
-        assert!(row[0] > 0 && row[2] > 0 && row[4] >= 4, "{ep}: {row:?}");
+        let l = report["links"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|l| l["endpoint"] == ep)
+            .unwrap_or_else(|| panic!("no counters for {ep}: {report}"));
+        let n = |k: &str| l[k].as_u64().unwrap();
+        assert!(
+            n("fwd_packets") > 0 && n("rev_packets") > 0 && n("new_connections") >= 4,
+            "{ep}: {l}"
+        );
     }
-    // Nothing left: the namespaces it printed, its pins, its files.
-    let names: Vec<&str> = text
-        .lines()
-        .next()
+
+    // Nothing left: the namespaces it made, its pins.
+    let names: Vec<&str> = report["namespaces"]
+        .as_array()
         .unwrap()
-        .split_whitespace()
-        .filter(|w| w.starts_with("pl"))
-        .map(|w| w.trim_end_matches(','))
+        .iter()
+        .map(|n| n.as_str().unwrap())
         .collect();
+    assert_eq!(names.len(), 4, "node, provider, two consumers: {names:?}");
     let netns = String::from_utf8_lossy(
         &Command::new("ip")
             .args(["netns", "list"])
@@ -75,16 +85,17 @@ fn the_demo_serves_both_consumers_and_cleans_up() {
     )
     .to_string();
     for n in &names {
-        assert!(!netns.contains(n), "namespace {n} left behind");
+        assert!(
+            !netns
+                .lines()
+                .any(|l| l.split_whitespace().next() == Some(n)),
+            "namespace {n} left behind"
+        );
     }
-    let leftovers: Vec<_> = std::fs::read_dir("/sys/fs/bpf")
-        .unwrap()
-        .filter_map(Result::ok)
-        .filter(|e| {
-            e.file_name()
-                .to_string_lossy()
-                .starts_with("privatelink-demo-")
-        })
-        .collect();
-    assert!(leftovers.is_empty(), "pins left behind: {leftovers:?}");
+    let pins = report["pins"].as_str().unwrap();
+    assert!(pins.starts_with("/sys/fs/bpf/"), "{pins}");
+    assert!(
+        !std::path::Path::new(pins).exists(),
+        "pins left behind under {pins}"
+    );
 }

@@ -355,11 +355,57 @@ pub fn agent_config(topo: &Topology, vpcs: &[(String, String)], head: &str) -> S
 /// requests go through both endpoints over IPv4 and IPv6; the per-link counters come from the agent's /metrics. With `once` it
 /// stops after printing; otherwise the agent serves its API and metrics until Ctrl-C. Namespaces,
 /// pins and files are removed on exit, also after a failure.
-pub fn run(once: bool) -> Result<()> {
+/// What a demo run did, for programs (`privatelink-demo --report FILE`): what it created, every
+/// exchange through the endpoints and the links' counters.
+#[derive(Debug, Default, serde::Serialize)]
+pub struct Report {
+    /// The namespaces it made (all gone once it returns).
+    pub namespaces: Vec<String>,
+    /// The bpffs directory the agent pinned under (gone once it returns).
+    pub pins: String,
+    pub exchanges: Vec<Exchange>,
+    pub links: Vec<LinkCounters>,
+}
+
+/// One consumer's requests by name over one family.
+#[derive(Debug, serde::Serialize)]
+pub struct Exchange {
+    /// 1 or 2.
+    pub consumer: usize,
+    /// `A` or `AAAA`.
+    pub record: String,
+    /// What the network's private DNS answered.
+    pub resolved: IpAddr,
+    /// The backend's greeting over TCP (it names the source address it saw).
+    pub tcp_reply: String,
+    pub udp_echo_ok: bool,
+}
+
+/// A link's counters as the agent's metrics report them.
+#[derive(Debug, serde::Serialize)]
+pub struct LinkCounters {
+    pub endpoint: String,
+    pub fwd_packets: u64,
+    pub fwd_bytes: u64,
+    pub rev_packets: u64,
+    pub rev_bytes: u64,
+    pub new_connections: u64,
+}
+
+pub fn run(once: bool) -> Result<Report> {
     let topo = Topology::build(2).context("building the demo namespaces")?;
     let dir =
         DemoDir(std::env::temp_dir().join(format!("privatelink-demo-{}", std::process::id())));
     std::fs::create_dir_all(&dir.0)?;
+    let mut report = Report {
+        namespaces: [&topo.node, &topo.provider]
+            .into_iter()
+            .chain(&topo.consumers)
+            .map(|n| n.name().to_string())
+            .collect(),
+        pins: format!("/sys/fs/bpf/privatelink-demo-{}", std::process::id()),
+        ..Default::default()
+    };
     println!(
         "demo: namespaces {} (node), {} (provider), consumers {}",
         topo.node.name(),
@@ -397,9 +443,9 @@ pub fn run(once: bool) -> Result<()> {
     )?;
     std::fs::write(dir.0.join("admin-token"), ADMIN_TOKEN)?;
     let head = format!(
-        "node = \"demo\"\nadmin_token_file = \"{}\"\nbpffs = \"/sys/fs/bpf/privatelink-demo-{}\"\n[api]\nlisten = \"{API}\"\n[metrics]\nlisten = \"{METRICS}\"\n[store]\npath = \"{}\"\n",
+        "node = \"demo\"\nadmin_token_file = \"{}\"\nbpffs = \"{}\"\n[api]\nlisten = \"{API}\"\n[metrics]\nlisten = \"{METRICS}\"\n[store]\npath = \"{}\"\n",
         dir.0.join("admin-token").display(),
-        std::process::id(),
+        report.pins,
         db.display()
     );
     // Private DNS for both consumer networks, at the same address in each.
@@ -441,7 +487,7 @@ pub fn run(once: bool) -> Result<()> {
     let agent = topo
         .node
         .spawn(move || crate::node::runtime::run(checked, true));
-    let outcome = drive(&topo, &tokens, &vpcs, &agent, once);
+    let outcome = drive(&topo, &tokens, &vpcs, &agent, once, &mut report);
     // Stop the agent unless it should keep serving (it detaches: pins and programs go away); also
     // after a failure, so the demo never leaves anything behind.
     if (once || outcome.is_err()) && !agent.is_finished() {
@@ -452,7 +498,7 @@ pub fn run(once: bool) -> Result<()> {
         .map_err(|_| anyhow::anyhow!("the agent thread panicked"))?;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let _ = servers.join();
-    outcome.and(agent_result)
+    outcome.and(agent_result).map(|()| report)
 }
 
 /// One round of the demo backend on one address: a pending connection greeted, a pending
@@ -483,6 +529,7 @@ fn drive(
     vpcs: &[(String, String)],
     agent: &std::thread::JoinHandle<Result<()>>,
     once: bool,
+    report: &mut Report,
 ) -> Result<()> {
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     while call(topo, ADMIN_TOKEN, "GET", "/v1/revision", None).is_err() {
@@ -568,6 +615,13 @@ fn drive(
             if udp_reply != b"udp ping" {
                 bail!("consumer {}: UDP echo came back as {udp_reply:?}", i + 1);
             }
+            report.exchanges.push(Exchange {
+                consumer: i + 1,
+                record: kind.to_string(),
+                resolved: addr,
+                tcp_reply: tcp_reply.clone(),
+                udp_echo_ok: true,
+            });
             println!(
                 "consumer {} -> {}: udp echo ok",
                 i + 1,
@@ -575,7 +629,17 @@ fn drive(
             );
         }
     }
-    print_counters(topo)?;
+    report.links = counters(topo)?;
+    println!(
+        "{:<8} {:>10} {:>12} {:>10} {:>12} {:>9}",
+        "endpoint", "fwd_pkts", "fwd_bytes", "rev_pkts", "rev_bytes", "new_conns"
+    );
+    for l in &report.links {
+        println!(
+            "{:<8} {:>10} {:>12} {:>10} {:>12} {:>9}",
+            l.endpoint, l.fwd_packets, l.fwd_bytes, l.rev_packets, l.rev_bytes, l.new_connections
+        );
+    }
     if !once {
         println!(
             "demo: serving until Ctrl-C; try `ip netns exec {} curl -s http://{METRICS}/metrics | grep privatelink_link`",
@@ -641,7 +705,7 @@ fn resolve(name: &str, record: RecordType) -> Result<IpAddr> {
 }
 
 /// Per-link counters as the agent's /metrics reports them.
-fn print_counters(topo: &Topology) -> Result<()> {
+fn counters(topo: &Topology) -> Result<Vec<LinkCounters>> {
     let text = topo.node.enter(|| -> Result<String> {
         let agent: ureq::Agent = ureq::Agent::config_builder()
             .timeout_global(Some(IO_TIMEOUT))
@@ -664,19 +728,15 @@ fn print_counters(topo: &Topology) -> Result<()> {
             .map(|v| v as u64)
             .sum()
     };
-    println!(
-        "{:<8} {:>10} {:>12} {:>10} {:>12} {:>9}",
-        "endpoint", "fwd_pkts", "fwd_bytes", "rev_pkts", "rev_bytes", "new_conns"
-    );
-    for ep in ["demo-1", "demo-2"] {
-        println!(
-            "{ep:<8} {:>10} {:>12} {:>10} {:>12} {:>9}",
-            value("privatelink_link_packets_total", ep, Some("forward")),
-            value("privatelink_link_bytes_total", ep, Some("forward")),
-            value("privatelink_link_packets_total", ep, Some("reply")),
-            value("privatelink_link_bytes_total", ep, Some("reply")),
-            value("privatelink_link_connections_total", ep, None),
-        );
-    }
-    Ok(())
+    Ok(["demo-1", "demo-2"]
+        .into_iter()
+        .map(|ep| LinkCounters {
+            endpoint: ep.to_string(),
+            fwd_packets: value("privatelink_link_packets_total", ep, Some("forward")),
+            fwd_bytes: value("privatelink_link_bytes_total", ep, Some("forward")),
+            rev_packets: value("privatelink_link_packets_total", ep, Some("reply")),
+            rev_bytes: value("privatelink_link_bytes_total", ep, Some("reply")),
+            new_connections: value("privatelink_link_connections_total", ep, None),
+        })
+        .collect())
 }

@@ -13,6 +13,9 @@ struct Cli {
     /// Exit after printing instead of forwarding until Ctrl-C.
     #[arg(long)]
     once: bool,
+    /// Also write what the run did as JSON to this file (for programs and tests).
+    #[arg(long)]
+    report: Option<std::path::PathBuf>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -20,5 +23,10 @@ fn main() -> anyhow::Result<()> {
         "info,hickory_server=warn,hickory_resolver=warn,hickory_net=warn,hickory_proto=warn",
     ))
     .init();
-    privatelink_agent::testkit::demo::run(Cli::parse().once)
+    let cli = Cli::parse();
+    let report = privatelink_agent::testkit::demo::run(cli.once)?;
+    if let Some(path) = cli.report {
+        std::fs::write(&path, serde_json::to_vec_pretty(&report)?)?;
+    }
+    Ok(())
 }
