@@ -7,6 +7,7 @@ use std::io::Write;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use serde_json::{Value, json};
+use ureq::http::Method;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -97,39 +98,22 @@ struct ListArgs {
 }
 
 impl ListArgs {
-    fn query(&self) -> String {
-        let mut q = Vec::new();
-        if let Some(s) = &self.search {
-            q.push(format!("search={}", encode(s)));
-        }
-        if let Some(p) = self.page {
-            q.push(format!("page={p}"));
-        }
-        if let Some(p) = self.per_page {
-            q.push(format!("per_page={p}"));
-        }
-        if let Some(f) = &self.fields {
-            q.push(format!("fields={}", encode(f)));
-        }
-        if q.is_empty() {
-            String::new()
-        } else {
-            format!("?{}", q.join("&"))
-        }
+    /// The list's query parameters (ureq encodes them).
+    fn query(&self) -> Query {
+        [
+            ("search", self.search.clone()),
+            ("page", self.page.map(|p| p.to_string())),
+            ("per_page", self.per_page.map(|p| p.to_string())),
+            ("fields", self.fields.clone()),
+        ]
+        .into_iter()
+        .filter_map(|(k, v)| Some((k, v?)))
+        .collect()
     }
 }
 
-/// Percent-encodes a query value.
-fn encode(s: &str) -> String {
-    s.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' | b',' => {
-                (b as char).to_string()
-            }
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
-}
+/// Query parameters of a request, in order.
+type Query = Vec<(&'static str, String)>;
 
 #[derive(Subcommand, Debug)]
 enum AccountCmd {
@@ -441,16 +425,25 @@ enum GroupCmd {
 
 /// A request the command turns into.
 struct Req {
-    method: &'static str,
+    method: Method,
     path: String,
+    query: Query,
     body: Option<Value>,
 }
 
-fn req(method: &'static str, path: impl Into<String>, body: Option<Value>) -> Req {
+fn req(method: Method, path: impl Into<String>, body: Option<Value>) -> Req {
     Req {
         method,
         path: path.into(),
+        query: Query::new(),
         body,
+    }
+}
+
+impl Req {
+    fn with_query(mut self, query: Query) -> Self {
+        self.query.extend(query);
+        self
     }
 }
 
@@ -458,38 +451,40 @@ fn request(cmd: &Command) -> anyhow::Result<Req> {
     use Command as C;
     Ok(match cmd {
         C::Accounts(AccountCmd::Create { id, name }) => req(
-            "POST",
+            Method::POST,
             "/v1/accounts",
             Some(json!({ "id": id, "name": name })),
         ),
-        C::Accounts(AccountCmd::List) => req("GET", "/v1/accounts", None),
-        C::Accounts(AccountCmd::Token { id }) => {
-            req("POST", format!("/v1/accounts/{id}/tokens"), Some(json!({})))
-        }
+        C::Accounts(AccountCmd::List) => req(Method::GET, "/v1/accounts", None),
+        C::Accounts(AccountCmd::Token { id }) => req(
+            Method::POST,
+            format!("/v1/accounts/{id}/tokens"),
+            Some(json!({})),
+        ),
         C::Networks(n) => match n {
             NetworkCmd::Create { name, owner, cidrs } => req(
-                "POST",
+                Method::POST,
                 "/v1/networks",
                 Some(json!({ "name": name, "owner": owner, "cidrs": cidrs })),
             ),
-            NetworkCmd::List => req("GET", "/v1/networks", None),
-            NetworkCmd::Get { id } => req("GET", format!("/v1/networks/{id}"), None),
-            NetworkCmd::Delete { id } => req("DELETE", format!("/v1/networks/{id}"), None),
+            NetworkCmd::List => req(Method::GET, "/v1/networks", None),
+            NetworkCmd::Get { id } => req(Method::GET, format!("/v1/networks/{id}"), None),
+            NetworkCmd::Delete { id } => req(Method::DELETE, format!("/v1/networks/{id}"), None),
             NetworkCmd::CreateSubnet {
                 network,
                 name,
                 cidr,
                 ipv6_cidr,
             } => req(
-                "POST",
+                Method::POST,
                 format!("/v1/networks/{network}/subnets"),
                 Some(json!({ "name": name, "cidr": cidr, "ipv6_cidr": ipv6_cidr })),
             ),
             NetworkCmd::Subnets { network } => {
-                req("GET", format!("/v1/networks/{network}/subnets"), None)
+                req(Method::GET, format!("/v1/networks/{network}/subnets"), None)
             }
             NetworkCmd::DeleteSubnet { network, subnet } => req(
-                "DELETE",
+                Method::DELETE,
                 format!("/v1/networks/{network}/subnets/{subnet}"),
                 None,
             ),
@@ -506,7 +501,7 @@ fn request(cmd: &Command) -> anyhow::Result<Req> {
                 private_dns_name,
                 answer_ping,
             } => req(
-                "POST",
+                Method::POST,
                 "/v1/services",
                 Some(
                     json!({ "name": name, "network_id": network, "service_type": service_type, "backends": backends,
@@ -514,8 +509,8 @@ fn request(cmd: &Command) -> anyhow::Result<Req> {
                              "private_dns_name": private_dns_name, "answer_ping": answer_ping }),
                 ),
             ),
-            ServiceCmd::List(l) => req("GET", format!("/v1/services{}", l.query()), None),
-            ServiceCmd::Get { id } => req("GET", format!("/v1/services/{id}"), None),
+            ServiceCmd::List(l) => req(Method::GET, "/v1/services", None).with_query(l.query()),
+            ServiceCmd::Get { id } => req(Method::GET, format!("/v1/services/{id}"), None),
             ServiceCmd::Update {
                 id,
                 name,
@@ -534,47 +529,49 @@ fn request(cmd: &Command) -> anyhow::Result<Req> {
                 if let Some(n) = private_dns_name {
                     b["private_dns_name"] = json!(n);
                 }
-                req("PATCH", format!("/v1/services/{id}"), Some(b))
+                req(Method::PATCH, format!("/v1/services/{id}"), Some(b))
             }
-            ServiceCmd::Delete { id } => req("DELETE", format!("/v1/services/{id}"), None),
+            ServiceCmd::Delete { id } => req(Method::DELETE, format!("/v1/services/{id}"), None),
             ServiceCmd::Backends { id, backends } => req(
-                "PUT",
+                Method::PUT,
                 format!("/v1/services/{id}/backends"),
                 Some(json!({ "backends": backends })),
             ),
             ServiceCmd::AddMappings { id, maps } => req(
-                "POST",
+                Method::POST,
                 format!("/v1/services/{id}/port-mappings"),
                 Some(json!({ "port_mappings": mappings(maps)? })),
             ),
             ServiceCmd::Allowlist { id } => {
-                req("GET", format!("/v1/services/{id}/allowlist"), None)
+                req(Method::GET, format!("/v1/services/{id}/allowlist"), None)
             }
             ServiceCmd::Allow {
                 id,
                 account,
                 description,
             } => req(
-                "POST",
+                Method::POST,
                 format!("/v1/services/{id}/allowlist"),
                 Some(json!({ "account_id": account, "description": description })),
             ),
             ServiceCmd::Disallow { id, account } => req(
-                "DELETE",
+                Method::DELETE,
                 format!("/v1/services/{id}/allowlist/{account}"),
                 None,
             ),
-            ServiceCmd::Verify { id } => req("GET", format!("/v1/services/{id}/verify"), None),
+            ServiceCmd::Verify { id } => {
+                req(Method::GET, format!("/v1/services/{id}/verify"), None)
+            }
             ServiceCmd::Connections { id } => {
-                req("GET", format!("/v1/services/{id}/endpoints"), None)
+                req(Method::GET, format!("/v1/services/{id}/endpoints"), None)
             }
             ServiceCmd::Accept { id, endpoints } => req(
-                "POST",
+                Method::POST,
                 format!("/v1/services/{id}/accept"),
                 Some(json!({ "endpoint_ids": endpoints })),
             ),
             ServiceCmd::Reject { id, endpoints } => req(
-                "POST",
+                Method::POST,
                 format!("/v1/services/{id}/reject"),
                 Some(json!({ "endpoint_ids": endpoints })),
             ),
@@ -603,10 +600,10 @@ fn request(cmd: &Command) -> anyhow::Result<Req> {
                         b[k] = json!(v);
                     }
                 }
-                req("POST", "/v1/endpoints", Some(b))
+                req(Method::POST, "/v1/endpoints", Some(b))
             }
-            EndpointCmd::List(l) => req("GET", format!("/v1/endpoints{}", l.query()), None),
-            EndpointCmd::Get { id } => req("GET", format!("/v1/endpoints/{id}"), None),
+            EndpointCmd::List(l) => req(Method::GET, "/v1/endpoints", None).with_query(l.query()),
+            EndpointCmd::Get { id } => req(Method::GET, format!("/v1/endpoints/{id}"), None),
             EndpointCmd::Update {
                 id,
                 name,
@@ -617,25 +614,25 @@ fn request(cmd: &Command) -> anyhow::Result<Req> {
                 if let Some(on) = private_dns {
                     b["private_dns_enabled"] = json!(on);
                 }
-                req("PATCH", format!("/v1/endpoints/{id}"), Some(b))
+                req(Method::PATCH, format!("/v1/endpoints/{id}"), Some(b))
             }
-            EndpointCmd::Delete { id } => req("DELETE", format!("/v1/endpoints/{id}"), None),
+            EndpointCmd::Delete { id } => req(Method::DELETE, format!("/v1/endpoints/{id}"), None),
             EndpointCmd::Bind {
                 id,
                 group,
                 priority,
             } => req(
-                "POST",
+                Method::POST,
                 format!("/v1/endpoints/{id}/security-groups"),
                 Some(json!({ "security_group_id": group, "priority": priority })),
             ),
             EndpointCmd::Unbind { id, group } => req(
-                "DELETE",
+                Method::DELETE,
                 format!("/v1/endpoints/{id}/security-groups/{group}"),
                 None,
             ),
             EndpointCmd::Order { id, bindings: b } => req(
-                "PUT",
+                Method::PUT,
                 format!("/v1/endpoints/{id}/security-groups"),
                 Some(json!({ "security_groups": bindings(b)? })),
             ),
@@ -646,26 +643,28 @@ fn request(cmd: &Command) -> anyhow::Result<Req> {
                 rules: r,
                 tags: t,
             } => req(
-                "POST",
+                Method::POST,
                 "/v1/security-groups",
                 Some(json!({ "name": name, "rules": rules(r)?, "tags": tags(t)? })),
             ),
-            GroupCmd::List(l) => req("GET", format!("/v1/security-groups{}", l.query()), None),
-            GroupCmd::Get { id } => req("GET", format!("/v1/security-groups/{id}"), None),
+            GroupCmd::List(l) => {
+                req(Method::GET, "/v1/security-groups", None).with_query(l.query())
+            }
+            GroupCmd::Get { id } => req(Method::GET, format!("/v1/security-groups/{id}"), None),
             GroupCmd::Rules { id, rules: r } => req(
-                "PUT",
+                Method::PUT,
                 format!("/v1/security-groups/{id}/rules"),
                 Some(json!({ "rules": rules(r)? })),
             ),
-            GroupCmd::Delete { id } => req("DELETE", format!("/v1/security-groups/{id}"), None),
+            GroupCmd::Delete { id } => {
+                req(Method::DELETE, format!("/v1/security-groups/{id}"), None)
+            }
         },
-        C::Export { kind, list } => {
-            let q = list.query();
-            let sep = if q.is_empty() { "?" } else { "&" };
-            req("GET", format!("/v1/export.csv{q}{sep}kind={kind}"), None)
-        }
-        C::Revision => req("GET", "/v1/revision", None),
-        C::Nodes => req("GET", "/v1/nodes", None),
+        C::Export { kind, list } => req(Method::GET, "/v1/export.csv", None)
+            .with_query(list.query())
+            .with_query(vec![("kind", kind.clone())]),
+        C::Revision => req(Method::GET, "/v1/revision", None),
+        C::Nodes => req(Method::GET, "/v1/nodes", None),
         C::Metrics {
             kind,
             id,
@@ -673,14 +672,17 @@ fn request(cmd: &Command) -> anyhow::Result<Req> {
             granularity,
             compare_to,
         } => {
-            let mut q = format!("period={}", encode(period));
-            if let Some(g) = granularity {
-                q += &format!("&granularity={}", encode(g));
-            }
-            if let Some(c) = compare_to {
-                q += &format!("&compare_to={}", encode(c));
-            }
-            req("GET", format!("/v1/history/{kind}/{id}?{q}"), None)
+            let query = [
+                ("period", Some(period.clone())),
+                ("granularity", granularity.clone()),
+                ("compare_to", compare_to.clone()),
+            ];
+            req(Method::GET, format!("/v1/history/{kind}/{id}"), None).with_query(
+                query
+                    .into_iter()
+                    .filter_map(|(k, v)| Some((k, v?)))
+                    .collect(),
+            )
         }
     })
 }
@@ -726,6 +728,36 @@ fn cell(v: &Value) -> String {
     }
 }
 
+/// Widest a table column gets before its cells wrap.
+const MAX_COLUMN: u16 = 60;
+
+/// A borderless table: upper-case headers, columns two spaces apart, widths by display width
+/// (CJK text takes two columns a character), long cells wrapped at [`MAX_COLUMN`].
+fn table(cols: &[&String], rows: &[&serde_json::Map<String, Value>]) -> String {
+    use comfy_table::{ColumnConstraint, ContentArrangement, Table, Width, presets::NOTHING};
+    let mut t = Table::new();
+    t.load_style(NOTHING)
+        .set_content_arrangement(ContentArrangement::Dynamic)
+        .set_width(u16::MAX)
+        .set_header(cols.iter().map(|c| c.to_uppercase()));
+    for r in rows {
+        t.add_row(cols.iter().map(|c| cell(r.get(*c).unwrap_or(&Value::Null))));
+    }
+    for c in t.column_iter_mut() {
+        c.set_padding((0, 2));
+        c.set_constraint(ColumnConstraint::UpperBoundary(Width::Fixed(
+            MAX_COLUMN + 2,
+        )));
+    }
+    let mut text: String = t
+        .lines()
+        .map(|l| l.trim_end().to_string())
+        .collect::<Vec<_>>()
+        .join("\n");
+    text.push('\n');
+    text
+}
+
 fn render(v: &Value, output: Output, out: &mut dyn Write) -> anyhow::Result<()> {
     match output {
         Output::Json => writeln!(out, "{}", serde_json::to_string_pretty(v)?)?,
@@ -750,40 +782,7 @@ fn render(v: &Value, output: Output, out: &mut dyn Write) -> anyhow::Result<()> 
                 }
                 out.write_all(&w.into_inner().map_err(|e| anyhow::anyhow!("{e}"))?)?;
             } else {
-                let cells: Vec<Vec<String>> = rows
-                    .iter()
-                    .map(|r| cols.iter().map(|c| get(r, c)).collect())
-                    .collect();
-                let widths: Vec<usize> = cols
-                    .iter()
-                    .enumerate()
-                    .map(|(i, c)| {
-                        cells
-                            .iter()
-                            .map(|r| r[i].chars().count())
-                            .chain([c.len()])
-                            .max()
-                            .unwrap_or(0)
-                            .min(60)
-                    })
-                    .collect();
-                let line = |vals: Vec<String>| {
-                    vals.iter()
-                        .zip(&widths)
-                        .map(|(v, w)| format!("{v:<w$}"))
-                        .collect::<Vec<_>>()
-                        .join("  ")
-                        .trim_end()
-                        .to_string()
-                };
-                writeln!(
-                    out,
-                    "{}",
-                    line(cols.iter().map(|c| c.to_uppercase()).collect())
-                )?;
-                for r in cells {
-                    writeln!(out, "{}", line(r))?;
-                }
+                out.write_all(table(&cols, &rows).as_bytes())?;
                 if let Some(total) = v.get("total") {
                     writeln!(out, "({} of {total}, page {})", rows.len(), v["page"])?;
                 }
@@ -829,7 +828,7 @@ fn execute(cli: &Cli, out: &mut dyn Write) -> anyhow::Result<i32> {
     // History as CSV comes from the server, with the comparison side by side.
     let history_csv = matches!(cli.command, Command::Metrics { .. }) && cli.output == Output::Csv;
     if history_csv {
-        r.path += "&format=csv";
+        r.query.push(("format", "csv".into()));
     }
     let agent: ureq::Agent = ureq::Agent::config_builder()
         .http_status_as_error(false)
@@ -837,20 +836,26 @@ fn execute(cli: &Cli, out: &mut dyn Write) -> anyhow::Result<i32> {
         .into();
     let url = format!("{}{}", server.trim_end_matches('/'), r.path);
     let auth = format!("Bearer {token}");
-    let resp = match (r.method, r.body) {
-        ("GET", _) => agent.get(&url).header("Authorization", &auth).call(),
-        ("DELETE", _) => agent.delete(&url).header("Authorization", &auth).call(),
-        (m, b) => {
-            let b = b.unwrap_or(json!({})).to_string();
-            let rb = match m {
-                "POST" => agent.post(&url),
-                "PUT" => agent.put(&url),
-                _ => agent.patch(&url),
-            };
-            rb.header("Authorization", &auth)
-                .header("Content-Type", "application/json")
-                .send(b)
-        }
+    let query = r.query.iter().map(|(k, v)| (*k, v.as_str()));
+    let resp = if r.method == Method::GET || r.method == Method::DELETE {
+        let rb = if r.method == Method::GET {
+            agent.get(&url)
+        } else {
+            agent.delete(&url)
+        };
+        rb.query_pairs(query).header("Authorization", &auth).call()
+    } else {
+        let rb = if r.method == Method::POST {
+            agent.post(&url)
+        } else if r.method == Method::PUT {
+            agent.put(&url)
+        } else {
+            agent.patch(&url)
+        };
+        rb.query_pairs(query)
+            .header("Authorization", &auth)
+            .header("Content-Type", "application/json")
+            .send(r.body.unwrap_or(json!({})).to_string())
     };
     let mut resp = resp.map_err(|e| anyhow::anyhow!("{server}: {e}"))?;
     let status = resp.status().as_u16();
@@ -874,4 +879,49 @@ fn execute(cli: &Cli, out: &mut dyn Write) -> anyhow::Result<i32> {
         render(&serde_json::from_str(&text)?, cli.output, out)?;
     }
     Ok(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn width(s: &str) -> usize {
+        // What a terminal shows: CJK characters take two columns.
+        s.chars()
+            .map(|c| {
+                if ('\u{4e00}'..='\u{9fff}').contains(&c) {
+                    2
+                } else {
+                    1
+                }
+            })
+            .sum()
+    }
+
+    #[test]
+    fn tables_align_by_display_width_and_wrap_long_cells() {
+        let v = json!({ "items": [
+            { "id": "ep-1", "name": "订单数据库", "state": "Available" },
+            { "id": "ep-22", "name": "db", "state": "Pending", "description": "x".repeat(150) },
+        ]});
+        let mut out = Vec::new();
+        render(&v, Output::Table, &mut out).unwrap();
+        let text = String::from_utf8(out).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert!(lines[0].starts_with("ID"), "{text}");
+        // The STATE column starts at the same display column in the header and both rows.
+        let at = |l: &str, word: &str| width(&l[..l.find(word).unwrap()]);
+        let col = at(lines[0], "STATE");
+        assert_eq!(at(lines[1], "Available"), col, "{text}");
+        assert_eq!(at(lines[2], "Pending"), col, "{text}");
+        // The 150-character description wraps within its column instead of making one long line.
+        assert!(
+            lines.iter().all(|l| width(l) < 150),
+            "a line as long as the cell:\n{text}"
+        );
+        assert!(
+            text.matches('x').count() == 150,
+            "nothing of the cell is lost:\n{text}"
+        );
+    }
 }
