@@ -136,7 +136,15 @@ fn main() -> Result<()> {
             overrides,
         } => {
             let checked = privatelink_agent::node::config::load_with(&config, &overrides)?;
-            privatelink_agent::node::runtime::run(checked, detach_on_exit)
+            use privatelink_agent::node::runtime::{OnExit, run};
+            run(
+                checked,
+                if detach_on_exit {
+                    OnExit::Detach
+                } else {
+                    OnExit::KeepForwarding
+                },
+            )
         }
         Command::Detach { bpffs } => {
             if !bpffs.exists() {

@@ -362,8 +362,8 @@ pub struct Checked {
     pub wanted: Vec<WantedIface>,
     pub sizes: Sizes,
     pub admin_token: String,
-    /// Interface name → whether generic mode was asked for.
-    pub attach: BTreeMap<String, bool>,
+    /// Interface name → the XDP mode asked for.
+    pub attach: BTreeMap<String, XdpModeConfig>,
 }
 
 /// The wanted interfaces that exist now, with their index and MAC, and the names of those that do
@@ -570,10 +570,9 @@ fn check(raw: AgentConfig) -> Result<Checked, ConfigError> {
                 format!("{} VLAN {} is listed twice", c.name, c.vlan),
             ));
         }
-        let generic = c.mode == XdpModeConfig::Generic;
         if attach
-            .insert(c.name.clone(), generic)
-            .is_some_and(|g| g != generic)
+            .insert(c.name.clone(), c.mode)
+            .is_some_and(|m| m != c.mode)
         {
             return Err(err(
                 key("mode"),

@@ -81,13 +81,6 @@ impl std::fmt::Debug for NodeCollector {
     }
 }
 
-/// CLOCK_MONOTONIC in ns: the clock conntrack timestamps are taken on (the coarse variant).
-pub fn monotonic_ns() -> u64 {
-    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
-        .map(|t| t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64)
-        .unwrap_or(0)
-}
-
 /// A family of const metrics: (labels, value) rows under one descriptor. The descriptor is written
 /// even without rows, so every family is declared (a link's drop series appear with its first drop).
 fn family<M: EncodeMetric>(
@@ -128,7 +121,7 @@ impl Collector for NodeCollector {
         let state = src.plane.snapshot();
         let node = src.node.clone();
         let flows = src.reader.flow_views();
-        let now = monotonic_ns();
+        let now = crate::datapath::sweep::monotonic_ns();
         let mut active_by_link: BTreeMap<u32, i64> = BTreeMap::new();
         // (provider network, IPv6) → reply entries: one per NAT (address, port) pair in use.
         let mut nat_used: BTreeMap<(u32, bool), i64> = BTreeMap::new();
@@ -587,6 +580,51 @@ pub fn to_prometheus_text(openmetrics: &str) -> String {
         out.push('\n');
     }
     out
+}
+
+/// Serves `/metrics` (a scrape reads the maps, so it runs on the blocking pool).
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    registry: Arc<prometheus_client::registry::Registry>,
+) -> std::io::Result<()> {
+    use axum::{http::header, response::IntoResponse, routing::get};
+    let app = axum::Router::new().route(
+        "/metrics",
+        get(move |headers: axum::http::HeaderMap| {
+            let registry = registry.clone();
+            // Prometheus asks for OpenMetrics; everything else (curl, promtool) gets the classic text.
+            let openmetrics = headers
+                .get(header::ACCEPT)
+                .and_then(|v| v.to_str().ok())
+                .is_some_and(|v| v.contains("application/openmetrics-text"));
+            async move {
+                match tokio::task::spawn_blocking(move || render(&registry)).await {
+                    Ok(Ok(text)) if openmetrics => (
+                        [(
+                            header::CONTENT_TYPE,
+                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                        )],
+                        text,
+                    )
+                        .into_response(),
+                    Ok(Ok(text)) => (
+                        [(
+                            header::CONTENT_TYPE,
+                            "text/plain; version=0.0.4; charset=utf-8",
+                        )],
+                        to_prometheus_text(&text),
+                    )
+                        .into_response(),
+                    _ => (
+                        axum::http::StatusCode::INTERNAL_SERVER_ERROR,
+                        "encoding the metrics failed",
+                    )
+                        .into_response(),
+                }
+            }
+        }),
+    );
+    axum::serve(listener, app).await
 }
 
 #[cfg(test)]

@@ -8,6 +8,7 @@ pub mod config;
 pub mod dns;
 pub mod health;
 pub mod history;
+pub mod interfaces;
 pub mod local;
 pub mod metrics;
 pub mod netwatch;

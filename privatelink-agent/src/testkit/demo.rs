@@ -486,7 +486,7 @@ pub fn run(once: bool) -> Result<Report> {
     });
     let agent = topo
         .node
-        .spawn(move || crate::node::runtime::run(checked, true));
+        .spawn(move || crate::node::runtime::run(checked, crate::node::runtime::OnExit::Detach));
     let outcome = drive(&topo, &tokens, &vpcs, &agent, once, &mut report);
     // Stop the agent unless it should keep serving (it detaches: pins and programs go away); also
     // after a failure, so the demo never leaves anything behind.
