@@ -926,24 +926,37 @@ fn real_clients_reach_real_servers_through_ipv6_and_dual_stack_endpoints() {
     // NAT usage per family's range: every flow holds one (address, port) pair of its family's
     // range, so the two rows add up to the flows in conntrack (one scrape, one reading), and each
     // holds at least the two consumers' UDP flows of its family (live for the 60 s UDP timeout).
-    let text = node_get(&w.topo, "http://127.0.0.1:9464/metrics").expect("scrape /metrics");
+    // The figures come from the periodic conntrack scan: wait (bounded) for one that has seen
+    // the flows.
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    let (text, used4, used6) = loop {
+        let text = node_get(&w.topo, "http://127.0.0.1:9464/metrics").expect("scrape /metrics");
+        let nat = |m: &str, range: String| {
+            sample(&text, m, &[("range", range.as_str())])
+                .unwrap_or_else(|| panic!("{m} for {range} missing:\n{text}"))
+        };
+        let (used4, used6) = (
+            nat("privatelink_nat_ports_used", nat4.to_string()),
+            nat("privatelink_nat_ports_used", nat6.to_string()),
+        );
+        if used4 >= 2.0 && used6 >= 2.0 {
+            break (text, used4, used6);
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "used {used4} IPv4, {used6} IPv6"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
     let nat = |m: &str, range: String| {
         sample(&text, m, &[("range", range.as_str())])
             .unwrap_or_else(|| panic!("{m} for {range} missing:\n{text}"))
     };
-    let (used4, used6) = (
-        nat("privatelink_nat_ports_used", nat4.to_string()),
-        nat("privatelink_nat_ports_used", nat6.to_string()),
-    );
     let entries = sample(&text, "privatelink_conntrack_entries", &[]).expect("conntrack entries");
     assert_eq!(
         used4 + used6,
         entries / 2.0,
         "one NAT pair per flow:\n{text}"
-    );
-    assert!(
-        used4 >= 2.0 && used6 >= 2.0,
-        "used {used4} IPv4, {used6} IPv6"
     );
     assert_eq!(
         nat("privatelink_nat_ports_available", nat6.to_string()),

@@ -650,7 +650,21 @@ fn metrics_count_traffic_exactly_and_prometheus_scrapes_them() {
         1.0,
         "one UDP flow"
     );
-    assert_eq!(get("privatelink_link_active_connections", &[]), 1.0);
+    // Live connections come from the periodic conntrack scan (every second here): the flow
+    // shows once a scan has seen it.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let text = node_get(&w.topo, "http://127.0.0.1:9464/metrics").expect("scrape");
+        let active = sample(&text, "privatelink_link_active_connections", &base);
+        if active == Some(1.0) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "one live connection expected, the scan says {active:?}:\n{text}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
     // The running agent's history holds the same traffic (sampled, summed into 10 s buckets).
     let (fwd, rev) = (
         get(

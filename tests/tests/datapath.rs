@@ -1246,10 +1246,11 @@ fn a_full_conntrack_refuses_new_flows_keeps_established_ones_and_recovers() {
         }
         // Flows end (time out); the sweep frees their entries, and new flows get in.
         std::thread::sleep(std::time::Duration::from_millis(1300));
-        let swept = h.plane.sweep_expired(
-            privatelink_agent::datapath::sweep::monotonic_ns(),
-            &m.config,
-        );
+        let (_, swept) = h
+            .plane
+            .stats_reader()
+            .expect("reader")
+            .scan(privatelink_agent::datapath::scan::monotonic_ns(), &m.config);
         assert_eq!(swept, 64, "both entries of every flow");
         let r = h.run(h.c0, &dgram(h, 40_000));
         assert_eq!(r.verdict, XDP_REDIRECT, "room again after the sweep");
@@ -1263,7 +1264,7 @@ fn flow_times_follow_the_clock_and_idle_flows_expire_in_the_datapath() {
     }
     // The datapath reads the coarse clock once per tick and CPU and reuses it in between: the
     // times it writes must still be the clock's (within a tick), and move on as it does.
-    let clock = privatelink_agent::datapath::sweep::monotonic_ns;
+    let clock = privatelink_agent::datapath::scan::monotonic_ns;
     let tick_slack = 50_000_000; // coarse time lags the precise clock by at most a tick
     privatelink_tests::fixture::with_harness(
         "flow_times_follow_the_clock_and_idle_flows_expire_in_the_datapath",

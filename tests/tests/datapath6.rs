@@ -800,10 +800,11 @@ fn a_full_ipv6_conntrack_refuses_new_flows_keeps_established_ones_and_recovers()
         // IPv4 has its own table: still room there.
         assert_eq!(h.run(h.c0, &h.consumer_syn(40_001)).verdict, XDP_REDIRECT);
         std::thread::sleep(std::time::Duration::from_millis(1300));
-        let swept = h.plane.sweep_expired(
-            privatelink_agent::datapath::sweep::monotonic_ns(),
-            &m.config,
-        );
+        let (_, swept) = h
+            .plane
+            .stats_reader()
+            .expect("reader")
+            .scan(privatelink_agent::datapath::scan::monotonic_ns(), &m.config);
         assert_eq!(
             swept, 64,
             "both entries of every IPv6 flow (the IPv4 SYN lives on)"

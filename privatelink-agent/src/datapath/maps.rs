@@ -748,12 +748,6 @@ impl Dataplane {
         }
     }
 
-    /// Removes the conntrack entries that expired by `now` (monotonic ns), both of each flow: the
-    /// table refuses new flows when full, so ended flows must leave it. Returns how many entries.
-    pub fn sweep_expired(&mut self, now: u64, cfg: &privatelink_common::DatapathConfig) -> usize {
-        sweep(&mut self.ct4, now, cfg) + sweep(&mut self.ct6, now, cfg)
-    }
-
     /// Deletes every conntrack entry of the given links. Returns how many.
     pub fn cut_flows(&mut self, links: &BTreeSet<u32>) -> Result<usize, DataplaneError> {
         Ok(
@@ -1109,19 +1103,38 @@ where
     keys.len()
 }
 
-/// Removes the expired entries of a conntrack map (see [`Dataplane::sweep_expired`]).
-fn sweep<A>(
+/// One read of a conntrack table: expired entries removed, the rest's views appended to `views`.
+/// Returns how many were removed.
+fn scan_table<A>(
     ct: &mut HashMap<MapData, FlowKey<A>, Flow<A>>,
     now: u64,
-    cfg: &privatelink_common::DatapathConfig,
+    cfg: &DatapathConfig,
+    ipv6: bool,
+    views: &mut Vec<FlowView>,
 ) -> usize
 where
     FlowKey<A>: aya::Pod,
     Flow<A>: aya::Pod,
 {
-    remove_where(ct, |k, f| {
-        now.saturating_sub(f.last_seen_ns) > cfg.timeout_for(k.proto, f.tcp_state)
-    })
+    let mut removed = 0;
+    for (k, f) in super::batch::entries(ct) {
+        if now.saturating_sub(f.last_seen_ns) > cfg.timeout_for(k.proto, f.tcp_state) {
+            // Already gone (the datapath met it first) is fine.
+            let _ = ct.remove(&k);
+            removed += 1;
+        } else {
+            views.push(FlowView {
+                ipv6,
+                network_id: k.network_id,
+                proto: k.proto,
+                link_id: f.link_id,
+                dir: f.dir,
+                tcp_state: f.tcp_state,
+                last_seen_ns: f.last_seen_ns,
+            });
+        }
+    }
+    removed
 }
 
 /// The rule-list slots (of the family `slot` picks) that links point at; 0 is "no groups".
@@ -1224,12 +1237,6 @@ where
 }
 
 impl StatsReader {
-    /// The same sweep through this handle, so it can run on a thread of its own (a large table is
-    /// walked one entry per syscall pair, which must not delay syncs).
-    pub fn sweep_expired(&mut self, now: u64, cfg: &privatelink_common::DatapathConfig) -> usize {
-        sweep(&mut self.ct4, now, cfg) + sweep(&mut self.ct6, now, cfg)
-    }
-
     /// Flow-cache (hits, fills) summed over CPUs (zeroes if unreadable).
     pub fn flow_cache(&self) -> (u64, u64) {
         flow_cache_sums(&self.flow_cache_stats).unwrap_or_default()
@@ -1260,6 +1267,15 @@ impl StatsReader {
     /// Every IPv6 conntrack entry.
     pub fn flows6(&self) -> Vec<(FlowKey6, Flow6)> {
         super::batch::entries(&self.ct6)
+    }
+
+    /// One pass over both conntrack tables at `now`: the expired entries it meets are removed
+    /// (`cfg`'s timeouts), the others returned as the counters see them, with how many went.
+    pub fn scan(&mut self, now: u64, cfg: &DatapathConfig) -> (Vec<FlowView>, usize) {
+        let mut views = Vec::new();
+        let removed = scan_table(&mut self.ct4, now, cfg, false, &mut views)
+            + scan_table(&mut self.ct6, now, cfg, true, &mut views);
+        (views, removed)
     }
 
     /// Every conntrack entry of both families, as the counters see them.

@@ -10,7 +10,7 @@ pub mod maps;
 pub mod model;
 pub mod object;
 pub mod pins;
-pub mod sweep;
+pub mod scan;
 
 pub use compile::{CompileError, MapState, compile};
 pub use maps::{Dataplane, DataplaneError, FlowView, StatsReader};

@@ -8,10 +8,7 @@ use std::{
     sync::{Arc, Mutex},
 };
 
-use privatelink_common::{
-    CT_ESTABLISHED, CT_SYN_SENT, DIR_FORWARD, DIR_REPLY, DatapathConfig, OUTCOME_NAMES, PROTO_UDP,
-    is_drop,
-};
+use privatelink_common::{OUTCOME_NAMES, is_drop};
 use prometheus_client::{
     collector::Collector,
     encoding::{DescriptorEncoder, EncodeMetric},
@@ -69,6 +66,8 @@ pub struct Sources {
     pub plane: Arc<ControlPlane>,
     pub config: NodeConfig,
     pub agent: Arc<AgentMetrics>,
+    /// The latest conntrack scan.
+    pub conntrack: crate::datapath::scan::Latest,
 }
 
 struct NodeCollector {
@@ -105,34 +104,15 @@ fn gauge(v: i64) -> ConstGauge<i64> {
     ConstGauge::new(v)
 }
 
-/// Whether a forward entry is a live connection as the console counts them: TCP in SYN or
-/// ESTABLISHED, UDP until its timeout.
-pub(crate) fn active(f: &crate::datapath::FlowView, now: u64, cfg: &DatapathConfig) -> bool {
-    let proto = f.proto;
-    let counted = proto == PROTO_UDP || matches!(f.tcp_state, CT_SYN_SENT | CT_ESTABLISHED);
-    f.dir == DIR_FORWARD
-        && counted
-        && now.saturating_sub(f.last_seen_ns) <= cfg.timeout_for(proto, f.tcp_state)
-}
-
 impl Collector for NodeCollector {
     fn encode(&self, mut enc: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let src = self.sources.lock().unwrap_or_else(|p| p.into_inner());
         let state = src.plane.snapshot();
         let node = src.node.clone();
-        let flows = src.reader.flow_views();
-        let now = crate::datapath::sweep::monotonic_ns();
-        let mut active_by_link: BTreeMap<u32, i64> = BTreeMap::new();
-        // (provider network, IPv6) → reply entries: one per NAT (address, port) pair in use.
-        let mut nat_used: BTreeMap<(u32, bool), i64> = BTreeMap::new();
-        for f in &flows {
-            if active(f, now, &src.config.datapath) {
-                *active_by_link.entry(f.link_id).or_default() += 1;
-            }
-            if f.dir == DIR_REPLY {
-                *nat_used.entry((f.network_id, f.ipv6)).or_default() += 1;
-            }
-        }
+        // Conntrack as of the last scan (one read per period, shared with history and the sweep).
+        let ct = src.conntrack.get();
+        let active_by_link = &ct.active_by_link;
+        let nat_used = &ct.nat_used;
         let drops = src.reader.drops();
 
         // Per link and per service.
@@ -172,7 +152,7 @@ impl Collector for NodeCollector {
             packets.push((with("direction", "reply"), counter(s.rev_packets)));
             conns.push((labels.clone(), counter(s.new_conns)));
             resets.push((labels.clone(), counter(s.tcp_resets)));
-            let a = active_by_link.get(&ep.link_id).copied().unwrap_or(0);
+            let a = active_by_link.get(&ep.link_id).map_or(0, |&n| n as i64);
             act.push((labels.clone(), gauge(a)));
             for ((_, reason), n) in drops.range((ep.link_id, 0)..=(ep.link_id, u32::MAX)) {
                 drop_rows.push((
@@ -388,7 +368,27 @@ impl Collector for NodeCollector {
             "privatelink_conntrack_entries",
             "Conntrack entries (two per flow)",
             MetricType::Gauge,
-            vec![(n.clone(), gauge(flows.len() as i64))],
+            vec![(n.clone(), gauge(ct.entries as i64))],
+        )?;
+        family(
+            &mut enc,
+            "privatelink_conntrack_scan_age_seconds",
+            "Seconds since the conntrack scan the entry, connection and NAT figures come from",
+            MetricType::Gauge,
+            vec![(
+                n.clone(),
+                gauge(
+                    (crate::datapath::scan::monotonic_ns().saturating_sub(ct.scanned_at_ns)
+                        / 1_000_000_000) as i64,
+                ),
+            )],
+        )?;
+        family(
+            &mut enc,
+            "privatelink_conntrack_expired_removed",
+            "Expired conntrack entries the last scan removed",
+            MetricType::Gauge,
+            vec![(n.clone(), gauge(ct.removed as i64))],
         )?;
         family(
             &mut enc,
@@ -422,7 +422,7 @@ impl Collector for NodeCollector {
                     ("range", prefix),
                     ("node", node.clone()),
                 ];
-                let in_use = nat_used.get(&(net.number, ipv6)).copied().unwrap_or(0);
+                let in_use = nat_used.get(&(net.number, ipv6)).map_or(0, |&n| n as i64);
                 used.push((l.clone(), gauge(in_use)));
                 // At most 2^32 addresses (an IPv6 range is at most a /96).
                 avail.push((l, gauge((1i64 << host_bits.min(32)) * ports)));

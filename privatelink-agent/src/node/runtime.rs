@@ -17,7 +17,12 @@ use crate::{
     control::{
         api, etcd::EtcdConfig, follow::follow_store, plane::ControlPlane, store::NodeReport,
     },
-    datapath::{Dataplane, StatsReader, loader::Datapath, pins::Pins, sweep::Sweeper},
+    datapath::{
+        Dataplane, StatsReader,
+        loader::Datapath,
+        pins::Pins,
+        scan::{Latest, Scanner},
+    },
     node::{
         config::{Checked, DnsConfig},
         dns::Dns,
@@ -104,6 +109,8 @@ pub struct Node {
     /// The revision last reported (-1: none, or the last report failed).
     reported: Arc<AtomicI64>,
     dns: Option<Dns>,
+    /// The latest conntrack scan (metrics and history read it).
+    conntrack: Latest,
 }
 
 impl Node {
@@ -164,6 +171,7 @@ impl Node {
             history_reader,
             reported: Arc::new(AtomicI64::new(-1)),
             dns: None,
+            conntrack: Latest::default(),
         };
         node.refresh_interfaces();
         node.reconcile(SyncKind::Changes);
@@ -308,16 +316,11 @@ impl Node {
 
     /// Records one history sample: every endpoint's counters, and each service's sums.
     fn sample_history(&self) {
-        let (plane, reader, history, cfg) =
-            (&self.plane, &self.history_reader, &self.history, &self.node);
+        let (plane, reader, history) = (&self.plane, &self.history_reader, &self.history);
         let state = plane.snapshot();
-        let now_mono = crate::datapath::sweep::monotonic_ns();
-        let mut active: BTreeMap<u32, u64> = BTreeMap::new();
-        for f in reader.flow_views() {
-            if crate::node::metrics::active(&f, now_mono, &cfg.datapath) {
-                *active.entry(f.link_id).or_default() += 1;
-            }
-        }
+        // Live connections as of the last conntrack scan.
+        let scan = self.conntrack.get();
+        let active = &scan.active_by_link;
         let mut drops: BTreeMap<u32, u64> = BTreeMap::new();
         for ((link, _), n) in reader.drops() {
             *drops.entry(link).or_default() += n;
@@ -432,6 +435,14 @@ async fn serve(mut node: Node) -> Result<Node> {
         .await
         .with_context(|| format!("metrics.listen: binding {}", s.metrics))?;
     log::info!("metrics on http://{}/metrics", s.metrics);
+    // One conntrack scan per period: it removes expired entries and feeds metrics and history.
+    let _scanner = Scanner::start(
+        node.dataplane.stats_reader()?,
+        s.sweep,
+        node.node.datapath,
+        node.conntrack.clone(),
+    )
+    .context("starting the conntrack scanner")?;
     let registry = Arc::new(crate::node::metrics::registry(
         crate::node::metrics::Sources {
             node: node.name.clone(),
@@ -439,6 +450,7 @@ async fn serve(mut node: Node) -> Result<Node> {
             plane: node.plane.clone(),
             config: node.node.clone(),
             agent: node.metrics.clone(),
+            conntrack: node.conntrack.clone(),
         },
     ));
     let health_changed = Arc::new(tokio::sync::Notify::new());
@@ -472,8 +484,6 @@ async fn serve(mut node: Node) -> Result<Node> {
         }
     })
     .context("subscribing to link, route and neighbour events")?;
-    let _sweeper = Sweeper::start(node.dataplane.stats_reader()?, s.sweep, node.node.datapath)
-        .context("starting the conntrack sweeper")?;
     node.dns =
         Some(Dns::new(s.dns.clone(), s.cluster.clone()).context("dns: setting up the forwarder")?);
     node.report_applied();
