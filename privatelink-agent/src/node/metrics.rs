@@ -25,6 +25,7 @@ use prometheus_client::{
 use crate::{
     control::{follow::StoreMetrics, plane::ControlPlane},
     datapath::StatsReader,
+    datapath::scan::ConntrackSummary,
     node::sync::NodeConfig,
 };
 
@@ -104,397 +105,445 @@ fn gauge(v: i64) -> ConstGauge<i64> {
     ConstGauge::new(v)
 }
 
+/// What one scrape reads, once, for every family.
+struct Scrape<'a> {
+    src: &'a Sources,
+    state: Arc<crate::control::state::State>,
+    /// Conntrack as of the last scan (one read per period, shared with history and the sweep).
+    ct: Arc<ConntrackSummary>,
+    drops: BTreeMap<(u32, u32), u64>,
+    /// `node` label alone.
+    node: Labels,
+}
+
+impl Scrape<'_> {
+    fn node_name(&self) -> String {
+        self.src.node.clone()
+    }
+}
+
+/// A link's or a service's traffic totals.
+#[derive(Clone, Copy, Default)]
+struct Traffic {
+    fwd_bytes: u64,
+    rev_bytes: u64,
+    fwd_packets: u64,
+    rev_packets: u64,
+    new_connections: u64,
+    active: i64,
+}
+
+impl Traffic {
+    fn add(&mut self, o: &Traffic) {
+        self.fwd_bytes += o.fwd_bytes;
+        self.rev_bytes += o.rev_bytes;
+        self.fwd_packets += o.fwd_packets;
+        self.rev_packets += o.rev_packets;
+        self.new_connections += o.new_connections;
+        self.active += o.active;
+    }
+}
+
+/// The rows of one labelled object's traffic families.
+#[derive(Default)]
+struct TrafficRows {
+    bytes: Vec<(Labels, ConstCounter<u64>)>,
+    packets: Vec<(Labels, ConstCounter<u64>)>,
+    connections: Vec<(Labels, ConstCounter<u64>)>,
+    active: Vec<(Labels, ConstGauge<i64>)>,
+}
+
+impl TrafficRows {
+    fn push(&mut self, labels: &Labels, t: &Traffic) {
+        let with = |d: &str| {
+            let mut l = labels.clone();
+            l.push(("direction", d.to_string()));
+            l
+        };
+        self.bytes.push((with("forward"), counter(t.fwd_bytes)));
+        self.bytes.push((with("reply"), counter(t.rev_bytes)));
+        self.packets.push((with("forward"), counter(t.fwd_packets)));
+        self.packets.push((with("reply"), counter(t.rev_packets)));
+        self.connections
+            .push((labels.clone(), counter(t.new_connections)));
+        self.active.push((labels.clone(), gauge(t.active)));
+    }
+
+    /// Encodes the four families under `prefix` (`privatelink_link`, `privatelink_service`).
+    fn encode(
+        self,
+        enc: &mut DescriptorEncoder,
+        prefix: &str,
+        help: [&str; 4],
+    ) -> Result<(), std::fmt::Error> {
+        let name = |n: &str| format!("{prefix}_{n}");
+        family(
+            enc,
+            &name("bytes"),
+            help[0],
+            MetricType::Counter,
+            self.bytes,
+        )?;
+        family(
+            enc,
+            &name("packets"),
+            help[1],
+            MetricType::Counter,
+            self.packets,
+        )?;
+        family(
+            enc,
+            &name("connections"),
+            help[2],
+            MetricType::Counter,
+            self.connections,
+        )?;
+        family(
+            enc,
+            &name("active_connections"),
+            help[3],
+            MetricType::Gauge,
+            self.active,
+        )
+    }
+}
+
+/// Per link (endpoint) and per service: traffic, resets, drops by reason.
+fn encode_traffic(enc: &mut DescriptorEncoder, s: &Scrape) -> Result<(), std::fmt::Error> {
+    let node = s.node_name();
+    let (mut links, mut resets, mut drop_rows) = (TrafficRows::default(), Vec::new(), Vec::new());
+    let mut services: BTreeMap<&str, (Labels, Traffic)> = BTreeMap::new();
+    for ep in s.state.endpoints.values() {
+        let Some(svc) = s.state.services.get(&ep.service_id) else {
+            continue;
+        };
+        let Some(c) = s.src.reader.link(ep.link_id) else {
+            continue;
+        };
+        let labels: Labels = vec![
+            ("service_id", svc.id.clone()),
+            ("service_name", svc.name.clone()),
+            ("endpoint_id", ep.id.clone()),
+            ("endpoint_name", ep.name.clone()),
+            ("consumer_account", ep.owner.clone()),
+            ("provider_account", svc.owner.clone()),
+            ("node", node.clone()),
+        ];
+        let t = Traffic {
+            fwd_bytes: c.fwd_bytes,
+            rev_bytes: c.rev_bytes,
+            fwd_packets: c.fwd_packets,
+            rev_packets: c.rev_packets,
+            new_connections: c.new_conns,
+            active: s
+                .ct
+                .active_by_link
+                .get(&ep.link_id)
+                .map_or(0, |&n| n as i64),
+        };
+        links.push(&labels, &t);
+        resets.push((labels.clone(), counter(c.tcp_resets)));
+        for ((_, reason), n) in s.drops.range((ep.link_id, 0)..=(ep.link_id, u32::MAX)) {
+            let mut l = labels.clone();
+            let name = OUTCOME_NAMES.get(*reason as usize).copied();
+            l.push(("reason", name.unwrap_or("unknown").to_string()));
+            drop_rows.push((l, counter(*n)));
+        }
+        services
+            .entry(svc.id.as_str())
+            .or_insert_with(|| {
+                let labels = vec![
+                    ("service_id", svc.id.clone()),
+                    ("service_name", svc.name.clone()),
+                    ("provider_account", svc.owner.clone()),
+                    ("node", node.clone()),
+                ];
+                (labels, Traffic::default())
+            })
+            .1
+            .add(&t);
+    }
+    links.encode(
+        enc,
+        "privatelink_link",
+        [
+            "L2 bytes through a link, by direction",
+            "Packets through a link, by direction",
+            "New connections (flows) admitted on a link",
+            "Live flows of a link: TCP in SYN or ESTABLISHED, UDP until its timeout",
+        ],
+    )?;
+    family(
+        enc,
+        "privatelink_link_tcp_resets",
+        "TCP segments with RST seen on a link",
+        MetricType::Counter,
+        resets,
+    )?;
+    family(
+        enc,
+        "privatelink_link_drops",
+        "Packets of a link dropped, by reason",
+        MetricType::Counter,
+        drop_rows,
+    )?;
+    let mut rows = TrafficRows::default();
+    for (labels, t) in services.values() {
+        rows.push(labels, t);
+    }
+    rows.encode(
+        enc,
+        "privatelink_service",
+        [
+            "L2 bytes through all links of a service",
+            "Packets through all links of a service",
+            "New connections on all links of a service",
+            "Live flows of a service",
+        ],
+    )
+}
+
+/// Per service: endpoints by connection state, backend targets by health.
+fn encode_services(enc: &mut DescriptorEncoder, s: &Scrape) -> Result<(), std::fmt::Error> {
+    let (mut by_state, mut targets) = (Vec::new(), Vec::new());
+    for svc in s.state.services.values() {
+        let base: Labels = vec![
+            ("service_id", svc.id.clone()),
+            ("service_name", svc.name.clone()),
+            ("node", s.node_name()),
+        ];
+        let with = |k: &'static str, v: &str| {
+            let mut l = base.clone();
+            l.push((k, v.to_string()));
+            l
+        };
+        for st in ["Pending", "Available", "Rejected"] {
+            let n = s
+                .state
+                .endpoints
+                .values()
+                .filter(|e| e.service_id == svc.id && format!("{:?}", e.state) == st)
+                .count();
+            by_state.push((with("state", st), gauge(n as i64)));
+        }
+        let healthy = s
+            .src
+            .plane
+            .targets_health(svc)
+            .iter()
+            .filter(|(_, h)| *h)
+            .count();
+        targets.push((with("health", "healthy"), gauge(healthy as i64)));
+        let unhealthy = (svc.backends.len() - healthy) as i64;
+        targets.push((with("health", "unhealthy"), gauge(unhealthy)));
+    }
+    family(
+        enc,
+        "privatelink_service_endpoints",
+        "Endpoints of a service by connection state",
+        MetricType::Gauge,
+        by_state,
+    )?;
+    family(
+        enc,
+        "privatelink_service_targets",
+        "Backend targets of a service by health (this node's checks)",
+        MetricType::Gauge,
+        targets,
+    )
+}
+
+/// The node: packets by outcome, the flow cache, conntrack.
+fn encode_node(enc: &mut DescriptorEncoder, s: &Scrape) -> Result<(), std::fmt::Error> {
+    let rows = s
+        .src
+        .reader
+        .outcomes()
+        .iter()
+        .enumerate()
+        .map(|(i, v)| {
+            let l: Labels = vec![
+                ("outcome", OUTCOME_NAMES[i].to_string()),
+                ("drop", is_drop(i as u32).to_string()),
+                ("node", s.node_name()),
+            ];
+            (l, counter(*v))
+        })
+        .collect();
+    family(
+        enc,
+        "privatelink_node_packets",
+        "Every packet the datapath saw, by outcome (drops and passes included)",
+        MetricType::Counter,
+        rows,
+    )?;
+    let one = |v: i64| vec![(s.node.clone(), gauge(v))];
+    let (hits, fills) = s.src.reader.flow_cache();
+    family(
+        enc,
+        "privatelink_flow_cache_hits",
+        "Packets of established flows served from the per-CPU flow cache instead of conntrack",
+        MetricType::Counter,
+        vec![(s.node.clone(), counter(hits))],
+    )?;
+    family(
+        enc,
+        "privatelink_flow_cache_fills",
+        "Conntrack entries copied into the per-CPU flow cache",
+        MetricType::Counter,
+        vec![(s.node.clone(), counter(fills))],
+    )?;
+    family(
+        enc,
+        "privatelink_conntrack_entries",
+        "Conntrack entries (two per flow)",
+        MetricType::Gauge,
+        one(s.ct.entries as i64),
+    )?;
+    let age_ns = crate::datapath::scan::monotonic_ns().saturating_sub(s.ct.scanned_at_ns);
+    family(
+        enc,
+        "privatelink_conntrack_scan_age_seconds",
+        "Seconds since the conntrack scan the entry, connection and NAT figures come from",
+        MetricType::Gauge,
+        one((age_ns / 1_000_000_000) as i64),
+    )?;
+    family(
+        enc,
+        "privatelink_conntrack_expired_removed",
+        "Expired conntrack entries the last scan removed",
+        MetricType::Gauge,
+        one(s.ct.removed as i64),
+    )?;
+    let r = &s.src.reader;
+    family(
+        enc,
+        "privatelink_conntrack_capacity",
+        "Conntrack capacity in entries",
+        MetricType::Gauge,
+        one(i64::from(r.ct4_capacity) + i64::from(r.ct6_capacity)),
+    )
+}
+
+/// NAT (address, port) pairs in use and offered, per provider network and family's range.
+fn encode_nat(enc: &mut DescriptorEncoder, s: &Scrape) -> Result<(), std::fmt::Error> {
+    let (mut used, mut avail) = (Vec::new(), Vec::new());
+    for (vpc, range) in &s.src.config.nat {
+        let Some(net) = s.state.networks.get(vpc) else {
+            continue;
+        };
+        let ports = i64::from(*range.ports.end()) - i64::from(*range.ports.start()) + 1;
+        // Each family's range is its own pool: a row per range, labelled with its prefix.
+        let v4 = (
+            range.addrs.to_string(),
+            false,
+            32 - u32::from(range.addrs.prefix_len()),
+        );
+        let v6 = range
+            .addrs6
+            .map(|r| (r.to_string(), true, 128 - u32::from(r.prefix_len())));
+        for (prefix, ipv6, host_bits) in std::iter::once(v4).chain(v6) {
+            let l: Labels = vec![
+                ("provider_network", vpc.clone()),
+                ("range", prefix),
+                ("node", s.node_name()),
+            ];
+            let in_use =
+                s.ct.nat_used
+                    .get(&(net.number, ipv6))
+                    .map_or(0, |&n| n as i64);
+            used.push((l.clone(), gauge(in_use)));
+            // At most 2^32 addresses (an IPv6 range is at most a /96).
+            avail.push((l, gauge((1i64 << host_bits.min(32)) * ports)));
+        }
+    }
+    family(
+        enc,
+        "privatelink_nat_ports_used",
+        "NAT (address, port) pairs in use per range and protocol",
+        MetricType::Gauge,
+        used,
+    )?;
+    family(
+        enc,
+        "privatelink_nat_ports_available",
+        "NAT (address, port) pairs a range offers per protocol",
+        MetricType::Gauge,
+        avail,
+    )
+}
+
+/// Map entries and capacities, and the build.
+fn encode_maps(enc: &mut DescriptorEncoder, s: &Scrape) -> Result<(), std::fmt::Error> {
+    let maps = s
+        .src
+        .agent
+        .maps
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
+    // The counter maps: one LINK_STATS slot per link (as LINKS), LINK_DROPS as read.
+    let links = maps
+        .iter()
+        .find(|m| m.0 == privatelink_common::names::LINKS)
+        .map_or(0, |m| m.1);
+    let (stats_cap, drops_cap) = s.src.reader.counter_capacity;
+    let counters = [
+        (privatelink_common::names::LINK_STATS, links, stats_cap),
+        (
+            privatelink_common::names::LINK_DROPS,
+            s.drops.len(),
+            drops_cap,
+        ),
+    ];
+    let (mut entries, mut caps) = (Vec::new(), Vec::new());
+    for (name, e, c) in maps.into_iter().chain(counters) {
+        let l: Labels = vec![("map", name.to_string()), ("node", s.node_name())];
+        entries.push((l.clone(), gauge(e as i64)));
+        caps.push((l, gauge(c.into())));
+    }
+    family(
+        enc,
+        "privatelink_map_entries",
+        "Entries the agent keeps in each map",
+        MetricType::Gauge,
+        entries,
+    )?;
+    family(
+        enc,
+        "privatelink_map_capacity",
+        "Capacity of each map",
+        MetricType::Gauge,
+        caps,
+    )?;
+    let build: Labels = vec![
+        ("version", env!("CARGO_PKG_VERSION").to_string()),
+        ("node", s.node_name()),
+    ];
+    family(
+        enc,
+        "privatelink_build_info",
+        "Build of the running agent",
+        MetricType::Gauge,
+        vec![(build, gauge(1))],
+    )
+}
+
 impl Collector for NodeCollector {
     fn encode(&self, mut enc: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let src = self.sources.lock().unwrap_or_else(|p| p.into_inner());
-        let state = src.plane.snapshot();
-        let node = src.node.clone();
-        // Conntrack as of the last scan (one read per period, shared with history and the sweep).
-        let ct = src.conntrack.get();
-        let active_by_link = &ct.active_by_link;
-        let nat_used = &ct.nat_used;
-        let drops = src.reader.drops();
-
-        // Per link and per service.
-        let (mut bytes, mut packets, mut conns, mut resets, mut act, mut drop_rows) = (
-            Vec::new(),
-            Vec::new(),
-            Vec::new(),
-            Vec::new(),
-            Vec::new(),
-            Vec::new(),
-        );
-        let mut svc_sum: BTreeMap<String, (Labels, [u64; 5], i64)> = BTreeMap::new();
-        for ep in state.endpoints.values() {
-            let Some(svc) = state.services.get(&ep.service_id) else {
-                continue;
-            };
-            let Some(s) = src.reader.link(ep.link_id) else {
-                continue;
-            };
-            let labels: Labels = vec![
-                ("service_id", svc.id.clone()),
-                ("service_name", svc.name.clone()),
-                ("endpoint_id", ep.id.clone()),
-                ("endpoint_name", ep.name.clone()),
-                ("consumer_account", ep.owner.clone()),
-                ("provider_account", svc.owner.clone()),
-                ("node", node.clone()),
-            ];
-            let with = |k: &'static str, v: &str| {
-                let mut l = labels.clone();
-                l.push((k, v.to_string()));
-                l
-            };
-            bytes.push((with("direction", "forward"), counter(s.fwd_bytes)));
-            bytes.push((with("direction", "reply"), counter(s.rev_bytes)));
-            packets.push((with("direction", "forward"), counter(s.fwd_packets)));
-            packets.push((with("direction", "reply"), counter(s.rev_packets)));
-            conns.push((labels.clone(), counter(s.new_conns)));
-            resets.push((labels.clone(), counter(s.tcp_resets)));
-            let a = active_by_link.get(&ep.link_id).map_or(0, |&n| n as i64);
-            act.push((labels.clone(), gauge(a)));
-            for ((_, reason), n) in drops.range((ep.link_id, 0)..=(ep.link_id, u32::MAX)) {
-                drop_rows.push((
-                    with(
-                        "reason",
-                        OUTCOME_NAMES
-                            .get(*reason as usize)
-                            .copied()
-                            .unwrap_or("unknown"),
-                    ),
-                    counter(*n),
-                ));
-            }
-            let e = svc_sum.entry(svc.id.clone()).or_insert_with(|| {
-                (
-                    vec![
-                        ("service_id", svc.id.clone()),
-                        ("service_name", svc.name.clone()),
-                        ("provider_account", svc.owner.clone()),
-                        ("node", node.clone()),
-                    ],
-                    [0; 5],
-                    0,
-                )
-            });
-            for (i, v) in [
-                s.fwd_bytes,
-                s.rev_bytes,
-                s.fwd_packets,
-                s.rev_packets,
-                s.new_conns,
-            ]
-            .into_iter()
-            .enumerate()
-            {
-                e.1[i] += v;
-            }
-            e.2 += a;
-        }
-        family(
-            &mut enc,
-            "privatelink_link_bytes",
-            "L2 bytes through a link, by direction",
-            MetricType::Counter,
-            bytes,
-        )?;
-        family(
-            &mut enc,
-            "privatelink_link_packets",
-            "Packets through a link, by direction",
-            MetricType::Counter,
-            packets,
-        )?;
-        family(
-            &mut enc,
-            "privatelink_link_connections",
-            "New connections (flows) admitted on a link",
-            MetricType::Counter,
-            conns,
-        )?;
-        family(
-            &mut enc,
-            "privatelink_link_tcp_resets",
-            "TCP segments with RST seen on a link",
-            MetricType::Counter,
-            resets,
-        )?;
-        family(
-            &mut enc,
-            "privatelink_link_drops",
-            "Packets of a link dropped, by reason",
-            MetricType::Counter,
-            drop_rows,
-        )?;
-        family(
-            &mut enc,
-            "privatelink_link_active_connections",
-            "Live flows of a link: TCP in SYN or ESTABLISHED, UDP until its timeout",
-            MetricType::Gauge,
-            act,
-        )?;
-
-        let mut sb = Vec::new();
-        let mut sp = Vec::new();
-        let mut sc = Vec::new();
-        let mut sa = Vec::new();
-        for (labels, v, a) in svc_sum.values() {
-            let with = |d: &str| {
-                let mut l = labels.clone();
-                l.push(("direction", d.to_string()));
-                l
-            };
-            sb.push((with("forward"), counter(v[0])));
-            sb.push((with("reply"), counter(v[1])));
-            sp.push((with("forward"), counter(v[2])));
-            sp.push((with("reply"), counter(v[3])));
-            sc.push((labels.clone(), counter(v[4])));
-            sa.push((labels.clone(), gauge(*a)));
-        }
-        family(
-            &mut enc,
-            "privatelink_service_bytes",
-            "L2 bytes through all links of a service",
-            MetricType::Counter,
-            sb,
-        )?;
-        family(
-            &mut enc,
-            "privatelink_service_packets",
-            "Packets through all links of a service",
-            MetricType::Counter,
-            sp,
-        )?;
-        family(
-            &mut enc,
-            "privatelink_service_connections",
-            "New connections on all links of a service",
-            MetricType::Counter,
-            sc,
-        )?;
-        family(
-            &mut enc,
-            "privatelink_service_active_connections",
-            "Live flows of a service",
-            MetricType::Gauge,
-            sa,
-        )?;
-        let mut by_state = Vec::new();
-        let mut targets = Vec::new();
-        for svc in state.services.values() {
-            let base: Labels = vec![
-                ("service_id", svc.id.clone()),
-                ("service_name", svc.name.clone()),
-                ("node", node.clone()),
-            ];
-            for st in ["Pending", "Available", "Rejected"] {
-                let n = state
-                    .endpoints
-                    .values()
-                    .filter(|e| e.service_id == svc.id && format!("{:?}", e.state) == st)
-                    .count();
-                let mut l = base.clone();
-                l.push(("state", st.to_string()));
-                by_state.push((l, gauge(n as i64)));
-            }
-            let healthy = src
-                .plane
-                .targets_health(svc)
-                .iter()
-                .filter(|(_, h)| *h)
-                .count();
-            let mut l = base.clone();
-            l.push(("health", "healthy".into()));
-            targets.push((l, gauge(healthy as i64)));
-            let mut l = base.clone();
-            l.push(("health", "unhealthy".into()));
-            targets.push((l, gauge((svc.backends.len() - healthy) as i64)));
-        }
-        family(
-            &mut enc,
-            "privatelink_service_endpoints",
-            "Endpoints of a service by connection state",
-            MetricType::Gauge,
-            by_state,
-        )?;
-        family(
-            &mut enc,
-            "privatelink_service_targets",
-            "Backend targets of a service by health (this node's checks)",
-            MetricType::Gauge,
-            targets,
-        )?;
-
-        // Node.
-        let outcomes = src.reader.outcomes();
-        let rows = outcomes
-            .iter()
-            .enumerate()
-            .map(|(i, v)| {
-                let l: Labels = vec![
-                    ("outcome", OUTCOME_NAMES[i].to_string()),
-                    ("drop", is_drop(i as u32).to_string()),
-                    ("node", node.clone()),
-                ];
-                (l, counter(*v))
-            })
-            .collect();
-        family(
-            &mut enc,
-            "privatelink_node_packets",
-            "Every packet the datapath saw, by outcome (drops and passes included)",
-            MetricType::Counter,
-            rows,
-        )?;
-        let n: Labels = vec![("node", node.clone())];
-        let (hits, fills) = src.reader.flow_cache();
-        family(
-            &mut enc,
-            "privatelink_flow_cache_hits",
-            "Packets of established flows served from the per-CPU flow cache instead of conntrack",
-            MetricType::Counter,
-            vec![(n.clone(), counter(hits))],
-        )?;
-        family(
-            &mut enc,
-            "privatelink_flow_cache_fills",
-            "Conntrack entries copied into the per-CPU flow cache",
-            MetricType::Counter,
-            vec![(n.clone(), counter(fills))],
-        )?;
-        family(
-            &mut enc,
-            "privatelink_conntrack_entries",
-            "Conntrack entries (two per flow)",
-            MetricType::Gauge,
-            vec![(n.clone(), gauge(ct.entries as i64))],
-        )?;
-        family(
-            &mut enc,
-            "privatelink_conntrack_scan_age_seconds",
-            "Seconds since the conntrack scan the entry, connection and NAT figures come from",
-            MetricType::Gauge,
-            vec![(
-                n.clone(),
-                gauge(
-                    (crate::datapath::scan::monotonic_ns().saturating_sub(ct.scanned_at_ns)
-                        / 1_000_000_000) as i64,
-                ),
-            )],
-        )?;
-        family(
-            &mut enc,
-            "privatelink_conntrack_expired_removed",
-            "Expired conntrack entries the last scan removed",
-            MetricType::Gauge,
-            vec![(n.clone(), gauge(ct.removed as i64))],
-        )?;
-        family(
-            &mut enc,
-            "privatelink_conntrack_capacity",
-            "Conntrack capacity in entries",
-            MetricType::Gauge,
-            vec![(
-                n.clone(),
-                gauge(i64::from(src.reader.ct4_capacity) + i64::from(src.reader.ct6_capacity)),
-            )],
-        )?;
-        let mut used = Vec::new();
-        let mut avail = Vec::new();
-        for (vpc, range) in &src.config.nat {
-            let Some(net) = state.networks.get(vpc) else {
-                continue;
-            };
-            let ports = i64::from(*range.ports.end()) - i64::from(*range.ports.start()) + 1;
-            // Each family's range is its own pool: a row per range, labelled with its prefix.
-            let v4 = (
-                range.addrs.to_string(),
-                false,
-                32 - u32::from(range.addrs.prefix_len()),
-            );
-            let v6 = range
-                .addrs6
-                .map(|r| (r.to_string(), true, 128 - u32::from(r.prefix_len())));
-            for (prefix, ipv6, host_bits) in std::iter::once(v4).chain(v6) {
-                let l: Labels = vec![
-                    ("provider_network", vpc.clone()),
-                    ("range", prefix),
-                    ("node", node.clone()),
-                ];
-                let in_use = nat_used.get(&(net.number, ipv6)).map_or(0, |&n| n as i64);
-                used.push((l.clone(), gauge(in_use)));
-                // At most 2^32 addresses (an IPv6 range is at most a /96).
-                avail.push((l, gauge((1i64 << host_bits.min(32)) * ports)));
-            }
-        }
-        family(
-            &mut enc,
-            "privatelink_nat_ports_used",
-            "NAT (address, port) pairs in use per range and protocol",
-            MetricType::Gauge,
-            used,
-        )?;
-        family(
-            &mut enc,
-            "privatelink_nat_ports_available",
-            "NAT (address, port) pairs a range offers per protocol",
-            MetricType::Gauge,
-            avail,
-        )?;
-        let maps = src
-            .agent
-            .maps
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
-        let mut entries = Vec::new();
-        let mut caps = Vec::new();
-        // The counter maps: one LINK_STATS slot per link (as LINKS), LINK_DROPS as read above.
-        let links = maps
-            .iter()
-            .find(|m| m.0 == privatelink_common::names::LINKS)
-            .map_or(0, |m| m.1);
-        let (stats_cap, drops_cap) = src.reader.counter_capacity;
-        let counters = [
-            (privatelink_common::names::LINK_STATS, links, stats_cap),
-            (
-                privatelink_common::names::LINK_DROPS,
-                drops.len(),
-                drops_cap,
-            ),
-        ];
-        for (name, e, c) in maps.into_iter().chain(counters) {
-            let l: Labels = vec![("map", name.to_string()), ("node", node.clone())];
-            entries.push((l.clone(), gauge(e as i64)));
-            caps.push((l, gauge(c.into())));
-        }
-        family(
-            &mut enc,
-            "privatelink_map_entries",
-            "Entries the agent keeps in each map",
-            MetricType::Gauge,
-            entries,
-        )?;
-        family(
-            &mut enc,
-            "privatelink_map_capacity",
-            "Capacity of each map",
-            MetricType::Gauge,
-            caps,
-        )?;
-        let build: Labels = vec![
-            ("version", env!("CARGO_PKG_VERSION").to_string()),
-            ("node", node),
-        ];
-        family(
-            &mut enc,
-            "privatelink_build_info",
-            "Build of the running agent",
-            MetricType::Gauge,
-            vec![(build, gauge(1))],
-        )?;
-        Ok(())
+        let scrape = Scrape {
+            state: src.plane.snapshot(),
+            ct: src.conntrack.get(),
+            drops: src.reader.drops(),
+            node: vec![("node", src.node.clone())],
+            src: &src,
+        };
+        encode_traffic(&mut enc, &scrape)?;
+        encode_services(&mut enc, &scrape)?;
+        encode_node(&mut enc, &scrape)?;
+        encode_nat(&mut enc, &scrape)?;
+        encode_maps(&mut enc, &scrape)
     }
 }
 
