@@ -74,16 +74,7 @@ fn serve_api(
     cluster: privatelink_agent::control::types::Cluster,
 ) -> Result<()> {
     use privatelink_agent::control::{api, plane::ControlPlane};
-    let token = std::fs::read_to_string(token_file)
-        .with_context(|| format!("admin_token_file: reading {}", token_file.display()))?
-        .trim()
-        .to_string();
-    if token.len() < 16 {
-        anyhow::bail!(
-            "admin_token_file: {} holds a token shorter than 16 characters",
-            token_file.display()
-        );
-    }
+    let token = privatelink_agent::node::config::read_admin_token(token_file)?;
     let store_cfg = store;
     let store = store_cfg.open()?;
     let plane = std::sync::Arc::new(ControlPlane::open(store, &token)?.with_cluster(cluster));

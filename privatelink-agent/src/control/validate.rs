@@ -254,9 +254,36 @@ pub fn rule_ports(field: &str, v: &str) -> ApiResult<(u16, u16)> {
     Ok((a, b))
 }
 
+/// The admin token rule, for every place that reads one: the file's text is one token on one
+/// line (surrounding whitespace ignored) of at least 16 characters. Returns the token.
+pub fn admin_token(text: &str) -> Result<String, String> {
+    let token = text.trim();
+    if token.lines().count() > 1 {
+        return Err("the file holds more than one line; it must hold the token alone".into());
+    }
+    if token.chars().count() < 16 {
+        return Err("the token must be at least 16 characters".into());
+    }
+    Ok(token.to_string())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_admin_token_is_one_line_of_at_least_16_characters() {
+        assert_eq!(
+            admin_token("  0123456789abcdef\n").as_deref(),
+            Ok("0123456789abcdef")
+        );
+        assert!(admin_token("0123456789abcde").is_err(), "15 characters");
+        assert!(admin_token("").is_err());
+        assert!(
+            admin_token("0123456789abcdef\nsecond-token-line").is_err(),
+            "two lines"
+        );
+    }
     use crate::control::types::Tag;
 
     #[test]

@@ -515,25 +515,72 @@ pub fn load_with(path: &Path, overrides: &Overrides) -> Result<Checked, ConfigEr
     parse_with(&text, overrides)
 }
 
+/// Reads the admin token file and applies the token rule ([`crate::control::validate::admin_token`]).
+pub fn read_admin_token(path: &Path) -> Result<String, ConfigError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| err("admin_token_file", format!("{}: {e}", path.display())))?;
+    crate::control::validate::admin_token(&text)
+        .map_err(|m| err("admin_token_file", format!("{}: {m}", path.display())))
+}
+
+/// Validates the configuration (no I/O), then resolves what lives outside it: the admin token.
 fn check(raw: AgentConfig) -> Result<Checked, ConfigError> {
+    let v = validate(&raw)?;
+    let admin_token = read_admin_token(&raw.admin_token_file)?;
+    Ok(Checked {
+        node: NodeConfig {
+            ifaces: Vec::new(),
+            nat: v.nat,
+            datapath: v.datapath,
+        },
+        wanted: v.wanted,
+        sizes: v.sizes,
+        admin_token,
+        attach: v.attach,
+        raw,
+    })
+}
+
+/// What validation derives from the file.
+struct Validated {
+    wanted: Vec<WantedIface>,
+    attach: BTreeMap<String, XdpModeConfig>,
+    nat: BTreeMap<String, NatRange>,
+    datapath: DatapathConfig,
+    sizes: Sizes,
+}
+
+/// Every rule of the file, in one pass over its sections; nothing is read from outside it.
+fn validate(raw: &AgentConfig) -> Result<Validated, ConfigError> {
     if raw.node.trim().is_empty() {
         return Err(err("node", "must not be empty"));
     }
-    let token = std::fs::read_to_string(&raw.admin_token_file)
-        .map_err(|e| {
-            err(
-                "admin_token_file",
-                format!("{}: {e}", raw.admin_token_file.display()),
-            )
-        })?
-        .trim()
-        .to_string();
-    if token.len() < 16 {
-        return Err(err(
-            "admin_token_file",
-            "the token must be at least 16 characters",
-        ));
+    let (wanted, attach) = interfaces(raw)?;
+    let nat = nat_ranges(raw)?;
+    let datapath = conntrack(raw)?;
+    if raw.resync_interval == 0 {
+        return Err(err("resync_interval", "at least 1 second"));
     }
+    check_cluster(&raw.cluster)?;
+    store(raw)?;
+    if !(1..=10).contains(&raw.history.sample_interval) {
+        return Err(err("history.sample_interval", "1 to 10 seconds"));
+    }
+    dns(raw, &wanted)?;
+    let sizes = sizes(raw)?;
+    Ok(Validated {
+        wanted,
+        attach,
+        nat,
+        datapath,
+        sizes,
+    })
+}
+
+/// The wanted interfaces and the XDP mode of each.
+fn interfaces(
+    raw: &AgentConfig,
+) -> Result<(Vec<WantedIface>, BTreeMap<String, XdpModeConfig>), ConfigError> {
     if raw.interfaces.is_empty() {
         return Err(err("interfaces", "at least one interface"));
     }
@@ -590,6 +637,11 @@ fn check(raw: AgentConfig) -> Result<Checked, ConfigError> {
             role,
         });
     }
+    Ok((wanted, attach))
+}
+
+/// Source-NAT ranges per provider network.
+fn nat_ranges(raw: &AgentConfig) -> Result<BTreeMap<String, NatRange>, ConfigError> {
     let mut nat = BTreeMap::new();
     for (vpc, n) in &raw.nat {
         let key = |f: &str| format!("nat.{vpc}.{f}");
@@ -630,6 +682,11 @@ fn check(raw: AgentConfig) -> Result<Checked, ConfigError> {
             },
         );
     }
+    Ok(nat)
+}
+
+/// Conntrack timeouts and sizes; the datapath's timeouts.
+fn conntrack(raw: &AgentConfig) -> Result<DatapathConfig, ConfigError> {
     let ct = &raw.conntrack;
     for (k, v) in [
         ("tcp_syn_timeout", ct.tcp_syn_timeout),
@@ -648,10 +705,18 @@ fn check(raw: AgentConfig) -> Result<Checked, ConfigError> {
     if ct.entries6 < 1024 {
         return Err(err("conntrack.entries6", "at least 1024"));
     }
-    if raw.resync_interval == 0 {
-        return Err(err("resync_interval", "at least 1 second"));
-    }
-    check_cluster(&raw.cluster)?;
+    const S: u64 = 1_000_000_000;
+    Ok(DatapathConfig {
+        tcp_syn_timeout_ns: ct.tcp_syn_timeout * S,
+        tcp_established_timeout_ns: ct.tcp_established_timeout * S,
+        tcp_closing_timeout_ns: ct.tcp_closing_timeout * S,
+        udp_timeout_ns: ct.udp_timeout * S,
+        ..DatapathConfig::DEFAULT
+    })
+}
+
+/// The store: etcd endpoints, key prefix, timeout.
+fn store(raw: &AgentConfig) -> Result<(), ConfigError> {
     for (i, e) in raw.store.etcd.iter().enumerate() {
         if !(e.starts_with("http://") || e.starts_with("https://")) || e.len() < 10 {
             return Err(err(
@@ -669,9 +734,12 @@ fn check(raw: AgentConfig) -> Result<Checked, ConfigError> {
     if !(1..=60).contains(&raw.store.timeout) {
         return Err(err("store.timeout", "1 to 60 seconds"));
     }
-    if !(1..=10).contains(&raw.history.sample_interval) {
-        return Err(err("history.sample_interval", "1 to 10 seconds"));
-    }
+    Ok(())
+}
+
+/// DNS: TTL, port, what happens to other names, and the networks served (each needs a consumer
+/// interface of its network among `wanted`).
+fn dns(raw: &AgentConfig, wanted: &[WantedIface]) -> Result<(), ConfigError> {
     if raw.dns.ttl > 86_400 {
         return Err(err("dns.ttl", "0 to 86400 seconds"));
     }
@@ -710,15 +778,12 @@ fn check(raw: AgentConfig) -> Result<Checked, ConfigError> {
             ));
         }
     }
-    const S: u64 = 1_000_000_000;
-    let datapath = DatapathConfig {
-        tcp_syn_timeout_ns: ct.tcp_syn_timeout * S,
-        tcp_established_timeout_ns: ct.tcp_established_timeout * S,
-        tcp_closing_timeout_ns: ct.tcp_closing_timeout * S,
-        udp_timeout_ns: ct.udp_timeout * S,
-        ..DatapathConfig::DEFAULT
-    };
-    let m = &raw.maps;
+    Ok(())
+}
+
+/// Map sizes.
+fn sizes(raw: &AgentConfig) -> Result<Sizes, ConfigError> {
+    let (m, ct) = (&raw.maps, &raw.conntrack);
     for (k, v) in [
         ("links", m.links),
         ("endpoint_ports", m.endpoint_ports),
@@ -733,7 +798,7 @@ fn check(raw: AgentConfig) -> Result<Checked, ConfigError> {
             return Err(err(format!("maps.{k}"), "2 to 16777216"));
         }
     }
-    let sizes = Sizes {
+    Ok(Sizes {
         links: m.links,
         endpoint_ports: m.endpoint_ports,
         services: m.services,
@@ -743,18 +808,6 @@ fn check(raw: AgentConfig) -> Result<Checked, ConfigError> {
         allowlist: m.allowlist,
         conntrack: ct.entries,
         conntrack6: ct.entries6,
-    };
-    Ok(Checked {
-        node: NodeConfig {
-            ifaces: Vec::new(),
-            nat,
-            datapath,
-        },
-        wanted,
-        sizes,
-        admin_token: token,
-        attach,
-        raw,
     })
 }
 
