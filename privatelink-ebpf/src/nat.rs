@@ -25,6 +25,27 @@ pub struct Origin {
     pub peer_mac: [u8; 6],
 }
 
+/// A new flow as admission leaves it: its key and packet, the link and service port it is for,
+/// its hash, and the clock and configuration it is created by.
+pub struct NewFlow<'a, A> {
+    pub key: &'a FlowKey<A>,
+    pub p: &'a Pkt<A>,
+    pub link: &'a LinkInfo,
+    pub link_id: u32,
+    pub service_port_be: u16,
+    pub hash: u32,
+    pub now: u64,
+    pub cfg: &'a DatapathConfig,
+}
+
+/// Where the new flow goes: the backend's address, its next hop when one is cached, and where
+/// the consumer's frame came from (for the reply entry).
+pub struct Backend<'a, A> {
+    pub addr_be: A,
+    pub nh: Option<&'a NextHop>,
+    pub origin: Origin,
+}
+
 #[inline(always)]
 fn mix(mut h: u32) -> u32 {
     h ^= h >> 16;
@@ -73,26 +94,27 @@ fn random_port(port_min: u16, port_max: u16) -> u16 {
 /// `flow` is written whenever this returns `Ok`, and ends as the forward entry (the translation to
 /// apply now); it is built in place as the reply entry first, so one flow's worth of stack serves
 /// both (the IPv6 program's 512 bytes would not hold three).
-#[allow(clippy::too_many_arguments)]
 #[allow(
     clippy::needless_borrows_for_generic_args,
     reason = "by value, the key and flow would be copied to the stack once more"
 )]
 #[inline(always)]
 pub fn create_flow<A: Family>(
-    key: &FlowKey<A>,
-    p: &Pkt<A>,
-    link: &LinkInfo,
-    link_id: u32,
-    backend_be: A,
-    service_port_be: u16,
-    origin: &Origin,
-    hash: u32,
-    now: u64,
-    cfg: &DatapathConfig,
-    nh: Option<&NextHop>,
+    req: &NewFlow<A>,
+    to: &Backend<A>,
     flow: &mut MaybeUninit<Flow<A>>,
 ) -> Result<(), u32> {
+    let NewFlow {
+        key,
+        p,
+        link,
+        link_id,
+        service_port_be,
+        hash,
+        now,
+        cfg,
+    } = *req;
+    let (backend_be, nh, origin) = (to.addr_be, to.nh, &to.origin);
     let (nat_addr_be, port_min, port_max) =
         A::nat_addr(link.provider_network, mix(hash ^ 0x5bd1_e995)).ok_or(DROP_NO_NAT_RANGE)?;
     let state = if p.proto == PROTO_TCP {

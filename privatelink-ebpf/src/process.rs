@@ -5,18 +5,18 @@ use aya_ebpf::programs::XdpContext;
 use network_types::{eth::EthHdr, ip::Ipv4Hdr};
 use privatelink_common::{
     DIR_FORWARD, DIR_REPLY, DROP_LINK_INACTIVE, DROP_NO_FLOW, DROP_NO_PORT, DROP_TCP_NOT_SYN,
-    DROP_TRUNCATED, DROP_TTL_EXPIRED, DatapathConfig, FWD_REDIRECT, FWD_TX, Flow, FlowKey,
-    IfaceInfo, IfaceKey, In6, PASS_MALFORMED, PASS_NOT_ENDPOINT, PASS_NOT_IP, PASS_UNKNOWN_IFACE,
-    PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, ROLE_CONSUMER,
+    DROP_TRUNCATED, DROP_TTL_EXPIRED, DatapathConfig, EndpointValue, FWD_REDIRECT, FWD_TX, Flow,
+    FlowKey, IfaceInfo, IfaceKey, In6, LinkInfo, PASS_MALFORMED, PASS_NOT_ENDPOINT, PASS_NOT_IP,
+    PASS_UNKNOWN_IFACE, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, ROLE_CONSUMER,
 };
 
 use crate::{
     HANDOFF6, IFACE_INDEX, IFACES, JUMP, LINKS, SCRATCH6, arp, conntrack,
     family::Family,
     flowcache, forward, icmp, icmp6,
-    nat::{self, Origin},
+    nat::{self, Backend, NewFlow, Origin},
     parse::{
-        self, ETH_P_ARP, ETH_P_IP, ETH_P_IPV6, Hdr6, Ip6, L2, Pkt, TCP_ACK, TCP_RST, TCP_SYN,
+        self, ETH_P_ARP, ETH_P_IP, ETH_P_IPV6, Hdr4, Hdr6, Ip6, L2, Pkt, TCP_ACK, TCP_RST, TCP_SYN,
         ptr_at,
     },
     policy, stats,
@@ -93,6 +93,23 @@ pub fn process6(ctx: &XdpContext) -> u32 {
     v.action
 }
 
+/// A frame being handled: the program's context, its layer 2, and the interface it came in on.
+pub struct Frame<'a> {
+    pub ctx: &'a XdpContext,
+    pub l2: &'a L2,
+    pub iface: &'a IfaceInfo,
+    /// Received on a consumer-facing interface (else provider-facing).
+    pub consumer: bool,
+}
+
+/// A TCP or UDP packet of a frame, with the clock and configuration it is judged by.
+pub struct Packet<'a, A> {
+    pub frame: &'a Frame<'a>,
+    pub p: &'a Pkt<A>,
+    pub now: u64,
+    pub cfg: &'a DatapathConfig,
+}
+
 #[inline(always)]
 fn ipv4(ctx: &XdpContext, l2: &L2, iface: &IfaceInfo) -> Verdict {
     // Only the fixed header is needed to tell whether the packet is ours; others pass untouched.
@@ -101,19 +118,26 @@ fn ipv4(ctx: &XdpContext, l2: &L2, iface: &IfaceInfo) -> Verdict {
     };
     // SAFETY: bounds checked by ptr_at.
     let daddr_be = u32::from_ne_bytes(unsafe { (*ip).dst_addr });
-    let consumer = iface.role == ROLE_CONSUMER;
+    let f = Frame {
+        ctx,
+        l2,
+        iface,
+        consumer: iface.role == ROLE_CONSUMER,
+    };
     // Provider side: the NAT range check is an array read, so it goes first. Consumer side: the
     // endpoint-address check is a hash lookup, so it waits until conntrack has missed (a flow
     // entry's tuple already names an endpoint address).
-    if !consumer && !u32::is_nat(iface.network_id, daddr_be) {
+    if !f.consumer && !u32::is_nat(iface.network_id, daddr_be) {
         return Verdict::pass(PASS_NOT_ENDPOINT);
     }
-    let p = match parse::ip4(ctx, l2.l3_off) {
-        Ok(Some(p)) => p,
-        Ok(None) => return not_tcp_udp(ctx, l2, iface, consumer, daddr_be),
-        Err(reason) => return ours_or_pass(consumer, iface, daddr_be, reason),
-    };
-    tracked(ctx, l2, iface, consumer, &p)
+    match parse::ip4(ctx, l2.l3_off) {
+        Ok(Some(p)) => tracked(&f, &p),
+        Ok(None) => match parse::ip4_hdr(ctx, l2.l3_off) {
+            Ok(h) => not_tcp_udp4(&f, &h, daddr_be),
+            Err(_) => Verdict::drop(DROP_TRUNCATED),
+        },
+        Err(reason) => ours_or_pass(&f, daddr_be, reason),
+    }
 }
 
 /// The IPv6 twin of [`ipv4`]: the same checks in the same order, with the extension headers
@@ -125,8 +149,13 @@ fn ipv6(ctx: &XdpContext, l2: &L2, iface: &IfaceInfo) -> Verdict {
     };
     // SAFETY: bounds checked by ptr_at.
     let daddr_be = parse::in6(unsafe { &(*ip).dst });
-    let consumer = iface.role == ROLE_CONSUMER;
-    if !consumer && !In6::is_nat(iface.network_id, daddr_be) {
+    let f = Frame {
+        ctx,
+        l2,
+        iface,
+        consumer: iface.role == ROLE_CONSUMER,
+    };
+    if !f.consumer && !In6::is_nat(iface.network_id, daddr_be) {
         return Verdict::pass(PASS_NOT_ENDPOINT);
     }
     let Some(slot) = SCRATCH6.get_ptr_mut(0) else {
@@ -135,9 +164,9 @@ fn ipv6(ctx: &XdpContext, l2: &L2, iface: &IfaceInfo) -> Verdict {
     // SAFETY: per-CPU value, no concurrent user.
     let p = unsafe { &mut *slot };
     match parse::ip6(ctx, l2.l3_off, p) {
-        Ok(None) => tracked(ctx, l2, iface, consumer, p),
-        Ok(Some(h)) => not_tcp_udp6(ctx, l2, iface, consumer, &h, p),
-        Err(reason) => ours_or_pass(consumer, iface, daddr_be, reason),
+        Ok(None) => tracked(&f, p),
+        Ok(Some(h)) => not_tcp_udp6(&f, &h, p),
+        Err(reason) => ours_or_pass(&f, daddr_be, reason),
     }
 }
 
@@ -157,35 +186,34 @@ pub fn flow_key<A: Family>(iface: &IfaceInfo, p: &Pkt<A>) -> FlowKey<A> {
 /// A TCP or UDP packet to an endpoint (consumer side) or a NAT address (provider side): its flow,
 /// or a new one.
 #[inline(always)]
-fn tracked<A: Family>(
-    ctx: &XdpContext,
-    l2: &L2,
-    iface: &IfaceInfo,
-    consumer: bool,
-    p: &Pkt<A>,
-) -> Verdict {
-    let key = flow_key(iface, p);
-    let now = conntrack::now();
+fn tracked<A: Family>(f: &Frame, p: &Pkt<A>) -> Verdict {
+    let key = flow_key(f.iface, p);
     let cfg = conntrack::config();
-    if let Some(e) = flowcache::get(&key, p, now, &cfg) {
-        return established(ctx, l2, p, &e.flow, None, now, cfg.fib_generation);
+    let pk = Packet {
+        frame: f,
+        p,
+        now: conntrack::now(),
+        cfg: &cfg,
+    };
+    if let Some(e) = flowcache::get(&key, p, pk.now, &cfg) {
+        return established(&pk, &e.flow, None);
     }
-    if let Some(entry) = conntrack::lookup(&key, now, &cfg) {
+    if let Some(entry) = conntrack::lookup(&key, pk.now, &cfg) {
         // SAFETY: pointer from a successful lookup; copied so the rewrite uses one consistent view.
         let flow = unsafe { *entry };
-        let v = established(ctx, l2, p, &flow, Some(entry), now, cfg.fib_generation);
+        let v = established(&pk, &flow, Some(entry));
         if v.outcome == FWD_REDIRECT || v.outcome == FWD_TX {
             flowcache::fill(&key, entry, cfg.flow_generation);
         }
         return v;
     }
-    if !consumer {
+    if !f.consumer {
         return Verdict::drop(DROP_NO_FLOW);
     }
-    if !is_endpoint(iface, p.daddr_be) {
+    if !is_endpoint(f.iface, p.daddr_be) {
         return Verdict::pass(PASS_NOT_ENDPOINT);
     }
-    new_flow(ctx, l2, p, &key, now, &cfg)
+    new_flow(&pk, &key)
 }
 
 /// Valid IPv4, neither TCP nor UDP. ICMP errors to a NAT address are translated back to the
@@ -193,77 +221,61 @@ fn tracked<A: Family>(
 /// reason; anything else addressed to us is dropped (an endpoint answers only its ports, a NAT
 /// address has no such flow), and the rest passes.
 #[inline(always)]
-fn not_tcp_udp(
-    ctx: &XdpContext,
-    l2: &L2,
-    iface: &IfaceInfo,
-    consumer: bool,
-    daddr_be: u32,
-) -> Verdict {
-    let Ok(h) = parse::ip4_hdr(ctx, l2.l3_off) else {
-        return Verdict::drop(DROP_TRUNCATED);
-    };
-    if h.proto == PROTO_ICMP && !consumer {
-        return icmp::from_provider(ctx, l2, iface, &h);
+fn not_tcp_udp4(f: &Frame, h: &Hdr4, daddr_be: u32) -> Verdict {
+    if h.proto == PROTO_ICMP {
+        if !f.consumer {
+            return icmp::from_provider(f.ctx, f.l2, f.iface, h);
+        }
+        if let Some(ep) = u32::endpoint_ip(f.iface.network_id, daddr_be) {
+            return icmp::to_endpoint(f.ctx, f.l2, f.iface, &ep, h);
+        }
     }
-    if h.proto == PROTO_ICMP
-        && consumer
-        && let Some(ep) = u32::endpoint_ip(iface.network_id, daddr_be)
-    {
-        return icmp::to_endpoint(ctx, l2, iface, &ep, &h);
-    }
-    ours_or_pass(
-        consumer,
-        iface,
-        daddr_be,
-        if consumer { DROP_NO_PORT } else { DROP_NO_FLOW },
-    )
+    ours_or_pass(f, daddr_be, unanswered(f))
 }
 
-/// Valid IPv6, neither TCP nor UDP. On consumer interfaces, neighbour solicitations for endpoint
-/// addresses are answered and echo requests to endpoints handled as for IPv4; ICMPv6 errors to a
-/// NAT address are translated back to the consumer when they quote a tracked flow. Anything else
-/// addressed to us is dropped, and the rest (router and neighbour discovery of the node itself,
-/// ...) passes.
+/// Valid IPv6, neither TCP nor UDP, shaped as [`not_tcp_udp4`]. On consumer interfaces, neighbour
+/// solicitations for endpoint addresses are answered too. Anything else addressed to us is
+/// dropped, and the rest (router and neighbour discovery of the node itself, ...) passes.
 #[inline(always)]
-fn not_tcp_udp6(
-    ctx: &XdpContext,
-    l2: &L2,
-    iface: &IfaceInfo,
-    consumer: bool,
-    h: &Hdr6,
-    p: &Ip6,
-) -> Verdict {
+fn not_tcp_udp6(f: &Frame, h: &Hdr6, p: &Ip6) -> Verdict {
     if h.proto == PROTO_ICMPV6 {
         // One call site for both directions' error translation (it is the IPv6 program's largest
         // piece of stack): to a NAT address about a reply entry's tuple, or from a consumer to an
         // endpoint address about a forward entry's.
-        let ep = if consumer {
-            In6::endpoint_ip(iface.network_id, p.daddr_be)
+        let ep = if f.consumer {
+            In6::endpoint_ip(f.iface.network_id, p.daddr_be)
         } else {
             None
         };
-        let dir = match (consumer, &ep) {
+        let dir = match (f.consumer, &ep) {
             (false, _) => Some(DIR_REPLY),
-            (true, Some(_)) if icmp6::is_error(ctx, h) => Some(DIR_FORWARD),
+            (true, Some(_)) if icmp6::is_error(f.ctx, h) => Some(DIR_FORWARD),
             _ => None,
         };
         if let Some(dir) = dir {
-            return icmp6::error(ctx, l2, iface, h, p, dir);
+            return icmp6::error(f.ctx, f.l2, f.iface, h, p, dir);
         }
-        if consumer && let Some(v) = icmp6::neighbour_solicitation(ctx, l2, iface, h, p) {
+        if f.consumer
+            && let Some(v) = icmp6::neighbour_solicitation(f.ctx, f.l2, f.iface, h, p)
+        {
             return v;
         }
         if let Some(ep) = ep {
-            return icmp6::to_endpoint(ctx, l2, &ep, h, p);
+            return icmp6::to_endpoint(f.ctx, f.l2, &ep, h, p);
         }
     }
-    ours_or_pass(
-        consumer,
-        iface,
-        p.daddr_be,
-        if consumer { DROP_NO_PORT } else { DROP_NO_FLOW },
-    )
+    ours_or_pass(f, p.daddr_be, unanswered(f))
+}
+
+/// Why a packet addressed to us that no path takes is dropped: an endpoint answers only its
+/// ports, a NAT address only its flows.
+#[inline(always)]
+fn unanswered(f: &Frame) -> u32 {
+    if f.consumer {
+        DROP_NO_PORT
+    } else {
+        DROP_NO_FLOW
+    }
 }
 
 /// Whether `daddr_be` is an endpoint address in the consumer network of `iface`.
@@ -275,8 +287,8 @@ fn is_endpoint<A: Family>(iface: &IfaceInfo, daddr_be: A) -> bool {
 /// A packet the datapath cannot handle: dropped with `reason` if it is addressed to us (the
 /// provider side has checked its NAT range already), else passed untouched.
 #[inline(always)]
-fn ours_or_pass<A: Family>(consumer: bool, iface: &IfaceInfo, daddr_be: A, reason: u32) -> Verdict {
-    if consumer && !is_endpoint(iface, daddr_be) {
+fn ours_or_pass<A: Family>(f: &Frame, daddr_be: A, reason: u32) -> Verdict {
+    if f.consumer && !is_endpoint(f.iface, daddr_be) {
         return Verdict::pass(PASS_NOT_ENDPOINT);
     }
     Verdict::drop(reason)
@@ -287,15 +299,8 @@ fn ours_or_pass<A: Family>(consumer: bool, iface: &IfaceInfo, daddr_be: A, reaso
 /// `None` when `flow` is this CPU's flow-cache copy, which stands in only where the refresh would
 /// write nothing.
 #[inline(always)]
-fn established<A: Family>(
-    ctx: &XdpContext,
-    l2: &L2,
-    p: &Pkt<A>,
-    flow: &Flow<A>,
-    entry: Option<*mut Flow<A>>,
-    now: u64,
-    fib_gen: u32,
-) -> Verdict {
+fn established<A: Family>(pk: &Packet<A>, flow: &Flow<A>, entry: Option<*mut Flow<A>>) -> Verdict {
+    let (ctx, p) = (pk.frame.ctx, pk.p);
     let Some(link) = LINKS.get(flow.link_id) else {
         return Verdict::drop(DROP_LINK_INACTIVE);
     };
@@ -305,9 +310,17 @@ fn established<A: Family>(
         Verdict::drop(DROP_TTL_EXPIRED)
     } else {
         if let Some(e) = entry {
-            conntrack::update(e, p, now);
+            conntrack::update(e, p, pk.now);
         }
-        forward::send(ctx, l2, p, flow, entry, fib_gen, None)
+        forward::send(
+            ctx,
+            pk.frame.l2,
+            p,
+            flow,
+            entry,
+            pk.cfg.fib_generation,
+            None,
+        )
     };
     stats::link_packet(
         flow.link_id,
@@ -321,14 +334,8 @@ fn established<A: Family>(
 
 /// A packet without state towards an endpoint: admit, pick a backend, allocate NAT, create state.
 #[inline(always)]
-fn new_flow<A: Family>(
-    ctx: &XdpContext,
-    l2: &L2,
-    p: &Pkt<A>,
-    key: &FlowKey<A>,
-    now: u64,
-    cfg: &DatapathConfig,
-) -> Verdict {
+fn new_flow<A: Family>(pk: &Packet<A>, key: &FlowKey<A>) -> Verdict {
+    let p = pk.p;
     let Some(ep) = A::endpoint(key.network_id, p.daddr_be, p.dport_be, p.proto) else {
         return Verdict::drop(DROP_NO_PORT);
     };
@@ -338,29 +345,18 @@ fn new_flow<A: Family>(
     // Written by `create_flow` before it succeeds (a `Flow::default()` here would be a 56-byte
     // `memset` call, see `mem`).
     let mut flow = MaybeUninit::<Flow<A>>::uninit();
-    let v = match admit_and_create(
-        ctx,
-        l2,
-        p,
-        key,
-        &link,
-        ep.link_id,
-        ep.service_port_be,
-        now,
-        cfg,
-        &mut flow,
-    ) {
+    let v = match admit_and_create(pk, key, &link, &ep, &mut flow) {
         Ok(slot) => {
             stats::link_new_conn(ep.link_id);
             forward::send(
-                ctx,
-                l2,
+                pk.frame.ctx,
+                pk.frame.l2,
                 p,
                 // SAFETY: `admit_and_create` succeeded, so `create_flow` wrote the entry.
                 unsafe { flow.assume_init_ref() },
                 None,
-                cfg.fib_generation,
-                Some((slot, now)),
+                pk.cfg.fib_generation,
+                Some((slot, pk.now)),
             )
         }
         Err(reason) => Verdict::drop(reason),
@@ -368,27 +364,24 @@ fn new_flow<A: Family>(
     stats::link_packet(
         ep.link_id,
         DIR_FORWARD,
-        frame_len(ctx),
+        frame_len(pk.frame.ctx),
         p.tcp_flags & TCP_RST != 0,
         &v,
     );
     v
 }
 
-#[allow(clippy::too_many_arguments)]
+/// Admission (link, allowlist, TCP SYN, security groups, TTL), then the backend, its cached next
+/// hop and the flow's entries. Returns the backend slot.
 #[inline(always)]
 fn admit_and_create<A: Family>(
-    ctx: &XdpContext,
-    l2: &L2,
-    p: &Pkt<A>,
+    pk: &Packet<A>,
     key: &FlowKey<A>,
-    link: &privatelink_common::LinkInfo,
-    link_id: u32,
-    service_port_be: u16,
-    now: u64,
-    cfg: &DatapathConfig,
+    link: &LinkInfo,
+    ep: &EndpointValue,
     flow: &mut MaybeUninit<Flow<A>>,
 ) -> Result<u32, u32> {
+    let p = pk.p;
     policy::link_usable(link)?;
     policy::allowlisted(link)?;
     if p.proto == PROTO_TCP && p.tcp_flags & (TCP_SYN | TCP_ACK | TCP_RST) != TCP_SYN {
@@ -399,32 +392,32 @@ fn admit_and_create<A: Family>(
         return Err(DROP_TTL_EXPIRED);
     }
     let hash = nat::flow_hash(key);
-    let (slot, backend_be) = nat::pick_backend::<A>(link.service_slot, hash)?;
-    // The backend's next hop, when a recent flow to it resolved one: no FIB lookup for this flow.
-    let nh = forward::cached_nexthop::<A>(slot, now, cfg.fib_generation);
-    let eth = ptr_at::<EthHdr>(ctx, 0).ok_or(PASS_MALFORMED)?;
+    let (slot, addr_be) = nat::pick_backend::<A>(link.service_slot, hash)?;
+    let eth = ptr_at::<EthHdr>(pk.frame.ctx, 0).ok_or(PASS_MALFORMED)?;
     // SAFETY: bounds checked by ptr_at.
     let (node_mac, peer_mac) = unsafe { ((*eth).dst_addr, (*eth).src_addr) };
-    let origin = Origin {
-        ifindex: l2.ingress,
-        vlan_id: l2.vlan_id,
-        node_mac,
-        peer_mac,
-    };
-    nat::create_flow(
+    let request = NewFlow {
         key,
         p,
         link,
-        link_id,
-        backend_be,
-        service_port_be,
-        &origin,
+        link_id: ep.link_id,
+        service_port_be: ep.service_port_be,
         hash,
-        now,
-        cfg,
-        nh,
-        flow,
-    )?;
+        now: pk.now,
+        cfg: pk.cfg,
+    };
+    let backend = Backend {
+        addr_be,
+        // The backend's next hop, when a recent flow to it resolved one: no FIB lookup here.
+        nh: forward::cached_nexthop::<A>(slot, pk.now, pk.cfg.fib_generation),
+        origin: Origin {
+            ifindex: pk.frame.l2.ingress,
+            vlan_id: pk.frame.l2.vlan_id,
+            node_mac,
+            peer_mac,
+        },
+    };
+    nat::create_flow(&request, &backend, flow)?;
     Ok(slot)
 }
 
