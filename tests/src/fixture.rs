@@ -288,6 +288,15 @@ pub fn with_harness(test: &str, f: impl FnOnce(&mut Harness) + Send) {
 
 /// [`with_harness`] with the given map sizes and no privilege gate (the caller checked).
 pub fn with_harness_sized(sizes: Sizes, f: impl FnOnce(&mut Harness) + Send) {
+    with_harness_object(sizes, None, f)
+}
+
+/// The same with another build's datapath object (`None`: this build's).
+pub fn with_harness_object(
+    sizes: Sizes,
+    object: Option<&[u8]>,
+    f: impl FnOnce(&mut Harness) + Send,
+) {
     let node = Netns::new("fx").expect("creating the node namespace");
     for (a, b) in [("c0", "c0p"), ("c1", "c1p"), ("p0", "p0p")] {
         veth(&node, a, &node, b).unwrap_or_else(|e| panic!("veth {a}: {e:#}"));
@@ -336,7 +345,11 @@ pub fn with_harness_sized(sizes: Sizes, f: impl FnOnce(&mut Harness) + Send) {
     };
     let ((c0, c0_mac), (c1, c1_mac), (p0, p0_mac)) = (facts("c0"), facts("c1"), facts("p0"));
     node.enter(|| {
-        let mut dp = Datapath::load(&sizes).unwrap_or_else(|e| panic!("loading the datapath: {e}"));
+        let mut dp = match object {
+            Some(o) => Datapath::load_object(o, &sizes),
+            None => Datapath::load(&sizes),
+        }
+        .unwrap_or_else(|e| panic!("loading the datapath: {e}"));
         let plane = Dataplane::new(&mut dp.ebpf).expect("taking the maps");
         let mut h = Harness {
             dp,

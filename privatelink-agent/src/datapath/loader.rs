@@ -92,7 +92,13 @@ pub struct Datapath {
 impl Datapath {
     /// Loads with fresh, unpinned maps.
     pub fn load(sizes: &Sizes) -> Result<Self, LoadError> {
-        Self::load_with(sizes, None)
+        Self::load_with(object::bytes()?, sizes, None)
+    }
+
+    /// Loads another build's object (`privatelink-agent`'s embedded one is [`Self::load`]), with
+    /// fresh maps: for comparing two builds in one process.
+    pub fn load_object(elf: &[u8], sizes: &Sizes) -> Result<Self, LoadError> {
+        Self::load_with(elf, sizes, None)
     }
 
     /// Loads reusing (or creating and pinning) every map under `pins`.
@@ -100,10 +106,11 @@ impl Datapath {
         sizes: &Sizes,
         pins: &crate::datapath::pins::Pins,
     ) -> Result<Self, LoadError> {
-        Self::load_with(sizes, Some(pins))
+        Self::load_with(object::bytes()?, sizes, Some(pins))
     }
 
     fn load_with(
+        elf: &[u8],
         sizes: &Sizes,
         pins: Option<&crate::datapath::pins::Pins>,
     ) -> Result<Self, LoadError> {
@@ -132,7 +139,7 @@ impl Datapath {
             .map_max_entries(names::NEXTHOP6, sizes.backends)
             .map_max_entries(names::RULES6, sizes.rule_lists6)
             .map_max_entries(names::CT6, sizes.conntrack6)
-            .load(object::bytes()?)?;
+            .load(elf)?;
         let prog: &mut Xdp = ebpf
             .program_mut(PROGRAM)
             .ok_or(LoadError::MissingProgram(PROGRAM))?

@@ -24,7 +24,7 @@ use privatelink_tests::{
     },
     fixture::{
         BACKEND, BACKEND_MAC, CONSUMER_MAC, CONSUMER_NET, ENDPOINT, Harness, LINK, NOT_ENDPOINT,
-        Pkt, with_harness_sized,
+        Pkt, with_harness_object, with_harness_sized,
     },
     fixture6::{Pkt6, parse_checked6},
     privileged, test_run, test_run_repeated,
@@ -349,6 +349,96 @@ fn profile(path: &str) {
             "{path}: {runs} hot replayed runs, {ns:.1} ns each, the replay's own cost included"
         );
     });
+}
+
+/// Hot paths of two builds in one run (`PRIVATELINK_BENCH_AB=<object of the other build>`): in
+/// alternating rounds, this build's datapath (A) and the other object (B), each loaded into its
+/// own harness with 10 endpoints, through the same replay and against the same floor program.
+/// Prints the medians and each path's ratio to the floor.
+fn ab(other: &str) {
+    const ROUNDS: usize = 5;
+    let object = std::fs::read(other).unwrap_or_else(|e| panic!("{other}: {e}"));
+    let paths = [
+        "floor",
+        "established forward",
+        "established reply",
+        "new flow",
+    ];
+    let mut ns: [[Vec<f64>; 4]; 2] = Default::default();
+    for round in 0..ROUNDS {
+        for (build, object) in [(0, None), (1, Some(object.as_slice()))] {
+            with_harness_object(bench_sizes(), object, |h| {
+                let model = with_endpoints(h, 9);
+                h.plane.apply(&model).expect("apply");
+                let (c0, c0_mac, p0) = (h.c0, h.c0_mac, h.p0);
+                let (src, port) = consumer(round as u32);
+                let syn = Pkt::syn(src, port, ENDPOINT, 80).macs(CONSUMER_MAC, c0_mac);
+                let r = test_run(h.dp.program(), c0, &syn.build());
+                assert_eq!(r.verdict, XDP_REDIRECT, "the SYN opens the flow");
+                establish(h, &r.out);
+                let out = privatelink_tests::parse_checked(&r.out);
+                let ack = Pkt::tcp(src, port, ENDPOINT, 80, false, true)
+                    .macs(CONSUMER_MAC, c0_mac)
+                    .build();
+                let reply = Pkt::tcp(BACKEND, 8080, out.src, out.sport, false, true)
+                    .macs(BACKEND_MAC, h.p0_mac)
+                    .build();
+                let fresh = Pkt::syn(REPLAY_SOURCE, 1024, ENDPOINT, 80)
+                    .macs(CONSUMER_MAC, c0_mac)
+                    .build();
+                let m = [
+                    median(
+                        (0..REPLAY_ROUNDS)
+                            .map(|_| {
+                                replay_ns(h, FLOOR_PROGRAM, 0, &ack, false, REPLAY_REPEAT, XDP_TX)
+                            })
+                            .collect(),
+                    ),
+                    median(
+                        (0..REPLAY_ROUNDS)
+                            .map(|_| {
+                                replay_ns(h, PROGRAM, c0, &ack, false, REPLAY_REPEAT, XDP_REDIRECT)
+                            })
+                            .collect(),
+                    ),
+                    median(
+                        (0..REPLAY_ROUNDS)
+                            .map(|_| {
+                                replay_ns(
+                                    h,
+                                    PROGRAM,
+                                    p0,
+                                    &reply,
+                                    false,
+                                    REPLAY_REPEAT,
+                                    XDP_REDIRECT,
+                                )
+                            })
+                            .collect(),
+                    ),
+                    replay_ns(h, PROGRAM, c0, &fresh, true, 200_000, XDP_REDIRECT),
+                ];
+                for (i, v) in m.into_iter().enumerate() {
+                    ns[build][i].push(v);
+                }
+            });
+        }
+    }
+    println!("## A/B of two builds, hot paths through the replay ({ROUNDS} alternating rounds)\n");
+    println!("A: this build; B: {other}\n");
+    println!("| path | A ns | B ns | A / floor | B / floor | A / B |");
+    println!("|---|---:|---:|---:|---:|---:|");
+    let med = |v: &Vec<f64>| median(v.clone());
+    let (fa, fb) = (med(&ns[0][0]), med(&ns[1][0]));
+    for (i, path) in paths.iter().enumerate() {
+        let (a, b) = (med(&ns[0][i]), med(&ns[1][i]));
+        println!(
+            "| {path} | {a:.1} | {b:.1} | {:.2} | {:.2} | {:.3} |",
+            a / fa,
+            b / fb,
+            a / b
+        );
+    }
 }
 
 /// One configuration's rows; `floors` gets its floor, timer overhead, replay cost and replay
@@ -1117,6 +1207,9 @@ fn main() {
     privatelink_agent::testkit::netns::teardown_on_signals().expect("signal handler");
     if let Ok(path) = std::env::var("PRIVATELINK_BENCH_PROFILE") {
         return profile(&path);
+    }
+    if let Ok(other) = std::env::var("PRIVATELINK_BENCH_AB") {
+        return ab(&other);
     }
     match std::env::var("PRIVATELINK_BENCH_ONLY").as_deref() {
         Ok("sync") => return sync_scale(),
