@@ -202,16 +202,20 @@ impl Bench {
         dp: &mut Datapath,
         target: &'static str,
     ) -> Result<&mut Xdp, BenchError> {
-        let fd = match dp.ebpf.program_mut(target) {
-            Some(p) => {
-                let p: &mut Xdp = p.try_into()?;
-                p.fd()?.try_clone().map_err(BenchError::Replay)?
-            }
-            None => self
-                .bench_program(target)?
+        // The datapath's programs are the loaded datapath's own; every other target (the floors)
+        // is this object's.
+        let fd = if target == PROGRAM || target == PROGRAM6 {
+            let p: &mut Xdp = dp
+                .ebpf
+                .program_mut(target)
+                .ok_or(BenchError::MissingProgram(target))?
+                .try_into()?;
+            p.fd()?.try_clone().map_err(BenchError::Replay)?
+        } else {
+            self.bench_program(target)?
                 .fd()?
                 .try_clone()
-                .map_err(BenchError::Replay)?,
+                .map_err(BenchError::Replay)?
         };
         let mut jump: ProgramArray<_> = self
             .ebpf

@@ -4,6 +4,8 @@ pub mod accounts;
 pub mod endpoints;
 pub mod groups;
 pub mod services;
+#[cfg(test)]
+mod tests;
 
 use super::{
     error::{ApiError, ApiResult},

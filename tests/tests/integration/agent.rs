@@ -44,11 +44,7 @@ fn agent_syncs_api_state_into_the_datapath() {
         &format!("/v1/services/{}/reject", w.svc),
         json!({ "endpoint_ids": [w.eps[0]] }),
     );
-    std::thread::sleep(Duration::from_millis(300));
-    assert!(
-        round_trip(&w.topo, 0, Duration::from_millis(700)).is_err(),
-        "a Rejected endpoint must not forward"
-    );
+    until(&w, 0, false, "a Rejected endpoint must not forward");
     assert!(
         round_trip(&w.topo, 1, Duration::from_secs(2)).is_ok(),
         "the other consumer is unaffected"
@@ -562,9 +558,27 @@ fn metrics_count_traffic_exactly_and_prometheus_scrapes_them() {
             }
         }
     });
-    // The history sampler (every second here) has seen the endpoints before any traffic, so its
-    // totals must end up equal to the counters.
-    std::thread::sleep(Duration::from_millis(1500));
+    // The history sampler (every second here) must have seen the endpoint before any traffic, so
+    // that its totals end up equal to the counters: it has once its first point (a bucket is
+    // written from the second sample on, zero traffic included).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (status, body) = api(
+            &w.topo,
+            &w.tokens[1],
+            "GET",
+            &format!("/v1/history/endpoint/{}?period=realtime", w.eps[0]),
+            None,
+        );
+        if status == 200 && body["points"].as_array().is_some_and(|p| !p.is_empty()) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the history sampler never recorded the endpoint: {status} {body}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
     // Exactly 10 datagrams of 100 bytes from one socket: one flow.
     let sock = w.topo.consumers[0].enter(|| std::net::UdpSocket::bind("0.0.0.0:0").unwrap());
     sock.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
@@ -829,7 +843,7 @@ fn encode(s: &str) -> String {
 /// The Grafana dashboard: well-formed, every query accepted by the running Prometheus (variables
 /// substituted), every metric it names exposed by the agent.
 fn check_dashboard(w: &World, scrape: &str) {
-    let d: Value = serde_json::from_str(include_str!("../../dashboards/privatelink.json"))
+    let d: Value = serde_json::from_str(include_str!("../../../dashboards/privatelink.json"))
         .expect("dashboard JSON");
     assert!(
         d["uid"].is_string() && d["title"].is_string() && d["schemaVersion"].as_u64() >= Some(30)

@@ -1,0 +1,18 @@
+//! Every integration test in one binary (one link of the whole agent instead of fifteen), a
+//! module per area, as aya's integration tests are laid out. Kernel state (namespaces, pinned maps)
+//! is shared, so `cargo xtask test` runs them one at a time.
+mod acceptance;
+mod agent;
+mod api;
+mod bench_programs;
+mod cli;
+mod datapath;
+mod datapath6;
+mod demo;
+mod dns;
+mod etcd;
+mod faults;
+mod namespace;
+mod netns;
+mod object;
+mod store_crash;
