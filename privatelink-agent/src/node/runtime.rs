@@ -404,14 +404,30 @@ impl Node {
     }
 }
 
+/// Asks a running node to stop, as SIGTERM or Ctrl-C do (for a node run in-process, such as the
+/// demo's). A stop asked before the node's loop waits for it is kept.
+#[derive(Clone, Debug, Default)]
+pub struct Shutdown(Arc<tokio::sync::Notify>);
+
+impl Shutdown {
+    pub fn stop(&self) {
+        self.0.notify_one();
+    }
+}
+
 /// Runs the node until SIGTERM or Ctrl-C; then, by `on_exit`, leaves forwarding to the pinned
 /// programs or detaches them.
 pub fn run(cfg: Checked, on_exit: OnExit) -> Result<()> {
+    run_until(cfg, on_exit, Shutdown::default())
+}
+
+/// The same, stopping also when `shutdown` is asked to.
+pub fn run_until(cfg: Checked, on_exit: OnExit, shutdown: Shutdown) -> Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()?;
-    let node = rt.block_on(serve(Node::open(cfg)?))?;
+    let node = rt.block_on(serve(Node::open(cfg)?, shutdown))?;
     match on_exit {
         OnExit::Detach => {
             let n = node.pins.remove_all()?;
@@ -425,7 +441,7 @@ pub fn run(cfg: Checked, on_exit: OnExit) -> Result<()> {
 }
 
 /// Serves the API, metrics and DNS, and feeds the node its events until asked to stop.
-async fn serve(mut node: Node) -> Result<Node> {
+async fn serve(mut node: Node, shutdown: Shutdown) -> Result<Node> {
     let s = &node.settings;
     let listener = tokio::net::TcpListener::bind(s.api)
         .await
@@ -506,6 +522,7 @@ async fn serve(mut node: Node) -> Result<Node> {
             _ = sample.tick() => Event::Sample,
             _ = tokio::signal::ctrl_c() => break,
             _ = term.recv() => break,
+            _ = shutdown.0.notified() => break,
         };
         node.handle(event);
     }

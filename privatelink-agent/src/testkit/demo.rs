@@ -484,14 +484,18 @@ pub fn run(once: bool) -> Result<Report> {
             }
         }
     });
-    let agent = topo
-        .node
-        .spawn(move || crate::node::runtime::run(checked, crate::node::runtime::OnExit::Detach));
+    let shutdown = crate::node::runtime::Shutdown::default();
+    let agent = {
+        let shutdown = shutdown.clone();
+        topo.node.spawn(move || {
+            crate::node::runtime::run_until(checked, crate::node::runtime::OnExit::Detach, shutdown)
+        })
+    };
     let outcome = drive(&topo, &tokens, &vpcs, &agent, once, &mut report);
     // Stop the agent unless it should keep serving (it detaches: pins and programs go away); also
     // after a failure, so the demo never leaves anything behind.
-    if (once || outcome.is_err()) && !agent.is_finished() {
-        nix::sys::signal::kill(nix::unistd::Pid::this(), nix::sys::signal::Signal::SIGTERM)?;
+    if once || outcome.is_err() {
+        shutdown.stop();
     }
     let agent_result = agent
         .join()
