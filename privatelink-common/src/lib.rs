@@ -13,6 +13,8 @@
 #![no_std]
 
 pub mod bench;
+#[cfg(feature = "build")]
+pub mod build;
 pub mod maps;
 pub mod reasons;
 pub mod stats;

@@ -24,3 +24,15 @@ mod verdict;
 pub use maps::*;
 // The benchmark object builds its floors from the same parse, lookups and counters: `conntrack`,
 // `csum`, `parse`, `process` and `stats` are public for it; the rest is the pipeline's own.
+
+/// Every object's panic handler (a verified program cannot panic; the handler only has to exist).
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+/// Every object's licence (GPL-compatible: the datapath calls GPL-only helpers).
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

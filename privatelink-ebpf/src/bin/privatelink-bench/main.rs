@@ -108,13 +108,3 @@ pub fn acker(ctx: XdpContext) -> u32 {
 pub fn sink(_ctx: XdpContext) -> u32 {
     bench::sink()
 }
-
-#[cfg(not(test))]
-#[panic_handler]
-fn panic(_info: &core::panic::PanicInfo) -> ! {
-    loop {}
-}
-
-#[unsafe(link_section = "license")]
-#[unsafe(no_mangle)]
-static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";
