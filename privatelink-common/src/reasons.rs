@@ -1,14 +1,16 @@
 //! What happened to a packet: one code per outcome, one list shared by the datapath (counter index),
 //! the agent (sums) and the metrics (label values).
 //!
-//! Codes below [`DROP_REASONS`] are drops; the rest are non-drop outcomes (passes, replies, forwards).
+//! Codes below [`DROP_REASONS`] are drops, and so are the drops added after the first release
+//! ([`LATER_DROPS`]): codes are appended, never renumbered, so that a pinned counter array keeps
+//! its meaning across an upgrade. The rest are non-drop outcomes (passes, replies, forwards).
 //! Every packet the program sees ends in exactly one global outcome counter, so the counters account
 //! for every packet.
 
 /// Packet shorter than the headers it announces (Ethernet, VLAN, IPv4/IPv6 and its extension
 /// headers, TCP or UDP) and addressed to us.
 pub const DROP_TRUNCATED: u32 = 0;
-/// IPv4 IHL below 5 or beyond the packet, or an IP version that does not match the EtherType.
+/// IPv4 IHL below 5 or beyond the packet.
 pub const DROP_BAD_IHL: u32 = 1;
 /// IPv4 total length below the header or beyond the frame; IPv6 payload length beyond the frame.
 pub const DROP_BAD_LENGTH: u32 = 2;
@@ -79,8 +81,15 @@ pub const FWD_TX: u32 = 31;
 pub const FWD_REDIRECT: u32 = 32;
 /// IPv6 neighbour solicitation for an endpoint address answered with an advertisement (XDP_TX).
 pub const ND_REPLIED: u32 = 33;
+/// An IPv4 header whose checksum does not verify, addressed to an endpoint or a NAT address:
+/// dropped before any flow is looked up or created, as a router drops it.
+pub const DROP_BAD_CHECKSUM: u32 = 34;
+/// An IP version that does not match the EtherType (not 4 under IPv4's, not 6 under IPv6's).
+pub const DROP_BAD_VERSION: u32 = 35;
+/// The drop codes appended after the first block.
+pub const LATER_DROPS: [u32; 2] = [DROP_BAD_CHECKSUM, DROP_BAD_VERSION];
 /// Number of outcome codes (size of the global counter array).
-pub const OUTCOMES: u32 = 34;
+pub const OUTCOMES: u32 = 36;
 
 /// Metric label value for each outcome code, indexed by code.
 pub const OUTCOME_NAMES: [&str; OUTCOMES as usize] = [
@@ -118,9 +127,11 @@ pub const OUTCOME_NAMES: [&str; OUTCOMES as usize] = [
     "fwd_tx",
     "fwd_redirect",
     "nd_replied",
+    "bad_checksum",
+    "bad_version",
 ];
 
 /// Whether an outcome code is a drop.
 pub const fn is_drop(code: u32) -> bool {
-    code < DROP_REASONS
+    code < DROP_REASONS || code == DROP_BAD_CHECKSUM || code == DROP_BAD_VERSION
 }

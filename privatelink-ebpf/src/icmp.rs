@@ -19,9 +19,10 @@
 //! Echo requests to an endpoint are answered only for services that opt in.
 use network_types::ip::Ipv4Hdr;
 use privatelink_common::{
-    DIR_FORWARD, DIR_REPLY, DROP_BAD_IHL, DROP_ICMP_ECHO, DROP_ICMP_NO_FLOW, DROP_NO_FLOW,
-    DROP_NO_PORT, DROP_REWRITE_FAILED, DROP_TRUNCATED, DROP_TTL_EXPIRED, EndpointIpValue, Flow,
-    FlowKey, FlowKey4, ICMP_ECHO_REPLIED, IfaceInfo, LinkInfo, PROTO_ICMP, PROTO_TCP, PROTO_UDP,
+    DIR_FORWARD, DIR_REPLY, DROP_BAD_IHL, DROP_BAD_VERSION, DROP_ICMP_ECHO, DROP_ICMP_NO_FLOW,
+    DROP_NO_FLOW, DROP_NO_PORT, DROP_REWRITE_FAILED, DROP_TRUNCATED, DROP_TTL_EXPIRED,
+    EndpointIpValue, Flow, FlowKey, FlowKey4, ICMP_ECHO_REPLIED, IfaceInfo, LinkInfo, PROTO_ICMP,
+    PROTO_TCP, PROTO_UDP,
 };
 
 use crate::{
@@ -88,7 +89,10 @@ fn translate(
         )
     };
     let ihl = (vihl & 0x0f) as usize;
-    if vihl >> 4 != 4 || ihl < 5 {
+    if vihl >> 4 != 4 {
+        return Err(DROP_BAD_VERSION);
+    }
+    if ihl < 5 {
         return Err(DROP_BAD_IHL);
     }
     if proto != PROTO_TCP && proto != PROTO_UDP {

@@ -14,7 +14,7 @@
 //! is updated incrementally. Path MTU discovery works across an IPv6 endpoint.
 use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
 use privatelink_common::{
-    DROP_BAD_IHL, DROP_ICMP_ECHO, DROP_ICMP_NO_FLOW, DROP_NO_FLOW, DROP_NO_PORT,
+    DROP_BAD_VERSION, DROP_ICMP_ECHO, DROP_ICMP_NO_FLOW, DROP_NO_FLOW, DROP_NO_PORT,
     DROP_REWRITE_FAILED, DROP_TRUNCATED, DROP_TTL_EXPIRED, EndpointIpValue, FlowKey6, IfaceInfo,
     In6, ND_REPLIED, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP,
 };
@@ -218,7 +218,7 @@ fn translate_error(
     // SAFETY: bounds checked by ptr_at.
     let e = unsafe { &mut *e };
     if e.inner.head[0] >> 4 != 6 {
-        return Err(DROP_BAD_IHL);
+        return Err(DROP_BAD_VERSION);
     }
     // The quoted packet's upper header must follow its fixed header: the datapath forwards the
     // consumer's extension headers, so a quote carrying some is not walked (dropped, counted).

@@ -1,10 +1,12 @@
 //! Bounds-checked packet access and header parsing.
-use aya_ebpf::programs::XdpContext;
+use aya_ebpf::{helpers::generated::bpf_xdp_load_bytes, programs::XdpContext};
 use network_types::{eth::EthHdr, ip::Ipv4Hdr, tcp::TcpHdr, udp::UdpHdr};
 use privatelink_common::{
-    DROP_BAD_IHL, DROP_BAD_LENGTH, DROP_FRAGMENT, DROP_IPV6_EXT, DROP_TRUNCATED, In6, MAX_EXT_HDRS,
-    PROTO_TCP, PROTO_UDP,
+    DROP_BAD_CHECKSUM, DROP_BAD_IHL, DROP_BAD_LENGTH, DROP_BAD_VERSION, DROP_FRAGMENT,
+    DROP_IPV6_EXT, DROP_TRUNCATED, In6, MAX_EXT_HDRS, PROTO_TCP, PROTO_UDP,
 };
+
+use crate::csum;
 
 /// EtherTypes as they appear on the wire, read natively (`u16::from_ne_bytes`).
 pub const ETH_P_IP: u16 = 0x0800u16.to_be();
@@ -105,21 +107,27 @@ pub struct Hdr4 {
     pub daddr_be: u32,
 }
 
-/// Validates the IPv4 header at `l3_off`: version, IHL, total length within the frame, not a
-/// fragment. `Err(code)`: a drop reason.
+/// Validates the IPv4 header at `l3_off` as a router does: version, IHL, header checksum, then
+/// total length within the frame and not a fragment. `Err(code)`: a drop reason.
 #[inline(always)]
 pub fn ip4_hdr(ctx: &XdpContext, l3_off: usize) -> Result<Hdr4, u32> {
     let ip: *const Ipv4Hdr = ptr_at(ctx, l3_off).ok_or(DROP_TRUNCATED)?;
     // SAFETY: bounds checked by ptr_at.
     let ip = unsafe { &*ip };
+    if ip.vihl >> 4 != 4 {
+        return Err(DROP_BAD_VERSION);
+    }
     let ihl = (ip.vihl & 0x0f) as usize;
-    if ip.vihl >> 4 != 4 || ihl < 5 {
+    if ihl < 5 {
         return Err(DROP_BAD_IHL);
     }
     let hdr_len = ihl * 4;
     let frame_len = ctx.data_end() - ctx.data();
     if l3_off + hdr_len > frame_len {
         return Err(DROP_BAD_IHL);
+    }
+    if !ip4_checksum_ok(ctx, l3_off, ip, ihl) {
+        return Err(DROP_BAD_CHECKSUM);
     }
     let tot_len = u16::from_be_bytes(ip.tot_len);
     if (tot_len as usize) < hdr_len || l3_off + tot_len as usize > frame_len {
@@ -138,6 +146,36 @@ pub fn ip4_hdr(ctx: &XdpContext, l3_off: usize) -> Result<Hdr4, u32> {
         daddr_be: u32::from_ne_bytes(ip.dst_addr),
     })
 }
+
+/// Whether the IPv4 header (`ihl` words of 4 bytes, options included) sums to all ones, the
+/// checksum field included.
+#[inline(always)]
+fn ip4_checksum_ok(ctx: &XdpContext, l3_off: usize, ip: &Ipv4Hdr, ihl: usize) -> bool {
+    // SAFETY: `Ipv4Hdr` is the 20 bytes of the fixed header, bounds checked by the caller's ptr_at.
+    let fixed = unsafe { &*(ip as *const Ipv4Hdr).cast::<[u8; IPV4_HLEN]>() };
+    let mut sum = csum::sum(fixed);
+    // Options (rare): at most 10 words, each copied out by the helper, which checks the read
+    // against the frame. A packet pointer per word would let LLVM rebuild its address from the
+    // frame's start with an offset the verifier holds no bound for.
+    let mut word = [0u8; 4];
+    for i in 0..MAX_IPV4_OPTION_WORDS {
+        if i + 5 >= ihl {
+            break;
+        }
+        let at = (l3_off + IPV4_HLEN + 4 * i) as u32;
+        // SAFETY: the helper writes at most 4 bytes into `word`, and reads only inside the frame.
+        let r = unsafe { bpf_xdp_load_bytes(ctx.ctx, at, word.as_mut_ptr().cast(), 4) };
+        if r != 0 {
+            return false;
+        }
+        sum += csum::sum(&word);
+    }
+    csum::finish(sum) == 0
+}
+
+/// The fixed IPv4 header, and the most option words an IHL of 15 leaves room for.
+const IPV4_HLEN: usize = 20;
+const MAX_IPV4_OPTION_WORDS: usize = 10;
 
 /// Ports and TCP flags of the TCP or UDP header at `l4_off`, which must end by `l3_end` (the end
 /// of the IP packet). `Ok(None)`: neither TCP nor UDP.
@@ -272,7 +310,7 @@ pub fn ip6_hdr(ctx: &XdpContext, l3_off: usize) -> Result<Hdr6, u32> {
     // SAFETY: bounds checked by ptr_at.
     let ip = unsafe { &*ip };
     if ip.head[0] >> 4 != 6 {
-        return Err(DROP_BAD_IHL);
+        return Err(DROP_BAD_VERSION);
     }
     let end = l3_off + IPV6_HLEN + u16::from_be_bytes([ip.head[4], ip.head[5]]) as usize;
     if end > ctx.data_end() - ctx.data() {

@@ -211,3 +211,18 @@ pub fn parse_checked(frame: &[u8]) -> Parsed {
 }
 
 pub mod api;
+
+/// Recomputes the IPv4 header checksum of `frame` (IPv4 header at `l3_off`), for fixtures that
+/// change header fields to test one defect at a time.
+pub fn fix_ipv4_checksum(frame: &mut [u8], l3_off: usize) {
+    let ihl = usize::from(frame[l3_off] & 0x0f) * 4;
+    frame[l3_off + 10..l3_off + 12].copy_from_slice(&[0, 0]);
+    let mut sum: u32 = frame[l3_off..l3_off + ihl]
+        .chunks(2)
+        .map(|w| u32::from(u16::from_be_bytes([w[0], w[1]])))
+        .sum();
+    while sum >> 16 != 0 {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    frame[l3_off + 10..l3_off + 12].copy_from_slice(&(!(sum as u16)).to_be_bytes());
+}

@@ -7,7 +7,7 @@ use aya::{
 use privatelink_common::{
     DEFAULT_CONNTRACK_ENTRIES, DEFAULT_CONNTRACK6_ENTRIES, DEFAULT_MAX_ALLOWLIST,
     DEFAULT_MAX_BACKENDS, DEFAULT_MAX_ENDPOINT_PORTS, DEFAULT_MAX_LINKS, DEFAULT_MAX_RULE_LISTS,
-    DEFAULT_MAX_RULE_LISTS6, DEFAULT_MAX_SERVICES, names,
+    DEFAULT_MAX_RULE_LISTS6, DEFAULT_MAX_SERVICES, OUTCOMES, names,
 };
 
 use crate::datapath::object;
@@ -76,6 +76,8 @@ pub enum LoadError {
     Object(#[from] aya::EbpfError),
     #[error("loading the XDP program (verifier): {0}")]
     Program(#[from] ProgramError),
+    #[error("pinned maps: {0}")]
+    Pins(String),
     #[error("the object has no program `{0}`")]
     MissingProgram(&'static str),
     #[error("installing the IPv6 program: {0}")]
@@ -114,6 +116,10 @@ impl Datapath {
         sizes: &Sizes,
         pins: Option<&crate::datapath::pins::Pins>,
     ) -> Result<Self, LoadError> {
+        if let Some(p) = pins {
+            p.drop_resized(names::GLOBAL_STATS, OUTCOMES)
+                .map_err(|e| LoadError::Pins(format!("{e:#}")))?;
+        }
         let paths: Vec<(&str, std::path::PathBuf)> = pins
             .map(|p| names::ALL.iter().map(|n| (*n, p.map_path(n))).collect())
             .unwrap_or_default();

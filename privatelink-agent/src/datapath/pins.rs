@@ -76,6 +76,30 @@ impl Pins {
         self.dir.join(format!("link-{ifname}"))
     }
 
+    /// Removes the pin of map `name` if it holds other than `entries` entries, so that the load
+    /// creates it anew. For arrays whose size the object fixes and a build may grow (the outcome
+    /// counters, one per outcome code: codes are appended, never renumbered): the other maps,
+    /// conntrack among them, are reused as they are. Returns whether the pin was removed.
+    pub fn drop_resized(&self, name: &str, entries: u32) -> Result<bool> {
+        let path = self.map_path(name);
+        if !path.exists() {
+            return Ok(false);
+        }
+        let pinned = aya::maps::MapData::from_pin(&path)
+            .with_context(|| format!("opening {}", path.display()))?
+            .info()
+            .with_context(|| format!("reading {}", path.display()))?
+            .max_entries();
+        if pinned == entries {
+            return Ok(false);
+        }
+        log::warn!(
+            "{name}: pinned with {pinned} entries, this build has {entries}: created anew (its counters start over)"
+        );
+        std::fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
+        Ok(true)
+    }
+
     /// Maps pinned by an agent with another layout version (and so not reused).
     pub fn stale_maps(&self) -> Vec<PathBuf> {
         let current: Vec<String> = names::ALL

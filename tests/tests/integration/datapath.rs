@@ -430,10 +430,12 @@ fn truncated_and_malformed_headers() {
         // Addressed to the endpoint with a cut TCP header: dropped.
         let mut cut = full[..14 + 20 + 10].to_vec();
         cut[16..18].copy_from_slice(&30u16.to_be_bytes());
+        privatelink_tests::fix_ipv4_checksum(&mut cut, 14);
         assert_dropped_raw(h, &cut, c::DROP_TRUNCATED);
         // Total length beyond the frame.
         let mut long = full.clone();
         long[16..18].copy_from_slice(&2000u16.to_be_bytes());
+        privatelink_tests::fix_ipv4_checksum(&mut long, 14);
         assert_dropped_raw(h, &long, c::DROP_BAD_LENGTH);
         // IHL 4, and IHL 15 beyond the packet.
         for ihl in [4u8, 15] {

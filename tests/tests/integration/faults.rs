@@ -10,8 +10,8 @@ use std::{
 use privatelink_agent::testkit::demo::{ENDPOINT, TCP_PORTS};
 use privatelink_agent::testkit::netns::Netns;
 use privatelink_common::reasons::{
-    DROP_BAD_IHL, DROP_BAD_LENGTH, DROP_FRAGMENT, DROP_TCP_NOT_SYN, DROP_TRUNCATED, FWD_REDIRECT,
-    FWD_TX, OUTCOME_NAMES, PASS_MALFORMED,
+    DROP_BAD_CHECKSUM, DROP_BAD_IHL, DROP_BAD_LENGTH, DROP_BAD_VERSION, DROP_FRAGMENT,
+    DROP_TCP_NOT_SYN, DROP_TRUNCATED, FWD_REDIRECT, FWD_TX, OUTCOME_NAMES, PASS_MALFORMED,
 };
 use privatelink_tests::{
     fixture::Pkt,
@@ -299,11 +299,22 @@ fn malformed_frames_at_rate_are_all_counted_and_none_is_forwarded() {
         f[IHL] = 0x43;
         frames.push(f);
         expected[DROP_BAD_IHL as usize] += 1;
-        // Total length beyond the frame.
+        // Total length beyond the frame (the checksum made consistent: one defect at a time).
         let mut f = syn(sport);
         f[IHL + 2..IHL + 4].copy_from_slice(&1400u16.to_be_bytes());
+        privatelink_tests::fix_ipv4_checksum(&mut f, IHL);
         frames.push(f);
         expected[DROP_BAD_LENGTH as usize] += 1;
+        // A header checksum that does not verify: dropped before any flow exists.
+        let mut f = syn(sport);
+        f[IHL + 10] ^= 0x5a;
+        frames.push(f);
+        expected[DROP_BAD_CHECKSUM as usize] += 1;
+        // An IP version that is not 4 under IPv4's EtherType.
+        let mut f = syn(sport);
+        f[IHL] = 0x65;
+        frames.push(f);
+        expected[DROP_BAD_VERSION as usize] += 1;
         // Fragments (more-fragments, or an offset).
         frames.push(
             Pkt::syn(client, sport, ENDPOINT, TCP_PORTS.0)
@@ -317,6 +328,7 @@ fn malformed_frames_at_rate_are_all_counted_and_none_is_forwarded() {
         let cut = IHL + 20 + (next() % 20) as usize;
         f.truncate(cut);
         f[IHL + 2..IHL + 4].copy_from_slice(&((cut - IHL) as u16).to_be_bytes());
+        privatelink_tests::fix_ipv4_checksum(&mut f, IHL);
         frames.push(f);
         expected[DROP_TRUNCATED as usize] += 1;
         // A stray ACK: no state, no SYN.

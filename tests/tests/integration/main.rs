@@ -12,6 +12,7 @@ mod demo;
 mod dns;
 mod etcd;
 mod faults;
+mod malformed;
 mod namespace;
 mod netns;
 mod object;
