@@ -329,7 +329,7 @@ fn serve(
     handler: Shared,
 ) -> Result<tokio::task::JoinHandle<()>> {
     let dev = iface.name.as_str();
-    crate::node::addr::replace_host_address(iface.ifindex, listen)
+    crate::node::netlink::replace_host_address(iface.ifindex, listen)
         .with_context(|| format!("putting {listen} on {dev}"))?;
     let addr = SocketAddr::new(listen, port);
     let udp = bound(dev, addr, socket2::Type::DGRAM)?;

@@ -48,7 +48,36 @@ fn attach(
         }
         Attached::New => log::info!("{name}: attached ({mode})"),
     }
+    if mode == "native" {
+        warn_if_veth_peer_lacks_xdp(name);
+    }
     Ok(mode)
+}
+
+/// On veth, native XDP needs an XDP program on the peer too (or redirected frames and XDP_TX
+/// replies are lost), and TX checksum offload off on the peer (or forwarded TCP arrives with a
+/// partial checksum): says so when the peer is in this namespace and has no program.
+fn warn_if_veth_peer_lacks_xdp(name: &str) {
+    use crate::node::netlink;
+    let Ok(ifindex) = nix::net::if_::if_nametoindex(name) else {
+        return;
+    };
+    let Some(peer) = netlink::link(ifindex)
+        .ok()
+        .and_then(|l| netlink::visible_veth_peer(&l))
+    else {
+        return;
+    };
+    match netlink::link(peer) {
+        Ok(p) if !netlink::has_xdp(&p) => log::warn!(
+            "{name} is a veth attached natively, and its peer {} has no XDP program: redirected \
+             frames and XDP_TX replies to it will be lost. Attach an XDP program to the peer (any \
+             program that passes, e.g. the `pass` program), and turn TX checksum offload off on \
+             it (`ethtool -K <peer> tx off`); see the README's section on veth",
+            netlink::name(&p).unwrap_or("(unnamed)")
+        ),
+        _ => {}
+    }
 }
 
 /// The node's interfaces as they are now: attaches to those that appeared or were re-created

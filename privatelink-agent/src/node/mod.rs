@@ -3,7 +3,6 @@
 //! ([`sync`]), link, route and neighbour events ([`netwatch`]), backend health checks ([`health`]), the DNS
 //! server ([`dns`]), Prometheus metrics ([`metrics`]), monitoring history ([`history`]), and the
 //! event loop that ties them together ([`runtime`]).
-pub mod addr;
 pub mod config;
 pub mod dns;
 pub mod health;
@@ -11,6 +10,7 @@ pub mod history;
 pub mod interfaces;
 pub mod local;
 pub mod metrics;
+pub mod netlink;
 pub mod netwatch;
 pub mod runtime;
 pub mod sync;

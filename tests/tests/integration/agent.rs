@@ -1086,3 +1086,37 @@ fn a_backends_next_hop_moves_under_a_live_flow_within_100_ms() {
     stop.store(true, Ordering::Relaxed);
     echo.join().unwrap();
 }
+
+/// On veth, native XDP needs a program on the peer as well: the agent says so for a veth whose
+/// peer it can see (same namespace) without one, and not for a veth whose peer is elsewhere.
+#[test]
+fn a_native_veth_whose_peer_has_no_xdp_program_is_warned_about() {
+    if !privileged("a_native_veth_whose_peer_has_no_xdp_program_is_warned_about") {
+        return;
+    }
+    let (w, _agent) = privatelink_tests::world::world_with(
+        "vw",
+        "[[interfaces]]\nname = \"vx0\"\nnetwork = \"vpc-0000beef\"\nrole = \"consumer\"\n",
+    );
+    // The pair appears after the agent started: attached on the link event.
+    let node = &w.topo.node;
+    node.ip(&["link", "add", "vx0", "type", "veth", "peer", "name", "vx0p"])
+        .expect("veth pair");
+    node.ip(&["link", "set", "vx0p", "up"]).expect("peer up");
+    node.ip(&["link", "set", "vx0", "up"]).expect("vx0 up");
+    let want = "vx0 is a veth attached natively, and its peer vx0p has no XDP program";
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !w.log().contains(want) {
+        assert!(
+            Instant::now() < deadline,
+            "no warning about vx0's peer:\n{}",
+            w.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        !w.log().contains("c0 is a veth attached natively"),
+        "c0's peer is in the consumer's namespace, where the agent cannot see it:\n{}",
+        w.log()
+    );
+}
