@@ -3,7 +3,7 @@
 use std::{
     io::{Read as _, Write as _},
     net::{SocketAddr, TcpListener, TcpStream},
-    process::{Child, Stdio},
+    process::{Child, Command, Stdio},
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
@@ -106,8 +106,8 @@ pub fn ok(topo: &Topology, token: &str, path: &str, body: Value) -> Value {
     v
 }
 
-/// A bpffs mounted for one test (pins must outlive the agent process, whose `ip netns exec`
-/// mount namespace has a private /sys); unmounted and removed on drop.
+/// A bpffs mounted for one test, on the host (pins outlive the agent process, and each test has
+/// its own); unmounted and removed on drop.
 pub struct BpfFs(pub std::path::PathBuf);
 
 impl BpfFs {
@@ -177,10 +177,11 @@ impl World {
             .append(true)
             .open(self.dir.join("agent.log"))
             .unwrap();
-        let child = self
-            .topo
-            .node
-            .command(agent_bin("privatelink-agent").to_str().unwrap())
+        // The documented way: the node's network namespace, the host's mount namespace (so the
+        // pins outlive the agent), not `ip netns exec`, which gives the agent mounts of its own.
+        let child = Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{}", self.topo.node.name()))
+            .arg(agent_bin("privatelink-agent"))
             .args([
                 "run",
                 "--config",

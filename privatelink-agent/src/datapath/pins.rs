@@ -36,7 +36,65 @@ fn is_bpffs(p: &Path) -> bool {
     nix::sys::statfs::statfs(p).is_ok_and(|s| s.filesystem_type().0 as i64 == BPF_FS_MAGIC)
 }
 
+/// Whether pins under a directory outlive this process.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Persistence {
+    /// The directory's bpffs is one the host's mount namespace has too: pins stay when the
+    /// process ends, and forwarding goes on through them.
+    Host,
+    /// The bpffs is this process's own (a private mount namespace mounted it, as `ip netns exec`
+    /// or `unshare -m` make): its pins, and forwarding, end with the process.
+    Private,
+    /// The host's mounts cannot be read (`/proc/1/mountinfo`): nothing is known.
+    Unknown,
+}
+
+/// The device (`major:minor`) of the bpffs mount that holds `dir`, from a mountinfo text: the
+/// deepest bpf mount whose mount point is an ancestor of `dir`.
+fn bpffs_device(mountinfo: &str, dir: &Path) -> Option<String> {
+    mountinfo
+        .lines()
+        .filter_map(|l| {
+            // id parent major:minor root mount-point options [optional...] - fstype source ...
+            let (head, tail) = l.split_once(" - ")?;
+            let fields: Vec<&str> = head.split(' ').collect();
+            let fstype = tail.split(' ').next()?;
+            (fstype == "bpf").then(|| (fields.get(2).copied(), fields.get(4).copied()))
+        })
+        .filter_map(|(dev, at)| Some((dev?, Path::new(at?))))
+        .filter(|(_, at)| dir.starts_with(at))
+        .max_by_key(|(_, at)| at.components().count())
+        .map(|(dev, _)| dev.to_string())
+}
+
+/// Whether the bpffs holding `dir` (per this process's mounts) is one the host has mounted too.
+pub fn persistence(own_mountinfo: &str, host_mountinfo: Option<&str>, dir: &Path) -> Persistence {
+    let Some(host) = host_mountinfo else {
+        return Persistence::Unknown;
+    };
+    let Some(dev) = bpffs_device(own_mountinfo, dir) else {
+        return Persistence::Private;
+    };
+    let host_has_it = host.lines().any(|l| {
+        l.split_once(" - ").is_some_and(|(head, tail)| {
+            tail.starts_with("bpf ") && head.split(' ').nth(2) == Some(dev.as_str())
+        })
+    });
+    if host_has_it {
+        Persistence::Host
+    } else {
+        Persistence::Private
+    }
+}
+
 impl Pins {
+    /// Whether this node's pins outlive the process (see [`Persistence`]).
+    pub fn persistence(&self) -> Persistence {
+        let own = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+        let host = std::fs::read_to_string("/proc/1/mountinfo").ok();
+        persistence(&own, host.as_deref(), &self.dir)
+    }
+
     /// Makes sure `dir` is on a mounted bpffs (mounting /sys/fs/bpf if needed) and exists.
     pub fn prepare(dir: &Path) -> Result<Self> {
         let root = Path::new("/sys/fs/bpf");
@@ -163,5 +221,48 @@ impl Pins {
         }
         std::fs::remove_dir(&self.dir).ok();
         Ok(n)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const HOST: &str = "\
+22 1 0:21 / /sys rw,nosuid shared:7 - sysfs sysfs rw
+31 22 0:28 / /sys/fs/bpf rw,nosuid shared:12 - bpf bpf rw,mode=700
+90 1 0:51 / /tmp/t/bpffs rw shared:40 - bpf bpf rw
+";
+
+    #[test]
+    fn pins_persist_only_on_a_bpffs_the_host_has_mounted_too() {
+        let dir = Path::new("/sys/fs/bpf/privatelink");
+        assert_eq!(persistence(HOST, Some(HOST), dir), Persistence::Host);
+        // `ip netns exec`: /sys remounted, and a bpffs of the process's own on /sys/fs/bpf.
+        let netns_exec = "\
+400 300 0:77 / /sys rw - sysfs sysfs rw
+401 400 0:78 / /sys/fs/bpf rw - bpf bpf rw
+";
+        assert_eq!(
+            persistence(netns_exec, Some(HOST), dir),
+            Persistence::Private
+        );
+        // A test's bpffs, mounted on the host and seen through a copied mount namespace.
+        let copied = "\
+500 300 0:51 / /tmp/t/bpffs rw master:40 - bpf bpf rw
+";
+        let pins = Path::new("/tmp/t/bpffs/privatelink");
+        assert_eq!(persistence(copied, Some(HOST), pins), Persistence::Host);
+        // No bpffs under the directory at all, and an unreadable host.
+        assert_eq!(persistence("", Some(HOST), dir), Persistence::Private);
+        assert_eq!(persistence(netns_exec, None, dir), Persistence::Unknown);
+        // The deepest mount wins.
+        assert_eq!(
+            bpffs_device(
+                &format!("{HOST}91 90 0:99 / /sys/fs/bpf/privatelink rw - bpf bpf rw\n"),
+                dir
+            ),
+            Some("0:99".to_string())
+        );
     }
 }

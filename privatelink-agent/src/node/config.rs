@@ -43,9 +43,14 @@ pub struct AgentConfig {
     pub metrics: MetricsConfig,
     #[serde(default)]
     pub store: StoreConfig,
-    /// bpffs directory for pins.
+    /// bpffs directory for pins. It must be on a bpffs the host has mounted (its pins outlive
+    /// the agent), unless `ephemeral_pins` accepts pins that end with the process.
     #[serde(default = "default_bpffs")]
     pub bpffs: PathBuf,
+    /// Run with pins on a bpffs of the agent's own mount namespace: forwarding then stops with
+    /// the agent. Default: refuse to start that way.
+    #[serde(default)]
+    pub ephemeral_pins: bool,
     pub interfaces: Vec<InterfaceConfig>,
     /// NAT range per provider network id.
     #[serde(default)]
@@ -445,6 +450,9 @@ pub struct Overrides {
     /// Replaces `bpffs`.
     #[arg(long, env = "PRIVATELINK_BPFFS")]
     pub bpffs: Option<PathBuf>,
+    /// Sets `ephemeral_pins`: accept pins that end with the agent (forwarding stops with it).
+    #[arg(long)]
+    pub ephemeral_pins: bool,
     /// Replaces `resync_interval` (seconds).
     #[arg(long, env = "PRIVATELINK_RESYNC_INTERVAL")]
     pub resync_interval: Option<u64>,
@@ -476,6 +484,9 @@ impl Overrides {
         }
         if let Some(v) = o.bpffs {
             c.bpffs = v;
+        }
+        if o.ephemeral_pins {
+            c.ephemeral_pins = true;
         }
         if let Some(v) = o.resync_interval {
             c.resync_interval = v;

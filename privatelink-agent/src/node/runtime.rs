@@ -20,7 +20,7 @@ use crate::{
     datapath::{
         Dataplane, StatsReader,
         loader::Datapath,
-        pins::Pins,
+        pins::{Persistence, Pins},
         scan::{Latest, Scanner},
     },
     node::{
@@ -108,6 +108,8 @@ pub struct Node {
     history_reader: StatsReader,
     /// The revision last reported (-1: none, or the last report failed).
     reported: Arc<AtomicI64>,
+    /// Whether the pins outlive the agent.
+    persistence: Persistence,
     dns: Option<Dns>,
     /// The latest conntrack scan (metrics and history read it).
     conntrack: Latest,
@@ -123,6 +125,29 @@ impl Node {
             ControlPlane::open(store, &cfg.admin_token)?.with_cluster(raw.cluster.clone()),
         );
         let pins = Pins::prepare(&raw.bpffs)?;
+        let persistence = pins.persistence();
+        match persistence {
+            Persistence::Host => {}
+            Persistence::Unknown => log::warn!(
+                "bpffs: the host's mounts (/proc/1/mountinfo) cannot be read, so whether the pins \
+                 under {} outlive the agent is not known",
+                raw.bpffs.display()
+            ),
+            Persistence::Private if raw.ephemeral_pins => log::warn!(
+                "bpffs: {} is on this process's own bpffs (ephemeral_pins): forwarding stops with \
+                 the agent, and a restart starts with empty conntrack",
+                raw.bpffs.display()
+            ),
+            Persistence::Private => anyhow::bail!(
+                "bpffs: {} is on a bpffs of the agent's own mount namespace (as `ip netns exec` \
+                 and `unshare -m` make): its pins, and so forwarding and conntrack, would end with \
+                 the agent. Run it in the node's network namespace without a new mount namespace \
+                 (`nsenter --net=/run/netns/NODE privatelink-agent run ...`), or set `bpffs` to a \
+                 directory on a bpffs the host has mounted (/sys/fs/bpf), or accept pins that end \
+                 with the process (`ephemeral_pins = true`, `--ephemeral-pins`)",
+                raw.bpffs.display()
+            ),
+        }
         let dp = Datapath::load_pinned(&cfg.sizes, &pins).context("loading the datapath")?;
         let mut dp = dp;
         let dataplane = Dataplane::new(&mut dp.ebpf)?;
@@ -170,6 +195,7 @@ impl Node {
             history,
             history_reader,
             reported: Arc::new(AtomicI64::new(-1)),
+            persistence,
             dns: None,
             conntrack: Latest::default(),
         };
@@ -433,6 +459,9 @@ pub fn run_until(cfg: Checked, on_exit: OnExit, shutdown: Shutdown) -> Result<()
             let n = node.pins.remove_all()?;
             log::info!("stopped and detached: {n} pins removed");
         }
+        OnExit::KeepForwarding if node.persistence == Persistence::Private => log::warn!(
+            "stopped; the pins were on this process's own bpffs and end with it: forwarding stops"
+        ),
         OnExit::KeepForwarding => log::info!(
             "stopped; forwarding continues through the pinned programs and maps (`privatelink-agent detach` removes them)"
         ),

@@ -1120,3 +1120,70 @@ fn a_native_veth_whose_peer_has_no_xdp_program_is_warned_about() {
         w.log()
     );
 }
+
+/// An agent whose pins would be on a bpffs of its own mount namespace (`ip netns exec` remounts
+/// /sys and the agent mounts a bpffs there; `unshare -m` with a bpffs mounted inside) would lose
+/// them, and forwarding, when it stops: it refuses to start, and says how to run it instead.
+#[test]
+fn an_agent_whose_pins_would_die_with_it_refuses_to_start_and_says_how_to_run_it() {
+    if !privileged("an_agent_whose_pins_would_die_with_it_refuses_to_start") {
+        return;
+    }
+    let ns = privatelink_agent::testkit::netns::Netns::new("mp").expect("namespace");
+    let dir = std::env::temp_dir().join(format!("privatelink-mp-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let token = dir.join("token");
+    std::fs::write(&token, "mount-namespace-test-token").unwrap();
+    let config = |bpffs: &str| {
+        let path = dir.join(format!("agent-{}.toml", bpffs.len()));
+        std::fs::write(
+            &path,
+            format!(
+                "node = \"mp\"\nadmin_token_file = \"{}\"\nbpffs = \"{bpffs}\"\n[store]\npath = \"{}\"\n\
+                 [[interfaces]]\nname = \"lo\"\nnetwork = \"vpc-00000001\"\nrole = \"consumer\"\n",
+                token.display(),
+                dir.join("state.db").display()
+            ),
+        )
+        .unwrap();
+        path
+    };
+    let agent = agent_bin("privatelink-agent");
+    let refuses = |out: std::process::Output, how: &str| {
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{how}: the agent started:\n{err}");
+        assert!(
+            err.contains("own mount namespace") && err.contains("nsenter --net="),
+            "{how}: no clear error:\n{err}"
+        );
+    };
+    // 1. `ip netns exec`, pins under /sys/fs/bpf.
+    let cfg = config(&format!(
+        "/sys/fs/bpf/privatelink-mp-{}",
+        std::process::id()
+    ));
+    // Bounded: an agent that wrongly started would otherwise run on.
+    let out = ns
+        .command("timeout")
+        .args(["20", agent.to_str().unwrap(), "run", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    refuses(out, "ip netns exec");
+    // 2. `unshare -m`, a bpffs mounted inside it.
+    let private = dir.join("bpf");
+    let cfg = config(&format!("{}/pins", private.display()));
+    let script = format!(
+        "mkdir -p {p} && mount -t bpf bpf {p} && exec timeout 20 {a} run --config {c}",
+        p = private.display(),
+        a = agent.display(),
+        c = cfg.display()
+    );
+    let out = ns
+        .command("unshare")
+        .args(["-m", "--propagation", "private", "sh", "-c", &script])
+        .output()
+        .unwrap();
+    refuses(out, "unshare -m");
+    std::fs::remove_dir_all(&dir).ok();
+}
