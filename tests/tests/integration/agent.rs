@@ -1187,3 +1187,63 @@ fn an_agent_whose_pins_would_die_with_it_refuses_to_start_and_says_how_to_run_it
     refuses(out, "unshare -m");
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// SIGTERM, the documented way of running (the node's network namespace, the host's mounts):
+/// the agent stops and says forwarding goes on, and it does, through the pinned programs and
+/// maps: a connection opened before keeps working while no agent runs and after a new one took
+/// over (a new conntrack would drop its segments as not being SYNs), and new connections work.
+#[test]
+fn sigterm_leaves_forwarding_and_conntrack_to_the_next_agent() {
+    if !privileged("sigterm_leaves_forwarding_and_conntrack_to_the_next_agent") {
+        return;
+    }
+    let (w, agent) = world("st");
+    w.accept_all();
+    let stop = Arc::new(AtomicBool::new(false));
+    let server = echo_server(&w.topo, stop.clone());
+    wait_for_traffic(&w, 0);
+    let mut conn = w.topo.consumers[0]
+        .enter(|| {
+            TcpStream::connect_timeout(
+                &SocketAddr::from((ENDPOINT, TCP_PORTS.0)),
+                Duration::from_secs(2),
+            )
+        })
+        .expect("a connection through the endpoint");
+    conn.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    let mut echo = |what: &str| {
+        let msg = format!("still here: {what}");
+        conn.write_all(msg.as_bytes()).unwrap();
+        let mut back = vec![0u8; msg.len()];
+        conn.read_exact(&mut back)
+            .unwrap_or_else(|e| panic!("the connection broke ({what}): {e}\n{}", w.log()));
+        assert_eq!(back, msg.as_bytes());
+    };
+    echo("before");
+    let mut agent = agent;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(agent.0.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let status = agent.0.wait().unwrap();
+    assert!(
+        status.success(),
+        "the agent stops cleanly on SIGTERM: {status}"
+    );
+    assert!(
+        w.log()
+            .contains("forwarding continues through the pinned programs and maps"),
+        "{}",
+        w.log()
+    );
+    echo("no agent");
+    round_trip(&w.topo, 0, Duration::from_secs(2))
+        .unwrap_or_else(|e| panic!("no new connection without the agent: {e}\n{}", w.log()));
+    let _agent = w.start_agent();
+    wait_for_traffic(&w, 0);
+    echo("new agent");
+    drop(conn);
+    stop.store(true, Ordering::Relaxed);
+    server.join().unwrap();
+}
