@@ -209,13 +209,9 @@ impl Dataplane {
 
     /// The contents of every written map, as the kernel has them now.
     pub fn read_maps(&self) -> Result<MapState, DataplaneError> {
-        let mut s = MapState::default();
-        let cfg = self.config.read()?;
-        // A never-written config map reads as zeroes; the datapath then uses the defaults.
-        s.config = if cfg.udp_timeout_ns == 0 {
-            DatapathConfig::DEFAULT
-        } else {
-            cfg
+        let mut s = MapState {
+            config: self.config.read()?,
+            ..Default::default()
         };
         s.ifaces = read_hash(&self.ifaces, names::IFACES)?;
         s.iface_index = read_array(&self.iface_index, names::IFACE_INDEX, |v| {
@@ -976,13 +972,26 @@ struct ConfigInner {
     fib_generation: u32,
 }
 
+impl ConfigInner {
+    /// The config the datapath runs with: the map's, or the defaults while the map was never
+    /// written (it then reads as zeroes, and the datapath uses the defaults).
+    fn current(&self) -> Result<DatapathConfig, DataplaneError> {
+        let cfg = self.map.get(&0, 0).map_err(map_err(names::CONFIG))?;
+        Ok(if cfg.udp_timeout_ns == 0 {
+            DatapathConfig::DEFAULT
+        } else {
+            cfg
+        })
+    }
+}
+
 impl ConfigMap {
     fn lock(&self) -> std::sync::MutexGuard<'_, ConfigInner> {
         self.0.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn read(&self) -> Result<DatapathConfig, DataplaneError> {
-        self.lock().map.get(&0, 0).map_err(map_err(names::CONFIG))
+        self.lock().current()
     }
 
     fn fib_generation(&self) -> u32 {
@@ -1007,13 +1016,7 @@ impl ConfigMap {
     /// generation. Returns that generation.
     pub fn bump_fib_generation(&self) -> Result<u32, DataplaneError> {
         let mut inner = self.lock();
-        let current = inner.map.get(&0, 0).map_err(map_err(names::CONFIG))?;
-        // A never-written map reads as zeroes (the datapath then uses the defaults).
-        let current = if current.udp_timeout_ns == 0 {
-            DatapathConfig::DEFAULT
-        } else {
-            current
-        };
+        let current = inner.current()?;
         let generation = inner.fib_generation.wrapping_add(1);
         inner
             .map
