@@ -48,20 +48,14 @@ fn attach(
         }
         Attached::New => log::info!("{name}: attached ({mode})"),
     }
-    if mode == "native" {
-        warn_if_veth_peer_lacks_xdp(name);
-    }
     Ok(mode)
 }
 
 /// On veth, native XDP needs an XDP program on the peer too (or redirected frames and XDP_TX
 /// replies are lost), and TX checksum offload off on the peer (or forwarded TCP arrives with a
 /// partial checksum): says so when the peer is in this namespace and has no program.
-fn warn_if_veth_peer_lacks_xdp(name: &str) {
+fn warn_if_veth_peer_lacks_xdp(name: &str, ifindex: u32) {
     use crate::node::netlink;
-    let Ok(ifindex) = nix::net::if_::if_nametoindex(name) else {
-        return;
-    };
     let Some(peer) = netlink::link(ifindex)
         .ok()
         .and_then(|l| netlink::visible_veth_peer(&l))
@@ -139,7 +133,12 @@ impl Interfaces {
                 name,
                 self.modes.get(name).copied().unwrap_or_default(),
             ) {
-                Ok(mode) => drop(self.attached.insert(name.clone(), (ifindex, mode))),
+                Ok(mode) => {
+                    if mode == "native" {
+                        warn_if_veth_peer_lacks_xdp(name, ifindex);
+                    }
+                    self.attached.insert(name.clone(), (ifindex, mode));
+                }
                 Err(e) => log::error!("{name}: {e:#}"),
             }
         }
