@@ -133,5 +133,30 @@ pub const OUTCOME_NAMES: [&str; OUTCOMES as usize] = [
 
 /// Whether an outcome code is a drop.
 pub const fn is_drop(code: u32) -> bool {
-    code < DROP_REASONS || code == DROP_BAD_CHECKSUM || code == DROP_BAD_VERSION
+    if code < DROP_REASONS {
+        return true;
+    }
+    let mut i = 0;
+    while i < LATER_DROPS.len() {
+        if LATER_DROPS[i] == code {
+            return true;
+        }
+        i += 1;
+    }
+    false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_drops_are_the_first_block_and_the_later_drops_only() {
+        for code in 0..OUTCOMES {
+            let want = code < DROP_REASONS || LATER_DROPS.contains(&code);
+            assert_eq!(is_drop(code), want, "{}", OUTCOME_NAMES[code as usize]);
+        }
+        assert!(is_drop(DROP_BAD_CHECKSUM) && is_drop(DROP_BAD_VERSION));
+        assert!(!is_drop(ND_REPLIED) && !is_drop(FWD_REDIRECT));
+    }
 }
