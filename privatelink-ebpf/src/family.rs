@@ -17,7 +17,8 @@ use privatelink_common::{
 
 use crate::{
     BACKENDS4, BACKENDS6, CT4, CT6, ENDPOINT_IPS4, ENDPOINT_IPS6, ENDPOINTS4, ENDPOINTS6,
-    FLOW_CACHE4, FLOW_CACHE6, MAGLEV, MAGLEV6, NAT4, NAT6, NEXTHOP4, NEXTHOP6,
+    FLOW_CACHE4, FLOW_CACHE6, MAGLEV, MAGLEV6, NAT_PROBE4, NAT_PROBE6, NAT4, NAT6, NEXTHOP4,
+    NEXTHOP6,
     csum::Delta,
     mem,
     parse::{Ipv6Raw, Pkt, ptr_at, wire6},
@@ -32,6 +33,8 @@ pub trait Family: Copy + PartialEq + Default + 'static {
     const AF: u8;
     /// The conntrack map.
     fn ct() -> &'static HashMap<FlowKey<Self>, Flow<Self>>;
+    /// The per-CPU state of a NAT port search.
+    fn nat_probe() -> Option<&'static mut crate::nat::Probe<Self>>;
     /// The per-CPU flow cache in front of the conntrack map.
     fn flow_cache() -> &'static PerCpuArray<FlowCacheEntry<Self>>;
     /// The address folded to 32 bits (the identity for IPv4), for the flow hash.
@@ -72,6 +75,12 @@ impl Family for u32 {
     #[inline(always)]
     fn ct() -> &'static HashMap<FlowKey<u32>, Flow<u32>> {
         &CT4
+    }
+
+    #[inline(always)]
+    fn nat_probe() -> Option<&'static mut crate::nat::Probe<u32>> {
+        // SAFETY: per-CPU value; XDP programs do not nest on a CPU.
+        NAT_PROBE4.get_ptr_mut(0).map(|p| unsafe { &mut *p })
     }
 
     #[inline(always)]
@@ -185,6 +194,12 @@ impl Family for In6 {
     #[inline(always)]
     fn ct() -> &'static HashMap<FlowKey<In6>, Flow<In6>> {
         &CT6
+    }
+
+    #[inline(always)]
+    fn nat_probe() -> Option<&'static mut crate::nat::Probe<In6>> {
+        // SAFETY: per-CPU value; XDP programs do not nest on a CPU.
+        NAT_PROBE6.get_ptr_mut(0).map(|p| unsafe { &mut *p })
     }
 
     #[inline(always)]

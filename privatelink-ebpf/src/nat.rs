@@ -3,16 +3,18 @@ use core::mem::MaybeUninit;
 
 use aya_ebpf::{
     bindings::{BPF_ANY, BPF_EXIST, BPF_NOEXIST},
-    helpers::bpf_get_prandom_u32,
+    cty::c_void,
+    helpers::{bpf_get_prandom_u32, bpf_loop},
 };
 use privatelink_common::{
     CT_OPEN, CT_SYN_SENT, DIR_FORWARD, DIR_REPLY, DROP_CONNTRACK_FULL, DROP_NAT_EXHAUSTED,
     DROP_NO_BACKEND, DROP_NO_NAT_RANGE, DatapathConfig, Flow, FlowKey, LinkInfo, MAGLEV_SIZE,
-    NAT_PORT_RETRIES, NextHop, PROTO_TCP,
+    NAT_PORT_PROBES, NextHop, PROTO_TCP,
 };
 
 use crate::{conntrack, family::Family, mem, parse::Pkt};
 
+const ENOENT: i32 = 2;
 const EEXIST: i32 = 17;
 
 /// Where the consumer's frame came from, for the reply entry (no FIB lookup on the way back:
@@ -81,29 +83,79 @@ pub fn pick_backend<A: Family>(service_slot: u32, hash: u32) -> Result<(u32, A),
     Ok((slot, A::backend(slot).ok_or(DROP_NO_BACKEND)?))
 }
 
-#[inline(always)]
-fn random_port(port_min: u16, port_max: u16) -> u16 {
-    let span = (port_max as u32).saturating_sub(port_min as u32) + 1;
-    // SAFETY: helper without preconditions.
-    let rnd = unsafe { bpf_get_prandom_u32() };
-    port_min + (rnd % span) as u16
+/// A new flow in the making: its entry (the reply entry first, then the forward entry in the same
+/// memory), and the NAT port search: the reply key with the port being tried, the clock and
+/// timeouts that say whether a taken port's flow expired, and a xorshift sequence of ports
+/// (seeded once per flow: one helper call, not one per try) scaled onto the range by a multiply.
+/// Lives in a per-CPU map (`NAT_PROBE4`/`NAT_PROBE6`), where the `bpf_loop` callback finds it,
+/// and off the programs' stacks (the IPv6 one has no room for another key and entry).
+#[repr(C)]
+pub struct Probe<A> {
+    flow: MaybeUninit<Flow<A>>,
+    rkey: FlowKey<A>,
+    cfg: DatapathConfig,
+    now: u64,
+    ports: Ports,
+    /// [`CLAIMED`], or the drop reason the search ended with.
+    result: u32,
+}
+
+/// A xorshift sequence of ports in `min..min + span`.
+#[repr(C)]
+struct Ports {
+    state: u32,
+    span: u32,
+    min: u16,
+    _pad: u16,
+}
+
+/// [`Probe::result`] of a search that wrote the reply entry.
+const CLAIMED: u32 = 0;
+
+impl Ports {
+    #[inline(always)]
+    fn next(&mut self) -> u16 {
+        let mut x = self.state;
+        x ^= x << 13;
+        x ^= x >> 17;
+        x ^= x << 5;
+        self.state = x;
+        self.min + ((x as u64 * self.span as u64) >> 32) as u16
+    }
+}
+
+/// One try of the search (a `bpf_loop` callback). Returns 1 to end the loop.
+extern "C" fn probe_next<A: Family>(_i: u64, _ctx: *mut c_void) -> i64 {
+    let Some(s) = A::nat_probe() else {
+        return 1;
+    };
+    let port = s.ports.next();
+    s.rkey.dport_be = port.to_be();
+    // SAFETY: `create_flow` wrote the reply entry before the search.
+    let reply = unsafe { s.flow.assume_init_ref() };
+    match claim(&s.rkey, reply, false, s.now, &s.cfg) {
+        Ok(false) => 0,
+        Ok(true) => {
+            s.result = CLAIMED;
+            1
+        }
+        Err(reason) => {
+            s.result = reason;
+            1
+        }
+    }
 }
 
 /// Chooses a NAT address and port whose reply tuple is free, and writes both flow entries. With
-/// `nh` (the backend's cached next hop), the forward entry starts out with it.
-/// `flow` is written whenever this returns `Ok`, and ends as the forward entry (the translation to
-/// apply now); it is built in place as the reply entry first, so one flow's worth of stack serves
-/// both (the IPv6 program's 512 bytes would not hold three).
+/// `nh` (the backend's cached next hop), the forward entry starts out with it. Returns the
+/// forward entry (the translation to apply now), built in this CPU's [`Probe`] where the reply
+/// entry was built first.
 #[allow(
     clippy::needless_borrows_for_generic_args,
     reason = "by value, the key and flow would be copied to the stack once more"
 )]
 #[inline(always)]
-pub fn create_flow<A: Family>(
-    req: &NewFlow<A>,
-    to: &Backend<A>,
-    flow: &mut MaybeUninit<Flow<A>>,
-) -> Result<(), u32> {
+pub fn create_flow<A: Family>(req: &NewFlow<A>, to: &Backend<A>) -> Result<&'static Flow<A>, u32> {
     let NewFlow {
         key,
         p,
@@ -122,8 +174,9 @@ pub fn create_flow<A: Family>(
     } else {
         CT_OPEN
     };
+    let s = A::nat_probe().ok_or(DROP_NAT_EXHAUSTED)?;
     let flow = mem::write(
-        flow,
+        &mut s.flow,
         Flow {
             last_seen_ns: now,
             saddr_be: p.daddr_be,
@@ -142,85 +195,119 @@ pub fn create_flow<A: Family>(
             _pad: 0,
         },
     );
-    // Keep the consumer's port when the range allows it (fewer surprises), else pick at random.
+    s.rkey = FlowKey::new(
+        link.provider_network,
+        backend_be,
+        nat_addr_be,
+        service_port_be,
+        0,
+        p.proto,
+    );
+    // SAFETY: helper without preconditions.
+    let seed = unsafe { bpf_get_prandom_u32() };
+    s.ports = Ports {
+        // xorshift never leaves zero.
+        state: seed | 1,
+        span: (port_max as u32).saturating_sub(port_min as u32) + 1,
+        min: port_min,
+        _pad: 0,
+    };
+    // Keep the consumer's port when the range allows it (fewer surprises), else one at random.
+    // This first try inserts at once: at low occupancy it is free, and one map operation is all.
     let sport = u16::from_be(p.sport_be);
-    let mut port = if sport >= port_min && sport <= port_max {
+    let first = if sport >= port_min && sport <= port_max {
         sport
     } else {
-        random_port(port_min, port_max)
+        s.ports.next()
     };
-    for _ in 0..=NAT_PORT_RETRIES {
-        let rkey = FlowKey::new(
-            link.provider_network,
-            backend_be,
-            nat_addr_be,
-            service_port_be,
-            port.to_be(),
-            p.proto,
-        );
-        let claimed = match A::ct().insert(&rkey, &*flow, BPF_NOEXIST as u64) {
-            Ok(()) => true,
-            Err(e) if e == -EEXIST => reclaim(&rkey, key, flow, now, cfg)?,
-            Err(_) => return Err(DROP_CONNTRACK_FULL),
+    s.rkey.dport_be = first.to_be();
+    if !claim(&s.rkey, &*flow, true, now, cfg)? {
+        // Taken: independent random ports, each looked at before it is written (no bucket lock
+        // for a taken one), at most `NAT_PORT_PROBES` in all. In a `bpf_loop` callback, so the
+        // verifier checks one try instead of every one of them.
+        s.now = now;
+        s.cfg = *cfg;
+        s.result = DROP_NAT_EXHAUSTED;
+        // SAFETY: the callback matches bpf_loop's signature and takes no context.
+        unsafe {
+            bpf_loop(
+                NAT_PORT_PROBES - 1,
+                probe_next::<A> as *mut c_void,
+                core::ptr::null_mut(),
+                0,
+            )
         };
-        if claimed {
-            // The reply entry is written: the same memory becomes the forward entry (link,
-            // state and timestamps are the same).
-            flow.saddr_be = nat_addr_be;
-            flow.daddr_be = backend_be;
-            flow.sport_be = port.to_be();
-            flow.dport_be = service_port_be;
-            flow.peer_network = link.provider_network;
-            match nh {
-                Some(nh) => {
-                    flow.egress_ifindex = nh.ifindex;
-                    mem::copy_mac(&mut flow.src_mac, &nh.src_mac);
-                    mem::copy_mac(&mut flow.dst_mac, &nh.dst_mac);
-                    flow.nh_generation = nh.generation;
-                }
-                None => {
-                    flow.egress_ifindex = 0;
-                    mem::zero_mac(&mut flow.src_mac);
-                    mem::zero_mac(&mut flow.dst_mac);
-                }
-            }
-            flow.vlan_id = 0;
-            flow.dir = DIR_FORWARD;
-            if A::ct().insert(key, &*flow, BPF_ANY as u64).is_err() {
-                let _ = A::ct().remove(&rkey);
-                return Err(DROP_CONNTRACK_FULL);
-            }
-            return Ok(());
+        if s.result != CLAIMED {
+            return Err(s.result);
         }
-        port = random_port(port_min, port_max);
     }
-    Err(DROP_NAT_EXHAUSTED)
+    let port_be = s.rkey.dport_be;
+    // The reply entry is written: the same memory becomes the forward entry (link, state and
+    // timestamps are the same).
+    flow.saddr_be = nat_addr_be;
+    flow.daddr_be = backend_be;
+    flow.sport_be = port_be;
+    flow.dport_be = service_port_be;
+    flow.peer_network = link.provider_network;
+    match nh {
+        Some(nh) => {
+            flow.egress_ifindex = nh.ifindex;
+            mem::copy_mac(&mut flow.src_mac, &nh.src_mac);
+            mem::copy_mac(&mut flow.dst_mac, &nh.dst_mac);
+            flow.nh_generation = nh.generation;
+        }
+        None => {
+            flow.egress_ifindex = 0;
+            mem::zero_mac(&mut flow.src_mac);
+            mem::zero_mac(&mut flow.dst_mac);
+        }
+    }
+    flow.vlan_id = 0;
+    flow.dir = DIR_FORWARD;
+    if A::ct().insert(key, &*flow, BPF_ANY as u64).is_err() {
+        let _ = A::ct().remove(&s.rkey);
+        return Err(DROP_CONNTRACK_FULL);
+    }
+    Ok(flow)
 }
 
-/// A reply tuple is taken: it may still be ours to overwrite when its flow expired or when it is
-/// this very consumer flow's old entry.
+/// Claims the reply tuple `rkey` for the new flow by writing its reply entry: when it is free, when
+/// its flow expired, or when it is this very consumer flow's old entry (the same consumer tuple
+/// and network as `reply`'s). `Ok(false)`: taken.
 #[inline(always)]
-fn reclaim<A: Family>(
+fn claim<A: Family>(
     rkey: &FlowKey<A>,
-    key: &FlowKey<A>,
     reply: &Flow<A>,
+    insert_first: bool,
     now: u64,
     cfg: &DatapathConfig,
 ) -> Result<bool, u32> {
-    // SAFETY: the value is copied out at once.
-    let Some(old) = (unsafe { A::ct().get(rkey) }) else {
-        return Ok(false);
-    };
-    let ours = old.peer_network == key.network_id
-        && old.daddr_be == key.saddr_be
-        && old.dport_be == key.sport_be
-        && old.saddr_be == key.daddr_be
-        && old.sport_be == key.dport_be;
-    if !ours && !conntrack::expired(old, rkey.proto, now, cfg) {
-        return Ok(false);
+    if insert_first {
+        match A::ct().insert(rkey, reply, BPF_NOEXIST as u64) {
+            Ok(()) => return Ok(true),
+            Err(e) if e == -EEXIST => {}
+            Err(_) => return Err(DROP_CONNTRACK_FULL),
+        }
     }
-    match A::ct().insert(rkey, reply, BPF_EXIST as u64) {
+    // SAFETY: the value is read at once.
+    let flags = match unsafe { A::ct().get(rkey) } {
+        None => BPF_NOEXIST,
+        Some(old) => {
+            let ours = old.peer_network == reply.peer_network
+                && old.daddr_be == reply.daddr_be
+                && old.dport_be == reply.dport_be
+                && old.saddr_be == reply.saddr_be
+                && old.sport_be == reply.sport_be;
+            if !ours && !conntrack::expired(old, rkey.proto, now, cfg) {
+                return Ok(false);
+            }
+            BPF_EXIST
+        }
+    };
+    match A::ct().insert(rkey, reply, flags as u64) {
         Ok(()) => Ok(true),
+        // Another CPU took or freed the tuple between the look and the write: try the next one.
+        Err(e) if e == -EEXIST || e == -ENOENT => Ok(false),
         Err(_) => Err(DROP_CONNTRACK_FULL),
     }
 }

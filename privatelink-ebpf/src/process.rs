@@ -1,5 +1,4 @@
 //! One packet, start to finish: classify, look up, admit or drop, translate, send; count the outcome.
-use core::mem::MaybeUninit;
 
 use aya_ebpf::programs::XdpContext;
 use network_types::{eth::EthHdr, ip::Ipv4Hdr};
@@ -342,18 +341,14 @@ fn new_flow<A: Family>(pk: &Packet<A>, key: &FlowKey<A>) -> Verdict {
     let Some(link) = LINKS.get(ep.link_id).copied() else {
         return Verdict::drop(DROP_LINK_INACTIVE);
     };
-    // Written by `create_flow` before it succeeds (a `Flow::default()` here would be a 56-byte
-    // `memset` call, see `mem`).
-    let mut flow = MaybeUninit::<Flow<A>>::uninit();
-    let v = match admit_and_create(pk, key, &link, &ep, &mut flow) {
-        Ok(slot) => {
+    let v = match admit_and_create(pk, key, &link, &ep) {
+        Ok((slot, flow)) => {
             stats::link_new_conn(ep.link_id);
             forward::send(
                 pk.frame.ctx,
                 pk.frame.l2,
                 p,
-                // SAFETY: `admit_and_create` succeeded, so `create_flow` wrote the entry.
-                unsafe { flow.assume_init_ref() },
+                flow,
                 None,
                 pk.cfg.fib_generation,
                 Some((slot, pk.now)),
@@ -372,15 +367,14 @@ fn new_flow<A: Family>(pk: &Packet<A>, key: &FlowKey<A>) -> Verdict {
 }
 
 /// Admission (link, allowlist, TCP SYN, security groups, TTL), then the backend, its cached next
-/// hop and the flow's entries. Returns the backend slot.
+/// hop and the flow's entries. Returns the backend slot and the forward entry.
 #[inline(always)]
 fn admit_and_create<A: Family>(
     pk: &Packet<A>,
     key: &FlowKey<A>,
     link: &LinkInfo,
     ep: &EndpointValue,
-    flow: &mut MaybeUninit<Flow<A>>,
-) -> Result<u32, u32> {
+) -> Result<(u32, &'static Flow<A>), u32> {
     let p = pk.p;
     policy::link_usable(link)?;
     policy::allowlisted(link)?;
@@ -417,8 +411,7 @@ fn admit_and_create<A: Family>(
             peer_mac,
         },
     };
-    nat::create_flow(&request, &backend, flow)?;
-    Ok(slot)
+    Ok((slot, nat::create_flow(&request, &backend)?))
 }
 
 #[inline(always)]

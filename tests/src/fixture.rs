@@ -438,6 +438,28 @@ impl Harness {
         self.plane.link_stats(link).expect("link stats")
     }
 
+    /// The datapath's map `name` as the kernel has it (the `Dataplane` holds the loader's handle),
+    /// found through the programs' map ids; kernel map names are cut at 15 bytes.
+    pub fn kernel_map(&self, name: &str) -> aya::maps::MapData {
+        let mut ids = std::collections::BTreeSet::new();
+        for prog in [crate::benchkit::PROGRAM, crate::benchkit::PROGRAM6] {
+            let prog = self.dp.ebpf.program(prog).expect("loaded");
+            let info = prog.info().expect("program info");
+            ids.extend(info.map_ids().expect("map ids").unwrap_or_default());
+        }
+        let short = &name[..name.len().min(15)];
+        ids.into_iter()
+            .map(|id| aya::maps::MapData::from_id(id).expect("map by id"))
+            .find(|m| {
+                m.info()
+                    .ok()
+                    .and_then(|i| i.name_as_str().map(str::to_string))
+                    .as_deref()
+                    == Some(short)
+            })
+            .unwrap_or_else(|| panic!("the datapath has no map {name}"))
+    }
+
     /// A consumer SYN to the endpoint from `sport` on consumer interface c0.
     pub fn consumer_syn(&self, sport: u16) -> Pkt {
         Pkt::syn(CONSUMER, sport, ENDPOINT, 80).macs(CONSUMER_MAC, self.c0_mac)

@@ -14,6 +14,7 @@ mod etcd;
 mod faults;
 mod malformed;
 mod namespace;
+mod nat_ports;
 mod netns;
 mod object;
 mod store_crash;

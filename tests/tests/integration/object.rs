@@ -59,7 +59,9 @@ fn no_program_calls_the_byte_loop_memset_memmove_or_memcpy() {
 /// The datapath programs run as one function each: a BPF-to-BPF call (a subprogram LLVM chose not
 /// to inline, such as the body behind the `#[xdp]` entry once it grows) costs a call and a return
 /// per packet. A call is `BPF_JMP | BPF_CALL` (0x85) with source register `BPF_PSEUDO_CALL` (1),
-/// to a function in the same section or, relocated, in another.
+/// to a function in the same section or, relocated, in another. (The NAT port search's `bpf_loop`
+/// callback is a function of its own by design; it runs only once a new flow's first port is
+/// taken, and a callback is passed by address, not called.)
 #[test]
 fn the_datapath_programs_make_no_bpf_to_bpf_calls() {
     let bytes = privatelink_agent::datapath::object::bytes().expect("the eBPF object is built");
@@ -96,7 +98,7 @@ fn the_datapath_programs_make_no_bpf_to_bpf_calls() {
 #[test]
 fn the_production_object_holds_exactly_the_datapath_programs_and_maps() {
     const PROGRAMS: [&str; 3] = ["pass", "privatelink", "privatelink6"];
-    const MAPS: [&str; 34] = [
+    const MAPS: [&str; 36] = [
         "ALLOWLIST",
         "BACKENDS4",
         "BACKENDS6",
@@ -125,6 +127,8 @@ fn the_production_object_holds_exactly_the_datapath_programs_and_maps() {
         "MAGLEV6",
         "NAT4",
         "NAT6",
+        "NAT_PROBE4",
+        "NAT_PROBE6",
         "NEXTHOP4",
         "NEXTHOP6",
         "RULES4",
