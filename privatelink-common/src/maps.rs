@@ -67,11 +67,14 @@ pub const PROTO_ANY: u8 = 0;
 pub const DIR_FORWARD: u8 = 0;
 pub const DIR_REPLY: u8 = 1;
 
-/// TCP conntrack states ([`Flow4::tcp_state`]); UDP flows stay `CT_OPEN`.
+/// TCP conntrack states ([`Flow4::tcp_state`]); UDP flows stay `CT_OPEN`. A flow is half-open
+/// (`CT_SYN_SENT`, then `CT_SYN_RECV` once the backend answered) until the consumer acknowledges
+/// the backend's SYN-ACK, and lives [`DatapathConfig::tcp_syn_timeout_ns`] idle until then.
 pub const CT_SYN_SENT: u8 = 1;
 pub const CT_ESTABLISHED: u8 = 2;
 pub const CT_CLOSING: u8 = 3;
 pub const CT_OPEN: u8 = 4;
+pub const CT_SYN_RECV: u8 = 5;
 
 /// Untagged interfaces with an ifindex below this are also in `IFACE_INDEX`, an array indexed by
 /// ifindex (an array lookup the verifier inlines instead of a hash lookup, on every packet).
@@ -188,8 +191,13 @@ pub struct LinkInfo {
     pub allowed: u32,
     /// Nonzero when the service answers ICMP echo requests to its endpoints (opt-in).
     pub answer_ping: u32,
+    /// Most live flows the link may have; 0: no limit of its own. New flows beyond it drop
+    /// ([`crate::DROP_FLOW_LIMIT`]). Live = `LINK_OPENED` − `LINK_RETIRED` for the link. (Added
+    /// after layout 3: a pinned `LINKS` of the old size is created anew, see `drop_resized`.)
+    pub flow_limit: u32,
+    pub _pad: u32,
 }
-crate::assert_size!(LinkInfo, 32);
+crate::assert_size!(LinkInfo, 40);
 
 /// Key of `ALLOWLIST`: (service slot, account number). Value: 1.
 #[repr(C)]
@@ -473,9 +481,11 @@ crate::assert_size!(NextHop, 32);
 const SEC: u64 = 1_000_000_000;
 
 impl DatapathConfig {
-    /// Conntrack lifetimes: TCP SYN-only 60 s, established 2 h idle, after FIN/RST 10 s, UDP 60 s.
+    /// Conntrack lifetimes: TCP until the handshake completes 10 s, established 2 h idle, after
+    /// FIN/RST 10 s, UDP 60 s. The short half-open lifetime is what bounds a SYN flood's hold on
+    /// the table (a client's retransmitted SYNs, 1 s, 3 s and 7 s in, keep its entry alive).
     pub const DEFAULT: DatapathConfig = DatapathConfig {
-        tcp_syn_timeout_ns: 60 * SEC,
+        tcp_syn_timeout_ns: 10 * SEC,
         tcp_established_timeout_ns: 7200 * SEC,
         tcp_closing_timeout_ns: 10 * SEC,
         udp_timeout_ns: 60 * SEC,
@@ -574,6 +584,12 @@ pub mod names {
     /// that, while a restarted agent replaces the programs, an old program's hand-off reaches the
     /// new IPv6 program (which the pinned `JUMP` already names).
     pub const HANDOFF6: &str = "HANDOFF6";
+    /// Link id → new flows the datapath admitted under a flow limit (an atomic count).
+    pub const LINK_OPENED: &str = "LINK_OPENED";
+    /// Link id → how many flows of the link the agent's conntrack scan found ended, as
+    /// `LINK_OPENED` counts them (written by the agent only): `LINK_OPENED` − `LINK_RETIRED` is
+    /// the link's live flows as of the last scan, plus those admitted since.
+    pub const LINK_RETIRED: &str = "LINK_RETIRED";
 
     /// Every map, for pinning.
     pub const ALL: &[&str] = &[
@@ -602,6 +618,8 @@ pub mod names {
         JUMP,
         HANDOFF6,
         IFACE_INDEX,
+        LINK_OPENED,
+        LINK_RETIRED,
     ];
 }
 

@@ -86,10 +86,13 @@ pub const ND_REPLIED: u32 = 33;
 pub const DROP_BAD_CHECKSUM: u32 = 34;
 /// An IP version that does not match the EtherType (not 4 under IPv4's, not 6 under IPv6's).
 pub const DROP_BAD_VERSION: u32 = 35;
+/// A new flow of a link that already has as many live flows as its limit allows
+/// ([`crate::LinkInfo::flow_limit`]).
+pub const DROP_FLOW_LIMIT: u32 = 36;
 /// The drop codes appended after the first block.
-pub const LATER_DROPS: [u32; 2] = [DROP_BAD_CHECKSUM, DROP_BAD_VERSION];
+pub const LATER_DROPS: [u32; 3] = [DROP_BAD_CHECKSUM, DROP_BAD_VERSION, DROP_FLOW_LIMIT];
 /// Number of outcome codes (size of the global counter array).
-pub const OUTCOMES: u32 = 36;
+pub const OUTCOMES: u32 = 37;
 
 /// Metric label value for each outcome code, indexed by code.
 pub const OUTCOME_NAMES: [&str; OUTCOMES as usize] = [
@@ -129,6 +132,7 @@ pub const OUTCOME_NAMES: [&str; OUTCOMES as usize] = [
     "nd_replied",
     "bad_checksum",
     "bad_version",
+    "flow_limit",
 ];
 
 /// Whether an outcome code is a drop.
@@ -156,7 +160,9 @@ mod tests {
             let want = code < DROP_REASONS || LATER_DROPS.contains(&code);
             assert_eq!(is_drop(code), want, "{}", OUTCOME_NAMES[code as usize]);
         }
-        assert!(is_drop(DROP_BAD_CHECKSUM) && is_drop(DROP_BAD_VERSION));
+        assert!(
+            is_drop(DROP_BAD_CHECKSUM) && is_drop(DROP_BAD_VERSION) && is_drop(DROP_FLOW_LIMIT)
+        );
         assert!(!is_drop(ND_REPLIED) && !is_drop(FWD_REDIRECT));
     }
 }

@@ -1,8 +1,8 @@
 //! Flow state: lookup with expiry, TCP state, refresh of both entries of a flow.
 use aya_ebpf::helpers::{bpf_jiffies64, bpf_ktime_get_coarse_ns};
 use privatelink_common::{
-    CT_CLOSING, CT_ESTABLISHED, CT_SYN_SENT, DIR_FORWARD, DIR_REPLY, DatapathConfig, Flow, FlowKey,
-    PROTO_TCP,
+    CT_CLOSING, CT_ESTABLISHED, CT_SYN_RECV, CT_SYN_SENT, DIR_FORWARD, DIR_REPLY, DatapathConfig,
+    Flow, FlowKey, PROTO_TCP,
 };
 
 use crate::{
@@ -91,6 +91,12 @@ pub(crate) fn update<A: Family>(flow: *mut Flow<A>, p: &Pkt<A>, now: u64) {
         if f & (TCP_FIN | TCP_RST) != 0 {
             state = CT_CLOSING;
         } else if old == CT_SYN_SENT && flow.dir == DIR_REPLY {
+            // The backend answered; the handshake is complete once the consumer acknowledges.
+            state = CT_SYN_RECV;
+        } else if old == CT_SYN_RECV
+            && flow.dir == DIR_FORWARD
+            && f & (TCP_SYN | TCP_ACK) == TCP_ACK
+        {
             state = CT_ESTABLISHED;
         } else if old == CT_CLOSING && flow.dir == DIR_FORWARD && f & (TCP_SYN | TCP_ACK) == TCP_SYN
         {

@@ -133,6 +133,15 @@ pub static DEVMAP: DevMapHash = DevMapHash::with_max_entries(4096, 0);
 #[map]
 pub static GLOBAL_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(OUTCOMES, 0);
 
+/// Link id → new flows admitted while the link had a flow limit (atomic adds: a limit must see
+/// every CPU's flows). See `names::LINK_OPENED`.
+#[map]
+pub static LINK_OPENED: Array<u64> = Array::with_max_entries(DEFAULT_MAX_LINKS, 0);
+
+/// Link id → flows of `LINK_OPENED` the agent's conntrack scan found ended (the agent writes it).
+#[map]
+pub static LINK_RETIRED: Array<u64> = Array::with_max_entries(DEFAULT_MAX_LINKS, 0);
+
 /// Link id → counters (per CPU).
 #[map]
 pub static LINK_STATS: PerCpuArray<LinkStats> = PerCpuArray::with_max_entries(DEFAULT_MAX_LINKS, 0);

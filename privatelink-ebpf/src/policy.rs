@@ -1,11 +1,13 @@
 //! Admission of new flows: link state, allowlist, security groups (first match in priority order).
+use core::intrinsics::{AtomicOrdering, atomic_xadd};
+
 use privatelink_common::{
-    ACTION_ACCEPT, AllowKey, DROP_LINK_INACTIVE, DROP_LINK_PENDING, DROP_LINK_REJECTED,
-    DROP_NOT_ALLOWLISTED, DROP_SECURITY_GROUP, In6, LINK_AVAILABLE, LINK_PENDING, LINK_REJECTED,
-    LinkInfo, MAX_RULES, PROTO_ANY, RULES_NONE,
+    ACTION_ACCEPT, AllowKey, DROP_FLOW_LIMIT, DROP_LINK_INACTIVE, DROP_LINK_PENDING,
+    DROP_LINK_REJECTED, DROP_NOT_ALLOWLISTED, DROP_SECURITY_GROUP, In6, LINK_AVAILABLE,
+    LINK_PENDING, LINK_REJECTED, LinkInfo, MAX_RULES, PROTO_ANY, RULES_NONE,
 };
 
-use crate::{ALLOWLIST, RULES4, RULES6};
+use crate::{ALLOWLIST, LINK_OPENED, LINK_RETIRED, RULES4, RULES6};
 
 /// The check every packet of a link passes (one array lookup was needed to get `link`).
 #[inline(always)]
@@ -30,6 +32,35 @@ pub fn allowlisted(link: &LinkInfo) -> Result<(), u32> {
     match unsafe { ALLOWLIST.get(key) } {
         Some(_) => Ok(()),
         None => Err(DROP_NOT_ALLOWLISTED),
+    }
+}
+
+/// The link has room for one more flow under its limit (none: always). Live flows are the flows
+/// admitted under the limit minus those the agent's last scan found ended, so a flow that ends
+/// frees its place at the next scan. CPUs admitting at the same instant may pass the limit by one
+/// flow each.
+#[inline(always)]
+pub fn under_flow_limit(link: &LinkInfo, link_id: u32) -> Result<(), u32> {
+    if link.flow_limit == 0 {
+        return Ok(());
+    }
+    let opened = LINK_OPENED.get(link_id).copied().unwrap_or(0);
+    let retired = LINK_RETIRED.get(link_id).copied().unwrap_or(0);
+    if opened.wrapping_sub(retired) >= link.flow_limit as u64 {
+        return Err(DROP_FLOW_LIMIT);
+    }
+    Ok(())
+}
+
+/// Counts a flow the link admitted under its limit.
+#[inline(always)]
+pub fn count_opened(link: &LinkInfo, link_id: u32) {
+    if link.flow_limit == 0 {
+        return;
+    }
+    if let Some(c) = LINK_OPENED.get_ptr_mut(link_id) {
+        // SAFETY: an aligned u64 of map memory; BPF_ATOMIC add, as other CPUs add to it too.
+        unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(c, 1) };
     }
 }
 

@@ -366,7 +366,7 @@ fn new_flow<A: Family>(pk: &Packet<A>, key: &FlowKey<A>) -> Verdict {
     v
 }
 
-/// Admission (link, allowlist, TCP SYN, security groups, TTL), then the backend, its cached next
+/// Admission (link, allowlist, TCP SYN, security groups, TTL, the link's flow limit), then the backend, its cached next
 /// hop and the flow's entries. Returns the backend slot and the forward entry.
 #[inline(always)]
 fn admit_and_create<A: Family>(
@@ -385,6 +385,7 @@ fn admit_and_create<A: Family>(
     if p.ttl <= 1 {
         return Err(DROP_TTL_EXPIRED);
     }
+    policy::under_flow_limit(link, ep.link_id)?;
     let hash = nat::flow_hash(key);
     let (slot, addr_be) = nat::pick_backend::<A>(link.service_slot, hash)?;
     let eth = ptr_at::<EthHdr>(pk.frame.ctx, 0).ok_or(PASS_MALFORMED)?;
@@ -411,7 +412,9 @@ fn admit_and_create<A: Family>(
             peer_mac,
         },
     };
-    Ok((slot, nat::create_flow(&request, &backend)?))
+    let flow = nat::create_flow(&request, &backend)?;
+    policy::count_opened(link, ep.link_id);
+    Ok((slot, flow))
 }
 
 #[inline(always)]

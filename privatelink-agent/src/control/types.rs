@@ -154,8 +154,26 @@ pub struct Service {
     /// Active TCP checks of the backends, run by every node.
     #[serde(default)]
     pub health_check: HealthCheck,
+    /// Most live flows each endpoint of the service may have on the node that serves it (TCP
+    /// until FIN or RST, UDP until idle); new flows beyond it are dropped and counted
+    /// (`flow_limit`). 0: no limit of its own (the node's conntrack table is the bound).
+    #[serde(default)]
+    pub flow_limit: u32,
+    /// Endpoint id → its own limit instead of `flow_limit` (0: none), for endpoints of this service.
+    #[serde(default)]
+    pub endpoint_flow_limits: std::collections::BTreeMap<String, u32>,
     pub tags: Vec<Tag>,
     pub created_at: u64,
+}
+
+impl Service {
+    /// The flow limit of the service's endpoint `endpoint_id` (0: none).
+    pub fn flow_limit_of(&self, endpoint_id: &str) -> u32 {
+        self.endpoint_flow_limits
+            .get(endpoint_id)
+            .copied()
+            .unwrap_or(self.flow_limit)
+    }
 }
 
 /// Active TCP health checking of a service's backends.

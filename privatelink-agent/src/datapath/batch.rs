@@ -11,7 +11,7 @@ use std::{
     os::fd::{AsFd as _, AsRawFd as _},
 };
 
-use aya::maps::{HashMap, IterableMap as _, MapData, MapError};
+use aya::maps::{Array, HashMap, IterableMap as _, MapData, MapError};
 
 /// `BPF_MAP_LOOKUP_BATCH` (include/uapi/linux/bpf.h, `enum bpf_cmd`).
 const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
@@ -42,6 +42,16 @@ pub fn entries<K: aya::Pod, V: aya::Pod>(map: &HashMap<MapData, K, V>) -> Vec<(K
     batched(map.map()).unwrap_or_else(|_| map.iter().filter_map(Result::ok).collect())
 }
 
+/// Every element of the array `map` with its index, in batches (by lookups where the kernel
+/// refuses batches).
+pub fn array_values<V: aya::Pod>(map: &Array<MapData, V>) -> Vec<(u32, V)> {
+    batched(map.map()).unwrap_or_else(|_| {
+        (0..map.len())
+            .filter_map(|i| map.get(&i, 0).ok().map(|v| (i, v)))
+            .collect()
+    })
+}
+
 /// The same, with the error of an entry that fails to read when it comes to iterating.
 pub fn try_entries<K: aya::Pod, V: aya::Pod>(
     map: &HashMap<MapData, K, V>,
@@ -52,14 +62,14 @@ pub fn try_entries<K: aya::Pod, V: aya::Pod>(
     }
 }
 
-/// Every entry of the hash map `map` (keys `K`, values `V`) by `BPF_MAP_LOOKUP_BATCH`.
+/// Every entry of the hash map or array `map` (keys `K`, values `V`) by `BPF_MAP_LOOKUP_BATCH`.
 fn batched<K: aya::Pod, V: aya::Pod>(map: &MapData) -> io::Result<Vec<(K, V)>> {
     let fd = map.fd().as_fd().as_raw_fd();
     let mut keys: Vec<MaybeUninit<K>> = Vec::with_capacity(CHUNK);
     keys.resize_with(CHUNK, MaybeUninit::uninit);
     let mut values: Vec<MaybeUninit<V>> = Vec::with_capacity(CHUNK);
     values.resize_with(CHUNK, MaybeUninit::uninit);
-    // Hash maps hand out a 32-bit bucket number as the batch position.
+    // Hash maps hand out a 32-bit bucket number as the batch position, arrays an index.
     let (mut at, mut next) = (0u32, 0u32);
     let mut all = Vec::new();
     let mut first = true;

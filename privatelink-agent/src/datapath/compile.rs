@@ -443,6 +443,8 @@ fn link_entries(
         rules_slot6: rules.1,
         allowed: u32::from(model.allowlist.contains(&(l.service_slot, l.account))),
         answer_ping: u32::from(l.answer_ping),
+        flow_limit: l.flow_limit,
+        _pad: 0,
     };
     let value = |service: u16| EndpointValue {
         link_id: id,
@@ -922,6 +924,7 @@ mod tests {
             .into(),
             rules,
             answer_ping: r.next(2) == 0,
+            flow_limit: r.next(3) as u32,
         }
     }
 

@@ -7,7 +7,7 @@ use aya::{
 use privatelink_common::{
     DEFAULT_CONNTRACK_ENTRIES, DEFAULT_CONNTRACK6_ENTRIES, DEFAULT_MAX_ALLOWLIST,
     DEFAULT_MAX_BACKENDS, DEFAULT_MAX_ENDPOINT_PORTS, DEFAULT_MAX_LINKS, DEFAULT_MAX_RULE_LISTS,
-    DEFAULT_MAX_RULE_LISTS6, DEFAULT_MAX_SERVICES, OUTCOMES, names,
+    DEFAULT_MAX_RULE_LISTS6, DEFAULT_MAX_SERVICES, LinkInfo, OUTCOMES, names,
 };
 
 use crate::datapath::object;
@@ -117,8 +117,14 @@ impl Datapath {
         pins: Option<&crate::datapath::pins::Pins>,
     ) -> Result<Self, LoadError> {
         if let Some(p) = pins {
-            p.drop_resized(names::GLOBAL_STATS, OUTCOMES)
-                .map_err(|e| LoadError::Pins(format!("{e:#}")))?;
+            let resized = [
+                (names::GLOBAL_STATS, OUTCOMES, size_of::<u64>()),
+                (names::LINKS, sizes.links, size_of::<LinkInfo>()),
+            ];
+            for (name, entries, value_size) in resized {
+                p.drop_resized(name, entries, value_size as u32)
+                    .map_err(|e| LoadError::Pins(format!("{e:#}")))?;
+            }
         }
         let paths: Vec<(&str, std::path::PathBuf)> = pins
             .map(|p| names::ALL.iter().map(|n| (*n, p.map_path(n))).collect())
@@ -130,6 +136,8 @@ impl Datapath {
         let mut ebpf = loader
             .map_max_entries(names::LINKS, sizes.links)
             .map_max_entries(names::LINK_STATS, sizes.links)
+            .map_max_entries(names::LINK_OPENED, sizes.links)
+            .map_max_entries(names::LINK_RETIRED, sizes.links)
             .map_max_entries(names::ENDPOINT_IPS4, sizes.links)
             .map_max_entries(names::ENDPOINTS4, sizes.endpoint_ports)
             .map_max_entries(names::MAGLEV, sizes.services)

@@ -104,6 +104,9 @@ pub struct Dataplane {
     link_stats: PerCpuArray<MapData, LinkStats>,
     link_drops: PerCpuHashMap<MapData, LinkDropKey, u64>,
     flow_cache_stats: PerCpuArray<MapData, u64>,
+    /// Flow-limit accounting; the conntrack scan ([`StatsReader::retire`]) is what writes it.
+    link_opened: Array<MapData, u64>,
+    link_retired: Array<MapData, u64>,
     /// Capacities of the hash maps (arrays know their length).
     caps: BTreeMap<&'static str, u32>,
     shadow: MapState,
@@ -184,6 +187,8 @@ impl Dataplane {
             link_stats: take(ebpf, names::LINK_STATS)?,
             link_drops: take(ebpf, names::LINK_DROPS)?,
             flow_cache_stats: take(ebpf, names::FLOW_CACHE_STATS)?,
+            link_opened: take(ebpf, names::LINK_OPENED)?,
+            link_retired: take(ebpf, names::LINK_RETIRED)?,
             caps,
             shadow: MapState::default(),
             last_model: None,
@@ -804,6 +809,20 @@ impl Dataplane {
             .map_err(map_err(names::FLOW_CACHE_STATS))?,
             ct4: HashMap::try_from(aya::maps::Map::HashMap(again(self.ct4.map(), names::CT4)?))
                 .map_err(map_err(names::CT4))?,
+            link_opened: Array::try_from(aya::maps::Map::Array(again(
+                self.link_opened.map(),
+                names::LINK_OPENED,
+            )?))
+            .map_err(map_err(names::LINK_OPENED))?,
+            link_retired: Array::try_from(aya::maps::Map::Array(again(
+                self.link_retired.map(),
+                names::LINK_RETIRED,
+            )?))
+            .map_err(map_err(names::LINK_RETIRED))?,
+            retired: super::batch::array_values(&self.link_retired)
+                .into_iter()
+                .filter(|(_, v)| *v != 0)
+                .collect(),
             ct6: HashMap::try_from(aya::maps::Map::HashMap(again(self.ct6.map(), names::CT6)?))
                 .map_err(map_err(names::CT6))?,
             ct6_capacity: self
@@ -1079,6 +1098,10 @@ pub struct StatsReader {
     flow_cache_stats: PerCpuArray<MapData, u64>,
     ct4: HashMap<MapData, FlowKey4, Flow4>,
     ct6: HashMap<MapData, FlowKey6, Flow6>,
+    link_opened: Array<MapData, u64>,
+    link_retired: Array<MapData, u64>,
+    /// What `link_retired` holds where it is not 0.
+    retired: std::collections::HashMap<u32, u64>,
     pub ct4_capacity: u32,
     pub ct6_capacity: u32,
     /// Capacities of the counter maps (LINK_STATS, LINK_DROPS).
@@ -1270,6 +1293,50 @@ impl StatsReader {
     /// Every IPv6 conntrack entry.
     pub fn flows6(&self) -> Vec<(FlowKey6, Flow6)> {
         super::batch::entries(&self.ct6)
+    }
+
+    /// Every link's count of flows admitted under a flow limit (`LINK_OPENED`), where not 0.
+    pub fn opened(&self) -> Vec<(u32, u64)> {
+        super::batch::array_values(&self.link_opened)
+            .into_iter()
+            .filter(|(_, v)| *v != 0)
+            .collect()
+    }
+
+    /// Tells the datapath how many flows of each link ended: for a link whose count was `opened`
+    /// (read before the scan that found it `live` flows), `opened − live` (wrapping: a link
+    /// without a limit opens nothing and has live flows all the same). Writes only what changed;
+    /// returns how many writes.
+    pub fn retire(
+        &mut self,
+        opened: &[(u32, u64)],
+        live: &BTreeMap<u32, u64>,
+    ) -> Result<usize, DataplaneError> {
+        let opened: std::collections::HashMap<u32, u64> = opened.iter().copied().collect();
+        let links: BTreeSet<u32> = opened
+            .keys()
+            .chain(live.keys())
+            .chain(self.retired.keys())
+            .copied()
+            .collect();
+        let mut writes = 0;
+        for link in links {
+            let o = opened.get(&link).copied().unwrap_or(0);
+            let want = o.wrapping_sub(live.get(&link).copied().unwrap_or(0));
+            if self.retired.get(&link).copied().unwrap_or(0) == want {
+                continue;
+            }
+            self.link_retired
+                .set(link, want, 0)
+                .map_err(map_err(names::LINK_RETIRED))?;
+            writes += 1;
+            if want == 0 {
+                self.retired.remove(&link);
+            } else {
+                self.retired.insert(link, want);
+            }
+        }
+        Ok(writes)
     }
 
     /// One pass over both conntrack tables at `now`: the expired entries it meets are removed

@@ -107,6 +107,8 @@ pub struct Link {
     pub rules: Option<Arc<[Rule]>>,
     /// The service answers ICMP echo requests to this endpoint.
     pub answer_ping: bool,
+    /// Most live flows the link may have; 0: no limit.
+    pub flow_limit: u32,
 }
 
 /// A service: its provider network and its (healthy) backends.

@@ -134,25 +134,26 @@ impl Pins {
         self.dir.join(format!("link-{ifname}"))
     }
 
-    /// Removes the pin of map `name` if it holds other than `entries` entries, so that the load
-    /// creates it anew. For arrays whose size the object fixes and a build may grow (the outcome
-    /// counters, one per outcome code: codes are appended, never renumbered): the other maps,
-    /// conntrack among them, are reused as they are. Returns whether the pin was removed.
-    pub fn drop_resized(&self, name: &str, entries: u32) -> Result<bool> {
+    /// Removes the pin of map `name` if it holds other than `entries` entries of `value_size`
+    /// bytes, so that the load creates it anew. Only for maps that hold nothing a restart must
+    /// keep: the outcome counters (one per outcome code: codes are appended, never renumbered) and
+    /// `LINKS` (written whole from the state by every agent; its value grew a field). The other
+    /// maps, conntrack among them, are reused as they are. Returns whether the pin was removed.
+    pub fn drop_resized(&self, name: &str, entries: u32, value_size: u32) -> Result<bool> {
         let path = self.map_path(name);
         if !path.exists() {
             return Ok(false);
         }
-        let pinned = aya::maps::MapData::from_pin(&path)
+        let info = aya::maps::MapData::from_pin(&path)
             .with_context(|| format!("opening {}", path.display()))?
             .info()
-            .with_context(|| format!("reading {}", path.display()))?
-            .max_entries();
-        if pinned == entries {
+            .with_context(|| format!("reading {}", path.display()))?;
+        let (pinned, pinned_size) = (info.max_entries(), info.value_size());
+        if (pinned, pinned_size) == (entries, value_size) {
             return Ok(false);
         }
         log::warn!(
-            "{name}: pinned with {pinned} entries, this build has {entries}: created anew (its counters start over)"
+            "{name}: pinned with {pinned} entries of {pinned_size} bytes, this build has {entries} of {value_size}: created anew"
         );
         std::fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
         Ok(true)

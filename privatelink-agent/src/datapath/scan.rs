@@ -13,7 +13,7 @@ use std::{
 };
 
 use privatelink_common::{
-    CT_ESTABLISHED, CT_SYN_SENT, DIR_FORWARD, DIR_REPLY, DatapathConfig, PROTO_UDP,
+    CT_ESTABLISHED, CT_SYN_RECV, CT_SYN_SENT, DIR_FORWARD, DIR_REPLY, DatapathConfig, PROTO_UDP,
 };
 
 use super::{FlowView, StatsReader};
@@ -28,10 +28,12 @@ pub fn monotonic_ns() -> u64 {
         .unwrap_or(0)
 }
 
-/// Whether a forward entry is a live connection as the console counts them: TCP in SYN or
-/// ESTABLISHED, UDP until its timeout.
+/// Whether a forward entry is a live connection as the console counts them and a flow limit
+/// holds them: TCP half-open or ESTABLISHED (not once a FIN or RST was seen), UDP until its
+/// timeout.
 pub fn is_active(f: &FlowView, now: u64, cfg: &DatapathConfig) -> bool {
-    let counted = f.proto == PROTO_UDP || matches!(f.tcp_state, CT_SYN_SENT | CT_ESTABLISHED);
+    let counted =
+        f.proto == PROTO_UDP || matches!(f.tcp_state, CT_SYN_SENT | CT_SYN_RECV | CT_ESTABLISHED);
     f.dir == DIR_FORWARD
         && counted
         && now.saturating_sub(f.last_seen_ns) <= cfg.timeout_for(f.proto, f.tcp_state)
@@ -87,14 +89,21 @@ impl Latest {
     }
 }
 
-/// One scan: read, remove the expired, summarise the rest.
-fn scan(reader: &mut StatsReader, timeouts: &DatapathConfig) -> ConntrackSummary {
+/// One scan: read, remove the expired, summarise the rest, and tell the flow limits how many
+/// flows of each link ended (the admission counts read before the tables, so that a flow
+/// admitted during the walk is never taken for ended).
+pub fn scan(reader: &mut StatsReader, timeouts: &DatapathConfig) -> ConntrackSummary {
+    let opened = reader.opened();
     let now = monotonic_ns();
     let (flows, removed) = reader.scan(now, timeouts);
     if removed > 0 {
         log::debug!("conntrack: {removed} expired entries removed");
     }
-    ConntrackSummary::of(&flows, removed, now, timeouts)
+    let summary = ConntrackSummary::of(&flows, removed, now, timeouts);
+    if let Err(e) = reader.retire(&opened, &summary.active_by_link) {
+        log::warn!("flow limits: {e}");
+    }
+    summary
 }
 
 /// The scanning thread; it stops when dropped.

@@ -8,7 +8,7 @@ use std::{
     sync::{Arc, Mutex},
 };
 
-use privatelink_common::{OUTCOME_NAMES, is_drop};
+use privatelink_common::{DROP_NAT_EXHAUSTED, OUTCOME_NAMES, is_drop};
 use prometheus_client::{
     collector::Collector,
     encoding::{DescriptorEncoder, EncodeMetric},
@@ -212,6 +212,7 @@ impl TrafficRows {
 fn encode_traffic(enc: &mut DescriptorEncoder, s: &Scrape) -> Result<(), std::fmt::Error> {
     let node = s.node_name();
     let (mut links, mut resets, mut drop_rows) = (TrafficRows::default(), Vec::new(), Vec::new());
+    let mut limits = Vec::new();
     let mut services: BTreeMap<&str, (Labels, Traffic)> = BTreeMap::new();
     for ep in s.state.endpoints.values() {
         let Some(svc) = s.state.services.get(&ep.service_id) else {
@@ -242,6 +243,7 @@ fn encode_traffic(enc: &mut DescriptorEncoder, s: &Scrape) -> Result<(), std::fm
                 .map_or(0, |&n| n as i64),
         };
         links.push(&labels, &t);
+        limits.push((labels.clone(), gauge(i64::from(svc.flow_limit_of(&ep.id)))));
         resets.push((labels.clone(), counter(c.tcp_resets)));
         for ((_, reason), n) in s.drops.range((ep.link_id, 0)..=(ep.link_id, u32::MAX)) {
             let mut l = labels.clone();
@@ -270,8 +272,15 @@ fn encode_traffic(enc: &mut DescriptorEncoder, s: &Scrape) -> Result<(), std::fm
             "L2 bytes through a link, by direction",
             "Packets through a link, by direction",
             "New connections (flows) admitted on a link",
-            "Live flows of a link: TCP in SYN or ESTABLISHED, UDP until its timeout",
+            "Live flows of a link: TCP half-open or ESTABLISHED, UDP until its timeout",
         ],
+    )?;
+    family(
+        enc,
+        "privatelink_link_flow_limit",
+        "Most live flows a link may have on this node (0: no limit); beyond it new flows drop as flow_limit",
+        MetricType::Gauge,
+        limits,
     )?;
     family(
         enc,
@@ -425,13 +434,31 @@ fn encode_node(enc: &mut DescriptorEncoder, s: &Scrape) -> Result<(), std::fmt::
     )
 }
 
-/// NAT (address, port) pairs in use and offered, per provider network and family's range.
+/// NAT (address, port) pairs in use, offered and free per provider network and family's range,
+/// and the new flows refused for want of one (`nat_exhausted`) per provider network.
 fn encode_nat(enc: &mut DescriptorEncoder, s: &Scrape) -> Result<(), std::fmt::Error> {
-    let (mut used, mut avail) = (Vec::new(), Vec::new());
+    let (mut used, mut avail, mut free, mut failures) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for (vpc, range) in &s.src.config.nat {
         let Some(net) = s.state.networks.get(vpc) else {
             continue;
         };
+        let refused: u64 = s
+            .state
+            .endpoints
+            .values()
+            .filter(|e| {
+                s.state
+                    .services
+                    .get(&e.service_id)
+                    .is_some_and(|svc| &svc.network_id == vpc)
+            })
+            .filter_map(|e| s.drops.get(&(e.link_id, DROP_NAT_EXHAUSTED)))
+            .sum();
+        failures.push((
+            vec![("provider_network", vpc.clone()), ("node", s.node_name())],
+            counter(refused),
+        ));
         let ports = i64::from(*range.ports.end()) - i64::from(*range.ports.start()) + 1;
         // Each family's range is its own pool: a row per range, labelled with its prefix.
         let v4 = (
@@ -454,7 +481,9 @@ fn encode_nat(enc: &mut DescriptorEncoder, s: &Scrape) -> Result<(), std::fmt::E
                     .map_or(0, |&n| n as i64);
             used.push((l.clone(), gauge(in_use)));
             // At most 2^32 addresses (an IPv6 range is at most a /96).
-            avail.push((l, gauge((1i64 << host_bits.min(32)) * ports)));
+            let offered = (1i64 << host_bits.min(32)) * ports;
+            avail.push((l.clone(), gauge(offered)));
+            free.push((l, gauge((offered - in_use).max(0))));
         }
     }
     family(
@@ -470,6 +499,20 @@ fn encode_nat(enc: &mut DescriptorEncoder, s: &Scrape) -> Result<(), std::fmt::E
         "NAT (address, port) pairs a range offers per protocol",
         MetricType::Gauge,
         avail,
+    )?;
+    family(
+        enc,
+        "privatelink_nat_ports_free",
+        "NAT (address, port) pairs of a range not in use (a pair is reused towards other backends and service ports, so this is a floor)",
+        MetricType::Gauge,
+        free,
+    )?;
+    family(
+        enc,
+        "privatelink_nat_allocation_failures",
+        "New flows refused because no NAT port was found (nat_exhausted), per provider network",
+        MetricType::Counter,
+        failures,
     )
 }
 

@@ -191,6 +191,7 @@ pub fn model(
                 ports: Arc::clone(ports),
                 rules,
                 answer_ping: svc.answer_ping,
+                flow_limit: svc.flow_limit_of(&ep.id),
             },
         ));
     }
@@ -426,6 +427,8 @@ mod health_tests {
                 auto_accept: false,
                 allowlist: vec![],
                 health_check: HealthCheck::default(),
+                flow_limit: 0,
+                endpoint_flow_limits: Default::default(),
                 tags: vec![],
                 created_at: 0,
             },

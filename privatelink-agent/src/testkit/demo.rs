@@ -192,6 +192,7 @@ pub fn endpoint_link(network_id: u32, account: u32) -> Link {
         .into(),
         rules: None,
         answer_ping: false,
+        flow_limit: 0,
     }
 }
 

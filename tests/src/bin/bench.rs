@@ -798,6 +798,8 @@ fn big_state(
                 created_at: 0,
             }],
             health_check: HealthCheck::default(),
+            flow_limit: 0,
+            endpoint_flow_limits: Default::default(),
             tags: vec![],
             created_at: 0,
         },

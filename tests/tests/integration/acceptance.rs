@@ -963,6 +963,17 @@ fn real_clients_reach_real_servers_through_ipv6_and_dual_stack_endpoints() {
         (1u64 << (128 - nat6.prefix_len())) as f64 * 64512.0,
         "the IPv6 range's addresses × ports 1024-65535"
     );
+    assert_eq!(
+        nat("privatelink_nat_ports_free", nat4.to_string()),
+        nat("privatelink_nat_ports_available", nat4.to_string())
+            - nat("privatelink_nat_ports_used", nat4.to_string()),
+        "free = offered − in use"
+    );
+    assert_eq!(
+        sample(&text, "privatelink_nat_allocation_failures_total", &[]),
+        Some(0.0),
+        "no flow was refused a NAT port:\n{text}"
+    );
 
     // Per-link counters account for both families' traffic on the same endpoint.
     for c in 0..2 {

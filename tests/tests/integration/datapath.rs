@@ -130,8 +130,8 @@ fn tcp_new_flow_is_translated_both_ways_with_counters() {
         let flows = h.plane.flows();
         assert_eq!(flows.len(), 2, "a forward and a reply entry");
         assert!(
-            flows.iter().all(|(_, f)| f.tcp_state == c::CT_ESTABLISHED),
-            "SYN-ACK establishes: {flows:?}"
+            flows.iter().all(|(_, f)| f.tcp_state == c::CT_SYN_RECV),
+            "after the SYN-ACK the flow is half-open until the consumer acknowledges: {flows:?}"
         );
     });
 }
@@ -1333,30 +1333,25 @@ fn steady_flows_are_served_from_the_flow_cache_until_the_agent_cuts_them() {
             (0, 0),
             "a flow that only sent its SYN is not cached"
         );
-        // The SYN-ACK takes conntrack (it changes the state) and establishes the flow: its reply
-        // entry is then copied in.
+        // The SYN-ACK takes conntrack (it changes the state); a half-open flow is not cached.
         let syn_ack = Pkt::tcp(BACKEND, 8080, nat, port, true, true).macs(BACKEND_MAC, h.p0_mac);
         assert_eq!(h.run(h.p0, &syn_ack).verdict, XDP_REDIRECT, "SYN-ACK");
-        assert_eq!(
-            cache(h),
-            (0, 1),
-            "the SYN-ACK is not a hit, its entry is filled"
-        );
-
-        // The first ACK takes conntrack and copies the forward entry in; the second is served
-        // from the copy, byte for byte the same, and counted on the link all the same.
+        assert_eq!(cache(h), (0, 0), "a half-open flow is not cached");
+        // The consumer's first ACK completes the handshake (conntrack) and copies the forward
+        // entry in; the second is served from the copy, byte for byte the same, and counted on the
+        // link all the same.
         let ack = Pkt::tcp(CONSUMER, 41500, ENDPOINT, 80, false, true).macs(CONSUMER_MAC, h.c0_mac);
         let first = h.run(h.c0, &ack);
         assert_eq!(first.verdict, XDP_REDIRECT, "first ACK");
         assert_eq!(
             cache(h),
-            (0, 2),
+            (0, 1),
             "the first ACK fills the forward entry's slot"
         );
         let fwd_before = h.link_stats(LINK).fwd_packets;
         let second = h.run(h.c0, &ack);
         assert_eq!(second.verdict, XDP_REDIRECT, "second ACK");
-        assert_eq!(cache(h), (1, 2), "the second ACK is a hit");
+        assert_eq!(cache(h), (1, 1), "the second ACK is a hit");
         assert_eq!(
             second.out, first.out,
             "a hit translates exactly as conntrack does"
@@ -1373,8 +1368,14 @@ fn steady_flows_are_served_from_the_flow_cache_until_the_agent_cuts_them() {
             "hit counted"
         );
 
-        // The reply direction's slot, filled by the SYN-ACK.
+        // The reply direction: the first reply fills its slot, the second is a hit.
         let reply = Pkt::tcp(BACKEND, 8080, nat, port, false, true).macs(BACKEND_MAC, h.p0_mac);
+        assert_eq!(h.run(h.p0, &reply).verdict, XDP_REDIRECT, "first reply");
+        assert_eq!(
+            cache(h),
+            (1, 2),
+            "the first reply fills the reply entry's slot"
+        );
         let r = h.run(h.p0, &reply);
         assert_eq!(r.verdict, XDP_REDIRECT, "reply");
         assert_eq!(cache(h), (2, 2), "the reply is a hit");
@@ -1436,6 +1437,7 @@ fn a_link_cut_and_restored_does_not_revive_its_cached_flows() {
             assert_eq!(h.run(h.p0, &syn_ack).verdict, XDP_REDIRECT, "SYN-ACK");
             let ack =
                 Pkt::tcp(CONSUMER, sport, ENDPOINT, 80, false, true).macs(CONSUMER_MAC, h.c0_mac);
+            assert_eq!(h.run(h.c0, &ack).verdict, XDP_REDIRECT, "handshake ACK");
             assert_eq!(h.run(h.c0, &ack).verdict, XDP_REDIRECT, "first ACK (fill)");
             let before = h.plane.flow_cache_stats().expect("counters").0;
             assert_eq!(h.run(h.c0, &ack).verdict, XDP_REDIRECT, "second ACK (hit)");
@@ -1511,5 +1513,143 @@ fn conntrack_reads_in_batches_see_every_entry_once() {
             .expect("cut");
         assert_eq!(cut, flows.len(), "the cut finds every entry");
         assert!(h.plane.flows().is_empty(), "and removes them");
+    });
+}
+
+#[test]
+fn a_link_at_its_flow_limit_refuses_new_flows_until_a_scan_sees_flows_end() {
+    with_harness("flow_limit", |h| {
+        let mut m = h.model();
+        m.links.get_mut(&LINK).unwrap().flow_limit = 3;
+        let mut other = m.links[&LINK].clone();
+        other.network_id = privatelink_tests::fixture::CONSUMER_NET2;
+        other.flow_limit = 0;
+        m.links.insert(2, other);
+        h.apply(&m);
+        let mut reader = h.plane.stats_reader().expect("stats reader");
+        let cfg = c::DatapathConfig::DEFAULT;
+        let flows: Vec<_> = (0..3).map(|i| open_flow(h, 41_000 + i)).collect();
+        assert_dropped(
+            h,
+            h.c0,
+            &h.consumer_syn(41_003),
+            c::DROP_FLOW_LIMIT,
+            Some(LINK),
+        );
+        // Another link is not held by this one's limit.
+        for i in 0..5 {
+            let syn = Pkt::syn(CONSUMER, 41_000 + i, ENDPOINT, 80).macs(CONSUMER_MAC, h.c1_mac);
+            assert_eq!(
+                h.run(h.c1, &syn).verdict,
+                XDP_REDIRECT,
+                "other link, flow {i}"
+            );
+        }
+        // The established flows of the limited link go on.
+        let (nat, port) = flows[1];
+        let synack = Pkt::tcp(BACKEND, 8080, nat, port, true, true).macs(BACKEND_MAC, h.p0_mac);
+        assert_eq!(h.run(h.p0, &synack).verdict, XDP_REDIRECT);
+        let ack =
+            Pkt::tcp(CONSUMER, 41_001, ENDPOINT, 80, false, true).macs(CONSUMER_MAC, h.c0_mac);
+        assert_eq!(h.run(h.c0, &ack).verdict, XDP_REDIRECT);
+        // A scan that finds the three live changes nothing.
+        let s = privatelink_agent::datapath::scan::scan(&mut reader, &cfg);
+        assert_eq!(s.active_by_link.get(&LINK), Some(&3));
+        assert_dropped(
+            h,
+            h.c0,
+            &h.consumer_syn(41_004),
+            c::DROP_FLOW_LIMIT,
+            Some(LINK),
+        );
+        // One ends (RST from the consumer): its place is free once a scan has seen it end.
+        let rst = Pkt::tcp(CONSUMER, 41_000, ENDPOINT, 80, false, true)
+            .flags(false, true)
+            .macs(CONSUMER_MAC, h.c0_mac);
+        assert_eq!(h.run(h.c0, &rst).verdict, XDP_REDIRECT);
+        assert_dropped(
+            h,
+            h.c0,
+            &h.consumer_syn(41_005),
+            c::DROP_FLOW_LIMIT,
+            Some(LINK),
+        );
+        let s = privatelink_agent::datapath::scan::scan(&mut reader, &cfg);
+        assert_eq!(s.active_by_link.get(&LINK), Some(&2));
+        open_flow(h, 41_006);
+        assert_dropped(
+            h,
+            h.c0,
+            &h.consumer_syn(41_007),
+            c::DROP_FLOW_LIMIT,
+            Some(LINK),
+        );
+        assert_eq!(h.link_stats(LINK).new_conns, 4);
+        assert_eq!(h.link_stats(2).new_conns, 5);
+        assert!(h.plane.link_drops(2).get(&c::DROP_FLOW_LIMIT).is_none());
+        // Raising the limit applies at once (the count is kept for every link).
+        m.links.get_mut(&LINK).unwrap().flow_limit = 4;
+        h.apply(&m);
+        open_flow(h, 41_008);
+        assert_dropped(
+            h,
+            h.c0,
+            &h.consumer_syn(41_009),
+            c::DROP_FLOW_LIMIT,
+            Some(LINK),
+        );
+        // A link given a limit while it has flows: the next scan counts them against it.
+        m.links.get_mut(&2).unwrap().flow_limit = 6;
+        h.apply(&m);
+        privatelink_agent::datapath::scan::scan(&mut reader, &cfg);
+        let syn = Pkt::syn(CONSUMER, 41_100, ENDPOINT, 80).macs(CONSUMER_MAC, h.c1_mac);
+        assert_eq!(h.run(h.c1, &syn).verdict, XDP_REDIRECT, "the sixth flow");
+        let syn = Pkt::syn(CONSUMER, 41_101, ENDPOINT, 80).macs(CONSUMER_MAC, h.c1_mac);
+        assert_dropped(h, h.c1, &syn, c::DROP_FLOW_LIMIT, Some(2));
+    });
+}
+
+#[test]
+fn a_handshake_is_complete_only_once_the_consumer_acknowledges() {
+    with_harness("half_open", |h| {
+        let m = h.model();
+        h.apply(&m);
+        let state = |h: &Harness, sport: u16| {
+            let key = c::FlowKey4::new(
+                privatelink_tests::fixture::CONSUMER_NET,
+                u32::from(CONSUMER).to_be(),
+                u32::from(ENDPOINT).to_be(),
+                sport.to_be(),
+                80u16.to_be(),
+                c::PROTO_TCP,
+            );
+            let flows = h.plane.flows();
+            flows
+                .iter()
+                .find(|(k, _)| *k == key)
+                .map(|(_, f)| f.tcp_state)
+        };
+        let (nat, port) = open_flow(h, 41_200);
+        assert_eq!(state(h, 41_200), Some(c::CT_SYN_SENT));
+        let synack = Pkt::tcp(BACKEND, 8080, nat, port, true, true).macs(BACKEND_MAC, h.p0_mac);
+        assert_eq!(h.run(h.p0, &synack).verdict, XDP_REDIRECT);
+        assert_eq!(
+            state(h, 41_200),
+            Some(c::CT_SYN_RECV),
+            "the backend answered"
+        );
+        let ack =
+            Pkt::tcp(CONSUMER, 41_200, ENDPOINT, 80, false, true).macs(CONSUMER_MAC, h.c0_mac);
+        assert_eq!(h.run(h.c0, &ack).verdict, XDP_REDIRECT);
+        assert_eq!(
+            state(h, 41_200),
+            Some(c::CT_ESTABLISHED),
+            "the consumer acknowledged"
+        );
+        // Half-open flows live the short SYN timeout, established ones the long one.
+        let d = c::DatapathConfig::DEFAULT;
+        assert!(d.timeout_for(c::PROTO_TCP, c::CT_SYN_RECV) == d.tcp_syn_timeout_ns);
+        assert!(d.tcp_syn_timeout_ns <= 10_000_000_000);
+        assert!(d.timeout_for(c::PROTO_TCP, c::CT_ESTABLISHED) > d.tcp_syn_timeout_ns);
     });
 }

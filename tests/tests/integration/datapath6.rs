@@ -101,7 +101,10 @@ fn tcp_and_udp_over_ipv6_are_translated_both_ways_with_counters() {
         parse_checked6(&r2.out);
         let flows = h.plane.flows6();
         assert_eq!(flows.len(), 2, "a forward and a reply entry");
-        assert!(flows.iter().all(|(_, f)| f.tcp_state == c::CT_ESTABLISHED));
+        assert!(
+            flows.iter().all(|(_, f)| f.tcp_state == c::CT_SYN_RECV),
+            "half-open until the consumer acknowledges"
+        );
         assert!(h.plane.flows().is_empty(), "nothing in the IPv4 table");
 
         let udp = Pkt6::udp(CONSUMER6, 5000, ENDPOINT6, 53).macs(CONSUMER_MAC, h.c0_mac);

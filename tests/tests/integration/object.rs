@@ -98,7 +98,7 @@ fn the_datapath_programs_make_no_bpf_to_bpf_calls() {
 #[test]
 fn the_production_object_holds_exactly_the_datapath_programs_and_maps() {
     const PROGRAMS: [&str; 3] = ["pass", "privatelink", "privatelink6"];
-    const MAPS: [&str; 36] = [
+    const MAPS: [&str; 38] = [
         "ALLOWLIST",
         "BACKENDS4",
         "BACKENDS6",
@@ -122,6 +122,8 @@ fn the_production_object_holds_exactly_the_datapath_programs_and_maps() {
         "JUMP",
         "LINKS",
         "LINK_DROPS",
+        "LINK_OPENED",
+        "LINK_RETIRED",
         "LINK_STATS",
         "MAGLEV",
         "MAGLEV6",

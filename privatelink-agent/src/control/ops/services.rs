@@ -44,6 +44,9 @@ pub struct CreateService {
     /// Endpoints answer ICMP echo requests. Default: no.
     #[serde(default)]
     pub answer_ping: bool,
+    /// Most live flows per endpoint on its node; 0 (the default): no limit.
+    #[serde(default)]
+    pub flow_limit: u32,
 }
 
 #[derive(Clone, Debug, Default, Deserialize, utoipa::ToSchema)]
@@ -55,6 +58,12 @@ pub struct UpdateService {
     /// A new private DNS name; `""` removes it.
     pub private_dns_name: Option<String>,
     pub answer_ping: Option<bool>,
+    /// Most live flows per endpoint on its node; 0: no limit. New connections only: flows
+    /// already over a lowered limit go on.
+    pub flow_limit: Option<u32>,
+    /// Replaces the per-endpoint limits: endpoint id (an endpoint of this service) → its limit
+    /// instead of `flow_limit`, 0 for none. `{}` removes them all.
+    pub endpoint_flow_limits: Option<std::collections::BTreeMap<String, u32>>,
 }
 
 /// Checks a health-check configuration.
@@ -257,6 +266,8 @@ pub fn create(s: &State, cx: &mut Ctx, req: CreateService) -> Outcome<Service> {
         auto_accept: req.auto_accept,
         allowlist: Vec::new(),
         health_check: req.health_check,
+        flow_limit: req.flow_limit,
+        endpoint_flow_limits: Default::default(),
         tags: req.tags,
         created_at: cx.now,
     };
@@ -276,6 +287,21 @@ pub fn update(s: &State, cx: &mut Ctx, id: &str, req: UpdateService) -> Outcome<
     }
     if let Some(a) = req.answer_ping {
         svc.answer_ping = a;
+    }
+    if let Some(n) = req.flow_limit {
+        svc.flow_limit = n;
+    }
+    if let Some(limits) = req.endpoint_flow_limits {
+        for id in limits.keys() {
+            if !s.endpoints.get(id).is_some_and(|e| e.service_id == svc.id) {
+                return Err(ApiError::invalid(
+                    "unknown_endpoint",
+                    format!("endpoint_flow_limits.{id}"),
+                    format!("{id} is not an endpoint of service {}", svc.id),
+                ));
+            }
+        }
+        svc.endpoint_flow_limits = limits;
     }
     if let Some(h) = req.health_check {
         health_check(&h)?;
