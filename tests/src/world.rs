@@ -433,7 +433,18 @@ pub fn world_backed(name: &str, extra: &str, backing: Backing) -> (World, Agent)
         .replace("{provider}", &vpcs[0].0)
         .replace("{consumer1}", &vpcs[1].0)
         .replace("{consumer2}", &vpcs[2].0);
-    let cfg = privatelink_agent::testkit::demo::agent_config(&topo, &vpcs, &head) + &extra;
+    let mut cfg = privatelink_agent::testkit::demo::agent_config(&topo, &vpcs, &head);
+    // A `[nat.{provider}]` of the test's own replaces the demo's NAT range.
+    let own_nat = format!("[nat.{}]\n", vpcs[0].0);
+    if extra.contains(&own_nat) {
+        let default = format!(
+            "{own_nat}range = \"{}\"\n",
+            privatelink_agent::testkit::demo::NAT_RANGE
+        );
+        assert!(cfg.contains(&default), "the demo's NAT section moved");
+        cfg = cfg.replace(&default, "");
+    }
+    let cfg = cfg + &extra;
     std::fs::write(dir.join("agent.toml"), &cfg).unwrap();
 
     // The redirect targets' peers need an XDP program; the agent attaches the datapath itself.

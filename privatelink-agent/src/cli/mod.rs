@@ -268,6 +268,9 @@ enum ServiceCmd {
         /// Endpoints answer ICMP echo requests (default: dropped and counted).
         #[arg(long)]
         answer_ping: bool,
+        /// Most live flows per endpoint on its node (default 0: no limit).
+        #[arg(long, default_value_t = 0)]
+        flow_limit: u32,
     },
     List(ListArgs),
     Get {
@@ -286,6 +289,13 @@ enum ServiceCmd {
         private_dns_name: Option<String>,
         #[arg(long)]
         answer_ping: Option<bool>,
+        /// Most live flows per endpoint on its node; 0: no limit.
+        #[arg(long)]
+        flow_limit: Option<u32>,
+        /// ENDPOINT_ID=LIMIT: an endpoint's own limit, repeatable; replaces all such limits
+        /// (`--endpoint-flow-limit ""` removes them).
+        #[arg(long = "endpoint-flow-limit")]
+        endpoint_flow_limits: Option<Vec<String>>,
     },
     Delete {
         id: String,
@@ -500,13 +510,15 @@ fn request(cmd: &Command) -> anyhow::Result<Req> {
                 tags: t,
                 private_dns_name,
                 answer_ping,
+                flow_limit,
             } => req(
                 Method::POST,
                 "/v1/services",
                 Some(
                     json!({ "name": name, "network_id": network, "service_type": service_type, "backends": backends,
                              "port_mappings": mappings(maps)?, "auto_accept": auto_accept, "tags": tags(t)?,
-                             "private_dns_name": private_dns_name, "answer_ping": answer_ping }),
+                             "private_dns_name": private_dns_name, "answer_ping": answer_ping,
+                             "flow_limit": flow_limit }),
                 ),
             ),
             ServiceCmd::List(l) => req(Method::GET, "/v1/services", None).with_query(l.query()),
@@ -518,8 +530,28 @@ fn request(cmd: &Command) -> anyhow::Result<Req> {
                 tags: t,
                 private_dns_name,
                 answer_ping,
+                flow_limit,
+                endpoint_flow_limits,
             } => {
                 let mut b = name_tags(name, t)?;
+                if let Some(n) = flow_limit {
+                    b["flow_limit"] = json!(n);
+                }
+                if let Some(items) = endpoint_flow_limits {
+                    let mut limits = serde_json::Map::new();
+                    for item in items.iter().filter(|i| !i.is_empty()) {
+                        let (ep, n) = item
+                            .split_once('=')
+                            .and_then(|(ep, n)| Some((ep, n.parse::<u32>().ok()?)))
+                            .ok_or_else(|| {
+                                anyhow::anyhow!(
+                                    "--endpoint-flow-limit {item}: want ENDPOINT_ID=LIMIT"
+                                )
+                            })?;
+                        limits.insert(ep.to_string(), json!(n));
+                    }
+                    b["endpoint_flow_limits"] = Value::Object(limits);
+                }
                 if let Some(a) = auto_accept {
                     b["auto_accept"] = json!(a);
                 }

@@ -382,7 +382,7 @@ async fn get_service(
     p.read(|s| services::own(s, &c, &id).cloned()).map(ok)
 }
 
-#[utoipa::path(patch, path = "/v1/services/{id}", request_body = services::UpdateService, params(("id" = String, Path, description = "object id")), responses((status = 200, body = crate::control::types::Service, description = "Change name, tags or auto-accept"), (status = "4XX", body = ErrorBody, description = "error: stable code, message, offending field")), security(("bearer" = [])), summary = "Change name, tags or auto-accept")]
+#[utoipa::path(patch, path = "/v1/services/{id}", request_body = services::UpdateService, params(("id" = String, Path, description = "object id")), responses((status = 200, body = crate::control::types::Service, description = "Change name, tags, auto-accept, health check, private DNS, flow limits"), (status = "4XX", body = ErrorBody, description = "error: stable code, message, offending field")), security(("bearer" = [])), summary = "Change name, tags, auto-accept, health check, private DNS, flow limits")]
 async fn update_service(
     State(p): State<Plane>,
     Auth(c): Auth,

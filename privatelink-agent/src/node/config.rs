@@ -278,8 +278,9 @@ fn default_ports() -> String {
     "1024-65535".into()
 }
 
+/// `[conntrack]`: any key left out keeps its default.
 #[derive(Clone, Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct ConntrackConfig {
     /// Entries (two per flow).
     pub entries: u32,

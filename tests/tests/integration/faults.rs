@@ -1,5 +1,5 @@
-//! Faults around the real agent: a full disk under its store, and malformed frames at rate into a
-//! consumer interface. (Kill and restart under load, interface removal and backend failure are in
+//! Faults around the real agent: a full disk under its store, malformed frames at rate into a
+//! consumer interface, and a consumer flooding SYNs against its flow limit. (Kill and restart under load, interface removal and backend failure are in
 //! `agent.rs`.)
 use std::{
     io::Write as _,
@@ -202,6 +202,18 @@ impl RawSocket {
     }
 }
 
+/// The MAC address of a namespace's `eth0`.
+fn eth0_mac(ns: &Netns) -> [u8; 6] {
+    let out = ns.exec("cat", &["/sys/class/net/eth0/address"]).unwrap();
+    let s = String::from_utf8(out.stdout).unwrap();
+    let b: Vec<u8> = s
+        .trim()
+        .split(':')
+        .map(|h| u8::from_str_radix(h, 16).unwrap())
+        .collect();
+    <[u8; 6]>::try_from(b).unwrap()
+}
+
 /// Kernel counters of a namespace's `eth0` (rx, tx packets).
 fn eth0_packets(ns: &Netns) -> (u64, u64) {
     let out = ns
@@ -262,18 +274,7 @@ fn malformed_frames_at_rate_are_all_counted_and_none_is_forwarded() {
     std::thread::sleep(Duration::from_millis(300));
 
     let node_mac = w.topo.consumer_ifaces[0].2;
-    let client_mac = {
-        let out = w.topo.consumers[0]
-            .exec("cat", &["/sys/class/net/eth0/address"])
-            .unwrap();
-        let s = String::from_utf8(out.stdout).unwrap();
-        let b: Vec<u8> = s
-            .trim()
-            .split(':')
-            .map(|h| u8::from_str_radix(h, 16).unwrap())
-            .collect();
-        <[u8; 6]>::try_from(b).unwrap()
-    };
+    let client_mac = eth0_mac(&w.topo.consumers[0]);
     let client = privatelink_agent::testkit::demo::CLIENT;
     let syn = |sport: u16| {
         Pkt::syn(client, sport, ENDPOINT, TCP_PORTS.0)
@@ -437,4 +438,141 @@ fn malformed_frames_at_rate_are_all_counted_and_none_is_forwarded() {
         other_saw.is_empty(),
         "IPv4 frames reached the other consumer network: {other_saw:?}"
     );
+}
+
+/// A TCP connection through consumer `i`'s endpoint to the echo server, checked with a round trip.
+fn connect(w: &privatelink_tests::world::World, i: usize) -> std::io::Result<std::net::TcpStream> {
+    w.topo.consumers[i].enter(|| {
+        let addr = std::net::SocketAddr::from((ENDPOINT, TCP_PORTS.0));
+        let s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+        s.set_read_timeout(Some(Duration::from_secs(2)))?;
+        echo(&s, b"hello")?;
+        Ok(s)
+    })
+}
+
+/// Writes `msg` and reads it back.
+fn echo(mut s: &std::net::TcpStream, msg: &[u8]) -> std::io::Result<()> {
+    use std::io::Read as _;
+    s.write_all(msg)?;
+    let mut back = vec![0; msg.len()];
+    s.read_exact(&mut back)?;
+    if back != msg {
+        return Err(std::io::Error::other("echoed something else"));
+    }
+    Ok(())
+}
+
+/// One consumer floods its endpoint with SYNs from fresh (spoofed) tuples whose SYN-ACKs nobody
+/// answers: it is held at its flow limit, counted as `flow_limit` on its link, while the other
+/// consumer opens every connection it tries and both consumers' established connections go on.
+/// Once the half-open lifetime (3 s here) is over, the flooder's own connections work again.
+#[test]
+fn a_consumer_flooding_syns_is_held_at_its_flow_limit_and_nobody_else_notices() {
+    if !privileged("a_consumer_flooding_syns_is_held_at_its_flow_limit_and_nobody_else_notices") {
+        return;
+    }
+    const LIMIT: u64 = 100;
+    const FLOOD: u16 = 3000;
+    let (w, _agent) = echo_service(privatelink_tests::world::world_with(
+        "flowlimit",
+        "[conntrack]\ntcp_syn_timeout = 3\ngc_interval = 1\n",
+    ));
+    w.accept_all();
+    let (status, v) = api(
+        &w.topo,
+        &w.tokens[0],
+        "PATCH",
+        &format!("/v1/services/{}", w.svc),
+        Some(json!({ "flow_limit": LIMIT, "health_check": { "enabled": false } })),
+    );
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["flow_limit"], LIMIT);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let server = echo_server(&w.topo, stop.clone());
+    wait_for_traffic(&w, 0);
+    wait_for_traffic(&w, 1);
+    let established: Vec<_> = (0..2)
+        .map(|i| connect(&w, i).unwrap_or_else(|e| panic!("consumer {i}: {e}")))
+        .collect();
+
+    // The flood: SYNs from addresses of consumer 0's subnet that nobody holds, fresh ports.
+    let node_mac = w.topo.consumer_ifaces[0].2;
+    let client_mac = eth0_mac(&w.topo.consumers[0]);
+    let raw = RawSocket::open(&w.topo.consumers[0]);
+    let flood = std::thread::spawn(move || {
+        for i in 0..FLOOD {
+            let src = std::net::Ipv4Addr::new(198, 18, 0, 100 + (i % 100) as u8);
+            let f = Pkt::syn(src, 10_000 + i, ENDPOINT, TCP_PORTS.0)
+                .macs(client_mac, node_mac)
+                .build();
+            raw.send(&f);
+        }
+    });
+    // Meanwhile the other consumer opens connection after connection.
+    for n in 0..50 {
+        let c = connect(&w, 1).unwrap_or_else(|e| panic!("consumer 1, connection {n}: {e}"));
+        drop(c);
+    }
+    flood.join().unwrap();
+    for (i, c) in established.iter().enumerate() {
+        echo(c, b"still there").unwrap_or_else(|e| panic!("consumer {i}'s connection: {e}"));
+    }
+
+    let metrics = || node_get(&w.topo, "http://127.0.0.1:9464/metrics").expect("metrics");
+    let link = |text: &str, metric: &str, ep: &str, extra: &[(&str, &str)]| {
+        let mut want = vec![("endpoint_id", ep)];
+        want.extend_from_slice(extra);
+        sample(text, metric, &want).unwrap_or(0.0)
+    };
+    let text = metrics();
+    let refused = link(
+        &text,
+        "privatelink_link_drops_total",
+        &w.eps[0],
+        &[("reason", "flow_limit")],
+    );
+    let admitted = link(&text, "privatelink_link_connections_total", &w.eps[0], &[]);
+    assert!(
+        refused >= f64::from(FLOOD) - LIMIT as f64 - 10.0,
+        "the flood beyond the limit is refused: {refused}\n{text}"
+    );
+    assert!(
+        admitted <= (LIMIT + 2 + 2) as f64,
+        "consumer 0 got at most its limit (plus the connections before the flood and two CPUs' race): {admitted}"
+    );
+    assert_eq!(
+        link(
+            &text,
+            "privatelink_link_drops_total",
+            &w.eps[1],
+            &[("reason", "flow_limit")]
+        ),
+        0.0,
+        "consumer 1 never met a limit"
+    );
+    assert_eq!(
+        link(&text, "privatelink_link_flow_limit", &w.eps[0], &[]),
+        LIMIT as f64
+    );
+    // Consumer 0 is at its limit now; once the half-open flows expired and a scan saw them go,
+    // it connects again (bounded wait).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        match connect(&w, 0) {
+            Ok(_) => break,
+            Err(e) => assert!(
+                Instant::now() < deadline,
+                "consumer 0 never got room back: {e}"
+            ),
+        }
+    }
+    let text = metrics();
+    assert!(
+        link(&text, "privatelink_link_active_connections", &w.eps[0], &[]) <= LIMIT as f64,
+        "live flows within the limit:\n{text}"
+    );
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    drop(established);
+    server.join().unwrap();
 }

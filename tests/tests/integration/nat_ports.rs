@@ -142,3 +142,165 @@ fn nat_allocation_succeeds_while_ports_are_free() {
         println!("{}", report.join("\n"));
     });
 }
+
+/// Opens `n` TCP connections to `addr` and holds them until its stdin closes; prints `open` once
+/// they all are. (Processes of their own: a process may hold 20,000 descriptors here.)
+const HOLDER: &str = r#"
+import socket, sys
+addr, n = sys.argv[1], int(sys.argv[2])
+host, port = addr.rsplit(":", 1)
+held = []
+for i in range(n):
+    held.append(socket.create_connection((host, int(port)), timeout=5))
+print("open", flush=True)
+sys.stdin.read()
+"#;
+
+/// 60,000 concurrent connections through a single NAT address (a /32 range: 64,512 ports, 93 %
+/// of them in the end), opened by two consumers in overlapping networks from the same client
+/// address, so their own ports collide all the time and the allocator has to search: no SYN is
+/// refused by the datapath and none is retransmitted by a client. The backend's kernel completes
+/// the handshakes and holds them in its accept queue.
+#[test]
+fn sixty_thousand_connections_through_one_nat_address_lose_no_syn() {
+    use std::{
+        io::BufRead as _,
+        net::{SocketAddr, TcpListener},
+        os::fd::AsRawFd as _,
+        process::{Command, Stdio},
+    };
+
+    use privatelink_agent::testkit::demo::{BACKEND as BACKEND_IP, ENDPOINT as EP, TCP_PORTS};
+    use privatelink_tests::world::{echo_service, node_get, sample, world_with};
+
+    if !privileged("sixty_thousand_connections_through_one_nat_address_lose_no_syn") {
+        return;
+    }
+    // Two holders per consumer.
+    const PER_HOLDER: usize = 15_000;
+    let (w, _agent) = echo_service(world_with(
+        "nat32",
+        "[nat.{provider}]\nrange = \"198.19.128.1/32\"\nports = \"1024-65535\"\n",
+    ));
+    w.accept_all();
+    let (status, v) = privatelink_tests::world::api(
+        &w.topo,
+        &w.tokens[0],
+        "PATCH",
+        &format!("/v1/services/{}", w.svc),
+        Some(serde_json::json!({ "health_check": { "enabled": false } })),
+    );
+    assert_eq!(status, 200, "{v}");
+    w.topo
+        .provider
+        .sysctl("net.core.somaxconn", "65535")
+        .unwrap();
+    w.topo
+        .provider
+        .sysctl("net.ipv4.tcp_max_syn_backlog", "65535")
+        .unwrap();
+    for c in &w.topo.consumers {
+        c.sysctl("net.ipv4.ip_local_port_range", "1024 65535")
+            .unwrap();
+    }
+    let listener = w.topo.provider.enter(|| {
+        let l = TcpListener::bind(SocketAddr::from((BACKEND_IP, TCP_PORTS.1))).expect("bind");
+        // SAFETY: listen(2) on a socket this listener owns, to raise its backlog.
+        assert_eq!(unsafe { libc::listen(l.as_raw_fd(), 65_535) }, 0);
+        l
+    });
+    let retrans = |i: usize| -> u64 {
+        let out = w.topo.consumers[i]
+            .exec("cat", &["/proc/net/snmp"])
+            .unwrap();
+        let text = String::from_utf8(out.stdout).unwrap();
+        let mut tcp = text.lines().filter(|l| l.starts_with("Tcp:"));
+        let (names, values) = (tcp.next().unwrap(), tcp.next().unwrap());
+        let at = names
+            .split_whitespace()
+            .position(|n| n == "RetransSegs")
+            .unwrap();
+        values.split_whitespace().nth(at).unwrap().parse().unwrap()
+    };
+    let refusals = || {
+        let text = node_get(&w.topo, "http://127.0.0.1:9464/metrics").expect("metrics");
+        ["nat_exhausted", "conntrack_full", "flow_limit"].map(|o| {
+            sample(&text, "privatelink_node_packets_total", &[("outcome", o)]).unwrap_or(0.0)
+        })
+    };
+    let before = (refusals(), retrans(0), retrans(1));
+    let endpoint = format!("{EP}:{}", TCP_PORTS.0);
+    let mut holders: Vec<_> = (0..4)
+        .map(|h| {
+            Command::new("ip")
+                .args([
+                    "netns",
+                    "exec",
+                    w.topo.consumers[h % 2].name(),
+                    "python3",
+                    "-c",
+                ])
+                .args([HOLDER, &endpoint, &PER_HOLDER.to_string()])
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .spawn()
+                .expect("python3")
+        })
+        .collect();
+    for (h, p) in holders.iter_mut().enumerate() {
+        let mut line = String::new();
+        std::io::BufReader::new(p.stdout.as_mut().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        assert_eq!(
+            line.trim(),
+            "open",
+            "holder {h} did not open its connections"
+        );
+    }
+    let after = (refusals(), retrans(0), retrans(1));
+    assert_eq!(
+        after.0, before.0,
+        "no new flow refused (nat_exhausted, conntrack_full, flow_limit)"
+    );
+    assert_eq!(
+        (after.1 - before.1, after.2 - before.2),
+        (0, 0),
+        "no segment retransmitted by either consumer"
+    );
+    // Every connection has a NAT port of its own on the one address, as the backend sees them.
+    let out = w
+        .topo
+        .provider
+        .exec(
+            "ss",
+            &[
+                "-Htn",
+                "state",
+                "established",
+                "sport",
+                "=",
+                &format!(":{}", TCP_PORTS.1),
+            ],
+        )
+        .unwrap();
+    let peers: std::collections::BTreeSet<String> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(3).map(str::to_string))
+        .collect();
+    assert_eq!(
+        peers.len(),
+        4 * PER_HOLDER,
+        "distinct NAT (address, port) pairs at the backend"
+    );
+    assert!(
+        peers.iter().all(|p| p.starts_with("198.19.128.1:")),
+        "all from the one NAT address"
+    );
+    for mut p in holders {
+        drop(p.stdin.take());
+        p.wait().unwrap();
+    }
+    drop(listener);
+}

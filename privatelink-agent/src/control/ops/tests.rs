@@ -213,3 +213,78 @@ fn security_group_rules_are_checked_before_anything_is_written() {
         .unwrap_err();
     assert_eq!(e.code, "account_required");
 }
+
+#[test]
+fn flow_limits_are_the_providers_and_name_only_endpoints_of_the_service() {
+    let mut f = Fixture::new();
+    let (pnet, cnet) = f.accounts_and_networks();
+    let svc = f
+        .run(&account(PROVIDER), |s, cx| {
+            services::create(
+                s,
+                cx,
+                req(json!({
+                    "name": "db", "network_id": pnet, "service_type": "mysql",
+                    "backends": ["198.18.100.10"], "flow_limit": 500,
+                    "port_mappings": [{ "protocol": "tcp", "service_port": 3306, "terminal_port": 3306 }] })),
+            )
+        })
+        .unwrap();
+    assert_eq!(svc.flow_limit, 500);
+    f.run(&account(PROVIDER), |s, cx| {
+        services::allow(s, cx, &svc.id, req(json!({ "account_id": CONSUMER })))
+    })
+    .unwrap();
+    let subnet = f
+        .state
+        .subnets
+        .values()
+        .find(|s| s.network_id == cnet)
+        .unwrap()
+        .id
+        .clone();
+    let ep = f
+        .run(&account(CONSUMER), |s, cx| {
+            endpoints::create(
+                s,
+                cx,
+                req(json!({ "name": "e", "service_id": svc.id, "network_id": cnet, "subnet_id": subnet })),
+            )
+        })
+        .unwrap();
+    assert_eq!(f.state.services[&svc.id].flow_limit_of(&ep.id), 500);
+    // An override for an id that is not an endpoint of the service: refused, nothing changed.
+    let e = f
+        .run(&account(PROVIDER), |s, cx| {
+            services::update(
+                s,
+                cx,
+                &svc.id,
+                req(json!({ "endpoint_flow_limits": { "vpce-nope": 5 } })),
+            )
+        })
+        .unwrap_err();
+    assert_eq!(
+        (e.code, e.field.as_deref()),
+        ("unknown_endpoint", Some("endpoint_flow_limits.vpce-nope"))
+    );
+    // The consumer cannot set the provider's limits.
+    let e = f
+        .run(&account(CONSUMER), |s, cx| {
+            services::update(s, cx, &svc.id, req(json!({ "flow_limit": 0 })))
+        })
+        .unwrap_err();
+    assert_eq!(e.status, 404);
+    let updated = f
+        .run(&account(PROVIDER), |s, cx| {
+            services::update(
+                s,
+                cx,
+                &svc.id,
+                req(json!({ "flow_limit": 0, "endpoint_flow_limits": { ep.id.clone(): 20 } })),
+            )
+        })
+        .unwrap();
+    assert_eq!(updated.flow_limit_of(&ep.id), 20, "the override");
+    assert_eq!(updated.flow_limit_of("another"), 0, "the service's: none");
+}
