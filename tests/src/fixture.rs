@@ -16,7 +16,7 @@ use privatelink_agent::{
     testkit::demo,
     testkit::netns::{Netns, veth},
 };
-use privatelink_common::LinkStats;
+use privatelink_common::{Flow4, FlowKey4, LinkStats};
 
 use crate::{Run, privileged, test_run};
 
@@ -367,6 +367,18 @@ pub fn with_harness_object(
     });
 }
 
+/// The reply key of a flow from `BACKEND`:8080 to `nat`:`port` in the provider network.
+pub fn nat_reply_key(nat: Ipv4Addr, port: u16) -> FlowKey4 {
+    FlowKey4::new(
+        PROVIDER_NET,
+        u32::from(BACKEND).to_be(),
+        u32::from(nat).to_be(),
+        8080u16.to_be(),
+        port.to_be(),
+        privatelink_common::PROTO_TCP,
+    )
+}
+
 impl Harness {
     /// The benchmark object beside the datapath (loaded on first use).
     pub fn bench(&mut self) -> &mut crate::benchkit::Bench {
@@ -458,6 +470,58 @@ impl Harness {
                     == Some(short)
             })
             .unwrap_or_else(|| panic!("the datapath has no map {name}"))
+    }
+
+    /// IPv4 conntrack as the kernel has it.
+    pub fn ct4(&self) -> aya::maps::HashMap<aya::maps::MapData, FlowKey4, Flow4> {
+        aya::maps::HashMap::try_from(aya::maps::Map::HashMap(
+            self.kernel_map(privatelink_common::names::CT4),
+        ))
+        .expect("CT4")
+    }
+
+    /// Takes NAT `ports` of `nat` towards `BACKEND`:8080 with live established flows of another
+    /// consumer network (reply entries only: what the allocator looks at).
+    pub fn hold_nat_ports(
+        ct: &mut aya::maps::HashMap<aya::maps::MapData, FlowKey4, Flow4>,
+        nat: Ipv4Addr,
+        ports: &[u16],
+    ) {
+        let now = privatelink_agent::datapath::scan::monotonic_ns();
+        for &p in ports {
+            let other = Flow4 {
+                last_seen_ns: now,
+                saddr_be: u32::from(ENDPOINT).to_be(),
+                daddr_be: u32::from(Ipv4Addr::new(198, 18, 250, 1)).to_be(),
+                sport_be: 80u16.to_be(),
+                dport_be: p.to_be(),
+                link_id: 7,
+                peer_network: 999,
+                dir: privatelink_common::DIR_REPLY,
+                tcp_state: privatelink_common::CT_ESTABLISHED,
+                ..Default::default()
+            };
+            ct.insert(nat_reply_key(nat, p), other, 0)
+                .expect("holding a NAT port");
+        }
+    }
+
+    /// Removes the flow a consumer SYN from `CONSUMER`:`sport` on c0 opened at `nat`:`port`.
+    pub fn forget_flow(
+        ct: &mut aya::maps::HashMap<aya::maps::MapData, FlowKey4, Flow4>,
+        sport: u16,
+        (nat, port): (Ipv4Addr, u16),
+    ) {
+        let fwd = FlowKey4::new(
+            CONSUMER_NET,
+            u32::from(CONSUMER).to_be(),
+            u32::from(ENDPOINT).to_be(),
+            sport.to_be(),
+            80u16.to_be(),
+            privatelink_common::PROTO_TCP,
+        );
+        ct.remove(&fwd).expect("forward entry");
+        ct.remove(&nat_reply_key(nat, port)).expect("reply entry");
     }
 
     /// A consumer SYN to the endpoint from `sport` on consumer interface c0.

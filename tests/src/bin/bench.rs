@@ -23,8 +23,8 @@ use privatelink_tests::{
         FLOOR_PROGRAM, LOOKUP_FLOOR_PROGRAM, PROGRAM, SLOT_FLOOR_PROGRAM, SLOT_TABLE_ENTRIES,
     },
     fixture::{
-        BACKEND, BACKEND_MAC, CONSUMER_MAC, CONSUMER_NET, ENDPOINT, Harness, LINK, NOT_ENDPOINT,
-        Pkt, with_harness_object, with_harness_sized,
+        BACKEND, BACKEND_MAC, CONSUMER, CONSUMER_MAC, CONSUMER_NET, ENDPOINT, Harness, LINK,
+        NOT_ENDPOINT, PROVIDER_NET, Pkt, nat_reply_key, with_harness_object, with_harness_sized,
     },
     fixture6::{Pkt6, parse_checked6},
     privileged, test_run, test_run_repeated,
@@ -287,6 +287,68 @@ fn bench_sizes() -> Sizes {
     }
 }
 
+/// New flows through one NAT address whose port range (1024–65535) is in use to a share, repeat
+/// 1, against the floor: the single insert of the first try at low occupancy, the search at high.
+/// Each flow's entries are removed after its run, so the share holds. (`PRIVATELINK_BENCH_ONLY=nat`)
+fn nat_occupancy() {
+    const RUNS: u32 = 5_000;
+    const NAT: Ipv4Addr = Ipv4Addr::new(198, 19, 128, 7);
+    println!("## New flows by NAT port occupancy\n");
+    println!(
+        "One NAT address, ports 1024–65535 held by live flows to the share shown, {RUNS} repeat-1 new flows each (the first try is the consumer's own port).\n"
+    );
+    println!("| NAT ports in use | new flow ns | × floor | refused |");
+    println!("|---:|---:|---:|---:|");
+    with_harness_sized(bench_sizes(), |h| {
+        let (floor_ns, overhead) = floor(h);
+        let mut m = h.model();
+        let range = m.nat.get_mut(&PROVIDER_NET).expect("the provider's range");
+        range.addrs = "198.19.128.7/32".parse().expect("a /32");
+        range.ports = 1024..=65535;
+        h.plane.apply(&m).expect("apply");
+        let mut ct = h.ct4();
+        let all: Vec<u16> = (1024..=65535).collect();
+        let mut rng = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = move || {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            rng
+        };
+        let mut held: Vec<u16> = Vec::new();
+        for percent in [0u64, 50, 90, 95, 99] {
+            for &p in &held {
+                ct.remove(&nat_reply_key(NAT, p)).expect("emptying");
+            }
+            let mut ports = all.clone();
+            for i in (1..ports.len()).rev() {
+                ports.swap(i, next() as usize % (i + 1));
+            }
+            held = ports[..(all.len() as u64 * percent / 100) as usize].to_vec();
+            Harness::hold_nat_ports(&mut ct, NAT, &held);
+            let (mut total, mut refused) = (0u128, 0u32);
+            for _ in 0..RUNS {
+                let sport = 1024 + (next() % 64_512) as u16;
+                let syn = Pkt::syn(CONSUMER, sport, ENDPOINT, 80).macs(CONSUMER_MAC, h.c0_mac);
+                let r = test_run(h.dp.program(), h.c0, &syn.build());
+                total += r.duration.as_nanos();
+                if r.verdict == XDP_REDIRECT {
+                    let out = privatelink_tests::parse_checked(&r.out);
+                    Harness::forget_flow(&mut ct, sport, (NAT, out.sport));
+                } else {
+                    refused += 1;
+                }
+            }
+            let ns = total as f64 / f64::from(RUNS) - overhead;
+            println!(
+                "| {percent} % | {ns:.0} | {:.1} | {refused} |",
+                ns / floor_ns
+            );
+        }
+    });
+    println!();
+}
+
 /// Hot replayed runs of a profile (`PRIVATELINK_BENCH_PROFILE`): a few seconds each.
 const PROFILE_ESTABLISHED_RUNS: u32 = 50_000_000;
 const PROFILE_NEW_FLOW_RUNS: u32 = 900_000;
@@ -294,13 +356,21 @@ const PROFILE_NEW_FLOW_RUNS: u32 = 900_000;
 /// Answers the forwarded SYN `fwd` with the backend's SYN-ACK, so the flow is established (as
 /// the flows the established rows stand for are; a half-open one is not served from the flow
 /// cache).
-fn establish(h: &mut Harness, fwd: &[u8]) {
+fn establish(h: &mut Harness, fwd: &[u8], (src, port): (Ipv4Addr, u16)) {
     let out = privatelink_tests::parse_checked(fwd);
     let syn_ack = Pkt::tcp(BACKEND, 8080, out.src, out.sport, true, true)
         .macs(BACKEND_MAC, h.p0_mac)
         .build();
     let r = test_run(h.dp.program(), h.p0, &syn_ack);
-    assert_eq!(r.verdict, XDP_REDIRECT, "the SYN-ACK establishes the flow");
+    assert_eq!(r.verdict, XDP_REDIRECT, "the SYN-ACK");
+    let ack = Pkt::tcp(src, port, ENDPOINT, 80, false, true)
+        .macs(CONSUMER_MAC, h.c0_mac)
+        .build();
+    let r = test_run(h.dp.program(), h.c0, &ack);
+    assert_eq!(
+        r.verdict, XDP_REDIRECT,
+        "the consumer's ACK completes the handshake"
+    );
 }
 
 /// `PRIVATELINK_BENCH_PROFILE=established`, `half-open` (a flow whose SYN was never answered: not
@@ -320,7 +390,7 @@ fn profile(path: &str) {
                 let r = test_run(h.dp.program(), c0, &syn.build());
                 assert_eq!(r.verdict, XDP_REDIRECT, "the SYN opens the flow");
                 if path == "established" {
-                    establish(h, &r.out);
+                    establish(h, &r.out, (src, port));
                 }
                 let ack = Pkt::tcp(src, port, ENDPOINT, 80, false, true)
                     .macs(CONSUMER_MAC, c0_mac)
@@ -375,7 +445,7 @@ fn ab(other: &str) {
                 let syn = Pkt::syn(src, port, ENDPOINT, 80).macs(CONSUMER_MAC, c0_mac);
                 let r = test_run(h.dp.program(), c0, &syn.build());
                 assert_eq!(r.verdict, XDP_REDIRECT, "the SYN opens the flow");
-                establish(h, &r.out);
+                establish(h, &r.out, (src, port));
                 let out = privatelink_tests::parse_checked(&r.out);
                 let ack = Pkt::tcp(src, port, ENDPOINT, 80, false, true)
                     .macs(CONSUMER_MAC, c0_mac)
@@ -537,7 +607,7 @@ fn measure(
         let syn = Pkt::syn(src, port, ENDPOINT, 80).macs(CONSUMER_MAC, c0_mac);
         let r = test_run(h.dp.program(), c0, &syn.build());
         let out = privatelink_tests::parse_checked(&r.out);
-        establish(h, &r.out);
+        establish(h, &r.out, (src, port));
         let ack = Pkt::tcp(src, port, ENDPOINT, 80, false, true)
             .macs(CONSUMER_MAC, c0_mac)
             .build();
@@ -1216,6 +1286,7 @@ fn main() {
     match std::env::var("PRIVATELINK_BENCH_ONLY").as_deref() {
         Ok("sync") => return sync_scale(),
         Ok("etcd") => return etcd_convergence(),
+        Ok("nat") => return nat_occupancy(),
         _ => {}
     }
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
@@ -1328,6 +1399,7 @@ fn main() {
         }
     }
     println!();
+    nat_occupancy();
     if std::env::var("PRIVATELINK_BENCH_ONLY").as_deref() == Ok("datapath") {
         return;
     }

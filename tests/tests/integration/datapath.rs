@@ -1586,7 +1586,7 @@ fn a_link_at_its_flow_limit_refuses_new_flows_until_a_scan_sees_flows_end() {
         );
         assert_eq!(h.link_stats(LINK).new_conns, 4);
         assert_eq!(h.link_stats(2).new_conns, 5);
-        assert!(h.plane.link_drops(2).get(&c::DROP_FLOW_LIMIT).is_none());
+        assert!(!h.plane.link_drops(2).contains_key(&c::DROP_FLOW_LIMIT));
         // Raising the limit applies at once (the count is kept for every link).
         m.links.get_mut(&LINK).unwrap().flow_limit = 4;
         h.apply(&m);

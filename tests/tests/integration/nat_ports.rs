@@ -3,12 +3,11 @@
 //! Every allocation must succeed while a port is free, up to 95 % (the target is ≥ 99.99 %).
 use std::net::Ipv4Addr;
 
-use aya::maps::HashMap;
-use privatelink_agent::datapath::{loader::Sizes, scan::monotonic_ns};
-use privatelink_common::{self as c, CT_ESTABLISHED, DIR_REPLY, Flow4, FlowKey4, PROTO_TCP};
+use privatelink_agent::datapath::loader::Sizes;
+use privatelink_common as c;
 use privatelink_tests::{
     fixture::{
-        BACKEND, CONSUMER, CONSUMER_MAC, CONSUMER_NET, ENDPOINT, PROVIDER_NET, Pkt,
+        CONSUMER, CONSUMER_MAC, ENDPOINT, Harness, PROVIDER_NET, Pkt, nat_reply_key,
         with_harness_sized,
     },
     parse_checked, privileged,
@@ -18,18 +17,6 @@ const XDP_REDIRECT: u32 = 4;
 const NAT: Ipv4Addr = Ipv4Addr::new(198, 19, 128, 7);
 const PORTS: std::ops::RangeInclusive<u16> = 1024..=65535;
 const ALLOCATIONS: u32 = 100_000;
-
-/// The reply key of a flow from the backend's service port to `NAT`:`port`.
-fn reply_key(port: u16) -> FlowKey4 {
-    FlowKey4::new(
-        PROVIDER_NET,
-        u32::from(BACKEND).to_be(),
-        u32::from(NAT).to_be(),
-        8080u16.to_be(),
-        port.to_be(),
-        PROTO_TCP,
-    )
-}
 
 /// A small deterministic generator (the fixture must not depend on the run).
 struct Lcg(u64);
@@ -59,8 +46,7 @@ fn nat_allocation_succeeds_while_ports_are_free() {
         range.addrs = "198.19.128.7/32".parse().unwrap();
         range.ports = PORTS;
         h.apply(&m);
-        let mut ct: HashMap<_, FlowKey4, Flow4> =
-            HashMap::try_from(aya::maps::Map::HashMap(h.kernel_map(c::names::CT4))).expect("CT4");
+        let mut ct = h.ct4();
         let span = u32::from(PORTS.end() - PORTS.start()) + 1;
         let mut rng = Lcg(0x5eed);
         // (share of the range in use, most failures allowed in ALLOCATIONS).
@@ -76,29 +62,14 @@ fn nat_allocation_succeeds_while_ports_are_free() {
                 ports.swap(i, rng.next() as usize % (i + 1));
             }
             for &p in &filled {
-                ct.remove(&reply_key(p)).expect("emptying");
+                ct.remove(&nat_reply_key(NAT, p)).expect("emptying");
             }
             filled = ports[..want].to_vec();
             let mut in_use = vec![false; 65_536];
             for &p in &filled {
                 in_use[usize::from(p)] = true;
             }
-            let now = monotonic_ns();
-            for &p in &filled {
-                let other = Flow4 {
-                    last_seen_ns: now,
-                    saddr_be: u32::from(ENDPOINT).to_be(),
-                    daddr_be: u32::from(Ipv4Addr::new(198, 18, 250, 1)).to_be(),
-                    sport_be: 80u16.to_be(),
-                    dport_be: p.to_be(),
-                    link_id: 7,
-                    peer_network: 999,
-                    dir: DIR_REPLY,
-                    tcp_state: CT_ESTABLISHED,
-                    ..Default::default()
-                };
-                ct.insert(reply_key(p), other, 0).expect("pre-filling");
-            }
+            Harness::hold_nat_ports(&mut ct, NAT, &filled);
             let before = h.outcomes()[c::DROP_NAT_EXHAUSTED as usize];
             let mut failed = 0u32;
             for _ in 0..ALLOCATIONS {
@@ -117,16 +88,7 @@ fn nat_allocation_succeeds_while_ports_are_free() {
                     out.sport
                 );
                 // Both entries go again, so the share stays where it was.
-                let fwd = FlowKey4::new(
-                    CONSUMER_NET,
-                    u32::from(CONSUMER).to_be(),
-                    u32::from(ENDPOINT).to_be(),
-                    sport.to_be(),
-                    80u16.to_be(),
-                    PROTO_TCP,
-                );
-                ct.remove(&fwd).expect("forward entry");
-                ct.remove(&reply_key(out.sport)).expect("reply entry");
+                Harness::forget_flow(&mut ct, sport, (NAT, out.sport));
             }
             let counted = h.outcomes()[c::DROP_NAT_EXHAUSTED as usize] - before;
             assert_eq!(counted, u64::from(failed), "every failure is counted");

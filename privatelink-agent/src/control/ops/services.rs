@@ -293,7 +293,7 @@ pub fn update(s: &State, cx: &mut Ctx, id: &str, req: UpdateService) -> Outcome<
     }
     if let Some(limits) = req.endpoint_flow_limits {
         for id in limits.keys() {
-            if !s.endpoints.get(id).is_some_and(|e| e.service_id == svc.id) {
+            if s.endpoints.get(id).is_none_or(|e| e.service_id != svc.id) {
                 return Err(ApiError::invalid(
                     "unknown_endpoint",
                     format!("endpoint_flow_limits.{id}"),
