@@ -3,10 +3,8 @@
 //! agent loads: the entry points only) and `privatelink-bench` (the benchmark programs, built with
 //! the `bench` feature and loaded only by the benchmarks).
 #![no_std]
-// `atomic_xadd` for the flow-limit count every CPU adds to (policy.rs): the BPF target has no
-// atomic read-modify-write types.
-#![allow(internal_features)]
-#![feature(core_intrinsics)]
+// `mem::atomic_add` writes the one BPF atomic instruction the datapath needs.
+#![feature(asm_experimental_arch)]
 
 mod arp;
 pub mod conntrack;

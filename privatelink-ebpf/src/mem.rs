@@ -92,3 +92,23 @@ pub fn same<T: Copy>(a: &T, b: &T) -> bool {
     }
     diff == 0
 }
+
+/// `*p += v` as one BPF_ATOMIC add (`lock *(u64 *)(p + 0) += v`), for a count other CPUs add to
+/// at the same time. The BPF target has no atomic read-modify-write types (it lacks compare and
+/// swap in Rust's eyes), so the instruction is written out rather than reached through core's
+/// internal intrinsics.
+///
+/// # Safety
+/// `p` points to an aligned `u64` of map memory that stays valid while the program runs.
+#[inline(always)]
+pub unsafe fn atomic_add(p: *mut u64, v: u64) {
+    // SAFETY: the caller's; the instruction touches only the eight bytes at `p`.
+    unsafe {
+        core::arch::asm!(
+            "lock *(u64 *)({p} + 0) += {v}",
+            p = in(reg) p,
+            v = in(reg) v,
+            options(nostack, preserves_flags),
+        )
+    }
+}

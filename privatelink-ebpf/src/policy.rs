@@ -1,6 +1,4 @@
 //! Admission of new flows: link state, allowlist, security groups (first match in priority order).
-use core::intrinsics::{AtomicOrdering, atomic_xadd};
-
 use privatelink_common::{
     ACTION_ACCEPT, AllowKey, DROP_FLOW_LIMIT, DROP_LINK_INACTIVE, DROP_LINK_PENDING,
     DROP_LINK_REJECTED, DROP_NOT_ALLOWLISTED, DROP_SECURITY_GROUP, In6, LINK_AVAILABLE,
@@ -59,8 +57,8 @@ pub fn count_opened(link: &LinkInfo, link_id: u32) {
         return;
     }
     if let Some(c) = LINK_OPENED.get_ptr_mut(link_id) {
-        // SAFETY: an aligned u64 of map memory; BPF_ATOMIC add, as other CPUs add to it too.
-        unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(c, 1) };
+        // SAFETY: an aligned u64 of map memory that lives as long as the program runs.
+        unsafe { crate::mem::atomic_add(c, 1) };
     }
 }
 
