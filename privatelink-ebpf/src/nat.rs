@@ -86,7 +86,8 @@ pub fn pick_backend<A: Family>(service_slot: u32, hash: u32) -> Result<(u32, A),
 /// A new flow in the making: its entry (the reply entry first, then the forward entry in the same
 /// memory), and the NAT port search: the reply key with the port being tried, the clock and
 /// timeouts that say whether a taken port's flow expired, and a xorshift sequence of ports
-/// (seeded once per flow: one helper call, not one per try) scaled onto the range by a multiply.
+/// (seeded at most once per flow: one helper call, not one per try) scaled onto the range by a
+/// multiply.
 /// Lives in a per-CPU map (`NAT_PROBE4`/`NAT_PROBE6`), where the `bpf_loop` callback finds it,
 /// and off the programs' stacks (the IPv6 one has no room for another key and entry).
 #[repr(C)]
@@ -113,6 +114,16 @@ struct Ports {
 const CLAIMED: u32 = 0;
 
 impl Ports {
+    /// Seeds the sequence: one helper call, made only once a random port is needed (a flow that
+    /// keeps its consumer's port never pays it).
+    #[inline(always)]
+    fn seed(&mut self) {
+        // SAFETY: helper without preconditions.
+        let seed = unsafe { bpf_get_prandom_u32() };
+        // xorshift never leaves zero.
+        self.state = seed | 1;
+    }
+
     #[inline(always)]
     fn next(&mut self) -> u16 {
         let mut x = self.state;
@@ -203,11 +214,8 @@ pub fn create_flow<A: Family>(req: &NewFlow<A>, to: &Backend<A>) -> Result<&'sta
         0,
         p.proto,
     );
-    // SAFETY: helper without preconditions.
-    let seed = unsafe { bpf_get_prandom_u32() };
     s.ports = Ports {
-        // xorshift never leaves zero.
-        state: seed | 1,
+        state: 0,
         span: (port_max as u32).saturating_sub(port_min as u32) + 1,
         min: port_min,
         _pad: 0,
@@ -218,6 +226,7 @@ pub fn create_flow<A: Family>(req: &NewFlow<A>, to: &Backend<A>) -> Result<&'sta
     let first = if sport >= port_min && sport <= port_max {
         sport
     } else {
+        s.ports.seed();
         s.ports.next()
     };
     s.rkey.dport_be = first.to_be();
@@ -225,6 +234,9 @@ pub fn create_flow<A: Family>(req: &NewFlow<A>, to: &Backend<A>) -> Result<&'sta
         // Taken: independent random ports, each looked at before it is written (no bucket lock
         // for a taken one), at most `NAT_PORT_PROBES` in all. In a `bpf_loop` callback, so the
         // verifier checks one try instead of every one of them.
+        if s.ports.state == 0 {
+            s.ports.seed();
+        }
         s.now = now;
         s.cfg = *cfg;
         s.result = DROP_NAT_EXHAUSTED;
