@@ -95,6 +95,7 @@ fn serve_api(
                 e,
                 plane.clone(),
                 Default::default(),
+                None,
             ))
         });
         tokio::select! {

@@ -342,6 +342,14 @@ impl Etcd {
     }
 }
 
+impl Drop for Etcd {
+    /// Stops etcd, then removes its data directory.
+    fn drop(&mut self) {
+        self.stop();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
 /// A world whose state lives as `backing` says.
 pub fn world_backed(name: &str, extra: &str, backing: Backing) -> (World, Agent) {
     let topo = Topology::build(2).expect("topology");

@@ -64,8 +64,10 @@ enum Command {
     },
     /// The control plane's current revision.
     Revision,
-    /// Which node agents run which revision (admin; shared etcd store).
-    Nodes,
+    /// The node agents of a shared etcd store: live or gone, last contact, revision and lag
+    /// (admin).
+    #[command(subcommand)]
+    Nodes(NodesCmd),
     /// Traffic history of an endpoint or service, from the agent's built-in monitoring.
     Metrics {
         #[arg(value_parser = ["endpoint", "service"])]
@@ -408,6 +410,12 @@ enum EndpointCmd {
 }
 
 #[derive(Subcommand, Debug)]
+enum NodesCmd {
+    /// Every node that reported to the store.
+    List,
+}
+
+#[derive(Subcommand, Debug)]
 enum GroupCmd {
     Create {
         #[arg(long)]
@@ -696,7 +704,7 @@ fn request(cmd: &Command) -> anyhow::Result<Req> {
             .with_query(list.query())
             .with_query(vec![("kind", kind.clone())]),
         C::Revision => req(Method::GET, "/v1/revision", None),
-        C::Nodes => req(Method::GET, "/v1/nodes", None),
+        C::Nodes(NodesCmd::List) => req(Method::GET, "/v1/nodes", None),
         C::Metrics {
             kind,
             id,
@@ -744,6 +752,7 @@ fn rows(v: &Value) -> Vec<&serde_json::Map<String, Value>> {
         .get("items")
         .or_else(|| v.get("results"))
         .or_else(|| v.get("points"))
+        .or_else(|| v.get("nodes"))
         .unwrap_or(v);
     match list {
         Value::Array(a) => a.iter().filter_map(Value::as_object).collect(),
@@ -802,6 +811,12 @@ fn render(v: &Value, output: Output, out: &mut dyn Write) -> anyhow::Result<()> 
                 if !cols.contains(&k) {
                     cols.push(k);
                 }
+            }
+            // Node rows lead with the node and its liveness; other rows keep their fields'
+            // alphabetical order, which scripts reading CSV by position rely on.
+            if v.get("nodes").is_some() {
+                const LEAD: [&str; 4] = ["node", "status", "revision", "lag"];
+                cols.sort_by_key(|c| LEAD.iter().position(|l| l == c).unwrap_or(LEAD.len()));
             }
             let get = |r: &serde_json::Map<String, Value>, c: &str| {
                 cell(r.get(c).unwrap_or(&Value::Null))

@@ -894,14 +894,20 @@ async fn revision(State(p): State<Plane>, Auth(_): Auth) -> ApiResult<Response> 
     Ok(ok(json!({ "revision": p.revision() })))
 }
 
-#[utoipa::path(get, path = "/v1/nodes", responses((status = 200, body = Vec<crate::control::store::NodeReport>, description = "The revision each node agent applied to its datapath, and when it said so"), (status = "4XX", body = ErrorBody, description = "error: stable code, message, offending field")), security(("bearer" = [])), summary = "Which nodes run which revision")]
+#[utoipa::path(get, path = "/v1/nodes", responses((status = 200, body = NodesBody, description = "Each node: live or gone, its last contact, the revision its datapath applied and how far it lags"), (status = "4XX", body = ErrorBody, description = "error: stable code, message, offending field")), security(("bearer" = [])), summary = "Which nodes run which revision")]
 async fn nodes(State(p): State<Plane>, Auth(c): Auth) -> ApiResult<Response> {
     ops::admin(&c)?;
     let nodes = tokio::task::spawn_blocking(move || p.nodes())
         .await
         .map_err(|e| ApiError::new(500, "internal", format!("nodes task failed: {e}")))?
         .map_err(|e| ApiError::new(503, "store_unavailable", e.to_string()))?;
-    Ok(ok(json!({ "nodes": nodes })))
+    Ok(ok(NodesBody { nodes }))
+}
+
+/// `GET /v1/nodes`.
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct NodesBody {
+    nodes: Vec<crate::control::store::NodeStatus>,
 }
 
 /// Documentation shapes (the handlers build these with `json!`).
@@ -1019,6 +1025,30 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
     routes().split_for_parts().1
 }
 
+/// Response header: the state revision the answer was made from.
+pub const REVISION_HEADER: &str = "privatelink-revision";
+/// Response header: `current`, or `stale` while a shared store is out of reach (the answer comes
+/// from the last state this server had).
+pub const STATE_HEADER: &str = "privatelink-state";
+
+/// Says on every answer which revision it comes from and whether that may be stale.
+async fn state_headers(
+    State(p): State<Plane>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let mut r = next.run(req).await;
+    let h = r.headers_mut();
+    h.insert(REVISION_HEADER, axum::http::HeaderValue::from(p.revision()));
+    let state = if p.store_reachable() {
+        "current"
+    } else {
+        "stale"
+    };
+    h.insert(STATE_HEADER, axum::http::HeaderValue::from_static(state));
+    r
+}
+
 /// The API routes, `/openapi.json` and a JSON 404 for anything else.
 pub fn router(plane: Plane) -> Router {
     let (router, doc) = routes().split_for_parts();
@@ -1032,6 +1062,10 @@ pub fn router(plane: Plane) -> Router {
             }),
         )
         .fallback(fallback)
+        .layer(axum::middleware::from_fn_with_state(
+            plane.clone(),
+            state_headers,
+        ))
         .with_state(plane)
 }
 

@@ -8,6 +8,8 @@
 //!   transaction fails, it reloads and validates again.
 //! - `<prefix>/objects/<kind>/<id>`: one object each, as JSON (the same bodies as SQLite).
 //! - `<prefix>/nodes/<node>`: what each node agent last applied (outside the revision).
+//! - `<prefix>/presence/<node>`: the node's presence, under a lease the node keeps alive: it goes
+//!   when the node stops renewing it (see `follow::keep_contact`).
 //!
 //! Followers (node agents, other API servers) list and watch, as Kubernetes informers do: a full
 //! load reads every key at one etcd revision, in pages; a watch from the revision after it then
@@ -26,7 +28,7 @@ use etcd_client::{
 
 use super::{
     state::State,
-    store::{Commit, NodeReport, Store, StoreError},
+    store::{Commit, NodeReport, Presence, Store, StoreError},
     types::{Change, Object, kind_named},
 };
 
@@ -45,6 +47,22 @@ pub struct EtcdConfig {
     pub prefix: String,
     /// Per request (connecting included).
     pub timeout: Duration,
+    /// A store out of contact this long is taken for unreachable (HTTP/2 keepalive on every
+    /// channel, and the presence lease's renewals, see `follow::keep_contact`).
+    pub contact_timeout: Duration,
+    /// The presence lease's time to live: a node that stops renewing it shows as gone after this.
+    pub lease_ttl: Duration,
+}
+
+impl EtcdConfig {
+    /// Connection options: timeouts, and HTTP/2 keepalive pings every second that give up after
+    /// the contact timeout, so a dead path breaks the channel instead of leaving it silent.
+    pub fn connect_options(&self) -> ConnectOptions {
+        ConnectOptions::new()
+            .with_connect_timeout(self.timeout)
+            .with_keep_alive(Duration::from_secs(1), self.contact_timeout)
+            .with_keep_alive_while_idle(true)
+    }
 }
 
 /// The store. Its calls block (on a runtime of its own): it is used from blocking threads, as
@@ -78,9 +96,7 @@ impl EtcdStore {
             .enable_all()
             .build()
             .map_err(etcd)?;
-        let opts = ConnectOptions::new()
-            .with_connect_timeout(cfg.timeout)
-            .with_timeout(cfg.timeout);
+        let opts = cfg.connect_options().with_timeout(cfg.timeout);
         let client = rt
             .block_on(Client::connect(&cfg.endpoints, Some(opts)))
             .map_err(|e| StoreError::Etcd(format!("connecting to {:?}: {e}", cfg.endpoints)))?;
@@ -221,6 +237,23 @@ impl Store for EtcdStore {
         self.loaded_at.map(|at| at + 1)
     }
 
+    fn presence(&mut self) -> Result<std::collections::BTreeMap<String, u64>, StoreError> {
+        let r = self
+            .rt
+            .as_ref()
+            .expect("runtime until drop")
+            .block_on(self.client.get(
+                self.cfg.presence_prefix(),
+                Some(GetOptions::new().with_prefix()),
+            ))
+            .map_err(etcd)?;
+        Ok(r.kvs()
+            .iter()
+            .filter_map(|kv| serde_json::from_slice::<Presence>(kv.value()).ok())
+            .map(|p| (p.node, p.contact))
+            .collect())
+    }
+
     fn nodes(&mut self) -> Result<Vec<NodeReport>, StoreError> {
         let r = self
             .rt
@@ -267,6 +300,11 @@ pub struct KeyEvent<'a> {
 }
 
 impl EtcdConfig {
+    /// Where nodes keep their presence keys (each under a lease of its own).
+    pub fn presence_prefix(&self) -> String {
+        format!("{}/presence/", self.prefix)
+    }
+
     /// What `key` (under this prefix) is: the revision, an object, or neither (node reports).
     /// `value`: `None` for a deletion.
     fn classify(&self, key: &str, value: Option<&[u8]>) -> Result<Option<Keyed>, StoreError> {
@@ -345,51 +383,94 @@ impl EtcdConfig {
     }
 }
 
-/// Follows the state's commits from etcd revision `from` (the store's `watch_from` after a
-/// load): `apply` gets each commit in order, for as long as it returns true. `Ok` when `apply`
-/// returned false; `Err` when the watch could not start or ended (etcd unreachable, history
-/// compacted past `from`, an event that is no commit). Either way the caller loads in full and
-/// watches again from there.
+/// How a watch of the state's commits ended.
+#[derive(Debug)]
+pub enum WatchEnd {
+    /// `apply` returned false (the caller loads in full).
+    Stopped,
+    /// etcd was unreachable or the stream ended: a watch from the returned position (the etcd
+    /// revision after the last one seen) resumes without a full load.
+    Lost(StoreError),
+    /// The history was compacted past the position, or the events were no commits: only a full
+    /// load helps.
+    Broken(StoreError),
+}
+
+/// Follows the state's commits from etcd revision `*from` (the store's `watch_from` after a
+/// load, or where a lost watch stopped): `apply` gets each commit in order, for as long as it
+/// returns true; `*from` moves past every etcd revision seen, and `contact` is called on every
+/// message. Returns how the watch ended.
 pub async fn watch_commits<F: std::future::Future<Output = bool>>(
     cfg: &EtcdConfig,
-    from: i64,
+    from: &mut i64,
+    mut contact: impl FnMut(),
     mut apply: impl FnMut(Commit) -> F,
-) -> Result<(), StoreError> {
-    let opts = ConnectOptions::new().with_connect_timeout(cfg.timeout);
-    let client = Client::connect(&cfg.endpoints, Some(opts))
-        .await
-        .map_err(etcd)?;
+) -> WatchEnd {
+    let client = match Client::connect(&cfg.endpoints, Some(cfg.connect_options())).await {
+        Ok(c) => c,
+        Err(e) => return WatchEnd::Lost(etcd(e)),
+    };
     let mut watch = client.watch_client().max_decoding_message_size(MAX_MESSAGE);
-    let mut stream = watch
+    let started = watch
         .watch(
             format!("{}/", cfg.prefix),
-            Some(WatchOptions::new().with_prefix().with_start_revision(from)),
+            Some(
+                WatchOptions::new()
+                    .with_prefix()
+                    .with_start_revision(*from)
+                    .with_progress_notify(),
+            ),
         )
-        .await
-        .map_err(etcd)?;
-    while let Some(msg) = stream.message().await.map_err(etcd)? {
+        .await;
+    let mut stream = match started {
+        Ok(stream) => stream,
+        Err(e) => return WatchEnd::Lost(etcd(e)),
+    };
+    loop {
+        let msg = match stream.message().await {
+            Ok(Some(m)) => m,
+            Ok(None) => return WatchEnd::Lost(StoreError::Etcd("the watch stream ended".into())),
+            Err(e) => return WatchEnd::Lost(etcd(e)),
+        };
+        contact();
         if msg.canceled() {
-            return Err(StoreError::Etcd(format!(
+            return WatchEnd::Broken(StoreError::Etcd(format!(
                 "watch canceled (compacted at {}): {}",
                 msg.compact_revision(),
                 msg.cancel_reason()
             )));
         }
-        let events = msg.events().iter().filter_map(|e| {
-            let kv = e.kv()?;
-            Some(KeyEvent {
-                at: kv.mod_revision(),
-                key: kv.key_str().ok()?,
-                value: (e.event_type() == EventType::Put).then(|| kv.value()),
+        let events: Vec<KeyEvent> = msg
+            .events()
+            .iter()
+            .filter_map(|e| {
+                let kv = e.kv()?;
+                Some(KeyEvent {
+                    at: kv.mod_revision(),
+                    key: kv.key_str().ok()?,
+                    value: (e.event_type() == EventType::Put).then(|| kv.value()),
+                })
             })
-        });
-        for c in cfg.commits(events)? {
+            .collect();
+        let last_seen = events.iter().map(|e| e.at).max();
+        let commits = match cfg.commits(events) {
+            Ok(c) => c,
+            Err(e) => return WatchEnd::Broken(e),
+        };
+        for c in commits {
             if !apply(c).await {
-                return Ok(());
+                return WatchEnd::Stopped;
+            }
+        }
+        if let Some(at) = last_seen {
+            *from = (*from).max(at + 1);
+        } else if !msg.created() {
+            // A progress notification: every event up to its revision was delivered.
+            if let Some(h) = msg.header() {
+                *from = (*from).max(h.revision() + 1);
             }
         }
     }
-    Err(StoreError::Etcd("the watch stream ended".into()))
 }
 
 #[cfg(test)]
@@ -402,6 +483,8 @@ mod tests {
             endpoints: vec![],
             prefix: "/pl".into(),
             timeout: Duration::from_secs(1),
+            contact_timeout: Duration::from_secs(3),
+            lease_ttl: Duration::from_secs(5),
         }
     }
 

@@ -16,7 +16,7 @@ use super::{
     local::NodeLocal,
     ops::{Caller, Ctx, Outcome, accounts::token_hash},
     state::State,
-    store::{Commit, NodeReport, Store, StoreError},
+    store::{Commit, NodeLiveness, NodeReport, NodeStatus, Store, StoreError},
     types::{Change, Cluster},
 };
 
@@ -70,6 +70,8 @@ pub struct ControlPlane {
     /// The node this plane runs beside, if any: its health view, history and report.
     local: std::sync::OnceLock<Arc<dyn NodeLocal>>,
     cluster: Cluster,
+    /// False while a shared store is out of reach: the state served may be stale.
+    store_reachable: std::sync::atomic::AtomicBool,
 }
 
 /// How long a refused commit waits for the store's follower to bring the state to the store's
@@ -116,7 +118,21 @@ impl ControlPlane {
             revision,
             local: std::sync::OnceLock::new(),
             cluster: Cluster::default(),
+            store_reachable: std::sync::atomic::AtomicBool::new(true),
         })
+    }
+
+    /// Whether the store is in reach (always, for the embedded one): while not, reads are served
+    /// from the last state and the API says so.
+    pub fn store_reachable(&self) -> bool {
+        self.store_reachable
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Set by the shared store's follower.
+    pub fn set_store_reachable(&self, up: bool) {
+        self.store_reachable
+            .store(up, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// With the cluster's region and DNS zone (defaults otherwise).
@@ -242,19 +258,45 @@ impl ControlPlane {
         self.lock().store.report(&report.node, report)
     }
 
-    /// What every node reported: the shared store's reports, with the attached node's own.
-    pub fn nodes(&self) -> Result<Vec<NodeReport>, StoreError> {
-        let mut all: BTreeMap<String, NodeReport> = self
-            .lock()
-            .store
-            .nodes()?
-            .into_iter()
-            .map(|r| (r.node.clone(), r))
-            .collect();
-        if let Some(r) = self.local.get().and_then(|l| l.report()) {
-            all.insert(r.node.clone(), r);
+    /// Every node that ever reported: the shared store's reports, with the attached node's own,
+    /// each live or gone by its presence lease, with its lag behind this server's state. The node
+    /// this server runs beside is live (it is answering); with the embedded store it is the only one.
+    pub fn nodes(&self) -> Result<Vec<NodeStatus>, StoreError> {
+        let (reports, presence) = {
+            let mut inner = self.lock();
+            (inner.store.nodes()?, inner.store.presence()?)
+        };
+        let mut all: BTreeMap<String, NodeReport> =
+            reports.into_iter().map(|r| (r.node.clone(), r)).collect();
+        let local = self.local.get().and_then(|l| l.report());
+        if let Some(r) = &local {
+            all.insert(r.node.clone(), r.clone());
         }
-        Ok(all.into_values().collect())
+        let current = self.revision();
+        Ok(all
+            .into_values()
+            .map(|r| {
+                let here = local.as_ref().is_some_and(|l| l.node == r.node);
+                let contact = presence.get(&r.node).copied();
+                let live = here || contact.is_some();
+                NodeStatus {
+                    status: if live {
+                        NodeLiveness::Live
+                    } else {
+                        NodeLiveness::Gone
+                    },
+                    last_contact: if here && self.store_reachable() {
+                        now()
+                    } else {
+                        contact.unwrap_or(r.reported_at).max(r.reported_at)
+                    },
+                    lag: current.saturating_sub(r.revision),
+                    node: r.node,
+                    revision: r.revision,
+                    reported_at: r.reported_at,
+                }
+            })
+            .collect())
     }
 
     /// One try: `None` when the store refused the commit because it is at another revision (the

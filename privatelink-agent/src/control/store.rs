@@ -43,6 +43,11 @@ pub trait Store: Send {
     fn nodes(&mut self) -> Result<Vec<NodeReport>, StoreError> {
         Ok(Vec::new())
     }
+    /// The nodes that hold a live presence lease, with their last contact (unix seconds; shared
+    /// stores only).
+    fn presence(&mut self) -> Result<std::collections::BTreeMap<String, u64>, StoreError> {
+        Ok(Default::default())
+    }
     /// Where a watch of the store's changes starts to see every commit after the last load
     /// (etcd: the revision after the one it read). `None`: no load yet, or a store nobody else
     /// writes.
@@ -67,6 +72,40 @@ pub struct NodeReport {
     pub revision: u64,
     /// When it reported (unix seconds).
     pub reported_at: u64,
+}
+
+/// A node as the cluster sees it (`GET /v1/nodes`).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
+pub struct NodeStatus {
+    pub node: String,
+    /// `live` while the node holds its presence lease in the shared store (it renews it every
+    /// second or so; a node that stops renewing is `gone` once the lease's time is over).
+    pub status: NodeLiveness,
+    /// The last time the node was known in contact with the store (unix seconds).
+    pub last_contact: u64,
+    /// State revision the node's datapath holds.
+    pub revision: u64,
+    /// Revisions it is behind the state this server serves.
+    pub lag: u64,
+    /// When it last reported a revision (unix seconds).
+    pub reported_at: u64,
+}
+
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize, utoipa::ToSchema,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum NodeLiveness {
+    Live,
+    Gone,
+}
+
+/// A node's presence value in a shared store (under a lease: it goes with the node).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Presence {
+    pub node: String,
+    /// When the node wrote it (unix seconds); rewritten while the node lives.
+    pub contact: u64,
 }
 
 /// Schema migrations, applied in order; `PRAGMA user_version` records how many ran.

@@ -184,6 +184,12 @@ pub struct StoreConfig {
     pub prefix: String,
     /// Seconds per etcd request.
     pub timeout: u64,
+    /// Seconds without an answer from etcd after which the node takes it for out of reach
+    /// (`privatelink_store_up` 0, the API's answers marked stale). HTTP/2 keepalive pings every
+    /// second and the presence lease's renewals are what answer.
+    pub contact_timeout: u64,
+    /// Seconds of the node's presence lease: killed, it shows as gone after at most this.
+    pub lease_ttl: u64,
 }
 
 impl Default for StoreConfig {
@@ -193,6 +199,8 @@ impl Default for StoreConfig {
             etcd: Vec::new(),
             prefix: "/privatelink".into(),
             timeout: 3,
+            contact_timeout: 3,
+            lease_ttl: 5,
         }
     }
 }
@@ -204,6 +212,8 @@ impl StoreConfig {
             endpoints: self.etcd.clone(),
             prefix: self.prefix.trim_end_matches('/').to_string(),
             timeout: std::time::Duration::from_secs(self.timeout),
+            contact_timeout: std::time::Duration::from_secs(self.contact_timeout),
+            lease_ttl: std::time::Duration::from_secs(self.lease_ttl),
         })
     }
 
@@ -742,6 +752,12 @@ fn store(raw: &AgentConfig) -> Result<(), ConfigError> {
             "store.prefix",
             format!("{:?}: a key prefix like /privatelink", raw.store.prefix),
         ));
+    }
+    if !(1..=60).contains(&raw.store.contact_timeout) {
+        return Err(err("store.contact_timeout", "1 to 60 seconds"));
+    }
+    if !(2..=300).contains(&raw.store.lease_ttl) {
+        return Err(err("store.lease_ttl", "2 to 300 seconds"));
     }
     if !(1..=60).contains(&raw.store.timeout) {
         return Err(err("store.timeout", "1 to 60 seconds"));

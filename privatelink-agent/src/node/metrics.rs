@@ -105,6 +105,10 @@ fn gauge(v: i64) -> ConstGauge<i64> {
     ConstGauge::new(v)
 }
 
+fn gauge_f(v: f64) -> ConstGauge<f64> {
+    ConstGauge::new(v)
+}
+
 /// What one scrape reads, once, for every family.
 struct Scrape<'a> {
     src: &'a Sources,
@@ -424,6 +428,15 @@ fn encode_node(enc: &mut DescriptorEncoder, s: &Scrape) -> Result<(), std::fmt::
         MetricType::Gauge,
         one(s.ct.removed as i64),
     )?;
+    if let Some(since) = s.src.agent.store.since_contact() {
+        family(
+            enc,
+            "privatelink_store_last_contact_seconds",
+            "Seconds since the shared store (etcd) last answered; beyond store.contact_timeout the node's revision is stale",
+            MetricType::Gauge,
+            vec![(s.node.clone(), gauge_f(since))],
+        )?;
+    }
     let r = &s.src.reader;
     family(
         enc,
@@ -621,9 +634,10 @@ pub fn registry(sources: Sources) -> Registry {
     );
     r.register(
         "privatelink_store_reloads",
-        "Full loads of the shared store's state: at start, after a lost watch or a missed revision",
+        "Full loads of the shared store's state: at start, after a missed revision or a compacted history (a lost watch resumes without one)",
         agent.store.reloads.clone(),
     );
+
     r.register(
         "privatelink_store_commits_followed",
         "Commits of other servers applied from the shared store's watch, without a full load",

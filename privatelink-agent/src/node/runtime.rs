@@ -513,6 +513,7 @@ async fn serve(mut node: Node, shutdown: Shutdown) -> Result<Node> {
             e,
             node.plane.clone(),
             node.metrics.store.clone(),
+            Some(node.name.clone()),
         ))
     });
     let mut revisions = node.plane.subscribe();

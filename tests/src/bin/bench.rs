@@ -1192,6 +1192,8 @@ fn etcd_convergence() {
                 endpoints: vec![privatelink_tests::world::ETCD.to_string()],
                 prefix: format!("/bench{n}"),
                 timeout: Duration::from_secs(10),
+                contact_timeout: Duration::from_secs(3),
+                lease_ttl: Duration::from_secs(5),
             };
             let (state, _) = big_state(n);
             let objects = state.objects().count();
@@ -1224,6 +1226,7 @@ fn etcd_convergence() {
                         cfg.clone(),
                         f.clone(),
                         Default::default(),
+                        None,
                     ))
                 })
                 .collect();

@@ -9,12 +9,15 @@ use std::{
     time::{Duration, Instant},
 };
 
-use privatelink_agent::testkit::demo::{BACKEND, ENDPOINT, TCP_PORTS};
+use privatelink_agent::testkit::{
+    demo::{BACKEND, ENDPOINT, TCP_PORTS, Topology},
+    netns::Netns,
+};
 use privatelink_tests::{
     agent_bin, privileged,
     world::{
-        ADMIN, Backing, ETCD, Proc, World, api, api_at, echo_server, node_get, round_trip, until,
-        wait_for_traffic, world_backed,
+        ADMIN, API, Backing, ETCD, Proc, World, api, api_at, echo_server, node_get, round_trip,
+        until, wait_for_traffic, world_backed,
     },
 };
 use serde_json::{Value, json};
@@ -116,6 +119,50 @@ fn applied(w: &World) -> u64 {
         .find(|n| n["node"] == "test-node")
         .and_then(|n| n["revision"].as_u64())
         .unwrap_or(0)
+}
+
+/// etcd in a namespace of its own, reached by each node over a point-to-point link of its own
+/// (198.18.200.0/24, see [`linked`]).
+fn shared_etcd(tag: &str) -> (Netns, privatelink_tests::world::Etcd) {
+    let et = Netns::new("et").expect("etcd namespace");
+    let dir = std::env::temp_dir().join(format!("privatelink-{tag}-{}", std::process::id()));
+    let etcd = privatelink_tests::world::Etcd::start_at(
+        &et,
+        &dir,
+        "http://0.0.0.0:2379",
+        "http://198.18.200.1:2379",
+    );
+    (et, etcd)
+}
+
+/// Links node `i`'s namespace to the etcd namespace (node side `et0`, 198.18.200.(4i+2)/30).
+fn linked(et: &Netns, i: u8) -> impl Fn(&Topology) + '_ {
+    move |topo: &Topology| {
+        let dev = format!("n{i}");
+        privatelink_agent::testkit::netns::veth(et, &dev, &topo.node, "et0").expect("veth to etcd");
+        et.ip(&[
+            "addr",
+            "add",
+            &format!("198.18.200.{}/30", 4 * i + 1),
+            "dev",
+            &dev,
+        ])
+        .unwrap();
+        topo.node
+            .ip(&[
+                "addr",
+                "add",
+                &format!("198.18.200.{}/30", 4 * i + 2),
+                "dev",
+                "et0",
+            ])
+            .unwrap();
+    }
+}
+
+/// etcd's address as node `i` reaches it.
+fn etcd_url(i: u8) -> String {
+    format!("http://198.18.200.{}:2379", 4 * i + 1)
 }
 
 #[test]
@@ -286,8 +333,8 @@ fn agents_follow_etcd_races_have_one_winner_and_an_outage_keeps_forwarding() {
     assert_eq!(status, 503, "a write without etcd: {v}");
     assert_eq!(v["error"]["code"], "store_unavailable", "{v}");
     assert!(
-        w.log().contains("unreachable"),
-        "the agent's log says the store is unreachable:\n{}",
+        w.log().contains("etcd out of reach"),
+        "the agent's log says the store is out of reach:\n{}",
         w.log()
     );
 
@@ -315,9 +362,10 @@ fn agents_follow_etcd_races_have_one_winner_and_an_outage_keeps_forwarding() {
         text.contains("\nprivatelink_store_up 1"),
         "store_up back to 1"
     );
-    assert!(
-        counter(&w, "privatelink_store_reloads_total") > reloads,
-        "the watch lost with etcd: a full load when it is back"
+    assert_eq!(
+        counter(&w, "privatelink_store_reloads_total"),
+        reloads,
+        "the watch lost with etcd resumes where it stopped: no full load"
     );
 
     // A node restarted while changes happen catches up: killed, a change made meanwhile through
@@ -352,47 +400,14 @@ fn three_nodes_share_one_etcd_and_apply_a_change_within_a_second() {
     if !privileged("three_nodes_share_one_etcd_and_apply_a_change_within_a_second") {
         return;
     }
-    // etcd in a namespace of its own, one point-to-point link to each node (198.18.200.0/24).
-    let et = privatelink_agent::testkit::netns::Netns::new("et").expect("etcd namespace");
-    let dir = std::env::temp_dir().join(format!("privatelink-etcd3-{}", std::process::id()));
-    let _etcd = privatelink_tests::world::Etcd::start_at(
-        &et,
-        &dir,
-        "http://0.0.0.0:2379",
-        "http://198.18.200.1:2379",
-    );
-    let link = |i: u8| {
-        let et = &et;
-        move |topo: &privatelink_agent::testkit::demo::Topology| {
-            let dev = format!("n{i}");
-            privatelink_agent::testkit::netns::veth(et, &dev, &topo.node, "et0")
-                .expect("veth to etcd");
-            et.ip(&[
-                "addr",
-                "add",
-                &format!("198.18.200.{}/30", 4 * i + 1),
-                "dev",
-                &dev,
-            ])
-            .unwrap();
-            topo.node
-                .ip(&[
-                    "addr",
-                    "add",
-                    &format!("198.18.200.{}/30", 4 * i + 2),
-                    "dev",
-                    "et0",
-                ])
-                .unwrap();
-        }
-    };
-    let url = |i: u8| format!("http://198.18.200.{}:2379", 4 * i + 1);
+    let (et, _etcd) = shared_etcd("etcd3");
+    let link = |i: u8| linked(&et, i);
     let (connect_a, connect_b, connect_c) = (link(0), link(1), link(2));
     let (a, agent_a) = world_backed(
         "node-a",
         "",
         Backing::SharedEtcd {
-            url: url(0),
+            url: etcd_url(0),
             connect: &connect_a,
             prepared: None,
         },
@@ -402,7 +417,7 @@ fn three_nodes_share_one_etcd_and_apply_a_change_within_a_second() {
         "node-b",
         "",
         Backing::SharedEtcd {
-            url: url(1),
+            url: etcd_url(1),
             connect: &connect_b,
             prepared: Some(prepared.clone()),
         },
@@ -411,7 +426,7 @@ fn three_nodes_share_one_etcd_and_apply_a_change_within_a_second() {
         "node-c",
         "",
         Backing::SharedEtcd {
-            url: url(2),
+            url: etcd_url(2),
             connect: &connect_c,
             prepared: Some(prepared),
         },
@@ -472,5 +487,219 @@ fn three_nodes_share_one_etcd_and_apply_a_change_within_a_second() {
     }
     drop((agent_a, agent_b, agent_c));
     drop((a, b, c));
-    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `GET /v1/nodes` of a world's agent: node name → its row.
+fn nodes(w: &World) -> std::collections::BTreeMap<String, Value> {
+    let (status, v) = api(&w.topo, ADMIN, "GET", "/v1/nodes", None);
+    assert_eq!(status, 200, "{v}");
+    v["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| (n["node"].as_str().unwrap().to_string(), n.clone()))
+        .collect()
+}
+
+/// The `privatelink-state` header of the agent's answer to `GET /v1/revision`.
+fn state_header(w: &World) -> String {
+    w.topo.node.enter(|| {
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(Duration::from_secs(3)))
+            .build()
+            .into();
+        let r = agent
+            .get(format!(
+                "http://{}/v1/revision",
+                privatelink_tests::world::API
+            ))
+            .header("Authorization", format!("Bearer {ADMIN}"))
+            .call()
+            .expect("GET /v1/revision");
+        r.headers()
+            .get("privatelink-state")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_string()
+    })
+}
+
+/// Waits (at most `within`) until `ok` holds; returns how long it took.
+fn within(what: &str, within: Duration, mut ok: impl FnMut() -> bool) -> Duration {
+    let t = Instant::now();
+    while !ok() {
+        assert!(t.elapsed() < within, "{what}: not within {within:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    t.elapsed()
+}
+
+/// Two nodes on one etcd. Node A's path to etcd is cut by an nftables drop rule in its namespace
+/// (nothing closes the connection): within the contact timeout (3 s) plus a ping A says etcd is
+/// out of reach (metric, log, stale answers) while node B goes on committing; when the path is
+/// back, A catches up from where its watch stopped, without a full load. Node B killed with
+/// SIGKILL shows as gone on A within its lease (5 s), and live again once restarted.
+#[test]
+fn a_node_cut_off_from_etcd_knows_it_and_the_cluster_knows_a_dead_node() {
+    if !privileged("a_node_cut_off_from_etcd_knows_it_and_the_cluster_knows_a_dead_node") {
+        return;
+    }
+    let (et, _etcd) = shared_etcd("etcd-live");
+    let (connect_a, connect_b) = (linked(&et, 0), linked(&et, 1));
+    let (a, _agent_a) = world_backed(
+        "node-a",
+        "",
+        Backing::SharedEtcd {
+            url: etcd_url(0),
+            connect: &connect_a,
+            prepared: None,
+        },
+    );
+    let prepared = (a.tokens.clone(), a.vpcs.clone());
+    let (b, agent_b) = world_backed(
+        "node-b",
+        "",
+        Backing::SharedEtcd {
+            url: etcd_url(1),
+            connect: &connect_b,
+            prepared: Some(prepared),
+        },
+    );
+    let live = |w: &World, node: &str| nodes(w).get(node).is_some_and(|n| n["status"] == "live");
+    within("both nodes live on A", Duration::from_secs(10), || {
+        live(&a, "node-a") && live(&a, "node-b")
+    });
+    assert_eq!(state_header(&a), "current");
+    let reloads = counter(&a, "privatelink_store_reloads_total");
+
+    // The cut: nothing answers, nothing resets.
+    let nft = |args: &str| {
+        let out = a.topo.node.exec("nft", &[args]).expect("nft");
+        assert!(
+            out.status.success(),
+            "nft {args}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    nft("add table inet plcut");
+    nft("add chain inet plcut out { type filter hook output priority 0 ; }");
+    nft("add chain inet plcut in { type filter hook input priority 0 ; }");
+    nft("add rule inet plcut out ip daddr 198.18.200.1 drop");
+    nft("add rule inet plcut in ip saddr 198.18.200.1 drop");
+    let took = within("A reports the store down", Duration::from_secs(7), || {
+        node_get(&a.topo, "http://127.0.0.1:9464/metrics")
+            .unwrap_or_default()
+            .contains("\nprivatelink_store_up 0")
+    });
+    eprintln!("node A took etcd for out of reach {took:?} after the cut");
+    assert_eq!(
+        state_header(&a),
+        "stale",
+        "answers from the last state say so"
+    );
+    assert!(
+        a.log().contains("etcd out of reach"),
+        "the log says so:\n{}",
+        a.log()
+    );
+    let text = node_get(&a.topo, "http://127.0.0.1:9464/metrics").unwrap_or_default();
+    let since =
+        privatelink_tests::world::sample(&text, "privatelink_store_last_contact_seconds", &[])
+            .expect("last contact");
+    assert!(since >= 3.0, "last contact {since} s ago");
+    // Meanwhile B commits.
+    let (status, v) = api(
+        &b.topo,
+        &b.tokens[1],
+        "POST",
+        "/v1/security-groups",
+        Some(json!({ "name": "made-while-a-was-cut-off" })),
+    );
+    assert!(status == 200 || status == 201, "{status} {v}");
+    let committed = api(&b.topo, ADMIN, "GET", "/v1/revision", None).1["revision"]
+        .as_u64()
+        .unwrap();
+    // B sees A gone once A's lease ran out.
+    within("A gone on B", Duration::from_secs(10), || {
+        !live(&b, "node-a")
+    });
+
+    nft("delete table inet plcut");
+    within("A caught up", Duration::from_secs(10), || {
+        applied_by(&a, "node-a") >= committed && state_header(&a) == "current"
+    });
+    assert_eq!(
+        counter(&a, "privatelink_store_reloads_total"),
+        reloads,
+        "caught up from the watch, without a full load"
+    );
+    assert!(a.log().contains("etcd is reachable again"), "{}", a.log());
+    within("A live again on B", Duration::from_secs(10), || {
+        live(&b, "node-a")
+    });
+    let row = &nodes(&b)["node-a"];
+    assert_eq!(row["lag"], 0, "{row}");
+
+    // B killed outright: A lists it as gone within the lease time, then live once restarted.
+    drop(agent_b);
+    let gone = within("B gone on A", Duration::from_secs(5 + 3), || {
+        !live(&a, "node-b")
+    });
+    eprintln!("node B shown gone {gone:?} after SIGKILL (lease 5 s)");
+    let row = &nodes(&a)["node-b"];
+    assert_eq!(row["status"], "gone");
+    assert!(row["last_contact"].as_u64().unwrap() > 0, "{row}");
+    // The CLI shows the same.
+    let out = a
+        .topo
+        .node
+        .command(agent_bin("privatelink").to_str().unwrap())
+        .args([
+            "--server",
+            &format!("http://{API}"),
+            "--token",
+            ADMIN,
+            "nodes",
+            "list",
+        ])
+        .output()
+        .expect("run privatelink");
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{table}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<&str> = table.lines().collect();
+    assert!(
+        lines[0].starts_with("NODE")
+            && lines[0].contains("LAG")
+            && lines[0].contains("LAST_CONTACT"),
+        "{table}"
+    );
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.starts_with("node-b") && l.contains("gone")),
+        "{table}"
+    );
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.starts_with("node-a") && l.contains("live")),
+        "{table}"
+    );
+    let _agent_b = b.start_agent();
+    within("B live again", Duration::from_secs(20), || {
+        live(&a, "node-b")
+    });
+}
+
+/// The revision node `node` reports having applied, as `w`'s agent lists it.
+fn applied_by(w: &World, node: &str) -> u64 {
+    nodes(w)
+        .get(node)
+        .and_then(|n| n["revision"].as_u64())
+        .unwrap_or(0)
 }
