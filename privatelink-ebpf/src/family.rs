@@ -34,7 +34,7 @@ pub trait Family: Copy + PartialEq + Default + 'static {
     /// The conntrack map.
     fn ct() -> &'static HashMap<FlowKey<Self>, Flow<Self>>;
     /// The per-CPU state of a NAT port search.
-    fn nat_probe() -> Option<&'static mut crate::nat::Probe<Self>>;
+    fn nat_probe() -> Option<&'static mut crate::probe::Probe<Self>>;
     /// The per-CPU flow cache in front of the conntrack map.
     fn flow_cache() -> &'static PerCpuArray<FlowCacheEntry<Self>>;
     /// The address folded to 32 bits (the identity for IPv4), for the flow hash.
@@ -78,7 +78,7 @@ impl Family for u32 {
     }
 
     #[inline(always)]
-    fn nat_probe() -> Option<&'static mut crate::nat::Probe<u32>> {
+    fn nat_probe() -> Option<&'static mut crate::probe::Probe<u32>> {
         // SAFETY: per-CPU value; XDP programs do not nest on a CPU.
         NAT_PROBE4.get_ptr_mut(0).map(|p| unsafe { &mut *p })
     }
@@ -197,7 +197,7 @@ impl Family for In6 {
     }
 
     #[inline(always)]
-    fn nat_probe() -> Option<&'static mut crate::nat::Probe<In6>> {
+    fn nat_probe() -> Option<&'static mut crate::probe::Probe<In6>> {
         // SAFETY: per-CPU value; XDP programs do not nest on a CPU.
         NAT_PROBE6.get_ptr_mut(0).map(|p| unsafe { &mut *p })
     }

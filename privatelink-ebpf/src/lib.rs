@@ -19,6 +19,7 @@ mod mem;
 mod nat;
 pub mod parse;
 mod policy;
+mod probe;
 pub mod process;
 pub mod stats;
 mod verdict;

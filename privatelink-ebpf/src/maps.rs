@@ -176,11 +176,11 @@ pub static FIB_SCRATCH: PerCpuArray<aya_ebpf::bindings::bpf_fib_lookup> =
 /// Per-CPU state of a new IPv4 flow's NAT port search once its first port is taken (see
 /// `nat::create_flow`): the search runs in a `bpf_loop` callback, which reaches it here.
 #[map]
-pub static NAT_PROBE4: PerCpuArray<crate::nat::Probe<u32>> = PerCpuArray::with_max_entries(1, 0);
+pub static NAT_PROBE4: PerCpuArray<crate::probe::Probe<u32>> = PerCpuArray::with_max_entries(1, 0);
 
 /// The same for IPv6 (here also to keep the reply key off the IPv6 program's full stack).
 #[map]
-pub static NAT_PROBE6: PerCpuArray<crate::nat::Probe<privatelink_common::In6>> =
+pub static NAT_PROBE6: PerCpuArray<crate::probe::Probe<privatelink_common::In6>> =
     PerCpuArray::with_max_entries(1, 0);
 
 /// Per-CPU scratch of the IPv6 program's ICMPv6 error path: the conntrack key of the quoted flow.

@@ -1,10 +1,8 @@
 //! Backend choice (Maglev), source-NAT allocation and the flow entries that record it.
-use core::mem::MaybeUninit;
-
 use aya_ebpf::{
     bindings::{BPF_ANY, BPF_EXIST, BPF_NOEXIST},
     cty::c_void,
-    helpers::{bpf_get_prandom_u32, bpf_loop},
+    helpers::bpf_loop,
 };
 use privatelink_common::{
     CT_OPEN, CT_SYN_SENT, DIR_FORWARD, DIR_REPLY, DROP_CONNTRACK_FULL, DROP_NAT_EXHAUSTED,
@@ -12,7 +10,13 @@ use privatelink_common::{
     NAT_PORT_PROBES, NextHop, PROTO_TCP,
 };
 
-use crate::{conntrack, family::Family, mem, parse::Pkt};
+use crate::{
+    conntrack,
+    family::Family,
+    mem,
+    parse::Pkt,
+    probe::{CLAIMED, Ports},
+};
 
 const ENOENT: i32 = 2;
 const EEXIST: i32 = 17;
@@ -83,58 +87,6 @@ pub fn pick_backend<A: Family>(service_slot: u32, hash: u32) -> Result<(u32, A),
     Ok((slot, A::backend(slot).ok_or(DROP_NO_BACKEND)?))
 }
 
-/// A new flow in the making: its entry (the reply entry first, then the forward entry in the same
-/// memory), and the NAT port search: the reply key with the port being tried, the clock and
-/// timeouts that say whether a taken port's flow expired, and a xorshift sequence of ports
-/// (seeded at most once per flow: one helper call, not one per try) scaled onto the range by a
-/// multiply.
-/// Lives in a per-CPU map (`NAT_PROBE4`/`NAT_PROBE6`), where the `bpf_loop` callback finds it,
-/// and off the programs' stacks (the IPv6 one has no room for another key and entry).
-#[repr(C)]
-pub struct Probe<A> {
-    flow: MaybeUninit<Flow<A>>,
-    rkey: FlowKey<A>,
-    cfg: DatapathConfig,
-    now: u64,
-    ports: Ports,
-    /// [`CLAIMED`], or the drop reason the search ended with.
-    result: u32,
-}
-
-/// A xorshift sequence of ports in `min..min + span`.
-#[repr(C)]
-struct Ports {
-    state: u32,
-    span: u32,
-    min: u16,
-    _pad: u16,
-}
-
-/// [`Probe::result`] of a search that wrote the reply entry.
-const CLAIMED: u32 = 0;
-
-impl Ports {
-    /// Seeds the sequence: one helper call, made only once a random port is needed (a flow that
-    /// keeps its consumer's port never pays it).
-    #[inline(always)]
-    fn seed(&mut self) {
-        // SAFETY: helper without preconditions.
-        let seed = unsafe { bpf_get_prandom_u32() };
-        // xorshift never leaves zero.
-        self.state = seed | 1;
-    }
-
-    #[inline(always)]
-    fn next(&mut self) -> u16 {
-        let mut x = self.state;
-        x ^= x << 13;
-        x ^= x >> 17;
-        x ^= x << 5;
-        self.state = x;
-        self.min + ((x as u64 * self.span as u64) >> 32) as u16
-    }
-}
-
 /// One try of the search (a `bpf_loop` callback). Returns 1 to end the loop.
 extern "C" fn probe_next<A: Family>(_i: u64, _ctx: *mut c_void) -> i64 {
     let Some(s) = A::nat_probe() else {
@@ -159,8 +111,8 @@ extern "C" fn probe_next<A: Family>(_i: u64, _ctx: *mut c_void) -> i64 {
 
 /// Chooses a NAT address and port whose reply tuple is free, and writes both flow entries. With
 /// `nh` (the backend's cached next hop), the forward entry starts out with it. Returns the
-/// forward entry (the translation to apply now), built in this CPU's [`Probe`] where the reply
-/// entry was built first.
+/// forward entry (the translation to apply now), built in this CPU's
+/// [`Probe`](crate::probe::Probe) where the reply entry was built first.
 #[allow(
     clippy::needless_borrows_for_generic_args,
     reason = "by value, the key and flow would be copied to the stack once more"
