@@ -74,12 +74,31 @@ pub struct Bench {
     pub ebpf: Ebpf,
 }
 
-/// A scratch directory in bpffs, removed with what is pinned in it.
+/// A bpffs of its own, mounted on a scratch directory (a fresh machine may have none at
+/// /sys/fs/bpf), unmounted and removed with what is pinned in it.
 struct Scratch(PathBuf);
+
+impl Scratch {
+    fn mount(dir: PathBuf) -> std::io::Result<Self> {
+        std::fs::create_dir_all(&dir)?;
+        let scratch = Scratch(dir);
+        nix::mount::mount(
+            Some("bpf"),
+            &scratch.0,
+            Some("bpf"),
+            nix::mount::MsFlags::empty(),
+            None::<&str>,
+        )
+        .map_err(std::io::Error::from)?;
+        Ok(scratch)
+    }
+}
 
 impl Drop for Scratch {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
+        let _ = nix::mount::umount2(&self.0, nix::mount::MntFlags::MNT_DETACH);
+        let _ = std::fs::remove_dir(&self.0);
     }
 }
 
@@ -91,12 +110,12 @@ impl Bench {
             return Err(BenchError::Stub);
         }
         static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-        let scratch = Scratch(PathBuf::from(format!(
-            "/sys/fs/bpf/privatelink-bench-{}-{}",
+        let scratch = Scratch::mount(std::env::temp_dir().join(format!(
+            "privatelink-bench-{}-{}",
             std::process::id(),
             NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-        )));
-        std::fs::create_dir_all(&scratch.0).map_err(BenchError::Share)?;
+        )))
+        .map_err(BenchError::Share)?;
         // The datapath's maps as the kernel has them: every map its two programs use (whoever
         // holds them in userspace now, e.g. a `Dataplane` that took them from `dp`).
         let mut ids = std::collections::BTreeSet::new();
