@@ -1,6 +1,7 @@
 //! Test support: the privilege gate, packet fixtures (built and checked with etherparse) and a
 //! BPF_PROG_TEST_RUN helper. Namespaces come from `privatelink_agent::netns`.
 pub mod benchkit;
+pub mod family;
 pub mod fixture;
 pub mod fixture6;
 pub mod layout;

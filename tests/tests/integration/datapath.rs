@@ -2,16 +2,14 @@
 //! independently), and counters. State is written through the agent's `Dataplane::apply`.
 use std::net::Ipv4Addr;
 
-use ipnet::Ipv4Net;
 use privatelink_agent::datapath::{
     Action, DataplaneError, LinkState, PortMap, Proto, Rule, RuleProto,
 };
 use privatelink_common as c;
 use privatelink_tests::{
     fixture::{
-        ACCOUNT, BACKEND, BACKEND_MAC, BACKEND_NO_NEIGH, BACKEND2, CONSUMER, CONSUMER_MAC,
-        CONSUMER_NET, ENDPOINT, Harness, LINK, NOT_ENDPOINT, PROVIDER_NET, Pkt, SERVICE,
-        with_harness,
+        BACKEND, BACKEND_MAC, BACKEND_NO_NEIGH, BACKEND2, CONSUMER, CONSUMER_MAC, ENDPOINT,
+        Harness, LINK, NOT_ENDPOINT, PROVIDER_NET, Pkt, SERVICE, with_harness,
     },
     parse_checked,
 };
@@ -20,10 +18,6 @@ const XDP_DROP: u32 = 1;
 const XDP_PASS: u32 = 2;
 const XDP_TX: u32 = 3;
 const XDP_REDIRECT: u32 = 4;
-
-fn nat_net() -> Ipv4Net {
-    "198.19.128.0/20".parse().unwrap()
-}
 
 /// Runs `pkt` and asserts a drop counted under `reason`, globally and (if `link`) on the link.
 fn assert_dropped(h: &mut Harness, ifindex: u32, pkt: &Pkt, reason: u32, link: Option<u32>) {
@@ -83,60 +77,6 @@ fn open_flow(h: &mut Harness, sport: u16) -> (Ipv4Addr, u16) {
 }
 
 #[test]
-fn tcp_new_flow_is_translated_both_ways_with_counters() {
-    with_harness("tcp_new_flow", |h| {
-        let m = h.model();
-        h.apply(&m);
-        let syn = h.consumer_syn(40000);
-        let r = h.run(h.c0, &syn);
-        assert_eq!(r.verdict, XDP_REDIRECT);
-        let out = parse_checked(&r.out);
-        assert!(
-            nat_net().contains(&out.src),
-            "source {} not in the NAT range",
-            out.src
-        );
-        assert_eq!(out.sport, 40000, "the consumer's port is kept when free");
-        let want = syn
-            .translated(
-                (out.src, 40000),
-                (BACKEND, 8080),
-                (h.p0_mac, BACKEND_MAC),
-                63,
-            )
-            .build();
-        assert_eq!(r.out, want, "forward bytes");
-
-        let synack =
-            Pkt::tcp(BACKEND, 8080, out.src, 40000, true, true).macs(BACKEND_MAC, h.p0_mac);
-        let r2 = h.run(h.p0, &synack);
-        assert_eq!(r2.verdict, XDP_REDIRECT);
-        let want2 = synack
-            .translated(
-                (ENDPOINT, 80),
-                (CONSUMER, 40000),
-                (h.c0_mac, CONSUMER_MAC),
-                63,
-            )
-            .build();
-        assert_eq!(r2.out, want2, "reply bytes");
-        parse_checked(&r2.out);
-
-        let s = h.link_stats(LINK);
-        assert_eq!((s.fwd_packets, s.rev_packets, s.new_conns), (1, 1, 1));
-        assert_eq!(s.fwd_bytes, syn.build().len() as u64);
-        assert_eq!(s.rev_bytes, synack.build().len() as u64);
-        assert_eq!(h.outcomes()[c::FWD_REDIRECT as usize], 2);
-        let flows = h.plane.flows();
-        assert_eq!(flows.len(), 2, "a forward and a reply entry");
-        assert!(
-            flows.iter().all(|(_, f)| f.tcp_state == c::CT_SYN_RECV),
-            "after the SYN-ACK the flow is half-open until the consumer acknowledges: {flows:?}"
-        );
-    });
-}
-
-#[test]
 fn udp_is_translated_and_a_zero_checksum_stays_zero() {
     with_harness("udp", |h| {
         let m = h.model();
@@ -187,69 +127,6 @@ fn udp_is_translated_and_a_zero_checksum_stays_zero() {
                 )
                 .build()
         );
-    });
-}
-
-#[test]
-fn established_flows_skip_policy_new_ones_do_not() {
-    with_harness("established_skips_policy", |h| {
-        let mut m = h.model();
-        h.apply(&m);
-        let (nat, nport) = open_flow(h, 40001);
-        // Groups bound with no rule: every new flow drops from now on.
-        m.links.get_mut(&LINK).unwrap().rules = Some(Vec::new().into());
-        h.apply(&m);
-        let ack = Pkt::tcp(CONSUMER, 40001, ENDPOINT, 80, false, true).macs(CONSUMER_MAC, h.c0_mac);
-        let r = h.run(h.c0, &ack);
-        assert_eq!(r.verdict, XDP_REDIRECT, "the established flow keeps going");
-        assert_eq!(parse_checked(&r.out).src, nat);
-        assert_eq!(parse_checked(&r.out).sport, nport);
-        assert_dropped(
-            h,
-            h.c0,
-            &h.consumer_syn(40002),
-            c::DROP_SECURITY_GROUP,
-            Some(LINK),
-        );
-    });
-}
-
-#[test]
-fn link_state_and_allowlist_gate_new_flows() {
-    with_harness("link_states", |h| {
-        let mut m = h.model();
-        m.links.get_mut(&LINK).unwrap().state = LinkState::Pending;
-        h.apply(&m);
-        assert_dropped(
-            h,
-            h.c0,
-            &h.consumer_syn(40010),
-            c::DROP_LINK_PENDING,
-            Some(LINK),
-        );
-        m.links.get_mut(&LINK).unwrap().state = LinkState::Rejected;
-        h.apply(&m);
-        assert_dropped(
-            h,
-            h.c0,
-            &h.consumer_syn(40011),
-            c::DROP_LINK_REJECTED,
-            Some(LINK),
-        );
-        m.links.get_mut(&LINK).unwrap().state = LinkState::Available;
-        m.allowlist.clear();
-        h.apply(&m);
-        assert_dropped(
-            h,
-            h.c0,
-            &h.consumer_syn(40012),
-            c::DROP_NOT_ALLOWLISTED,
-            Some(LINK),
-        );
-        m.allowlist.insert((SERVICE, ACCOUNT));
-        h.apply(&m);
-        open_flow(h, 40013);
-        assert_eq!(h.link_stats(LINK).new_conns, 1);
     });
 }
 
@@ -494,53 +371,6 @@ fn ip_options_are_honoured() {
 }
 
 #[test]
-fn vlan_tag_selects_the_network_and_comes_back_on_replies() {
-    with_harness("vlan", |h| {
-        let mut m = h.model();
-        // Untagged c0 is network 1; VLAN 10 on c1 is network 1 too (a trunk carrying that VPC).
-        m.ifaces[1].vlan_id = 10;
-        m.ifaces[1].network_id = CONSUMER_NET;
-        h.apply(&m);
-        let syn = Pkt::syn(CONSUMER, 40600, ENDPOINT, 80)
-            .macs(CONSUMER_MAC, h.c1_mac)
-            .vlan(10);
-        let r = h.run(h.c1, &syn);
-        assert_eq!(r.verdict, XDP_REDIRECT);
-        let out = parse_checked(&r.out);
-        assert_eq!(out.vlan, None, "the tag is popped towards the provider");
-        let mut want = syn.translated(
-            (out.src, 40600),
-            (BACKEND, 8080),
-            (h.p0_mac, BACKEND_MAC),
-            63,
-        );
-        want.vlan = None;
-        assert_eq!(r.out, want.build());
-        let synack =
-            Pkt::tcp(BACKEND, 8080, out.src, 40600, true, true).macs(BACKEND_MAC, h.p0_mac);
-        let r = h.run(h.p0, &synack);
-        assert_eq!(r.verdict, XDP_REDIRECT);
-        let mut want = synack.translated(
-            (ENDPOINT, 80),
-            (CONSUMER, 40600),
-            (h.c1_mac, CONSUMER_MAC),
-            63,
-        );
-        want.vlan = Some(10);
-        assert_eq!(
-            r.out,
-            want.build(),
-            "the tag is pushed back towards the consumer"
-        );
-        // Untagged on c1 is not a registered network: passed untouched.
-        let plain = Pkt::syn(CONSUMER, 40601, ENDPOINT, 80)
-            .macs(CONSUMER_MAC, h.c1_mac)
-            .build();
-        assert_passed(h, h.c1, &plain, c::PASS_UNKNOWN_IFACE);
-    });
-}
-
-#[test]
 fn unknown_destinations_and_arp() {
     with_harness("unknown_and_arp", |h| {
         let m = h.model();
@@ -602,68 +432,6 @@ fn unknown_destinations_and_arp() {
 }
 
 #[test]
-fn overlapping_consumers_collide_on_nat_and_retry() {
-    with_harness("nat_collision", |h| {
-        let mut m = h.model();
-        // One NAT address: the same consumer tuple from two networks must get two ports.
-        m.nat.get_mut(&PROVIDER_NET).unwrap().addrs = "198.19.128.7/32".parse().unwrap();
-        let mut other = m.links[&LINK].clone();
-        other.network_id = privatelink_tests::fixture::CONSUMER_NET2;
-        m.links.insert(2, other);
-        h.apply(&m);
-        let (nat1, port1) = open_flow(h, 40800);
-        let syn2 = Pkt::syn(CONSUMER, 40800, ENDPOINT, 80).macs(CONSUMER_MAC, h.c1_mac);
-        let r = h.run(h.c1, &syn2);
-        assert_eq!(r.verdict, XDP_REDIRECT);
-        let out2 = parse_checked(&r.out);
-        assert_eq!(
-            (nat1, out2.src),
-            (
-                "198.19.128.7".parse().unwrap(),
-                "198.19.128.7".parse().unwrap()
-            )
-        );
-        assert_eq!(port1, 40800);
-        assert_ne!(
-            out2.sport, 40800,
-            "the second flow had to retry for a free port"
-        );
-        // Each reply goes back to its own network's interface.
-        for (port, mac) in [(port1, h.c0_mac), (out2.sport, h.c1_mac)] {
-            let reply = Pkt::tcp(BACKEND, 8080, nat1, port, true, true).macs(BACKEND_MAC, h.p0_mac);
-            let r = h.run(h.p0, &reply);
-            assert_eq!(r.verdict, XDP_REDIRECT);
-            assert_eq!(
-                r.out,
-                reply
-                    .translated((ENDPOINT, 80), (CONSUMER, 40800), (mac, CONSUMER_MAC), 63)
-                    .build()
-            );
-        }
-        assert_eq!(h.link_stats(1).new_conns + h.link_stats(2).new_conns, 2);
-    });
-}
-
-#[test]
-fn rejecting_a_link_cuts_its_live_flows() {
-    with_harness("reject_mid_flow", |h| {
-        let mut m = h.model();
-        h.apply(&m);
-        let (nat, port) = open_flow(h, 40900);
-        m.links.get_mut(&LINK).unwrap().state = LinkState::Rejected;
-        let report = h.plane.apply(&m).expect("apply");
-        assert_eq!(
-            report.flows_cut, 2,
-            "both entries of the flow are deleted at once"
-        );
-        let ack = Pkt::tcp(CONSUMER, 40900, ENDPOINT, 80, false, true).macs(CONSUMER_MAC, h.c0_mac);
-        assert_dropped(h, h.c0, &ack, c::DROP_LINK_REJECTED, Some(LINK));
-        let reply = Pkt::tcp(BACKEND, 8080, nat, port, false, true).macs(BACKEND_MAC, h.p0_mac);
-        assert_dropped(h, h.p0, &reply, c::DROP_NO_FLOW, None);
-    });
-}
-
-#[test]
 fn maglev_keeps_flows_and_moves_about_one_in_n_new_ones() {
     with_harness("maglev", |h| {
         let mut m = h.model();
@@ -705,32 +473,6 @@ fn maglev_keeps_flows_and_moves_about_one_in_n_new_ones() {
             h.outcomes()[c::PASS_NO_NEIGH as usize] >= on_new as u64,
             "unresolved neighbour is handed to the kernel"
         );
-    });
-}
-
-#[test]
-fn no_neighbour_hands_the_translated_packet_to_the_kernel() {
-    with_harness("no_neigh", |h| {
-        let mut m = h.model();
-        m.services.get_mut(&SERVICE).unwrap().backends = vec![BACKEND_NO_NEIGH.into()];
-        h.apply(&m);
-        let syn = h.consumer_syn(43000);
-        let r = h.run(h.c0, &syn);
-        assert_eq!(r.verdict, XDP_PASS);
-        let out = parse_checked(&r.out);
-        // TTL untouched: the kernel's forwarding decrements it.
-        assert_eq!(
-            r.out,
-            syn.translated(
-                (out.src, 43000),
-                (BACKEND_NO_NEIGH, 8080),
-                (syn.src_mac, syn.dst_mac),
-                64
-            )
-            .build()
-        );
-        assert_eq!(h.outcomes()[c::PASS_NO_NEIGH as usize], 1);
-        assert_eq!(h.link_stats(LINK).fwd_packets, 1);
     });
 }
 
@@ -1206,56 +948,6 @@ fn icmp_errors_from_the_consumer_about_a_reply_reach_the_backend_as_about_its_ow
         let port = Icmpv4Type::DestinationUnreachable(DestUnreachableHeader::Port);
         let err = consumer_error(h, port, &stray);
         assert_dropped_raw(h, &err, c::DROP_ICMP_NO_FLOW);
-    });
-}
-
-#[test]
-fn a_full_conntrack_refuses_new_flows_keeps_established_ones_and_recovers() {
-    if !privatelink_tests::privileged("a_full_conntrack") {
-        return;
-    }
-    // 32 flows fill 64 entries (two per flow); UDP flows expire after a second.
-    let sizes = privatelink_agent::datapath::loader::Sizes {
-        conntrack: 64,
-        ..privatelink_agent::datapath::loader::Sizes::small()
-    };
-    privatelink_tests::fixture::with_harness_sized(sizes, |h| {
-        let mut m = h.model();
-        m.config.udp_timeout_ns = 1_000_000_000;
-        h.apply(&m);
-        let dgram = |h: &Harness, sport: u16| {
-            Pkt::udp(CONSUMER, sport, ENDPOINT, 53).macs(CONSUMER_MAC, h.c0_mac)
-        };
-        for sport in 30_000..30_032 {
-            let r = h.run(h.c0, &dgram(h, sport));
-            assert_eq!(
-                r.verdict, XDP_REDIRECT,
-                "flow from {sport} while there is room"
-            );
-        }
-        // Full: a new flow is refused and counted, on the node and on its link.
-        assert_dropped(
-            h,
-            h.c0,
-            &dgram(h, 40_000),
-            c::DROP_CONNTRACK_FULL,
-            Some(LINK),
-        );
-        // Established flows are not evicted: every one of them still forwards.
-        for sport in [30_000, 30_015, 30_031] {
-            let r = h.run(h.c0, &dgram(h, sport));
-            assert_eq!(r.verdict, XDP_REDIRECT, "established flow from {sport}");
-        }
-        // Flows end (time out); the sweep frees their entries, and new flows get in.
-        std::thread::sleep(std::time::Duration::from_millis(1300));
-        let (_, swept) = h
-            .plane
-            .stats_reader()
-            .expect("reader")
-            .scan(privatelink_agent::datapath::scan::monotonic_ns(), &m.config);
-        assert_eq!(swept, 64, "both entries of every flow");
-        let r = h.run(h.c0, &dgram(h, 40_000));
-        assert_eq!(r.verdict, XDP_REDIRECT, "room again after the sweep");
     });
 }
 

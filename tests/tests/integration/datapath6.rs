@@ -8,11 +8,12 @@ use etherparse::{
 };
 use ipnet::Ipv6Net;
 use privatelink_agent::{
-    datapath::{Action, Model, Rule, RuleProto},
+    datapath::{Action, Rule, RuleProto},
     testkit::demo::{BACKEND6, ENDPOINT6, NAT_RANGE6},
 };
 use privatelink_common as c;
 use privatelink_tests::{
+    family::Fam,
     fixture::{BACKEND_MAC, CONSUMER_MAC, Harness, LINK, with_harness},
     fixture6::{CONSUMER6, Ext, Pkt6, parse_checked6},
     test_run,
@@ -25,13 +26,6 @@ const XDP_REDIRECT: u32 = 4;
 
 fn nat6() -> Ipv6Net {
     NAT_RANGE6.parse().expect("constant")
-}
-
-/// The fixtures' model with the endpoint dual-stack (IPv4 `ENDPOINT`, IPv6 `ENDPOINT6`).
-fn dual(h: &Harness) -> Model {
-    let mut m = h.model();
-    m.links.get_mut(&LINK).expect("link").ip6 = Some(ENDPOINT6);
-    m
 }
 
 fn run(h: &mut Harness, ifindex: u32, frame: &[u8]) -> privatelink_tests::Run {
@@ -74,65 +68,9 @@ fn open6(h: &mut Harness, sport: u16) -> (Ipv6Addr, u16) {
 }
 
 #[test]
-fn tcp_and_udp_over_ipv6_are_translated_both_ways_with_counters() {
-    with_harness("tcp6", |h| {
-        let m = dual(h);
-        h.apply(&m);
-        let syn = Pkt6::syn(CONSUMER6, 40000, ENDPOINT6, 80).macs(CONSUMER_MAC, h.c0_mac);
-        let r = run(h, h.c0, &syn.build());
-        assert_eq!(r.verdict, XDP_REDIRECT, "SYN to the IPv6 endpoint");
-        let (nat, nport) = parse_checked6(&r.out);
-        assert!(nat6().contains(&nat), "source {nat} not in {}", nat6());
-        assert_eq!(nport, 40000, "the consumer's port is kept when free");
-        let want = syn.translated((nat, 40000), (BACKEND6, 8080), (h.p0_mac, BACKEND_MAC), 63);
-        assert_eq!(r.out, want.build(), "forward bytes");
-
-        let mut synack = Pkt6::syn(BACKEND6, 8080, nat, 40000).macs(BACKEND_MAC, h.p0_mac);
-        synack.tcp = Some((true, true));
-        let r2 = run(h, h.p0, &synack.build());
-        assert_eq!(r2.verdict, XDP_REDIRECT, "SYN-ACK back to the consumer");
-        let want2 = synack.translated(
-            (ENDPOINT6, 80),
-            (CONSUMER6, 40000),
-            (h.c0_mac, CONSUMER_MAC),
-            63,
-        );
-        assert_eq!(r2.out, want2.build(), "reply bytes");
-        parse_checked6(&r2.out);
-        let flows = h.plane.flows6();
-        assert_eq!(flows.len(), 2, "a forward and a reply entry");
-        assert!(
-            flows.iter().all(|(_, f)| f.tcp_state == c::CT_SYN_RECV),
-            "half-open until the consumer acknowledges"
-        );
-        assert!(h.plane.flows().is_empty(), "nothing in the IPv4 table");
-
-        let udp = Pkt6::udp(CONSUMER6, 5000, ENDPOINT6, 53).macs(CONSUMER_MAC, h.c0_mac);
-        let r3 = run(h, h.c0, &udp.build());
-        assert_eq!(r3.verdict, XDP_REDIRECT, "UDP to the IPv6 endpoint");
-        let (unat, uport) = parse_checked6(&r3.out);
-        assert_eq!(
-            r3.out,
-            udp.translated((unat, uport), (BACKEND6, 5353), (h.p0_mac, BACKEND_MAC), 63)
-                .build()
-        );
-
-        let s = h.link_stats(LINK);
-        assert_eq!((s.fwd_packets, s.rev_packets, s.new_conns), (2, 1, 2));
-        assert_eq!(s.fwd_bytes, (syn.build().len() + udp.build().len()) as u64);
-        assert_eq!(s.rev_bytes, synack.build().len() as u64);
-        assert_eq!(h.outcomes()[c::FWD_REDIRECT as usize], 3);
-
-        // The same endpoint still serves IPv4.
-        let syn4 = h.consumer_syn(41000);
-        assert_eq!(h.run(h.c0, &syn4).verdict, XDP_REDIRECT);
-    });
-}
-
-#[test]
 fn extension_headers_fragments_and_hop_limit() {
     with_harness("ext6", |h| {
-        let m = dual(h);
+        let m = Fam::model(h);
         h.apply(&m);
         let base = Pkt6::syn(CONSUMER6, 40100, ENDPOINT6, 80).macs(CONSUMER_MAC, h.c0_mac);
         // Two extension headers are walked; they stay in the forwarded frame.
@@ -197,7 +135,7 @@ fn ipv6_security_group_rules_apply_to_ipv6_flows_only() {
             source: source.parse().expect("cidr"),
             action,
         };
-        let mut m = dual(h);
+        let mut m = Fam::model(h);
         // First match wins: the consumer's /128 is dropped before the /64 accepts; IPv4 sources
         // are accepted by their own rule.
         m.links.get_mut(&LINK).expect("link").rules = Some(
@@ -300,7 +238,7 @@ fn icmp6_checksum(src: Ipv6Addr, dst: Ipv6Addr, body: &[u8]) -> u16 {
 #[test]
 fn neighbour_solicitations_for_endpoints_are_answered() {
     with_harness("nd6", |h| {
-        let m = dual(h);
+        let m = Fam::model(h);
         h.apply(&m);
         let ns = solicitation(h, ENDPOINT6);
         let r = run(h, h.c0, &ns);
@@ -338,7 +276,7 @@ fn neighbour_solicitations_for_endpoints_are_answered() {
 #[test]
 fn echo_requests_to_an_ipv6_endpoint_are_dropped_unless_the_service_answers() {
     with_harness("echo6", |h| {
-        let mut m = dual(h);
+        let mut m = Fam::model(h);
         h.apply(&m);
         let mut icmp = vec![128, 0, 0, 0, 0, 1, 0, 1, b'p', b'l'];
         let sum = icmp6_checksum(CONSUMER6, ENDPOINT6, &icmp);
@@ -449,7 +387,7 @@ fn icmp6_checked(frame: &[u8]) -> (etherparse::Ipv6Header, u8, u8, [u8; 4], Vec<
 fn icmpv6_errors_about_a_flow_reach_the_consumer_as_about_its_own_packet() {
     use etherparse::{Icmpv6Type, icmpv6::DestUnreachableCode, icmpv6::TimeExceededCode};
     with_harness("icmp6_errors", |h| {
-        let m = dual(h);
+        let m = Fam::model(h);
         h.apply(&m);
         // TCP: packet too big, quoting the whole translated SYN (a router quotes up to 1280 bytes).
         let syn = Pkt6::syn(CONSUMER6, 40001, ENDPOINT6, 80).macs(CONSUMER_MAC, h.c0_mac);
@@ -547,7 +485,7 @@ fn icmpv6_errors_about_a_flow_reach_the_consumer_as_about_its_own_packet() {
 #[test]
 fn icmpv6_errors_from_the_consumer_about_a_reply_reach_the_backend_as_about_its_own_packet() {
     with_harness("icmp6_errors_back", |h| {
-        let m = dual(h);
+        let m = Fam::model(h);
         h.apply(&m);
         let (nat, nport) = open6(h, 40020);
         // The backend's SYN-ACK as it left the backend, and as the consumer got it.
@@ -597,228 +535,6 @@ fn assert_provider_drop(h: &mut Harness, frame: &[u8], reason: u32) {
 }
 
 #[test]
-fn ipv6_link_state_allowlist_and_groups_gate_new_flows_and_rejection_cuts_them() {
-    use privatelink_agent::datapath::LinkState;
-    with_harness("gates6", |h| {
-        let mut m = dual(h);
-        let c0 = h.c0;
-        m.links.get_mut(&LINK).expect("link").state = LinkState::Pending;
-        h.apply(&m);
-        let syn = seg6(h, 41000, true, false);
-        dropped_on(h, c0, &syn, c::DROP_LINK_PENDING, Some(LINK));
-        m.links.get_mut(&LINK).expect("link").state = LinkState::Rejected;
-        h.apply(&m);
-        dropped_on(h, c0, &syn, c::DROP_LINK_REJECTED, Some(LINK));
-        m.links.get_mut(&LINK).expect("link").state = LinkState::Available;
-        let allowlist = std::mem::take(&mut m.allowlist);
-        h.apply(&m);
-        dropped_on(h, c0, &syn, c::DROP_NOT_ALLOWLISTED, Some(LINK));
-        m.allowlist = allowlist;
-        h.apply(&m);
-        // A segment of no flow that is not a SYN opens nothing.
-        let stray = seg6(h, 41001, false, true);
-        dropped_on(h, c0, &stray, c::DROP_TCP_NOT_SYN, Some(LINK));
-        let (nat, nport) = open6(h, 41002);
-        assert_eq!(h.link_stats(LINK).new_conns, 1);
-
-        // Groups bound with no rule: the established flow keeps going, new ones drop.
-        m.links.get_mut(&LINK).expect("link").rules = Some(Vec::new().into());
-        h.apply(&m);
-        let ack = seg6(h, 41002, false, true);
-        let r = run(h, c0, &ack);
-        assert_eq!(r.verdict, XDP_REDIRECT, "established flow skips policy");
-        assert_eq!(parse_checked6(&r.out), (nat, nport));
-        let syn = seg6(h, 41003, true, false);
-        dropped_on(h, c0, &syn, c::DROP_SECURITY_GROUP, Some(LINK));
-
-        // Rejecting the link cuts the live IPv6 flow: both entries go at once.
-        m.links.get_mut(&LINK).expect("link").state = LinkState::Rejected;
-        let report = h.plane.apply(&m).expect("apply");
-        assert_eq!(report.flows_cut, 2, "both entries of the IPv6 flow");
-        assert!(h.plane.flows6().is_empty());
-        dropped_on(h, c0, &ack, c::DROP_LINK_REJECTED, Some(LINK));
-        let mut reply = Pkt6::syn(BACKEND6, 8080, nat, nport).macs(BACKEND_MAC, h.p0_mac);
-        reply.tcp = Some((false, true));
-        assert_provider_drop(h, &reply.build(), c::DROP_NO_FLOW);
-    });
-}
-
-#[test]
-fn ipv6_without_a_neighbour_hands_the_translated_packet_to_the_kernel() {
-    with_harness("no_neigh6", |h| {
-        let mut m = dual(h);
-        // On the provider interface's prefix, with no neighbour entry.
-        let unresolved: Ipv6Addr = "2001:db8:64::20".parse().expect("address");
-        m.services
-            .get_mut(&privatelink_agent::testkit::demo::SERVICE)
-            .expect("service")
-            .backends = vec![
-            privatelink_tests::fixture::BACKEND.into(),
-            unresolved.into(),
-        ];
-        h.apply(&m);
-        let syn = Pkt6::syn(CONSUMER6, 43000, ENDPOINT6, 80).macs(CONSUMER_MAC, h.c0_mac);
-        let c0 = h.c0;
-        let r = run(h, c0, &syn.build());
-        assert_eq!(r.verdict, XDP_PASS, "the kernel resolves the neighbour");
-        let (nat, nport) = parse_checked6(&r.out);
-        // Hop limit untouched and MACs as received: the kernel's forwarding does both.
-        assert_eq!(
-            r.out,
-            syn.translated(
-                (nat, nport),
-                (unresolved, 8080),
-                (syn.src_mac, syn.dst_mac),
-                64
-            )
-            .build()
-        );
-        assert_eq!(h.outcomes()[c::PASS_NO_NEIGH as usize], 1);
-        assert_eq!(h.link_stats(LINK).fwd_packets, 1);
-    });
-}
-
-#[test]
-fn a_vlan_tag_selects_the_network_for_ipv6_and_comes_back_on_replies() {
-    with_harness("vlan6", |h| {
-        let mut m = dual(h);
-        // VLAN 10 on c1 carries network 1 (a trunk), as in the IPv4 fixture.
-        m.ifaces[1].vlan_id = 10;
-        m.ifaces[1].network_id = privatelink_tests::fixture::CONSUMER_NET;
-        h.apply(&m);
-        let mut syn = Pkt6::syn(CONSUMER6, 40600, ENDPOINT6, 80).macs(CONSUMER_MAC, h.c1_mac);
-        syn.vlan = Some(10);
-        let c1 = h.c1;
-        let r = run(h, c1, &syn.build());
-        assert_eq!(r.verdict, XDP_REDIRECT, "tagged IPv6 SYN");
-        let (nat, nport) = parse_checked6(&r.out);
-        let mut want = syn.translated((nat, nport), (BACKEND6, 8080), (h.p0_mac, BACKEND_MAC), 63);
-        want.vlan = None;
-        assert_eq!(
-            r.out,
-            want.build(),
-            "the tag is popped towards the provider"
-        );
-        let mut synack = Pkt6::syn(BACKEND6, 8080, nat, nport).macs(BACKEND_MAC, h.p0_mac);
-        synack.tcp = Some((true, true));
-        let p0 = h.p0;
-        let r = run(h, p0, &synack.build());
-        assert_eq!(r.verdict, XDP_REDIRECT);
-        let mut want = synack.translated(
-            (ENDPOINT6, 80),
-            (CONSUMER6, 40600),
-            (h.c1_mac, CONSUMER_MAC),
-            63,
-        );
-        want.vlan = Some(10);
-        assert_eq!(
-            r.out,
-            want.build(),
-            "the tag is pushed back towards the consumer"
-        );
-        // Another tag on c1 is no registered network: passed untouched.
-        syn.vlan = Some(11);
-        let other = syn.build();
-        let r = run(h, c1, &other);
-        assert_eq!((r.verdict, &r.out), (XDP_PASS, &other));
-    });
-}
-
-#[test]
-fn overlapping_ipv6_consumers_collide_on_nat_and_retry() {
-    with_harness("nat_collision6", |h| {
-        let mut m = dual(h);
-        // One IPv6 NAT address: the same consumer tuple from two networks must get two ports.
-        let only: Ipv6Addr = "2001:db8:ff::7".parse().expect("address");
-        m.nat
-            .get_mut(&privatelink_agent::testkit::demo::PROVIDER_NET)
-            .expect("range")
-            .addrs6 = Some(Ipv6Net::new(only, 128).expect("prefix"));
-        let mut other = m.links[&LINK].clone();
-        other.network_id = privatelink_tests::fixture::CONSUMER_NET2;
-        m.links.insert(2, other);
-        h.apply(&m);
-        let (nat1, port1) = open6(h, 40800);
-        let syn2 = Pkt6::syn(CONSUMER6, 40800, ENDPOINT6, 80).macs(CONSUMER_MAC, h.c1_mac);
-        let c1 = h.c1;
-        let r = run(h, c1, &syn2.build());
-        assert_eq!(
-            r.verdict, XDP_REDIRECT,
-            "the same tuple from the other network"
-        );
-        let (nat2, port2) = parse_checked6(&r.out);
-        assert_eq!((nat1, nat2), (only, only));
-        assert_eq!(port1, 40800);
-        assert_ne!(port2, 40800, "the second flow had to retry for a free port");
-        // Each reply goes back to its own network's interface, exactly.
-        for (port, mac) in [(port1, h.c0_mac), (port2, h.c1_mac)] {
-            let mut reply = Pkt6::syn(BACKEND6, 8080, only, port).macs(BACKEND_MAC, h.p0_mac);
-            reply.tcp = Some((true, true));
-            let p0 = h.p0;
-            let r = run(h, p0, &reply.build());
-            assert_eq!(r.verdict, XDP_REDIRECT);
-            assert_eq!(
-                r.out,
-                reply
-                    .translated((ENDPOINT6, 80), (CONSUMER6, 40800), (mac, CONSUMER_MAC), 63)
-                    .build()
-            );
-        }
-        assert_eq!(h.link_stats(1).new_conns + h.link_stats(2).new_conns, 2);
-    });
-}
-
-#[test]
-fn a_full_ipv6_conntrack_refuses_new_flows_keeps_established_ones_and_recovers() {
-    if !privatelink_tests::privileged("a_full_ipv6_conntrack") {
-        return;
-    }
-    // 32 flows fill 64 entries; UDP flows expire after a second. The IPv4 table stays roomy.
-    let sizes = privatelink_agent::datapath::loader::Sizes {
-        conntrack6: 64,
-        ..privatelink_agent::datapath::loader::Sizes::small()
-    };
-    privatelink_tests::fixture::with_harness_sized(sizes, |h| {
-        let mut m = dual(h);
-        m.config.udp_timeout_ns = 1_000_000_000;
-        h.apply(&m);
-        let c0 = h.c0;
-        let dgram = |h: &Harness, sport: u16| {
-            Pkt6::udp(CONSUMER6, sport, ENDPOINT6, 53)
-                .macs(CONSUMER_MAC, h.c0_mac)
-                .build()
-        };
-        for sport in 30_000..30_032 {
-            let r = run(h, c0, &dgram(h, sport));
-            assert_eq!(
-                r.verdict, XDP_REDIRECT,
-                "flow from {sport} while there is room"
-            );
-        }
-        dropped_on(h, c0, &dgram(h, 40_000), c::DROP_CONNTRACK_FULL, Some(LINK));
-        for sport in [30_000, 30_015, 30_031] {
-            let r = run(h, c0, &dgram(h, sport));
-            assert_eq!(r.verdict, XDP_REDIRECT, "established flow from {sport}");
-        }
-        // IPv4 has its own table: still room there.
-        assert_eq!(h.run(h.c0, &h.consumer_syn(40_001)).verdict, XDP_REDIRECT);
-        std::thread::sleep(std::time::Duration::from_millis(1300));
-        let (_, swept) = h
-            .plane
-            .stats_reader()
-            .expect("reader")
-            .scan(privatelink_agent::datapath::scan::monotonic_ns(), &m.config);
-        assert_eq!(
-            swept, 64,
-            "both entries of every IPv6 flow (the IPv4 SYN lives on)"
-        );
-        assert!(h.plane.flows6().is_empty());
-        let r = run(h, c0, &dgram(h, 40_000));
-        assert_eq!(r.verdict, XDP_REDIRECT, "room again after the sweep");
-    });
-}
-
-#[test]
 fn ipv6_keeps_forwarding_while_a_restarted_agent_swaps_the_programs() {
     use privatelink_agent::{
         datapath::Dataplane,
@@ -834,7 +550,7 @@ fn ipv6_keeps_forwarding_while_a_restarted_agent_swaps_the_programs() {
         let pins = Pins::prepare(&fs.0.join("privatelink")).expect("pins");
         let mut old = Datapath::load_pinned(&Sizes::small(), &pins).expect("first load");
         let mut plane = Dataplane::new(&mut old.ebpf).expect("maps");
-        plane.apply(&dual(h)).expect("apply");
+        plane.apply(&Fam::model(h)).expect("apply");
         let new = Datapath::load_pinned(&Sizes::small(), &pins).expect("second load");
         let syn = seg6(h, 42000, true, false);
         let r = test_run(old.program(), h.c0, &syn);
@@ -854,7 +570,7 @@ fn ipv6_keeps_forwarding_while_a_restarted_agent_swaps_the_programs() {
 fn steady_ipv6_flows_are_served_from_the_flow_cache_until_the_agent_cuts_them() {
     with_harness("flow_cache6", |h| {
         privatelink_tests::pin_to_cpu0();
-        let m = dual(h);
+        let m = Fam::model(h);
         h.apply(&m);
         let cache = |h: &Harness| h.plane.flow_cache_stats().expect("flow cache counters");
         let udp = Pkt6::udp(CONSUMER6, 5100, ENDPOINT6, 53).macs(CONSUMER_MAC, h.c0_mac);

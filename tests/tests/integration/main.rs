@@ -11,6 +11,7 @@ mod datapath6;
 mod demo;
 mod dns;
 mod etcd;
+mod families;
 mod faults;
 mod malformed;
 mod namespace;
