@@ -7,6 +7,7 @@
 //! - [`node`]: the node runtime (`privatelink-agent run`) on each network node.
 //! - [`datapath`]: loading the eBPF object, pins, and the map writer the node runtime drives.
 //! - [`cli`]: the `privatelink` REST client, which builds on its own (feature `cli`).
+//! - [`wire`]: the API's request bodies, shared by the server (`control`) and the CLI.
 #[cfg(feature = "cli")]
 pub mod cli;
 #[cfg(feature = "control")]
@@ -17,3 +18,5 @@ pub mod datapath;
 pub mod node;
 #[cfg(any(test, feature = "testkit"))]
 pub mod testkit;
+#[cfg(any(feature = "control", feature = "cli"))]
+pub mod wire;

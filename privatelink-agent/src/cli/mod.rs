@@ -9,6 +9,12 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use serde_json::{Value, json};
 use ureq::http::Method;
 
+use crate::wire::{
+    AddPortMappings, AllowReq, Backends, BindingReq, Bindings, CreateAccount, CreateEndpoint,
+    CreateGroup, CreateNetwork, CreateService, CreateSubnet, EndpointIds, PortMappingReq, RuleReq,
+    Rules, Tag, UpdateEndpoint, UpdateService,
+};
+
 #[derive(Parser, Debug)]
 #[command(
     name = "privatelink",
@@ -170,31 +176,33 @@ enum NetworkCmd {
     },
 }
 
+/// A word the server takes as an enum (`tcp`, `clb`, `accept`...), checked here with the
+/// server's own type, so a typo is an error naming the flag and the words it may be.
+fn word<T: serde::de::DeserializeOwned>(flag: &str, s: &str) -> anyhow::Result<T> {
+    serde_json::from_value(Value::String(s.to_string()))
+        .map_err(|e| anyhow::anyhow!("{flag} {s}: {e}"))
+}
+
+/// A request body as JSON.
+fn body(b: impl serde::Serialize) -> anyhow::Result<Option<Value>> {
+    Ok(Some(serde_json::to_value(b)?))
+}
+
 /// `key=value` tags.
-fn tags(v: &[String]) -> anyhow::Result<Value> {
+fn tags(v: &[String]) -> Vec<Tag> {
     v.iter()
         .map(|t| {
             let (k, val) = t.split_once('=').unwrap_or((t, ""));
-            Ok(json!({ "key": k, "value": val }))
+            Tag {
+                key: k.to_string(),
+                value: val.to_string(),
+            }
         })
-        .collect::<anyhow::Result<Vec<_>>>()
-        .map(Value::Array)
-}
-
-/// The body of a name/tags update: only what was given.
-fn name_tags(name: &Option<String>, t: &Option<Vec<String>>) -> anyhow::Result<Value> {
-    let mut b = json!({});
-    if let Some(n) = name {
-        b["name"] = json!(n);
-    }
-    if let Some(t) = t {
-        b["tags"] = tags(t)?;
-    }
-    Ok(b)
+        .collect()
 }
 
 /// `proto:service_port:terminal_port`, e.g. `tcp:3306:3306`.
-fn mappings(v: &[String]) -> anyhow::Result<Value> {
+fn mappings(v: &[String]) -> anyhow::Result<Vec<PortMappingReq>> {
     v.iter()
         .map(|m| {
             let p: Vec<&str> = m.split(':').collect();
@@ -205,31 +213,36 @@ fn mappings(v: &[String]) -> anyhow::Result<Value> {
                 s.parse::<i64>()
                     .map_err(|_| anyhow::anyhow!("--map {m}: {s} is not a number"))
             };
-            Ok(json!({ "protocol": proto, "service_port": port(sp)?, "terminal_port": port(tp)? }))
+            Ok(PortMappingReq {
+                protocol: word("--map", proto)?,
+                service_port: port(sp)?,
+                terminal_port: port(tp)?,
+            })
         })
-        .collect::<anyhow::Result<Vec<_>>>()
-        .map(Value::Array)
+        .collect()
 }
 
 /// `sg-id:priority`.
-fn bindings(v: &[String]) -> anyhow::Result<Value> {
+fn bindings(v: &[String]) -> anyhow::Result<Vec<BindingReq>> {
     v.iter()
         .map(|b| {
             let (id, p) = b
                 .split_once(':')
                 .ok_or_else(|| anyhow::anyhow!("--sg {b}: use sg-id:priority"))?;
-            let p: u32 = p
+            let priority = p
                 .parse()
                 .map_err(|_| anyhow::anyhow!("--sg {b}: priority is a number"))?;
-            Ok(json!({ "security_group_id": id, "priority": p }))
+            Ok(BindingReq {
+                security_group_id: id.to_string(),
+                priority,
+            })
         })
-        .collect::<anyhow::Result<Vec<_>>>()
-        .map(Value::Array)
+        .collect()
 }
 
 /// `proto:ports:source:action`, e.g. `tcp:3306:198.18.0.0/16:accept` (IPv6 sources contain ':',
 /// so the action is taken from the end).
-fn rules(v: &[String]) -> anyhow::Result<Value> {
+fn rules(v: &[String]) -> anyhow::Result<Vec<RuleReq>> {
     v.iter()
         .map(|r| {
             let bad = || anyhow::anyhow!("--rule {r}: use proto:ports:source:action");
@@ -240,10 +253,30 @@ fn rules(v: &[String]) -> anyhow::Result<Value> {
                 it.next().ok_or_else(bad)?,
             );
             let (source, action) = rest.rsplit_once(':').ok_or_else(bad)?;
-            Ok(json!({ "protocol": proto, "ports": ports, "source": source, "action": action }))
+            Ok(RuleReq {
+                protocol: word("--rule", proto)?,
+                ports: ports.to_string(),
+                source: source.to_string(),
+                action: word("--rule", action)?,
+                description: String::new(),
+            })
         })
-        .collect::<anyhow::Result<Vec<_>>>()
-        .map(Value::Array)
+        .collect()
+}
+
+/// `ENDPOINT_ID=LIMIT` items (an empty one alone: none).
+fn endpoint_limits(items: &[String]) -> anyhow::Result<std::collections::BTreeMap<String, u32>> {
+    items
+        .iter()
+        .filter(|i| !i.is_empty())
+        .map(|item| {
+            item.split_once('=')
+                .and_then(|(ep, n)| Some((ep.to_string(), n.parse::<u32>().ok()?)))
+                .ok_or_else(|| {
+                    anyhow::anyhow!("--endpoint-flow-limit {item}: want ENDPOINT_ID=LIMIT")
+                })
+        })
+        .collect()
 }
 
 #[derive(Subcommand, Debug)]
@@ -471,7 +504,10 @@ fn request(cmd: &Command) -> anyhow::Result<Req> {
         C::Accounts(AccountCmd::Create { id, name }) => req(
             Method::POST,
             "/v1/accounts",
-            Some(json!({ "id": id, "name": name })),
+            body(CreateAccount {
+                id: id.clone(),
+                name: name.clone(),
+            })?,
         ),
         C::Accounts(AccountCmd::List) => req(Method::GET, "/v1/accounts", None),
         C::Accounts(AccountCmd::Token { id }) => req(
@@ -483,7 +519,11 @@ fn request(cmd: &Command) -> anyhow::Result<Req> {
             NetworkCmd::Create { name, owner, cidrs } => req(
                 Method::POST,
                 "/v1/networks",
-                Some(json!({ "name": name, "owner": owner, "cidrs": cidrs })),
+                body(CreateNetwork {
+                    name: name.clone(),
+                    owner: owner.clone(),
+                    cidrs: cidrs.clone(),
+                })?,
             ),
             NetworkCmd::List => req(Method::GET, "/v1/networks", None),
             NetworkCmd::Get { id } => req(Method::GET, format!("/v1/networks/{id}"), None),
@@ -496,7 +536,11 @@ fn request(cmd: &Command) -> anyhow::Result<Req> {
             } => req(
                 Method::POST,
                 format!("/v1/networks/{network}/subnets"),
-                Some(json!({ "name": name, "cidr": cidr, "ipv6_cidr": ipv6_cidr })),
+                body(CreateSubnet {
+                    name: name.clone(),
+                    cidr: cidr.clone(),
+                    ipv6_cidr: ipv6_cidr.clone(),
+                })?,
             ),
             NetworkCmd::Subnets { network } => {
                 req(Method::GET, format!("/v1/networks/{network}/subnets"), None)
@@ -522,12 +566,19 @@ fn request(cmd: &Command) -> anyhow::Result<Req> {
             } => req(
                 Method::POST,
                 "/v1/services",
-                Some(
-                    json!({ "name": name, "network_id": network, "service_type": service_type, "backends": backends,
-                             "port_mappings": mappings(maps)?, "auto_accept": auto_accept, "tags": tags(t)?,
-                             "private_dns_name": private_dns_name, "answer_ping": answer_ping,
-                             "flow_limit": flow_limit }),
-                ),
+                body(CreateService {
+                    name: name.clone(),
+                    network_id: network.clone(),
+                    service_type: word("--type", service_type)?,
+                    backends: backends.clone(),
+                    port_mappings: mappings(maps)?,
+                    auto_accept: *auto_accept,
+                    tags: tags(t),
+                    health_check: Default::default(),
+                    private_dns_name: private_dns_name.clone(),
+                    answer_ping: *answer_ping,
+                    flow_limit: *flow_limit,
+                })?,
             ),
             ServiceCmd::List(l) => req(Method::GET, "/v1/services", None).with_query(l.query()),
             ServiceCmd::Get { id } => req(Method::GET, format!("/v1/services/{id}"), None),
@@ -541,46 +592,35 @@ fn request(cmd: &Command) -> anyhow::Result<Req> {
                 flow_limit,
                 endpoint_flow_limits,
             } => {
-                let mut b = name_tags(name, t)?;
-                if let Some(n) = flow_limit {
-                    b["flow_limit"] = json!(n);
-                }
-                if let Some(items) = endpoint_flow_limits {
-                    let mut limits = serde_json::Map::new();
-                    for item in items.iter().filter(|i| !i.is_empty()) {
-                        let (ep, n) = item
-                            .split_once('=')
-                            .and_then(|(ep, n)| Some((ep, n.parse::<u32>().ok()?)))
-                            .ok_or_else(|| {
-                                anyhow::anyhow!(
-                                    "--endpoint-flow-limit {item}: want ENDPOINT_ID=LIMIT"
-                                )
-                            })?;
-                        limits.insert(ep.to_string(), json!(n));
-                    }
-                    b["endpoint_flow_limits"] = Value::Object(limits);
-                }
-                if let Some(a) = auto_accept {
-                    b["auto_accept"] = json!(a);
-                }
-                if let Some(a) = answer_ping {
-                    b["answer_ping"] = json!(a);
-                }
-                if let Some(n) = private_dns_name {
-                    b["private_dns_name"] = json!(n);
-                }
-                req(Method::PATCH, format!("/v1/services/{id}"), Some(b))
+                let b = UpdateService {
+                    name: name.clone(),
+                    auto_accept: *auto_accept,
+                    tags: t.as_deref().map(tags),
+                    health_check: None,
+                    private_dns_name: private_dns_name.clone(),
+                    answer_ping: *answer_ping,
+                    flow_limit: *flow_limit,
+                    endpoint_flow_limits: endpoint_flow_limits
+                        .as_deref()
+                        .map(endpoint_limits)
+                        .transpose()?,
+                };
+                req(Method::PATCH, format!("/v1/services/{id}"), body(b)?)
             }
             ServiceCmd::Delete { id } => req(Method::DELETE, format!("/v1/services/{id}"), None),
             ServiceCmd::Backends { id, backends } => req(
                 Method::PUT,
                 format!("/v1/services/{id}/backends"),
-                Some(json!({ "backends": backends })),
+                body(Backends {
+                    backends: backends.clone(),
+                })?,
             ),
             ServiceCmd::AddMappings { id, maps } => req(
                 Method::POST,
                 format!("/v1/services/{id}/port-mappings"),
-                Some(json!({ "port_mappings": mappings(maps)? })),
+                body(AddPortMappings {
+                    port_mappings: mappings(maps)?,
+                })?,
             ),
             ServiceCmd::Allowlist { id } => {
                 req(Method::GET, format!("/v1/services/{id}/allowlist"), None)
@@ -592,7 +632,10 @@ fn request(cmd: &Command) -> anyhow::Result<Req> {
             } => req(
                 Method::POST,
                 format!("/v1/services/{id}/allowlist"),
-                Some(json!({ "account_id": account, "description": description })),
+                body(AllowReq {
+                    account_id: account.clone(),
+                    description: description.clone(),
+                })?,
             ),
             ServiceCmd::Disallow { id, account } => req(
                 Method::DELETE,
@@ -608,12 +651,16 @@ fn request(cmd: &Command) -> anyhow::Result<Req> {
             ServiceCmd::Accept { id, endpoints } => req(
                 Method::POST,
                 format!("/v1/services/{id}/accept"),
-                Some(json!({ "endpoint_ids": endpoints })),
+                body(EndpointIds {
+                    endpoint_ids: endpoints.clone(),
+                })?,
             ),
             ServiceCmd::Reject { id, endpoints } => req(
                 Method::POST,
                 format!("/v1/services/{id}/reject"),
-                Some(json!({ "endpoint_ids": endpoints })),
+                body(EndpointIds {
+                    endpoint_ids: endpoints.clone(),
+                })?,
             ),
         },
         C::Endpoints(e) => match e {
@@ -629,18 +676,22 @@ fn request(cmd: &Command) -> anyhow::Result<Req> {
                 tags: t,
                 private_dns,
             } => {
-                let mut b = json!({ "name": name, "service_id": service, "network_id": network, "subnet_id": subnet,
-                                    "security_groups": bindings(groups)?, "tags": tags(t)?, "private_dns_enabled": private_dns });
-                for (k, v) in [
-                    ("ip_address_type", ip_address_type),
-                    ("ip", ip),
-                    ("ipv6", ipv6),
-                ] {
-                    if let Some(v) = v {
-                        b[k] = json!(v);
-                    }
-                }
-                req(Method::POST, "/v1/endpoints", Some(b))
+                let b = CreateEndpoint {
+                    name: name.clone(),
+                    service_id: service.clone(),
+                    network_id: network.clone(),
+                    subnet_id: subnet.clone(),
+                    ip_address_type: ip_address_type
+                        .as_deref()
+                        .map(|w| word("--ip-address-type", w))
+                        .transpose()?,
+                    ip: ip.clone(),
+                    ipv6: ipv6.clone(),
+                    security_groups: bindings(groups)?,
+                    tags: tags(t),
+                    private_dns_enabled: *private_dns,
+                };
+                req(Method::POST, "/v1/endpoints", body(b)?)
             }
             EndpointCmd::List(l) => req(Method::GET, "/v1/endpoints", None).with_query(l.query()),
             EndpointCmd::Get { id } => req(Method::GET, format!("/v1/endpoints/{id}"), None),
@@ -650,11 +701,12 @@ fn request(cmd: &Command) -> anyhow::Result<Req> {
                 tags: t,
                 private_dns,
             } => {
-                let mut b = name_tags(name, t)?;
-                if let Some(on) = private_dns {
-                    b["private_dns_enabled"] = json!(on);
-                }
-                req(Method::PATCH, format!("/v1/endpoints/{id}"), Some(b))
+                let b = UpdateEndpoint {
+                    name: name.clone(),
+                    tags: t.as_deref().map(tags),
+                    private_dns_enabled: *private_dns,
+                };
+                req(Method::PATCH, format!("/v1/endpoints/{id}"), body(b)?)
             }
             EndpointCmd::Delete { id } => req(Method::DELETE, format!("/v1/endpoints/{id}"), None),
             EndpointCmd::Bind {
@@ -664,7 +716,10 @@ fn request(cmd: &Command) -> anyhow::Result<Req> {
             } => req(
                 Method::POST,
                 format!("/v1/endpoints/{id}/security-groups"),
-                Some(json!({ "security_group_id": group, "priority": priority })),
+                body(BindingReq {
+                    security_group_id: group.clone(),
+                    priority: *priority,
+                })?,
             ),
             EndpointCmd::Unbind { id, group } => req(
                 Method::DELETE,
@@ -674,7 +729,9 @@ fn request(cmd: &Command) -> anyhow::Result<Req> {
             EndpointCmd::Order { id, bindings: b } => req(
                 Method::PUT,
                 format!("/v1/endpoints/{id}/security-groups"),
-                Some(json!({ "security_groups": bindings(b)? })),
+                body(Bindings {
+                    security_groups: bindings(b)?,
+                })?,
             ),
         },
         C::Groups(g) => match g {
@@ -685,7 +742,11 @@ fn request(cmd: &Command) -> anyhow::Result<Req> {
             } => req(
                 Method::POST,
                 "/v1/security-groups",
-                Some(json!({ "name": name, "rules": rules(r)?, "tags": tags(t)? })),
+                body(CreateGroup {
+                    name: name.clone(),
+                    rules: rules(r)?,
+                    tags: tags(t),
+                })?,
             ),
             GroupCmd::List(l) => {
                 req(Method::GET, "/v1/security-groups", None).with_query(l.query())
@@ -694,7 +755,7 @@ fn request(cmd: &Command) -> anyhow::Result<Req> {
             GroupCmd::Rules { id, rules: r } => req(
                 Method::PUT,
                 format!("/v1/security-groups/{id}/rules"),
-                Some(json!({ "rules": rules(r)? })),
+                body(Rules { rules: rules(r)? })?,
             ),
             GroupCmd::Delete { id } => {
                 req(Method::DELETE, format!("/v1/security-groups/{id}"), None)
@@ -931,6 +992,69 @@ fn execute(cli: &Cli, out: &mut dyn Write) -> anyhow::Result<i32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn body_of(args: &[&str]) -> anyhow::Result<Value> {
+        let cli = Cli::try_parse_from(["privatelink"].iter().chain(args))?;
+        Ok(request(&cli.command)?.body.unwrap_or(Value::Null))
+    }
+
+    #[test]
+    fn bodies_are_the_servers_request_types_and_leave_out_what_was_not_given() {
+        let b = body_of(&["services", "update", "svc-1", "--flow-limit", "5"]).unwrap();
+        assert_eq!(
+            b,
+            json!({ "flow_limit": 5 }),
+            "a PATCH names only what changes"
+        );
+        let b = body_of(&[
+            "services",
+            "create",
+            "--name",
+            "db",
+            "--network",
+            "vpc-1",
+            "--type",
+            "mysql",
+            "--backend",
+            "198.18.100.10",
+            "--map",
+            "tcp:3306:3306",
+        ])
+        .unwrap();
+        let back: crate::wire::CreateService = serde_json::from_value(b).unwrap();
+        assert_eq!(back.port_mappings[0].service_port, 3306);
+        assert_eq!(back.service_type, crate::wire::ServiceType::Mysql);
+        for (args, says) in [
+            (
+                &[
+                    "services",
+                    "update",
+                    "svc-1",
+                    "--endpoint-flow-limit",
+                    "ep-1",
+                ][..],
+                "ENDPOINT_ID=LIMIT",
+            ),
+            (
+                &["services", "add-mappings", "svc-1", "--map", "sctp:1:2"][..],
+                "--map sctp: unknown variant `sctp`",
+            ),
+            (
+                &[
+                    "security-groups",
+                    "create",
+                    "--name",
+                    "g",
+                    "--rule",
+                    "tcp:80:198.18.0.0/16:allow",
+                ][..],
+                "--rule allow",
+            ),
+        ] {
+            let e = body_of(args).unwrap_err().to_string();
+            assert!(e.contains(says), "{args:?}: {e}");
+        }
+    }
 
     fn width(s: &str) -> usize {
         // What a terminal shows: CJK characters take two columns.

@@ -4,6 +4,10 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
+pub use crate::wire::{
+    HealthCheck, IpAddressType, Protocol, RuleAction, RuleProtocol, ServiceType, Tag,
+};
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Account {
     pub id: String,
@@ -65,57 +69,11 @@ impl Subnet {
     }
 }
 
-/// Address families of an endpoint.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
-#[serde(rename_all = "lowercase")]
-pub enum IpAddressType {
-    #[default]
-    Ipv4,
-    Ipv6,
-    /// One address of each family, serving the same port mappings.
-    Dualstack,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
-#[serde(rename_all = "lowercase")]
-pub enum ServiceType {
-    Clb,
-    Mysql,
-    Redis,
-    Custom,
-}
-
-#[derive(
-    Clone,
-    Copy,
-    Debug,
-    PartialEq,
-    Eq,
-    PartialOrd,
-    Ord,
-    Hash,
-    Serialize,
-    Deserialize,
-    utoipa::ToSchema,
-)]
-#[serde(rename_all = "lowercase")]
-pub enum Protocol {
-    Tcp,
-    Udp,
-}
-
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct PortMapping {
     pub protocol: Protocol,
     pub service_port: u16,
     pub terminal_port: u16,
-}
-
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
-pub struct Tag {
-    pub key: String,
-    #[serde(default)]
-    pub value: String,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
@@ -173,34 +131,6 @@ impl Service {
             .get(endpoint_id)
             .copied()
             .unwrap_or(self.flow_limit)
-    }
-}
-
-/// Active TCP health checking of a service's backends.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
-#[serde(default)]
-pub struct HealthCheck {
-    pub enabled: bool,
-    /// Port to connect to; 0 means the service port of the first TCP port mapping.
-    pub port: u16,
-    pub interval_secs: u32,
-    pub timeout_secs: u32,
-    /// Consecutive successes that make an unhealthy target healthy.
-    pub healthy_threshold: u32,
-    /// Consecutive failures that make a healthy target unhealthy.
-    pub unhealthy_threshold: u32,
-}
-
-impl Default for HealthCheck {
-    fn default() -> Self {
-        HealthCheck {
-            enabled: true,
-            port: 0,
-            interval_secs: 5,
-            timeout_secs: 2,
-            healthy_threshold: 3,
-            unhealthy_threshold: 3,
-        }
     }
 }
 
@@ -308,22 +238,6 @@ impl Endpoint {
             created_at: 0,
         }
     }
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
-#[serde(rename_all = "lowercase")]
-pub enum RuleProtocol {
-    Tcp,
-    Udp,
-    Icmp,
-    All,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
-#[serde(rename_all = "lowercase")]
-pub enum RuleAction {
-    Accept,
-    Drop,
 }
 
 /// An inbound rule. `ports` is `all`, `N` or `N-M`.

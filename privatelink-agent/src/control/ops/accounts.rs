@@ -1,6 +1,6 @@
 //! Accounts, tokens, networks and subnets (managed with the admin token; owners read theirs).
 use ipnet::IpNet;
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use sha2::{Digest as _, Sha256};
 
 use super::{Caller, Ctx, Outcome, owns};
@@ -11,37 +11,16 @@ use crate::control::{
     validate,
 };
 
+pub use crate::wire::{CreateAccount, CreateNetwork, CreateSubnet};
+
 /// At most this many CIDRs per network.
 pub const CIDRS_PER_NETWORK: usize = 5;
-
-#[derive(Clone, Debug, Deserialize, utoipa::ToSchema)]
-pub struct CreateAccount {
-    pub id: String,
-    pub name: String,
-}
 
 /// A new account with its first token (shown once).
 #[derive(Clone, Debug, Serialize, utoipa::ToSchema)]
 pub struct AccountWithToken {
     pub account: Account,
     pub token: String,
-}
-
-#[derive(Clone, Debug, Deserialize, utoipa::ToSchema)]
-pub struct CreateNetwork {
-    pub name: String,
-    pub owner: String,
-    pub cidrs: Vec<String>,
-}
-
-#[derive(Clone, Debug, Deserialize, utoipa::ToSchema)]
-pub struct CreateSubnet {
-    pub name: String,
-    /// IPv4, or IPv6 for an IPv6-only subnet.
-    pub cidr: String,
-    /// An IPv6 range next to an IPv4 `cidr` (dual-stack subnet).
-    #[serde(default)]
-    pub ipv6_cidr: Option<String>,
 }
 
 pub fn token_hash(token: &str) -> String {

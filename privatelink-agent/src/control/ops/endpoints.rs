@@ -3,53 +3,17 @@
 use std::{collections::BTreeSet, net::IpAddr};
 
 use ipnet::IpNet;
-use serde::Deserialize;
 
 use super::{Caller, Ctx, Outcome, owns};
 use crate::control::{
     alloc::Allocations,
     error::{ApiError, ApiResult},
     state::State,
-    types::{Binding, Change, ConnectionState, Endpoint, IpAddressType, Object, Subnet, Tag},
+    types::{Binding, Change, ConnectionState, Endpoint, IpAddressType, Object, Subnet},
     validate,
 };
 
-#[derive(Clone, Debug, Deserialize, utoipa::ToSchema)]
-pub struct BindingReq {
-    pub security_group_id: String,
-    pub priority: u32,
-}
-
-#[derive(Clone, Debug, Deserialize, utoipa::ToSchema)]
-pub struct CreateEndpoint {
-    pub name: String,
-    pub service_id: String,
-    pub network_id: String,
-    pub subnet_id: String,
-    /// `ipv4`, `ipv6` or `dualstack`; by default the family of the subnet's `cidr`.
-    #[serde(default)]
-    pub ip_address_type: Option<IpAddressType>,
-    /// A free IPv4 address of the subnet (the IPv6 address for an `ipv6` endpoint); assigned
-    /// automatically when absent.
-    pub ip: Option<String>,
-    /// A free IPv6 address of the subnet for a `dualstack` endpoint; assigned when absent.
-    #[serde(default)]
-    pub ipv6: Option<String>,
-    #[serde(default)]
-    pub security_groups: Vec<BindingReq>,
-    #[serde(default)]
-    pub tags: Vec<Tag>,
-    /// Resolve the service's private DNS name to this endpoint in its network. Default: off.
-    #[serde(default)]
-    pub private_dns_enabled: bool,
-}
-
-#[derive(Clone, Debug, Default, Deserialize, utoipa::ToSchema)]
-pub struct UpdateEndpoint {
-    pub name: Option<String>,
-    pub tags: Option<Vec<Tag>>,
-    pub private_dns_enabled: Option<bool>,
-}
+pub use crate::wire::{BindingReq, Bindings, CreateEndpoint, UpdateEndpoint};
 
 /// Checks that `ep` may have private DNS on: its service publishes a name and no other endpoint in
 /// its network resolves that name.
@@ -73,11 +37,6 @@ fn check_private_dns(s: &State, ep: &Endpoint) -> ApiResult<()> {
         .with_field("private_dns_enabled"));
     }
     Ok(())
-}
-
-#[derive(Clone, Debug, Deserialize, utoipa::ToSchema)]
-pub struct Bindings {
-    pub security_groups: Vec<BindingReq>,
 }
 
 /// The caller's own endpoint, or 404.

@@ -1,49 +1,14 @@
 //! Security groups: ordered inbound rules, bound to endpoints with priorities.
-use serde::Deserialize;
 
 use super::{Caller, Ctx, Outcome, owns};
 use crate::control::{
     error::{ApiError, ApiResult},
     state::State,
-    types::{Change, Object, RuleAction, RuleProtocol, SecurityGroup, SgRule, Tag},
+    types::{Change, Object, RuleProtocol, SecurityGroup, SgRule},
     validate,
 };
 
-#[derive(Clone, Debug, Deserialize, utoipa::ToSchema)]
-pub struct RuleReq {
-    pub protocol: RuleProtocol,
-    /// `all`, `N` or `N-M`; only `all` for icmp and all.
-    #[serde(default = "all")]
-    pub ports: String,
-    pub source: String,
-    pub action: RuleAction,
-    #[serde(default)]
-    pub description: String,
-}
-
-fn all() -> String {
-    "all".into()
-}
-
-#[derive(Clone, Debug, Deserialize, utoipa::ToSchema)]
-pub struct CreateGroup {
-    pub name: String,
-    #[serde(default)]
-    pub rules: Vec<RuleReq>,
-    #[serde(default)]
-    pub tags: Vec<Tag>,
-}
-
-#[derive(Clone, Debug, Deserialize, utoipa::ToSchema)]
-pub struct Rules {
-    pub rules: Vec<RuleReq>,
-}
-
-#[derive(Clone, Debug, Default, Deserialize, utoipa::ToSchema)]
-pub struct UpdateGroup {
-    pub name: Option<String>,
-    pub tags: Option<Vec<Tag>>,
-}
+pub use crate::wire::{CreateGroup, RuleReq, Rules, UpdateGroup};
 
 pub fn own<'s>(s: &'s State, caller: &Caller, id: &str) -> ApiResult<&'s SecurityGroup> {
     super::account(caller)?;

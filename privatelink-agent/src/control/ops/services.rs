@@ -1,7 +1,7 @@
 //! Endpoint services (provider side): port mappings, backends, allowlist, connection decisions.
 use std::{collections::BTreeSet, net::IpAddr};
 
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
 use super::{Caller, Ctx, Outcome, accounts::join, owns};
 use crate::control::{
@@ -9,62 +9,14 @@ use crate::control::{
     state::State,
     types::{
         AllowEntry, Change, ConnectionState, HealthCheck, Object, PortMapping, Protocol, Service,
-        ServiceType, Tag,
+        ServiceType,
     },
     validate,
 };
 
-#[derive(Clone, Debug, Deserialize, utoipa::ToSchema)]
-pub struct PortMappingReq {
-    pub protocol: Protocol,
-    /// Taken wide so that 0 and 65536 get a clear error.
-    pub service_port: i64,
-    pub terminal_port: i64,
-}
-
-#[derive(Clone, Debug, Deserialize, utoipa::ToSchema)]
-pub struct CreateService {
-    pub name: String,
-    pub network_id: String,
-    pub service_type: ServiceType,
-    pub backends: Vec<String>,
-    #[serde(default)]
-    pub port_mappings: Vec<PortMappingReq>,
-    /// Default: no.
-    #[serde(default)]
-    pub auto_accept: bool,
-    #[serde(default)]
-    pub tags: Vec<Tag>,
-    /// Default: enabled, 5 s interval, 2 s timeout, 3 up, 3 down.
-    #[serde(default)]
-    pub health_check: HealthCheck,
-    /// The name consumers may turn on private DNS for (e.g. `db.example.com`).
-    #[serde(default)]
-    pub private_dns_name: Option<String>,
-    /// Endpoints answer ICMP echo requests. Default: no.
-    #[serde(default)]
-    pub answer_ping: bool,
-    /// Most live flows per endpoint on its node; 0 (the default): no limit.
-    #[serde(default)]
-    pub flow_limit: u32,
-}
-
-#[derive(Clone, Debug, Default, Deserialize, utoipa::ToSchema)]
-pub struct UpdateService {
-    pub name: Option<String>,
-    pub auto_accept: Option<bool>,
-    pub tags: Option<Vec<Tag>>,
-    pub health_check: Option<HealthCheck>,
-    /// A new private DNS name; `""` removes it.
-    pub private_dns_name: Option<String>,
-    pub answer_ping: Option<bool>,
-    /// Most live flows per endpoint on its node; 0: no limit. New connections only: flows
-    /// already over a lowered limit go on.
-    pub flow_limit: Option<u32>,
-    /// Replaces the per-endpoint limits: endpoint id (an endpoint of this service) → its limit
-    /// instead of `flow_limit`, 0 for none. `{}` removes them all.
-    pub endpoint_flow_limits: Option<std::collections::BTreeMap<String, u32>>,
-}
+pub use crate::wire::{
+    AddPortMappings, AllowReq, Backends, CreateService, EndpointIds, PortMappingReq, UpdateService,
+};
 
 /// Checks a health-check configuration.
 fn health_check(h: &HealthCheck) -> ApiResult<()> {
@@ -88,28 +40,6 @@ fn health_check(h: &HealthCheck) -> ApiResult<()> {
         return bad("unhealthy_threshold", "1 to 10");
     }
     Ok(())
-}
-
-#[derive(Clone, Debug, Deserialize, utoipa::ToSchema)]
-pub struct Backends {
-    pub backends: Vec<String>,
-}
-
-#[derive(Clone, Debug, Deserialize, utoipa::ToSchema)]
-pub struct AddPortMappings {
-    pub port_mappings: Vec<PortMappingReq>,
-}
-
-#[derive(Clone, Debug, Deserialize, utoipa::ToSchema)]
-pub struct AllowReq {
-    pub account_id: String,
-    #[serde(default)]
-    pub description: String,
-}
-
-#[derive(Clone, Debug, Deserialize, utoipa::ToSchema)]
-pub struct EndpointIds {
-    pub endpoint_ids: Vec<String>,
 }
 
 /// What "verify" reveals about a service: nothing about its owner's other data.
