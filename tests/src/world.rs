@@ -166,6 +166,14 @@ impl World {
         );
     }
 
+    /// The provider updates its service (`svc`) with `body`; the service as it is then.
+    pub fn update_service(&self, body: Value) -> Value {
+        let path = format!("/v1/services/{}", self.svc);
+        let (status, v) = api(&self.topo, &self.tokens[0], "PATCH", &path, Some(body));
+        assert_eq!(status, 200, "PATCH {path}: {v}");
+        v
+    }
+
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.join("agent.log")).unwrap_or_default()
     }

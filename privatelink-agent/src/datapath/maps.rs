@@ -781,50 +781,34 @@ impl Dataplane {
     /// Independent handles on the counter and conntrack maps, for a metrics reader on another
     /// thread (the writer keeps its own).
     pub fn stats_reader(&self) -> Result<StatsReader, DataplaneError> {
-        use aya::maps::IterableMap as _;
-        fn again(m: &MapData, name: &'static str) -> Result<MapData, DataplaneError> {
+        use aya::maps::{IterableMap as _, Map as M};
+        /// A second handle on map `m` (by its kernel id), typed as `T` through `kind`.
+        fn again<T: TryFrom<aya::maps::Map, Error = MapError>>(
+            m: &MapData,
+            name: &'static str,
+            kind: fn(MapData) -> aya::maps::Map,
+        ) -> Result<T, DataplaneError> {
             let id = m.info().map_err(map_err(name))?.id();
-            MapData::from_id(id).map_err(map_err(name))
+            let data = MapData::from_id(id).map_err(map_err(name))?;
+            T::try_from(kind(data)).map_err(map_err(name))
         }
         Ok(StatsReader {
-            link_stats: PerCpuArray::try_from(aya::maps::Map::PerCpuArray(again(
-                self.link_stats.map(),
-                names::LINK_STATS,
-            )?))
-            .map_err(map_err(names::LINK_STATS))?,
-            link_drops: PerCpuHashMap::try_from(aya::maps::Map::PerCpuHashMap(again(
-                self.link_drops.map(),
-                names::LINK_DROPS,
-            )?))
-            .map_err(map_err(names::LINK_DROPS))?,
-            global_stats: PerCpuArray::try_from(aya::maps::Map::PerCpuArray(again(
-                self.global_stats.map(),
-                names::GLOBAL_STATS,
-            )?))
-            .map_err(map_err(names::GLOBAL_STATS))?,
-            flow_cache_stats: PerCpuArray::try_from(aya::maps::Map::PerCpuArray(again(
+            link_stats: again(self.link_stats.map(), names::LINK_STATS, M::PerCpuArray)?,
+            link_drops: again(self.link_drops.map(), names::LINK_DROPS, M::PerCpuHashMap)?,
+            global_stats: again(self.global_stats.map(), names::GLOBAL_STATS, M::PerCpuArray)?,
+            flow_cache_stats: again(
                 self.flow_cache_stats.map(),
                 names::FLOW_CACHE_STATS,
-            )?))
-            .map_err(map_err(names::FLOW_CACHE_STATS))?,
-            ct4: HashMap::try_from(aya::maps::Map::HashMap(again(self.ct4.map(), names::CT4)?))
-                .map_err(map_err(names::CT4))?,
-            link_opened: Array::try_from(aya::maps::Map::Array(again(
-                self.link_opened.map(),
-                names::LINK_OPENED,
-            )?))
-            .map_err(map_err(names::LINK_OPENED))?,
-            link_retired: Array::try_from(aya::maps::Map::Array(again(
-                self.link_retired.map(),
-                names::LINK_RETIRED,
-            )?))
-            .map_err(map_err(names::LINK_RETIRED))?,
+                M::PerCpuArray,
+            )?,
+            ct4: again(self.ct4.map(), names::CT4, M::HashMap)?,
+            link_opened: again(self.link_opened.map(), names::LINK_OPENED, M::Array)?,
+            link_retired: again(self.link_retired.map(), names::LINK_RETIRED, M::Array)?,
             retired: super::batch::array_values(&self.link_retired)
                 .into_iter()
                 .filter(|(_, v)| *v != 0)
                 .collect(),
-            ct6: HashMap::try_from(aya::maps::Map::HashMap(again(self.ct6.map(), names::CT6)?))
-                .map_err(map_err(names::CT6))?,
+            ct6: again(self.ct6.map(), names::CT6, M::HashMap)?,
             ct6_capacity: self
                 .ct6
                 .map()

@@ -358,15 +358,8 @@ fn unhealthy_backends_get_no_new_flows_and_lose_their_old_ones() {
         Some(json!({ "backends": [BACKEND.to_string(), second.to_string()] })),
     );
     assert_eq!(status, 200);
-    let (status, _) = api(
-        &w.topo,
-        &w.tokens[0],
-        "PATCH",
-        &format!("/v1/services/{}", w.svc),
-        Some(json!({ "health_check": {
-        "enabled": true, "port": 0, "interval_secs": 1, "timeout_secs": 1, "healthy_threshold": 2, "unhealthy_threshold": 2 } })),
-    );
-    assert_eq!(status, 200);
+    w.update_service(json!({ "health_check": {
+        "enabled": true, "port": 0, "interval_secs": 1, "timeout_secs": 1, "healthy_threshold": 2, "unhealthy_threshold": 2 } }));
     w.accept_all();
     wait_for_traffic(&w, 0);
 

@@ -160,6 +160,36 @@ fn linked(et: &Netns, i: u8) -> impl Fn(&Topology) + '_ {
     }
 }
 
+/// `n` nodes (`node-a`, `node-b`...) on one etcd of their own: the first makes the accounts and
+/// networks, the others share them.
+fn etcd_cluster(
+    tag: &str,
+    n: u8,
+) -> (
+    Netns,
+    privatelink_tests::world::Etcd,
+    Vec<(World, privatelink_tests::world::Agent)>,
+) {
+    let (et, etcd) = shared_etcd(tag);
+    let mut nodes: Vec<(World, privatelink_tests::world::Agent)> = Vec::new();
+    for i in 0..n {
+        let connect = linked(&et, i);
+        let prepared = nodes
+            .first()
+            .map(|(w, _)| (w.tokens.clone(), w.vpcs.clone()));
+        nodes.push(world_backed(
+            &format!("node-{}", char::from(b'a' + i)),
+            "",
+            Backing::SharedEtcd {
+                url: etcd_url(i),
+                connect: &connect,
+                prepared,
+            },
+        ));
+    }
+    (et, etcd, nodes)
+}
+
 /// etcd's address as node `i` reaches it.
 fn etcd_url(i: u8) -> String {
     format!("http://198.18.200.{}:2379", 4 * i + 1)
@@ -400,37 +430,8 @@ fn three_nodes_share_one_etcd_and_apply_a_change_within_a_second() {
     if !privileged("three_nodes_share_one_etcd_and_apply_a_change_within_a_second") {
         return;
     }
-    let (et, _etcd) = shared_etcd("etcd3");
-    let link = |i: u8| linked(&et, i);
-    let (connect_a, connect_b, connect_c) = (link(0), link(1), link(2));
-    let (a, agent_a) = world_backed(
-        "node-a",
-        "",
-        Backing::SharedEtcd {
-            url: etcd_url(0),
-            connect: &connect_a,
-            prepared: None,
-        },
-    );
-    let prepared = (a.tokens.clone(), a.vpcs.clone());
-    let (b, agent_b) = world_backed(
-        "node-b",
-        "",
-        Backing::SharedEtcd {
-            url: etcd_url(1),
-            connect: &connect_b,
-            prepared: Some(prepared.clone()),
-        },
-    );
-    let (c, agent_c) = world_backed(
-        "node-c",
-        "",
-        Backing::SharedEtcd {
-            url: etcd_url(2),
-            connect: &connect_c,
-            prepared: Some(prepared),
-        },
-    );
+    let (_et, _etcd, cluster) = etcd_cluster("etcd3", 3);
+    let [(a, agent_a), (b, agent_b), (c, agent_c)] = <[_; 3]>::try_from(cluster).ok().unwrap();
     // The service and both endpoints through node A's API, accepted there too.
     let (a, agent_a) = privatelink_tests::world::echo_service((a, agent_a));
     let committed = {
@@ -545,27 +546,8 @@ fn a_node_cut_off_from_etcd_knows_it_and_the_cluster_knows_a_dead_node() {
     if !privileged("a_node_cut_off_from_etcd_knows_it_and_the_cluster_knows_a_dead_node") {
         return;
     }
-    let (et, _etcd) = shared_etcd("etcd-live");
-    let (connect_a, connect_b) = (linked(&et, 0), linked(&et, 1));
-    let (a, _agent_a) = world_backed(
-        "node-a",
-        "",
-        Backing::SharedEtcd {
-            url: etcd_url(0),
-            connect: &connect_a,
-            prepared: None,
-        },
-    );
-    let prepared = (a.tokens.clone(), a.vpcs.clone());
-    let (b, agent_b) = world_backed(
-        "node-b",
-        "",
-        Backing::SharedEtcd {
-            url: etcd_url(1),
-            connect: &connect_b,
-            prepared: Some(prepared),
-        },
-    );
+    let (_et, _etcd, cluster) = etcd_cluster("etcd-live", 2);
+    let [(a, _agent_a), (b, agent_b)] = <[_; 2]>::try_from(cluster).ok().unwrap();
     let live = |w: &World, node: &str| nodes(w).get(node).is_some_and(|n| n["status"] == "live");
     within(
         "both nodes live on A, A current",

@@ -263,14 +263,7 @@ fn malformed_frames_at_rate_are_all_counted_and_none_is_forwarded() {
     let (w, _agent) = echo_service(privatelink_tests::world::world_with("malformed", ""));
     w.accept_all();
     // No health probes: the provider side must stay silent unless something is forwarded.
-    let (status, v) = api(
-        &w.topo,
-        &w.tokens[0],
-        "PATCH",
-        &format!("/v1/services/{}", w.svc),
-        Some(json!({ "health_check": { "enabled": false } })),
-    );
-    assert_eq!(status, 200, "{v}");
+    w.update_service(json!({ "health_check": { "enabled": false } }));
     std::thread::sleep(Duration::from_millis(300));
 
     let node_mac = w.topo.consumer_ifaces[0].2;
@@ -479,14 +472,7 @@ fn a_consumer_flooding_syns_is_held_at_its_flow_limit_and_nobody_else_notices() 
         "[conntrack]\ntcp_syn_timeout = 3\ngc_interval = 1\n",
     ));
     w.accept_all();
-    let (status, v) = api(
-        &w.topo,
-        &w.tokens[0],
-        "PATCH",
-        &format!("/v1/services/{}", w.svc),
-        Some(json!({ "flow_limit": LIMIT, "health_check": { "enabled": false } })),
-    );
-    assert_eq!(status, 200, "{v}");
+    let v = w.update_service(json!({ "flow_limit": LIMIT, "health_check": { "enabled": false } }));
     assert_eq!(v["flow_limit"], LIMIT);
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let server = echo_server(&w.topo, stop.clone());

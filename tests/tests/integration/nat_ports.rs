@@ -145,14 +145,7 @@ fn sixty_thousand_connections_through_one_nat_address_lose_no_syn() {
         "[nat.{provider}]\nrange = \"198.19.128.1/32\"\nports = \"1024-65535\"\n",
     ));
     w.accept_all();
-    let (status, v) = privatelink_tests::world::api(
-        &w.topo,
-        &w.tokens[0],
-        "PATCH",
-        &format!("/v1/services/{}", w.svc),
-        Some(serde_json::json!({ "health_check": { "enabled": false } })),
-    );
-    assert_eq!(status, 200, "{v}");
+    w.update_service(serde_json::json!({ "health_check": { "enabled": false } }));
     w.topo
         .provider
         .sysctl("net.core.somaxconn", "65535")
