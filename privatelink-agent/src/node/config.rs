@@ -72,6 +72,68 @@ pub struct AgentConfig {
     /// Built-in monitoring history.
     #[serde(default)]
     pub history: HistoryConfig,
+    /// High availability: the group of nodes this one serves its consumer networks with (needs
+    /// the etcd store). Absent: the node serves them alone.
+    #[serde(default)]
+    pub ha: Option<HaConfig>,
+}
+
+/// `[ha]`: a group of nodes with the same consumer networks, one active at a time (see
+/// `node::ha` for the rules and the timing).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HaConfig {
+    /// The group's name (letters, digits, `-`; the same on every node of the group).
+    pub group: String,
+    /// Where this node takes its peers' heartbeats (UDP), e.g. `198.18.250.1:7946`.
+    pub listen: std::net::SocketAddr,
+    /// The other nodes' `listen` addresses.
+    pub peers: Vec<std::net::SocketAddr>,
+    /// The group's shared secret (one line of at least 32 characters; readable by its owner
+    /// only): every heartbeat carries an HMAC-SHA256 made with it.
+    pub key_file: PathBuf,
+    /// Milliseconds between heartbeats and between looks at the store.
+    #[serde(default = "default_heartbeat_ms")]
+    pub heartbeat_ms: u64,
+    /// Milliseconds of silence after which a peer is taken for dead (see `node::ha`).
+    #[serde(default = "default_fence_ms")]
+    pub fence_ms: u64,
+    /// How far the nodes' clocks may differ (heartbeats carry the sender's time).
+    #[serde(default = "default_skew_ms")]
+    pub max_clock_skew_ms: u64,
+    /// Addresses that move to the active node, e.g. the provider-side address the NAT ranges
+    /// are routed through.
+    #[serde(default)]
+    pub addresses: Vec<HaAddressConfig>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HaAddressConfig {
+    /// One of `interfaces`.
+    pub interface: String,
+    /// With its prefix, e.g. `198.18.100.250/24`.
+    pub address: String,
+}
+
+fn default_heartbeat_ms() -> u64 {
+    100
+}
+
+fn default_fence_ms() -> u64 {
+    500
+}
+
+fn default_skew_ms() -> u64 {
+    1000
+}
+
+/// `[ha]` as the runtime takes it.
+#[derive(Clone, Debug)]
+pub struct HaChecked {
+    pub group: crate::node::ha::GroupConfig,
+    /// (interface name, address) that move with activity.
+    pub addresses: Vec<(String, ipnet::IpNet)>,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -380,6 +442,7 @@ pub struct Checked {
     pub admin_token: String,
     /// Interface name → the XDP mode asked for.
     pub attach: BTreeMap<String, XdpModeConfig>,
+    pub ha: Option<HaChecked>,
 }
 
 /// The wanted interfaces that exist now, with their index and MAC, and the names of those that do
@@ -549,7 +612,26 @@ pub fn read_admin_token(path: &Path) -> Result<String, ConfigError> {
 fn check(raw: AgentConfig) -> Result<Checked, ConfigError> {
     let v = validate(&raw)?;
     let admin_token = read_admin_token(&raw.admin_token_file)?;
+    let ha = match (&raw.ha, v.ha) {
+        (Some(h), Some(addresses)) => Some(HaChecked {
+            group: crate::node::ha::GroupConfig {
+                group: h.group.clone(),
+                node: raw.node.clone(),
+                listen: h.listen,
+                peers: h.peers.clone(),
+                key: read_ha_key(&h.key_file)?,
+                timing: crate::node::ha::Timing {
+                    heartbeat: std::time::Duration::from_millis(h.heartbeat_ms),
+                    fence: std::time::Duration::from_millis(h.fence_ms),
+                },
+                max_clock_skew: std::time::Duration::from_millis(h.max_clock_skew_ms),
+            },
+            addresses,
+        }),
+        _ => None,
+    };
     Ok(Checked {
+        ha,
         node: NodeConfig {
             ifaces: Vec::new(),
             nat: v.nat,
@@ -570,6 +652,8 @@ struct Validated {
     nat: BTreeMap<String, NatRange>,
     datapath: DatapathConfig,
     sizes: Sizes,
+    /// `[ha]`'s moving addresses, parsed.
+    ha: Option<Vec<(String, ipnet::IpNet)>>,
 }
 
 /// Every rule of the file, in one pass over its sections; nothing is read from outside it.
@@ -590,7 +674,9 @@ fn validate(raw: &AgentConfig) -> Result<Validated, ConfigError> {
     }
     dns(raw, &wanted)?;
     let sizes = sizes(raw)?;
+    let ha = raw.ha.as_ref().map(|h| ha(raw, h)).transpose()?;
     Ok(Validated {
+        ha,
         wanted,
         attach,
         nat,
@@ -763,6 +849,100 @@ fn store(raw: &AgentConfig) -> Result<(), ConfigError> {
         return Err(err("store.timeout", "1 to 60 seconds"));
     }
     Ok(())
+}
+
+/// `[ha]`: a named group on the shared store, peers, sane timing, moving addresses on configured
+/// interfaces.
+fn ha(raw: &AgentConfig, h: &HaConfig) -> Result<Vec<(String, ipnet::IpNet)>, ConfigError> {
+    use crate::node::beat::MAX_NAME;
+    if raw.store.etcd.is_empty() {
+        return Err(err(
+            "ha",
+            "a group needs the shared store: set store.etcd on every node of the group",
+        ));
+    }
+    let name_ok = |n: &str| {
+        !n.is_empty()
+            && n.len() <= MAX_NAME
+            && n.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+    };
+    if !name_ok(&h.group) {
+        return Err(err(
+            "ha.group",
+            format!("{:?}: 1 to {MAX_NAME} letters, digits or '-'", h.group),
+        ));
+    }
+    if raw.node.len() > MAX_NAME {
+        return Err(err("node", format!("at most {MAX_NAME} bytes in a group")));
+    }
+    if h.peers.is_empty() {
+        return Err(err("ha.peers", "at least one peer"));
+    }
+    if let Some(p) = h.peers.iter().find(|p| **p == h.listen) {
+        return Err(err(
+            "ha.peers",
+            format!("{p} is this node's own listen address"),
+        ));
+    }
+    if !(20..=1000).contains(&h.heartbeat_ms) {
+        return Err(err("ha.heartbeat_ms", "20 to 1000 milliseconds"));
+    }
+    if h.fence_ms < 3 * h.heartbeat_ms || h.fence_ms > 10_000 {
+        return Err(err(
+            "ha.fence_ms",
+            "at least three heartbeats, at most 10000 milliseconds",
+        ));
+    }
+    if !(100..=60_000).contains(&h.max_clock_skew_ms) {
+        return Err(err("ha.max_clock_skew_ms", "100 to 60000 milliseconds"));
+    }
+    h.addresses
+        .iter()
+        .enumerate()
+        .map(|(i, a)| {
+            let key = format!("ha.addresses[{i}]");
+            if !raw.interfaces.iter().any(|f| f.name == a.interface) {
+                return Err(err(
+                    format!("{key}.interface"),
+                    format!("{:?} is not one of `interfaces`", a.interface),
+                ));
+            }
+            let net: ipnet::IpNet = a.address.parse().map_err(|_| {
+                err(
+                    format!("{key}.address"),
+                    format!(
+                        "{:?}: an address with its prefix, e.g. 198.18.100.250/24",
+                        a.address
+                    ),
+                )
+            })?;
+            Ok((a.interface.clone(), net))
+        })
+        .collect()
+}
+
+/// The group's key: the file's first line, at least 32 characters, in a file only its owner can
+/// read.
+fn read_ha_key(path: &Path) -> Result<Vec<u8>, ConfigError> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let e = |m: String| err("ha.key_file", format!("{}: {m}", path.display()));
+    let meta = std::fs::metadata(path).map_err(|x| e(x.to_string()))?;
+    if meta.permissions().mode() & 0o077 != 0 {
+        return Err(e(format!(
+            "readable by others (mode {:o}): chmod 600 it",
+            meta.permissions().mode() & 0o777
+        )));
+    }
+    let text = std::fs::read_to_string(path).map_err(|x| e(x.to_string()))?;
+    let mut lines = text.lines().filter(|l| !l.trim().is_empty());
+    let key = lines.next().unwrap_or("").trim();
+    if lines.next().is_some() {
+        return Err(e("more than one line".into()));
+    }
+    if key.len() < 32 {
+        return Err(e("the key is at least 32 characters".into()));
+    }
+    Ok(key.as_bytes().to_vec())
 }
 
 /// DNS: TTL, port, what happens to other names, and the networks served (each needs a consumer

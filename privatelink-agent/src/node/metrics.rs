@@ -69,6 +69,8 @@ pub struct Sources {
     pub agent: Arc<AgentMetrics>,
     /// The latest conntrack scan.
     pub conntrack: crate::datapath::scan::Latest,
+    /// The high-availability group: (name, fence, what its task shares).
+    pub ha: Option<(String, std::time::Duration, Arc<crate::node::ha::HaShared>)>,
 }
 
 struct NodeCollector {
@@ -585,6 +587,75 @@ fn encode_maps(enc: &mut DescriptorEncoder, s: &Scrape) -> Result<(), std::fmt::
     )
 }
 
+/// The high-availability group, when the node has one.
+fn encode_ha(enc: &mut DescriptorEncoder, s: &Scrape) -> Result<(), std::fmt::Error> {
+    use std::sync::atomic::Ordering::Relaxed;
+    let Some((group, fence, h)) = &s.src.ha else {
+        return Ok(());
+    };
+    let labels = |extra: Option<(&'static str, String)>| {
+        let mut l = s.node.clone();
+        l.push(("group", group.clone()));
+        l.extend(extra);
+        l
+    };
+    family(
+        enc,
+        "privatelink_ha_active",
+        "1 while this node forwards for its group's consumer networks, 0 while it stands by",
+        MetricType::Gauge,
+        vec![(labels(None), gauge(i64::from(h.active())))],
+    )?;
+    family(
+        enc,
+        "privatelink_ha_takeovers",
+        "Times this node took its group over from a peer it found dead or fenced",
+        MetricType::Counter,
+        vec![(labels(None), counter(h.takeovers.load(Relaxed)))],
+    )?;
+    let peers = h
+        .peers_up(*fence)
+        .into_iter()
+        .map(|(p, up)| (labels(Some(("peer", p))), gauge(i64::from(up))))
+        .collect();
+    family(
+        enc,
+        "privatelink_ha_peer_up",
+        "1 while the peer's heartbeats arrive within the fence time",
+        MetricType::Gauge,
+        peers,
+    )?;
+    family(
+        enc,
+        "privatelink_ha_heartbeats_received",
+        "Heartbeats accepted from peers",
+        MetricType::Counter,
+        vec![(labels(None), counter(h.beats_received.load(Relaxed)))],
+    )?;
+    family(
+        enc,
+        "privatelink_ha_heartbeats_sent",
+        "Heartbeats sent to peers",
+        MetricType::Counter,
+        vec![(labels(None), counter(h.beats_sent.load(Relaxed)))],
+    )?;
+    let rejected = h.rejected();
+    let rows = crate::node::beat::Reject::ALL
+        .iter()
+        .map(|r| {
+            let n = rejected.get(r).copied().unwrap_or(0);
+            (labels(Some(("reason", r.as_str().to_string()))), counter(n))
+        })
+        .collect();
+    family(
+        enc,
+        "privatelink_ha_heartbeats_rejected",
+        "Received heartbeats refused, by reason (forged, replayed, malformed, from an unknown peer...)",
+        MetricType::Counter,
+        rows,
+    )
+}
+
 impl Collector for NodeCollector {
     fn encode(&self, mut enc: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let src = self.sources.lock().unwrap_or_else(|p| p.into_inner());
@@ -599,6 +670,7 @@ impl Collector for NodeCollector {
         encode_services(&mut enc, &scrape)?;
         encode_node(&mut enc, &scrape)?;
         encode_nat(&mut enc, &scrape)?;
+        encode_ha(&mut enc, &scrape)?;
         encode_maps(&mut enc, &scrape)
     }
 }

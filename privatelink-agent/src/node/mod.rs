@@ -3,8 +3,11 @@
 //! ([`sync`]), link, route and neighbour events ([`netwatch`]), backend health checks ([`health`]), the DNS
 //! server ([`dns`]), Prometheus metrics ([`metrics`]), monitoring history ([`history`]), and the
 //! event loop that ties them together ([`runtime`]).
+pub mod announce;
+pub mod beat;
 pub mod config;
 pub mod dns;
+pub mod ha;
 pub mod health;
 pub mod history;
 pub mod interfaces;

@@ -34,6 +34,38 @@ pub fn replace_host_address(ifindex: u32, addr: IpAddr) -> io::Result<()> {
     request(req).map(drop)
 }
 
+/// Adds (`present`) or removes `addr` with its prefix on interface `ifindex`: an address that
+/// moves between the nodes of a high-availability group. Adding one that is there, or removing
+/// one that is not, is no error. IPv6 without duplicate address detection.
+pub fn set_address(ifindex: u32, addr: ipnet::IpNet, present: bool) -> io::Result<()> {
+    let mut message = match addr {
+        ipnet::IpNet::V4(a) => rtnetlink::AddressMessageBuilder::<std::net::Ipv4Addr>::new()
+            .index(ifindex)
+            .address(a.addr(), a.prefix_len())
+            .build(),
+        ipnet::IpNet::V6(a) => rtnetlink::AddressMessageBuilder::<std::net::Ipv6Addr>::new()
+            .index(ifindex)
+            .address(a.addr(), a.prefix_len())
+            .build(),
+    };
+    if addr.addr().is_ipv6() {
+        message.header.flags |= AddressHeaderFlags::Nodad;
+    }
+    let mut req = NetlinkMessage::from(if present {
+        RouteNetlinkMessage::NewAddress(message)
+    } else {
+        RouteNetlinkMessage::DelAddress(message)
+    });
+    req.header.flags = NLM_F_REQUEST | NLM_F_ACK;
+    if present {
+        req.header.flags |= NLM_F_CREATE | NLM_F_REPLACE;
+    }
+    match request(req) {
+        Err(e) if !present && e.raw_os_error() == Some(libc::EADDRNOTAVAIL) => Ok(()),
+        r => r.map(drop),
+    }
+}
+
 /// The link `ifindex` as the kernel describes it (RTM_GETLINK).
 pub fn link(ifindex: u32) -> io::Result<LinkMessage> {
     let mut msg = LinkMessage::default();

@@ -24,8 +24,10 @@ use crate::{
         scan::{Latest, Scanner},
     },
     node::{
-        config::{Checked, DnsConfig},
+        announce,
+        config::{Checked, DnsConfig, HaChecked},
         dns::Dns,
+        ha::HaShared,
         health::{self, Health, TargetKey},
         history::{Counters, History},
         interfaces::Interfaces,
@@ -67,6 +69,8 @@ pub enum Event {
     Health,
     /// Time for a monitoring-history sample.
     Sample,
+    /// This node became active for its high-availability group, or stopped being active.
+    Activity,
 }
 
 /// The settings the runtime reads after start, taken from the configuration once.
@@ -113,6 +117,8 @@ pub struct Node {
     dns: Option<Dns>,
     /// The latest conntrack scan (metrics and history read it).
     conntrack: Latest,
+    /// The high-availability group this node serves its consumer networks with, if any.
+    ha: Option<(HaChecked, Arc<HaShared>)>,
 }
 
 impl Node {
@@ -198,6 +204,7 @@ impl Node {
             persistence,
             dns: None,
             conntrack: Latest::default(),
+            ha: cfg.ha.map(|h| (h, Arc::new(HaShared::default()))),
         };
         node.refresh_interfaces();
         node.reconcile(SyncKind::Changes);
@@ -241,7 +248,71 @@ impl Node {
             }
             Event::Health => self.reconcile(SyncKind::Changes),
             Event::Sample => self.sample_history(),
+            Event::Activity => {
+                self.reconcile(SyncKind::Changes);
+                self.move_addresses();
+            }
         }
+    }
+
+    /// Whether this node forwards for its consumer networks: always, unless it is a standby of a
+    /// high-availability group.
+    fn active(&self) -> bool {
+        self.ha.as_ref().is_none_or(|(_, h)| h.active())
+    }
+
+    /// After a change of activity: the group's moving addresses are added (active) or removed,
+    /// and an active node announces them and its endpoints' addresses on their segments, at once
+    /// and again after 0.3, 1 and 2 s (a neighbour entry updated less than a second before
+    /// ignores an announcement).
+    fn move_addresses(&self) {
+        let Some((cfg, _)) = &self.ha else {
+            return;
+        };
+        let active = self.active();
+        let by_name = |n: &str| self.node.ifaces.iter().find(|i| i.name == n);
+        let mut frames: Vec<(u32, Vec<u8>)> = Vec::new();
+        for (name, net) in &cfg.addresses {
+            let Some(i) = by_name(name) else {
+                log::warn!("ha: interface {name} is not there: {net} not moved");
+                continue;
+            };
+            if let Err(e) = crate::node::netlink::set_address(i.ifindex, *net, active) {
+                log::error!(
+                    "ha: {} {net} on {name}: {e}",
+                    if active { "adding" } else { "removing" }
+                );
+            }
+            frames.push((i.ifindex, announce::frame(i.mac, net.addr())));
+        }
+        if !active {
+            return;
+        }
+        self.plane.read(|s| {
+            for i in self
+                .node
+                .ifaces
+                .iter()
+                .filter(|i| i.role == crate::datapath::Role::Consumer)
+            {
+                for ep in s.endpoints.values().filter(|e| e.network_id == i.network) {
+                    for a in std::iter::once(ep.ip).chain(ep.ipv6.map(Into::into)) {
+                        frames.push((i.ifindex, announce::frame(i.mac, a)));
+                    }
+                }
+            }
+        });
+        log::info!("ha: announcing {} addresses", frames.len());
+        std::thread::spawn(move || {
+            for wait in [0, 300, 700, 1000] {
+                std::thread::sleep(Duration::from_millis(wait));
+                for (ifindex, f) in &frames {
+                    if let Err(e) = announce::send(*ifindex, std::slice::from_ref(f)) {
+                        log::warn!("ha: announcing on interface {ifindex}: {e}");
+                    }
+                }
+            }
+        });
     }
 
     fn refresh_interfaces(&mut self) -> bool {
@@ -273,10 +344,20 @@ impl Node {
             health,
             sync,
             metrics,
+            ha,
             ..
         } = self;
         let started = std::time::Instant::now();
         let unhealthy = health.unhealthy();
+        // A standby of a high-availability group forwards nothing of its consumer networks.
+        let standby;
+        let node: &NodeConfig = match ha {
+            Some((_, h)) if !h.active() => {
+                standby = node.standby();
+                &standby
+            }
+            _ => node,
+        };
         // Everything needed from the state is taken under its read lock: no copy of the whole state.
         let (revision, (model, skipped), newly) = plane.read(|state| {
             let newly: BTreeSet<(u32, std::net::IpAddr)> = unhealthy
@@ -496,6 +577,10 @@ async fn serve(mut node: Node, shutdown: Shutdown) -> Result<Node> {
             config: node.node.clone(),
             agent: node.metrics.clone(),
             conntrack: node.conntrack.clone(),
+            ha: node
+                .ha
+                .as_ref()
+                .map(|(c, h)| (c.group.group.clone(), c.group.timing.fence, h.clone())),
         },
     ));
     let health_changed = Arc::new(tokio::sync::Notify::new());
@@ -516,6 +601,16 @@ async fn serve(mut node: Node, shutdown: Shutdown) -> Result<Node> {
             Some(node.name.clone()),
         ))
     });
+    let group = match (&node.ha, &s.etcd) {
+        (Some((cfg, shared)), Some(e)) => Some(tokio::spawn(crate::node::ha::run(
+            cfg.group.clone(),
+            e.clone(),
+            shared.clone(),
+        ))),
+        _ => None,
+    };
+    // `HaShared::changed` keeps a wake-up that comes while the loop is busy (a Notify permit).
+    let ha = node.ha.as_ref().map(|(_, h)| h.clone());
     let mut revisions = node.plane.subscribe();
     let mut resync = tokio::time::interval(s.resync);
     let mut sample = tokio::time::interval(s.sample);
@@ -550,6 +645,12 @@ async fn serve(mut node: Node, shutdown: Shutdown) -> Result<Node> {
             _ = resync.tick() => Event::Resync,
             _ = health_changed.notified() => Event::Health,
             _ = sample.tick() => Event::Sample,
+            _ = async {
+                match &ha {
+                    Some(h) => h.changed().await,
+                    None => std::future::pending().await,
+                }
+            } => Event::Activity,
             _ = tokio::signal::ctrl_c() => break,
             _ = term.recv() => break,
             _ = shutdown.0.notified() => break,
@@ -562,6 +663,9 @@ async fn serve(mut node: Node, shutdown: Shutdown) -> Result<Node> {
     checker.abort();
     if let Some(f) = follower {
         f.abort();
+    }
+    if let Some(g) = group {
+        g.abort();
     }
     Ok(node)
 }

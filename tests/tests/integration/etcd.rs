@@ -123,7 +123,7 @@ fn applied(w: &World) -> u64 {
 
 /// etcd in a namespace of its own, reached by each node over a point-to-point link of its own
 /// (198.18.200.0/24, see [`linked`]).
-fn shared_etcd(tag: &str) -> (Netns, privatelink_tests::world::Etcd) {
+pub(crate) fn shared_etcd(tag: &str) -> (Netns, privatelink_tests::world::Etcd) {
     let et = Netns::new("et").expect("etcd namespace");
     let dir = std::env::temp_dir().join(format!("privatelink-{tag}-{}", std::process::id()));
     let etcd = privatelink_tests::world::Etcd::start_at(
@@ -137,27 +137,34 @@ fn shared_etcd(tag: &str) -> (Netns, privatelink_tests::world::Etcd) {
 
 /// Links node `i`'s namespace to the etcd namespace (node side `et0`, 198.18.200.(4i+2)/30).
 fn linked(et: &Netns, i: u8) -> impl Fn(&Topology) + '_ {
-    move |topo: &Topology| {
-        let dev = format!("n{i}");
-        privatelink_agent::testkit::netns::veth(et, &dev, &topo.node, "et0").expect("veth to etcd");
-        et.ip(&[
-            "addr",
-            "add",
-            &format!("198.18.200.{}/30", 4 * i + 1),
-            "dev",
-            &dev,
-        ])
-        .unwrap();
-        topo.node
-            .ip(&[
-                "addr",
-                "add",
-                &format!("198.18.200.{}/30", 4 * i + 2),
-                "dev",
-                "et0",
-            ])
-            .unwrap();
-    }
+    move |topo: &Topology| link_to_etcd(et, &topo.node, i)
+}
+
+/// Links namespace `node` to the etcd namespace as node `i` (node side `et0`).
+pub(crate) fn link_to_etcd(et: &Netns, node: &Netns, i: u8) {
+    let dev = format!("n{i}");
+    privatelink_agent::testkit::netns::veth(et, &dev, node, "et0").expect("veth to etcd");
+    et.ip(&[
+        "addr",
+        "add",
+        &format!("198.18.200.{}/30", 4 * i + 1),
+        "dev",
+        &dev,
+    ])
+    .unwrap();
+    node.ip(&[
+        "addr",
+        "add",
+        &format!("198.18.200.{}/30", 4 * i + 2),
+        "dev",
+        "et0",
+    ])
+    .unwrap();
+}
+
+/// etcd's address as node `i` reaches it.
+pub(crate) fn etcd_url(i: u8) -> String {
+    format!("http://198.18.200.{}:2379", 4 * i + 1)
 }
 
 /// `n` nodes (`node-a`, `node-b`...) on one etcd of their own: the first makes the accounts and
@@ -188,11 +195,6 @@ fn etcd_cluster(
         ));
     }
     (et, etcd, nodes)
-}
-
-/// etcd's address as node `i` reaches it.
-fn etcd_url(i: u8) -> String {
-    format!("http://198.18.200.{}:2379", 4 * i + 1)
 }
 
 #[test]

@@ -13,6 +13,7 @@ mod dns;
 mod etcd;
 mod families;
 mod faults;
+mod ha;
 mod malformed;
 mod namespace;
 mod nat_ports;

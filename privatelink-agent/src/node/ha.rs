@@ -1,0 +1,577 @@
+//! High availability: the nodes of a group serve the same consumer networks, one of them active
+//! at a time. The shared store (etcd) arbitrates; heartbeats between the nodes detect a dead one
+//! within the fence time, far sooner than any lease could.
+//!
+//! The store holds one key per group, `<prefix>/ha/<group>/active`, naming the node that may
+//! forward. A node forwards for the group only while all of these hold:
+//! - the key names it, as the store confirmed within `fence - 2 x heartbeat` (its self-fence), or
+//!   else the store is out of reach of every peer too (their heartbeats say so: none of them can
+//!   take over, so forwarding goes on through an etcd outage);
+//! - after taking the key over, the time the previous owner needs to fence itself has passed.
+//!
+//! A standby takes the key over, in one transaction that compares its revision, when the owner's
+//! heartbeats have been missing for `fence`, or have said "not active" for that long (an owner
+//! fenced off from the store). It starts forwarding one heartbeat after the transaction and no
+//! sooner than `fence` after the owner's last heartbeat: by then the old owner, if it is alive, has
+//! seen the key move (it looks every heartbeat) or fenced itself. Partition cases:
+//! - owner dead: the standby forwards after `fence` + one heartbeat (about 600 ms by default);
+//! - owner cut off from the standby only: the standby takes over as above; the owner reads the
+//!   key at its next look and stops; at most one is active;
+//! - owner cut off from the store only: it stops after its self-fence and says so in its
+//!   heartbeats; the standby takes over `fence` later;
+//! - owner cut off from both: it stops after its self-fence; the standby takes over after `fence`;
+//! - every node cut off from the store: the owner goes on (each peer's heartbeat says it cannot
+//!   claim), nobody else starts;
+//! - the standby cut off from the store: nothing changes until it is back.
+//!
+//! There is no preemption: a node that returns stays standby while the owner is alive. The
+//! standby's datapath keeps the group's consumer interfaces out of its model (their frames pass to
+//! its kernel, which does not answer for the endpoints); becoming active puts them in, adds the
+//! provider-side addresses the NAT ranges are routed through, and announces the endpoints and
+//! those addresses (gratuitous ARP, unsolicited neighbour advertisements). Flow state is not
+//! copied between nodes yet: connections through a node that dies end with it.
+use std::{
+    collections::BTreeMap,
+    net::SocketAddr,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use crate::{
+    control::etcd::EtcdConfig,
+    node::beat::{Beat, Reject, Verifier, seal},
+};
+
+/// The timing of a group.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Timing {
+    /// Between heartbeats, and between looks at the store.
+    pub heartbeat: Duration,
+    /// A peer silent this long is taken for dead; an owner stops when the store has not
+    /// confirmed it for `fence - 2 x heartbeat`.
+    pub fence: Duration,
+}
+
+impl Timing {
+    fn self_fence(&self) -> Duration {
+        self.fence.saturating_sub(self.heartbeat * 2)
+    }
+}
+
+/// What a node knows of a peer, from its last accepted heartbeat.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PeerSeen {
+    pub last: Instant,
+    pub active: bool,
+    pub store: bool,
+    /// Since when its heartbeats have said "not active" (`None`: the last one said active).
+    pub inactive_since: Option<Instant>,
+}
+
+impl PeerSeen {
+    /// Folds in a heartbeat accepted at `now`.
+    pub fn update(prev: Option<PeerSeen>, b: &Beat, now: Instant) -> PeerSeen {
+        let inactive_since = match (b.active, prev.and_then(|p| p.inactive_since)) {
+            (true, _) => None,
+            (false, Some(since)) => Some(since),
+            (false, None) => Some(now),
+        };
+        PeerSeen {
+            last: now,
+            active: b.active,
+            store: b.store,
+            inactive_since,
+        }
+    }
+}
+
+/// The group's owner as the store has it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Owner {
+    pub node: String,
+    pub mod_revision: i64,
+}
+
+/// What the node asks of the store after a look.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Claim {
+    Nothing,
+    /// Nobody owns the group: create the key.
+    Create,
+    /// Take the key from `from` if it is still at `mod_revision`.
+    Replace {
+        from: String,
+        mod_revision: i64,
+    },
+}
+
+/// The decisions of one node of a group, from what the store says and what the peers' heartbeats
+/// say. Pure: time comes in as arguments.
+#[derive(Clone, Debug)]
+pub struct Arbiter {
+    me: String,
+    t: Timing,
+    started: Instant,
+    /// When the store last said this node owns the group.
+    confirmed: Option<Instant>,
+    /// Not before this after a claim.
+    start_at: Option<Instant>,
+}
+
+impl Arbiter {
+    pub fn new(me: &str, t: Timing, now: Instant) -> Self {
+        Arbiter {
+            me: me.to_string(),
+            t,
+            started: now,
+            confirmed: None,
+            start_at: None,
+        }
+    }
+
+    /// One look at the store at `now`: `Some(owner)` as it answered (`Some(None)`: no owner), or
+    /// `None` when it did not answer.
+    pub fn observe(
+        &mut self,
+        now: Instant,
+        owner: Option<Option<Owner>>,
+        peers: &BTreeMap<String, PeerSeen>,
+    ) -> Claim {
+        let Some(owner) = owner else {
+            return Claim::Nothing;
+        };
+        match owner {
+            Some(o) if o.node == self.me => {
+                self.confirmed = Some(now);
+                Claim::Nothing
+            }
+            None => {
+                self.confirmed = None;
+                Claim::Create
+            }
+            Some(o) => {
+                self.confirmed = None;
+                self.start_at = None;
+                let gone = match peers.get(&o.node) {
+                    // Never heard: give it a fence's time after this node started.
+                    None => now.duration_since(self.started) > self.t.fence,
+                    Some(p) => {
+                        now.duration_since(p.last) > self.t.fence
+                            || p.inactive_since
+                                .is_some_and(|s| now.duration_since(s) > self.t.fence)
+                    }
+                };
+                if gone {
+                    Claim::Replace {
+                        from: o.node,
+                        mod_revision: o.mod_revision,
+                    }
+                } else {
+                    Claim::Nothing
+                }
+            }
+        }
+    }
+
+    /// The store granted this node's claim at `now`; `previous`: the last heartbeat of the node
+    /// it took the group from.
+    pub fn claimed(&mut self, now: Instant, previous: Option<Instant>) {
+        self.confirmed = Some(now);
+        let seen_by_old_owner = now + self.t.heartbeat;
+        let fenced = previous.map_or(now, |last| last + self.t.fence);
+        self.start_at = Some(seen_by_old_owner.max(fenced));
+    }
+
+    /// Whether this node forwards for the group at `now`.
+    pub fn active(&self, now: Instant, peers: &BTreeMap<String, PeerSeen>) -> bool {
+        let Some(confirmed) = self.confirmed else {
+            return false;
+        };
+        if self.start_at.is_some_and(|s| now < s) {
+            return false;
+        }
+        if now.duration_since(confirmed) < self.t.self_fence() {
+            return true;
+        }
+        // Out of reach of the store: on only while every peer is heard and cannot claim either.
+        !peers.is_empty()
+            && peers
+                .values()
+                .all(|p| now.duration_since(p.last) <= self.t.fence && !p.store)
+    }
+}
+
+/// A group as the runtime runs it.
+#[derive(Clone, Debug)]
+pub struct GroupConfig {
+    pub group: String,
+    pub node: String,
+    pub listen: SocketAddr,
+    pub peers: Vec<SocketAddr>,
+    pub key: Vec<u8>,
+    pub timing: Timing,
+    pub max_clock_skew: Duration,
+}
+
+/// What the group's task shares with the node: whether it is active, and the counts metrics show.
+#[derive(Debug, Default)]
+pub struct HaShared {
+    active: AtomicBool,
+    changed: tokio::sync::Notify,
+    peers: Mutex<BTreeMap<String, PeerSeen>>,
+    pub takeovers: AtomicU64,
+    pub beats_sent: AtomicU64,
+    pub beats_received: AtomicU64,
+    rejected: Mutex<BTreeMap<Reject, u64>>,
+}
+
+impl HaShared {
+    pub fn active(&self) -> bool {
+        self.active.load(Ordering::Relaxed)
+    }
+
+    /// Wakes when the node becomes active or stops being active.
+    pub async fn changed(&self) {
+        self.changed.notified().await
+    }
+
+    /// Peer → whether its heartbeats are current (within `fence`).
+    pub fn peers_up(&self, fence: Duration) -> BTreeMap<String, bool> {
+        let now = Instant::now();
+        lock(&self.peers)
+            .iter()
+            .map(|(n, p)| (n.clone(), now.duration_since(p.last) <= fence))
+            .collect()
+    }
+
+    pub fn rejected(&self) -> BTreeMap<Reject, u64> {
+        lock(&self.rejected).clone()
+    }
+
+    fn set_active(&self, on: bool) {
+        if self.active.swap(on, Ordering::Relaxed) != on {
+            self.changed.notify_one();
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// The group's key in the store.
+pub fn active_key(e: &EtcdConfig, group: &str) -> String {
+    format!("{}/ha/{group}/active", e.prefix)
+}
+
+/// Runs the group for this node until the task is dropped: heartbeats out and in, a look at the
+/// store every heartbeat, claims when the rules above allow, and `shared` kept current.
+pub async fn run(g: GroupConfig, e: EtcdConfig, shared: Arc<HaShared>) -> anyhow::Result<()> {
+    use anyhow::Context as _;
+    let socket = tokio::net::UdpSocket::bind(g.listen)
+        .await
+        .with_context(|| format!("ha.listen: binding {}", g.listen))?;
+    let mut verifier = Verifier::new(
+        &g.key,
+        &g.group,
+        &g.node,
+        &g.peers,
+        g.max_clock_skew.as_millis() as u64,
+    );
+    let key = active_key(&e, &g.group);
+    let mut arbiter = Arbiter::new(&g.node, g.timing, Instant::now());
+    let mut tick = tokio::time::interval(g.timing.heartbeat);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut client: Option<etcd_client::Client> = None;
+    let mut store_ok = false;
+    let mut seq = 0u64;
+    let mut buf = [0u8; 256];
+    log::info!(
+        "ha: group {} on {}, peers {:?}, heartbeat {:?}, fence {:?}",
+        g.group,
+        g.listen,
+        g.peers,
+        g.timing.heartbeat,
+        g.timing.fence
+    );
+    loop {
+        tokio::select! {
+            got = socket.recv_from(&mut buf) => {
+                let Ok((n, from)) = got else { continue };
+                match verifier.accept(from, &buf[..n], unix_ms()) {
+                    Ok(b) => {
+                        shared.beats_received.fetch_add(1, Ordering::Relaxed);
+                        let mut peers = lock(&shared.peers);
+                        let prev = peers.get(&b.node).copied();
+                        peers.insert(b.node.clone(), PeerSeen::update(prev, &b, Instant::now()));
+                    }
+                    Err(r) => {
+                        *lock(&shared.rejected).entry(r).or_default() += 1;
+                        log::debug!("ha: heartbeat from {from} refused: {}", r.as_str());
+                    }
+                }
+            }
+            _ = tick.tick() => {
+                seq += 1;
+                let beat = seal(&g.key, &Beat {
+                    group: g.group.clone(),
+                    node: g.node.clone(),
+                    sent_at_ms: unix_ms(),
+                    seq,
+                    active: shared.active(),
+                    store: store_ok,
+                });
+                for p in &g.peers {
+                    if socket.send_to(&beat, p).await.is_ok() {
+                        shared.beats_sent.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                let owner = look(&mut client, &e, &key, g.timing.heartbeat).await;
+                store_ok = owner.is_some();
+                let now = Instant::now();
+                let peers = lock(&shared.peers).clone();
+                let claim = arbiter.observe(now, owner, &peers);
+                if claim != Claim::Nothing {
+                    let previous = match &claim {
+                        Claim::Replace { from, .. } => peers.get(from).map(|p| p.last),
+                        _ => None,
+                    };
+                    if take(&mut client, &key, &g.node, &claim, g.timing.heartbeat).await {
+                        arbiter.claimed(Instant::now(), previous);
+                        if let Claim::Replace { from, .. } = &claim {
+                            shared.takeovers.fetch_add(1, Ordering::Relaxed);
+                            log::warn!("ha: group {}: took over from {from}", g.group);
+                        } else {
+                            log::info!("ha: group {}: owner", g.group);
+                        }
+                    }
+                }
+                let active = arbiter.active(Instant::now(), &peers);
+                if active != shared.active() {
+                    log::warn!(
+                        "ha: group {}: {}",
+                        g.group,
+                        if active { "active" } else { "standby" }
+                    );
+                }
+                shared.set_active(active);
+            }
+        }
+    }
+}
+
+/// The group's owner, as the store says within `bound` (`None`: no answer).
+async fn look(
+    client: &mut Option<etcd_client::Client>,
+    e: &EtcdConfig,
+    key: &str,
+    bound: Duration,
+) -> Option<Option<Owner>> {
+    if client.is_none() {
+        let c = tokio::time::timeout(
+            e.timeout,
+            etcd_client::Client::connect(&e.endpoints, Some(e.connect_options())),
+        )
+        .await;
+        *client = c.ok().and_then(Result::ok);
+    }
+    let c = client.as_mut()?;
+    let r = tokio::time::timeout(bound, c.get(key, None))
+        .await
+        .ok()?
+        .ok()?;
+    Some(r.kvs().first().map(|kv| Owner {
+        node: String::from_utf8_lossy(kv.value()).into_owned(),
+        mod_revision: kv.mod_revision(),
+    }))
+}
+
+/// Makes `me` the owner as `claim` says, if the key is still as it was seen.
+async fn take(
+    client: &mut Option<etcd_client::Client>,
+    key: &str,
+    me: &str,
+    claim: &Claim,
+    bound: Duration,
+) -> bool {
+    use etcd_client::{Compare, CompareOp, Txn, TxnOp};
+    let Some(c) = client.as_mut() else {
+        return false;
+    };
+    let guard = match claim {
+        Claim::Nothing => return false,
+        Claim::Create => Compare::create_revision(key, CompareOp::Equal, 0),
+        Claim::Replace { mod_revision, .. } => {
+            Compare::mod_revision(key, CompareOp::Equal, *mod_revision)
+        }
+    };
+    let txn = Txn::new()
+        .when([guard])
+        .and_then([TxnOp::put(key, me, None)]);
+    matches!(
+        tokio::time::timeout(bound, c.txn(txn)).await,
+        Ok(Ok(r)) if r.succeeded()
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const T: Timing = Timing {
+        heartbeat: Duration::from_millis(100),
+        fence: Duration::from_millis(500),
+    };
+
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+
+    fn owner(n: &str) -> Option<Option<Owner>> {
+        Some(Some(Owner {
+            node: n.into(),
+            mod_revision: 7,
+        }))
+    }
+
+    fn seen(last: Instant, active: bool, store: bool) -> PeerSeen {
+        PeerSeen {
+            last,
+            active,
+            store,
+            inactive_since: (!active).then_some(last),
+        }
+    }
+
+    #[test]
+    fn the_first_node_creates_the_key_and_forwards_after_one_heartbeat() {
+        let t0 = Instant::now();
+        let mut a = Arbiter::new("a", T, t0);
+        let none = BTreeMap::new();
+        assert_eq!(a.observe(t0, Some(None), &none), Claim::Create);
+        a.claimed(t0, None);
+        assert!(!a.active(t0, &none));
+        assert!(a.active(t0 + ms(100), &none));
+        // Confirmed every look: stays on.
+        assert_eq!(a.observe(t0 + ms(200), owner("a"), &none), Claim::Nothing);
+        assert!(a.active(t0 + ms(250), &none));
+    }
+
+    #[test]
+    fn a_standby_takes_over_a_silent_owner_and_starts_once_it_has_fenced_itself() {
+        let t0 = Instant::now();
+        let mut b = Arbiter::new("b", T, t0);
+        let mut peers = BTreeMap::from([("a".to_string(), seen(t0, true, true))]);
+        // Heard within the fence: no claim.
+        assert_eq!(b.observe(t0 + ms(400), owner("a"), &peers), Claim::Nothing);
+        assert!(!b.active(t0 + ms(400), &peers));
+        // Silent for longer than the fence: take it over.
+        let claim = b.observe(t0 + ms(501), owner("a"), &peers);
+        assert_eq!(
+            claim,
+            Claim::Replace {
+                from: "a".into(),
+                mod_revision: 7
+            }
+        );
+        b.claimed(t0 + ms(510), Some(t0));
+        assert!(
+            !b.active(t0 + ms(600), &peers),
+            "one heartbeat after the claim"
+        );
+        assert!(b.active(t0 + ms(610), &peers));
+        // A peer that returns does not take it back (no preemption).
+        peers.insert("a".into(), seen(t0 + ms(5000), false, true));
+        let mut a = Arbiter::new("a", T, t0 + ms(4000));
+        assert_eq!(
+            a.observe(
+                t0 + ms(5000),
+                owner("b"),
+                &BTreeMap::from([("b".to_string(), seen(t0 + ms(4990), true, true))])
+            ),
+            Claim::Nothing
+        );
+        assert!(!a.active(t0 + ms(5000), &peers));
+    }
+
+    #[test]
+    fn an_owner_the_store_no_longer_confirms_stops_unless_no_peer_can_claim() {
+        let t0 = Instant::now();
+        let mut a = Arbiter::new("a", T, t0);
+        let none = BTreeMap::new();
+        a.observe(t0, owner("a"), &none);
+        let self_fence = T.fence - T.heartbeat * 2;
+        assert!(a.active(t0 + self_fence - ms(1), &none));
+        // The store silent (no answer is no news): fenced, alone.
+        assert_eq!(a.observe(t0 + ms(200), None, &none), Claim::Nothing);
+        assert!(!a.active(t0 + self_fence, &none));
+        // A peer that reaches the store could claim: fenced.
+        let reaching = BTreeMap::from([("b".to_string(), seen(t0 + self_fence, false, true))]);
+        assert!(!a.active(t0 + self_fence, &reaching));
+        // Every peer cut off from the store too (an etcd outage): forwarding goes on.
+        let cut = BTreeMap::from([("b".to_string(), seen(t0 + self_fence, false, false))]);
+        assert!(a.active(t0 + self_fence, &cut));
+        // ...until that peer falls silent.
+        assert!(!a.active(t0 + self_fence + T.fence + ms(1), &cut));
+    }
+
+    #[test]
+    fn an_owner_whose_key_moved_stops_at_its_next_look() {
+        let t0 = Instant::now();
+        let mut a = Arbiter::new("a", T, t0);
+        let none = BTreeMap::new();
+        a.observe(t0, owner("a"), &none);
+        assert!(a.active(t0 + ms(50), &none));
+        a.observe(t0 + ms(100), owner("b"), &none);
+        assert!(!a.active(t0 + ms(100), &none));
+    }
+
+    #[test]
+    fn a_fenced_owner_is_taken_over_after_saying_so_for_a_fence() {
+        let t0 = Instant::now();
+        let mut b = Arbiter::new("b", T, t0);
+        let mut peers = BTreeMap::new();
+        let mut prev = None;
+        for i in 0..=6 {
+            let now = t0 + ms(100 * i);
+            let beat = Beat {
+                group: "g".into(),
+                node: "a".into(),
+                sent_at_ms: 0,
+                seq: i,
+                active: false,
+                store: false,
+            };
+            let p = PeerSeen::update(prev, &beat, now);
+            prev = Some(p);
+            peers.insert("a".to_string(), p);
+        }
+        // Heard all along, but "not active" since t0: claimable 500 ms after.
+        assert_eq!(b.observe(t0 + ms(500), owner("a"), &peers), Claim::Nothing);
+        assert!(matches!(
+            b.observe(t0 + ms(600), owner("a"), &peers),
+            Claim::Replace { .. }
+        ));
+    }
+
+    #[test]
+    fn a_new_node_waits_a_fence_for_an_owner_it_never_heard() {
+        let t0 = Instant::now();
+        let mut b = Arbiter::new("b", T, t0);
+        let none = BTreeMap::new();
+        assert_eq!(b.observe(t0 + ms(300), owner("a"), &none), Claim::Nothing);
+        assert!(matches!(
+            b.observe(t0 + ms(501), owner("a"), &none),
+            Claim::Replace { .. }
+        ));
+    }
+}
