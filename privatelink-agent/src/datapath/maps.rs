@@ -778,6 +778,16 @@ impl Dataplane {
         n
     }
 
+    /// Independent handles on the conntrack tables, for the flow sync of a high-availability
+    /// group on another task.
+    pub fn flow_tables(&self) -> Result<FlowTables, DataplaneError> {
+        let reader = self.stats_reader()?;
+        Ok(FlowTables {
+            ct4: reader.ct4,
+            ct6: reader.ct6,
+        })
+    }
+
     /// Independent handles on the counter and conntrack maps, for a metrics reader on another
     /// thread (the writer keeps its own).
     pub fn stats_reader(&self) -> Result<StatsReader, DataplaneError> {
@@ -1072,6 +1082,45 @@ fn nr_cpus() -> Result<usize, DataplaneError> {
         map: names::LINK_STATS,
         source: MapError::IoError(e),
     })
+}
+
+/// The conntrack tables, read and written beside the `Dataplane` (see `Dataplane::flow_tables`).
+pub struct FlowTables {
+    ct4: HashMap<MapData, FlowKey4, Flow4>,
+    ct6: HashMap<MapData, FlowKey6, Flow6>,
+}
+
+impl FlowTables {
+    pub fn entries4(&self) -> Vec<(FlowKey4, Flow4)> {
+        super::batch::entries(&self.ct4)
+    }
+
+    pub fn entries6(&self) -> Vec<(FlowKey6, Flow6)> {
+        super::batch::entries(&self.ct6)
+    }
+
+    pub fn insert4(&mut self, k: &FlowKey4, v: &Flow4) -> Result<(), DataplaneError> {
+        self.ct4.insert(k, v, 0).map_err(map_err(names::CT4))
+    }
+
+    pub fn insert6(&mut self, k: &FlowKey6, v: &Flow6) -> Result<(), DataplaneError> {
+        self.ct6.insert(k, v, 0).map_err(map_err(names::CT6))
+    }
+
+    /// Removes an entry; one that is not there is no error.
+    pub fn remove4(&mut self, k: &FlowKey4) -> Result<(), DataplaneError> {
+        match self.ct4.remove(k) {
+            Err(MapError::KeyNotFound) | Ok(()) => Ok(()),
+            Err(e) => Err(map_err(names::CT4)(e)),
+        }
+    }
+
+    pub fn remove6(&mut self, k: &FlowKey6) -> Result<(), DataplaneError> {
+        match self.ct6.remove(k) {
+            Err(MapError::KeyNotFound) | Ok(()) => Ok(()),
+            Err(e) => Err(map_err(names::CT6)(e)),
+        }
+    }
 }
 
 /// Read-only handles on the counters and conntrack (see `Dataplane::stats_reader`).

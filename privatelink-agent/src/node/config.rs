@@ -854,7 +854,7 @@ fn store(raw: &AgentConfig) -> Result<(), ConfigError> {
 /// `[ha]`: a named group on the shared store, peers, sane timing, moving addresses on configured
 /// interfaces.
 fn ha(raw: &AgentConfig, h: &HaConfig) -> Result<Vec<(String, ipnet::IpNet)>, ConfigError> {
-    use crate::node::beat::MAX_NAME;
+    use crate::node::channel::MAX_NAME;
     if raw.store.etcd.is_empty() {
         return Err(err(
             "ha",

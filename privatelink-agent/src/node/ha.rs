@@ -28,8 +28,9 @@
 //! standby's datapath keeps the group's consumer interfaces out of its model (their frames pass to
 //! its kernel, which does not answer for the endpoints); becoming active puts them in, adds the
 //! provider-side addresses the NAT ranges are routed through, and announces the endpoints and
-//! those addresses (gratuitous ARP, unsolicited neighbour advertisements). Flow state is not
-//! copied between nodes yet: connections through a node that dies end with it.
+//! those addresses (gratuitous ARP, unsolicited neighbour advertisements). The active node sends
+//! its conntrack to the standbys (`node::flowsync`), so the flows it carried go on through the
+//! node that takes over.
 use std::{
     collections::BTreeMap,
     net::SocketAddr,
@@ -42,7 +43,11 @@ use std::{
 
 use crate::{
     control::etcd::EtcdConfig,
-    node::beat::{Beat, Reject, Verifier, seal},
+    datapath::{FlowTables, Model},
+    node::{
+        channel::{Beat, Kind, Message, Reject, Verifier, first_seq, seal},
+        flowsync::{self, Outbox, Refuse, Update},
+    },
 };
 
 /// The timing of a group.
@@ -226,6 +231,13 @@ pub struct HaShared {
     pub beats_sent: AtomicU64,
     pub beats_received: AtomicU64,
     rejected: Mutex<BTreeMap<Reject, u64>>,
+    /// The node's current model, consumer interfaces included (what synced flows are checked
+    /// against).
+    model: Mutex<Option<Arc<Model>>>,
+    pub flows_sent: AtomicU64,
+    pub flows_received: AtomicU64,
+    pub flows_installed: AtomicU64,
+    refused: Mutex<BTreeMap<Refuse, u64>>,
 }
 
 impl HaShared {
@@ -251,6 +263,15 @@ impl HaShared {
         lock(&self.rejected).clone()
     }
 
+    pub fn refused(&self) -> BTreeMap<Refuse, u64> {
+        lock(&self.refused).clone()
+    }
+
+    /// The model the node applied last (or would apply, were it active).
+    pub fn set_model(&self, m: Arc<Model>) {
+        *lock(&self.model) = Some(m);
+    }
+
     fn set_active(&self, on: bool) {
         if self.active.swap(on, Ordering::Relaxed) != on {
             self.changed.notify_one();
@@ -273,9 +294,38 @@ pub fn active_key(e: &EtcdConfig, group: &str) -> String {
     format!("{}/ha/{group}/active", e.prefix)
 }
 
+/// Numbers and seals this node's messages.
+struct Outgoing<'a> {
+    g: &'a GroupConfig,
+    seq: u64,
+}
+
+impl Outgoing<'_> {
+    fn seal(&mut self, kind: Kind, payload: Vec<u8>) -> Vec<u8> {
+        self.seq += 1;
+        seal(
+            &self.g.key,
+            &Message {
+                kind,
+                group: self.g.group.clone(),
+                node: self.g.node.clone(),
+                sent_at_ms: unix_ms(),
+                seq: self.seq,
+                payload,
+            },
+        )
+    }
+}
+
 /// Runs the group for this node until the task is dropped: heartbeats out and in, a look at the
-/// store every heartbeat, claims when the rules above allow, and `shared` kept current.
-pub async fn run(g: GroupConfig, e: EtcdConfig, shared: Arc<HaShared>) -> anyhow::Result<()> {
+/// store every heartbeat, claims when the rules above allow, the flow sync (out while active,
+/// in while standing by), and `shared` kept current.
+pub async fn run(
+    g: GroupConfig,
+    e: EtcdConfig,
+    shared: Arc<HaShared>,
+    mut tables: FlowTables,
+) -> anyhow::Result<()> {
     use anyhow::Context as _;
     let socket = tokio::net::UdpSocket::bind(g.listen)
         .await
@@ -293,8 +343,14 @@ pub async fn run(g: GroupConfig, e: EtcdConfig, shared: Arc<HaShared>) -> anyhow
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut client: Option<etcd_client::Client> = None;
     let mut store_ok = false;
-    let mut seq = 0u64;
-    let mut buf = [0u8; 256];
+    let mut out = Outgoing {
+        g: &g,
+        seq: first_seq(unix_ms()),
+    };
+    let mut outbox = Outbox::default();
+    let mut ticks = 0u64;
+    let mut peers_up: std::collections::BTreeSet<String> = Default::default();
+    let mut buf = vec![0u8; 2048];
     log::info!(
         "ha: group {} on {}, peers {:?}, heartbeat {:?}, fence {:?}",
         g.group,
@@ -307,29 +363,18 @@ pub async fn run(g: GroupConfig, e: EtcdConfig, shared: Arc<HaShared>) -> anyhow
         tokio::select! {
             got = socket.recv_from(&mut buf) => {
                 let Ok((n, from)) = got else { continue };
-                match verifier.accept(from, &buf[..n], unix_ms()) {
-                    Ok(b) => {
-                        shared.beats_received.fetch_add(1, Ordering::Relaxed);
-                        let mut peers = lock(&shared.peers);
-                        let prev = peers.get(&b.node).copied();
-                        peers.insert(b.node.clone(), PeerSeen::update(prev, &b, Instant::now()));
-                    }
-                    Err(r) => {
-                        *lock(&shared.rejected).entry(r).or_default() += 1;
-                        log::debug!("ha: heartbeat from {from} refused: {}", r.as_str());
-                    }
+                let refused = match verifier.accept(from, &buf[..n], unix_ms()) {
+                    Ok(m) => receive(&m, &shared, &mut tables).err(),
+                    Err(r) => Some(r),
+                };
+                if let Some(r) = refused {
+                    *lock(&shared.rejected).entry(r).or_default() += 1;
+                    log::debug!("ha: message from {from} refused: {}", r.as_str());
                 }
             }
             _ = tick.tick() => {
-                seq += 1;
-                let beat = seal(&g.key, &Beat {
-                    group: g.group.clone(),
-                    node: g.node.clone(),
-                    sent_at_ms: unix_ms(),
-                    seq,
-                    active: shared.active(),
-                    store: store_ok,
-                });
+                ticks += 1;
+                let beat = out.seal(Kind::Beat, Beat { active: shared.active(), store: store_ok }.payload());
                 for p in &g.peers {
                     if socket.send_to(&beat, p).await.is_ok() {
                         shared.beats_sent.fetch_add(1, Ordering::Relaxed);
@@ -364,8 +409,86 @@ pub async fn run(g: GroupConfig, e: EtcdConfig, shared: Arc<HaShared>) -> anyhow
                     );
                 }
                 shared.set_active(active);
+                // A peer that joins or returns gets everything with the next sync.
+                let up: std::collections::BTreeSet<String> = shared
+                    .peers_up(g.timing.fence)
+                    .into_iter()
+                    .filter_map(|(p, up)| up.then_some(p))
+                    .collect();
+                let joined = up.iter().any(|p| !peers_up.contains(p));
+                peers_up = up;
+                if !active {
+                    outbox.clear();
+                } else if ticks.is_multiple_of(2) {
+                    let full = joined || ticks.is_multiple_of(30);
+                    let updates = outbox.changes(tables.entries4(), tables.entries6(), full);
+                    for payload in flowsync::encode(&updates) {
+                        let msg = out.seal(Kind::Flows, payload);
+                        for p in &g.peers {
+                            let _ = socket.send_to(&msg, p).await;
+                        }
+                    }
+                    shared.flows_sent.fetch_add(updates.len() as u64, Ordering::Relaxed);
+                }
             }
         }
+    }
+}
+
+/// Takes in an authenticated message: a heartbeat updates what is known of its sender; flow
+/// updates are installed while this node stands by (an active node keeps its own table).
+fn receive(m: &Message, shared: &HaShared, tables: &mut FlowTables) -> Result<(), Reject> {
+    match m.kind {
+        Kind::Beat => {
+            let b = Beat::parse(&m.payload)?;
+            shared.beats_received.fetch_add(1, Ordering::Relaxed);
+            let mut peers = lock(&shared.peers);
+            let prev = peers.get(&m.node).copied();
+            peers.insert(m.node.clone(), PeerSeen::update(prev, &b, Instant::now()));
+        }
+        Kind::Flows => {
+            let updates = flowsync::decode(&m.payload).ok_or(Reject::Malformed)?;
+            shared
+                .flows_received
+                .fetch_add(updates.len() as u64, Ordering::Relaxed);
+            let model = lock(&shared.model).clone();
+            let (Some(model), false) = (model, shared.active()) else {
+                return Ok(());
+            };
+            install(&model, updates, shared, tables);
+        }
+    }
+    Ok(())
+}
+
+/// Checks and writes received updates (see `flowsync::admit`).
+fn install(model: &Model, updates: Vec<Update>, shared: &HaShared, tables: &mut FlowTables) {
+    let now = crate::datapath::scan::monotonic_ns();
+    let mut refused = BTreeMap::new();
+    let mut installed = 0;
+    for u in updates {
+        let written = match u {
+            Update::Upsert4(k, f) => {
+                flowsync::admit(model, &k, &f, now).map(|f| tables.insert4(&k, &f))
+            }
+            Update::Upsert6(k, f) => {
+                flowsync::admit(model, &k, &f, now).map(|f| tables.insert6(&k, &f))
+            }
+            Update::Delete4(k) => Ok(tables.remove4(&k)),
+            Update::Delete6(k) => Ok(tables.remove6(&k)),
+        };
+        match written {
+            Ok(Ok(())) => installed += 1,
+            Ok(Err(e)) => log::warn!("ha: writing a synced flow: {e}"),
+            Err(r) => *refused.entry(r).or_insert(0u64) += 1,
+        }
+    }
+    shared
+        .flows_installed
+        .fetch_add(installed, Ordering::Relaxed);
+    let mut total = lock(&shared.refused);
+    for (r, n) in refused {
+        *total.entry(r).or_default() += n;
     }
 }
 
@@ -544,10 +667,6 @@ mod tests {
         for i in 0..=6 {
             let now = t0 + ms(100 * i);
             let beat = Beat {
-                group: "g".into(),
-                node: "a".into(),
-                sent_at_ms: 0,
-                seq: i,
                 active: false,
                 store: false,
             };

@@ -639,8 +639,48 @@ fn encode_ha(enc: &mut DescriptorEncoder, s: &Scrape) -> Result<(), std::fmt::Er
         MetricType::Counter,
         vec![(labels(None), counter(h.beats_sent.load(Relaxed)))],
     )?;
+    for (name, help, v) in [
+        (
+            "privatelink_ha_flows_sent",
+            "Conntrack updates sent to peers while active",
+            &h.flows_sent,
+        ),
+        (
+            "privatelink_ha_flows_received",
+            "Conntrack updates received from the active peer",
+            &h.flows_received,
+        ),
+        (
+            "privatelink_ha_flows_installed",
+            "Received conntrack updates written to this node's tables",
+            &h.flows_installed,
+        ),
+    ] {
+        family(
+            enc,
+            name,
+            help,
+            MetricType::Counter,
+            vec![(labels(None), counter(v.load(Relaxed)))],
+        )?;
+    }
+    let refused = h.refused();
+    let rows = crate::node::flowsync::Refuse::ALL
+        .iter()
+        .map(|r| {
+            let n = refused.get(r).copied().unwrap_or(0);
+            (labels(Some(("reason", r.as_str().to_string()))), counter(n))
+        })
+        .collect();
+    family(
+        enc,
+        "privatelink_ha_flows_refused",
+        "Received flows not installed: they disagree with this node's state (link, endpoint, backend, NAT range)",
+        MetricType::Counter,
+        rows,
+    )?;
     let rejected = h.rejected();
-    let rows = crate::node::beat::Reject::ALL
+    let rows = crate::node::channel::Reject::ALL
         .iter()
         .map(|r| {
             let n = rejected.get(r).copied().unwrap_or(0);

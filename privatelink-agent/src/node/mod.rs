@@ -4,9 +4,10 @@
 //! server ([`dns`]), Prometheus metrics ([`metrics`]), monitoring history ([`history`]), and the
 //! event loop that ties them together ([`runtime`]).
 pub mod announce;
-pub mod beat;
+pub mod channel;
 pub mod config;
 pub mod dns;
+pub mod flowsync;
 pub mod ha;
 pub mod health;
 pub mod history;

@@ -349,17 +349,9 @@ impl Node {
         } = self;
         let started = std::time::Instant::now();
         let unhealthy = health.unhealthy();
-        // A standby of a high-availability group forwards nothing of its consumer networks.
-        let standby;
-        let node: &NodeConfig = match ha {
-            Some((_, h)) if !h.active() => {
-                standby = node.standby();
-                &standby
-            }
-            _ => node,
-        };
+
         // Everything needed from the state is taken under its read lock: no copy of the whole state.
-        let (revision, (model, skipped), newly) = plane.read(|state| {
+        let (revision, (mut model, skipped), newly) = plane.read(|state| {
             let newly: BTreeSet<(u32, std::net::IpAddr)> = unhealthy
                 .difference(&sync.unhealthy)
                 .filter_map(|(svc, ip)| {
@@ -369,6 +361,16 @@ impl Node {
                 .collect();
             (state.revision, model(state, node, &unhealthy), newly)
         });
+        // A standby of a high-availability group forwards nothing of its consumer networks; flows
+        // synced to it are checked against the whole model.
+        if let Some((_, h)) = ha {
+            h.set_model(Arc::new(model.clone()));
+            if !h.active() {
+                model
+                    .ifaces
+                    .retain(|i| i.role != crate::datapath::Role::Consumer);
+            }
+        }
         if skipped != sync.skipped {
             for s in &skipped {
                 log::warn!("sync: {s}");
@@ -606,6 +608,7 @@ async fn serve(mut node: Node, shutdown: Shutdown) -> Result<Node> {
             cfg.group.clone(),
             e.clone(),
             shared.clone(),
+            node.dataplane.flow_tables()?,
         ))),
         _ => None,
     };

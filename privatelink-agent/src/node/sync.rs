@@ -43,23 +43,6 @@ pub struct NodeConfig {
     pub datapath: DatapathConfig,
 }
 
-impl NodeConfig {
-    /// The same without the consumer interfaces: what a standby node of a high-availability group
-    /// forwards with (frames of its consumer networks pass to its kernel, which does not answer
-    /// for the endpoints).
-    pub fn standby(&self) -> NodeConfig {
-        NodeConfig {
-            ifaces: self
-                .ifaces
-                .iter()
-                .filter(|i| i.role != Role::Consumer)
-                .cloned()
-                .collect(),
-            ..self.clone()
-        }
-    }
-}
-
 /// The model, and what was left out and why (for the log). Backends in `unhealthy` (service id,
 /// address) stay out of their service's Maglev table, unless every backend is unhealthy: then all
 /// stay (fail open).

@@ -1,7 +1,7 @@
 //! High availability with real agents: two nodes of one group on a shared consumer segment and a
 //! shared provider segment (bridges in namespaces of their own), one etcd, curl as the client and
-//! Python's HTTP server as the backend. The backend routes both nodes' NAT ranges through the
-//! group's moving address.
+//! Python's HTTP server, socat and iperf3 as backends. The nodes share one NAT range, which the
+//! backends route through the group's moving address.
 use std::{
     path::PathBuf,
     process::{Command, Stdio},
@@ -254,7 +254,7 @@ name = "q0"
 network = "{provider}"
 role = "provider"
 [nat.{provider}]
-range = "198.19.{slice}.0/24"
+range = "198.19.128.0/24"
 [ha]
 group = "edge"
 listen = "198.18.100.{me}:7946"
@@ -269,15 +269,47 @@ address = "{VIP}/24"
         etcd = etcd_url(i),
         consumer = vpcs[1].0,
         provider = vpcs[0].0,
-        slice = 128 + i,
         key = key.display(),
     );
     std::fs::write(n.dir.join("agent.toml"), cfg).unwrap();
 }
 
-/// Node A crashes (its agent killed, its interfaces gone): node B takes the group over, and new
-/// connections through the endpoint work again within the fence time and a heartbeat; A returns
-/// as a standby (no preemption). Forged heartbeats are counted and change nothing.
+/// Long-lived connections through the endpoint: `CONNS` connections, each sending a line every
+/// 100 ms and checking its echo, until the file `stop` appears (at most 60 s); then one JSON line:
+/// connections, rounds, how many broke (reset, closed, a wrong echo) and the longest wait.
+const HOLDER: &str = r#"
+import json, os, socket, sys, time
+host, port, n, stop = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+conns = []
+for i in range(n):
+    s = socket.create_connection((host, port), timeout=5)
+    s.settimeout(2)
+    conns.append([s, s.makefile("rb"), True])
+print("connected", flush=True)
+rounds, broken, worst, end = 0, 0, 0.0, time.time() + 60
+while not os.path.exists(stop) and time.time() < end:
+    for c in conns:
+        if not c[2]:
+            continue
+        t = time.time()
+        try:
+            c[0].sendall(b"%d\n" % rounds)
+            if c[1].readline() != b"%d\n" % rounds:
+                raise OSError("wrong echo")
+        except OSError:
+            broken += 1
+            c[2] = False
+        worst = max(worst, time.time() - t)
+    rounds += 1
+    time.sleep(0.1)
+print(json.dumps({"conns": n, "rounds": rounds, "broken": broken, "worst_ms": int(worst * 1000)}))
+"#;
+
+/// Node A crashes (its agent killed, its interfaces gone): node B takes the group over. The
+/// flows A carried go on through B (B installed A's conntrack as A sent it): long-lived echo
+/// connections and an iperf3 stream lose nothing; new connections work again within the fence
+/// time and a heartbeat. A returns as a standby (no preemption). Forged messages are counted and
+/// change nothing.
 #[test]
 fn a_standby_takes_over_when_the_active_node_crashes_and_a_returning_node_stands_by() {
     if !privileged("a_standby_takes_over_when_the_active_node_crashes") {
@@ -299,7 +331,7 @@ fn a_standby_takes_over_when_the_active_node_crashes_and_a_returning_node_stands
         .ip(&["addr", "add", &format!("{BACKEND}/24"), "dev", "eth0"])
         .unwrap();
     backend
-        .ip(&["route", "add", "198.19.128.0/23", "via", VIP])
+        .ip(&["route", "add", "198.19.128.0/24", "via", VIP])
         .unwrap();
     let mut a = node(0, &et, (&lan_c, &lan_p), &mut pass, &root);
     let mut b = node(1, &et, (&lan_c, &lan_p), &mut pass, &root);
@@ -332,23 +364,36 @@ fn a_standby_takes_over_when_the_active_node_crashes_and_a_returning_node_stands
     assert!(!b.active(), "B stands by while A is alive");
 
     // A real HTTP server behind the endpoint; the service made through A.
-    let _server = Proc(
-        backend
-            .command("python3")
-            .args(["-m", "http.server", "8080", "--bind", BACKEND])
-            .current_dir(&root)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("python3 http.server"),
+    let spawn = |ns: &Netns, program: &str, args: &[&str]| {
+        Proc(
+            ns.command(program)
+                .args(args)
+                .current_dir(&root)
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap_or_else(|e| panic!("{program}: {e}")),
+        )
+    };
+    let _web = spawn(
+        &backend,
+        "python3",
+        &["-m", "http.server", "8080", "--bind", BACKEND],
     );
+    let echo_at = format!("TCP-LISTEN:9000,bind={BACKEND},fork,reuseaddr");
+    let _echo = spawn(&backend, "socat", &[&echo_at, "PIPE"]);
+    let _iperf = spawn(&backend, "iperf3", &["-s", "-B", BACKEND, "-p", "5201"]);
     let (prov, cons) = (&p.tokens[0], &p.tokens[1]);
     let svc = a.post(
         prov,
         "/v1/services",
         json!({ "name": "web", "network_id": p.vpcs[0].0, "service_type": "clb",
             "backends": [BACKEND], "auto_accept": true,
-            "port_mappings": [{ "protocol": "tcp", "service_port": 8080, "terminal_port": 80 }] }),
+            "port_mappings": [
+                { "protocol": "tcp", "service_port": 8080, "terminal_port": 80 },
+                { "protocol": "tcp", "service_port": 9000, "terminal_port": 81 },
+                { "protocol": "tcp", "service_port": 5201, "terminal_port": 5201 }] }),
     );
     let svc = svc["id"].as_str().unwrap().to_string();
     a.post(
@@ -394,6 +439,55 @@ fn a_standby_takes_over_when_the_active_node_crashes_and_a_returning_node_stands
         "forged heartbeats changed nothing"
     );
 
+    // Connections that live across the crash: echo holders and an iperf3 stream.
+    const CONNS: usize = 100;
+    std::fs::write(root.join("holder.py"), HOLDER).unwrap();
+    let stop = root.join("stop");
+    let mut holder = client
+        .command("python3")
+        .args([
+            root.join("holder.py").to_str().unwrap(),
+            &ENDPOINT.to_string(),
+            "81",
+            &CONNS.to_string(),
+            stop.to_str().unwrap(),
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("the holder");
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(holder.stdout.take().unwrap()));
+    assert_eq!(
+        lines.next().and_then(Result::ok).as_deref(),
+        Some("connected"),
+        "the holder's connections"
+    );
+    let iperf = client
+        .command("iperf3")
+        .args([
+            "-c",
+            &ENDPOINT.to_string(),
+            "-p",
+            "5201",
+            "-t",
+            "6",
+            "-i",
+            "0.5",
+            "--rcv-timeout",
+            "3000",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("iperf3");
+    // B has A's flows before A goes.
+    wait("B installs A's flows", Duration::from_secs(5), || {
+        b.metric("privatelink_ha_flows_installed_total", &[]) >= Some(2.0 * CONNS as f64)
+    });
+    std::thread::sleep(Duration::from_secs(1));
+
     // The crash: A's agent killed and its interfaces gone at once.
     let t0 = Instant::now();
     a.agent = None;
@@ -411,6 +505,27 @@ fn a_standby_takes_over_when_the_active_node_crashes_and_a_returning_node_stands
     assert!(b.active());
     assert_eq!(b.metric("privatelink_ha_takeovers_total", &[]), Some(1.0));
     assert!(b.log().contains("took over from node-a"), "{}", b.log());
+    // The flows A carried went on through B.
+    let iperf = iperf.wait_with_output().expect("iperf3 ends");
+    assert!(
+        iperf.status.success(),
+        "iperf3 across the takeover: {}{}",
+        String::from_utf8_lossy(&iperf.stdout),
+        String::from_utf8_lossy(&iperf.stderr)
+    );
+    std::fs::write(&stop, "").unwrap();
+    let summary: Value =
+        serde_json::from_str(&lines.next().and_then(Result::ok).unwrap_or_else(|| {
+            String::from_utf8_lossy(&holder.wait_with_output().unwrap().stderr).into_owned()
+        }))
+        .expect("the holder's summary");
+    eprintln!("long-lived connections across the takeover: {summary}");
+    assert_eq!(summary["broken"], 0, "{summary}\n{}", b.log());
+    assert!(summary["rounds"].as_u64().unwrap() > 20, "{summary}");
+    assert_eq!(
+        b.metric("privatelink_ha_flows_refused_total", &[("reason", "nat")]),
+        Some(0.0)
+    );
 
     // A returns (its agent first, as after a reboot): it stands by, and traffic stays on B.
     a.start();
