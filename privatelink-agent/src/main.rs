@@ -26,6 +26,15 @@ enum Command {
         #[command(flatten)]
         overrides: privatelink_agent::node::config::Overrides,
     },
+    /// Hand this node's high-availability group to a peer after syncing its flows, and keep it
+    /// standing by (for maintenance); `--undo` ends the drain.
+    Drain {
+        /// The node's agent.toml (its group, name and etcd).
+        #[arg(long, env = "PRIVATELINK_CONFIG")]
+        config: std::path::PathBuf,
+        #[arg(long)]
+        undo: bool,
+    },
     /// Remove the programs, links and pinned maps of a node (forwarding stops).
     Detach {
         /// The bpffs directory the agent pinned under.
@@ -137,6 +146,13 @@ fn main() -> Result<()> {
                     OnExit::KeepForwarding
                 },
             )
+        }
+        Command::Drain { config, undo } => {
+            let checked = privatelink_agent::node::config::load(&config)?;
+            let (Some(ha), Some(e)) = (checked.ha, checked.raw.store.etcd()) else {
+                anyhow::bail!("{}: no [ha] group to drain", config.display());
+            };
+            privatelink_agent::node::ha::drain(&e, &ha.group.group, &ha.group.node, !undo)
         }
         Command::Detach { bpffs } => {
             if !bpffs.exists() {

@@ -24,7 +24,11 @@
 //!   claim), nobody else starts;
 //! - the standby cut off from the store: nothing changes until it is back.
 //!
-//! There is no preemption: a node that returns stays standby while the owner is alive. The
+//! There is no preemption: a node that returns stays standby while the owner is alive. A node
+//! being drained (`privatelink-agent drain`: the key `<prefix>/ha/<group>/drain/<node>` exists)
+//! stops forwarding, sends its peers a full copy of its conntrack, then hands the key to a peer it
+//! hears that reaches the store (one heartbeat without an active node: TCP retransmits), and
+//! claims nothing while the drain key stays. The
 //! standby's datapath keeps the group's consumer interfaces out of its model (their frames pass to
 //! its kernel, which does not answer for the endpoints); becoming active puts them in, adds the
 //! provider-side addresses the NAT ranges are routed through, and announces the endpoints and
@@ -111,6 +115,11 @@ pub enum Claim {
         from: String,
         mod_revision: i64,
     },
+    /// Draining: give the key (still at `mod_revision`) to `to`.
+    Handover {
+        to: String,
+        mod_revision: i64,
+    },
 }
 
 /// The decisions of one node of a group, from what the store says and what the peers' heartbeats
@@ -124,6 +133,8 @@ pub struct Arbiter {
     confirmed: Option<Instant>,
     /// Not before this after a claim.
     start_at: Option<Instant>,
+    /// Being drained: forwards nothing, claims nothing, hands the group over.
+    draining: bool,
 }
 
 impl Arbiter {
@@ -134,7 +145,13 @@ impl Arbiter {
             started: now,
             confirmed: None,
             start_at: None,
+            draining: false,
         }
+    }
+
+    /// Starts or ends a drain.
+    pub fn drain(&mut self, on: bool) {
+        self.draining = on;
     }
 
     /// One look at the store at `now`: `Some(owner)` as it answered (`Some(None)`: no owner), or
@@ -149,8 +166,26 @@ impl Arbiter {
             return Claim::Nothing;
         };
         match owner {
+            Some(o) if o.node == self.me && self.draining => {
+                self.confirmed = Some(now);
+                // To a peer that is heard and reaches the store.
+                let to = peers
+                    .iter()
+                    .find(|(_, p)| now.duration_since(p.last) <= self.t.fence && p.store);
+                match to {
+                    Some((to, _)) => Claim::Handover {
+                        to: to.clone(),
+                        mod_revision: o.mod_revision,
+                    },
+                    None => Claim::Nothing,
+                }
+            }
             Some(o) if o.node == self.me => {
                 self.confirmed = Some(now);
+                Claim::Nothing
+            }
+            _ if self.draining => {
+                self.confirmed = None;
                 Claim::Nothing
             }
             None => {
@@ -192,7 +227,7 @@ impl Arbiter {
 
     /// Whether this node forwards for the group at `now`.
     pub fn active(&self, now: Instant, peers: &BTreeMap<String, PeerSeen>) -> bool {
-        let Some(confirmed) = self.confirmed else {
+        let Some(confirmed) = self.confirmed.filter(|_| !self.draining) else {
             return false;
         };
         if self.start_at.is_some_and(|s| now < s) {
@@ -228,6 +263,8 @@ pub struct HaShared {
     changed: tokio::sync::Notify,
     peers: Mutex<BTreeMap<String, PeerSeen>>,
     pub takeovers: AtomicU64,
+    /// Being drained (the drain key exists).
+    pub draining: AtomicBool,
     pub beats_sent: AtomicU64,
     pub beats_received: AtomicU64,
     rejected: Mutex<BTreeMap<Reject, u64>>,
@@ -294,6 +331,54 @@ pub fn active_key(e: &EtcdConfig, group: &str) -> String {
     format!("{}/ha/{group}/active", e.prefix)
 }
 
+/// The key whose presence drains `node` of the group.
+pub fn drain_key(e: &EtcdConfig, group: &str, node: &str) -> String {
+    format!("{}/ha/{group}/drain/{node}", e.prefix)
+}
+
+/// Starts (`on`) or ends the drain of `node`: writes or deletes its drain key; a drain then waits
+/// (at most 10 s) until the group's key names another node.
+pub fn drain(e: &EtcdConfig, group: &str, node: &str, on: bool) -> anyhow::Result<()> {
+    use anyhow::Context as _;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let mut c = etcd_client::Client::connect(&e.endpoints, Some(e.connect_options()))
+            .await
+            .context("connecting to etcd")?;
+        let key = drain_key(e, group, node);
+        if !on {
+            c.delete(key, None).await.context("deleting the drain key")?;
+            println!("{node}: drain of group {group} ended (it stands by, and takes over again when a peer fails)");
+            return Ok(());
+        }
+        c.put(key, "", None).await.context("writing the drain key")?;
+        let active = active_key(e, group);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let r = c.get(active.as_str(), None).await?;
+            let owner = r
+                .kvs()
+                .first()
+                .map(|kv| String::from_utf8_lossy(kv.value()).into_owned());
+            if owner.as_deref() != Some(node) {
+                println!(
+                    "{node}: drained; group {group} is with {}",
+                    owner.as_deref().unwrap_or("nobody")
+                );
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                anyhow::bail!(
+                    "{node} still owns group {group} after 10 s: no peer is heard that reaches etcd (the drain stays asked)"
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+}
+
 /// Numbers and seals this node's messages.
 struct Outgoing<'a> {
     g: &'a GroupConfig,
@@ -338,6 +423,7 @@ pub async fn run(
         g.max_clock_skew.as_millis() as u64,
     );
     let key = active_key(&e, &g.group);
+    let drain = drain_key(&e, &g.group, &g.node);
     let mut arbiter = Arbiter::new(&g.node, g.timing, Instant::now());
     let mut tick = tokio::time::interval(g.timing.heartbeat);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -382,21 +468,48 @@ pub async fn run(
                 }
                 let owner = look(&mut client, &e, &key, g.timing.heartbeat).await;
                 store_ok = owner.is_some();
+                if let Some(d) = look(&mut client, &e, &drain, g.timing.heartbeat).await {
+                    let on = d.is_some();
+                    if on != shared.draining.swap(on, Ordering::Relaxed) {
+                        log::warn!("ha: group {}: {}", g.group, if on { "draining" } else { "drain ended" });
+                    }
+                    arbiter.drain(on);
+                }
                 let now = Instant::now();
                 let peers = lock(&shared.peers).clone();
                 let claim = arbiter.observe(now, owner, &peers);
+                if let Claim::Handover { to, .. } = &claim {
+                    // Everything to the peers first, from a table no longer written to.
+                    shared.set_active(false);
+                    let updates = outbox.changes(tables.entries4(), tables.entries6(), true);
+                    for payload in flowsync::encode(&updates) {
+                        let msg = out.seal(Kind::Flows, payload);
+                        for p in &g.peers {
+                            let _ = socket.send_to(&msg, p).await;
+                        }
+                    }
+                    shared.flows_sent.fetch_add(updates.len() as u64, Ordering::Relaxed);
+                    log::warn!("ha: group {}: handing over to {to} ({} flows sent)", g.group, updates.len());
+                }
                 if claim != Claim::Nothing {
                     let previous = match &claim {
                         Claim::Replace { from, .. } => peers.get(from).map(|p| p.last),
                         _ => None,
                     };
                     if take(&mut client, &key, &g.node, &claim, g.timing.heartbeat).await {
-                        arbiter.claimed(Instant::now(), previous);
-                        if let Claim::Replace { from, .. } = &claim {
-                            shared.takeovers.fetch_add(1, Ordering::Relaxed);
-                            log::warn!("ha: group {}: took over from {from}", g.group);
-                        } else {
-                            log::info!("ha: group {}: owner", g.group);
+                        match &claim {
+                            Claim::Replace { from, .. } => {
+                                arbiter.claimed(Instant::now(), previous);
+                                shared.takeovers.fetch_add(1, Ordering::Relaxed);
+                                log::warn!("ha: group {}: took over from {from}", g.group);
+                            }
+                            Claim::Handover { to, .. } => {
+                                log::warn!("ha: group {}: handed over to {to}", g.group);
+                            }
+                            _ => {
+                                arbiter.claimed(Instant::now(), previous);
+                                log::info!("ha: group {}: owner", g.group);
+                            }
                         }
                     }
                 }
@@ -533,13 +646,17 @@ async fn take(
     let guard = match claim {
         Claim::Nothing => return false,
         Claim::Create => Compare::create_revision(key, CompareOp::Equal, 0),
-        Claim::Replace { mod_revision, .. } => {
+        Claim::Replace { mod_revision, .. } | Claim::Handover { mod_revision, .. } => {
             Compare::mod_revision(key, CompareOp::Equal, *mod_revision)
         }
     };
+    let owner = match claim {
+        Claim::Handover { to, .. } => to.as_str(),
+        _ => me,
+    };
     let txn = Txn::new()
         .when([guard])
-        .and_then([TxnOp::put(key, me, None)]);
+        .and_then([TxnOp::put(key, owner, None)]);
     matches!(
         tokio::time::timeout(bound, c.txn(txn)).await,
         Ok(Ok(r)) if r.succeeded()
@@ -680,6 +797,39 @@ mod tests {
             b.observe(t0 + ms(600), owner("a"), &peers),
             Claim::Replace { .. }
         ));
+    }
+
+    #[test]
+    fn a_drained_owner_stops_and_hands_over_to_a_peer_that_reaches_the_store() {
+        let t0 = Instant::now();
+        let mut a = Arbiter::new("a", T, t0);
+        let none = BTreeMap::new();
+        a.observe(t0, owner("a"), &none);
+        assert!(a.active(t0, &none));
+        a.drain(true);
+        assert!(!a.active(t0, &none), "a drained node forwards nothing");
+        // No peer to hand over to: it keeps the key (and stands by).
+        assert_eq!(a.observe(t0 + ms(100), owner("a"), &none), Claim::Nothing);
+        let cut = BTreeMap::from([("b".to_string(), seen(t0 + ms(100), false, false))]);
+        assert_eq!(a.observe(t0 + ms(100), owner("a"), &cut), Claim::Nothing);
+        let b = BTreeMap::from([("b".to_string(), seen(t0 + ms(100), false, true))]);
+        assert_eq!(
+            a.observe(t0 + ms(200), owner("a"), &b),
+            Claim::Handover {
+                to: "b".into(),
+                mod_revision: 7
+            }
+        );
+        // Drained, it claims nothing, even from a silent owner.
+        assert_eq!(a.observe(t0 + ms(5000), owner("b"), &none), Claim::Nothing);
+        assert_eq!(a.observe(t0 + ms(5000), Some(None), &none), Claim::Nothing);
+        // The receiving peer forwards at its next look, without waiting.
+        let mut peer = Arbiter::new("b", T, t0);
+        assert_eq!(
+            peer.observe(t0 + ms(300), owner("b"), &none),
+            Claim::Nothing
+        );
+        assert!(peer.active(t0 + ms(300), &none));
     }
 
     #[test]

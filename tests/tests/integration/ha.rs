@@ -305,6 +305,56 @@ while not os.path.exists(stop) and time.time() < end:
 print(json.dumps({"conns": n, "rounds": rounds, "broken": broken, "worst_ms": int(worst * 1000)}))
 "#;
 
+/// A running holder: its process and its output lines.
+struct Holder {
+    proc: Proc,
+    lines: std::io::Lines<std::io::BufReader<std::process::ChildStdout>>,
+    stop: PathBuf,
+}
+
+impl Holder {
+    /// `n` connections to the endpoint's echo port from `client`, once they are all connected.
+    fn start(client: &Netns, root: &std::path::Path, name: &str, n: usize) -> Holder {
+        let script = root.join("holder.py");
+        std::fs::write(&script, HOLDER).unwrap();
+        let stop = root.join(format!("stop-{name}"));
+        let mut child = client
+            .command("python3")
+            .args([
+                script.to_str().unwrap(),
+                &ENDPOINT.to_string(),
+                "81",
+                &n.to_string(),
+                stop.to_str().unwrap(),
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("the holder");
+        let mut lines =
+            std::io::BufRead::lines(std::io::BufReader::new(child.stdout.take().unwrap()));
+        assert_eq!(
+            lines.next().and_then(Result::ok).as_deref(),
+            Some("connected"),
+            "the holder's connections"
+        );
+        Holder {
+            proc: Proc(child),
+            lines,
+            stop,
+        }
+    }
+
+    /// Stops it; its summary.
+    fn finish(mut self) -> Value {
+        std::fs::write(&self.stop, "").unwrap();
+        let line = self.lines.next().and_then(Result::ok).unwrap_or_default();
+        let _ = self.proc.0.wait();
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("the holder's summary {line:?}: {e}"))
+    }
+}
+
 /// Node A crashes (its agent killed, its interfaces gone): node B takes the group over. The
 /// flows A carried go on through B (B installed A's conntrack as A sent it): long-lived echo
 /// connections and an iperf3 stream lose nothing; new connections work again within the fence
@@ -441,28 +491,7 @@ fn a_standby_takes_over_when_the_active_node_crashes_and_a_returning_node_stands
 
     // Connections that live across the crash: echo holders and an iperf3 stream.
     const CONNS: usize = 100;
-    std::fs::write(root.join("holder.py"), HOLDER).unwrap();
-    let stop = root.join("stop");
-    let mut holder = client
-        .command("python3")
-        .args([
-            root.join("holder.py").to_str().unwrap(),
-            &ENDPOINT.to_string(),
-            "81",
-            &CONNS.to_string(),
-            stop.to_str().unwrap(),
-        ])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("the holder");
-    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(holder.stdout.take().unwrap()));
-    assert_eq!(
-        lines.next().and_then(Result::ok).as_deref(),
-        Some("connected"),
-        "the holder's connections"
-    );
+    let holder = Holder::start(&client, &root, "crash", CONNS);
     let iperf = client
         .command("iperf3")
         .args([
@@ -474,8 +503,6 @@ fn a_standby_takes_over_when_the_active_node_crashes_and_a_returning_node_stands
             "6",
             "-i",
             "0.5",
-            "--rcv-timeout",
-            "3000",
         ])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -513,12 +540,7 @@ fn a_standby_takes_over_when_the_active_node_crashes_and_a_returning_node_stands
         String::from_utf8_lossy(&iperf.stdout),
         String::from_utf8_lossy(&iperf.stderr)
     );
-    std::fs::write(&stop, "").unwrap();
-    let summary: Value =
-        serde_json::from_str(&lines.next().and_then(Result::ok).unwrap_or_else(|| {
-            String::from_utf8_lossy(&holder.wait_with_output().unwrap().stderr).into_owned()
-        }))
-        .expect("the holder's summary");
+    let summary = holder.finish();
     eprintln!("long-lived connections across the takeover: {summary}");
     assert_eq!(summary["broken"], 0, "{summary}\n{}", b.log());
     assert!(summary["rounds"].as_u64().unwrap() > 20, "{summary}");
@@ -538,6 +560,38 @@ fn a_standby_takes_over_when_the_active_node_crashes_and_a_returning_node_stands
         assert_eq!(curl(&client, Duration::from_secs(1)), 200);
         std::thread::sleep(Duration::from_millis(100));
     }
+
+    // Planned maintenance: B drained under load hands its flows and the group to A.
+    wait("A has B's flows", Duration::from_secs(10), || {
+        a.metric("privatelink_ha_flows_installed_total", &[]) >= Some(1.0)
+    });
+    let holder = Holder::start(&client, &root, "drain", CONNS);
+    std::thread::sleep(Duration::from_millis(500));
+    let drained = Command::new("nsenter")
+        .arg(format!("--net=/run/netns/{}", b.ns.name()))
+        .arg(agent_bin("privatelink-agent"))
+        .args([
+            "drain",
+            "--config",
+            b.dir.join("agent.toml").to_str().unwrap(),
+        ])
+        .output()
+        .expect("privatelink-agent drain");
+    let said = String::from_utf8_lossy(&drained.stdout);
+    assert!(
+        drained.status.success() && said.contains("group edge is with node-a"),
+        "{said}{}",
+        String::from_utf8_lossy(&drained.stderr)
+    );
+    wait("A active after the drain", Duration::from_secs(3), || {
+        a.active() && !b.active()
+    });
+    std::thread::sleep(Duration::from_secs(1));
+    let summary = holder.finish();
+    eprintln!("long-lived connections across the drain: {summary}");
+    assert_eq!(summary["broken"], 0, "{summary}\n{}\n{}", a.log(), b.log());
+    assert_eq!(curl(&client, Duration::from_secs(1)), 200);
+    assert!(b.log().contains("handed over to node-a"), "{}", b.log());
 }
 
 /// Removes the test's directory (after the nodes unmounted their bpffs).
