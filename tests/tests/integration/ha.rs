@@ -592,6 +592,43 @@ fn a_standby_takes_over_when_the_active_node_crashes_and_a_returning_node_stands
     assert_eq!(summary["broken"], 0, "{summary}\n{}\n{}", a.log(), b.log());
     assert_eq!(curl(&client, Duration::from_secs(1)), 200);
     assert!(b.log().contains("handed over to node-a"), "{}", b.log());
+
+    // Every HA metric the dashboard shows is exposed by a node of a group.
+    let d: Value = serde_json::from_str(include_str!("../../../dashboards/privatelink.json"))
+        .expect("dashboard JSON");
+    let scrape =
+        a.ns.enter(|| {
+            let agent: ureq::Agent = ureq::Agent::config_builder()
+                .timeout_global(Some(Duration::from_secs(3)))
+                .build()
+                .into();
+            agent
+                .get("http://127.0.0.1:9464/metrics")
+                .call()
+                .ok()
+                .and_then(|mut r| r.body_mut().read_to_string().ok())
+        })
+        .unwrap_or_default();
+    let exprs: Vec<String> = d["panels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|p| p["targets"].as_array().unwrap().clone())
+        .map(|t| t["expr"].as_str().unwrap().to_string())
+        .collect();
+    let mut shown = 0;
+    for e in &exprs {
+        for part in e.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
+            if part.starts_with("privatelink_ha_") {
+                shown += 1;
+                assert!(
+                    scrape.contains(&format!("{part}{{")),
+                    "{part} is not exposed"
+                );
+            }
+        }
+    }
+    assert!(shown >= 7, "the dashboard shows the group");
 }
 
 /// Removes the test's directory (after the nodes unmounted their bpffs).
