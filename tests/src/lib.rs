@@ -4,6 +4,7 @@ pub mod benchkit;
 pub mod family;
 pub mod fixture;
 pub mod fixture6;
+pub mod group;
 pub mod layout;
 pub mod world;
 

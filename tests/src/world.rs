@@ -639,3 +639,43 @@ pub fn until(w: &World, i: usize, works: bool, what: &str) {
         );
     }
 }
+
+/// etcd in a namespace of its own, reached by each node over a point-to-point link of its own
+/// (198.18.200.0/24, see [`link_to_etcd`]).
+pub fn shared_etcd(tag: &str) -> (privatelink_agent::testkit::netns::Netns, Etcd) {
+    let et = privatelink_agent::testkit::netns::Netns::new("et").expect("etcd namespace");
+    let dir = std::env::temp_dir().join(format!("privatelink-{tag}-{}", std::process::id()));
+    let etcd = Etcd::start_at(&et, &dir, "http://0.0.0.0:2379", "http://198.18.200.1:2379");
+    (et, etcd)
+}
+
+/// Links namespace `node` to the etcd namespace as node `i` (node side `et0`).
+pub fn link_to_etcd(
+    et: &privatelink_agent::testkit::netns::Netns,
+    node: &privatelink_agent::testkit::netns::Netns,
+    i: u8,
+) {
+    let dev = format!("n{i}");
+    privatelink_agent::testkit::netns::veth(et, &dev, node, "et0").expect("veth to etcd");
+    et.ip(&[
+        "addr",
+        "add",
+        &format!("198.18.200.{}/30", 4 * i + 1),
+        "dev",
+        &dev,
+    ])
+    .unwrap();
+    node.ip(&[
+        "addr",
+        "add",
+        &format!("198.18.200.{}/30", 4 * i + 2),
+        "dev",
+        "et0",
+    ])
+    .unwrap();
+}
+
+/// etcd's address as node `i` reaches it.
+pub fn etcd_url(i: u8) -> String {
+    format!("http://198.18.200.{}:2379", 4 * i + 1)
+}

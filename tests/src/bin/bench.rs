@@ -1156,6 +1156,68 @@ fn sync_scale() {
 /// Shared state in etcd: from one write on one server to every follower having applied it, at
 /// 1k, 10k and 100k objects (etcd in a namespace of its own; followers are control planes
 /// following the store as agents do; a node's datapath apply comes on top, see the sync rows).
+/// Crashes of a group's active node under load (`PRIVATELINK_BENCH_ONLY=failover`): in each trial
+/// one connection echoes every 5 ms (its longest wait is the takeover: last packet through the
+/// dead node to the first through the new one, give or take 5 ms) and 50 connections echo every
+/// 100 ms; the active node's agent is killed and its interfaces taken away, the standby takes over,
+/// then the dead node returns as the standby for the next trial.
+fn failover() {
+    use privatelink_tests::group::{Group, Holder, wait};
+    const TRIALS: usize = 20;
+    const CONNS: usize = 50;
+    let mut g = Group::build("fo");
+    let root = g.root.clone();
+    let (mut takeovers, mut broken, mut resets, mut total) = (Vec::new(), 0, 0, 0);
+    let mut active = 0;
+    for trial in 0..TRIALS {
+        let probe = Holder::start_every(
+            &g.client,
+            &root,
+            &format!("probe{trial}"),
+            1,
+            Duration::from_millis(5),
+        );
+        let load = Holder::start(&g.client, &root, &format!("load{trial}"), CONNS);
+        // The standby has the new flows after a sync period or two.
+        std::thread::sleep(Duration::from_millis(800));
+        let (dead, alive) = (active, 1 - active);
+        g.nodes[dead].agent = None;
+        g.nodes[dead].links(false);
+        wait("the takeover", Duration::from_secs(10), || {
+            g.nodes[alive].active()
+        });
+        std::thread::sleep(Duration::from_secs(1));
+        let (p, l) = (probe.finish(), load.finish());
+        let n = |v: &serde_json::Value, k: &str| v[k].as_u64().unwrap_or(u64::MAX);
+        takeovers.push(n(&p, "worst_ms"));
+        broken += n(&p, "broken") + n(&l, "broken");
+        resets += n(&p, "resets") + n(&l, "resets");
+        total += 1 + CONNS;
+        eprintln!(
+            "trial {trial}: {} down, takeover {} ms, broken {}",
+            g.nodes[dead].name,
+            n(&p, "worst_ms"),
+            n(&p, "broken") + n(&l, "broken")
+        );
+        // The dead node returns, as the standby.
+        g.nodes[dead].start();
+        g.nodes[dead].links(true);
+        let (dn, an) = (g.nodes[dead].name, g.nodes[alive].name);
+        wait("the nodes hear each other", Duration::from_secs(15), || {
+            g.nodes[dead].metric("privatelink_ha_peer_up", &[("peer", an)]) == Some(1.0)
+                && g.nodes[alive].metric("privatelink_ha_peer_up", &[("peer", dn)]) == Some(1.0)
+        });
+        active = alive;
+    }
+    takeovers.sort_unstable();
+    let at = |q: f64| takeovers[((q * TRIALS as f64).ceil() as usize).clamp(1, TRIALS) - 1];
+    println!(
+        "failover: {TRIALS} trials, takeover p50 {} ms p99 {} ms, established broken {broken} of {total}, resets {resets}",
+        at(0.5),
+        at(0.99)
+    );
+}
+
 fn etcd_convergence() {
     use privatelink_agent::control::{
         etcd::{EtcdConfig, EtcdStore},
@@ -1290,6 +1352,7 @@ fn main() {
         Ok("sync") => return sync_scale(),
         Ok("etcd") => return etcd_convergence(),
         Ok("nat") => return nat_occupancy(),
+        Ok("failover") => return failover(),
         _ => {}
     }
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();

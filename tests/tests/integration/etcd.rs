@@ -121,50 +121,9 @@ fn applied(w: &World) -> u64 {
         .unwrap_or(0)
 }
 
-/// etcd in a namespace of its own, reached by each node over a point-to-point link of its own
-/// (198.18.200.0/24, see [`linked`]).
-pub(crate) fn shared_etcd(tag: &str) -> (Netns, privatelink_tests::world::Etcd) {
-    let et = Netns::new("et").expect("etcd namespace");
-    let dir = std::env::temp_dir().join(format!("privatelink-{tag}-{}", std::process::id()));
-    let etcd = privatelink_tests::world::Etcd::start_at(
-        &et,
-        &dir,
-        "http://0.0.0.0:2379",
-        "http://198.18.200.1:2379",
-    );
-    (et, etcd)
-}
-
 /// Links node `i`'s namespace to the etcd namespace (node side `et0`, 198.18.200.(4i+2)/30).
 fn linked(et: &Netns, i: u8) -> impl Fn(&Topology) + '_ {
-    move |topo: &Topology| link_to_etcd(et, &topo.node, i)
-}
-
-/// Links namespace `node` to the etcd namespace as node `i` (node side `et0`).
-pub(crate) fn link_to_etcd(et: &Netns, node: &Netns, i: u8) {
-    let dev = format!("n{i}");
-    privatelink_agent::testkit::netns::veth(et, &dev, node, "et0").expect("veth to etcd");
-    et.ip(&[
-        "addr",
-        "add",
-        &format!("198.18.200.{}/30", 4 * i + 1),
-        "dev",
-        &dev,
-    ])
-    .unwrap();
-    node.ip(&[
-        "addr",
-        "add",
-        &format!("198.18.200.{}/30", 4 * i + 2),
-        "dev",
-        "et0",
-    ])
-    .unwrap();
-}
-
-/// etcd's address as node `i` reaches it.
-pub(crate) fn etcd_url(i: u8) -> String {
-    format!("http://198.18.200.{}:2379", 4 * i + 1)
+    move |topo: &Topology| privatelink_tests::world::link_to_etcd(et, &topo.node, i)
 }
 
 /// `n` nodes (`node-a`, `node-b`...) on one etcd of their own: the first makes the accounts and
@@ -177,7 +136,7 @@ fn etcd_cluster(
     privatelink_tests::world::Etcd,
     Vec<(World, privatelink_tests::world::Agent)>,
 ) {
-    let (et, etcd) = shared_etcd(tag);
+    let (et, etcd) = privatelink_tests::world::shared_etcd(tag);
     let mut nodes: Vec<(World, privatelink_tests::world::Agent)> = Vec::new();
     for i in 0..n {
         let connect = linked(&et, i);
@@ -188,7 +147,7 @@ fn etcd_cluster(
             &format!("node-{}", char::from(b'a' + i)),
             "",
             Backing::SharedEtcd {
-                url: etcd_url(i),
+                url: privatelink_tests::world::etcd_url(i),
                 connect: &connect,
                 prepared,
             },

@@ -1,0 +1,515 @@
+//! A high-availability group in namespaces, for the ha test and the failover benchmark: two real
+//! agents on bridged segments, one etcd, real clients and servers.
+use std::{
+    path::PathBuf,
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use aya::programs::XdpMode;
+use privatelink_agent::{
+    datapath::loader::{Datapath, Sizes},
+    testkit::{
+        demo::{CLIENT, ENDPOINT},
+        netns::{Netns, veth},
+    },
+};
+use serde_json::{Value, json};
+
+use crate::{
+    agent_bin,
+    world::{ADMIN, API, BpfFs, Proc, etcd_url, link_to_etcd, sample, shared_etcd},
+};
+
+const GROUP_KEY: &str = "a-group-key-of-more-than-thirty-two-characters";
+pub const BACKEND: &str = "198.18.100.10";
+pub const VIP: &str = "198.18.100.250";
+
+/// A namespace with a bridge: one Ethernet segment.
+fn segment(tag: &str) -> Netns {
+    let ns = Netns::new(tag).expect("segment namespace");
+    ns.ip(&["link", "add", "br0", "type", "bridge"]).unwrap();
+    ns.ip(&["link", "set", "br0", "up"]).unwrap();
+    ns
+}
+
+/// Plugs `dev` of `ns` into `seg` (port `port`), with the pass program on the port: frames a
+/// node redirects in native XDP arrive there.
+fn plug(seg: &Netns, port: &str, ns: &Netns, dev: &str, pass: &mut Datapath) {
+    veth(seg, port, ns, dev).expect("veth");
+    seg.ip(&["link", "set", port, "master", "br0"]).unwrap();
+    seg.enter(|| pass.pass_program().attach(port, XdpMode::Driver))
+        .expect("the pass program on a bridge port");
+}
+
+pub struct Node {
+    pub name: &'static str,
+    pub ns: Netns,
+    pub dir: PathBuf,
+    _bpffs: BpfFs,
+    pub agent: Option<Proc>,
+}
+
+impl Node {
+    pub fn start(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("agent.log"))
+            .unwrap();
+        let child = Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{}", self.ns.name()))
+            .arg(agent_bin("privatelink-agent"))
+            .args([
+                "run",
+                "--config",
+                self.dir.join("agent.toml").to_str().unwrap(),
+            ])
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::from(log.try_clone().unwrap()))
+            .stderr(Stdio::from(log))
+            .spawn()
+            .expect("start the agent");
+        self.agent = Some(Proc(child));
+        wait(
+            &format!("{}'s API", self.name),
+            Duration::from_secs(20),
+            || self.api(ADMIN, "GET", "/v1/revision", None).0 == 200,
+        );
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("agent.log")).unwrap_or_default()
+    }
+
+    pub fn api(&self, token: &str, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
+        let (token, method, url) = (
+            token.to_string(),
+            method.to_string(),
+            format!("http://{API}{path}"),
+        );
+        self.ns.enter(move || {
+            let agent: ureq::Agent = ureq::Agent::config_builder()
+                .http_status_as_error(false)
+                .timeout_global(Some(Duration::from_secs(10)))
+                .build()
+                .into();
+            let auth = format!("Bearer {token}");
+            let r = match method.as_str() {
+                "GET" => agent.get(&url).header("Authorization", &auth).call(),
+                _ => agent
+                    .post(&url)
+                    .header("Authorization", &auth)
+                    .header("Content-Type", "application/json")
+                    .send(body.unwrap_or(json!({})).to_string()),
+            };
+            match r {
+                Ok(mut r) => {
+                    let status = r.status().as_u16();
+                    let text = r.body_mut().read_to_string().unwrap_or_default();
+                    (status, serde_json::from_str(&text).unwrap_or(Value::Null))
+                }
+                Err(e) => (0, json!({ "error": e.to_string() })),
+            }
+        })
+    }
+
+    pub fn post(&self, token: &str, path: &str, body: Value) -> Value {
+        let (status, v) = self.api(token, "POST", path, Some(body.clone()));
+        assert!(
+            status == 200 || status == 201,
+            "POST {path} {body}: {status} {v}"
+        );
+        v
+    }
+
+    pub fn metric(&self, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+        let text = self.ns.enter(|| {
+            let agent: ureq::Agent = ureq::Agent::config_builder()
+                .timeout_global(Some(Duration::from_secs(3)))
+                .build()
+                .into();
+            agent
+                .get("http://127.0.0.1:9464/metrics")
+                .call()
+                .ok()
+                .and_then(|mut r| r.body_mut().read_to_string().ok())
+        })?;
+        sample(&text, name, labels)
+    }
+
+    pub fn active(&self) -> bool {
+        self.metric("privatelink_ha_active", &[]) == Some(1.0)
+    }
+
+    pub fn links(&self, up: bool) {
+        for dev in ["h0", "q0"] {
+            self.ns
+                .ip(&["link", "set", dev, if up { "up" } else { "down" }])
+                .unwrap();
+        }
+    }
+}
+
+/// Waits (at most `within`) until `ok` holds; how long it took.
+pub fn wait(what: &str, within: Duration, mut ok: impl FnMut() -> bool) -> Duration {
+    let t = Instant::now();
+    while !ok() {
+        assert!(t.elapsed() < within, "{what}: not within {within:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    t.elapsed()
+}
+
+/// curl from the client to the endpoint: the HTTP status, or 0 when nothing answered within
+/// `timeout`.
+pub fn curl(client: &Netns, timeout: Duration) -> u16 {
+    let out = client
+        .command("curl")
+        .args([
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "--max-time",
+            &format!("{:.2}", timeout.as_secs_f64()),
+            &format!("http://{ENDPOINT}/"),
+        ])
+        .stdin(Stdio::null())
+        .output()
+        .expect("run curl");
+    String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .unwrap_or(0)
+}
+
+/// A node of the group, linked to both segments and to etcd; its config written.
+fn node(
+    i: u8,
+    et: &Netns,
+    segments: (&Netns, &Netns),
+    pass: &mut Datapath,
+    root: &std::path::Path,
+) -> Node {
+    let name = ["node-a", "node-b"][i as usize];
+    let ns = Netns::new(&format!("ha{i}")).expect("node namespace");
+    for (k, v) in [
+        ("net.ipv4.ip_forward", "1"),
+        ("net.ipv4.conf.all.rp_filter", "0"),
+        ("net.ipv6.conf.all.forwarding", "1"),
+    ] {
+        ns.sysctl(k, v).unwrap();
+    }
+    plug(segments.0, &format!("h{i}"), &ns, "h0", pass);
+    plug(segments.1, &format!("q{i}"), &ns, "q0", pass);
+    ns.ip(&[
+        "addr",
+        "add",
+        &format!("198.18.100.{}/24", 1 + i),
+        "dev",
+        "q0",
+    ])
+    .unwrap();
+    link_to_etcd(et, &ns, i);
+    let dir = root.join(name);
+    std::fs::create_dir_all(&dir).unwrap();
+    let bpffs = BpfFs::mount(&dir);
+    Node {
+        name,
+        ns,
+        dir,
+        _bpffs: bpffs,
+        agent: None,
+    }
+}
+
+fn write_config(n: &Node, i: u8, vpcs: &[(String, String)]) {
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::write(n.dir.join("admin-token"), ADMIN).unwrap();
+    let key = n.dir.join("ha.key");
+    std::fs::write(&key, GROUP_KEY).unwrap();
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let (me, peer) = (1 + i, 2 - i);
+    let cfg = format!(
+        r#"node = "{name}"
+admin_token_file = "{dir}/admin-token"
+resync_interval = 1
+bpffs = "{dir}/bpffs/privatelink"
+[api]
+listen = "{API}"
+[store]
+path = "{dir}/state.db"
+etcd = ["{etcd}"]
+[[interfaces]]
+name = "h0"
+network = "{consumer}"
+role = "consumer"
+[[interfaces]]
+name = "q0"
+network = "{provider}"
+role = "provider"
+[nat.{provider}]
+range = "198.19.128.0/24"
+[ha]
+group = "edge"
+listen = "198.18.100.{me}:7946"
+peers = ["198.18.100.{peer}:7946"]
+key_file = "{key}"
+[[ha.addresses]]
+interface = "q0"
+address = "{VIP}/24"
+"#,
+        name = n.name,
+        dir = n.dir.display(),
+        etcd = etcd_url(i),
+        consumer = vpcs[1].0,
+        provider = vpcs[0].0,
+        key = key.display(),
+    );
+    std::fs::write(n.dir.join("agent.toml"), cfg).unwrap();
+}
+
+/// Long-lived connections through the endpoint: `n` connections, each sending a line every
+/// `every` seconds (0.1 by default) and checking its echo, until the file `stop` appears (at most
+/// 60 s); then one JSON line: connections, rounds, how many broke (reset, closed, a wrong echo),
+/// how many of those were resets, and the longest wait for an echo.
+const HOLDER: &str = r#"
+import json, os, socket, sys, time
+host, port, n, stop = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+every = float(sys.argv[5]) if len(sys.argv) > 5 else 0.1
+conns = []
+for i in range(n):
+    s = socket.create_connection((host, port), timeout=5)
+    s.settimeout(2)
+    conns.append([s, s.makefile("rb"), True])
+print("connected", flush=True)
+rounds, broken, resets, worst, end = 0, 0, 0, 0.0, time.time() + 60
+while not os.path.exists(stop) and time.time() < end:
+    for c in conns:
+        if not c[2]:
+            continue
+        t = time.time()
+        try:
+            c[0].sendall(b"%d\n" % rounds)
+            if c[1].readline() != b"%d\n" % rounds:
+                raise OSError("wrong echo")
+        except OSError as e:
+            broken += 1
+            resets += isinstance(e, ConnectionResetError)
+            c[2] = False
+        worst = max(worst, time.time() - t)
+    rounds += 1
+    time.sleep(every)
+print(json.dumps({"conns": n, "rounds": rounds, "broken": broken, "resets": resets, "worst_ms": int(worst * 1000)}))
+"#;
+
+/// A running holder: its process and its output lines.
+pub struct Holder {
+    proc: Proc,
+    lines: std::io::Lines<std::io::BufReader<std::process::ChildStdout>>,
+    stop: PathBuf,
+}
+
+impl Holder {
+    /// `n` connections to the endpoint's echo port from `client`, once they are all connected.
+    pub fn start(client: &Netns, root: &std::path::Path, name: &str, n: usize) -> Holder {
+        Holder::start_every(client, root, name, n, Duration::from_millis(100))
+    }
+
+    /// The same, each connection sending once `every`.
+    pub fn start_every(
+        client: &Netns,
+        root: &std::path::Path,
+        name: &str,
+        n: usize,
+        every: Duration,
+    ) -> Holder {
+        let script = root.join("holder.py");
+        std::fs::write(&script, HOLDER).unwrap();
+        let stop = root.join(format!("stop-{name}"));
+        let mut child = client
+            .command("python3")
+            .args([
+                script.to_str().unwrap(),
+                &ENDPOINT.to_string(),
+                "81",
+                &n.to_string(),
+                stop.to_str().unwrap(),
+                &format!("{}", every.as_secs_f64()),
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("the holder");
+        let mut lines =
+            std::io::BufRead::lines(std::io::BufReader::new(child.stdout.take().unwrap()));
+        assert_eq!(
+            lines.next().and_then(Result::ok).as_deref(),
+            Some("connected"),
+            "the holder's connections"
+        );
+        Holder {
+            proc: Proc(child),
+            lines,
+            stop,
+        }
+    }
+
+    /// Stops it; its summary.
+    pub fn finish(mut self) -> Value {
+        std::fs::write(&self.stop, "").unwrap();
+        let line = self.lines.next().and_then(Result::ok).unwrap_or_default();
+        let _ = self.proc.0.wait();
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("the holder's summary {line:?}: {e}"))
+    }
+}
+
+/// Node A crashes (its agent killed, its interfaces gone): node B takes the group over. The
+/// flows A carried go on through B (B installed A's conntrack as A sent it): long-lived echo
+/// connections and an iperf3 stream lose nothing; new connections work again within the fence
+/// time and a heartbeat. A returns as a standby (no preemption). Forged messages are counted and
+/// change nothing.
+
+/// Two nodes of group `edge` on a consumer segment (with a client) and a provider segment (with a
+/// backend namespace running python's HTTP server on 8080, a socat echo on 9000 and an iperf3
+/// server on 5201), one etcd; the nodes share the NAT range 198.19.128.0/24, which the backend
+/// routes through the moving address. A service maps tcp 80, 81 and 5201 to them, and one
+/// endpoint at `ENDPOINT` answers through node A, which is active; B stands by.
+pub struct Group {
+    pub nodes: [Node; 2],
+    pub client: Netns,
+    _servers: Vec<Proc>,
+    pub backend: Netns,
+    pub root: PathBuf,
+    _lans: (Netns, Netns),
+    _pass: Datapath,
+    _etcd: crate::world::Etcd,
+    _et: Netns,
+    _cleanup: Cleanup,
+}
+
+impl Group {
+    pub fn build(name: &str) -> Group {
+        let (et, etcd) = shared_etcd(name);
+        let root = std::env::temp_dir().join(format!("privatelink-{name}-{}", std::process::id()));
+        let cleanup = Cleanup(root.clone());
+        let mut pass = Datapath::load(&Sizes::small()).expect("the pass program");
+        let (lan_c, lan_p) = (segment("hlc"), segment("hlp"));
+        let client = Netns::new("hcl").unwrap();
+        plug(&lan_c, "cl", &client, "eth0", &mut pass);
+        client
+            .ip(&["addr", "add", &format!("{CLIENT}/24"), "dev", "eth0"])
+            .unwrap();
+        let backend = Netns::new("hbk").unwrap();
+        plug(&lan_p, "bk", &backend, "eth0", &mut pass);
+        backend
+            .ip(&["addr", "add", &format!("{BACKEND}/24"), "dev", "eth0"])
+            .unwrap();
+        backend
+            .ip(&["route", "add", "198.19.128.0/24", "via", VIP])
+            .unwrap();
+        let mut a = node(0, &et, (&lan_c, &lan_p), &mut pass, &root);
+        let mut b = node(1, &et, (&lan_c, &lan_p), &mut pass, &root);
+
+        // Accounts and networks with the real code, through etcd.
+        let store = privatelink_agent::node::config::StoreConfig {
+            path: a.dir.join("prepare.db"),
+            etcd: vec![etcd_url(0)],
+            ..Default::default()
+        };
+        let p =
+            a.ns.enter(|| {
+                privatelink_agent::testkit::demo::prepare(
+                    &privatelink_agent::control::plane::ControlPlane::open(store.open()?, ADMIN)?,
+                    &[
+                        ("provider", "198.18.100.0/24", "198.18.100.0/24"),
+                        ("1000000001", "198.18.0.0/16", "198.18.0.0/24"),
+                    ],
+                )
+            })
+            .expect("accounts and networks");
+        write_config(&a, 0, &p.vpcs);
+        write_config(&b, 1, &p.vpcs);
+        a.start();
+        wait("A active", Duration::from_secs(20), || a.active());
+        b.start();
+        wait("B hears A", Duration::from_secs(10), || {
+            b.metric("privatelink_ha_peer_up", &[("peer", "node-a")]) == Some(1.0)
+        });
+        assert!(!b.active(), "B stands by while A is alive");
+
+        // A real HTTP server behind the endpoint; the service made through A.
+        let spawn = |ns: &Netns, program: &str, args: &[&str]| {
+            Proc(
+                ns.command(program)
+                    .args(args)
+                    .current_dir(&root)
+                    .stdin(Stdio::null())
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .spawn()
+                    .unwrap_or_else(|e| panic!("{program}: {e}")),
+            )
+        };
+        let web = spawn(
+            &backend,
+            "python3",
+            &["-m", "http.server", "8080", "--bind", BACKEND],
+        );
+        let echo_at = format!("TCP-LISTEN:9000,bind={BACKEND},fork,reuseaddr");
+        let echo = spawn(&backend, "socat", &[&echo_at, "PIPE"]);
+        let iperf = spawn(&backend, "iperf3", &["-s", "-B", BACKEND, "-p", "5201"]);
+        let (prov, cons) = (&p.tokens[0], &p.tokens[1]);
+        let svc = a.post(
+            prov,
+            "/v1/services",
+            json!({ "name": "web", "network_id": p.vpcs[0].0, "service_type": "clb",
+                "backends": [BACKEND], "auto_accept": true,
+                "port_mappings": [
+                    { "protocol": "tcp", "service_port": 8080, "terminal_port": 80 },
+                    { "protocol": "tcp", "service_port": 9000, "terminal_port": 81 },
+                    { "protocol": "tcp", "service_port": 5201, "terminal_port": 5201 }] }),
+        );
+        let svc = svc["id"].as_str().unwrap().to_string();
+        a.post(
+            prov,
+            &format!("/v1/services/{svc}/allowlist"),
+            json!({ "account_id": "1000000001" }),
+        );
+        a.post(
+            cons,
+            "/v1/endpoints",
+            json!({ "name": "web", "service_id": svc, "network_id": p.vpcs[1].0,
+                "subnet_id": p.vpcs[1].1, "ip": ENDPOINT.to_string() }),
+        );
+        wait(
+            "the endpoint answers through A",
+            Duration::from_secs(15),
+            || curl(&client, Duration::from_secs(1)) == 200,
+        );
+        Group {
+            nodes: [a, b],
+            client,
+            _servers: vec![web, echo, iperf],
+            backend,
+            root,
+            _lans: (lan_c, lan_p),
+            _pass: pass,
+            _etcd: etcd,
+            _et: et,
+            _cleanup: cleanup,
+        }
+    }
+}
+
+/// Removes the test's directory (after the nodes unmounted their bpffs).
+struct Cleanup(PathBuf);
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
