@@ -305,6 +305,72 @@ while not os.path.exists(stop) and time.time() < end:
 print(json.dumps({"conns": n, "rounds": rounds, "broken": broken, "resets": resets, "worst_ms": int(worst * 1000)}))
 "#;
 
+/// A UDP request/response loop through the endpoint (udp 9001, a socat echo): a datagram every
+/// 5 ms from one socket, until the file `stop` appears (at most 60 s); then one JSON line: sent,
+/// answered, and the longest time between two answers (a takeover's length, give or take 5 ms).
+const UDP_PROBE: &str = r#"
+import json, os, socket, sys, time
+host, stop = sys.argv[1], sys.argv[2]
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.connect((host, 9001))
+s.setblocking(False)
+sent, got, last, worst, end = 0, 0, None, 0.0, time.time() + 60
+print("started", flush=True)
+while not os.path.exists(stop) and time.time() < end:
+    s.send(b"%d" % sent)
+    sent += 1
+    time.sleep(0.005)
+    while True:
+        try:
+            s.recv(64)
+        except (BlockingIOError, ConnectionRefusedError):
+            break
+        now = time.time()
+        if last is not None:
+            worst = max(worst, now - last)
+        last, got = now, got + 1
+print(json.dumps({"sent": sent, "answered": got, "worst_gap_ms": int(worst * 1000)}))
+"#;
+
+/// A running UDP probe (see [`UDP_PROBE`]).
+pub struct UdpProbe(Holder);
+
+impl UdpProbe {
+    pub fn start(client: &Netns, root: &std::path::Path, name: &str) -> UdpProbe {
+        let script = root.join("udp_probe.py");
+        std::fs::write(&script, UDP_PROBE).unwrap();
+        let stop = root.join(format!("stop-{name}"));
+        let mut child = client
+            .command("python3")
+            .args([
+                script.to_str().unwrap(),
+                &ENDPOINT.to_string(),
+                stop.to_str().unwrap(),
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("the UDP probe");
+        let mut lines =
+            std::io::BufRead::lines(std::io::BufReader::new(child.stdout.take().unwrap()));
+        assert_eq!(
+            lines.next().and_then(Result::ok).as_deref(),
+            Some("started")
+        );
+        UdpProbe(Holder {
+            proc: Proc(child),
+            lines,
+            stop,
+        })
+    }
+
+    /// Stops it; its summary.
+    pub fn finish(self) -> Value {
+        self.0.finish()
+    }
+}
+
 /// A running holder: its process and its output lines.
 pub struct Holder {
     proc: Proc,
@@ -462,6 +528,8 @@ impl Group {
         let echo_at = format!("TCP-LISTEN:9000,bind={BACKEND},fork,reuseaddr");
         let echo = spawn(&backend, "socat", &[&echo_at, "PIPE"]);
         let iperf = spawn(&backend, "iperf3", &["-s", "-B", BACKEND, "-p", "5201"]);
+        let udp_at = format!("UDP4-RECVFROM:9001,bind={BACKEND},fork");
+        let udp = spawn(&backend, "socat", &[&udp_at, "PIPE"]);
         let (prov, cons) = (&p.tokens[0], &p.tokens[1]);
         let svc = a.post(
             prov,
@@ -471,7 +539,8 @@ impl Group {
                 "port_mappings": [
                     { "protocol": "tcp", "service_port": 8080, "terminal_port": 80 },
                     { "protocol": "tcp", "service_port": 9000, "terminal_port": 81 },
-                    { "protocol": "tcp", "service_port": 5201, "terminal_port": 5201 }] }),
+                    { "protocol": "tcp", "service_port": 5201, "terminal_port": 5201 },
+                    { "protocol": "udp", "service_port": 9001, "terminal_port": 9001 }] }),
         );
         let svc = svc["id"].as_str().unwrap().to_string();
         a.post(
@@ -493,7 +562,7 @@ impl Group {
         Group {
             nodes: [a, b],
             client,
-            _servers: vec![web, echo, iperf],
+            _servers: vec![web, echo, iperf, udp],
             backend,
             root,
             _lans: (lan_c, lan_p),

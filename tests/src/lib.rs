@@ -19,12 +19,13 @@ pub fn agent_bin(name: &str) -> std::path::PathBuf {
     let dir = std::env::var_os("PRIVATELINK_BIN_DIR")
         .map(std::path::PathBuf::from)
         .unwrap_or_else(|| {
-            // target/<profile>/deps/<test binary> → target/<profile>
+            // target/<profile>/deps/<test binary>, or target/<profile>/<binary> → target/<profile>
             let exe = std::env::current_exe().expect("current exe");
-            exe.parent()
-                .and_then(|d| d.parent())
-                .expect("target dir")
-                .to_path_buf()
+            let dir = exe.parent().expect("the binary's directory");
+            match dir.file_name() {
+                Some(n) if n == "deps" => dir.parent().expect("target dir").to_path_buf(),
+                _ => dir.to_path_buf(),
+            }
         });
     let bin = dir.join(name);
     assert!(

@@ -126,6 +126,14 @@ fn main() -> Result<()> {
         Task::CliAlone => cli_alone::check(&workspace_root()),
         Task::Bench => {
             setup::setup(true)?;
+            // The failover benchmark runs the real agents.
+            run(cargo().args([
+                "build",
+                "--release",
+                "--package",
+                "privatelink-agent",
+                "--bins",
+            ]))?;
             for bin in ["bench", "compare"] {
                 run(cargo().args([
                     "run",

@@ -237,7 +237,7 @@ impl Store for EtcdStore {
         self.loaded_at.map(|at| at + 1)
     }
 
-    fn presence(&mut self) -> Result<std::collections::BTreeMap<String, u64>, StoreError> {
+    fn presence(&mut self) -> Result<std::collections::BTreeMap<String, Presence>, StoreError> {
         let r = self
             .rt
             .as_ref()
@@ -250,7 +250,7 @@ impl Store for EtcdStore {
         Ok(r.kvs()
             .iter()
             .filter_map(|kv| serde_json::from_slice::<Presence>(kv.value()).ok())
-            .map(|p| (p.node, p.contact))
+            .map(|p| (p.node.clone(), p))
             .collect())
     }
 

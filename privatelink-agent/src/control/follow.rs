@@ -282,15 +282,20 @@ async fn lease_session(
     let (mut keeper, mut answers) = client.lease_keep_alive(lease).await?;
     let mut renew = tokio::time::interval(every);
     let mut rewrite = tokio::time::interval(e.lease_ttl.max(Duration::from_secs(1)));
+    let role = || reach.plane.node_local().and_then(|l| l.ha());
+    let mut written = None;
     loop {
         tokio::select! {
             _ = rewrite.tick() => {
                 if let (Some(key), Some(node)) = (&key, node) {
+                    let ha = role();
                     let value = serde_json::to_vec(&super::store::Presence {
                         node: node.to_string(),
                         contact: unix_ms() / 1000,
+                        ha: ha.clone(),
                     })
                     .expect("presence serialises");
+                    written = ha;
                     tokio::time::timeout(
                         bound,
                         client.put(key.as_str(), value, Some(PutOptions::new().with_lease(lease))),
@@ -301,6 +306,10 @@ async fn lease_session(
                 }
             }
             _ = renew.tick() => {
+                // A changed role is published at once, not at the next rewrite.
+                if key.is_some() && role() != written {
+                    rewrite.reset_immediately();
+                }
                 keeper.keep_alive().await?;
                 let answer = tokio::time::timeout(bound, answers.message())
                     .await

@@ -20,4 +20,9 @@ pub trait NodeLocal: Send + Sync {
 
     /// The revision this node last applied and reported, listed with the store's reports.
     fn report(&self) -> Option<NodeReport>;
+
+    /// This node's high-availability group and role, if it is in a group.
+    fn ha(&self) -> Option<crate::control::store::HaRole> {
+        None
+    }
 }

@@ -277,8 +277,14 @@ impl ControlPlane {
             .into_values()
             .map(|r| {
                 let here = local.as_ref().is_some_and(|l| l.node == r.node);
-                let contact = presence.get(&r.node).copied();
+                let seen = presence.get(&r.node);
+                let contact = seen.map(|p| p.contact);
                 let live = here || contact.is_some();
+                let ha = if here {
+                    self.local.get().and_then(|l| l.ha())
+                } else {
+                    seen.and_then(|p| p.ha.clone())
+                };
                 NodeStatus {
                     status: if live {
                         NodeLiveness::Live
@@ -294,6 +300,7 @@ impl ControlPlane {
                     node: r.node,
                     revision: r.revision,
                     reported_at: r.reported_at,
+                    ha,
                 }
             })
             .collect())

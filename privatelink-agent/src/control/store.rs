@@ -45,7 +45,7 @@ pub trait Store: Send {
     }
     /// The nodes that hold a live presence lease, with their last contact (unix seconds; shared
     /// stores only).
-    fn presence(&mut self) -> Result<std::collections::BTreeMap<String, u64>, StoreError> {
+    fn presence(&mut self) -> Result<std::collections::BTreeMap<String, Presence>, StoreError> {
         Ok(Default::default())
     }
     /// Where a watch of the store's changes starts to see every commit after the last load
@@ -89,6 +89,9 @@ pub struct NodeStatus {
     pub lag: u64,
     /// When it last reported a revision (unix seconds).
     pub reported_at: u64,
+    /// Its high-availability group and role, for a node of a group.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ha: Option<HaRole>,
 }
 
 #[derive(
@@ -106,6 +109,18 @@ pub struct Presence {
     pub node: String,
     /// When the node wrote it (unix seconds); rewritten while the node lives.
     pub contact: u64,
+    /// Its high-availability group and whether it is the active node (rewritten when that
+    /// changes).
+    #[serde(default)]
+    pub ha: Option<HaRole>,
+}
+
+/// A node's place in its high-availability group.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
+pub struct HaRole {
+    pub group: String,
+    /// Whether it forwards for the group now (the others stand by).
+    pub active: bool,
 }
 
 /// Schema migrations, applied in order; `PRAGMA user_version` records how many ran.

@@ -22,6 +22,8 @@ pub struct NodeFacts {
     health: Mutex<BTreeMap<String, Vec<(IpAddr, bool)>>>,
     history: Option<Arc<Mutex<History>>>,
     report: Mutex<Option<NodeReport>>,
+    /// The high-availability group and its shared state, for a node of a group.
+    ha: Mutex<Option<(String, Arc<crate::node::ha::HaShared>)>>,
 }
 
 impl NodeFacts {
@@ -30,6 +32,10 @@ impl NodeFacts {
             history,
             ..Default::default()
         }
+    }
+
+    pub fn set_ha(&self, group: String, shared: Arc<crate::node::ha::HaShared>) {
+        *self.ha.lock().unwrap_or_else(|p| p.into_inner()) = Some((group, shared));
     }
 
     pub fn set_health(&self, health: BTreeMap<String, Vec<(IpAddr, bool)>>) {
@@ -61,6 +67,14 @@ impl NodeLocal for NodeFacts {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone()
+    }
+
+    fn ha(&self) -> Option<crate::control::store::HaRole> {
+        let ha = self.ha.lock().unwrap_or_else(|p| p.into_inner());
+        ha.as_ref().map(|(group, h)| crate::control::store::HaRole {
+            group: group.clone(),
+            active: h.active(),
+        })
     }
 }
 

@@ -206,6 +206,9 @@ impl Node {
             conntrack: Latest::default(),
             ha: cfg.ha.map(|h| (h, Arc::new(HaShared::default()))),
         };
+        if let Some((c, h)) = &node.ha {
+            node.sync.facts.set_ha(c.group.group.clone(), h.clone());
+        }
         node.refresh_interfaces();
         node.reconcile(SyncKind::Changes);
         for stale in node.pins.stale_maps() {

@@ -162,6 +162,31 @@ fn a_standby_takes_over_when_the_active_node_crashes_and_a_returning_node_stands
     assert_eq!(summary["broken"], 0, "{summary}\n{}\n{}", a.log(), b.log());
     assert_eq!(curl(client, Duration::from_secs(1)), 200);
     assert!(b.log().contains("handed over to node-a"), "{}", b.log());
+    // The cluster view says who is active in the group.
+    let roles = || {
+        let (_, v) = a.api(privatelink_tests::world::ADMIN, "GET", "/v1/nodes", None);
+        v["nodes"]
+            .as_array()
+            .map(|n| {
+                n.iter()
+                    .map(|n| {
+                        (
+                            n["node"].clone(),
+                            n["ha"]["group"].clone(),
+                            n["ha"]["active"].clone(),
+                        )
+                    })
+                    .collect::<Vec<_>>()
+            })
+            .unwrap_or_default()
+    };
+    wait("/v1/nodes shows the roles", Duration::from_secs(8), || {
+        roles()
+            == [
+                ("node-a".into(), "edge".into(), true.into()),
+                ("node-b".into(), "edge".into(), false.into()),
+            ]
+    });
 
     // Every HA metric the dashboard shows is exposed by a node of a group.
     let d: Value = serde_json::from_str(include_str!("../../../dashboards/privatelink.json"))
