@@ -433,16 +433,10 @@ impl Holder {
     }
 }
 
-/// Node A crashes (its agent killed, its interfaces gone): node B takes the group over. The
-/// flows A carried go on through B (B installed A's conntrack as A sent it): long-lived echo
-/// connections and an iperf3 stream lose nothing; new connections work again within the fence
-/// time and a heartbeat. A returns as a standby (no preemption). Forged messages are counted and
-/// change nothing.
-
 /// Two nodes of group `edge` on a consumer segment (with a client) and a provider segment (with a
 /// backend namespace running python's HTTP server on 8080, a socat echo on 9000 and an iperf3
-/// server on 5201), one etcd; the nodes share the NAT range 198.19.128.0/24, which the backend
-/// routes through the moving address. A service maps tcp 80, 81 and 5201 to them, and one
+/// server on 5201, a socat UDP echo on 9001), one etcd; the nodes share the NAT range 198.19.128.0/24, which the backend
+/// routes through the moving address. A service maps tcp 80, 81, 5201 and udp 9001 to them, and one
 /// endpoint at `ENDPOINT` answers through node A, which is active; B stands by.
 pub struct Group {
     pub nodes: [Node; 2],
