@@ -2,7 +2,7 @@
 //! agents on bridged segments, one etcd, real clients and servers.
 use std::{
     path::PathBuf,
-    process::{Command, Stdio},
+    process::Stdio,
     time::{Duration, Instant},
 };
 
@@ -16,10 +16,7 @@ use privatelink_agent::{
 };
 use serde_json::{Value, json};
 
-use crate::{
-    agent_bin,
-    world::{ADMIN, API, BpfFs, Proc, etcd_url, link_to_etcd, sample, shared_etcd},
-};
+use crate::world::{ADMIN, API, BpfFs, Proc, etcd_url, link_to_etcd, sample, shared_etcd};
 
 const GROUP_KEY: &str = "a-group-key-of-more-than-thirty-two-characters";
 pub const BACKEND: &str = "198.18.100.10";
@@ -52,25 +49,7 @@ pub struct Node {
 
 impl Node {
     pub fn start(&mut self) {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.dir.join("agent.log"))
-            .unwrap();
-        let child = Command::new("nsenter")
-            .arg(format!("--net=/run/netns/{}", self.ns.name()))
-            .arg(agent_bin("privatelink-agent"))
-            .args([
-                "run",
-                "--config",
-                self.dir.join("agent.toml").to_str().unwrap(),
-            ])
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::from(log.try_clone().unwrap()))
-            .stderr(Stdio::from(log))
-            .spawn()
-            .expect("start the agent");
-        self.agent = Some(Proc(child));
+        self.agent = Some(crate::world::spawn_agent(&self.ns, &self.dir));
         wait(
             &format!("{}'s API", self.name),
             Duration::from_secs(20),
@@ -123,8 +102,9 @@ impl Node {
         v
     }
 
-    pub fn metric(&self, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
-        let text = self.ns.enter(|| {
+    /// The node's /metrics text (`None`: no answer within 3 s).
+    pub fn scrape(&self) -> Option<String> {
+        self.ns.enter(|| {
             let agent: ureq::Agent = ureq::Agent::config_builder()
                 .timeout_global(Some(Duration::from_secs(3)))
                 .build()
@@ -134,8 +114,11 @@ impl Node {
                 .call()
                 .ok()
                 .and_then(|mut r| r.body_mut().read_to_string().ok())
-        })?;
-        sample(&text, name, labels)
+        })
+    }
+
+    pub fn metric(&self, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+        sample(&self.scrape()?, name, labels)
     }
 
     pub fn active(&self) -> bool {
@@ -337,32 +320,8 @@ pub struct UdpProbe(Holder);
 
 impl UdpProbe {
     pub fn start(client: &Netns, root: &std::path::Path, name: &str) -> UdpProbe {
-        let script = root.join("udp_probe.py");
-        std::fs::write(&script, UDP_PROBE).unwrap();
-        let stop = root.join(format!("stop-{name}"));
-        let mut child = client
-            .command("python3")
-            .args([
-                script.to_str().unwrap(),
-                &ENDPOINT.to_string(),
-                stop.to_str().unwrap(),
-            ])
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("the UDP probe");
-        let mut lines =
-            std::io::BufRead::lines(std::io::BufReader::new(child.stdout.take().unwrap()));
-        assert_eq!(
-            lines.next().and_then(Result::ok).as_deref(),
-            Some("started")
-        );
-        UdpProbe(Holder {
-            proc: Proc(child),
-            lines,
-            stop,
-        })
+        let endpoint = ENDPOINT.to_string();
+        UdpProbe(Holder::script(client, root, name, UDP_PROBE, &[&endpoint, "{stop}"]))
     }
 
     /// Stops it; its summary.
@@ -392,31 +351,41 @@ impl Holder {
         n: usize,
         every: Duration,
     ) -> Holder {
-        let script = root.join("holder.py");
-        std::fs::write(&script, HOLDER).unwrap();
+        let args = [ENDPOINT.to_string(), "81".into(), n.to_string()];
+        let every = format!("{}", every.as_secs_f64());
+        let args = [&args[0], &args[1], &args[2], "{stop}", &every];
+        Holder::script(client, root, name, HOLDER, &args)
+    }
+
+    /// Runs the Python `body` in `client` with `args` (`{stop}` stands for its stop file), once it
+    /// has printed its first line.
+    fn script(
+        client: &Netns,
+        root: &std::path::Path,
+        name: &str,
+        body: &str,
+        args: &[&str],
+    ) -> Holder {
+        let script = root.join(format!("{name}.py"));
+        std::fs::write(&script, body).unwrap();
         let stop = root.join(format!("stop-{name}"));
+        let stop_arg = stop.to_str().unwrap().to_string();
         let mut child = client
             .command("python3")
-            .args([
-                script.to_str().unwrap(),
-                &ENDPOINT.to_string(),
-                "81",
-                &n.to_string(),
-                stop.to_str().unwrap(),
-                &format!("{}", every.as_secs_f64()),
-            ])
+            .arg(&script)
+            .args(
+                args.iter()
+                    .map(|a| if *a == "{stop}" { stop_arg.as_str() } else { a }),
+            )
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
-            .expect("the holder");
+            .expect("python3");
         let mut lines =
             std::io::BufRead::lines(std::io::BufReader::new(child.stdout.take().unwrap()));
-        assert_eq!(
-            lines.next().and_then(Result::ok).as_deref(),
-            Some("connected"),
-            "the holder's connections"
-        );
+        let first = lines.next().and_then(Result::ok);
+        assert!(first.is_some(), "{name}: the script did not start");
         Holder {
             proc: Proc(child),
             lines,

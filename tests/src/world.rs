@@ -180,27 +180,7 @@ impl World {
 
     /// Starts the agent (appending to agent.log) and waits for its API.
     pub fn start_agent(&self) -> Agent {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.dir.join("agent.log"))
-            .unwrap();
-        // The documented way: the node's network namespace, the host's mount namespace (so the
-        // pins outlive the agent), not `ip netns exec`, which gives the agent mounts of its own.
-        let child = Command::new("nsenter")
-            .arg(format!("--net=/run/netns/{}", self.topo.node.name()))
-            .arg(agent_bin("privatelink-agent"))
-            .args([
-                "run",
-                "--config",
-                self.dir.join("agent.toml").to_str().unwrap(),
-            ])
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::from(log.try_clone().unwrap()))
-            .stderr(Stdio::from(log))
-            .spawn()
-            .expect("start the agent");
-        let agent = Proc(child);
+        let agent = spawn_agent(&self.topo.node, &self.dir);
         let deadline = Instant::now() + Duration::from_secs(20);
         while api(&self.topo, ADMIN, "GET", "/v1/revision", None).0 != 200 {
             assert!(
@@ -356,6 +336,27 @@ impl Drop for Etcd {
         self.stop();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// `privatelink-agent run --config <dir>/agent.toml` in `ns`, appending to `<dir>/agent.log`,
+/// the documented way: the node's network namespace, the host's mount namespace (so the pins
+/// outlive the agent), not `ip netns exec`, which gives the agent mounts of its own.
+pub fn spawn_agent(ns: &privatelink_agent::testkit::netns::Netns, dir: &std::path::Path) -> Proc {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("agent.log"))
+        .unwrap();
+    let child = Command::new("nsenter")
+        .arg(format!("--net=/run/netns/{}", ns.name()))
+        .arg(agent_bin("privatelink-agent"))
+        .args(["run", "--config", dir.join("agent.toml").to_str().unwrap()])
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::from(log.try_clone().unwrap()))
+        .stderr(Stdio::from(log))
+        .spawn()
+        .expect("start the agent");
+    Proc(child)
 }
 
 /// A world whose state lives as `backing` says.

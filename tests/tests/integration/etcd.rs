@@ -110,15 +110,7 @@ fn counter(w: &World, name: &str) -> u64 {
 
 /// The revision the agent reports having applied (from `/v1/nodes`).
 fn applied(w: &World) -> u64 {
-    let (status, v) = api(&w.topo, ADMIN, "GET", "/v1/nodes", None);
-    assert_eq!(status, 200, "{v}");
-    v["nodes"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|n| n["node"] == "test-node")
-        .and_then(|n| n["revision"].as_u64())
-        .unwrap_or(0)
+    applied_by(w, "test-node")
 }
 
 /// Links node `i`'s namespace to the etcd namespace (node side `et0`, 198.18.200.(4i+2)/30).

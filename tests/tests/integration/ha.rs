@@ -191,19 +191,7 @@ fn a_standby_takes_over_when_the_active_node_crashes_and_a_returning_node_stands
     // Every HA metric the dashboard shows is exposed by a node of a group.
     let d: Value = serde_json::from_str(include_str!("../../../dashboards/privatelink.json"))
         .expect("dashboard JSON");
-    let scrape =
-        a.ns.enter(|| {
-            let agent: ureq::Agent = ureq::Agent::config_builder()
-                .timeout_global(Some(Duration::from_secs(3)))
-                .build()
-                .into();
-            agent
-                .get("http://127.0.0.1:9464/metrics")
-                .call()
-                .ok()
-                .and_then(|mut r| r.body_mut().read_to_string().ok())
-        })
-        .unwrap_or_default();
+    let scrape = a.scrape().unwrap_or_default();
     let exprs: Vec<String> = d["panels"]
         .as_array()
         .unwrap()
