@@ -321,7 +321,13 @@ pub struct UdpProbe(Holder);
 impl UdpProbe {
     pub fn start(client: &Netns, root: &std::path::Path, name: &str) -> UdpProbe {
         let endpoint = ENDPOINT.to_string();
-        UdpProbe(Holder::script(client, root, name, UDP_PROBE, &[&endpoint, "{stop}"]))
+        UdpProbe(Holder::script(
+            client,
+            root,
+            name,
+            UDP_PROBE,
+            &[&endpoint, "{stop}"],
+        ))
     }
 
     /// Stops it; its summary.
