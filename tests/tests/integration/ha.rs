@@ -9,7 +9,7 @@ use privatelink_agent::testkit::demo::ENDPOINT;
 
 use privatelink_tests::{
     agent_bin,
-    group::{Group, Holder, curl, wait},
+    group::{Group, Holder, UdpProbe, curl, wait},
     privileged,
 };
 use serde_json::Value;
@@ -62,6 +62,7 @@ fn a_standby_takes_over_when_the_active_node_crashes_and_a_returning_node_stands
     // Connections that live across the crash: echo holders and an iperf3 stream.
     const CONNS: usize = 100;
     let holder = Holder::start(client, &root, "crash", CONNS);
+    let udp = UdpProbe::start(client, &root, "crash-udp");
     let iperf = client
         .command("iperf3")
         .args([
@@ -111,6 +112,16 @@ fn a_standby_takes_over_when_the_active_node_crashes_and_a_returning_node_stands
         String::from_utf8_lossy(&iperf.stderr)
     );
     let summary = holder.finish();
+    // UDP requests go unanswered only inside the takeover window.
+    let u = udp.finish();
+    eprintln!("a UDP request every 5 ms across the takeover: {u}");
+    let (sent, answered) = (u["sent"].as_u64().unwrap(), u["answered"].as_u64().unwrap());
+    let gap = u["worst_gap_ms"].as_u64().unwrap();
+    assert!(gap < 1500, "{u}");
+    assert!(
+        sent - answered <= gap / 5 + 20,
+        "lost beyond the window: {u}"
+    );
     eprintln!("long-lived connections across the takeover: {summary}");
     assert_eq!(summary["broken"], 0, "{summary}\n{}", b.log());
     assert!(summary["rounds"].as_u64().unwrap() > 20, "{summary}");
