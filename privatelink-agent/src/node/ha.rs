@@ -326,14 +326,20 @@ fn unix_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
+/// Where the group's keys live in the store (with a trailing `/`, so that no group's prefix is
+/// another's).
+fn group_prefix(e: &EtcdConfig, group: &str) -> String {
+    format!("{}/ha/{group}/", e.prefix)
+}
+
 /// The group's key in the store.
 pub fn active_key(e: &EtcdConfig, group: &str) -> String {
-    format!("{}/ha/{group}/active", e.prefix)
+    format!("{}active", group_prefix(e, group))
 }
 
 /// The key whose presence drains `node` of the group.
 pub fn drain_key(e: &EtcdConfig, group: &str, node: &str) -> String {
-    format!("{}/ha/{group}/drain/{node}", e.prefix)
+    format!("{}drain/{node}", group_prefix(e, group))
 }
 
 /// Starts (`on`) or ends the drain of `node`: writes or deletes its drain key; a drain then waits
@@ -422,6 +428,7 @@ pub async fn run(
         &g.peers,
         g.max_clock_skew.as_millis() as u64,
     );
+    let prefix = group_prefix(&e, &g.group);
     let key = active_key(&e, &g.group);
     let drain = drain_key(&e, &g.group, &g.node);
     let mut arbiter = Arbiter::new(&g.node, g.timing, Instant::now());
@@ -466,30 +473,25 @@ pub async fn run(
                         shared.beats_sent.fetch_add(1, Ordering::Relaxed);
                     }
                 }
-                let owner = look(&mut client, &e, &key, g.timing.heartbeat).await;
-                store_ok = owner.is_some();
-                if let Some(d) = look(&mut client, &e, &drain, g.timing.heartbeat).await {
-                    let on = d.is_some();
+                // One read of the group's keys: the owner, and whether this node is drained.
+                let keys = look(&mut client, &e, &prefix, g.timing.heartbeat).await;
+                store_ok = keys.is_some();
+                if let Some(keys) = &keys {
+                    let on = keys.contains_key(&drain);
                     if on != shared.draining.swap(on, Ordering::Relaxed) {
                         log::warn!("ha: group {}: {}", g.group, if on { "draining" } else { "drain ended" });
                     }
                     arbiter.drain(on);
                 }
+                let owner = keys.map(|mut k| k.remove(&key));
                 let now = Instant::now();
                 let peers = lock(&shared.peers).clone();
                 let claim = arbiter.observe(now, owner, &peers);
                 if let Claim::Handover { to, .. } = &claim {
                     // Everything to the peers first, from a table no longer written to.
                     shared.set_active(false);
-                    let updates = outbox.changes(tables.entries4(), tables.entries6(), true);
-                    for payload in flowsync::encode(&updates) {
-                        let msg = out.seal(Kind::Flows, payload);
-                        for p in &g.peers {
-                            let _ = socket.send_to(&msg, p).await;
-                        }
-                    }
-                    shared.flows_sent.fetch_add(updates.len() as u64, Ordering::Relaxed);
-                    log::warn!("ha: group {}: handing over to {to} ({} flows sent)", g.group, updates.len());
+                    let n = send_flows(&socket, &mut out, &mut outbox, &tables, &shared, true).await;
+                    log::warn!("ha: group {}: handing over to {to} ({n} flows sent)", g.group);
                 }
                 if claim != Claim::Nothing {
                     let previous = match &claim {
@@ -534,18 +536,34 @@ pub async fn run(
                     outbox.clear();
                 } else if ticks.is_multiple_of(2) {
                     let full = joined || ticks.is_multiple_of(30);
-                    let updates = outbox.changes(tables.entries4(), tables.entries6(), full);
-                    for payload in flowsync::encode(&updates) {
-                        let msg = out.seal(Kind::Flows, payload);
-                        for p in &g.peers {
-                            let _ = socket.send_to(&msg, p).await;
-                        }
-                    }
-                    shared.flows_sent.fetch_add(updates.len() as u64, Ordering::Relaxed);
+                    send_flows(&socket, &mut out, &mut outbox, &tables, &shared, full).await;
                 }
             }
         }
     }
+}
+
+/// Sends the peers what changed in the tables since the outbox last sent (`full`: everything);
+/// how many updates that was.
+async fn send_flows(
+    socket: &tokio::net::UdpSocket,
+    out: &mut Outgoing<'_>,
+    outbox: &mut Outbox,
+    tables: &FlowTables,
+    shared: &HaShared,
+    full: bool,
+) -> usize {
+    let updates = outbox.changes(tables.entries4(), tables.entries6(), full);
+    for payload in flowsync::encode(&updates) {
+        let msg = out.seal(Kind::Flows, payload);
+        for p in &out.g.peers {
+            let _ = socket.send_to(&msg, p).await;
+        }
+    }
+    shared
+        .flows_sent
+        .fetch_add(updates.len() as u64, Ordering::Relaxed);
+    updates.len()
 }
 
 /// Takes in an authenticated message: a heartbeat updates what is known of its sender; flow
@@ -605,13 +623,14 @@ fn install(model: &Model, updates: Vec<Update>, shared: &HaShared, tables: &mut 
     }
 }
 
-/// The group's owner, as the store says within `bound` (`None`: no answer).
+/// The keys under `prefix` as the store has them within `bound` (`None`: no answer): key → the
+/// node its value names, at its revision.
 async fn look(
     client: &mut Option<etcd_client::Client>,
     e: &EtcdConfig,
-    key: &str,
+    prefix: &str,
     bound: Duration,
-) -> Option<Option<Owner>> {
+) -> Option<BTreeMap<String, Owner>> {
     if client.is_none() {
         let c = tokio::time::timeout(
             e.timeout,
@@ -621,14 +640,23 @@ async fn look(
         *client = c.ok().and_then(Result::ok);
     }
     let c = client.as_mut()?;
-    let r = tokio::time::timeout(bound, c.get(key, None))
+    let all = etcd_client::GetOptions::new().with_prefix();
+    let r = tokio::time::timeout(bound, c.get(prefix, Some(all)))
         .await
         .ok()?
         .ok()?;
-    Some(r.kvs().first().map(|kv| Owner {
-        node: String::from_utf8_lossy(kv.value()).into_owned(),
-        mod_revision: kv.mod_revision(),
-    }))
+    Some(
+        r.kvs()
+            .iter()
+            .map(|kv| {
+                let owner = Owner {
+                    node: String::from_utf8_lossy(kv.value()).into_owned(),
+                    mod_revision: kv.mod_revision(),
+                };
+                (String::from_utf8_lossy(kv.key()).into_owned(), owner)
+            })
+            .collect(),
+    )
 }
 
 /// Makes `me` the owner as `claim` says, if the key is still as it was seen.

@@ -664,14 +664,20 @@ fn encode_ha(enc: &mut DescriptorEncoder, s: &Scrape) -> Result<(), std::fmt::Er
             vec![(labels(None), counter(v.load(Relaxed)))],
         )?;
     }
+    // Every reason, zero included, so a dashboard sees the series before the first one.
+    let by_reason = |counts: Vec<(&str, u64)>| {
+        counts
+            .into_iter()
+            .map(|(r, n)| (labels(Some(("reason", r.to_string()))), counter(n)))
+            .collect()
+    };
     let refused = h.refused();
-    let rows = crate::node::flowsync::Refuse::ALL
-        .iter()
-        .map(|r| {
-            let n = refused.get(r).copied().unwrap_or(0);
-            (labels(Some(("reason", r.as_str().to_string()))), counter(n))
-        })
-        .collect();
+    let rows = by_reason(
+        crate::node::flowsync::Refuse::ALL
+            .iter()
+            .map(|r| (r.as_str(), refused.get(r).copied().unwrap_or(0)))
+            .collect(),
+    );
     family(
         enc,
         "privatelink_ha_flows_refused",
@@ -680,17 +686,16 @@ fn encode_ha(enc: &mut DescriptorEncoder, s: &Scrape) -> Result<(), std::fmt::Er
         rows,
     )?;
     let rejected = h.rejected();
-    let rows = crate::node::channel::Reject::ALL
-        .iter()
-        .map(|r| {
-            let n = rejected.get(r).copied().unwrap_or(0);
-            (labels(Some(("reason", r.as_str().to_string()))), counter(n))
-        })
-        .collect();
+    let rows = by_reason(
+        crate::node::channel::Reject::ALL
+            .iter()
+            .map(|r| (r.as_str(), rejected.get(r).copied().unwrap_or(0)))
+            .collect(),
+    );
     family(
         enc,
         "privatelink_ha_heartbeats_rejected",
-        "Received heartbeats refused, by reason (forged, replayed, malformed, from an unknown peer...)",
+        "Received channel messages (heartbeats and flow updates) refused, by reason (forged, replayed, malformed, from an unknown peer...)",
         MetricType::Counter,
         rows,
     )

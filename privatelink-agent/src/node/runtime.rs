@@ -354,7 +354,7 @@ impl Node {
         let unhealthy = health.unhealthy();
 
         // Everything needed from the state is taken under its read lock: no copy of the whole state.
-        let (revision, (mut model, skipped), newly) = plane.read(|state| {
+        let (revision, (model, skipped), newly) = plane.read(|state| {
             let newly: BTreeSet<(u32, std::net::IpAddr)> = unhealthy
                 .difference(&sync.unhealthy)
                 .filter_map(|(svc, ip)| {
@@ -365,15 +365,23 @@ impl Node {
             (state.revision, model(state, node, &unhealthy), newly)
         });
         // A standby of a high-availability group forwards nothing of its consumer networks; flows
-        // synced to it are checked against the whole model.
-        if let Some((_, h)) = ha {
-            h.set_model(Arc::new(model.clone()));
-            if !h.active() {
-                model
-                    .ifaces
-                    .retain(|i| i.role != crate::datapath::Role::Consumer);
+        // synced to it are checked against the whole model (shared, not copied, while active).
+        let model = Arc::new(model);
+        let model = match ha {
+            Some((_, h)) => {
+                h.set_model(model.clone());
+                if h.active() {
+                    model
+                } else {
+                    let mut standby = (*model).clone();
+                    standby
+                        .ifaces
+                        .retain(|i| i.role != crate::datapath::Role::Consumer);
+                    Arc::new(standby)
+                }
             }
-        }
+            None => model,
+        };
         if skipped != sync.skipped {
             for s in &skipped {
                 log::warn!("sync: {s}");
