@@ -62,35 +62,7 @@ impl Node {
     }
 
     pub fn api(&self, token: &str, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
-        let (token, method, url) = (
-            token.to_string(),
-            method.to_string(),
-            format!("http://{API}{path}"),
-        );
-        self.ns.enter(move || {
-            let agent: ureq::Agent = ureq::Agent::config_builder()
-                .http_status_as_error(false)
-                .timeout_global(Some(Duration::from_secs(10)))
-                .build()
-                .into();
-            let auth = format!("Bearer {token}");
-            let r = match method.as_str() {
-                "GET" => agent.get(&url).header("Authorization", &auth).call(),
-                _ => agent
-                    .post(&url)
-                    .header("Authorization", &auth)
-                    .header("Content-Type", "application/json")
-                    .send(body.unwrap_or(json!({})).to_string()),
-            };
-            match r {
-                Ok(mut r) => {
-                    let status = r.status().as_u16();
-                    let text = r.body_mut().read_to_string().unwrap_or_default();
-                    (status, serde_json::from_str(&text).unwrap_or(Value::Null))
-                }
-                Err(e) => (0, json!({ "error": e.to_string() })),
-            }
-        })
+        crate::world::api_in(&self.ns, API, token, method, path, body)
     }
 
     pub fn post(&self, token: &str, path: &str, body: Value) -> Value {
@@ -104,17 +76,7 @@ impl Node {
 
     /// The node's /metrics text (`None`: no answer within 3 s).
     pub fn scrape(&self) -> Option<String> {
-        self.ns.enter(|| {
-            let agent: ureq::Agent = ureq::Agent::config_builder()
-                .timeout_global(Some(Duration::from_secs(3)))
-                .build()
-                .into();
-            agent
-                .get("http://127.0.0.1:9464/metrics")
-                .call()
-                .ok()
-                .and_then(|mut r| r.body_mut().read_to_string().ok())
-        })
+        crate::world::get_in(&self.ns, "http://127.0.0.1:9464/metrics")
     }
 
     pub fn metric(&self, name: &str, labels: &[(&str, &str)]) -> Option<f64> {

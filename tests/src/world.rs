@@ -55,9 +55,21 @@ pub fn api_at(
     path: &str,
     body: Option<Value>,
 ) -> (u16, Value) {
+    api_in(&topo.node, addr, token, method, path, body)
+}
+
+/// The same for an API server at `addr` in namespace `ns`.
+pub fn api_in(
+    ns: &privatelink_agent::testkit::netns::Netns,
+    addr: &str,
+    token: &str,
+    method: &str,
+    path: &str,
+    body: Option<Value>,
+) -> (u16, Value) {
     let (token, method, path) = (token.to_string(), method.to_string(), path.to_string());
     let addr = addr.to_string();
-    topo.node.enter(move || {
+    ns.enter(move || {
         let agent: ureq::Agent = ureq::Agent::config_builder()
             .http_status_as_error(false)
             .timeout_global(Some(Duration::from_secs(10)))
@@ -485,8 +497,13 @@ pub fn world_backed(name: &str, extra: &str, backing: Backing) -> (World, Agent)
 
 /// GET from inside the node namespace; the body as text.
 pub fn node_get(topo: &Topology, url: &str) -> Option<String> {
+    get_in(&topo.node, url)
+}
+
+/// GET from inside namespace `ns`; the body as text.
+pub fn get_in(ns: &privatelink_agent::testkit::netns::Netns, url: &str) -> Option<String> {
     let url = url.to_string();
-    topo.node.enter(move || {
+    ns.enter(move || {
         let agent: ureq::Agent = ureq::Agent::config_builder()
             .http_status_as_error(false)
             .timeout_global(Some(Duration::from_secs(3)))
