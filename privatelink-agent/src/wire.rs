@@ -16,6 +16,18 @@ pub enum ServiceType {
     Custom,
 }
 
+/// A header in front of each new TCP connection to the backends, saying who is calling.
+/// `v2`: PROXY protocol version 2 with the endpoint, link and account in TLVs 0xE0-0xE2 (see
+/// docs/PROXY.md). UDP flows never carry one.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "control", derive(utoipa::ToSchema))]
+#[serde(rename_all = "lowercase")]
+pub enum ProxyProtocol {
+    #[default]
+    Off,
+    V2,
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[cfg_attr(feature = "control", derive(utoipa::ToSchema))]
 #[serde(rename_all = "lowercase")]
@@ -152,6 +164,9 @@ pub struct CreateService {
     /// Most live flows per endpoint on its node; 0 (the default): no limit.
     #[serde(default)]
     pub flow_limit: u32,
+    /// `v2`: a PROXY protocol v2 header in front of each new TCP connection. Default: `off`.
+    #[serde(default)]
+    pub proxy_protocol: ProxyProtocol,
 }
 
 #[derive(Clone, Debug, Default, Deserialize, Serialize)]
@@ -178,6 +193,9 @@ pub struct UpdateService {
     /// instead of `flow_limit`, 0 for none. `{}` removes them all.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub endpoint_flow_limits: Option<BTreeMap<String, u32>>,
+    /// `v2` or `off`, for connections opened from now on (open ones keep what they started with).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub proxy_protocol: Option<ProxyProtocol>,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]

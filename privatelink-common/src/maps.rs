@@ -195,7 +195,9 @@ pub struct LinkInfo {
     /// ([`crate::DROP_FLOW_LIMIT`]). Live = `LINK_OPENED` − `LINK_RETIRED` for the link. (Added
     /// after layout 3: a pinned `LINKS` of the old size is created anew, see `drop_resized`.)
     pub flow_limit: u32,
-    pub _pad: u32,
+    /// Nonzero: new TCP flows of the link get a PROXY protocol v2 header, whose TLVs are the
+    /// link's `PROXY_TLVS` entry of this many bytes. 0: off.
+    pub proxy_tlvs: u32,
 }
 crate::assert_size!(LinkInfo, 40);
 
@@ -398,12 +400,75 @@ pub struct Flow<A> {
     pub tcp_state: u8,
     /// FIB generation the cached next hop was resolved in (forward entries).
     pub nh_generation: u32,
-    pub _pad: u32,
+    /// Bytes of the PROXY protocol header this node put in front of the consumer's stream (0:
+    /// none): the consumer's sequence numbers go up by it towards the backend, the backend's
+    /// acknowledgements (and SACK blocks) down by it towards the consumer. Both entries carry it.
+    pub proxy_len: u16,
+    /// [`PROXY_PENDING`] while the backend has not acknowledged the header (the header's state is
+    /// in `PROXY_PENDING4`/`PROXY_PENDING6` then), else 0.
+    pub proxy_flags: u8,
+    pub _pad: u8,
 }
 pub type Flow4 = Flow<u32>;
 pub type Flow6 = Flow<In6>;
 crate::assert_size!(Flow4, 56);
 crate::assert_size!(Flow6, 80);
+
+/// [`Flow::proxy_flags`]: the backend has not acknowledged the PROXY header yet.
+pub const PROXY_PENDING: u8 = 1;
+
+/// Most bytes of a link's PROXY protocol TLVs ([`ProxyTlvs`]).
+pub const PROXY_TLVS_MAX: usize = 128;
+/// Most bytes of a PROXY protocol v2 header the datapath builds: the fixed 16, IPv6 addresses and
+/// ports (36), the link's TLVs, the connection id's 16 characters and the CRC32C TLV (7).
+pub const PROXY_HDR_MAX: usize = 16 + 36 + PROXY_TLVS_MAX + 16 + 7;
+/// Entries of `PROXY_PENDING4`/`PROXY_PENDING6`: connections whose header is not yet acknowledged.
+pub const PROXY_PENDING_ENTRIES: u32 = 65_536;
+
+/// PROXY protocol v2 TLV types (the custom range 0xE0-0xEF, and the standard ones used).
+pub const PP2_TYPE_UNIQUE_ID: u8 = 0x05;
+pub const PP2_TYPE_CRC32C: u8 = 0x03;
+pub const PP2_TYPE_NOOP: u8 = 0x04;
+/// The endpoint id, ASCII (`ep-1a2b3c4d`).
+pub const PP2_TYPE_ENDPOINT_ID: u8 = 0xe0;
+/// The link id, 4 bytes, network order.
+pub const PP2_TYPE_LINK_ID: u8 = 0xe1;
+/// The consumer account id, ASCII.
+pub const PP2_TYPE_ACCOUNT_ID: u8 = 0xe2;
+
+/// Value of `PROXY_TLVS` (link id → the TLVs of its PROXY headers), written by the agent: the
+/// bytes that follow the addresses, up to the connection id the datapath appends. `len` is the
+/// link's [`LinkInfo::proxy_tlvs`]; the header's length is a multiple of 4 (a NOOP TLV pads it),
+/// so inserting it keeps the TCP checksum's 16-bit words aligned.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ProxyTlvs {
+    pub len: u32,
+    pub _pad: u32,
+    pub bytes: [u8; PROXY_TLVS_MAX],
+}
+crate::assert_size!(ProxyTlvs, 136);
+
+impl Default for ProxyTlvs {
+    fn default() -> Self {
+        ProxyTlvs {
+            len: 0,
+            _pad: 0,
+            bytes: [0; PROXY_TLVS_MAX],
+        }
+    }
+}
+
+/// Value of `PROXY_PENDING4`/`PROXY_PENDING6`, keyed by a PROXY flow's forward key while the
+/// backend has not acknowledged its header: where the consumer's stream starts (its initial
+/// sequence number + 1), which the header occupies towards the backend.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ProxyPending {
+    pub base: u32,
+    pub _pad: u32,
+}
+crate::assert_size!(ProxyPending, 8);
 
 /// Slots of each CPU's flow cache (`FLOW_CACHE4`, `FLOW_CACHE6`), a power of two.
 pub const FLOW_CACHE_SLOTS: u32 = 4096;
@@ -442,6 +507,15 @@ pub const FLOW_CACHE_HITS: u32 = 0;
 pub const FLOW_CACHE_FILLS: u32 = 1;
 /// Entries of `FLOW_CACHE_STATS`.
 pub const FLOW_CACHE_COUNTERS: u32 = 2;
+
+/// Indexes of the per-CPU `PROXY_STATS` array: PROXY headers put in front of a stream (a
+/// retransmitted one counts again), headers the backend acknowledged, and SYN-ACKs whose MSS was
+/// lowered to leave room for the header.
+pub const PROXY_HEADERS_SENT: u32 = 0;
+pub const PROXY_HEADERS_ACKED: u32 = 1;
+pub const PROXY_MSS_CLAMPED: u32 = 2;
+/// Entries of `PROXY_STATS`.
+pub const PROXY_COUNTERS: u32 = 3;
 
 /// Value of the one-element `CONFIG` array: timeouts the agent sets.
 #[repr(C)]
@@ -515,6 +589,8 @@ impl Default for DatapathConfig {
 
 #[cfg(feature = "user")]
 crate::user_pod!(
+    ProxyTlvs,
+    ProxyPending,
     IfaceKey,
     IfaceInfo,
     EndpointKey4,
@@ -590,6 +666,13 @@ pub mod names {
     /// `LINK_OPENED` counts them (written by the agent only): `LINK_OPENED` − `LINK_RETIRED` is
     /// the link's live flows as of the last scan, plus those admitted since.
     pub const LINK_RETIRED: &str = "LINK_RETIRED";
+    /// Link id → the TLVs of its PROXY protocol headers.
+    pub const PROXY_TLVS: &str = "PROXY_TLVS";
+    /// Forward key → where the stream starts, for PROXY flows whose header is unacknowledged.
+    pub const PROXY_PENDING4: &str = "PROXY_PENDING4";
+    pub const PROXY_PENDING6: &str = "PROXY_PENDING6";
+    /// Per-CPU PROXY counters ([`super::PROXY_HEADERS_SENT`], ...).
+    pub const PROXY_STATS: &str = "PROXY_STATS";
 
     /// Every map, for pinning.
     pub const ALL: &[&str] = &[
@@ -620,6 +703,10 @@ pub mod names {
         IFACE_INDEX,
         LINK_OPENED,
         LINK_RETIRED,
+        PROXY_TLVS,
+        PROXY_PENDING4,
+        PROXY_PENDING6,
+        PROXY_STATS,
     ];
 }
 

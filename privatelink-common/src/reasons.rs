@@ -89,10 +89,22 @@ pub const DROP_BAD_VERSION: u32 = 35;
 /// A new flow of a link that already has as many live flows as its limit allows
 /// ([`crate::LinkInfo::flow_limit`]).
 pub const DROP_FLOW_LIMIT: u32 = 36;
+/// A new PROXY protocol flow while `PROXY_PENDING4`/`PROXY_PENDING6` is full (that many
+/// handshakes whose header is unacknowledged).
+pub const DROP_PROXY_FULL: u32 = 37;
+/// A packet that was to carry a PROXY header but could not (no headroom, headers longer than
+/// the datapath moves, the link's TLVs gone).
+pub const DROP_PROXY_INSERT: u32 = 38;
 /// The drop codes appended after the first block.
-pub const LATER_DROPS: [u32; 3] = [DROP_BAD_CHECKSUM, DROP_BAD_VERSION, DROP_FLOW_LIMIT];
+pub const LATER_DROPS: [u32; 5] = [
+    DROP_BAD_CHECKSUM,
+    DROP_BAD_VERSION,
+    DROP_FLOW_LIMIT,
+    DROP_PROXY_FULL,
+    DROP_PROXY_INSERT,
+];
 /// Number of outcome codes (size of the global counter array).
-pub const OUTCOMES: u32 = 37;
+pub const OUTCOMES: u32 = 39;
 
 /// Metric label value for each outcome code, indexed by code.
 pub const OUTCOME_NAMES: [&str; OUTCOMES as usize] = [
@@ -133,6 +145,8 @@ pub const OUTCOME_NAMES: [&str; OUTCOMES as usize] = [
     "bad_checksum",
     "bad_version",
     "flow_limit",
+    "proxy_full",
+    "proxy_insert",
 ];
 
 /// Whether an outcome code is a drop.

@@ -25,6 +25,19 @@ impl Delta {
         Delta(self.0 + (!old) as u32 + new as u32)
     }
 
+    /// Words that were not there before (inserted bytes) and sum to `s`.
+    #[inline(always)]
+    pub fn added(self, s: u32) -> Self {
+        Delta(self.0 + fold32(s))
+    }
+
+    /// This delta for bytes one position off the checksum's word boundaries: a one's-complement
+    /// sum of byte-swapped words is the byte-swapped sum (RFC 1071).
+    #[inline(always)]
+    pub fn swapped(self) -> Self {
+        Delta(fold16(self.0).swap_bytes() as u32)
+    }
+
     /// Both deltas together.
     #[inline(always)]
     pub fn plus(self, other: Delta) -> Self {

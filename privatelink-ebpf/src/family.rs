@@ -12,18 +12,32 @@ use aya_ebpf::{
 use network_types::ip::Ipv4Hdr;
 use privatelink_common::{
     EndpointIpKey4, EndpointIpKey6, EndpointIpValue, EndpointKey4, EndpointKey6, EndpointValue,
-    Flow, FlowCacheEntry, FlowKey, In6, LinkInfo, MaglevTable, NextHop,
+    Flow, FlowCacheEntry, FlowKey, In6, LinkInfo, MaglevTable, NextHop, ProxyPending,
 };
 
 use crate::{
     BACKENDS4, BACKENDS6, CT4, CT6, ENDPOINT_IPS4, ENDPOINT_IPS6, ENDPOINTS4, ENDPOINTS6,
-    FLOW_CACHE4, FLOW_CACHE6, MAGLEV, MAGLEV6, NAT_PROBE4, NAT_PROBE6, NAT4, NAT6, NEXTHOP4,
-    NEXTHOP6,
+    ERROR_KEY6, FLOW_CACHE4, FLOW_CACHE6, FLOW_COPY4, FLOW_COPY6, MAGLEV, MAGLEV6, NAT_PROBE4,
+    NAT_PROBE6, NAT4, NAT6, NEXTHOP4, NEXTHOP6, PROXY_KEY4, PROXY_PENDING4, PROXY_PENDING6,
     csum::Delta,
     mem,
     parse::{Ipv6Raw, Pkt, ptr_at, wire6},
     policy,
 };
+
+/// The conntrack entry at `entry` copied into this CPU's slot of `copies`.
+#[inline(always)]
+fn copy_out<A: Copy>(copies: &PerCpuArray<Flow<A>>, entry: *mut Flow<A>) -> &'static Flow<A> {
+    match copies.get_ptr_mut(0) {
+        // SAFETY: per-CPU value, no concurrent user; `entry` is from a successful lookup.
+        Some(c) => unsafe {
+            mem::copy(&mut *c, &*entry);
+            &*c
+        },
+        // SAFETY: as above (slot 0 of an array is always there: never taken).
+        None => unsafe { &*entry },
+    }
+}
 
 const AF_INET: u8 = 2;
 const AF_INET6: u8 = 10;
@@ -31,6 +45,23 @@ const AF_INET6: u8 = 10;
 pub trait Family: Copy + PartialEq + Default + 'static {
     /// Address family for `bpf_fib_lookup`.
     const AF: u8;
+    /// Bytes of an address.
+    const ADDR_LEN: usize;
+    /// The PROXY protocol v2 family and protocol byte of a TCP connection (`TCP4`, `TCP6`).
+    const PP2_TCP: u8;
+    /// A copy of the conntrack entry at `entry` (from a successful lookup) that the packet's
+    /// rewrite reads while other CPUs may write the entry, in this CPU's `FLOW_COPY4`/`FLOW_COPY6`
+    /// (the programs' stacks have no room for it next to the PROXY paths' callbacks).
+    fn snapshot(entry: *mut Flow<Self>) -> &'static Flow<Self>;
+    /// Wire word `i` of the address (`i` below `ADDR_LEN / 4`).
+    fn word(&self, i: usize) -> u32;
+    /// This CPU's scratch conntrack key of the PROXY paths (off the IPv6 program's full stack).
+    fn proxy_key() -> Option<&'static mut FlowKey<Self>>;
+    /// PROXY flows of this family whose header is unacknowledged.
+    fn proxy_pending() -> &'static HashMap<FlowKey<Self>, ProxyPending>;
+    /// Adds `by` bytes to the IP packet's length field (fixing the IPv4 header checksum).
+    /// `None`: the header is out of reach.
+    fn grow_l3(ctx: &XdpContext, l3_off: usize, by: u16) -> Option<()>;
     /// The conntrack map.
     fn ct() -> &'static HashMap<FlowKey<Self>, Flow<Self>>;
     /// The per-CPU state of a NAT port search.
@@ -71,6 +102,44 @@ pub trait Family: Copy + PartialEq + Default + 'static {
 
 impl Family for u32 {
     const AF: u8 = AF_INET;
+    const ADDR_LEN: usize = 4;
+    const PP2_TCP: u8 = 0x11;
+
+    #[inline(always)]
+    fn snapshot(entry: *mut Flow<u32>) -> &'static Flow<u32> {
+        copy_out(&FLOW_COPY4, entry)
+    }
+
+    #[inline(always)]
+    fn word(&self, _i: usize) -> u32 {
+        *self
+    }
+
+    #[inline(always)]
+    fn proxy_key() -> Option<&'static mut FlowKey<u32>> {
+        // SAFETY: per-CPU value; XDP programs do not nest on a CPU.
+        PROXY_KEY4.get_ptr_mut(0).map(|k| unsafe { &mut *k })
+    }
+
+    #[inline(always)]
+    fn proxy_pending() -> &'static HashMap<FlowKey<u32>, ProxyPending> {
+        &PROXY_PENDING4
+    }
+
+    #[inline(always)]
+    fn grow_l3(ctx: &XdpContext, l3_off: usize, by: u16) -> Option<()> {
+        let ip = ptr_at::<Ipv4Hdr>(ctx, l3_off)?;
+        // SAFETY: bounds checked by ptr_at.
+        let ip = unsafe { &mut *ip };
+        let old = u16::from_ne_bytes(ip.tot_len);
+        let new = (u16::from_be_bytes(ip.tot_len).wrapping_add(by)).to_be_bytes();
+        ip.tot_len = new;
+        ip.check = Delta::new()
+            .u16(old, u16::from_ne_bytes(new))
+            .apply(u16::from_ne_bytes(ip.check))
+            .to_ne_bytes();
+        Some(())
+    }
 
     #[inline(always)]
     fn ct() -> &'static HashMap<FlowKey<u32>, Flow<u32>> {
@@ -190,6 +259,40 @@ impl Family for u32 {
 
 impl Family for In6 {
     const AF: u8 = AF_INET6;
+    const ADDR_LEN: usize = 16;
+    const PP2_TCP: u8 = 0x21;
+
+    #[inline(always)]
+    fn snapshot(entry: *mut Flow<In6>) -> &'static Flow<In6> {
+        copy_out(&FLOW_COPY6, entry)
+    }
+
+    #[inline(always)]
+    fn word(&self, i: usize) -> u32 {
+        self[i & 3]
+    }
+
+    #[inline(always)]
+    fn proxy_key() -> Option<&'static mut FlowKey<In6>> {
+        // SAFETY: per-CPU value; XDP programs do not nest on a CPU. The ICMPv6 error path, its
+        // other user, never runs in the same packet.
+        ERROR_KEY6.get_ptr_mut(0).map(|k| unsafe { &mut *k })
+    }
+
+    #[inline(always)]
+    fn proxy_pending() -> &'static HashMap<FlowKey<In6>, ProxyPending> {
+        &PROXY_PENDING6
+    }
+
+    #[inline(always)]
+    fn grow_l3(ctx: &XdpContext, l3_off: usize, by: u16) -> Option<()> {
+        let ip = ptr_at::<Ipv6Raw>(ctx, l3_off)?;
+        // SAFETY: bounds checked by ptr_at.
+        let ip = unsafe { &mut *ip };
+        let len = u16::from_be_bytes([ip.head[4], ip.head[5]]).wrapping_add(by);
+        [ip.head[4], ip.head[5]] = len.to_be_bytes();
+        Some(())
+    }
 
     #[inline(always)]
     fn ct() -> &'static HashMap<FlowKey<In6>, Flow<In6>> {

@@ -21,6 +21,7 @@ pub mod parse;
 mod policy;
 mod probe;
 pub mod process;
+mod proxy;
 pub mod stats;
 mod verdict;
 

@@ -11,8 +11,12 @@ use privatelink_common::{
     EndpointIpKey4, EndpointIpKey6, EndpointIpValue, EndpointKey4, EndpointKey6, EndpointValue,
     FLOW_CACHE_COUNTERS, FLOW_CACHE_SLOTS, Flow4, Flow6, FlowCacheEntry4, FlowCacheEntry6,
     FlowKey4, FlowKey6, IFACE_INDEX_ENTRIES, IfaceInfo, IfaceKey, LinkDropKey, LinkInfo, LinkStats,
-    MAX_NETWORKS, MaglevTable, NatRange4, NatRange6, NextHop, OUTCOMES, RuleList4, RuleList6,
+    MAX_NETWORKS, MaglevTable, NatRange4, NatRange6, NextHop, OUTCOMES, PROXY_COUNTERS,
+    PROXY_PENDING_ENTRIES, ProxyPending, ProxyTlvs, RuleList4, RuleList6,
 };
+
+/// `BPF_F_NO_PREALLOC`: a hash map that allocates its entries as they are inserted.
+const BPF_F_NO_PREALLOC: u32 = 1;
 
 /// (ifindex, VLAN id) → network and role. Frames from anything else pass untouched.
 #[map]
@@ -183,6 +187,47 @@ pub static NAT_PROBE4: PerCpuArray<crate::probe::Probe<u32>> = PerCpuArray::with
 pub static NAT_PROBE6: PerCpuArray<crate::probe::Probe<privatelink_common::In6>> =
     PerCpuArray::with_max_entries(1, 0);
 
-/// Per-CPU scratch of the IPv6 program's ICMPv6 error path: the conntrack key of the quoted flow.
+/// Per-CPU scratch of the IPv6 program's ICMPv6 error path (the conntrack key of the quoted flow)
+/// and of its PROXY paths (the key of a flow's pending header).
 #[map]
 pub static ERROR_KEY6: PerCpuArray<FlowKey6> = PerCpuArray::with_max_entries(1, 0);
+
+/// Link id → the TLVs of its PROXY protocol v2 headers (see `ProxyTlvs`), for every link of a
+/// TCP service; `LinkInfo::proxy_tlvs` says whether new flows use them. Allocated per entry (most
+/// links never carry a header).
+#[map]
+pub static PROXY_TLVS: HashMap<u32, ProxyTlvs> =
+    HashMap::with_max_entries(DEFAULT_MAX_LINKS, BPF_F_NO_PREALLOC);
+
+/// Forward key → where the consumer's stream starts, while the backend has not acknowledged the
+/// PROXY header of the flow (deleted when it has; the agent's sweep removes those whose flow
+/// ended first). Full: new PROXY flows drop (`proxy_full`), established ones go on.
+#[map]
+pub static PROXY_PENDING4: HashMap<FlowKey4, ProxyPending> =
+    HashMap::with_max_entries(PROXY_PENDING_ENTRIES, BPF_F_NO_PREALLOC);
+
+/// The same for IPv6 flows.
+#[map]
+pub static PROXY_PENDING6: HashMap<FlowKey6, ProxyPending> =
+    HashMap::with_max_entries(PROXY_PENDING_ENTRIES, BPF_F_NO_PREALLOC);
+
+/// Per-CPU PROXY counters (`PROXY_HEADERS_SENT`, ...).
+#[map]
+pub static PROXY_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(PROXY_COUNTERS, 0);
+
+/// Per-CPU scratch of the PROXY paths: the header being built, the frame's headers while they
+/// move, TCP options being rewritten.
+#[map]
+pub static PROXY_SCRATCH: PerCpuArray<crate::proxy::Scratch> = PerCpuArray::with_max_entries(1, 0);
+
+/// Per-CPU scratch of the IPv4 PROXY paths: the key of a flow's pending header.
+#[map]
+pub static PROXY_KEY4: PerCpuArray<FlowKey4> = PerCpuArray::with_max_entries(1, 0);
+
+/// Per-CPU copy of the IPv4 conntrack entry a packet is rewritten by (see `Family::snapshot`).
+#[map]
+pub static FLOW_COPY4: PerCpuArray<Flow4> = PerCpuArray::with_max_entries(1, 0);
+
+/// The same for IPv6.
+#[map]
+pub static FLOW_COPY6: PerCpuArray<Flow6> = PerCpuArray::with_max_entries(1, 0);

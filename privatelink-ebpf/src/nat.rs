@@ -7,7 +7,7 @@ use aya_ebpf::{
 use privatelink_common::{
     CT_OPEN, CT_SYN_SENT, DIR_FORWARD, DIR_REPLY, DROP_CONNTRACK_FULL, DROP_NAT_EXHAUSTED,
     DROP_NO_BACKEND, DROP_NO_NAT_RANGE, DatapathConfig, Flow, FlowKey, LinkInfo, MAGLEV_SIZE,
-    NAT_PORT_PROBES, NextHop, PROTO_TCP,
+    NAT_PORT_PROBES, NextHop, PROTO_TCP, PROXY_PENDING,
 };
 
 use crate::{
@@ -39,6 +39,8 @@ pub struct NewFlow<'a, A> {
     pub link: &'a LinkInfo,
     pub link_id: u32,
     pub service_port_be: u16,
+    /// Bytes of the flow's PROXY header (0: none).
+    pub proxy_len: u16,
     pub hash: u32,
     pub now: u64,
     pub cfg: &'a DatapathConfig,
@@ -125,6 +127,7 @@ pub fn create_flow<A: Family>(req: &NewFlow<A>, to: &Backend<A>) -> Result<&'sta
         link,
         link_id,
         service_port_be,
+        proxy_len,
         hash,
         now,
         cfg,
@@ -155,6 +158,8 @@ pub fn create_flow<A: Family>(req: &NewFlow<A>, to: &Backend<A>) -> Result<&'sta
             dir: DIR_REPLY,
             tcp_state: state,
             nh_generation: 0,
+            proxy_len,
+            proxy_flags: if proxy_len != 0 { PROXY_PENDING } else { 0 },
             _pad: 0,
         },
     );

@@ -18,7 +18,7 @@ use crate::{
         self, ETH_P_ARP, ETH_P_IP, ETH_P_IPV6, Hdr4, Hdr6, Ip6, L2, Pkt, TCP_ACK, TCP_RST, TCP_SYN,
         ptr_at,
     },
-    policy, stats,
+    policy, proxy, stats,
     verdict::Verdict,
 };
 
@@ -198,9 +198,9 @@ fn tracked<A: Family>(f: &Frame, p: &Pkt<A>) -> Verdict {
         return established(&pk, &e.flow, None);
     }
     if let Some(entry) = conntrack::lookup(&key, pk.now, &cfg) {
-        // SAFETY: pointer from a successful lookup; copied so the rewrite uses one consistent view.
-        let flow = unsafe { *entry };
-        let v = established(&pk, &flow, Some(entry));
+        // Copied so the rewrite uses one consistent view.
+        let flow = A::snapshot(entry);
+        let v = established(&pk, flow, Some(entry));
         if v.outcome == FWD_REDIRECT || v.outcome == FWD_TX {
             flowcache::fill(&key, entry, cfg.flow_generation);
         }
@@ -293,10 +293,11 @@ fn ours_or_pass<A: Family>(f: &Frame, daddr_be: A, reason: u32) -> Verdict {
     Verdict::drop(reason)
 }
 
-/// A packet of a tracked flow: policy is skipped, the link is re-checked (reject, allowlist removal
-/// and deletion cut live flows). `entry`: the conntrack entry `flow` was copied from, to refresh;
-/// `None` when `flow` is this CPU's flow-cache copy, which stands in only where the refresh would
-/// write nothing.
+/// A packet of a tracked flow: policy is skipped, the link is re-checked (reject, allowlist
+/// removal and deletion cut live flows). `entry`: the conntrack entry `flow` was copied from, to
+/// refresh; `None` when `flow` is this CPU's flow-cache copy, which stands in only where the
+/// refresh would write nothing. A flow with a PROXY header has its sequence numbers moved (and the
+/// header put in front when it is due) before the translation.
 #[inline(always)]
 fn established<A: Family>(pk: &Packet<A>, flow: &Flow<A>, entry: Option<*mut Flow<A>>) -> Verdict {
     let (ctx, p) = (pk.frame.ctx, pk.p);
@@ -311,15 +312,23 @@ fn established<A: Family>(pk: &Packet<A>, flow: &Flow<A>, entry: Option<*mut Flo
         if let Some(e) = entry {
             conntrack::update(e, p, pk.now);
         }
-        forward::send(
-            ctx,
-            pk.frame.l2,
-            p,
-            flow,
-            entry,
-            pk.cfg.fib_generation,
-            None,
-        )
+        let proxied = match (flow.proxy_len, flow.dir) {
+            (0, _) => Ok(()),
+            (_, DIR_FORWARD) => proxy::outbound(ctx, pk.frame.iface.network_id, p, flow, entry),
+            _ => proxy::inbound(ctx, p, flow, entry),
+        };
+        match proxied {
+            Ok(()) => forward::send(
+                ctx,
+                pk.frame.l2,
+                p,
+                flow,
+                entry,
+                pk.cfg.fib_generation,
+                None,
+            ),
+            Err(reason) => Verdict::drop(reason),
+        }
     };
     stats::link_packet(
         flow.link_id,
@@ -386,6 +395,7 @@ fn admit_and_create<A: Family>(
         return Err(DROP_TTL_EXPIRED);
     }
     policy::under_flow_limit(link, ep.link_id)?;
+    let proxy_len = proxy::open(pk.frame.ctx, key, p, link)?;
     let hash = nat::flow_hash(key);
     let (slot, addr_be) = nat::pick_backend::<A>(link.service_slot, hash)?;
     let eth = ptr_at::<EthHdr>(pk.frame.ctx, 0).ok_or(PASS_MALFORMED)?;
@@ -397,6 +407,7 @@ fn admit_and_create<A: Family>(
         link,
         link_id: ep.link_id,
         service_port_be: ep.service_port_be,
+        proxy_len,
         hash,
         now: pk.now,
         cfg: pk.cfg,

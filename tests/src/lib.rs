@@ -6,6 +6,7 @@ pub mod fixture;
 pub mod fixture6;
 pub mod group;
 pub mod layout;
+pub mod tcpseg;
 pub mod world;
 
 use std::{net::Ipv4Addr, time::Duration};

@@ -306,6 +306,9 @@ enum ServiceCmd {
         /// Most live flows per endpoint on its node (default 0: no limit).
         #[arg(long, default_value_t = 0)]
         flow_limit: u32,
+        /// `v2`: a PROXY protocol v2 header in front of each new TCP connection (default: off).
+        #[arg(long, default_value = "off")]
+        proxy_protocol: String,
     },
     List(ListArgs),
     Get {
@@ -331,6 +334,9 @@ enum ServiceCmd {
         /// (`--endpoint-flow-limit ""` removes them).
         #[arg(long = "endpoint-flow-limit")]
         endpoint_flow_limits: Option<Vec<String>>,
+        /// `v2` or `off`, for connections opened from now on.
+        #[arg(long)]
+        proxy_protocol: Option<String>,
     },
     Delete {
         id: String,
@@ -563,6 +569,7 @@ fn request(cmd: &Command) -> anyhow::Result<Req> {
                 private_dns_name,
                 answer_ping,
                 flow_limit,
+                proxy_protocol,
             } => req(
                 Method::POST,
                 "/v1/services",
@@ -578,6 +585,7 @@ fn request(cmd: &Command) -> anyhow::Result<Req> {
                     private_dns_name: private_dns_name.clone(),
                     answer_ping: *answer_ping,
                     flow_limit: *flow_limit,
+                    proxy_protocol: word("--proxy-protocol", proxy_protocol)?,
                 })?,
             ),
             ServiceCmd::List(l) => req(Method::GET, "/v1/services", None).with_query(l.query()),
@@ -591,6 +599,7 @@ fn request(cmd: &Command) -> anyhow::Result<Req> {
                 answer_ping,
                 flow_limit,
                 endpoint_flow_limits,
+                proxy_protocol,
             } => {
                 let b = UpdateService {
                     name: name.clone(),
@@ -603,6 +612,10 @@ fn request(cmd: &Command) -> anyhow::Result<Req> {
                     endpoint_flow_limits: endpoint_flow_limits
                         .as_deref()
                         .map(endpoint_limits)
+                        .transpose()?,
+                    proxy_protocol: proxy_protocol
+                        .as_deref()
+                        .map(|w| word("--proxy-protocol", w))
                         .transpose()?,
                 };
                 req(Method::PATCH, format!("/v1/services/{id}"), body(b)?)

@@ -5,7 +5,7 @@ use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
 pub use crate::wire::{
-    HealthCheck, IpAddressType, Protocol, RuleAction, RuleProtocol, ServiceType, Tag,
+    HealthCheck, IpAddressType, Protocol, ProxyProtocol, RuleAction, RuleProtocol, ServiceType, Tag,
 };
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
@@ -120,6 +120,9 @@ pub struct Service {
     /// Endpoint id → its own limit instead of `flow_limit` (0: none), for endpoints of this service.
     #[serde(default)]
     pub endpoint_flow_limits: std::collections::BTreeMap<String, u32>,
+    /// A PROXY protocol header in front of each new TCP connection (`v2`), or none (`off`).
+    #[serde(default)]
+    pub proxy_protocol: ProxyProtocol,
     pub tags: Vec<Tag>,
     pub created_at: u64,
 }

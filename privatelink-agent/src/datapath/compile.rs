@@ -10,13 +10,15 @@ use privatelink_common::{
     ACTION_ACCEPT, ACTION_DROP, AllowKey, Backend4, Backend6, DatapathConfig, EndpointIpKey4,
     EndpointIpKey6, EndpointIpValue, EndpointKey4, EndpointKey6, EndpointValue,
     IFACE_INDEX_ENTRIES, IfaceInfo, IfaceKey, In6, LINK_AVAILABLE, LINK_PENDING, LINK_REJECTED,
-    LinkInfo, MAX_NETWORKS, MAX_RULES, NatRange4, NatRange6, PROTO_ANY, PROTO_ICMP, PROTO_ICMPV6,
-    PROTO_TCP, PROTO_UDP, ROLE_CONSUMER, ROLE_PROVIDER, RULES_NONE, Rule4, Rule6,
+    LinkInfo, MAX_NETWORKS, MAX_RULES, NatRange4, NatRange6, PP2_TYPE_ACCOUNT_ID,
+    PP2_TYPE_ENDPOINT_ID, PP2_TYPE_LINK_ID, PP2_TYPE_NOOP, PP2_TYPE_UNIQUE_ID, PROTO_ANY,
+    PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, PROXY_TLVS_MAX, ProxyTlvs, ROLE_CONSUMER,
+    ROLE_PROVIDER, RULES_NONE, Rule4, Rule6,
 };
 
 use super::{
     maglev,
-    model::{Action, Link, LinkState, Model, Proto, Role, RuleProto},
+    model::{Action, Link, LinkProxy, LinkState, Model, Proto, Role, RuleProto},
 };
 
 /// The full contents of every map the agent writes.
@@ -43,6 +45,9 @@ pub struct MapState {
     pub endpoints4: BTreeMap<EndpointKey4, EndpointValue>,
     pub endpoint_ips6: BTreeMap<EndpointIpKey6, EndpointIpValue>,
     pub endpoints6: BTreeMap<EndpointKey6, EndpointValue>,
+    /// Link id → the TLVs of its PROXY headers (every link with a TCP port: a flow whose header
+    /// is still due needs them after the service turned PROXY off).
+    pub proxy_tlvs: BTreeMap<u32, ProxyTlvs>,
 }
 
 /// A model that cannot be written. Nothing is written when compile fails.
@@ -80,6 +85,62 @@ pub enum CompileError {
     NoAddress(u32),
     #[error("link id 0 is reserved")]
     LinkZero,
+    #[error("link {link}: PROXY protocol TLVs of {len} bytes exceed {PROXY_TLVS_MAX}")]
+    ProxyTlvs { link: u32, len: usize },
+}
+
+/// Bytes of the UNIQUE_ID value the datapath appends (the connection id in hex).
+pub const PROXY_CONNECTION_ID_LEN: usize = 16;
+
+/// The TLVs of link `id`'s PROXY protocol v2 headers, as the datapath copies them after the
+/// addresses: the endpoint id (0xE0), the link id (0xE1, 4 bytes, network order), the account id
+/// (0xE2), a NOOP pad, and a UNIQUE_ID (0x05) of `<endpoint id>/<account id>/` whose last 16
+/// characters (the connection id) the datapath appends, before its CRC32C TLV. The pad makes the
+/// header's length a multiple of 4 for either family (16 + addresses and ports (12 or 36) + these
+/// + 16 + 7), so that inserting it keeps the TCP checksum's words aligned.
+pub fn proxy_tlvs(id: u32, p: &LinkProxy) -> Result<ProxyTlvs, CompileError> {
+    fn tlv(out: &mut Vec<u8>, kind: u8, len: usize, value: &[u8]) {
+        out.push(kind);
+        out.extend_from_slice(&(len as u16).to_be_bytes());
+        out.extend_from_slice(value);
+    }
+    let mut b = Vec::with_capacity(PROXY_TLVS_MAX);
+    tlv(
+        &mut b,
+        PP2_TYPE_ENDPOINT_ID,
+        p.endpoint_id.len(),
+        p.endpoint_id.as_bytes(),
+    );
+    tlv(&mut b, PP2_TYPE_LINK_ID, 4, &id.to_be_bytes());
+    tlv(
+        &mut b,
+        PP2_TYPE_ACCOUNT_ID,
+        p.account_id.len(),
+        p.account_id.as_bytes(),
+    );
+    let prefix = format!("{}/{}/", p.endpoint_id, p.account_id);
+    // The header is 51 (IPv4) or 75 (IPv6) bytes besides these, 3 modulo 4 either way.
+    let unpadded = b.len() + 3 + 3 + prefix.len();
+    let pad = (1 + 4 - unpadded % 4) % 4;
+    tlv(&mut b, PP2_TYPE_NOOP, pad, &[0; 3][..pad]);
+    tlv(
+        &mut b,
+        PP2_TYPE_UNIQUE_ID,
+        prefix.len() + PROXY_CONNECTION_ID_LEN,
+        prefix.as_bytes(),
+    );
+    if b.len() > PROXY_TLVS_MAX {
+        return Err(CompileError::ProxyTlvs {
+            link: id,
+            len: b.len(),
+        });
+    }
+    let mut t = ProxyTlvs {
+        len: b.len() as u32,
+        ..Default::default()
+    };
+    t.bytes[..b.len()].copy_from_slice(&b);
+    Ok(t)
 }
 
 fn network(id: u32) -> Result<u32, CompileError> {
@@ -395,6 +456,7 @@ fn rule_lists(id: u32, l: &Link) -> Result<RuleLists, CompileError> {
 /// What one link compiles to.
 struct LinkEntries {
     info: LinkInfo,
+    tlvs: Option<ProxyTlvs>,
     ip4: Option<EndpointIpKey4>,
     ip6: Option<EndpointIpKey6>,
     ports4: Vec<(EndpointKey4, EndpointValue)>,
@@ -444,7 +506,20 @@ fn link_entries(
         allowed: u32::from(model.allowlist.contains(&(l.service_slot, l.account))),
         answer_ping: u32::from(l.answer_ping),
         flow_limit: l.flow_limit,
-        _pad: 0,
+        proxy_tlvs: 0,
+    };
+    let tcp = l.ports.iter().any(|p| p.proto == Proto::Tcp);
+    let tlvs = if tcp {
+        Some(proxy_tlvs(id, &l.proxy)?)
+    } else {
+        None
+    };
+    let info = LinkInfo {
+        proxy_tlvs: match &tlvs {
+            Some(t) if l.proxy.v2 => t.len,
+            _ => 0,
+        },
+        ..info
     };
     let value = |service: u16| EndpointValue {
         link_id: id,
@@ -453,6 +528,7 @@ fn link_entries(
     };
     let mut e = LinkEntries {
         info,
+        tlvs,
         ip4: l.ip4.map(|a| EndpointIpKey4 {
             network_id: consumer_net,
             addr_be: be4(a),
@@ -636,6 +712,9 @@ impl MapState {
     /// Adds a link's entries, refusing an address or port another link already holds.
     fn add_link(&mut self, id: u32, e: LinkEntries) -> Result<(), CompileError> {
         self.links.insert(id, e.info);
+        if let Some(t) = e.tlvs {
+            self.proxy_tlvs.insert(id, t);
+        }
         let value = EndpointIpValue {
             link_id: id,
             _pad: 0,
@@ -650,6 +729,7 @@ impl MapState {
     /// incremental change, or its undoing with the arguments swapped).
     pub fn overlay(&mut self, old: &MapState, new: &MapState) {
         replace(&mut self.links, &old.links, &new.links);
+        replace(&mut self.proxy_tlvs, &old.proxy_tlvs, &new.proxy_tlvs);
         replace(
             &mut self.endpoint_ips4,
             &old.endpoint_ips4,
@@ -925,7 +1005,60 @@ mod tests {
             rules,
             answer_ping: r.next(2) == 0,
             flow_limit: r.next(3) as u32,
+            proxy: LinkProxy {
+                v2: r.next(2) == 0,
+                endpoint_id: format!("ep-{:08x}", r.next(1 << 32)),
+                account_id: "a".repeat(2 + r.next(31) as usize),
+            },
         }
+    }
+
+    #[test]
+    fn proxy_tlvs_pad_the_header_to_words_and_name_the_endpoint_link_and_account() {
+        for account_len in 2..=32 {
+            let p = LinkProxy {
+                v2: true,
+                endpoint_id: "ep-0a1b2c3d".into(),
+                account_id: "b".repeat(account_len),
+            };
+            let t = proxy_tlvs(7, &p).expect("fits");
+            let n = t.len as usize;
+            // 16 + addresses and ports + TLVs + the connection id + the CRC32C TLV.
+            for addrs in [12, 36] {
+                assert_eq!(
+                    (16 + addrs + n + PROXY_CONNECTION_ID_LEN + 7) % 4,
+                    0,
+                    "{account_len}"
+                );
+            }
+            let b = &t.bytes[..n];
+            assert_eq!(&b[..3], &[PP2_TYPE_ENDPOINT_ID, 0, 11]);
+            assert_eq!(&b[3..14], b"ep-0a1b2c3d");
+            assert_eq!(&b[14..21], &[PP2_TYPE_LINK_ID, 0, 4, 0, 0, 0, 7]);
+            assert_eq!(&b[21..24], &[PP2_TYPE_ACCOUNT_ID, 0, account_len as u8]);
+            let unique = format!("ep-0a1b2c3d/{}/", p.account_id);
+            assert!(
+                b.ends_with(unique.as_bytes()),
+                "the UNIQUE_ID's prefix ends the TLVs"
+            );
+            let at = n - unique.len() - 3;
+            assert_eq!(b[at], PP2_TYPE_UNIQUE_ID);
+            assert_eq!(
+                u16::from_be_bytes([b[at + 1], b[at + 2]]) as usize,
+                unique.len() + PROXY_CONNECTION_ID_LEN
+            );
+            assert_eq!(b[24 + account_len], PP2_TYPE_NOOP, "the pad sits before it");
+            assert!(t.bytes[n..].iter().all(|x| *x == 0));
+        }
+        let long = LinkProxy {
+            v2: true,
+            endpoint_id: "e".repeat(100),
+            account_id: "a".repeat(32),
+        };
+        assert!(matches!(
+            proxy_tlvs(7, &long),
+            Err(CompileError::ProxyTlvs { link: 7, .. })
+        ));
     }
 
     #[test]

@@ -16,8 +16,8 @@ use privatelink_common::{
     AllowKey, Backend4, Backend6, DatapathConfig, EndpointIpKey4, EndpointIpKey6, EndpointIpValue,
     EndpointKey4, EndpointKey6, EndpointValue, Flow, Flow4, Flow6, FlowKey, FlowKey4, FlowKey6,
     IfaceInfo, IfaceKey, LINK_AVAILABLE, LINK_EMPTY, LinkDropKey, LinkInfo, LinkStats, MAGLEV_SIZE,
-    MAX_RULES, MaglevTable, NatRange4, NatRange6, OUTCOMES, Rule4, Rule6, RuleList4, RuleList6,
-    names,
+    MAX_RULES, MaglevTable, NatRange4, NatRange6, OUTCOMES, PROXY_COUNTERS, ProxyPending,
+    ProxyTlvs, Rule4, Rule6, RuleList4, RuleList6, names,
 };
 
 use super::{
@@ -107,6 +107,11 @@ pub struct Dataplane {
     /// Flow-limit accounting; the conntrack scan ([`StatsReader::retire`]) is what writes it.
     link_opened: Array<MapData, u64>,
     link_retired: Array<MapData, u64>,
+    proxy_tlvs: HashMap<MapData, u32, ProxyTlvs>,
+    /// Written by the datapath only; here for the stats reader's handles.
+    proxy_pending4: HashMap<MapData, FlowKey4, ProxyPending>,
+    proxy_pending6: HashMap<MapData, FlowKey6, ProxyPending>,
+    proxy_stats: PerCpuArray<MapData, u64>,
     /// Capacities of the hash maps (arrays know their length).
     caps: BTreeMap<&'static str, u32>,
     shadow: MapState,
@@ -156,6 +161,7 @@ impl Dataplane {
             names::ENDPOINTS6,
             names::ENDPOINT_IPS6,
             names::ALLOWLIST,
+            names::PROXY_TLVS,
         ] {
             caps.insert(name, capacity(ebpf, name)?);
         }
@@ -189,6 +195,10 @@ impl Dataplane {
             flow_cache_stats: take(ebpf, names::FLOW_CACHE_STATS)?,
             link_opened: take(ebpf, names::LINK_OPENED)?,
             link_retired: take(ebpf, names::LINK_RETIRED)?,
+            proxy_tlvs: take(ebpf, names::PROXY_TLVS)?,
+            proxy_pending4: take(ebpf, names::PROXY_PENDING4)?,
+            proxy_pending6: take(ebpf, names::PROXY_PENDING6)?,
+            proxy_stats: take(ebpf, names::PROXY_STATS)?,
             caps,
             shadow: MapState::default(),
             last_model: None,
@@ -258,6 +268,7 @@ impl Dataplane {
         s.endpoints4 = read_hash(&self.endpoints4, names::ENDPOINTS4)?;
         s.endpoint_ips6 = read_hash(&self.endpoint_ips6, names::ENDPOINT_IPS6)?;
         s.endpoints6 = read_hash(&self.endpoints6, names::ENDPOINTS6)?;
+        s.proxy_tlvs = read_hash(&self.proxy_tlvs, names::PROXY_TLVS)?;
         Ok(s)
     }
 
@@ -296,6 +307,7 @@ impl Dataplane {
         hash(names::ENDPOINTS6, s.endpoints6.len())?;
         hash(names::ENDPOINT_IPS6, s.endpoint_ips6.len())?;
         hash(names::ALLOWLIST, s.allowlist.len())?;
+        hash(names::PROXY_TLVS, s.proxy_tlvs.len())?;
         let array =
             |name: &'static str, len: u32, max_index: Option<u32>| -> Result<(), DataplaneError> {
                 match max_index {
@@ -536,7 +548,14 @@ impl Dataplane {
                 let _ = self.link_drops.remove(&k);
             }
         }
-        // 2. Links (state, rule-list pointer flips), then the endpoint entries that point at them.
+        // 2. Links (state, rule-list pointer flips; their PROXY TLVs first), then the endpoint
+        // entries that point at them.
+        w += put_hash(
+            &mut self.proxy_tlvs,
+            &prev.proxy_tlvs,
+            &next.proxy_tlvs,
+            names::PROXY_TLVS,
+        )?;
         w += put_array(
             &mut self.links,
             &prev.links,
@@ -603,6 +622,12 @@ impl Dataplane {
             &next.links,
             names::LINKS,
             empty_link,
+        )?;
+        w += del_hash(
+            &mut self.proxy_tlvs,
+            &prev.proxy_tlvs,
+            &next.proxy_tlvs,
+            names::PROXY_TLVS,
         )?;
         for k in prev.allowlist.difference(&next.allowlist) {
             self.allowlist
@@ -812,6 +837,9 @@ impl Dataplane {
                 M::PerCpuArray,
             )?,
             ct4: again(self.ct4.map(), names::CT4, M::HashMap)?,
+            proxy_pending4: again(self.proxy_pending4.map(), names::PROXY_PENDING4, M::HashMap)?,
+            proxy_pending6: again(self.proxy_pending6.map(), names::PROXY_PENDING6, M::HashMap)?,
+            proxy_stats: again(self.proxy_stats.map(), names::PROXY_STATS, M::PerCpuArray)?,
             link_opened: again(self.link_opened.map(), names::LINK_OPENED, M::Array)?,
             link_retired: again(self.link_retired.map(), names::LINK_RETIRED, M::Array)?,
             retired: super::batch::array_values(&self.link_retired)
@@ -1074,6 +1102,7 @@ fn drift(a: &MapState, b: &MapState) -> usize {
         + count(&a.maglev6, &b.maglev6)
         + count(&a.endpoint_ips6, &b.endpoint_ips6)
         + count(&a.endpoints6, &b.endpoints6)
+        + count(&a.proxy_tlvs, &b.proxy_tlvs)
 }
 
 /// Possible CPUs, the length of per-CPU values.
@@ -1131,6 +1160,9 @@ pub struct StatsReader {
     flow_cache_stats: PerCpuArray<MapData, u64>,
     ct4: HashMap<MapData, FlowKey4, Flow4>,
     ct6: HashMap<MapData, FlowKey6, Flow6>,
+    proxy_pending4: HashMap<MapData, FlowKey4, ProxyPending>,
+    proxy_pending6: HashMap<MapData, FlowKey6, ProxyPending>,
+    proxy_stats: PerCpuArray<MapData, u64>,
     link_opened: Array<MapData, u64>,
     link_retired: Array<MapData, u64>,
     /// What `link_retired` holds where it is not 0.
@@ -1139,6 +1171,25 @@ pub struct StatsReader {
     pub ct6_capacity: u32,
     /// Capacities of the counter maps (LINK_STATS, LINK_DROPS).
     pub counter_capacity: (u32, u32),
+}
+
+/// Removes the pending PROXY headers whose flow is gone from `ct` (it ended, or expired, before
+/// the backend acknowledged the header).
+fn forget_pending<A>(
+    pending: &mut HashMap<MapData, FlowKey<A>, ProxyPending>,
+    ct: &HashMap<MapData, FlowKey<A>, Flow<A>>,
+) where
+    FlowKey<A>: aya::Pod,
+    Flow<A>: aya::Pod,
+{
+    let gone: Vec<FlowKey<A>> = pending
+        .keys()
+        .filter_map(Result::ok)
+        .filter(|k| ct.get(k, 0).is_err())
+        .collect();
+    for k in gone {
+        let _ = pending.remove(&k);
+    }
 }
 
 /// Removes the conntrack entries `doomed` picks. Returns how many.
@@ -1378,7 +1429,22 @@ impl StatsReader {
         let mut views = Vec::new();
         let removed = scan_table(&mut self.ct4, now, cfg, false, &mut views)
             + scan_table(&mut self.ct6, now, cfg, true, &mut views);
+        forget_pending(&mut self.proxy_pending4, &self.ct4);
+        forget_pending(&mut self.proxy_pending6, &self.ct6);
         (views, removed)
+    }
+
+    /// The PROXY counters summed over CPUs: headers sent, headers acknowledged, MSS clamped.
+    pub fn proxy(&self) -> [u64; PROXY_COUNTERS as usize] {
+        let mut out = [0; PROXY_COUNTERS as usize];
+        for (i, o) in out.iter_mut().enumerate() {
+            *o = self
+                .proxy_stats
+                .get(&(i as u32), 0)
+                .map(|v| v.iter().sum())
+                .unwrap_or_default();
+        }
+        out
     }
 
     /// Every conntrack entry of both families, as the counters see them.

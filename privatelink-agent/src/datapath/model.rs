@@ -109,6 +109,17 @@ pub struct Link {
     pub answer_ping: bool,
     /// Most live flows the link may have; 0: no limit.
     pub flow_limit: u32,
+    /// What the link's PROXY protocol v2 headers say, and whether new TCP flows get one.
+    pub proxy: LinkProxy,
+}
+
+/// The PROXY protocol v2 side of a link: its TLVs carry the endpoint id and the consumer account
+/// id (and the link id); `v2` turns the header on for new TCP flows.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct LinkProxy {
+    pub v2: bool,
+    pub endpoint_id: String,
+    pub account_id: String,
 }
 
 /// A service: its provider network and its (healthy) backends.

@@ -13,12 +13,14 @@ use privatelink_common::DatapathConfig;
 use crate::{
     control::{
         state::State,
-        types::{Binding, ConnectionState, Protocol, RuleAction, RuleProtocol, SgRule},
+        types::{
+            Binding, ConnectionState, Protocol, ProxyProtocol, RuleAction, RuleProtocol, SgRule,
+        },
         validate,
     },
     datapath::{
-        Action, Iface, Link, LinkState, Model, NatRange, PortMap, Proto, Role, Rule, RuleProto,
-        Service,
+        Action, Iface, Link, LinkProxy, LinkState, Model, NatRange, PortMap, Proto, Role, Rule,
+        RuleProto, Service,
     },
 };
 
@@ -192,6 +194,11 @@ pub fn model(
                 rules,
                 answer_ping: svc.answer_ping,
                 flow_limit: svc.flow_limit_of(&ep.id),
+                proxy: LinkProxy {
+                    v2: svc.proxy_protocol == ProxyProtocol::V2,
+                    endpoint_id: ep.id.clone(),
+                    account_id: ep.owner.clone(),
+                },
             },
         ));
     }
@@ -429,6 +436,7 @@ mod health_tests {
                 health_check: HealthCheck::default(),
                 flow_limit: 0,
                 endpoint_flow_limits: Default::default(),
+                proxy_protocol: Default::default(),
                 tags: vec![],
                 created_at: 0,
             },

@@ -23,7 +23,7 @@ use aya::programs::xdp::XdpMode;
 
 use crate::{
     datapath::loader::{Datapath, Sizes},
-    datapath::{Iface, Link, LinkState, Model, NatRange, PortMap, Proto, Role, Service},
+    datapath::{Iface, Link, LinkProxy, LinkState, Model, NatRange, PortMap, Proto, Role, Service},
     testkit::netns::{Netns, veth},
 };
 
@@ -193,6 +193,11 @@ pub fn endpoint_link(network_id: u32, account: u32) -> Link {
         rules: None,
         answer_ping: false,
         flow_limit: 0,
+        proxy: LinkProxy {
+            v2: false,
+            endpoint_id: format!("ep-{network_id:08x}"),
+            account_id: format!("acct-{account}"),
+        },
     }
 }
 

@@ -870,6 +870,7 @@ fn big_state(
             health_check: HealthCheck::default(),
             flow_limit: 0,
             endpoint_flow_limits: Default::default(),
+            proxy_protocol: Default::default(),
             tags: vec![],
             created_at: 0,
         },

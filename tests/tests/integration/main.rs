@@ -19,4 +19,5 @@ mod namespace;
 mod nat_ports;
 mod netns;
 mod object;
+mod proxy;
 mod store_crash;

@@ -98,7 +98,7 @@ fn the_datapath_programs_make_no_bpf_to_bpf_calls() {
 #[test]
 fn the_production_object_holds_exactly_the_datapath_programs_and_maps() {
     const PROGRAMS: [&str; 3] = ["pass", "privatelink", "privatelink6"];
-    const MAPS: [&str; 38] = [
+    const MAPS: [&str; 46] = [
         "ALLOWLIST",
         "BACKENDS4",
         "BACKENDS6",
@@ -115,6 +115,8 @@ fn the_production_object_holds_exactly_the_datapath_programs_and_maps() {
         "FLOW_CACHE4",
         "FLOW_CACHE6",
         "FLOW_CACHE_STATS",
+        "FLOW_COPY4",
+        "FLOW_COPY6",
         "GLOBAL_STATS",
         "HANDOFF6",
         "IFACES",
@@ -133,6 +135,12 @@ fn the_production_object_holds_exactly_the_datapath_programs_and_maps() {
         "NAT_PROBE6",
         "NEXTHOP4",
         "NEXTHOP6",
+        "PROXY_KEY4",
+        "PROXY_PENDING4",
+        "PROXY_PENDING6",
+        "PROXY_SCRATCH",
+        "PROXY_STATS",
+        "PROXY_TLVS",
         "RULES4",
         "RULES6",
         "SCRATCH6",

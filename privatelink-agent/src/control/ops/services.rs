@@ -8,8 +8,8 @@ use crate::control::{
     error::{ApiError, ApiResult},
     state::State,
     types::{
-        AllowEntry, Change, ConnectionState, HealthCheck, Object, PortMapping, Protocol, Service,
-        ServiceType,
+        AllowEntry, Change, ConnectionState, HealthCheck, Object, PortMapping, Protocol,
+        ProxyProtocol, Service, ServiceType,
     },
     validate,
 };
@@ -173,6 +173,7 @@ pub fn create(s: &State, cx: &mut Ctx, req: CreateService) -> Outcome<Service> {
     }
     let backends = backends(s, &req.network_id, &req.backends)?;
     let port_mappings = mappings(&[], &req.port_mappings)?;
+    proxy_protocol(req.proxy_protocol, &port_mappings)?;
     health_check(&req.health_check)?;
     let private_dns_name = req
         .private_dns_name
@@ -198,10 +199,25 @@ pub fn create(s: &State, cx: &mut Ctx, req: CreateService) -> Outcome<Service> {
         health_check: req.health_check,
         flow_limit: req.flow_limit,
         endpoint_flow_limits: Default::default(),
+        proxy_protocol: req.proxy_protocol,
         tags: req.tags,
         created_at: cx.now,
     };
     Ok((vec![Change::Put(Object::Service(svc.clone()))], svc))
+}
+
+/// PROXY protocol goes in front of TCP streams only: a service without a TCP port mapping would
+/// never send it, which is refused rather than silently ignored.
+fn proxy_protocol(p: ProxyProtocol, mappings: &[PortMapping]) -> ApiResult<()> {
+    if p == ProxyProtocol::V2 && !mappings.iter().any(|m| m.protocol == Protocol::Tcp) {
+        return Err(ApiError::invalid(
+            "proxy_protocol_needs_tcp",
+            "proxy_protocol",
+            "PROXY protocol v2 is sent on TCP connections only, and this service has no TCP port \
+             mapping (UDP flows never carry the header)",
+        ));
+    }
+    Ok(())
 }
 
 fn put(svc: Service) -> Outcome<Service> {
@@ -220,6 +236,10 @@ pub fn update(s: &State, cx: &mut Ctx, id: &str, req: UpdateService) -> Outcome<
     }
     if let Some(n) = req.flow_limit {
         svc.flow_limit = n;
+    }
+    if let Some(p) = req.proxy_protocol {
+        proxy_protocol(p, &svc.port_mappings)?;
+        svc.proxy_protocol = p;
     }
     if let Some(limits) = req.endpoint_flow_limits {
         for id in limits.keys() {
