@@ -3,6 +3,9 @@
 //! Targets start healthy (an agent restart must not empty every Maglev table), turn unhealthy after
 //! `unhealthy_threshold` failed connects in a row and healthy again after `healthy_threshold`
 //! successes. The agent keeps unhealthy targets out of the Maglev tables and cuts their flows.
+//! A service with PROXY protocol on gets a PROXY v2 LOCAL header first on each check connection
+//! (as AWS's load balancers send it), so that a backend requiring the header stays healthy and
+//! logs no broken header.
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::{IpAddr, SocketAddr},
@@ -11,12 +14,17 @@ use std::{
 };
 
 use tokio::{
+    io::AsyncWriteExt,
     net::TcpStream,
     sync::{Notify, mpsc},
     time::Instant,
 };
 
-use crate::control::{plane::ControlPlane, state::State, types::HealthCheck};
+use crate::control::{
+    plane::ControlPlane,
+    state::State,
+    types::{HealthCheck, ProxyProtocol},
+};
 
 /// (service id, backend address).
 pub type TargetKey = (String, IpAddr);
@@ -98,26 +106,39 @@ impl Health {
     }
 }
 
-/// What to probe: every backend of every service with checks enabled and a port to probe.
-fn targets(state: &State) -> Vec<(TargetKey, u16, HealthCheck)> {
+/// What to probe: every backend of every service with checks enabled and a port to probe, and
+/// whether the service speaks PROXY protocol.
+fn targets(state: &State) -> Vec<(TargetKey, u16, HealthCheck, bool)> {
     state
         .services
         .values()
         .filter(|s| s.health_check.enabled)
         .filter_map(|s| s.health_check.probe_port(&s.port_mappings).map(|p| (s, p)))
         .flat_map(|(s, port)| {
+            let proxy = s.proxy_protocol == ProxyProtocol::V2;
             s.backends
                 .iter()
-                .map(move |ip| ((s.id.clone(), *ip), port, s.health_check))
+                .map(move |ip| ((s.id.clone(), *ip), port, s.health_check, proxy))
         })
         .collect()
 }
 
-async fn probe(addr: SocketAddr, timeout: Duration) -> bool {
-    matches!(
-        tokio::time::timeout(timeout, TcpStream::connect(addr)).await,
-        Ok(Ok(_))
-    )
+/// A PROXY protocol v2 header with command LOCAL: a connection of the proxy's own (no addresses
+/// follow), which a backend accepts without taking it for a consumer's.
+pub const PROXY_V2_LOCAL: [u8; 16] = [
+    0x0d, 0x0a, 0x0d, 0x0a, 0x00, 0x0d, 0x0a, 0x51, 0x55, 0x49, 0x54, 0x0a, 0x20, 0x00, 0x00, 0x00,
+];
+
+/// One check: a TCP connect within `timeout` (with `proxy`, the LOCAL header sent as well).
+async fn probe(addr: SocketAddr, timeout: Duration, proxy: bool) -> bool {
+    let check = async {
+        let mut s = TcpStream::connect(addr).await?;
+        if proxy {
+            s.write_all(&PROXY_V2_LOCAL).await?;
+        }
+        s.shutdown().await
+    };
+    matches!(tokio::time::timeout(timeout, check).await, Ok(Ok(())))
 }
 
 /// Runs the checks forever; `changed` is notified whenever a target changes state.
@@ -130,10 +151,10 @@ pub async fn run(plane: Arc<ControlPlane>, health: Arc<Health>, changed: Arc<Not
             _ = tick.tick() => {
                 let now = Instant::now();
                 let list = plane.read(targets);
-                let wanted: BTreeSet<TargetKey> = list.iter().map(|(k, _, _)| k.clone()).collect();
+                let wanted: BTreeSet<TargetKey> = list.iter().map(|(k, ..)| k.clone()).collect();
                 health.retain(&wanted);
                 due.retain(|k, _| wanted.contains(k));
-                for (key, port, hc) in list {
+                for (key, port, hc, proxy) in list {
                     let next = due.entry(key.clone()).or_insert(now);
                     if *next > now {
                         continue;
@@ -141,7 +162,7 @@ pub async fn run(plane: Arc<ControlPlane>, health: Arc<Health>, changed: Arc<Not
                     *next = now + Duration::from_secs(hc.interval_secs.into());
                     let tx = tx.clone();
                     tokio::spawn(async move {
-                        let ok = probe(SocketAddr::new(key.1, port), Duration::from_secs(hc.timeout_secs.into())).await;
+                        let ok = probe(SocketAddr::new(key.1, port), Duration::from_secs(hc.timeout_secs.into()), proxy).await;
                         let _ = tx.send((key, ok, hc)).await;
                     });
                 }
@@ -158,6 +179,33 @@ pub async fn run(plane: Arc<ControlPlane>, health: Arc<Health>, changed: Arc<Not
 
 #[cfg(test)]
 mod tests {
+    #[tokio::test]
+    async fn a_proxy_services_check_sends_the_local_header_and_nothing_else() {
+        use tokio::io::AsyncReadExt;
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let server = tokio::spawn(async move {
+            let mut got = Vec::new();
+            for _ in 0..2 {
+                let (mut c, _) = l.accept().await.unwrap();
+                let mut b = Vec::new();
+                c.read_to_end(&mut b).await.unwrap();
+                got.push(b);
+            }
+            got
+        });
+        assert!(super::probe(addr, Duration::from_secs(2), true).await);
+        assert!(super::probe(addr, Duration::from_secs(2), false).await);
+        let got = server.await.unwrap();
+        assert_eq!(
+            got[0],
+            super::PROXY_V2_LOCAL,
+            "version 2, LOCAL, no addresses"
+        );
+        assert_eq!(got[0][12], 0x20);
+        assert!(got[1].is_empty(), "without PROXY protocol: a bare connect");
+    }
+
     use super::*;
 
     #[test]

@@ -4,7 +4,10 @@ use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 
 use super::*;
-use crate::control::{alloc::Allocations, types::Cluster};
+use crate::control::{
+    alloc::Allocations,
+    types::{Cluster, ProxyProtocol},
+};
 
 const PROVIDER: &str = "1000000001";
 const CONSUMER: &str = "1000000002";
@@ -287,4 +290,52 @@ fn flow_limits_are_the_providers_and_name_only_endpoints_of_the_service() {
         .unwrap();
     assert_eq!(updated.flow_limit_of(&ep.id), 20, "the override");
     assert_eq!(updated.flow_limit_of("another"), 0, "the service's: none");
+}
+
+#[test]
+fn proxy_protocol_is_the_providers_tcp_only_and_refused_without_changing_anything() {
+    let mut f = Fixture::new();
+    let (pnet, _) = f.accounts_and_networks();
+    let create = |f: &mut Fixture, body: serde_json::Value| {
+        f.run(&account(PROVIDER), |s, cx| {
+            services::create(s, cx, req(body))
+        })
+    };
+    let e = create(
+        &mut f,
+        json!({ "name": "dns", "network_id": pnet, "service_type": "custom",
+                "backends": ["198.18.100.10"], "proxy_protocol": "v2",
+                "port_mappings": [{ "protocol": "udp", "service_port": 53, "terminal_port": 53 }] }),
+    )
+    .unwrap_err();
+    assert_eq!(
+        (e.code, e.field.as_deref()),
+        ("proxy_protocol_needs_tcp", Some("proxy_protocol"))
+    );
+    assert!(f.state.services.is_empty(), "nothing created");
+    let bad =
+        serde_json::from_value::<crate::wire::UpdateService>(json!({ "proxy_protocol": "v3" }))
+            .unwrap_err();
+    assert!(bad.to_string().contains("expected `off` or `v2`"), "{bad}");
+    let svc = create(
+        &mut f,
+        json!({ "name": "web", "network_id": pnet, "service_type": "custom",
+                "backends": ["198.18.100.10"],
+                "port_mappings": [{ "protocol": "tcp", "service_port": 80, "terminal_port": 80 }] }),
+    )
+    .unwrap();
+    assert_eq!(svc.proxy_protocol, ProxyProtocol::Off, "off by default");
+    let e = f
+        .run(&account(CONSUMER), |s, cx| {
+            services::update(s, cx, &svc.id, req(json!({ "proxy_protocol": "v2" })))
+        })
+        .unwrap_err();
+    assert_eq!(e.status, 404, "a consumer cannot turn it on");
+    let on = f
+        .run(&account(PROVIDER), |s, cx| {
+            services::update(s, cx, &svc.id, req(json!({ "proxy_protocol": "v2" })))
+        })
+        .unwrap();
+    assert_eq!(on.proxy_protocol, ProxyProtocol::V2);
+    assert_eq!(f.state.services[&svc.id].proxy_protocol, ProxyProtocol::V2);
 }
