@@ -18,6 +18,8 @@ pub const PACKAGES: &[&str] = &[
     "iperf3",
     "nftables",
     "haproxy",
+    "nginx-light",
+    "socat",
     "redis-server",
     "redis-tools",
     "mariadb-server",

@@ -27,14 +27,14 @@ use serde_json::json;
 
 /// One service of the suite: its backend in the provider network and its endpoint IP in each
 /// consumer network (the same in both: the networks overlap).
-struct Kind {
-    name: &'static str,
-    service_type: &'static str,
-    protocol: &'static str,
-    backend: Ipv4Addr,
-    service_port: u16,
-    terminal_port: u16,
-    endpoint: Ipv4Addr,
+pub(crate) struct Kind {
+    pub(crate) name: &'static str,
+    pub(crate) service_type: &'static str,
+    pub(crate) protocol: &'static str,
+    pub(crate) backend: Ipv4Addr,
+    pub(crate) service_port: u16,
+    pub(crate) terminal_port: u16,
+    pub(crate) endpoint: Ipv4Addr,
 }
 
 const HTTP: Kind = Kind {
@@ -81,7 +81,7 @@ fn nat_range() -> Ipv4Net {
 
 /// Runs `program` in `ns` under `timeout` (so a hung client fails the test instead of hanging it),
 /// with `stdin` if given; panics with its output unless it exits 0.
-fn run(ns: &Netns, program: &str, args: &[&str], stdin: Option<&[u8]>) -> Output {
+pub(crate) fn run(ns: &Netns, program: &str, args: &[&str], stdin: Option<&[u8]>) -> Output {
     let mut cmd = ns.command("timeout");
     cmd.arg("60").arg(program).args(args);
     cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
@@ -110,7 +110,7 @@ fn run(ns: &Netns, program: &str, args: &[&str], stdin: Option<&[u8]>) -> Output
 }
 
 /// Starts a server in the provider namespace, its output to `log`.
-fn server(w: &World, log: &Path, program: &str, args: &[&str]) -> Proc {
+pub(crate) fn server(w: &World, log: &Path, program: &str, args: &[&str]) -> Proc {
     let f = std::fs::File::create(log).unwrap();
     Proc(
         w.topo
@@ -174,7 +174,7 @@ fn redis_server(w: &World, bind: &str) -> Proc {
 }
 
 /// Retries `f` (bounded) until it returns true.
-fn eventually(what: &str, w: &World, mut f: impl FnMut() -> bool) {
+pub(crate) fn eventually(what: &str, w: &World, mut f: impl FnMut() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(30);
     while !f() {
         assert!(Instant::now() < deadline, "{what}\n{}", w.log());
@@ -183,7 +183,7 @@ fn eventually(what: &str, w: &World, mut f: impl FnMut() -> bool) {
 }
 
 /// Whether `program` exits 0 in `ns` (for readiness probes).
-fn succeeds(ns: &Netns, program: &str, args: &[&str]) -> bool {
+pub(crate) fn succeeds(ns: &Netns, program: &str, args: &[&str]) -> bool {
     ns.command("timeout")
         .arg("5")
         .arg(program)
@@ -196,7 +196,7 @@ fn succeeds(ns: &Netns, program: &str, args: &[&str]) -> bool {
 }
 
 /// Deterministic pseudo-random bytes (xorshift), different per seed.
-fn blob(seed: u64, len: usize) -> Vec<u8> {
+pub(crate) fn blob(seed: u64, len: usize) -> Vec<u8> {
     let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
     (0..len)
         .map(|_| {
@@ -479,7 +479,7 @@ fn udp_server_at(w: &World, at: SocketAddr, stop: Arc<AtomicBool>) -> std::threa
 /// Service `k` with `backends` through the provider's API, both consumer accounts allowlisted, an
 /// endpoint of each consumer (`address`: the request's address fields), all accepted.
 /// Records the endpoint ids in `endpoints` by (consumer, service name); returns the endpoints.
-fn offer(
+pub(crate) fn offer(
     w: &World,
     k: &'static Kind,
     backends: &[String],
@@ -522,6 +522,67 @@ fn offer(
     made
 }
 
+/// mariadbd on `k`'s backend address and port (with `extra` options), its data and log in the
+/// world's directory, with a network user `app` (password `app-secret`) made over its socket once
+/// it is up.
+pub(crate) fn mariadb_server(w: &World, k: &Kind, extra: &[&str]) -> Proc {
+    let provider = &w.topo.provider;
+    let data = w.dir.join(format!("mariadb-{}", k.name));
+    run(
+        provider,
+        "mariadb-install-db",
+        &[
+            "--no-defaults",
+            &format!("--datadir={}", data.display()),
+            "--user=root",
+            "--auth-root-authentication-method=normal",
+            "--skip-test-db",
+        ],
+        None,
+    );
+    let mut args = vec![
+        "--no-defaults".to_string(),
+        format!("--datadir={}", data.display()),
+        format!("--socket={}", data.join("sock").display()),
+        format!("--pid-file={}", data.join("pid").display()),
+        format!("--bind-address={}", k.backend),
+        format!("--port={}", k.service_port),
+        "--user=root".into(),
+        "--skip-name-resolve".into(),
+        "--innodb-buffer-pool-size=32M".into(),
+    ];
+    args.extend(extra.iter().map(|a| a.to_string()));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let p = server(
+        w,
+        &w.dir.join(format!("mariadb-{}.log", k.name)),
+        "mariadbd",
+        &args,
+    );
+    let sock = format!("--socket={}", data.join("sock").display());
+    eventually("mariadbd starts", w, || {
+        succeeds(
+            provider,
+            "mariadb",
+            &["--no-defaults", &sock, "-u", "root", "-e", "SELECT 1"],
+        )
+    });
+    run(
+        provider,
+        "mariadb",
+        &[
+            "--no-defaults",
+            &sock,
+            "-u",
+            "root",
+            "-e",
+            "CREATE USER 'app'@'%' IDENTIFIED BY 'app-secret'; GRANT ALL ON *.* TO 'app'@'%';",
+        ],
+        None,
+    );
+    p
+}
+
 /// Stops a thread on drop (the UDP server), also on panic.
 struct StopOnDrop(Arc<AtomicBool>);
 
@@ -548,57 +609,7 @@ fn real_clients_reach_real_servers_through_endpoints_in_overlapping_networks() {
     let dir = w.dir.clone();
     let _http = http_server(&w, &HTTP.backend.to_string());
     let _redis = redis_server(&w, &REDIS.backend.to_string());
-    let data = dir.join("mariadb");
-    run(
-        provider,
-        "mariadb-install-db",
-        &[
-            "--no-defaults",
-            &format!("--datadir={}", data.display()),
-            "--user=root",
-            "--auth-root-authentication-method=normal",
-            "--skip-test-db",
-        ],
-        None,
-    );
-    let _mysql = server(
-        &w,
-        &dir.join("mariadb.log"),
-        "mariadbd",
-        &[
-            "--no-defaults",
-            &format!("--datadir={}", data.display()),
-            &format!("--socket={}", data.join("sock").display()),
-            &format!("--pid-file={}", data.join("pid").display()),
-            &format!("--bind-address={}", MYSQL.backend),
-            &format!("--port={}", MYSQL.service_port),
-            "--user=root",
-            "--skip-name-resolve",
-            "--innodb-buffer-pool-size=32M",
-        ],
-    );
-    // A network user for the clients, made over the server's socket once it is up.
-    let sock = format!("--socket={}", data.join("sock").display());
-    eventually("mariadbd starts", &w, || {
-        succeeds(
-            provider,
-            "mariadb",
-            &["--no-defaults", &sock, "-u", "root", "-e", "SELECT 1"],
-        )
-    });
-    run(
-        provider,
-        "mariadb",
-        &[
-            "--no-defaults",
-            &sock,
-            "-u",
-            "root",
-            "-e",
-            "CREATE USER 'app'@'%' IDENTIFIED BY 'app-secret'; GRANT ALL ON *.* TO 'app'@'%';",
-        ],
-        None,
-    );
+    let _mysql = mariadb_server(&w, &MYSQL, &[]);
     let stop = Arc::new(AtomicBool::new(false));
     let _stop = StopOnDrop(stop.clone());
     let udp = udp_server(&w, stop);
