@@ -202,14 +202,15 @@ pub static PROXY_TLVS: HashMap<u32, ProxyTlvs> =
 /// Forward key → where the consumer's stream starts, while the backend has not acknowledged the
 /// PROXY header of the flow (deleted when it has; the agent's sweep removes those whose flow
 /// ended first). Full: new PROXY flows drop (`proxy_full`), established ones go on.
+/// Preallocated (a few MiB): an insert per new PROXY flow must not allocate.
 #[map]
 pub static PROXY_PENDING4: HashMap<FlowKey4, ProxyPending> =
-    HashMap::with_max_entries(PROXY_PENDING_ENTRIES, BPF_F_NO_PREALLOC);
+    HashMap::with_max_entries(PROXY_PENDING_ENTRIES, 0);
 
 /// The same for IPv6 flows.
 #[map]
 pub static PROXY_PENDING6: HashMap<FlowKey6, ProxyPending> =
-    HashMap::with_max_entries(PROXY_PENDING_ENTRIES, BPF_F_NO_PREALLOC);
+    HashMap::with_max_entries(PROXY_PENDING_ENTRIES, 0);
 
 /// Per-CPU PROXY counters (`PROXY_HEADERS_SENT`, ...).
 #[map]

@@ -89,6 +89,8 @@ pub struct Scratch {
     sum: u32,
     /// The connection id while it is written out.
     id: u64,
+    /// Words of the header the CRC pass covers.
+    words: u32,
     /// The option walk: where it is, where the options end, the flow's `base` and header length,
     /// whether the header is pending, whether the segment is a SYN-ACK, the checksum change.
     at: u32,
@@ -184,22 +186,25 @@ pub fn outbound<A: Family>(
     entry: Option<*mut Flow<A>>,
 ) -> Result<(), u32> {
     let flags = p.tcp_flags;
-    let key = A::proxy_key().ok_or(DROP_PROXY_INSERT)?;
-    fill_key(
-        key,
-        network_id,
-        &p.saddr_be,
-        &p.daddr_be,
-        p.sport_be,
-        p.dport_be,
-    );
-    let key = &*key;
+    // The flow's key, made only where the pending state is read or written (not per packet).
+    let key = || -> Result<&'static FlowKey<A>, u32> {
+        let k = A::proxy_key().ok_or(DROP_PROXY_INSERT)?;
+        fill_key(
+            k,
+            network_id,
+            &p.saddr_be,
+            &p.daddr_be,
+            p.sport_be,
+            p.dport_be,
+        );
+        Ok(&*k)
+    };
     if flags & TCP_SYN != 0 {
         if flags & TCP_ACK == 0 {
             // A retransmitted SYN, or the consumer reusing the tuple for a new connection: the
             // stream starts (again) after this one's sequence number.
             let seq = read_u32(ctx, p.l4_off, 4).ok_or(DROP_PROXY_INSERT)?;
-            record::<A>(key, seq)?;
+            record::<A>(key()?, seq)?;
             if flow.proxy_flags & PROXY_PENDING == 0 {
                 set_pending(flow, entry, PROXY_PENDING);
             }
@@ -210,7 +215,7 @@ pub fn outbound<A: Family>(
     let seq = read_u32(ctx, p.l4_off, 4).ok_or(DROP_PROXY_INSERT)?;
     if flow.proxy_flags & PROXY_PENDING != 0 {
         // SAFETY: copied out at once.
-        match unsafe { A::proxy_pending().get(key) }.map(|v| v.base) {
+        match unsafe { A::proxy_pending().get(key()?) }.map(|v| v.base) {
             Some(base) if seq == base && flags & TCP_RST != 0 => return Ok(()),
             Some(base) if seq == base => {
                 let s = scratch().ok_or(DROP_PROXY_INSERT)?;
@@ -245,32 +250,31 @@ pub fn inbound<A: Family>(
     let len = flow.proxy_len as u32;
     let mut pending = flow.proxy_flags & PROXY_PENDING != 0;
     let mut base = 0;
-    // The forward entry's key, as `conntrack::twin_key` makes it.
-    let fwd = A::proxy_key().ok_or(DROP_PROXY_INSERT)?;
-    fill_key(
-        fwd,
-        flow.peer_network,
-        &flow.daddr_be,
-        &flow.saddr_be,
-        flow.dport_be,
-        flow.sport_be,
-    );
-    let fwd = &*fwd;
+    let ack = read_u32(ctx, p.l4_off, 8).ok_or(DROP_PROXY_INSERT)?;
     if pending {
+        // The forward entry's key, as `conntrack::twin_key` makes it.
+        let fwd = A::proxy_key().ok_or(DROP_PROXY_INSERT)?;
+        fill_key(
+            fwd,
+            flow.peer_network,
+            &flow.daddr_be,
+            &flow.saddr_be,
+            flow.dport_be,
+            flow.sport_be,
+        );
         // SAFETY: copied out at once.
-        match unsafe { A::proxy_pending().get(fwd) }.map(|v| v.base) {
+        match unsafe { A::proxy_pending().get(&*fwd) }.map(|v| v.base) {
             Some(b) => base = b,
             None => {
                 pending = false;
                 set_pending(flow, entry, 0);
             }
         }
-    }
-    let ack = read_u32(ctx, p.l4_off, 8).ok_or(DROP_PROXY_INSERT)?;
-    if pending && (ack.wrapping_sub(base) as i32) >= len as i32 {
-        set_pending(flow, entry, 0);
-        let _ = A::proxy_pending().remove(fwd);
-        stats::add_one(&PROXY_STATS, PROXY_HEADERS_ACKED);
+        if pending && (ack.wrapping_sub(base) as i32) >= len as i32 {
+            set_pending(flow, entry, 0);
+            let _ = A::proxy_pending().remove(&*fwd);
+            stats::add_one(&PROXY_STATS, PROXY_HEADERS_ACKED);
+        }
     }
     shift(ctx, p.l4_off, 8, ack, back(ack, base, len, pending))?;
     options(ctx, p, base, len, pending, flags & TCP_SYN != 0)
@@ -429,10 +433,11 @@ fn build<A: Family>(p: &Pkt<A>, flow: &Flow<A>, base: u32, s: &mut Scratch) -> R
     s.hdr[crc_word] = 0;
     s.crc = !0;
     s.sum = 0;
+    s.words = (total / 4) as u32;
     // SAFETY: the callback matches bpf_loop's signature and takes no context.
     unsafe {
         bpf_loop(
-            (total / 4) as u32,
+            s.words.div_ceil(CRC_WORDS_PER_STEP),
             crc_step as *mut c_void,
             core::ptr::null_mut(),
             0,
@@ -445,18 +450,28 @@ fn build<A: Family>(p: &Pkt<A>, flow: &Flow<A>, base: u32, s: &mut Scratch) -> R
     Ok(total)
 }
 
-/// One word of the header into the CRC and the checksum sum (a `bpf_loop` callback).
+/// Header words one step of the CRC pass takes (fewer steps: each costs a call).
+const CRC_WORDS_PER_STEP: u32 = 4;
+
+/// Up to [`CRC_WORDS_PER_STEP`] words of the header into the CRC and the checksum sum (a
+/// `bpf_loop` callback).
 extern "C" fn crc_step(i: u64, _ctx: *mut c_void) -> i64 {
     let Some(s) = scratch() else {
         return 1;
     };
-    let w = s.hdr[(i as usize) & (HDR_BUF / 4 - 1)].to_ne_bytes();
-    let mut c = s.crc;
-    for b in w {
-        c = CRC32C[((c ^ b as u32) & 0xff) as usize] ^ (c >> 8);
+    for k in 0..CRC_WORDS_PER_STEP {
+        let n = i as u32 * CRC_WORDS_PER_STEP + k;
+        if n >= s.words {
+            break;
+        }
+        let w = s.hdr[(n as usize) & (HDR_BUF / 4 - 1)].to_ne_bytes();
+        let mut c = s.crc;
+        for b in w {
+            c = CRC32C[((c ^ b as u32) & 0xff) as usize] ^ (c >> 8);
+        }
+        s.crc = c;
+        s.sum += u16::from_ne_bytes([w[0], w[1]]) as u32 + u16::from_ne_bytes([w[2], w[3]]) as u32;
     }
-    s.crc = c;
-    s.sum += u16::from_ne_bytes([w[0], w[1]]) as u32 + u16::from_ne_bytes([w[2], w[3]]) as u32;
     0
 }
 

@@ -349,6 +349,137 @@ fn nat_occupancy() {
     println!();
 }
 
+/// What PROXY protocol v2 adds per packet, in one harness and one run: flows of a link with the
+/// header off (made before it was turned on) against flows of the same link with it on, each
+/// measured over `SAMPLES` repeat-1 runs, timer overhead off, × the floor measured alongside.
+fn proxy_cost() {
+    use privatelink_tests::tcpseg::Seg;
+    println!("## PROXY protocol v2: added cost per packet\n");
+    println!(
+        "{SAMPLES} repeat-1 runs per row, the same harness for all (10 endpoints); a flow made before the service turned PROXY on against one made after. `cargo xtask bench` (or `PRIVATELINK_BENCH_ONLY=proxy target/release/bench`).\n"
+    );
+    println!("| path | without ns | with PROXY ns | added ns | with PROXY × floor |");
+    println!("|---|---:|---:|---:|---:|");
+    with_harness_sized(bench_sizes(), |h| {
+        let (floor_ns, overhead) = floor(h);
+        let mut m = h.model();
+        h.plane.apply(&m).expect("apply");
+        let endpoint = SocketAddr::new(ENDPOINT.into(), 80);
+        let (c0, p0, c0_mac, p0_mac) = (h.c0, h.p0, h.c0_mac, h.p0_mac);
+        // A connection up to its established state: SYN, SYN-ACK, the ACK (with PROXY on, the
+        // header) and, with `ack_header`, the backend's acknowledgement of it. Returns the
+        // consumer's next data segment and the backend's next segment.
+        let open = |h: &mut Harness, port: u16, ack_header: bool| -> (Vec<u8>, Vec<u8>, Vec<u8>) {
+            let consumer = SocketAddr::new(CONSUMER.into(), port);
+            let isn = 1_000u32;
+            let syn = Seg::new(consumer, endpoint, isn)
+                .syn()
+                .macs(CONSUMER_MAC, c0_mac);
+            let r = test_run(h.dp.program(), c0, &syn.build());
+            assert_eq!(r.verdict, XDP_REDIRECT, "SYN");
+            let fwd = Seg::parse(&r.out);
+            let (nat, backend) = (fwd.src, fwd.dst);
+            let b = |ack: u32| {
+                Seg::new(backend, nat, 5_001)
+                    .ack(ack)
+                    .macs(BACKEND_MAC, p0_mac)
+            };
+            let mut syn_ack = b(isn + 1);
+            syn_ack.seq = 5_000;
+            syn_ack.syn = true;
+            assert_eq!(
+                test_run(h.dp.program(), p0, &syn_ack.build()).verdict,
+                XDP_REDIRECT
+            );
+            let last_ack = Seg::new(consumer, endpoint, isn + 1)
+                .ack(5_001)
+                .macs(CONSUMER_MAC, c0_mac);
+            let r = test_run(h.dp.program(), c0, &last_ack.build());
+            assert_eq!(r.verdict, XDP_REDIRECT, "the handshake's last ACK");
+            let header = Seg::parse(&r.out).payload.len() as u32;
+            if ack_header {
+                let r = test_run(h.dp.program(), p0, &b(isn + 1 + header).build());
+                assert_eq!(r.verdict, XDP_REDIRECT, "the backend's ACK");
+            }
+            let data = Seg::new(consumer, endpoint, isn + 1)
+                .ack(5_001)
+                .payload(&[7; 64])
+                .macs(CONSUMER_MAC, c0_mac);
+            (data.build(), b(isn + 1 + header).build(), last_ack.build())
+        };
+        // Rounds alternate which of the pair goes first; the medians count (a row measured
+        // right after another runs warmer).
+        const ROUNDS: usize = 9;
+        let pair = |h: &mut Harness, ifindex: u32, a: &[u8], b: &[u8]| {
+            let (mut x, mut y) = (Vec::new(), Vec::new());
+            for r in 0..ROUNDS {
+                let mut one = |p: &[u8]| mean_ns(h, ifindex, |_| p.to_vec()) - overhead;
+                if r % 2 == 0 {
+                    x.push(one(a));
+                    y.push(one(b));
+                } else {
+                    y.push(one(b));
+                    x.push(one(a));
+                }
+            }
+            (median(x), median(y))
+        };
+        let (plain_data, plain_reply, plain_ack) = open(h, 41_000, true);
+        m.links.get_mut(&LINK).expect("link").proxy.v2 = true;
+        h.plane.apply(&m).expect("apply");
+        let (proxy_data, proxy_reply, _) = open(h, 41_001, true);
+        let (_, _, pending_ack) = open(h, 41_002, false);
+        let line = |path: &str, (without, with): (f64, f64)| {
+            println!(
+                "| {path} | {without:.1} | {with:.1} | {:+.1} | {:.2} |",
+                with - without,
+                with / floor_ns
+            );
+        };
+        line(
+            "later packet, consumer → backend (sequence number moved)",
+            pair(h, c0, &plain_data, &proxy_data),
+        );
+        line(
+            "later packet, backend → consumer (acknowledgement moved)",
+            pair(h, p0, &plain_reply, &proxy_reply),
+        );
+        // The pending flow's ACK gets the header every time (the backend never acknowledges it).
+        line(
+            "the packet that carries the header (built, CRC32C, inserted)",
+            pair(h, c0, &plain_ack, &pending_ack),
+        );
+        // New flows, the link switched between rounds; fresh consumer ports each sample, few
+        // enough that the pending table (PROXY_PENDING_ENTRIES) never fills (a full one refuses
+        // early, which would look cheap). Every SYN must be forwarded.
+        const NEW_PER_ROUND: u32 = 4_000;
+        let mut next = 42_000u32;
+        let (mut off, mut on) = (Vec::new(), Vec::new());
+        for r in 0..2 * ROUNDS {
+            let proxy = (r % 2 == 0) == (r / 2 % 2 == 0);
+            m.links.get_mut(&LINK).expect("link").proxy.v2 = proxy;
+            h.plane.apply(&m).expect("apply");
+            let mut total = 0u128;
+            for _ in 0..NEW_PER_ROUND {
+                let syn = Pkt::syn(CONSUMER, (next % 60_000 + 1_024) as u16, ENDPOINT, 80)
+                    .macs(CONSUMER_MAC, c0_mac)
+                    .build();
+                next += 1;
+                let r = test_run(h.dp.program(), c0, &syn);
+                assert_eq!(r.verdict, XDP_REDIRECT, "a new flow");
+                total += r.duration.as_nanos();
+            }
+            let ns = total as f64 / f64::from(NEW_PER_ROUND) - overhead;
+            if proxy { on.push(ns) } else { off.push(ns) }
+        }
+        line(
+            "new flow (SYN: the stream start recorded)",
+            (median(off), median(on)),
+        );
+        println!("\nFloor: {floor_ns:.1} ns.\n");
+    });
+}
+
 /// Hot replayed runs of a profile (`PRIVATELINK_BENCH_PROFILE`): a few seconds each.
 const PROFILE_ESTABLISHED_RUNS: u32 = 50_000_000;
 const PROFILE_NEW_FLOW_RUNS: u32 = 900_000;
@@ -426,7 +557,7 @@ fn profile(path: &str) {
 /// own harness with 10 endpoints, through the same replay and against the same floor program.
 /// Prints the medians and each path's ratio to the floor.
 fn ab(other: &str) {
-    const ROUNDS: usize = 5;
+    const ROUNDS: usize = 9;
     let object = std::fs::read(other).unwrap_or_else(|e| panic!("{other}: {e}"));
     let paths = [
         "floor",
@@ -1367,6 +1498,7 @@ fn main() {
         Ok("etcd") => return etcd_convergence(),
         Ok("nat") => return nat_occupancy(),
         Ok("failover") => return failover(),
+        Ok("proxy") => return proxy_cost(),
         _ => {}
     }
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
@@ -1480,6 +1612,7 @@ fn main() {
     }
     println!();
     nat_occupancy();
+    proxy_cost();
     if std::env::var("PRIVATELINK_BENCH_ONLY").as_deref() == Ok("datapath") {
         return;
     }
