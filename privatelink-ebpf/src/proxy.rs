@@ -262,8 +262,9 @@ pub fn inbound<A: Family>(
             flow.dport_be,
             flow.sport_be,
         );
+        let fwd: &FlowKey<A> = fwd;
         // SAFETY: copied out at once.
-        match unsafe { A::proxy_pending().get(&*fwd) }.map(|v| v.base) {
+        match unsafe { A::proxy_pending().get(fwd) }.map(|v| v.base) {
             Some(b) => base = b,
             None => {
                 pending = false;
@@ -272,7 +273,7 @@ pub fn inbound<A: Family>(
         }
         if pending && (ack.wrapping_sub(base) as i32) >= len as i32 {
             set_pending(flow, entry, 0);
-            let _ = A::proxy_pending().remove(&*fwd);
+            let _ = A::proxy_pending().remove(fwd);
             stats::add_one(&PROXY_STATS, PROXY_HEADERS_ACKED);
         }
     }
