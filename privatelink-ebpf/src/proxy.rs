@@ -250,7 +250,13 @@ pub fn inbound<A: Family>(
     let len = flow.proxy_len as u32;
     let mut pending = flow.proxy_flags & PROXY_PENDING != 0;
     let mut base = 0;
-    let ack = read_u32(ctx, p.l4_off, 8).ok_or(DROP_PROXY_INSERT)?;
+    // One pointer for the header's reads and writes (map lookups in between leave the frame as
+    // it is; the option rewrite, which stores into the frame, comes last).
+    let tcp = ptr_at::<[u8; 20]>(ctx, p.l4_off).ok_or(DROP_PROXY_INSERT)?;
+    // SAFETY: bounds checked by ptr_at.
+    let h = unsafe { &mut *tcp };
+    let ack = u32::from_be_bytes([h[8], h[9], h[10], h[11]]);
+    let doff = h[12] >> 4;
     if pending {
         // The forward entry's key, as `conntrack::twin_key` makes it.
         let fwd = A::proxy_key().ok_or(DROP_PROXY_INSERT)?;
@@ -277,7 +283,18 @@ pub fn inbound<A: Family>(
             stats::add_one(&PROXY_STATS, PROXY_HEADERS_ACKED);
         }
     }
-    shift(ctx, p.l4_off, 8, ack, back(ack, base, len, pending))?;
+    let new = back(ack, base, len, pending);
+    if new != ack {
+        let (o, n) = (ack.to_be_bytes(), new.to_be_bytes());
+        [h[8], h[9], h[10], h[11]] = n;
+        let check = Delta::new()
+            .u32(u32::from_ne_bytes(o), u32::from_ne_bytes(n))
+            .apply(u16::from_ne_bytes([h[16], h[17]]));
+        [h[16], h[17]] = check.to_ne_bytes();
+    }
+    if doff <= 5 {
+        return Ok(());
+    }
     options(ctx, p, base, len, pending, flags & TCP_SYN != 0)
 }
 

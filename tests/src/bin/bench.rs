@@ -405,7 +405,10 @@ fn proxy_cost() {
                 .ack(5_001)
                 .payload(&[7; 64])
                 .macs(CONSUMER_MAC, c0_mac);
-            (data.build(), b(isn + 1 + header).build(), last_ack.build())
+            // The backend's segment carries a few bytes: the replay restores the first
+            // `GEN_HEAD` bytes of a frame, so the frame must be at least that long.
+            let reply = b(isn + 1 + header).payload(&[9; 8]);
+            (data.build(), reply.build(), last_ack.build())
         };
         // Rounds alternate which of the pair goes first; the medians count (a row measured
         // right after another runs warmer).
@@ -443,6 +446,29 @@ fn proxy_cost() {
         line(
             "later packet, backend → consumer (acknowledgement moved)",
             pair(h, p0, &plain_reply, &proxy_reply),
+        );
+        // The same later packets hot: each replayed 1M times per round (the replay restores the
+        // frame first; its own cost, taken in the same round, comes off), rounds interleaved.
+        let unknown = Pkt::syn(CONSUMER, 999, NOT_ENDPOINT, 80)
+            .macs(CONSUMER_MAC, c0_mac)
+            .build();
+        let (hot, _) = hot_paths(
+            h,
+            (c0, &unknown),
+            &[
+                (c0, &plain_data, XDP_REDIRECT),
+                (c0, &proxy_data, XDP_REDIRECT),
+                (p0, &plain_reply, XDP_REDIRECT),
+                (p0, &proxy_reply, XDP_REDIRECT),
+            ],
+        );
+        line(
+            "later packet, consumer → backend, hot replay",
+            (hot[0], hot[1]),
+        );
+        line(
+            "later packet, backend → consumer, hot replay",
+            (hot[2], hot[3]),
         );
         // The pending flow's ACK gets the header every time (the backend never acknowledges it).
         line(
