@@ -408,6 +408,32 @@ fn encode_node(enc: &mut DescriptorEncoder, s: &Scrape) -> Result<(), std::fmt::
         MetricType::Counter,
         vec![(s.node.clone(), counter(fills))],
     )?;
+    let [sent, acked, clamped] = s.src.reader.proxy();
+    for (name, help, v) in [
+        (
+            "privatelink_proxy_headers_sent",
+            "PROXY protocol headers put in front of a stream (a resend counts again)",
+            sent,
+        ),
+        (
+            "privatelink_proxy_headers_acknowledged",
+            "PROXY protocol headers the backend acknowledged",
+            acked,
+        ),
+        (
+            "privatelink_proxy_mss_clamped",
+            "SYN-ACKs of PROXY flows whose MSS was lowered to leave room for the header",
+            clamped,
+        ),
+    ] {
+        family(
+            enc,
+            name,
+            help,
+            MetricType::Counter,
+            vec![(s.node.clone(), counter(v))],
+        )?;
+    }
     family(
         enc,
         "privatelink_conntrack_entries",

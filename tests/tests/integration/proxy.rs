@@ -678,6 +678,18 @@ mod real {
             "50 MB up, through PROXY, under loss"
         );
         let metrics = node_get(&w.topo, "http://127.0.0.1:9464/metrics").expect("scrape");
+        // Every connection's header was acknowledged (2 consumers × 3 services, the transfers,
+        // the readiness probes' connections through the node).
+        let acked = sample(
+            &metrics,
+            "privatelink_proxy_headers_acknowledged_total",
+            &[],
+        );
+        let sent = sample(&metrics, "privatelink_proxy_headers_sent_total", &[]);
+        assert!(
+            acked.is_some_and(|a| a >= 8.0) && sent >= acked,
+            "PROXY counters: sent {sent:?}, acknowledged {acked:?}"
+        );
         for k in [&NGINX, &SINK] {
             let ep = endpoints[&(0, k.name)].as_str();
             assert_eq!(
