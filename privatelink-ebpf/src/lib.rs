@@ -22,6 +22,7 @@ mod policy;
 mod probe;
 pub mod process;
 mod proxy;
+mod proxy_scratch;
 pub mod stats;
 mod verdict;
 

@@ -219,7 +219,8 @@ pub static PROXY_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(PROXY_C
 /// Per-CPU scratch of the PROXY paths: the header being built, the frame's headers while they
 /// move, TCP options being rewritten.
 #[map]
-pub static PROXY_SCRATCH: PerCpuArray<crate::proxy::Scratch> = PerCpuArray::with_max_entries(1, 0);
+pub static PROXY_SCRATCH: PerCpuArray<crate::proxy_scratch::Scratch> =
+    PerCpuArray::with_max_entries(1, 0);
 
 /// Per-CPU scratch of the IPv4 PROXY paths: the key of a flow's pending header.
 #[map]

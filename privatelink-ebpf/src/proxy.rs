@@ -44,17 +44,13 @@ use crate::{
     family::Family,
     mem,
     parse::{Pkt, TCP_ACK, TCP_RST, TCP_SYN, ptr_at},
+    proxy_scratch::{HDR_BUF, OPT_BUF, Scratch},
     stats,
 };
 
-/// Bytes of the header buffer: a power of two, so that a masked offset stays inside it.
-const HDR_BUF: usize = 256;
 const _: () = assert!(privatelink_common::PROXY_HDR_MAX <= HDR_BUF);
 /// Most bytes of layer 2-4 headers a frame that carries the header may have (they move).
 const MOVE_MAX: usize = 192;
-/// Bytes of the TCP options buffer: the 40 of the longest options, and room past them for a
-/// masked offset.
-const OPT_BUF: usize = 128;
 const OPT_MAX: usize = 40;
 /// Steps of the option walk: one per option or SACK edge, at most one per byte.
 const OPT_STEPS: u32 = OPT_MAX as u32;
@@ -76,35 +72,6 @@ const OPT_END: u8 = 0;
 const OPT_NOP: u8 = 1;
 const OPT_MSS: u8 = 2;
 const OPT_SACK: u8 = 5;
-
-/// Per-CPU working memory (`PROXY_SCRATCH`): the header being built, the frame's headers while
-/// they move, TCP options being rewritten, and the state of the `bpf_loop` callbacks.
-#[repr(C)]
-pub struct Scratch {
-    hdr: [u32; HDR_BUF / 4],
-    moved: [u32; 64],
-    opts: [u32; OPT_BUF / 4],
-    /// CRC32C and one's-complement sum of the header (the CRC pass).
-    crc: u32,
-    sum: u32,
-    /// The connection id while it is written out.
-    id: u64,
-    /// Words of the header the CRC pass covers.
-    words: u32,
-    /// The option walk: where it is, where the options end, the flow's `base` and header length,
-    /// whether the header is pending, whether the segment is a SYN-ACK, the checksum change.
-    at: u32,
-    optlen: u32,
-    /// SACK edges left to rewrite, and where the next one is.
-    edges: u32,
-    edge_at: u32,
-    base: u32,
-    len: u32,
-    pending: u32,
-    syn: u32,
-    changed: u32,
-    delta: Delta,
-}
 
 #[inline(always)]
 fn scratch() -> Option<&'static mut Scratch> {
