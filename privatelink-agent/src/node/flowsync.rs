@@ -481,6 +481,18 @@ mod tests {
             (reply.egress_ifindex, reply.src_mac, reply.dst_mac),
             (7, MAC, [6; 6])
         );
+        // A PROXY flow keeps its header's length on the node that takes it over (its sequence
+        // numbers stay moved), and its pending flag: the datapath there, which has no pending
+        // state for it, takes the header as delivered.
+        for (key, flow) in [(k, f), (k2, f2)] {
+            let proxied = Flow4 {
+                proxy_len: 120,
+                proxy_flags: privatelink_common::PROXY_PENDING,
+                ..flow
+            };
+            let taken = admit(&m, &key, &proxied, 99).unwrap();
+            assert_eq!((taken.proxy_len, taken.proxy_flags), (120, 1));
+        }
 
         let mut rejected = m.clone();
         rejected.links.get_mut(&1).unwrap().state = LinkState::Rejected;

@@ -295,6 +295,143 @@ fn a_proxy_connection_gets_its_header_first_and_every_sequence_number_moved_over
     }
 }
 
+/// Turning PROXY off applies to new connections: one in its handshake still gets its header, a
+/// new one gets none (and no MSS clamp). UDP flows of a PROXY service never carry a header. A
+/// PROXY flow whose pending state is gone (taken over from another node) has its header taken as
+/// delivered: its numbers move, nothing is inserted.
+#[test]
+fn proxy_changes_apply_to_new_connections_udp_never_carries_it_and_lost_state_means_delivered() {
+    for fam in Fam::BOTH {
+        with_harness(&format!("proxy-life-{fam:?}"), |h| {
+            let mut m = Fam::model(h);
+            m.links.get_mut(&LINK).expect("link").proxy.v2 = true;
+            h.apply(&m);
+            let endpoint = SocketAddr::new(fam.endpoint(), 80);
+            let backend = SocketAddr::new(fam.backend(), 8080);
+            let (c0, p0, c0_mac, p0_mac) = (h.c0, h.p0, h.c0_mac, h.p0_mac);
+            // SYN and SYN-ACK of a connection from `port`; returns its NAT address and the MSS
+            // the consumer was told.
+            let handshake = |h: &mut Harness, port: u16| {
+                let consumer = SocketAddr::new(fam.consumer(), port);
+                let syn = Seg::new(consumer, endpoint, 100)
+                    .syn()
+                    .macs(CONSUMER_MAC, c0_mac);
+                let r = test_run(h.dp.program(), c0, &syn.build());
+                assert_eq!(r.verdict, XDP_REDIRECT);
+                let nat = Seg::parse(&r.out).src;
+                let syn_ack = Seg::new(backend, nat, 900)
+                    .syn()
+                    .ack(101)
+                    .options(&[Mss(1400)])
+                    .macs(BACKEND_MAC, p0_mac);
+                let r = test_run(h.dp.program(), p0, &syn_ack.build());
+                assert_eq!(r.verdict, XDP_REDIRECT);
+                (nat, Seg::parse(&r.out).options)
+            };
+            let last_ack = |h: &mut Harness, port: u16, seq: u32, data: &[u8]| {
+                let consumer = SocketAddr::new(fam.consumer(), port);
+                let ack = Seg::new(consumer, endpoint, seq)
+                    .ack(901)
+                    .payload(data)
+                    .macs(CONSUMER_MAC, c0_mac);
+                let r = test_run(h.dp.program(), c0, &ack.build());
+                assert_eq!(r.verdict, XDP_REDIRECT);
+                Seg::parse(&r.out)
+            };
+            let (_, told) = handshake(h, 50_001);
+            assert_ne!(told, vec![Mss(1400)], "{fam:?}: clamped while on");
+            m.links.get_mut(&LINK).expect("link").proxy.v2 = false;
+            h.apply(&m);
+            let out = last_ack(h, 50_001, 101, b"");
+            assert!(
+                Header::try_from(&out.payload[..]).is_ok(),
+                "{fam:?}: the connection opened with PROXY on still gets its header"
+            );
+            let (_, told) = handshake(h, 50_002);
+            assert_eq!(told, vec![Mss(1400)], "{fam:?}: no clamp once off");
+            let out = last_ack(h, 50_002, 101, b"");
+            assert!(out.payload.is_empty(), "{fam:?}: no header once off");
+
+            // On again: a UDP datagram passes as it came (translated only).
+            m.links.get_mut(&LINK).expect("link").proxy.v2 = true;
+            h.apply(&m);
+            let udp = fam
+                .udp((fam.consumer(), 5000), (fam.endpoint(), 53))
+                .macs(CONSUMER_MAC, c0_mac);
+            let r = test_run(h.dp.program(), c0, &udp.build());
+            assert_eq!(r.verdict, XDP_REDIRECT);
+            let (nat, nport) = privatelink_tests::family::source_of(&r.out);
+            let want = udp.translated(
+                (nat, nport),
+                (fam.backend(), 5353),
+                (h.p0_mac, BACKEND_MAC),
+                63,
+            );
+            assert_eq!(r.out, want.build(), "{fam:?}: UDP carries no header");
+
+            // A pending PROXY flow whose pending state is gone.
+            handshake(h, 50_003);
+            let forget_pending = |port: u16| match fam {
+                Fam::V4 => {
+                    let std::net::IpAddr::V4(s) = fam.consumer() else {
+                        unreachable!()
+                    };
+                    let std::net::IpAddr::V4(d) = fam.endpoint() else {
+                        unreachable!()
+                    };
+                    let k = c::FlowKey4::new(
+                        privatelink_tests::fixture::CONSUMER_NET,
+                        u32::from_ne_bytes(s.octets()),
+                        u32::from_ne_bytes(d.octets()),
+                        port.to_be(),
+                        80u16.to_be(),
+                        c::PROTO_TCP,
+                    );
+                    let mut map = aya::maps::HashMap::<_, c::FlowKey4, c::ProxyPending>::try_from(
+                        aya::maps::Map::HashMap(h.kernel_map("PROXY_PENDING4")),
+                    )
+                    .expect("map");
+                    map.remove(&k).expect("the pending entry");
+                }
+                Fam::V6 => {
+                    let std::net::IpAddr::V6(s) = fam.consumer() else {
+                        unreachable!()
+                    };
+                    let std::net::IpAddr::V6(d) = fam.endpoint() else {
+                        unreachable!()
+                    };
+                    let w = |a: std::net::Ipv6Addr| {
+                        let o = a.octets();
+                        [0, 1, 2, 3].map(|i| {
+                            u32::from_ne_bytes([o[4 * i], o[4 * i + 1], o[4 * i + 2], o[4 * i + 3]])
+                        })
+                    };
+                    let k = c::FlowKey6::new(
+                        privatelink_tests::fixture::CONSUMER_NET,
+                        w(s),
+                        w(d),
+                        port.to_be(),
+                        80u16.to_be(),
+                        c::PROTO_TCP,
+                    );
+                    let mut map = aya::maps::HashMap::<_, c::FlowKey6, c::ProxyPending>::try_from(
+                        aya::maps::Map::HashMap(h.kernel_map("PROXY_PENDING6")),
+                    )
+                    .expect("map");
+                    map.remove(&k).expect("the pending entry");
+                }
+            };
+            forget_pending(50_003);
+            let out = last_ack(h, 50_003, 101, b"data");
+            assert_eq!(out.payload, b"data", "{fam:?}: nothing inserted");
+            assert!(
+                out.seq > 101,
+                "{fam:?}: the sequence number moved past the header"
+            );
+        });
+    }
+}
+
 /// Real PROXY protocol software behind endpoints of the real agent, in two consumer networks with
 /// the same CIDR: nginx (`listen ... proxy_protocol`), HAProxy (`accept-proxy`, which checks the
 /// CRC32C) and MariaDB (`proxy_protocol_networks`, a server that speaks first). Each backend must
