@@ -367,26 +367,7 @@ fn mysql_client(w: &World, c: usize) -> Ipv4Addr {
          SELECT id, v FROM acceptance.t{c} ORDER BY id; \
          SELECT USER();"
     );
-    let out = run(
-        ns,
-        "mariadb",
-        &[
-            "--no-defaults",
-            "-h",
-            &MYSQL.endpoint.to_string(),
-            "-P",
-            &MYSQL.terminal_port.to_string(),
-            "-u",
-            "app",
-            "-papp-secret",
-            "--batch",
-            "--skip-column-names",
-            "-e",
-            &sql,
-        ],
-        None,
-    );
-    let text = String::from_utf8(out.stdout).unwrap();
+    let text = mariadb_query(ns, &MYSQL, &sql);
     let lines: Vec<&str> = text.lines().collect();
     assert_eq!(
         lines[..3],
@@ -581,6 +562,31 @@ pub(crate) fn mariadb_server(w: &World, k: &Kind, extra: &[&str]) -> Proc {
         None,
     );
     p
+}
+
+/// Runs `sql` with the mariadb client in `ns` as user `app` through `k`'s endpoint; its output
+/// (tab-separated, no column names).
+pub(crate) fn mariadb_query(ns: &Netns, k: &Kind, sql: &str) -> String {
+    let out = run(
+        ns,
+        "mariadb",
+        &[
+            "--no-defaults",
+            "-h",
+            &k.endpoint.to_string(),
+            "-P",
+            &k.terminal_port.to_string(),
+            "-u",
+            "app",
+            "-papp-secret",
+            "--batch",
+            "--skip-column-names",
+            "-e",
+            sql,
+        ],
+        None,
+    );
+    String::from_utf8(out.stdout).unwrap()
 }
 
 /// Stops a thread on drop (the UDP server), also on panic.

@@ -455,7 +455,9 @@ mod real {
     };
     use serde_json::json;
 
-    use crate::acceptance::{Kind, blob, eventually, mariadb_server, offer, run, server, succeeds};
+    use crate::acceptance::{
+        Kind, blob, eventually, mariadb_query, mariadb_server, offer, run, server, succeeds,
+    };
 
     const NGINX: Kind = Kind {
         name: "web",
@@ -698,26 +700,7 @@ mod real {
                 "consumer {c}: HAProxy read the unique id {id:?}"
             );
             // MariaDB speaks first: the header arrived with the handshake's last ACK.
-            let out = run(
-                ns,
-                "mariadb",
-                &[
-                    "--no-defaults",
-                    "-h",
-                    &MARIADB.endpoint.to_string(),
-                    "-P",
-                    &MARIADB.terminal_port.to_string(),
-                    "-u",
-                    "app",
-                    "-papp-secret",
-                    "--batch",
-                    "--skip-column-names",
-                    "-e",
-                    "SELECT USER()",
-                ],
-                None,
-            );
-            let user = String::from_utf8(out.stdout).unwrap();
+            let user = mariadb_query(ns, &MARIADB, "SELECT USER()");
             assert_eq!(
                 user.trim(),
                 format!("app@{CLIENT}"),
