@@ -167,6 +167,9 @@ pub struct CreateService {
     /// `v2`: a PROXY protocol v2 header in front of each new TCP connection. Default: `off`.
     #[serde(default)]
     pub proxy_protocol: ProxyProtocol,
+    /// Log each connection (opened, closed) on the node that carries it. Default: no.
+    #[serde(default)]
+    pub connection_log: bool,
 }
 
 #[derive(Clone, Debug, Default, Deserialize, Serialize)]
@@ -196,6 +199,9 @@ pub struct UpdateService {
     /// `v2` or `off`, for connections opened from now on (open ones keep what they started with).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub proxy_protocol: Option<ProxyProtocol>,
+    /// Log connections from now on (`true`) or stop (`false`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub connection_log: Option<bool>,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]

@@ -198,8 +198,11 @@ pub struct LinkInfo {
     /// Nonzero: new TCP flows of the link get a PROXY protocol v2 header, whose TLVs are the
     /// link's `PROXY_TLVS` entry of this many bytes. 0: off.
     pub proxy_tlvs: u32,
+    /// Nonzero: the link's new flows are logged (`CONN_LOG`, `CONN_STATS4`/`CONN_STATS6`). (Added
+    /// after layout 3, like `flow_limit`.)
+    pub conn_log: u32,
 }
-crate::assert_size!(LinkInfo, 40);
+crate::assert_size!(LinkInfo, 44);
 
 /// Key of `ALLOWLIST`: (service slot, account number). Value: 1.
 #[repr(C)]
@@ -405,8 +408,9 @@ pub struct Flow<A> {
     /// acknowledgements (and SACK blocks) down by it towards the consumer. Both entries carry it.
     pub proxy_len: u16,
     /// [`PROXY_PENDING`] while the backend has not acknowledged the header (the header's state is
-    /// in `PROXY_PENDING4`/`PROXY_PENDING6` then), else 0.
-    pub proxy_flags: u8,
+    /// in `PROXY_PENDING4`/`PROXY_PENDING6` then); [`FLOW_LOGGED`] when the flow's connection is
+    /// logged (its counters in `CONN_STATS4`/`CONN_STATS6`).
+    pub flags: u8,
     pub _pad: u8,
 }
 pub type Flow4 = Flow<u32>;
@@ -414,8 +418,72 @@ pub type Flow6 = Flow<In6>;
 crate::assert_size!(Flow4, 56);
 crate::assert_size!(Flow6, 80);
 
-/// [`Flow::proxy_flags`]: the backend has not acknowledged the PROXY header yet.
+/// [`Flow::flags`]: the backend has not acknowledged the PROXY header yet.
 pub const PROXY_PENDING: u8 = 1;
+/// [`Flow::flags`]: the flow's connection is logged.
+pub const FLOW_LOGGED: u8 = 2;
+
+/// Entries of `CONN_STATS4`/`CONN_STATS6`: logged connections open at once (per family).
+pub const CONN_STATS_ENTRIES: u32 = 65_536;
+/// Bytes of the `CONN_LOG` ring buffer (about 11,900 records of [`ConnOpened`]).
+pub const CONN_LOG_BYTES: u32 = 1 << 20;
+/// Indexes of the per-CPU `CONN_LOG_STATS`: records written to the ring, records lost because
+/// the ring was full, logged connections without counters because `CONN_STATS` was full.
+pub const CONN_LOG_WRITTEN: u32 = 0;
+pub const CONN_LOG_LOST: u32 = 1;
+pub const CONN_LOG_UNCOUNTED: u32 = 2;
+pub const CONN_LOG_COUNTERS: u32 = 3;
+/// [`ConnStats::ended`] bits: a FIN from the consumer, a FIN from the backend, a RST from either.
+pub const CONN_FIN_CONSUMER: u32 = 1;
+pub const CONN_FIN_BACKEND: u32 = 2;
+pub const CONN_RST: u32 = 4;
+
+/// A connection-log record from the datapath (ring buffer `CONN_LOG`): a new flow of a link whose
+/// service logs connections. Addresses as wire words, an IPv4 address in the first.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ConnOpened {
+    /// `bpf_ktime_get_coarse_ns` (CLOCK_MONOTONIC) when the flow was made.
+    pub time_ns: u64,
+    pub link_id: u32,
+    /// 4 or 6.
+    pub family: u8,
+    pub proto: u8,
+    pub _pad: u16,
+    pub consumer_be: In6,
+    pub endpoint_be: In6,
+    pub nat_be: In6,
+    pub backend_be: In6,
+    pub consumer_port_be: u16,
+    pub endpoint_port_be: u16,
+    pub nat_port_be: u16,
+    pub backend_port_be: u16,
+}
+crate::assert_size!(ConnOpened, 88);
+
+/// Value of `CONN_STATS4`/`CONN_STATS6`, keyed by a logged flow's forward key: its counters (atomic
+/// adds from any CPU), how it ended, and what its closing record needs besides the key.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ConnStats<A> {
+    pub opened_ns: u64,
+    pub fwd_packets: u64,
+    pub fwd_bytes: u64,
+    pub rev_packets: u64,
+    pub rev_bytes: u64,
+    pub nat_be: A,
+    pub backend_be: A,
+    pub nat_port_be: u16,
+    pub backend_port_be: u16,
+    pub link_id: u32,
+    /// `CONN_FIN_*` and [`CONN_RST`] bits.
+    pub ended: u32,
+    pub _pad: u32,
+}
+pub type ConnStats4 = ConnStats<u32>;
+pub type ConnStats6 = ConnStats<In6>;
+crate::assert_size!(ConnStats4, 64);
+crate::assert_size!(ConnStats6, 88);
 
 /// Most bytes of a link's PROXY protocol TLVs ([`ProxyTlvs`]).
 pub const PROXY_TLVS_MAX: usize = 128;
@@ -589,6 +657,9 @@ impl Default for DatapathConfig {
 
 #[cfg(feature = "user")]
 crate::user_pod!(
+    ConnOpened,
+    ConnStats4,
+    ConnStats6,
     ProxyTlvs,
     ProxyPending,
     IfaceKey,
@@ -673,6 +744,13 @@ pub mod names {
     pub const PROXY_PENDING6: &str = "PROXY_PENDING6";
     /// Per-CPU PROXY counters ([`super::PROXY_HEADERS_SENT`], ...).
     pub const PROXY_STATS: &str = "PROXY_STATS";
+    /// Ring buffer of connection-log records ([`super::ConnOpened`]).
+    pub const CONN_LOG: &str = "CONN_LOG";
+    /// Forward key → a logged connection's counters ([`super::ConnStats`]).
+    pub const CONN_STATS4: &str = "CONN_STATS4";
+    pub const CONN_STATS6: &str = "CONN_STATS6";
+    /// Per-CPU connection-log counters ([`super::CONN_LOG_WRITTEN`], ...).
+    pub const CONN_LOG_STATS: &str = "CONN_LOG_STATS";
 
     /// Every map, for pinning.
     pub const ALL: &[&str] = &[
@@ -707,6 +785,10 @@ pub mod names {
         PROXY_PENDING4,
         PROXY_PENDING6,
         PROXY_STATS,
+        CONN_LOG,
+        CONN_STATS4,
+        CONN_STATS6,
+        CONN_LOG_STATS,
     ];
 }
 

@@ -11,14 +11,16 @@ use aya_ebpf::{
 };
 use network_types::ip::Ipv4Hdr;
 use privatelink_common::{
-    EndpointIpKey4, EndpointIpKey6, EndpointIpValue, EndpointKey4, EndpointKey6, EndpointValue,
-    Flow, FlowCacheEntry, FlowKey, In6, LinkInfo, MaglevTable, NextHop, ProxyPending,
+    ConnStats, EndpointIpKey4, EndpointIpKey6, EndpointIpValue, EndpointKey4, EndpointKey6,
+    EndpointValue, Flow, FlowCacheEntry, FlowKey, In6, LinkInfo, MaglevTable, NextHop,
+    ProxyPending,
 };
 
 use crate::{
-    BACKENDS4, BACKENDS6, CT4, CT6, ENDPOINT_IPS4, ENDPOINT_IPS6, ENDPOINTS4, ENDPOINTS6,
-    ERROR_KEY6, FLOW_CACHE4, FLOW_CACHE6, FLOW_COPY4, FLOW_COPY6, MAGLEV, MAGLEV6, NAT_PROBE4,
-    NAT_PROBE6, NAT4, NAT6, NEXTHOP4, NEXTHOP6, PROXY_KEY4, PROXY_PENDING4, PROXY_PENDING6,
+    BACKENDS4, BACKENDS6, CONN_NEW4, CONN_NEW6, CONN_STATS4, CONN_STATS6, CT4, CT6, ENDPOINT_IPS4,
+    ENDPOINT_IPS6, ENDPOINTS4, ENDPOINTS6, ERROR_KEY6, FLOW_CACHE4, FLOW_CACHE6, FLOW_COPY4,
+    FLOW_COPY6, MAGLEV, MAGLEV6, NAT_PROBE4, NAT_PROBE6, NAT4, NAT6, NEXTHOP4, NEXTHOP6,
+    PROXY_KEY4, PROXY_PENDING4, PROXY_PENDING6,
     csum::Delta,
     mem,
     parse::{Ipv6Raw, Pkt, ptr_at, wire6},
@@ -55,8 +57,13 @@ pub trait Family: Copy + PartialEq + Default + 'static {
     fn snapshot(entry: *mut Flow<Self>) -> &'static Flow<Self>;
     /// Wire word `i` of the address (`i` below `ADDR_LEN / 4`).
     fn word(&self, i: usize) -> u32;
-    /// This CPU's scratch conntrack key of the PROXY paths (off the IPv6 program's full stack).
+    /// This CPU's scratch conntrack key of the PROXY and connection-log paths (off the IPv6
+    /// program's full stack).
     fn proxy_key() -> Option<&'static mut FlowKey<Self>>;
+    /// Logged connections' counters of this family.
+    fn conn_stats() -> &'static HashMap<FlowKey<Self>, ConnStats<Self>>;
+    /// This CPU's scratch of a new logged connection's counters.
+    fn conn_new() -> Option<&'static mut ConnStats<Self>>;
     /// PROXY flows of this family whose header is unacknowledged.
     fn proxy_pending() -> &'static HashMap<FlowKey<Self>, ProxyPending>;
     /// Adds `by` bytes to the IP packet's length field (fixing the IPv4 header checksum).
@@ -124,6 +131,17 @@ impl Family for u32 {
     #[inline(always)]
     fn proxy_pending() -> &'static HashMap<FlowKey<u32>, ProxyPending> {
         &PROXY_PENDING4
+    }
+
+    #[inline(always)]
+    fn conn_stats() -> &'static HashMap<FlowKey<u32>, ConnStats<u32>> {
+        &CONN_STATS4
+    }
+
+    #[inline(always)]
+    fn conn_new() -> Option<&'static mut ConnStats<u32>> {
+        // SAFETY: per-CPU value; XDP programs do not nest on a CPU.
+        CONN_NEW4.get_ptr_mut(0).map(|c| unsafe { &mut *c })
     }
 
     #[inline(always)]
@@ -282,6 +300,17 @@ impl Family for In6 {
     #[inline(always)]
     fn proxy_pending() -> &'static HashMap<FlowKey<In6>, ProxyPending> {
         &PROXY_PENDING6
+    }
+
+    #[inline(always)]
+    fn conn_stats() -> &'static HashMap<FlowKey<In6>, ConnStats<In6>> {
+        &CONN_STATS6
+    }
+
+    #[inline(always)]
+    fn conn_new() -> Option<&'static mut ConnStats<In6>> {
+        // SAFETY: per-CPU value; XDP programs do not nest on a CPU.
+        CONN_NEW6.get_ptr_mut(0).map(|c| unsafe { &mut *c })
     }
 
     #[inline(always)]

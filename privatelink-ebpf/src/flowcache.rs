@@ -85,7 +85,7 @@ pub fn fill<A: Family>(key: &FlowKey<A>, entry: *const Flow<A>, generation: u32)
     let steady =
         key.proto == PROTO_UDP || (key.proto == PROTO_TCP && f.tcp_state == CT_ESTABLISHED);
     // A PROXY flow whose header is pending needs the table's path (the header may be due).
-    if !steady || f.egress_ifindex == 0 || f.proxy_flags != 0 {
+    if !steady || f.egress_ifindex == 0 || f.flags != 0 {
         return;
     }
     let Some(e) = A::flow_cache().get_ptr_mut(slot(key)) else {

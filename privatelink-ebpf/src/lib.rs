@@ -7,6 +7,7 @@
 #![feature(asm_experimental_arch)]
 
 mod arp;
+mod connlog;
 pub mod conntrack;
 pub mod csum;
 mod family;

@@ -2,10 +2,11 @@
 //! `privatelink-common`. The agent pins them by these names.
 use aya_ebpf::{
     macros::map,
-    maps::{Array, DevMapHash, HashMap, PerCpuArray, PerCpuHashMap, ProgramArray},
+    maps::{Array, DevMapHash, HashMap, PerCpuArray, PerCpuHashMap, ProgramArray, RingBuf},
 };
 use privatelink_common::{
-    AllowKey, Backend4, Backend6, DEFAULT_CONNTRACK_ENTRIES, DEFAULT_CONNTRACK6_ENTRIES,
+    AllowKey, Backend4, Backend6, CONN_LOG_BYTES, CONN_LOG_COUNTERS, CONN_STATS_ENTRIES,
+    ConnStats4, ConnStats6, DEFAULT_CONNTRACK_ENTRIES, DEFAULT_CONNTRACK6_ENTRIES,
     DEFAULT_MAX_ALLOWLIST, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_ENDPOINT_PORTS, DEFAULT_MAX_LINKS,
     DEFAULT_MAX_RULE_LISTS, DEFAULT_MAX_RULE_LISTS6, DEFAULT_MAX_SERVICES, DatapathConfig,
     EndpointIpKey4, EndpointIpKey6, EndpointIpValue, EndpointKey4, EndpointKey6, EndpointValue,
@@ -233,3 +234,32 @@ pub static FLOW_COPY4: PerCpuArray<Flow4> = PerCpuArray::with_max_entries(1, 0);
 /// The same for IPv6.
 #[map]
 pub static FLOW_COPY6: PerCpuArray<Flow6> = PerCpuArray::with_max_entries(1, 0);
+
+/// Connection-log records ([`ConnOpened`]) for the agent, which writes them out. Full: the record
+/// is lost and counted (`CONN_LOG_LOST`); the flow goes on.
+#[map]
+pub static CONN_LOG: RingBuf = RingBuf::with_byte_size(CONN_LOG_BYTES, 0);
+
+/// Forward key → a logged connection's counters, until the agent's sweep finds its flow gone and
+/// writes the closing record. Full: the connection is logged without counters
+/// (`CONN_LOG_UNCOUNTED`).
+#[map]
+pub static CONN_STATS4: HashMap<FlowKey4, ConnStats4> =
+    HashMap::with_max_entries(CONN_STATS_ENTRIES, 0);
+
+/// The same for IPv6 flows.
+#[map]
+pub static CONN_STATS6: HashMap<FlowKey6, ConnStats6> =
+    HashMap::with_max_entries(CONN_STATS_ENTRIES, 0);
+
+/// Per-CPU connection-log counters (`CONN_LOG_WRITTEN`, ...).
+#[map]
+pub static CONN_LOG_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(CONN_LOG_COUNTERS, 0);
+
+/// Per-CPU scratch of a new logged connection's counters, inserted from here (off the stack).
+#[map]
+pub static CONN_NEW4: PerCpuArray<ConnStats4> = PerCpuArray::with_max_entries(1, 0);
+
+/// The same for IPv6.
+#[map]
+pub static CONN_NEW6: PerCpuArray<ConnStats6> = PerCpuArray::with_max_entries(1, 0);

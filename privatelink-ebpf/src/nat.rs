@@ -6,8 +6,8 @@ use aya_ebpf::{
 };
 use privatelink_common::{
     CT_OPEN, CT_SYN_SENT, DIR_FORWARD, DIR_REPLY, DROP_CONNTRACK_FULL, DROP_NAT_EXHAUSTED,
-    DROP_NO_BACKEND, DROP_NO_NAT_RANGE, DatapathConfig, Flow, FlowKey, LinkInfo, MAGLEV_SIZE,
-    NAT_PORT_PROBES, NextHop, PROTO_TCP, PROXY_PENDING,
+    DROP_NO_BACKEND, DROP_NO_NAT_RANGE, DatapathConfig, FLOW_LOGGED, Flow, FlowKey, LinkInfo,
+    MAGLEV_SIZE, NAT_PORT_PROBES, NextHop, PROTO_TCP, PROXY_PENDING,
 };
 
 use crate::{
@@ -41,6 +41,8 @@ pub struct NewFlow<'a, A> {
     pub service_port_be: u16,
     /// Bytes of the flow's PROXY header (0: none).
     pub proxy_len: u16,
+    /// The link logs its connections.
+    pub logged: bool,
     pub hash: u32,
     pub now: u64,
     pub cfg: &'a DatapathConfig,
@@ -128,6 +130,7 @@ pub fn create_flow<A: Family>(req: &NewFlow<A>, to: &Backend<A>) -> Result<&'sta
         link_id,
         service_port_be,
         proxy_len,
+        logged,
         hash,
         now,
         cfg,
@@ -159,7 +162,8 @@ pub fn create_flow<A: Family>(req: &NewFlow<A>, to: &Backend<A>) -> Result<&'sta
             tcp_state: state,
             nh_generation: 0,
             proxy_len,
-            proxy_flags: if proxy_len != 0 { PROXY_PENDING } else { 0 },
+            flags: if proxy_len != 0 { PROXY_PENDING } else { 0 }
+                | if logged { FLOW_LOGGED } else { 0 },
             _pad: 0,
         },
     );

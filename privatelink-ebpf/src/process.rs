@@ -4,13 +4,13 @@ use aya_ebpf::programs::XdpContext;
 use network_types::{eth::EthHdr, ip::Ipv4Hdr};
 use privatelink_common::{
     DIR_FORWARD, DIR_REPLY, DROP_LINK_INACTIVE, DROP_NO_FLOW, DROP_NO_PORT, DROP_TCP_NOT_SYN,
-    DROP_TRUNCATED, DROP_TTL_EXPIRED, DatapathConfig, EndpointValue, FWD_REDIRECT, FWD_TX, Flow,
-    FlowKey, IfaceInfo, IfaceKey, In6, LinkInfo, PASS_MALFORMED, PASS_NOT_ENDPOINT, PASS_NOT_IP,
-    PASS_UNKNOWN_IFACE, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, ROLE_CONSUMER,
+    DROP_TRUNCATED, DROP_TTL_EXPIRED, DatapathConfig, EndpointValue, FLOW_LOGGED, FWD_REDIRECT,
+    FWD_TX, Flow, FlowKey, IfaceInfo, IfaceKey, In6, LinkInfo, PASS_MALFORMED, PASS_NOT_ENDPOINT,
+    PASS_NOT_IP, PASS_UNKNOWN_IFACE, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, ROLE_CONSUMER, is_drop,
 };
 
 use crate::{
-    HANDOFF6, IFACE_INDEX, IFACES, JUMP, LINKS, SCRATCH6, arp, conntrack,
+    HANDOFF6, IFACE_INDEX, IFACES, JUMP, LINKS, SCRATCH6, arp, connlog, conntrack,
     family::Family,
     flowcache, forward, icmp, icmp6,
     nat::{self, Backend, NewFlow, Origin},
@@ -317,7 +317,7 @@ fn established<A: Family>(pk: &Packet<A>, flow: &Flow<A>, entry: Option<*mut Flo
             (_, DIR_FORWARD) => proxy::outbound(ctx, pk.frame.iface.network_id, p, flow, entry),
             _ => proxy::inbound(ctx, p, flow, entry),
         };
-        match proxied {
+        let v = match proxied {
             Ok(()) => forward::send(
                 ctx,
                 pk.frame.l2,
@@ -328,7 +328,11 @@ fn established<A: Family>(pk: &Packet<A>, flow: &Flow<A>, entry: Option<*mut Flo
                 None,
             ),
             Err(reason) => Verdict::drop(reason),
+        };
+        if flow.flags & FLOW_LOGGED != 0 && !is_drop(v.outcome) {
+            connlog::count(pk.frame.iface.network_id, p, flow, frame_len(ctx));
         }
+        v
     };
     stats::link_packet(
         flow.link_id,
@@ -353,6 +357,9 @@ fn new_flow<A: Family>(pk: &Packet<A>, key: &FlowKey<A>) -> Verdict {
     let v = match admit_and_create(pk, key, &link, &ep) {
         Ok((slot, flow)) => {
             stats::link_new_conn(ep.link_id);
+            if link.conn_log != 0 {
+                connlog::open(key, p, flow, pk.now, frame_len(pk.frame.ctx));
+            }
             forward::send(
                 pk.frame.ctx,
                 pk.frame.l2,
@@ -408,6 +415,7 @@ fn admit_and_create<A: Family>(
         link_id: ep.link_id,
         service_port_be: ep.service_port_be,
         proxy_len,
+        logged: link.conn_log != 0,
         hash,
         now: pk.now,
         cfg: pk.cfg,

@@ -172,7 +172,7 @@ pub fn outbound<A: Family>(
             // stream starts (again) after this one's sequence number.
             let seq = read_u32(ctx, p.l4_off, 4).ok_or(DROP_PROXY_INSERT)?;
             record::<A>(key()?, seq)?;
-            if flow.proxy_flags & PROXY_PENDING == 0 {
+            if flow.flags & PROXY_PENDING == 0 {
                 set_pending(flow, entry, PROXY_PENDING);
             }
         }
@@ -180,7 +180,7 @@ pub fn outbound<A: Family>(
     }
     let len = flow.proxy_len as u32;
     let seq = read_u32(ctx, p.l4_off, 4).ok_or(DROP_PROXY_INSERT)?;
-    if flow.proxy_flags & PROXY_PENDING != 0 {
+    if flow.flags & PROXY_PENDING != 0 {
         // SAFETY: copied out at once.
         match unsafe { A::proxy_pending().get(key()?) }.map(|v| v.base) {
             Some(base) if seq == base && flags & TCP_RST != 0 => return Ok(()),
@@ -215,7 +215,7 @@ pub fn inbound<A: Family>(
         return Ok(());
     }
     let len = flow.proxy_len as u32;
-    let mut pending = flow.proxy_flags & PROXY_PENDING != 0;
+    let mut pending = flow.flags & PROXY_PENDING != 0;
     let mut base = 0;
     // One pointer for the header's reads and writes (map lookups in between leave the frame as
     // it is; the option rewrite, which stores into the frame, comes last).
@@ -304,11 +304,11 @@ fn fill_key<A: Family>(
 fn set_pending<A: Family>(flow: &Flow<A>, entry: Option<*mut Flow<A>>, flags: u8) {
     if let Some(e) = entry {
         // SAFETY: pointer from a successful lookup; a plain field, benign races.
-        unsafe { (*e).proxy_flags = flags };
+        unsafe { (*e).flags = flags };
     }
     if let Some(t) = A::ct().get_ptr_mut(conntrack::twin_key(flow, PROTO_TCP)) {
         // SAFETY: as above.
-        unsafe { (*t).proxy_flags = flags };
+        unsafe { (*t).flags = flags };
     }
 }
 

@@ -309,6 +309,9 @@ enum ServiceCmd {
         /// `v2`: a PROXY protocol v2 header in front of each new TCP connection (default: off).
         #[arg(long, default_value = "off")]
         proxy_protocol: String,
+        /// Log each connection (opened, closed) on the node that carries it.
+        #[arg(long)]
+        connection_log: bool,
     },
     List(ListArgs),
     Get {
@@ -337,9 +340,22 @@ enum ServiceCmd {
         /// `v2` or `off`, for connections opened from now on.
         #[arg(long)]
         proxy_protocol: Option<String>,
+        /// Log connections from now on (true) or stop (false).
+        #[arg(long)]
+        connection_log: Option<bool>,
     },
     Delete {
         id: String,
+    },
+    /// The service's connection log on the node the CLI talks to (opened and closed records).
+    ConnectionsLog {
+        id: String,
+        /// Records after this sequence number (the previous page's `next_after`).
+        #[arg(long)]
+        after: Option<u64>,
+        /// At most this many records (1 to 1000; default 100).
+        #[arg(long)]
+        limit: Option<u64>,
     },
     /// Replace the backend targets.
     Backends {
@@ -570,6 +586,7 @@ fn request(cmd: &Command) -> anyhow::Result<Req> {
                 answer_ping,
                 flow_limit,
                 proxy_protocol,
+                connection_log,
             } => req(
                 Method::POST,
                 "/v1/services",
@@ -586,6 +603,7 @@ fn request(cmd: &Command) -> anyhow::Result<Req> {
                     answer_ping: *answer_ping,
                     flow_limit: *flow_limit,
                     proxy_protocol: word("--proxy-protocol", proxy_protocol)?,
+                    connection_log: *connection_log,
                 })?,
             ),
             ServiceCmd::List(l) => req(Method::GET, "/v1/services", None).with_query(l.query()),
@@ -600,6 +618,7 @@ fn request(cmd: &Command) -> anyhow::Result<Req> {
                 flow_limit,
                 endpoint_flow_limits,
                 proxy_protocol,
+                connection_log,
             } => {
                 let b = UpdateService {
                     name: name.clone(),
@@ -617,10 +636,25 @@ fn request(cmd: &Command) -> anyhow::Result<Req> {
                         .as_deref()
                         .map(|w| word("--proxy-protocol", w))
                         .transpose()?,
+                    connection_log: *connection_log,
                 };
                 req(Method::PATCH, format!("/v1/services/{id}"), body(b)?)
             }
             ServiceCmd::Delete { id } => req(Method::DELETE, format!("/v1/services/{id}"), None),
+            ServiceCmd::ConnectionsLog { id, after, limit } => req(
+                Method::GET,
+                format!("/v1/services/{id}/connections-log"),
+                None,
+            )
+            .with_query(
+                [
+                    ("after", after.map(|a| a.to_string())),
+                    ("limit", limit.map(|l| l.to_string())),
+                ]
+                .into_iter()
+                .filter_map(|(k, v)| Some((k, v?)))
+                .collect(),
+            ),
             ServiceCmd::Backends { id, backends } => req(
                 Method::PUT,
                 format!("/v1/services/{id}/backends"),

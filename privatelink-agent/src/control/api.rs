@@ -889,6 +889,63 @@ async fn history(
     Ok(ok(view))
 }
 
+#[derive(Clone, Debug, Default, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct ConnLogQuery {
+    /// Records with a sequence number above this one (the `next_after` of the previous page).
+    pub after: Option<u64>,
+    /// At most this many records (1 to 1000, default 100).
+    pub limit: Option<u64>,
+}
+
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct ConnLogPage {
+    service_id: String,
+    records: Vec<crate::control::local::ConnRecord>,
+    /// `after` for the next page (the last record's sequence number, or `after` again when there
+    /// was none).
+    next_after: u64,
+}
+
+#[utoipa::path(get, path = "/v1/services/{id}/connections-log", params(("id" = String, Path, description = "service id"), ConnLogQuery), responses((status = 200, body = ConnLogPage, description = "The service's connection log on this node, oldest first"), (status = "4XX", body = ErrorBody, description = "error: stable code, message, offending field")), security(("bearer" = [])), summary = "The service's connection log on this node")]
+async fn connections_log(
+    State(p): State<Plane>,
+    Auth(c): Auth,
+    Path(id): Path<String>,
+    Query(q): Query<ConnLogQuery>,
+) -> ApiResult<Response> {
+    p.read(|s| services::own(s, &c, &id).map(drop))?;
+    let limit = q.limit.unwrap_or(100);
+    if !(1..=1000).contains(&limit) {
+        return Err(ApiError::invalid(
+            "invalid_limit",
+            "limit",
+            "limit is 1 to 1000",
+        ));
+    }
+    let after = q.after.unwrap_or(0);
+    let h = p.node_local().ok_or_else(|| {
+        ApiError::new(
+            404,
+            "no_connection_log",
+            "this server keeps no connection log (only agents do)",
+        )
+    })?;
+    let records = h.connections(&id, after, limit as usize).ok_or_else(|| {
+        ApiError::new(
+            404,
+            "no_connection_log",
+            "this node keeps no connection log",
+        )
+    })?;
+    let next_after = records.last().map_or(after, |r| r.seq);
+    Ok(ok(ConnLogPage {
+        service_id: id,
+        records,
+        next_after,
+    }))
+}
+
 #[utoipa::path(get, path = "/v1/revision", responses((status = 200, body = Revision, description = "The current state revision"), (status = "4XX", body = ErrorBody, description = "error: stable code, message, offending field")), security(("bearer" = [])), summary = "The current state revision")]
 async fn revision(State(p): State<Plane>, Auth(_): Auth) -> ApiResult<Response> {
     Ok(ok(json!({ "revision": p.revision() })))
@@ -1018,6 +1075,7 @@ fn routes() -> OpenApiRouter<Plane> {
         .routes(routes!(set_rules))
         .routes(routes!(export_csv))
         .routes(routes!(history))
+        .routes(routes!(connections_log))
 }
 
 /// The OpenAPI document: the operations of [`routes`], as served at `/openapi.json`.

@@ -123,6 +123,10 @@ pub struct Service {
     /// A PROXY protocol header in front of each new TCP connection (`v2`), or none (`off`).
     #[serde(default)]
     pub proxy_protocol: ProxyProtocol,
+    /// Each connection to the service is logged on the node that carries it (opened and closed
+    /// records: `GET /v1/services/{id}/connections-log`).
+    #[serde(default)]
+    pub connection_log: bool,
     pub tags: Vec<Tag>,
     pub created_at: u64,
 }

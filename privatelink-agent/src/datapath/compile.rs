@@ -168,6 +168,23 @@ pub fn addr6(w: In6) -> Ipv6Addr {
     Ipv6Addr::from(o)
 }
 
+/// An address as the maps hold it (wire bytes read natively), as an address again.
+pub trait WireAddr: Copy {
+    fn ip(self) -> IpAddr;
+}
+
+impl WireAddr for u32 {
+    fn ip(self) -> IpAddr {
+        Ipv4Addr::from(self.to_ne_bytes()).into()
+    }
+}
+
+impl WireAddr for In6 {
+    fn ip(self) -> IpAddr {
+        addr6(self).into()
+    }
+}
+
 fn be4(a: Ipv4Addr) -> u32 {
     u32::from_ne_bytes(a.octets())
 }
@@ -507,6 +524,7 @@ fn link_entries(
         answer_ping: u32::from(l.answer_ping),
         flow_limit: l.flow_limit,
         proxy_tlvs: 0,
+        conn_log: u32::from(l.conn_log),
     };
     let tcp = l.ports.iter().any(|p| p.proto == Proto::Tcp);
     let tlvs = if tcp {
@@ -1010,6 +1028,7 @@ mod tests {
                 endpoint_id: format!("ep-{:08x}", r.next(1 << 32)),
                 account_id: "a".repeat(2 + r.next(31) as usize),
             },
+            conn_log: r.next(2) == 0,
         }
     }
 

@@ -9,15 +9,16 @@ use aya::{
     Ebpf,
     maps::{
         Array, DevMapHash, HashMap, MapData, MapError, PerCpuArray, PerCpuHashMap, PerCpuValues,
-        xdp::XdpMapError,
+        RingBuf, xdp::XdpMapError,
     },
 };
 use privatelink_common::{
-    AllowKey, Backend4, Backend6, DatapathConfig, EndpointIpKey4, EndpointIpKey6, EndpointIpValue,
-    EndpointKey4, EndpointKey6, EndpointValue, Flow, Flow4, Flow6, FlowKey, FlowKey4, FlowKey6,
-    IfaceInfo, IfaceKey, LINK_AVAILABLE, LINK_EMPTY, LinkDropKey, LinkInfo, LinkStats, MAGLEV_SIZE,
-    MAX_RULES, MaglevTable, NatRange4, NatRange6, OUTCOMES, PROXY_COUNTERS, ProxyPending,
-    ProxyTlvs, Rule4, Rule6, RuleList4, RuleList6, names,
+    AllowKey, Backend4, Backend6, CONN_LOG_COUNTERS, ConnStats, ConnStats4, ConnStats6,
+    DatapathConfig, EndpointIpKey4, EndpointIpKey6, EndpointIpValue, EndpointKey4, EndpointKey6,
+    EndpointValue, Flow, Flow4, Flow6, FlowKey, FlowKey4, FlowKey6, IfaceInfo, IfaceKey,
+    LINK_AVAILABLE, LINK_EMPTY, LinkDropKey, LinkInfo, LinkStats, MAGLEV_SIZE, MAX_RULES,
+    MaglevTable, NatRange4, NatRange6, OUTCOMES, PROXY_COUNTERS, ProxyPending, ProxyTlvs, Rule4,
+    Rule6, RuleList4, RuleList6, names,
 };
 
 use super::{
@@ -112,6 +113,11 @@ pub struct Dataplane {
     proxy_pending4: HashMap<MapData, FlowKey4, ProxyPending>,
     proxy_pending6: HashMap<MapData, FlowKey6, ProxyPending>,
     proxy_stats: PerCpuArray<MapData, u64>,
+    conn_stats4: HashMap<MapData, FlowKey4, ConnStats4>,
+    conn_stats6: HashMap<MapData, FlowKey6, ConnStats6>,
+    conn_log_stats: PerCpuArray<MapData, u64>,
+    /// The connection log's ring buffer, until its reader takes it ([`Self::take_conn_log`]).
+    conn_log: Option<RingBuf<MapData>>,
     /// Capacities of the hash maps (arrays know their length).
     caps: BTreeMap<&'static str, u32>,
     shadow: MapState,
@@ -199,6 +205,10 @@ impl Dataplane {
             proxy_pending4: take(ebpf, names::PROXY_PENDING4)?,
             proxy_pending6: take(ebpf, names::PROXY_PENDING6)?,
             proxy_stats: take(ebpf, names::PROXY_STATS)?,
+            conn_stats4: take(ebpf, names::CONN_STATS4)?,
+            conn_stats6: take(ebpf, names::CONN_STATS6)?,
+            conn_log_stats: take(ebpf, names::CONN_LOG_STATS)?,
+            conn_log: Some(take(ebpf, names::CONN_LOG)?),
             caps,
             shadow: MapState::default(),
             last_model: None,
@@ -774,6 +784,11 @@ impl Dataplane {
         }
     }
 
+    /// The connection log's ring buffer, for its one reader (`None` once taken).
+    pub fn take_conn_log(&mut self) -> Option<RingBuf<MapData>> {
+        self.conn_log.take()
+    }
+
     /// Deletes every conntrack entry of the given links. Returns how many.
     pub fn cut_flows(&mut self, links: &BTreeSet<u32>) -> Result<usize, DataplaneError> {
         Ok(
@@ -840,6 +855,13 @@ impl Dataplane {
             proxy_pending4: again(self.proxy_pending4.map(), names::PROXY_PENDING4, M::HashMap)?,
             proxy_pending6: again(self.proxy_pending6.map(), names::PROXY_PENDING6, M::HashMap)?,
             proxy_stats: again(self.proxy_stats.map(), names::PROXY_STATS, M::PerCpuArray)?,
+            conn_stats4: again(self.conn_stats4.map(), names::CONN_STATS4, M::HashMap)?,
+            conn_stats6: again(self.conn_stats6.map(), names::CONN_STATS6, M::HashMap)?,
+            conn_log_stats: again(
+                self.conn_log_stats.map(),
+                names::CONN_LOG_STATS,
+                M::PerCpuArray,
+            )?,
             link_opened: again(self.link_opened.map(), names::LINK_OPENED, M::Array)?,
             link_retired: again(self.link_retired.map(), names::LINK_RETIRED, M::Array)?,
             retired: super::batch::array_values(&self.link_retired)
@@ -1163,6 +1185,9 @@ pub struct StatsReader {
     proxy_pending4: HashMap<MapData, FlowKey4, ProxyPending>,
     proxy_pending6: HashMap<MapData, FlowKey6, ProxyPending>,
     proxy_stats: PerCpuArray<MapData, u64>,
+    conn_stats4: HashMap<MapData, FlowKey4, ConnStats4>,
+    conn_stats6: HashMap<MapData, FlowKey6, ConnStats6>,
+    conn_log_stats: PerCpuArray<MapData, u64>,
     link_opened: Array<MapData, u64>,
     link_retired: Array<MapData, u64>,
     /// What `link_retired` holds where it is not 0.
@@ -1171,6 +1196,74 @@ pub struct StatsReader {
     pub ct6_capacity: u32,
     /// Capacities of the counter maps (LINK_STATS, LINK_DROPS).
     pub counter_capacity: (u32, u32),
+}
+
+/// Every counter of a per-CPU array, summed over CPUs (a failed read counts 0).
+fn sums<const N: usize>(map: &PerCpuArray<MapData, u64>) -> [u64; N] {
+    let mut out = [0; N];
+    for (i, o) in out.iter_mut().enumerate() {
+        *o = map
+            .get(&(i as u32), 0)
+            .map(|v| v.iter().sum())
+            .unwrap_or_default();
+    }
+    out
+}
+
+/// A logged connection whose flow is gone: its tuple, translation and counters.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConnEnd {
+    pub link_id: u32,
+    pub proto: u8,
+    pub consumer: std::net::SocketAddr,
+    pub endpoint: std::net::SocketAddr,
+    pub nat: std::net::SocketAddr,
+    pub backend: std::net::SocketAddr,
+    /// CLOCK_MONOTONIC ns when the flow was made.
+    pub opened_ns: u64,
+    pub fwd_packets: u64,
+    pub fwd_bytes: u64,
+    pub rev_packets: u64,
+    pub rev_bytes: u64,
+    /// `CONN_FIN_*` and `CONN_RST` bits.
+    pub ended: u32,
+}
+
+/// The entries of `stats` whose forward flow is not in `ct`, removed and returned.
+fn ended<A>(
+    stats: &mut HashMap<MapData, FlowKey<A>, ConnStats<A>>,
+    ct: &HashMap<MapData, FlowKey<A>, Flow<A>>,
+) -> Vec<ConnEnd>
+where
+    A: Copy + super::compile::WireAddr,
+    FlowKey<A>: aya::Pod,
+    Flow<A>: aya::Pod,
+    ConnStats<A>: aya::Pod,
+{
+    let gone: Vec<(FlowKey<A>, ConnStats<A>)> = super::batch::entries(stats)
+        .into_iter()
+        .filter(|(k, _)| ct.get(k, 0).is_err())
+        .collect();
+    gone.into_iter()
+        .map(|(k, s)| {
+            let _ = stats.remove(&k);
+            let at = |a: A, port_be: u16| std::net::SocketAddr::new(a.ip(), u16::from_be(port_be));
+            ConnEnd {
+                link_id: s.link_id,
+                proto: k.proto,
+                consumer: at(k.saddr_be, k.sport_be),
+                endpoint: at(k.daddr_be, k.dport_be),
+                nat: at(s.nat_be, s.nat_port_be),
+                backend: at(s.backend_be, s.backend_port_be),
+                opened_ns: s.opened_ns,
+                fwd_packets: s.fwd_packets,
+                fwd_bytes: s.fwd_bytes,
+                rev_packets: s.rev_packets,
+                rev_bytes: s.rev_bytes,
+                ended: s.ended,
+            }
+        })
+        .collect()
 }
 
 /// Removes the pending PROXY headers whose flow is gone from `ct` (it ended, or expired, before
@@ -1436,14 +1529,21 @@ impl StatsReader {
 
     /// The PROXY counters summed over CPUs: headers sent, headers acknowledged, MSS clamped.
     pub fn proxy(&self) -> [u64; PROXY_COUNTERS as usize] {
-        let mut out = [0; PROXY_COUNTERS as usize];
-        for (i, o) in out.iter_mut().enumerate() {
-            *o = self
-                .proxy_stats
-                .get(&(i as u32), 0)
-                .map(|v| v.iter().sum())
-                .unwrap_or_default();
-        }
+        sums(&self.proxy_stats)
+    }
+
+    /// The connection log's counters summed over CPUs: records written to the ring, records lost
+    /// to a full ring, connections logged without counters.
+    pub fn conn_log(&self) -> [u64; CONN_LOG_COUNTERS as usize] {
+        sums(&self.conn_log_stats)
+    }
+
+    /// The logged connections whose flow is gone from conntrack (ended and expired, or removed),
+    /// with their counters; their entries are removed. Call after [`Self::scan`], which removes
+    /// the expired flows.
+    pub fn ended_connections(&mut self) -> Vec<ConnEnd> {
+        let mut out = ended(&mut self.conn_stats4, &self.ct4);
+        out.extend(ended(&mut self.conn_stats6, &self.ct6));
         out
     }
 

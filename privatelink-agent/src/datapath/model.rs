@@ -111,6 +111,8 @@ pub struct Link {
     pub flow_limit: u32,
     /// What the link's PROXY protocol v2 headers say, and whether new TCP flows get one.
     pub proxy: LinkProxy,
+    /// The link's connections are logged.
+    pub conn_log: bool,
 }
 
 /// The PROXY protocol v2 side of a link: its TLVs carry the endpoint id and the consumer account

@@ -114,14 +114,16 @@ pub struct Scanner {
 
 impl Scanner {
     /// Scans `reader`'s conntrack now and then every `every` with the datapath's `timeouts`;
-    /// the summaries go to `latest`.
+    /// the summaries go to `latest`, the logged connections each scan finds ended to `ended`.
     pub fn start(
         mut reader: StatsReader,
         every: Duration,
         timeouts: DatapathConfig,
         latest: Latest,
+        mut ended: impl FnMut(Vec<super::maps::ConnEnd>) + Send + 'static,
     ) -> std::io::Result<Self> {
         latest.set(scan(&mut reader, &timeouts));
+        ended(reader.ended_connections());
         let on = Arc::new(AtomicBool::new(true));
         let running = on.clone();
         let thread = std::thread::Builder::new()
@@ -133,6 +135,7 @@ impl Scanner {
                     if last.elapsed() >= every {
                         last = Instant::now();
                         latest.set(scan(&mut reader, &timeouts));
+                        ended(reader.ended_connections());
                     }
                 }
             })?;

@@ -15,16 +15,13 @@
 //! link. What depends on the node is rewritten: a
 //! reply entry leaves through this node's interface of the consumer network, with its MAC; a
 //! forward entry resolves its next hop again; both are as fresh as the moment they arrive.
-use std::{
-    collections::HashMap,
-    net::{IpAddr, Ipv4Addr},
-};
+use std::{collections::HashMap, net::IpAddr};
 
 use privatelink_common::{
     DIR_FORWARD, DIR_REPLY, Flow, Flow4, Flow6, FlowKey, FlowKey4, FlowKey6, In6,
 };
 
-use crate::datapath::{LinkState, Model, Role, compile::addr6};
+use crate::datapath::{LinkState, Model, Role, compile::WireAddr};
 
 /// Largest payload of one message (it fits an Ethernet frame with the channel's header).
 pub const MAX_PAYLOAD: usize = 1200;
@@ -228,26 +225,17 @@ impl Refuse {
 }
 
 /// An address family of the tables, as the checks need it.
-pub trait Family: Copy {
-    fn ip(self) -> IpAddr;
+pub trait Family: WireAddr {
     fn endpoint(link: &crate::datapath::Link) -> Option<IpAddr>;
 }
 
 impl Family for u32 {
-    fn ip(self) -> IpAddr {
-        Ipv4Addr::from(u32::from_be(self)).into()
-    }
-
     fn endpoint(link: &crate::datapath::Link) -> Option<IpAddr> {
         link.ip4.map(Into::into)
     }
 }
 
 impl Family for In6 {
-    fn ip(self) -> IpAddr {
-        addr6(self).into()
-    }
-
     fn endpoint(link: &crate::datapath::Link) -> Option<IpAddr> {
         link.ip6.map(Into::into)
     }
@@ -323,7 +311,7 @@ pub fn admit<A: Family>(
 
 #[cfg(test)]
 mod tests {
-    use std::collections::BTreeMap;
+    use std::{collections::BTreeMap, net::Ipv4Addr};
 
     use privatelink_common::{CT_ESTABLISHED, CT_SYN_RECV, PROTO_TCP};
 
@@ -487,11 +475,11 @@ mod tests {
         for (key, flow) in [(k, f), (k2, f2)] {
             let proxied = Flow4 {
                 proxy_len: 120,
-                proxy_flags: privatelink_common::PROXY_PENDING,
+                flags: privatelink_common::PROXY_PENDING,
                 ..flow
             };
             let taken = admit(&m, &key, &proxied, 99).unwrap();
-            assert_eq!((taken.proxy_len, taken.proxy_flags), (120, 1));
+            assert_eq!((taken.proxy_len, taken.flags), (120, 1));
         }
 
         let mut rejected = m.clone();

@@ -12,11 +12,10 @@ use crate::{
         monitoring::{Period, Point},
         store::NodeReport,
     },
-    node::history::History,
+    node::{connlog::ConnLog, history::History},
 };
 
 /// The node's side of [`NodeLocal`]; the runtime updates it, the API reads it.
-#[derive(Default)]
 pub struct NodeFacts {
     /// service id → (backend, healthy), as the last sync applied it.
     health: Mutex<BTreeMap<String, Vec<(IpAddr, bool)>>>,
@@ -24,14 +23,23 @@ pub struct NodeFacts {
     report: Mutex<Option<NodeReport>>,
     /// The high-availability group and its shared state, for a node of a group.
     ha: Mutex<Option<(String, Arc<crate::node::ha::HaShared>)>>,
+    conn_log: Arc<ConnLog>,
 }
 
 impl NodeFacts {
-    pub fn new(history: Option<Arc<Mutex<History>>>) -> Self {
+    pub fn new(history: Option<Arc<Mutex<History>>>, conn_log: Arc<ConnLog>) -> Self {
         NodeFacts {
             history,
-            ..Default::default()
+            conn_log,
+            health: Default::default(),
+            report: Default::default(),
+            ha: Default::default(),
         }
+    }
+
+    /// The node's connection log.
+    pub fn conn_log(&self) -> Arc<ConnLog> {
+        self.conn_log.clone()
     }
 
     pub fn set_ha(&self, group: String, shared: Arc<crate::node::ha::HaShared>) {
@@ -62,6 +70,15 @@ impl NodeLocal for NodeFacts {
         Some(h.query(kind, id, period).map_err(|e| e.to_string()))
     }
 
+    fn connections(
+        &self,
+        service_id: &str,
+        after: u64,
+        limit: usize,
+    ) -> Option<Vec<crate::control::local::ConnRecord>> {
+        Some(self.conn_log.page(service_id, after, limit))
+    }
+
     fn report(&self) -> Option<NodeReport> {
         self.report
             .lock()
@@ -84,7 +101,7 @@ mod tests {
 
     #[test]
     fn health_is_unknown_until_set_then_read_per_backend() {
-        let f = NodeFacts::new(None);
+        let f = NodeFacts::new(None, Arc::new(ConnLog::open(None).unwrap()));
         let (a, b): (IpAddr, IpAddr) = (
             "198.18.100.10".parse().unwrap(),
             "2001:db8::10".parse().unwrap(),

@@ -408,6 +408,22 @@ fn encode_node(enc: &mut DescriptorEncoder, s: &Scrape) -> Result<(), std::fmt::
         MetricType::Counter,
         vec![(s.node.clone(), counter(fills))],
     )?;
+    let log = s.src.reader.conn_log();
+    let rows = ["written", "lost", "uncounted"]
+        .iter()
+        .zip(log)
+        .map(|(result, v)| {
+            let l: Labels = vec![("result", result.to_string()), ("node", s.node_name())];
+            (l, counter(v))
+        })
+        .collect();
+    family(
+        enc,
+        "privatelink_connection_log_records",
+        "Connection-log records the datapath wrote to its ring buffer (written), lost to a full ring (lost), and logged connections without counters because the counter table was full (uncounted)",
+        MetricType::Counter,
+        rows,
+    )?;
     let [sent, acked, clamped] = s.src.reader.proxy();
     for (name, help, v) in [
         (

@@ -6,6 +6,7 @@
 pub mod announce;
 pub mod channel;
 pub mod config;
+pub mod connlog;
 pub mod dns;
 pub mod flowsync;
 pub mod ha;

@@ -170,7 +170,13 @@ impl Node {
             History::open(&history_path)
                 .with_context(|| format!("history: opening {}", history_path.display()))?,
         ));
-        let facts = Arc::new(NodeFacts::new(Some(history.clone())));
+        // The connection log beside it too.
+        let log_path = raw.store.path.with_file_name("connections.jsonl");
+        let conn_log = Arc::new(
+            crate::node::connlog::ConnLog::open(Some(&log_path))
+                .with_context(|| format!("connection log: opening {}", log_path.display()))?,
+        );
+        let facts = Arc::new(NodeFacts::new(Some(history.clone()), conn_log));
         plane.attach_node(facts.clone());
         let history_reader = dataplane.stats_reader()?;
         let mut node = Node {
@@ -574,12 +580,24 @@ async fn serve(mut node: Node, shutdown: Shutdown) -> Result<Node> {
         .await
         .with_context(|| format!("metrics.listen: binding {}", s.metrics))?;
     log::info!("metrics on http://{}/metrics", s.metrics);
+    // The connection log: opened records from the datapath's ring buffer, closed ones from the
+    // scan below.
+    let conn_log = node.sync.facts.conn_log();
+    let _conn_reader = match node.dataplane.take_conn_log() {
+        Some(ring) => Some(
+            crate::node::connlog::Reader::start(ring, conn_log.clone(), node.plane.clone())
+                .context("starting the connection log's reader")?,
+        ),
+        None => None,
+    };
     // One conntrack scan per period: it removes expired entries and feeds metrics and history.
+    let plane = node.plane.clone();
     let _scanner = Scanner::start(
         node.dataplane.stats_reader()?,
         s.sweep,
         node.node.datapath,
         node.conntrack.clone(),
+        move |ended| conn_log.ended(&plane, &ended),
     )
     .context("starting the conntrack scanner")?;
     let registry = Arc::new(crate::node::metrics::registry(

@@ -199,6 +199,7 @@ pub fn model(
                     endpoint_id: ep.id.clone(),
                     account_id: ep.owner.clone(),
                 },
+                conn_log: svc.connection_log,
             },
         ));
     }
@@ -437,6 +438,7 @@ mod health_tests {
                 flow_limit: 0,
                 endpoint_flow_limits: Default::default(),
                 proxy_protocol: Default::default(),
+                connection_log: false,
                 tags: vec![],
                 created_at: 0,
             },

@@ -198,6 +198,7 @@ pub fn endpoint_link(network_id: u32, account: u32) -> Link {
             endpoint_id: format!("ep-{network_id:08x}"),
             account_id: format!("acct-{account}"),
         },
+        conn_log: false,
     }
 }
 

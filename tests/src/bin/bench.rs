@@ -1028,6 +1028,7 @@ fn big_state(
             flow_limit: 0,
             endpoint_flow_limits: Default::default(),
             proxy_protocol: Default::default(),
+            connection_log: false,
             tags: vec![],
             created_at: 0,
         },

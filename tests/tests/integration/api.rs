@@ -850,7 +850,10 @@ fn history_by_period_with_comparison_and_csv() {
         }
     }
     w.server.plane.attach_node(std::sync::Arc::new(
-        privatelink_agent::node::local::NodeFacts::new(Some(h)),
+        privatelink_agent::node::local::NodeFacts::new(
+            Some(h),
+            std::sync::Arc::new(privatelink_agent::node::connlog::ConnLog::open(None).unwrap()),
+        ),
     ));
     let r =
         w.c1.get(&format!("/v1/history/endpoint/{ep}?period=realtime"));

@@ -6,6 +6,7 @@ mod agent;
 mod api;
 mod bench_programs;
 mod cli;
+mod connlog;
 mod datapath;
 mod datapath6;
 mod demo;

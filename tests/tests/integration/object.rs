@@ -98,11 +98,17 @@ fn the_datapath_programs_make_no_bpf_to_bpf_calls() {
 #[test]
 fn the_production_object_holds_exactly_the_datapath_programs_and_maps() {
     const PROGRAMS: [&str; 3] = ["pass", "privatelink", "privatelink6"];
-    const MAPS: [&str; 46] = [
+    const MAPS: [&str; 52] = [
         "ALLOWLIST",
         "BACKENDS4",
         "BACKENDS6",
         "CONFIG",
+        "CONN_LOG",
+        "CONN_LOG_STATS",
+        "CONN_NEW4",
+        "CONN_NEW6",
+        "CONN_STATS4",
+        "CONN_STATS6",
         "CT4",
         "CT6",
         "DEVMAP",

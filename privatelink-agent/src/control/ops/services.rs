@@ -200,6 +200,7 @@ pub fn create(s: &State, cx: &mut Ctx, req: CreateService) -> Outcome<Service> {
         flow_limit: req.flow_limit,
         endpoint_flow_limits: Default::default(),
         proxy_protocol: req.proxy_protocol,
+        connection_log: req.connection_log,
         tags: req.tags,
         created_at: cx.now,
     };
@@ -240,6 +241,9 @@ pub fn update(s: &State, cx: &mut Ctx, id: &str, req: UpdateService) -> Outcome<
     if let Some(p) = req.proxy_protocol {
         proxy_protocol(p, &svc.port_mappings)?;
         svc.proxy_protocol = p;
+    }
+    if let Some(l) = req.connection_log {
+        svc.connection_log = l;
     }
     if let Some(limits) = req.endpoint_flow_limits {
         for id in limits.keys() {
