@@ -131,3 +131,230 @@ fn a_logged_flow_writes_its_record_and_counts_its_traffic_until_it_is_gone() {
         });
     }
 }
+
+/// The whole log with real software: nginx behind a logging service, curl from two consumer
+/// networks with the same CIDR; every connection nginx saw (by its NAT address and port) has an
+/// opened and a closed record in the API naming the right endpoint and account, and the file
+/// beside the state has them too. A consumer cannot read the provider's log.
+mod real {
+    use std::{
+        collections::BTreeMap,
+        net::Ipv4Addr,
+        time::{Duration, Instant},
+    };
+
+    use privatelink_agent::testkit::demo::CLIENT;
+    use privatelink_tests::{
+        privileged,
+        world::{World, api},
+    };
+    use serde_json::{Value, json};
+
+    use crate::acceptance::{Kind, eventually, offer, run, server, succeeds};
+
+    const WEB: Kind = Kind {
+        name: "logged",
+        service_type: "clb",
+        protocol: "tcp",
+        backend: Ipv4Addr::new(198, 18, 100, 31),
+        service_port: 8090,
+        terminal_port: 80,
+        endpoint: Ipv4Addr::new(198, 18, 0, 121),
+    };
+
+    fn records(w: &World, token: &str, svc: &str) -> (u16, Vec<Value>) {
+        let (status, v) = api(
+            &w.topo,
+            token,
+            "GET",
+            &format!("/v1/services/{svc}/connections-log?limit=1000"),
+            None,
+        );
+        (status, v["records"].as_array().cloned().unwrap_or_default())
+    }
+
+    #[test]
+    fn every_connection_nginx_saw_has_its_opened_and_closed_records() {
+        if !privileged("every_connection_nginx_saw_has_its_opened_and_closed_records") {
+            return;
+        }
+        let (mut w, _agent) = privatelink_tests::world::world_with(
+            "connlog-real",
+            "[conntrack]\ntcp_closing_timeout = 1\ngc_interval = 1\n",
+        );
+        w.topo
+            .provider
+            .ip(&["addr", "add", &format!("{}/24", WEB.backend), "dev", "eth0"])
+            .unwrap();
+        let d = w.dir.display();
+        let conf = format!(
+            "user root; worker_processes 1; daemon off; pid {d}/nginx.pid;
+             error_log {d}/nginx-error.log info;
+             events {{ worker_connections 64; }}
+             http {{
+               access_log off; client_body_temp_path {d}/nginx-body;
+               log_format peer '$remote_addr:$remote_port $request_uri';
+               server {{
+                 listen {}:{};
+                 access_log {d}/nginx-access.log peer;
+                 location / {{ default_type text/plain; return 200 \"ok\\n\"; }}
+               }}
+             }}",
+            WEB.backend, WEB.service_port
+        );
+        std::fs::write(w.dir.join("nginx.conf"), conf).unwrap();
+        let c = w.dir.join("nginx.conf");
+        let _nginx = server(
+            &w,
+            &w.dir.join("nginx.out"),
+            "nginx",
+            &["-p", &d.to_string(), "-c", c.to_str().unwrap()],
+        );
+        let mut endpoints = BTreeMap::new();
+        let eps = offer(
+            &w,
+            &WEB,
+            &[WEB.backend.to_string()],
+            &mut endpoints,
+            json!({ "ip": WEB.endpoint.to_string() }),
+        );
+        let svc = eps[0]["service_id"].as_str().unwrap().to_string();
+        let (status, v) = api(
+            &w.topo,
+            &w.tokens[0],
+            "PATCH",
+            &format!("/v1/services/{svc}"),
+            Some(json!({ "connection_log": true })),
+        );
+        assert_eq!((status, &v["connection_log"]), (200, &json!(true)), "{v}");
+        w.eps = endpoints.values().cloned().collect();
+        for c in 0..2 {
+            let ns = &w.topo.consumers[c];
+            let url = format!("http://{}/ready", WEB.endpoint);
+            eventually(&format!("nginx through consumer {c}"), &w, || {
+                succeeds(
+                    ns,
+                    "curl",
+                    &["-sf", "--max-time", "2", "-o", "/dev/null", &url],
+                )
+            });
+            for i in 0..3 {
+                let url = format!("http://{}/c{c}-{i}", WEB.endpoint);
+                run(
+                    ns,
+                    "curl",
+                    &["-sf", "--max-time", "10", "-o", "/dev/null", &url],
+                    None,
+                );
+            }
+        }
+        // nginx's view: NAT address:port → the request (whose name says the consumer).
+        let access = std::fs::read_to_string(w.dir.join("nginx-access.log")).unwrap();
+        let seen: Vec<(String, usize)> = access
+            .lines()
+            .filter_map(|l| {
+                let (peer, uri) = l.split_once(' ')?;
+                let c: usize = uri.strip_prefix("/c")?.split('-').next()?.parse().ok()?;
+                Some((peer.to_string(), c))
+            })
+            .collect();
+        assert_eq!(seen.len(), 6, "nginx logged {access}");
+        // Every one of them opened and (after the flows expire and the sweep runs) closed.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let recs = loop {
+            let (status, recs) = records(&w, &w.tokens[0], &svc);
+            assert_eq!(status, 200);
+            let has = |event: &str, nat: &str| {
+                recs.iter().any(|r| r["event"] == event && r["nat"] == nat)
+            };
+            if seen
+                .iter()
+                .all(|(nat, _)| has("opened", nat) && has("closed", nat))
+            {
+                break recs;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "records so far: {recs:#?}\n{}",
+                w.log()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        };
+        for (nat, c) in &seen {
+            let ep = &endpoints[&(*c, WEB.name)];
+            let account = format!("100000000{}", c + 1);
+            for event in ["opened", "closed"] {
+                let r = recs
+                    .iter()
+                    .find(|r| r["event"] == event && r["nat"] == nat.as_str())
+                    .unwrap();
+                assert_eq!(r["endpoint_id"], ep.as_str(), "{r}");
+                assert_eq!(r["account_id"], account.as_str(), "{r}");
+                assert_eq!(r["service_id"], svc.as_str(), "{r}");
+                assert_eq!(r["protocol"], "tcp");
+                assert!(
+                    r["consumer"]
+                        .as_str()
+                        .unwrap()
+                        .starts_with(&format!("{CLIENT}:")),
+                    "{r}"
+                );
+                assert_eq!(r["endpoint"], format!("{}:80", WEB.endpoint));
+                assert_eq!(
+                    r["backend"],
+                    format!("{}:{}", WEB.backend, WEB.service_port)
+                );
+            }
+            let closed = recs
+                .iter()
+                .find(|r| r["event"] == "closed" && r["nat"] == nat.as_str())
+                .unwrap();
+            assert_eq!(closed["ended"], "fin", "{closed}");
+            assert!(
+                closed["bytes_in"].as_u64().unwrap() > 0
+                    && closed["bytes_out"].as_u64().unwrap() > 0
+            );
+            assert!(closed["packets_in"].as_u64().unwrap() >= 4, "{closed}");
+        }
+        // The file beside the state holds the same records.
+        let file = std::fs::read_to_string(w.dir.join("store").join("connections.jsonl")).unwrap();
+        let lines: Vec<Value> = file
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        for (nat, _) in &seen {
+            assert_eq!(
+                lines.iter().filter(|r| r["nat"] == nat.as_str()).count(),
+                2,
+                "{nat}: opened and closed in the file"
+            );
+        }
+        // Paging: one at a time, in order.
+        let (_, first) = api(
+            &w.topo,
+            &w.tokens[0],
+            "GET",
+            &format!("/v1/services/{svc}/connections-log?limit=1"),
+            None,
+        );
+        let next = first["next_after"].as_u64().unwrap();
+        let (_, second) = api(
+            &w.topo,
+            &w.tokens[0],
+            "GET",
+            &format!("/v1/services/{svc}/connections-log?limit=1&after={next}"),
+            None,
+        );
+        assert!(second["records"][0]["seq"].as_u64().unwrap() > next);
+        // A consumer's token does not read the provider's log; a bad limit is refused.
+        assert_eq!(records(&w, &w.tokens[1], &svc).0, 404);
+        let (status, v) = api(
+            &w.topo,
+            &w.tokens[0],
+            "GET",
+            &format!("/v1/services/{svc}/connections-log?limit=0"),
+            None,
+        );
+        assert_eq!((status, &v["error"]["code"]), (400, &json!("invalid_limit")));
+    }
+}
