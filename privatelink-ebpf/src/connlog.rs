@@ -2,7 +2,8 @@
 //! logging link is made, and that flow's counters (packets and bytes each way, FIN and RST seen)
 //! in `CONN_STATS4`/`CONN_STATS6` for as long as it lives. The agent reads the ring, and writes a
 //! connection's closing record when its sweep finds the flow gone (see `datapath::connlog` in the
-//! agent). Counters, not logs: a full ring or table is counted in `CONN_LOG_STATS`.
+//! agent). Counters, not logs: a full ring or table is counted in `CONN_LOG_STATS`. The counters
+//! are per CPU (no atomic add per packet); the agent sums them.
 use aya_ebpf::bindings::BPF_ANY;
 use privatelink_common::{
     CONN_FIN_BACKEND, CONN_FIN_CONSUMER, CONN_LOG_LOST, CONN_LOG_UNCOUNTED, CONN_LOG_WRITTEN,
@@ -95,15 +96,14 @@ pub fn count<A: Family>(network_id: u32, p: &Pkt<A>, flow: &Flow<A>, bytes: u64)
         return;
     };
     let forward = flow.dir == DIR_FORWARD;
-    // SAFETY: pointer from a successful lookup; the adds are atomic (any CPU may count), the
-    // `ended` bits a benign race (a bit set twice is the same bit).
+    // SAFETY: pointer from a successful lookup: this CPU's value, no concurrent writer.
     unsafe {
         if forward {
-            mem::atomic_add(&mut (*c).fwd_packets, 1);
-            mem::atomic_add(&mut (*c).fwd_bytes, bytes);
+            (*c).fwd_packets += 1;
+            (*c).fwd_bytes += bytes;
         } else {
-            mem::atomic_add(&mut (*c).rev_packets, 1);
-            mem::atomic_add(&mut (*c).rev_bytes, bytes);
+            (*c).rev_packets += 1;
+            (*c).rev_bytes += bytes;
         }
         if p.proto == PROTO_TCP && p.tcp_flags & (TCP_FIN | TCP_RST) != 0 {
             let bit = if p.tcp_flags & TCP_RST != 0 {

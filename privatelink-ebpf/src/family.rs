@@ -6,7 +6,7 @@
 //! IPv6's existence.
 use aya_ebpf::{
     bindings::bpf_fib_lookup,
-    maps::{Array, HashMap, PerCpuArray},
+    maps::{Array, HashMap, PerCpuArray, PerCpuHashMap},
     programs::XdpContext,
 };
 use network_types::ip::Ipv4Hdr;
@@ -61,7 +61,7 @@ pub trait Family: Copy + PartialEq + Default + 'static {
     /// program's full stack).
     fn proxy_key() -> Option<&'static mut FlowKey<Self>>;
     /// Logged connections' counters of this family.
-    fn conn_stats() -> &'static HashMap<FlowKey<Self>, ConnStats<Self>>;
+    fn conn_stats() -> &'static PerCpuHashMap<FlowKey<Self>, ConnStats<Self>>;
     /// This CPU's scratch of a new logged connection's counters.
     fn conn_new() -> Option<&'static mut ConnStats<Self>>;
     /// PROXY flows of this family whose header is unacknowledged.
@@ -134,7 +134,7 @@ impl Family for u32 {
     }
 
     #[inline(always)]
-    fn conn_stats() -> &'static HashMap<FlowKey<u32>, ConnStats<u32>> {
+    fn conn_stats() -> &'static PerCpuHashMap<FlowKey<u32>, ConnStats<u32>> {
         &CONN_STATS4
     }
 
@@ -303,7 +303,7 @@ impl Family for In6 {
     }
 
     #[inline(always)]
-    fn conn_stats() -> &'static HashMap<FlowKey<In6>, ConnStats<In6>> {
+    fn conn_stats() -> &'static PerCpuHashMap<FlowKey<In6>, ConnStats<In6>> {
         &CONN_STATS6
     }
 

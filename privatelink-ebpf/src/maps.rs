@@ -241,16 +241,17 @@ pub static FLOW_COPY6: PerCpuArray<Flow6> = PerCpuArray::with_max_entries(1, 0);
 pub static CONN_LOG: RingBuf = RingBuf::with_byte_size(CONN_LOG_BYTES, 0);
 
 /// Forward key → a logged connection's counters, until the agent's sweep finds its flow gone and
-/// writes the closing record. Full: the connection is logged without counters
-/// (`CONN_LOG_UNCOUNTED`).
+/// writes the closing record. Per CPU: each CPU counts the packets it handles without an atomic
+/// add; the CPU that made the flow holds its translation; the agent sums and merges. Full: the
+/// connection is logged without counters (`CONN_LOG_UNCOUNTED`).
 #[map]
-pub static CONN_STATS4: HashMap<FlowKey4, ConnStats4> =
-    HashMap::with_max_entries(CONN_STATS_ENTRIES, 0);
+pub static CONN_STATS4: PerCpuHashMap<FlowKey4, ConnStats4> =
+    PerCpuHashMap::with_max_entries(CONN_STATS_ENTRIES, 0);
 
 /// The same for IPv6 flows.
 #[map]
-pub static CONN_STATS6: HashMap<FlowKey6, ConnStats6> =
-    HashMap::with_max_entries(CONN_STATS_ENTRIES, 0);
+pub static CONN_STATS6: PerCpuHashMap<FlowKey6, ConnStats6> =
+    PerCpuHashMap::with_max_entries(CONN_STATS_ENTRIES, 0);
 
 /// Per-CPU connection-log counters (`CONN_LOG_WRITTEN`, ...).
 #[map]

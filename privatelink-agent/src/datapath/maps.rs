@@ -113,8 +113,8 @@ pub struct Dataplane {
     proxy_pending4: HashMap<MapData, FlowKey4, ProxyPending>,
     proxy_pending6: HashMap<MapData, FlowKey6, ProxyPending>,
     proxy_stats: PerCpuArray<MapData, u64>,
-    conn_stats4: HashMap<MapData, FlowKey4, ConnStats4>,
-    conn_stats6: HashMap<MapData, FlowKey6, ConnStats6>,
+    conn_stats4: PerCpuHashMap<MapData, FlowKey4, ConnStats4>,
+    conn_stats6: PerCpuHashMap<MapData, FlowKey6, ConnStats6>,
     conn_log_stats: PerCpuArray<MapData, u64>,
     /// The connection log's ring buffer, until its reader takes it ([`Self::take_conn_log`]).
     conn_log: Option<RingBuf<MapData>>,
@@ -855,8 +855,8 @@ impl Dataplane {
             proxy_pending4: again(self.proxy_pending4.map(), names::PROXY_PENDING4, M::HashMap)?,
             proxy_pending6: again(self.proxy_pending6.map(), names::PROXY_PENDING6, M::HashMap)?,
             proxy_stats: again(self.proxy_stats.map(), names::PROXY_STATS, M::PerCpuArray)?,
-            conn_stats4: again(self.conn_stats4.map(), names::CONN_STATS4, M::HashMap)?,
-            conn_stats6: again(self.conn_stats6.map(), names::CONN_STATS6, M::HashMap)?,
+            conn_stats4: again(self.conn_stats4.map(), names::CONN_STATS4, M::PerCpuHashMap)?,
+            conn_stats6: again(self.conn_stats6.map(), names::CONN_STATS6, M::PerCpuHashMap)?,
             conn_log_stats: again(
                 self.conn_log_stats.map(),
                 names::CONN_LOG_STATS,
@@ -1185,8 +1185,8 @@ pub struct StatsReader {
     proxy_pending4: HashMap<MapData, FlowKey4, ProxyPending>,
     proxy_pending6: HashMap<MapData, FlowKey6, ProxyPending>,
     proxy_stats: PerCpuArray<MapData, u64>,
-    conn_stats4: HashMap<MapData, FlowKey4, ConnStats4>,
-    conn_stats6: HashMap<MapData, FlowKey6, ConnStats6>,
+    conn_stats4: PerCpuHashMap<MapData, FlowKey4, ConnStats4>,
+    conn_stats6: PerCpuHashMap<MapData, FlowKey6, ConnStats6>,
     conn_log_stats: PerCpuArray<MapData, u64>,
     link_opened: Array<MapData, u64>,
     link_retired: Array<MapData, u64>,
@@ -1229,26 +1229,50 @@ pub struct ConnEnd {
     pub ended: u32,
 }
 
-/// The entries of `stats` whose forward flow is not in `ct`, removed and returned.
+/// The entries of `stats` whose forward flow is not in `ct`, removed and returned, each CPU's
+/// counters summed and its `ended` bits merged (the translation is the one CPU's that made the
+/// flow: the others' copies are zero there).
 fn ended<A>(
-    stats: &mut HashMap<MapData, FlowKey<A>, ConnStats<A>>,
+    stats: &mut PerCpuHashMap<MapData, FlowKey<A>, ConnStats<A>>,
     ct: &HashMap<MapData, FlowKey<A>, Flow<A>>,
 ) -> Vec<ConnEnd>
 where
-    A: Copy + super::compile::WireAddr,
+    A: Copy + Default + PartialEq + super::compile::WireAddr,
     FlowKey<A>: aya::Pod,
     Flow<A>: aya::Pod,
     ConnStats<A>: aya::Pod,
 {
-    let gone: Vec<(FlowKey<A>, ConnStats<A>)> = super::batch::entries(stats)
-        .into_iter()
-        .filter(|(k, _)| ct.get(k, 0).is_err())
+    let gone: Vec<FlowKey<A>> = stats
+        .keys()
+        .filter_map(Result::ok)
+        .filter(|k| ct.get(k, 0).is_err())
         .collect();
     gone.into_iter()
-        .map(|(k, s)| {
+        .filter_map(|k| {
+            let per_cpu = stats.get(&k, 0).ok()?;
             let _ = stats.remove(&k);
+            let mut s = per_cpu
+                .iter()
+                .find(|c| c.opened_ns != 0)
+                .copied()
+                .unwrap_or_default();
+            let (mut fp, mut fb, mut rp, mut rb, mut ended) = (0, 0, 0, 0, 0);
+            for c in per_cpu.iter() {
+                fp += c.fwd_packets;
+                fb += c.fwd_bytes;
+                rp += c.rev_packets;
+                rb += c.rev_bytes;
+                ended |= c.ended;
+            }
+            (
+                s.fwd_packets,
+                s.fwd_bytes,
+                s.rev_packets,
+                s.rev_bytes,
+                s.ended,
+            ) = (fp, fb, rp, rb, ended);
             let at = |a: A, port_be: u16| std::net::SocketAddr::new(a.ip(), u16::from_be(port_be));
-            ConnEnd {
+            Some(ConnEnd {
                 link_id: s.link_id,
                 proto: k.proto,
                 consumer: at(k.saddr_be, k.sport_be),
@@ -1261,7 +1285,7 @@ where
                 rev_packets: s.rev_packets,
                 rev_bytes: s.rev_bytes,
                 ended: s.ended,
-            }
+            })
         })
         .collect()
 }

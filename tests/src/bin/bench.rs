@@ -349,6 +349,104 @@ fn nat_occupancy() {
     println!();
 }
 
+/// What the connection log adds, in one harness and one run: new flows of the link with the log
+/// off and on (alternating rounds, medians), and a later packet of a flow made with it off
+/// against one made with it on (hot replay, as the established rows).
+fn connlog_cost() {
+    println!("## Connection log: added cost per packet\n");
+    println!(
+        "The same harness for all (10 endpoints). `cargo xtask bench` (or `PRIVATELINK_BENCH_ONLY=proxy target/release/bench`).\n"
+    );
+    println!("| path | log off ns | log on ns | added ns | log on × floor |");
+    println!("|---|---:|---:|---:|---:|");
+    with_harness_sized(bench_sizes(), |h| {
+        let (floor_ns, overhead) = floor(h);
+        let mut m = h.model();
+        h.plane.apply(&m).expect("apply");
+        let (c0, p0, c0_mac, p0_mac) = (h.c0, h.p0, h.c0_mac, h.p0_mac);
+        let line = |path: &str, (off, on): (f64, f64)| {
+            println!(
+                "| {path} | {off:.1} | {on:.1} | {:+.1} | {:.2} |",
+                on - off,
+                on / floor_ns
+            );
+        };
+        // An established flow from `port`; its next consumer and backend packets.
+        let flow = |h: &mut Harness, port: u16| {
+            let syn = Pkt::syn(CONSUMER, port, ENDPOINT, 80).macs(CONSUMER_MAC, c0_mac);
+            let r = test_run(h.dp.program(), c0, &syn.build());
+            assert_eq!(r.verdict, XDP_REDIRECT);
+            let out = privatelink_tests::parse_checked(&r.out);
+            establish(h, &r.out, (CONSUMER, port));
+            let data = Pkt::tcp(CONSUMER, port, ENDPOINT, 80, false, true)
+                .macs(CONSUMER_MAC, c0_mac)
+                .build();
+            let reply = Pkt::tcp(BACKEND, 8080, out.src, out.sport, false, true)
+                .macs(BACKEND_MAC, p0_mac)
+                .build();
+            (data, reply)
+        };
+        let (plain_data, plain_reply) = flow(h, 43_000);
+        m.links.get_mut(&LINK).expect("link").conn_log = true;
+        h.plane.apply(&m).expect("apply");
+        let (log_data, log_reply) = flow(h, 43_001);
+        let unknown = Pkt::syn(CONSUMER, 999, NOT_ENDPOINT, 80)
+            .macs(CONSUMER_MAC, c0_mac)
+            .build();
+        let (hot, _) = hot_paths(
+            h,
+            (c0, &unknown),
+            &[
+                (c0, &plain_data, XDP_REDIRECT),
+                (c0, &log_data, XDP_REDIRECT),
+                (p0, &plain_reply, XDP_REDIRECT),
+                (p0, &log_reply, XDP_REDIRECT),
+            ],
+        );
+        line(
+            "later packet, consumer → backend (counted), hot replay",
+            (hot[0], hot[1]),
+        );
+        line(
+            "later packet, backend → consumer (counted), hot replay",
+            (hot[2], hot[3]),
+        );
+        // New flows, the log switched between rounds, below the counter table's size. The ring
+        // fills at about 11,900 records with nobody draining it here: past that, records are
+        // lost and counted, which is the cost a full ring has.
+        const ROUNDS: usize = 9;
+        const NEW_PER_ROUND: u32 = 3_000;
+        let mut next = 44_000u32;
+        let (mut off, mut on) = (Vec::new(), Vec::new());
+        for r in 0..2 * ROUNDS {
+            let log = (r % 2 == 0) == (r / 2 % 2 == 0);
+            m.links.get_mut(&LINK).expect("link").conn_log = log;
+            h.plane.apply(&m).expect("apply");
+            let mut total = 0u128;
+            for _ in 0..NEW_PER_ROUND {
+                let syn = Pkt::syn(CONSUMER, (next % 60_000 + 1_024) as u16, ENDPOINT, 80)
+                    .macs(CONSUMER_MAC, c0_mac)
+                    .build();
+                next += 1;
+                let r = test_run(h.dp.program(), c0, &syn);
+                assert_eq!(r.verdict, XDP_REDIRECT, "a new flow");
+                total += r.duration.as_nanos();
+            }
+            let ns = total as f64 / f64::from(NEW_PER_ROUND) - overhead;
+            if log { on.push(ns) } else { off.push(ns) }
+        }
+        line(
+            "new flow (record into the ring, counters inserted)",
+            (median(off), median(on)),
+        );
+        let written_lost = h.plane.stats_reader().expect("reader").conn_log();
+        println!(
+            "\nFloor: {floor_ns:.1} ns. Records written {}, lost to the full ring {}.\n",
+            written_lost[0], written_lost[1]
+        );
+    });
+}
+
 /// What PROXY protocol v2 adds per packet, in one harness and one run: flows of a link with the
 /// header off (made before it was turned on) against flows of the same link with it on, each
 /// measured over `SAMPLES` repeat-1 runs, timer overhead off, × the floor measured alongside.
@@ -1525,7 +1623,10 @@ fn main() {
         Ok("etcd") => return etcd_convergence(),
         Ok("nat") => return nat_occupancy(),
         Ok("failover") => return failover(),
-        Ok("proxy") => return proxy_cost(),
+        Ok("proxy") => {
+            proxy_cost();
+            return connlog_cost();
+        }
         _ => {}
     }
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
@@ -1640,6 +1741,7 @@ fn main() {
     println!();
     nat_occupancy();
     proxy_cost();
+    connlog_cost();
     if std::env::var("PRIVATELINK_BENCH_ONLY").as_deref() == Ok("datapath") {
         return;
     }

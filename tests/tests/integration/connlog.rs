@@ -355,6 +355,9 @@ mod real {
             &format!("/v1/services/{svc}/connections-log?limit=0"),
             None,
         );
-        assert_eq!((status, &v["error"]["code"]), (400, &json!("invalid_limit")));
+        assert_eq!(
+            (status, &v["error"]["code"]),
+            (400, &json!("invalid_limit"))
+        );
     }
 }
