@@ -7,7 +7,7 @@
 //! table's entry is copied back in afterwards, so the cache never decides anything on its own.
 use privatelink_common::{
     CT_ESTABLISHED, DIR_FORWARD, DatapathConfig, FLOW_CACHE_FILLS, FLOW_CACHE_HITS,
-    FLOW_CACHE_SLOTS, Flow, FlowCacheEntry, FlowKey, PROTO_TCP, PROTO_UDP,
+    FLOW_CACHE_SLOTS, Flow, FlowCacheEntry, FlowKey, PROTO_TCP, PROTO_UDP, PROXY_PENDING,
 };
 
 use crate::{
@@ -85,7 +85,7 @@ pub fn fill<A: Family>(key: &FlowKey<A>, entry: *const Flow<A>, generation: u32)
     let steady =
         key.proto == PROTO_UDP || (key.proto == PROTO_TCP && f.tcp_state == CT_ESTABLISHED);
     // A PROXY flow whose header is pending needs the table's path (the header may be due).
-    if !steady || f.egress_ifindex == 0 || f.flags != 0 {
+    if !steady || f.egress_ifindex == 0 || f.flags & PROXY_PENDING != 0 {
         return;
     }
     let Some(e) = A::flow_cache().get_ptr_mut(slot(key)) else {

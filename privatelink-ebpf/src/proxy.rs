@@ -173,7 +173,7 @@ pub fn outbound<A: Family>(
             let seq = read_u32(ctx, p.l4_off, 4).ok_or(DROP_PROXY_INSERT)?;
             record::<A>(key()?, seq)?;
             if flow.flags & PROXY_PENDING == 0 {
-                set_pending(flow, entry, PROXY_PENDING);
+                set_pending(flow, entry, true);
             }
         }
         return Ok(());
@@ -194,7 +194,7 @@ pub fn outbound<A: Family>(
             Some(_) => {}
             // The flow came from another node (a takeover) that had sent its header: taken as
             // delivered.
-            None => set_pending(flow, entry, 0),
+            None => set_pending(flow, entry, false),
         }
     }
     shift(ctx, p.l4_off, 4, seq, seq.wrapping_add(len))
@@ -241,11 +241,11 @@ pub fn inbound<A: Family>(
             Some(b) => base = b,
             None => {
                 pending = false;
-                set_pending(flow, entry, 0);
+                set_pending(flow, entry, false);
             }
         }
         if pending && (ack.wrapping_sub(base) as i32) >= len as i32 {
-            set_pending(flow, entry, 0);
+            set_pending(flow, entry, false);
             let _ = A::proxy_pending().remove(fwd);
             stats::add_one(&PROXY_STATS, PROXY_HEADERS_ACKED);
         }
@@ -299,16 +299,21 @@ fn fill_key<A: Family>(
     key._pad1 = 0;
 }
 
-/// Sets the PROXY flags of the flow's entry (when it has one) and its twin's.
+/// Sets or clears the pending bit of the flow's entry (when it has one) and its twin's, leaving
+/// their other flags as they are.
 #[inline(always)]
-fn set_pending<A: Family>(flow: &Flow<A>, entry: Option<*mut Flow<A>>, flags: u8) {
-    if let Some(e) = entry {
+fn set_pending<A: Family>(flow: &Flow<A>, entry: Option<*mut Flow<A>>, pending: bool) {
+    let set = |f: *mut Flow<A>| {
         // SAFETY: pointer from a successful lookup; a plain field, benign races.
-        unsafe { (*e).flags = flags };
+        unsafe {
+            (*f).flags = ((*f).flags & !PROXY_PENDING) | if pending { PROXY_PENDING } else { 0 };
+        }
+    };
+    if let Some(e) = entry {
+        set(e);
     }
     if let Some(t) = A::ct().get_ptr_mut(conntrack::twin_key(flow, PROTO_TCP)) {
-        // SAFETY: as above.
-        unsafe { (*t).flags = flags };
+        set(t);
     }
 }
 

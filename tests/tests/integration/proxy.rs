@@ -99,6 +99,8 @@ fn a_proxy_connection_gets_its_header_first_and_every_sequence_number_moved_over
         with_harness(&format!("proxy-conn-{fam:?}"), |h| {
             let mut m = Fam::model(h);
             m.links.get_mut(&LINK).expect("link").proxy.v2 = true;
+            // The connection log on too: its counters must go on after the header's state ends.
+            m.links.get_mut(&LINK).expect("link").conn_log = true;
             h.apply(&m);
             let proxy = m.links[&LINK].proxy.clone();
             let consumer = SocketAddr::new(fam.consumer(), 40000);
@@ -290,6 +292,14 @@ fn a_proxy_connection_gets_its_header_first_and_every_sequence_number_moved_over
                 pending(h, fam),
                 0,
                 "{fam:?}: nothing pending once the header is acknowledged"
+            );
+            h.plane.cut_flows(&[LINK].into()).expect("cut");
+            let ended = h.plane.stats_reader().expect("reader").ended_connections();
+            assert_eq!(ended.len(), 1, "{fam:?}");
+            assert_eq!(
+                (ended[0].fwd_packets, ended[0].rev_packets),
+                (6, 6),
+                "{fam:?}: every packet of the logged PROXY flow counted, before and after its header"
             );
         });
     }
