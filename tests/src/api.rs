@@ -111,6 +111,21 @@ impl Client {
         Reply { status, body, text }
     }
 
+    /// GET with this client's token under another spelling of the scheme (`bearer`, `Basic`):
+    /// the status.
+    pub fn get_as(&self, scheme: &str, path: &str) -> u16 {
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .build()
+            .into();
+        agent
+            .get(format!("{}{path}", self.base))
+            .header("Authorization", format!("{scheme} {}", self.token))
+            .call()
+            .map(|r| r.status().as_u16())
+            .unwrap_or_else(|e| panic!("GET {path}: {e}"))
+    }
+
     pub fn get(&self, path: &str) -> Reply {
         self.call("GET", path, None)
     }

@@ -70,6 +70,8 @@ enum Command {
     },
     /// The control plane's current revision.
     Revision,
+    /// Who the token is: the admin, or an account (id, name).
+    Whoami,
     /// The node agents of a shared etcd store: live or gone, last contact, revision and lag
     /// (admin).
     #[command(subcommand)]
@@ -812,6 +814,7 @@ fn request(cmd: &Command) -> anyhow::Result<Req> {
             .with_query(list.query())
             .with_query(vec![("kind", kind.clone())]),
         C::Revision => req(Method::GET, "/v1/revision", None),
+        C::Whoami => req(Method::GET, "/v1/me", None),
         C::Nodes(NodesCmd::List) => req(Method::GET, "/v1/nodes", None),
         C::Metrics {
             kind,

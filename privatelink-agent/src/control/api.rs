@@ -49,11 +49,15 @@ impl FromRequestParts<Plane> for Auth {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, plane: &Plane) -> Result<Self, ApiError> {
+        // The scheme is case-insensitive (RFC 9110 §11.1): `bearer`, `BEARER` are `Bearer`.
         let bearer = parts
             .headers
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "));
+            .and_then(|v| {
+                let (scheme, token) = v.split_once(' ')?;
+                scheme.eq_ignore_ascii_case("bearer").then_some(token)
+            });
         plane.authenticate(bearer).map(Auth)
     }
 }
@@ -946,6 +950,38 @@ async fn connections_log(
     }))
 }
 
+/// Who the caller is.
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct Me {
+    /// `admin` or `account`.
+    role: &'static str,
+    /// The account's id (absent for the admin).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    account_id: Option<String>,
+    /// The account's name (absent for the admin).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    name: Option<String>,
+}
+
+#[utoipa::path(get, path = "/v1/me", responses((status = 200, body = Me, description = "The caller: admin, or an account with its id and name"), (status = "4XX", body = ErrorBody, description = "error: stable code, message, offending field")), security(("bearer" = [])), summary = "Who the caller is")]
+async fn me(State(p): State<Plane>, Auth(c): Auth) -> ApiResult<Response> {
+    Ok(ok(match c {
+        ops::Caller::Admin => Me {
+            role: "admin",
+            account_id: None,
+            name: None,
+        },
+        ops::Caller::Account(id) => {
+            let name = p.read(|s| s.accounts.get(&id).map(|a| a.name.clone()));
+            Me {
+                role: "account",
+                account_id: Some(id),
+                name,
+            }
+        }
+    }))
+}
+
 #[utoipa::path(get, path = "/v1/revision", responses((status = 200, body = Revision, description = "The current state revision"), (status = "4XX", body = ErrorBody, description = "error: stable code, message, offending field")), security(("bearer" = [])), summary = "The current state revision")]
 async fn revision(State(p): State<Plane>, Auth(_): Auth) -> ApiResult<Response> {
     Ok(ok(json!({ "revision": p.revision() })))
@@ -1047,6 +1083,7 @@ async fn fallback() -> ApiError {
 fn routes() -> OpenApiRouter<Plane> {
     OpenApiRouter::with_openapi(<ApiDoc as utoipa::OpenApi>::openapi())
         .routes(routes!(revision))
+        .routes(routes!(me))
         .routes(routes!(nodes))
         .routes(routes!(create_account, list_accounts))
         .routes(routes!(issue_token))

@@ -102,6 +102,25 @@ fn auth_is_required_and_the_admin_token_is_not_an_account() {
 }
 
 #[test]
+fn the_bearer_scheme_is_case_insensitive_and_a_caller_can_ask_who_it_is() {
+    let w = world("me");
+    for scheme in ["Bearer", "bearer", "BEARER"] {
+        assert_eq!(w.provider.get_as(scheme, "/v1/me"), 200, "{scheme}");
+    }
+    assert_eq!(w.provider.get_as("Basic", "/v1/me"), 401);
+    let me = w.provider.get("/v1/me");
+    assert_eq!(me.status, 200);
+    assert_eq!(
+        (&me.body["role"], &me.body["account_id"]),
+        (&json!("account"), &json!("provider"))
+    );
+    assert!(me.body["name"].is_string(), "{}", me.text);
+    let me = w.admin.get("/v1/me");
+    assert_eq!(me.body, json!({ "role": "admin" }));
+    assert_eq!(w.server.client("wrong").get("/v1/me").status, 401);
+}
+
+#[test]
 fn allowlist_gates_endpoint_creation_and_state_machine_moves() {
     let w = world("state_machine");
     // Verify reveals name, type and mappings only.

@@ -47,6 +47,15 @@ fn provider_and_consumer_workflow_through_the_cli() {
             .to_string()
     };
     let (prov, cons) = (token("provider"), token("1000000001"));
+    let me = json(&cli(&s, &cons, &["-o", "json", "whoami"]));
+    assert_eq!(
+        (&me["role"], &me["account_id"]),
+        (&Value::from("account"), &Value::from("1000000001"))
+    );
+    assert_eq!(
+        json(&cli(&s, ADMIN, &["-o", "json", "whoami"]))["role"],
+        "admin"
+    );
     let net = |owner: &str, cidr: &str| {
         let n = json(&cli(
             &s,
