@@ -106,11 +106,47 @@ pub fn scan(reader: &mut StatsReader, timeouts: &DatapathConfig) -> ConntrackSum
     summary
 }
 
-/// The scanning thread; it stops when dropped.
-pub struct Scanner {
+/// A background thread that runs `step` with `pause` between runs until it is dropped (which
+/// waits for the step under way).
+pub struct Worker {
     on: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
 }
+
+impl Worker {
+    pub fn start(
+        name: &str,
+        pause: Duration,
+        mut step: impl FnMut() + Send + 'static,
+    ) -> std::io::Result<Self> {
+        let on = Arc::new(AtomicBool::new(true));
+        let running = on.clone();
+        let thread = std::thread::Builder::new()
+            .name(name.into())
+            .spawn(move || {
+                while running.load(Ordering::Relaxed) {
+                    step();
+                    std::thread::sleep(pause);
+                }
+            })?;
+        Ok(Worker {
+            on,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        self.on.store(false, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// The scanning thread; it stops when dropped.
+pub struct Scanner(#[allow(dead_code, reason = "held for its Drop")] Worker);
 
 impl Scanner {
     /// Scans `reader`'s conntrack now and then every `every` with the datapath's `timeouts`;
@@ -124,34 +160,15 @@ impl Scanner {
     ) -> std::io::Result<Self> {
         latest.set(scan(&mut reader, &timeouts));
         ended(reader.ended_connections());
-        let on = Arc::new(AtomicBool::new(true));
-        let running = on.clone();
-        let thread = std::thread::Builder::new()
-            .name("ct-scan".into())
-            .spawn(move || {
-                let mut last = Instant::now();
-                while running.load(Ordering::Relaxed) {
-                    std::thread::sleep(POLL);
-                    if last.elapsed() >= every {
-                        last = Instant::now();
-                        latest.set(scan(&mut reader, &timeouts));
-                        ended(reader.ended_connections());
-                    }
-                }
-            })?;
-        Ok(Scanner {
-            on,
-            thread: Some(thread),
+        let mut last = Instant::now();
+        Worker::start("ct-scan", POLL, move || {
+            if last.elapsed() >= every {
+                last = Instant::now();
+                latest.set(scan(&mut reader, &timeouts));
+                ended(reader.ended_connections());
+            }
         })
-    }
-}
-
-impl Drop for Scanner {
-    fn drop(&mut self) {
-        self.on.store(false, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
+        .map(Scanner)
     }
 }
 

@@ -10,11 +10,7 @@ use std::{
     io::Write as _,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     path::Path,
-    sync::{
-        Arc, Mutex,
-        atomic::{AtomicBool, Ordering},
-    },
-    thread::JoinHandle,
+    sync::{Arc, Mutex},
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
@@ -24,7 +20,10 @@ use privatelink_common::{CONN_FIN_BACKEND, CONN_FIN_CONSUMER, CONN_RST, ConnOpen
 pub use crate::control::local::ConnRecord;
 use crate::{
     control::{plane::ControlPlane, state::State},
-    datapath::{maps::ConnEnd, scan::monotonic_ns},
+    datapath::{
+        maps::ConnEnd,
+        scan::{Worker, monotonic_ns},
+    },
 };
 
 /// Records kept in memory for the API, newest last.
@@ -236,10 +235,7 @@ impl ConnLog {
 const DRAIN_EVERY: Duration = Duration::from_millis(100);
 
 /// The ring buffer's reader: drains it every [`DRAIN_EVERY`] into `log`; stops when dropped.
-pub struct Reader {
-    on: Arc<AtomicBool>,
-    thread: Option<JoinHandle<()>>,
-}
+pub struct Reader(#[allow(dead_code, reason = "held for its Drop")] Worker);
 
 impl Reader {
     pub fn start(
@@ -247,38 +243,19 @@ impl Reader {
         log: Arc<ConnLog>,
         plane: Arc<ControlPlane>,
     ) -> std::io::Result<Self> {
-        let on = Arc::new(AtomicBool::new(true));
-        let running = on.clone();
-        let thread = std::thread::Builder::new()
-            .name("conn-log".into())
-            .spawn(move || {
-                while running.load(Ordering::Relaxed) {
-                    let mut opened = Vec::new();
-                    while let Some(item) = ring.next() {
-                        if let Ok(o) = bytemuck::try_pod_read_unaligned::<ConnOpened>(&item) {
-                            opened.push(o);
-                        }
-                    }
-                    if !opened.is_empty() {
-                        let who = plane.read(owners);
-                        log.push(opened.iter().map(|o| ConnLog::opened(o, &who)));
-                    }
-                    std::thread::sleep(DRAIN_EVERY);
+        Worker::start("conn-log", DRAIN_EVERY, move || {
+            let mut opened = Vec::new();
+            while let Some(item) = ring.next() {
+                if let Ok(o) = bytemuck::try_pod_read_unaligned::<ConnOpened>(&item) {
+                    opened.push(o);
                 }
-            })?;
-        Ok(Reader {
-            on,
-            thread: Some(thread),
+            }
+            if !opened.is_empty() {
+                let who = plane.read(owners);
+                log.push(opened.iter().map(|o| ConnLog::opened(o, &who)));
+            }
         })
-    }
-}
-
-impl Drop for Reader {
-    fn drop(&mut self) {
-        self.on.store(false, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
+        .map(Reader)
     }
 }
 

@@ -349,6 +349,69 @@ fn nat_occupancy() {
     println!();
 }
 
+/// One row of an added-cost table: the path, without and with the feature, the difference and
+/// the with-feature cost × the floor.
+fn cost_line(path: &str, (without, with): (f64, f64), floor_ns: f64) {
+    println!(
+        "| {path} | {without:.1} | {with:.1} | {:+.1} | {:.2} |",
+        with - without,
+        with / floor_ns
+    );
+}
+
+/// Hot replayed costs of two flows' later packets, one flow without a feature and one with it,
+/// each (consumer → backend frame, backend → consumer frame): ((forward without, with), (reply
+/// without, with)).
+fn hot_pairs(h: &mut Harness, without: (&[u8], &[u8]), with: (&[u8], &[u8])) -> [(f64, f64); 2] {
+    let (c0, p0) = (h.c0, h.p0);
+    let unknown = Pkt::syn(CONSUMER, 999, NOT_ENDPOINT, 80)
+        .macs(CONSUMER_MAC, h.c0_mac)
+        .build();
+    let (hot, _) = hot_paths(
+        h,
+        (c0, &unknown),
+        &[
+            (c0, without.0, XDP_REDIRECT),
+            (c0, with.0, XDP_REDIRECT),
+            (p0, without.1, XDP_REDIRECT),
+            (p0, with.1, XDP_REDIRECT),
+        ],
+    );
+    [(hot[0], hot[1]), (hot[2], hot[3])]
+}
+
+/// New flows' cost without and with a feature of the link (`set` turns it on or off in the
+/// model), in `rounds` pairs of rounds of `per_round` SYNs from fresh ports, alternating which
+/// goes first; the medians, timer overhead off. Every SYN must be forwarded.
+fn new_flow_rounds(
+    h: &mut Harness,
+    m: &mut privatelink_agent::datapath::Model,
+    set: impl Fn(&mut Link, bool),
+    (first_port, per_round, rounds): (u32, u32, usize),
+    overhead: f64,
+) -> (f64, f64) {
+    let mut next = first_port;
+    let (mut off, mut on) = (Vec::new(), Vec::new());
+    for r in 0..2 * rounds {
+        let enabled = (r % 2 == 0) == (r / 2 % 2 == 0);
+        set(m.links.get_mut(&LINK).expect("link"), enabled);
+        h.plane.apply(m).expect("apply");
+        let mut total = 0u128;
+        for _ in 0..per_round {
+            let syn = Pkt::syn(CONSUMER, (next % 60_000 + 1_024) as u16, ENDPOINT, 80)
+                .macs(CONSUMER_MAC, h.c0_mac)
+                .build();
+            next += 1;
+            let r = test_run(h.dp.program(), h.c0, &syn);
+            assert_eq!(r.verdict, XDP_REDIRECT, "a new flow");
+            total += r.duration.as_nanos();
+        }
+        let ns = total as f64 / f64::from(per_round) - overhead;
+        if enabled { on.push(ns) } else { off.push(ns) }
+    }
+    (median(off), median(on))
+}
+
 /// What the connection log adds, in one harness and one run: new flows of the link with the log
 /// off and on (alternating rounds, medians), and a later packet of a flow made with it off
 /// against one made with it on (hot replay, as the established rows).
@@ -363,14 +426,8 @@ fn connlog_cost() {
         let (floor_ns, overhead) = floor(h);
         let mut m = h.model();
         h.plane.apply(&m).expect("apply");
-        let (c0, p0, c0_mac, p0_mac) = (h.c0, h.p0, h.c0_mac, h.p0_mac);
-        let line = |path: &str, (off, on): (f64, f64)| {
-            println!(
-                "| {path} | {off:.1} | {on:.1} | {:+.1} | {:.2} |",
-                on - off,
-                on / floor_ns
-            );
-        };
+        let (c0, c0_mac, p0_mac) = (h.c0, h.c0_mac, h.p0_mac);
+        let line = |path: &str, costs: (f64, f64)| cost_line(path, costs, floor_ns);
         // An established flow from `port`; its next consumer and backend packets.
         let flow = |h: &mut Harness, port: u16| {
             let syn = Pkt::syn(CONSUMER, port, ENDPOINT, 80).macs(CONSUMER_MAC, c0_mac);
@@ -390,55 +447,26 @@ fn connlog_cost() {
         m.links.get_mut(&LINK).expect("link").conn_log = true;
         h.plane.apply(&m).expect("apply");
         let (log_data, log_reply) = flow(h, 43_001);
-        let unknown = Pkt::syn(CONSUMER, 999, NOT_ENDPOINT, 80)
-            .macs(CONSUMER_MAC, c0_mac)
-            .build();
-        let (hot, _) = hot_paths(
-            h,
-            (c0, &unknown),
-            &[
-                (c0, &plain_data, XDP_REDIRECT),
-                (c0, &log_data, XDP_REDIRECT),
-                (p0, &plain_reply, XDP_REDIRECT),
-                (p0, &log_reply, XDP_REDIRECT),
-            ],
-        );
+        let hot = hot_pairs(h, (&plain_data, &plain_reply), (&log_data, &log_reply));
         line(
             "later packet, consumer → backend (counted), hot replay",
-            (hot[0], hot[1]),
+            hot[0],
         );
         line(
             "later packet, backend → consumer (counted), hot replay",
-            (hot[2], hot[3]),
+            hot[1],
         );
         // New flows, the log switched between rounds, below the counter table's size. The ring
         // fills at about 11,900 records with nobody draining it here: past that, records are
         // lost and counted, which is the cost a full ring has.
-        const ROUNDS: usize = 9;
-        const NEW_PER_ROUND: u32 = 3_000;
-        let mut next = 44_000u32;
-        let (mut off, mut on) = (Vec::new(), Vec::new());
-        for r in 0..2 * ROUNDS {
-            let log = (r % 2 == 0) == (r / 2 % 2 == 0);
-            m.links.get_mut(&LINK).expect("link").conn_log = log;
-            h.plane.apply(&m).expect("apply");
-            let mut total = 0u128;
-            for _ in 0..NEW_PER_ROUND {
-                let syn = Pkt::syn(CONSUMER, (next % 60_000 + 1_024) as u16, ENDPOINT, 80)
-                    .macs(CONSUMER_MAC, c0_mac)
-                    .build();
-                next += 1;
-                let r = test_run(h.dp.program(), c0, &syn);
-                assert_eq!(r.verdict, XDP_REDIRECT, "a new flow");
-                total += r.duration.as_nanos();
-            }
-            let ns = total as f64 / f64::from(NEW_PER_ROUND) - overhead;
-            if log { on.push(ns) } else { off.push(ns) }
-        }
-        line(
-            "new flow (record into the ring, counters inserted)",
-            (median(off), median(on)),
+        let log = new_flow_rounds(
+            h,
+            &mut m,
+            |l, on| l.conn_log = on,
+            (44_000, 3_000, 9),
+            overhead,
         );
+        line("new flow (record into the ring, counters inserted)", log);
         let written_lost = h.plane.stats_reader().expect("reader").conn_log();
         println!(
             "\nFloor: {floor_ns:.1} ns. Records written {}, lost to the full ring {}.\n",
@@ -530,13 +558,7 @@ fn proxy_cost() {
         h.plane.apply(&m).expect("apply");
         let (proxy_data, proxy_reply, _) = open(h, 41_001, true);
         let (_, _, pending_ack) = open(h, 41_002, false);
-        let line = |path: &str, (without, with): (f64, f64)| {
-            println!(
-                "| {path} | {without:.1} | {with:.1} | {:+.1} | {:.2} |",
-                with - without,
-                with / floor_ns
-            );
-        };
+        let line = |path: &str, costs: (f64, f64)| cost_line(path, costs, floor_ns);
         line(
             "later packet, consumer → backend (sequence number moved)",
             pair(h, c0, &plain_data, &proxy_data),
@@ -547,59 +569,24 @@ fn proxy_cost() {
         );
         // The same later packets hot: each replayed 1M times per round (the replay restores the
         // frame first; its own cost, taken in the same round, comes off), rounds interleaved.
-        let unknown = Pkt::syn(CONSUMER, 999, NOT_ENDPOINT, 80)
-            .macs(CONSUMER_MAC, c0_mac)
-            .build();
-        let (hot, _) = hot_paths(
-            h,
-            (c0, &unknown),
-            &[
-                (c0, &plain_data, XDP_REDIRECT),
-                (c0, &proxy_data, XDP_REDIRECT),
-                (p0, &plain_reply, XDP_REDIRECT),
-                (p0, &proxy_reply, XDP_REDIRECT),
-            ],
-        );
-        line(
-            "later packet, consumer → backend, hot replay",
-            (hot[0], hot[1]),
-        );
-        line(
-            "later packet, backend → consumer, hot replay",
-            (hot[2], hot[3]),
-        );
+        let hot = hot_pairs(h, (&plain_data, &plain_reply), (&proxy_data, &proxy_reply));
+        line("later packet, consumer → backend, hot replay", hot[0]);
+        line("later packet, backend → consumer, hot replay", hot[1]);
         // The pending flow's ACK gets the header every time (the backend never acknowledges it).
         line(
             "the packet that carries the header (built, CRC32C, inserted)",
             pair(h, c0, &plain_ack, &pending_ack),
         );
-        // New flows, the link switched between rounds; fresh consumer ports each sample, few
-        // enough that the pending table (PROXY_PENDING_ENTRIES) never fills (a full one refuses
-        // early, which would look cheap). Every SYN must be forwarded.
-        const NEW_PER_ROUND: u32 = 4_000;
-        let mut next = 42_000u32;
-        let (mut off, mut on) = (Vec::new(), Vec::new());
-        for r in 0..2 * ROUNDS {
-            let proxy = (r % 2 == 0) == (r / 2 % 2 == 0);
-            m.links.get_mut(&LINK).expect("link").proxy.v2 = proxy;
-            h.plane.apply(&m).expect("apply");
-            let mut total = 0u128;
-            for _ in 0..NEW_PER_ROUND {
-                let syn = Pkt::syn(CONSUMER, (next % 60_000 + 1_024) as u16, ENDPOINT, 80)
-                    .macs(CONSUMER_MAC, c0_mac)
-                    .build();
-                next += 1;
-                let r = test_run(h.dp.program(), c0, &syn);
-                assert_eq!(r.verdict, XDP_REDIRECT, "a new flow");
-                total += r.duration.as_nanos();
-            }
-            let ns = total as f64 / f64::from(NEW_PER_ROUND) - overhead;
-            if proxy { on.push(ns) } else { off.push(ns) }
-        }
-        line(
-            "new flow (SYN: the stream start recorded)",
-            (median(off), median(on)),
+        // New flows, the link switched between rounds, few enough that the pending table
+        // (PROXY_PENDING_ENTRIES) never fills (a full one refuses early, which would look cheap).
+        let new = new_flow_rounds(
+            h,
+            &mut m,
+            |l, on| l.proxy.v2 = on,
+            (42_000, 4_000, ROUNDS),
+            overhead,
         );
+        line("new flow (SYN: the stream start recorded)", new);
         println!("\nFloor: {floor_ns:.1} ns.\n");
     });
 }

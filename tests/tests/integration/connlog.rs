@@ -150,7 +150,7 @@ mod real {
     };
     use serde_json::{Value, json};
 
-    use crate::acceptance::{Kind, eventually, offer, run, server, succeeds};
+    use crate::acceptance::{Kind, eventually, offer, run, succeeds};
 
     const WEB: Kind = Kind {
         name: "logged",
@@ -186,29 +186,11 @@ mod real {
             .provider
             .ip(&["addr", "add", &format!("{}/24", WEB.backend), "dev", "eth0"])
             .unwrap();
-        let d = w.dir.display();
-        let conf = format!(
-            "user root; worker_processes 1; daemon off; pid {d}/nginx.pid;
-             error_log {d}/nginx-error.log info;
-             events {{ worker_connections 64; }}
-             http {{
-               access_log off; client_body_temp_path {d}/nginx-body;
-               log_format peer '$remote_addr:$remote_port $request_uri';
-               server {{
-                 listen {}:{};
-                 access_log {d}/nginx-access.log peer;
-                 location / {{ default_type text/plain; return 200 \"ok\\n\"; }}
-               }}
-             }}",
-            WEB.backend, WEB.service_port
-        );
-        std::fs::write(w.dir.join("nginx.conf"), conf).unwrap();
-        let c = w.dir.join("nginx.conf");
-        let _nginx = server(
+        let _nginx = crate::proxy::real::nginx(
             &w,
-            &w.dir.join("nginx.out"),
-            "nginx",
-            &["-p", &d.to_string(), "-c", c.to_str().unwrap()],
+            &format!("{}:{}", WEB.backend, WEB.service_port),
+            "$remote_addr:$remote_port $request_uri",
+            "location / { default_type text/plain; return 200 \"ok\\n\"; }",
         );
         let mut endpoints = BTreeMap::new();
         let eps = offer(

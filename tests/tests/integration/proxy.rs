@@ -451,7 +451,7 @@ fn proxy_changes_apply_to_new_connections_udp_never_carries_it_and_lost_state_me
 /// The loss comes from nftables (`numgen random`): this kernel has no `sch_netem` ("Specified
 /// qdisc kind is unknown"), so `tc netem` loss and reordering cannot be used here; reordered SACK
 /// edges are covered by the fixtures above.
-mod real {
+pub(crate) mod real {
     use std::{
         net::{IpAddr, Ipv4Addr},
         path::Path,
@@ -508,7 +508,9 @@ mod real {
     };
     const BIG: usize = 50 << 20;
 
-    fn nginx(w: &World, www: &Path) -> Proc {
+    /// nginx in the provider namespace: one server on `listen` (address:port and flags), access
+    /// lines in `log_format` to nginx-access.log, `server` the rest of the server block.
+    pub(crate) fn nginx(w: &World, listen: &str, log_format: &str, server_block: &str) -> Proc {
         let d = w.dir.display();
         let conf = format!(
             "user root; worker_processes 1; daemon off; pid {d}/nginx.pid;
@@ -516,17 +518,13 @@ mod real {
              events {{ worker_connections 64; }}
              http {{
                access_log off; client_body_temp_path {d}/nginx-body;
-               log_format pp '$proxy_protocol_addr $proxy_protocol_port $remote_addr $request_uri $status';
+               log_format peer '{log_format}';
                server {{
-                 listen {}:{} proxy_protocol;
-                 access_log {d}/nginx-access.log pp;
-                 root {};
-                 location = / {{ default_type text/plain; return 200 \"$proxy_protocol_addr $proxy_protocol_port\\n\"; }}
+                 listen {listen};
+                 access_log {d}/nginx-access.log peer;
+                 {server_block}
                }}
-             }}",
-            NGINX.backend,
-            NGINX.service_port,
-            www.display()
+             }}"
         );
         std::fs::write(w.dir.join("nginx.conf"), conf).unwrap();
         let c = w.dir.join("nginx.conf");
@@ -595,7 +593,16 @@ mod real {
         std::fs::create_dir_all(&www).unwrap();
         let big = blob(50, BIG);
         std::fs::write(www.join("big"), &big).unwrap();
-        let _nginx = nginx(&w, &www);
+        let _nginx = nginx(
+            &w,
+            &format!("{}:{} proxy_protocol", NGINX.backend, NGINX.service_port),
+            "$proxy_protocol_addr $proxy_protocol_port $remote_addr $request_uri $status",
+            &format!(
+                "root {}; location = / {{ default_type text/plain; \
+                 return 200 \"$proxy_protocol_addr $proxy_protocol_port\\n\"; }}",
+                www.display()
+            ),
+        );
         let _haproxy = haproxy(&w);
         // Both servers up, asked from the provider side (curl sends a v1 header, which both take).
         for (what, url, log) in [
