@@ -11,23 +11,25 @@ use privatelink_common::{
 };
 
 use crate::{
-    CONN_LOG, CONN_LOG_STATS,
+    CONN_LOG, CONN_LOG_STATS, conntrack,
     family::Family,
     mem,
     parse::{Pkt, TCP_FIN, TCP_RST},
     stats,
 };
 
-/// Logs new flow `flow` (the forward entry, just made) of packet `p` (`bytes` long, counted)
-/// under forward key `key`.
+/// Logs new flow `flow` (the forward entry, just made) of packet `p` under forward key `key`;
+/// `sent`: the packet's length as it left, when it did (it is then counted).
 #[inline(always)]
-pub fn open<A: Family>(key: &FlowKey<A>, p: &Pkt<A>, flow: &Flow<A>, now: u64, bytes: u64) {
+pub fn open<A: Family>(key: &FlowKey<A>, p: &Pkt<A>, flow: &Flow<A>, now: u64, sent: Option<u64>) {
     if let Some(c) = A::conn_new() {
         // SAFETY: plain-old-data, all zeroes is valid.
         unsafe { mem::zero(c) };
         c.opened_ns = now;
-        c.fwd_packets = 1;
-        c.fwd_bytes = bytes;
+        if let Some(bytes) = sent {
+            c.fwd_packets = 1;
+            c.fwd_bytes = bytes;
+        }
         mem::copy(&mut c.nat_be, &flow.saddr_be);
         mem::copy(&mut c.backend_be, &flow.daddr_be);
         c.nat_port_be = flow.sport_be;
@@ -71,26 +73,27 @@ pub fn open<A: Family>(key: &FlowKey<A>, p: &Pkt<A>, flow: &Flow<A>, now: u64, b
 /// Counts packet `p` (`bytes` long) of logged flow `flow` in interface network `network_id`.
 #[inline(always)]
 pub fn count<A: Family>(network_id: u32, p: &Pkt<A>, flow: &Flow<A>, bytes: u64) {
-    let Some(k) = A::proxy_key() else {
+    let Some(k) = A::key_scratch() else {
         return;
     };
     // The forward key: the packet's own tuple on the consumer side, the twin's on the other.
     if flow.dir == DIR_FORWARD {
-        k.network_id = network_id;
-        mem::copy(&mut k.saddr_be, &p.saddr_be);
-        mem::copy(&mut k.daddr_be, &p.daddr_be);
-        k.sport_be = p.sport_be;
-        k.dport_be = p.dport_be;
+        conntrack::write_key(
+            k,
+            network_id,
+            (&p.saddr_be, p.sport_be),
+            (&p.daddr_be, p.dport_be),
+            p.proto,
+        );
     } else {
-        k.network_id = flow.peer_network;
-        mem::copy(&mut k.saddr_be, &flow.daddr_be);
-        mem::copy(&mut k.daddr_be, &flow.saddr_be);
-        k.sport_be = flow.dport_be;
-        k.dport_be = flow.sport_be;
+        conntrack::write_key(
+            k,
+            flow.peer_network,
+            (&flow.daddr_be, flow.dport_be),
+            (&flow.saddr_be, flow.sport_be),
+            p.proto,
+        );
     }
-    k.proto = p.proto;
-    k._pad0 = 0;
-    k._pad1 = 0;
     let k: &FlowKey<A> = k;
     let Some(c) = A::conn_stats().get_ptr_mut(k) else {
         return;

@@ -79,6 +79,26 @@ pub fn twin_key<A: Family>(flow: &Flow<A>, proto: u8) -> FlowKey<A> {
     )
 }
 
+/// Writes a flow key field by field into `key` (map scratch memory): a key built whole would take
+/// a place on the stack first, which the IPv6 program has no room for.
+#[inline(always)]
+pub fn write_key<A: Family>(
+    key: &mut FlowKey<A>,
+    network_id: u32,
+    (saddr_be, sport_be): (&A, u16),
+    (daddr_be, dport_be): (&A, u16),
+    proto: u8,
+) {
+    key.network_id = network_id;
+    crate::mem::copy(&mut key.saddr_be, saddr_be);
+    crate::mem::copy(&mut key.daddr_be, daddr_be);
+    key.sport_be = sport_be;
+    key.dport_be = dport_be;
+    key.proto = proto;
+    key._pad0 = 0;
+    key._pad1 = 0;
+}
+
 /// Advances TCP state and refreshes the flow (and its twin) for a packet that hit `flow`.
 #[inline(always)]
 pub(crate) fn update<A: Family>(flow: *mut Flow<A>, p: &Pkt<A>, now: u64) {

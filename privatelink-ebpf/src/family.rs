@@ -19,8 +19,8 @@ use privatelink_common::{
 use crate::{
     BACKENDS4, BACKENDS6, CONN_NEW4, CONN_NEW6, CONN_STATS4, CONN_STATS6, CT4, CT6, ENDPOINT_IPS4,
     ENDPOINT_IPS6, ENDPOINTS4, ENDPOINTS6, ERROR_KEY6, FLOW_CACHE4, FLOW_CACHE6, FLOW_COPY4,
-    FLOW_COPY6, MAGLEV, MAGLEV6, NAT_PROBE4, NAT_PROBE6, NAT4, NAT6, NEXTHOP4, NEXTHOP6,
-    PROXY_KEY4, PROXY_PENDING4, PROXY_PENDING6,
+    FLOW_COPY6, KEY_SCRATCH4, MAGLEV, MAGLEV6, NAT_PROBE4, NAT_PROBE6, NAT4, NAT6, NEXTHOP4,
+    NEXTHOP6, PROXY_PENDING4, PROXY_PENDING6,
     csum::Delta,
     mem,
     parse::{Ipv6Raw, Pkt, ptr_at, wire6},
@@ -59,7 +59,7 @@ pub trait Family: Copy + PartialEq + Default + 'static {
     fn word(&self, i: usize) -> u32;
     /// This CPU's scratch conntrack key of the PROXY and connection-log paths (off the IPv6
     /// program's full stack).
-    fn proxy_key() -> Option<&'static mut FlowKey<Self>>;
+    fn key_scratch() -> Option<&'static mut FlowKey<Self>>;
     /// Logged connections' counters of this family.
     fn conn_stats() -> &'static PerCpuHashMap<FlowKey<Self>, ConnStats<Self>>;
     /// This CPU's scratch of a new logged connection's counters.
@@ -123,9 +123,9 @@ impl Family for u32 {
     }
 
     #[inline(always)]
-    fn proxy_key() -> Option<&'static mut FlowKey<u32>> {
+    fn key_scratch() -> Option<&'static mut FlowKey<u32>> {
         // SAFETY: per-CPU value; XDP programs do not nest on a CPU.
-        PROXY_KEY4.get_ptr_mut(0).map(|k| unsafe { &mut *k })
+        KEY_SCRATCH4.get_ptr_mut(0).map(|k| unsafe { &mut *k })
     }
 
     #[inline(always)]
@@ -291,7 +291,7 @@ impl Family for In6 {
     }
 
     #[inline(always)]
-    fn proxy_key() -> Option<&'static mut FlowKey<In6>> {
+    fn key_scratch() -> Option<&'static mut FlowKey<In6>> {
         // SAFETY: per-CPU value; XDP programs do not nest on a CPU. The ICMPv6 error path, its
         // other user, never runs in the same packet.
         ERROR_KEY6.get_ptr_mut(0).map(|k| unsafe { &mut *k })

@@ -223,9 +223,9 @@ pub static PROXY_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(PROXY_C
 pub static PROXY_SCRATCH: PerCpuArray<crate::proxy_scratch::Scratch> =
     PerCpuArray::with_max_entries(1, 0);
 
-/// Per-CPU scratch of the IPv4 PROXY paths: the key of a flow's pending header.
+/// Per-CPU scratch of the IPv4 PROXY and connection-log paths: a flow's forward key.
 #[map]
-pub static PROXY_KEY4: PerCpuArray<FlowKey4> = PerCpuArray::with_max_entries(1, 0);
+pub static KEY_SCRATCH4: PerCpuArray<FlowKey4> = PerCpuArray::with_max_entries(1, 0);
 
 /// Per-CPU copy of the IPv4 conntrack entry a packet is rewritten by (see `Family::snapshot`).
 #[map]

@@ -317,7 +317,7 @@ fn established<A: Family>(pk: &Packet<A>, flow: &Flow<A>, entry: Option<*mut Flo
             (_, DIR_FORWARD) => proxy::outbound(ctx, pk.frame.iface.network_id, p, flow, entry),
             _ => proxy::inbound(ctx, p, flow, entry),
         };
-        let v = match proxied {
+        match proxied {
             Ok(()) => forward::send(
                 ctx,
                 pk.frame.l2,
@@ -328,16 +328,18 @@ fn established<A: Family>(pk: &Packet<A>, flow: &Flow<A>, entry: Option<*mut Flo
                 None,
             ),
             Err(reason) => Verdict::drop(reason),
-        };
-        if flow.flags & FLOW_LOGGED != 0 && !is_drop(v.outcome) {
-            connlog::count(pk.frame.iface.network_id, p, flow, frame_len(ctx));
         }
-        v
     };
+    // The frame as it leaves (a PROXY header or a VLAN tag changes its length), counted alike by
+    // the link and by a logged flow.
+    let bytes = frame_len(ctx);
+    if flow.flags & FLOW_LOGGED != 0 && !is_drop(v.outcome) {
+        connlog::count(pk.frame.iface.network_id, p, flow, bytes);
+    }
     stats::link_packet(
         flow.link_id,
         flow.dir,
-        frame_len(ctx),
+        bytes,
         p.tcp_flags & TCP_RST != 0,
         &v,
     );
@@ -354,13 +356,10 @@ fn new_flow<A: Family>(pk: &Packet<A>, key: &FlowKey<A>) -> Verdict {
     let Some(link) = LINKS.get(ep.link_id).copied() else {
         return Verdict::drop(DROP_LINK_INACTIVE);
     };
-    let v = match admit_and_create(pk, key, &link, &ep) {
+    let (v, made) = match admit_and_create(pk, key, &link, &ep) {
         Ok((slot, flow)) => {
             stats::link_new_conn(ep.link_id);
-            if link.conn_log != 0 {
-                connlog::open(key, p, flow, pk.now, frame_len(pk.frame.ctx));
-            }
-            forward::send(
+            let v = forward::send(
                 pk.frame.ctx,
                 pk.frame.l2,
                 p,
@@ -368,14 +367,22 @@ fn new_flow<A: Family>(pk: &Packet<A>, key: &FlowKey<A>) -> Verdict {
                 None,
                 pk.cfg.fib_generation,
                 Some((slot, pk.now)),
-            )
+            );
+            (v, Some(flow))
         }
-        Err(reason) => Verdict::drop(reason),
+        Err(reason) => (Verdict::drop(reason), None),
     };
+    // Counted as `established` counts: the frame as it leaves, if it does.
+    let bytes = frame_len(pk.frame.ctx);
+    if let Some(flow) = made
+        && link.conn_log != 0
+    {
+        connlog::open(key, p, flow, pk.now, (!is_drop(v.outcome)).then_some(bytes));
+    }
     stats::link_packet(
         ep.link_id,
         DIR_FORWARD,
-        frame_len(pk.frame.ctx),
+        bytes,
         p.tcp_flags & TCP_RST != 0,
         &v,
     );

@@ -40,7 +40,7 @@ use privatelink_common::{
 
 use crate::{
     PROXY_SCRATCH, PROXY_STATS, PROXY_TLVS, conntrack,
-    csum::Delta,
+    csum::{self, Delta},
     family::Family,
     mem,
     parse::{Pkt, TCP_ACK, TCP_RST, TCP_SYN, ptr_at},
@@ -155,14 +155,13 @@ pub fn outbound<A: Family>(
     let flags = p.tcp_flags;
     // The flow's key, made only where the pending state is read or written (not per packet).
     let key = || -> Result<&'static FlowKey<A>, u32> {
-        let k = A::proxy_key().ok_or(DROP_PROXY_INSERT)?;
-        fill_key(
+        let k = A::key_scratch().ok_or(DROP_PROXY_INSERT)?;
+        conntrack::write_key(
             k,
             network_id,
-            &p.saddr_be,
-            &p.daddr_be,
-            p.sport_be,
-            p.dport_be,
+            (&p.saddr_be, p.sport_be),
+            (&p.daddr_be, p.dport_be),
+            PROTO_TCP,
         );
         Ok(&*k)
     };
@@ -226,14 +225,13 @@ pub fn inbound<A: Family>(
     let doff = h[12] >> 4;
     if pending {
         // The forward entry's key, as `conntrack::twin_key` makes it.
-        let fwd = A::proxy_key().ok_or(DROP_PROXY_INSERT)?;
-        fill_key(
+        let fwd = A::key_scratch().ok_or(DROP_PROXY_INSERT)?;
+        conntrack::write_key(
             fwd,
             flow.peer_network,
-            &flow.daddr_be,
-            &flow.saddr_be,
-            flow.dport_be,
-            flow.sport_be,
+            (&flow.daddr_be, flow.dport_be),
+            (&flow.saddr_be, flow.sport_be),
+            PROTO_TCP,
         );
         let fwd: &FlowKey<A> = fwd;
         // SAFETY: copied out at once.
@@ -252,12 +250,7 @@ pub fn inbound<A: Family>(
     }
     let new = back(ack, base, len, pending);
     if new != ack {
-        let (o, n) = (ack.to_be_bytes(), new.to_be_bytes());
-        [h[8], h[9], h[10], h[11]] = n;
-        let check = Delta::new()
-            .u32(u32::from_ne_bytes(o), u32::from_ne_bytes(n))
-            .apply(u16::from_ne_bytes([h[16], h[17]]));
-        [h[16], h[17]] = check.to_ne_bytes();
+        rewrite_u32(h, 8, ack, new);
     }
     if doff <= 5 {
         return Ok(());
@@ -276,27 +269,6 @@ fn back(x: u32, base: u32, len: u32, pending: bool) -> u32 {
     } else {
         x
     }
-}
-
-/// Writes a TCP flow key field by field into `key` (scratch memory): built whole, it would take
-/// a place on the stack first.
-#[inline(always)]
-fn fill_key<A: Family>(
-    key: &mut FlowKey<A>,
-    network_id: u32,
-    saddr_be: &A,
-    daddr_be: &A,
-    sport_be: u16,
-    dport_be: u16,
-) {
-    key.network_id = network_id;
-    mem::copy(&mut key.saddr_be, saddr_be);
-    mem::copy(&mut key.daddr_be, daddr_be);
-    key.sport_be = sport_be;
-    key.dport_be = dport_be;
-    key.proto = PROTO_TCP;
-    key._pad0 = 0;
-    key._pad1 = 0;
 }
 
 /// Sets or clears the pending bit of the flow's entry (when it has one) and its twin's, leaving
@@ -326,8 +298,8 @@ fn read_u32(ctx: &XdpContext, l4_off: usize, at: usize) -> Option<u32> {
     Some(u32::from_be_bytes([h[at], h[at + 1], h[at + 2], h[at + 3]]))
 }
 
-/// Writes `new` (host order) over the 32-bit field `at` bytes into the TCP header, whose value
-/// was `old`, and updates the checksum.
+/// Writes `new` (host order) over the 32-bit field `at` bytes into the TCP header at `l4_off`,
+/// whose value was `old`, and updates the checksum.
 #[inline(always)]
 fn shift(ctx: &XdpContext, l4_off: usize, at: usize, old: u32, new: u32) -> Result<(), u32> {
     if old == new {
@@ -335,14 +307,20 @@ fn shift(ctx: &XdpContext, l4_off: usize, at: usize, old: u32, new: u32) -> Resu
     }
     let tcp = ptr_at::<[u8; 20]>(ctx, l4_off).ok_or(DROP_PROXY_INSERT)?;
     // SAFETY: bounds checked by ptr_at.
-    let h = unsafe { &mut *tcp };
+    rewrite_u32(unsafe { &mut *tcp }, at, old, new);
+    Ok(())
+}
+
+/// Writes `new` (host order) over the 32-bit field `at` bytes into TCP header `h`, whose value
+/// was `old`, and updates its checksum.
+#[inline(always)]
+fn rewrite_u32(h: &mut [u8; 20], at: usize, old: u32, new: u32) {
     let (o, n) = (old.to_be_bytes(), new.to_be_bytes());
     [h[at], h[at + 1], h[at + 2], h[at + 3]] = n;
     let check = Delta::new()
         .u32(u32::from_ne_bytes(o), u32::from_ne_bytes(n))
         .apply(u16::from_ne_bytes([h[16], h[17]]));
     [h[16], h[17]] = check.to_ne_bytes();
-    Ok(())
 }
 
 /// Writes byte `v` at `off` of the header buffer (masked into it).
@@ -435,8 +413,7 @@ fn build<A: Family>(p: &Pkt<A>, flow: &Flow<A>, base: u32, s: &mut Scratch) -> R
     };
     let crc = (!s.crc).to_be_bytes();
     s.hdr[crc_word] = u32::from_ne_bytes(crc);
-    s.sum +=
-        u16::from_ne_bytes([crc[0], crc[1]]) as u32 + u16::from_ne_bytes([crc[2], crc[3]]) as u32;
+    s.sum += csum::sum(&crc);
     Ok(total)
 }
 
@@ -460,7 +437,7 @@ extern "C" fn crc_step(i: u64, _ctx: *mut c_void) -> i64 {
             c = CRC32C[((c ^ b as u32) & 0xff) as usize] ^ (c >> 8);
         }
         s.crc = c;
-        s.sum += u16::from_ne_bytes([w[0], w[1]]) as u32 + u16::from_ne_bytes([w[2], w[3]]) as u32;
+        s.sum += csum::sum(&w);
     }
     0
 }

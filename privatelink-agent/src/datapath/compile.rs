@@ -509,6 +509,14 @@ fn link_entries(
             service: l.service_slot,
         })?;
     let consumer_net = network(l.network_id)?;
+    // Every link with a TCP port has its TLVs written (a header still due after the service turned
+    // PROXY off needs them); new flows use them only while it is on.
+    let tcp = l.ports.iter().any(|p| p.proto == Proto::Tcp);
+    let tlvs = if tcp {
+        Some(proxy_tlvs(id, &l.proxy)?)
+    } else {
+        None
+    };
     let info = LinkInfo {
         state: match l.state {
             LinkState::Pending => LINK_PENDING,
@@ -523,21 +531,11 @@ fn link_entries(
         allowed: u32::from(model.allowlist.contains(&(l.service_slot, l.account))),
         answer_ping: u32::from(l.answer_ping),
         flow_limit: l.flow_limit,
-        proxy_tlvs: 0,
-        conn_log: u32::from(l.conn_log),
-    };
-    let tcp = l.ports.iter().any(|p| p.proto == Proto::Tcp);
-    let tlvs = if tcp {
-        Some(proxy_tlvs(id, &l.proxy)?)
-    } else {
-        None
-    };
-    let info = LinkInfo {
         proxy_tlvs: match &tlvs {
             Some(t) if l.proxy.v2 => t.len,
             _ => 0,
         },
-        ..info
+        conn_log: u32::from(l.conn_log),
     };
     let value = |service: u16| EndpointValue {
         link_id: id,

@@ -1200,14 +1200,7 @@ pub struct StatsReader {
 
 /// Every counter of a per-CPU array, summed over CPUs (a failed read counts 0).
 fn sums<const N: usize>(map: &PerCpuArray<MapData, u64>) -> [u64; N] {
-    let mut out = [0; N];
-    for (i, o) in out.iter_mut().enumerate() {
-        *o = map
-            .get(&(i as u32), 0)
-            .map(|v| v.iter().sum())
-            .unwrap_or_default();
-    }
-    out
+    std::array::from_fn(|i| sum_outcome(map, i as u32).unwrap_or_default())
 }
 
 /// A logged connection whose flow is gone: its tuple, translation and counters.
@@ -1242,35 +1235,17 @@ where
     Flow<A>: aya::Pod,
     ConnStats<A>: aya::Pod,
 {
-    let gone: Vec<FlowKey<A>> = stats
-        .keys()
-        .filter_map(Result::ok)
-        .filter(|k| ct.get(k, 0).is_err())
-        .collect();
+    let gone = flows_gone(stats.keys(), ct);
     gone.into_iter()
         .filter_map(|k| {
             let per_cpu = stats.get(&k, 0).ok()?;
             let _ = stats.remove(&k);
-            let mut s = per_cpu
+            let s = per_cpu
                 .iter()
                 .find(|c| c.opened_ns != 0)
                 .copied()
                 .unwrap_or_default();
-            let (mut fp, mut fb, mut rp, mut rb, mut ended) = (0, 0, 0, 0, 0);
-            for c in per_cpu.iter() {
-                fp += c.fwd_packets;
-                fb += c.fwd_bytes;
-                rp += c.rev_packets;
-                rb += c.rev_bytes;
-                ended |= c.ended;
-            }
-            (
-                s.fwd_packets,
-                s.fwd_bytes,
-                s.rev_packets,
-                s.rev_bytes,
-                s.ended,
-            ) = (fp, fb, rp, rb, ended);
+            let total = |f: fn(&ConnStats<A>) -> u64| per_cpu.iter().map(f).sum();
             let at = |a: A, port_be: u16| std::net::SocketAddr::new(a.ip(), u16::from_be(port_be));
             Some(ConnEnd {
                 link_id: s.link_id,
@@ -1280,11 +1255,11 @@ where
                 nat: at(s.nat_be, s.nat_port_be),
                 backend: at(s.backend_be, s.backend_port_be),
                 opened_ns: s.opened_ns,
-                fwd_packets: s.fwd_packets,
-                fwd_bytes: s.fwd_bytes,
-                rev_packets: s.rev_packets,
-                rev_bytes: s.rev_bytes,
-                ended: s.ended,
+                fwd_packets: total(|c| c.fwd_packets),
+                fwd_bytes: total(|c| c.fwd_bytes),
+                rev_packets: total(|c| c.rev_packets),
+                rev_bytes: total(|c| c.rev_bytes),
+                ended: per_cpu.iter().fold(0, |e, c| e | c.ended),
             })
         })
         .collect()
@@ -1299,14 +1274,23 @@ fn forget_pending<A>(
     FlowKey<A>: aya::Pod,
     Flow<A>: aya::Pod,
 {
-    let gone: Vec<FlowKey<A>> = pending
-        .keys()
-        .filter_map(Result::ok)
-        .filter(|k| ct.get(k, 0).is_err())
-        .collect();
-    for k in gone {
+    for k in flows_gone(pending.keys(), ct) {
         let _ = pending.remove(&k);
     }
+}
+
+/// The keys of `keys` (a side table's, keyed by forward keys) whose flow is not in `ct`.
+fn flows_gone<A>(
+    keys: impl Iterator<Item = Result<FlowKey<A>, MapError>>,
+    ct: &HashMap<MapData, FlowKey<A>, Flow<A>>,
+) -> Vec<FlowKey<A>>
+where
+    FlowKey<A>: aya::Pod,
+    Flow<A>: aya::Pod,
+{
+    keys.filter_map(Result::ok)
+        .filter(|k| ct.get(k, 0).is_err())
+        .collect()
 }
 
 /// Removes the conntrack entries `doomed` picks. Returns how many.

@@ -38,7 +38,7 @@ struct Inner {
     file: Option<std::fs::File>,
     window: VecDeque<ConnRecord>,
     next_seq: u64,
-    /// Records the file refused (a full disk, say): counted, the window still has them.
+    /// Writes to the file that failed (a full disk, say); the window still has their records.
     unwritten: u64,
 }
 
@@ -59,11 +59,15 @@ fn owners(s: &State) -> Owners {
 
 /// Wall-clock milliseconds of CLOCK_MONOTONIC time `mono_ns`.
 fn wall_ms(mono_ns: u64) -> u64 {
-    let now = SystemTime::now()
+    now_ms().saturating_sub(monotonic_ns().saturating_sub(mono_ns) / 1_000_000)
+}
+
+/// Wall-clock milliseconds now.
+fn now_ms() -> u64 {
+    SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap_or_default()
-        .as_millis() as u64;
-    now.saturating_sub(monotonic_ns().saturating_sub(mono_ns) / 1_000_000)
+        .as_millis() as u64
 }
 
 fn rfc3339(ms: u64) -> String {
@@ -138,6 +142,13 @@ impl ConnLog {
             && f.write_all(&lines).is_err()
         {
             g.unwritten += 1;
+            // Said in the log at the 1st, 2nd, 4th, 8th ... failure: a full disk does not flood it.
+            if g.unwritten.is_power_of_two() {
+                log::warn!(
+                    "connection log: {} writes to the file failed so far (the API still has the records)",
+                    g.unwritten
+                );
+            }
         }
     }
 
@@ -151,11 +162,6 @@ impl ConnLog {
             .take(limit)
             .cloned()
             .collect()
-    }
-
-    /// Write failures of the file so far.
-    pub fn unwritten(&self) -> u64 {
-        self.lock().unwritten
     }
 
     fn opened(o: &ConnOpened, who: &Owners) -> ConnRecord {
@@ -187,10 +193,7 @@ impl ConnLog {
 
     fn closed(e: &ConnEnd, who: &Owners) -> ConnRecord {
         let (svc, ep, acct) = who.get(&e.link_id).cloned().unwrap_or_default();
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_millis() as u64;
+        let now = now_ms();
         let opened = wall_ms(e.opened_ns);
         ConnRecord {
             seq: 0,
