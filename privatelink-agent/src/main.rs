@@ -73,11 +73,33 @@ enum Command {
         /// Key prefix in etcd.
         #[arg(long, env = "PRIVATELINK_ETCD_PREFIX", default_value = "/privatelink")]
         etcd_prefix: String,
+        /// PEM certificate chain (leaf first): with --tls-key, the API is served over TLS.
+        #[arg(long, env = "PRIVATELINK_API_TLS_CERT", requires = "tls_key")]
+        tls_cert: Option<std::path::PathBuf>,
+        /// PEM private key of --tls-cert.
+        #[arg(long, env = "PRIVATELINK_API_TLS_KEY", requires = "tls_cert")]
+        tls_key: Option<std::path::PathBuf>,
+        /// Seconds a request's header (or TLS handshake) may take to arrive.
+        #[arg(long, default_value_t = 10)]
+        header_read_timeout_secs: u64,
+        /// Seconds a request's body may take to arrive.
+        #[arg(long, default_value_t = 10)]
+        body_read_timeout_secs: u64,
+        /// Seconds a connection may stay without a request before it is closed.
+        #[arg(long, default_value_t = 60)]
+        idle_timeout_secs: u64,
+        /// Connections at once; more wait until one closes.
+        #[arg(long, default_value_t = 4096)]
+        max_connections: usize,
+        /// Failed authentications a client address may have per minute before it is refused
+        /// (429) for the rest of that minute; 0: no limit.
+        #[arg(long, default_value_t = 20)]
+        auth_failures_per_minute: u32,
     },
 }
 
 fn serve_api(
-    listen: std::net::SocketAddr,
+    serving: &privatelink_agent::control::serve::Serving,
     store: &privatelink_agent::node::config::StoreConfig,
     token_file: &std::path::Path,
     cluster: privatelink_agent::control::types::Cluster,
@@ -87,17 +109,15 @@ fn serve_api(
     let store_cfg = store;
     let store = store_cfg.open()?;
     let plane = std::sync::Arc::new(ControlPlane::open(store, &token)?.with_cluster(cluster));
+    plane
+        .auth_limiter()
+        .set_max_failures(serving.auth_failures_per_minute);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
     rt.block_on(async {
-        let listener = tokio::net::TcpListener::bind(listen)
-            .await
-            .with_context(|| format!("listen: binding {listen}"))?;
-        log::info!(
-            "control-plane API on http://{listen} (revision {})",
-            plane.revision()
-        );
+        let (listener, tls) = serving.bind().await?;
+        log::info!("state revision {}", plane.revision());
         // A shared store: follow what other servers commit, so reads are current too.
         let _follower = store_cfg.etcd().map(|e| {
             tokio::spawn(privatelink_agent::control::follow::follow_store(
@@ -108,7 +128,9 @@ fn serve_api(
             ))
         });
         tokio::select! {
-            r = api::serve(listener, plane.clone()) => r.context("serving the API"),
+            r = api::serve_with(listener, plane.clone(), serving.limits.clone(), tls) => {
+                r.context("serving the API")
+            }
             _ = tokio::signal::ctrl_c() => Ok(()),
         }
     })
@@ -171,7 +193,25 @@ fn main() -> Result<()> {
             dns_zone,
             etcd,
             etcd_prefix,
+            tls_cert,
+            tls_key,
+            header_read_timeout_secs,
+            body_read_timeout_secs,
+            idle_timeout_secs,
+            max_connections,
+            auth_failures_per_minute,
         } => {
+            let serving = privatelink_agent::node::config::ApiConfig {
+                listen,
+                tls_cert,
+                tls_key,
+                header_read_timeout_secs,
+                body_read_timeout_secs,
+                idle_timeout_secs,
+                max_connections,
+                auth_failures_per_minute,
+            }
+            .serving("api")?;
             let cluster = privatelink_agent::control::types::Cluster { region, dns_zone };
             privatelink_agent::node::config::check_cluster(&cluster)?;
             let store = privatelink_agent::node::config::StoreConfig {
@@ -180,7 +220,7 @@ fn main() -> Result<()> {
                 prefix: etcd_prefix,
                 ..Default::default()
             };
-            serve_api(listen, &store, &admin_token_file, cluster)
+            serve_api(&serving, &store, &admin_token_file, cluster)
         }
     }
 }

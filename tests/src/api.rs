@@ -146,3 +146,96 @@ impl Client {
         r.body
     }
 }
+
+/// A `privatelink-agent api` process on a loopback port with its own SQLite file and admin token,
+/// started with `extra` arguments (and optionally under a lower open-file limit); killed and
+/// removed on drop.
+pub struct ApiProcess {
+    pub addr: SocketAddr,
+    pub dir: PathBuf,
+    child: std::process::Child,
+}
+
+impl ApiProcess {
+    pub fn start(name: &str, nofile: Option<u64>, extra: &[&str]) -> Self {
+        Self::try_start(name, nofile, extra).unwrap_or_else(|log| panic!("{name}: {log}"))
+    }
+
+    /// Starts it and waits until it answers; `Err` with its log when it exits instead.
+    pub fn try_start(name: &str, nofile: Option<u64>, extra: &[&str]) -> Result<Self, String> {
+        let dir = std::env::temp_dir().join(format!("privatelink-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("test dir");
+        let token = dir.join("admin-token");
+        privatelink_agent::control::store::write_private(&token, format!("{ADMIN}\n"))
+            .expect("token file");
+        let addr = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").expect("a free port");
+            l.local_addr().expect("addr")
+        };
+        let bin = crate::agent_bin("privatelink-agent");
+        let mut cmd = match nofile {
+            Some(n) => {
+                let mut c = std::process::Command::new("prlimit");
+                c.arg(format!("--nofile={n}:{}", n * 8)).arg(&bin);
+                c
+            }
+            None => std::process::Command::new(&bin),
+        };
+        let log = std::fs::File::create(dir.join("api.log")).expect("log");
+        let child = cmd
+            .args(["api", "--listen", &addr.to_string()])
+            .arg("--store")
+            .arg(dir.join("state.db"))
+            .arg("--admin-token-file")
+            .arg(&token)
+            .args(extra)
+            .env("RUST_LOG", "info")
+            .stdin(std::process::Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("start privatelink-agent api");
+        let mut p = ApiProcess { addr, dir, child };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        loop {
+            if let Ok(Some(_)) = p.child.try_wait() {
+                return Err(p.log());
+            }
+            if std::net::TcpStream::connect(addr).is_ok() {
+                return Ok(p);
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the API did not come up:\n{}",
+                p.log()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("api.log")).unwrap_or_default()
+    }
+
+    pub fn client(&self, token: &str) -> Client {
+        Client {
+            base: format!("http://{}", self.addr),
+            token: token.to_string(),
+        }
+    }
+}
+
+impl Drop for ApiProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Sets a file's permission bits.
+pub fn set_mode(path: &std::path::Path, mode: u32) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).expect("chmod");
+}

@@ -172,7 +172,7 @@ fn node(
 
 fn write_config(n: &Node, i: u8, vpcs: &[(String, String)]) {
     use std::os::unix::fs::PermissionsExt as _;
-    std::fs::write(n.dir.join("admin-token"), ADMIN).unwrap();
+    privatelink_agent::control::store::write_private(&n.dir.join("admin-token"), ADMIN).unwrap();
     let key = n.dir.join("ha.key");
     std::fs::write(&key, GROUP_KEY).unwrap();
     std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();

@@ -447,7 +447,7 @@ pub fn world_backed(name: &str, extra: &str, backing: Backing) -> (World, Agent)
             (p.tokens, p.vpcs)
         }
     };
-    std::fs::write(dir.join("admin-token"), ADMIN).unwrap();
+    privatelink_agent::control::store::write_private(&dir.join("admin-token"), ADMIN).unwrap();
     let etcd_line = url
         .map(|u| format!("etcd = [\"{u}\"]\n"))
         .unwrap_or_default();

@@ -47,7 +47,76 @@ pub fn setup(with_packages: bool) -> Result<()> {
     ensure_bpf_linker()?;
     if with_packages {
         ensure_packages()?;
+        ensure_schemathesis()?;
     }
+    Ok(())
+}
+
+/// The schemathesis release the API contract test runs (pinned: its checks change between
+/// releases).
+pub const SCHEMATHESIS: &str = "4.32.5";
+
+/// Where setup puts the virtualenv with schemathesis (the contract test looks there too).
+pub fn schemathesis_venv() -> PathBuf {
+    cargo_home().join("privatelink/schemathesis")
+}
+
+/// A Python of at least 3.12 (schemathesis 4 crashes under this image's 3.11): one on PATH, or one
+/// pyenv has installed, else the system's `python3`.
+fn python() -> Result<PathBuf> {
+    let mut candidates: Vec<PathBuf> = ["python3.13", "python3.12", "python3"]
+        .iter()
+        .map(PathBuf::from)
+        .collect();
+    let pyenv = env::var_os("PYENV_ROOT")
+        .map(PathBuf::from)
+        .or_else(|| env::var_os("HOME").map(|h| PathBuf::from(h).join(".pyenv")));
+    if let Some(Ok(dir)) = pyenv.map(|p| fs::read_dir(p.join("versions"))) {
+        let mut versions: Vec<PathBuf> = dir.flatten().map(|e| e.path()).collect();
+        versions.sort();
+        candidates.extend(versions.into_iter().rev().map(|v| v.join("bin/python3")));
+    }
+    let recent = |p: &PathBuf| {
+        output(Command::new(p).args(["-c", "import sys, venv; print(sys.version_info >= (3, 12))"]))
+            .is_ok_and(|o| o.trim() == "True")
+    };
+    if let Some(p) = candidates.iter().find(|p| recent(p)) {
+        return Ok(p.clone());
+    }
+    step(
+        "python",
+        "no Python 3.12 or newer found: using python3 (schemathesis may not run)",
+    );
+    Ok(PathBuf::from("python3"))
+}
+
+fn ensure_schemathesis() -> Result<()> {
+    let venv = schemathesis_venv();
+    let bin = venv.join("bin/schemathesis");
+    if output(Command::new(&bin).arg("--version")).is_ok_and(|v| v.contains(SCHEMATHESIS)) {
+        step(
+            "schemathesis",
+            format!("{SCHEMATHESIS} in {}", venv.display()),
+        );
+        return Ok(());
+    }
+    let py = python()?;
+    step(
+        "schemathesis",
+        format!(
+            "installing {SCHEMATHESIS} into {} with {}",
+            venv.display(),
+            py.display()
+        ),
+    );
+    let _ = fs::remove_dir_all(&venv);
+    run(Command::new(&py).args(["-m", "venv"]).arg(&venv))
+        .context("creating the schemathesis virtualenv (Debian: apt-get install python3-venv)")?;
+    run(Command::new(venv.join("bin/pip"))
+        .args(["install", "-q", "--disable-pip-version-check"])
+        .arg(format!("schemathesis=={SCHEMATHESIS}")))
+    .context("installing schemathesis from PyPI")?;
+    step("schemathesis", format!("installed {}", bin.display()));
     Ok(())
 }
 

@@ -810,9 +810,9 @@ fn request(cmd: &Command) -> anyhow::Result<Req> {
                 req(Method::DELETE, format!("/v1/security-groups/{id}"), None)
             }
         },
-        C::Export { kind, list } => req(Method::GET, "/v1/export.csv", None)
-            .with_query(list.query())
-            .with_query(vec![("kind", kind.clone())]),
+        C::Export { kind, list } => {
+            req(Method::GET, format!("/v1/export/{kind}.csv"), None).with_query(list.query())
+        }
         C::Revision => req(Method::GET, "/v1/revision", None),
         C::Whoami => req(Method::GET, "/v1/me", None),
         C::Nodes(NodesCmd::List) => req(Method::GET, "/v1/nodes", None),
@@ -851,7 +851,22 @@ fn file_config(path: Option<&std::path::Path>) -> anyhow::Result<FileConfig> {
         return Ok(FileConfig::default());
     };
     match std::fs::read_to_string(&path) {
-        Ok(text) => toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display())),
+        Ok(text) => {
+            let c: FileConfig =
+                toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+            use std::os::unix::fs::PermissionsExt as _;
+            let mode = std::fs::metadata(&path)?.permissions().mode();
+            if c.token.is_some() && mode & 0o077 != 0 {
+                anyhow::bail!(
+                    "{} holds a token and is readable or writable by others (mode {:o}): run \
+                     chmod 600 {}",
+                    path.display(),
+                    mode & 0o777,
+                    path.display()
+                );
+            }
+            Ok(c)
+        }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(FileConfig::default()),
         Err(e) => Err(anyhow::anyhow!("{}: {e}", path.display())),
     }

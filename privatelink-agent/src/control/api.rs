@@ -3,17 +3,18 @@ use std::sync::Arc;
 
 use axum::{
     Json, Router,
-    extract::{FromRequest, FromRequestParts, Path, Query, Request, State},
+    extract::{FromRequestParts, State},
     http::{StatusCode, header, request::Parts},
     response::{IntoResponse, Response},
     routing::get,
 };
-use serde::{Deserialize, Serialize, de::DeserializeOwned};
+use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use utoipa_axum::{router::OpenApiRouter, routes};
 
 use super::{
     error::{ApiError, ApiResult},
+    http::{Body, P, Q},
     ops::{self, Caller, accounts, endpoints, groups, owns, services},
     plane::{ControlPlane, new_token},
     state::State as State_,
@@ -24,21 +25,13 @@ type Plane = Arc<ControlPlane>;
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = StatusCode::from_u16(self.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-        (status, Json(json!({ "error": self }))).into_response()
-    }
-}
-
-/// A JSON body whose parse errors are API errors.
-pub struct Body<T>(pub T);
-
-impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for Body<T> {
-    type Rejection = ApiError;
-
-    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
-        match Json::<T>::from_request(req, state).await {
-            Ok(Json(v)) => Ok(Body(v)),
-            Err(rej) => Err(ApiError::new(400, "invalid_json", rej.body_text())),
+        let retry = self.retry_after;
+        let mut r = (status, Json(json!({ "error": self }))).into_response();
+        if let Some(secs) = retry {
+            r.headers_mut()
+                .insert(header::RETRY_AFTER, axum::http::HeaderValue::from(secs));
         }
+        r
     }
 }
 
@@ -58,7 +51,21 @@ impl FromRequestParts<Plane> for Auth {
                 let (scheme, token) = v.split_once(' ')?;
                 scheme.eq_ignore_ascii_case("bearer").then_some(token)
             });
-        plane.authenticate(bearer).map(Auth)
+        // Failed authentication is limited per client address (the server puts it on each
+        // request; a router driven without one is not limited).
+        let peer = parts
+            .extensions
+            .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+            .map(|c| c.0.ip());
+        let limiter = plane.auth_limiter();
+        if let Some(ip) = peer {
+            limiter.check(ip)?;
+        }
+        plane.authenticate(bearer).map(Auth).inspect_err(|_| {
+            if let Some(ip) = peer {
+                limiter.failed(ip);
+            }
+        })
     }
 }
 
@@ -82,18 +89,154 @@ fn ok<T: Serialize>(v: T) -> Response {
     Json(v).into_response()
 }
 
-#[derive(Clone, Debug, Default, Deserialize, utoipa::IntoParams)]
-#[into_params(parameter_in = Query)]
+/// Paging, search and fields of a list, whichever list it is.
+#[derive(Clone, Debug, Default)]
 pub struct ListQuery {
-    /// Substring of the id or the name (case-insensitive).
     pub search: Option<String>,
-    /// 1-based.
     pub page: Option<usize>,
     pub per_page: Option<usize>,
-    /// Comma-separated field names.
     pub fields: Option<String>,
-    /// For the CSV export: `services` or `endpoints`.
-    pub kind: Option<String>,
+}
+
+/// Paging, search and fields of the service list.
+#[derive(Clone, Debug, Default, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct ServiceListQuery {
+    /// Substring of the id or the name (case-insensitive).
+    #[param(max_length = 256)]
+    pub search: Option<String>,
+    /// 1-based.
+    #[param(minimum = 1, maximum = 1000000000)]
+    pub page: Option<usize>,
+    /// 1 to 1000 (default 100).
+    #[param(minimum = 1, maximum = 1000)]
+    pub per_page: Option<usize>,
+    /// Comma-separated field names (default: all, in their order).
+    #[param(
+        pattern = "^(id|service_name|name|private_dns_name|answer_ping|owner|network_id|service_type|backends|port_mappings|auto_accept|allowlist|tags|created_at)(,(id|service_name|name|private_dns_name|answer_ping|owner|network_id|service_type|backends|port_mappings|auto_accept|allowlist|tags|created_at))*$"
+    )]
+    pub fields: Option<String>,
+}
+
+impl From<ServiceListQuery> for ListQuery {
+    fn from(q: ServiceListQuery) -> Self {
+        ListQuery {
+            search: q.search,
+            page: q.page,
+            per_page: q.per_page,
+            fields: q.fields,
+        }
+    }
+}
+
+/// Paging, search and fields of the endpoint list.
+#[derive(Clone, Debug, Default, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct EndpointListQuery {
+    /// Substring of the id or the name (case-insensitive).
+    #[param(max_length = 256)]
+    pub search: Option<String>,
+    /// 1-based.
+    #[param(minimum = 1, maximum = 1000000000)]
+    pub page: Option<usize>,
+    /// 1 to 1000 (default 100).
+    #[param(minimum = 1, maximum = 1000)]
+    pub per_page: Option<usize>,
+    /// Comma-separated field names (default: all, in their order).
+    #[param(
+        pattern = "^(id|name|owner|network_id|subnet_id|ip|service_id|dns_name|private_dns_enabled|state|security_groups|tags|created_at)(,(id|name|owner|network_id|subnet_id|ip|service_id|dns_name|private_dns_enabled|state|security_groups|tags|created_at))*$"
+    )]
+    pub fields: Option<String>,
+}
+
+impl From<EndpointListQuery> for ListQuery {
+    fn from(q: EndpointListQuery) -> Self {
+        ListQuery {
+            search: q.search,
+            page: q.page,
+            per_page: q.per_page,
+            fields: q.fields,
+        }
+    }
+}
+
+/// Paging, search and fields of the security group list.
+#[derive(Clone, Debug, Default, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct GroupListQuery {
+    /// Substring of the id or the name (case-insensitive).
+    #[param(max_length = 256)]
+    pub search: Option<String>,
+    /// 1-based.
+    #[param(minimum = 1, maximum = 1000000000)]
+    pub page: Option<usize>,
+    /// 1 to 1000 (default 100).
+    #[param(minimum = 1, maximum = 1000)]
+    pub per_page: Option<usize>,
+    /// Comma-separated field names (default: all, in their order).
+    #[param(
+        pattern = "^(id|name|owner|rules|tags|created_at)(,(id|name|owner|rules|tags|created_at))*$"
+    )]
+    pub fields: Option<String>,
+}
+
+impl From<GroupListQuery> for ListQuery {
+    fn from(q: GroupListQuery) -> Self {
+        ListQuery {
+            search: q.search,
+            page: q.page,
+            per_page: q.per_page,
+            fields: q.fields,
+        }
+    }
+}
+
+/// Search and fields of the service CSV export (every match, no paging).
+#[derive(Clone, Debug, Default, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct ServiceExportQuery {
+    /// Substring of the id or the name (case-insensitive).
+    #[param(max_length = 256)]
+    pub search: Option<String>,
+    /// Comma-separated field names (default: all, in their order).
+    #[param(
+        pattern = "^(id|service_name|name|private_dns_name|answer_ping|owner|network_id|service_type|backends|port_mappings|auto_accept|allowlist|tags|created_at)(,(id|service_name|name|private_dns_name|answer_ping|owner|network_id|service_type|backends|port_mappings|auto_accept|allowlist|tags|created_at))*$"
+    )]
+    pub fields: Option<String>,
+}
+
+impl From<ServiceExportQuery> for ListQuery {
+    fn from(q: ServiceExportQuery) -> Self {
+        ListQuery {
+            search: q.search,
+            fields: q.fields,
+            ..Default::default()
+        }
+    }
+}
+
+/// Search and fields of the endpoint CSV export (every match, no paging).
+#[derive(Clone, Debug, Default, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct EndpointExportQuery {
+    /// Substring of the id or the name (case-insensitive).
+    #[param(max_length = 256)]
+    pub search: Option<String>,
+    /// Comma-separated field names (default: all, in their order).
+    #[param(
+        pattern = "^(id|name|owner|network_id|subnet_id|ip|service_id|dns_name|private_dns_enabled|state|security_groups|tags|created_at)(,(id|name|owner|network_id|subnet_id|ip|service_id|dns_name|private_dns_enabled|state|security_groups|tags|created_at))*$"
+    )]
+    pub fields: Option<String>,
+}
+
+impl From<EndpointExportQuery> for ListQuery {
+    fn from(q: EndpointExportQuery) -> Self {
+        ListQuery {
+            search: q.search,
+            fields: q.fields,
+            ..Default::default()
+        }
+    }
 }
 
 pub const SERVICE_FIELDS: &[&str] = &[
@@ -130,7 +273,7 @@ pub const ENDPOINT_FIELDS: &[&str] = &[
 pub const GROUP_FIELDS: &[&str] = &["id", "name", "owner", "rules", "tags", "created_at"];
 
 fn fields<'a>(q: &'a ListQuery, valid: &[&'a str]) -> ApiResult<Vec<&'a str>> {
-    let Some(f) = q.fields.as_deref().filter(|f| !f.is_empty()) else {
+    let Some(f) = q.fields.as_deref() else {
         return Ok(valid.to_vec());
     };
     f.split(',')
@@ -154,6 +297,13 @@ fn select<T: Serialize>(
     valid: &[&str],
 ) -> ApiResult<(Vec<&'static str>, Vec<Value>)> {
     let chosen = fields(q, valid)?;
+    if q.search.as_ref().is_some_and(|n| n.chars().count() > 256) {
+        return Err(ApiError::invalid(
+            "invalid_search",
+            "search",
+            "search is at most 256 characters",
+        ));
+    }
     let needle = q.search.as_deref().map(str::to_lowercase);
     let rows = items
         .into_iter()
@@ -199,17 +349,17 @@ fn page<T: Serialize>(items: Vec<T>, q: &ListQuery, valid: &[&str]) -> ApiResult
         ));
     }
     let page = q.page.unwrap_or(1);
-    if page == 0 {
+    if page == 0 || page > 1_000_000_000 {
         return Err(ApiError::invalid(
             "invalid_page",
             "page",
-            "pages start at 1",
+            "pages are 1 to 1000000000",
         ));
     }
     let total = rows.len();
     let items: Vec<Value> = rows
         .into_iter()
-        .skip((page - 1) * per_page)
+        .skip((page - 1).saturating_mul(per_page))
         .take(per_page)
         .collect();
     Ok(ok(
@@ -266,7 +416,7 @@ async fn list_accounts(State(p): State<Plane>, Auth(c): Auth) -> ApiResult<Respo
 async fn issue_token(
     State(p): State<Plane>,
     Auth(c): Auth,
-    Path(id): Path<String>,
+    P(id): P<String>,
 ) -> ApiResult<Response> {
     let secret = new_token();
     mutate(p, c, move |s, cx| {
@@ -298,7 +448,7 @@ async fn list_networks(State(p): State<Plane>, Auth(c): Auth) -> ApiResult<Respo
 async fn get_network(
     State(p): State<Plane>,
     Auth(c): Auth,
-    Path(id): Path<String>,
+    P(id): P<String>,
 ) -> ApiResult<Response> {
     p.read(|s| accounts::network(s, &c, &id).cloned()).map(ok)
 }
@@ -307,7 +457,7 @@ async fn get_network(
 async fn delete_network(
     State(p): State<Plane>,
     Auth(c): Auth,
-    Path(id): Path<String>,
+    P(id): P<String>,
 ) -> ApiResult<Response> {
     mutate(p, c, move |s, cx| accounts::delete_network(s, cx, &id))
         .await
@@ -318,7 +468,7 @@ async fn delete_network(
 async fn create_subnet(
     State(p): State<Plane>,
     Auth(c): Auth,
-    Path(id): Path<String>,
+    P(id): P<String>,
     Body(req): Body<accounts::CreateSubnet>,
 ) -> ApiResult<Response> {
     mutate(p, c, move |s, cx| {
@@ -332,7 +482,7 @@ async fn create_subnet(
 async fn list_subnets(
     State(p): State<Plane>,
     Auth(c): Auth,
-    Path(id): Path<String>,
+    P(id): P<String>,
 ) -> ApiResult<Response> {
     p.read(|s| accounts::list_subnets(s, &c, &id)).map(ok)
 }
@@ -341,7 +491,7 @@ async fn list_subnets(
 async fn delete_subnet(
     State(p): State<Plane>,
     Auth(c): Auth,
-    Path((net, id)): Path<(String, String)>,
+    P((net, id)): P<(String, String)>,
 ) -> ApiResult<Response> {
     mutate(p, c, move |s, cx| accounts::delete_subnet(s, cx, &net, &id))
         .await
@@ -361,12 +511,13 @@ async fn create_service(
         .map(created)
 }
 
-#[utoipa::path(get, path = "/v1/services", params(ListQuery), responses((status = 200, body = Page, description = "The caller's services"), (status = "4XX", body = ErrorBody, description = "error: stable code, message, offending field")), security(("bearer" = [])), summary = "The caller's services")]
+#[utoipa::path(get, path = "/v1/services", params(ServiceListQuery), responses((status = 200, body = Page, description = "The caller's services"), (status = "4XX", body = ErrorBody, description = "error: stable code, message, offending field")), security(("bearer" = [])), summary = "The caller's services")]
 async fn list_services(
     State(p): State<Plane>,
     Auth(c): Auth,
-    Query(q): Query<ListQuery>,
+    Q(q): Q<ServiceListQuery>,
 ) -> ApiResult<Response> {
+    let q = ListQuery::from(q);
     let items: Vec<_> = p.read(|s| {
         s.services
             .values()
@@ -381,7 +532,7 @@ async fn list_services(
 async fn get_service(
     State(p): State<Plane>,
     Auth(c): Auth,
-    Path(id): Path<String>,
+    P(id): P<String>,
 ) -> ApiResult<Response> {
     p.read(|s| services::own(s, &c, &id).cloned()).map(ok)
 }
@@ -390,7 +541,7 @@ async fn get_service(
 async fn update_service(
     State(p): State<Plane>,
     Auth(c): Auth,
-    Path(id): Path<String>,
+    P(id): P<String>,
     Body(req): Body<services::UpdateService>,
 ) -> ApiResult<Response> {
     mutate(p, c, move |s, cx| services::update(s, cx, &id, req.clone()))
@@ -402,7 +553,7 @@ async fn update_service(
 async fn delete_service(
     State(p): State<Plane>,
     Auth(c): Auth,
-    Path(id): Path<String>,
+    P(id): P<String>,
 ) -> ApiResult<Response> {
     mutate(p, c, move |s, cx| services::delete(s, cx, &id))
         .await
@@ -413,7 +564,7 @@ async fn delete_service(
 async fn set_backends(
     State(p): State<Plane>,
     Auth(c): Auth,
-    Path(id): Path<String>,
+    P(id): P<String>,
     Body(req): Body<services::Backends>,
 ) -> ApiResult<Response> {
     mutate(p, c, move |s, cx| {
@@ -427,7 +578,7 @@ async fn set_backends(
 async fn add_port_mappings(
     State(p): State<Plane>,
     Auth(c): Auth,
-    Path(id): Path<String>,
+    P(id): P<String>,
     Body(req): Body<services::AddPortMappings>,
 ) -> ApiResult<Response> {
     mutate(p, c, move |s, cx| {
@@ -437,21 +588,11 @@ async fn add_port_mappings(
     .map(ok)
 }
 
-#[utoipa::path(method(put, delete), path = "/v1/services/{id}/port-mappings", params(("id" = String, Path, description = "object id")), responses((status = "4XX", body = ErrorBody, description = "always 405 port_mapping_immutable: port mappings are add-only")), security(("bearer" = [])), summary = "Port mappings cannot be replaced or removed")]
-async fn immutable_mappings(Auth(_): Auth) -> ApiResult<Response> {
-    Err(services::immutable_mapping())
-}
-
-#[utoipa::path(method(put, patch, delete), path = "/v1/services/{id}/port-mappings/{mapping}", params(("id" = String, Path, description = "object id"), ("mapping" = String, Path, description = "a port mapping")), responses((status = "4XX", body = ErrorBody, description = "always 405 port_mapping_immutable: port mappings are add-only")), security(("bearer" = [])), summary = "A port mapping cannot be changed or removed")]
-async fn immutable_mapping(Auth(_): Auth) -> ApiResult<Response> {
-    Err(services::immutable_mapping())
-}
-
 #[utoipa::path(get, path = "/v1/services/{id}/allowlist", params(("id" = String, Path, description = "object id")), responses((status = 200, body = Vec<crate::control::types::AllowEntry>, description = "The service's allowlist"), (status = "4XX", body = ErrorBody, description = "error: stable code, message, offending field")), security(("bearer" = [])), summary = "The service's allowlist")]
 async fn list_allowlist(
     State(p): State<Plane>,
     Auth(c): Auth,
-    Path(id): Path<String>,
+    P(id): P<String>,
 ) -> ApiResult<Response> {
     p.read(|s| services::own(s, &c, &id).map(|v| v.allowlist.clone()))
         .map(ok)
@@ -461,7 +602,7 @@ async fn list_allowlist(
 async fn allow(
     State(p): State<Plane>,
     Auth(c): Auth,
-    Path(id): Path<String>,
+    P(id): P<String>,
     Body(req): Body<services::AllowReq>,
 ) -> ApiResult<Response> {
     mutate(p, c, move |s, cx| services::allow(s, cx, &id, req.clone()))
@@ -473,7 +614,7 @@ async fn allow(
 async fn disallow(
     State(p): State<Plane>,
     Auth(c): Auth,
-    Path((id, account)): Path<(String, String)>,
+    P((id, account)): P<(String, String)>,
 ) -> ApiResult<Response> {
     mutate(p, c, move |s, cx| services::disallow(s, cx, &id, &account))
         .await
@@ -481,11 +622,7 @@ async fn disallow(
 }
 
 #[utoipa::path(get, path = "/v1/services/{id}/verify", params(("id" = String, Path, description = "object id")), responses((status = 200, body = services::Verified, description = "Name, type and port mappings of a service, for any account"), (status = "4XX", body = ErrorBody, description = "error: stable code, message, offending field")), security(("bearer" = [])), summary = "Name, type and port mappings of a service, for any account")]
-async fn verify(
-    State(p): State<Plane>,
-    Auth(c): Auth,
-    Path(id): Path<String>,
-) -> ApiResult<Response> {
+async fn verify(State(p): State<Plane>, Auth(c): Auth, P(id): P<String>) -> ApiResult<Response> {
     p.read(|s| services::verify(s, &c, &id)).map(ok)
 }
 
@@ -493,7 +630,7 @@ async fn verify(
 async fn service_health(
     State(p): State<Plane>,
     Auth(c): Auth,
-    Path(id): Path<String>,
+    P(id): P<String>,
 ) -> ApiResult<Response> {
     let svc = p.read(|s| services::own(s, &c, &id).cloned())?;
     let targets: Vec<TargetView> = p
@@ -517,7 +654,7 @@ async fn service_health(
 async fn connections(
     State(p): State<Plane>,
     Auth(c): Auth,
-    Path(id): Path<String>,
+    P(id): P<String>,
 ) -> ApiResult<Response> {
     p.read(|s| services::connections(s, &c, &id)).map(ok)
 }
@@ -526,7 +663,7 @@ async fn connections(
 async fn accept(
     State(p): State<Plane>,
     Auth(c): Auth,
-    Path(id): Path<String>,
+    P(id): P<String>,
     Body(req): Body<services::EndpointIds>,
 ) -> ApiResult<Response> {
     mutate(p, c, move |s, cx| {
@@ -540,7 +677,7 @@ async fn accept(
 async fn reject(
     State(p): State<Plane>,
     Auth(c): Auth,
-    Path(id): Path<String>,
+    P(id): P<String>,
     Body(req): Body<services::EndpointIds>,
 ) -> ApiResult<Response> {
     mutate(p, c, move |s, cx| {
@@ -563,12 +700,13 @@ async fn create_endpoint(
         .map(created)
 }
 
-#[utoipa::path(get, path = "/v1/endpoints", params(ListQuery), responses((status = 200, body = Page, description = "The caller's endpoints"), (status = "4XX", body = ErrorBody, description = "error: stable code, message, offending field")), security(("bearer" = [])), summary = "The caller's endpoints")]
+#[utoipa::path(get, path = "/v1/endpoints", params(EndpointListQuery), responses((status = 200, body = Page, description = "The caller's endpoints"), (status = "4XX", body = ErrorBody, description = "error: stable code, message, offending field")), security(("bearer" = [])), summary = "The caller's endpoints")]
 async fn list_endpoints(
     State(p): State<Plane>,
     Auth(c): Auth,
-    Query(q): Query<ListQuery>,
+    Q(q): Q<EndpointListQuery>,
 ) -> ApiResult<Response> {
+    let q = ListQuery::from(q);
     let items: Vec<_> = p.read(|s| {
         s.endpoints
             .values()
@@ -583,7 +721,7 @@ async fn list_endpoints(
 async fn get_endpoint(
     State(p): State<Plane>,
     Auth(c): Auth,
-    Path(id): Path<String>,
+    P(id): P<String>,
 ) -> ApiResult<Response> {
     p.read(|s| endpoints::own(s, &c, &id).cloned()).map(ok)
 }
@@ -592,7 +730,7 @@ async fn get_endpoint(
 async fn update_endpoint(
     State(p): State<Plane>,
     Auth(c): Auth,
-    Path(id): Path<String>,
+    P(id): P<String>,
     Body(req): Body<endpoints::UpdateEndpoint>,
 ) -> ApiResult<Response> {
     mutate(p, c, move |s, cx| {
@@ -606,7 +744,7 @@ async fn update_endpoint(
 async fn delete_endpoint(
     State(p): State<Plane>,
     Auth(c): Auth,
-    Path(id): Path<String>,
+    P(id): P<String>,
 ) -> ApiResult<Response> {
     mutate(p, c, move |s, cx| endpoints::delete(s, cx, &id))
         .await
@@ -617,7 +755,7 @@ async fn delete_endpoint(
 async fn bind(
     State(p): State<Plane>,
     Auth(c): Auth,
-    Path(id): Path<String>,
+    P(id): P<String>,
     Body(req): Body<endpoints::BindingReq>,
 ) -> ApiResult<Response> {
     mutate(p, c, move |s, cx| endpoints::bind(s, cx, &id, req.clone()))
@@ -629,7 +767,7 @@ async fn bind(
 async fn set_bindings(
     State(p): State<Plane>,
     Auth(c): Auth,
-    Path(id): Path<String>,
+    P(id): P<String>,
     Body(req): Body<endpoints::Bindings>,
 ) -> ApiResult<Response> {
     mutate(p, c, move |s, cx| {
@@ -643,7 +781,7 @@ async fn set_bindings(
 async fn unbind(
     State(p): State<Plane>,
     Auth(c): Auth,
-    Path((id, sg)): Path<(String, String)>,
+    P((id, sg)): P<(String, String)>,
 ) -> ApiResult<Response> {
     mutate(p, c, move |s, cx| endpoints::unbind(s, cx, &id, &sg))
         .await
@@ -663,12 +801,13 @@ async fn create_group(
         .map(created)
 }
 
-#[utoipa::path(get, path = "/v1/security-groups", params(ListQuery), responses((status = 200, body = Page, description = "The caller's security groups"), (status = "4XX", body = ErrorBody, description = "error: stable code, message, offending field")), security(("bearer" = [])), summary = "The caller's security groups")]
+#[utoipa::path(get, path = "/v1/security-groups", params(GroupListQuery), responses((status = 200, body = Page, description = "The caller's security groups"), (status = "4XX", body = ErrorBody, description = "error: stable code, message, offending field")), security(("bearer" = [])), summary = "The caller's security groups")]
 async fn list_groups(
     State(p): State<Plane>,
     Auth(c): Auth,
-    Query(q): Query<ListQuery>,
+    Q(q): Q<GroupListQuery>,
 ) -> ApiResult<Response> {
+    let q = ListQuery::from(q);
     let items: Vec<_> = p.read(|s| {
         s.security_groups
             .values()
@@ -680,11 +819,7 @@ async fn list_groups(
 }
 
 #[utoipa::path(get, path = "/v1/security-groups/{id}", params(("id" = String, Path, description = "object id")), responses((status = 200, body = crate::control::types::SecurityGroup, description = "One security group"), (status = "4XX", body = ErrorBody, description = "error: stable code, message, offending field")), security(("bearer" = [])), summary = "One security group")]
-async fn get_group(
-    State(p): State<Plane>,
-    Auth(c): Auth,
-    Path(id): Path<String>,
-) -> ApiResult<Response> {
+async fn get_group(State(p): State<Plane>, Auth(c): Auth, P(id): P<String>) -> ApiResult<Response> {
     p.read(|s| groups::own(s, &c, &id).cloned()).map(ok)
 }
 
@@ -692,7 +827,7 @@ async fn get_group(
 async fn update_group(
     State(p): State<Plane>,
     Auth(c): Auth,
-    Path(id): Path<String>,
+    P(id): P<String>,
     Body(req): Body<groups::UpdateGroup>,
 ) -> ApiResult<Response> {
     mutate(p, c, move |s, cx| groups::update(s, cx, &id, req.clone()))
@@ -704,7 +839,7 @@ async fn update_group(
 async fn set_rules(
     State(p): State<Plane>,
     Auth(c): Auth,
-    Path(id): Path<String>,
+    P(id): P<String>,
     Body(req): Body<groups::Rules>,
 ) -> ApiResult<Response> {
     mutate(p, c, move |s, cx| {
@@ -718,7 +853,7 @@ async fn set_rules(
 async fn delete_group(
     State(p): State<Plane>,
     Auth(c): Auth,
-    Path(id): Path<String>,
+    P(id): P<String>,
 ) -> ApiResult<Response> {
     mutate(p, c, move |s, cx| groups::delete(s, cx, &id))
         .await
@@ -727,39 +862,44 @@ async fn delete_group(
 
 // ---- export, revision ----
 
-#[utoipa::path(get, path = "/v1/export.csv", params(ListQuery), responses((status = 200, body = String, content_type = "text/csv", description = "Services or endpoints as RFC 4180 CSV"), (status = "4XX", body = ErrorBody, description = "error: stable code, message, offending field")), security(("bearer" = [])), summary = "Services or endpoints as RFC 4180 CSV")]
-async fn export_csv(
+#[utoipa::path(get, path = "/v1/export/services.csv", params(ServiceExportQuery), responses((status = 200, body = String, content_type = "text/csv", description = "The caller's services as RFC 4180 CSV"), (status = "4XX", body = ErrorBody, description = "error: stable code, message, offending field")), security(("bearer" = [])), summary = "The caller's services as RFC 4180 CSV")]
+async fn export_services(
     State(p): State<Plane>,
     Auth(c): Auth,
-    Query(q): Query<ListQuery>,
+    Q(q): Q<ServiceExportQuery>,
 ) -> ApiResult<Response> {
-    match q.kind.as_deref() {
-        Some("services") => {
-            let items: Vec<_> = p.read(|s| {
-                s.services
-                    .values()
-                    .filter(|v| owns(&c, &v.owner))
-                    .cloned()
-                    .collect()
-            });
-            csv_response(items, &q, SERVICE_FIELDS)
-        }
-        Some("endpoints") => {
-            let items: Vec<_> = p.read(|s| {
-                s.endpoints
-                    .values()
-                    .filter(|v| owns(&c, &v.owner))
-                    .cloned()
-                    .collect()
-            });
-            csv_response(items, &q, ENDPOINT_FIELDS)
-        }
-        _ => Err(ApiError::invalid(
-            "invalid_kind",
-            "kind",
-            "kind is services or endpoints",
-        )),
-    }
+    let items: Vec<_> = p.read(|s| {
+        s.services
+            .values()
+            .filter(|v| owns(&c, &v.owner))
+            .cloned()
+            .collect()
+    });
+    csv_response(items, &q.into(), SERVICE_FIELDS)
+}
+
+#[utoipa::path(get, path = "/v1/export/endpoints.csv", params(EndpointExportQuery), responses((status = 200, body = String, content_type = "text/csv", description = "The caller's endpoints as RFC 4180 CSV"), (status = "4XX", body = ErrorBody, description = "error: stable code, message, offending field")), security(("bearer" = [])), summary = "The caller's endpoints as RFC 4180 CSV")]
+async fn export_endpoints(
+    State(p): State<Plane>,
+    Auth(c): Auth,
+    Q(q): Q<EndpointExportQuery>,
+) -> ApiResult<Response> {
+    let items: Vec<_> = p.read(|s| {
+        s.endpoints
+            .values()
+            .filter(|v| owns(&c, &v.owner))
+            .cloned()
+            .collect()
+    });
+    csv_response(items, &q.into(), ENDPOINT_FIELDS)
+}
+
+/// Whose history.
+#[derive(Clone, Copy, Debug, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum HistoryKind {
+    Endpoint,
+    Service,
 }
 
 #[derive(Clone, Debug, Default, Deserialize, utoipa::IntoParams)]
@@ -796,24 +936,23 @@ pub struct HistoryWindow {
     points: Vec<crate::control::monitoring::Point>,
 }
 
-#[utoipa::path(get, path = "/v1/history/{kind}/{id}", params(("kind" = String, Path, description = "endpoint or service"), ("id" = String, Path, description = "object id"), HistoryQuery), responses((status = 200, body = HistoryView, description = "Traffic history of an endpoint or service on this node"), (status = "4XX", body = ErrorBody, description = "error: stable code, message, offending field")), security(("bearer" = [])), summary = "Traffic history of an endpoint or service on this node")]
+#[utoipa::path(get, path = "/v1/history/{kind}/{id}", params(("kind" = HistoryKind, Path, description = "endpoint or service"), ("id" = String, Path, description = "object id"), HistoryQuery), responses((status = 200, body = HistoryView, description = "Traffic history of an endpoint or service on this node"), (status = "4XX", body = ErrorBody, description = "error: stable code, message, offending field")), security(("bearer" = [])), summary = "Traffic history of an endpoint or service on this node")]
 async fn history(
     State(p): State<Plane>,
     Auth(c): Auth,
-    Path((kind, id)): Path<(String, String)>,
-    Query(q): Query<HistoryQuery>,
+    P((kind, id)): P<(HistoryKind, String)>,
+    Q(q): Q<HistoryQuery>,
 ) -> ApiResult<Response> {
-    match kind.as_str() {
-        "endpoint" => p.read(|s| endpoints::own(s, &c, &id).map(drop))?,
-        "service" => p.read(|s| services::own(s, &c, &id).map(drop))?,
-        _ => {
-            return Err(ApiError::invalid(
-                "invalid_kind",
-                "kind",
-                "endpoint or service",
-            ));
+    let kind = match kind {
+        HistoryKind::Endpoint => {
+            p.read(|s| endpoints::own(s, &c, &id).map(drop))?;
+            "endpoint".to_string()
         }
-    }
+        HistoryKind::Service => {
+            p.read(|s| services::own(s, &c, &id).map(drop))?;
+            "service".to_string()
+        }
+    };
     let h = p.node_local().ok_or_else(|| {
         ApiError::new(
             404,
@@ -897,8 +1036,10 @@ async fn history(
 #[into_params(parameter_in = Query)]
 pub struct ConnLogQuery {
     /// Records with a sequence number above this one (the `next_after` of the previous page).
+    #[param(minimum = 0)]
     pub after: Option<u64>,
     /// At most this many records (1 to 1000, default 100).
+    #[param(minimum = 1, maximum = 1000)]
     pub limit: Option<u64>,
 }
 
@@ -915,8 +1056,8 @@ pub struct ConnLogPage {
 async fn connections_log(
     State(p): State<Plane>,
     Auth(c): Auth,
-    Path(id): Path<String>,
-    Query(q): Query<ConnLogQuery>,
+    P(id): P<String>,
+    Q(q): Q<ConnLogQuery>,
 ) -> ApiResult<Response> {
     p.read(|s| services::own(s, &c, &id).map(drop))?;
     let limit = q.limit.unwrap_or(100);
@@ -1055,6 +1196,114 @@ pub struct Revision {
 
 struct BearerAuth;
 
+/// What the derived schemas cannot say, said in the document: request bodies take no other
+/// fields, tags are unique, and a security-group rule for `icmp` or `all` takes `ports: all`.
+struct Contract;
+
+/// The request bodies (each refuses unknown fields).
+const REQUEST_BODIES: &[&str] = &[
+    "CreateAccount",
+    "CreateNetwork",
+    "CreateSubnet",
+    "PortMappingReq",
+    "CreateService",
+    "UpdateService",
+    "Backends",
+    "AddPortMappings",
+    "AllowReq",
+    "AllowRemoveReq",
+    "RotateReq",
+    "EndpointIds",
+    "BindingReq",
+    "CreateEndpoint",
+    "UpdateEndpoint",
+    "Bindings",
+    "CreateGroup",
+    "Rules",
+    "UpdateGroup",
+    "HealthCheck",
+    "Tag",
+];
+
+impl utoipa::Modify for Contract {
+    fn modify(&self, api: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::{
+            AllOfBuilder, ObjectBuilder, OneOfBuilder, RefOr, Schema, Type,
+            schema::{AdditionalProperties, SchemaType},
+        };
+        let Some(components) = api.components.as_mut() else {
+            return;
+        };
+        for (name, schema) in components.schemas.iter_mut() {
+            let RefOr::T(Schema::Object(o)) = schema else {
+                continue;
+            };
+            if REQUEST_BODIES.contains(&name.as_str()) {
+                o.additional_properties = Some(Box::new(AdditionalProperties::FreeForm(false)));
+            }
+            for unique in ["tags", "backends"] {
+                if let Some(RefOr::T(Schema::Array(a))) = o.properties.get_mut(unique) {
+                    a.unique_items = true;
+                }
+            }
+        }
+        // A rule: tcp/udp with any ports, or icmp/all with `all` only.
+        let rule = |protocols: &[&str], ports: RefOr<Schema>| {
+            ObjectBuilder::new()
+                .property(
+                    "protocol",
+                    ObjectBuilder::new()
+                        .schema_type(SchemaType::Type(Type::String))
+                        .enum_values(Some(protocols.iter().copied())),
+                )
+                .required("protocol")
+                .property("ports", ports)
+                .property(
+                    "source",
+                    RefOr::Ref(utoipa::openapi::Ref::from_schema_name("Cidr")),
+                )
+                .required("source")
+                .property(
+                    "action",
+                    RefOr::Ref(utoipa::openapi::Ref::from_schema_name("RuleAction")),
+                )
+                .required("action")
+                .property(
+                    "description",
+                    RefOr::Ref(utoipa::openapi::Ref::from_schema_name("Description")),
+                )
+                .additional_properties(Some(AdditionalProperties::FreeForm(false)))
+                .build()
+        };
+        let any_ports = RefOr::T(Schema::AllOf(
+            AllOfBuilder::new()
+                .item(RefOr::Ref(utoipa::openapi::Ref::from_schema_name(
+                    "PortRange",
+                )))
+                .build(),
+        ));
+        let only_all = RefOr::T(Schema::Object(
+            ObjectBuilder::new()
+                .schema_type(SchemaType::Type(Type::String))
+                .enum_values(Some(["all"]))
+                .build(),
+        ));
+        components.schemas.insert(
+            "RuleReq".into(),
+            RefOr::T(Schema::OneOf(
+                OneOfBuilder::new()
+                    .description(Some(
+                        "An inbound rule: tcp or udp with ports `all`, `N` or `N-M` (default \
+                         all); icmp or all with ports `all` only.",
+                    ))
+                    .item(rule(&["tcp", "udp"], any_ports))
+                    .item(rule(&["icmp", "all"], only_all))
+                    .build(),
+            )),
+        );
+    }
+}
+
 impl utoipa::Modify for BearerAuth {
     fn modify(&self, api: &mut utoipa::openapi::OpenApi) {
         use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
@@ -1071,6 +1320,7 @@ impl utoipa::Modify for BearerAuth {
 #[openapi(
     info(title = "privatelink control plane", description = "Endpoint services, endpoints, allowlists and security groups."),
     modifiers(&BearerAuth),
+    components(schemas(HistoryKind, crate::wire::shapes::Cidr, crate::wire::shapes::PortRange, crate::wire::shapes::Description)),
 )]
 struct ApiDoc;
 
@@ -1094,8 +1344,7 @@ fn routes() -> OpenApiRouter<Plane> {
         .routes(routes!(create_service, list_services))
         .routes(routes!(get_service, update_service, delete_service))
         .routes(routes!(set_backends))
-        .routes(routes!(add_port_mappings, immutable_mappings))
-        .routes(routes!(immutable_mapping))
+        .routes(routes!(add_port_mappings))
         .routes(routes!(list_allowlist, allow))
         .routes(routes!(disallow))
         .routes(routes!(verify))
@@ -1110,14 +1359,22 @@ fn routes() -> OpenApiRouter<Plane> {
         .routes(routes!(create_group, list_groups))
         .routes(routes!(get_group, update_group, delete_group))
         .routes(routes!(set_rules))
-        .routes(routes!(export_csv))
+        .routes(routes!(export_services))
+        .routes(routes!(export_endpoints))
         .routes(routes!(history))
         .routes(routes!(connections_log))
 }
 
 /// The OpenAPI document: the operations of [`routes`], as served at `/openapi.json`.
 pub fn openapi() -> utoipa::openapi::OpenApi {
-    routes().split_for_parts().1
+    contract(routes().split_for_parts().1)
+}
+
+/// The routes' document with what the derived schemas cannot say (they are registered with the
+/// routes, so this comes after).
+fn contract(mut doc: utoipa::openapi::OpenApi) -> utoipa::openapi::OpenApi {
+    utoipa::Modify::modify(&Contract, &mut doc);
+    doc
 }
 
 /// Response header: the state revision the answer was made from.
@@ -1147,8 +1404,8 @@ async fn state_headers(
 /// The API routes, `/openapi.json` and a JSON 404 for anything else.
 pub fn router(plane: Plane) -> Router {
     let (router, doc) = routes().split_for_parts();
-    let doc = Arc::new(doc);
-    router
+    let doc = Arc::new(contract(doc));
+    let api = router
         .route(
             "/openapi.json",
             get(move || {
@@ -1157,14 +1414,28 @@ pub fn router(plane: Plane) -> Router {
             }),
         )
         .fallback(fallback)
-        .layer(axum::middleware::from_fn_with_state(
-            plane.clone(),
-            state_headers,
+        .layer(axum::extract::DefaultBodyLimit::max(
+            super::http::BODY_LIMIT,
         ))
-        .with_state(plane)
+        .with_state(plane.clone());
+    // Outside the routes, so that a 405 already carries its `Allow` when it is made JSON.
+    Router::new()
+        .fallback_service(api)
+        .layer(axum::middleware::from_fn(super::http::json_errors))
+        .layer(axum::middleware::from_fn_with_state(plane, state_headers))
 }
 
-/// Serves the API on `listener` until the task is dropped.
+/// Serves the API on `listener` with the default limits, plain HTTP, until the task is dropped.
 pub async fn serve(listener: tokio::net::TcpListener, plane: Plane) -> std::io::Result<()> {
-    axum::serve(listener, router(plane)).await
+    serve_with(listener, plane, Default::default(), None).await
+}
+
+/// Serves the API on `listener` with these limits, over TLS when an acceptor is given.
+pub async fn serve_with(
+    listener: tokio::net::TcpListener,
+    plane: Plane,
+    limits: super::serve::Limits,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+) -> std::io::Result<()> {
+    super::serve::serve(listener, router(plane), limits, tls).await
 }

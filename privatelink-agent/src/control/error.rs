@@ -11,6 +11,9 @@ pub struct ApiError {
     pub message: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub field: Option<String>,
+    /// Seconds to wait before trying again (`Retry-After`), for a 429 or 503.
+    #[serde(skip)]
+    pub retry_after: Option<u64>,
 }
 
 impl ApiError {
@@ -20,6 +23,7 @@ impl ApiError {
             code,
             message: message.into(),
             field: None,
+            retry_after: None,
         }
     }
 
@@ -34,6 +38,32 @@ impl ApiError {
             code,
             message: message.into(),
             field: Some(field.into()),
+            retry_after: None,
+        }
+    }
+
+    /// 409: the field is well-formed but conflicts with the objects the state holds (a backend
+    /// outside the provider network, a subnet outside its network, a taken terminal port).
+    pub fn conflicting(
+        code: &'static str,
+        field: impl Into<String>,
+        message: impl Into<String>,
+    ) -> Self {
+        ApiError {
+            status: 409,
+            ..ApiError::invalid(code, field, message)
+        }
+    }
+
+    /// 404 for an object a request field refers to, with that field.
+    pub fn missing(
+        code: &'static str,
+        field: impl Into<String>,
+        message: impl Into<String>,
+    ) -> Self {
+        ApiError {
+            status: 404,
+            ..ApiError::invalid(code, field, message)
         }
     }
 

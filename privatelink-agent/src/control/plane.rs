@@ -72,6 +72,8 @@ pub struct ControlPlane {
     cluster: Cluster,
     /// False while a shared store is out of reach: the state served may be stale.
     store_reachable: std::sync::atomic::AtomicBool,
+    /// Failed authentication per client address.
+    auth_limiter: super::authlimit::AuthLimiter,
 }
 
 /// How long a refused commit waits for the store's follower to bring the state to the store's
@@ -119,6 +121,7 @@ impl ControlPlane {
             local: std::sync::OnceLock::new(),
             cluster: Cluster::default(),
             store_reachable: std::sync::atomic::AtomicBool::new(true),
+            auth_limiter: Default::default(),
         })
     }
 
@@ -149,6 +152,11 @@ impl ControlPlane {
         // A panic inside an operation cannot leave a half-applied state (state changes only after
         // a commit), so a poisoned lock is safe to take over.
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Failed authentications by client address, and their counts.
+    pub fn auth_limiter(&self) -> &super::authlimit::AuthLimiter {
+        &self.auth_limiter
     }
 
     /// Who a bearer token belongs to.

@@ -28,6 +28,8 @@ pub enum StoreError {
     TooNew(i64),
     #[error("store: etcd: {0}")]
     Etcd(String),
+    #[error("store: creating the file: {0}")]
+    Create(#[from] std::io::Error),
 }
 
 pub trait Store: Send {
@@ -138,8 +140,34 @@ pub struct SqliteStore {
     conn: Connection,
 }
 
+/// Creates `path` readable and writable by its owner only (0600) if it does not exist, so that an
+/// SQLite file holding tokens' hashes and the state is never world-readable, not even for a moment
+/// (SQLite gives its -wal and -shm files the same mode).
+pub fn create_private(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    match std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+    {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// Writes `data` to `path`, which ends up readable and writable by its owner only (a token file).
+pub fn write_private(path: &Path, data: impl AsRef<[u8]>) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt as _;
+    create_private(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    std::fs::write(path, data)
+}
+
 impl SqliteStore {
     pub fn open(path: &Path) -> Result<Self, StoreError> {
+        create_private(path)?;
         let mut conn = Connection::open(path)?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "FULL")?;

@@ -180,8 +180,19 @@ pub fn description(field: &str, v: &str) -> ApiResult<()> {
     Ok(())
 }
 
-/// A CIDR with no host bits set.
+/// A CIDR with no host bits set, its address written as [`ip`] takes it (no leading zeros in
+/// IPv4 octets), and not an IPv4-mapped IPv6 range (`::ffff:0:0/96` aliases IPv4 space).
 pub fn cidr(field: &str, v: &str) -> ApiResult<IpNet> {
+    if let Some((addr, _)) = v.split_once('/')
+        && addr.parse::<IpAddr>().is_err()
+        && addr.split('.').any(|o| o.len() > 1 && o.starts_with('0'))
+    {
+        return Err(ApiError::invalid(
+            "invalid_cidr",
+            field,
+            format!("{v:?} has an octet with a leading zero; write it without (198.18.0.0/16)"),
+        ));
+    }
     let net: IpNet = v.parse().map_err(|_| {
         ApiError::invalid(
             "invalid_cidr",
@@ -189,6 +200,15 @@ pub fn cidr(field: &str, v: &str) -> ApiResult<IpNet> {
             format!("{v:?} is not a CIDR such as 198.18.0.0/24"),
         )
     })?;
+    if let IpNet::V6(n) = net
+        && n.addr().to_ipv4_mapped().is_some()
+    {
+        return Err(ApiError::invalid(
+            "invalid_cidr",
+            field,
+            format!("{v} is an IPv4-mapped IPv6 range: use the IPv4 CIDR instead"),
+        ));
+    }
     if net.trunc() != net {
         return Err(ApiError::invalid(
             "invalid_cidr",
@@ -252,6 +272,41 @@ pub fn rule_ports(field: &str, v: &str) -> ApiResult<(u16, u16)> {
         ));
     }
     Ok((a, b))
+}
+
+/// An object id as the server makes them: a lowercase prefix, '-' and 8 hex digits.
+pub fn object_id(field: &str, v: &str) -> ApiResult<()> {
+    let ok = v.split_once('-').is_some_and(|(p, h)| {
+        !p.is_empty()
+            && p.chars().all(|c| c.is_ascii_lowercase())
+            && h.len() == 8
+            && h.chars()
+                .all(|c| c.is_ascii_digit() || ('a'..='f').contains(&c))
+    });
+    if ok {
+        Ok(())
+    } else {
+        Err(ApiError::invalid(
+            "invalid_id",
+            field,
+            format!("{v:?} is not an id such as ep-0a1b2c3d"),
+        ))
+    }
+}
+
+/// The endpoint ids of a batch: at most 100, each an id.
+pub fn endpoint_ids(ids: &[String]) -> ApiResult<()> {
+    if ids.len() > 100 {
+        return Err(ApiError::invalid(
+            "too_many_items",
+            "endpoint_ids",
+            format!("at most 100 endpoint ids per request, got {}", ids.len()),
+        ));
+    }
+    for (i, id) in ids.iter().enumerate() {
+        object_id(&format!("endpoint_ids[{i}]"), id)?;
+    }
+    Ok(())
 }
 
 /// The admin token rule, for every place that reads one: the file's text is one token on one

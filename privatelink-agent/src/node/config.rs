@@ -204,17 +204,79 @@ fn default_resync() -> u64 {
     30
 }
 
+/// The REST API's listener: address, TLS, and the limits on slow, idle and many clients.
 #[derive(Clone, Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct ApiConfig {
     pub listen: SocketAddr,
+    /// PEM certificate chain (leaf first): with `tls_key`, the API is served over TLS.
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of `tls_cert`.
+    pub tls_key: Option<PathBuf>,
+    /// Seconds a request's header (or a TLS handshake) may take to arrive.
+    pub header_read_timeout_secs: u64,
+    /// Seconds a request's body may take to arrive.
+    pub body_read_timeout_secs: u64,
+    /// Seconds a connection may stay without a request before it is closed.
+    pub idle_timeout_secs: u64,
+    /// Connections at once; more wait until one closes.
+    pub max_connections: usize,
+    /// Failed authentications a client address may have per minute before its requests are
+    /// refused (429) for the rest of that minute; 0: no limit.
+    pub auth_failures_per_minute: u32,
 }
 
 impl Default for ApiConfig {
     fn default() -> Self {
+        let l = crate::control::serve::Limits::default();
         ApiConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 7070)),
+            tls_cert: None,
+            tls_key: None,
+            header_read_timeout_secs: l.header_read_timeout.as_secs(),
+            body_read_timeout_secs: l.body_read_timeout.as_secs(),
+            idle_timeout_secs: l.idle_timeout.as_secs(),
+            max_connections: l.max_connections,
+            auth_failures_per_minute: crate::control::authlimit::AuthLimiter::MAX_FAILURES,
         }
+    }
+}
+
+impl ApiConfig {
+    /// The limits and TLS files, checked (`key` names the config section in errors).
+    pub fn serving(&self, key: &str) -> Result<crate::control::serve::Serving, ConfigError> {
+        let secs = |name: &str, v: u64| {
+            if (1..=3600).contains(&v) {
+                Ok(std::time::Duration::from_secs(v))
+            } else {
+                Err(err(format!("{key}.{name}"), "1 to 3600 seconds"))
+            }
+        };
+        if !(1..=1_000_000).contains(&self.max_connections) {
+            return Err(err(format!("{key}.max_connections"), "1 to 1000000"));
+        }
+        let tls = match (&self.tls_cert, &self.tls_key) {
+            (Some(c), Some(k)) => Some((c.clone(), k.clone())),
+            (None, None) => None,
+            (Some(_), None) => return Err(err(format!("{key}.tls_key"), "tls_cert needs tls_key")),
+            (None, Some(_)) => {
+                return Err(err(format!("{key}.tls_cert"), "tls_key needs tls_cert"));
+            }
+        };
+        Ok(crate::control::serve::Serving {
+            listen: self.listen,
+            limits: crate::control::serve::Limits {
+                header_read_timeout: secs(
+                    "header_read_timeout_secs",
+                    self.header_read_timeout_secs,
+                )?,
+                body_read_timeout: secs("body_read_timeout_secs", self.body_read_timeout_secs)?,
+                idle_timeout: secs("idle_timeout_secs", self.idle_timeout_secs)?,
+                max_connections: self.max_connections,
+            },
+            tls,
+            auth_failures_per_minute: self.auth_failures_per_minute,
+        })
     }
 }
 
@@ -602,6 +664,23 @@ pub fn load_with(path: &Path, overrides: &Overrides) -> Result<Checked, ConfigEr
 
 /// Reads the admin token file and applies the token rule ([`crate::control::validate::admin_token`]).
 pub fn read_admin_token(path: &Path) -> Result<String, ConfigError> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let mode = std::fs::metadata(path)
+        .map_err(|e| err("admin_token_file", format!("{}: {e}", path.display())))?
+        .permissions()
+        .mode();
+    if mode & 0o077 != 0 {
+        return Err(err(
+            "admin_token_file",
+            format!(
+                "{} is readable or writable by others (mode {:o}): the admin token must be the \
+                 owner's alone; run chmod 600 {}",
+                path.display(),
+                mode & 0o777,
+                path.display()
+            ),
+        ));
+    }
     let text = std::fs::read_to_string(path)
         .map_err(|e| err("admin_token_file", format!("{}: {e}", path.display())))?;
     crate::control::validate::admin_token(&text)
@@ -668,6 +747,7 @@ fn validate(raw: &AgentConfig) -> Result<Validated, ConfigError> {
         return Err(err("resync_interval", "at least 1 second"));
     }
     check_cluster(&raw.cluster)?;
+    raw.api.serving("api")?;
     store(raw)?;
     if !(1..=10).contains(&raw.history.sample_interval) {
         return Err(err("history.sample_interval", "1 to 10 seconds"));
@@ -1028,7 +1108,7 @@ mod tests {
             std::env::temp_dir().join(format!("plcfg-{}-{}", std::process::id(), extra.len()));
         std::fs::create_dir_all(&dir).unwrap();
         let tok = dir.join("token");
-        std::fs::write(&tok, "0123456789abcdef0123").unwrap();
+        crate::control::store::write_private(&tok, "0123456789abcdef0123").unwrap();
         let text = format!(
             "node = \"n1\"\nadmin_token_file = \"{}\"\n{extra}",
             tok.display()
@@ -1084,7 +1164,7 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("plcfg-ovr-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let tok = dir.join("token");
-        std::fs::write(&tok, "0123456789abcdef0123").unwrap();
+        crate::control::store::write_private(&tok, "0123456789abcdef0123").unwrap();
         let o = Overrides {
             node: Some("n2".into()),
             admin_token_file: Some(tok),

@@ -30,6 +30,8 @@ pub struct Counters {
 pub enum HistoryError {
     #[error("history store: {0}")]
     Sqlite(#[from] rusqlite::Error),
+    #[error("history store: creating the file: {0}")]
+    Create(#[from] std::io::Error),
 }
 
 pub struct History {
@@ -38,6 +40,7 @@ pub struct History {
 
 impl History {
     pub fn open(path: &Path) -> Result<Self, HistoryError> {
+        crate::control::store::create_private(path)?;
         let conn = Connection::open(path)?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.execute_batch(

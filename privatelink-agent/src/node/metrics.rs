@@ -408,6 +408,21 @@ fn encode_node(enc: &mut DescriptorEncoder, s: &Scrape) -> Result<(), std::fmt::
         MetricType::Counter,
         vec![(s.node.clone(), counter(fills))],
     )?;
+    let (refused, limited) = s.src.plane.auth_limiter().counts();
+    let rows = [("refused", refused), ("rate_limited", limited)]
+        .into_iter()
+        .map(|(result, v)| {
+            let l: Labels = vec![("result", result.to_string()), ("node", s.node_name())];
+            (l, counter(v))
+        })
+        .collect();
+    family(
+        enc,
+        "privatelink_api_auth_failures",
+        "API requests refused for authentication: a missing or wrong token (refused), or from an address over its failure limit (rate_limited)",
+        MetricType::Counter,
+        rows,
+    )?;
     let log = s.src.reader.conn_log();
     let rows = ["written", "lost", "uncounted"]
         .iter()

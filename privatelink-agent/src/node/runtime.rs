@@ -75,7 +75,7 @@ pub enum Event {
 
 /// The settings the runtime reads after start, taken from the configuration once.
 struct Settings {
-    api: SocketAddr,
+    api: crate::control::serve::Serving,
     metrics: SocketAddr,
     resync: Duration,
     sample: Duration,
@@ -182,7 +182,7 @@ impl Node {
         let mut node = Node {
             name: raw.node.clone(),
             settings: Settings {
-                api: raw.api.listen,
+                api: raw.api.serving("api")?,
                 metrics: raw.metrics.listen,
                 resync: Duration::from_secs(raw.resync_interval),
                 sample: Duration::from_secs(raw.history.sample_interval),
@@ -572,10 +572,10 @@ pub fn run_until(cfg: Checked, on_exit: OnExit, shutdown: Shutdown) -> Result<()
 /// Serves the API, metrics and DNS, and feeds the node its events until asked to stop.
 async fn serve(mut node: Node, shutdown: Shutdown) -> Result<Node> {
     let s = &node.settings;
-    let listener = tokio::net::TcpListener::bind(s.api)
-        .await
-        .with_context(|| format!("api.listen: binding {}", s.api))?;
-    log::info!("control-plane API on http://{}", s.api);
+    let (listener, tls) = s.api.bind().await?;
+    node.plane
+        .auth_limiter()
+        .set_max_failures(s.api.auth_failures_per_minute);
     let metrics_listener = tokio::net::TcpListener::bind(s.metrics)
         .await
         .with_context(|| format!("metrics.listen: binding {}", s.metrics))?;
@@ -616,7 +616,12 @@ async fn serve(mut node: Node, shutdown: Shutdown) -> Result<Node> {
     ));
     let health_changed = Arc::new(tokio::sync::Notify::new());
     let tasks = [
-        tokio::spawn(api::serve(listener, node.plane.clone())),
+        tokio::spawn(api::serve_with(
+            listener,
+            node.plane.clone(),
+            s.api.limits.clone(),
+            tls,
+        )),
         tokio::spawn(crate::node::metrics::serve(metrics_listener, registry)),
     ];
     let checker = tokio::spawn(health::run(

@@ -448,7 +448,7 @@ pub fn run(once: bool) -> Result<Report> {
             ),
         ],
     )?;
-    std::fs::write(dir.0.join("admin-token"), ADMIN_TOKEN)?;
+    crate::control::store::write_private(&dir.0.join("admin-token"), ADMIN_TOKEN)?;
     let head = format!(
         "node = \"demo\"\nadmin_token_file = \"{}\"\nbpffs = \"{}\"\n[api]\nlisten = \"{API}\"\n[metrics]\nlisten = \"{METRICS}\"\n[store]\npath = \"{}\"\n",
         dir.0.join("admin-token").display(),

@@ -491,7 +491,7 @@ fn an_invalid_config_names_the_key_and_loads_nothing() {
     }
     let dir = std::env::temp_dir().join(format!("privatelink-badcfg-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(dir.join("token"), ADMIN).unwrap();
+    privatelink_agent::control::store::write_private(&dir.join("token"), ADMIN).unwrap();
     let bpffs = dir.join("pins");
     let cfg = format!(
         "node = \"n\"\nadmin_token_file = \"{}\"\nbpffs = \"{}\"\n[store]\npath = \"{}\"\n[[interfaces]]\nname = \"lo\"\nnetwork = \"not-a-vpc\"\nrole = \"consumer\"\n",
@@ -1130,7 +1130,7 @@ fn an_agent_whose_pins_would_die_with_it_refuses_to_start_and_says_how_to_run_it
     let dir = std::env::temp_dir().join(format!("privatelink-mp-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let token = dir.join("token");
-    std::fs::write(&token, "mount-namespace-test-token").unwrap();
+    privatelink_agent::control::store::write_private(&token, "mount-namespace-test-token").unwrap();
     let config = |bpffs: &str| {
         let path = dir.join(format!("agent-{}.toml", bpffs.len()));
         std::fs::write(

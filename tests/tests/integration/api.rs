@@ -243,12 +243,14 @@ fn allowlist_gates_endpoint_creation_and_state_machine_moves() {
         json!({ "auto_accept": true }),
     );
 
-    // Custom IP: taken, outside, network/broadcast addresses refused.
+    // Custom IP: taken, outside, network/broadcast addresses refused (each a conflict with the
+    // subnet as it is: 409), a malformed one is 400.
     for (ip, status) in [
         ("198.18.0.2", 409),
-        ("198.18.1.5", 400),
-        ("198.18.0.0", 400),
-        ("198.18.0.255", 400),
+        ("198.18.1.5", 409),
+        ("198.18.0.0", 409),
+        ("198.18.0.255", 409),
+        ("198.18.0.077", 400),
     ] {
         let mut req = endpoint_req(&w, "ep3");
         req["ip"] = json!(ip);
@@ -341,14 +343,24 @@ fn tenants_are_isolated() {
 fn port_mappings_are_add_only_and_validated() {
     let w = world("mappings");
     let path = format!("/v1/services/{}/port-mappings", w.svc);
+    // Add-only: the collection answers POST alone (405 with `Allow: POST` and the JSON error),
+    // and a single mapping is no resource.
+    for method in ["PUT", "DELETE"] {
+        let r = w.provider.call(method, &path, None);
+        assert_eq!(
+            (r.status, r.code()),
+            (405, "method_not_allowed"),
+            "{method}"
+        );
+        assert!(
+            r.body["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("POST")
+        );
+    }
     let r = w.provider.call("DELETE", &format!("{path}/tcp-3306"), None);
-    assert_eq!((r.status, r.code()), (405, "port_mapping_immutable"));
-    assert!(
-        r.body["error"]["message"]
-            .as_str()
-            .unwrap()
-            .contains("cannot be modified or deleted")
-    );
+    assert_eq!((r.status, r.code()), (404, "no_route"));
     let m = |tp: i64| json!({ "protocol": "tcp", "service_port": 8080, "terminal_port": tp });
     for (tp, ok) in [(0, false), (1, true), (65535, true), (65536, false)] {
         let r = w.provider.post(&path, json!({ "port_mappings": [m(tp)] }));
@@ -407,16 +419,19 @@ fn validation_errors_name_the_field_and_change_nothing() {
         .unwrap()["id"]
         .clone();
     let base = json!({ "name": "x", "network_id": net, "service_type": "redis", "backends": ["198.18.100.11"] });
+    // (field, value, status, code, field named): a malformed value is 400, a well-formed one that
+    // conflicts with the state (a backend outside the provider network) is 409.
     let cases = [
-        ("name", json!("a".repeat(81)), "invalid_name", "name"),
-        ("name", json!("bad name"), "invalid_name", "name"),
+        ("name", json!("a".repeat(81)), 400, "invalid_name", "name"),
+        ("name", json!("bad name"), 400, "invalid_name", "name"),
         (
             "backends",
             json!(["198.18.5.1"]),
+            409,
             "backend_outside_network",
             "backends[0]",
         ),
-        ("backends", json!([]), "no_backends", "backends"),
+        ("backends", json!([]), 400, "no_backends", "backends"),
         (
             "tags",
             json!(
@@ -424,22 +439,52 @@ fn validation_errors_name_the_field_and_change_nothing() {
                     .map(|i| json!({"key": format!("k{i}")}))
                     .collect::<Vec<_>>()
             ),
+            400,
             "too_many_tags",
             "tags",
         ),
         (
             "tags",
             json!([{ "key": "k".repeat(37) }]),
+            400,
             "invalid_tag",
             "tags[0].key",
         ),
+        (
+            "auto_acept",
+            json!(true),
+            400,
+            "unknown_field",
+            "auto_acept",
+        ),
+        (
+            "health_check",
+            json!({ "enabled": true, "intreval_secs": 5 }),
+            400,
+            "unknown_field",
+            "health_check.intreval_secs",
+        ),
+        ("flow_limit", json!(-1), 400, "invalid_json", "flow_limit"),
     ];
-    for (field, value, code, at) in cases {
+    for (field, value, status, code, at) in cases {
         let mut req = base.clone();
         req[field] = value;
         let r = w.provider.post("/v1/services", req);
-        assert_eq!((r.status, r.code()), (400, code), "{field}: {}", r.text);
+        assert_eq!((r.status, r.code()), (status, code), "{field}: {}", r.text);
         assert_eq!(r.body["error"]["field"], at);
+    }
+    // A body is a JSON object: an array where one is documented creates nothing.
+    for path in ["/v1/security-groups", "/v1/services"] {
+        let r = w
+            .provider
+            .raw("POST", path, Some(r#"["arr",[],[]]"#.into()));
+        assert_eq!(
+            (r.status, r.code()),
+            (400, "invalid_json"),
+            "{path}: {}",
+            r.text
+        );
+        assert!(r.text.contains("must be a JSON object"), "{}", r.text);
     }
     let r = w
         .provider
@@ -464,17 +509,47 @@ fn validation_errors_name_the_field_and_change_nothing() {
         &format!("/v1/networks/{c1net}/subnets"),
         json!({ "name": "s", "cidr": "198.19.0.0/24" }),
     );
-    assert_eq!(r.code(), "subnet_outside_network");
+    assert_eq!((r.status, r.code()), (409, "subnet_outside_network"));
     let r = w.admin.post(
         &format!("/v1/networks/{c1net}/subnets"),
         json!({ "name": "s", "cidr": "198.18.0.128/25" }),
     );
-    assert_eq!(r.code(), "overlapping_subnet");
+    assert_eq!((r.status, r.code()), (409, "overlapping_subnet"));
     let r = w.admin.post(
         &format!("/v1/networks/{c1net}/subnets"),
         json!({ "name": "s", "cidr": "198.18.1.1/24" }),
     );
     assert_eq!(r.code(), "invalid_cidr");
+    // Leading zeros are refused in CIDRs as in addresses (010 could be octal to some tools), and
+    // IPv4-mapped IPv6 ranges are refused (they would alias IPv4 space).
+    for (cidr, why) in [
+        ("198.018.2.0/24", "leading zero"),
+        ("::ffff:198.18.2.0/120", "IPv4-mapped"),
+    ] {
+        let r = w.admin.post(
+            &format!("/v1/networks/{c1net}/subnets"),
+            json!({ "name": "s", "cidr": cidr }),
+        );
+        assert_eq!(
+            (r.status, r.code()),
+            (400, "invalid_cidr"),
+            "{cidr}: {}",
+            r.text
+        );
+        assert!(r.text.contains(why), "{cidr}: {}", r.text);
+    }
+    let r = w.admin.post(
+        "/v1/networks",
+        json!({ "name": "z", "owner": "provider", "cidrs": ["010.1.0.0/16"] }),
+    );
+    assert_eq!((r.status, r.code()), (400, "invalid_cidr"), "{}", r.text);
+    // Nothing of the refused requests was committed.
+    assert_eq!(
+        w.provider.get("/v1/revision").body["revision"]
+            .as_u64()
+            .unwrap(),
+        rev.as_u64().unwrap() + 1
+    );
 }
 
 #[test]
@@ -602,7 +677,7 @@ fn security_groups_bind_reorder_and_limits() {
     );
     assert_eq!(
         (r.status, r.code()),
-        (400, "too_many_rules"),
+        (409, "too_many_rules"),
         "300 rules: {}",
         r.text
     );
@@ -626,7 +701,7 @@ fn security_groups_bind_reorder_and_limits() {
     );
     assert_eq!(
         (r.status, r.code()),
-        (400, "too_many_rules"),
+        (409, "too_many_rules"),
         "257 rules on a bound endpoint: {}",
         r.text
     );
@@ -684,7 +759,7 @@ fn lists_search_page_select_and_export_csv() {
     );
 
     let csv =
-        w.c1.get("/v1/export.csv?kind=endpoints&fields=id,name,tags&search=db-");
+        w.c1.get("/v1/export/endpoints.csv?fields=id,name,tags&search=db-");
     assert_eq!(csv.status, 200);
     let mut rd = csv::Reader::from_reader(csv.text.as_bytes());
     assert_eq!(
@@ -706,12 +781,9 @@ fn lists_search_page_select_and_export_csv() {
     );
     let svc_csv = w
         .provider
-        .get("/v1/export.csv?kind=services&fields=id,name,service_type");
+        .get("/v1/export/services.csv?fields=id,name,service_type");
     assert_eq!(svc_csv.text.lines().count(), 2);
-    assert_eq!(
-        w.provider.get("/v1/export.csv?kind=nope").code(),
-        "invalid_kind"
-    );
+    assert_eq!(w.provider.get("/v1/export/nope.csv").code(), "no_route");
 }
 
 #[test]
@@ -736,16 +808,14 @@ fn the_openapi_document_is_the_routers_own_and_every_operation_is_routed() {
         ("/v1/services", &["get", "post"][..]),
         ("/v1/services/{id}", &["get", "patch", "delete"][..]),
         ("/v1/services/{id}/accept", &["post"][..]),
-        (
-            "/v1/services/{id}/port-mappings",
-            &["post", "put", "delete"][..],
-        ),
+        ("/v1/services/{id}/port-mappings", &["post"][..]),
         ("/v1/endpoints", &["get", "post"][..]),
         ("/v1/endpoints/{id}/security-groups", &["post", "put"][..]),
         ("/v1/security-groups/{id}/rules", &["put"][..]),
         ("/v1/networks/{id}/subnets", &["get", "post"][..]),
         ("/v1/accounts", &["get", "post"][..]),
-        ("/v1/export.csv", &["get"][..]),
+        ("/v1/export/services.csv", &["get"][..]),
+        ("/v1/export/endpoints.csv", &["get"][..]),
         ("/v1/nodes", &["get"][..]),
     ] {
         for m in methods {
@@ -770,7 +840,7 @@ fn the_openapi_document_is_the_routers_own_and_every_operation_is_routed() {
             let r = admin.raw(&method.to_uppercase(), &concrete, Some("{}".into()));
             if item.get(method).is_some() {
                 // A handler may answer 405 itself (port mappings are add-only), with its code.
-                let router_refused = r.status == 405 && r.code().is_empty();
+                let router_refused = r.status == 405 && r.code() == "method_not_allowed";
                 let fallback = r.status == 404 && r.code() == "no_route";
                 assert!(
                     !router_refused && !fallback,
@@ -781,7 +851,7 @@ fn the_openapi_document_is_the_routers_own_and_every_operation_is_routed() {
                 routed += 1;
             } else {
                 assert!(
-                    r.status == 405 && r.code().is_empty(),
+                    r.status == 405 && r.code() == "method_not_allowed",
                     "{method} {path} is not documented but answered: {} {}",
                     r.status,
                     r.text

@@ -294,6 +294,17 @@ fn provider_and_consumer_workflow_through_the_cli() {
         format!("server = \"http://{}\"\ntoken = \"{cons}\"\n", s.addr),
     )
     .unwrap();
+    // A token others can read is refused, saying how to fix it.
+    privatelink_tests::api::set_mode(std::path::Path::new(&conf), 0o644);
+    let (mut out, mut err) = (Vec::new(), Vec::new());
+    let code = cli::run(
+        ["privatelink", "--config", &conf, "-o", "json", "revision"].map(String::from),
+        &mut out,
+        &mut err,
+    );
+    let text = String::from_utf8_lossy(&err);
+    assert!(code != 0 && text.contains("chmod 600"), "{code}: {text}");
+    privatelink_tests::api::set_mode(std::path::Path::new(&conf), 0o600);
     let (mut out, mut err) = (Vec::new(), Vec::new());
     let code = cli::run(
         ["privatelink", "--config", &conf, "-o", "json", "revision"].map(String::from),

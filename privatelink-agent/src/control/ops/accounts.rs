@@ -101,7 +101,7 @@ pub fn create_network(s: &State, cx: &mut Ctx, req: CreateNetwork) -> Outcome<Ne
     cx.admin()?;
     validate::name("name", &req.name)?;
     if !s.has_account(&req.owner) {
-        return Err(ApiError::invalid(
+        return Err(ApiError::missing(
             "unknown_account",
             "owner",
             format!("account {} does not exist", req.owner),
@@ -209,7 +209,7 @@ pub fn create_subnet(
     for (field, range) in [("cidr", Some(cidr)), ("ipv6_cidr", ipv6_cidr)] {
         let Some(range) = range else { continue };
         if !net.cidrs.iter().any(|c| c.contains(&range)) {
-            return Err(ApiError::invalid(
+            return Err(ApiError::conflicting(
                 "subnet_outside_network",
                 field,
                 format!(
@@ -231,7 +231,7 @@ pub fn create_subnet(
             .flat_map(|o| theirs(o).into_iter().map(move |r| (o, r)))
             .find(|(_, r)| r.contains(&range) || range.contains(r))
         {
-            return Err(ApiError::invalid(
+            return Err(ApiError::conflicting(
                 "overlapping_subnet",
                 field,
                 format!("{range} overlaps subnet {} ({r})", o.id),

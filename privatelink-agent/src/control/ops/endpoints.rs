@@ -20,7 +20,7 @@ pub use crate::wire::{BindingReq, Bindings, CreateEndpoint, UpdateEndpoint};
 fn check_private_dns(s: &State, ep: &Endpoint) -> ApiResult<()> {
     let svc = &s.services[&ep.service_id];
     let Some(name) = svc.private_dns_name.as_deref() else {
-        return Err(ApiError::invalid(
+        return Err(ApiError::conflicting(
             "no_private_dns_name",
             "private_dns_enabled",
             format!("service {} publishes no private DNS name", svc.service_name),
@@ -101,7 +101,7 @@ fn bindings(s: &State, caller: &Caller, req: &[BindingReq]) -> ApiResult<Vec<Bin
         .map(|b| s.security_groups[&b.security_group_id].rules.len())
         .sum();
     if rules > privatelink_common::MAX_RULES {
-        return Err(ApiError::invalid(
+        return Err(ApiError::conflicting(
             "too_many_rules",
             "security_groups",
             format!(
@@ -138,7 +138,7 @@ fn assign_ips(
     });
     let need = |range: Option<IpNet>, family: &str| {
         range.ok_or_else(|| {
-            ApiError::invalid(
+            ApiError::conflicting(
                 "subnet_family",
                 "ip_address_type",
                 format!(
@@ -211,7 +211,7 @@ fn assign_ip(
     if let Some(w) = wanted {
         let ip = validate::ip(field, w)?;
         if !cidr.contains(&ip) || !usable(cidr, ip) {
-            return Err(ApiError::invalid(
+            return Err(ApiError::conflicting(
                 "ip_outside_subnet",
                 field,
                 format!("{ip} is not a usable address of subnet {cidr}"),

@@ -105,7 +105,7 @@ pub fn set_rules(s: &State, cx: &mut Ctx, id: &str, req: Rules) -> Outcome<Secur
             })
             .sum();
         if total > privatelink_common::MAX_RULES {
-            return Err(ApiError::invalid(
+            return Err(ApiError::conflicting(
                 "too_many_rules",
                 "rules",
                 format!(

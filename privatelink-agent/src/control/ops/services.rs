@@ -99,7 +99,7 @@ fn backends(s: &State, network_id: &str, list: &[String]) -> ApiResult<Vec<IpAdd
         let field = format!("backends[{i}]");
         let ip = validate::ip(&field, b)?;
         if !net.cidrs.iter().any(|c| c.contains(&ip)) {
-            return Err(ApiError::invalid(
+            return Err(ApiError::conflicting(
                 "backend_outside_network",
                 field,
                 format!("{ip} is not in the provider network ({})", join(&net.cidrs)),
@@ -143,7 +143,7 @@ fn mappings(existing: &[PortMapping], req: &[PortMappingReq]) -> ApiResult<Vec<P
             m.terminal_port,
         )?;
         if !taken.insert((m.protocol, terminal_port)) {
-            return Err(ApiError::invalid(
+            return Err(ApiError::conflicting(
                 "duplicate_port_mapping",
                 format!("port_mappings[{i}].terminal_port"),
                 format!(
@@ -211,7 +211,7 @@ pub fn create(s: &State, cx: &mut Ctx, req: CreateService) -> Outcome<Service> {
 /// never send it, which is refused rather than silently ignored.
 fn proxy_protocol(p: ProxyProtocol, mappings: &[PortMapping]) -> ApiResult<()> {
     if p == ProxyProtocol::V2 && !mappings.iter().any(|m| m.protocol == Protocol::Tcp) {
-        return Err(ApiError::invalid(
+        return Err(ApiError::conflicting(
             "proxy_protocol_needs_tcp",
             "proxy_protocol",
             "PROXY protocol v2 is sent on TCP connections only, and this service has no TCP port \
@@ -248,7 +248,7 @@ pub fn update(s: &State, cx: &mut Ctx, id: &str, req: UpdateService) -> Outcome<
     if let Some(limits) = req.endpoint_flow_limits {
         for id in limits.keys() {
             if s.endpoints.get(id).is_none_or(|e| e.service_id != svc.id) {
-                return Err(ApiError::invalid(
+                return Err(ApiError::missing(
                     "unknown_endpoint",
                     format!("endpoint_flow_limits.{id}"),
                     format!("{id} is not an endpoint of service {}", svc.id),
@@ -310,18 +310,16 @@ pub fn add_port_mappings(
     req: AddPortMappings,
 ) -> Outcome<Service> {
     let mut svc = own(s, cx.caller, id)?.clone();
+    if req.port_mappings.is_empty() {
+        return Err(ApiError::invalid(
+            "no_port_mappings",
+            "port_mappings",
+            "at least one port mapping to add",
+        ));
+    }
     let new = mappings(&svc.port_mappings, &req.port_mappings)?;
     svc.port_mappings.extend(new);
     put(svc)
-}
-
-/// Port mappings are add-only, like the consoles this follows.
-pub fn immutable_mapping() -> ApiError {
-    ApiError::new(
-        405,
-        "port_mapping_immutable",
-        "a port mapping cannot be modified or deleted once added; add a new mapping instead",
-    )
 }
 
 pub fn delete(s: &State, cx: &mut Ctx, id: &str) -> Outcome<()> {
@@ -347,7 +345,7 @@ pub fn allow(s: &State, cx: &mut Ctx, id: &str, req: AllowReq) -> Outcome<Servic
     validate::account_id("account_id", &req.account_id)?;
     validate::description("description", &req.description)?;
     if !s.has_account(&req.account_id) {
-        return Err(ApiError::invalid(
+        return Err(ApiError::missing(
             "unknown_account",
             "account_id",
             format!("account {} does not exist", req.account_id),
@@ -419,6 +417,7 @@ pub fn decide(
     accept: bool,
 ) -> Outcome<Vec<ItemResult>> {
     own(s, cx.caller, id)?;
+    validate::endpoint_ids(&req.endpoint_ids)?;
     let mut changes = Vec::new();
     let mut results = Vec::new();
     let mut seen = BTreeSet::new();
