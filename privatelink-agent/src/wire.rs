@@ -121,6 +121,18 @@ pub struct CreateAccount {
     pub name: String,
 }
 
+/// A token rotation.
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[cfg_attr(feature = "control", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct RotateReq {
+    /// Seconds the account's other tokens keep working (0, the default: they stop at once; at
+    /// most a week).
+    #[serde(default)]
+    #[cfg_attr(feature = "control", schema(minimum = 0, maximum = 604800))]
+    pub grace_secs: u64,
+}
+
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[cfg_attr(feature = "control", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
@@ -264,6 +276,15 @@ pub struct AllowReq {
     #[serde(default)]
     #[cfg_attr(feature = "control", schema(value_type = shapes::Description))]
     pub description: String,
+}
+
+/// Accounts to take off an allowlist.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[cfg_attr(feature = "control", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct AllowRemoveReq {
+    #[cfg_attr(feature = "control", schema(value_type = Vec<shapes::AccountId>, max_items = 100))]
+    pub account_ids: Vec<String>,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]

@@ -138,6 +138,28 @@ enum AccountCmd {
     Token {
         id: String,
     },
+    /// List an account's tokens (ids and times, never the secrets).
+    Tokens {
+        id: String,
+    },
+    /// Issue a new token; the account's others stop at once, or after --grace-secs.
+    #[command(name = "rotate-token")]
+    RotateToken {
+        id: String,
+        /// Seconds the old tokens keep working (at most a week).
+        #[arg(long, default_value_t = 0)]
+        grace_secs: u64,
+    },
+    /// Revoke one token at once (its id from `accounts tokens`).
+    #[command(name = "revoke-token")]
+    RevokeToken {
+        id: String,
+        token_id: String,
+    },
+    /// Delete an account that owns nothing; its tokens stop at once.
+    Delete {
+        id: String,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -380,9 +402,12 @@ enum ServiceCmd {
         #[arg(long, default_value = "")]
         description: String,
     },
+    /// Take accounts off the allowlist (one result per account); their Available connections
+    /// become Disconnected.
     Disallow {
         id: String,
-        account: String,
+        #[arg(required = true)]
+        accounts: Vec<String>,
     },
     /// What a consumer may learn about a service before connecting.
     Verify {
@@ -398,6 +423,13 @@ enum ServiceCmd {
         endpoints: Vec<String>,
     },
     Reject {
+        id: String,
+        #[arg(required = true)]
+        endpoints: Vec<String>,
+    },
+    /// Remove rejected or disconnected connections from the service (the consumers keep their
+    /// endpoints, in state Removed), so that the service can be deleted.
+    Remove {
         id: String,
         #[arg(required = true)]
         endpoints: Vec<String>,
@@ -539,6 +571,24 @@ fn request(cmd: &Command) -> anyhow::Result<Req> {
             format!("/v1/accounts/{id}/tokens"),
             Some(json!({})),
         ),
+        C::Accounts(AccountCmd::Tokens { id }) => {
+            req(Method::GET, format!("/v1/accounts/{id}/tokens"), None)
+        }
+        C::Accounts(AccountCmd::RotateToken { id, grace_secs }) => req(
+            Method::POST,
+            format!("/v1/accounts/{id}/tokens/rotate"),
+            body(crate::wire::RotateReq {
+                grace_secs: *grace_secs,
+            })?,
+        ),
+        C::Accounts(AccountCmd::RevokeToken { id, token_id }) => req(
+            Method::DELETE,
+            format!("/v1/accounts/{id}/tokens/{token_id}"),
+            None,
+        ),
+        C::Accounts(AccountCmd::Delete { id }) => {
+            req(Method::DELETE, format!("/v1/accounts/{id}"), None)
+        }
         C::Networks(n) => match n {
             NetworkCmd::Create { name, owner, cidrs } => req(
                 Method::POST,
@@ -686,10 +736,26 @@ fn request(cmd: &Command) -> anyhow::Result<Req> {
                     description: description.clone(),
                 })?,
             ),
-            ServiceCmd::Disallow { id, account } => req(
-                Method::DELETE,
-                format!("/v1/services/{id}/allowlist/{account}"),
-                None,
+            ServiceCmd::Disallow { id, accounts } => match accounts.as_slice() {
+                [one] => req(
+                    Method::DELETE,
+                    format!("/v1/services/{id}/allowlist/{one}"),
+                    None,
+                ),
+                many => req(
+                    Method::POST,
+                    format!("/v1/services/{id}/disallow"),
+                    body(crate::wire::AllowRemoveReq {
+                        account_ids: many.to_vec(),
+                    })?,
+                ),
+            },
+            ServiceCmd::Remove { id, endpoints } => req(
+                Method::POST,
+                format!("/v1/services/{id}/remove"),
+                body(EndpointIds {
+                    endpoint_ids: endpoints.clone(),
+                })?,
             ),
             ServiceCmd::Verify { id } => {
                 req(Method::GET, format!("/v1/services/{id}/verify"), None)

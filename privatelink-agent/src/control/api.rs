@@ -82,11 +82,47 @@ async fn mutate<T: Send + 'static>(
 }
 
 fn created<T: Serialize>(v: T) -> Response {
-    (StatusCode::CREATED, Json(v)).into_response()
+    (StatusCode::CREATED, Json(with_times(v))).into_response()
 }
 
 fn ok<T: Serialize>(v: T) -> Response {
-    Json(v).into_response()
+    Json(with_times(v)).into_response()
+}
+
+/// The one rule for times in JSON answers: a time is Unix seconds in a field named `<x>_at`, and
+/// the same time in RFC 3339 (UTC, seconds) beside it in `<x>_time`; a null one is null in both.
+fn with_times<T: Serialize>(v: T) -> Value {
+    fn walk(v: &mut Value) {
+        match v {
+            Value::Object(o) => {
+                let added: Vec<(String, Value)> = o
+                    .iter()
+                    .filter_map(|(k, v)| {
+                        let stem = k.strip_suffix("_at")?;
+                        let t = match v {
+                            Value::Number(n) => Value::String(rfc3339(n.as_u64()?)),
+                            Value::Null => Value::Null,
+                            _ => return None,
+                        };
+                        Some((format!("{stem}_time"), t))
+                    })
+                    .collect();
+                o.values_mut().for_each(walk);
+                o.extend(added);
+            }
+            Value::Array(a) => a.iter_mut().for_each(walk),
+            _ => {}
+        }
+    }
+    let mut v = serde_json::to_value(v).expect("answers serialise");
+    walk(&mut v);
+    v
+}
+
+/// Unix seconds as RFC 3339 in UTC (`2026-12-06T11:41:45Z`).
+pub fn rfc3339(secs: u64) -> String {
+    humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs))
+        .to_string()
 }
 
 /// Paging, search and fields of a list, whichever list it is.
@@ -426,6 +462,67 @@ async fn issue_token(
     .map(created)
 }
 
+#[utoipa::path(delete, path = "/v1/accounts/{id}", params(("id" = String, Path, description = "account id")), responses((status = 204, description = "Delete an account that owns nothing (admin); its tokens stop at once and it leaves every allowlist"), (status = "4XX", body = ErrorBody, description = "error: stable code, message, offending field")), security(("bearer" = [])), summary = "Delete an account (admin)")]
+async fn delete_account(
+    State(p): State<Plane>,
+    Auth(c): Auth,
+    P(id): P<String>,
+) -> ApiResult<Response> {
+    let who = id.clone();
+    mutate(p, c, move |s, cx| accounts::delete_account(s, cx, &id)).await?;
+    log::info!(target: "privatelink::audit", "account {who} deleted by the admin (its tokens are void)");
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+#[utoipa::path(get, path = "/v1/accounts/{id}/tokens", params(("id" = String, Path, description = "account id")), responses((status = 200, body = Vec<accounts::TokenView>, description = "The account's tokens: ids and times, never the secrets (admin)"), (status = "4XX", body = ErrorBody, description = "error: stable code, message, offending field")), security(("bearer" = [])), summary = "An account's tokens (admin)")]
+async fn list_tokens(
+    State(p): State<Plane>,
+    Auth(c): Auth,
+    P(id): P<String>,
+) -> ApiResult<Response> {
+    p.read(|s| accounts::list_tokens(s, &c, &id)).map(ok)
+}
+
+#[utoipa::path(post, path = "/v1/accounts/{id}/tokens/rotate", request_body = accounts::RotateReq, params(("id" = String, Path, description = "account id")), responses((status = 201, body = accounts::Rotated, description = "A new token; the account's others stop at once or after the grace period (admin)"), (status = "4XX", body = ErrorBody, description = "error: stable code, message, offending field")), security(("bearer" = [])), summary = "Rotate an account's token (admin)")]
+async fn rotate_token(
+    State(p): State<Plane>,
+    Auth(c): Auth,
+    P(id): P<String>,
+    Body(req): Body<accounts::RotateReq>,
+) -> ApiResult<Response> {
+    let secret = new_token();
+    let who = id.clone();
+    let r = mutate(p, c, move |s, cx| {
+        accounts::rotate_token(s, cx, &id, req.grace_secs, secret.clone())
+    })
+    .await?;
+    log::info!(
+        target: "privatelink::audit",
+        "account {who}: token rotated by the admin; previous tokens {}",
+        r.previous
+            .iter()
+            .map(|t| format!("{} until {}", t.id, t.expires_at.unwrap_or_default()))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    Ok(created(r))
+}
+
+#[utoipa::path(delete, path = "/v1/accounts/{id}/tokens/{token}", params(("id" = String, Path, description = "account id"), ("token" = String, Path, description = "token id (tok-...)")), responses((status = 204, description = "Revoke a token at once (admin)"), (status = "4XX", body = ErrorBody, description = "error: stable code, message, offending field")), security(("bearer" = [])), summary = "Revoke a token (admin)")]
+async fn revoke_token(
+    State(p): State<Plane>,
+    Auth(c): Auth,
+    P((id, token)): P<(String, String)>,
+) -> ApiResult<Response> {
+    let (who, which) = (id.clone(), token.clone());
+    mutate(p, c, move |s, cx| {
+        accounts::revoke_token(s, cx, &id, &token)
+    })
+    .await?;
+    log::info!(target: "privatelink::audit", "account {who}: token {which} revoked by the admin");
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
 #[utoipa::path(post, path = "/v1/networks", request_body = accounts::CreateNetwork, responses((status = 201, body = crate::control::types::Network, description = "Create a network (admin)"), (status = "4XX", body = ErrorBody, description = "error: stable code, message, offending field")), security(("bearer" = [])), summary = "Create a network (admin)")]
 async fn create_network(
     State(p): State<Plane>,
@@ -667,7 +764,7 @@ async fn accept(
     Body(req): Body<services::EndpointIds>,
 ) -> ApiResult<Response> {
     mutate(p, c, move |s, cx| {
-        services::decide(s, cx, &id, req.clone(), true)
+        services::decide(s, cx, &id, req.clone(), services::Decision::Accept)
     })
     .await
     .map(|r| ok(json!({ "results": r })))
@@ -681,7 +778,35 @@ async fn reject(
     Body(req): Body<services::EndpointIds>,
 ) -> ApiResult<Response> {
     mutate(p, c, move |s, cx| {
-        services::decide(s, cx, &id, req.clone(), false)
+        services::decide(s, cx, &id, req.clone(), services::Decision::Reject)
+    })
+    .await
+    .map(|r| ok(json!({ "results": r })))
+}
+
+#[utoipa::path(post, path = "/v1/services/{id}/remove", request_body = services::EndpointIds, params(("id" = String, Path, description = "object id")), responses((status = 200, body = Results, description = "Remove rejected or disconnected connections from the service, a result per item (the consumers keep their endpoints, in state Removed)"), (status = "4XX", body = ErrorBody, description = "error: stable code, message, offending field")), security(("bearer" = [])), summary = "Remove connections, a result per item")]
+async fn remove(
+    State(p): State<Plane>,
+    Auth(c): Auth,
+    P(id): P<String>,
+    Body(req): Body<services::EndpointIds>,
+) -> ApiResult<Response> {
+    mutate(p, c, move |s, cx| {
+        services::decide(s, cx, &id, req.clone(), services::Decision::Remove)
+    })
+    .await
+    .map(|r| ok(json!({ "results": r })))
+}
+
+#[utoipa::path(post, path = "/v1/services/{id}/disallow", request_body = services::AllowRemoveReq, params(("id" = String, Path, description = "object id")), responses((status = 200, body = AccountResults, description = "Remove accounts from the allowlist, a result per item (their Available connections become Disconnected)"), (status = "4XX", body = ErrorBody, description = "error: stable code, message, offending field")), security(("bearer" = [])), summary = "Remove accounts from the allowlist, a result per item")]
+async fn disallow_many(
+    State(p): State<Plane>,
+    Auth(c): Auth,
+    P(id): P<String>,
+    Body(req): Body<services::AllowRemoveReq>,
+) -> ApiResult<Response> {
+    mutate(p, c, move |s, cx| {
+        services::disallow_many(s, cx, &id, req.clone())
     })
     .await
     .map(|r| ok(json!({ "results": r })))
@@ -1175,6 +1300,11 @@ pub struct Results {
 }
 
 #[derive(Serialize, utoipa::ToSchema)]
+pub struct AccountResults {
+    results: Vec<services::AccountResult>,
+}
+
+#[derive(Serialize, utoipa::ToSchema)]
 pub struct HealthView {
     enabled: bool,
     healthy: usize,
@@ -1240,6 +1370,40 @@ impl utoipa::Modify for Contract {
             };
             if REQUEST_BODIES.contains(&name.as_str()) {
                 o.additional_properties = Some(Box::new(AdditionalProperties::FreeForm(false)));
+            }
+            // Each `<x>_at` (Unix seconds) has its `<x>_time` (RFC 3339) beside it in answers.
+            if !REQUEST_BODIES.contains(&name.as_str()) {
+                let times: Vec<(String, bool)> = o
+                    .properties
+                    .iter()
+                    .filter_map(|(k, p)| {
+                        let stem = k.strip_suffix("_at")?;
+                        let RefOr::T(Schema::Object(p)) = p else {
+                            return None;
+                        };
+                        let nullable = matches!(&p.schema_type, SchemaType::Array(t) if t.contains(&Type::Null));
+                        Some((format!("{stem}_time"), nullable))
+                    })
+                    .collect();
+                for (field, nullable) in times {
+                    let ty = if nullable {
+                        SchemaType::from_iter([Type::String, Type::Null])
+                    } else {
+                        SchemaType::Type(Type::String)
+                    };
+                    o.properties.insert(
+                        field,
+                        RefOr::T(Schema::Object(
+                            ObjectBuilder::new()
+                                .schema_type(ty)
+                                .format(Some(utoipa::openapi::SchemaFormat::KnownFormat(
+                                    utoipa::openapi::KnownFormat::DateTime,
+                                )))
+                                .description(Some("the `_at` time beside it, in RFC 3339 (UTC)"))
+                                .build(),
+                        )),
+                    );
+                }
             }
             for unique in ["tags", "backends"] {
                 if let Some(RefOr::T(Schema::Array(a))) = o.properties.get_mut(unique) {
@@ -1336,7 +1500,10 @@ fn routes() -> OpenApiRouter<Plane> {
         .routes(routes!(me))
         .routes(routes!(nodes))
         .routes(routes!(create_account, list_accounts))
-        .routes(routes!(issue_token))
+        .routes(routes!(delete_account))
+        .routes(routes!(issue_token, list_tokens))
+        .routes(routes!(rotate_token))
+        .routes(routes!(revoke_token))
         .routes(routes!(create_network, list_networks))
         .routes(routes!(get_network, delete_network))
         .routes(routes!(create_subnet, list_subnets))
@@ -1352,6 +1519,8 @@ fn routes() -> OpenApiRouter<Plane> {
         .routes(routes!(service_health))
         .routes(routes!(accept))
         .routes(routes!(reject))
+        .routes(routes!(remove))
+        .routes(routes!(disallow_many))
         .routes(routes!(create_endpoint, list_endpoints))
         .routes(routes!(get_endpoint, update_endpoint, delete_endpoint))
         .routes(routes!(bind, set_bindings))
@@ -1410,7 +1579,7 @@ pub fn router(plane: Plane) -> Router {
             "/openapi.json",
             get(move || {
                 let doc = doc.clone();
-                async move { ok(&*doc) }
+                async move { Json(doc).into_response() }
             }),
         )
         .fallback(fallback)

@@ -170,6 +170,7 @@ impl ControlPlane {
             .state
             .tokens
             .get(&hash)
+            .filter(|t| t.valid_at(now()))
             .map(|t| Caller::Account(t.account_id.clone()))
             .ok_or_else(ApiError::unauthorized)
     }
@@ -331,10 +332,12 @@ impl ControlPlane {
             cluster: &self.cluster,
             alloc: &inner.alloc,
         };
-        let (changes, response) = match op(&inner.state, &mut cx) {
+        let (mut changes, response) = match op(&inner.state, &mut cx) {
             Ok(v) => v,
             Err(e) => return Some(Err(e)),
         };
+        // A write that changes nothing (an empty PATCH, the same value again) is no revision.
+        changes.retain(|c| !inner.state.holds(c));
         if changes.is_empty() {
             return Some(Ok(response));
         }

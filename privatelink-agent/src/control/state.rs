@@ -47,6 +47,32 @@ impl State {
         })
     }
 
+    /// Whether the state already holds exactly this change (a put of an equal object, a delete of
+    /// an absent one): committing it would change nothing.
+    pub fn holds(&self, c: &Change) -> bool {
+        match c {
+            Change::Put(o) => match o {
+                Object::Account(v) => self.accounts.get(&v.id) == Some(v),
+                Object::Token(v) => self.tokens.get(&v.sha256) == Some(v),
+                Object::Network(v) => self.networks.get(&v.id) == Some(v),
+                Object::Subnet(v) => self.subnets.get(&v.id) == Some(v),
+                Object::Service(v) => self.services.get(&v.id) == Some(v),
+                Object::Endpoint(v) => self.endpoints.get(&v.id) == Some(v),
+                Object::SecurityGroup(v) => self.security_groups.get(&v.id) == Some(v),
+            },
+            Change::Delete { kind, id } => match *kind {
+                "account" => !self.accounts.contains_key(id),
+                "token" => !self.tokens.contains_key(id),
+                "network" => !self.networks.contains_key(id),
+                "subnet" => !self.subnets.contains_key(id),
+                "service" => !self.services.contains_key(id),
+                "endpoint" => !self.endpoints.contains_key(id),
+                "security_group" => !self.security_groups.contains_key(id),
+                _ => false,
+            },
+        }
+    }
+
     /// Applies one object write.
     pub fn put(&mut self, o: Object) {
         match o {

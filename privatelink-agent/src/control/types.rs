@@ -23,6 +23,22 @@ pub struct Token {
     pub sha256: String,
     pub account_id: String,
     pub created_at: u64,
+    /// Unix seconds from which it no longer authenticates (set by a rotation's grace period).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<u64>,
+}
+
+impl Token {
+    /// The id the API names it by: `tok-` and the first 12 hex digits of its hash (the hash of a
+    /// 256-bit random token reveals nothing about it).
+    pub fn id(&self) -> String {
+        format!("tok-{}", &self.sha256[..12.min(self.sha256.len())])
+    }
+
+    /// Whether it authenticates at `now`.
+    pub fn valid_at(&self, now: u64) -> bool {
+        self.expires_at.is_none_or(|t| now < t)
+    }
 }
 
 /// A network (VPC).
@@ -154,11 +170,30 @@ impl HealthCheck {
     }
 }
 
+/// A connection's state (docs/API.md has the state machine). Only `Available` forwards.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub enum ConnectionState {
+    /// Waiting for the provider to accept.
     Pending,
     Available,
+    /// Refused by the provider; accepting it again makes it Available.
     Rejected,
+    /// The consumer's account left the service's allowlist: forwarding stopped. Back on the
+    /// allowlist, it is Available again (auto-accept) or Pending.
+    Disconnected,
+    /// The provider removed the rejected or disconnected connection from its service: the
+    /// consumer keeps the endpoint (to delete), the service no longer counts it.
+    Removed,
+}
+
+impl ConnectionState {
+    pub const ALL: [ConnectionState; 5] = [
+        ConnectionState::Pending,
+        ConnectionState::Available,
+        ConnectionState::Rejected,
+        ConnectionState::Disconnected,
+        ConnectionState::Removed,
+    ];
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]

@@ -332,14 +332,14 @@ fn encode_services(enc: &mut DescriptorEncoder, s: &Scrape) -> Result<(), std::f
             l.push((k, v.to_string()));
             l
         };
-        for st in ["Pending", "Available", "Rejected"] {
+        for st in crate::control::types::ConnectionState::ALL {
             let n = s
                 .state
                 .endpoints
                 .values()
-                .filter(|e| e.service_id == svc.id && format!("{:?}", e.state) == st)
+                .filter(|e| e.service_id == svc.id && e.state == st)
                 .count();
-            by_state.push((with("state", st), gauge(n as i64)));
+            by_state.push((with("state", &format!("{st:?}")), gauge(n as i64)));
         }
         let healthy = s
             .src

@@ -150,7 +150,12 @@ pub fn model(
     // Collected in a vector and built in one go: the tree is built from the run sorted by link
     // id, with no search per link.
     let mut links = Vec::with_capacity(state.endpoints.len());
-    for ep in state.endpoints.values() {
+    // A removed connection is no link: its service may be gone.
+    for ep in state
+        .endpoints
+        .values()
+        .filter(|e| e.state != ConnectionState::Removed)
+    {
         let (Some((svc, ports)), Some(network_id), Some(account)) = (
             services_by_id.get(ep.service_id.as_str()),
             number(&ep.network_id),
@@ -188,7 +193,10 @@ pub fn model(
                 state: match ep.state {
                     ConnectionState::Pending => LinkState::Pending,
                     ConnectionState::Available => LinkState::Available,
-                    ConnectionState::Rejected => LinkState::Rejected,
+                    // The datapath refuses both; a disconnected one also has no allowlist entry.
+                    ConnectionState::Rejected
+                    | ConnectionState::Disconnected
+                    | ConnectionState::Removed => LinkState::Rejected,
                 },
                 ports: Arc::clone(ports),
                 rules,

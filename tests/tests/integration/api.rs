@@ -1031,3 +1031,216 @@ fn history_by_period_with_comparison_and_csv() {
     assert_eq!(rd.records().count(), 6);
     let _ = std::fs::remove_file(path);
 }
+
+#[test]
+fn tokens_rotate_and_revoke_and_accounts_are_deleted_with_an_audit_trail() {
+    let w = world("tokens");
+    let admin = &w.admin;
+    let revision = || admin.get("/v1/revision").body["revision"].as_u64().unwrap();
+    let old = &w.c2;
+    assert_eq!(old.get("/v1/me").status, 200);
+    // Rotation with a grace period: both work until it ends; the old one says when it ends.
+    let r = admin.ok(
+        "POST",
+        "/v1/accounts/1000000002/tokens/rotate",
+        json!({ "grace_secs": 3600 }),
+    );
+    let new = w.server.client(r["token"].as_str().unwrap());
+    assert_eq!(new.get("/v1/me").body["account_id"], "1000000002");
+    assert_eq!(old.get("/v1/me").status, 200, "inside the grace period");
+    let prev = &r["previous"][0];
+    assert!(prev["id"].as_str().unwrap().starts_with("tok-"), "{r}");
+    assert!(prev["expires_at"].as_u64().unwrap() > prev["created_at"].as_u64().unwrap());
+    let tokens = admin.get("/v1/accounts/1000000002/tokens").body;
+    assert_eq!(tokens.as_array().unwrap().len(), 2, "{tokens}");
+    assert!(!tokens.to_string().contains("sha256"), "no hashes shown");
+    // Revoking the old one: 401 at once.
+    let tid = prev["id"].as_str().unwrap();
+    let r = admin.call(
+        "DELETE",
+        &format!("/v1/accounts/1000000002/tokens/{tid}"),
+        None,
+    );
+    assert_eq!(r.status, 204, "{}", r.text);
+    assert_eq!(old.get("/v1/me").status, 401);
+    // Rotation without grace: the previous token stops at once.
+    let r = admin.ok("POST", "/v1/accounts/1000000002/tokens/rotate", json!({}));
+    assert_eq!(new.get("/v1/me").status, 401);
+    let newest = w.server.client(r["token"].as_str().unwrap());
+    assert_eq!(newest.get("/v1/me").status, 200);
+    let r = admin.post(
+        "/v1/accounts/1000000002/tokens/rotate",
+        json!({ "grace_secs": 604801 }),
+    );
+    assert_eq!((r.status, r.code()), (400, "invalid_grace"));
+    // Only the admin manages tokens.
+    let r = newest.post("/v1/accounts/1000000002/tokens/rotate", json!({}));
+    assert_eq!(r.status, 403);
+    // An account that owns objects is not deleted; the error says what it still owns.
+    let before = revision();
+    let r = admin.call("DELETE", "/v1/accounts/1000000002", None);
+    assert_eq!((r.status, r.code()), (409, "in_use"), "{}", r.text);
+    assert!(r.text.contains("1 networks"), "{}", r.text);
+    assert_eq!(revision(), before, "a refused delete changes nothing");
+    // An account on an allowlist and owning nothing: deleted, off the allowlist, token void.
+    let lone = admin.ok(
+        "POST",
+        "/v1/accounts",
+        json!({ "id": "lone", "name": "lone" }),
+    );
+    let lone_client = w.server.client(lone["token"].as_str().unwrap());
+    w.provider.ok(
+        "POST",
+        &format!("/v1/services/{}/allowlist", w.svc),
+        json!({ "account_id": "lone" }),
+    );
+    let r = admin.call("DELETE", "/v1/accounts/lone", None);
+    assert_eq!(r.status, 204, "{}", r.text);
+    assert_eq!(lone_client.get("/v1/me").status, 401);
+    let allow = w
+        .provider
+        .get(&format!("/v1/services/{}/allowlist", w.svc))
+        .body;
+    assert!(!allow.to_string().contains("\"lone\""), "{allow}");
+    assert_eq!(admin.call("DELETE", "/v1/accounts/lone", None).status, 404);
+}
+
+#[test]
+fn no_op_writes_do_not_bump_the_revision_and_times_are_rfc3339() {
+    let w = world("noop");
+    let revision = || {
+        w.provider.get("/v1/revision").body["revision"]
+            .as_u64()
+            .unwrap()
+    };
+    let before = revision();
+    let path = format!("/v1/services/{}", w.svc);
+    for body in [
+        json!({}),
+        json!({ "name": "orders-db" }),
+        json!({ "tags": [] }),
+    ] {
+        let r = w.provider.call("PATCH", &path, Some(&body));
+        assert_eq!(r.status, 200, "{body}: {}", r.text);
+        assert_eq!(revision(), before, "{body} changed nothing");
+    }
+    let r = w.provider.call(
+        "PUT",
+        &format!("{path}/backends"),
+        Some(&json!({ "backends": ["198.18.100.10"] })),
+    );
+    assert_eq!(r.status, 200);
+    assert_eq!(revision(), before, "the same backends again");
+    let r = w.provider.post(
+        &format!("{path}/port-mappings"),
+        json!({ "port_mappings": [] }),
+    );
+    assert_eq!((r.status, r.code()), (400, "no_port_mappings"));
+    w.provider
+        .ok("PATCH", &path, json!({ "name": "orders-db-2" }));
+    assert_eq!(revision(), before + 1, "a real change is one revision");
+    // Every `_at` has its RFC 3339 `_time`.
+    let svc = w.provider.get(&path).body;
+    let at = svc["created_at"].as_u64().unwrap();
+    let time = svc["created_time"].as_str().unwrap();
+    assert_eq!(time, privatelink_agent::control::api::rfc3339(at));
+    assert!(time.ends_with('Z') && time.len() == 20, "{time}");
+    let list = w.provider.get("/v1/services").body;
+    assert!(list["items"][0]["created_time"].is_string(), "{list}");
+}
+
+#[test]
+fn connections_disconnect_with_the_allowlist_and_rejected_ones_can_be_removed() {
+    let w = world("lifecycle");
+    let svc = &w.svc;
+    w.provider.ok(
+        "POST",
+        &format!("/v1/services/{svc}/allowlist"),
+        json!({ "account_id": "1000000001" }),
+    );
+    let ep = w.c1.ok("POST", "/v1/endpoints", endpoint_req(&w, "ep1"));
+    let id = ep["id"].as_str().unwrap().to_string();
+    let decide = |verb: &str| {
+        w.provider.ok(
+            "POST",
+            &format!("/v1/services/{svc}/{verb}"),
+            json!({ "endpoint_ids": [id] }),
+        )["results"][0]
+            .clone()
+    };
+    assert_eq!(decide("accept")["state"], "Available");
+    let conns = w
+        .provider
+        .get(&format!("/v1/services/{svc}/endpoints"))
+        .body;
+    assert_eq!(conns[0]["link_id"], ep["link_id"], "the packet id: {conns}");
+    // The account leaves the allowlist: its connection says Disconnected everywhere.
+    let r = w.provider.ok(
+        "POST",
+        &format!("/v1/services/{svc}/disallow"),
+        json!({ "account_ids": ["1000000001", "1000000002"] }),
+    );
+    assert_eq!(r["results"][0]["ok"], true, "{r}");
+    assert_eq!(r["results"][1]["ok"], false, "not on the allowlist: {r}");
+    assert_eq!(
+        w.c1.get(&format!("/v1/endpoints/{id}")).body["state"],
+        "Disconnected"
+    );
+    let conns = w
+        .provider
+        .get(&format!("/v1/services/{svc}/endpoints"))
+        .body;
+    assert_eq!(conns[0]["state"], "Disconnected");
+    let r = decide("accept");
+    assert_eq!(r["ok"], false);
+    assert!(r["error"].as_str().unwrap().contains("allowlist"), "{r}");
+    // Back on the allowlist: Available again.
+    w.provider.ok(
+        "POST",
+        &format!("/v1/services/{svc}/allowlist"),
+        json!({ "account_id": "1000000001" }),
+    );
+    assert_eq!(
+        w.c1.get(&format!("/v1/endpoints/{id}")).body["state"],
+        "Available"
+    );
+    // Retiring the service: refused while it has connections, with what helps.
+    let r = w
+        .provider
+        .call("DELETE", &format!("/v1/services/{svc}"), None);
+    assert_eq!((r.status, r.code()), (409, "in_use"));
+    assert!(
+        r.text.contains("1 Available") && r.text.contains("/remove"),
+        "{}",
+        r.text
+    );
+    let r = decide("remove");
+    assert_eq!(
+        r["ok"], false,
+        "an Available connection is rejected first: {r}"
+    );
+    assert_eq!(decide("reject")["state"], "Rejected");
+    assert_eq!(decide("remove")["state"], "Removed");
+    assert!(
+        w.provider
+            .get(&format!("/v1/services/{svc}/endpoints"))
+            .body
+            .as_array()
+            .unwrap()
+            .is_empty()
+    );
+    let r = w
+        .provider
+        .call("DELETE", &format!("/v1/services/{svc}"), None);
+    assert_eq!(r.status, 204, "{}", r.text);
+    // The consumer keeps its endpoint, Removed, and can delete it.
+    assert_eq!(
+        w.c1.get(&format!("/v1/endpoints/{id}")).body["state"],
+        "Removed"
+    );
+    assert_eq!(
+        w.c1.call("DELETE", &format!("/v1/endpoints/{id}"), None)
+            .status,
+        204
+    );
+}

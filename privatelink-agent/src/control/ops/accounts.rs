@@ -11,7 +11,7 @@ use crate::control::{
     validate,
 };
 
-pub use crate::wire::{CreateAccount, CreateNetwork, CreateSubnet};
+pub use crate::wire::{CreateAccount, CreateNetwork, CreateSubnet, RotateReq};
 
 /// At most this many CIDRs per network.
 pub const CIDRS_PER_NETWORK: usize = 5;
@@ -32,7 +32,190 @@ fn token(account_id: &str, secret: &str, now: u64) -> Token {
         sha256: token_hash(secret),
         account_id: account_id.to_string(),
         created_at: now,
+        expires_at: None,
     }
+}
+
+/// A token as the API shows it: never the secret, nor the full hash.
+#[derive(Clone, Debug, Serialize, utoipa::ToSchema)]
+pub struct TokenView {
+    /// `tok-` and 12 hex digits.
+    pub id: String,
+    pub account_id: String,
+    pub created_at: u64,
+    /// When it stops authenticating (after a rotation with a grace period).
+    pub expires_at: Option<u64>,
+}
+
+impl From<&Token> for TokenView {
+    fn from(t: &Token) -> Self {
+        TokenView {
+            id: t.id(),
+            account_id: t.account_id.clone(),
+            created_at: t.created_at,
+            expires_at: t.expires_at,
+        }
+    }
+}
+
+/// A rotation's new token, and what became of the old ones.
+#[derive(Clone, Debug, Serialize, utoipa::ToSchema)]
+pub struct Rotated {
+    pub account: Account,
+    /// The new token (shown once).
+    pub token: String,
+    /// The account's other tokens: deleted (grace 0) or expiring at `expires_at`.
+    pub previous: Vec<TokenView>,
+}
+
+/// The longest grace period a rotation gives the old tokens: a week.
+pub const MAX_GRACE_SECS: u64 = 7 * 24 * 3600;
+
+fn account_of<'s>(s: &'s State, id: &str) -> ApiResult<&'s Account> {
+    s.accounts
+        .get(id)
+        .ok_or_else(|| ApiError::not_found("account", id))
+}
+
+/// The account's tokens (admin).
+pub fn list_tokens(s: &State, caller: &Caller, account_id: &str) -> ApiResult<Vec<TokenView>> {
+    super::admin(caller)?;
+    account_of(s, account_id)?;
+    Ok(s.tokens
+        .values()
+        .filter(|t| t.account_id == account_id)
+        .map(TokenView::from)
+        .collect())
+}
+
+/// Issues a new token and retires the account's others: at once (grace 0) or after `grace_secs`
+/// (they keep working until then, so clients can switch without an outage).
+pub fn rotate_token(
+    s: &State,
+    cx: &mut Ctx,
+    account_id: &str,
+    grace_secs: u64,
+    secret: String,
+) -> Outcome<Rotated> {
+    cx.admin()?;
+    let account = account_of(s, account_id)?.clone();
+    if grace_secs > MAX_GRACE_SECS {
+        return Err(ApiError::invalid(
+            "invalid_grace",
+            "grace_secs",
+            format!("a grace period is 0 to {MAX_GRACE_SECS} seconds (a week)"),
+        ));
+    }
+    let mut changes = vec![Change::Put(Object::Token(token(
+        account_id, &secret, cx.now,
+    )))];
+    let mut previous = Vec::new();
+    for t in s.tokens.values().filter(|t| t.account_id == account_id) {
+        if grace_secs == 0 {
+            changes.push(Change::Delete {
+                kind: "token",
+                id: t.sha256.clone(),
+            });
+            previous.push(TokenView {
+                expires_at: Some(cx.now),
+                ..TokenView::from(t)
+            });
+        } else {
+            let until = cx.now + grace_secs;
+            let mut t = t.clone();
+            // A token already ending sooner keeps its earlier end.
+            t.expires_at = Some(t.expires_at.map_or(until, |e| e.min(until)));
+            previous.push(TokenView::from(&t));
+            changes.push(Change::Put(Object::Token(t)));
+        }
+    }
+    Ok((
+        changes,
+        Rotated {
+            account,
+            token: secret,
+            previous,
+        },
+    ))
+}
+
+/// Revokes one token of the account at once.
+pub fn revoke_token(s: &State, cx: &mut Ctx, account_id: &str, token_id: &str) -> Outcome<()> {
+    cx.admin()?;
+    account_of(s, account_id)?;
+    let t = s
+        .tokens
+        .values()
+        .find(|t| t.account_id == account_id && t.id() == token_id)
+        .ok_or_else(|| ApiError::not_found("token", token_id))?;
+    Ok((
+        vec![Change::Delete {
+            kind: "token",
+            id: t.sha256.clone(),
+        }],
+        (),
+    ))
+}
+
+/// Deletes an account that owns nothing: its tokens go with it (401 at once), and it leaves every
+/// allowlist. An account that still owns networks, services, endpoints or security groups is
+/// refused with what to delete first.
+pub fn delete_account(s: &State, cx: &mut Ctx, id: &str) -> Outcome<()> {
+    cx.admin()?;
+    account_of(s, id)?;
+    let owned = [
+        (
+            "networks",
+            s.networks.values().filter(|n| n.owner == id).count(),
+        ),
+        (
+            "services",
+            s.services.values().filter(|v| v.owner == id).count(),
+        ),
+        (
+            "endpoints",
+            s.endpoints.values().filter(|e| e.owner == id).count(),
+        ),
+        (
+            "security groups",
+            s.security_groups.values().filter(|g| g.owner == id).count(),
+        ),
+    ];
+    let held: Vec<String> = owned
+        .iter()
+        .filter(|(_, n)| *n > 0)
+        .map(|(what, n)| format!("{n} {what}"))
+        .collect();
+    if !held.is_empty() {
+        return Err(ApiError::conflict(
+            "in_use",
+            format!(
+                "account {id} still owns {}: delete them first",
+                held.join(", ")
+            ),
+        ));
+    }
+    let mut changes: Vec<Change> = s
+        .tokens
+        .values()
+        .filter(|t| t.account_id == id)
+        .map(|t| Change::Delete {
+            kind: "token",
+            id: t.sha256.clone(),
+        })
+        .collect();
+    for svc in s.services.values() {
+        if svc.allowlist.iter().any(|e| e.account_id == id) {
+            let mut svc = svc.clone();
+            svc.allowlist.retain(|e| e.account_id != id);
+            changes.push(Change::Put(Object::Service(svc)));
+        }
+    }
+    changes.push(Change::Delete {
+        kind: "account",
+        id: id.to_string(),
+    });
+    Ok((changes, ()))
 }
 
 pub fn create_account(

@@ -18,7 +18,17 @@ pub use crate::wire::{BindingReq, Bindings, CreateEndpoint, UpdateEndpoint};
 /// Checks that `ep` may have private DNS on: its service publishes a name and no other endpoint in
 /// its network resolves that name.
 fn check_private_dns(s: &State, ep: &Endpoint) -> ApiResult<()> {
-    let svc = &s.services[&ep.service_id];
+    let Some(svc) = s
+        .services
+        .get(&ep.service_id)
+        .filter(|_| ep.state != ConnectionState::Removed)
+    else {
+        return Err(ApiError::conflicting(
+            "removed",
+            "private_dns_enabled",
+            format!("endpoint {} was removed from its service", ep.id),
+        ));
+    };
     let Some(name) = svc.private_dns_name.as_deref() else {
         return Err(ApiError::conflicting(
             "no_private_dns_name",

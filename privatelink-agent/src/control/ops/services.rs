@@ -8,14 +8,15 @@ use crate::control::{
     error::{ApiError, ApiResult},
     state::State,
     types::{
-        AllowEntry, Change, ConnectionState, HealthCheck, Object, PortMapping, Protocol,
+        AllowEntry, Change, ConnectionState, Endpoint, HealthCheck, Object, PortMapping, Protocol,
         ProxyProtocol, Service, ServiceType,
     },
     validate,
 };
 
 pub use crate::wire::{
-    AddPortMappings, AllowReq, Backends, CreateService, EndpointIds, PortMappingReq, UpdateService,
+    AddPortMappings, AllowRemoveReq, AllowReq, Backends, CreateService, EndpointIds,
+    PortMappingReq, UpdateService,
 };
 
 /// Checks a health-check configuration.
@@ -57,6 +58,9 @@ pub struct Verified {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct Connection {
     pub endpoint_id: String,
+    /// The packet id: the link id the datapath forwards and counts the connection's traffic under
+    /// (metrics `link_id`, PROXY protocol TLV 0xE1).
+    pub link_id: u32,
     pub owner: String,
     pub state: ConnectionState,
     pub created_at: u64,
@@ -324,11 +328,27 @@ pub fn add_port_mappings(
 
 pub fn delete(s: &State, cx: &mut Ctx, id: &str) -> Outcome<()> {
     own(s, cx.caller, id)?;
-    let n = s.endpoints.values().filter(|e| e.service_id == id).count();
-    if n > 0 {
+    let held: Vec<&Endpoint> = s
+        .endpoints
+        .values()
+        .filter(|e| e.service_id == id && e.state != ConnectionState::Removed)
+        .collect();
+    if !held.is_empty() {
+        let count = |st: ConnectionState| held.iter().filter(|e| e.state == st).count();
+        let states: Vec<String> = ConnectionState::ALL
+            .iter()
+            .filter(|st| count(**st) > 0)
+            .map(|st| format!("{} {st:?}", count(*st)))
+            .collect();
         return Err(ApiError::conflict(
             "in_use",
-            format!("service {id} has {n} endpoints: reject or delete them first"),
+            format!(
+                "service {id} has {} connections ({}): reject them (POST /v1/services/{id}/reject), \
+                 then remove them (POST /v1/services/{id}/remove); the consumers keep their \
+                 endpoints",
+                held.len(),
+                states.join(", ")
+            ),
         ));
     }
     Ok((
@@ -338,6 +358,26 @@ pub fn delete(s: &State, cx: &mut Ctx, id: &str) -> Outcome<()> {
         }],
         (),
     ))
+}
+
+/// The endpoints of `account` connected to service `svc` whose state `from` holds, moved to the
+/// state `to` gives.
+fn move_connections(
+    s: &State,
+    svc: &str,
+    account: &str,
+    from: impl Fn(ConnectionState) -> bool,
+    to: ConnectionState,
+) -> Vec<Change> {
+    s.endpoints
+        .values()
+        .filter(|e| e.service_id == svc && e.owner == account && from(e.state))
+        .map(|e| {
+            let mut e = e.clone();
+            e.state = to;
+            Change::Put(Object::Endpoint(e))
+        })
+        .collect()
 }
 
 pub fn allow(s: &State, cx: &mut Ctx, id: &str, req: AllowReq) -> Outcome<Service> {
@@ -357,24 +397,112 @@ pub fn allow(s: &State, cx: &mut Ctx, id: &str, req: AllowReq) -> Outcome<Servic
             format!("account {} is already on the allowlist", req.account_id),
         ));
     }
+    // Its disconnected connections are connected again.
+    let mut changes = move_connections(
+        s,
+        &svc.id,
+        &req.account_id,
+        |st| st == ConnectionState::Disconnected,
+        ConnectionState::Available,
+    );
     svc.allowlist.push(AllowEntry {
         account_id: req.account_id,
         description: req.description,
         created_at: cx.now,
     });
-    put(svc)
+    changes.push(Change::Put(Object::Service(svc.clone())));
+    Ok((changes, svc))
 }
 
 /// Removing an account stops its endpoints' traffic to the service (the datapath enforces it);
 /// adding it back restores the Available ones.
 pub fn disallow(s: &State, cx: &mut Ctx, id: &str, account_id: &str) -> Outcome<Service> {
-    let mut svc = own(s, cx.caller, id)?.clone();
+    let svc = own(s, cx.caller, id)?.clone();
+    let (changes, svc) = without_account(s, svc, account_id)?;
+    Ok((changes, svc))
+}
+
+/// `svc` without `account` on its allowlist, and that account's Available connections
+/// Disconnected (their traffic stops; Pending ones stay Pending and cannot be accepted).
+fn without_account(
+    s: &State,
+    mut svc: Service,
+    account: &str,
+) -> ApiResult<(Vec<Change>, Service)> {
     let before = svc.allowlist.len();
-    svc.allowlist.retain(|e| e.account_id != account_id);
+    svc.allowlist.retain(|e| e.account_id != account);
     if svc.allowlist.len() == before {
-        return Err(ApiError::not_found("allowlist entry", account_id));
+        return Err(ApiError::not_found("allowlist entry", account));
     }
-    put(svc)
+    let mut changes = move_connections(
+        s,
+        &svc.id,
+        account,
+        |st| st == ConnectionState::Available && account != svc.owner,
+        ConnectionState::Disconnected,
+    );
+    changes.push(Change::Put(Object::Service(svc.clone())));
+    Ok((changes, svc))
+}
+
+/// Removes several accounts from the allowlist, a result per item; the ones that succeed are
+/// committed together.
+pub fn disallow_many(
+    s: &State,
+    cx: &mut Ctx,
+    id: &str,
+    req: AllowRemoveReq,
+) -> Outcome<Vec<AccountResult>> {
+    let mut svc = own(s, cx.caller, id)?.clone();
+    if req.account_ids.len() > 100 {
+        return Err(ApiError::invalid(
+            "too_many_items",
+            "account_ids",
+            format!(
+                "at most 100 accounts per request, got {}",
+                req.account_ids.len()
+            ),
+        ));
+    }
+    for (i, a) in req.account_ids.iter().enumerate() {
+        validate::account_id(&format!("account_ids[{i}]"), a)?;
+    }
+    let (mut changes, mut results) = (Vec::new(), Vec::new());
+    for a in &req.account_ids {
+        match without_account(s, svc.clone(), a) {
+            Ok((c, next)) => {
+                // Later items see the earlier removals; the service is written once, last.
+                changes.extend(
+                    c.into_iter()
+                        .filter(|c| !matches!(c, Change::Put(Object::Service(_)))),
+                );
+                svc = next;
+                results.push(AccountResult {
+                    account_id: a.clone(),
+                    ok: true,
+                    error: None,
+                });
+            }
+            Err(e) => results.push(AccountResult {
+                account_id: a.clone(),
+                ok: false,
+                error: Some(e.message),
+            }),
+        }
+    }
+    if results.iter().any(|r| r.ok) {
+        changes.push(Change::Put(Object::Service(svc)));
+    }
+    Ok((changes, results))
+}
+
+/// Per-account result of a batch allowlist removal.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+pub struct AccountResult {
+    pub account_id: String,
+    pub ok: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 /// Any account may look a service up by id before creating an endpoint.
@@ -397,9 +525,10 @@ pub fn connections(s: &State, caller: &Caller, id: &str) -> ApiResult<Vec<Connec
     own(s, caller, id)?;
     Ok(s.endpoints
         .values()
-        .filter(|e| e.service_id == id)
+        .filter(|e| e.service_id == id && e.state != ConnectionState::Removed)
         .map(|e| Connection {
             endpoint_id: e.id.clone(),
+            link_id: e.link_id,
             owner: e.owner.clone(),
             state: e.state,
             created_at: e.created_at,
@@ -407,16 +536,27 @@ pub fn connections(s: &State, caller: &Caller, id: &str) -> ApiResult<Vec<Connec
         .collect())
 }
 
-/// Accept (Pending or Rejected → Available) or reject (Pending or Available → Rejected) a batch of
-/// connections, with a result per item. Items that cannot move are reported, not fatal.
+/// What a provider does with connections.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Decision {
+    /// Pending or Rejected → Available (the account must be allowed).
+    Accept,
+    /// Pending, Available or Disconnected → Rejected.
+    Reject,
+    /// Rejected or Disconnected → Removed: no longer the service's connection.
+    Remove,
+}
+
+/// Moves a batch of connections, with a result per item. Items that cannot move are reported,
+/// not fatal.
 pub fn decide(
     s: &State,
     cx: &mut Ctx,
     id: &str,
     req: EndpointIds,
-    accept: bool,
+    decision: Decision,
 ) -> Outcome<Vec<ItemResult>> {
-    own(s, cx.caller, id)?;
+    let svc = own(s, cx.caller, id)?;
     validate::endpoint_ids(&req.endpoint_ids)?;
     let mut changes = Vec::new();
     let mut results = Vec::new();
@@ -438,17 +578,29 @@ pub fn decide(
             )));
             continue;
         };
-        let to = match (accept, ep.state) {
-            (true, ConnectionState::Pending | ConnectionState::Rejected) => {
-                ConnectionState::Available
-            }
-            (false, ConnectionState::Pending | ConnectionState::Available) => {
-                ConnectionState::Rejected
-            }
-            (_, from) => {
+        use ConnectionState as C;
+        let allowed =
+            ep.owner == svc.owner || svc.allowlist.iter().any(|a| a.account_id == ep.owner);
+        let to = match (decision, ep.state) {
+            (Decision::Accept, C::Pending | C::Rejected) if allowed => C::Available,
+            (Decision::Accept, C::Pending | C::Rejected | C::Disconnected) => {
                 results.push(fail(format!(
-                    "cannot {} a connection that is {from:?}",
-                    if accept { "accept" } else { "reject" }
+                    "account {} is not on the allowlist: add it first",
+                    ep.owner
+                )));
+                continue;
+            }
+            (Decision::Reject, C::Pending | C::Available | C::Disconnected) => C::Rejected,
+            (Decision::Remove, C::Rejected | C::Disconnected) => C::Removed,
+            (d, from) => {
+                results.push(fail(format!(
+                    "cannot {} a connection that is {from:?}{}",
+                    format!("{d:?}").to_lowercase(),
+                    if d == Decision::Remove {
+                        " (reject it first)"
+                    } else {
+                        ""
+                    }
                 )));
                 continue;
             }
