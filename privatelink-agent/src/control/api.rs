@@ -1579,7 +1579,7 @@ pub fn router(plane: Plane) -> Router {
             "/openapi.json",
             get(move || {
                 let doc = doc.clone();
-                async move { Json(doc).into_response() }
+                async move { Json(&*doc).into_response() }
             }),
         )
         .fallback(fallback)
