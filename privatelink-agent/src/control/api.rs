@@ -134,146 +134,69 @@ pub struct ListQuery {
     pub fields: Option<String>,
 }
 
-/// Paging, search and fields of the service list.
-#[derive(Clone, Debug, Default, Deserialize, utoipa::IntoParams)]
-#[into_params(parameter_in = Query)]
-pub struct ServiceListQuery {
-    /// Substring of the id or the name (case-insensitive).
-    #[param(max_length = 256)]
-    pub search: Option<String>,
-    /// 1-based.
-    #[param(minimum = 1, maximum = 1000000000)]
-    pub page: Option<usize>,
-    /// 1 to 1000 (default 100).
-    #[param(minimum = 1, maximum = 1000)]
-    pub per_page: Option<usize>,
-    /// Comma-separated field names (default: all, in their order).
-    #[param(
-        pattern = "^(id|service_name|name|private_dns_name|answer_ping|owner|network_id|service_type|backends|port_mappings|auto_accept|allowlist|tags|created_at)(,(id|service_name|name|private_dns_name|answer_ping|owner|network_id|service_type|backends|port_mappings|auto_accept|allowlist|tags|created_at))*$"
-    )]
-    pub fields: Option<String>,
-}
-
-impl From<ServiceListQuery> for ListQuery {
-    fn from(q: ServiceListQuery) -> Self {
-        ListQuery {
-            search: q.search,
-            page: q.page,
-            per_page: q.per_page,
-            fields: q.fields,
+/// The query of a list (`page`: paged) or of a CSV export (`export`: every match) whose `fields`
+/// are the names the pattern allows.
+macro_rules! list_query {
+    (page $name:ident, $pattern:literal, $what:literal) => {
+        #[doc = concat!("Paging, search and fields of the ", $what, " list.")]
+        #[derive(Clone, Debug, Default, Deserialize, utoipa::IntoParams)]
+        #[into_params(parameter_in = Query)]
+        pub struct $name {
+            /// Substring of the id or the name (case-insensitive).
+            #[param(max_length = 256)]
+            pub search: Option<String>,
+            /// 1-based.
+            #[param(minimum = 1, maximum = 1000000000)]
+            pub page: Option<usize>,
+            /// 1 to 1000 (default 100).
+            #[param(minimum = 1, maximum = 1000)]
+            pub per_page: Option<usize>,
+            /// Comma-separated field names (default: all, in their order).
+            #[param(pattern = $pattern)]
+            pub fields: Option<String>,
         }
-    }
-}
 
-/// Paging, search and fields of the endpoint list.
-#[derive(Clone, Debug, Default, Deserialize, utoipa::IntoParams)]
-#[into_params(parameter_in = Query)]
-pub struct EndpointListQuery {
-    /// Substring of the id or the name (case-insensitive).
-    #[param(max_length = 256)]
-    pub search: Option<String>,
-    /// 1-based.
-    #[param(minimum = 1, maximum = 1000000000)]
-    pub page: Option<usize>,
-    /// 1 to 1000 (default 100).
-    #[param(minimum = 1, maximum = 1000)]
-    pub per_page: Option<usize>,
-    /// Comma-separated field names (default: all, in their order).
-    #[param(
-        pattern = "^(id|name|owner|network_id|subnet_id|ip|service_id|dns_name|private_dns_enabled|state|security_groups|tags|created_at)(,(id|name|owner|network_id|subnet_id|ip|service_id|dns_name|private_dns_enabled|state|security_groups|tags|created_at))*$"
-    )]
-    pub fields: Option<String>,
-}
-
-impl From<EndpointListQuery> for ListQuery {
-    fn from(q: EndpointListQuery) -> Self {
-        ListQuery {
-            search: q.search,
-            page: q.page,
-            per_page: q.per_page,
-            fields: q.fields,
+        impl From<$name> for ListQuery {
+            fn from(q: $name) -> Self {
+                ListQuery {
+                    search: q.search,
+                    page: q.page,
+                    per_page: q.per_page,
+                    fields: q.fields,
+                }
+            }
         }
-    }
-}
-
-/// Paging, search and fields of the security group list.
-#[derive(Clone, Debug, Default, Deserialize, utoipa::IntoParams)]
-#[into_params(parameter_in = Query)]
-pub struct GroupListQuery {
-    /// Substring of the id or the name (case-insensitive).
-    #[param(max_length = 256)]
-    pub search: Option<String>,
-    /// 1-based.
-    #[param(minimum = 1, maximum = 1000000000)]
-    pub page: Option<usize>,
-    /// 1 to 1000 (default 100).
-    #[param(minimum = 1, maximum = 1000)]
-    pub per_page: Option<usize>,
-    /// Comma-separated field names (default: all, in their order).
-    #[param(
-        pattern = "^(id|name|owner|rules|tags|created_at)(,(id|name|owner|rules|tags|created_at))*$"
-    )]
-    pub fields: Option<String>,
-}
-
-impl From<GroupListQuery> for ListQuery {
-    fn from(q: GroupListQuery) -> Self {
-        ListQuery {
-            search: q.search,
-            page: q.page,
-            per_page: q.per_page,
-            fields: q.fields,
+    };
+    (export $name:ident, $pattern:literal, $what:literal) => {
+        #[doc = concat!("Search and fields of the ", $what, " CSV export (every match, no paging).")]
+        #[derive(Clone, Debug, Default, Deserialize, utoipa::IntoParams)]
+        #[into_params(parameter_in = Query)]
+        pub struct $name {
+            /// Substring of the id or the name (case-insensitive).
+            #[param(max_length = 256)]
+            pub search: Option<String>,
+            /// Comma-separated field names (default: all, in their order).
+            #[param(pattern = $pattern)]
+            pub fields: Option<String>,
         }
-    }
-}
 
-/// Search and fields of the service CSV export (every match, no paging).
-#[derive(Clone, Debug, Default, Deserialize, utoipa::IntoParams)]
-#[into_params(parameter_in = Query)]
-pub struct ServiceExportQuery {
-    /// Substring of the id or the name (case-insensitive).
-    #[param(max_length = 256)]
-    pub search: Option<String>,
-    /// Comma-separated field names (default: all, in their order).
-    #[param(
-        pattern = "^(id|service_name|name|private_dns_name|answer_ping|owner|network_id|service_type|backends|port_mappings|auto_accept|allowlist|tags|created_at)(,(id|service_name|name|private_dns_name|answer_ping|owner|network_id|service_type|backends|port_mappings|auto_accept|allowlist|tags|created_at))*$"
-    )]
-    pub fields: Option<String>,
-}
-
-impl From<ServiceExportQuery> for ListQuery {
-    fn from(q: ServiceExportQuery) -> Self {
-        ListQuery {
-            search: q.search,
-            fields: q.fields,
-            ..Default::default()
+        impl From<$name> for ListQuery {
+            fn from(q: $name) -> Self {
+                ListQuery {
+                    search: q.search,
+                    fields: q.fields,
+                    ..Default::default()
+                }
+            }
         }
-    }
+    };
 }
 
-/// Search and fields of the endpoint CSV export (every match, no paging).
-#[derive(Clone, Debug, Default, Deserialize, utoipa::IntoParams)]
-#[into_params(parameter_in = Query)]
-pub struct EndpointExportQuery {
-    /// Substring of the id or the name (case-insensitive).
-    #[param(max_length = 256)]
-    pub search: Option<String>,
-    /// Comma-separated field names (default: all, in their order).
-    #[param(
-        pattern = "^(id|name|owner|network_id|subnet_id|ip|service_id|dns_name|private_dns_enabled|state|security_groups|tags|created_at)(,(id|name|owner|network_id|subnet_id|ip|service_id|dns_name|private_dns_enabled|state|security_groups|tags|created_at))*$"
-    )]
-    pub fields: Option<String>,
-}
-
-impl From<EndpointExportQuery> for ListQuery {
-    fn from(q: EndpointExportQuery) -> Self {
-        ListQuery {
-            search: q.search,
-            fields: q.fields,
-            ..Default::default()
-        }
-    }
-}
+list_query!(page ServiceListQuery, "^(id|service_name|name|private_dns_name|answer_ping|owner|network_id|service_type|backends|port_mappings|auto_accept|allowlist|tags|created_at)(,(id|service_name|name|private_dns_name|answer_ping|owner|network_id|service_type|backends|port_mappings|auto_accept|allowlist|tags|created_at))*$", "service");
+list_query!(page EndpointListQuery, "^(id|name|owner|network_id|subnet_id|ip|service_id|dns_name|private_dns_enabled|state|security_groups|tags|created_at)(,(id|name|owner|network_id|subnet_id|ip|service_id|dns_name|private_dns_enabled|state|security_groups|tags|created_at))*$", "endpoint");
+list_query!(page GroupListQuery, "^(id|name|owner|rules|tags|created_at)(,(id|name|owner|rules|tags|created_at))*$", "security group");
+list_query!(export ServiceExportQuery, "^(id|service_name|name|private_dns_name|answer_ping|owner|network_id|service_type|backends|port_mappings|auto_accept|allowlist|tags|created_at)(,(id|service_name|name|private_dns_name|answer_ping|owner|network_id|service_type|backends|port_mappings|auto_accept|allowlist|tags|created_at))*$", "service");
+list_query!(export EndpointExportQuery, "^(id|name|owner|network_id|subnet_id|ip|service_id|dns_name|private_dns_enabled|state|security_groups|tags|created_at)(,(id|name|owner|network_id|subnet_id|ip|service_id|dns_name|private_dns_enabled|state|security_groups|tags|created_at))*$", "endpoint");
 
 pub const SERVICE_FIELDS: &[&str] = &[
     "id",

@@ -408,36 +408,35 @@ fn encode_node(enc: &mut DescriptorEncoder, s: &Scrape) -> Result<(), std::fmt::
         MetricType::Counter,
         vec![(s.node.clone(), counter(fills))],
     )?;
+    // Counters by `result`, on this node.
+    let by_result = |counts: &[(&str, u64)]| -> Vec<(Labels, ConstCounter<u64>)> {
+        counts
+            .iter()
+            .map(|(result, v)| {
+                let l: Labels = vec![("result", result.to_string()), ("node", s.node_name())];
+                (l, counter(*v))
+            })
+            .collect()
+    };
     let (refused, limited) = s.src.plane.auth_limiter().counts();
-    let rows = [("refused", refused), ("rate_limited", limited)]
-        .into_iter()
-        .map(|(result, v)| {
-            let l: Labels = vec![("result", result.to_string()), ("node", s.node_name())];
-            (l, counter(v))
-        })
-        .collect();
     family(
         enc,
         "privatelink_api_auth_failures",
         "API requests refused for authentication: a missing or wrong token (refused), or from an address over its failure limit (rate_limited)",
         MetricType::Counter,
-        rows,
+        by_result(&[("refused", refused), ("rate_limited", limited)]),
     )?;
-    let log = s.src.reader.conn_log();
-    let rows = ["written", "lost", "uncounted"]
-        .iter()
-        .zip(log)
-        .map(|(result, v)| {
-            let l: Labels = vec![("result", result.to_string()), ("node", s.node_name())];
-            (l, counter(v))
-        })
-        .collect();
+    let [written, lost, uncounted] = s.src.reader.conn_log();
     family(
         enc,
         "privatelink_connection_log_records",
         "Connection-log records the datapath wrote to its ring buffer (written), lost to a full ring (lost), and logged connections without counters because the counter table was full (uncounted)",
         MetricType::Counter,
-        rows,
+        by_result(&[
+            ("written", written),
+            ("lost", lost),
+            ("uncounted", uncounted),
+        ]),
     )?;
     let [sent, acked, clamped] = s.src.reader.proxy();
     for (name, help, v) in [

@@ -447,6 +447,23 @@ fn three_nodes_share_one_etcd_and_apply_a_change_within_a_second() {
 fn nodes(w: &World) -> std::collections::BTreeMap<String, Value> {
     let (status, v) = api(&w.topo, ADMIN, "GET", "/v1/nodes", None);
     assert_eq!(status, 200, "{v}");
+    // Each row is what the document says a NodeStatus is: its required fields, no others.
+    let doc = serde_json::to_value(privatelink_agent::control::api::openapi()).unwrap();
+    let schema = &doc["components"]["schemas"]["NodeStatus"];
+    let props = schema["properties"]
+        .as_object()
+        .expect("NodeStatus properties");
+    for row in v["nodes"].as_array().unwrap() {
+        for k in row.as_object().unwrap().keys() {
+            assert!(
+                props.contains_key(k),
+                "{k} is not in the NodeStatus schema: {row}"
+            );
+        }
+        for r in schema["required"].as_array().unwrap() {
+            assert!(row.get(r.as_str().unwrap()).is_some(), "{r} missing: {row}");
+        }
+    }
     v["nodes"]
         .as_array()
         .unwrap()
