@@ -114,6 +114,30 @@ def fix_networks_and_subnets(body):
     return body
 
 
+def fix_endpoint_addresses(body):
+    """An endpoint's `ip`/`ipv6` fit its `ip_address_type`: ipv4 has no `ipv6`, ipv6 gives one of
+    the two, dualstack an IPv4 `ip` and an IPv6 `ipv6`."""
+    kind = body.get("ip_address_type")
+    ip, ip6 = _addr(body.get("ip")), _addr(body.get("ipv6"))
+    if kind == "ipv4":
+        body.pop("ipv6", None)
+    elif kind == "ipv6" and body.get("ip") is not None and body.get("ipv6") is not None:
+        del body["ipv6"]
+    elif kind == "dualstack":
+        if ip is not None and ip.version != 4:
+            del body["ip"]
+        if ip6 is not None and ip6.version != 6:
+            del body["ipv6"]
+    return body
+
+
+def _addr(v):
+    try:
+        return ipaddress.ip_address(v)
+    except (TypeError, ValueError):
+        return None
+
+
 @schemathesis.hook
 def map_case(context, case):
     """Positive bodies only (every phase): a negative one must stay as broken as it was made."""
@@ -121,5 +145,5 @@ def map_case(context, case):
     if meta is not None and meta.is_negative_at(ParameterLocation.BODY):
         return case
     if isinstance(case.body, dict):
-        case.body = fix_networks_and_subnets(fix_cross_field_rules(case.body))
+        case.body = fix_endpoint_addresses(fix_networks_and_subnets(fix_cross_field_rules(case.body)))
     return case

@@ -740,6 +740,37 @@ fn metrics_count_traffic_exactly_and_prometheus_scrapes_them() {
         "{text}"
     );
 
+    // A wrong token is counted; an account taken off the allowlist shows its connection
+    // Disconnected per service.
+    let (status, _) = api(&w.topo, "pl_not-a-token-0000", "GET", "/v1/revision", None);
+    assert_eq!(status, 401);
+    let (status, r) = api(
+        &w.topo,
+        &w.tokens[0],
+        "DELETE",
+        &format!("/v1/services/{}/allowlist/1000000002", w.svc),
+        None,
+    );
+    assert_eq!(status, 200, "{r}");
+    let text = node_get(&w.topo, "http://127.0.0.1:9464/metrics").expect("scrape");
+    assert!(
+        sample(
+            &text,
+            "privatelink_api_auth_failures_total",
+            &[("result", "refused")]
+        )
+        .is_some_and(|n| n >= 1.0),
+        "{text}"
+    );
+    let by_state = |st: &str| {
+        sample(&text, "privatelink_service_endpoints", &[("state", st)])
+            .unwrap_or_else(|| panic!("{st}:\n{text}"))
+    };
+    assert_eq!(
+        (by_state("Available"), by_state("Disconnected")),
+        (1.0, 1.0)
+    );
+
     // promtool accepts the exposition.
     let mut check = Command::new("promtool")
         .args(["check", "metrics"])

@@ -62,7 +62,7 @@ pub fn own<'s>(s: &'s State, caller: &Caller, id: &str) -> ApiResult<&'s Endpoin
 /// Returns them sorted by priority (evaluation order).
 fn bindings(s: &State, caller: &Caller, req: &[BindingReq]) -> ApiResult<Vec<Binding>> {
     if req.len() > validate::GROUPS_PER_ENDPOINT {
-        return Err(ApiError::invalid(
+        return Err(ApiError::conflicting(
             "too_many_security_groups",
             "security_groups",
             format!(
@@ -84,14 +84,14 @@ fn bindings(s: &State, caller: &Caller, req: &[BindingReq]) -> ApiResult<Vec<Bin
                 .with_field(format!("{field}.security_group_id")));
         }
         if !ids.insert(&b.security_group_id) {
-            return Err(ApiError::invalid(
+            return Err(ApiError::conflicting(
                 "duplicate_security_group",
                 field,
                 format!("{} is bound twice", b.security_group_id),
             ));
         }
         if !prios.insert(b.priority) {
-            return Err(ApiError::invalid(
+            return Err(ApiError::conflicting(
                 "duplicate_priority",
                 format!("{field}.priority"),
                 format!(
