@@ -679,6 +679,21 @@ async fn connections(
     p.read(|s| services::connections(s, &c, &id)).map(ok)
 }
 
+/// Accept, reject or remove a batch of connections: a result per item.
+async fn decide(
+    p: Plane,
+    c: Caller,
+    id: String,
+    req: services::EndpointIds,
+    d: services::Decision,
+) -> ApiResult<Response> {
+    mutate(p, c, move |s, cx| {
+        services::decide(s, cx, &id, req.clone(), d)
+    })
+    .await
+    .map(|r| ok(json!({ "results": r })))
+}
+
 #[utoipa::path(post, path = "/v1/services/{id}/accept", request_body = services::EndpointIds, params(("id" = String, Path, description = "object id")), responses((status = 200, body = Results, description = "Accept connections, a result per item"), (status = "4XX", body = ErrorBody, description = "error: stable code, message, offending field")), security(("bearer" = [])), summary = "Accept connections, a result per item")]
 async fn accept(
     State(p): State<Plane>,
@@ -686,11 +701,7 @@ async fn accept(
     P(id): P<String>,
     Body(req): Body<services::EndpointIds>,
 ) -> ApiResult<Response> {
-    mutate(p, c, move |s, cx| {
-        services::decide(s, cx, &id, req.clone(), services::Decision::Accept)
-    })
-    .await
-    .map(|r| ok(json!({ "results": r })))
+    decide(p, c, id, req, services::Decision::Accept).await
 }
 
 #[utoipa::path(post, path = "/v1/services/{id}/reject", request_body = services::EndpointIds, params(("id" = String, Path, description = "object id")), responses((status = 200, body = Results, description = "Reject connections, a result per item"), (status = "4XX", body = ErrorBody, description = "error: stable code, message, offending field")), security(("bearer" = [])), summary = "Reject connections, a result per item")]
@@ -700,11 +711,7 @@ async fn reject(
     P(id): P<String>,
     Body(req): Body<services::EndpointIds>,
 ) -> ApiResult<Response> {
-    mutate(p, c, move |s, cx| {
-        services::decide(s, cx, &id, req.clone(), services::Decision::Reject)
-    })
-    .await
-    .map(|r| ok(json!({ "results": r })))
+    decide(p, c, id, req, services::Decision::Reject).await
 }
 
 #[utoipa::path(post, path = "/v1/services/{id}/remove", request_body = services::EndpointIds, params(("id" = String, Path, description = "object id")), responses((status = 200, body = Results, description = "Remove rejected or disconnected connections from the service, a result per item (the consumers keep their endpoints, in state Removed)"), (status = "4XX", body = ErrorBody, description = "error: stable code, message, offending field")), security(("bearer" = [])), summary = "Remove connections, a result per item")]
@@ -714,11 +721,7 @@ async fn remove(
     P(id): P<String>,
     Body(req): Body<services::EndpointIds>,
 ) -> ApiResult<Response> {
-    mutate(p, c, move |s, cx| {
-        services::decide(s, cx, &id, req.clone(), services::Decision::Remove)
-    })
-    .await
-    .map(|r| ok(json!({ "results": r })))
+    decide(p, c, id, req, services::Decision::Remove).await
 }
 
 #[utoipa::path(post, path = "/v1/services/{id}/disallow", request_body = services::AllowRemoveReq, params(("id" = String, Path, description = "object id")), responses((status = 200, body = AccountResults, description = "Remove accounts from the allowlist, a result per item (their Available connections become Disconnected)"), (status = "4XX", body = ErrorBody, description = "error: stable code, message, offending field")), security(("bearer" = [])), summary = "Remove accounts from the allowlist, a result per item")]

@@ -194,6 +194,18 @@ mod tests {
     use super::*;
     use crate::control::monitoring::csv;
 
+    #[test]
+    fn the_history_file_is_created_for_its_owner_alone() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = std::env::temp_dir().join(format!("pl-history-mode-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("history.db");
+        let _h = History::open(&path).unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600, "{mode:o}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
     fn c(bytes: u64) -> Counters {
         Counters {
             fwd_bytes: bytes,

@@ -276,3 +276,37 @@ fn tls_serves_the_api_and_secrets_stay_private() {
     assert!(!api.dir.join("other.db").exists(), "nothing was created");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn token_rotation_revocation_and_account_deletion_are_in_the_audit_log() {
+    let api = ApiProcess::start("audit", None, &[]);
+    let admin = api.client(ADMIN);
+    admin.ok(
+        "POST",
+        "/v1/accounts",
+        serde_json::json!({ "id": "audited", "name": "audited" }),
+    );
+    let r = admin.ok(
+        "POST",
+        "/v1/accounts/audited/tokens/rotate",
+        serde_json::json!({ "grace_secs": 60 }),
+    );
+    let tok = r["previous"][0]["id"].as_str().unwrap().to_string();
+    let r = admin.call(
+        "DELETE",
+        &format!("/v1/accounts/audited/tokens/{tok}"),
+        None,
+    );
+    assert_eq!(r.status, 204, "{}", r.text);
+    assert_eq!(
+        admin.call("DELETE", "/v1/accounts/audited", None).status,
+        204
+    );
+    until(Duration::from_secs(5), "three audit lines", || {
+        let log = api.log();
+        log.contains("privatelink::audit")
+            && log.contains("account audited: token rotated")
+            && log.contains(&format!("token {tok} revoked"))
+            && log.contains("account audited deleted")
+    });
+}
