@@ -294,20 +294,32 @@ pub fn object_id(field: &str, v: &str) -> ApiResult<()> {
     }
 }
 
-/// The endpoint ids of a batch: at most 100, each an id.
-pub fn endpoint_ids(ids: &[String]) -> ApiResult<()> {
-    if ids.len() > 100 {
+/// Items of a batch request in field `field`: at most [`BATCH_MAX`] `what`, each passing `each`
+/// (which names `field[i]` in its error).
+pub fn batch(
+    field: &str,
+    what: &str,
+    items: &[String],
+    each: fn(&str, &str) -> ApiResult<()>,
+) -> ApiResult<()> {
+    if items.len() > BATCH_MAX {
         return Err(ApiError::invalid(
             "too_many_items",
-            "endpoint_ids",
-            format!("at most 100 endpoint ids per request, got {}", ids.len()),
+            field,
+            format!(
+                "at most {BATCH_MAX} {what} per request, got {}",
+                items.len()
+            ),
         ));
     }
-    for (i, id) in ids.iter().enumerate() {
-        object_id(&format!("endpoint_ids[{i}]"), id)?;
+    for (i, v) in items.iter().enumerate() {
+        each(&format!("{field}[{i}]"), v)?;
     }
     Ok(())
 }
+
+/// The most items a batch request (accept, reject, remove, disallow) takes.
+pub const BATCH_MAX: usize = 100;
 
 /// The admin token rule, for every place that reads one: the file's text is one token on one
 /// line (surrounding whitespace ignored) of at least 16 characters. Returns the token.

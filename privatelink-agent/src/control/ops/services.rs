@@ -334,11 +334,12 @@ pub fn delete(s: &State, cx: &mut Ctx, id: &str) -> Outcome<()> {
         .filter(|e| e.service_id == id && e.state != ConnectionState::Removed)
         .collect();
     if !held.is_empty() {
-        let count = |st: ConnectionState| held.iter().filter(|e| e.state == st).count();
         let states: Vec<String> = ConnectionState::ALL
             .iter()
-            .filter(|st| count(**st) > 0)
-            .map(|st| format!("{} {st:?}", count(*st)))
+            .filter_map(|st| {
+                let n = held.iter().filter(|e| e.state == *st).count();
+                (n > 0).then(|| format!("{n} {st:?}"))
+            })
             .collect();
         return Err(ApiError::conflict(
             "in_use",
@@ -414,35 +415,31 @@ pub fn allow(s: &State, cx: &mut Ctx, id: &str, req: AllowReq) -> Outcome<Servic
     Ok((changes, svc))
 }
 
-/// Removing an account stops its endpoints' traffic to the service (the datapath enforces it);
-/// adding it back restores the Available ones.
+/// Removing an account stops its endpoints' traffic to the service (they are Disconnected);
+/// adding it back makes them Available again.
 pub fn disallow(s: &State, cx: &mut Ctx, id: &str, account_id: &str) -> Outcome<Service> {
-    let svc = own(s, cx.caller, id)?.clone();
-    let (changes, svc) = without_account(s, svc, account_id)?;
+    let mut svc = own(s, cx.caller, id)?.clone();
+    let mut changes = without_account(s, &mut svc, account_id)?;
+    changes.push(Change::Put(Object::Service(svc.clone())));
     Ok((changes, svc))
 }
 
-/// `svc` without `account` on its allowlist, and that account's Available connections
-/// Disconnected (their traffic stops; Pending ones stay Pending and cannot be accepted).
-fn without_account(
-    s: &State,
-    mut svc: Service,
-    account: &str,
-) -> ApiResult<(Vec<Change>, Service)> {
+/// Takes `account` off `svc`'s allowlist; the changes that turn that account's Available
+/// connections Disconnected (their traffic stops; Pending ones stay Pending and cannot be
+/// accepted). The caller writes `svc`.
+fn without_account(s: &State, svc: &mut Service, account: &str) -> ApiResult<Vec<Change>> {
     let before = svc.allowlist.len();
     svc.allowlist.retain(|e| e.account_id != account);
     if svc.allowlist.len() == before {
         return Err(ApiError::not_found("allowlist entry", account));
     }
-    let mut changes = move_connections(
+    Ok(move_connections(
         s,
         &svc.id,
         account,
         |st| st == ConnectionState::Available && account != svc.owner,
         ConnectionState::Disconnected,
-    );
-    changes.push(Change::Put(Object::Service(svc.clone())));
-    Ok((changes, svc))
+    ))
 }
 
 /// Removes several accounts from the allowlist, a result per item; the ones that succeed are
@@ -454,29 +451,18 @@ pub fn disallow_many(
     req: AllowRemoveReq,
 ) -> Outcome<Vec<AccountResult>> {
     let mut svc = own(s, cx.caller, id)?.clone();
-    if req.account_ids.len() > 100 {
-        return Err(ApiError::invalid(
-            "too_many_items",
-            "account_ids",
-            format!(
-                "at most 100 accounts per request, got {}",
-                req.account_ids.len()
-            ),
-        ));
-    }
-    for (i, a) in req.account_ids.iter().enumerate() {
-        validate::account_id(&format!("account_ids[{i}]"), a)?;
-    }
+    validate::batch(
+        "account_ids",
+        "accounts",
+        &req.account_ids,
+        validate::account_id,
+    )?;
     let (mut changes, mut results) = (Vec::new(), Vec::new());
     for a in &req.account_ids {
-        match without_account(s, svc.clone(), a) {
-            Ok((c, next)) => {
-                // Later items see the earlier removals; the service is written once, last.
-                changes.extend(
-                    c.into_iter()
-                        .filter(|c| !matches!(c, Change::Put(Object::Service(_)))),
-                );
-                svc = next;
+        // Later items see the earlier removals; the service is written once, last.
+        match without_account(s, &mut svc, a) {
+            Ok(c) => {
+                changes.extend(c);
                 results.push(AccountResult {
                     account_id: a.clone(),
                     ok: true,
@@ -557,7 +543,12 @@ pub fn decide(
     decision: Decision,
 ) -> Outcome<Vec<ItemResult>> {
     let svc = own(s, cx.caller, id)?;
-    validate::endpoint_ids(&req.endpoint_ids)?;
+    validate::batch(
+        "endpoint_ids",
+        "endpoint ids",
+        &req.endpoint_ids,
+        validate::object_id,
+    )?;
     let mut changes = Vec::new();
     let mut results = Vec::new();
     let mut seen = BTreeSet::new();
