@@ -218,7 +218,7 @@ address = "{VIP}/24"
 
 /// Long-lived connections through the endpoint: `n` connections, each sending a line every
 /// `every` seconds (0.1 by default) and checking its echo, until the file `stop` appears (at most
-/// 60 s); then one JSON line: connections, rounds, how many broke (reset, closed, a wrong echo),
+/// 60 s), keeping the count of finished rounds in `stop.rounds`; then one JSON line: connections, rounds, how many broke (reset, closed, a wrong echo),
 /// how many of those were resets, and the longest wait for an echo.
 const HOLDER: &str = r#"
 import json, os, socket, sys, time
@@ -246,6 +246,9 @@ while not os.path.exists(stop) and time.time() < end:
             c[2] = False
         worst = max(worst, time.time() - t)
     rounds += 1
+    with open(stop + ".rounds.tmp", "w") as f:
+        f.write(str(rounds))
+    os.replace(stop + ".rounds.tmp", stop + ".rounds")
     time.sleep(every)
 print(json.dumps({"conns": n, "rounds": rounds, "broken": broken, "resets": resets, "worst_ms": int(worst * 1000)}))
 "#;
@@ -359,6 +362,16 @@ impl Holder {
             lines,
             stop,
         }
+    }
+
+    /// The rounds finished so far (0 before the first).
+    pub fn rounds(&self) -> u64 {
+        let mut p = self.stop.clone().into_os_string();
+        p.push(".rounds");
+        std::fs::read_to_string(p)
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(0)
     }
 
     /// Stops it; its summary.

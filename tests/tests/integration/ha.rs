@@ -84,10 +84,15 @@ fn a_standby_takes_over_when_the_active_node_crashes_and_a_returning_node_stands
     wait("B installs A's flows", Duration::from_secs(5), || {
         b.metric("privatelink_ha_flows_installed_total", &[]) >= Some(2.0 * CONNS as f64)
     });
-    std::thread::sleep(Duration::from_secs(1));
+    wait(
+        "the held connections carry 3 rounds",
+        Duration::from_secs(30),
+        || holder.rounds() >= 3,
+    );
 
     // The crash: A's agent killed and its interfaces gone at once.
     let t0 = Instant::now();
+    let rounds_before = holder.rounds();
     a.agent = None;
     a.links(false);
     let took = wait(
@@ -111,6 +116,13 @@ fn a_standby_takes_over_when_the_active_node_crashes_and_a_returning_node_stands
         String::from_utf8_lossy(&iperf.stdout),
         String::from_utf8_lossy(&iperf.stderr)
     );
+    // Every held connection carries more rounds through B (a slow machine makes fewer rounds, not
+    // fewer after the takeover).
+    wait(
+        "the held connections carry 5 rounds after the takeover",
+        Duration::from_secs(30),
+        || holder.rounds() >= rounds_before + 6,
+    );
     let summary = holder.finish();
     // UDP requests go unanswered only inside the takeover window.
     let u = udp.finish();
@@ -124,7 +136,6 @@ fn a_standby_takes_over_when_the_active_node_crashes_and_a_returning_node_stands
     );
     eprintln!("long-lived connections across the takeover: {summary}");
     assert_eq!(summary["broken"], 0, "{summary}\n{}", b.log());
-    assert!(summary["rounds"].as_u64().unwrap() > 20, "{summary}");
     assert_eq!(
         b.metric("privatelink_ha_flows_refused_total", &[("reason", "nat")]),
         Some(0.0)
@@ -147,7 +158,12 @@ fn a_standby_takes_over_when_the_active_node_crashes_and_a_returning_node_stands
         a.metric("privatelink_ha_flows_installed_total", &[]) >= Some(1.0)
     });
     let holder = Holder::start(client, &root, "drain", CONNS);
-    std::thread::sleep(Duration::from_millis(500));
+    wait(
+        "the held connections carry 3 rounds",
+        Duration::from_secs(30),
+        || holder.rounds() >= 3,
+    );
+    let rounds_before = holder.rounds();
     let drained = Command::new("nsenter")
         .arg(format!("--net=/run/netns/{}", b.ns.name()))
         .arg(agent_bin("privatelink-agent"))
@@ -167,7 +183,11 @@ fn a_standby_takes_over_when_the_active_node_crashes_and_a_returning_node_stands
     wait("A active after the drain", Duration::from_secs(3), || {
         a.active() && !b.active()
     });
-    std::thread::sleep(Duration::from_secs(1));
+    wait(
+        "the held connections carry 5 rounds after the drain",
+        Duration::from_secs(30),
+        || holder.rounds() >= rounds_before + 6,
+    );
     let summary = holder.finish();
     eprintln!("long-lived connections across the drain: {summary}");
     assert_eq!(summary["broken"], 0, "{summary}\n{}\n{}", a.log(), b.log());
