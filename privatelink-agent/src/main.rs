@@ -210,6 +210,8 @@ fn main() -> Result<()> {
                 idle_timeout_secs,
                 max_connections,
                 auth_failures_per_minute,
+                // Not a node: it reports nothing, so nothing to advertise.
+                advertise: None,
             }
             .serving("api")?;
             let cluster = privatelink_agent::control::types::Cluster { region, dns_zone };

@@ -183,7 +183,8 @@ admin_token_file = "{dir}/admin-token"
 resync_interval = 1
 bpffs = "{dir}/bpffs/privatelink"
 [api]
-listen = "{API}"
+listen = "0.0.0.0:{port}"
+advertise = "http://198.18.100.{me}:{port}"
 [store]
 path = "{dir}/state.db"
 etcd = ["{etcd}"]
@@ -212,6 +213,7 @@ address = "{VIP}/24"
         consumer = vpcs[1].0,
         provider = vpcs[0].0,
         key = key.display(),
+        port = API.rsplit_once(':').unwrap().1,
     );
     std::fs::write(n.dir.join("agent.toml"), cfg).unwrap();
 }
@@ -387,8 +389,13 @@ impl Holder {
 /// backend namespace running python's HTTP server on 8080, a socat echo on 9000 and an iperf3
 /// server on 5201, a socat UDP echo on 9001), one etcd; the nodes share the NAT range 198.19.128.0/24, which the backend
 /// routes through the moving address. A service maps tcp 80, 81, 5201 and udp 9001 to them, and one
-/// endpoint at `ENDPOINT` answers through node A, which is active; B stands by.
+/// endpoint at `ENDPOINT` answers through node A, which is active; B stands by. Each node's API
+/// listens on every address and advertises its provider-segment address to the other servers.
 pub struct Group {
+    pub provider_token: String,
+    pub consumer_token: String,
+    pub service: String,
+    pub endpoint: String,
     pub nodes: [Node; 2],
     pub client: Netns,
     _servers: Vec<Proc>,
@@ -492,7 +499,7 @@ impl Group {
             &format!("/v1/services/{svc}/allowlist"),
             json!({ "account_id": "1000000001" }),
         );
-        a.post(
+        let endpoint = a.post(
             cons,
             "/v1/endpoints",
             json!({ "name": "web", "service_id": svc, "network_id": p.vpcs[1].0,
@@ -504,6 +511,10 @@ impl Group {
             || curl(&client, Duration::from_secs(1)) == 200,
         );
         Group {
+            provider_token: prov.clone(),
+            consumer_token: cons.clone(),
+            endpoint: endpoint["id"].as_str().unwrap().to_string(),
+            service: svc,
             nodes: [a, b],
             client,
             _servers: vec![web, echo, iperf, udp],

@@ -42,15 +42,6 @@ impl FromRequestParts<Plane> for Auth {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, plane: &Plane) -> Result<Self, ApiError> {
-        // The scheme is case-insensitive (RFC 9110 §11.1): `bearer`, `BEARER` are `Bearer`.
-        let bearer = parts
-            .headers
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| {
-                let (scheme, token) = v.split_once(' ')?;
-                scheme.eq_ignore_ascii_case("bearer").then_some(token)
-            });
         // Failed authentication is limited per client address (the server puts it on each
         // request; a router driven without one is not limited).
         let peer = parts
@@ -61,12 +52,45 @@ impl FromRequestParts<Plane> for Auth {
         if let Some(ip) = peer {
             limiter.check(ip)?;
         }
-        plane.authenticate(bearer).map(Auth).inspect_err(|_| {
-            if let Some(ip) = peer {
-                limiter.failed(ip);
-            }
-        })
+        let token = credential(&parts.headers, plane);
+        token
+            .and_then(|t| plane.authenticate(t.as_deref()))
+            .map(Auth)
+            .inspect_err(|e| {
+                // A missing CSRF token is not a guess at a credential.
+                if let Some(ip) = peer
+                    && e.code != "csrf"
+                {
+                    limiter.failed(ip);
+                }
+            })
     }
+}
+
+/// The token a request presents: its bearer token, or the token of the console session its
+/// cookie names when it carries that session's CSRF token. A bearer token wins over a cookie.
+pub fn credential(
+    headers: &axum::http::HeaderMap,
+    plane: &Plane,
+) -> Result<Option<String>, ApiError> {
+    // The scheme is case-insensitive (RFC 9110 §11.1): `bearer`, `BEARER` are `Bearer`.
+    let bearer = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| {
+            let (scheme, token) = v.split_once(' ')?;
+            scheme.eq_ignore_ascii_case("bearer").then_some(token)
+        });
+    if let Some(b) = bearer {
+        return Ok(Some(b.to_string()));
+    }
+    let Some(id) = crate::control::session::cookie(headers, crate::control::session::COOKIE) else {
+        return Ok(None);
+    };
+    let csrf = headers
+        .get(crate::control::session::CSRF_HEADER)
+        .and_then(|v| v.to_str().ok());
+    plane.sessions().token(&id, csrf).map(Some)
 }
 
 /// Runs a mutation on the blocking pool (a commit waits for fsync, or for etcd). When another
@@ -958,12 +982,16 @@ pub enum HistoryKind {
 pub struct HistoryQuery {
     /// `realtime` (last hour, 10 s), `24h`, `7d` (1 h), or `FROM..TO` (unix seconds or RFC 3339).
     pub period: Option<String>,
-    /// `10s`, `1h` or `1d`.
+    /// `10s`, `1m` (realtime only), `1h` or `1d`.
     pub granularity: Option<String>,
-    /// Start of a second period of the same length, returned side by side.
+    /// Start of a second period of the same length (unix seconds or RFC 3339), returned side by
+    /// side.
     pub compare_to: Option<String>,
     /// `json` (default) or `csv`.
     pub format: Option<String>,
+    /// `true`: only this node's own points (what one API server asks another); by default the
+    /// points of every node that publishes where its API answers, summed.
+    pub local: Option<bool>,
 }
 
 #[derive(Serialize, utoipa::ToSchema)]
@@ -977,6 +1005,8 @@ pub struct HistoryView {
     /// The comparison period, when asked for.
     #[serde(skip_serializing_if = "Option::is_none")]
     compare: Option<HistoryWindow>,
+    /// The nodes whose points are summed here, and any that could not be read.
+    sources: Vec<crate::control::history::Source>,
 }
 
 /// A second window of history, side by side with the first.
@@ -991,6 +1021,7 @@ pub struct HistoryWindow {
 async fn history(
     State(p): State<Plane>,
     Auth(c): Auth,
+    headers: axum::http::HeaderMap,
     P((kind, id)): P<(HistoryKind, String)>,
     Q(q): Q<HistoryQuery>,
 ) -> ApiResult<Response> {
@@ -1004,13 +1035,6 @@ async fn history(
             "service".to_string()
         }
     };
-    let h = p.node_local().ok_or_else(|| {
-        ApiError::new(
-            404,
-            "no_history",
-            "this server keeps no monitoring history (only agents do)",
-        )
-    })?;
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
@@ -1024,55 +1048,62 @@ async fn history(
     let compare = match &q.compare_to {
         None => None,
         Some(from) => {
-            let spec = format!(
-                "{from}..{}",
-                from.parse::<u64>()
-                    .map(|f| (f + period.duration_secs()).to_string())
-                    .unwrap_or_default()
-            );
-            let g = match period.granularity {
-                10 => "10s",
-                3600 => "1h",
-                _ => "1d",
-            };
+            let bad = |m: String| ApiError::invalid("invalid_period", "compare_to", m);
+            let from = crate::control::monitoring::time(from)
+                .map_err(|m| bad(format!("compare_to is unix seconds or RFC 3339: {m}")))?;
+            let spec = format!("{from}..{}", from + period.duration_secs());
             Some(
-                crate::control::monitoring::Period::parse(&spec, Some(g), now).map_err(|m| {
-                    ApiError::invalid(
-                        "invalid_period",
-                        "compare_to",
-                        format!("compare_to is unix seconds: {m}"),
-                    )
-                })?,
+                crate::control::monitoring::Period::parse(
+                    &spec,
+                    Some(period.granularity_name()),
+                    now,
+                )
+                .map_err(|m| bad(format!("compare_to: {m}")))?,
             )
         }
     };
-    let view = tokio::task::spawn_blocking(move || -> Result<HistoryView, String> {
-        let query = |per: &crate::control::monitoring::Period| {
-            h.history(&kind, &id, per)
-                .unwrap_or_else(|| Err("this node keeps no monitoring history".into()))
+    // Checked by `Auth` already: the token other nodes are asked with.
+    let token = credential(&headers, &p)?.unwrap_or_default();
+    let local_only = q.local.unwrap_or(false);
+    let plane = p.clone();
+    let (view, gathered) = tokio::task::spawn_blocking(move || {
+        let ask = crate::control::history::Ask {
+            kind: &kind,
+            id: &id,
+            period: &period,
+            compare: compare.as_ref(),
+            token: &token,
+            local_only,
         };
-        let mk = |per: &crate::control::monitoring::Period, points| HistoryView {
-            kind: kind.clone(),
-            id: id.clone(),
-            granularity_secs: per.granularity,
-            from: per.from,
-            to: per.to,
-            points,
-            compare: None,
-        };
-        let mut v = mk(&period, query(&period)?);
-        if let Some(c) = &compare {
-            v.compare = Some(HistoryWindow {
-                from: c.from,
-                to: c.to,
-                points: query(c)?,
-            });
-        }
-        Ok(v)
+        let g = crate::control::history::gather(&plane, &ask)?;
+        Ok::<_, ApiError>((
+            HistoryView {
+                kind: kind.clone(),
+                id: id.clone(),
+                granularity_secs: period.granularity,
+                from: period.from,
+                to: period.to,
+                points: Vec::new(),
+                compare: None,
+                sources: Vec::new(),
+            },
+            g,
+        ))
     })
     .await
-    .map_err(|e| ApiError::new(500, "internal", e.to_string()))?
-    .map_err(|e| ApiError::new(503, "history_unavailable", e))?;
+    .map_err(|e| ApiError::new(500, "internal", e.to_string()))??;
+    let view = HistoryView {
+        points: gathered.points,
+        compare: compare
+            .zip(gathered.compare)
+            .map(|(c, points)| HistoryWindow {
+                from: c.from,
+                to: c.to,
+                points,
+            }),
+        sources: gathered.sources,
+        ..view
+    };
     if q.format.as_deref() == Some("csv") {
         let text = crate::control::monitoring::csv(
             &view.points,
@@ -1496,7 +1527,8 @@ async fn state_headers(
     r
 }
 
-/// The API routes, `/openapi.json` and a JSON 404 for anything else.
+/// The API routes, `/openapi.json`, the console (`/`, `/console/…`) and a JSON 404 for anything
+/// else.
 pub fn router(plane: Plane) -> Router {
     let (router, doc) = routes().split_for_parts();
     let doc = Arc::new(contract(doc));
@@ -1515,6 +1547,7 @@ pub fn router(plane: Plane) -> Router {
         .with_state(plane.clone());
     // Outside the routes, so that a 405 already carries its `Allow` when it is made JSON.
     Router::new()
+        .merge(super::console::router().with_state(plane.clone()))
         .fallback_service(api)
         .layer(axum::middleware::from_fn(super::http::json_errors))
         .layer(axum::middleware::from_fn_with_state(plane, state_headers))

@@ -1,12 +1,12 @@
 //! The monitoring vocabulary the API serves: the tiers a node keeps, periods to read, points and
 //! their CSV form. The history store of a node runtime keeps the points; the API
 //! reads them through [`super::local::NodeLocal`].
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 pub const TIERS: [(u64, u64); 3] = [(10, 3600), (3600, 7 * 86_400), (86_400, 30 * 86_400)];
 
 /// One bucket of history: traffic within it, and the most connections seen live.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Point {
     /// Bucket start, unix seconds.
     pub ts: u64,
@@ -29,7 +29,7 @@ pub struct Period {
 }
 
 /// Parses a time: unix seconds or RFC 3339.
-fn time(s: &str) -> Result<u64, String> {
+pub fn time(s: &str) -> Result<u64, String> {
     if let Ok(n) = s.parse::<u64>() {
         return Ok(n);
     }
@@ -46,9 +46,10 @@ impl Period {
         let g = match granularity {
             None => None,
             Some("10s") => Some(10),
+            Some("1m") => Some(60),
             Some("1h") => Some(3600),
             Some("1d") => Some(86_400),
-            Some(other) => return Err(format!("granularity {other:?}: use 10s, 1h or 1d")),
+            Some(other) => return Err(format!("granularity {other:?}: use 10s, 1m, 1h or 1d")),
         };
         let (from, to, default_g) = match period {
             // Windows hold whole buckets: the one starting a full window ago has aged out.
@@ -69,7 +70,7 @@ impl Period {
         let granularity = g.unwrap_or(default_g);
         let kept = TIERS
             .iter()
-            .find(|t| t.0 == granularity)
+            .find(|t| t.0 == Self::tier_of(granularity))
             .map(|t| t.1)
             .unwrap_or(0);
         if from <= now.saturating_sub(kept) {
@@ -90,6 +91,24 @@ impl Period {
         })
     }
 
+    /// The stored tier a granularity is read from (1 min is six 10 s buckets).
+    fn tier_of(granularity: u64) -> u64 {
+        if granularity == 60 { 10 } else { granularity }
+    }
+
+    /// The same period at the granularity a node stores: what to read before [`roll_up`].
+    pub fn stored(&self) -> Period {
+        Period {
+            granularity: Self::tier_of(self.granularity),
+            ..*self
+        }
+    }
+
+    /// The granularity's name as the API takes it.
+    pub fn granularity_name(&self) -> &'static str {
+        granularity_name(self.granularity)
+    }
+
     /// Seconds the period spans (never zero: parsing refuses FROM >= TO).
     pub fn duration_secs(&self) -> u64 {
         self.to - self.from
@@ -99,9 +118,55 @@ impl Period {
 fn granularity_name(g: u64) -> &'static str {
     match g {
         10 => "10s",
+        60 => "1m",
         3600 => "1h",
         _ => "1d",
     }
+}
+
+/// Points of a finer granularity gathered into buckets of `granularity` seconds: traffic summed,
+/// the most connections the largest seen in any of them.
+pub fn roll_up(points: &[Point], granularity: u64) -> Vec<Point> {
+    let mut out: Vec<Point> = Vec::new();
+    for p in points {
+        let ts = p.ts - p.ts % granularity;
+        match out.last_mut() {
+            Some(last) if last.ts == ts => {
+                last.fwd_bytes += p.fwd_bytes;
+                last.rev_bytes += p.rev_bytes;
+                last.fwd_packets += p.fwd_packets;
+                last.rev_packets += p.rev_packets;
+                last.new_connections += p.new_connections;
+                last.drops += p.drops;
+                last.max_active_connections =
+                    last.max_active_connections.max(p.max_active_connections);
+            }
+            _ => out.push(Point { ts, ..p.clone() }),
+        }
+    }
+    out
+}
+
+/// Another node's points for the same buckets added in: traffic summed, and the most connections
+/// summed too (each node's peak in the bucket: at most the cluster's peak, never less than any
+/// node's).
+pub fn add(into: &mut Vec<Point>, other: &[Point]) {
+    let mut by_ts: std::collections::BTreeMap<u64, Point> =
+        into.drain(..).map(|p| (p.ts, p)).collect();
+    for p in other {
+        let q = by_ts.entry(p.ts).or_insert_with(|| Point {
+            ts: p.ts,
+            ..Point::default()
+        });
+        q.fwd_bytes += p.fwd_bytes;
+        q.rev_bytes += p.rev_bytes;
+        q.fwd_packets += p.fwd_packets;
+        q.rev_packets += p.rev_packets;
+        q.new_connections += p.new_connections;
+        q.drops += p.drops;
+        q.max_active_connections += p.max_active_connections;
+    }
+    into.extend(by_ts.into_values());
 }
 
 /// CSV of points (RFC 4180, header first); with `compare`, the second period's points side by
@@ -153,4 +218,61 @@ pub fn csv(points: &[Point], compare: Option<&[Point]>) -> String {
         let _ = w.write_record(&r);
     }
     String::from_utf8(w.into_inner().unwrap_or_default()).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pt(ts: u64, bytes: u64, active: u64) -> Point {
+        Point {
+            ts,
+            fwd_bytes: bytes,
+            rev_bytes: 2 * bytes,
+            fwd_packets: 1,
+            rev_packets: 1,
+            new_connections: 1,
+            drops: 0,
+            max_active_connections: active,
+        }
+    }
+
+    #[test]
+    fn a_minute_is_six_ten_second_buckets_and_nodes_add_up() {
+        let now = 1_800_000_000;
+        let p = Period::parse("realtime", Some("1m"), now).unwrap();
+        assert_eq!((p.granularity, p.stored().granularity), (60, 10));
+        assert_eq!(p.granularity_name(), "1m");
+        assert!(
+            Period::parse("24h", Some("1m"), now).is_err(),
+            "10 s points are kept an hour"
+        );
+        assert!(Period::parse("realtime", Some("5m"), now).is_err());
+        let tens: Vec<Point> = (0..9).map(|i| pt(600 + i * 10, 100, i)).collect();
+        let mins = roll_up(&tens, 60);
+        assert_eq!(mins.len(), 2);
+        assert_eq!(
+            (mins[0].ts, mins[0].fwd_bytes, mins[0].rev_bytes),
+            (600, 600, 1200)
+        );
+        assert_eq!(
+            (mins[0].new_connections, mins[0].max_active_connections),
+            (6, 5)
+        );
+        assert_eq!(
+            (
+                mins[1].ts,
+                mins[1].fwd_bytes,
+                mins[1].max_active_connections
+            ),
+            (660, 300, 8)
+        );
+        let mut a = vec![pt(600, 1, 2), pt(660, 1, 1)];
+        add(&mut a, &[pt(660, 5, 3), pt(720, 7, 1)]);
+        let got: Vec<(u64, u64, u64)> = a
+            .iter()
+            .map(|p| (p.ts, p.fwd_bytes, p.max_active_connections))
+            .collect();
+        assert_eq!(got, [(600, 1, 2), (660, 6, 4), (720, 7, 1)]);
+    }
 }

@@ -74,6 +74,8 @@ pub struct ControlPlane {
     store_reachable: std::sync::atomic::AtomicBool,
     /// Failed authentication per client address.
     auth_limiter: super::authlimit::AuthLimiter,
+    /// Console sessions signed in at this server.
+    sessions: super::session::Sessions,
 }
 
 /// How long a refused commit waits for the store's follower to bring the state to the store's
@@ -122,6 +124,7 @@ impl ControlPlane {
             cluster: Cluster::default(),
             store_reachable: std::sync::atomic::AtomicBool::new(true),
             auth_limiter: Default::default(),
+            sessions: Default::default(),
         })
     }
 
@@ -157,6 +160,11 @@ impl ControlPlane {
     /// Failed authentications by client address, and their counts.
     pub fn auth_limiter(&self) -> &super::authlimit::AuthLimiter {
         &self.auth_limiter
+    }
+
+    /// Console sessions signed in at this server.
+    pub fn sessions(&self) -> &super::session::Sessions {
+        &self.sessions
     }
 
     /// Who a bearer token belongs to.
@@ -310,6 +318,7 @@ impl ControlPlane {
                     revision: r.revision,
                     reported_at: r.reported_at,
                     ha,
+                    api: r.api,
                 }
             })
             .collect())

@@ -57,6 +57,9 @@ pub struct Serving {
     pub tls: Option<(std::path::PathBuf, std::path::PathBuf)>,
     /// Failed authentications per client address and minute before it is refused (0: no limit).
     pub auth_failures_per_minute: u32,
+    /// The URL other API servers reach this one at (a node publishes it with its reports, so that
+    /// any server can sum a link's history over the nodes that carried it).
+    pub advertise: Option<String>,
 }
 
 impl Serving {
@@ -80,6 +83,34 @@ impl Serving {
             log::warn!("{w}");
         }
         Ok((listener, tls))
+    }
+}
+
+/// The URL to advertise: the one configured (checked: `http://` or `https://`, a host, no path
+/// beyond `/`), else the listen address when other hosts can reach it (not loopback, not
+/// unspecified), else none.
+pub fn advertised(
+    configured: Option<&str>,
+    listen: SocketAddr,
+    tls: bool,
+) -> Result<Option<String>, String> {
+    match configured {
+        Some(u) => {
+            let rest = u
+                .strip_prefix("http://")
+                .or_else(|| u.strip_prefix("https://"))
+                .ok_or_else(|| format!("{u:?}: an http:// or https:// URL"))?;
+            let host = rest.strip_suffix('/').unwrap_or(rest);
+            if host.is_empty() || host.contains(['/', '?', '#', '@', ' ']) {
+                return Err(format!("{u:?}: scheme and host[:port] only"));
+            }
+            Ok(Some(format!("{}{host}", &u[..u.len() - rest.len()])))
+        }
+        None if listen.ip().is_loopback() || listen.ip().is_unspecified() => Ok(None),
+        None => Ok(Some(format!(
+            "{}://{listen}",
+            if tls { "https" } else { "http" }
+        ))),
     }
 }
 
@@ -143,8 +174,13 @@ pub fn plain_http_warning(addr: SocketAddr, tls: bool) -> Option<String> {
     })
 }
 
+/// Whether a request came over TLS (a request extension set by the server): the console's cookie
+/// is then `Secure`.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct OverTls(pub bool);
+
 /// Serves `app` on `listener` until the task is dropped. Each request carries the peer address
-/// (`ConnectInfo<SocketAddr>`) and the body timeout.
+/// (`ConnectInfo<SocketAddr>`), the body timeout and whether it came over TLS ([`OverTls`]).
 pub async fn serve(
     listener: TcpListener,
     app: Router,
@@ -172,12 +208,12 @@ pub async fn serve(
         tokio::spawn(async move {
             let _permit = permit;
             match tls {
-                None => connection(stream, peer, app, &limits).await,
+                None => connection(stream, peer, app, &limits, false).await,
                 Some(acceptor) => {
                     match tokio::time::timeout(limits.header_read_timeout, acceptor.accept(stream))
                         .await
                     {
-                        Ok(Ok(s)) => connection(s, peer, app, &limits).await,
+                        Ok(Ok(s)) => connection(s, peer, app, &limits, true).await,
                         Ok(Err(e)) => log::debug!("API: TLS handshake with {peer} failed: {e}"),
                         Err(_) => log::debug!("API: TLS handshake with {peer} timed out"),
                     }
@@ -218,7 +254,7 @@ impl Drop for InFlight {
     }
 }
 
-async fn connection<I>(io: I, peer: SocketAddr, app: Router, limits: &Limits)
+async fn connection<I>(io: I, peer: SocketAddr, app: Router, limits: &Limits, tls: bool)
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -234,6 +270,7 @@ where
         let guard = InFlight(seen.clone());
         req.extensions_mut().insert(ConnectInfo(peer));
         req.extensions_mut().insert(body_timeout);
+        req.extensions_mut().insert(OverTls(tls));
         let app = app.clone();
         async move {
             let r = tower::ServiceExt::oneshot(app, req).await;

@@ -74,6 +74,9 @@ pub struct NodeReport {
     pub revision: u64,
     /// When it reported (unix seconds).
     pub reported_at: u64,
+    /// Where its API answers other servers (its history is read there).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api: Option<String>,
 }
 
 /// A node as the cluster sees it (`GET /v1/nodes`).
@@ -94,6 +97,9 @@ pub struct NodeStatus {
     /// Its high-availability group and role, for a node of a group.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ha: Option<HaRole>,
+    /// Where its API answers other servers, when it says.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api: Option<String>,
 }
 
 #[derive(

@@ -224,6 +224,10 @@ pub struct ApiConfig {
     /// Failed authentications a client address may have per minute before its requests are
     /// refused (429) for the rest of that minute; 0: no limit.
     pub auth_failures_per_minute: u32,
+    /// The URL other API servers reach this node's API at (`http://198.18.0.1:7070`), published
+    /// with the node's reports so that any server sums a link's history over every node that
+    /// carried it; by default `listen` when it is neither loopback nor unspecified.
+    pub advertise: Option<String>,
 }
 
 impl Default for ApiConfig {
@@ -238,6 +242,7 @@ impl Default for ApiConfig {
             idle_timeout_secs: l.idle_timeout.as_secs(),
             max_connections: l.max_connections,
             auth_failures_per_minute: crate::control::authlimit::AuthLimiter::MAX_FAILURES,
+            advertise: None,
         }
     }
 }
@@ -274,6 +279,12 @@ impl ApiConfig {
                 idle_timeout: secs("idle_timeout_secs", self.idle_timeout_secs)?,
                 max_connections: self.max_connections,
             },
+            advertise: crate::control::serve::advertised(
+                self.advertise.as_deref(),
+                self.listen,
+                tls.is_some(),
+            )
+            .map_err(|m| err(format!("{key}.advertise"), m))?,
             tls,
             auth_failures_per_minute: self.auth_failures_per_minute,
         })

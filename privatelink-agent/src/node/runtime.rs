@@ -516,6 +516,7 @@ impl Node {
             reported_at: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs()),
+            api: self.settings.api.advertise.clone(),
         };
         // Listed by this node's own API at once, even while the shared store is unreachable.
         facts.set_report(report.clone());

@@ -12,7 +12,7 @@ use privatelink_tests::{
     group::{Group, Holder, UdpProbe, curl, wait},
     privileged,
 };
-use serde_json::Value;
+use serde_json::{Value, json};
 
 /// Node A crashes (its agent killed, its interfaces gone): node B takes the group over. The
 /// flows A carried go on through B (B installed A's conntrack as A sent it): long-lived echo
@@ -26,6 +26,12 @@ fn a_standby_takes_over_when_the_active_node_crashes_and_a_returning_node_stands
     }
     let mut g = Group::build("ha");
     let root = g.root.clone();
+    let (provider, consumer, service, endpoint) = (
+        g.provider_token.clone(),
+        g.consumer_token.clone(),
+        g.service.clone(),
+        g.endpoint.clone(),
+    );
     let Group {
         nodes: [a, b],
         client,
@@ -193,6 +199,53 @@ fn a_standby_takes_over_when_the_active_node_crashes_and_a_returning_node_stands
     assert_eq!(summary["broken"], 0, "{summary}\n{}\n{}", a.log(), b.log());
     assert_eq!(curl(client, Duration::from_secs(1)), 200);
     assert!(b.log().contains("handed over to node-a"), "{}", b.log());
+    // Monitoring from anywhere: each node's API sums a link's history over both nodes (each asked
+    // with the caller's token), and it equals what each node keeps alone.
+    for (token, kind, id) in [
+        (&provider, "service", &service),
+        (&consumer, "endpoint", &endpoint),
+    ] {
+        let total = |v: &Value| -> u64 {
+            v["points"].as_array().map_or(0, |p| {
+                p.iter().map(|p| p["fwd_bytes"].as_u64().unwrap()).sum()
+            })
+        };
+        let path = format!("/v1/history/{kind}/{id}?period=realtime&granularity=1m");
+        let mut last = Value::Null;
+        wait(
+            &format!("the {kind}'s history summed over both nodes"),
+            Duration::from_secs(40),
+            || {
+                let (sa, own_a) = a.api(token, "GET", &format!("{path}&local=true"), None);
+                let (sb, own_b) = b.api(token, "GET", &format!("{path}&local=true"), None);
+                let (sx, from_b) = b.api(token, "GET", &path, None);
+                let (sy, from_a) = a.api(token, "GET", &path, None);
+                let ok = [sa, sb, sx, sy] == [200; 4]
+                    && total(&own_a) > 0
+                    && total(&own_b) > 0
+                    && total(&from_b) == total(&own_a) + total(&own_b)
+                    && total(&from_a) == total(&from_b)
+                    && from_b["sources"]
+                        .as_array()
+                        .is_some_and(|s| s.len() == 2 && s.iter().all(|s| s["ok"] == true));
+                last = json!({ "a": own_a, "b": own_b, "summed_by_b": from_b });
+                ok
+            },
+        );
+        assert_eq!(last["summed_by_b"]["granularity_secs"], 60, "{last}");
+        // Another tenant's token is refused by the server asked, before any node is asked.
+        let (status, _) = b.api(
+            &provider,
+            "GET",
+            &format!("/v1/history/endpoint/{endpoint}"),
+            None,
+        );
+        assert_eq!(
+            status, 404,
+            "the provider cannot read the consumer's endpoint history"
+        );
+    }
+
     // The cluster view says who is active in the group.
     let roles = || {
         let (_, v) = a.api(privatelink_tests::world::ADMIN, "GET", "/v1/nodes", None);
