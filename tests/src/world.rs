@@ -109,6 +109,29 @@ pub fn api_in(
     })
 }
 
+/// A GET of the agent's API from the node namespace: status and body as text (CSV exports).
+pub fn api_text(topo: &Topology, token: &str, path: &str) -> (u16, String) {
+    let (token, url) = (token.to_string(), format!("http://{API}{path}"));
+    topo.node.enter(move || {
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(Duration::from_secs(10)))
+            .build()
+            .into();
+        match agent
+            .get(&url)
+            .header("Authorization", &format!("Bearer {token}"))
+            .call()
+        {
+            Ok(mut r) => (
+                r.status().as_u16(),
+                r.body_mut().read_to_string().unwrap_or_default(),
+            ),
+            Err(_) => (0, String::new()),
+        }
+    })
+}
+
 pub fn ok(topo: &Topology, token: &str, path: &str, body: Value) -> Value {
     let (status, v) = api(topo, token, "POST", path, Some(body.clone()));
     assert!(

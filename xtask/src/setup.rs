@@ -35,6 +35,9 @@ pub const PACKAGES: &[&str] = &[
     "dnsmasq-base",
     "protobuf-compiler",
     "libprotobuf-dev",
+    "chromium",
+    "chromium-driver",
+    "fonts-dejavu-core",
 ];
 
 fn step(name: &str, what: impl std::fmt::Display) {

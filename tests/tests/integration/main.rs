@@ -7,6 +7,7 @@ mod api;
 mod bench_programs;
 mod cli;
 mod connlog;
+mod console;
 mod contract;
 mod datapath;
 mod datapath6;

@@ -191,7 +191,8 @@ function results(out, res, key) {
 // ---- lists --------------------------------------------------------------------------------------
 
 // A list page: search, filters, chosen columns, paging and CSV export over an API list.
-function list({ key, title, path, exportPath, columns, defaults, link, filters, toolbar, select }) {
+// `exportable`: the fields the CSV export takes (times as `created_at`, Unix seconds).
+function list({ key, title, path, exportPath, exportable, columns, defaults, link, filters, toolbar, select }) {
   const saved = JSON.parse(localStorage.getItem('cols:' + key) || 'null');
   const st = { search: '', page: 1, per_page: 25, cols: saved || defaults, filter: {} };
   const body = h('div');
@@ -246,7 +247,8 @@ function list({ key, title, path, exportPath, columns, defaults, link, filters, 
       render();
     } catch (e) { err.textContent = e.message; }
   }
-  const exp = exportPath ? action('Export CSV', () => download(`${exportPath}?fields=${enc(st.cols.join(','))}` + (st.search ? `&search=${enc(st.search)}` : ''), `${key}.csv`)) : null;
+  const exportFields = () => st.cols.map((c) => (c === 'created_time' ? 'created_at' : c)).filter((c) => exportable.includes(c));
+  const exp = exportPath ? action('Export CSV', () => download(`${exportPath}?fields=${enc(exportFields().join(','))}` + (st.search ? `&search=${enc(st.search)}` : ''), `${key}.csv`)) : null;
   load();
   return {
     el: h('div', {}, h('h1', {}, title), h('div', { class: 'toolbar' }, search, filterEls, colBox, h('span', { class: 'grow' }), exp, toolbar || null), err, body, h('div', { class: 'toolbar' }, prev, next, per, info)),
@@ -356,6 +358,7 @@ const SERVICE_COLS = ['id', 'name', 'service_type', 'service_name', 'network_id'
 function servicesPage() {
   const l = list({
     key: 'services', title: 'Endpoint services', path: '/v1/services', exportPath: '/v1/export/services.csv',
+    exportable: ['id', 'service_name', 'name', 'private_dns_name', 'answer_ping', 'owner', 'network_id', 'service_type', 'backends', 'port_mappings', 'auto_accept', 'allowlist', 'tags', 'created_at'],
     columns: SERVICE_COLS, defaults: ['id', 'name', 'service_type', 'service_name', 'port_mappings', 'auto_accept', 'created_time'],
     link: (s) => `#/services/${enc(s.id)}`,
     filters: [{ key: 'service_type', label: 'Type', options: ['clb', 'mysql', 'redis', 'custom'] }, { key: 'auto_accept', label: 'Auto-accept', options: ['true', 'false'] }],
@@ -493,6 +496,7 @@ const ENDPOINT_COLS = ['id', 'name', 'state', 'service_id', 'ip', 'ipv6', 'ip_ad
 function endpointsPage() {
   const l = list({
     key: 'endpoints', title: 'Endpoints', path: '/v1/endpoints', exportPath: '/v1/export/endpoints.csv',
+    exportable: ['id', 'name', 'owner', 'network_id', 'subnet_id', 'ip', 'service_id', 'dns_name', 'private_dns_enabled', 'state', 'security_groups', 'tags', 'created_at'],
     columns: ENDPOINT_COLS, defaults: ['id', 'name', 'state', 'service_id', 'ip', 'dns_name', 'security_groups', 'created_time'],
     link: (e) => `#/endpoints/${enc(e.id)}`,
     filters: [{ key: 'state', label: 'State', options: ['Pending', 'Available', 'Rejected', 'Disconnected'] }, { key: 'ip_address_type', label: 'Addresses', options: ['ipv4', 'ipv6', 'dualstack'] }],
@@ -510,7 +514,7 @@ function groupPicker(all, chosen) {
       h('button', { type: 'button', disabled: i === 0, 'aria-label': 'move up ' + gid, onclick: () => { [order[i - 1], order[i]] = [order[i], order[i - 1]]; render(); } }, '↑'),
       h('button', { type: 'button', disabled: i === order.length - 1, 'aria-label': 'move down ' + gid, onclick: () => { [order[i + 1], order[i]] = [order[i], order[i + 1]]; render(); } }, '↓'),
       h('button', { type: 'button', onclick: () => { order.splice(i, 1); render(); } }, 'Remove'))));
-    pick.replaceChildren(h('option', { value: '' }, 'Add a security group…'), all.filter((g) => !order.includes(g.id)).map((g) => h('option', { value: g.id }, `${g.name} (${g.id})`)));
+    pick.replaceChildren(h('option', { value: '' }, 'Add a security group…'), ...all.filter((g) => !order.includes(g.id)).map((g) => h('option', { value: g.id }, `${g.name} (${g.id})`)));
   };
   const pick = h('select', { 'aria-label': 'add security group' });
   pick.addEventListener('change', () => { if (pick.value) { order.push(pick.value); render(); } });
@@ -735,7 +739,14 @@ function navigation(current) {
   document.getElementById('who').replaceChildren(me.role === 'admin' ? 'admin' : `${me.name || ''} (${me.account_id})`, h('button', { type: 'button', onclick: signOut }, 'Sign out'));
 }
 
+// Marks the page rendered for the current address (what tests and scripts can wait for).
 async function route() {
+  document.body.dataset.route = '';
+  await render();
+  document.body.dataset.route = location.hash || '#/';
+}
+
+async function render() {
   if (!me) return signIn();
   const [path, qs] = (location.hash.slice(1) || '/').split('?');
   const params = new URLSearchParams(qs || '');
