@@ -9,6 +9,8 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use serde_json::{Value, json};
 use ureq::http::Method;
 
+mod render;
+
 use crate::wire::{
     AddPortMappings, AllowReq, Backends, BindingReq, Bindings, CreateAccount, CreateEndpoint,
     CreateGroup, CreateNetwork, CreateService, CreateSubnet, EndpointIds, PortMappingReq, RuleReq,
@@ -19,7 +21,10 @@ use crate::wire::{
 #[command(
     name = "privatelink",
     version,
-    about = "privatelink control-plane client"
+    about = "privatelink control-plane client",
+    after_help = "Times are shown in RFC 3339, UTC. Tables fit the terminal (COLUMNS wins); \
+                  -o csv and -o json keep every value. A batch (accept, reject, remove, \
+                  disallow) exits 1 when any item failed."
 )]
 pub struct Cli {
     /// API base URL, e.g. http://127.0.0.1:7070.
@@ -28,9 +33,10 @@ pub struct Cli {
     /// Bearer token.
     #[arg(long, env = "PRIVATELINK_TOKEN", global = true, hide_env_values = true)]
     token: Option<String>,
-    /// Config file with `server` and `token`.
+    /// Config file with `server` and `token` (default ~/.config/privatelink/cli.toml, mode 600).
     #[arg(long, global = true)]
     config: Option<std::path::PathBuf>,
+    /// table (for people), json (everything, as the server sent it) or csv (the table's columns).
     #[arg(long, short, value_enum, default_value_t = Output::Table, global = true)]
     output: Output,
     #[command(subcommand)]
@@ -63,6 +69,7 @@ enum Command {
     Groups(GroupCmd),
     /// Export services or endpoints as CSV.
     Export {
+        /// What to export: services or endpoints.
         #[arg(value_parser = ["services", "endpoints"])]
         kind: String,
         #[command(flatten)]
@@ -76,18 +83,21 @@ enum Command {
     /// (admin).
     #[command(subcommand)]
     Nodes(NodesCmd),
-    /// Traffic history of an endpoint or service, from the agent's built-in monitoring.
+    /// Traffic history of an endpoint or service, summed over every node that carried it.
     Metrics {
+        /// endpoint or service.
         #[arg(value_parser = ["endpoint", "service"])]
         kind: String,
+        /// The endpoint's or service's id.
         id: String,
-        /// realtime (last hour, 10 s), 24h, 7d (1 h) or FROM..TO (unix seconds or RFC 3339).
+        /// realtime (last hour), 24h, 7d, or FROM..TO (unix seconds or RFC 3339).
         #[arg(long, default_value = "realtime")]
         period: String,
-        /// 10s, 1h or 1d.
+        /// 10s, 1m (realtime only), 1h or 1d (default: 10s for realtime, 1h otherwise).
         #[arg(long)]
         granularity: Option<String>,
-        /// Start (unix seconds) of a second period of the same length, shown side by side.
+        /// A second period of the same length, side by side: its start (unix seconds or RFC
+        /// 3339), a FROM..TO (its FROM), or how long before --period (24h, 7d).
         #[arg(long)]
         compare_to: Option<String>,
     },
@@ -98,11 +108,13 @@ struct ListArgs {
     /// Substring of the id or name.
     #[arg(long)]
     search: Option<String>,
+    /// Page to show, from 1.
     #[arg(long)]
     page: Option<usize>,
+    /// Rows a page (1 to 1000; default 100).
     #[arg(long)]
     per_page: Option<usize>,
-    /// Comma-separated fields to show.
+    /// Comma-separated fields to show, in this order (id,name,state).
     #[arg(long)]
     fields: Option<String>,
 }
@@ -129,22 +141,28 @@ type Query = Vec<(&'static str, String)>;
 enum AccountCmd {
     /// Create an account; prints its first token.
     Create {
+        /// The account id (digits or a short name, e.g. 1000000001).
         id: String,
+        /// A display name.
         #[arg(long)]
         name: String,
     },
+    /// Every account.
     List,
     /// Issue another token for an account.
     Token {
+        /// The account id.
         id: String,
     },
     /// List an account's tokens (ids and times, never the secrets).
     Tokens {
+        /// The account id.
         id: String,
     },
     /// Issue a new token; the account's others stop at once, or after --grace-secs.
     #[command(name = "rotate-token")]
     RotateToken {
+        /// The account id.
         id: String,
         /// Seconds the old tokens keep working (at most a week).
         #[arg(long, default_value_t = 0)]
@@ -153,35 +171,49 @@ enum AccountCmd {
     /// Revoke one token at once (its id from `accounts tokens`).
     #[command(name = "revoke-token")]
     RevokeToken {
+        /// The account id.
         id: String,
+        /// The token's id (tok-…), not the token.
         token_id: String,
     },
     /// Delete an account that owns nothing; its tokens stop at once.
     Delete {
+        /// The account id.
         id: String,
     },
 }
 
 #[derive(Subcommand, Debug)]
 enum NetworkCmd {
+    /// Create a network for an account.
     Create {
+        /// A display name.
         #[arg(long)]
         name: String,
+        /// The owning account's id.
         #[arg(long)]
         owner: String,
+        /// A CIDR of the network (198.18.0.0/16, 2001:db8::/56), repeatable.
         #[arg(long = "cidr", required = true)]
         cidrs: Vec<String>,
     },
+    /// Every network the token may see.
     List,
+    /// One network.
     Get {
+        /// The network's id (vpc-…).
         id: String,
     },
+    /// Delete a network without subnets in use.
     Delete {
+        /// The network's id (vpc-…).
         id: String,
     },
     /// Create a subnet in a network.
     CreateSubnet {
+        /// The network's id (vpc-…).
         network: String,
+        /// A display name.
         #[arg(long)]
         name: String,
         /// IPv4, or IPv6 for an IPv6-only subnet.
@@ -191,11 +223,16 @@ enum NetworkCmd {
         #[arg(long)]
         ipv6_cidr: Option<String>,
     },
+    /// A network's subnets.
     Subnets {
+        /// The network's id (vpc-…).
         network: String,
     },
+    /// Delete a subnet no endpoint uses.
     DeleteSubnet {
+        /// The network's id (vpc-…).
         network: String,
+        /// The subnet's id (subnet-…).
         subnet: String,
     },
 }
@@ -305,20 +342,28 @@ fn endpoint_limits(items: &[String]) -> anyhow::Result<std::collections::BTreeMa
 
 #[derive(Subcommand, Debug)]
 enum ServiceCmd {
+    /// Create an endpoint service.
     Create {
+        /// A display name.
         #[arg(long)]
         name: String,
+        /// The provider network's id (vpc-…) the backends are in.
         #[arg(long)]
         network: String,
+        /// clb, mysql, redis or custom.
         #[arg(long = "type", value_parser = ["clb", "mysql", "redis", "custom"])]
         service_type: String,
+        /// A backend address in the network, repeatable.
         #[arg(long = "backend", required = true)]
         backends: Vec<String>,
-        /// proto:service_port:terminal_port, repeatable.
+        /// proto:service_port:terminal_port (tcp:8080:80: consumers dial 80, backends get 8080),
+        /// repeatable.
         #[arg(long = "map")]
         maps: Vec<String>,
+        /// Accept new connections without asking (default: each waits, Pending).
         #[arg(long)]
         auto_accept: bool,
+        /// key=value, repeatable.
         #[arg(long = "tag")]
         tags: Vec<String>,
         /// The name consumers' private DNS resolves to their endpoint (e.g. db.example.com).
@@ -337,21 +382,30 @@ enum ServiceCmd {
         #[arg(long)]
         connection_log: bool,
     },
+    /// The caller's services.
     List(ListArgs),
+    /// One service, by id, name or service name.
     Get {
+        /// The service's id (svc-…), name, or service name.
         id: String,
     },
+    /// Change a service's settings (only what is given).
     Update {
+        /// The service's id (svc-…).
         id: String,
+        /// A new display name.
         #[arg(long)]
         name: Option<String>,
+        /// true or false.
         #[arg(long)]
         auto_accept: Option<bool>,
+        /// key=value, repeatable: replaces all tags.
         #[arg(long = "tag")]
         tags: Option<Vec<String>>,
         /// A new private DNS name; "" removes it.
         #[arg(long)]
         private_dns_name: Option<String>,
+        /// true or false.
         #[arg(long)]
         answer_ping: Option<bool>,
         /// Most live flows per endpoint on its node; 0: no limit.
@@ -368,11 +422,14 @@ enum ServiceCmd {
         #[arg(long)]
         connection_log: Option<bool>,
     },
+    /// Delete a service without connections.
     Delete {
+        /// The service's id (svc-…).
         id: String,
     },
     /// The service's connection log on the node the CLI talks to (opened and closed records).
     ConnectionsLog {
+        /// The service's id (svc-…).
         id: String,
         /// Records after this sequence number (the previous page's `next_after`).
         #[arg(long)]
@@ -383,54 +440,76 @@ enum ServiceCmd {
     },
     /// Replace the backend targets.
     Backends {
+        /// The service's id (svc-…).
         id: String,
+        /// A backend address in the network, repeatable.
         #[arg(long = "backend", required = true)]
         backends: Vec<String>,
     },
     /// Add port mappings (they cannot be changed or removed later).
     AddMappings {
+        /// The service's id (svc-…).
         id: String,
+        /// proto:service_port:terminal_port, repeatable.
         #[arg(long = "map", required = true)]
         maps: Vec<String>,
     },
+    /// The accounts allowed to connect.
     Allowlist {
+        /// The service's id (svc-…).
         id: String,
     },
+    /// Allow an account to connect.
     Allow {
+        /// The service's id (svc-…).
         id: String,
+        /// The account's id.
         account: String,
+        /// Why (shown to the provider).
         #[arg(long, default_value = "")]
         description: String,
     },
     /// Take accounts off the allowlist (one result per account); their Available connections
     /// become Disconnected.
     Disallow {
+        /// The service's id (svc-…).
         id: String,
+        /// Account ids.
         #[arg(required = true)]
         accounts: Vec<String>,
     },
     /// What a consumer may learn about a service before connecting.
     Verify {
+        /// The service's id or service name.
         id: String,
     },
     /// Endpoints connected to the service.
     Connections {
+        /// The service's id (svc-…).
         id: String,
     },
+    /// Accept pending connections (one result per endpoint).
     Accept {
+        /// The service's id (svc-…).
         id: String,
+        /// Endpoint ids (ep-…).
         #[arg(required = true)]
         endpoints: Vec<String>,
     },
+    /// Reject connections (one result per endpoint).
     Reject {
+        /// The service's id (svc-…).
         id: String,
+        /// Endpoint ids (ep-…).
         #[arg(required = true)]
         endpoints: Vec<String>,
     },
     /// Remove rejected or disconnected connections from the service (the consumers keep their
     /// endpoints, in state Removed), so that the service can be deleted.
     Remove {
+        /// The service's id (svc-…).
         id: String,
+        /// Endpoint ids (ep-…).
         #[arg(required = true)]
         endpoints: Vec<String>,
     },
@@ -438,61 +517,87 @@ enum ServiceCmd {
 
 #[derive(Subcommand, Debug)]
 enum EndpointCmd {
+    /// Create an endpoint to a service in one of the caller's networks.
     Create {
+        /// A display name.
         #[arg(long)]
         name: String,
+        /// The service's id or service name.
         #[arg(long)]
         service: String,
+        /// The caller's network id (vpc-…).
         #[arg(long)]
         network: String,
+        /// The subnet's id (subnet-…) the address comes from.
         #[arg(long)]
         subnet: String,
         /// ipv4, ipv6 or dualstack (default: the family of the subnet's cidr).
         #[arg(long)]
         ip_address_type: Option<String>,
+        /// The address to take (default: one chosen in the subnet).
         #[arg(long)]
         ip: Option<String>,
         /// The IPv6 address of a dualstack endpoint.
         #[arg(long)]
         ipv6: Option<String>,
-        /// sg-id:priority, repeatable.
+        /// sg-id:priority (1 is evaluated first), repeatable.
         #[arg(long = "sg")]
         groups: Vec<String>,
+        /// key=value, repeatable.
         #[arg(long = "tag")]
         tags: Vec<String>,
         /// Resolve the service's private DNS name to this endpoint in its network.
         #[arg(long)]
         private_dns: bool,
     },
+    /// The caller's endpoints.
     List(ListArgs),
+    /// One endpoint.
     Get {
+        /// The endpoint's id (ep-…).
         id: String,
     },
+    /// Change an endpoint's name, tags or private DNS (only what is given).
     Update {
+        /// The endpoint's id (ep-…).
         id: String,
+        /// A new display name.
         #[arg(long)]
         name: Option<String>,
+        /// key=value, repeatable: replaces all tags.
         #[arg(long = "tag")]
         tags: Option<Vec<String>>,
+        /// true or false.
         #[arg(long)]
         private_dns: Option<bool>,
     },
+    /// Delete an endpoint.
     Delete {
+        /// The endpoint's id (ep-…).
         id: String,
     },
+    /// Bind a security group at a priority.
     Bind {
+        /// The endpoint's id (ep-…).
         id: String,
+        /// The security group's id (sg-…).
         group: String,
+        /// 1 is evaluated first.
         #[arg(long)]
         priority: u32,
     },
+    /// Unbind a security group.
     Unbind {
+        /// The endpoint's id (ep-…).
         id: String,
+        /// The security group's id (sg-…).
         group: String,
     },
     /// Replace all bindings at once: sg-id:priority ...
     Order {
+        /// The endpoint's id (ep-…).
         id: String,
+        /// sg-id:priority, in any order (1 is evaluated first).
         #[arg(required = true)]
         bindings: Vec<String>,
     },
@@ -506,26 +611,37 @@ enum NodesCmd {
 
 #[derive(Subcommand, Debug)]
 enum GroupCmd {
+    /// Create a security group.
     Create {
+        /// A display name.
         #[arg(long)]
         name: String,
-        /// proto:ports:source:action, repeatable, in evaluation order.
+        /// proto:ports:source:action (tcp:80-90:198.18.0.0/16:accept), repeatable, in
+        /// evaluation order.
         #[arg(long = "rule")]
         rules: Vec<String>,
+        /// key=value, repeatable.
         #[arg(long = "tag")]
         tags: Vec<String>,
     },
+    /// The caller's security groups.
     List(ListArgs),
+    /// One security group.
     Get {
+        /// The security group's id (sg-…).
         id: String,
     },
     /// Replace the rules.
     Rules {
+        /// The security group's id (sg-…).
         id: String,
+        /// proto:ports:source:action, repeatable, in evaluation order.
         #[arg(long = "rule")]
         rules: Vec<String>,
     },
+    /// Delete a security group no endpoint uses.
     Delete {
+        /// The security group's id (sg-…).
         id: String,
     },
 }
@@ -938,99 +1054,6 @@ fn file_config(path: Option<&std::path::Path>) -> anyhow::Result<FileConfig> {
     }
 }
 
-/// Rows of a JSON reply: a list's items, a bare array, or one object.
-fn rows(v: &Value) -> Vec<&serde_json::Map<String, Value>> {
-    let list = v
-        .get("items")
-        .or_else(|| v.get("results"))
-        .or_else(|| v.get("points"))
-        .or_else(|| v.get("nodes"))
-        .unwrap_or(v);
-    match list {
-        Value::Array(a) => a.iter().filter_map(Value::as_object).collect(),
-        Value::Object(o) => vec![o],
-        _ => Vec::new(),
-    }
-}
-
-fn cell(v: &Value) -> String {
-    match v {
-        Value::String(s) => s.clone(),
-        Value::Null => String::new(),
-        other => other.to_string(),
-    }
-}
-
-/// Widest a table column gets before its cells wrap.
-const MAX_COLUMN: u16 = 60;
-
-/// A borderless table: upper-case headers, columns two spaces apart, widths by display width
-/// (CJK text takes two columns a character), long cells wrapped at [`MAX_COLUMN`].
-fn table(cols: &[&String], rows: &[&serde_json::Map<String, Value>]) -> String {
-    use comfy_table::{ColumnConstraint, ContentArrangement, Table, Width, presets::NOTHING};
-    let mut t = Table::new();
-    t.load_style(NOTHING)
-        .set_content_arrangement(ContentArrangement::Dynamic)
-        .set_width(u16::MAX)
-        .set_header(cols.iter().map(|c| c.to_uppercase()));
-    for r in rows {
-        t.add_row(cols.iter().map(|c| cell(r.get(*c).unwrap_or(&Value::Null))));
-    }
-    for c in t.column_iter_mut() {
-        c.set_padding((0, 2));
-        c.set_constraint(ColumnConstraint::UpperBoundary(Width::Fixed(
-            MAX_COLUMN + 2,
-        )));
-    }
-    let mut text: String = t
-        .lines()
-        .map(|l| l.trim_end().to_string())
-        .collect::<Vec<_>>()
-        .join("\n");
-    text.push('\n');
-    text
-}
-
-fn render(v: &Value, output: Output, out: &mut dyn Write) -> anyhow::Result<()> {
-    match output {
-        Output::Json => writeln!(out, "{}", serde_json::to_string_pretty(v)?)?,
-        Output::Csv | Output::Table => {
-            let rows = rows(v);
-            // Every key of every row, in order of first appearance (rows may differ, e.g. per-item
-            // results with `state` or `error`).
-            let mut cols: Vec<&String> = Vec::new();
-            for k in rows.iter().flat_map(|r| r.keys()) {
-                if !cols.contains(&k) {
-                    cols.push(k);
-                }
-            }
-            // Node rows lead with the node and its liveness; other rows keep their fields'
-            // alphabetical order, which scripts reading CSV by position rely on.
-            if v.get("nodes").is_some() {
-                const LEAD: [&str; 4] = ["node", "status", "revision", "lag"];
-                cols.sort_by_key(|c| LEAD.iter().position(|l| l == c).unwrap_or(LEAD.len()));
-            }
-            let get = |r: &serde_json::Map<String, Value>, c: &str| {
-                cell(r.get(c).unwrap_or(&Value::Null))
-            };
-            if output == Output::Csv {
-                let mut w = csv::Writer::from_writer(Vec::new());
-                w.write_record(&cols)?;
-                for r in &rows {
-                    w.write_record(cols.iter().map(|c| get(r, c)))?;
-                }
-                out.write_all(&w.into_inner().map_err(|e| anyhow::anyhow!("{e}"))?)?;
-            } else {
-                out.write_all(table(&cols, &rows).as_bytes())?;
-                if let Some(total) = v.get("total") {
-                    writeln!(out, "({} of {total}, page {})", rows.len(), v["page"])?;
-                }
-            }
-        }
-    }
-    Ok(())
-}
-
 /// Runs the CLI with `args` (including the program name); returns the exit code.
 pub fn run(
     args: impl IntoIterator<Item = String>,
@@ -1039,12 +1062,17 @@ pub fn run(
 ) -> i32 {
     let cli = match Cli::try_parse_from(args) {
         Ok(c) => c,
+        // `--help` and `--version` are answers: standard output, exit 0.
+        Err(e) if !e.use_stderr() => {
+            let _ = write!(out, "{}", e.render());
+            return 0;
+        }
         Err(e) => {
             let _ = write!(err, "{}", e.render());
-            return if e.use_stderr() { 2 } else { 0 };
+            return 2;
         }
     };
-    match execute(&cli, out) {
+    match execute(&cli, out, err) {
         Ok(code) => code,
         Err(e) => {
             let _ = writeln!(err, "error: {e:#}");
@@ -1053,7 +1081,7 @@ pub fn run(
     }
 }
 
-fn execute(cli: &Cli, out: &mut dyn Write) -> anyhow::Result<i32> {
+fn execute(cli: &Cli, out: &mut dyn Write, err: &mut dyn Write) -> anyhow::Result<i32> {
     let file = file_config(cli.config.as_deref())?;
     let server = cli
         .server
@@ -1069,36 +1097,22 @@ fn execute(cli: &Cli, out: &mut dyn Write) -> anyhow::Result<i32> {
     if history_csv {
         r.query.push(("format", "csv".into()));
     }
-    let agent: ureq::Agent = ureq::Agent::config_builder()
-        .http_status_as_error(false)
-        .build()
-        .into();
-    let url = format!("{}{}", server.trim_end_matches('/'), r.path);
-    let auth = format!("Bearer {token}");
-    let query = r.query.iter().map(|(k, v)| (*k, v.as_str()));
-    let resp = if r.method == Method::GET || r.method == Method::DELETE {
-        let rb = if r.method == Method::GET {
-            agent.get(&url)
-        } else {
-            agent.delete(&url)
-        };
-        rb.query_pairs(query).header("Authorization", &auth).call()
-    } else {
-        let rb = if r.method == Method::POST {
-            agent.post(&url)
-        } else if r.method == Method::PUT {
-            agent.put(&url)
-        } else {
-            agent.patch(&url)
-        };
-        rb.query_pairs(query)
-            .header("Authorization", &auth)
-            .header("Content-Type", "application/json")
-            .send(r.body.unwrap_or(json!({})).to_string())
+    let api = Api {
+        agent: ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .build()
+            .into(),
+        server: server.trim_end_matches('/').to_string(),
+        auth: format!("Bearer {token}"),
     };
-    let mut resp = resp.map_err(|e| anyhow::anyhow!("{server}: {e}"))?;
-    let status = resp.status().as_u16();
-    let text = resp.body_mut().read_to_string()?;
+    let (mut status, mut text) = api.send(&r)?;
+    // A service by its name: not an id, so look among the caller's services for one whose name
+    // or service name it is.
+    if let (404, Command::Services(ServiceCmd::Get { id })) = (status, &cli.command)
+        && let Some(found) = api.service_named(id)?
+    {
+        (status, text) = (200, found.to_string());
+    }
     if !(200..300).contains(&status) {
         let v: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
         let e = &v["error"];
@@ -1114,10 +1128,199 @@ fn execute(cli: &Cli, out: &mut dyn Write) -> anyhow::Result<i32> {
     }
     if matches!(cli.command, Command::Export { .. }) || history_csv {
         out.write_all(text.as_bytes())?;
-    } else if !text.is_empty() {
-        render(&serde_json::from_str(&text)?, cli.output, out)?;
+        return Ok(0);
+    }
+    if text.is_empty() {
+        return Ok(0);
+    }
+    let v: Value = serde_json::from_str(&text)?;
+    let view = render::View {
+        output: cli.output,
+        fields: list_args(&cli.command).and_then(|l| l.fields.as_deref()),
+        empty: empty_columns(&cli.command),
+        width: render::terminal_width(),
+    };
+    render::render(&v, &view, out)?;
+    // A batch answers for each item: any that failed makes the command fail.
+    let failed: Vec<String> = v["results"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|r| r["ok"] == false)
+        .map(|r| {
+            let item = r["endpoint_id"]
+                .as_str()
+                .or(r["account_id"].as_str())
+                .unwrap_or("?");
+            format!("{item}: {}", r["error"].as_str().unwrap_or("failed"))
+        })
+        .collect();
+    if !failed.is_empty() {
+        let total = v["results"].as_array().map_or(0, Vec::len);
+        writeln!(
+            err,
+            "error: {} of {total} failed: {}",
+            failed.len(),
+            failed.join("; ")
+        )?;
+        return Ok(1);
     }
     Ok(0)
+}
+
+/// The server and the caller's credentials.
+struct Api {
+    agent: ureq::Agent,
+    server: String,
+    auth: String,
+}
+
+impl Api {
+    /// Sends `r`: the status and the body.
+    fn send(&self, r: &Req) -> anyhow::Result<(u16, String)> {
+        let url = format!("{}{}", self.server, r.path);
+        let query = r.query.iter().map(|(k, v)| (*k, v.as_str()));
+        let resp = if r.method == Method::GET || r.method == Method::DELETE {
+            let rb = if r.method == Method::GET {
+                self.agent.get(&url)
+            } else {
+                self.agent.delete(&url)
+            };
+            rb.query_pairs(query)
+                .header("Authorization", &self.auth)
+                .call()
+        } else {
+            let rb = if r.method == Method::POST {
+                self.agent.post(&url)
+            } else if r.method == Method::PUT {
+                self.agent.put(&url)
+            } else {
+                self.agent.patch(&url)
+            };
+            rb.query_pairs(query)
+                .header("Authorization", &self.auth)
+                .header("Content-Type", "application/json")
+                .send(r.body.clone().unwrap_or(json!({})).to_string())
+        };
+        let mut resp = resp.map_err(|e| anyhow::anyhow!("{}: {e}", self.server))?;
+        let status = resp.status().as_u16();
+        Ok((status, resp.body_mut().read_to_string()?))
+    }
+
+    /// The caller's one service named `name` (its name or its service name); an error when
+    /// several have that name.
+    fn service_named(&self, name: &str) -> anyhow::Result<Option<Value>> {
+        // Every page of the caller's services (a service name is not a search term).
+        let mut all: Vec<Value> = Vec::new();
+        for page in 1.. {
+            let list = req(Method::GET, "/v1/services", None).with_query(vec![
+                ("page", page.to_string()),
+                ("per_page", "1000".into()),
+            ]);
+            let (status, text) = self.send(&list)?;
+            if status != 200 {
+                return Ok(None);
+            }
+            let v: Value = serde_json::from_str(&text)?;
+            let items = v["items"].as_array().cloned().unwrap_or_default();
+            let done = items.len() < 1000;
+            all.extend(items);
+            if done {
+                break;
+            }
+        }
+        let hits: Vec<&Value> = all
+            .iter()
+            .filter(|s| s["name"] == name || s["service_name"] == name)
+            .collect();
+        match hits[..] {
+            [] => Ok(None),
+            [one] => Ok(Some(one.clone())),
+            ref many => anyhow::bail!(
+                "{} services are named {name:?}: {}; give an id",
+                many.len(),
+                many.iter()
+                    .filter_map(|s| s["id"].as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        }
+    }
+}
+
+/// The list options of a list command.
+fn list_args(cmd: &Command) -> Option<&ListArgs> {
+    match cmd {
+        Command::Services(ServiceCmd::List(l))
+        | Command::Endpoints(EndpointCmd::List(l))
+        | Command::Groups(GroupCmd::List(l))
+        | Command::Export { list: l, .. } => Some(l),
+        _ => None,
+    }
+}
+
+/// The header of an empty list, by command.
+fn empty_columns(cmd: &Command) -> &'static [&'static str] {
+    use Command as C;
+    match cmd {
+        C::Services(ServiceCmd::List(_)) => &[
+            "id",
+            "name",
+            "service_type",
+            "service_name",
+            "port_mappings",
+            "auto_accept",
+            "created_time",
+        ],
+        C::Services(ServiceCmd::Allowlist { .. }) => &["account_id", "description", "created_time"],
+        C::Services(ServiceCmd::Connections { .. }) => {
+            &["endpoint_id", "state", "owner", "link_id", "created_time"]
+        }
+        C::Services(ServiceCmd::ConnectionsLog { .. }) => &["seq", "time", "event", "endpoint_id"],
+        C::Endpoints(EndpointCmd::List(_)) => &[
+            "id",
+            "name",
+            "state",
+            "service_id",
+            "ip",
+            "dns_name",
+            "security_groups",
+            "created_time",
+        ],
+        C::Groups(GroupCmd::List(_)) => &["id", "name", "rules", "tags", "created_time"],
+        C::Accounts(AccountCmd::List) => &["id", "name", "number", "created_time"],
+        C::Accounts(AccountCmd::Tokens { .. }) => {
+            &["id", "account_id", "created_time", "expires_time"]
+        }
+        C::Networks(NetworkCmd::List) => &["id", "name", "owner", "cidrs", "created_time"],
+        C::Networks(NetworkCmd::Subnets { .. }) => &[
+            "id",
+            "name",
+            "cidr",
+            "ipv6_cidr",
+            "network_id",
+            "created_time",
+        ],
+        C::Nodes(_) => &[
+            "node",
+            "status",
+            "revision",
+            "lag",
+            "last_contact",
+            "reported_time",
+        ],
+        C::Metrics { .. } => &[
+            "time",
+            "fwd_bytes",
+            "rev_bytes",
+            "fwd_packets",
+            "rev_packets",
+            "new_connections",
+            "max_active_connections",
+            "drops",
+        ],
+        _ => &[],
+    }
 }
 
 #[cfg(test)]
@@ -1186,44 +1389,34 @@ mod tests {
             assert!(e.contains(says), "{args:?}: {e}");
         }
     }
+}
 
-    fn width(s: &str) -> usize {
-        // What a terminal shows: CJK characters take two columns.
-        s.chars()
-            .map(|c| {
-                if ('\u{4e00}'..='\u{9fff}').contains(&c) {
-                    2
-                } else {
-                    1
-                }
-            })
-            .sum()
-    }
+#[cfg(test)]
+mod help {
+    use clap::CommandFactory;
 
+    use super::*;
+
+    /// Every argument of every command, and every command, has a help line.
     #[test]
-    fn tables_align_by_display_width_and_wrap_long_cells() {
-        let v = json!({ "items": [
-            { "id": "ep-1", "name": "订单数据库", "state": "Available" },
-            { "id": "ep-22", "name": "db", "state": "Pending", "description": "x".repeat(150) },
-        ]});
-        let mut out = Vec::new();
-        render(&v, Output::Table, &mut out).unwrap();
-        let text = String::from_utf8(out).unwrap();
-        let lines: Vec<&str> = text.lines().collect();
-        assert!(lines[0].starts_with("ID"), "{text}");
-        // The STATE column starts at the same display column in the header and both rows.
-        let at = |l: &str, word: &str| width(&l[..l.find(word).unwrap()]);
-        let col = at(lines[0], "STATE");
-        assert_eq!(at(lines[1], "Available"), col, "{text}");
-        assert_eq!(at(lines[2], "Pending"), col, "{text}");
-        // The 150-character description wraps within its column instead of making one long line.
-        assert!(
-            lines.iter().all(|l| width(l) < 150),
-            "a line as long as the cell:\n{text}"
-        );
-        assert!(
-            text.matches('x').count() == 150,
-            "nothing of the cell is lost:\n{text}"
-        );
+    fn every_option_and_command_says_what_it_takes() {
+        fn walk(c: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            for a in c.get_arguments() {
+                let id = a.get_id().as_str();
+                if id != "help" && id != "version" && a.get_help().is_none() {
+                    missing.push(format!("{path} {id}"));
+                }
+            }
+            for s in c.get_subcommands() {
+                let p = format!("{path} {}", s.get_name());
+                if s.get_about().is_none() && s.get_name() != "help" {
+                    missing.push(format!("{p} (command)"));
+                }
+                walk(s, &p, missing);
+            }
+        }
+        let mut missing = Vec::new();
+        walk(&Cli::command(), "privatelink", &mut missing);
+        assert!(missing.is_empty(), "no help line:\n{}", missing.join("\n"));
     }
 }

@@ -984,8 +984,8 @@ pub struct HistoryQuery {
     pub period: Option<String>,
     /// `10s`, `1m` (realtime only), `1h` or `1d`.
     pub granularity: Option<String>,
-    /// Start of a second period of the same length (unix seconds or RFC 3339), returned side by
-    /// side.
+    /// A second period of the same length, returned side by side: its start (Unix seconds or
+    /// RFC 3339), a `FROM..TO` (its FROM), or how long before the first (`24h`, `7d`).
     pub compare_to: Option<String>,
     /// `json` (default) or `csv`.
     pub format: Option<String>,
@@ -1049,8 +1049,7 @@ async fn history(
         None => None,
         Some(from) => {
             let bad = |m: String| ApiError::invalid("invalid_period", "compare_to", m);
-            let from = crate::control::monitoring::time(from)
-                .map_err(|m| bad(format!("compare_to is unix seconds or RFC 3339: {m}")))?;
+            let from = period.compare_start(from).map_err(bad)?;
             let spec = format!("{from}..{}", from + period.duration_secs());
             Some(
                 crate::control::monitoring::Period::parse(

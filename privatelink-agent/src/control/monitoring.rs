@@ -29,7 +29,7 @@ pub struct Period {
 }
 
 /// Parses a time: unix seconds or RFC 3339.
-pub fn time(s: &str) -> Result<u64, String> {
+fn time(s: &str) -> Result<u64, String> {
     if let Ok(n) = s.parse::<u64>() {
         return Ok(n);
     }
@@ -107,6 +107,26 @@ impl Period {
     /// The granularity's name as the API takes it.
     pub fn granularity_name(&self) -> &'static str {
         granularity_name(self.granularity)
+    }
+
+    /// Where a comparison with this period starts, from `compare_to`: a time (Unix seconds or
+    /// RFC 3339), a period `FROM..TO` (its FROM), or how long before this period (`24h`, `7d`,
+    /// `1w`).
+    pub fn compare_start(&self, spec: &str) -> Result<u64, String> {
+        let spec = spec.trim();
+        if let Some((from, _)) = spec.split_once("..") {
+            return time(from);
+        }
+        if let Ok(t) = time(spec) {
+            return Ok(t);
+        }
+        match humantime::parse_duration(spec) {
+            Ok(d) if d.as_secs() > 0 => Ok(self.from.saturating_sub(d.as_secs())),
+            _ => Err(format!(
+                "compare_to {spec:?}: use Unix seconds, RFC 3339, FROM..TO, or how long before \
+                 the period (24h, 7d)"
+            )),
+        }
     }
 
     /// Seconds the period spans (never zero: parsing refuses FROM >= TO).
@@ -274,5 +294,19 @@ mod tests {
             .map(|p| (p.ts, p.fwd_bytes, p.max_active_connections))
             .collect();
         assert_eq!(got, [(600, 1, 2), (660, 6, 4), (720, 7, 1)]);
+    }
+
+    #[test]
+    fn a_comparison_starts_at_a_time_a_period_or_a_while_before() {
+        let now = 1_800_000_000;
+        let p = Period::parse("24h", None, now).unwrap();
+        assert_eq!(p.compare_start("1799000000"), Ok(1_799_000_000));
+        assert_eq!(p.compare_start("2026-11-23T10:00:00Z"), Ok(1_795_428_000));
+        assert_eq!(p.compare_start("1799000000..1799086400"), Ok(1_799_000_000));
+        assert_eq!(p.compare_start("24h"), Ok(p.from - 86_400));
+        assert_eq!(p.compare_start("7d"), Ok(p.from - 7 * 86_400));
+        for bad in ["realtime", "", "0s", "yesterday", "x..y"] {
+            assert!(p.compare_start(bad).is_err(), "{bad}");
+        }
     }
 }

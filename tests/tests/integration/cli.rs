@@ -209,11 +209,20 @@ fn provider_and_consumer_workflow_through_the_cli() {
             "ep-00000000",
         ],
     );
-    assert_eq!(r.code, 0, "{}", r.err);
+    // One item failed: the results are shown, and the command fails saying which.
+    assert_eq!(r.code, 1, "{}", r.err);
+    assert!(
+        r.err.contains("1 of 2 failed") && r.err.contains("ep-00000000"),
+        "{}",
+        r.err
+    );
     let mut rd = csv::Reader::from_reader(r.out.as_bytes());
+    let head = rd.headers().unwrap().clone();
+    assert_eq!(&head[0], "endpoint_id", "{}", r.out);
+    let ok = head.iter().position(|h| h == "ok").unwrap();
     let recs: Vec<csv::StringRecord> = rd.records().map(Result::unwrap).collect();
-    assert_eq!((&recs[0][0], &recs[0][1]), (ep_id, "true"));
-    assert_eq!(&recs[1][1], "false");
+    assert_eq!((&recs[0][0], &recs[0][ok]), (ep_id, "true"));
+    assert_eq!(&recs[1][ok], "false");
 
     // Updates send only what was given, validated by the server.
     let upd = json(&cli(
@@ -269,6 +278,73 @@ fn provider_and_consumer_workflow_through_the_cli() {
     assert_eq!(
         e.out.lines().collect::<Vec<_>>(),
         ["id,state", &format!("{ep_id},Available")]
+    );
+
+    // A service by its name or its service name, as well as its id.
+    let by_id = json(&cli(&s, &prov, &["-o", "json", "services", "get", svc_id]));
+    let service_name = by_id["service_name"].as_str().unwrap().to_string();
+    for name in ["cache", service_name.as_str()] {
+        assert_eq!(
+            json(&cli(&s, &prov, &["-o", "json", "services", "get", name]))["id"],
+            svc_id,
+            "{name}"
+        );
+    }
+    let other = cli(&s, &cons, &["services", "get", "cache"]);
+    assert!(
+        other.code == 1 && other.err.contains("404"),
+        "{}",
+        other.err
+    );
+
+    // Tables read like a console's lists: id, name, state first; RFC 3339 times; nested values
+    // summarised; an empty list still has its header; --fields order kept in CSV and JSON.
+    let t = cli(&s, &cons, &["endpoints", "list"]);
+    let head: Vec<&str> = t.out.lines().next().unwrap().split_whitespace().collect();
+    assert_eq!(&head[..3], ["ID", "NAME", "STATE"], "{}", t.out);
+    assert!(head.contains(&"CREATED_TIME") && !head.contains(&"CREATED_AT"));
+    assert!(!t.out.contains('{') && !t.out.contains('['), "{}", t.out);
+    let t = cli(&s, &prov, &["services", "list"]);
+    assert!(
+        t.out.contains("tcp 6379→6379") && t.out.contains("team=cache"),
+        "{}",
+        t.out
+    );
+    let empty = cli(&s, &prov, &["endpoints", "list"]);
+    assert!(empty.out.starts_with("ID  NAME  STATE"), "{}", empty.out);
+    let c = cli(
+        &s,
+        &cons,
+        &["-o", "csv", "endpoints", "list", "--fields", "state,id"],
+    );
+    assert!(
+        c.out.starts_with(&format!("state,id\nAvailable,{ep_id}")),
+        "{}",
+        c.out
+    );
+    let j = cli(
+        &s,
+        &cons,
+        &["-o", "json", "endpoints", "list", "--fields", "state,id"],
+    );
+    assert!(j.out.find("\"state\"") < j.out.find("\"id\""), "{}", j.out);
+
+    // --help is an answer: on standard output, exit 0, every option with a help line.
+    let (mut out, mut err) = (Vec::new(), Vec::new());
+    let code = cli::run(
+        ["privatelink", "services", "create", "--help"].map(String::from),
+        &mut out,
+        &mut err,
+    );
+    let help = String::from_utf8(out).unwrap();
+    assert!(code == 0 && err.is_empty(), "{code}");
+    assert!(
+        help.contains("--map") && help.contains("proto:service_port:terminal_port"),
+        "{help}"
+    );
+    assert!(
+        help.contains("--tag") && help.contains("key=value"),
+        "{help}"
     );
 
     // Usage errors exit 2; a missing token says where to put one.

@@ -337,20 +337,32 @@ async fn drive(ui: &Ui, w: &World, provider: &str, c1: &str, c2: &str) {
         vec![json!(w.vpcs[1].1)],
     )
     .await;
-    ui.go("#/nodes").await.unwrap();
-    let node = ui
-        .until(
-            "the node and its revision",
-            "const r = document.querySelector('tr[data-id=\"test-node\"]'); return r && r.innerText",
-            vec![],
-        )
-        .await;
+    // The node applies the new account's revision and reports it; the page shows it (reloaded
+    // until then).
     let revision = api(&w.topo, provider, "GET", "/v1/revision", None).1["revision"].clone();
-    assert!(
-        node.as_str().unwrap().contains("live")
-            && node.as_str().unwrap().contains(&revision.to_string()),
-        "{node} at revision {revision}"
-    );
+    let t = Instant::now();
+    loop {
+        ui.go("#/nodes").await.unwrap();
+        let row = ui
+            .until(
+                "the node's row",
+                "const r = document.querySelector('tr[data-id=\"test-node\"]'); return r && r.innerText",
+                vec![],
+            )
+            .await;
+        let cells: Vec<&str> = row.as_str().unwrap().split('\t').map(str::trim).collect();
+        // node, status, revision, lag, last contact
+        if cells[1] == "live" && cells[2] == revision.to_string() && cells[3] == "0" {
+            let ago: u64 = cells[4].trim_end_matches(" s ago").parse().unwrap();
+            assert!(ago < 60, "last contact {ago} s ago");
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "{row} at revision {revision}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     ui.shot("nodes").await;
     ui.sign_out().await;
 

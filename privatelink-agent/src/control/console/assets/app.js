@@ -240,12 +240,17 @@ function list({ key, title, path, exportPath, exportable, columns, defaults, lin
     prev.disabled = st.page <= 1;
     next.disabled = st.page >= pages;
   }
+  // Only the answer to the latest request is shown (typing in the search box asks many times).
+  let asked = 0;
   async function load() {
-    err.textContent = '';
+    const mine = ++asked;
     try {
-      data = await get(`${path}?page=${st.page}&per_page=${st.per_page}` + (st.search ? `&search=${enc(st.search)}` : ''));
+      const d = await get(`${path}?page=${st.page}&per_page=${st.per_page}` + (st.search ? `&search=${enc(st.search)}` : ''));
+      if (mine !== asked) return;
+      err.textContent = '';
+      data = d;
       render();
-    } catch (e) { err.textContent = e.message; }
+    } catch (e) { if (mine === asked) err.textContent = e.message; }
   }
   const exportFields = () => st.cols.map((c) => (c === 'created_time' ? 'created_at' : c)).filter((c) => exportable.includes(c));
   const exp = exportPath ? action('Export CSV', () => download(`${exportPath}?fields=${enc(exportFields().join(','))}` + (st.search ? `&search=${enc(st.search)}` : ''), `${key}.csv`)) : null;
@@ -289,12 +294,21 @@ function monitoring(kind, id) {
     if (fmt) q += `&format=${fmt}`;
     return q;
   }
+  // Only the answer to the latest request is drawn (answers may come back out of order).
+  let asked = 0;
   async function load() {
-    err.textContent = '';
+    const mine = ++asked;
     try {
-      last = await get(`/v1/history/${kind}/${enc(id)}?${query()}`);
+      const v = await get(`/v1/history/${kind}/${enc(id)}?${query()}`);
+      if (mine !== asked) return;
+      err.textContent = '';
+      last = v;
       draw();
-    } catch (e) { err.textContent = `${e.message}${e.code ? ' (' + e.code + ')' : ''}`; out.replaceChildren(); }
+    } catch (e) {
+      if (mine !== asked) return;
+      err.textContent = `${e.message}${e.code ? ' (' + e.code + ')' : ''}`;
+      out.replaceChildren();
+    }
   }
   function draw() {
     if (!last) return;
@@ -707,7 +721,7 @@ async function nodesPage() {
   const cols = ['node', 'status', 'revision', 'lag', 'last_contact', 'reported_time', 'ha'];
   show(h('h1', {}, 'Nodes'), h('p', { class: 'muted' }, 'Each node reports the state revision it has applied; lag is how many revisions it is behind.'),
     h('table', { class: 'list' }, h('thead', {}, h('tr', {}, cols.map((c) => h('th', {}, c)))),
-      h('tbody', {}, r.nodes.length ? r.nodes.map((n) => h('tr', { 'data-id': n.node }, cols.map((c) => h('td', { 'data-col': c }, c === 'last_contact' ? `${n.last_contact} s ago` : cell(c, n[c]))))) : h('tr', {}, h('td', { colspan: cols.length, class: 'muted' }, 'No node has reported (an embedded store has only this node).')))));
+      h('tbody', {}, r.nodes.length ? r.nodes.map((n) => h('tr', { 'data-id': n.node }, cols.map((c) => h('td', { 'data-col': c }, c === 'last_contact' ? `${Math.max(0, Math.round(Date.now() / 1000) - n.last_contact)} s ago` : cell(c, n[c]))))) : h('tr', {}, h('td', { colspan: cols.length, class: 'muted' }, 'No node has reported (an embedded store has only this node).')))));
 }
 
 // ---- sign-in and routing ----------------------------------------------------------------------
