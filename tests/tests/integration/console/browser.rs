@@ -339,7 +339,9 @@ async fn drive(ui: &Ui, w: &World, provider: &str, c1: &str, c2: &str) {
     .await;
     // The node applies the new account's revision and reports it; the page shows it (reloaded
     // until then).
-    let revision = api(&w.topo, provider, "GET", "/v1/revision", None).1["revision"].clone();
+    let revision = api(&w.topo, provider, "GET", "/v1/revision", None).1["revision"]
+        .as_u64()
+        .unwrap();
     let t = Instant::now();
     loop {
         ui.go("#/nodes").await.unwrap();
@@ -352,7 +354,7 @@ async fn drive(ui: &Ui, w: &World, provider: &str, c1: &str, c2: &str) {
             .await;
         let cells: Vec<&str> = row.as_str().unwrap().split('\t').map(str::trim).collect();
         // node, status, revision, lag, last contact
-        if cells[1] == "live" && cells[2] == revision.to_string() && cells[3] == "0" {
+        if cells[1] == "live" && cells[2].parse::<u64>() == Ok(revision) && cells[3] == "0" {
             let ago: u64 = cells[4].trim_end_matches(" s ago").parse().unwrap();
             assert!(ago < 60, "last contact {ago} s ago");
             break;
