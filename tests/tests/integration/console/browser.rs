@@ -730,9 +730,30 @@ async fn drive(ui: &Ui, w: &World, provider: &str, c1: &str, c2: &str) {
     ui.select(".monitoring select[aria-label=metric]", "rev_bytes")
         .await
         .unwrap();
+    let disabled = |ui: &Ui| {
+        let c = ui.c.clone();
+        async move {
+            c.execute(
+                "return [...document.querySelectorAll('.monitoring select[aria-label=granularity] option')].filter(o => o.disabled).map(o => o.value)",
+                vec![],
+            )
+            .await
+            .unwrap()
+        }
+    };
+    assert_eq!(
+        disabled(ui).await,
+        json!(["1d"]),
+        "the last hour has no 1 d points"
+    );
     ui.select(".monitoring select[aria-label=period]", "24h")
         .await
         .unwrap();
+    assert_eq!(
+        disabled(ui).await,
+        json!(["1m"]),
+        "1 min points are kept an hour"
+    );
     ui.c.execute(
         "const i = document.querySelectorAll('.monitoring input[type=datetime-local]')[2];
          const d = new Date(Date.now() - 86400e3 - new Date().getTimezoneOffset() * 60e3);

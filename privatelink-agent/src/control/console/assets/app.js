@@ -315,7 +315,17 @@ function monitoring(kind, id) {
     const m = metric.value;
     out.replaceChildren(chart(last, m));
   }
-  period.addEventListener('change', () => { custom.hidden = period.value !== 'custom'; if (period.value !== 'custom') load(); });
+  // Granularities the period allows: 1 min only within the last hour (10 s points are kept an
+  // hour), 1 d only for periods of days.
+  const allow = () => {
+    const hour = period.value === 'realtime' || (period.value === 'custom' && from.value && Date.now() / 1000 - toUnix(from.value) < 3600);
+    const long = period.value !== 'realtime';
+    for (const o of gran.options) o.disabled = (o.value === '1m' && !hour) || (o.value === '1d' && !long);
+    if (gran.selectedOptions[0] && gran.selectedOptions[0].disabled) gran.value = '';
+  };
+  period.addEventListener('change', () => { custom.hidden = period.value !== 'custom'; allow(); if (period.value !== 'custom') load(); });
+  from.addEventListener('change', allow);
+  allow();
   for (const el of [gran, compare, compareFrom, from, to]) el.addEventListener('change', load);
   metric.addEventListener('change', draw);
   const refresh = action('Refresh', load);
