@@ -87,6 +87,23 @@ impl Node {
         self.metric("privatelink_ha_active", &[]) == Some(1.0)
     }
 
+    /// Stops the agent as an operator does (SIGTERM), and waits for it to exit.
+    pub fn stop(&mut self) {
+        if let Some(mut p) = self.agent.take() {
+            let pid = nix::unistd::Pid::from_raw(p.0.id() as i32);
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+            let t = Instant::now();
+            while p.0.try_wait().ok().flatten().is_none() {
+                assert!(
+                    t.elapsed() < Duration::from_secs(15),
+                    "{} did not stop on SIGTERM",
+                    self.name
+                );
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+
     pub fn links(&self, up: bool) {
         for dev in ["h0", "q0"] {
             self.ns
@@ -220,8 +237,9 @@ address = "{VIP}/24"
 
 /// Long-lived connections through the endpoint: `n` connections, each sending a line every
 /// `every` seconds (0.1 by default) and checking its echo, until the file `stop` appears (at most
-/// 60 s), keeping the count of finished rounds in `stop.rounds`; then one JSON line: connections, rounds, how many broke (reset, closed, a wrong echo),
-/// how many of those were resets, and the longest wait for an echo.
+/// 60 s), keeping the count of finished rounds in `stop.rounds`; then one JSON line: connections,
+/// rounds, how many broke (reset, closed, a wrong echo), how many of those were resets, and the
+/// longest wait for an echo.
 const HOLDER: &str = r#"
 import json, os, socket, sys, time
 host, port, n, stop = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
@@ -254,6 +272,116 @@ while not os.path.exists(stop) and time.time() < end:
     time.sleep(every)
 print(json.dumps({"conns": n, "rounds": rounds, "broken": broken, "resets": resets, "worst_ms": int(worst * 1000)}))
 "#;
+
+/// New connections through the endpoint, one every 20 ms (echo port 81: connect, a line, its echo,
+/// close), each given 0.5 s, until the file `stop` appears (at most 60 s); then one JSON line:
+/// attempts, failures, how many separate runs of failures there were, and the longest time
+/// between two successes.
+const CONN_PROBE: &str = r#"
+import json, os, socket, sys, time
+host, stop = sys.argv[1], sys.argv[2]
+attempts, failed, streaks, last_ok, worst, failing = 0, 0, 0, None, 0.0, False
+end = time.time() + 60
+print("started", flush=True)
+while not os.path.exists(stop) and time.time() < end:
+    attempts += 1
+    try:
+        with socket.create_connection((host, 81), timeout=0.5) as s:
+            s.settimeout(0.5)
+            s.sendall(b"new\n")
+            if s.makefile("rb").readline() != b"new\n":
+                raise OSError("wrong echo")
+        now = time.time()
+        if last_ok is not None:
+            worst = max(worst, now - last_ok)
+        last_ok, failing = now, False
+    except OSError:
+        failed += 1
+        if not failing:
+            streaks += 1
+        failing = True
+    time.sleep(0.02)
+print(json.dumps({"attempts": attempts, "failed": failed, "failure_runs": streaks, "worst_gap_ms": int(worst * 1000)}))
+"#;
+
+/// A running new-connection loop (see [`CONN_PROBE`]).
+pub struct ConnProbe(Holder);
+
+impl ConnProbe {
+    pub fn start(client: &Netns, root: &std::path::Path, name: &str) -> ConnProbe {
+        let endpoint = ENDPOINT.to_string();
+        ConnProbe(Holder::script(
+            client,
+            root,
+            name,
+            CONN_PROBE,
+            &[&endpoint, "{stop}"],
+        ))
+    }
+
+    /// Stops it; its summary.
+    pub fn finish(self) -> Value {
+        self.0.finish()
+    }
+}
+
+/// tcpdump on the client's interface, keeping every TCP reset that comes from the endpoint.
+pub struct Resets {
+    proc: Proc,
+    file: PathBuf,
+}
+
+impl Resets {
+    pub fn watch(client: &Netns, root: &std::path::Path) -> Resets {
+        let file = root.join("resets.txt");
+        let out = std::fs::File::create(&file).unwrap();
+        let err = root.join("resets.err");
+        let mut child = client
+            .command("tcpdump")
+            .args([
+                "-i",
+                "eth0",
+                "-n",
+                "-l",
+                "--immediate-mode",
+                &format!("tcp[tcpflags] & tcp-rst != 0 and src host {ENDPOINT}"),
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(out))
+            .stderr(Stdio::from(std::fs::File::create(&err).unwrap()))
+            .spawn()
+            .expect("tcpdump");
+        // Capturing once it says so.
+        let t = Instant::now();
+        while !std::fs::read_to_string(&err)
+            .unwrap_or_default()
+            .contains("listening on")
+        {
+            if let Ok(Some(s)) = child.try_wait() {
+                panic!("tcpdump ended: {s}");
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs(10),
+                "tcpdump did not start"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Resets {
+            proc: Proc(child),
+            file,
+        }
+    }
+
+    /// The resets seen so far, a line each.
+    pub fn seen(&self) -> Vec<String> {
+        let _ = &self.proc;
+        std::fs::read_to_string(&self.file)
+            .unwrap_or_default()
+            .lines()
+            .map(String::from)
+            .collect()
+    }
+}
 
 /// A UDP request/response loop through the endpoint (udp 9001, a socat echo): a datagram every
 /// 5 ms from one socket, until the file `stop` appears (at most 60 s); then one JSON line: sent,

@@ -37,6 +37,7 @@ pub const PACKAGES: &[&str] = &[
     "libprotobuf-dev",
     "chromium",
     "chromium-driver",
+    "tcpdump",
     "fonts-dejavu-core",
 ];
 
