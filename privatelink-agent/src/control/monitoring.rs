@@ -144,6 +144,19 @@ fn granularity_name(g: u64) -> &'static str {
     }
 }
 
+impl Point {
+    /// Adds `p`'s traffic to this bucket's; the most connections become `peak` of the two.
+    fn absorb(&mut self, p: &Point, peak: fn(u64, u64) -> u64) {
+        self.fwd_bytes += p.fwd_bytes;
+        self.rev_bytes += p.rev_bytes;
+        self.fwd_packets += p.fwd_packets;
+        self.rev_packets += p.rev_packets;
+        self.new_connections += p.new_connections;
+        self.drops += p.drops;
+        self.max_active_connections = peak(self.max_active_connections, p.max_active_connections);
+    }
+}
+
 /// Points of a finer granularity gathered into buckets of `granularity` seconds: traffic summed,
 /// the most connections the largest seen in any of them.
 pub fn roll_up(points: &[Point], granularity: u64) -> Vec<Point> {
@@ -151,16 +164,7 @@ pub fn roll_up(points: &[Point], granularity: u64) -> Vec<Point> {
     for p in points {
         let ts = p.ts - p.ts % granularity;
         match out.last_mut() {
-            Some(last) if last.ts == ts => {
-                last.fwd_bytes += p.fwd_bytes;
-                last.rev_bytes += p.rev_bytes;
-                last.fwd_packets += p.fwd_packets;
-                last.rev_packets += p.rev_packets;
-                last.new_connections += p.new_connections;
-                last.drops += p.drops;
-                last.max_active_connections =
-                    last.max_active_connections.max(p.max_active_connections);
-            }
+            Some(last) if last.ts == ts => last.absorb(p, u64::max),
             _ => out.push(Point { ts, ..p.clone() }),
         }
     }
@@ -178,13 +182,7 @@ pub fn add(into: &mut Vec<Point>, other: &[Point]) {
             ts: p.ts,
             ..Point::default()
         });
-        q.fwd_bytes += p.fwd_bytes;
-        q.rev_bytes += p.rev_bytes;
-        q.fwd_packets += p.fwd_packets;
-        q.rev_packets += p.rev_packets;
-        q.new_connections += p.new_connections;
-        q.drops += p.drops;
-        q.max_active_connections += p.max_active_connections;
+        q.absorb(p, |a, b| a + b);
     }
     into.extend(by_ts.into_values());
 }
