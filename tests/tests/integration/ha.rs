@@ -11,6 +11,7 @@ use privatelink_tests::{
     agent_bin,
     group::{ConnProbe, Group, Holder, Node, Resets, UdpProbe, curl, wait},
     privileged,
+    world::{ADMIN, Proc, api_in, etcd_url},
 };
 use serde_json::{Value, json};
 
@@ -238,8 +239,34 @@ fn a_standby_takes_over_when_the_active_node_crashes_and_a_returning_node_stands
         "the endpoint reset connections:\n{}",
         seen.join("\n")
     );
-    // Monitoring from anywhere: each node's API sums a link's history over both nodes (each asked
-    // with the caller's token), and it equals what each node keeps alone.
+    // Monitoring from anywhere: each node's API, and an API-only server on the same etcd (no
+    // history of its own; in A's namespace, where both nodes' APIs are reached), sum a link's
+    // history over both nodes (each asked with the caller's token), and it equals what each node
+    // keeps alone.
+    const API_ONLY: &str = "127.0.0.1:7272";
+    let log = std::fs::File::create(root.join("api-only.log")).unwrap();
+    let _api_only = Proc(
+        a.ns.command(agent_bin("privatelink-agent").to_str().unwrap())
+            .args([
+                "api",
+                "--listen",
+                API_ONLY,
+                "--etcd",
+                &etcd_url(0),
+                "--admin-token-file",
+                a.dir.join("admin-token").to_str().unwrap(),
+                "--store",
+                root.join("api-only.db").to_str().unwrap(),
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(log.try_clone().unwrap()))
+            .stderr(Stdio::from(log))
+            .spawn()
+            .expect("privatelink-agent api"),
+    );
+    wait("the API-only server", Duration::from_secs(20), || {
+        api_in(&a.ns, API_ONLY, ADMIN, "GET", "/v1/revision", None).0 == 200
+    });
     for (token, kind, id) in [
         (&provider, "service", &service),
         (&consumer, "endpoint", &endpoint),
@@ -259,7 +286,9 @@ fn a_standby_takes_over_when_the_active_node_crashes_and_a_returning_node_stands
                 let (sb, own_b) = b.api(token, "GET", &format!("{path}&local=true"), None);
                 let (sx, from_b) = b.api(token, "GET", &path, None);
                 let (sy, from_a) = a.api(token, "GET", &path, None);
-                let ok = [sa, sb, sx, sy] == [200; 4]
+                let (sz, from_api) = api_in(&a.ns, API_ONLY, token, "GET", &path, None);
+                let ok = [sa, sb, sx, sy, sz] == [200; 5]
+                    && total(&from_api) == total(&from_b)
                     && total(&own_a) > 0
                     && total(&own_b) > 0
                     && total(&from_b) == total(&own_a) + total(&own_b)
@@ -267,7 +296,8 @@ fn a_standby_takes_over_when_the_active_node_crashes_and_a_returning_node_stands
                     && from_b["sources"]
                         .as_array()
                         .is_some_and(|s| s.len() == 2 && s.iter().all(|s| s["ok"] == true));
-                last = json!({ "a": own_a, "b": own_b, "summed_by_b": from_b });
+                last =
+                    json!({ "a": own_a, "b": own_b, "summed_by_b": from_b, "api_only": from_api });
                 ok
             },
         );
@@ -287,7 +317,7 @@ fn a_standby_takes_over_when_the_active_node_crashes_and_a_returning_node_stands
 
     // The cluster view says who is active in the group.
     let roles = || {
-        let (_, v) = a.api(privatelink_tests::world::ADMIN, "GET", "/v1/nodes", None);
+        let (_, v) = a.api(ADMIN, "GET", "/v1/nodes", None);
         v["nodes"]
             .as_array()
             .map(|n| {
