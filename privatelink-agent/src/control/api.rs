@@ -38,7 +38,10 @@ impl IntoResponse for ApiError {
 /// The authenticated caller.
 pub struct Auth(pub Caller);
 
-impl FromRequestParts<Plane> for Auth {
+/// The authenticated caller and the token it presented (to ask other servers on its behalf).
+pub struct AuthToken(pub Caller, pub String);
+
+impl FromRequestParts<Plane> for AuthToken {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, plane: &Plane) -> Result<Self, ApiError> {
@@ -48,31 +51,25 @@ impl FromRequestParts<Plane> for Auth {
             .extensions
             .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
             .map(|c| c.0.ip());
-        let limiter = plane.auth_limiter();
-        if let Some(ip) = peer {
-            limiter.check(ip)?;
-        }
-        let token = credential(&parts.headers, plane);
-        token
-            .and_then(|t| plane.authenticate(t.as_deref()))
-            .map(Auth)
-            .inspect_err(|e| {
-                // A missing CSRF token is not a guess at a credential.
-                if let Some(ip) = peer
-                    && e.code != "csrf"
-                {
-                    limiter.failed(ip);
-                }
-            })
+        plane
+            .authenticate_from(peer, || credential(&parts.headers, plane))
+            .map(|(c, t)| AuthToken(c, t))
+    }
+}
+
+impl FromRequestParts<Plane> for Auth {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, plane: &Plane) -> Result<Self, ApiError> {
+        AuthToken::from_request_parts(parts, plane)
+            .await
+            .map(|AuthToken(c, _)| Auth(c))
     }
 }
 
 /// The token a request presents: its bearer token, or the token of the console session its
 /// cookie names when it carries that session's CSRF token. A bearer token wins over a cookie.
-pub fn credential(
-    headers: &axum::http::HeaderMap,
-    plane: &Plane,
-) -> Result<Option<String>, ApiError> {
+fn credential(headers: &axum::http::HeaderMap, plane: &Plane) -> Result<Option<String>, ApiError> {
     // The scheme is case-insensitive (RFC 9110 §11.1): `bearer`, `BEARER` are `Bearer`.
     let bearer = headers
         .get(header::AUTHORIZATION)
@@ -1020,8 +1017,7 @@ pub struct HistoryWindow {
 #[utoipa::path(get, path = "/v1/history/{kind}/{id}", params(("kind" = HistoryKind, Path, description = "endpoint or service"), ("id" = String, Path, description = "object id"), HistoryQuery), responses((status = 200, body = HistoryView, description = "Traffic history of an endpoint or service on this node"), (status = "4XX", body = ErrorBody, description = "error: stable code, message, offending field")), security(("bearer" = [])), summary = "Traffic history of an endpoint or service on this node")]
 async fn history(
     State(p): State<Plane>,
-    Auth(c): Auth,
-    headers: axum::http::HeaderMap,
+    AuthToken(c, token): AuthToken,
     P((kind, id)): P<(HistoryKind, String)>,
     Q(q): Q<HistoryQuery>,
 ) -> ApiResult<Response> {
@@ -1061,37 +1057,29 @@ async fn history(
             )
         }
     };
-    // Checked by `Auth` already: the token other nodes are asked with.
-    let token = credential(&headers, &p)?.unwrap_or_default();
     let local_only = q.local.unwrap_or(false);
-    let plane = p.clone();
-    let (view, gathered) = tokio::task::spawn_blocking(move || {
-        let ask = crate::control::history::Ask {
-            kind: &kind,
-            id: &id,
-            period: &period,
-            compare: compare.as_ref(),
-            token: &token,
-            local_only,
-        };
-        let g = crate::control::history::gather(&plane, &ask)?;
-        Ok::<_, ApiError>((
-            HistoryView {
-                kind: kind.clone(),
-                id: id.clone(),
-                granularity_secs: period.granularity,
-                from: period.from,
-                to: period.to,
-                points: Vec::new(),
-                compare: None,
-                sources: Vec::new(),
+    let (plane, k, i) = (p.clone(), kind.clone(), id.clone());
+    let gathered = tokio::task::spawn_blocking(move || {
+        crate::control::history::gather(
+            &plane,
+            &crate::control::history::Ask {
+                kind: &k,
+                id: &i,
+                period: &period,
+                compare: compare.as_ref(),
+                token: &token,
+                local_only,
             },
-            g,
-        ))
+        )
     })
     .await
     .map_err(|e| ApiError::new(500, "internal", e.to_string()))??;
     let view = HistoryView {
+        kind,
+        id,
+        granularity_secs: period.granularity,
+        from: period.from,
+        to: period.to,
         points: gathered.points,
         compare: compare
             .zip(gathered.compare)
@@ -1101,7 +1089,6 @@ async fn history(
                 points,
             }),
         sources: gathered.sources,
-        ..view
     };
     if q.format.as_deref() == Some("csv") {
         let text = crate::control::monitoring::csv(

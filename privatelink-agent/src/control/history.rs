@@ -132,75 +132,55 @@ pub fn gather(plane: &ControlPlane, ask: &Ask) -> Result<Gathered, ApiError> {
              answers (a node publishes its [api] listen address, or [api] advertise)",
         ));
     }
+    // This node's answer first, then every other node's, asked at once (the slowest one bounds
+    // the wait).
+    type Answer = Result<(Vec<Point>, Option<Vec<Point>>), String>;
+    let mut answers: Vec<(String, Answer)> = Vec::new();
+    if let Some(now) = mine_now {
+        let then = ask.compare.and_then(|c| local(plane, ask, c)).transpose();
+        let mine = now.and_then(|n| then.map(|t| (n, t)));
+        // Asked by another server: its own failure is the answer.
+        if let (true, Err(e)) = (ask.local_only, &mine) {
+            return Err(ApiError::new(503, "history_unavailable", e.clone()));
+        }
+        answers.push((here.unwrap_or_else(|| "this node".into()), mine));
+    }
+    std::thread::scope(|s| {
+        let asked: Vec<_> = peers
+            .iter()
+            .map(|(node, url)| (node, s.spawn(move || remote(url, ask))))
+            .collect();
+        for (node, h) in asked {
+            let answer = h
+                .join()
+                .unwrap_or_else(|_| Err("the request panicked".into()));
+            answers.push((node.clone(), answer));
+        }
+    });
     let mut out = Gathered {
         points: Vec::new(),
         compare: ask.compare.map(|_| Vec::new()),
         sources: Vec::new(),
     };
-    if let Some(now) = mine_now {
-        let then = ask.compare.and_then(|c| local(plane, ask, c)).transpose();
-        match now.and_then(|n| then.map(|t| (n, t))) {
-            Ok((n, t)) => {
-                monitoring::add(&mut out.points, &n);
-                if let (Some(into), Some(t)) = (out.compare.as_mut(), t) {
-                    monitoring::add(into, &t);
-                }
-                out.sources.push(Source {
-                    node: here.clone().unwrap_or_else(|| "this node".into()),
-                    ok: true,
-                    error: None,
-                });
-            }
-            // Asked by another server: its own failure is the answer.
-            Err(e) if ask.local_only => {
-                return Err(ApiError::new(503, "history_unavailable", e));
-            }
-            Err(e) => out.sources.push(Source {
-                node: here.clone().unwrap_or_else(|| "this node".into()),
-                ok: false,
-                error: Some(e),
-            }),
-        }
-    }
-    // Every other node at once: the slowest one bounds the wait.
-    let answers: Vec<_> = std::thread::scope(|s| {
-        let handles: Vec<_> = peers
-            .iter()
-            .map(|(node, url)| (node, s.spawn(move || remote(url, ask))))
-            .collect();
-        handles
-            .into_iter()
-            .map(|(node, h)| {
-                (
-                    node.clone(),
-                    h.join()
-                        .unwrap_or_else(|_| Err("the request panicked".into())),
-                )
-            })
-            .collect()
-    });
     for (node, answer) in answers {
-        match answer {
+        let error = match answer {
             Ok((n, t)) => {
                 monitoring::add(&mut out.points, &n);
                 if let (Some(into), Some(t)) = (out.compare.as_mut(), t) {
                     monitoring::add(into, &t);
                 }
-                out.sources.push(Source {
-                    node,
-                    ok: true,
-                    error: None,
-                });
+                None
             }
             Err(e) => {
                 log::warn!("history: node {node} did not answer: {e}");
-                out.sources.push(Source {
-                    node,
-                    ok: false,
-                    error: Some(e),
-                });
+                Some(e)
             }
-        }
+        };
+        out.sources.push(Source {
+            node,
+            ok: error.is_none(),
+            error,
+        });
     }
     if !out.sources.iter().any(|s| s.ok) {
         let why: Vec<String> = out

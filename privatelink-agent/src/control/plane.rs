@@ -183,6 +183,32 @@ impl ControlPlane {
             .ok_or_else(ApiError::unauthorized)
     }
 
+    /// Who `token` (resolved only when `peer` is not over its limit) belongs to, with failed
+    /// authentication limited per client address: an address over its limit is refused (429)
+    /// before anything is looked at, and a failure counts against it, except a missing CSRF token
+    /// (no guess at a credential). The caller, and the token it presented.
+    pub fn authenticate_from(
+        &self,
+        peer: Option<IpAddr>,
+        token: impl FnOnce() -> ApiResult<Option<String>>,
+    ) -> ApiResult<(Caller, String)> {
+        if let Some(ip) = peer {
+            self.auth_limiter.check(ip)?;
+        }
+        token()
+            .and_then(|t| {
+                let caller = self.authenticate(t.as_deref())?;
+                Ok((caller, t.unwrap_or_default()))
+            })
+            .inspect_err(|e| {
+                if let Some(ip) = peer
+                    && e.code != "csrf"
+                {
+                    self.auth_limiter.failed(ip);
+                }
+            })
+    }
+
     /// Reads the current state.
     pub fn read<T>(&self, f: impl FnOnce(&State) -> T) -> T {
         f(&self.lock().state)

@@ -139,14 +139,18 @@ impl Sessions {
         Ok(s.token.clone())
     }
 
-    /// The CSRF token of the live session `id` (a reloaded page asks for it again: only a page
-    /// of this origin can read the answer).
-    pub fn csrf(&self, id: &str) -> Option<String> {
+    /// The token and the CSRF token of the live session `id`, which counts as used (a reloaded
+    /// page asks for its CSRF token again: only a page of this origin can read the answer).
+    pub fn resume(&self, id: &str) -> Result<(String, String), ApiError> {
         let now = Instant::now();
-        let map = self.map();
-        map.get(&digest(id))
-            .filter(|s| self.live(s, now))
-            .map(|s| hex::encode(s.csrf))
+        let mut map = self.map();
+        match map.get_mut(&digest(id)) {
+            Some(s) if self.live(s, now) => {
+                s.used = now;
+                Ok((s.token.clone(), hex::encode(s.csrf)))
+            }
+            _ => Err(expired()),
+        }
     }
 
     /// Ends session `id`; whether it was live.
@@ -165,7 +169,8 @@ impl Sessions {
     }
 }
 
-fn expired() -> ApiError {
+/// 401 `session_expired`: the session is unknown or ended.
+pub fn expired() -> ApiError {
     ApiError::new(
         401,
         "session_expired",
@@ -204,14 +209,15 @@ mod tests {
         assert!(s.end(&a.id));
         assert_eq!(s.token(&a.id, Some(&a.csrf)).unwrap_err().status, 401);
         assert!(!s.end(&a.id), "ended once");
-        // Idle past its limit.
+        assert_eq!(s.resume(&b.id).unwrap(), ("tok-b".into(), b.csrf.clone()));
+        // Idle past its limit (counting live sessions does not use them).
         let wait = Instant::now();
-        while s.csrf(&b.id).is_some() {
+        while !s.is_empty() {
             assert!(wait.elapsed() < Duration::from_secs(5));
             std::thread::sleep(Duration::from_millis(20));
         }
         assert_eq!(s.token(&b.id, Some(&b.csrf)).unwrap_err().status, 401);
-        assert!(s.is_empty());
+        assert_eq!(s.resume(&b.id).unwrap_err().status, 401);
     }
 
     #[test]

@@ -147,56 +147,52 @@ async fn sign_in(
     Body(req): Body<SignIn>,
 ) -> Result<Response, ApiError> {
     same_origin(&headers)?;
-    let peer = connected.map(|c| c.0.0.ip());
-    if let Some(ip) = peer {
-        p.auth_limiter().check(ip)?;
-    }
-    let caller = p.authenticate(Some(&req.token)).inspect_err(|_| {
-        if let Some(ip) = peer {
-            p.auth_limiter().failed(ip);
-        }
-    })?;
+    let (caller, token) =
+        p.authenticate_from(connected.map(|c| c.0.0.ip()), || Ok(Some(req.token)))?;
     // A session already in this browser ends: one browser, one identity.
     if let Some(old) = cookie(&headers, COOKIE) {
         p.sessions().end(&old);
     }
-    let started = p.sessions().start(&req.token);
+    let started = p.sessions().start(&token);
     let who = match &caller {
         Caller::Admin => "admin".to_string(),
         Caller::Account(a) => format!("account {a}"),
     };
     log::info!(target: "privatelink::audit", "console sign-in: {who}");
-    let c = cookie::Cookie::build((COOKIE, started.id))
-        .http_only(true)
-        .same_site(cookie::SameSite::Strict)
-        .secure(tls.is_some_and(|t| t.0.0))
-        .path("/")
-        .build();
-    let mut r = (
+    let r = (
         StatusCode::CREATED,
         Json(identity(&p, &caller, started.csrf)),
-    )
-        .into_response();
+    );
+    Ok(with_cookie(
+        r.into_response(),
+        &started.id,
+        tls.is_some_and(|t| t.0.0),
+    ))
+}
+
+/// `r` setting the session cookie to `value` (scripts cannot read it, other sites' requests do
+/// not carry it; `Secure` over TLS; an empty value expires it), never cached.
+fn with_cookie(mut r: Response, value: &str, secure: bool) -> Response {
+    let mut c = cookie::Cookie::build((COOKIE, value))
+        .http_only(true)
+        .same_site(cookie::SameSite::Strict)
+        .secure(secure)
+        .path("/");
+    if value.is_empty() {
+        c = c.max_age(cookie::time::Duration::ZERO);
+    }
     r.headers_mut().insert(
         header::SET_COOKIE,
-        HeaderValue::from_str(&c.to_string()).expect("hex cookie value"),
+        HeaderValue::from_str(&c.build().to_string()).expect("a hex cookie value"),
     );
-    Ok(no_store(r))
+    no_store(r)
 }
 
 /// `GET /console/session`: who this browser's session is, and its CSRF token (a reloaded page
 /// asks again; no other origin can read the answer).
 async fn session(State(p): State<Plane>, headers: HeaderMap) -> Result<Response, ApiError> {
-    let expired = || {
-        ApiError::new(
-            401,
-            "session_expired",
-            "the console session ended or is unknown: sign in again",
-        )
-    };
-    let id = cookie(&headers, COOKIE).ok_or_else(expired)?;
-    let csrf = p.sessions().csrf(&id).ok_or_else(expired)?;
-    let token = p.sessions().token(&id, Some(&csrf))?;
+    let id = cookie(&headers, COOKIE).ok_or_else(super::session::expired)?;
+    let (token, csrf) = p.sessions().resume(&id)?;
     // A revoked or expired token ends the session here too.
     let caller = p.authenticate(Some(&token)).inspect_err(|_| {
         p.sessions().end(&id);
@@ -205,7 +201,11 @@ async fn session(State(p): State<Plane>, headers: HeaderMap) -> Result<Response,
 }
 
 /// `DELETE /console/session` (with the CSRF token): signs out and clears the cookie.
-async fn sign_out(State(p): State<Plane>, headers: HeaderMap) -> Result<Response, ApiError> {
+async fn sign_out(
+    State(p): State<Plane>,
+    tls: Option<axum::Extension<OverTls>>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
     same_origin(&headers)?;
     if let Some(id) = cookie(&headers, COOKIE) {
         let csrf = headers
@@ -214,16 +214,9 @@ async fn sign_out(State(p): State<Plane>, headers: HeaderMap) -> Result<Response
         p.sessions().token(&id, csrf)?;
         p.sessions().end(&id);
     }
-    let gone = cookie::Cookie::build((COOKIE, ""))
-        .http_only(true)
-        .same_site(cookie::SameSite::Strict)
-        .path("/")
-        .max_age(cookie::time::Duration::ZERO)
-        .build();
-    let mut r = StatusCode::NO_CONTENT.into_response();
-    r.headers_mut().insert(
-        header::SET_COOKIE,
-        HeaderValue::from_str(&gone.to_string()).expect("a plain cookie"),
-    );
-    Ok(no_store(r))
+    Ok(with_cookie(
+        StatusCode::NO_CONTENT.into_response(),
+        "",
+        tls.is_some_and(|t| t.0.0),
+    ))
 }
