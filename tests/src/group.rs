@@ -327,7 +327,8 @@ impl ConnProbe {
 
 /// tcpdump on the client's interface, keeping every TCP reset that comes from the endpoint.
 pub struct Resets {
-    proc: Proc,
+    /// tcpdump, stopped on drop.
+    _tcpdump: Proc,
     file: PathBuf,
 }
 
@@ -367,14 +368,13 @@ impl Resets {
             std::thread::sleep(Duration::from_millis(20));
         }
         Resets {
-            proc: Proc(child),
+            _tcpdump: Proc(child),
             file,
         }
     }
 
     /// The resets seen so far, a line each.
     pub fn seen(&self) -> Vec<String> {
-        let _ = &self.proc;
         std::fs::read_to_string(&self.file)
             .unwrap_or_default()
             .lines()

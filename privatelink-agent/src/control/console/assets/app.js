@@ -192,7 +192,7 @@ function results(out, res, key) {
 
 // A list page: search, filters, chosen columns, paging and CSV export over an API list.
 // `exportable`: the fields the CSV export takes (times as `created_at`, Unix seconds).
-function list({ key, title, path, exportPath, exportable, columns, defaults, link, filters, toolbar, select }) {
+function list({ key, title, path, exportPath, exportable, columns, defaults, link, filters, toolbar }) {
   const saved = JSON.parse(localStorage.getItem('cols:' + key) || 'null');
   const st = { search: '', page: 1, per_page: 25, cols: saved || defaults, filter: {} };
   const body = h('div');
@@ -222,19 +222,14 @@ function list({ key, title, path, exportPath, exportable, columns, defaults, lin
   per.value = '25';
   per.addEventListener('change', () => { st.per_page = +per.value; st.page = 1; load(); });
   let data = { items: [], total: 0 };
-  const chosen = new Set();
   function render() {
     const rows = data.items.filter((it) => Object.entries(st.filter).every(([k, v]) => !v || String(it[k]) === v));
-    const head = h('tr', {}, select ? h('th', {}, '') : null, st.cols.map((c) => h('th', {}, c)));
-    const trs = rows.map((it) => h('tr', { 'data-id': it.id }, select ? h('td', {}, (() => {
-      const cb = h('input', { type: 'checkbox', checked: chosen.has(it.id), 'aria-label': 'select ' + it.id });
-      cb.addEventListener('change', () => { if (cb.checked) chosen.add(it.id); else chosen.delete(it.id); });
-      return cb;
-    })()) : null, st.cols.map((c) => {
+    const head = h('tr', {}, st.cols.map((c) => h('th', {}, c)));
+    const trs = rows.map((it) => h('tr', { 'data-id': it.id }, st.cols.map((c) => {
       const v = cell(c, it[c]);
       return h('td', { 'data-col': c }, c === 'id' && link ? h('a', { href: link(it) }, v) : v);
     })));
-    body.replaceChildren(h('table', { class: 'list' }, h('thead', {}, head), h('tbody', {}, trs.length ? trs : h('tr', {}, h('td', { colspan: st.cols.length + 1, class: 'muted' }, 'Nothing here yet.')))));
+    body.replaceChildren(h('table', { class: 'list' }, h('thead', {}, head), h('tbody', {}, trs.length ? trs : h('tr', {}, h('td', { colspan: st.cols.length, class: 'muted' }, 'Nothing here yet.')))));
     const pages = Math.max(1, Math.ceil(data.total / st.per_page));
     info.textContent = `${data.total} in all · page ${st.page} of ${pages}`;
     prev.disabled = st.page <= 1;
@@ -255,10 +250,7 @@ function list({ key, title, path, exportPath, exportable, columns, defaults, lin
   const exportFields = () => st.cols.map((c) => (c === 'created_time' ? 'created_at' : c)).filter((c) => exportable.includes(c));
   const exp = exportPath ? action('Export CSV', () => download(`${exportPath}?fields=${enc(exportFields().join(','))}` + (st.search ? `&search=${enc(st.search)}` : ''), `${key}.csv`)) : null;
   load();
-  return {
-    el: h('div', {}, h('h1', {}, title), h('div', { class: 'toolbar' }, search, filterEls, colBox, h('span', { class: 'grow' }), exp, toolbar || null), err, body, h('div', { class: 'toolbar' }, prev, next, per, info)),
-    chosen, reload: load,
-  };
+  return h('div', {}, h('h1', {}, title), h('div', { class: 'toolbar' }, search, filterEls, colBox, h('span', { class: 'grow' }), exp, toolbar || null), err, body, h('div', { class: 'toolbar' }, prev, next, per, info));
 }
 
 // ---- monitoring ---------------------------------------------------------------------------------
@@ -380,15 +372,14 @@ function chart(view, m) {
 const SERVICE_COLS = ['id', 'name', 'service_type', 'service_name', 'network_id', 'backends', 'port_mappings', 'auto_accept', 'proxy_protocol', 'private_dns_name', 'tags', 'owner', 'created_time'];
 
 function servicesPage() {
-  const l = list({
+  show(list({
     key: 'services', title: 'Endpoint services', path: '/v1/services', exportPath: '/v1/export/services.csv',
     exportable: ['id', 'service_name', 'name', 'private_dns_name', 'answer_ping', 'owner', 'network_id', 'service_type', 'backends', 'port_mappings', 'auto_accept', 'allowlist', 'tags', 'created_at'],
     columns: SERVICE_COLS, defaults: ['id', 'name', 'service_type', 'service_name', 'port_mappings', 'auto_accept', 'created_time'],
     link: (s) => `#/services/${enc(s.id)}`,
     filters: [{ key: 'service_type', label: 'Type', options: ['clb', 'mysql', 'redis', 'custom'] }, { key: 'auto_accept', label: 'Auto-accept', options: ['true', 'false'] }],
     toolbar: me.role === 'account' ? h('a', { href: '#/services/new' }, h('button', { class: 'primary', type: 'button' }, 'Create service')) : null,
-  });
-  show(l.el);
+  }));
 }
 
 async function networkOptions() {
@@ -518,15 +509,14 @@ function findPage() {
 const ENDPOINT_COLS = ['id', 'name', 'state', 'service_id', 'ip', 'ipv6', 'ip_address_type', 'dns_name', 'network_id', 'subnet_id', 'security_groups', 'private_dns_enabled', 'tags', 'owner', 'created_time'];
 
 function endpointsPage() {
-  const l = list({
+  show(list({
     key: 'endpoints', title: 'Endpoints', path: '/v1/endpoints', exportPath: '/v1/export/endpoints.csv',
     exportable: ['id', 'name', 'owner', 'network_id', 'subnet_id', 'ip', 'service_id', 'dns_name', 'private_dns_enabled', 'state', 'security_groups', 'tags', 'created_at'],
     columns: ENDPOINT_COLS, defaults: ['id', 'name', 'state', 'service_id', 'ip', 'dns_name', 'security_groups', 'created_time'],
     link: (e) => `#/endpoints/${enc(e.id)}`,
     filters: [{ key: 'state', label: 'State', options: ['Pending', 'Available', 'Rejected', 'Disconnected'] }, { key: 'ip_address_type', label: 'Addresses', options: ['ipv4', 'ipv6', 'dualstack'] }],
     toolbar: me.role === 'account' ? h('a', { href: '#/endpoints/new' }, h('button', { class: 'primary', type: 'button' }, 'Create endpoint')) : null,
-  });
-  show(l.el);
+  }));
 }
 
 // Security groups chosen in order: the first has the highest priority (1).
@@ -610,12 +600,11 @@ async function endpointPage(id) {
 }
 
 function groupsPage() {
-  const l = list({
+  show(list({
     key: 'groups', title: 'Security groups', path: '/v1/security-groups', columns: ['id', 'name', 'rules', 'tags', 'owner', 'created_time'], defaults: ['id', 'name', 'rules', 'tags', 'created_time'],
     link: (g) => `#/security-groups/${enc(g.id)}`,
     toolbar: me.role === 'account' ? h('a', { href: '#/security-groups/new' }, h('button', { class: 'primary', type: 'button' }, 'Create security group')) : null,
-  });
-  show(l.el);
+  }));
 }
 
 // Ordered rule rows: protocol, ports, source, action, description.
