@@ -461,6 +461,32 @@ pub struct ConnOpened {
 }
 crate::assert_size!(ConnOpened, 88);
 
+/// Bytes of the `FLOW_SYNC` ring buffer: 32,768 IPv4 or 16,384 IPv6 events (each with the ring's
+/// 8-byte header), a second of new flows at the rates this datapath makes them on one core.
+pub const FLOW_SYNC_BYTES: u32 = 1 << 20;
+/// Index of the per-CPU `FLOW_SYNC_STATS`: events lost because the ring was full (the periodic
+/// sync still carries those flows, later).
+pub const FLOW_SYNC_LOST: u32 = 0;
+pub const FLOW_SYNC_COUNTERS: u32 = 1;
+
+/// A flow-sync event from the datapath (ring buffer `FLOW_SYNC`): the flow under `key` was made,
+/// or its TCP state changed. Only the key: the agent reads both of the flow's entries from
+/// conntrack as they are when it sends them, so the ring carries 24 bytes (IPv4) per event and a
+/// late reader never sends a stale state.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowEvent<A> {
+    /// 4 or 6: which conntrack table `key` is of.
+    pub family: u8,
+    pub _pad0: u8,
+    pub _pad1: u16,
+    pub key: FlowKey<A>,
+}
+pub type FlowEvent4 = FlowEvent<u32>;
+pub type FlowEvent6 = FlowEvent<In6>;
+crate::assert_size!(FlowEvent4, 24);
+crate::assert_size!(FlowEvent6, 48);
+
 /// Value of `CONN_STATS4`/`CONN_STATS6`, keyed by a logged flow's forward key: its counters (atomic
 /// adds from any CPU), how it ended, and what its closing record needs besides the key.
 #[repr(C)]
@@ -658,6 +684,8 @@ impl Default for DatapathConfig {
 #[cfg(feature = "user")]
 crate::user_pod!(
     ConnOpened,
+    FlowEvent4,
+    FlowEvent6,
     ConnStats4,
     ConnStats6,
     ProxyTlvs,
@@ -751,6 +779,12 @@ pub mod names {
     pub const CONN_STATS6: &str = "CONN_STATS6";
     /// Per-CPU connection-log counters ([`super::CONN_LOG_WRITTEN`], ...).
     pub const CONN_LOG_STATS: &str = "CONN_LOG_STATS";
+    /// Ring buffer of flow-sync events ([`super::FlowEvent`]) for a group's peers.
+    pub const FLOW_SYNC: &str = "FLOW_SYNC";
+    /// Index 0: whether the datapath writes flow-sync events.
+    pub const FLOW_SYNC_ON: &str = "FLOW_SYNC_ON";
+    /// Per-CPU flow-sync counters ([`super::FLOW_SYNC_LOST`]).
+    pub const FLOW_SYNC_STATS: &str = "FLOW_SYNC_STATS";
 
     /// Every map, for pinning.
     pub const ALL: &[&str] = &[
@@ -789,6 +823,9 @@ pub mod names {
         CONN_STATS4,
         CONN_STATS6,
         CONN_LOG_STATS,
+        FLOW_SYNC,
+        FLOW_SYNC_ON,
+        FLOW_SYNC_STATS,
     ];
 }
 

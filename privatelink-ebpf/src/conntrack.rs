@@ -135,11 +135,15 @@ pub(crate) fn update<A: Family>(flow: *mut Flow<A>, p: &Pkt<A>, now: u64) {
         flow.egress_ifindex = 0;
     }
     // Both entries live and die together, so a one-way stream keeps its reply mapping reserved.
-    if let Some(t) = A::ct().get_ptr_mut(twin_key(flow, p.proto)) {
+    let twin = twin_key(flow, p.proto);
+    if let Some(t) = A::ct().get_ptr_mut(&twin) {
         // SAFETY: pointer from a successful lookup.
         unsafe {
             (*t).tcp_state = state;
             (*t).last_seen_ns = now;
         }
+    }
+    if state != old {
+        crate::flowsync::emit(&twin);
     }
 }

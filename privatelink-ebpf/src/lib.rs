@@ -12,6 +12,7 @@ pub mod conntrack;
 pub mod csum;
 mod family;
 mod flowcache;
+mod flowsync;
 mod forward;
 mod icmp;
 mod icmp6;

@@ -10,10 +10,10 @@ use privatelink_common::{
     DEFAULT_MAX_ALLOWLIST, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_ENDPOINT_PORTS, DEFAULT_MAX_LINKS,
     DEFAULT_MAX_RULE_LISTS, DEFAULT_MAX_RULE_LISTS6, DEFAULT_MAX_SERVICES, DatapathConfig,
     EndpointIpKey4, EndpointIpKey6, EndpointIpValue, EndpointKey4, EndpointKey6, EndpointValue,
-    FLOW_CACHE_COUNTERS, FLOW_CACHE_SLOTS, Flow4, Flow6, FlowCacheEntry4, FlowCacheEntry6,
-    FlowKey4, FlowKey6, IFACE_INDEX_ENTRIES, IfaceInfo, IfaceKey, LinkDropKey, LinkInfo, LinkStats,
-    MAX_NETWORKS, MaglevTable, NatRange4, NatRange6, NextHop, OUTCOMES, PROXY_COUNTERS,
-    PROXY_PENDING_ENTRIES, ProxyPending, ProxyTlvs, RuleList4, RuleList6,
+    FLOW_CACHE_COUNTERS, FLOW_CACHE_SLOTS, FLOW_SYNC_BYTES, FLOW_SYNC_COUNTERS, Flow4, Flow6,
+    FlowCacheEntry4, FlowCacheEntry6, FlowKey4, FlowKey6, IFACE_INDEX_ENTRIES, IfaceInfo, IfaceKey,
+    LinkDropKey, LinkInfo, LinkStats, MAX_NETWORKS, MaglevTable, NatRange4, NatRange6, NextHop,
+    OUTCOMES, PROXY_COUNTERS, PROXY_PENDING_ENTRIES, ProxyPending, ProxyTlvs, RuleList4, RuleList6,
 };
 
 /// `BPF_F_NO_PREALLOC`: a hash map that allocates its entries as they are inserted.
@@ -252,6 +252,20 @@ pub static CONN_STATS4: PerCpuHashMap<FlowKey4, ConnStats4> =
 #[map]
 pub static CONN_STATS6: PerCpuHashMap<FlowKey6, ConnStats6> =
     PerCpuHashMap::with_max_entries(CONN_STATS_ENTRIES, 0);
+
+/// Flow-sync events (`FlowEvent4`/`FlowEvent6`: a flow made or its TCP state changed) for
+/// the agent, which sends the flows to its group's peers. Full: the event is lost and counted
+/// (`FLOW_SYNC_LOST`).
+#[map]
+pub static FLOW_SYNC: RingBuf = RingBuf::with_byte_size(FLOW_SYNC_BYTES, 0);
+
+/// Index 0: nonzero while the agent syncs flows to peers (no events otherwise).
+#[map]
+pub static FLOW_SYNC_ON: Array<u32> = Array::with_max_entries(1, 0);
+
+/// Per-CPU flow-sync counters (`FLOW_SYNC_LOST`).
+#[map]
+pub static FLOW_SYNC_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(FLOW_SYNC_COUNTERS, 0);
 
 /// Per-CPU connection-log counters (`CONN_LOG_WRITTEN`, ...).
 #[map]

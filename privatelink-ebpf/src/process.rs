@@ -12,7 +12,7 @@ use privatelink_common::{
 use crate::{
     HANDOFF6, IFACE_INDEX, IFACES, JUMP, LINKS, SCRATCH6, arp, connlog, conntrack,
     family::Family,
-    flowcache, forward, icmp, icmp6,
+    flowcache, flowsync, forward, icmp, icmp6,
     nat::{self, Backend, NewFlow, Origin},
     parse::{
         self, ETH_P_ARP, ETH_P_IP, ETH_P_IPV6, Hdr4, Hdr6, Ip6, L2, Pkt, TCP_ACK, TCP_RST, TCP_SYN,
@@ -359,6 +359,7 @@ fn new_flow<A: Family>(pk: &Packet<A>, key: &FlowKey<A>) -> Verdict {
     let (v, made) = match admit_and_create(pk, key, &link, &ep) {
         Ok((slot, flow)) => {
             stats::link_new_conn(ep.link_id);
+            flowsync::emit(key);
             let v = forward::send(
                 pk.frame.ctx,
                 pk.frame.l2,

@@ -15,10 +15,10 @@ use aya::{
 use privatelink_common::{
     AllowKey, Backend4, Backend6, CONN_LOG_COUNTERS, ConnStats, ConnStats4, ConnStats6,
     DatapathConfig, EndpointIpKey4, EndpointIpKey6, EndpointIpValue, EndpointKey4, EndpointKey6,
-    EndpointValue, Flow, Flow4, Flow6, FlowKey, FlowKey4, FlowKey6, IfaceInfo, IfaceKey,
-    LINK_AVAILABLE, LINK_EMPTY, LinkDropKey, LinkInfo, LinkStats, MAGLEV_SIZE, MAX_RULES,
-    MaglevTable, NatRange4, NatRange6, OUTCOMES, PROXY_COUNTERS, ProxyPending, ProxyTlvs, Rule4,
-    Rule6, RuleList4, RuleList6, names,
+    EndpointValue, FLOW_SYNC_COUNTERS, FLOW_SYNC_LOST, Flow, Flow4, Flow6, FlowEvent4, FlowEvent6,
+    FlowKey, FlowKey4, FlowKey6, IfaceInfo, IfaceKey, LINK_AVAILABLE, LINK_EMPTY, LinkDropKey,
+    LinkInfo, LinkStats, MAGLEV_SIZE, MAX_RULES, MaglevTable, NatRange4, NatRange6, OUTCOMES,
+    PROXY_COUNTERS, ProxyPending, ProxyTlvs, Rule4, Rule6, RuleList4, RuleList6, names,
 };
 
 use super::{
@@ -118,6 +118,9 @@ pub struct Dataplane {
     conn_log_stats: PerCpuArray<MapData, u64>,
     /// The connection log's ring buffer, until its reader takes it ([`Self::take_conn_log`]).
     conn_log: Option<RingBuf<MapData>>,
+    /// The flow sync's events, switch and counters, until the group's task takes them
+    /// ([`Self::take_flow_sync`]).
+    flow_sync: Option<FlowSync>,
     /// Capacities of the hash maps (arrays know their length).
     caps: BTreeMap<&'static str, u32>,
     shadow: MapState,
@@ -209,6 +212,11 @@ impl Dataplane {
             conn_stats6: take(ebpf, names::CONN_STATS6)?,
             conn_log_stats: take(ebpf, names::CONN_LOG_STATS)?,
             conn_log: Some(take(ebpf, names::CONN_LOG)?),
+            flow_sync: Some(FlowSync {
+                events: take(ebpf, names::FLOW_SYNC)?,
+                on: take(ebpf, names::FLOW_SYNC_ON)?,
+                stats: take(ebpf, names::FLOW_SYNC_STATS)?,
+            }),
             caps,
             shadow: MapState::default(),
             last_model: None,
@@ -789,6 +797,11 @@ impl Dataplane {
         self.conn_log.take()
     }
 
+    /// The flow sync's maps, for the group's task (`None` once taken).
+    pub fn take_flow_sync(&mut self) -> Option<FlowSync> {
+        self.flow_sync.take()
+    }
+
     /// Deletes every conntrack entry of the given links. Returns how many.
     pub fn cut_flows(&mut self, links: &BTreeSet<u32>) -> Result<usize, DataplaneError> {
         Ok(
@@ -1150,6 +1163,15 @@ impl FlowTables {
         super::batch::entries(&self.ct6)
     }
 
+    /// The entry under `k`, if there is one.
+    pub fn get4(&self, k: &FlowKey4) -> Option<Flow4> {
+        self.ct4.get(k, 0).ok()
+    }
+
+    pub fn get6(&self, k: &FlowKey6) -> Option<Flow6> {
+        self.ct6.get(k, 0).ok()
+    }
+
     pub fn insert4(&mut self, k: &FlowKey4, v: &Flow4) -> Result<(), DataplaneError> {
         self.ct4.insert(k, v, 0).map_err(map_err(names::CT4))
     }
@@ -1171,6 +1193,60 @@ impl FlowTables {
             Err(MapError::KeyNotFound) | Ok(()) => Ok(()),
             Err(e) => Err(map_err(names::CT6)(e)),
         }
+    }
+}
+
+/// The datapath's flow-sync events ([`FlowEvent4`]/[`FlowEvent6`]: a flow made, or its TCP
+/// state changed), the switch that turns them on, and the count of those a full ring lost.
+pub struct FlowSync {
+    pub events: RingBuf<MapData>,
+    on: Array<MapData, u32>,
+    stats: PerCpuArray<MapData, u64>,
+}
+
+/// One event as the ring holds it: which table, and the key of one of the flow's entries.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FlowEventKey {
+    V4(FlowKey4),
+    V6(FlowKey6),
+}
+
+impl FlowSync {
+    /// Starts or stops the events (a node outside any group writes none).
+    pub fn switch(&mut self, on: bool) -> Result<(), DataplaneError> {
+        self.on
+            .set(0, u32::from(on), 0)
+            .map_err(map_err(names::FLOW_SYNC_ON))
+    }
+
+    /// Events lost to a full ring, summed over CPUs.
+    pub fn lost(&self) -> u64 {
+        sums::<{ FLOW_SYNC_COUNTERS as usize }>(&self.stats)[FLOW_SYNC_LOST as usize]
+    }
+
+    /// Takes every event in the ring (the malformed, which the datapath never writes, skipped).
+    pub fn drain(&mut self) -> Vec<FlowEventKey> {
+        let mut out = Vec::new();
+        while let Some(item) = self.events.next() {
+            let e = match item.first() {
+                Some(4) => bytemuck::try_pod_read_unaligned::<FlowEvent4>(&item)
+                    .ok()
+                    .map(|e| FlowEventKey::V4(e.key)),
+                Some(6) => bytemuck::try_pod_read_unaligned::<FlowEvent6>(&item)
+                    .ok()
+                    .map(|e| FlowEventKey::V6(e.key)),
+                _ => None,
+            };
+            out.extend(e);
+        }
+        out
+    }
+}
+
+/// The ring's descriptor, which becomes readable when the datapath submits an event.
+impl std::os::fd::AsRawFd for FlowSync {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        self.events.as_raw_fd()
     }
 }
 

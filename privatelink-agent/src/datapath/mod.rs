@@ -13,5 +13,7 @@ pub mod pins;
 pub mod scan;
 
 pub use compile::{CompileError, MapState, compile};
-pub use maps::{Dataplane, DataplaneError, FlowTables, FlowView, StatsReader};
+pub use maps::{
+    Dataplane, DataplaneError, FlowEventKey, FlowSync, FlowTables, FlowView, StatsReader,
+};
 pub use model::*;

@@ -21,7 +21,7 @@ use privatelink_common::{
     DIR_FORWARD, DIR_REPLY, Flow, Flow4, Flow6, FlowKey, FlowKey4, FlowKey6, In6,
 };
 
-use crate::datapath::{LinkState, Model, Role, compile::WireAddr};
+use crate::datapath::{FlowEventKey, FlowTables, LinkState, Model, Role, compile::WireAddr};
 
 /// Largest payload of one message (it fits an Ethernet frame with the channel's header).
 pub const MAX_PAYLOAD: usize = 1200;
@@ -159,6 +159,26 @@ impl Outbox {
         out
     }
 
+    /// Records `updates` as sent (the datapath's events sent them ahead of the periodic read).
+    pub fn note(&mut self, updates: &[Update]) {
+        for u in updates {
+            match u {
+                Update::Upsert4(k, f) => {
+                    self.sent4.insert(*k, f.tcp_state);
+                }
+                Update::Upsert6(k, f) => {
+                    self.sent6.insert(*k, f.tcp_state);
+                }
+                Update::Delete4(k) => {
+                    self.sent4.remove(k);
+                }
+                Update::Delete6(k) => {
+                    self.sent6.remove(k);
+                }
+            }
+        }
+    }
+
     /// Forgets what was sent (the node stopped being active; the next changes are a full copy).
     pub fn clear(&mut self) {
         self.sent4.clear();
@@ -187,6 +207,40 @@ fn diff<K: std::hash::Hash + Eq + Copy, V: Copy>(
             .map(|k| delete(*k)),
     );
     *sent = next;
+}
+
+/// Both entries of each flow the datapath's events name (an event names either of them), as the
+/// tables hold them now: what a peer needs to carry the flow on. A flow gone since is left out
+/// (the periodic sync sends its removal).
+pub fn updates_for(tables: &FlowTables, events: &[FlowEventKey]) -> Vec<Update> {
+    fn both<A: Copy>(
+        key: FlowKey<A>,
+        get: impl Fn(&FlowKey<A>) -> Option<Flow<A>>,
+        upsert: fn(FlowKey<A>, Flow<A>) -> Update,
+        out: &mut Vec<Update>,
+    ) {
+        let Some(f) = get(&key) else { return };
+        let twin = FlowKey {
+            network_id: f.peer_network,
+            saddr_be: f.daddr_be,
+            daddr_be: f.saddr_be,
+            sport_be: f.dport_be,
+            dport_be: f.sport_be,
+            proto: key.proto,
+            _pad0: 0,
+            _pad1: 0,
+        };
+        out.push(upsert(key, f));
+        out.extend(get(&twin).map(|t| upsert(twin, t)));
+    }
+    let mut out = Vec::with_capacity(events.len() * 2);
+    for e in events {
+        match *e {
+            FlowEventKey::V4(k) => both(k, |k| tables.get4(k), Update::Upsert4, &mut out),
+            FlowEventKey::V6(k) => both(k, |k| tables.get6(k), Update::Upsert6, &mut out),
+        }
+    }
+    out
 }
 
 /// Why a received flow was not installed (the metrics' `reason` label).

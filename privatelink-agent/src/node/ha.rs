@@ -47,7 +47,7 @@ use std::{
 
 use crate::{
     control::etcd::EtcdConfig,
-    datapath::{FlowTables, Model},
+    datapath::{FlowSync, FlowTables, Model},
     node::{
         channel::{Beat, Kind, Message, Reject, Verifier, first_seq, seal},
         flowsync::{self, Outbox, Refuse, Update},
@@ -274,6 +274,9 @@ pub struct HaShared {
     pub flows_sent: AtomicU64,
     pub flows_received: AtomicU64,
     pub flows_installed: AtomicU64,
+    /// Flow-sync events read from the datapath, and those a full ring lost (as it counts them).
+    pub flow_events: AtomicU64,
+    pub flow_events_lost: AtomicU64,
     refused: Mutex<BTreeMap<Refuse, u64>>,
 }
 
@@ -416,8 +419,16 @@ pub async fn run(
     e: EtcdConfig,
     shared: Arc<HaShared>,
     mut tables: FlowTables,
+    events: FlowSync,
 ) -> anyhow::Result<()> {
     use anyhow::Context as _;
+    // SAFETY: `events` owns the ring's descriptor, which stays open and the same for as long as
+    // the `AsyncFd` holds it.
+    let mut events = unsafe {
+        tokio::io::unix::AsyncFd::register_with_interest(events, tokio::io::Interest::READABLE)
+    }
+    .map_err(|e| e.into_parts().1)
+    .context("watching the datapath's flow-sync ring buffer")?;
     let socket = tokio::net::UdpSocket::bind(g.listen)
         .await
         .with_context(|| format!("ha.listen: binding {}", g.listen))?;
@@ -465,8 +476,24 @@ pub async fn run(
                     log::debug!("ha: message from {from} refused: {}", r.as_str());
                 }
             }
+            ready = events.readable_mut() => {
+                let Ok(mut ready) = ready else { continue };
+                let keys = ready.get_inner_mut().drain();
+                ready.clear_ready();
+                shared.flow_events.fetch_add(keys.len() as u64, Ordering::Relaxed);
+                // New flows and state changes go out at once while active (a standby makes
+                // none for the group; what it drains is not its to send).
+                if shared.active() && !keys.is_empty() {
+                    let updates = flowsync::updates_for(&tables, &keys);
+                    outbox.note(&updates);
+                    send_updates(&socket, &mut out, &updates, &shared).await;
+                }
+            }
             _ = tick.tick() => {
                 ticks += 1;
+                shared
+                    .flow_events_lost
+                    .store(events.get_ref().lost(), Ordering::Relaxed);
                 let beat = out.seal(Kind::Beat, Beat { active: shared.active(), store: store_ok }.payload());
                 for p in &g.peers {
                     if socket.send_to(&beat, p).await.is_ok() {
@@ -554,7 +581,18 @@ async fn send_flows(
     full: bool,
 ) -> usize {
     let updates = outbox.changes(tables.entries4(), tables.entries6(), full);
-    for payload in flowsync::encode(&updates) {
+    send_updates(socket, out, &updates, shared).await;
+    updates.len()
+}
+
+/// Sends `updates` to every peer, as few messages as they fit in.
+async fn send_updates(
+    socket: &tokio::net::UdpSocket,
+    out: &mut Outgoing<'_>,
+    updates: &[Update],
+    shared: &HaShared,
+) {
+    for payload in flowsync::encode(updates) {
         let msg = out.seal(Kind::Flows, payload);
         for p in &out.g.peers {
             let _ = socket.send_to(&msg, p).await;
@@ -563,7 +601,6 @@ async fn send_flows(
     shared
         .flows_sent
         .fetch_add(updates.len() as u64, Ordering::Relaxed);
-    updates.len()
 }
 
 /// Takes in an authenticated message: a heartbeat updates what is known of its sender; flow

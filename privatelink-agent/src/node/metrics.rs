@@ -711,6 +711,16 @@ fn encode_ha(enc: &mut DescriptorEncoder, s: &Scrape) -> Result<(), std::fmt::Er
             "Received conntrack updates written to this node's tables",
             &h.flows_installed,
         ),
+        (
+            "privatelink_ha_flow_events",
+            "Flow-sync events read from the datapath (a flow made or its TCP state changed), each sent to peers at once while active",
+            &h.flow_events,
+        ),
+        (
+            "privatelink_ha_flow_events_lost",
+            "Flow-sync events the datapath lost to a full ring buffer (those flows reach peers with the next periodic sync)",
+            &h.flow_events_lost,
+        ),
     ] {
         family(
             enc,

@@ -638,12 +638,23 @@ async fn serve(mut node: Node, shutdown: Shutdown) -> Result<Node> {
             Some(node.name.clone()),
         ))
     });
+    // The datapath's flow-sync events: on in a group (its task reads them), off otherwise (a node
+    // taken out of a group must not fill a ring nobody reads).
+    let mut flow_sync = node
+        .dataplane
+        .take_flow_sync()
+        .context("the flow sync's maps were taken already")?;
+    let grouped = node.ha.is_some() && s.etcd.is_some();
+    flow_sync
+        .switch(grouped)
+        .context("switching the datapath's flow-sync events")?;
     let group = match (&node.ha, &s.etcd) {
         (Some((cfg, shared)), Some(e)) => Some(tokio::spawn(crate::node::ha::run(
             cfg.group.clone(),
             e.clone(),
             shared.clone(),
             node.dataplane.flow_tables()?,
+            flow_sync,
         ))),
         _ => None,
     };

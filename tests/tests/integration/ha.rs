@@ -74,6 +74,7 @@ fn a_standby_takes_over_when_the_active_node_crashes_and_a_returning_node_stands
     const CONNS: usize = 100;
     let holder = Holder::start(client, &root, "crash", CONNS);
     let udp = UdpProbe::start(client, &root, "crash-udp");
+    let fresh = ConnProbe::start(client, &root, "crash-new");
     let iperf = client
         .command("iperf3")
         .args([
@@ -100,8 +101,17 @@ fn a_standby_takes_over_when_the_active_node_crashes_and_a_returning_node_stands
         Duration::from_secs(30),
         || holder.rounds() >= 3,
     );
+    // The crash comes as soon as iperf3 is connected: the datapath's flow-sync events bring a new
+    // flow to B at once, not with the next read of A's table (which would leave iperf3 stalled
+    // on B, its flows unknown there).
+    wait("iperf3 connected", Duration::from_secs(10), || {
+        established(client, 5201) >= 2
+    });
 
     // The crash: A's agent killed and its interfaces gone at once.
+    let a_events = a
+        .metric("privatelink_ha_flow_events_total", &[])
+        .unwrap_or_default();
     let t0 = Instant::now();
     let rounds_before = holder.rounds();
     a.agent = None;
@@ -153,6 +163,15 @@ fn a_standby_takes_over_when_the_active_node_crashes_and_a_returning_node_stands
     assert_eq!(
         b.metric("privatelink_ha_flows_refused_total", &[("reason", "nat")]),
         Some(0.0)
+    );
+    // New connections fail only in the takeover window (an attempt gives up after 0.5 s).
+    let n = fresh.finish();
+    eprintln!("a new connection every 20 ms across the takeover: {n}");
+    assert!(n["failure_runs"].as_u64().unwrap() <= 1, "{n}");
+    assert!(n["worst_gap_ms"].as_u64().unwrap() < 2000, "{n}");
+    assert!(
+        a_events > 0.0,
+        "A sent its new flows from the datapath's events"
     );
 
     // A returns (its agent first, as after a reboot): it stands by, and traffic stays on B.
@@ -368,6 +387,22 @@ fn a_standby_takes_over_when_the_active_node_crashes_and_a_returning_node_stands
 }
 
 /// `privatelink-agent drain` (or `--undo`) for node `n`: what it printed.
+/// The client's established TCP connections to the endpoint's port `port`.
+fn established(client: &privatelink_agent::testkit::netns::Netns, port: u16) -> usize {
+    let out = client
+        .command("ss")
+        .args([
+            "-tnH",
+            "state",
+            "established",
+            "dst",
+            &format!("{ENDPOINT}:{port}"),
+        ])
+        .output()
+        .expect("ss");
+    String::from_utf8_lossy(&out.stdout).lines().count()
+}
+
 fn drain(n: &Node, undo: bool) -> String {
     let mut cmd = Command::new("nsenter");
     cmd.arg(format!("--net=/run/netns/{}", n.ns.name()))
