@@ -475,6 +475,39 @@ fn connlog_cost() {
     });
 }
 
+/// What the flow sync's events add to a new flow, in one harness and one run: new flows with the
+/// datapath's events off and on (alternating rounds, medians; the ring, undrained here, holds
+/// every event of the "on" rounds). An established flow's packets take no new code: the event is
+/// written only when a flow is made or its TCP state changes.
+fn flowsync_cost() {
+    println!("## Flow sync: added cost per new flow\n");
+    println!(
+        "The same harness for both (10 endpoints). `cargo xtask bench` (or `PRIVATELINK_BENCH_ONLY=flowsync target/release/bench`, alone, or `=failover`, before the crashes).\n"
+    );
+    println!("| path | sync off ns | sync on ns | added ns | sync on × floor |");
+    println!("|---|---:|---:|---:|---:|");
+    with_harness_sized(bench_sizes(), |h| {
+        let (floor_ns, overhead) = floor(h);
+        let mut m = h.model();
+        h.plane.apply(&m).expect("apply");
+        let mut sync = h.plane.take_flow_sync().expect("the flow sync's maps");
+        let switch = std::cell::RefCell::new(&mut sync);
+        let costs = new_flow_rounds(
+            h,
+            &mut m,
+            |_, on| switch.borrow_mut().switch(on).expect("switch"),
+            (20_000, 3_000, 9),
+            overhead,
+        );
+        cost_line("new flow (an event into the ring)", costs, floor_ns);
+        let (events, lost) = (sync.drain().len(), sync.lost());
+        println!(
+            "\nFloor: {floor_ns:.1} ns. Events in the ring {events}, lost {lost}; added {:.0}% to a new flow (target ≤ 10%).\n",
+            (costs.1 - costs.0) / costs.0 * 100.0
+        );
+    });
+}
+
 /// What PROXY protocol v2 adds per packet, in one harness and one run: flows of a link with the
 /// header off (made before it was turned on) against flows of the same link with it on, each
 /// measured over `SAMPLES` repeat-1 runs, timer overhead off, × the floor measured alongside.
@@ -1609,7 +1642,11 @@ fn main() {
         Ok("sync") => return sync_scale(),
         Ok("etcd") => return etcd_convergence(),
         Ok("nat") => return nat_occupancy(),
-        Ok("failover") => return failover(),
+        Ok("flowsync") => return flowsync_cost(),
+        Ok("failover") => {
+            flowsync_cost();
+            return failover();
+        }
         Ok("proxy") => {
             proxy_cost();
             return connlog_cost();
@@ -1729,6 +1766,7 @@ fn main() {
     nat_occupancy();
     proxy_cost();
     connlog_cost();
+    flowsync_cost();
     if std::env::var("PRIVATELINK_BENCH_ONLY").as_deref() == Ok("datapath") {
         return;
     }

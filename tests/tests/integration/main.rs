@@ -16,6 +16,7 @@ mod dns;
 mod etcd;
 mod families;
 mod faults;
+mod flowsync;
 mod ha;
 mod hardening;
 mod malformed;
