@@ -2,10 +2,12 @@
 //! peers, which install it, so that a flow it carried goes on through whichever peer takes over,
 //! with the same NAT address and port and the same backend, and without a new handshake.
 //!
-//! The active node reads both conntrack tables every `sync` period (two heartbeats), and sends
-//! what changed since the last read (new entries, TCP state changes, removals), and everything
-//! every `refresh` period: that copy keeps long flows fresh on the peers without per-packet
-//! traffic, and brings a peer that joins or returns up to date. Updates travel as authenticated
+//! The datapath announces each flow it makes and each TCP state change in a ring buffer (the key
+//! of one entry, see `FlowSync`); the active node sends that flow's two entries at once
+//! ([`updates_for`]). Besides, it reads both conntrack tables every `sync` period (two
+//! heartbeats) and sends what changed since it last sent (removals, and what a full ring lost),
+//! and everything every `refresh` period: that copy keeps long flows fresh on the peers without
+//! per-packet traffic, and brings a peer that joins or returns up to date. Updates travel as authenticated
 //! messages of the group's channel (`node::channel`), at most [`MAX_PAYLOAD`] bytes each.
 //!
 //! Inserted flows bypass the allowlist and the security groups, so a standby checks every one

@@ -33,8 +33,9 @@
 //! its kernel, which does not answer for the endpoints); becoming active puts them in, adds the
 //! provider-side addresses the NAT ranges are routed through, and announces the endpoints and
 //! those addresses (gratuitous ARP, unsolicited neighbour advertisements). The active node sends
-//! its conntrack to the standbys (`node::flowsync`), so the flows it carried go on through the
-//! node that takes over.
+//! its conntrack to the standbys (`node::flowsync`: each new flow and TCP state change at once,
+//! from the datapath's events, and the table periodically), so the flows it carried go on
+//! through the node that takes over.
 use std::{
     collections::BTreeMap,
     net::SocketAddr,
