@@ -496,7 +496,7 @@ fn flowsync_cost() {
             h,
             &mut m,
             |_, on| switch.borrow_mut().switch(on).expect("switch"),
-            (20_000, 3_000, 9),
+            (20_000, 1_000, 27),
             overhead,
         );
         cost_line("new flow (an event into the ring)", costs, floor_ns);
