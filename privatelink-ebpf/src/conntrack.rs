@@ -136,7 +136,7 @@ pub(crate) fn update<A: Family>(flow: *mut Flow<A>, p: &Pkt<A>, now: u64) {
     }
     // Both entries live and die together, so a one-way stream keeps its reply mapping reserved.
     let twin = twin_key(flow, p.proto);
-    if let Some(t) = A::ct().get_ptr_mut(&twin) {
+    if let Some(t) = A::ct().get_ptr_mut(twin) {
         // SAFETY: pointer from a successful lookup.
         unsafe {
             (*t).tcp_state = state;

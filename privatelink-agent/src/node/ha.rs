@@ -479,8 +479,10 @@ pub async fn run(
             }
             ready = events.readable_mut() => {
                 let Ok(mut ready) = ready else { continue };
-                let keys = ready.get_inner_mut().drain();
+                // Readiness cleared before the ring is read: an event committed after the last
+                // read finds the reader caught up, and the kernel wakes it again.
                 ready.clear_ready();
+                let keys = ready.get_inner_mut().drain();
                 shared.flow_events.fetch_add(keys.len() as u64, Ordering::Relaxed);
                 // New flows and state changes go out at once while active (a standby makes
                 // none for the group; what it drains is not its to send).

@@ -98,7 +98,7 @@ fn the_datapath_programs_make_no_bpf_to_bpf_calls() {
 #[test]
 fn the_production_object_holds_exactly_the_datapath_programs_and_maps() {
     const PROGRAMS: [&str; 3] = ["pass", "privatelink", "privatelink6"];
-    const MAPS: [&str; 52] = [
+    const MAPS: [&str; 55] = [
         "ALLOWLIST",
         "BACKENDS4",
         "BACKENDS6",
@@ -123,6 +123,9 @@ fn the_production_object_holds_exactly_the_datapath_programs_and_maps() {
         "FLOW_CACHE_STATS",
         "FLOW_COPY4",
         "FLOW_COPY6",
+        "FLOW_SYNC",
+        "FLOW_SYNC_ON",
+        "FLOW_SYNC_STATS",
         "GLOBAL_STATS",
         "HANDOFF6",
         "IFACES",
