@@ -507,6 +507,28 @@ mod tests {
     }
 
     #[test]
+    fn flows_the_events_sent_are_not_sent_again_by_the_next_read_unless_they_change() {
+        let [(k, f), (k2, f2)] = flow();
+        let mut o = Outbox::default();
+        o.note(&[Update::Upsert4(k, f), Update::Upsert4(k2, f2)]);
+        assert_eq!(o.changes(vec![(k, f), (k2, f2)], vec![], false), []);
+        let closing = Flow4 {
+            tcp_state: privatelink_common::CT_CLOSING,
+            ..f
+        };
+        assert_eq!(
+            o.changes(vec![(k, closing), (k2, f2)], vec![], false),
+            [Update::Upsert4(k, closing)]
+        );
+        // A flow noted and gone by the next read is removed on the peers.
+        o.note(&[Update::Upsert4(k2, f2)]);
+        assert_eq!(
+            o.changes(vec![(k, closing)], vec![], false),
+            [Update::Delete4(k2)]
+        );
+    }
+
+    #[test]
     fn a_received_flow_is_checked_against_the_state_and_made_this_nodes() {
         let m = model();
         let [(k, f), (k2, f2)] = flow();
