@@ -418,6 +418,21 @@ pub type Flow6 = Flow<In6>;
 crate::assert_size!(Flow4, 56);
 crate::assert_size!(Flow6, 80);
 
+impl<A: Copy> Flow<A> {
+    /// The key of the other direction's entry of the same flow (`proto`: this entry's key's).
+    #[inline(always)]
+    pub fn twin_key(&self, proto: u8) -> FlowKey<A> {
+        FlowKey::new(
+            self.peer_network,
+            self.daddr_be,
+            self.saddr_be,
+            self.dport_be,
+            self.sport_be,
+            proto,
+        )
+    }
+}
+
 /// [`Flow::flags`]: the backend has not acknowledged the PROXY header yet.
 pub const PROXY_PENDING: u8 = 1;
 /// [`Flow::flags`]: the flow's connection is logged.

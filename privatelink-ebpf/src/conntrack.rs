@@ -66,19 +66,6 @@ pub fn lookup<A: Family>(key: &FlowKey<A>, now: u64, cfg: &DatapathConfig) -> Op
     }
 }
 
-/// The key of the other direction's entry of the same flow.
-#[inline(always)]
-pub fn twin_key<A: Family>(flow: &Flow<A>, proto: u8) -> FlowKey<A> {
-    FlowKey::new(
-        flow.peer_network,
-        flow.daddr_be,
-        flow.saddr_be,
-        flow.dport_be,
-        flow.sport_be,
-        proto,
-    )
-}
-
 /// Writes a flow key field by field into `key` (map scratch memory): a key built whole would take
 /// a place on the stack first, which the IPv6 program has no room for.
 #[inline(always)]
@@ -135,7 +122,7 @@ pub(crate) fn update<A: Family>(flow: *mut Flow<A>, p: &Pkt<A>, now: u64) {
         flow.egress_ifindex = 0;
     }
     // Both entries live and die together, so a one-way stream keeps its reply mapping reserved.
-    let twin = twin_key(flow, p.proto);
+    let twin = flow.twin_key(p.proto);
     if let Some(t) = A::ct().get_ptr_mut(twin) {
         // SAFETY: pointer from a successful lookup.
         unsafe {

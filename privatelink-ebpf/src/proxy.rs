@@ -224,7 +224,7 @@ pub fn inbound<A: Family>(
     let ack = u32::from_be_bytes([h[8], h[9], h[10], h[11]]);
     let doff = h[12] >> 4;
     if pending {
-        // The forward entry's key, as `conntrack::twin_key` makes it.
+        // The forward entry's key, as `Flow::twin_key` makes it.
         let fwd = A::key_scratch().ok_or(DROP_PROXY_INSERT)?;
         conntrack::write_key(
             fwd,
@@ -284,7 +284,7 @@ fn set_pending<A: Family>(flow: &Flow<A>, entry: Option<*mut Flow<A>>, pending: 
     if let Some(e) = entry {
         set(e);
     }
-    if let Some(t) = A::ct().get_ptr_mut(conntrack::twin_key(flow, PROTO_TCP)) {
+    if let Some(t) = A::ct().get_ptr_mut(flow.twin_key(PROTO_TCP)) {
         set(t);
     }
 }

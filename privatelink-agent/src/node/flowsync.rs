@@ -7,8 +7,9 @@
 //! ([`updates_for`]). Besides, it reads both conntrack tables every `sync` period (two
 //! heartbeats) and sends what changed since it last sent (removals, and what a full ring lost),
 //! and everything every `refresh` period: that copy keeps long flows fresh on the peers without
-//! per-packet traffic, and brings a peer that joins or returns up to date. Updates travel as authenticated
-//! messages of the group's channel (`node::channel`), at most [`MAX_PAYLOAD`] bytes each.
+//! per-packet traffic, and brings a peer that joins or returns up to date. Updates travel as
+//! authenticated messages of the group's channel (`node::channel`), at most [`MAX_PAYLOAD`]
+//! bytes each.
 //!
 //! Inserted flows bypass the allowlist and the security groups, so a standby checks every one
 //! against its own current model before it writes it: the link exists and is Available, the key's
@@ -222,16 +223,7 @@ pub fn updates_for(tables: &FlowTables, events: &[FlowEventKey]) -> Vec<Update> 
         out: &mut Vec<Update>,
     ) {
         let Some(f) = get(&key) else { return };
-        let twin = FlowKey {
-            network_id: f.peer_network,
-            saddr_be: f.daddr_be,
-            daddr_be: f.saddr_be,
-            sport_be: f.dport_be,
-            dport_be: f.sport_be,
-            proto: key.proto,
-            _pad0: 0,
-            _pad1: 0,
-        };
+        let twin = f.twin_key(key.proto);
         out.push(upsert(key, f));
         out.extend(get(&twin).map(|t| upsert(twin, t)));
     }
