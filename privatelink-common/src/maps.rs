@@ -477,7 +477,8 @@ pub struct ConnOpened {
 crate::assert_size!(ConnOpened, 88);
 
 /// Bytes of the `FLOW_SYNC` ring buffer: 32,768 IPv4 or 16,384 IPv6 events (each with the ring's
-/// 8-byte header), a second of new flows at the rates this datapath makes them on one core.
+/// 8-byte header). The reader empties it at every wake-up; a burst larger than that between two
+/// wake-ups loses events, counted.
 pub const FLOW_SYNC_BYTES: u32 = 1 << 20;
 /// Index of the per-CPU `FLOW_SYNC_STATS`: events lost because the ring was full (the periodic
 /// sync still carries those flows, later).

@@ -17,12 +17,13 @@ use serde_json::{Value, json};
 
 /// Node A crashes (its agent killed, its interfaces gone): node B takes the group over. The
 /// flows A carried go on through B (B installed A's conntrack as A sent it): 100 long-lived echo
-/// connections and an iperf3 stream lose nothing; UDP is lost only in the takeover window. A
-/// returns as a standby (no preemption). Forged messages are counted and change nothing. B drained
-/// under load hands everything to A; then both nodes are upgraded one at a time (drain, stop,
-/// start, undrain) under the same load and a new connection every 20 ms: no connection breaks,
-/// new connections only wait a moment at each handover, and the endpoint sends no client a TCP
-/// reset (tcpdump on the client).
+/// connections and an iperf3 stream that connected just before the crash lose nothing; UDP and
+/// new connections (one every 20 ms) fail only in the takeover window. A returns as a standby (no
+/// preemption). Forged messages are counted and change nothing. B drained under load hands
+/// everything to A; then both nodes are upgraded one at a time (drain, stop, start, undrain)
+/// under the same load and a new connection every 20 ms: no connection breaks, new connections
+/// only wait a moment at each handover, and the endpoint sends no client a TCP reset (tcpdump on
+/// the client).
 #[test]
 fn a_standby_takes_over_when_the_active_node_crashes_and_a_returning_node_stands_by() {
     if !privileged("a_standby_takes_over_when_the_active_node_crashes") {
@@ -386,7 +387,6 @@ fn a_standby_takes_over_when_the_active_node_crashes_and_a_returning_node_stands
     assert!(shown >= 7, "the dashboard shows the group");
 }
 
-/// `privatelink-agent drain` (or `--undo`) for node `n`: what it printed.
 /// The client's established TCP connections to the endpoint's port `port`.
 fn established(client: &privatelink_agent::testkit::netns::Netns, port: u16) -> usize {
     let out = client
@@ -403,6 +403,7 @@ fn established(client: &privatelink_agent::testkit::netns::Netns, port: u16) -> 
     String::from_utf8_lossy(&out.stdout).lines().count()
 }
 
+/// `privatelink-agent drain` (or `--undo`) for node `n`: what it printed.
 fn drain(n: &Node, undo: bool) -> String {
     let mut cmd = Command::new("nsenter");
     cmd.arg(format!("--net=/run/netns/{}", n.ns.name()))
