@@ -3,8 +3,13 @@
 //! Identifiers the agent allocates (network ids, link ids, service slots, backend slots, rule-list
 //! slots) are small dense integers so that most lookups are array lookups.
 
-/// Maximum networks (consumer and provider) per node: size of the NAT range array.
+/// Maximum networks (consumer and provider) per node.
 pub const MAX_NETWORKS: u32 = 4096;
+/// Slots of the NAT range arrays: slot `n < MAX_NETWORKS` holds provider network `n`'s whole
+/// range (what a reply's destination is checked against); the slots from `MAX_NETWORKS` on hold
+/// the slices of it that high-availability groups give single consumer networks (a link's
+/// [`LinkInfo::nat_slot`] says which slot its new flows take their NAT address from).
+pub const NAT_SLOTS: u32 = 2 * MAX_NETWORKS;
 /// Default capacity of link slots (one link per endpoint). Resizable at load.
 pub const DEFAULT_MAX_LINKS: u32 = 131_072;
 /// Default capacity of the endpoint (ip, proto, terminal port) hash. Resizable at load.
@@ -201,8 +206,12 @@ pub struct LinkInfo {
     /// Nonzero: the link's new flows are logged (`CONN_LOG`, `CONN_STATS4`/`CONN_STATS6`). (Added
     /// after layout 3, like `flow_limit`.)
     pub conn_log: u32,
+    /// The `NAT4`/`NAT6` slot new flows take their NAT address from: `provider_network`, or the
+    /// slice of its range for the endpoint's consumer network (see [`NAT_SLOTS`]). (Added after
+    /// layout 3, like `flow_limit`.)
+    pub nat_slot: u32,
 }
-crate::assert_size!(LinkInfo, 44);
+crate::assert_size!(LinkInfo, 48);
 
 /// Key of `ALLOWLIST`: (service slot, account number). Value: 1.
 #[repr(C)]
@@ -297,7 +306,7 @@ pub struct Backend6 {
 }
 crate::assert_size!(Backend6, 16);
 
-/// Value of the `NAT6` array, indexed by provider network id: the IPv6 source-NAT range, `count`
+/// Value of the `NAT6` array, indexed by NAT slot (see [`NAT_SLOTS`]): the IPv6 source-NAT range, `count`
 /// addresses from `base_be` (only the last word varies, so the range is at most a /96).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -311,7 +320,7 @@ pub struct NatRange6 {
 }
 crate::assert_size!(NatRange6, 28);
 
-/// Value of the `NAT4` array, indexed by provider network id: the source-NAT range.
+/// Value of the `NAT4` array, indexed by NAT slot (see [`NAT_SLOTS`]): the source-NAT range.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct NatRange4 {

@@ -83,9 +83,9 @@ pub trait Family: Copy + PartialEq + Default + 'static {
     fn backend(slot: u32) -> Option<Self>;
     /// Backend slot → the next hop of its last FIB lookup (per CPU).
     fn nexthops() -> &'static PerCpuArray<NextHop>;
-    /// The NAT range of provider network `network`: its `pick`-th address (modulo its size) and
-    /// its port range. `None`: no range.
-    fn nat_addr(network: u32, pick: u32) -> Option<(Self, u16, u16)>;
+    /// The NAT range in slot `slot` (a link's `nat_slot`): its `pick`-th address (modulo its
+    /// size) and its port range. `None`: no range.
+    fn nat_addr(slot: u32, pick: u32) -> Option<(Self, u16, u16)>;
     /// Whether `addr` is in the NAT range of provider network `network`.
     fn is_nat(network: u32, addr: Self) -> bool;
     /// Evaluates the link's compiled rules of this family against a new flow.
@@ -196,8 +196,8 @@ impl Family for u32 {
     }
 
     #[inline(always)]
-    fn nat_addr(network: u32, pick: u32) -> Option<(u32, u16, u16)> {
-        match NAT4.get(network) {
+    fn nat_addr(slot: u32, pick: u32) -> Option<(u32, u16, u16)> {
+        match NAT4.get(slot) {
             Some(r) if r.count != 0 => Some((
                 r.base.wrapping_add(pick % r.count).to_be(),
                 r.port_min,
@@ -360,8 +360,8 @@ impl Family for In6 {
     }
 
     #[inline(always)]
-    fn nat_addr(network: u32, pick: u32) -> Option<(In6, u16, u16)> {
-        match NAT6.get(network) {
+    fn nat_addr(slot: u32, pick: u32) -> Option<(In6, u16, u16)> {
+        match NAT6.get(slot) {
             Some(r) if r.count != 0 => {
                 let mut a = r.base_be;
                 a[3] = u32::from_be(a[3]).wrapping_add(pick % r.count).to_be();

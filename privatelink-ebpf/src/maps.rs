@@ -12,7 +12,7 @@ use privatelink_common::{
     EndpointIpKey4, EndpointIpKey6, EndpointIpValue, EndpointKey4, EndpointKey6, EndpointValue,
     FLOW_CACHE_COUNTERS, FLOW_CACHE_SLOTS, FLOW_SYNC_BYTES, FLOW_SYNC_COUNTERS, Flow4, Flow6,
     FlowCacheEntry4, FlowCacheEntry6, FlowKey4, FlowKey6, IFACE_INDEX_ENTRIES, IfaceInfo, IfaceKey,
-    LinkDropKey, LinkInfo, LinkStats, MAX_NETWORKS, MaglevTable, NatRange4, NatRange6, NextHop,
+    LinkDropKey, LinkInfo, LinkStats, MaglevTable, NAT_SLOTS, NatRange4, NatRange6, NextHop,
     OUTCOMES, PROXY_COUNTERS, PROXY_PENDING_ENTRIES, ProxyPending, ProxyTlvs, RuleList4, RuleList6,
 };
 
@@ -58,9 +58,10 @@ pub static MAGLEV: Array<MaglevTable> = Array::with_max_entries(DEFAULT_MAX_SERV
 #[map]
 pub static BACKENDS4: Array<Backend4> = Array::with_max_entries(DEFAULT_MAX_BACKENDS, 0);
 
-/// Provider network id → source-NAT range.
+/// NAT slot (a provider network id, or a slice of its range for one consumer network) →
+/// source-NAT range.
 #[map]
-pub static NAT4: Array<NatRange4> = Array::with_max_entries(MAX_NETWORKS, 0);
+pub static NAT4: Array<NatRange4> = Array::with_max_entries(NAT_SLOTS, 0);
 
 /// IPv4 conntrack: forward entries (consumer tuple) and reply entries (provider tuple). A plain
 /// hash, not an LRU: when it is full, new flows are refused (`conntrack_full`) instead of
@@ -91,9 +92,9 @@ pub static MAGLEV6: Array<MaglevTable> = Array::with_max_entries(DEFAULT_MAX_SER
 #[map]
 pub static BACKENDS6: Array<Backend6> = Array::with_max_entries(DEFAULT_MAX_BACKENDS, 0);
 
-/// Provider network id → IPv6 source-NAT range.
+/// NAT slot → IPv6 source-NAT range, as `NAT4`.
 #[map]
-pub static NAT6: Array<NatRange6> = Array::with_max_entries(MAX_NETWORKS, 0);
+pub static NAT6: Array<NatRange6> = Array::with_max_entries(NAT_SLOTS, 0);
 
 /// IPv6 conntrack, as `CT4`.
 #[map]

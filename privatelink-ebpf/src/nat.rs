@@ -137,7 +137,7 @@ pub fn create_flow<A: Family>(req: &NewFlow<A>, to: &Backend<A>) -> Result<&'sta
     } = *req;
     let (backend_be, nh, origin) = (to.addr_be, to.nh, &to.origin);
     let (nat_addr_be, port_min, port_max) =
-        A::nat_addr(link.provider_network, mix(hash ^ 0x5bd1_e995)).ok_or(DROP_NO_NAT_RANGE)?;
+        A::nat_addr(link.nat_slot, mix(hash ^ 0x5bd1_e995)).ok_or(DROP_NO_NAT_RANGE)?;
     let state = if p.proto == PROTO_TCP {
         CT_SYN_SENT
     } else {

@@ -158,15 +158,20 @@ pub fn cell(key: &str, v: &Value) -> String {
                 format!("every {}s", s(v, "interval_secs"))
             }
             "health_check" => "off".into(),
-            "ha" => format!(
-                "{} {}",
-                s(v, "group"),
-                if o.get("active") == Some(&Value::Bool(true)) {
-                    "active"
-                } else {
-                    "standby"
+            "ha" => {
+                let active = o.get("active") == Some(&Value::Bool(true));
+                // With an owner per network: the networks it is active for.
+                let networks: Vec<&str> = o
+                    .get("networks")
+                    .and_then(Value::as_array)
+                    .map(|n| n.iter().filter_map(Value::as_str).collect())
+                    .unwrap_or_default();
+                match (active, networks.is_empty()) {
+                    (true, false) => format!("{} active ({})", s(v, "group"), networks.join(" ")),
+                    (true, true) => format!("{} active", s(v, "group")),
+                    (false, _) => format!("{} standby", s(v, "group")),
                 }
-            ),
+            }
             _ => o
                 .iter()
                 .filter(|(k, _)| !k.ends_with("_at") || !o.contains_key(&time_of(k)))

@@ -127,8 +127,12 @@ pub struct Presence {
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
 pub struct HaRole {
     pub group: String,
-    /// Whether it forwards for the group now (the others stand by).
+    /// Whether it forwards for the group (or, with an owner per network, for at least one of
+    /// them) now.
     pub active: bool,
+    /// The consumer networks it forwards for now (the others stand by for them).
+    #[serde(default)]
+    pub networks: Vec<String>,
 }
 
 /// Schema migrations, applied in order; `PRAGMA user_version` records how many ran.

@@ -10,7 +10,7 @@ use privatelink_common::{
     ACTION_ACCEPT, ACTION_DROP, AllowKey, Backend4, Backend6, DatapathConfig, EndpointIpKey4,
     EndpointIpKey6, EndpointIpValue, EndpointKey4, EndpointKey6, EndpointValue,
     IFACE_INDEX_ENTRIES, IfaceInfo, IfaceKey, In6, LINK_AVAILABLE, LINK_PENDING, LINK_REJECTED,
-    LinkInfo, MAX_NETWORKS, MAX_RULES, NatRange4, NatRange6, PP2_TYPE_ACCOUNT_ID,
+    LinkInfo, MAX_NETWORKS, MAX_RULES, NAT_SLOTS, NatRange4, NatRange6, PP2_TYPE_ACCOUNT_ID,
     PP2_TYPE_ENDPOINT_ID, PP2_TYPE_LINK_ID, PP2_TYPE_NOOP, PP2_TYPE_UNIQUE_ID, PROTO_ANY,
     PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, PROXY_TLVS_MAX, ProxyTlvs, ROLE_CONSUMER,
     ROLE_PROVIDER, RULES_NONE, Rule4, Rule6,
@@ -57,6 +57,8 @@ pub enum CompileError {
     UnknownService { link: u32, service: u32 },
     #[error("network id {0} is out of range (at most {max})", max = MAX_NETWORKS - 1)]
     NetworkId(u32),
+    #[error("NAT slot {0} is out of range (at most {max})", max = NAT_SLOTS - 1)]
+    NatSlot(u32),
     #[error("link {link}: {count} security-group rules compile to more than {MAX_RULES}")]
     TooManyRules { link: u32, count: usize },
     #[error("link {link}: port 0 in a port mapping")]
@@ -141,6 +143,14 @@ pub fn proxy_tlvs(id: u32, p: &LinkProxy) -> Result<ProxyTlvs, CompileError> {
     };
     t.bytes[..b.len()].copy_from_slice(&b);
     Ok(t)
+}
+
+fn nat_slot(slot: u32) -> Result<u32, CompileError> {
+    if slot < NAT_SLOTS {
+        Ok(slot)
+    } else {
+        Err(CompileError::NatSlot(slot))
+    }
 }
 
 fn network(id: u32) -> Result<u32, CompileError> {
@@ -342,7 +352,7 @@ pub fn compile(model: &Model, prev: &MapState) -> Result<MapState, CompileError>
         }
         let count = 1u32 << (32 - r.addrs.prefix_len()).min(31);
         out.nat4.insert(
-            network(net)?,
+            nat_slot(net)?,
             NatRange4 {
                 base: u32::from(r.addrs.network()),
                 count,
@@ -536,6 +546,7 @@ fn link_entries(
             _ => 0,
         },
         conn_log: u32::from(l.conn_log),
+        nat_slot: nat_slot(l.nat_slot)?,
     };
     let value = |service: u16| EndpointValue {
         link_id: id,
@@ -1027,6 +1038,7 @@ mod tests {
                 account_id: "a".repeat(2 + r.next(31) as usize),
             },
             conn_log: r.next(2) == 0,
+            nat_slot: 100,
         }
     }
 

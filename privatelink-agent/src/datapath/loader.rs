@@ -7,7 +7,8 @@ use aya::{
 use privatelink_common::{
     DEFAULT_CONNTRACK_ENTRIES, DEFAULT_CONNTRACK6_ENTRIES, DEFAULT_MAX_ALLOWLIST,
     DEFAULT_MAX_BACKENDS, DEFAULT_MAX_ENDPOINT_PORTS, DEFAULT_MAX_LINKS, DEFAULT_MAX_RULE_LISTS,
-    DEFAULT_MAX_RULE_LISTS6, DEFAULT_MAX_SERVICES, LinkInfo, OUTCOMES, names,
+    DEFAULT_MAX_RULE_LISTS6, DEFAULT_MAX_SERVICES, LinkInfo, NAT_SLOTS, NatRange4, NatRange6,
+    OUTCOMES, names,
 };
 
 use crate::datapath::object;
@@ -120,6 +121,10 @@ impl Datapath {
             let resized = [
                 (names::GLOBAL_STATS, OUTCOMES, size_of::<u64>()),
                 (names::LINKS, sizes.links, size_of::<LinkInfo>()),
+                // Twice the entries since the consumer networks' NAT slices (the agent rewrites
+                // them whole).
+                (names::NAT4, NAT_SLOTS, size_of::<NatRange4>()),
+                (names::NAT6, NAT_SLOTS, size_of::<NatRange6>()),
             ];
             for (name, entries, value_size) in resized {
                 p.drop_resized(name, entries, value_size as u32)

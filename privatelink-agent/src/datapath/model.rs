@@ -113,6 +113,10 @@ pub struct Link {
     pub proxy: LinkProxy,
     /// The link's connections are logged.
     pub conn_log: bool,
+    /// The `Model::nat` slot its new flows take their NAT address from: the service's provider
+    /// network, or the slice of that network's range that a high-availability group gives the
+    /// endpoint's consumer network (`privatelink_common::NAT_SLOTS`).
+    pub nat_slot: u32,
 }
 
 /// The PROXY protocol v2 side of a link: its TLVs carry the endpoint id and the consumer account
@@ -138,7 +142,9 @@ pub struct Model {
     /// Timeouts; `fib_generation` is the dataplane's own and ignored here.
     pub config: DatapathConfig,
     pub ifaces: Vec<Iface>,
-    /// Provider network id → NAT range.
+    /// NAT slot → NAT range: provider network id → its whole range, and from
+    /// `privatelink_common::MAX_NETWORKS` on, the slices of them given to single consumer
+    /// networks.
     pub nat: BTreeMap<u32, NatRange>,
     /// Service slot → service.
     pub services: BTreeMap<u32, Service>,

@@ -55,16 +55,24 @@ pub struct Message {
 pub struct Beat {
     pub active: bool,
     pub store: bool,
+    pub draining: bool,
 }
 
-/// The sender is active for the group.
+/// The sender forwards for every unit the store names it for (a node that owns nothing says so
+/// too; one that stopped, fenced off from the store or drained, does not).
 const FLAG_ACTIVE: u8 = 1;
 /// The sender reaches the shared store.
 const FLAG_STORE: u8 = 2;
+/// The sender is being drained: it takes no unit (a flag an older node ignores).
+const FLAG_DRAINING: u8 = 4;
 
 impl Beat {
     pub fn payload(self) -> Vec<u8> {
-        vec![(u8::from(self.active) * FLAG_ACTIVE) | (u8::from(self.store) * FLAG_STORE)]
+        vec![
+            (u8::from(self.active) * FLAG_ACTIVE)
+                | (u8::from(self.store) * FLAG_STORE)
+                | (u8::from(self.draining) * FLAG_DRAINING),
+        ]
     }
 
     pub fn parse(payload: &[u8]) -> Result<Beat, Reject> {
@@ -72,6 +80,7 @@ impl Beat {
             [flags] => Ok(Beat {
                 active: flags & FLAG_ACTIVE != 0,
                 store: flags & FLAG_STORE != 0,
+                draining: flags & FLAG_DRAINING != 0,
             }),
             _ => Err(Reject::Malformed),
         }
@@ -297,6 +306,7 @@ mod tests {
             payload: Beat {
                 active: true,
                 store: false,
+                draining: false,
             }
             .payload(),
         }
@@ -315,7 +325,8 @@ mod tests {
             Beat::parse(&m.payload),
             Ok(Beat {
                 active: true,
-                store: false
+                store: false,
+                draining: false
             })
         );
     }

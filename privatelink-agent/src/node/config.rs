@@ -1,7 +1,7 @@
 //! `agent.toml`: the node's configuration. Unknown keys are errors; every error names its key and
 //! nothing is loaded until the whole file is valid.
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     net::SocketAddr,
     path::{Path, PathBuf},
 };
@@ -102,9 +102,43 @@ pub struct HaConfig {
     #[serde(default = "default_skew_ms")]
     pub max_clock_skew_ms: u64,
     /// Addresses that move to the active node, e.g. the provider-side address the NAT ranges
-    /// are routed through.
+    /// are routed through (without `networks`; with them, each network's addresses move with it).
     #[serde(default)]
     pub addresses: Vec<HaAddressConfig>,
+    /// Active-active by network: each consumer network named here has its own owner in the group
+    /// (spread over the nodes), its own slice of each provider network's NAT range and its own
+    /// moving addresses. Absent: the group's consumer networks have one owner together.
+    #[serde(default)]
+    pub networks: BTreeMap<String, HaNetworkConfig>,
+    /// Hand a network back to the node the group prefers for it (spread) once that node has been
+    /// heard for `preempt_after_ms` with the flows synced; off by default: a node that returns
+    /// stands by.
+    #[serde(default)]
+    pub preempt: bool,
+    #[serde(default = "default_preempt_after_ms")]
+    pub preempt_after_ms: u64,
+}
+
+/// `[ha.networks.<consumer network id>]`: one unit of ownership.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HaNetworkConfig {
+    /// The slice of each provider network's `[nat]` range this network's flows take their NAT
+    /// addresses from (one per provider network; slices of different networks do not overlap).
+    pub nat: BTreeMap<String, HaSliceConfig>,
+    /// Addresses that move to the node active for this network: the provider-side address its
+    /// slices are routed through.
+    #[serde(default)]
+    pub addresses: Vec<HaAddressConfig>,
+}
+
+/// A slice of a provider network's NAT range; its ports are the range's.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HaSliceConfig {
+    pub range: String,
+    /// Inside the provider network's `range6` (required when it has one), or `"none"`.
+    pub range6: Option<String>,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -128,12 +162,14 @@ fn default_skew_ms() -> u64 {
     1000
 }
 
+fn default_preempt_after_ms() -> u64 {
+    3000
+}
+
 /// `[ha]` as the runtime takes it.
 #[derive(Clone, Debug)]
 pub struct HaChecked {
     pub group: crate::node::ha::GroupConfig,
-    /// (interface name, address) that move with activity.
-    pub addresses: Vec<(String, ipnet::IpNet)>,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -703,7 +739,7 @@ fn check(raw: AgentConfig) -> Result<Checked, ConfigError> {
     let v = validate(&raw)?;
     let admin_token = read_admin_token(&raw.admin_token_file)?;
     let ha = match (&raw.ha, v.ha) {
-        (Some(h), Some(addresses)) => Some(HaChecked {
+        (Some(h), Some(units)) => Some(HaChecked {
             group: crate::node::ha::GroupConfig {
                 group: h.group.clone(),
                 node: raw.node.clone(),
@@ -715,8 +751,11 @@ fn check(raw: AgentConfig) -> Result<Checked, ConfigError> {
                     fence: std::time::Duration::from_millis(h.fence_ms),
                 },
                 max_clock_skew: std::time::Duration::from_millis(h.max_clock_skew_ms),
+                units,
+                preempt: h
+                    .preempt
+                    .then(|| std::time::Duration::from_millis(h.preempt_after_ms)),
             },
-            addresses,
         }),
         _ => None,
     };
@@ -725,6 +764,7 @@ fn check(raw: AgentConfig) -> Result<Checked, ConfigError> {
         node: NodeConfig {
             ifaces: Vec::new(),
             nat: v.nat,
+            nat_slices: v.nat_slices,
             datapath: v.datapath,
         },
         wanted: v.wanted,
@@ -742,8 +782,9 @@ struct Validated {
     nat: BTreeMap<String, NatRange>,
     datapath: DatapathConfig,
     sizes: Sizes,
-    /// `[ha]`'s moving addresses, parsed.
-    ha: Option<Vec<(String, ipnet::IpNet)>>,
+    /// `[ha]`'s units of ownership, parsed.
+    ha: Option<Vec<crate::node::ha::Unit>>,
+    nat_slices: BTreeMap<(String, String), NatRange>,
 }
 
 /// Every rule of the file, in one pass over its sections; nothing is read from outside it.
@@ -766,8 +807,13 @@ fn validate(raw: &AgentConfig) -> Result<Validated, ConfigError> {
     dns(raw, &wanted)?;
     let sizes = sizes(raw)?;
     let ha = raw.ha.as_ref().map(|h| ha(raw, h)).transpose()?;
+    let nat_slices = match &raw.ha {
+        Some(h) => nat_slices(h, &nat)?,
+        None => BTreeMap::new(),
+    };
     Ok(Validated {
         ha,
+        nat_slices,
         wanted,
         attach,
         nat,
@@ -944,7 +990,7 @@ fn store(raw: &AgentConfig) -> Result<(), ConfigError> {
 
 /// `[ha]`: a named group on the shared store, peers, sane timing, moving addresses on configured
 /// interfaces.
-fn ha(raw: &AgentConfig, h: &HaConfig) -> Result<Vec<(String, ipnet::IpNet)>, ConfigError> {
+fn ha(raw: &AgentConfig, h: &HaConfig) -> Result<Vec<crate::node::ha::Unit>, ConfigError> {
     use crate::node::channel::MAX_NAME;
     if raw.store.etcd.is_empty() {
         return Err(err(
@@ -987,11 +1033,163 @@ fn ha(raw: &AgentConfig, h: &HaConfig) -> Result<Vec<(String, ipnet::IpNet)>, Co
     if !(100..=60_000).contains(&h.max_clock_skew_ms) {
         return Err(err("ha.max_clock_skew_ms", "100 to 60000 milliseconds"));
     }
-    h.addresses
+    if h.preempt && !(1000..=600_000).contains(&h.preempt_after_ms) {
+        return Err(err("ha.preempt_after_ms", "1000 to 600000 milliseconds"));
+    }
+    let consumers: BTreeSet<&str> = raw
+        .interfaces
+        .iter()
+        .filter(|i| i.role == RoleConfig::Consumer)
+        .map(|i| i.network.as_str())
+        .collect();
+    if h.networks.is_empty() {
+        // One owner for all of the node's consumer networks.
+        return Ok(vec![crate::node::ha::Unit {
+            name: String::new(),
+            networks: consumers.iter().map(|n| n.to_string()).collect(),
+            addresses: moving(raw, "ha.addresses", &h.addresses)?,
+        }]);
+    }
+    if !h.addresses.is_empty() {
+        return Err(err(
+            "ha.addresses",
+            "with ha.networks, addresses move with their network: put them in ha.networks.<id>.addresses",
+        ));
+    }
+    if let Some(n) = consumers.iter().find(|n| !h.networks.contains_key(**n)) {
+        return Err(err(
+            "ha.networks",
+            format!(
+                "consumer network {n} has no section: with ha.networks every consumer network of the node needs its own (its NAT slices and addresses)"
+            ),
+        ));
+    }
+    h.networks
+        .iter()
+        .map(|(vpc, n)| {
+            if !name_ok(vpc) || !consumers.contains(vpc.as_str()) {
+                return Err(err(
+                    format!("ha.networks.{vpc}"),
+                    "not a consumer network of this node's interfaces",
+                ));
+            }
+            Ok(crate::node::ha::Unit {
+                name: vpc.clone(),
+                networks: vec![vpc.clone()],
+                addresses: moving(raw, &format!("ha.networks.{vpc}.addresses"), &n.addresses)?,
+            })
+        })
+        .collect()
+}
+
+/// The slices of the provider networks' NAT ranges that `[ha.networks]` gives each consumer
+/// network: every provider network has one in every section, inside its range, and no two
+/// networks' slices overlap.
+fn nat_slices(
+    h: &HaConfig,
+    nat: &BTreeMap<String, NatRange>,
+) -> Result<BTreeMap<(String, String), NatRange>, ConfigError> {
+    let mut out: BTreeMap<(String, String), NatRange> = BTreeMap::new();
+    for (vpc, n) in &h.networks {
+        if let Some(p) = nat.keys().find(|p| !n.nat.contains_key(*p)) {
+            return Err(err(
+                format!("ha.networks.{vpc}.nat"),
+                format!(
+                    "no slice of nat.{p}: each network needs one of every provider network's range"
+                ),
+            ));
+        }
+        for (p, slice) in &n.nat {
+            let key = |f: &str| format!("ha.networks.{vpc}.nat.{p}.{f}");
+            let Some(whole) = nat.get(p) else {
+                return Err(err(
+                    format!("ha.networks.{vpc}.nat.{p}"),
+                    format!("{p} has no [nat.{p}] range to slice"),
+                ));
+            };
+            let addrs: Ipv4Net = slice.range.parse().map_err(|_| {
+                err(
+                    key("range"),
+                    format!("{:?} is not an IPv4 CIDR", slice.range),
+                )
+            })?;
+            if !whole.addrs.contains(&addrs) {
+                return Err(err(
+                    key("range"),
+                    format!("{addrs} is not inside nat.{p}.range ({})", whole.addrs),
+                ));
+            }
+            let addrs6 = match (slice.range6.as_deref(), whole.addrs6) {
+                (None, Some(w)) => {
+                    return Err(err(
+                        key("range6"),
+                        format!(
+                            "nat.{p} has the IPv6 range {w}: give this network a slice of it (or \"none\")"
+                        ),
+                    ));
+                }
+                (None | Some("none"), _) => None,
+                (Some(r), None) => {
+                    return Err(err(
+                        key("range6"),
+                        format!("{r:?}: nat.{p} has no IPv6 range to slice"),
+                    ));
+                }
+                (Some(r), Some(w)) => {
+                    let net: ipnet::Ipv6Net = r.parse().map_err(|_| {
+                        err(
+                            key("range6"),
+                            format!("{r:?} is not an IPv6 CIDR (or \"none\")"),
+                        )
+                    })?;
+                    if !w.contains(&net) {
+                        return Err(err(
+                            key("range6"),
+                            format!("{net} is not inside nat.{p}.range6 ({w})"),
+                        ));
+                    }
+                    Some(net.trunc())
+                }
+            };
+            let overlaps = out.iter().find(|((_, q), other)| {
+                q == p
+                    && (other.addrs.contains(&addrs.network())
+                        || addrs.contains(&other.addrs.network())
+                        || matches!((other.addrs6, addrs6), (Some(a), Some(b))
+                            if a.contains(&b.network()) || b.contains(&a.network())))
+            });
+            if let Some(((other, _), _)) = overlaps {
+                return Err(err(
+                    format!("ha.networks.{vpc}.nat.{p}"),
+                    format!(
+                        "overlaps the slice of {other}: two owners would hand out the same NAT addresses"
+                    ),
+                ));
+            }
+            out.insert(
+                (vpc.clone(), p.clone()),
+                NatRange {
+                    addrs: addrs.trunc(),
+                    addrs6,
+                    ports: whole.ports.clone(),
+                },
+            );
+        }
+    }
+    Ok(out)
+}
+
+/// Moving addresses on configured interfaces, parsed (`at`: their key).
+fn moving(
+    raw: &AgentConfig,
+    at: &str,
+    addresses: &[HaAddressConfig],
+) -> Result<Vec<(String, ipnet::IpNet)>, ConfigError> {
+    addresses
         .iter()
         .enumerate()
         .map(|(i, a)| {
-            let key = format!("ha.addresses[{i}]");
+            let key = format!("{at}[{i}]");
             if !raw.interfaces.iter().any(|f| f.name == a.interface) {
                 return Err(err(
                     format!("{key}.interface"),
@@ -1273,5 +1471,143 @@ mod tests {
             with_token("[[interfaces]]\nname = \"lo\"\nnetwork = \"vpc-1\"\nrole = \"router\"\n")
                 .unwrap_err();
         assert!(e.message.contains("router"), "{e}");
+    }
+
+    /// A group with an owner per consumer network: two consumer networks on two interfaces, one
+    /// provider network; `sections` are the `[ha.networks]` part.
+    fn grouped(sections: &str) -> Result<Validated, ConfigError> {
+        let text = format!(
+            r#"node = "n1"
+admin_token_file = "/nonexistent"
+[store]
+etcd = ["http://198.18.250.10:2379"]
+[[interfaces]]
+name = "c0"
+network = "vpc-c1"
+role = "consumer"
+[[interfaces]]
+name = "c1"
+network = "vpc-c2"
+role = "consumer"
+[[interfaces]]
+name = "p0"
+network = "vpc-p"
+role = "provider"
+[nat.vpc-p]
+range = "198.19.128.0/24"
+range6 = "2001:db8:ff::/116"
+[ha]
+group = "edge"
+listen = "198.18.250.1:7946"
+peers = ["198.18.250.2:7946"]
+key_file = "/nonexistent"
+{sections}"#
+        );
+        validate(&toml::from_str(&text).expect("TOML"))
+    }
+
+    const SLICES: &str = r#"[ha.networks.vpc-c1.nat.vpc-p]
+range = "198.19.128.0/25"
+range6 = "2001:db8:ff::/117"
+[[ha.networks.vpc-c1.addresses]]
+interface = "p0"
+address = "198.18.100.250/24"
+[ha.networks.vpc-c2.nat.vpc-p]
+range = "198.19.128.128/25"
+range6 = "2001:db8:ff::800/117"
+[[ha.networks.vpc-c2.addresses]]
+interface = "p0"
+address = "198.18.100.251/24"
+"#;
+
+    #[test]
+    fn a_group_with_an_owner_per_network_slices_the_nat_ranges_without_overlap() {
+        let v = grouped(SLICES).unwrap();
+        let units = v.ha.unwrap();
+        assert_eq!(
+            units
+                .iter()
+                .map(|u| (
+                    u.name.as_str(),
+                    u.networks.clone(),
+                    u.addresses[0].1.to_string()
+                ))
+                .collect::<Vec<_>>(),
+            [
+                (
+                    "vpc-c1",
+                    vec!["vpc-c1".to_string()],
+                    "198.18.100.250/24".into()
+                ),
+                (
+                    "vpc-c2",
+                    vec!["vpc-c2".to_string()],
+                    "198.18.100.251/24".into()
+                )
+            ]
+        );
+        let s = &v.nat_slices[&("vpc-c2".to_string(), "vpc-p".to_string())];
+        assert_eq!(s.addrs.to_string(), "198.19.128.128/25");
+        assert_eq!(s.addrs6.unwrap().to_string(), "2001:db8:ff::800/117");
+        assert_eq!(s.ports, 1024..=65535, "the provider range's ports");
+        // Without sections: one owner for both consumer networks, no slices.
+        let v = grouped("").unwrap();
+        assert_eq!(v.ha.unwrap()[0].networks, ["vpc-c1", "vpc-c2"]);
+        assert!(v.nat_slices.is_empty());
+    }
+
+    #[test]
+    fn a_bad_network_section_is_refused_with_its_key() {
+        let first = SLICES.split("[ha.networks.vpc-c2").next().unwrap();
+        let cases = [
+            (first.to_string(), "ha.networks"),
+            (
+                SLICES.replace("198.19.128.128/25", "198.19.128.64/26"),
+                "ha.networks.vpc-c2.nat.vpc-p",
+            ),
+            (
+                SLICES.replace("198.19.128.128/25", "198.19.129.0/25"),
+                "ha.networks.vpc-c2.nat.vpc-p.range",
+            ),
+            (
+                SLICES.replace("range6 = \"2001:db8:ff::800/117\"\n", ""),
+                "ha.networks.vpc-c2.nat.vpc-p.range6",
+            ),
+            (
+                SLICES.replace("2001:db8:ff::800/117", "2001:db8:fe::/117"),
+                "ha.networks.vpc-c2.nat.vpc-p.range6",
+            ),
+            (
+                SLICES.replace(
+                    "[ha.networks.vpc-c2.nat.vpc-p]",
+                    "[ha.networks.vpc-c2.nat.vpc-q]",
+                ),
+                "ha.networks.vpc-c2.nat",
+            ),
+            (
+                format!(
+                    "{SLICES}[ha.networks.vpc-p.nat.vpc-p]\nrange = \"198.19.128.0/32\"\nrange6 = \"none\"\n"
+                ),
+                "ha.networks.vpc-p",
+            ),
+            (
+                SLICES.replace("interface = \"p0\"", "interface = \"eth9\""),
+                "ha.networks.vpc-c1.addresses[0].interface",
+            ),
+        ];
+        for (sections, key) in cases {
+            let e = grouped(&sections)
+                .err()
+                .unwrap_or_else(|| panic!("accepted:\n{sections}"));
+            assert_eq!(e.key, key, "{e}");
+        }
+        // Group-wide moving addresses do not mix with per-network ones.
+        let text = format!(
+            "[[ha.addresses]]\ninterface = \"p0\"\naddress = \"198.18.100.252/24\"\n{SLICES}"
+        );
+        assert_eq!(grouped(&text).err().unwrap().key, "ha.addresses");
+        // Preemption needs a sane delay.
+        let text = format!("preempt = true\npreempt_after_ms = 10\n{SLICES}");
+        assert_eq!(grouped(&text).err().unwrap().key, "ha.preempt_after_ms");
     }
 }

@@ -44,6 +44,15 @@ pub enum Update {
 }
 
 impl Update {
+    /// The link of an upserted entry (`None` for a removal: it names a key only).
+    pub fn link(&self) -> Option<u32> {
+        match self {
+            Update::Upsert4(_, f) => Some(f.link_id),
+            Update::Upsert6(_, f) => Some(f.link_id),
+            Update::Delete4(_) | Update::Delete6(_) => None,
+        }
+    }
+
     fn op(&self) -> u8 {
         match self {
             Update::Upsert4(..) => UPSERT4,
@@ -135,18 +144,22 @@ pub struct Outbox {
 
 impl Outbox {
     /// The updates that bring a peer from what was sent to the tables as read now (`full`:
-    /// every entry, whatever was sent).
+    /// every entry, whatever was sent), for the entries whose link `mine` says this node sends
+    /// (the units it is active for). An entry that is still there but no longer this node's is
+    /// forgotten, not removed on the peers: its unit went to another node, which carries it on.
     pub fn changes(
         &mut self,
         now4: Vec<(FlowKey4, Flow4)>,
         now6: Vec<(FlowKey6, Flow6)>,
         full: bool,
+        mine: impl Fn(u32) -> bool,
     ) -> Vec<Update> {
         let mut out = Vec::new();
         diff(
             &mut self.sent4,
             now4,
             full,
+            &mine,
             &mut out,
             Update::Upsert4,
             Update::Delete4,
@@ -155,6 +168,7 @@ impl Outbox {
             &mut self.sent6,
             now6,
             full,
+            &mine,
             &mut out,
             Update::Upsert6,
             Update::Delete6,
@@ -193,12 +207,18 @@ fn diff<K: std::hash::Hash + Eq + Copy, V: Copy>(
     sent: &mut HashMap<K, u8>,
     now: Vec<(K, Flow<V>)>,
     full: bool,
+    mine: &impl Fn(u32) -> bool,
     out: &mut Vec<Update>,
     upsert: fn(K, Flow<V>) -> Update,
     delete: fn(K) -> Update,
 ) {
     let mut next = HashMap::with_capacity(now.len());
+    let mut present = std::collections::HashSet::with_capacity(now.len());
     for (k, f) in now {
+        present.insert(k);
+        if !mine(f.link_id) {
+            continue;
+        }
         if full || sent.get(&k) != Some(&f.tcp_state) {
             out.push(upsert(k, f));
         }
@@ -206,7 +226,7 @@ fn diff<K: std::hash::Hash + Eq + Copy, V: Copy>(
     }
     out.extend(
         sent.keys()
-            .filter(|k| !next.contains_key(*k))
+            .filter(|k| !present.contains(*k))
             .map(|k| delete(*k)),
     );
     *sent = next;
@@ -329,7 +349,9 @@ pub fn admit<A: Family>(
     if !svc.backends.contains(&backend) {
         return Err(Refuse::Backend);
     }
-    let in_range = m.nat.get(&provider_net).is_some_and(|r| match nat {
+    // In the range the link's new flows take their addresses from (its network's slice in a
+    // group that spreads networks).
+    let in_range = m.nat.get(&link.nat_slot).is_some_and(|r| match nat {
         IpAddr::V4(a) => r.addrs.contains(&a),
         IpAddr::V6(a) => r.addrs6.is_some_and(|n| n.contains(&a)),
     });
@@ -476,25 +498,54 @@ mod tests {
         let [(k, f), (k2, f2)] = flow();
         let mut o = Outbox::default();
         assert_eq!(
-            o.changes(vec![(k, f)], vec![], false),
+            o.changes(vec![(k, f)], vec![], false, |_| true),
             [Update::Upsert4(k, f)]
         );
-        assert_eq!(o.changes(vec![(k, f)], vec![], false), []);
+        assert_eq!(o.changes(vec![(k, f)], vec![], false, |_| true), []);
         let closing = Flow4 {
             tcp_state: CT_SYN_RECV,
             ..f
         };
         assert_eq!(
-            o.changes(vec![(k, closing), (k2, f2)], vec![], false).len(),
+            o.changes(vec![(k, closing), (k2, f2)], vec![], false, |_| true)
+                .len(),
             2
         );
         assert_eq!(
-            o.changes(vec![(k2, f2)], vec![], false),
+            o.changes(vec![(k2, f2)], vec![], false, |_| true),
             [Update::Delete4(k)]
         );
         assert_eq!(
-            o.changes(vec![(k2, f2)], vec![], true),
+            o.changes(vec![(k2, f2)], vec![], true, |_| true),
             [Update::Upsert4(k2, f2)]
+        );
+    }
+
+    #[test]
+    fn the_outbox_sends_only_the_flows_of_the_networks_this_node_is_active_for() {
+        let [(k, f), (k2, f2)] = flow();
+        let (f, f2) = (Flow4 { link_id: 1, ..f }, Flow4 { link_id: 2, ..f2 });
+        let mut o = Outbox::default();
+        // Link 2's network is another node's: its entry (installed from that node) is not sent.
+        let only_1 = |l: u32| l == 1;
+        assert_eq!(
+            o.changes(vec![(k, f), (k2, f2)], vec![], true, only_1),
+            [Update::Upsert4(k, f)]
+        );
+        // Link 1's network handed over: its entry, still in the table, is forgotten, not removed
+        // on the peers (the new owner carries it on)...
+        assert_eq!(
+            o.changes(vec![(k, f), (k2, f2)], vec![], false, |_| false),
+            []
+        );
+        // ...and taken back, it is sent again; once gone from the table, its removal goes out.
+        assert_eq!(
+            o.changes(vec![(k, f)], vec![], false, only_1),
+            [Update::Upsert4(k, f)]
+        );
+        assert_eq!(
+            o.changes(vec![], vec![], false, only_1),
+            [Update::Delete4(k)]
         );
     }
 
@@ -503,19 +554,22 @@ mod tests {
         let [(k, f), (k2, f2)] = flow();
         let mut o = Outbox::default();
         o.note(&[Update::Upsert4(k, f), Update::Upsert4(k2, f2)]);
-        assert_eq!(o.changes(vec![(k, f), (k2, f2)], vec![], false), []);
+        assert_eq!(
+            o.changes(vec![(k, f), (k2, f2)], vec![], false, |_| true),
+            []
+        );
         let closing = Flow4 {
             tcp_state: privatelink_common::CT_CLOSING,
             ..f
         };
         assert_eq!(
-            o.changes(vec![(k, closing), (k2, f2)], vec![], false),
+            o.changes(vec![(k, closing), (k2, f2)], vec![], false, |_| true),
             [Update::Upsert4(k, closing)]
         );
         // A flow noted and gone by the next read is removed on the peers.
         o.note(&[Update::Upsert4(k2, f2)]);
         assert_eq!(
-            o.changes(vec![(k, closing)], vec![], false),
+            o.changes(vec![(k, closing)], vec![], false, |_| true),
             [Update::Delete4(k2)]
         );
     }

@@ -1,9 +1,16 @@
 //! High availability: the nodes of a group serve the same consumer networks, one of them active
-//! at a time. The shared store (etcd) arbitrates; heartbeats between the nodes detect a dead one
+//! at a time for each unit of ownership: the group's consumer networks together, or (with
+//! `[ha.networks]`) each network alone, the units spread over the nodes (active-active by
+//! network). The shared store (etcd) arbitrates; heartbeats between the nodes detect a dead one
 //! within the fence time, far sooner than any lease could.
 //!
-//! The store holds one key per group, `<prefix>/ha/<group>/active`, naming the node that may
-//! forward. A node forwards for the group only while all of these hold:
+//! The store holds one key per unit, `<prefix>/ha/<group>/active` (the whole group) or
+//! `<prefix>/ha/<group>/active/<network id>`, naming the node that may forward for it. The group
+//! prefers one node per unit ([`assignment`]): the preferred node creates a missing key, the
+//! preferred survivor takes a dead owner's unit (the others a fence later, in case it cannot),
+//! and with preemption an owner hands a unit to its preferred node once that node has been heard
+//! long enough for its flows to be synced. The rules below hold per unit. A node forwards for a
+//! unit only while all of these hold:
 //! - the key names it, as the store confirmed within `fence - 2 x heartbeat` (its self-fence), or
 //!   else the store is out of reach of every peer too (their heartbeats say so: none of them can
 //!   take over, so forwarding goes on through an etcd outage);
@@ -24,20 +31,21 @@
 //!   claim), nobody else starts;
 //! - the standby cut off from the store: nothing changes until it is back.
 //!
-//! There is no preemption: a node that returns stays standby while the owner is alive. A node
-//! being drained (`privatelink-agent drain`: the key `<prefix>/ha/<group>/drain/<node>` exists)
-//! stops forwarding, sends its peers a full copy of its conntrack, then hands the key to a peer it
-//! hears that reaches the store (one heartbeat without an active node: TCP retransmits), and
-//! claims nothing while the drain key stays. The
-//! standby's datapath keeps the group's consumer interfaces out of its model (their frames pass to
-//! its kernel, which does not answer for the endpoints); becoming active puts them in, adds the
-//! provider-side addresses the NAT ranges are routed through, and announces the endpoints and
-//! those addresses (gratuitous ARP, unsolicited neighbour advertisements). The active node sends
-//! its conntrack to the standbys (`node::flowsync`: each new flow and TCP state change at once,
-//! from the datapath's events, and the table periodically), so the flows it carried go on
-//! through the node that takes over.
+//! Preemption is off by default: a node that returns stays standby while the owner is alive. A
+//! node being drained (`privatelink-agent drain`: the key `<prefix>/ha/<group>/drain/<node>`
+//! exists) stops forwarding, sends its peers a full copy of its conntrack, then hands each key to
+//! the peer the group prefers among those it hears that reach the store (one heartbeat without an
+//! active node: TCP retransmits), and claims nothing while the drain key stays. A node's datapath
+//! keeps the consumer interfaces of the units it stands by for out of its model (their frames
+//! pass to its kernel, which does not answer for the endpoints); becoming active for a unit puts
+//! them in, adds the unit's provider-side addresses its NAT range (or slice) is routed through,
+//! and announces the unit's endpoints and those addresses (gratuitous ARP, unsolicited neighbour
+//! advertisements). A node sends the flows of the units it is active for to its peers
+//! (`node::flowsync`: each new flow and TCP state change at once, from the datapath's events,
+//! and the table periodically) and installs theirs, so the flows a node carried go on through
+//! the node that takes its units over.
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     net::SocketAddr,
     sync::{
         Arc, Mutex,
@@ -75,27 +83,87 @@ impl Timing {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PeerSeen {
     pub last: Instant,
+    /// Heard without a silence longer than `fence` since then.
+    pub up_since: Instant,
     pub active: bool,
     pub store: bool,
+    pub draining: bool,
     /// Since when its heartbeats have said "not active" (`None`: the last one said active).
     pub inactive_since: Option<Instant>,
 }
 
 impl PeerSeen {
-    /// Folds in a heartbeat accepted at `now`.
-    pub fn update(prev: Option<PeerSeen>, b: &Beat, now: Instant) -> PeerSeen {
+    /// Folds in a heartbeat accepted at `now` (`fence`: the silence after which a peer counts
+    /// as newly up again).
+    pub fn update(prev: Option<PeerSeen>, b: &Beat, now: Instant, fence: Duration) -> PeerSeen {
         let inactive_since = match (b.active, prev.and_then(|p| p.inactive_since)) {
             (true, _) => None,
             (false, Some(since)) => Some(since),
             (false, None) => Some(now),
         };
+        let up_since = match prev {
+            Some(p) if now.duration_since(p.last) <= fence => p.up_since,
+            _ => now,
+        };
         PeerSeen {
             last: now,
+            up_since,
             active: b.active,
             store: b.store,
+            draining: b.draining,
             inactive_since,
         }
     }
+}
+
+/// Consumer networks that have one owner in the group at a time, with what moves with them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Unit {
+    /// Its name in the store: empty for the whole group (key `active`; `[ha]` without
+    /// `networks`), else the consumer network's id (key `active/<id>`).
+    pub name: String,
+    /// Control-plane ids of its consumer networks.
+    pub networks: Vec<String>,
+    /// (interface name, address) added on the node active for it.
+    pub addresses: Vec<(String, ipnet::IpNet)>,
+}
+
+/// Which candidate the group prefers for each unit: units in name order, each to its heaviest
+/// candidate (rendezvous hashing) that has fewer than its share (`ceil(units / candidates)`).
+/// Every node computes the same from the same units and candidates; the load is even, and a
+/// change of candidates moves few units.
+pub fn assignment<'a>(units: &'a [String], candidates: &[&'a str]) -> BTreeMap<&'a str, &'a str> {
+    let mut out = BTreeMap::new();
+    if candidates.is_empty() {
+        return out;
+    }
+    let share = units.len().div_ceil(candidates.len());
+    let mut load: BTreeMap<&str, usize> = BTreeMap::new();
+    let mut sorted: Vec<&String> = units.iter().collect();
+    sorted.sort();
+    for u in sorted {
+        let mut order: Vec<&str> = candidates.to_vec();
+        order.sort_by_key(|c| std::cmp::Reverse((weight(u, c), *c)));
+        if let Some(c) = order
+            .into_iter()
+            .find(|c| load.get(c).copied().unwrap_or(0) < share)
+        {
+            *load.entry(c).or_default() += 1;
+            out.insert(u.as_str(), c);
+        }
+    }
+    out
+}
+
+/// The weight of `node` for `unit` (rendezvous hashing).
+fn weight(unit: &str, node: &str) -> u64 {
+    use sha2::Digest as _;
+    let h = sha2::Sha256::new()
+        .chain_update(unit)
+        .chain_update([0])
+        .chain_update(node)
+        .finalize();
+    u64::from_be_bytes(h[..8].try_into().expect("8 bytes"))
 }
 
 /// The group's owner as the store has it.
@@ -128,31 +196,85 @@ pub enum Claim {
 #[derive(Clone, Debug)]
 pub struct Arbiter {
     me: String,
+    /// The unit it decides for (its name weighs the candidates).
+    unit: String,
+    /// Every unit of the group (the preferred nodes spread them evenly).
+    units: Vec<String>,
     t: Timing,
     started: Instant,
-    /// When the store last said this node owns the group.
+    /// When the store last said this node owns the unit.
     confirmed: Option<Instant>,
     /// Not before this after a claim.
     start_at: Option<Instant>,
-    /// Being drained: forwards nothing, claims nothing, hands the group over.
+    /// Being drained: forwards nothing, claims nothing, hands the unit over.
     draining: bool,
+    /// Hand the unit to the preferred node once it has been heard this long (`None`: never).
+    preempt: Option<Duration>,
+    /// The owner the store names, and since when this node has seen it named: an owner's
+    /// "not active" counts only from then (a node that just got the unit is not yet active).
+    owner_seen: Option<(String, Instant)>,
+    /// Since when the store has named no owner.
+    absent_since: Option<Instant>,
 }
 
 impl Arbiter {
     pub fn new(me: &str, t: Timing, now: Instant) -> Self {
+        Arbiter::for_unit(me, "", &[String::new()], t, None, now)
+    }
+
+    /// The arbiter of `unit`, one of the group's `units`.
+    pub fn for_unit(
+        me: &str,
+        unit: &str,
+        units: &[String],
+        t: Timing,
+        preempt: Option<Duration>,
+        now: Instant,
+    ) -> Self {
         Arbiter {
             me: me.to_string(),
+            unit: unit.to_string(),
+            units: units.to_vec(),
             t,
             started: now,
             confirmed: None,
             start_at: None,
             draining: false,
+            preempt,
+            owner_seen: None,
+            absent_since: None,
         }
     }
 
     /// Starts or ends a drain.
     pub fn drain(&mut self, on: bool) {
         self.draining = on;
+    }
+
+    /// The store took this node's handover: it forwards nothing of the unit from now on.
+    pub fn handed_over(&mut self) {
+        self.confirmed = None;
+    }
+
+    /// Whether the store named this node at its last look.
+    pub fn owns(&self) -> bool {
+        self.confirmed.is_some()
+    }
+
+    /// The node the group prefers for the unit at `now` (see [`assignment`]), among this node
+    /// (unless drained) and the peers heard within `fence` that reach the store and are not
+    /// drained.
+    pub fn preferred(&self, now: Instant, peers: &BTreeMap<String, PeerSeen>) -> Option<String> {
+        let me = (!self.draining).then_some(self.me.as_str());
+        let candidates: Vec<&str> = peers
+            .iter()
+            .filter(|(_, p)| now.duration_since(p.last) <= self.t.fence && p.store && !p.draining)
+            .map(|(n, _)| n.as_str())
+            .chain(me)
+            .collect();
+        assignment(&self.units, &candidates)
+            .get(self.unit.as_str())
+            .map(|n| n.to_string())
     }
 
     /// One look at the store at `now`: `Some(owner)` as it answered (`Some(None)`: no owner), or
@@ -166,16 +288,22 @@ impl Arbiter {
         let Some(owner) = owner else {
             return Claim::Nothing;
         };
+        let named = owner.as_ref().map(|o| o.node.as_str());
+        if self.owner_seen.as_ref().map(|(n, _)| n.as_str()) != named {
+            self.owner_seen = named.map(|n| (n.to_string(), now));
+        }
+        self.absent_since = match owner {
+            None => Some(self.absent_since.unwrap_or(now)),
+            Some(_) => None,
+        };
+        let preferred = self.preferred(now, peers);
         match owner {
             Some(o) if o.node == self.me && self.draining => {
                 self.confirmed = Some(now);
-                // To a peer that is heard and reaches the store.
-                let to = peers
-                    .iter()
-                    .find(|(_, p)| now.duration_since(p.last) <= self.t.fence && p.store);
-                match to {
-                    Some((to, _)) => Claim::Handover {
-                        to: to.clone(),
+                // To the peer the group prefers among those heard that reach the store.
+                match preferred {
+                    Some(to) => Claim::Handover {
+                        to,
                         mod_revision: o.mod_revision,
                     },
                     None => Claim::Nothing,
@@ -183,7 +311,23 @@ impl Arbiter {
             }
             Some(o) if o.node == self.me => {
                 self.confirmed = Some(now);
-                Claim::Nothing
+                // Preemption: back to the preferred node once it has been heard long enough
+                // for the flows to be on it (a full copy goes to a peer that joins).
+                match (self.preempt, preferred) {
+                    (Some(after), Some(to))
+                        if to != self.me
+                            && self.active(now, peers)
+                            && peers
+                                .get(&to)
+                                .is_some_and(|p| now.duration_since(p.up_since) >= after) =>
+                    {
+                        Claim::Handover {
+                            to,
+                            mod_revision: o.mod_revision,
+                        }
+                    }
+                    _ => Claim::Nothing,
+                }
             }
             _ if self.draining => {
                 self.confirmed = None;
@@ -191,23 +335,36 @@ impl Arbiter {
             }
             None => {
                 self.confirmed = None;
-                Claim::Create
+                // The preferred node creates it once it has had time to hear its peers; any
+                // node does when nobody has for a fence.
+                let settled = now.duration_since(self.started) >= self.t.heartbeat * 3;
+                let abandoned = self
+                    .absent_since
+                    .is_some_and(|s| now.duration_since(s) > self.t.fence);
+                if (settled && preferred.as_deref() == Some(self.me.as_str())) || abandoned {
+                    Claim::Create
+                } else {
+                    Claim::Nothing
+                }
             }
             Some(o) => {
                 self.confirmed = None;
                 self.start_at = None;
-                let gone = match peers.get(&o.node) {
+                let named_since = self.owner_seen.as_ref().map_or(now, |(_, t)| *t);
+                let gone_since = match peers.get(&o.node) {
                     // Never heard: give it a fence's time after this node started.
-                    None => now.duration_since(self.started) > self.t.fence,
-                    Some(p) => {
-                        now.duration_since(p.last) > self.t.fence
-                            || p.inactive_since
-                                .is_some_and(|s| now.duration_since(s) > self.t.fence)
-                    }
+                    None => Some(self.started),
+                    Some(p) if now.duration_since(p.last) > self.t.fence => Some(p.last),
+                    Some(p) => p.inactive_since.map(|s| s.max(named_since)),
                 };
-                if gone {
+                let gone_for = gone_since.map(|s| now.duration_since(s));
+                // The preferred survivor takes it at once; the others a fence later, in case the
+                // preferred one cannot.
+                let mine = preferred.as_deref() == Some(self.me.as_str());
+                let wait = if mine { self.t.fence } else { self.t.fence * 2 };
+                if gone_for.is_some_and(|g| g > wait) {
                     Claim::Replace {
-                        from: o.node,
+                        from: o.node.clone(),
                         mod_revision: o.mod_revision,
                     }
                 } else {
@@ -255,12 +412,23 @@ pub struct GroupConfig {
     pub key: Vec<u8>,
     pub timing: Timing,
     pub max_clock_skew: Duration,
+    /// The units of ownership: one per `[ha.networks]` section, or one for the whole group.
+    pub units: Vec<Unit>,
+    /// Preemption: a unit goes back to its preferred node once that node has been heard this
+    /// long (`None`: off).
+    pub preempt: Option<Duration>,
 }
 
-/// What the group's task shares with the node: whether it is active, and the counts metrics show.
+/// What the group's task shares with the node: the units it is active for, and the counts
+/// metrics show.
 #[derive(Debug, Default)]
 pub struct HaShared {
-    active: AtomicBool,
+    /// Unit name → whether this node forwards for it now.
+    active: Mutex<BTreeMap<String, bool>>,
+    /// Unit name → its consumer network ids.
+    unit_networks: BTreeMap<String, Vec<String>>,
+    /// Consumer network number → the unit it belongs to (with the model).
+    by_network: Mutex<BTreeMap<u32, String>>,
     changed: tokio::sync::Notify,
     peers: Mutex<BTreeMap<String, PeerSeen>>,
     pub takeovers: AtomicU64,
@@ -282,8 +450,62 @@ pub struct HaShared {
 }
 
 impl HaShared {
+    pub fn new(units: &[Unit]) -> Self {
+        HaShared {
+            active: Mutex::new(units.iter().map(|u| (u.name.clone(), false)).collect()),
+            unit_networks: units
+                .iter()
+                .map(|u| (u.name.clone(), u.networks.clone()))
+                .collect(),
+            ..Default::default()
+        }
+    }
+
+    /// Whether this node forwards for at least one unit.
     pub fn active(&self) -> bool {
-        self.active.load(Ordering::Relaxed)
+        lock(&self.active).values().any(|a| *a)
+    }
+
+    /// The units this node forwards for now.
+    pub fn active_units(&self) -> BTreeSet<String> {
+        lock(&self.active)
+            .iter()
+            .filter(|(_, a)| **a)
+            .map(|(u, _)| u.clone())
+            .collect()
+    }
+
+    /// Unit name → whether this node forwards for it now.
+    pub fn units(&self) -> BTreeMap<String, bool> {
+        lock(&self.active).clone()
+    }
+
+    /// The consumer networks (ids) this node forwards for now.
+    pub fn networks(&self) -> Vec<String> {
+        let active = self.active_units();
+        self.unit_networks
+            .iter()
+            .filter(|(u, _)| active.contains(*u))
+            .flat_map(|(_, n)| n.iter().cloned())
+            .collect()
+    }
+
+    /// Each consumer network of the group (its id) → whether this node forwards for it now.
+    pub fn network_states(&self) -> Vec<(String, bool)> {
+        let active = self.units();
+        self.unit_networks
+            .iter()
+            .flat_map(|(u, n)| {
+                let on = active.get(u).copied().unwrap_or(false);
+                n.iter().map(move |n| (n.clone(), on))
+            })
+            .collect()
+    }
+
+    /// Whether this node forwards for consumer network `network` (its number) now.
+    pub fn forwards(&self, network: u32) -> bool {
+        let unit = lock(&self.by_network).get(&network).cloned();
+        unit.is_some_and(|u| lock(&self.active).get(&u).copied().unwrap_or(false))
     }
 
     /// Wakes when the node becomes active or stops being active.
@@ -308,15 +530,26 @@ impl HaShared {
         lock(&self.refused).clone()
     }
 
-    /// The model the node applied last (or would apply, were it active).
-    pub fn set_model(&self, m: Arc<Model>) {
+    /// The model the node applied last (or would apply, were it active for every unit), and
+    /// its consumer networks' units by number.
+    pub fn set_model(&self, m: Arc<Model>, by_network: BTreeMap<u32, String>) {
         *lock(&self.model) = Some(m);
+        *lock(&self.by_network) = by_network;
     }
 
-    fn set_active(&self, on: bool) {
-        if self.active.swap(on, Ordering::Relaxed) != on {
+    fn set_active(&self, unit: &str, on: bool) {
+        let was = lock(&self.active).insert(unit.to_string(), on);
+        if was != Some(on) {
             self.changed.notify_one();
         }
+    }
+
+    /// Whether the flow of link `link` belongs to a unit this node forwards for (by `model`).
+    fn owns_link(&self, model: &Model, link: u32) -> bool {
+        model
+            .links
+            .get(&link)
+            .is_some_and(|l| self.forwards(l.network_id))
     }
 }
 
@@ -336,9 +569,12 @@ fn group_prefix(e: &EtcdConfig, group: &str) -> String {
     format!("{}/ha/{group}/", e.prefix)
 }
 
-/// The group's key in the store.
-pub fn active_key(e: &EtcdConfig, group: &str) -> String {
-    format!("{}active", group_prefix(e, group))
+/// A unit's key in the store: `active` for the whole group, `active/<network>` for one network.
+pub fn active_key(e: &EtcdConfig, group: &str, unit: &str) -> String {
+    match unit {
+        "" => format!("{}active", group_prefix(e, group)),
+        u => format!("{}active/{u}", group_prefix(e, group)),
+    }
 }
 
 /// The key whose presence drains `node` of the group.
@@ -347,7 +583,7 @@ pub fn drain_key(e: &EtcdConfig, group: &str, node: &str) -> String {
 }
 
 /// Starts (`on`) or ends the drain of `node`: writes or deletes its drain key; a drain then waits
-/// (at most 10 s) until the group's key names another node.
+/// (at most 10 s) until no unit's key names it.
 pub fn drain(e: &EtcdConfig, group: &str, node: &str, on: bool) -> anyhow::Result<()> {
     use anyhow::Context as _;
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -364,18 +600,22 @@ pub fn drain(e: &EtcdConfig, group: &str, node: &str, on: bool) -> anyhow::Resul
             return Ok(());
         }
         c.put(key, "", None).await.context("writing the drain key")?;
-        let active = active_key(e, group);
+        // Every unit's key: `active` and `active/<network>`.
+        let active = active_key(e, group, "");
+        let all = etcd_client::GetOptions::new().with_prefix();
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
-            let r = c.get(active.as_str(), None).await?;
-            let owner = r
+            let r = c.get(active.as_str(), Some(all.clone())).await?;
+            let owners: BTreeSet<String> = r
                 .kvs()
-                .first()
-                .map(|kv| String::from_utf8_lossy(kv.value()).into_owned());
-            if owner.as_deref() != Some(node) {
+                .iter()
+                .map(|kv| String::from_utf8_lossy(kv.value()).into_owned())
+                .collect();
+            if !owners.contains(node) {
+                let with = owners.into_iter().collect::<Vec<_>>().join(", ");
                 println!(
                     "{node}: drained; group {group} is with {}",
-                    owner.as_deref().unwrap_or("nobody")
+                    if with.is_empty() { "nobody" } else { &with }
                 );
                 return Ok(());
             }
@@ -413,8 +653,8 @@ impl Outgoing<'_> {
 }
 
 /// Runs the group for this node until the task is dropped: heartbeats out and in, a look at the
-/// store every heartbeat, claims when the rules above allow, the flow sync (out while active,
-/// in while standing by), and `shared` kept current.
+/// store every heartbeat, claims for each unit when the rules above allow, the flow sync (out
+/// for the units it is active for, in for the others), and `shared` kept current.
 pub async fn run(
     g: GroupConfig,
     e: EtcdConfig,
@@ -441,9 +681,21 @@ pub async fn run(
         g.max_clock_skew.as_millis() as u64,
     );
     let prefix = group_prefix(&e, &g.group);
-    let key = active_key(&e, &g.group);
     let drain = drain_key(&e, &g.group, &g.node);
-    let mut arbiter = Arbiter::new(&g.node, g.timing, Instant::now());
+    let started = Instant::now();
+    // (unit, its key, its arbiter)
+    let names: Vec<String> = g.units.iter().map(|u| u.name.clone()).collect();
+    let mut units: Vec<(String, String, Arbiter)> = g
+        .units
+        .iter()
+        .map(|u| {
+            (
+                u.name.clone(),
+                active_key(&e, &g.group, &u.name),
+                Arbiter::for_unit(&g.node, &u.name, &names, g.timing, g.preempt, started),
+            )
+        })
+        .collect();
     let mut tick = tokio::time::interval(g.timing.heartbeat);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut client: Option<etcd_client::Client> = None;
@@ -454,22 +706,32 @@ pub async fn run(
     };
     let mut outbox = Outbox::default();
     let mut ticks = 0u64;
-    let mut peers_up: std::collections::BTreeSet<String> = Default::default();
+    let mut peers_up: BTreeSet<String> = Default::default();
     let mut buf = vec![0u8; 2048];
     log::info!(
-        "ha: group {} on {}, peers {:?}, heartbeat {:?}, fence {:?}",
+        "ha: group {} on {}, peers {:?}, heartbeat {:?}, fence {:?}, {}",
         g.group,
         g.listen,
         g.peers,
         g.timing.heartbeat,
-        g.timing.fence
+        g.timing.fence,
+        match g.units.as_slice() {
+            [u] if u.name.is_empty() => "one owner for the group".to_string(),
+            us => format!(
+                "an owner per network ({})",
+                us.iter()
+                    .map(|u| u.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        }
     );
     loop {
         tokio::select! {
             got = socket.recv_from(&mut buf) => {
                 let Ok((n, from)) = got else { continue };
                 let refused = match verifier.accept(from, &buf[..n], unix_ms()) {
-                    Ok(m) => receive(&m, &shared, &mut tables).err(),
+                    Ok(m) => receive(&m, &shared, &mut tables, g.timing.fence).err(),
                     Err(r) => Some(r),
                 };
                 if let Some(r) = refused {
@@ -484,10 +746,14 @@ pub async fn run(
                 ready.clear_ready();
                 let keys = ready.get_inner_mut().drain();
                 shared.flow_events.fetch_add(keys.len() as u64, Ordering::Relaxed);
-                // New flows and state changes go out at once while active (a standby makes
-                // none for the group; what it drains is not its to send).
+                // New flows and state changes of the units it is active for go out at once (what
+                // it drains of others' is not its to send).
                 if shared.active() && !keys.is_empty() {
-                    let updates = flowsync::updates_for(&tables, &keys);
+                    let model = lock(&shared.model).clone();
+                    let mut updates = flowsync::updates_for(&tables, &keys);
+                    updates.retain(|u| {
+                        u.link().is_some_and(|l| model.as_ref().is_some_and(|m| shared.owns_link(m, l)))
+                    });
                     outbox.note(&updates);
                     send_updates(&socket, &mut out, &updates, &shared).await;
                 }
@@ -497,13 +763,21 @@ pub async fn run(
                 shared
                     .flow_events_lost
                     .store(events.get_ref().lost(), Ordering::Relaxed);
-                let beat = out.seal(Kind::Beat, Beat { active: shared.active(), store: store_ok }.payload());
+                let now = Instant::now();
+                let peers = lock(&shared.peers).clone();
+                // "Active": forwarding for every unit the store names this node for.
+                let forwarding = units
+                    .iter()
+                    .all(|(_, _, a)| !a.owns() || a.active(now, &peers));
+                let draining = shared.draining.load(Ordering::Relaxed);
+                let beat = Beat { active: forwarding && !draining, store: store_ok, draining };
+                let beat = out.seal(Kind::Beat, beat.payload());
                 for p in &g.peers {
                     if socket.send_to(&beat, p).await.is_ok() {
                         shared.beats_sent.fetch_add(1, Ordering::Relaxed);
                     }
                 }
-                // One read of the group's keys: the owner, and whether this node is drained.
+                // One read of the group's keys: the owners, and whether this node is drained.
                 let keys = look(&mut client, &e, &prefix, g.timing.heartbeat).await;
                 store_ok = keys.is_some();
                 if let Some(keys) = &keys {
@@ -511,58 +785,72 @@ pub async fn run(
                     if on != shared.draining.swap(on, Ordering::Relaxed) {
                         log::warn!("ha: group {}: {}", g.group, if on { "draining" } else { "drain ended" });
                     }
-                    arbiter.drain(on);
+                    for (_, _, a) in &mut units {
+                        a.drain(on);
+                    }
                 }
-                let owner = keys.map(|mut k| k.remove(&key));
-                let now = Instant::now();
-                let peers = lock(&shared.peers).clone();
-                let claim = arbiter.observe(now, owner, &peers);
-                if let Claim::Handover { to, .. } = &claim {
-                    // Everything to the peers first, from a table no longer written to.
-                    shared.set_active(false);
-                    let n = send_flows(&socket, &mut out, &mut outbox, &tables, &shared, true).await;
-                    log::warn!("ha: group {}: handing over to {to} ({n} flows sent)", g.group);
-                }
-                if claim != Claim::Nothing {
+                for (unit, key, arbiter) in &mut units {
+                    let owner = keys.as_ref().map(|k| k.get(key.as_str()).cloned());
+                    let claim = arbiter.observe(Instant::now(), owner, &peers);
+                    let what = if unit.is_empty() {
+                        format!("group {}", g.group)
+                    } else {
+                        format!("group {} network {unit}", g.group)
+                    };
+                    if let Claim::Handover { to, .. } = &claim {
+                        // Everything to the peers first (the unit's flows included), then the
+                        // unit's forwarding stops.
+                        let n = send_flows(&socket, &mut out, &mut outbox, &tables, &shared, true).await;
+                        shared.set_active(unit, false);
+                        log::warn!("ha: {what}: handing over to {to} ({n} flows sent)");
+                    }
+                    if claim == Claim::Nothing {
+                        continue;
+                    }
                     let previous = match &claim {
                         Claim::Replace { from, .. } => peers.get(from).map(|p| p.last),
                         _ => None,
                     };
-                    if take(&mut client, &key, &g.node, &claim, g.timing.heartbeat).await {
+                    if take(&mut client, key, &g.node, &claim, g.timing.heartbeat).await {
                         match &claim {
                             Claim::Replace { from, .. } => {
                                 arbiter.claimed(Instant::now(), previous);
                                 shared.takeovers.fetch_add(1, Ordering::Relaxed);
-                                log::warn!("ha: group {}: took over from {from}", g.group);
+                                log::warn!("ha: {what}: took over from {from}");
                             }
                             Claim::Handover { to, .. } => {
-                                log::warn!("ha: group {}: handed over to {to}", g.group);
+                                arbiter.handed_over();
+                                log::warn!("ha: {what}: handed over to {to}");
                             }
                             _ => {
                                 arbiter.claimed(Instant::now(), previous);
-                                log::info!("ha: group {}: owner", g.group);
+                                log::info!("ha: {what}: owner");
                             }
                         }
                     }
                 }
-                let active = arbiter.active(Instant::now(), &peers);
-                if active != shared.active() {
-                    log::warn!(
-                        "ha: group {}: {}",
-                        g.group,
-                        if active { "active" } else { "standby" }
-                    );
+                let now = Instant::now();
+                for (unit, _, arbiter) in &units {
+                    let active = arbiter.active(now, &peers);
+                    if shared.units().get(unit).copied() != Some(active) {
+                        log::warn!(
+                            "ha: group {}{}: {}",
+                            g.group,
+                            if unit.is_empty() { String::new() } else { format!(" network {unit}") },
+                            if active { "active" } else { "standby" }
+                        );
+                    }
+                    shared.set_active(unit, active);
                 }
-                shared.set_active(active);
                 // A peer that joins or returns gets everything with the next sync.
-                let up: std::collections::BTreeSet<String> = shared
+                let up: BTreeSet<String> = shared
                     .peers_up(g.timing.fence)
                     .into_iter()
                     .filter_map(|(p, up)| up.then_some(p))
                     .collect();
                 let joined = up.iter().any(|p| !peers_up.contains(p));
                 peers_up = up;
-                if !active {
+                if !shared.active() {
                     outbox.clear();
                 } else if ticks.is_multiple_of(2) {
                     let full = joined || ticks.is_multiple_of(30);
@@ -573,8 +861,8 @@ pub async fn run(
     }
 }
 
-/// Sends the peers what changed in the tables since the outbox last sent (`full`: everything);
-/// how many updates that was.
+/// Sends the peers what changed in the flows of the units this node is active for since the
+/// outbox last sent (`full`: all of them); how many updates that was.
 async fn send_flows(
     socket: &tokio::net::UdpSocket,
     out: &mut Outgoing<'_>,
@@ -583,7 +871,12 @@ async fn send_flows(
     shared: &HaShared,
     full: bool,
 ) -> usize {
-    let updates = outbox.changes(tables.entries4(), tables.entries6(), full);
+    let Some(model) = lock(&shared.model).clone() else {
+        return 0;
+    };
+    let updates = outbox.changes(tables.entries4(), tables.entries6(), full, |link| {
+        shared.owns_link(&model, link)
+    });
     send_updates(socket, out, &updates, shared).await;
     updates.len()
 }
@@ -607,23 +900,31 @@ async fn send_updates(
 }
 
 /// Takes in an authenticated message: a heartbeat updates what is known of its sender; flow
-/// updates are installed while this node stands by (an active node keeps its own table).
-fn receive(m: &Message, shared: &HaShared, tables: &mut FlowTables) -> Result<(), Reject> {
+/// updates are installed for the units this node stands by for (it keeps its own table of the
+/// units it is active for).
+fn receive(
+    m: &Message,
+    shared: &HaShared,
+    tables: &mut FlowTables,
+    fence: Duration,
+) -> Result<(), Reject> {
     match m.kind {
         Kind::Beat => {
             let b = Beat::parse(&m.payload)?;
             shared.beats_received.fetch_add(1, Ordering::Relaxed);
             let mut peers = lock(&shared.peers);
             let prev = peers.get(&m.node).copied();
-            peers.insert(m.node.clone(), PeerSeen::update(prev, &b, Instant::now()));
+            peers.insert(
+                m.node.clone(),
+                PeerSeen::update(prev, &b, Instant::now(), fence),
+            );
         }
         Kind::Flows => {
             let updates = flowsync::decode(&m.payload).ok_or(Reject::Malformed)?;
             shared
                 .flows_received
                 .fetch_add(updates.len() as u64, Ordering::Relaxed);
-            let model = lock(&shared.model).clone();
-            let (Some(model), false) = (model, shared.active()) else {
+            let Some(model) = lock(&shared.model).clone() else {
                 return Ok(());
             };
             install(&model, updates, shared, tables);
@@ -632,12 +933,22 @@ fn receive(m: &Message, shared: &HaShared, tables: &mut FlowTables) -> Result<()
     Ok(())
 }
 
-/// Checks and writes received updates (see `flowsync::admit`).
+/// Checks and writes received updates (see `flowsync::admit`), leaving out the flows of the
+/// units this node is active for.
 fn install(model: &Model, updates: Vec<Update>, shared: &HaShared, tables: &mut FlowTables) {
     let now = crate::datapath::scan::monotonic_ns();
     let mut refused = BTreeMap::new();
     let mut installed = 0;
     for u in updates {
+        // The link of the entry as the update has it, or as this node's table has it (removal).
+        let link = match &u {
+            Update::Delete4(k) => tables.get4(k).map(|f| f.link_id),
+            Update::Delete6(k) => tables.get6(k).map(|f| f.link_id),
+            u => u.link(),
+        };
+        if link.is_some_and(|l| shared.owns_link(model, l)) {
+            continue;
+        }
         let written = match u {
             Update::Upsert4(k, f) => {
                 flowsync::admit(model, &k, &f, now).map(|f| tables.insert4(&k, &f))
@@ -754,8 +1065,10 @@ mod tests {
     fn seen(last: Instant, active: bool, store: bool) -> PeerSeen {
         PeerSeen {
             last,
+            up_since: last,
             active,
             store,
+            draining: false,
             inactive_since: (!active).then_some(last),
         }
     }
@@ -765,13 +1078,16 @@ mod tests {
         let t0 = Instant::now();
         let mut a = Arbiter::new("a", T, t0);
         let none = BTreeMap::new();
-        assert_eq!(a.observe(t0, Some(None), &none), Claim::Create);
-        a.claimed(t0, None);
-        assert!(!a.active(t0, &none));
-        assert!(a.active(t0 + ms(100), &none));
+        // Not before it has had three heartbeats to hear its peers.
+        assert_eq!(a.observe(t0, Some(None), &none), Claim::Nothing);
+        assert_eq!(a.observe(t0 + ms(300), Some(None), &none), Claim::Create);
+        let t1 = t0 + ms(300);
+        a.claimed(t1, None);
+        assert!(!a.active(t1, &none));
+        assert!(a.active(t1 + ms(100), &none));
         // Confirmed every look: stays on.
-        assert_eq!(a.observe(t0 + ms(200), owner("a"), &none), Claim::Nothing);
-        assert!(a.active(t0 + ms(250), &none));
+        assert_eq!(a.observe(t1 + ms(200), owner("a"), &none), Claim::Nothing);
+        assert!(a.active(t1 + ms(250), &none));
     }
 
     #[test]
@@ -849,18 +1165,21 @@ mod tests {
         let mut b = Arbiter::new("b", T, t0);
         let mut peers = BTreeMap::new();
         let mut prev = None;
-        for i in 0..=6 {
+        let beat = Beat {
+            active: false,
+            store: false,
+            draining: false,
+        };
+        for i in 0..=5 {
             let now = t0 + ms(100 * i);
-            let beat = Beat {
-                active: false,
-                store: false,
-            };
-            let p = PeerSeen::update(prev, &beat, now);
+            let p = PeerSeen::update(prev, &beat, now, T.fence);
             prev = Some(p);
             peers.insert("a".to_string(), p);
+            // Heard all along, but "not active" since t0: claimable 500 ms after.
+            assert_eq!(b.observe(now, owner("a"), &peers), Claim::Nothing);
         }
-        // Heard all along, but "not active" since t0: claimable 500 ms after.
-        assert_eq!(b.observe(t0 + ms(500), owner("a"), &peers), Claim::Nothing);
+        let p = PeerSeen::update(prev, &beat, t0 + ms(600), T.fence);
+        peers.insert("a".to_string(), p);
         assert!(matches!(
             b.observe(t0 + ms(600), owner("a"), &peers),
             Claim::Replace { .. }
@@ -908,6 +1227,195 @@ mod tests {
         assert_eq!(b.observe(t0 + ms(300), owner("a"), &none), Claim::Nothing);
         assert!(matches!(
             b.observe(t0 + ms(501), owner("a"), &none),
+            Claim::Replace { .. }
+        ));
+    }
+
+    fn up(nodes: &[&str], t: Instant) -> BTreeMap<String, PeerSeen> {
+        nodes
+            .iter()
+            .map(|n| (n.to_string(), seen(t, true, true)))
+            .collect()
+    }
+
+    #[test]
+    fn every_node_prefers_the_same_node_for_a_network_and_the_networks_spread() {
+        let t0 = Instant::now();
+        let nodes = ["node-a", "node-b", "node-c"];
+        let mut per_node = BTreeMap::<String, usize>::new();
+        let units: Vec<String> = (0..31).map(|i| format!("vpc-{i:08x}")).collect();
+        for unit in &units {
+            let picks: BTreeSet<Option<String>> = nodes
+                .iter()
+                .map(|me| {
+                    let others: Vec<&str> = nodes.iter().copied().filter(|n| n != me).collect();
+                    Arbiter::for_unit(me, unit, &units, T, None, t0).preferred(t0, &up(&others, t0))
+                })
+                .collect();
+            assert_eq!(picks.len(), 1, "{unit}: {picks:?}");
+            *per_node
+                .entry(picks.into_iter().next().flatten().unwrap())
+                .or_default() += 1;
+        }
+        // 31 networks over three nodes: 11, 10, 10 in some order.
+        let mut loads: Vec<usize> = per_node.values().copied().collect();
+        loads.sort();
+        assert_eq!(loads, [10, 10, 11], "{per_node:?}");
+        // Two networks over two nodes: one each, whatever their names.
+        for i in 0..20 {
+            let two = [format!("vpc-{i:04x}a"), format!("vpc-{i:04x}b")];
+            let got = assignment(&two, &["node-a", "node-b"]);
+            assert_eq!(got.values().collect::<BTreeSet<_>>().len(), 2, "{got:?}");
+        }
+        // A node that leaves moves only its own networks.
+        let all = assignment(&units, &nodes);
+        let two = assignment(&units, &["node-a", "node-b"]);
+        let moved = units
+            .iter()
+            .filter(|u| all[u.as_str()] != "node-c" && all[u.as_str()] != two[u.as_str()])
+            .count();
+        assert!(moved <= 2, "{moved} networks of the survivors moved");
+        // A drained peer, one silent for a fence, or one cut off from the store is no candidate.
+        let one = ["vpc-1".to_string()];
+        let a = Arbiter::for_unit("node-a", "vpc-1", &one, T, None, t0);
+        let mut peers = up(&["node-b"], t0);
+        peers.get_mut("node-b").unwrap().draining = true;
+        assert_eq!(a.preferred(t0, &peers).as_deref(), Some("node-a"));
+        let peers = up(&["node-b"], t0);
+        assert_eq!(a.preferred(t0 + ms(501), &peers).as_deref(), Some("node-a"));
+        let peers = BTreeMap::from([("node-b".to_string(), seen(t0, true, false))]);
+        assert_eq!(a.preferred(t0, &peers).as_deref(), Some("node-a"));
+    }
+
+    fn group_units() -> Vec<String> {
+        (0..8).map(|i| format!("vpc-{i:08x}")).collect()
+    }
+
+    /// A unit node `me` is preferred for, and one it is not, among `me` and `other`.
+    fn units_for(me: &str, other: &str, t0: Instant) -> (String, String) {
+        let peers = up(&[other], t0);
+        let units = group_units();
+        let prefers = |u: &String| {
+            Arbiter::for_unit(me, u, &units, T, None, t0)
+                .preferred(t0, &peers)
+                .as_deref()
+                == Some(me)
+        };
+        (
+            units.iter().find(|u| prefers(u)).unwrap().clone(),
+            units.iter().find(|u| !prefers(u)).unwrap().clone(),
+        )
+    }
+
+    #[test]
+    fn the_preferred_node_creates_a_network_key_and_another_only_when_it_stays_absent() {
+        let t0 = Instant::now();
+        let (mine, theirs) = units_for("a", "b", t0);
+        let peers = up(&["b"], t0 + ms(300));
+        let mut a = Arbiter::for_unit("a", &mine, &group_units(), T, None, t0);
+        assert_eq!(a.observe(t0 + ms(300), Some(None), &peers), Claim::Create);
+        let mut a = Arbiter::for_unit("a", &theirs, &group_units(), T, None, t0);
+        for i in 3..=8 {
+            assert_eq!(
+                a.observe(t0 + ms(100 * i), Some(None), &peers),
+                Claim::Nothing,
+                "b is preferred"
+            );
+        }
+        // Absent for more than a fence (b cannot, or does not): a takes it.
+        assert_eq!(a.observe(t0 + ms(901), Some(None), &peers), Claim::Create);
+    }
+
+    #[test]
+    fn a_node_just_named_owner_is_not_taken_for_fenced_while_it_starts() {
+        let t0 = Instant::now();
+        // b's heartbeats have said "not active" for a long time (it owned nothing active)...
+        let mut b_seen = seen(t0, false, true);
+        b_seen.last = t0 + ms(5000);
+        let peers = BTreeMap::from([("b".to_string(), b_seen)]);
+        let mut a = Arbiter::for_unit("a", "vpc-1", &["vpc-1".into()], T, None, t0);
+        // ...then a sees the key name b (a handover, or a takeover after a partition).
+        assert_eq!(a.observe(t0 + ms(5000), owner("b"), &peers), Claim::Nothing);
+        assert_eq!(a.observe(t0 + ms(5400), owner("b"), &peers), Claim::Nothing);
+        // Only "not active" for longer than a fence since it was named counts.
+        let mut later = peers.clone();
+        later.get_mut("b").unwrap().last = t0 + ms(5600);
+        assert!(matches!(
+            a.observe(t0 + ms(5600), owner("b"), &later),
+            Claim::Replace { .. }
+        ));
+    }
+
+    #[test]
+    fn with_preemption_an_owner_hands_a_network_to_its_preferred_node_once_it_has_been_up_long_enough()
+     {
+        let t0 = Instant::now();
+        let (_, theirs) = units_for("a", "b", t0);
+        let after = ms(3000);
+        let mut a = Arbiter::for_unit("a", &theirs, &group_units(), T, Some(after), t0);
+        a.claimed(t0, None);
+        let back = t0 + ms(10_000);
+        let mut peers = up(&["b"], back);
+        for wait in [0, 1000, 2999] {
+            peers.get_mut("b").unwrap().last = back + ms(wait);
+            assert_eq!(
+                a.observe(back + ms(wait), owner("a"), &peers),
+                Claim::Nothing,
+                "b up for {wait} ms"
+            );
+        }
+        peers.get_mut("b").unwrap().last = back + ms(3000);
+        assert_eq!(
+            a.observe(back + ms(3000), owner("a"), &peers),
+            Claim::Handover {
+                to: "b".into(),
+                mod_revision: 7
+            }
+        );
+        a.handed_over();
+        assert!(!a.active(back + ms(3000), &peers), "stops at once");
+        // Off by default: never.
+        let mut a = Arbiter::for_unit("a", &theirs, &group_units(), T, None, t0);
+        a.claimed(t0, None);
+        assert_eq!(
+            a.observe(
+                back + ms(60_000),
+                owner("a"),
+                &up(&["b"], back + ms(60_000))
+            ),
+            Claim::Nothing
+        );
+    }
+
+    #[test]
+    fn the_preferred_survivor_takes_a_dead_owners_network_first() {
+        let t0 = Instant::now();
+        // Three nodes; c owned a unit that b is preferred for among {a, b}, and died at t0.
+        let (unit, _) = units_for("b", "a", t0);
+        let heard = |other: &str, last: Instant| {
+            BTreeMap::from([
+                (other.to_string(), seen(last, true, true)),
+                ("c".to_string(), seen(t0, true, true)),
+            ])
+        };
+        let mut a = Arbiter::for_unit("a", &unit, &group_units(), T, None, t0);
+        let mut b = Arbiter::for_unit("b", &unit, &group_units(), T, None, t0);
+        assert_eq!(a.observe(t0, owner("c"), &heard("b", t0)), Claim::Nothing);
+        assert_eq!(b.observe(t0, owner("c"), &heard("a", t0)), Claim::Nothing);
+        let t1 = t0 + ms(600);
+        assert!(matches!(
+            b.observe(t1, owner("c"), &heard("a", t1)),
+            Claim::Replace { .. }
+        ));
+        assert_eq!(
+            a.observe(t1, owner("c"), &heard("b", t1)),
+            Claim::Nothing,
+            "b goes first"
+        );
+        // If b does not, a does a fence later.
+        let t2 = t0 + ms(1001);
+        assert!(matches!(
+            a.observe(t2, owner("c"), &heard("b", t2)),
             Claim::Replace { .. }
         ));
     }

@@ -91,6 +91,7 @@ impl NodeLocal for NodeFacts {
         ha.as_ref().map(|(group, h)| crate::control::store::HaRole {
             group: group.clone(),
             active: h.active(),
+            networks: h.networks(),
         })
     }
 }

@@ -658,9 +658,21 @@ fn encode_ha(enc: &mut DescriptorEncoder, s: &Scrape) -> Result<(), std::fmt::Er
     family(
         enc,
         "privatelink_ha_active",
-        "1 while this node forwards for its group's consumer networks, 0 while it stands by",
+        "1 while this node forwards for its group's consumer networks (with an owner per network: for at least one), 0 while it stands by",
         MetricType::Gauge,
         vec![(labels(None), gauge(i64::from(h.active())))],
+    )?;
+    let networks = h
+        .network_states()
+        .into_iter()
+        .map(|(n, on)| (labels(Some(("network", n))), gauge(i64::from(on))))
+        .collect();
+    family(
+        enc,
+        "privatelink_ha_network_active",
+        "1 while this node forwards for the consumer network, 0 while it stands by for it (one owner per network in the group)",
+        MetricType::Gauge,
+        networks,
     )?;
     family(
         enc,

@@ -119,6 +119,8 @@ pub struct Node {
     conntrack: Latest,
     /// The high-availability group this node serves its consumer networks with, if any.
     ha: Option<(HaChecked, Arc<HaShared>)>,
+    /// The group's units whose addresses this node has added (it is active for them).
+    moved: BTreeSet<String>,
 }
 
 impl Node {
@@ -210,7 +212,11 @@ impl Node {
             persistence,
             dns: None,
             conntrack: Latest::default(),
-            ha: cfg.ha.map(|h| (h, Arc::new(HaShared::default()))),
+            ha: cfg.ha.map(|h| {
+                let shared = Arc::new(HaShared::new(&h.group.units));
+                (h, shared)
+            }),
+            moved: BTreeSet::new(),
         };
         if let Some((c, h)) = &node.ha {
             node.sync.facts.set_ha(c.group.group.clone(), h.clone());
@@ -264,46 +270,48 @@ impl Node {
         }
     }
 
-    /// Whether this node forwards for its consumer networks: always, unless it is a standby of a
-    /// high-availability group.
-    fn active(&self) -> bool {
-        self.ha.as_ref().is_none_or(|(_, h)| h.active())
-    }
-
-    /// After a change of activity: the group's moving addresses are added (active) or removed,
-    /// and an active node announces them and its endpoints' addresses on their segments, at once
-    /// and again after 0.3, 1 and 2 s (a neighbour entry updated less than a second before
-    /// ignores an announcement).
-    fn move_addresses(&self) {
-        let Some((cfg, _)) = &self.ha else {
+    /// After a change of activity: the moving addresses of the units this node became active for
+    /// are added, those of the units it stopped being active for removed; the newly active units'
+    /// addresses and their endpoints' addresses are announced on their segments, at once and
+    /// again after 0.3, 1 and 2 s (a neighbour entry updated less than a second before ignores an
+    /// announcement).
+    fn move_addresses(&mut self) {
+        let Some((cfg, shared)) = &self.ha else {
             return;
         };
-        let active = self.active();
+        let active = shared.active_units();
         let by_name = |n: &str| self.node.ifaces.iter().find(|i| i.name == n);
         let mut frames: Vec<(u32, Vec<u8>)> = Vec::new();
-        for (name, net) in &cfg.addresses {
-            let Some(i) = by_name(name) else {
-                log::warn!("ha: interface {name} is not there: {net} not moved");
+        let mut announce: BTreeSet<&str> = BTreeSet::new();
+        for unit in &cfg.group.units {
+            let on = active.contains(&unit.name);
+            if on == self.moved.contains(&unit.name) {
                 continue;
-            };
-            if let Err(e) = crate::node::netlink::set_address(i.ifindex, *net, active) {
-                log::error!(
-                    "ha: {} {net} on {name}: {e}",
-                    if active { "adding" } else { "removing" }
-                );
             }
-            frames.push((i.ifindex, announce::frame(i.mac, net.addr())));
+            for (name, net) in &unit.addresses {
+                let Some(i) = by_name(name) else {
+                    log::warn!("ha: interface {name} is not there: {net} not moved");
+                    continue;
+                };
+                if let Err(e) = crate::node::netlink::set_address(i.ifindex, *net, on) {
+                    log::error!(
+                        "ha: {} {net} on {name}: {e}",
+                        if on { "adding" } else { "removing" }
+                    );
+                }
+                if on {
+                    frames.push((i.ifindex, announce::frame(i.mac, net.addr())));
+                }
+            }
+            if on {
+                announce.extend(unit.networks.iter().map(String::as_str));
+            }
         }
-        if !active {
-            return;
-        }
+        self.moved = active;
         self.plane.read(|s| {
-            for i in self
-                .node
-                .ifaces
-                .iter()
-                .filter(|i| i.role == crate::datapath::Role::Consumer)
-            {
+            for i in self.node.ifaces.iter().filter(|i| {
+                i.role == crate::datapath::Role::Consumer && announce.contains(i.network.as_str())
+            }) {
                 for ep in s.endpoints.values().filter(|e| e.network_id == i.network) {
                     for a in std::iter::once(ep.ip).chain(ep.ipv6.map(Into::into)) {
                         frames.push((i.ifindex, announce::frame(i.mac, a)));
@@ -311,6 +319,9 @@ impl Node {
                 }
             }
         });
+        if frames.is_empty() {
+            return;
+        }
         log::info!("ha: announcing {} addresses", frames.len());
         std::thread::spawn(move || {
             for wait in [0, 300, 700, 1000] {
@@ -360,7 +371,7 @@ impl Node {
         let unhealthy = health.unhealthy();
 
         // Everything needed from the state is taken under its read lock: no copy of the whole state.
-        let (revision, (model, skipped), newly) = plane.read(|state| {
+        let (revision, (model, skipped), newly, units) = plane.read(|state| {
             let newly: BTreeSet<(u32, std::net::IpAddr)> = unhealthy
                 .difference(&sync.unhealthy)
                 .filter_map(|(svc, ip)| {
@@ -368,22 +379,31 @@ impl Node {
                     Some((state.networks.get(&s.network_id)?.number, *ip))
                 })
                 .collect();
-            (state.revision, model(state, node, &unhealthy), newly)
+            // The group's units by consumer network number.
+            let units: BTreeMap<u32, String> = ha
+                .iter()
+                .flat_map(|(c, _)| &c.group.units)
+                .flat_map(|u| u.networks.iter().map(move |n| (n, &u.name)))
+                .filter_map(|(n, u)| Some((state.networks.get(n)?.number, u.clone())))
+                .collect();
+            (state.revision, model(state, node, &unhealthy), newly, units)
         });
-        // A standby of a high-availability group forwards nothing of its consumer networks; flows
-        // synced to it are checked against the whole model (shared, not copied, while active).
+        // A node of a high-availability group forwards nothing of the consumer networks it stands
+        // by for; flows synced to it are checked against the whole model (shared, not copied,
+        // while it is active for every unit).
         let model = Arc::new(model);
         let model = match ha {
             Some((_, h)) => {
-                h.set_model(model.clone());
-                if h.active() {
+                h.set_model(model.clone(), units);
+                let standby = |i: &crate::datapath::Iface| {
+                    i.role == crate::datapath::Role::Consumer && !h.forwards(i.network_id)
+                };
+                if !model.ifaces.iter().any(standby) {
                     model
                 } else {
-                    let mut standby = (*model).clone();
-                    standby
-                        .ifaces
-                        .retain(|i| i.role != crate::datapath::Role::Consumer);
-                    Arc::new(standby)
+                    let mut part = (*model).clone();
+                    part.ifaces.retain(|i| !standby(i));
+                    Arc::new(part)
                 }
             }
             None => model,

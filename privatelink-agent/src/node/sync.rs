@@ -42,6 +42,11 @@ pub struct NodeConfig {
     pub ifaces: Vec<NodeIface>,
     /// NAT range by provider network id (`vpc-…`).
     pub nat: BTreeMap<String, NatRange>,
+    /// Slices of those ranges by (consumer network id, provider network id): the new flows of
+    /// that consumer network's endpoints to services in that provider network take their NAT
+    /// address from the slice (a high-availability group routes each slice to the node active
+    /// for its consumer network).
+    pub nat_slices: BTreeMap<(String, String), NatRange>,
     pub datapath: DatapathConfig,
 }
 
@@ -79,6 +84,14 @@ pub fn model(
             Some(n) => drop(m.nat.insert(n, range.clone())),
             None => skipped.push(format!("NAT range for {vpc}: no such network")),
         }
+    }
+    // Slices after the whole ranges, numbered in the configuration's order (stable while it is).
+    let mut slice_slots: BTreeMap<(&str, &str), u32> = BTreeMap::new();
+    for (slot, ((consumer, provider), range)) in
+        (privatelink_common::MAX_NETWORKS..).zip(&node.nat_slices)
+    {
+        m.nat.insert(slot, range.clone());
+        slice_slots.insert((consumer.as_str(), provider.as_str()), slot);
     }
     // Per service, what each of its endpoints' links repeats: its port mappings are built once
     // and shared (a model holds every link, and is rebuilt on every revision).
@@ -167,6 +180,13 @@ pub fn model(
             ));
             continue;
         };
+        let Some(provider_network) = number(&svc.network_id) else {
+            skipped.push(format!(
+                "endpoint {}: its service's network {} is not in the control plane",
+                ep.id, svc.network_id
+            ));
+            continue;
+        };
         let (ip4, ip6) = ep.addrs();
         if svc.owner == ep.owner {
             // Same account: always allowed.
@@ -208,6 +228,10 @@ pub fn model(
                     account_id: ep.owner.clone(),
                 },
                 conn_log: svc.connection_log,
+                nat_slot: slice_slots
+                    .get(&(ep.network_id.as_str(), svc.network_id.as_str()))
+                    .copied()
+                    .unwrap_or(provider_network),
             },
         ));
     }
@@ -329,6 +353,7 @@ mod tests {
                     ports: 1024..=65535,
                 },
             )]),
+            nat_slices: BTreeMap::new(),
             datapath: DatapathConfig::DEFAULT,
         };
         let (m, skipped) = model(&p.snapshot(), &node, &BTreeSet::new());
@@ -365,6 +390,31 @@ mod tests {
         assert_eq!(maps.rules4[&info.rules_slot].len(), 2);
         assert_eq!(info.rules_slot6, privatelink_common::RULES_NONE);
         assert!(maps.rules6.is_empty() && maps.endpoints6.is_empty());
+        // New flows take NAT addresses from the provider network's range...
+        assert_eq!((link.nat_slot, info.nat_slot), (pn, pn));
+        // ...or, with a slice of it for the endpoint's consumer network (a group with an owner
+        // per network), from the slice, in a slot of its own; the whole range stays in its slot
+        // (replies are checked against it).
+        let slice = NatRange {
+            addrs: "198.19.129.0/25".parse().unwrap(),
+            addrs6: None,
+            ports: 1024..=65535,
+        };
+        let sliced = NodeConfig {
+            nat_slices: BTreeMap::from([((cnet.clone(), pnet.clone()), slice.clone())]),
+            ..node.clone()
+        };
+        let (ms, _) = model(&p.snapshot(), &sliced, &BTreeSet::new());
+        let slot = privatelink_common::MAX_NETWORKS;
+        assert_eq!(ms.links[&ep.link_id].nat_slot, slot);
+        assert_eq!(
+            (ms.nat.get(&slot), ms.nat.get(&pn)),
+            (Some(&slice), m.nat.get(&pn))
+        );
+        let maps = crate::datapath::compile(&ms, &Default::default()).expect("compiles");
+        assert_eq!(maps.links[&ep.link_id].nat_slot, slot);
+        assert_eq!(maps.nat4[&slot].base, u32::from(slice.addrs.network()));
+        assert_eq!(maps.nat4[&pn].count, 4096);
 
         // Rule lists are shared between endpoints bound alike, and only between them: endpoints
         // bound [early], [early, late] again, [early] again and to nothing, created in that order

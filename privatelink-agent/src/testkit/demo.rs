@@ -199,6 +199,7 @@ pub fn endpoint_link(network_id: u32, account: u32) -> Link {
             account_id: format!("acct-{account}"),
         },
         conn_log: false,
+        nat_slot: PROVIDER_NET,
     }
 }
 
