@@ -21,6 +21,10 @@ use crate::world::{ADMIN, API, BpfFs, Proc, etcd_url, link_to_etcd, sample, shar
 const GROUP_KEY: &str = "a-group-key-of-more-than-thirty-two-characters";
 pub const BACKEND: &str = "198.18.100.10";
 pub const VIP: &str = "198.18.100.250";
+/// With an owner per network: the second consumer network's moving address.
+pub const VIP2: &str = "198.18.100.251";
+/// With an owner per network: the slices of the NAT range 198.19.128.0/24.
+pub const SLICES: [&str; 2] = ["198.19.128.0/25", "198.19.128.128/25"];
 
 /// A namespace with a bridge: one Ethernet segment.
 fn segment(tag: &str) -> Netns {
@@ -45,6 +49,8 @@ pub struct Node {
     pub dir: PathBuf,
     _bpffs: BpfFs,
     pub agent: Option<Proc>,
+    /// Its interfaces on the segments.
+    devs: Vec<&'static str>,
 }
 
 impl Node {
@@ -87,6 +93,11 @@ impl Node {
         self.metric("privatelink_ha_active", &[]) == Some(1.0)
     }
 
+    /// Whether it forwards for consumer network `vpc`.
+    pub fn active_for(&self, vpc: &str) -> bool {
+        self.metric("privatelink_ha_network_active", &[("network", vpc)]) == Some(1.0)
+    }
+
     /// Stops the agent as an operator does (SIGTERM), and waits for it to exit.
     pub fn stop(&mut self) {
         if let Some(mut p) = self.agent.take() {
@@ -105,7 +116,7 @@ impl Node {
     }
 
     pub fn links(&self, up: bool) {
-        for dev in ["h0", "q0"] {
+        for dev in &self.devs {
             self.ns
                 .ip(&["link", "set", dev, if up { "up" } else { "down" }])
                 .unwrap();
@@ -147,15 +158,16 @@ pub fn curl(client: &Netns, timeout: Duration) -> u16 {
         .unwrap_or(0)
 }
 
-/// A node of the group, linked to both segments and to etcd; its config written.
+/// A node of the group, linked to the segments (consumer, provider, and a second consumer one
+/// if given) and to etcd.
 fn node(
     i: u8,
     et: &Netns,
-    segments: (&Netns, &Netns),
+    segments: (&Netns, &Netns, Option<&Netns>),
     pass: &mut Datapath,
     root: &std::path::Path,
 ) -> Node {
-    let name = ["node-a", "node-b"][i as usize];
+    let name = ["node-a", "node-b", "node-c"][i as usize];
     let ns = Netns::new(&format!("ha{i}")).expect("node namespace");
     for (k, v) in [
         ("net.ipv4.ip_forward", "1"),
@@ -166,6 +178,11 @@ fn node(
     }
     plug(segments.0, &format!("h{i}"), &ns, "h0", pass);
     plug(segments.1, &format!("q{i}"), &ns, "q0", pass);
+    let mut devs = vec!["h0", "q0"];
+    if let Some(second) = segments.2 {
+        plug(second, &format!("g{i}"), &ns, "h1", pass);
+        devs.push("h1");
+    }
     ns.ip(&[
         "addr",
         "add",
@@ -184,16 +201,24 @@ fn node(
         dir,
         _bpffs: bpffs,
         agent: None,
+        devs,
     }
 }
 
-fn write_config(n: &Node, i: u8, vpcs: &[(String, String)]) {
+/// Its agent.toml: one owner for the group, or (with a third network in `vpcs`) an owner per
+/// consumer network, each with its NAT slice and moving address, and preemption.
+fn write_config(n: &Node, i: u8, count: u8, vpcs: &[(String, String)]) {
     use std::os::unix::fs::PermissionsExt as _;
     privatelink_agent::control::store::write_private(&n.dir.join("admin-token"), ADMIN).unwrap();
     let key = n.dir.join("ha.key");
     std::fs::write(&key, GROUP_KEY).unwrap();
     std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
-    let (me, peer) = (1 + i, 2 - i);
+    let me = 1 + i;
+    let peers = (0..count)
+        .filter(|j| *j != i)
+        .map(|j| format!("\"198.18.100.{}:7946\"", 1 + j))
+        .collect::<Vec<_>>()
+        .join(", ");
     let cfg = format!(
         r#"node = "{name}"
 admin_token_file = "{dir}/admin-token"
@@ -218,12 +243,9 @@ range = "198.19.128.0/24"
 [ha]
 group = "edge"
 listen = "198.18.100.{me}:7946"
-peers = ["198.18.100.{peer}:7946"]
+peers = [{peers}]
 key_file = "{key}"
-[[ha.addresses]]
-interface = "q0"
-address = "{VIP}/24"
-"#,
+{moving}"#,
         name = n.name,
         dir = n.dir.display(),
         etcd = etcd_url(i),
@@ -231,15 +253,44 @@ address = "{VIP}/24"
         provider = vpcs[0].0,
         key = key.display(),
         port = API.rsplit_once(':').unwrap().1,
+        moving = match vpcs.get(2) {
+            None => format!("[[ha.addresses]]\ninterface = \"q0\"\naddress = \"{VIP}/24\"\n"),
+            Some((second, _)) => format!(
+                r#"preempt = true
+preempt_after_ms = 2000
+[ha.networks.{first}.nat.{provider}]
+range = "{s0}"
+range6 = "none"
+[[ha.networks.{first}.addresses]]
+interface = "q0"
+address = "{VIP}/24"
+[ha.networks.{second}.nat.{provider}]
+range = "{s1}"
+range6 = "none"
+[[ha.networks.{second}.addresses]]
+interface = "q0"
+address = "{VIP2}/24"
+[[interfaces]]
+name = "h1"
+network = "{second}"
+role = "consumer"
+"#,
+                first = vpcs[1].0,
+                provider = vpcs[0].0,
+                s0 = SLICES[0],
+                s1 = SLICES[1],
+            ),
+        },
     );
     std::fs::write(n.dir.join("agent.toml"), cfg).unwrap();
 }
 
 /// Long-lived connections through the endpoint: `n` connections, each sending a line every
-/// `every` seconds (0.1 by default) and checking its echo, until the file `stop` appears (at most
-/// 60 s), keeping the count of finished rounds in `stop.rounds`; then one JSON line: connections,
-/// rounds, how many broke (reset, closed, a wrong echo), how many of those were resets, and the
-/// longest wait for an echo.
+/// `every` seconds (0.1 by default; all send, then all echoes are read) and checking its echo,
+/// until the file `stop` appears (at most 60 s), keeping the count of finished rounds in
+/// `stop.rounds`; then one JSON line: connections, rounds, how many broke (reset, closed, a wrong
+/// echo), how many of those were resets, and the longest round (every connection's line sent and
+/// its echo back).
 const HOLDER: &str = r#"
 import json, os, socket, sys, time
 host, port, n, stop = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
@@ -251,20 +302,28 @@ for i in range(n):
     conns.append([s, s.makefile("rb"), True])
 print("connected", flush=True)
 rounds, broken, resets, worst, end = 0, 0, 0, 0.0, time.time() + 60
+def fail(c, e):
+    global broken, resets
+    broken += 1
+    resets += isinstance(e, ConnectionResetError)
+    c[2] = False
 while not os.path.exists(stop) and time.time() < end:
+    # Every connection sends, then every echo is read: a round takes one round trip, not n.
+    t = time.time()
     for c in conns:
-        if not c[2]:
-            continue
-        t = time.time()
-        try:
-            c[0].sendall(b"%d\n" % rounds)
-            if c[1].readline() != b"%d\n" % rounds:
-                raise OSError("wrong echo")
-        except OSError as e:
-            broken += 1
-            resets += isinstance(e, ConnectionResetError)
-            c[2] = False
-        worst = max(worst, time.time() - t)
+        if c[2]:
+            try:
+                c[0].sendall(b"%d\n" % rounds)
+            except OSError as e:
+                fail(c, e)
+    for c in conns:
+        if c[2]:
+            try:
+                if c[1].readline() != b"%d\n" % rounds:
+                    raise OSError("wrong echo")
+            except OSError as e:
+                fail(c, e)
+    worst = max(worst, time.time() - t)
     rounds += 1
     with open(stop + ".rounds.tmp", "w") as f:
         f.write(str(rounds))
@@ -334,9 +393,14 @@ pub struct Resets {
 
 impl Resets {
     pub fn watch(client: &Netns, root: &std::path::Path) -> Resets {
-        let file = root.join("resets.txt");
+        Resets::watch_as(client, root, "resets")
+    }
+
+    /// The same, its files named `name` (one per client).
+    pub fn watch_as(client: &Netns, root: &std::path::Path, name: &str) -> Resets {
+        let file = root.join(format!("{name}.txt"));
         let out = std::fs::File::create(&file).unwrap();
-        let err = root.join("resets.err");
+        let err = root.join(format!("{name}.err"));
         let mut child = client
             .command("tcpdump")
             .args([
@@ -524,8 +588,15 @@ pub struct Group {
     pub consumer_token: String,
     pub service: String,
     pub endpoint: String,
-    pub nodes: [Node; 2],
+    /// node-a, node-b (and node-c).
+    pub nodes: Vec<Node>,
     pub client: Netns,
+    /// With an owner per network: the second consumer network (another account's, with the
+    /// same CIDR): its id, its client (the same address as `client`) and its endpoint (the same
+    /// address as the first).
+    pub second: Option<Second>,
+    /// The consumer networks' ids, the first's first.
+    pub networks: Vec<String>,
     _servers: Vec<Proc>,
     pub backend: Netns,
     pub root: PathBuf,
@@ -536,8 +607,25 @@ pub struct Group {
     _cleanup: Cleanup,
 }
 
+/// The second consumer network of a group with an owner per network.
+pub struct Second {
+    pub client: Netns,
+    pub consumer_token: String,
+    pub endpoint: String,
+    _lan: Netns,
+}
+
 impl Group {
+    /// Two nodes, one owner for the group's consumer network.
     pub fn build(name: &str) -> Group {
+        Group::build_with(name, false, 2)
+    }
+
+    /// `count` nodes (2 or 3); `per_network` (with two nodes): two consumer networks with an
+    /// owner each, spread over the two nodes (see [`write_config`]); node B gets its network from
+    /// A (preemption) once it has been up 2 s.
+    pub fn build_with(name: &str, per_network: bool, count: u8) -> Group {
+        assert!((2..=3).contains(&count) && (count == 2 || !per_network));
         let (et, etcd) = shared_etcd(name);
         let root = std::env::temp_dir().join(format!("privatelink-{name}-{}", std::process::id()));
         let cleanup = Cleanup(root.clone());
@@ -553,38 +641,82 @@ impl Group {
         backend
             .ip(&["addr", "add", &format!("{BACKEND}/24"), "dev", "eth0"])
             .unwrap();
-        backend
-            .ip(&["route", "add", "198.19.128.0/24", "via", VIP])
-            .unwrap();
-        let mut a = node(0, &et, (&lan_c, &lan_p), &mut pass, &root);
-        let mut b = node(1, &et, (&lan_c, &lan_p), &mut pass, &root);
+        let lan_c2 = per_network.then(|| segment("hlg"));
+        let client2 = lan_c2.as_ref().map(|lan| {
+            let c = Netns::new("hcg").unwrap();
+            plug(lan, "cl", &c, "eth0", &mut pass);
+            c.ip(&["addr", "add", &format!("{CLIENT}/24"), "dev", "eth0"])
+                .unwrap();
+            c
+        });
+        if per_network {
+            for (slice, via) in SLICES.iter().zip([VIP, VIP2]) {
+                backend.ip(&["route", "add", slice, "via", via]).unwrap();
+            }
+        } else {
+            backend
+                .ip(&["route", "add", "198.19.128.0/24", "via", VIP])
+                .unwrap();
+        }
+        let segs = (&lan_c, &lan_p, lan_c2.as_ref());
+        let mut nodes: Vec<Node> = (0..count)
+            .map(|i| node(i, &et, segs, &mut pass, &root))
+            .collect();
 
         // Accounts and networks with the real code, through etcd.
         let store = privatelink_agent::node::config::StoreConfig {
-            path: a.dir.join("prepare.db"),
+            path: nodes[0].dir.join("prepare.db"),
             etcd: vec![etcd_url(0)],
             ..Default::default()
         };
-        let p =
-            a.ns.enter(|| {
+        let p = nodes[0]
+            .ns
+            .enter(|| {
                 privatelink_agent::testkit::demo::prepare(
                     &privatelink_agent::control::plane::ControlPlane::open(store.open()?, ADMIN)?,
                     &[
                         ("provider", "198.18.100.0/24", "198.18.100.0/24"),
                         ("1000000001", "198.18.0.0/16", "198.18.0.0/24"),
-                    ],
+                        ("1000000002", "198.18.0.0/16", "198.18.0.0/24"),
+                    ][..if per_network { 3 } else { 2 }],
                 )
             })
             .expect("accounts and networks");
-        write_config(&a, 0, &p.vpcs);
-        write_config(&b, 1, &p.vpcs);
-        a.start();
-        wait("A active", Duration::from_secs(20), || a.active());
-        b.start();
-        wait("B hears A", Duration::from_secs(10), || {
-            b.metric("privatelink_ha_peer_up", &[("peer", "node-a")]) == Some(1.0)
-        });
-        assert!(!b.active(), "B stands by while A is alive");
+        for (i, n) in nodes.iter().enumerate() {
+            write_config(n, i as u8, count, &p.vpcs);
+        }
+        let (first, others) = nodes.split_first_mut().expect("nodes");
+        first.start();
+        wait("A active", Duration::from_secs(20), || first.active());
+        for n in others.iter_mut() {
+            n.start();
+            wait(
+                &format!("{} hears A", n.name),
+                Duration::from_secs(10),
+                || n.metric("privatelink_ha_peer_up", &[("peer", "node-a")]) == Some(1.0),
+            );
+        }
+        let (a, b) = (&nodes[0], &nodes[1]);
+        let networks: Vec<String> = p.vpcs[1..].iter().map(|v| v.0.clone()).collect();
+        if per_network {
+            // A, alone at first, took both networks; B gets one of them once it has been up 2 s.
+            wait(
+                "the networks spread over A and B",
+                Duration::from_secs(15),
+                || {
+                    networks
+                        .iter()
+                        .all(|n| usize::from(a.active_for(n)) + usize::from(b.active_for(n)) == 1)
+                        && a.active()
+                        && b.active()
+                },
+            );
+        } else {
+            assert!(
+                nodes[1..].iter().all(|n| !n.active()),
+                "the others stand by while A is alive"
+            );
+        }
 
         // A real HTTP server behind the endpoint; the service made through A.
         let spawn = |ns: &Netns, program: &str, args: &[&str]| {
@@ -604,12 +736,15 @@ impl Group {
             "python3",
             &["-m", "http.server", "8080", "--bind", BACKEND],
         );
-        let echo_at = format!("TCP-LISTEN:9000,bind={BACKEND},fork,reuseaddr");
+        // socat's listen backlog is 5 unless told: a thousand connections opened at once would
+        // wait for SYN retransmissions.
+        let echo_at = format!("TCP-LISTEN:9000,bind={BACKEND},fork,reuseaddr,backlog=4096");
         let echo = spawn(&backend, "socat", &[&echo_at, "PIPE"]);
         let iperf = spawn(&backend, "iperf3", &["-s", "-B", BACKEND, "-p", "5201"]);
         let udp_at = format!("UDP4-RECVFROM:9001,bind={BACKEND},fork");
         let udp = spawn(&backend, "socat", &[&udp_at, "PIPE"]);
         let (prov, cons) = (&p.tokens[0], &p.tokens[1]);
+        let a = &nodes[0];
         let svc = a.post(
             prov,
             "/v1/services",
@@ -622,29 +757,41 @@ impl Group {
                     { "protocol": "udp", "service_port": 9001, "terminal_port": 9001 }] }),
         );
         let svc = svc["id"].as_str().unwrap().to_string();
-        a.post(
-            prov,
-            &format!("/v1/services/{svc}/allowlist"),
-            json!({ "account_id": "1000000001" }),
-        );
-        let endpoint = a.post(
-            cons,
-            "/v1/endpoints",
-            json!({ "name": "web", "service_id": svc, "network_id": p.vpcs[1].0,
-                "subnet_id": p.vpcs[1].1, "ip": ENDPOINT.to_string() }),
-        );
-        wait(
-            "the endpoint answers through A",
-            Duration::from_secs(15),
-            || curl(&client, Duration::from_secs(1)) == 200,
-        );
+        let mut endpoints = Vec::new();
+        for (i, (vpc, subnet)) in p.vpcs.iter().enumerate().skip(1) {
+            a.post(
+                prov,
+                &format!("/v1/services/{svc}/allowlist"),
+                json!({ "account_id": format!("100000000{i}") }),
+            );
+            let ep = a.post(
+                &p.tokens[i],
+                "/v1/endpoints",
+                json!({ "name": "web", "service_id": svc, "network_id": vpc,
+                    "subnet_id": subnet, "ip": ENDPOINT.to_string() }),
+            );
+            endpoints.push(ep["id"].as_str().unwrap().to_string());
+        }
+        for c in std::iter::once(&client).chain(&client2) {
+            wait("the endpoint answers", Duration::from_secs(15), || {
+                curl(c, Duration::from_secs(1)) == 200
+            });
+        }
+        let second = client2.zip(lan_c2).map(|(client, lan)| Second {
+            client,
+            consumer_token: p.tokens[2].clone(),
+            endpoint: endpoints[1].clone(),
+            _lan: lan,
+        });
         Group {
             provider_token: prov.clone(),
             consumer_token: cons.clone(),
-            endpoint: endpoint["id"].as_str().unwrap().to_string(),
+            endpoint: endpoints[0].clone(),
             service: svc,
-            nodes: [a, b],
+            nodes,
             client,
+            second,
+            networks,
             _servers: vec![web, echo, iperf, udp],
             backend,
             root,

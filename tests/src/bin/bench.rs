@@ -1185,6 +1185,7 @@ fn big_state(
                 ports: 1024..=65535,
             },
         )]),
+        nat_slices: Default::default(),
         datapath: privatelink_common::DatapathConfig::DEFAULT,
     };
     (s, node)

@@ -9,14 +9,14 @@ use privatelink_agent::testkit::demo::ENDPOINT;
 
 use privatelink_tests::{
     agent_bin,
-    group::{ConnProbe, Group, Holder, Node, Resets, UdpProbe, curl, wait},
+    group::{ConnProbe, Group, Holder, Node, Resets, SLICES, UdpProbe, curl, wait},
     privileged,
     world::{ADMIN, Proc, api_in, etcd_url},
 };
 use serde_json::{Value, json};
 
 /// Node A crashes (its agent killed, its interfaces gone): node B takes the group over. The
-/// flows A carried go on through B (B installed A's conntrack as A sent it): 100 long-lived echo
+/// flows A carried go on through B (B installed A's conntrack as A sent it): 1,000 long-lived echo
 /// connections and an iperf3 stream that connected just before the crash lose nothing; UDP and
 /// new connections (one every 20 ms) fail only in the takeover window. A returns as a standby (no
 /// preemption). Forged messages are counted and change nothing. B drained under load hands
@@ -37,11 +37,10 @@ fn a_standby_takes_over_when_the_active_node_crashes_and_a_returning_node_stands
         g.service.clone(),
         g.endpoint.clone(),
     );
-    let Group {
-        nodes: [a, b],
-        client,
-        ..
-    } = &mut g;
+    let Group { nodes, client, .. } = &mut g;
+    let [a, b] = &mut nodes[..] else {
+        unreachable!("two nodes")
+    };
     let client = &*client;
 
     // Forged heartbeats from A's address: counted by B, nothing else changes.
@@ -72,7 +71,7 @@ fn a_standby_takes_over_when_the_active_node_crashes_and_a_returning_node_stands
 
     // Connections that live across the crash: echo holders and an iperf3 stream; a UDP
     // request/response loop.
-    const CONNS: usize = 100;
+    const CONNS: usize = 1000;
     let holder = Holder::start(client, &root, "crash", CONNS);
     let udp = UdpProbe::start(client, &root, "crash-udp");
     let fresh = ConnProbe::start(client, &root, "crash-new");
@@ -385,6 +384,264 @@ fn a_standby_takes_over_when_the_active_node_crashes_and_a_returning_node_stands
         }
     }
     assert!(shown >= 7, "the dashboard shows the group");
+}
+
+/// Two consumer networks (two accounts, the same CIDR, the same endpoint address) with an owner
+/// each: A takes both while it is alone, and hands B its network once B has been up for 2 s
+/// (preemption, configured), so both nodes carry traffic; each network's flows take their NAT
+/// addresses from its own slice (the backend sees 198.19.128.0/25 for one, .128/25 for the other,
+/// routed through each network's moving address). Then B crashes under load: A takes B's network
+/// over, the long-lived connections of both networks go on; B returns and gets its network back
+/// once its flows are synced (failback): no connection breaks, no client sees a reset.
+#[test]
+fn each_network_has_its_own_owner_and_both_nodes_carry_traffic() {
+    if !privileged("each_network_has_its_own_owner") {
+        return;
+    }
+    let mut g = Group::build_with("hs", true, 2);
+    let root = g.root.clone();
+    let nets = g.networks.clone();
+    let Group {
+        nodes,
+        client,
+        second,
+        backend,
+        ..
+    } = &mut g;
+    let [a, b] = &mut nodes[..] else {
+        unreachable!("two nodes")
+    };
+    let (c1, c2) = (&*client, &second.as_ref().unwrap().client);
+    // Who has which network now (the spread depends on the networks' ids).
+    let owner = |n: &str| if a.active_for(n) { "node-a" } else { "node-b" };
+    let b_net = nets.iter().find(|n| b.active_for(n)).unwrap().clone();
+    let a_net = nets.iter().find(|n| a.active_for(n)).unwrap().clone();
+    assert_ne!(a_net, b_net);
+    assert!(
+        a.log()
+            .contains(&format!("network {b_net}: handing over to node-b")),
+        "{}",
+        a.log()
+    );
+
+    // Both networks under load: long-lived connections, new connections, resets watched.
+    const CONNS: usize = 40;
+    let resets = [
+        Resets::watch_as(c1, &root, "resets-1"),
+        Resets::watch_as(c2, &root, "resets-2"),
+    ];
+    let holders = [
+        Holder::start(c1, &root, "spread-1", CONNS),
+        Holder::start(c2, &root, "spread-2", CONNS),
+    ];
+    wait(
+        "the held connections carry 3 rounds",
+        Duration::from_secs(30),
+        || holders.iter().all(|h| h.rounds() >= 3),
+    );
+    // Each network's connections come from its own slice of the NAT range: the backend's peers.
+    let peers = backend_peers(backend);
+    let in_slice = |slice: &str| {
+        let net: ipnet::Ipv4Net = slice.parse().unwrap();
+        peers.iter().filter(|a| net.contains(*a)).count()
+    };
+    assert_eq!(
+        (in_slice(SLICES[0]), in_slice(SLICES[1])),
+        (CONNS, CONNS),
+        "the backend's peers: {peers:?}"
+    );
+    let fresh = [
+        ConnProbe::start(c1, &root, "spread-new-1"),
+        ConnProbe::start(c2, &root, "spread-new-2"),
+    ];
+    // Both nodes forward: each installed the other's flows, and sent its own.
+    for n in [&*a, &*b] {
+        wait(
+            &format!("{} has its peer's flows", n.name),
+            Duration::from_secs(5),
+            || n.metric("privatelink_ha_flows_installed_total", &[]) >= Some(2.0 * CONNS as f64),
+        );
+    }
+
+    // B crashes: A takes B's network over; both networks' connections go on.
+    let rounds = holders.iter().map(Holder::rounds).collect::<Vec<_>>();
+    b.agent = None;
+    b.links(false);
+    wait("A takes B's network over", Duration::from_secs(5), || {
+        a.active_for(&b_net)
+    });
+    assert!(a.active_for(&a_net));
+    assert!(
+        a.log()
+            .contains(&format!("network {b_net}: took over from node-b")),
+        "{}",
+        a.log()
+    );
+    wait(
+        "the held connections carry 5 rounds after the crash",
+        Duration::from_secs(30),
+        || {
+            holders
+                .iter()
+                .zip(&rounds)
+                .all(|(h, r)| h.rounds() >= r + 6)
+        },
+    );
+
+    // B returns and gets its network back once it has been up 2 s (its flows synced first).
+    b.start();
+    b.links(true);
+    wait("B has its network back", Duration::from_secs(15), || {
+        b.active_for(&b_net) && !a.active_for(&b_net)
+    });
+    assert_eq!(owner(&a_net), "node-a");
+    let rounds = holders.iter().map(Holder::rounds).collect::<Vec<_>>();
+    wait(
+        "the held connections carry 5 rounds after the failback",
+        Duration::from_secs(30),
+        || {
+            holders
+                .iter()
+                .zip(&rounds)
+                .all(|(h, r)| h.rounds() >= r + 6)
+        },
+    );
+    for (i, h) in holders.into_iter().enumerate() {
+        let summary = h.finish();
+        eprintln!(
+            "network {}: long-lived connections across a crash and a failback: {summary}",
+            i + 1
+        );
+        assert_eq!(summary["broken"], 0, "{summary}\n{}\n{}", a.log(), b.log());
+    }
+    for (i, f) in fresh.into_iter().enumerate() {
+        let n = f.finish();
+        eprintln!("network {}: a new connection every 20 ms: {n}", i + 1);
+        // The crash, and the failback's handover, for the network that moved; nothing for the other.
+        assert!(n["failure_runs"].as_u64().unwrap() <= 2, "{n}");
+        assert!(n["worst_gap_ms"].as_u64().unwrap() < 2000, "{n}");
+    }
+    for r in &resets {
+        let seen = r.seen();
+        assert!(
+            seen.is_empty(),
+            "the endpoint reset connections:\n{}",
+            seen.join("\n")
+        );
+    }
+    for c in [c1, c2] {
+        assert_eq!(curl(c, Duration::from_secs(1)), 200);
+    }
+    // The cluster view says which node has which network.
+    let (_, v) = a.api(ADMIN, "GET", "/v1/nodes", None);
+    let mine = |node: &str| -> Vec<Value> {
+        v["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|n| n["node"] == node)
+            .unwrap()["ha"]["networks"]
+            .as_array()
+            .unwrap()
+            .clone()
+    };
+    assert_eq!(
+        (mine("node-a"), mine("node-b")),
+        (vec![json!(a_net)], vec![json!(b_net)]),
+        "{v}"
+    );
+}
+
+/// Three nodes, one owner: A crashes under load and the standby the group prefers takes over
+/// while the third stays standby; then the new owner crashes and the third takes over. Every node
+/// had every flow (the owner sends to all its peers), so the long-lived connections opened
+/// through A go on through both takeovers, and new connections succeed after each.
+#[test]
+fn a_three_node_group_survives_two_crashes_in_a_row() {
+    if !privileged("a_three_node_group_survives_two_crashes") {
+        return;
+    }
+    let mut g = Group::build_with("h3", false, 3);
+    let root = g.root.clone();
+    let Group { nodes, client, .. } = &mut g;
+    let client = &*client;
+    const CONNS: usize = 200;
+    let holder = Holder::start(client, &root, "three", CONNS);
+    let fresh = ConnProbe::start(client, &root, "three-new");
+    wait(
+        "the held connections carry 3 rounds",
+        Duration::from_secs(30),
+        || holder.rounds() >= 3,
+    );
+    for n in &nodes[1..] {
+        wait(
+            &format!("{} has A's flows", n.name),
+            Duration::from_secs(10),
+            || n.metric("privatelink_ha_flows_installed_total", &[]) >= Some(2.0 * CONNS as f64),
+        );
+    }
+    let mut dead = Vec::new();
+    for crash in 0..2 {
+        let owner = nodes
+            .iter()
+            .position(|n| n.agent.is_some() && n.active())
+            .unwrap();
+        let rounds = holder.rounds();
+        nodes[owner].agent = None;
+        nodes[owner].links(false);
+        dead.push(owner);
+        let alive: Vec<usize> = (0..3).filter(|i| !dead.contains(i)).collect();
+        wait(
+            &format!("a takeover after crash {}", crash + 1),
+            Duration::from_secs(5),
+            || alive.iter().filter(|i| nodes[**i].active()).count() == 1,
+        );
+        let took = alive.iter().copied().find(|i| nodes[*i].active()).unwrap();
+        eprintln!(
+            "crash {}: {} down, {} took over",
+            crash + 1,
+            nodes[owner].name,
+            nodes[took].name
+        );
+        assert!(
+            nodes[took]
+                .log()
+                .contains(&format!("took over from {}", nodes[owner].name))
+        );
+        wait(
+            "the held connections carry 5 rounds after the takeover",
+            Duration::from_secs(30),
+            || holder.rounds() >= rounds + 6,
+        );
+        assert_eq!(curl(client, Duration::from_secs(1)), 200);
+    }
+    let summary = holder.finish();
+    eprintln!("long-lived connections across two crashes in a row: {summary}");
+    assert_eq!(summary["broken"], 0, "{summary}");
+    let n = fresh.finish();
+    eprintln!("a new connection every 20 ms across two crashes: {n}");
+    assert!(n["failure_runs"].as_u64().unwrap() <= 2, "{n}");
+    assert!(n["worst_gap_ms"].as_u64().unwrap() < 2000, "{n}");
+}
+
+/// The addresses the backend's echo server (port 9000) has established connections with.
+fn backend_peers(backend: &privatelink_agent::testkit::netns::Netns) -> Vec<std::net::Ipv4Addr> {
+    let out = backend
+        .command("ss")
+        .args(["-tnH", "state", "established", "( sport = :9000 )"])
+        .output()
+        .expect("ss");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| {
+            l.split_whitespace()
+                .last()?
+                .rsplit_once(':')?
+                .0
+                .parse()
+                .ok()
+        })
+        .collect()
 }
 
 /// The client's established TCP connections to the endpoint's port `port`.
