@@ -629,6 +629,27 @@ pub fn drain(e: &EtcdConfig, group: &str, node: &str, on: bool) -> anyhow::Resul
     })
 }
 
+/// The socket buffers the group's channel asks for: a burst of new flows is sent at once, and a
+/// datagram the peer's socket cannot take is lost (its flows wait for the next full copy).
+pub const CHANNEL_BUFFER: usize = 4 << 20;
+
+/// Asks for [`CHANNEL_BUFFER`] on both of `socket`'s buffers (the kernel caps it at
+/// `net.core.rmem_max` / `wmem_max`; logged when it does).
+pub fn widen_buffers(socket: &impl std::os::fd::AsFd) {
+    let s = socket2::SockRef::from(socket);
+    let _ = s.set_recv_buffer_size(CHANNEL_BUFFER);
+    let _ = s.set_send_buffer_size(CHANNEL_BUFFER);
+    // Linux reports twice what it holds for bookkeeping.
+    if let Ok(got) = s.recv_buffer_size()
+        && got < CHANNEL_BUFFER
+    {
+        log::warn!(
+            "ha: the channel's receive buffer is {} KiB (net.core.rmem_max caps it): a burst of new flows beyond it waits for the next full copy",
+            got / 2048
+        );
+    }
+}
+
 /// Numbers and seals this node's messages.
 struct Outgoing<'a> {
     g: &'a GroupConfig,
@@ -673,6 +694,7 @@ pub async fn run(
     let socket = tokio::net::UdpSocket::bind(g.listen)
         .await
         .with_context(|| format!("ha.listen: binding {}", g.listen))?;
+    widen_buffers(&socket);
     let mut verifier = Verifier::new(
         &g.key,
         &g.group,
@@ -934,8 +956,9 @@ fn receive(
 }
 
 /// Checks and writes received updates (see `flowsync::admit`), leaving out the flows of the
-/// units this node is active for.
-fn install(model: &Model, updates: Vec<Update>, shared: &HaShared, tables: &mut FlowTables) {
+/// units this node is active for; counted in `shared`. (Public for the sync-throughput
+/// benchmark, which drives the same path without a group.)
+pub fn install(model: &Model, updates: Vec<Update>, shared: &HaShared, tables: &mut FlowTables) {
     let now = crate::datapath::scan::monotonic_ns();
     let mut refused = BTreeMap::new();
     let mut installed = 0;

@@ -508,6 +508,208 @@ fn flowsync_cost() {
     });
 }
 
+/// The new-flow rate the flow sync keeps up with: new flows made by the datapath (TEST_RUN, fresh
+/// tuples, paced per millisecond) at rising rates, 2 s each; a sender thread wakes on the ring's
+/// descriptor and does what the agent's group task does (drain, read both entries, encode, seal,
+/// UDP), a receiver thread does what a peer does (verify, decode, `ha::install` into a second
+/// datapath's conntrack). All on this machine's cores at once, as two nodes' agents would not be.
+fn flowsync_throughput() {
+    use privatelink_agent::node::{
+        channel::{Kind, Message, Verifier, seal},
+        flowsync,
+        ha::{HaShared, install},
+    };
+    use std::sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering::Relaxed},
+    };
+    const KEY: &[u8] = b"a-group-key-of-more-than-thirty-two-characters";
+    println!("## Flow sync: the new-flow rate it keeps up with\n");
+    println!(
+        "Each rate for 2 s; lag = flows made but not yet installed on the peer, over the rate. `cargo xtask bench` (or `PRIVATELINK_BENCH_ONLY=flowsync target/release/bench`).\n"
+    );
+    println!(
+        "| asked flows/s | made flows/s | longest lag ms | caught up after ms | events lost | updates sent | updates received | flows installed |"
+    );
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|");
+    with_harness_sized(bench_sizes(), |h| {
+        let m = h.model();
+        h.plane.apply(&m).expect("apply");
+        let mut sync = h.plane.take_flow_sync().expect("the flow sync's maps");
+        sync.switch(true).expect("switch");
+        let tables = h.plane.flow_tables().expect("tables");
+        // The peer: a datapath of its own in the same namespace, the same model.
+        let mut peer_dp = Datapath::load(&bench_sizes()).expect("the peer's datapath");
+        let mut peer = Dataplane::new(&mut peer_dp.ebpf).expect("the peer's maps");
+        peer.apply(&m).expect("apply on the peer");
+        let mut peer_tables = peer.flow_tables().expect("the peer's tables");
+        let rx = std::net::UdpSocket::bind("127.0.0.1:0").expect("receiver");
+        rx.set_read_timeout(Some(Duration::from_millis(50)))
+            .unwrap();
+        let tx = std::net::UdpSocket::bind("127.0.0.1:0").expect("sender");
+        // As the agent's channel has them.
+        privatelink_agent::node::ha::widen_buffers(&rx);
+        privatelink_agent::node::ha::widen_buffers(&tx);
+        let (to, from) = (rx.local_addr().unwrap(), tx.local_addr().unwrap());
+        let stop = Arc::new(AtomicBool::new(false));
+        let sent = Arc::new(AtomicU64::new(0));
+        let received = Arc::new(AtomicU64::new(0));
+        // Events a full ring lost, as the sender last read the count.
+        let lost = Arc::new(AtomicU64::new(0));
+        let shared = Arc::new(HaShared::default());
+        let model = Arc::new(m.clone());
+        std::thread::scope(|s| {
+            // The active node's side.
+            let sender = {
+                let (stop, sent, lost) = (stop.clone(), sent.clone(), lost.clone());
+                let sync = &mut sync;
+                let tables = &tables;
+                s.spawn(move || {
+                    use std::os::fd::{AsFd as _, AsRawFd as _};
+                    let mut seq = 0u64;
+                    while !stop.load(Relaxed) {
+                        // SAFETY: the ring's descriptor stays open while `sync` lives, which is
+                        // past this loop.
+                        let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(sync.as_raw_fd()) };
+                        let mut fds = [nix::poll::PollFd::new(
+                            fd.as_fd(),
+                            nix::poll::PollFlags::POLLIN,
+                        )];
+                        let _ = nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(10u16));
+                        let keys = sync.drain();
+                        lost.store(sync.lost(), Relaxed);
+                        if keys.is_empty() {
+                            continue;
+                        }
+                        let updates = flowsync::updates_for(tables, &keys);
+                        for payload in flowsync::encode(&updates) {
+                            seq += 1;
+                            let msg = seal(
+                                KEY,
+                                &Message {
+                                    kind: Kind::Flows,
+                                    group: "bench".into(),
+                                    node: "node-a".into(),
+                                    sent_at_ms: unix_ms(),
+                                    seq,
+                                    payload,
+                                },
+                            );
+                            let _ = tx.send_to(&msg, to);
+                        }
+                        sent.fetch_add(updates.len() as u64, Relaxed);
+                    }
+                })
+            };
+            // The peer's side.
+            let receiver = {
+                let (stop, shared, model) = (stop.clone(), shared.clone(), model.clone());
+                let received = received.clone();
+                let rx = &rx;
+                let peer_tables = &mut peer_tables;
+                s.spawn(move || {
+                    let mut v = Verifier::new(KEY, "bench", "node-b", &[from], 10_000);
+                    let mut buf = vec![0u8; 2048];
+                    while !stop.load(Relaxed) {
+                        let Ok((n, addr)) = rx.recv_from(&mut buf) else {
+                            continue;
+                        };
+                        let Ok(m) = v.accept(addr, &buf[..n], unix_ms()) else {
+                            continue;
+                        };
+                        if let Some(updates) = flowsync::decode(&m.payload) {
+                            received.fetch_add(updates.len() as u64, Relaxed);
+                            install(&model, updates, &shared, peer_tables);
+                        }
+                    }
+                })
+            };
+            let installed = || shared.flows_installed.load(Relaxed) / 2;
+            let mut made = 0u64;
+            for rate in [10_000u64, 25_000, 50_000, 100_000, 200_000] {
+                let (lost0, sent0, inst0) = (lost.load(Relaxed), sent.load(Relaxed), installed());
+                let received0 = received.load(Relaxed);
+                let start = Instant::now();
+                let (mut this, mut worst_lag) = (0u64, 0.0f64);
+                while start.elapsed() < Duration::from_secs(2) {
+                    let due = (start.elapsed().as_secs_f64() * rate as f64) as u64;
+                    while this < due {
+                        // A fresh tuple: 60,000 ports per consumer address.
+                        let (addr, port) = (made / 60_000, (made % 60_000 + 1_024) as u16);
+                        let src = Ipv4Addr::from(u32::from(CONSUMER) + addr as u32);
+                        let syn = Pkt::syn(src, port, ENDPOINT, 80)
+                            .macs(CONSUMER_MAC, h.c0_mac)
+                            .build();
+                        let r = test_run(h.dp.program(), h.c0, &syn);
+                        assert_eq!(r.verdict, XDP_REDIRECT, "a new flow");
+                        made += 1;
+                        this += 1;
+                        if this % 1_000 == 0 {
+                            break;
+                        }
+                    }
+                    let behind = this.saturating_sub(installed() - inst0);
+                    worst_lag = worst_lag.max(behind as f64 / rate as f64 * 1e3);
+                    std::thread::sleep(Duration::from_micros(200));
+                }
+                let elapsed = start.elapsed().as_secs_f64();
+                let end = Instant::now();
+                let lost = lost.load(Relaxed) - lost0;
+                // Caught up: every flow made is on the peer (never, if the ring lost events or the
+                // peer's socket lost datagrams: the agent's periodic table reads send those).
+                let caught = loop {
+                    if installed() - inst0 >= this {
+                        break Some(end.elapsed());
+                    }
+                    if end.elapsed() > Duration::from_secs(5) {
+                        break None;
+                    }
+                    std::thread::sleep(Duration::from_millis(1));
+                };
+                let (sent, got) = (
+                    sent.load(Relaxed) - sent0,
+                    received.load(Relaxed) - received0,
+                );
+                println!(
+                    "| {rate} | {:.0} | {worst_lag:.0} | {} | {lost} | {sent} | {got} | {} |",
+                    this as f64 / elapsed,
+                    caught.map_or("never".into(), |c| format!("{}", c.as_millis())),
+                    installed() - inst0,
+                );
+            }
+            stop.store(true, Relaxed);
+            sender.join().expect("sender");
+            receiver.join().expect("receiver");
+        });
+        // Beyond: a reader that does not keep up at all. 40,000 new flows with nobody reading
+        // the ring: it keeps what it holds, the rest is counted as lost.
+        let lost0 = sync.lost();
+        let _ = sync.drain();
+        for i in 0..40_000u32 {
+            let src = Ipv4Addr::from(u32::from(CONSUMER) + 1_000 + i / 60_000);
+            let syn = Pkt::syn(src, (i % 60_000 + 1_024) as u16, ENDPOINT, 80)
+                .macs(CONSUMER_MAC, h.c0_mac)
+                .build();
+            assert_eq!(test_run(h.dp.program(), h.c0, &syn).verdict, XDP_REDIRECT);
+        }
+        let (kept, lost) = (sync.drain().len(), sync.lost() - lost0);
+        println!(
+            "\nA ring nobody reads, 40,000 new flows: {kept} events kept, {lost} lost and counted."
+        );
+        let refused: u64 = shared.refused().values().sum();
+        println!(
+            "\nRefused by the peer's checks: {refused}. Memory is bounded: the ring holds 1 MiB (32,768 IPv4 events; beyond it events are lost and counted, `privatelink_ha_flow_events_lost_total`, and the agent's table read every 200 ms sends those flows), the channel's sockets {} MiB each (a datagram the peer's socket cannot take is lost: updates received < sent; the agent's full copy every 3 s sends those flows).\n",
+            privatelink_agent::node::ha::CHANNEL_BUFFER >> 20
+        );
+    });
+}
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
 /// What PROXY protocol v2 adds per packet, in one harness and one run: flows of a link with the
 /// header off (made before it was turned on) against flows of the same link with it on, each
 /// measured over `SAMPLES` repeat-1 runs, timer overhead off, × the floor measured alongside.
@@ -1643,7 +1845,10 @@ fn main() {
         Ok("sync") => return sync_scale(),
         Ok("etcd") => return etcd_convergence(),
         Ok("nat") => return nat_occupancy(),
-        Ok("flowsync") => return flowsync_cost(),
+        Ok("flowsync") => {
+            flowsync_cost();
+            return flowsync_throughput();
+        }
         Ok("failover") => {
             flowsync_cost();
             return failover();
@@ -1768,6 +1973,7 @@ fn main() {
     proxy_cost();
     connlog_cost();
     flowsync_cost();
+    flowsync_throughput();
     if std::env::var("PRIVATELINK_BENCH_ONLY").as_deref() == Ok("datapath") {
         return;
     }
