@@ -551,6 +551,17 @@ impl HaShared {
             .get(&link)
             .is_some_and(|l| self.forwards(l.network_id))
     }
+
+    /// Whether the flow of link `link` belongs to `unit` (by `model`).
+    fn link_in(&self, model: &Model, link: u32, unit: &str) -> bool {
+        let Some(l) = model.links.get(&link) else {
+            return false;
+        };
+        lock(&self.by_network)
+            .get(&l.network_id)
+            .map(String::as_str)
+            == Some(unit)
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -822,7 +833,9 @@ pub async fn run(
                     if let Claim::Handover { to, .. } = &claim {
                         // Everything to the peers first (the unit's flows included), then the
                         // unit's forwarding stops.
-                        let n = send_flows(&socket, &mut out, &mut outbox, &tables, &shared, true).await;
+                        let handing = Some(unit.as_str());
+                        let n = send_flows(&socket, &mut out, &mut outbox, &tables, &shared, true, handing)
+                            .await;
                         shared.set_active(unit, false);
                         log::warn!("ha: {what}: handing over to {to} ({n} flows sent)");
                     }
@@ -876,7 +889,7 @@ pub async fn run(
                     outbox.clear();
                 } else if ticks.is_multiple_of(2) {
                     let full = joined || ticks.is_multiple_of(30);
-                    send_flows(&socket, &mut out, &mut outbox, &tables, &shared, full).await;
+                    send_flows(&socket, &mut out, &mut outbox, &tables, &shared, full, None).await;
                 }
             }
         }
@@ -884,7 +897,8 @@ pub async fn run(
 }
 
 /// Sends the peers what changed in the flows of the units this node is active for since the
-/// outbox last sent (`full`: all of them); how many updates that was.
+/// outbox last sent (`full`: all of them), and the flows of unit `handing` (being handed over:
+/// a drained node has stopped forwarding it already); how many updates that was.
 async fn send_flows(
     socket: &tokio::net::UdpSocket,
     out: &mut Outgoing<'_>,
@@ -892,12 +906,13 @@ async fn send_flows(
     tables: &FlowTables,
     shared: &HaShared,
     full: bool,
+    handing: Option<&str>,
 ) -> usize {
     let Some(model) = lock(&shared.model).clone() else {
         return 0;
     };
     let updates = outbox.changes(tables.entries4(), tables.entries6(), full, |link| {
-        shared.owns_link(&model, link)
+        shared.owns_link(&model, link) || handing.is_some_and(|u| shared.link_in(&model, link, u))
     });
     send_updates(socket, out, &updates, shared).await;
     updates.len()
@@ -1441,5 +1456,37 @@ mod tests {
             a.observe(t2, owner("c"), &heard("b", t2)),
             Claim::Replace { .. }
         ));
+    }
+
+    #[test]
+    fn a_node_knows_which_flows_are_its_own_by_their_links_consumer_network() {
+        let unit = |name: &str| Unit {
+            name: name.into(),
+            networks: vec![name.into()],
+            addresses: vec![],
+        };
+        let shared = HaShared::new(&[unit("vpc-a"), unit("vpc-b")]);
+        let link = |network_id| crate::testkit::demo::endpoint_link(network_id, 1);
+        let model = Model {
+            links: BTreeMap::from([(1, link(11)), (2, link(12))]),
+            ..Default::default()
+        };
+        let by_network = BTreeMap::from([(11, "vpc-a".to_string()), (12, "vpc-b".to_string())]);
+        shared.set_model(Arc::new(model.clone()), by_network);
+        assert!(!shared.active() && !shared.owns_link(&model, 1));
+        shared.set_active("vpc-a", true);
+        assert!(shared.active());
+        assert_eq!(
+            (shared.owns_link(&model, 1), shared.owns_link(&model, 2)),
+            (true, false)
+        );
+        // The unit being handed over is named, whether or not it still forwards.
+        assert!(shared.link_in(&model, 2, "vpc-b") && !shared.link_in(&model, 1, "vpc-b"));
+        assert!(!shared.owns_link(&model, 9), "an unknown link is nobody's");
+        assert_eq!(shared.networks(), ["vpc-a"]);
+        assert_eq!(
+            shared.network_states(),
+            [("vpc-a".to_string(), true), ("vpc-b".to_string(), false)]
+        );
     }
 }
