@@ -140,6 +140,12 @@ pub fn decode(p: &[u8]) -> Option<Vec<Update>> {
 pub struct Outbox {
     sent4: HashMap<FlowKey4, u8>,
     sent6: HashMap<FlowKey6, u8>,
+    /// Entries the datapath's events sent since the last diff: a table read may be older than
+    /// them (it runs beside the events), so the next diff leaves them alone.
+    fresh4: std::collections::HashSet<FlowKey4>,
+    fresh6: std::collections::HashSet<FlowKey6>,
+    /// Diffs made (and clears): a table read started before the last of them is stale.
+    epoch: u64,
 }
 
 impl Outbox {
@@ -147,6 +153,9 @@ impl Outbox {
     /// every entry, whatever was sent), for the entries whose link `mine` says this node sends
     /// (the units it is active for). An entry that is still there but no longer this node's is
     /// forgotten, not removed on the peers: its unit went to another node, which carries it on.
+    ///
+    /// Entries the events sent since the last diff are left as they are (the read may predate
+    /// them: sending its older state, or removing a flow it did not see yet, would undo them).
     pub fn changes(
         &mut self,
         now4: Vec<(FlowKey4, Flow4)>,
@@ -156,7 +165,7 @@ impl Outbox {
     ) -> Vec<Update> {
         let mut out = Vec::new();
         diff(
-            &mut self.sent4,
+            (&mut self.sent4, &mut self.fresh4),
             now4,
             full,
             &mine,
@@ -165,7 +174,7 @@ impl Outbox {
             Update::Delete4,
         );
         diff(
-            &mut self.sent6,
+            (&mut self.sent6, &mut self.fresh6),
             now6,
             full,
             &mine,
@@ -173,7 +182,14 @@ impl Outbox {
             Update::Upsert6,
             Update::Delete6,
         );
+        self.epoch += 1;
         out
+    }
+
+    /// Diffs and clears so far: a table read started at an earlier epoch is older than what
+    /// was sent since, and must not be diffed.
+    pub fn epoch(&self) -> u64 {
+        self.epoch
     }
 
     /// Records `updates` as sent (the datapath's events sent them ahead of the periodic read).
@@ -182,9 +198,11 @@ impl Outbox {
             match u {
                 Update::Upsert4(k, f) => {
                     self.sent4.insert(*k, f.tcp_state);
+                    self.fresh4.insert(*k);
                 }
                 Update::Upsert6(k, f) => {
                     self.sent6.insert(*k, f.tcp_state);
+                    self.fresh6.insert(*k);
                 }
                 Update::Delete4(k) => {
                     self.sent4.remove(k);
@@ -200,11 +218,14 @@ impl Outbox {
     pub fn clear(&mut self) {
         self.sent4.clear();
         self.sent6.clear();
+        self.fresh4.clear();
+        self.fresh6.clear();
+        self.epoch += 1;
     }
 }
 
 fn diff<K: std::hash::Hash + Eq + Copy, V: Copy>(
-    sent: &mut HashMap<K, u8>,
+    (sent, fresh): (&mut HashMap<K, u8>, &mut std::collections::HashSet<K>),
     now: Vec<(K, Flow<V>)>,
     full: bool,
     mine: &impl Fn(u32) -> bool,
@@ -216,7 +237,7 @@ fn diff<K: std::hash::Hash + Eq + Copy, V: Copy>(
     let mut present = std::collections::HashSet::with_capacity(now.len());
     for (k, f) in now {
         present.insert(k);
-        if !mine(f.link_id) {
+        if !mine(f.link_id) || fresh.contains(&k) {
             continue;
         }
         if full || sent.get(&k) != Some(&f.tcp_state) {
@@ -226,8 +247,14 @@ fn diff<K: std::hash::Hash + Eq + Copy, V: Copy>(
     }
     out.extend(
         sent.keys()
-            .filter(|k| !present.contains(*k))
+            .filter(|k| !present.contains(*k) && !fresh.contains(*k))
             .map(|k| delete(*k)),
+    );
+    // What the events sent stays as they sent it, for the next diff to compare.
+    next.extend(
+        fresh
+            .drain()
+            .filter_map(|k| sent.get(&k).map(|state| (k, *state))),
     );
     *sent = next;
 }
@@ -566,11 +593,24 @@ mod tests {
             o.changes(vec![(k, closing), (k2, f2)], vec![], false, |_| true),
             [Update::Upsert4(k, closing)]
         );
-        // A flow noted and gone by the next read is removed on the peers.
+        // A flow noted and gone by the next read: that read may be older than the event (reads
+        // run beside the events), so the flow stays; the read after removes it on the peers.
         o.note(&[Update::Upsert4(k2, f2)]);
+        assert_eq!(o.changes(vec![(k, closing)], vec![], false, |_| true), []);
         assert_eq!(
             o.changes(vec![(k, closing)], vec![], false, |_| true),
             [Update::Delete4(k2)]
+        );
+        // A read older than an event does not send the older state back.
+        let established = Flow4 {
+            tcp_state: privatelink_common::CT_ESTABLISHED,
+            ..f
+        };
+        o.note(&[Update::Upsert4(k, established)]);
+        assert_eq!(o.changes(vec![(k, f)], vec![], true, |_| true), []);
+        assert_eq!(
+            o.changes(vec![(k, established)], vec![], false, |_| true),
+            []
         );
     }
 

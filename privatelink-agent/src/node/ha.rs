@@ -54,6 +54,8 @@ use std::{
     time::{Duration, Instant},
 };
 
+use privatelink_common::{Flow4, Flow6, FlowKey4, FlowKey6};
+
 use crate::{
     control::etcd::EtcdConfig,
     datapath::{FlowSync, FlowTables, Model},
@@ -442,6 +444,8 @@ pub struct HaShared {
     model: Mutex<Option<Arc<Model>>>,
     pub flows_sent: AtomicU64,
     pub flows_received: AtomicU64,
+    /// Peer → the send time (its clock, Unix ms) of the newest flow update taken from it.
+    last_flows: Mutex<BTreeMap<String, u64>>,
     pub flows_installed: AtomicU64,
     /// Flow-sync events read from the datapath, and those a full ring lost (as it counts them).
     pub flow_events: AtomicU64,
@@ -519,6 +523,17 @@ impl HaShared {
         lock(&self.peers)
             .iter()
             .map(|(n, p)| (n.clone(), now.duration_since(p.last) <= fence))
+            .collect()
+    }
+
+    /// Peer → seconds since the newest flow update taken from it was sent: how stale this node's
+    /// copy of the peer's flows may be (a node sends each change at once and everything every
+    /// 3 s, so it stays under about 3 s while the peer syncs).
+    pub fn sync_lag(&self) -> BTreeMap<String, f64> {
+        let now = unix_ms();
+        lock(&self.last_flows)
+            .iter()
+            .map(|(p, sent)| (p.clone(), now.saturating_sub(*sent) as f64 / 1000.0))
             .collect()
     }
 
@@ -692,6 +707,7 @@ pub async fn run(
     e: EtcdConfig,
     shared: Arc<HaShared>,
     mut tables: FlowTables,
+    reader: FlowTables,
     events: FlowSync,
 ) -> anyhow::Result<()> {
     use anyhow::Context as _;
@@ -738,6 +754,21 @@ pub async fn run(
         seq: first_seq(unix_ms()),
     };
     let mut outbox = Outbox::default();
+    // The periodic table read runs on a blocking thread with a handle of its own (`reader`), so
+    // that the datapath's events and the peers' messages never wait for it (a read costs in
+    // proportion to the tables' capacity): (its handle, the tables, the outbox's epoch at its
+    // start, whether it is a full copy).
+    let mut reader = Some(reader);
+    type Read = (
+        FlowTables,
+        Vec<(FlowKey4, Flow4)>,
+        Vec<(FlowKey6, Flow6)>,
+        u64,
+        bool,
+    );
+    let mut reading: Option<tokio::task::JoinHandle<Read>> = None;
+    // A full copy is due (kept until a read that makes one starts).
+    let mut full_due = false;
     let mut ticks = 0u64;
     let mut peers_up: BTreeSet<String> = Default::default();
     let mut buf = vec![0u8; 2048];
@@ -761,6 +792,24 @@ pub async fn run(
     );
     loop {
         tokio::select! {
+            done = async { reading.as_mut().expect("guarded by the condition").await }, if reading.is_some() => {
+                reading = None;
+                let (r, now4, now6, epoch, full) = match done {
+                    Ok(read) => read,
+                    Err(e) => {
+                        log::error!("ha: the periodic table read failed ({e}); flows now go out from the datapath's events only");
+                        continue;
+                    }
+                };
+                reader = Some(r);
+                // A diff or clear since the read started makes it stale: the next one counts.
+                if epoch != outbox.epoch() || !shared.active() {
+                    continue;
+                }
+                let Some(model) = lock(&shared.model).clone() else { continue };
+                let updates = outbox.changes(now4, now6, full, |link| shared.owns_link(&model, link));
+                send_updates(&socket, &mut out, &updates, &shared).await;
+            }
             got = socket.recv_from(&mut buf) => {
                 let Ok((n, from)) = got else { continue };
                 let refused = match verifier.accept(from, &buf[..n], unix_ms()) {
@@ -888,8 +937,16 @@ pub async fn run(
                 if !shared.active() {
                     outbox.clear();
                 } else if ticks.is_multiple_of(2) {
-                    let full = joined || ticks.is_multiple_of(30);
-                    send_flows(&socket, &mut out, &mut outbox, &tables, &shared, full, None).await;
+                    // A full copy when a peer joined, and every 3 s; a read still running when
+                    // the next is due is left to finish (the next tick tries again).
+                    full_due |= joined || ticks.is_multiple_of(30);
+                    if let Some(r) = reader.take() {
+                        let (epoch, full) = (outbox.epoch(), std::mem::take(&mut full_due));
+                        reading = Some(tokio::task::spawn_blocking(move || {
+                            let (now4, now6) = (r.entries4(), r.entries6());
+                            (r, now4, now6, epoch, full)
+                        }));
+                    }
                 }
             }
         }
@@ -961,6 +1018,7 @@ fn receive(
             shared
                 .flows_received
                 .fetch_add(updates.len() as u64, Ordering::Relaxed);
+            lock(&shared.last_flows).insert(m.node.clone(), m.sent_at_ms);
             let Some(model) = lock(&shared.model).clone() else {
                 return Ok(());
             };

@@ -686,6 +686,18 @@ fn encode_ha(enc: &mut DescriptorEncoder, s: &Scrape) -> Result<(), std::fmt::Er
         .into_iter()
         .map(|(p, up)| (labels(Some(("peer", p))), gauge(i64::from(up))))
         .collect();
+    let lag = h
+        .sync_lag()
+        .into_iter()
+        .map(|(p, secs)| (labels(Some(("peer", p))), gauge_f(secs)))
+        .collect();
+    family(
+        enc,
+        "privatelink_ha_sync_lag_seconds",
+        "Seconds since the newest flow update taken from the peer was sent (each change goes at once, everything every 3 s)",
+        MetricType::Gauge,
+        lag,
+    )?;
     family(
         enc,
         "privatelink_ha_peer_up",

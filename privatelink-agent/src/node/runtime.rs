@@ -119,7 +119,9 @@ pub struct Node {
     conntrack: Latest,
     /// The high-availability group this node serves its consumer networks with, if any.
     ha: Option<(HaChecked, Arc<HaShared>)>,
-    /// The group's units whose addresses this node has added (it is active for them).
+    /// The group's units whose addresses this node has added (it is active for them). At start,
+    /// every unit: a node that was killed left its addresses behind, and standing by it must not
+    /// answer for them (its first `move_addresses` removes them).
     moved: BTreeSet<String>,
 }
 
@@ -212,11 +214,15 @@ impl Node {
             persistence,
             dns: None,
             conntrack: Latest::default(),
+            moved: cfg
+                .ha
+                .iter()
+                .flat_map(|h| h.group.units.iter().map(|u| u.name.clone()))
+                .collect(),
             ha: cfg.ha.map(|h| {
                 let shared = Arc::new(HaShared::new(&h.group.units));
                 (h, shared)
             }),
-            moved: BTreeSet::new(),
         };
         if let Some((c, h)) = &node.ha {
             node.sync.facts.set_ha(c.group.group.clone(), h.clone());
@@ -674,6 +680,7 @@ async fn serve(mut node: Node, shutdown: Shutdown) -> Result<Node> {
             e.clone(),
             shared.clone(),
             node.dataplane.flow_tables()?,
+            node.dataplane.flow_tables()?,
             flow_sync,
         ))),
         _ => None,
@@ -699,6 +706,8 @@ async fn serve(mut node: Node, shutdown: Shutdown) -> Result<Node> {
     node.report_applied();
     node.update_dns();
     node.ensure_dns();
+    // Standing by at start: the moving addresses a killed agent left behind go.
+    node.move_addresses();
     loop {
         let event = tokio::select! {
             changed = revisions.changed() => match changed {

@@ -76,8 +76,11 @@ fn a_standby_takes_over_when_the_active_node_crashes_and_a_returning_node_stands
     let udp = UdpProbe::start(client, &root, "crash-udp");
     let fresh = ConnProbe::start(client, &root, "crash-new");
     let iperf = client
-        .command("iperf3")
+        // Bounded: a stream stalled on the new owner fails the test instead of hanging it.
+        .command("timeout")
         .args([
+            "30",
+            "iperf3",
             "-c",
             &ENDPOINT.to_string(),
             "-p",
@@ -164,10 +167,13 @@ fn a_standby_takes_over_when_the_active_node_crashes_and_a_returning_node_stands
         b.metric("privatelink_ha_flows_refused_total", &[("reason", "nat")]),
         Some(0.0)
     );
-    // New connections fail only in the takeover window (an attempt gives up after 0.5 s).
+    // New connections fail only in the takeover window (an attempt gives up after 0.5 s; with
+    // 1,000 held connections and iperf3 at full speed on two cores an attempt near the window's
+    // edge may succeed between two that fail): no two successes more than 2 s apart.
     let n = fresh.finish();
     eprintln!("a new connection every 20 ms across the takeover: {n}");
-    assert!(n["failure_runs"].as_u64().unwrap() <= 1, "{n}");
+    assert!(n["failure_runs"].as_u64().unwrap() <= 2, "{n}");
+    assert!(n["failed"].as_u64().unwrap() <= 6, "{n}");
     assert!(n["worst_gap_ms"].as_u64().unwrap() < 2000, "{n}");
     assert!(
         a_events > 0.0,
@@ -359,6 +365,17 @@ fn a_standby_takes_over_when_the_active_node_crashes_and_a_returning_node_stands
                 ("node-b".into(), "edge".into(), true.into()),
             ]
     });
+
+    // The standby's copy of the owner's flows is fresh: B sends each change at once and
+    // everything every 3 s.
+    wait(
+        "A's sync lag from B under 3.5 s",
+        Duration::from_secs(8),
+        || {
+            a.metric("privatelink_ha_sync_lag_seconds", &[("peer", "node-b")])
+                .is_some_and(|lag| lag < 3.5)
+        },
+    );
 
     // Every HA metric the dashboard shows is exposed by a node of a group.
     let d: Value = serde_json::from_str(include_str!("../../../dashboards/privatelink.json"))
