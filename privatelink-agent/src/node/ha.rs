@@ -168,6 +168,23 @@ fn weight(unit: &str, node: &str) -> u64 {
     u64::from_be_bytes(h[..8].try_into().expect("8 bytes"))
 }
 
+/// The nodes a unit may be given at `now`: this node `me` (unless `draining`) and the peers heard
+/// within `fence` that reach the store and are not drained.
+pub fn candidates<'a>(
+    me: &'a str,
+    draining: bool,
+    peers: &'a BTreeMap<String, PeerSeen>,
+    now: Instant,
+    fence: Duration,
+) -> Vec<&'a str> {
+    peers
+        .iter()
+        .filter(|(_, p)| now.duration_since(p.last) <= fence && p.store && !p.draining)
+        .map(|(n, _)| n.as_str())
+        .chain((!draining).then_some(me))
+        .collect()
+}
+
 /// The group's owner as the store has it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Owner {
@@ -200,8 +217,8 @@ pub struct Arbiter {
     me: String,
     /// The unit it decides for (its name weighs the candidates).
     unit: String,
-    /// Every unit of the group (the preferred nodes spread them evenly).
-    units: Vec<String>,
+    /// Every unit of the group (the preferred nodes spread them evenly), shared by its arbiters.
+    units: Arc<[String]>,
     t: Timing,
     started: Instant,
     /// When the store last said this node owns the unit.
@@ -221,14 +238,14 @@ pub struct Arbiter {
 
 impl Arbiter {
     pub fn new(me: &str, t: Timing, now: Instant) -> Self {
-        Arbiter::for_unit(me, "", &[String::new()], t, None, now)
+        Arbiter::for_unit(me, "", vec![String::new()].into(), t, None, now)
     }
 
     /// The arbiter of `unit`, one of the group's `units`.
     pub fn for_unit(
         me: &str,
         unit: &str,
-        units: &[String],
+        units: Arc<[String]>,
         t: Timing,
         preempt: Option<Duration>,
         now: Instant,
@@ -236,7 +253,7 @@ impl Arbiter {
         Arbiter {
             me: me.to_string(),
             unit: unit.to_string(),
-            units: units.to_vec(),
+            units,
             t,
             started: now,
             confirmed: None,
@@ -263,17 +280,10 @@ impl Arbiter {
         self.confirmed.is_some()
     }
 
-    /// The node the group prefers for the unit at `now` (see [`assignment`]), among this node
-    /// (unless drained) and the peers heard within `fence` that reach the store and are not
-    /// drained.
+    /// The node the group prefers for the unit at `now` (see [`assignment`] and
+    /// [`candidates`]).
     pub fn preferred(&self, now: Instant, peers: &BTreeMap<String, PeerSeen>) -> Option<String> {
-        let me = (!self.draining).then_some(self.me.as_str());
-        let candidates: Vec<&str> = peers
-            .iter()
-            .filter(|(_, p)| now.duration_since(p.last) <= self.t.fence && p.store && !p.draining)
-            .map(|(n, _)| n.as_str())
-            .chain(me)
-            .collect();
+        let candidates = candidates(&self.me, self.draining, peers, now, self.t.fence);
         assignment(&self.units, &candidates)
             .get(self.unit.as_str())
             .map(|n| n.to_string())
@@ -287,6 +297,19 @@ impl Arbiter {
         owner: Option<Option<Owner>>,
         peers: &BTreeMap<String, PeerSeen>,
     ) -> Claim {
+        let preferred = self.preferred(now, peers);
+        self.observe_with(now, owner, peers, preferred)
+    }
+
+    /// [`Self::observe`] with the preferred node given: a node with many units computes the
+    /// group's [`assignment`] once per look rather than once per unit.
+    pub fn observe_with(
+        &mut self,
+        now: Instant,
+        owner: Option<Option<Owner>>,
+        peers: &BTreeMap<String, PeerSeen>,
+        preferred: Option<String>,
+    ) -> Claim {
         let Some(owner) = owner else {
             return Claim::Nothing;
         };
@@ -298,7 +321,6 @@ impl Arbiter {
             None => Some(self.absent_since.unwrap_or(now)),
             Some(_) => None,
         };
-        let preferred = self.preferred(now, peers);
         match owner {
             Some(o) if o.node == self.me && self.draining => {
                 self.confirmed = Some(now);
@@ -733,7 +755,7 @@ pub async fn run(
     let drain = drain_key(&e, &g.group, &g.node);
     let started = Instant::now();
     // (unit, its key, its arbiter)
-    let names: Vec<String> = g.units.iter().map(|u| u.name.clone()).collect();
+    let names: Arc<[String]> = g.units.iter().map(|u| u.name.clone()).collect();
     let mut units: Vec<(String, String, Arbiter)> = g
         .units
         .iter()
@@ -741,7 +763,14 @@ pub async fn run(
             (
                 u.name.clone(),
                 active_key(&e, &g.group, &u.name),
-                Arbiter::for_unit(&g.node, &u.name, &names, g.timing, g.preempt, started),
+                Arbiter::for_unit(
+                    &g.node,
+                    &u.name,
+                    names.clone(),
+                    g.timing,
+                    g.preempt,
+                    started,
+                ),
             )
         })
         .collect();
@@ -759,13 +788,7 @@ pub async fn run(
     // proportion to the tables' capacity): (its handle, the tables, the outbox's epoch at its
     // start, whether it is a full copy).
     let mut reader = Some(reader);
-    type Read = (
-        FlowTables,
-        Vec<(FlowKey4, Flow4)>,
-        Vec<(FlowKey6, Flow6)>,
-        u64,
-        bool,
-    );
+    type Read = (FlowTables, Snapshot, u64, bool);
     let mut reading: Option<tokio::task::JoinHandle<Read>> = None;
     // A full copy is due (kept until a read that makes one starts).
     let mut full_due = false;
@@ -794,7 +817,7 @@ pub async fn run(
         tokio::select! {
             done = async { reading.as_mut().expect("guarded by the condition").await }, if reading.is_some() => {
                 reading = None;
-                let (r, now4, now6, epoch, full) = match done {
+                let (r, now, epoch, full) = match done {
                     Ok(read) => read,
                     Err(e) => {
                         log::error!("ha: the periodic table read failed ({e}); flows now go out from the datapath's events only");
@@ -806,9 +829,7 @@ pub async fn run(
                 if epoch != outbox.epoch() || !shared.active() {
                     continue;
                 }
-                let Some(model) = lock(&shared.model).clone() else { continue };
-                let updates = outbox.changes(now4, now6, full, |link| shared.owns_link(&model, link));
-                send_updates(&socket, &mut out, &updates, &shared).await;
+                send_changes(&socket, &mut out, &mut outbox, &shared, now, full, None).await;
             }
             got = socket.recv_from(&mut buf) => {
                 let Ok((n, from)) = got else { continue };
@@ -871,9 +892,15 @@ pub async fn run(
                         a.drain(on);
                     }
                 }
+                // The group's preferred node for every unit, once for all of them.
+                let now = Instant::now();
+                let draining = shared.draining.load(Ordering::Relaxed);
+                let candidates = candidates(&g.node, draining, &peers, now, g.timing.fence);
+                let preferred = assignment(&names, &candidates);
                 for (unit, key, arbiter) in &mut units {
                     let owner = keys.as_ref().map(|k| k.get(key.as_str()).cloned());
-                    let claim = arbiter.observe(Instant::now(), owner, &peers);
+                    let to = preferred.get(unit.as_str()).map(|n| n.to_string());
+                    let claim = arbiter.observe_with(now, owner, &peers, to);
                     let what = if unit.is_empty() {
                         format!("group {}", g.group)
                     } else {
@@ -882,8 +909,9 @@ pub async fn run(
                     if let Claim::Handover { to, .. } = &claim {
                         // Everything to the peers first (the unit's flows included), then the
                         // unit's forwarding stops.
+                        let now = (tables.entries4(), tables.entries6());
                         let handing = Some(unit.as_str());
-                        let n = send_flows(&socket, &mut out, &mut outbox, &tables, &shared, true, handing)
+                        let n = send_changes(&socket, &mut out, &mut outbox, &shared, now, true, handing)
                             .await;
                         shared.set_active(unit, false);
                         log::warn!("ha: {what}: handing over to {to} ({n} flows sent)");
@@ -914,9 +942,10 @@ pub async fn run(
                     }
                 }
                 let now = Instant::now();
+                let was = shared.units();
                 for (unit, _, arbiter) in &units {
                     let active = arbiter.active(now, &peers);
-                    if shared.units().get(unit).copied() != Some(active) {
+                    if was.get(unit).copied() != Some(active) {
                         log::warn!(
                             "ha: group {}{}: {}",
                             g.group,
@@ -943,8 +972,8 @@ pub async fn run(
                     if let Some(r) = reader.take() {
                         let (epoch, full) = (outbox.epoch(), std::mem::take(&mut full_due));
                         reading = Some(tokio::task::spawn_blocking(move || {
-                            let (now4, now6) = (r.entries4(), r.entries6());
-                            (r, now4, now6, epoch, full)
+                            let now = (r.entries4(), r.entries6());
+                            (r, now, epoch, full)
                         }));
                     }
                 }
@@ -953,22 +982,26 @@ pub async fn run(
     }
 }
 
-/// Sends the peers what changed in the flows of the units this node is active for since the
-/// outbox last sent (`full`: all of them), and the flows of unit `handing` (being handed over:
-/// a drained node has stopped forwarding it already); how many updates that was.
-async fn send_flows(
+/// Both conntrack tables as one read found them.
+type Snapshot = (Vec<(FlowKey4, Flow4)>, Vec<(FlowKey6, Flow6)>);
+
+/// Sends the peers what changed, in the tables as read (`now`), in the flows of the units this
+/// node is active for since the outbox last sent (`full`: all of them), and the flows of unit
+/// `handing` (being handed over: a drained node has stopped forwarding it already); how many
+/// updates that was.
+async fn send_changes(
     socket: &tokio::net::UdpSocket,
     out: &mut Outgoing<'_>,
     outbox: &mut Outbox,
-    tables: &FlowTables,
     shared: &HaShared,
+    (now4, now6): Snapshot,
     full: bool,
     handing: Option<&str>,
 ) -> usize {
     let Some(model) = lock(&shared.model).clone() else {
         return 0;
     };
-    let updates = outbox.changes(tables.entries4(), tables.entries6(), full, |link| {
+    let updates = outbox.changes(now4, now6, full, |link| {
         shared.owns_link(&model, link) || handing.is_some_and(|u| shared.link_in(&model, link, u))
     });
     send_updates(socket, out, &updates, shared).await;
@@ -1035,9 +1068,12 @@ pub fn install(model: &Model, updates: Vec<Update>, shared: &HaShared, tables: &
     let now = crate::datapath::scan::monotonic_ns();
     let mut refused = BTreeMap::new();
     let mut installed = 0;
+    // A node that forwards for no unit owns no flow: no lookup needed.
+    let active = shared.active();
     for u in updates {
         // The link of the entry as the update has it, or as this node's table has it (removal).
         let link = match &u {
+            _ if !active => None,
             Update::Delete4(k) => tables.get4(k).map(|f| f.link_id),
             Update::Delete6(k) => tables.get6(k).map(|f| f.link_id),
             u => u.link(),
@@ -1345,7 +1381,8 @@ mod tests {
                 .iter()
                 .map(|me| {
                     let others: Vec<&str> = nodes.iter().copied().filter(|n| n != me).collect();
-                    Arbiter::for_unit(me, unit, &units, T, None, t0).preferred(t0, &up(&others, t0))
+                    Arbiter::for_unit(me, unit, units.as_slice().into(), T, None, t0)
+                        .preferred(t0, &up(&others, t0))
                 })
                 .collect();
             assert_eq!(picks.len(), 1, "{unit}: {picks:?}");
@@ -1373,7 +1410,7 @@ mod tests {
         assert!(moved <= 2, "{moved} networks of the survivors moved");
         // A drained peer, one silent for a fence, or one cut off from the store is no candidate.
         let one = ["vpc-1".to_string()];
-        let a = Arbiter::for_unit("node-a", "vpc-1", &one, T, None, t0);
+        let a = Arbiter::for_unit("node-a", "vpc-1", one.as_slice().into(), T, None, t0);
         let mut peers = up(&["node-b"], t0);
         peers.get_mut("node-b").unwrap().draining = true;
         assert_eq!(a.preferred(t0, &peers).as_deref(), Some("node-a"));
@@ -1392,7 +1429,7 @@ mod tests {
         let peers = up(&[other], t0);
         let units = group_units();
         let prefers = |u: &String| {
-            Arbiter::for_unit(me, u, &units, T, None, t0)
+            Arbiter::for_unit(me, u, units.as_slice().into(), T, None, t0)
                 .preferred(t0, &peers)
                 .as_deref()
                 == Some(me)
@@ -1408,9 +1445,9 @@ mod tests {
         let t0 = Instant::now();
         let (mine, theirs) = units_for("a", "b", t0);
         let peers = up(&["b"], t0 + ms(300));
-        let mut a = Arbiter::for_unit("a", &mine, &group_units(), T, None, t0);
+        let mut a = Arbiter::for_unit("a", &mine, group_units().into(), T, None, t0);
         assert_eq!(a.observe(t0 + ms(300), Some(None), &peers), Claim::Create);
-        let mut a = Arbiter::for_unit("a", &theirs, &group_units(), T, None, t0);
+        let mut a = Arbiter::for_unit("a", &theirs, group_units().into(), T, None, t0);
         for i in 3..=8 {
             assert_eq!(
                 a.observe(t0 + ms(100 * i), Some(None), &peers),
@@ -1429,7 +1466,7 @@ mod tests {
         let mut b_seen = seen(t0, false, true);
         b_seen.last = t0 + ms(5000);
         let peers = BTreeMap::from([("b".to_string(), b_seen)]);
-        let mut a = Arbiter::for_unit("a", "vpc-1", &["vpc-1".into()], T, None, t0);
+        let mut a = Arbiter::for_unit("a", "vpc-1", vec!["vpc-1".into()].into(), T, None, t0);
         // ...then a sees the key name b (a handover, or a takeover after a partition).
         assert_eq!(a.observe(t0 + ms(5000), owner("b"), &peers), Claim::Nothing);
         assert_eq!(a.observe(t0 + ms(5400), owner("b"), &peers), Claim::Nothing);
@@ -1448,7 +1485,7 @@ mod tests {
         let t0 = Instant::now();
         let (_, theirs) = units_for("a", "b", t0);
         let after = ms(3000);
-        let mut a = Arbiter::for_unit("a", &theirs, &group_units(), T, Some(after), t0);
+        let mut a = Arbiter::for_unit("a", &theirs, group_units().into(), T, Some(after), t0);
         a.claimed(t0, None);
         let back = t0 + ms(10_000);
         let mut peers = up(&["b"], back);
@@ -1471,7 +1508,7 @@ mod tests {
         a.handed_over();
         assert!(!a.active(back + ms(3000), &peers), "stops at once");
         // Off by default: never.
-        let mut a = Arbiter::for_unit("a", &theirs, &group_units(), T, None, t0);
+        let mut a = Arbiter::for_unit("a", &theirs, group_units().into(), T, None, t0);
         a.claimed(t0, None);
         assert_eq!(
             a.observe(
@@ -1494,8 +1531,8 @@ mod tests {
                 ("c".to_string(), seen(t0, true, true)),
             ])
         };
-        let mut a = Arbiter::for_unit("a", &unit, &group_units(), T, None, t0);
-        let mut b = Arbiter::for_unit("b", &unit, &group_units(), T, None, t0);
+        let mut a = Arbiter::for_unit("a", &unit, group_units().into(), T, None, t0);
+        let mut b = Arbiter::for_unit("b", &unit, group_units().into(), T, None, t0);
         assert_eq!(a.observe(t0, owner("c"), &heard("b", t0)), Claim::Nothing);
         assert_eq!(b.observe(t0, owner("c"), &heard("a", t0)), Claim::Nothing);
         let t1 = t0 + ms(600);
