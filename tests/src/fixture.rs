@@ -264,6 +264,8 @@ impl Pkt {
 
 /// The node under test: namespace, loaded datapath, dataplane writer, interface facts.
 pub struct Harness {
+    /// The node namespace's name (the harness's interfaces exist only there).
+    pub netns: String,
     pub dp: Datapath,
     /// The benchmark object beside `dp`, loaded on first use ([`Harness::bench`]) with
     /// `bench_slots` slots in the slot floor's table.
@@ -352,6 +354,7 @@ pub fn with_harness_object(
         .unwrap_or_else(|e| panic!("loading the datapath: {e}"));
         let plane = Dataplane::new(&mut dp.ebpf).expect("taking the maps");
         let mut h = Harness {
+            netns: node.name().to_string(),
             dp,
             bench: None,
             bench_slots: 1,

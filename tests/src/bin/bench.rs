@@ -898,12 +898,16 @@ fn profile(path: &str) {
     });
 }
 
-/// Hot paths of two builds in one run (`PRIVATELINK_BENCH_AB=<object of the other build>`): in
-/// alternating rounds, this build's datapath (A) and the other object (B), each loaded into its
-/// own harness with 10 endpoints, through the same replay and against the same floor program.
-/// Prints the medians and each path's ratio to the floor.
+/// Hot paths of two builds in one run (`PRIVATELINK_BENCH_AB=<object of the other build>`): this
+/// build's datapath (A) and the other object (B), each loaded into its own harness with 10
+/// endpoints, both alive at once and measured in turns path by path (the order flips every
+/// round), through the same replay and against the same floor program. The host's drift (seconds
+/// long, up to ±20 % here) lands on both sides of each pair: the table's A / B is the median of
+/// the per-round ratios, with their quartiles.
 fn ab(other: &str) {
-    const ROUNDS: usize = 9;
+    const ROUNDS: usize = 31;
+    // Fresh flows per new-flow sample: ROUNDS of them keep each conntrack map under 60 % full.
+    const NEW_FLOWS: u32 = 20_000;
     let object = std::fs::read(other).unwrap_or_else(|e| panic!("{other}: {e}"));
     let paths = [
         "floor",
@@ -911,81 +915,105 @@ fn ab(other: &str) {
         "established reply",
         "new flow",
     ];
-    let mut ns: [[Vec<f64>; 4]; 2] = Default::default();
-    for round in 0..ROUNDS {
-        for (build, object) in [(0, None), (1, Some(object.as_slice()))] {
-            with_harness_object(bench_sizes(), object, |h| {
-                let model = with_endpoints(h, 9);
-                h.plane.apply(&model).expect("apply");
-                let (c0, c0_mac, p0) = (h.c0, h.c0_mac, h.p0);
-                let (src, port) = consumer(round as u32);
-                let syn = Pkt::syn(src, port, ENDPOINT, 80).macs(CONSUMER_MAC, c0_mac);
-                let r = test_run(h.dp.program(), c0, &syn.build());
-                assert_eq!(r.verdict, XDP_REDIRECT, "the SYN opens the flow");
-                establish(h, &r.out, (src, port));
-                let out = privatelink_tests::parse_checked(&r.out);
-                let ack = Pkt::tcp(src, port, ENDPOINT, 80, false, true)
-                    .macs(CONSUMER_MAC, c0_mac)
-                    .build();
-                let reply = Pkt::tcp(BACKEND, 8080, out.src, out.sport, false, true)
-                    .macs(BACKEND_MAC, h.p0_mac)
-                    .build();
-                let fresh = Pkt::syn(REPLAY_SOURCE, 1024, ENDPOINT, 80)
-                    .macs(CONSUMER_MAC, c0_mac)
-                    .build();
-                let m = [
-                    median(
-                        (0..REPLAY_ROUNDS)
-                            .map(|_| {
-                                replay_ns(h, FLOOR_PROGRAM, 0, &ack, false, REPLAY_REPEAT, XDP_TX)
-                            })
-                            .collect(),
-                    ),
-                    median(
-                        (0..REPLAY_ROUNDS)
-                            .map(|_| {
-                                replay_ns(h, PROGRAM, c0, &ack, false, REPLAY_REPEAT, XDP_REDIRECT)
-                            })
-                            .collect(),
-                    ),
-                    median(
-                        (0..REPLAY_ROUNDS)
-                            .map(|_| {
-                                replay_ns(
-                                    h,
-                                    PROGRAM,
-                                    p0,
-                                    &reply,
-                                    false,
-                                    REPLAY_REPEAT,
-                                    XDP_REDIRECT,
-                                )
-                            })
-                            .collect(),
-                    ),
-                    replay_ns(h, PROGRAM, c0, &fresh, true, 200_000, XDP_REDIRECT),
-                ];
-                for (i, v) in m.into_iter().enumerate() {
-                    ns[build][i].push(v);
-                }
-            });
-        }
+    /// One harness's frames: the established flow's two directions, and the fresh SYN.
+    struct Frames {
+        ack: Vec<u8>,
+        reply: Vec<u8>,
+        fresh: Vec<u8>,
     }
-    println!("## A/B of two builds, hot paths through the replay ({ROUNDS} alternating rounds)\n");
+    let prepare = |h: &mut Harness| {
+        let model = with_endpoints(h, 9);
+        h.plane.apply(&model).expect("apply");
+        let (src, port) = consumer(0);
+        let syn = Pkt::syn(src, port, ENDPOINT, 80).macs(CONSUMER_MAC, h.c0_mac);
+        let r = test_run(h.dp.program(), h.c0, &syn.build());
+        assert_eq!(r.verdict, XDP_REDIRECT, "the SYN opens the flow");
+        establish(h, &r.out, (src, port));
+        let out = privatelink_tests::parse_checked(&r.out);
+        Frames {
+            ack: Pkt::tcp(src, port, ENDPOINT, 80, false, true)
+                .macs(CONSUMER_MAC, h.c0_mac)
+                .build(),
+            reply: Pkt::tcp(BACKEND, 8080, out.src, out.sport, false, true)
+                .macs(BACKEND_MAC, h.p0_mac)
+                .build(),
+            fresh: Pkt::syn(REPLAY_SOURCE, 1024, ENDPOINT, 80)
+                .macs(CONSUMER_MAC, h.c0_mac)
+                .build(),
+        }
+    };
+    let sample = |h: &mut Harness, f: &Frames, path: usize| {
+        let (c0, p0) = (h.c0, h.p0);
+        match path {
+            0 => replay_ns(h, FLOOR_PROGRAM, 0, &f.ack, false, REPLAY_REPEAT, XDP_TX),
+            1 => replay_ns(h, PROGRAM, c0, &f.ack, false, REPLAY_REPEAT, XDP_REDIRECT),
+            2 => replay_ns(h, PROGRAM, p0, &f.reply, false, REPLAY_REPEAT, XDP_REDIRECT),
+            _ => replay_ns(h, PROGRAM, c0, &f.fresh, true, NEW_FLOWS, XDP_REDIRECT),
+        }
+    };
+    let mut ns: [[Vec<f64>; 4]; 2] = Default::default();
+    let mut ratio: [Vec<f64>; 4] = Default::default();
+    with_harness_object(bench_sizes(), None, |a| {
+        let fa = prepare(a);
+        let a_ns = a.netns.clone();
+        with_harness_object(bench_sizes(), Some(object.as_slice()), |b| {
+            let fb = prepare(b);
+            for round in 0..ROUNDS {
+                for path in 0..paths.len() {
+                    let mut one = |build: usize| match build {
+                        0 => in_netns(&a_ns, || sample(a, &fa, path)),
+                        _ => sample(b, &fb, path),
+                    };
+                    let (x, y) = if round % 2 == 0 {
+                        let x = one(0);
+                        (x, one(1))
+                    } else {
+                        let y = one(1);
+                        (one(0), y)
+                    };
+                    ns[0][path].push(x);
+                    ns[1][path].push(y);
+                    ratio[path].push(x / y);
+                }
+            }
+        });
+    });
+    println!(
+        "## A/B of two builds, hot paths through the replay ({ROUNDS} rounds, A and B in turns)\n"
+    );
     println!("A: this build; B: {other}\n");
-    println!("| path | A ns | B ns | A / floor | B / floor | A / B |");
-    println!("|---|---:|---:|---:|---:|---:|");
-    let med = |v: &Vec<f64>| median(v.clone());
-    let (fa, fb) = (med(&ns[0][0]), med(&ns[1][0]));
+    println!(
+        "| path | A ns | B ns | A / floor | B / floor | A / B (median of pairs) | quartiles |"
+    );
+    println!("|---|---:|---:|---:|---:|---:|---|");
+    let quart = |v: &Vec<f64>, q: usize| {
+        let mut v = v.clone();
+        v.sort_by(f64::total_cmp);
+        v[(v.len() - 1) * q / 4]
+    };
+    let (fa, fb) = (median(ns[0][0].clone()), median(ns[1][0].clone()));
     for (i, path) in paths.iter().enumerate() {
-        let (a, b) = (med(&ns[0][i]), med(&ns[1][i]));
+        let (a, b) = (median(ns[0][i].clone()), median(ns[1][i].clone()));
         println!(
-            "| {path} | {a:.1} | {b:.1} | {:.2} | {:.2} | {:.3} |",
+            "| {path} | {a:.1} | {b:.1} | {:.2} | {:.2} | {:.3} | {:.3}–{:.3} |",
             a / fa,
             b / fb,
-            a / b
+            median(ratio[i].clone()),
+            quart(&ratio[i], 1),
+            quart(&ratio[i], 3),
         );
     }
+}
+
+/// Runs `f` on this thread inside the namespace `name`, and returns to the thread's namespace.
+fn in_netns<T>(name: &str, f: impl FnOnce() -> T) -> T {
+    use nix::sched::{CloneFlags, setns};
+    let here = std::fs::File::open("/proc/thread-self/ns/net").expect("this thread's namespace");
+    let there = std::fs::File::open(format!("/run/netns/{name}")).expect("the namespace");
+    setns(&there, CloneFlags::CLONE_NEWNET).expect("setns into the harness");
+    let out = f();
+    setns(&here, CloneFlags::CLONE_NEWNET).expect("setns back");
+    out
 }
 
 /// One configuration's rows; `floors` gets its floor, timer overhead, replay cost and replay
