@@ -51,9 +51,6 @@ pub trait Family: Copy + PartialEq + Default + 'static {
     const ADDR_LEN: usize;
     /// The PROXY protocol v2 family and protocol byte of a TCP connection (`TCP4`, `TCP6`).
     const PP2_TCP: u8;
-    /// New flows are built on the program's stack (the IPv4 program has room for a flow entry and
-    /// its reply key; the IPv6 one does not and builds them in its per-CPU `Probe`).
-    const BUILD_ON_STACK: bool;
     /// A copy of the conntrack entry at `entry` (from a successful lookup) that the packet's
     /// rewrite reads while other CPUs may write the entry, in this CPU's `FLOW_COPY4`/`FLOW_COPY6`
     /// (the programs' stacks have no room for it next to the PROXY paths' callbacks).
@@ -114,7 +111,6 @@ impl Family for u32 {
     const AF: u8 = AF_INET;
     const ADDR_LEN: usize = 4;
     const PP2_TCP: u8 = 0x11;
-    const BUILD_ON_STACK: bool = true;
 
     #[inline(always)]
     fn snapshot(entry: *mut Flow<u32>) -> &'static Flow<u32> {
@@ -283,7 +279,6 @@ impl Family for In6 {
     const AF: u8 = AF_INET6;
     const ADDR_LEN: usize = 16;
     const PP2_TCP: u8 = 0x21;
-    const BUILD_ON_STACK: bool = false;
 
     #[inline(always)]
     fn snapshot(entry: *mut Flow<In6>) -> &'static Flow<In6> {

@@ -1,6 +1,4 @@
 //! Backend choice (Maglev), source-NAT allocation and the flow entries that record it.
-use core::mem::MaybeUninit;
-
 use aya_ebpf::{
     bindings::{BPF_ANY, BPF_EXIST, BPF_NOEXIST},
     cty::c_void,
@@ -17,7 +15,7 @@ use crate::{
     family::Family,
     mem,
     parse::Pkt,
-    probe::{CLAIMED, Ports, Probe},
+    probe::{CLAIMED, Ports},
 };
 
 const ENOENT: i32 = 2;
@@ -117,22 +115,14 @@ extern "C" fn probe_next<A: Family>(_i: u64, _ctx: *mut c_void) -> i64 {
 
 /// Chooses a NAT address and port whose reply tuple is free, and writes both flow entries. With
 /// `nh` (the backend's cached next hop), the forward entry starts out with it. Returns the
-/// forward entry (the translation to apply now), built where the reply entry was built first: in
-/// `stack` when the family builds new flows on the stack ([`Family::BUILD_ON_STACK`]: the fast
-/// path of a free first port touches no other memory), else in this CPU's
-/// [`Probe`](crate::probe::Probe). The search after a taken first port always runs in the
-/// `Probe` (its `bpf_loop` callback reaches nothing else).
+/// forward entry (the translation to apply now), built in this CPU's
+/// [`Probe`](crate::probe::Probe) where the reply entry was built first.
 #[allow(
     clippy::needless_borrows_for_generic_args,
     reason = "by value, the key and flow would be copied to the stack once more"
 )]
 #[inline(always)]
-pub fn create_flow<'f, A: Family>(
-    req: &NewFlow<A>,
-    to: &Backend<A>,
-    stack: &'f mut MaybeUninit<Flow<A>>,
-    stack_key: &'f mut MaybeUninit<FlowKey<A>>,
-) -> Result<&'f Flow<A>, u32> {
+pub fn create_flow<A: Family>(req: &NewFlow<A>, to: &Backend<A>) -> Result<&'static Flow<A>, u32> {
     let NewFlow {
         key,
         p,
@@ -153,78 +143,78 @@ pub fn create_flow<'f, A: Family>(
     } else {
         CT_OPEN
     };
-    // Made where they are stored (as locals, the IPv6 program's stack would not hold them).
-    let reply = || Flow {
-        last_seen_ns: now,
-        saddr_be: p.daddr_be,
-        daddr_be: p.saddr_be,
-        sport_be: p.dport_be,
-        dport_be: p.sport_be,
-        link_id,
-        peer_network: key.network_id,
-        egress_ifindex: origin.ifindex,
-        src_mac: origin.node_mac,
-        dst_mac: origin.peer_mac,
-        vlan_id: origin.vlan_id,
-        dir: DIR_REPLY,
-        tcp_state: state,
-        nh_generation: 0,
-        proxy_len,
-        flags: if proxy_len != 0 { PROXY_PENDING } else { 0 }
-            | if logged { FLOW_LOGGED } else { 0 },
+    let s = A::nat_probe().ok_or(DROP_NAT_EXHAUSTED)?;
+    let flow = mem::write(
+        &mut s.flow,
+        Flow {
+            last_seen_ns: now,
+            saddr_be: p.daddr_be,
+            daddr_be: p.saddr_be,
+            sport_be: p.dport_be,
+            dport_be: p.sport_be,
+            link_id,
+            peer_network: key.network_id,
+            egress_ifindex: origin.ifindex,
+            src_mac: origin.node_mac,
+            dst_mac: origin.peer_mac,
+            vlan_id: origin.vlan_id,
+            dir: DIR_REPLY,
+            tcp_state: state,
+            nh_generation: 0,
+            proxy_len,
+            flags: if proxy_len != 0 { PROXY_PENDING } else { 0 }
+                | if logged { FLOW_LOGGED } else { 0 },
+            _pad: 0,
+        },
+    );
+    s.rkey = FlowKey::new(
+        link.provider_network,
+        backend_be,
+        nat_addr_be,
+        service_port_be,
+        0,
+        p.proto,
+    );
+    s.ports = Ports {
+        state: 0,
+        span: (port_max as u32).saturating_sub(port_min as u32) + 1,
+        min: port_min,
         _pad: 0,
-    };
-    let rkey = || {
-        FlowKey::new(
-            link.provider_network,
-            backend_be,
-            nat_addr_be,
-            service_port_be,
-            0,
-            p.proto,
-        )
     };
     // Keep the consumer's port when the range allows it (fewer surprises), else one at random.
     // This first try inserts at once: at low occupancy it is free, and one map operation is all.
     let sport = u16::from_be(p.sport_be);
-    let own = sport >= port_min && sport <= port_max;
-    let (flow, port_be) = if A::BUILD_ON_STACK && own {
-        let flow = mem::write(stack, reply());
-        let rkey = mem::write(stack_key, rkey());
-        rkey.dport_be = p.sport_be;
-        if claim(rkey, flow, true, now, cfg)? {
-            (flow, p.sport_be)
-        } else {
-            // Taken: the search, with a copy of the entry and key where its callback reaches them.
-            let s = A::nat_probe().ok_or(DROP_NAT_EXHAUSTED)?;
-            mem::write(&mut s.flow, *flow);
-            mem::copy(&mut s.rkey, rkey);
-            s.ports = Ports::over(port_min, port_max);
-            (flow, search(s, now, cfg)?)
-        }
+    let first = if sport >= port_min && sport <= port_max {
+        sport
     } else {
-        let s = A::nat_probe().ok_or(DROP_NAT_EXHAUSTED)?;
-        s.ports = Ports::over(port_min, port_max);
-        let first = if own {
-            sport
-        } else {
-            s.ports.seed();
-            s.ports.next()
-        };
-        mem::write(&mut s.flow, reply());
-        s.rkey = rkey();
-        s.rkey.dport_be = first.to_be();
-        // SAFETY: written just above.
-        let claimed = claim(&s.rkey, unsafe { s.flow.assume_init_ref() }, true, now, cfg)?;
-        let port_be = if claimed {
-            s.rkey.dport_be
-        } else {
-            search(s, now, cfg)?
-        };
-        // SAFETY: written above; the search only read it.
-        let flow: &'static mut Flow<A> = unsafe { s.flow.assume_init_mut() };
-        (flow, port_be)
+        s.ports.seed();
+        s.ports.next()
     };
+    s.rkey.dport_be = first.to_be();
+    if !claim(&s.rkey, &*flow, true, now, cfg)? {
+        // Taken: independent random ports, each looked at before it is written (no bucket lock
+        // for a taken one), at most `NAT_PORT_PROBES` in all. In a `bpf_loop` callback, so the
+        // verifier checks one try instead of every one of them.
+        if s.ports.state == 0 {
+            s.ports.seed();
+        }
+        s.now = now;
+        s.cfg = *cfg;
+        s.result = DROP_NAT_EXHAUSTED;
+        // SAFETY: the callback matches bpf_loop's signature and takes no context.
+        unsafe {
+            bpf_loop(
+                NAT_PORT_PROBES - 1,
+                probe_next::<A> as *mut c_void,
+                core::ptr::null_mut(),
+                0,
+            )
+        };
+        if s.result != CLAIMED {
+            return Err(s.result);
+        }
+    }
+    let port_be = s.rkey.dport_be;
     // The reply entry is written: the same memory becomes the forward entry (link, state and
     // timestamps are the same).
     flow.saddr_be = nat_addr_be;
@@ -248,40 +238,10 @@ pub fn create_flow<'f, A: Family>(
     flow.vlan_id = 0;
     flow.dir = DIR_FORWARD;
     if A::ct().insert(key, &*flow, BPF_ANY as u64).is_err() {
-        // The reply key again (the IPv6 one lives in the `Probe`, the IPv4 one on the stack).
-        let mut rkey = rkey();
-        rkey.dport_be = port_be;
-        let _ = A::ct().remove(&rkey);
+        let _ = A::ct().remove(&s.rkey);
         return Err(DROP_CONNTRACK_FULL);
     }
     Ok(flow)
-}
-
-/// The search after a taken first port: independent random ports, each looked at before it is
-/// written (no bucket lock for a taken one), at most `NAT_PORT_PROBES` in all, in a `bpf_loop`
-/// callback, so the verifier checks one try instead of every one of them. `s` holds the reply
-/// entry, its key and the port sequence. Returns the claimed port, network order.
-#[inline(always)]
-fn search<A: Family>(s: &mut Probe<A>, now: u64, cfg: &DatapathConfig) -> Result<u16, u32> {
-    if s.ports.state == 0 {
-        s.ports.seed();
-    }
-    s.now = now;
-    s.cfg = *cfg;
-    s.result = DROP_NAT_EXHAUSTED;
-    // SAFETY: the callback matches bpf_loop's signature and takes no context.
-    unsafe {
-        bpf_loop(
-            NAT_PORT_PROBES - 1,
-            probe_next::<A> as *mut c_void,
-            core::ptr::null_mut(),
-            0,
-        )
-    };
-    if s.result != CLAIMED {
-        return Err(s.result);
-    }
-    Ok(s.rkey.dport_be)
 }
 
 /// Claims the reply tuple `rkey` for the new flow by writing its reply entry: when it is free, when

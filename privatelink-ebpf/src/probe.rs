@@ -36,17 +36,6 @@ pub(crate) struct Ports {
 pub(crate) const CLAIMED: u32 = 0;
 
 impl Ports {
-    /// The sequence over `min..=max`, not yet seeded.
-    #[inline(always)]
-    pub(crate) fn over(min: u16, max: u16) -> Self {
-        Self {
-            state: 0,
-            span: (max as u32).saturating_sub(min as u32) + 1,
-            min,
-            _pad: 0,
-        }
-    }
-
     /// Seeds the sequence: one helper call, made only once a random port is needed (a flow that
     /// keeps its consumer's port never pays it).
     #[inline(always)]

@@ -1,7 +1,5 @@
 //! One packet, start to finish: classify, look up, admit or drop, translate, send; count the outcome.
 
-use core::mem::MaybeUninit;
-
 use aya_ebpf::programs::XdpContext;
 use network_types::{eth::EthHdr, ip::Ipv4Hdr};
 use privatelink_common::{
@@ -358,9 +356,7 @@ fn new_flow<A: Family>(pk: &Packet<A>, key: &FlowKey<A>) -> Verdict {
     let Some(link) = LINKS.get(ep.link_id).copied() else {
         return Verdict::drop(DROP_LINK_INACTIVE);
     };
-    // Where the family builds a new flow on the stack (see `nat::create_flow`).
-    let (mut built, mut built_key) = (MaybeUninit::uninit(), MaybeUninit::uninit());
-    let (v, made) = match admit_and_create(pk, key, &link, &ep, (&mut built, &mut built_key)) {
+    let (v, made) = match admit_and_create(pk, key, &link, &ep) {
         Ok((slot, flow)) => {
             stats::link_new_conn(ep.link_id);
             flowsync::emit(key);
@@ -397,16 +393,12 @@ fn new_flow<A: Family>(pk: &Packet<A>, key: &FlowKey<A>) -> Verdict {
 /// Admission (link, allowlist, TCP SYN, security groups, TTL, the link's flow limit), then the backend, its cached next
 /// hop and the flow's entries. Returns the backend slot and the forward entry.
 #[inline(always)]
-fn admit_and_create<'f, A: Family>(
+fn admit_and_create<A: Family>(
     pk: &Packet<A>,
     key: &FlowKey<A>,
     link: &LinkInfo,
     ep: &EndpointValue,
-    (stack, stack_key): (
-        &'f mut MaybeUninit<Flow<A>>,
-        &'f mut MaybeUninit<FlowKey<A>>,
-    ),
-) -> Result<(u32, &'f Flow<A>), u32> {
+) -> Result<(u32, &'static Flow<A>), u32> {
     let p = pk.p;
     policy::link_usable(link)?;
     policy::allowlisted(link)?;
@@ -447,7 +439,7 @@ fn admit_and_create<'f, A: Family>(
             peer_mac,
         },
     };
-    let flow = nat::create_flow(&request, &backend, stack, stack_key)?;
+    let flow = nat::create_flow(&request, &backend)?;
     policy::count_opened(link, ep.link_id);
     Ok((slot, flow))
 }
