@@ -37,6 +37,31 @@ pub fn agent_bin(name: &str) -> std::path::PathBuf {
     bin
 }
 
+/// nginx or HAProxy that read PROXY v2 TLVs into their logs (nginx ≥ 1.23.2, HAProxy ≥ 2.9):
+/// `cargo xtask setup` unpacks Debian 13's into `$CARGO_HOME/privatelink/proxy-tools` (this
+/// machine's Debian 12 has nginx 1.22 and HAProxy 2.6); `PRIVATELINK_PROXY_TOOLS` names another
+/// directory with `bin/nginx` and `bin/haproxy`.
+pub fn proxy_tool(name: &str) -> std::path::PathBuf {
+    let dir = std::env::var_os("PRIVATELINK_PROXY_TOOLS")
+        .map(std::path::PathBuf::from)
+        .or_else(|| {
+            std::env::var_os("CARGO_HOME")
+                .map(std::path::PathBuf::from)
+                .or_else(|| {
+                    std::env::var_os("HOME").map(|h| std::path::PathBuf::from(h).join(".cargo"))
+                })
+                .map(|h| h.join("privatelink/proxy-tools"))
+        })
+        .expect("CARGO_HOME or HOME");
+    let bin = dir.join("bin").join(name);
+    assert!(
+        bin.exists(),
+        "{} is missing: run `cargo xtask setup` as root (it unpacks nginx and HAProxy that log PROXY TLVs)",
+        bin.display()
+    );
+    bin
+}
+
 /// Whether this process may load BPF programs and create namespaces. Outside CI a test without
 /// them skips with a printed reason; with `CI=true` it fails instead.
 pub fn privileged(test: &str) -> bool {

@@ -52,6 +52,7 @@ pub fn setup(with_packages: bool) -> Result<()> {
     if with_packages {
         ensure_packages()?;
         ensure_schemathesis()?;
+        ensure_proxy_tools()?;
     }
     Ok(())
 }
@@ -121,6 +122,138 @@ fn ensure_schemathesis() -> Result<()> {
         .arg(format!("schemathesis=={SCHEMATHESIS}")))
     .context("installing schemathesis from PyPI")?;
     step("schemathesis", format!("installed {}", bin.display()));
+    Ok(())
+}
+
+/// Debian's release whose nginx and HAProxy read PROXY v2 TLVs into their logs (nginx 1.23.2's
+/// `$proxy_protocol_tlv_*`, HAProxy 2.9's `fc_pp_tlv`); this machine's Debian 12 has nginx 1.22
+/// and HAProxy 2.6.
+pub const PROXY_TOOLS_SUITE: &str = "trixie";
+
+/// The packages unpacked for them: the two servers and the libraries they load, HAProxy's C
+/// library among them (it needs glibc 2.38; Debian 12 has 2.36).
+const PROXY_TOOLS_PACKAGES: &[&str] = &[
+    "nginx",
+    "haproxy",
+    "libc6",
+    "libgcc-s1",
+    "libstdc++6",
+    "libcrypt1",
+    "libpcre2-8-0",
+    "libssl3t64",
+    "libzstd1",
+    "zlib1g",
+    "libjemalloc2",
+    "liblua5.4-0",
+    "libopentracing-c-wrapper0t64",
+    "libopentracing1",
+];
+
+/// Where setup unpacks them; `bin/nginx` and `bin/haproxy` there run them (the PROXY tests look
+/// there too).
+pub fn proxy_tools_dir() -> PathBuf {
+    cargo_home().join("privatelink/proxy-tools")
+}
+
+/// nginx and HAProxy from [`PROXY_TOOLS_SUITE`], unpacked into [`proxy_tools_dir`] with their
+/// libraries and run through that release's own loader: nothing is installed into the system,
+/// whose packages stay Debian 12's.
+fn ensure_proxy_tools() -> Result<()> {
+    let dir = proxy_tools_dir();
+    let bins = [dir.join("bin/nginx"), dir.join("bin/haproxy")];
+    let versions = || -> Result<String> {
+        // nginx prints its version on stderr.
+        let nginx = Command::new(&bins[0]).arg("-v").output()?;
+        if !nginx.status.success() {
+            bail!("{} -v: {}", bins[0].display(), nginx.status);
+        }
+        let nginx = String::from_utf8_lossy(&nginx.stderr).into_owned();
+        let haproxy = output(Command::new(&bins[1]).arg("-v"))?;
+        Ok(format!(
+            "{}, {}",
+            nginx.trim(),
+            haproxy.lines().next().unwrap_or("").trim()
+        ))
+    };
+    if let Ok(v) = versions() {
+        step("proxy-tools", format!("{v} in {}", dir.display()));
+        return Ok(());
+    }
+    if !nix_is_root() {
+        bail!(
+            "the PROXY protocol tests need nginx and HAProxy from Debian {PROXY_TOOLS_SUITE}: run `cargo xtask setup` as root"
+        );
+    }
+    step(
+        "proxy-tools",
+        format!(
+            "unpacking nginx and HAProxy from Debian {PROXY_TOOLS_SUITE} into {}",
+            dir.display()
+        ),
+    );
+    let _ = fs::remove_dir_all(&dir);
+    let apt = dir.join("apt");
+    let debs = dir.join("debs");
+    let root = dir.join("root");
+    for d in [
+        apt.join("lists/partial"),
+        apt.join("cache/archives/partial"),
+        debs.clone(),
+        root.clone(),
+        dir.join("bin"),
+    ] {
+        fs::create_dir_all(&d).with_context(|| format!("creating {}", d.display()))?;
+    }
+    let sources = apt.join("debian.sources");
+    fs::write(
+        &sources,
+        format!(
+            "Types: deb\nURIs: http://deb.debian.org/debian\nSuites: {PROXY_TOOLS_SUITE}\n\
+             Components: main\nSigned-By: /usr/share/keyrings/debian-archive-keyring.gpg\n"
+        ),
+    )?;
+    let apt_get = |args: &[&str]| {
+        let mut c = Command::new("apt-get");
+        c.current_dir(&debs)
+            .arg("-q")
+            .arg(format!("-oDir::Etc::SourceList={}", sources.display()))
+            .arg("-oDir::Etc::SourceParts=-")
+            .arg(format!(
+                "-oDir::State::Lists={}",
+                apt.join("lists").display()
+            ))
+            .arg(format!("-oDir::Cache={}", apt.join("cache").display()))
+            .arg("-oAPT::Get::List-Cleanup=0")
+            .arg("-oAPT::Sandbox::User=root")
+            .args(args);
+        c
+    };
+    run(&mut apt_get(&["update"])).context("reading Debian's package lists")?;
+    run(apt_get(&["download"]).args(PROXY_TOOLS_PACKAGES))
+        .context("downloading nginx and HAProxy")?;
+    for deb in fs::read_dir(&debs)?.flatten() {
+        run(Command::new("dpkg-deb")
+            .arg("-x")
+            .arg(deb.path())
+            .arg(&root))
+        .with_context(|| format!("unpacking {}", deb.path().display()))?;
+    }
+    let r = root.display();
+    for (bin, exe) in bins.iter().zip(["nginx", "haproxy"]) {
+        fs::write(
+            bin,
+            format!(
+                "#!/bin/sh\n# {exe} from Debian {PROXY_TOOLS_SUITE}, on its own libraries (cargo xtask setup)\n\
+                 exec {r}/usr/lib64/ld-linux-x86-64.so.2 --library-path {r}/usr/lib/x86_64-linux-gnu \
+                 {r}/usr/sbin/{exe} \"$@\"\n"
+            ),
+        )?;
+        use std::os::unix::fs::PermissionsExt as _;
+        fs::set_permissions(bin, fs::Permissions::from_mode(0o755))?;
+    }
+    let _ = fs::remove_dir_all(&debs);
+    let v = versions().context("running the unpacked nginx and HAProxy")?;
+    step("proxy-tools", format!("installed {v}"));
     Ok(())
 }
 
