@@ -446,11 +446,12 @@ fn proxy_changes_apply_to_new_connections_udp_never_carries_it_and_lost_state_me
 /// the same CIDR: nginx (`listen ... proxy_protocol`), HAProxy (`accept-proxy`, which checks the
 /// CRC32C) and MariaDB (`proxy_protocol_networks`, a server that speaks first). Each backend must
 /// see the consumer's own address and, through the UNIQUE_ID TLV, the right endpoint and account;
-/// then 50 MB each way under 5 % loss both ways on the provider side, with no reset.
+/// then 50 MB each way under 5 % loss both ways and reordering on the provider side, with no reset.
 ///
-/// The loss comes from nftables (`numgen random`): this kernel has no `sch_netem` ("Specified
-/// qdisc kind is unknown"), so `tc netem` loss and reordering cannot be used here; reordered SACK
-/// edges are covered by the fixtures above.
+/// This kernel has no `sch_netem` ("Specified qdisc kind is unknown"), so `tc netem` cannot be
+/// used: the loss comes from nftables (`numgen random`), the reordering from an HTB class that a
+/// random 5 % of the provider's packets are sent through at 20 Mbit/s (a classic BPF `tc`
+/// filter), so they arrive behind packets sent after them.
 pub(crate) mod real {
     use std::{
         net::{IpAddr, Ipv4Addr},
@@ -460,7 +461,7 @@ pub(crate) mod real {
 
     use privatelink_agent::testkit::demo::CLIENT;
     use privatelink_tests::{
-        privileged,
+        privileged, proxy_tool,
         world::{Proc, World, api, node_get, sample},
     };
     use serde_json::json;
@@ -528,10 +529,11 @@ pub(crate) mod real {
         );
         std::fs::write(w.dir.join("nginx.conf"), conf).unwrap();
         let c = w.dir.join("nginx.conf");
+        let nginx = proxy_tool("nginx");
         server(
             w,
             &w.dir.join("nginx.out"),
-            "nginx",
+            nginx.to_str().unwrap(),
             &["-p", &d.to_string(), "-c", c.to_str().unwrap()],
         )
     }
@@ -548,8 +550,8 @@ pub(crate) mod real {
              frontend api
                mode http
                bind {b}:{api} accept-proxy
-               log-format \"api %ci:%cp %[fc_pp_unique_id]\"
-               http-request return status 200 content-type text/plain lf-string \"%[fc_pp_unique_id]\"
+               log-format \"api %ci:%cp %[fc_pp_unique_id] %[fc_pp_tlv(0xE0)] %[fc_pp_tlv(0xE2)]\"
+               http-request return status 200 content-type text/plain lf-string \"%[fc_pp_unique_id] %[fc_pp_tlv(0xE0)] %[fc_pp_tlv(0xE2)]\"
              frontend sink
                mode tcp
                bind {b}:{sink} accept-proxy
@@ -564,12 +566,24 @@ pub(crate) mod real {
         );
         let c = w.dir.join("haproxy.cfg");
         std::fs::write(&c, conf).unwrap();
+        let haproxy = proxy_tool("haproxy");
         server(
             w,
             &w.dir.join("haproxy.log"),
-            "haproxy",
+            haproxy.to_str().unwrap(),
             &["-db", "-f", c.to_str().unwrap()],
         )
+    }
+
+    /// The classic BPF program of the reordering filter: a random number below 5 % of 2³² picks
+    /// class 1:20 (0x10020), anything else 1:10 (0x10010). `ld rand; jge #k; ret; ret`.
+    const REORDER: &str = "4,32 0 0 4294963256,53 0 1 214748365,6 0 0 65552,6 0 0 65568";
+
+    /// A TCP counter of the namespace's `nstat` (absolute, all of it since the namespace began).
+    fn tcp_counter(ns: &privatelink_agent::testkit::netns::Netns, name: &str) -> u64 {
+        let out = run(ns, "nstat", &["-asz", "--json", name], None);
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("nstat's JSON");
+        v["kernel"][name].as_u64().unwrap_or(0)
     }
 
     fn sha256(ns: &privatelink_agent::testkit::netns::Netns, file: &Path) -> String {
@@ -596,10 +610,12 @@ pub(crate) mod real {
         let _nginx = nginx(
             &w,
             &format!("{}:{} proxy_protocol", NGINX.backend, NGINX.service_port),
-            "$proxy_protocol_addr $proxy_protocol_port $remote_addr $request_uri $status",
+            "$proxy_protocol_addr $proxy_protocol_port $remote_addr $request_uri $status \
+             $proxy_protocol_tlv_0xe0 $proxy_protocol_tlv_0xe2",
             &format!(
                 "root {}; location = / {{ default_type text/plain; \
-                 return 200 \"$proxy_protocol_addr $proxy_protocol_port\\n\"; }}",
+                 return 200 \"$proxy_protocol_addr $proxy_protocol_port \
+                 $proxy_protocol_tlv_0xe0 $proxy_protocol_tlv_0xe2\\n\"; }}",
                 www.display()
             ),
         );
@@ -693,11 +709,18 @@ pub(crate) mod real {
             });
             let out = run(ns, "curl", &["-sf", "--max-time", "10", &url], None);
             let body = String::from_utf8(out.stdout).unwrap();
-            let (addr, _port) = body.trim().split_once(' ').expect("address and port");
+            let f: Vec<&str> = body.split_whitespace().collect();
+            assert_eq!(f.len(), 4, "nginx: address, port and two TLVs in {body:?}");
             assert_eq!(
-                addr.parse::<IpAddr>().unwrap(),
+                f[0].parse::<IpAddr>().unwrap(),
                 IpAddr::V4(CLIENT),
                 "nginx saw {body}"
+            );
+            // The endpoint (TLV 0xE0) and the consumer account (0xE2) of this consumer.
+            assert_eq!(
+                [f[2], f[3]],
+                [endpoints[&(c, NGINX.name)].as_str(), account.as_str()],
+                "consumer {c}: nginx's $proxy_protocol_tlv_0xe0/0xe2"
             );
             // HAProxy: the UNIQUE_ID names this consumer's endpoint and account.
             let url = format!("http://{}:{}/", HAPROXY.endpoint, HAPROXY.terminal_port);
@@ -709,12 +732,19 @@ pub(crate) mod real {
                 )
             });
             let out = run(ns, "curl", &["-sf", "--max-time", "10", &url], None);
-            let id = String::from_utf8(out.stdout).unwrap();
+            let body = String::from_utf8(out.stdout).unwrap();
             let ep = &endpoints[&(c, HAPROXY.name)];
+            let f: Vec<&str> = body.split_whitespace().collect();
             assert!(
-                id.starts_with(&format!("{ep}/{account}/"))
-                    && id.len() == ep.len() + account.len() + 18,
-                "consumer {c}: HAProxy read the unique id {id:?}"
+                f.len() == 3
+                    && f[0].starts_with(&format!("{ep}/{account}/"))
+                    && f[0].len() == ep.len() + account.len() + 18,
+                "consumer {c}: HAProxy read the unique id in {body:?}"
+            );
+            assert_eq!(
+                [f[1], f[2]],
+                [ep.as_str(), account.as_str()],
+                "consumer {c}: HAProxy's fc_pp_tlv(0xE0)/fc_pp_tlv(0xE2)"
             );
             // MariaDB speaks first: the header arrived with the handshake's last ACK.
             let user = mariadb_query(ns, &MARIADB, "SELECT USER()");
@@ -737,22 +767,43 @@ pub(crate) mod real {
             through.len() >= 2,
             "nginx logged no request through the node:\n{access}"
         );
-        for f in through {
+        // Every line through the node names one consumer by its endpoint and account (the two
+        // consumers have the same address), and each consumer has its lines.
+        let who: Vec<[String; 2]> = (0..2)
+            .map(|c| {
+                [
+                    endpoints[&(c, NGINX.name)].clone(),
+                    format!("100000000{}", c + 1),
+                ]
+            })
+            .collect();
+        for f in &through {
             assert_eq!(
                 f[0],
                 CLIENT.to_string(),
                 "nginx: $proxy_protocol_addr in {f:?}"
             );
+            assert!(
+                f.len() == 7 && who.iter().any(|w| w[0] == f[5] && w[1] == f[6]),
+                "nginx: a consumer's endpoint and account in {f:?}"
+            );
+        }
+        for w in &who {
+            assert!(
+                through.iter().any(|f| f[5] == w[0] && f[6] == w[1]),
+                "nginx logged nothing from {w:?}:\n{access}"
+            );
         }
         let hlog = std::fs::read_to_string(w.dir.join("haproxy.log")).unwrap();
         for c in 0..2 {
             let ep = &endpoints[&(c, HAPROXY.name)];
+            let account = format!("100000000{}", c + 1);
             let want = format!("api {CLIENT}:");
             assert!(
-                hlog.lines()
-                    .any(|l| l.starts_with(&want)
-                        && l.contains(&format!(" {ep}/100000000{}/", c + 1))),
-                "HAProxy's log has consumer {c}'s endpoint and account:\n{hlog}"
+                hlog.lines().any(|l| l.starts_with(&want)
+                    && l.contains(&format!(" {ep}/{account}/"))
+                    && l.ends_with(&format!(" {ep} {account}"))),
+                "HAProxy's log has consumer {c}'s endpoint and account (unique id and TLVs):\n{hlog}"
             );
         }
 
@@ -774,6 +825,27 @@ pub(crate) mod real {
             })
             .map(|s| assert!(s.success(), "nft loss rules"))
             .unwrap();
+        // And reordering on the provider's way out: a classic BPF filter sends a random 5 % of
+        // packets into an HTB class of 20 Mbit/s, whose queue holds each back behind packets that
+        // follow it through the 10 Gbit/s class.
+        for args in [
+            "qdisc add dev eth0 root handle 1: htb default 10",
+            "class add dev eth0 parent 1: classid 1:10 htb rate 10gbit burst 256k quantum 1514",
+            "class add dev eth0 parent 1: classid 1:20 htb rate 20mbit quantum 1514",
+        ] {
+            run(provider, "tc", &args.split(' ').collect::<Vec<_>>(), None);
+        }
+        run(
+            provider,
+            "tc",
+            &[
+                "filter", "add", "dev", "eth0", "parent", "1:", "prio", "1", "bpf", "bytecode",
+                REORDER,
+            ],
+            None,
+        );
+        let reorders = || tcp_counter(provider, "TcpExtTCPSACKReorder");
+        let reorders_before = reorders();
         let ns = &w.topo.consumers[0];
         let down = w.dir.join("down.bin");
         run(
@@ -813,6 +885,37 @@ pub(crate) mod real {
             sha256(provider, &sink_file),
             want,
             "50 MB up, through PROXY, under loss"
+        );
+        // The slow class carried packets, and the backends' TCP saw segments arrive out of order
+        // (a hole filled by a segment that was not retransmitted).
+        let classes = String::from_utf8(
+            run(
+                provider,
+                "tc",
+                &["-s", "class", "show", "dev", "eth0"],
+                None,
+            )
+            .stdout,
+        )
+        .unwrap();
+        let slow = classes
+            .split("class htb ")
+            .find(|c| c.starts_with("1:20 "))
+            .and_then(|c| c.split(" bytes ").nth(1))
+            .and_then(|r| r.split(' ').next())
+            .and_then(|n| n.parse::<u64>().ok())
+            .unwrap_or(0);
+        assert!(
+            slow > 1_000,
+            "the reordering class sent {slow} packets:\n{classes}"
+        );
+        let reorders_after = reorders();
+        eprintln!(
+            "reordering: {slow} packets through the slow class; TCPSACKReorder {reorders_before} → {reorders_after}"
+        );
+        assert!(
+            reorders_after > reorders_before,
+            "the provider's TCP detected no reordering ({reorders_before} before, {reorders_after} after)"
         );
         let metrics = node_get(&w.topo, "http://127.0.0.1:9464/metrics").expect("scrape");
         // Every connection's header was acknowledged (2 consumers × 3 services, the transfers,
