@@ -34,10 +34,20 @@ pub fn cached_nexthop<A: Family>(slot: u32, now: u64, fib_gen: u32) -> Option<&'
         .then_some(nh)
 }
 
+/// How [`send`] goes about a packet besides its flow.
+pub struct How {
+    /// The FIB generation a cached next hop must have.
+    pub fib_gen: u32,
+    /// (backend slot, now) of a new flow, whose FIB result becomes the backend's cached next hop.
+    pub learn: Option<(u32, u64)>,
+    /// What the TCP header's fields already changed add to its checksum (a PROXY flow's moved
+    /// sequence or acknowledgement number): the translation's checksum update takes it along, so
+    /// the checksum is read and written once.
+    pub l4_delta: Delta,
+}
+
 /// Translates the packet by `flow` and sends it on. `entry` is the flow's conntrack entry, where a
 /// forward flow caches the next hop its FIB lookup found (`None` for a flow created just now).
-/// `learn`: (backend slot, now) of a new flow, whose FIB result becomes the backend's cached next
-/// hop.
 #[inline(always)]
 pub fn send<A: Family>(
     ctx: &XdpContext,
@@ -45,15 +55,15 @@ pub fn send<A: Family>(
     p: &Pkt<A>,
     flow: &Flow<A>,
     entry: Option<*mut Flow<A>>,
-    fib_gen: u32,
-    learn: Option<(u32, u64)>,
+    how: &How,
 ) -> Verdict {
+    let (fib_gen, learn, extra) = (how.fib_gen, how.learn, how.l4_delta);
     let cached =
         flow.dir == DIR_FORWARD && flow.egress_ifindex != 0 && flow.nh_generation == fib_gen;
     if flow.dir != DIR_FORWARD || cached {
         // Reply: back out of the consumer interface it came in on, to the MAC it came from.
         // Forward with a cached next hop: the interface and MACs of the last FIB lookup.
-        if !rewrite_l34(ctx, p, flow, true)
+        if !rewrite_l34(ctx, p, flow, true, extra)
             || !rewrite_l2(ctx, l2, &flow.dst_mac, &flow.src_mac, flow.vlan_id)
         {
             return Verdict::drop(DROP_REWRITE_FAILED);
@@ -108,7 +118,9 @@ pub fn send<A: Family>(
                     }
                 };
             }
-            if !rewrite_l34(ctx, p, flow, true) || !rewrite_l2(ctx, l2, &fib.dmac, &fib.smac, 0) {
+            if !rewrite_l34(ctx, p, flow, true, extra)
+                || !rewrite_l2(ctx, l2, &fib.dmac, &fib.smac, 0)
+            {
                 return Verdict::drop(DROP_REWRITE_FAILED);
             }
             out(l2, fib.ifindex)
@@ -116,7 +128,7 @@ pub fn send<A: Family>(
         // The kernel forwards the translated packet (decrementing TTL itself) and resolves the
         // neighbour; the next packet of the flow takes the fast path.
         BPF_FIB_LKUP_RET_NO_NEIGH => {
-            if !rewrite_l34(ctx, p, flow, false) {
+            if !rewrite_l34(ctx, p, flow, false, extra) {
                 return Verdict::drop(DROP_REWRITE_FAILED);
             }
             Verdict {
@@ -193,10 +205,16 @@ pub fn out(l2: &L2, ifindex: u32) -> Verdict {
 }
 
 /// Rewrites addresses and ports to the flow's, with incremental IPv4 and L4 checksum updates
-/// (pseudo-header included; a zero UDP checksum stays zero) and, if asked, the TTL (hop limit)
-/// decrement.
+/// (pseudo-header included, and `extra`, the TCP header's earlier changes; a zero UDP checksum
+/// stays zero) and, if asked, the TTL (hop limit) decrement.
 #[inline(always)]
-fn rewrite_l34<A: Family>(ctx: &XdpContext, p: &Pkt<A>, flow: &Flow<A>, dec_ttl: bool) -> bool {
+fn rewrite_l34<A: Family>(
+    ctx: &XdpContext,
+    p: &Pkt<A>,
+    flow: &Flow<A>,
+    dec_ttl: bool,
+    extra: Delta,
+) -> bool {
     let Some(addrs) = A::rewrite_l3(ctx, p, flow, dec_ttl) else {
         return false;
     };
@@ -205,6 +223,11 @@ fn rewrite_l34<A: Family>(ctx: &XdpContext, p: &Pkt<A>, flow: &Flow<A>, dec_ttl:
             .u16(p.sport_be, flow.sport_be)
             .u16(p.dport_be, flow.dport_be),
     );
+    let l4 = if p.proto == PROTO_TCP {
+        l4.plus(extra)
+    } else {
+        l4
+    };
     if p.proto == PROTO_TCP {
         let Some(tcp) = ptr_at::<TcpHdr>(ctx, p.l4_off) else {
             return false;

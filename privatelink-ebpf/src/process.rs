@@ -11,8 +11,11 @@ use privatelink_common::{
 
 use crate::{
     HANDOFF6, IFACE_INDEX, IFACES, JUMP, LINKS, SCRATCH6, arp, connlog, conntrack,
+    csum::Delta,
     family::Family,
-    flowcache, flowsync, forward, icmp, icmp6,
+    flowcache, flowsync,
+    forward::{self, How},
+    icmp, icmp6,
     nat::{self, Backend, NewFlow, Origin},
     parse::{
         self, ETH_P_ARP, ETH_P_IP, ETH_P_IPV6, Hdr4, Hdr6, Ip6, L2, Pkt, TCP_ACK, TCP_RST, TCP_SYN,
@@ -313,19 +316,22 @@ fn established<A: Family>(pk: &Packet<A>, flow: &Flow<A>, entry: Option<*mut Flo
             conntrack::update(e, p, pk.now);
         }
         let proxied = match (flow.proxy_len, flow.dir) {
-            (0, _) => Ok(()),
+            (0, _) => Ok(Delta::new()),
             (_, DIR_FORWARD) => proxy::outbound(ctx, pk.frame.iface.network_id, p, flow, entry),
             _ => proxy::inbound(ctx, p, flow, entry),
         };
         match proxied {
-            Ok(()) => forward::send(
+            Ok(l4_delta) => forward::send(
                 ctx,
                 pk.frame.l2,
                 p,
                 flow,
                 entry,
-                pk.cfg.fib_generation,
-                None,
+                &How {
+                    fib_gen: pk.cfg.fib_generation,
+                    learn: None,
+                    l4_delta,
+                },
             ),
             Err(reason) => Verdict::drop(reason),
         }
@@ -366,8 +372,11 @@ fn new_flow<A: Family>(pk: &Packet<A>, key: &FlowKey<A>) -> Verdict {
                 p,
                 flow,
                 None,
-                pk.cfg.fib_generation,
-                Some((slot, pk.now)),
+                &How {
+                    fib_gen: pk.cfg.fib_generation,
+                    learn: Some((slot, pk.now)),
+                    l4_delta: Delta::new(),
+                },
             );
             (v, Some(flow))
         }

@@ -143,7 +143,8 @@ fn record<A: Family>(key: &FlowKey<A>, seq: u32) -> Result<(), u32> {
 
 /// A consumer's packet of a PROXY flow (forward entry `flow`, at `entry` unless it came from the
 /// flow cache), before its translation: the header in front when the packet starts the stream
-/// and the header is pending, else the sequence number moved past it. `Err`: a drop reason.
+/// and the header is pending, else the sequence number moved past it. `Ok`: what the TCP
+/// checksum still owes the moved number (the translation applies it); `Err`: a drop reason.
 #[inline(always)]
 pub fn outbound<A: Family>(
     ctx: &XdpContext,
@@ -151,7 +152,7 @@ pub fn outbound<A: Family>(
     p: &Pkt<A>,
     flow: &Flow<A>,
     entry: Option<*mut Flow<A>>,
-) -> Result<(), u32> {
+) -> Result<Delta, u32> {
     let flags = p.tcp_flags;
     // The flow's key, made only where the pending state is read or written (not per packet).
     let key = || -> Result<&'static FlowKey<A>, u32> {
@@ -175,20 +176,22 @@ pub fn outbound<A: Family>(
                 set_pending(flow, entry, true);
             }
         }
-        return Ok(());
+        return Ok(Delta::new());
     }
     let len = flow.proxy_len as u32;
-    let seq = read_u32(ctx, p.l4_off, 4).ok_or(DROP_PROXY_INSERT)?;
+    let tcp = ptr_at::<[u8; 20]>(ctx, p.l4_off).ok_or(DROP_PROXY_INSERT)?;
     if flow.flags & PROXY_PENDING != 0 {
+        // SAFETY: bounds checked by ptr_at.
+        let seq = u32::from_be(unsafe { mem::load_u32(tcp.cast::<u8>().add(4)) });
         // SAFETY: copied out at once.
         match unsafe { A::proxy_pending().get(key()?) }.map(|v| v.base) {
-            Some(base) if seq == base && flags & TCP_RST != 0 => return Ok(()),
+            Some(base) if seq == base && flags & TCP_RST != 0 => return Ok(Delta::new()),
             Some(base) if seq == base => {
                 let s = scratch().ok_or(DROP_PROXY_INSERT)?;
                 let total = build(p, flow, base, s)?;
                 insert(ctx, p, total, s)?;
                 stats::add_one(&PROXY_STATS, PROXY_HEADERS_SENT);
-                return Ok(());
+                return Ok(Delta::new());
             }
             Some(_) => {}
             // The flow came from another node (a takeover) that had sent its header: taken as
@@ -196,22 +199,25 @@ pub fn outbound<A: Family>(
             None => set_pending(flow, entry, false),
         }
     }
-    shift(ctx, p.l4_off, 4, seq, seq.wrapping_add(len))
+    // Every packet once the header is delivered takes this: one addition.
+    Ok(advance(tcp, 4, len))
 }
 
 /// A backend's packet of a PROXY flow (reply entry `flow`), before its translation: the
 /// acknowledgement and SACK edges moved back over the header, the SYN-ACK's MSS lowered. An
-/// acknowledgement past the header ends its pending state. `Err`: a drop reason.
+/// acknowledgement past the header ends its pending state. `Ok`: what the TCP checksum still owes
+/// the moved acknowledgement (the translation applies it; option changes are applied here);
+/// `Err`: a drop reason.
 #[inline(always)]
 pub fn inbound<A: Family>(
     ctx: &XdpContext,
     p: &Pkt<A>,
     flow: &Flow<A>,
     entry: Option<*mut Flow<A>>,
-) -> Result<(), u32> {
+) -> Result<Delta, u32> {
     let flags = p.tcp_flags;
     if flags & TCP_ACK == 0 {
-        return Ok(());
+        return Ok(Delta::new());
     }
     let len = flow.proxy_len as u32;
     let mut pending = flow.flags & PROXY_PENDING != 0;
@@ -220,10 +226,19 @@ pub fn inbound<A: Family>(
     // it is; the option rewrite, which stores into the frame, comes last).
     let tcp = ptr_at::<[u8; 20]>(ctx, p.l4_off).ok_or(DROP_PROXY_INSERT)?;
     // SAFETY: bounds checked by ptr_at.
-    let h = unsafe { &mut *tcp };
-    let ack = u32::from_be_bytes([h[8], h[9], h[10], h[11]]);
-    let doff = h[12] >> 4;
-    if pending {
+    let doff = unsafe { (*tcp)[12] } >> 4;
+    if !pending {
+        // The header is delivered: every later packet takes this, one subtraction, and a look at
+        // the options (the usual two NOPs and a timestamp are recognised at once).
+        let moved = advance(tcp, 8, len.wrapping_neg());
+        if doff > 5 {
+            options(ctx, p, 0, len, false, flags & TCP_SYN != 0)?;
+        }
+        return Ok(moved);
+    }
+    // SAFETY: bounds checked by ptr_at.
+    let ack = u32::from_be(unsafe { mem::load_u32(tcp.cast::<u8>().add(8)) });
+    {
         // The forward entry's key, as `Flow::twin_key` makes it.
         let fwd = A::key_scratch().ok_or(DROP_PROXY_INSERT)?;
         conntrack::write_key(
@@ -249,13 +264,11 @@ pub fn inbound<A: Family>(
         }
     }
     let new = back(ack, base, len, pending);
-    if new != ack {
-        rewrite_u32(h, 8, ack, new);
+    let moved = advance(tcp, 8, new.wrapping_sub(ack));
+    if doff > 5 {
+        options(ctx, p, base, len, pending, flags & TCP_SYN != 0)?;
     }
-    if doff <= 5 {
-        return Ok(());
-    }
-    options(ctx, p, base, len, pending, flags & TCP_SYN != 0)
+    Ok(moved)
 }
 
 /// A backend sequence number `x` of the consumer's stream as the consumer numbers it.
@@ -298,29 +311,23 @@ fn read_u32(ctx: &XdpContext, l4_off: usize, at: usize) -> Option<u32> {
     Some(u32::from_be_bytes([h[at], h[at + 1], h[at + 2], h[at + 3]]))
 }
 
-/// Writes `new` (host order) over the 32-bit field `at` bytes into the TCP header at `l4_off`,
-/// whose value was `old`, and updates the checksum.
+/// Moves the 32-bit sequence-space field `at` bytes into the TCP header `tcp` (4: the sequence
+/// number, 8: the acknowledgement) by `delta` (wrapping): one load and one store. Returns what the
+/// checksum owes the change, for the translation's one checksum update (the per-packet cost of a
+/// PROXY flow: no byte shuffling, no second read-modify-write of the checksum).
 #[inline(always)]
-fn shift(ctx: &XdpContext, l4_off: usize, at: usize, old: u32, new: u32) -> Result<(), u32> {
-    if old == new {
-        return Ok(());
+fn advance(tcp: *mut [u8; 20], at: usize, delta: u32) -> Delta {
+    if delta == 0 {
+        return Delta::new();
     }
-    let tcp = ptr_at::<[u8; 20]>(ctx, l4_off).ok_or(DROP_PROXY_INSERT)?;
-    // SAFETY: bounds checked by ptr_at.
-    rewrite_u32(unsafe { &mut *tcp }, at, old, new);
-    Ok(())
-}
-
-/// Writes `new` (host order) over the 32-bit field `at` bytes into TCP header `h`, whose value
-/// was `old`, and updates its checksum.
-#[inline(always)]
-fn rewrite_u32(h: &mut [u8; 20], at: usize, old: u32, new: u32) {
-    let (o, n) = (old.to_be_bytes(), new.to_be_bytes());
-    [h[at], h[at + 1], h[at + 2], h[at + 3]] = n;
-    let check = Delta::new()
-        .u32(u32::from_ne_bytes(o), u32::from_ne_bytes(n))
-        .apply(u16::from_ne_bytes([h[16], h[17]]));
-    [h[16], h[17]] = check.to_ne_bytes();
+    let h = tcp.cast::<u8>();
+    // SAFETY: `tcp` is a bounds-checked pointer to 20 bytes; `at` + 4 is within them.
+    unsafe {
+        let old = mem::load_u32(h.add(at));
+        let new = u32::from_be(old).wrapping_add(delta).to_be();
+        mem::store_u32(h.add(at), new);
+        Delta::new().u32(old, new)
+    }
 }
 
 /// Writes byte `v` at `off` of the header buffer (masked into it).
@@ -522,7 +529,10 @@ fn options<A: Family>(
     // SAFETY: bounds checked by ptr_at.
     let h = unsafe { &*tcp };
     let doff = ((h[12] >> 4) as usize) * 4;
-    if doff <= 20 || (doff == 32 && !syn && h[20..24] == [OPT_NOP, OPT_NOP, 8, 10]) {
+    // SAFETY: bounds checked by ptr_at (24 bytes).
+    let usual = unsafe { mem::load_u32(tcp.cast::<u8>().add(20)) }
+        == u32::from_ne_bytes([OPT_NOP, OPT_NOP, 8, 10]);
+    if doff <= 20 || (doff == 32 && !syn && usual) {
         return Ok(());
     }
     let optlen = doff - 20;
