@@ -359,25 +359,82 @@ fn cost_line(path: &str, (without, with): (f64, f64), floor_ns: f64) {
     );
 }
 
+/// Rounds of [`hot_pairs`]: each a pair per direction, so a small difference is read off the
+/// median of 41 paired differences rather than off two medians of 7. `PRIVATELINK_BENCH_PAIRS`
+/// sets another count (the median's spread shrinks with its square root).
+fn pair_rounds() -> usize {
+    std::env::var("PRIVATELINK_BENCH_PAIRS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|&n| n > 0)
+        .unwrap_or(41)
+}
+
 /// Hot replayed costs of two flows' later packets, one flow without a feature and one with it,
-/// each (consumer → backend frame, backend → consumer frame): ((forward without, with), (reply
-/// without, with)).
-fn hot_pairs(h: &mut Harness, without: (&[u8], &[u8]), with: (&[u8], &[u8])) -> [(f64, f64); 2] {
+/// each (consumer → backend frame, backend → consumer frame), measured back to back in each round
+/// (the order alternating), the replay's own cost taken in the same round: per direction, the
+/// medians without and with, and the median of the rounds' differences with its quartiles.
+fn hot_pairs(h: &mut Harness, without: (&[u8], &[u8]), with: (&[u8], &[u8])) -> [Added; 2] {
     let (c0, p0) = (h.c0, h.p0);
     let unknown = Pkt::syn(CONSUMER, 999, NOT_ENDPOINT, 80)
         .macs(CONSUMER_MAC, h.c0_mac)
         .build();
-    let (hot, _) = hot_paths(
-        h,
-        (c0, &unknown),
-        &[
-            (c0, without.0, XDP_REDIRECT),
-            (c0, with.0, XDP_REDIRECT),
-            (p0, without.1, XDP_REDIRECT),
-            (p0, with.1, XDP_REDIRECT),
-        ],
+    let dirs = [(c0, without.0, with.0), (p0, without.1, with.1)];
+    let mut got: [[Vec<f64>; 3]; 2] = Default::default();
+    for round in 0..pair_rounds() {
+        let cost = replay_cost(h, (c0, &unknown));
+        for (d, &(ifindex, a, b)) in dirs.iter().enumerate() {
+            let mut one = |p: &[u8]| {
+                replay_ns(h, PROGRAM, ifindex, p, false, REPLAY_REPEAT, XDP_REDIRECT) - cost
+            };
+            let (x, y) = if round % 2 == 0 {
+                let x = one(a);
+                (x, one(b))
+            } else {
+                let y = one(b);
+                (one(a), y)
+            };
+            got[d][0].push(x);
+            got[d][1].push(y);
+            got[d][2].push(y - x);
+        }
+    }
+    got.map(|[x, y, diff]| Added {
+        without: median(x),
+        with: median(y),
+        added: median(diff.clone()),
+        quartiles: (quartile(&diff, 1), quartile(&diff, 3)),
+    })
+}
+
+/// What a feature adds to a path, from paired rounds.
+struct Added {
+    without: f64,
+    with: f64,
+    /// Median of the rounds' differences.
+    added: f64,
+    quartiles: (f64, f64),
+}
+
+/// Quartile `q` (0 to 4) of `v`.
+fn quartile(v: &[f64], q: usize) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    v[(v.len() - 1) * q / 4]
+}
+
+/// A table row of [`hot_pairs`]: the added cost is the median of the paired differences, with
+/// their quartiles.
+fn added_line(path: &str, a: &Added, floor_ns: f64) {
+    println!(
+        "| {path} | {:.1} | {:.1} | {:+.1} ({:+.0} to {:+.0}) | {:.2} |",
+        a.without,
+        a.with,
+        a.added,
+        a.quartiles.0,
+        a.quartiles.1,
+        a.with / floor_ns
     );
-    [(hot[0], hot[1]), (hot[2], hot[3])]
 }
 
 /// New flows' cost without and with a feature of the link (`set` turns it on or off in the
@@ -418,7 +475,8 @@ fn new_flow_rounds(
 fn connlog_cost() {
     println!("## Connection log: added cost per packet\n");
     println!(
-        "The same harness for all (10 endpoints). `cargo xtask bench` (or `PRIVATELINK_BENCH_ONLY=proxy target/release/bench`).\n"
+        "The same harness for all (10 endpoints); hot rows: added = the median of {} paired differences (quartiles in brackets). `cargo xtask bench` (or `PRIVATELINK_BENCH_ONLY=proxy target/release/bench`).\n",
+        pair_rounds()
     );
     println!("| path | log off ns | log on ns | added ns | log on × floor |");
     println!("|---|---:|---:|---:|---:|");
@@ -448,13 +506,15 @@ fn connlog_cost() {
         h.plane.apply(&m).expect("apply");
         let (log_data, log_reply) = flow(h, 43_001);
         let hot = hot_pairs(h, (&plain_data, &plain_reply), (&log_data, &log_reply));
-        line(
+        added_line(
             "later packet, consumer → backend (counted), hot replay",
-            hot[0],
+            &hot[0],
+            floor_ns,
         );
-        line(
+        added_line(
             "later packet, backend → consumer (counted), hot replay",
-            hot[1],
+            &hot[1],
+            floor_ns,
         );
         // New flows, the log switched between rounds, below the counter table's size. The ring
         // fills at about 11,900 records with nobody draining it here: past that, records are
@@ -717,7 +777,8 @@ fn proxy_cost() {
     use privatelink_tests::tcpseg::Seg;
     println!("## PROXY protocol v2: added cost per packet\n");
     println!(
-        "{SAMPLES} repeat-1 runs per row, the same harness for all (10 endpoints); a flow made before the service turned PROXY on against one made after. `cargo xtask bench` (or `PRIVATELINK_BENCH_ONLY=proxy target/release/bench`).\n"
+        "{SAMPLES} repeat-1 runs per row, the same harness for all (10 endpoints); a flow made before the service turned PROXY on against one made after; hot rows: added = the median of {} paired differences (quartiles in brackets). `cargo xtask bench` (or `PRIVATELINK_BENCH_ONLY=proxy target/release/bench`).\n",
+        pair_rounds()
     );
     println!("| path | without ns | with PROXY ns | added ns | with PROXY × floor |");
     println!("|---|---:|---:|---:|---:|");
@@ -789,6 +850,9 @@ fn proxy_cost() {
             (median(x), median(y))
         };
         let (plain_data, plain_reply, plain_ack) = open(h, 41_000, true);
+        // A second flow without PROXY: the same pairing against the first shows what the method
+        // reads where nothing differs.
+        let (other_data, other_reply, _) = open(h, 41_003, true);
         m.links.get_mut(&LINK).expect("link").proxy.v2 = true;
         h.plane.apply(&m).expect("apply");
         let (proxy_data, proxy_reply, _) = open(h, 41_001, true);
@@ -805,8 +869,27 @@ fn proxy_cost() {
         // The same later packets hot: each replayed 1M times per round (the replay restores the
         // frame first; its own cost, taken in the same round, comes off), rounds interleaved.
         let hot = hot_pairs(h, (&plain_data, &plain_reply), (&proxy_data, &proxy_reply));
-        line("later packet, consumer → backend, hot replay", hot[0]);
-        line("later packet, backend → consumer, hot replay", hot[1]);
+        added_line(
+            "later packet, consumer → backend, hot replay",
+            &hot[0],
+            floor_ns,
+        );
+        added_line(
+            "later packet, backend → consumer, hot replay",
+            &hot[1],
+            floor_ns,
+        );
+        let control = hot_pairs(h, (&plain_data, &plain_reply), (&other_data, &other_reply));
+        added_line(
+            "control: a later packet of another flow without PROXY, consumer → backend",
+            &control[0],
+            floor_ns,
+        );
+        added_line(
+            "control: a later packet of another flow without PROXY, backend → consumer",
+            &control[1],
+            floor_ns,
+        );
         // The pending flow's ACK gets the header every time (the backend never acknowledges it).
         line(
             "the packet that carries the header (built, CRC32C, inserted)",
@@ -899,11 +982,14 @@ fn profile(path: &str) {
 }
 
 /// Hot paths of two builds in one run (`PRIVATELINK_BENCH_AB=<object of the other build>`): this
-/// build's datapath (A) and the other object (B), each loaded into its own harness with 10
-/// endpoints, both alive at once and measured in turns path by path (the order flips every
-/// round), through the same replay and against the same floor program. The host's drift (seconds
-/// long, up to ±20 % here) lands on both sides of each pair: the table's A / B is the median of
-/// the per-round ratios, with their quartiles.
+/// build's datapath (A) in two harnesses made before and after the other object's (B), each with
+/// 10 endpoints, all three alive at once and measured in turns path by path (the order reverses
+/// every round), through the same replay and against the same floor program. The host's drift
+/// (seconds long, up to ±20 % here) lands on every side of a round; a harness's own offset (the
+/// same object measured in two harnesses differs by up to 5 % here) is cancelled by setting B
+/// against the geometric mean of the harnesses made before and after it. The table's A / B is the
+/// median of the per-round ratios, with their quartiles; A / A is the two A harnesses against
+/// each other, the resolution of the run.
 fn ab(other: &str) {
     const ROUNDS: usize = 31;
     // Fresh flows per new-flow sample: ROUNDS of them keep each conntrack map under 60 % full.
@@ -951,56 +1037,61 @@ fn ab(other: &str) {
             _ => replay_ns(h, PROGRAM, c0, &f.fresh, true, NEW_FLOWS, XDP_REDIRECT),
         }
     };
+    // Per path: samples of A (both harnesses), of B, and the per-round ratios A / B and A / A.
     let mut ns: [[Vec<f64>; 4]; 2] = Default::default();
     let mut ratio: [Vec<f64>; 4] = Default::default();
-    with_harness_object(bench_sizes(), None, |a| {
-        let fa = prepare(a);
-        let a_ns = a.netns.clone();
+    let mut control: [Vec<f64>; 4] = Default::default();
+    with_harness_object(bench_sizes(), None, |a1| {
+        let f1 = prepare(a1);
+        let ns1 = a1.netns.clone();
         with_harness_object(bench_sizes(), Some(object.as_slice()), |b| {
             let fb = prepare(b);
-            for round in 0..ROUNDS {
-                for path in 0..paths.len() {
-                    let mut one = |build: usize| match build {
-                        0 => in_netns(&a_ns, || sample(a, &fa, path)),
-                        _ => sample(b, &fb, path),
-                    };
-                    let (x, y) = if round % 2 == 0 {
-                        let x = one(0);
-                        (x, one(1))
-                    } else {
-                        let y = one(1);
-                        (one(0), y)
-                    };
-                    ns[0][path].push(x);
-                    ns[1][path].push(y);
-                    ratio[path].push(x / y);
+            let nsb = b.netns.clone();
+            with_harness_object(bench_sizes(), None, |a2| {
+                let f2 = prepare(a2);
+                let ns2 = a2.netns.clone();
+                for round in 0..ROUNDS {
+                    for path in 0..paths.len() {
+                        let mut got = [0.0; 3];
+                        let order = if round % 2 == 0 { [0, 1, 2] } else { [2, 1, 0] };
+                        for i in order {
+                            got[i] = match i {
+                                0 => in_netns(&ns1, || sample(a1, &f1, path)),
+                                1 => in_netns(&nsb, || sample(b, &fb, path)),
+                                _ => in_netns(&ns2, || sample(a2, &f2, path)),
+                            };
+                        }
+                        let [x1, y, x2] = got;
+                        ns[0][path].extend([x1, x2]);
+                        ns[1][path].push(y);
+                        ratio[path].push((x1 * x2).sqrt() / y);
+                        control[path].push(x1 / x2);
+                    }
                 }
-            }
+            });
         });
     });
     println!(
-        "## A/B of two builds, hot paths through the replay ({ROUNDS} rounds, A and B in turns)\n"
+        "## A/B of two builds, hot paths through the replay ({ROUNDS} rounds, A, B and A again in turns)\n"
     );
     println!("A: this build; B: {other}\n");
     println!(
         "| path | A ns | B ns | A / floor | B / floor | A / B (median of pairs) | quartiles |"
     );
     println!("|---|---:|---:|---:|---:|---:|---|");
-    let quart = |v: &Vec<f64>, q: usize| {
-        let mut v = v.clone();
-        v.sort_by(f64::total_cmp);
-        v[(v.len() - 1) * q / 4]
-    };
     let (fa, fb) = (median(ns[0][0].clone()), median(ns[1][0].clone()));
     for (i, path) in paths.iter().enumerate() {
         let (a, b) = (median(ns[0][i].clone()), median(ns[1][i].clone()));
         println!(
-            "| {path} | {a:.1} | {b:.1} | {:.2} | {:.2} | {:.3} | {:.3}–{:.3} |",
+            "| {path} | {a:.1} | {b:.1} | {:.2} | {:.2} | {:.3} | {:.3}–{:.3} | {:.3} | {:.3}–{:.3} |",
             a / fa,
             b / fb,
             median(ratio[i].clone()),
-            quart(&ratio[i], 1),
-            quart(&ratio[i], 3),
+            quartile(&ratio[i], 1),
+            quartile(&ratio[i], 3),
+            median(control[i].clone()),
+            quartile(&control[i], 1),
+            quartile(&control[i], 3),
         );
     }
 }
