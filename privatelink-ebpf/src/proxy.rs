@@ -181,8 +181,7 @@ pub fn outbound<A: Family>(
     let len = flow.proxy_len as u32;
     let tcp = ptr_at::<[u8; 20]>(ctx, p.l4_off).ok_or(DROP_PROXY_INSERT)?;
     if flow.flags & PROXY_PENDING != 0 {
-        // SAFETY: bounds checked by ptr_at.
-        let seq = u32::from_be(unsafe { mem::load_u32(tcp.cast::<u8>().add(4)) });
+        let seq = field(tcp, 4);
         // SAFETY: copied out at once.
         match unsafe { A::proxy_pending().get(key()?) }.map(|v| v.base) {
             Some(base) if seq == base && flags & TCP_RST != 0 => return Ok(Delta::new()),
@@ -236,8 +235,7 @@ pub fn inbound<A: Family>(
         }
         return Ok(moved);
     }
-    // SAFETY: bounds checked by ptr_at.
-    let ack = u32::from_be(unsafe { mem::load_u32(tcp.cast::<u8>().add(8)) });
+    let ack = field(tcp, 8);
     {
         // The forward entry's key, as `Flow::twin_key` makes it.
         let fwd = A::key_scratch().ok_or(DROP_PROXY_INSERT)?;
@@ -305,10 +303,14 @@ fn set_pending<A: Family>(flow: &Flow<A>, entry: Option<*mut Flow<A>>, pending: 
 /// The 32-bit field `at` bytes into the TCP header at `l4_off`, host order.
 #[inline(always)]
 fn read_u32(ctx: &XdpContext, l4_off: usize, at: usize) -> Option<u32> {
-    let tcp = ptr_at::<[u8; 20]>(ctx, l4_off)?;
-    // SAFETY: bounds checked by ptr_at.
-    let h = unsafe { &*tcp };
-    Some(u32::from_be_bytes([h[at], h[at + 1], h[at + 2], h[at + 3]]))
+    Some(field(ptr_at::<[u8; 20]>(ctx, l4_off)?, at))
+}
+
+/// The 32-bit field `at` bytes into the TCP header `tcp`, host order: one load.
+#[inline(always)]
+fn field(tcp: *mut [u8; 20], at: usize) -> u32 {
+    // SAFETY: `tcp` is a bounds-checked pointer to 20 bytes; `at` + 4 is within them.
+    u32::from_be(unsafe { mem::load_u32(tcp.cast::<u8>().add(at)) })
 }
 
 /// Moves the 32-bit sequence-space field `at` bytes into the TCP header `tcp` (4: the sequence
