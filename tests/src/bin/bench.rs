@@ -650,7 +650,7 @@ fn flowsync_throughput() {
                                     kind: Kind::Flows,
                                     group: "bench".into(),
                                     node: "node-a".into(),
-                                    sent_at_ms: unix_ms(),
+                                    sent_at_ms: privatelink_agent::control::clock::unix_ms(),
                                     seq,
                                     payload,
                                 },
@@ -674,7 +674,11 @@ fn flowsync_throughput() {
                         let Ok((n, addr)) = rx.recv_from(&mut buf) else {
                             continue;
                         };
-                        let Ok(m) = v.accept(addr, &buf[..n], unix_ms()) else {
+                        let Ok(m) = v.accept(
+                            addr,
+                            &buf[..n],
+                            privatelink_agent::control::clock::unix_ms(),
+                        ) else {
                             continue;
                         };
                         if let Some(updates) = flowsync::decode(&m.payload) {
@@ -762,12 +766,6 @@ fn flowsync_throughput() {
             privatelink_agent::node::ha::CHANNEL_BUFFER >> 20
         );
     });
-}
-
-fn unix_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// What PROXY protocol v2 adds per packet, in one harness and one run: flows of a link with the
@@ -1076,9 +1074,9 @@ fn ab(other: &str) {
     );
     println!("A: this build; B: {other}\n");
     println!(
-        "| path | A ns | B ns | A / floor | B / floor | A / B (median of pairs) | quartiles |"
+        "| path | A ns | B ns | A / floor | B / floor | A / B (median of rounds) | quartiles | A / A | quartiles |"
     );
-    println!("|---|---:|---:|---:|---:|---:|---|");
+    println!("|---|---:|---:|---:|---:|---:|---|---:|---|");
     let (fa, fb) = (median(ns[0][0].clone()), median(ns[1][0].clone()));
     for (i, path) in paths.iter().enumerate() {
         let (a, b) = (median(ns[0][i].clone()), median(ns[1][i].clone()));
