@@ -37,21 +37,23 @@ pub fn agent_bin(name: &str) -> std::path::PathBuf {
     bin
 }
 
+/// Where `cargo xtask setup` puts the tools it installs beside the project:
+/// `$CARGO_HOME/privatelink` (`~/.cargo/privatelink` without `CARGO_HOME`).
+pub fn setup_dir() -> Option<std::path::PathBuf> {
+    let home = std::env::var_os("CARGO_HOME")
+        .map(std::path::PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| std::path::PathBuf::from(h).join(".cargo")))?;
+    Some(home.join("privatelink"))
+}
+
 /// nginx or HAProxy that read PROXY v2 TLVs into their logs (nginx ≥ 1.23.2, HAProxy ≥ 2.9):
-/// `cargo xtask setup` unpacks Debian 13's into `$CARGO_HOME/privatelink/proxy-tools` (this
-/// machine's Debian 12 has nginx 1.22 and HAProxy 2.6); `PRIVATELINK_PROXY_TOOLS` names another
-/// directory with `bin/nginx` and `bin/haproxy`.
+/// `cargo xtask setup` unpacks Debian 13's into [`setup_dir`]`/proxy-tools` (this machine's
+/// Debian 12 has nginx 1.22 and HAProxy 2.6); `PRIVATELINK_PROXY_TOOLS` names another directory
+/// with `bin/nginx` and `bin/haproxy`.
 pub fn proxy_tool(name: &str) -> std::path::PathBuf {
     let dir = std::env::var_os("PRIVATELINK_PROXY_TOOLS")
         .map(std::path::PathBuf::from)
-        .or_else(|| {
-            std::env::var_os("CARGO_HOME")
-                .map(std::path::PathBuf::from)
-                .or_else(|| {
-                    std::env::var_os("HOME").map(|h| std::path::PathBuf::from(h).join(".cargo"))
-                })
-                .map(|h| h.join("privatelink/proxy-tools"))
-        })
+        .or_else(|| setup_dir().map(|d| d.join("proxy-tools")))
         .expect("CARGO_HOME or HOME");
     let bin = dir.join("bin").join(name);
     assert!(

@@ -11,10 +11,7 @@ fn schemathesis() -> Option<PathBuf> {
     if let Some(p) = std::env::var_os("PRIVATELINK_SCHEMATHESIS") {
         return Some(PathBuf::from(p));
     }
-    let home = std::env::var_os("CARGO_HOME")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo")))?;
-    let bin = home.join("privatelink/schemathesis/bin/schemathesis");
+    let bin = privatelink_tests::setup_dir()?.join("schemathesis/bin/schemathesis");
     bin.exists().then_some(bin)
 }
 

@@ -445,7 +445,8 @@ fn proxy_changes_apply_to_new_connections_udp_never_carries_it_and_lost_state_me
 /// Real PROXY protocol software behind endpoints of the real agent, in two consumer networks with
 /// the same CIDR: nginx (`listen ... proxy_protocol`), HAProxy (`accept-proxy`, which checks the
 /// CRC32C) and MariaDB (`proxy_protocol_networks`, a server that speaks first). Each backend must
-/// see the consumer's own address and, through the UNIQUE_ID TLV, the right endpoint and account;
+/// see the consumer's own address and (nginx and HAProxy, through the endpoint and account TLVs
+/// and the UNIQUE_ID) the right endpoint and account;
 /// then 50 MB each way under 5 % loss both ways and reordering on the provider side, with no reset.
 ///
 /// This kernel has no `sch_netem` ("Specified qdisc kind is unknown"), so `tc netem` cannot be
