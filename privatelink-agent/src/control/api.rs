@@ -1031,10 +1031,7 @@ async fn history(
             "service".to_string()
         }
     };
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
+    let now = crate::control::clock::unix_secs();
     let period = crate::control::monitoring::Period::parse(
         q.period.as_deref().unwrap_or("realtime"),
         q.granularity.as_deref(),

@@ -11,6 +11,7 @@ use std::{
 use prometheus_client::metrics::{counter::Counter, gauge::Gauge};
 
 use super::{
+    clock::unix_ms,
     etcd::{EtcdConfig, WatchEnd},
     plane::{ControlPlane, Remote},
 };
@@ -41,12 +42,6 @@ impl Default for StoreMetrics {
             last_contact_ms: Arc::new(AtomicU64::new(0)),
         }
     }
-}
-
-fn unix_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
 }
 
 impl StoreMetrics {

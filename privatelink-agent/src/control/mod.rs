@@ -2,6 +2,7 @@
 pub mod alloc;
 pub mod api;
 pub mod authlimit;
+pub mod clock;
 pub mod console;
 pub mod error;
 pub mod etcd;

@@ -5,13 +5,13 @@ use std::{
     collections::BTreeMap,
     net::IpAddr,
     sync::{Arc, Mutex},
-    time::{SystemTime, UNIX_EPOCH},
 };
 
 use tokio::sync::watch;
 
 use super::{
     alloc::Allocations,
+    clock::unix_secs,
     error::{ApiError, ApiResult},
     local::NodeLocal,
     ops::{Caller, Ctx, Outcome, accounts::token_hash},
@@ -89,13 +89,6 @@ fn unavailable(revision: u64, e: StoreError) -> ApiError {
         "store_unavailable",
         format!("the change was not saved and not applied: {e}"),
     )
-}
-
-fn now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
 }
 
 fn random() -> u32 {
@@ -178,7 +171,7 @@ impl ControlPlane {
             .state
             .tokens
             .get(&hash)
-            .filter(|t| t.valid_at(now()))
+            .filter(|t| t.valid_at(unix_secs()))
             .map(|t| Caller::Account(t.account_id.clone()))
             .ok_or_else(ApiError::unauthorized)
     }
@@ -335,7 +328,7 @@ impl ControlPlane {
                         NodeLiveness::Gone
                     },
                     last_contact: if here && self.store_reachable() {
-                        now()
+                        unix_secs()
                     } else {
                         contact.unwrap_or(r.reported_at).max(r.reported_at)
                     },
@@ -362,7 +355,7 @@ impl ControlPlane {
         let mut rnd = random;
         let mut cx = Ctx {
             caller,
-            now: now(),
+            now: unix_secs(),
             random: &mut rnd,
             cluster: &self.cluster,
             alloc: &inner.alloc,

@@ -11,7 +11,7 @@ use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     path::Path,
     sync::{Arc, Mutex},
-    time::{Duration, SystemTime, UNIX_EPOCH},
+    time::{Duration, UNIX_EPOCH},
 };
 
 use aya::maps::{MapData, RingBuf};
@@ -19,7 +19,7 @@ use privatelink_common::{CONN_FIN_BACKEND, CONN_FIN_CONSUMER, CONN_RST, ConnOpen
 
 pub use crate::control::local::ConnRecord;
 use crate::{
-    control::{plane::ControlPlane, state::State},
+    control::{clock::unix_ms, plane::ControlPlane, state::State},
     datapath::{
         maps::ConnEnd,
         scan::{Worker, monotonic_ns},
@@ -59,15 +59,7 @@ fn owners(s: &State) -> Owners {
 
 /// Wall-clock milliseconds of CLOCK_MONOTONIC time `mono_ns`.
 fn wall_ms(mono_ns: u64) -> u64 {
-    now_ms().saturating_sub(monotonic_ns().saturating_sub(mono_ns) / 1_000_000)
-}
-
-/// Wall-clock milliseconds now.
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_millis() as u64
+    unix_ms().saturating_sub(monotonic_ns().saturating_sub(mono_ns) / 1_000_000)
 }
 
 fn rfc3339(ms: u64) -> String {
@@ -193,7 +185,7 @@ impl ConnLog {
 
     fn closed(e: &ConnEnd, who: &Owners) -> ConnRecord {
         let (svc, ep, acct) = who.get(&e.link_id).cloned().unwrap_or_default();
-        let now = now_ms();
+        let now = unix_ms();
         let opened = wall_ms(e.opened_ns);
         ConnRecord {
             seq: 0,

@@ -57,7 +57,7 @@ use std::{
 use privatelink_common::{Flow4, Flow6, FlowKey4, FlowKey6};
 
 use crate::{
-    control::etcd::EtcdConfig,
+    control::{clock::unix_ms, etcd::EtcdConfig},
     datapath::{FlowSync, FlowTables, Model},
     node::{
         channel::{Beat, Kind, Message, Reject, Verifier, first_seq, seal},
@@ -603,12 +603,6 @@ impl HaShared {
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-fn unix_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// Where the group's keys live in the store (with a trailing `/`, so that no group's prefix is

@@ -15,7 +15,8 @@ use anyhow::{Context as _, Result};
 use crate::{
     control::types::Cluster,
     control::{
-        api, etcd::EtcdConfig, follow::follow_store, plane::ControlPlane, store::NodeReport,
+        api, clock::unix_secs, etcd::EtcdConfig, follow::follow_store, plane::ControlPlane,
+        store::NodeReport,
     },
     datapath::{
         Dataplane, StatsReader,
@@ -503,10 +504,7 @@ impl Node {
             e.1 += a;
         }
         rows.extend(services.iter().map(|(id, (c, a))| ("service", *id, *c, *a)));
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0);
+        let now = unix_secs();
         let mut h = history.lock().unwrap_or_else(|p| p.into_inner());
         if let Err(e) = h.record(now, &rows) {
             log::error!("history: {e}");
@@ -539,9 +537,7 @@ impl Node {
         let report = NodeReport {
             node: node.to_string(),
             revision: applied as u64,
-            reported_at: std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_secs()),
+            reported_at: unix_secs(),
             api: self.settings.api.advertise.clone(),
         };
         // Listed by this node's own API at once, even while the shared store is unreachable.
