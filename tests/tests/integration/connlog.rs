@@ -230,16 +230,24 @@ mod real {
                 );
             }
         }
-        // nginx's view: NAT address:port → the request (whose name says the consumer).
-        let access = std::fs::read_to_string(w.dir.join("nginx-access.log")).unwrap();
-        let seen: Vec<(String, usize)> = access
-            .lines()
-            .filter_map(|l| {
-                let (peer, uri) = l.split_once(' ')?;
-                let c: usize = uri.strip_prefix("/c")?.split('-').next()?.parse().ok()?;
-                Some((peer.to_string(), c))
-            })
-            .collect();
+        // nginx's view: NAT address:port → the request (whose name says the consumer). nginx
+        // writes a request's line after the response has gone, so curl may return first.
+        let read = || {
+            let access = std::fs::read_to_string(w.dir.join("nginx-access.log")).unwrap();
+            let seen: Vec<(String, usize)> = access
+                .lines()
+                .filter_map(|l| {
+                    let (peer, uri) = l.split_once(' ')?;
+                    let c: usize = uri.strip_prefix("/c")?.split('-').next()?.parse().ok()?;
+                    Some((peer.to_string(), c))
+                })
+                .collect();
+            (access, seen)
+        };
+        eventually("nginx has logged the six requests", &w, || {
+            read().1.len() >= 6
+        });
+        let (access, seen) = read();
         assert_eq!(seen.len(), 6, "nginx logged {access}");
         // Every one of them opened and (after the flows expire and the sweep runs) closed.
         let deadline = Instant::now() + Duration::from_secs(30);
