@@ -40,10 +40,12 @@ pub struct How {
     pub fib_gen: u32,
     /// (backend slot, now) of a new flow, whose FIB result becomes the backend's cached next hop.
     pub learn: Option<(u32, u64)>,
-    /// What the TCP header's fields already changed add to its checksum (a PROXY flow's moved
-    /// sequence or acknowledgement number): the translation's checksum update takes it along, so
-    /// the checksum is read and written once.
-    pub l4_delta: Delta,
+    /// How far a PROXY flow's header moves the consumer's stream (0: not at all), added here to
+    /// the TCP sequence number of a forward packet and to the acknowledgement of a reply (the
+    /// PROXY path passes the negated length for those). The translation, which holds the TCP
+    /// header for the ports anyway, moves the field and takes its change into its one checksum
+    /// update: no second bounds check, no second pass over the checksum.
+    pub stream_move: u32,
 }
 
 /// Translates the packet by `flow` and sends it on. `entry` is the flow's conntrack entry, where a
@@ -57,13 +59,13 @@ pub fn send<A: Family>(
     entry: Option<*mut Flow<A>>,
     how: &How,
 ) -> Verdict {
-    let (fib_gen, learn, extra) = (how.fib_gen, how.learn, how.l4_delta);
+    let (fib_gen, learn, moved) = (how.fib_gen, how.learn, how.stream_move);
     let cached =
         flow.dir == DIR_FORWARD && flow.egress_ifindex != 0 && flow.nh_generation == fib_gen;
     if flow.dir != DIR_FORWARD || cached {
         // Reply: back out of the consumer interface it came in on, to the MAC it came from.
         // Forward with a cached next hop: the interface and MACs of the last FIB lookup.
-        if !rewrite_l34(ctx, p, flow, true, extra)
+        if !rewrite_l34(ctx, p, flow, true, moved)
             || !rewrite_l2(ctx, l2, &flow.dst_mac, &flow.src_mac, flow.vlan_id)
         {
             return Verdict::drop(DROP_REWRITE_FAILED);
@@ -118,7 +120,7 @@ pub fn send<A: Family>(
                     }
                 };
             }
-            if !rewrite_l34(ctx, p, flow, true, extra)
+            if !rewrite_l34(ctx, p, flow, true, moved)
                 || !rewrite_l2(ctx, l2, &fib.dmac, &fib.smac, 0)
             {
                 return Verdict::drop(DROP_REWRITE_FAILED);
@@ -128,7 +130,7 @@ pub fn send<A: Family>(
         // The kernel forwards the translated packet (decrementing TTL itself) and resolves the
         // neighbour; the next packet of the flow takes the fast path.
         BPF_FIB_LKUP_RET_NO_NEIGH => {
-            if !rewrite_l34(ctx, p, flow, false, extra) {
+            if !rewrite_l34(ctx, p, flow, false, moved) {
                 return Verdict::drop(DROP_REWRITE_FAILED);
             }
             Verdict {
@@ -205,32 +207,33 @@ pub fn out(l2: &L2, ifindex: u32) -> Verdict {
 }
 
 /// Rewrites addresses and ports to the flow's, with incremental IPv4 and L4 checksum updates
-/// (pseudo-header included, and `extra`, the TCP header's earlier changes; a zero UDP checksum
-/// stays zero) and, if asked, the TTL (hop limit) decrement.
+/// (pseudo-header included; a zero UDP checksum stays zero) and, if asked, the TTL (hop limit)
+/// decrement. A TCP packet's sequence number (forward) or acknowledgement (reply) moves by
+/// `stream_move` (see [`How`]).
 #[inline(always)]
 fn rewrite_l34<A: Family>(
     ctx: &XdpContext,
     p: &Pkt<A>,
     flow: &Flow<A>,
     dec_ttl: bool,
-    extra: Delta,
+    stream_move: u32,
 ) -> bool {
     let Some(addrs) = A::rewrite_l3(ctx, p, flow, dec_ttl) else {
         return false;
     };
-    let l4 = addrs.plus(
-        Delta::new()
-            .u16(p.sport_be, flow.sport_be)
-            .u16(p.dport_be, flow.dport_be),
-    );
-    let l4 = if p.proto == PROTO_TCP {
-        l4.plus(extra)
-    } else {
-        l4
-    };
+    let l4 = addrs
+        .u16(p.sport_be, flow.sport_be)
+        .u16(p.dport_be, flow.dport_be);
     if p.proto == PROTO_TCP {
         let Some(tcp) = ptr_at::<TcpHdr>(ctx, p.l4_off) else {
             return false;
+        };
+        let l4 = if stream_move != 0 {
+            let at = if flow.dir == DIR_FORWARD { 4 } else { 8 };
+            // SAFETY: bounds checked by ptr_at (20 bytes); the field's four bytes are within.
+            l4.plus(unsafe { move_u32(tcp.cast::<u8>().add(at), stream_move) })
+        } else {
+            l4
         };
         // SAFETY: bounds checked by ptr_at.
         let tcp = unsafe { &mut *tcp };
@@ -252,6 +255,22 @@ fn rewrite_l34<A: Family>(
         }
     }
     true
+}
+
+/// Adds `by` (wrapping) to the network-order 32-bit field at `f`: one load, one store. Returns the
+/// change for the checksum.
+///
+/// # Safety
+/// `f` is valid for reading and writing 4 bytes (a bounds-checked packet pointer).
+#[inline(always)]
+unsafe fn move_u32(f: *mut u8, by: u32) -> Delta {
+    // SAFETY: the caller's.
+    unsafe {
+        let old = mem::load_u32(f);
+        let new = u32::from_be(old).wrapping_add(by).to_be();
+        mem::store_u32(f, new);
+        Delta::new().u32(old, new)
+    }
 }
 
 /// Writes the MACs and makes the VLAN tag `vlan_id` (0: untagged), pushing or popping a tag.

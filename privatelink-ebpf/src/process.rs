@@ -11,7 +11,6 @@ use privatelink_common::{
 
 use crate::{
     HANDOFF6, IFACE_INDEX, IFACES, JUMP, LINKS, SCRATCH6, arp, connlog, conntrack,
-    csum::Delta,
     family::Family,
     flowcache, flowsync,
     forward::{self, How},
@@ -316,12 +315,12 @@ fn established<A: Family>(pk: &Packet<A>, flow: &Flow<A>, entry: Option<*mut Flo
             conntrack::update(e, p, pk.now);
         }
         let proxied = match (flow.proxy_len, flow.dir) {
-            (0, _) => Ok(Delta::new()),
+            (0, _) => Ok(0),
             (_, DIR_FORWARD) => proxy::outbound(ctx, pk.frame.iface.network_id, p, flow, entry),
             _ => proxy::inbound(ctx, p, flow, entry),
         };
         match proxied {
-            Ok(l4_delta) => forward::send(
+            Ok(stream_move) => forward::send(
                 ctx,
                 pk.frame.l2,
                 p,
@@ -330,7 +329,7 @@ fn established<A: Family>(pk: &Packet<A>, flow: &Flow<A>, entry: Option<*mut Flo
                 &How {
                     fib_gen: pk.cfg.fib_generation,
                     learn: None,
-                    l4_delta,
+                    stream_move,
                 },
             ),
             Err(reason) => Verdict::drop(reason),
@@ -375,7 +374,7 @@ fn new_flow<A: Family>(pk: &Packet<A>, key: &FlowKey<A>) -> Verdict {
                 &How {
                     fib_gen: pk.cfg.fib_generation,
                     learn: Some((slot, pk.now)),
-                    l4_delta: Delta::new(),
+                    stream_move: 0,
                 },
             );
             (v, Some(flow))

@@ -143,8 +143,8 @@ fn record<A: Family>(key: &FlowKey<A>, seq: u32) -> Result<(), u32> {
 
 /// A consumer's packet of a PROXY flow (forward entry `flow`, at `entry` unless it came from the
 /// flow cache), before its translation: the header in front when the packet starts the stream
-/// and the header is pending, else the sequence number moved past it. `Ok`: what the TCP
-/// checksum still owes the moved number (the translation applies it); `Err`: a drop reason.
+/// and the header is pending, else the sequence number to be moved past it. `Ok`: how far the
+/// translation moves the sequence number ([`crate::forward::How::stream_move`]); `Err`: a drop reason.
 #[inline(always)]
 pub fn outbound<A: Family>(
     ctx: &XdpContext,
@@ -152,7 +152,7 @@ pub fn outbound<A: Family>(
     p: &Pkt<A>,
     flow: &Flow<A>,
     entry: Option<*mut Flow<A>>,
-) -> Result<Delta, u32> {
+) -> Result<u32, u32> {
     let flags = p.tcp_flags;
     // The flow's key, made only where the pending state is read or written (not per packet).
     let key = || -> Result<&'static FlowKey<A>, u32> {
@@ -176,21 +176,19 @@ pub fn outbound<A: Family>(
                 set_pending(flow, entry, true);
             }
         }
-        return Ok(Delta::new());
+        return Ok(0);
     }
-    let len = flow.proxy_len as u32;
-    let tcp = ptr_at::<[u8; 20]>(ctx, p.l4_off).ok_or(DROP_PROXY_INSERT)?;
     if flow.flags & PROXY_PENDING != 0 {
-        let seq = field(tcp, 4);
+        let seq = read_u32(ctx, p.l4_off, 4).ok_or(DROP_PROXY_INSERT)?;
         // SAFETY: copied out at once.
         match unsafe { A::proxy_pending().get(key()?) }.map(|v| v.base) {
-            Some(base) if seq == base && flags & TCP_RST != 0 => return Ok(Delta::new()),
+            Some(base) if seq == base && flags & TCP_RST != 0 => return Ok(0),
             Some(base) if seq == base => {
                 let s = scratch().ok_or(DROP_PROXY_INSERT)?;
                 let total = build(p, flow, base, s)?;
                 insert(ctx, p, total, s)?;
                 stats::add_one(&PROXY_STATS, PROXY_HEADERS_SENT);
-                return Ok(Delta::new());
+                return Ok(0);
             }
             Some(_) => {}
             // The flow came from another node (a takeover) that had sent its header: taken as
@@ -198,14 +196,14 @@ pub fn outbound<A: Family>(
             None => set_pending(flow, entry, false),
         }
     }
-    // Every packet once the header is delivered takes this: one addition.
-    Ok(advance(tcp, 4, len))
+    // Every packet once the header is delivered takes this: the translation adds the length.
+    Ok(flow.proxy_len as u32)
 }
 
-/// A backend's packet of a PROXY flow (reply entry `flow`), before its translation: the
-/// acknowledgement and SACK edges moved back over the header, the SYN-ACK's MSS lowered. An
-/// acknowledgement past the header ends its pending state. `Ok`: what the TCP checksum still owes
-/// the moved acknowledgement (the translation applies it; option changes are applied here);
+/// A backend's packet of a PROXY flow (reply entry `flow`), before its translation: SACK edges
+/// moved back over the header, the SYN-ACK's MSS lowered, and how far the acknowledgement is to
+/// move. An acknowledgement past the header ends its pending state. `Ok`: how far the translation
+/// moves the acknowledgement ([`crate::forward::How::stream_move`]; option changes are made here);
 /// `Err`: a drop reason.
 #[inline(always)]
 pub fn inbound<A: Family>(
@@ -213,29 +211,22 @@ pub fn inbound<A: Family>(
     p: &Pkt<A>,
     flow: &Flow<A>,
     entry: Option<*mut Flow<A>>,
-) -> Result<Delta, u32> {
+) -> Result<u32, u32> {
     let flags = p.tcp_flags;
     if flags & TCP_ACK == 0 {
-        return Ok(Delta::new());
+        return Ok(0);
     }
     let len = flow.proxy_len as u32;
     let mut pending = flow.flags & PROXY_PENDING != 0;
     let mut base = 0;
-    // One pointer for the header's reads and writes (map lookups in between leave the frame as
-    // it is; the option rewrite, which stores into the frame, comes last).
-    let tcp = ptr_at::<[u8; 20]>(ctx, p.l4_off).ok_or(DROP_PROXY_INSERT)?;
-    // SAFETY: bounds checked by ptr_at.
-    let doff = unsafe { (*tcp)[12] } >> 4;
     if !pending {
-        // The header is delivered: every later packet takes this, one subtraction, and a look at
-        // the options (the usual two NOPs and a timestamp are recognised at once).
-        let moved = advance(tcp, 8, len.wrapping_neg());
-        if doff > 5 {
-            options(ctx, p, 0, len, false, flags & TCP_SYN != 0)?;
-        }
-        return Ok(moved);
+        // The header is delivered: every later packet takes this, a look at the options (no
+        // options, or the usual two NOPs and a timestamp, are recognised at once) and the
+        // translation's subtraction.
+        options(ctx, p, 0, len, false, flags & TCP_SYN != 0)?;
+        return Ok(len.wrapping_neg());
     }
-    let ack = field(tcp, 8);
+    let ack = read_u32(ctx, p.l4_off, 8).ok_or(DROP_PROXY_INSERT)?;
     {
         // The forward entry's key, as `Flow::twin_key` makes it.
         let fwd = A::key_scratch().ok_or(DROP_PROXY_INSERT)?;
@@ -261,12 +252,8 @@ pub fn inbound<A: Family>(
             stats::add_one(&PROXY_STATS, PROXY_HEADERS_ACKED);
         }
     }
-    let new = back(ack, base, len, pending);
-    let moved = advance(tcp, 8, new.wrapping_sub(ack));
-    if doff > 5 {
-        options(ctx, p, base, len, pending, flags & TCP_SYN != 0)?;
-    }
-    Ok(moved)
+    options(ctx, p, base, len, pending, flags & TCP_SYN != 0)?;
+    Ok(back(ack, base, len, pending).wrapping_sub(ack))
 }
 
 /// A backend sequence number `x` of the consumer's stream as the consumer numbers it.
@@ -300,36 +287,15 @@ fn set_pending<A: Family>(flow: &Flow<A>, entry: Option<*mut Flow<A>>, pending: 
     }
 }
 
-/// The 32-bit field `at` bytes into the TCP header at `l4_off`, host order.
+/// The 32-bit field `at` (4: the sequence number, 8: the acknowledgement) of the TCP header at
+/// `l4_off`, host order: one load.
 #[inline(always)]
 fn read_u32(ctx: &XdpContext, l4_off: usize, at: usize) -> Option<u32> {
-    Some(field(ptr_at::<[u8; 20]>(ctx, l4_off)?, at))
-}
-
-/// The 32-bit field `at` bytes into the TCP header `tcp`, host order: one load.
-#[inline(always)]
-fn field(tcp: *mut [u8; 20], at: usize) -> u32 {
-    // SAFETY: `tcp` is a bounds-checked pointer to 20 bytes; `at` + 4 is within them.
-    u32::from_be(unsafe { mem::load_u32(tcp.cast::<u8>().add(at)) })
-}
-
-/// Moves the 32-bit sequence-space field `at` bytes into the TCP header `tcp` (4: the sequence
-/// number, 8: the acknowledgement) by `delta` (wrapping): one load and one store. Returns what the
-/// checksum owes the change, for the translation's one checksum update (the per-packet cost of a
-/// PROXY flow: no byte shuffling, no second read-modify-write of the checksum).
-#[inline(always)]
-fn advance(tcp: *mut [u8; 20], at: usize, delta: u32) -> Delta {
-    if delta == 0 {
-        return Delta::new();
-    }
-    let h = tcp.cast::<u8>();
-    // SAFETY: `tcp` is a bounds-checked pointer to 20 bytes; `at` + 4 is within them.
-    unsafe {
-        let old = mem::load_u32(h.add(at));
-        let new = u32::from_be(old).wrapping_add(delta).to_be();
-        mem::store_u32(h.add(at), new);
-        Delta::new().u32(old, new)
-    }
+    let tcp = ptr_at::<[u8; 20]>(ctx, l4_off)?;
+    // SAFETY: a bounds-checked pointer to 20 bytes; `at` + 4 is within them.
+    Some(u32::from_be(unsafe {
+        mem::load_u32(tcp.cast::<u8>().add(at))
+    }))
 }
 
 /// Writes byte `v` at `off` of the header buffer (masked into it).
