@@ -229,7 +229,8 @@ fn rewrite_l34<A: Family>(
             return false;
         };
         let l4 = if stream_move != 0 {
-            let at = if flow.dir == DIR_FORWARD { 4 } else { 8 };
+            // 4: the sequence number (forward), 8: the acknowledgement (reply); no branch.
+            let at = 4 + 4 * usize::from(flow.dir != DIR_FORWARD);
             // SAFETY: bounds checked by ptr_at (20 bytes); the field's four bytes are within.
             l4.plus(unsafe { move_u32(tcp.cast::<u8>().add(at), stream_move) })
         } else {

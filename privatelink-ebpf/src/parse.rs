@@ -89,6 +89,8 @@ pub struct Pkt<A> {
     pub ttl: u8,
     /// TCP flags (0 for UDP).
     pub tcp_flags: u8,
+    /// TCP data offset: the header's length in 32-bit words, 5 without options (0 for UDP).
+    pub tcp_doff: u8,
     /// Length of the IP packet, headers included, host order.
     pub tot_len: u16,
 }
@@ -177,16 +179,16 @@ fn ip4_checksum_ok(ctx: &XdpContext, l3_off: usize, ip: &Ipv4Hdr, ihl: usize) ->
 const IPV4_HLEN: usize = 20;
 const MAX_IPV4_OPTION_WORDS: usize = 10;
 
-/// Ports and TCP flags of the TCP or UDP header at `l4_off`, which must end by `l3_end` (the end
-/// of the IP packet). `Ok(None)`: neither TCP nor UDP.
+/// Ports, TCP flags and TCP data offset of the TCP or UDP header at `l4_off`, which must end by
+/// `l3_end` (the end of the IP packet). `Ok(None)`: neither TCP nor UDP.
 #[inline(always)]
 fn ports(
     ctx: &XdpContext,
     l4_off: usize,
     l3_end: usize,
     proto: u8,
-) -> Result<Option<(u16, u16, u8)>, u32> {
-    let (sport_be, dport_be, tcp_flags, l4_len) = match proto {
+) -> Result<Option<(u16, u16, u8, u8)>, u32> {
+    let (sport_be, dport_be, tcp_flags, tcp_doff, l4_len) = match proto {
         PROTO_TCP => {
             // Every field through the one checked pointer: a second pointer to the same offset may
             // be recomputed by LLVM into a register the verifier has no bounds for.
@@ -197,6 +199,7 @@ fn ports(
                 u16::from_ne_bytes([h[0], h[1]]),
                 u16::from_ne_bytes([h[2], h[3]]),
                 h[13],
+                h[12] >> 4,
                 TcpHdr::LEN,
             )
         }
@@ -208,6 +211,7 @@ fn ports(
                     u16::from_ne_bytes((*udp).src),
                     u16::from_ne_bytes((*udp).dst),
                     0,
+                    0,
                     UdpHdr::LEN,
                 )
             }
@@ -217,7 +221,7 @@ fn ports(
     if l4_off + l4_len > l3_end {
         return Err(DROP_BAD_LENGTH);
     }
-    Ok(Some((sport_be, dport_be, tcp_flags)))
+    Ok(Some((sport_be, dport_be, tcp_flags, tcp_doff)))
 }
 
 /// Validates the IPv4 header at `l3_off` (whose fixed part the caller has seen) and parses TCP/UDP.
@@ -226,7 +230,7 @@ fn ports(
 pub fn ip4(ctx: &XdpContext, l3_off: usize) -> Result<Option<Ip4>, u32> {
     let ip = ip4_hdr(ctx, l3_off)?;
     let l4_off = l3_off + ip.hdr_len;
-    let Some((sport_be, dport_be, tcp_flags)) =
+    let Some((sport_be, dport_be, tcp_flags, tcp_doff)) =
         ports(ctx, l4_off, l3_off + ip.tot_len as usize, ip.proto)?
     else {
         return Ok(None);
@@ -241,6 +245,7 @@ pub fn ip4(ctx: &XdpContext, l3_off: usize) -> Result<Option<Ip4>, u32> {
         proto: ip.proto,
         ttl: ip.ttl,
         tcp_flags,
+        tcp_doff,
         tot_len: ip.tot_len,
     }))
 }
@@ -372,11 +377,13 @@ pub fn ip6(ctx: &XdpContext, l3_off: usize, out: &mut Ip6) -> Result<Option<Hdr6
     out.l3_off = l3_off;
     out.proto = h.proto;
     out.ttl = h.hop_limit;
-    let Some((sport_be, dport_be, tcp_flags)) = ports(ctx, h.l4_off, h.end, h.proto)? else {
+    let Some((sport_be, dport_be, tcp_flags, tcp_doff)) = ports(ctx, h.l4_off, h.end, h.proto)?
+    else {
         return Ok(Some(h));
     };
     out.sport_be = sport_be;
     out.dport_be = dport_be;
     out.tcp_flags = tcp_flags;
+    out.tcp_doff = tcp_doff;
     Ok(None)
 }

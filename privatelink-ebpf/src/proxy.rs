@@ -144,7 +144,8 @@ fn record<A: Family>(key: &FlowKey<A>, seq: u32) -> Result<(), u32> {
 /// A consumer's packet of a PROXY flow (forward entry `flow`, at `entry` unless it came from the
 /// flow cache), before its translation: the header in front when the packet starts the stream
 /// and the header is pending, else the sequence number to be moved past it. `Ok`: how far the
-/// translation moves the sequence number ([`crate::forward::How::stream_move`]); `Err`: a drop reason.
+/// translation moves the sequence number ([`crate::forward::How::stream_move`]); `Err`: a drop
+/// reason.
 #[inline(always)]
 pub fn outbound<A: Family>(
     ctx: &XdpContext,
@@ -166,6 +167,12 @@ pub fn outbound<A: Family>(
         );
         Ok(&*k)
     };
+    // Every packet but a SYN once the header is delivered takes this, one test (the two bits
+    // differ): the translation adds the length.
+    const _: () = assert!(TCP_SYN & PROXY_PENDING == 0);
+    if (flags & TCP_SYN) | (flow.flags & PROXY_PENDING) == 0 {
+        return Ok(flow.proxy_len as u32);
+    }
     if flags & TCP_SYN != 0 {
         if flags & TCP_ACK == 0 {
             // A retransmitted SYN, or the consumer reusing the tuple for a new connection: the
@@ -178,33 +185,32 @@ pub fn outbound<A: Family>(
         }
         return Ok(0);
     }
-    if flow.flags & PROXY_PENDING != 0 {
-        let seq = read_u32(ctx, p.l4_off, 4).ok_or(DROP_PROXY_INSERT)?;
-        // SAFETY: copied out at once.
-        match unsafe { A::proxy_pending().get(key()?) }.map(|v| v.base) {
-            Some(base) if seq == base && flags & TCP_RST != 0 => return Ok(0),
-            Some(base) if seq == base => {
-                let s = scratch().ok_or(DROP_PROXY_INSERT)?;
-                let total = build(p, flow, base, s)?;
-                insert(ctx, p, total, s)?;
-                stats::add_one(&PROXY_STATS, PROXY_HEADERS_SENT);
-                return Ok(0);
-            }
-            Some(_) => {}
-            // The flow came from another node (a takeover) that had sent its header: taken as
-            // delivered.
-            None => set_pending(flow, entry, false),
+    // The header is pending.
+    let seq = read_u32(ctx, p.l4_off, 4).ok_or(DROP_PROXY_INSERT)?;
+    // SAFETY: copied out at once.
+    match unsafe { A::proxy_pending().get(key()?) }.map(|v| v.base) {
+        Some(base) if seq == base && flags & TCP_RST != 0 => return Ok(0),
+        Some(base) if seq == base => {
+            let s = scratch().ok_or(DROP_PROXY_INSERT)?;
+            let total = build(p, flow, base, s)?;
+            insert(ctx, p, total, s)?;
+            stats::add_one(&PROXY_STATS, PROXY_HEADERS_SENT);
+            return Ok(0);
         }
+        Some(_) => {}
+        // The flow came from another node (a takeover) that had sent its header: taken as
+        // delivered.
+        None => set_pending(flow, entry, false),
     }
-    // Every packet once the header is delivered takes this: the translation adds the length.
+    // A packet after the stream's start (a retransmission past the header, or data behind it).
     Ok(flow.proxy_len as u32)
 }
 
 /// A backend's packet of a PROXY flow (reply entry `flow`), before its translation: SACK edges
-/// moved back over the header, the SYN-ACK's MSS lowered, and how far the acknowledgement is to
-/// move. An acknowledgement past the header ends its pending state. `Ok`: how far the translation
-/// moves the acknowledgement ([`crate::forward::How::stream_move`]; option changes are made here);
-/// `Err`: a drop reason.
+/// moved back over the header, the SYN-ACK's MSS lowered (the header pending), and how far the
+/// acknowledgement is to move. An acknowledgement past the header ends its pending state. `Ok`:
+/// how far the translation moves the acknowledgement ([`crate::forward::How::stream_move`];
+/// option changes are made here); `Err`: a drop reason.
 #[inline(always)]
 pub fn inbound<A: Family>(
     ctx: &XdpContext,
@@ -213,19 +219,24 @@ pub fn inbound<A: Family>(
     entry: Option<*mut Flow<A>>,
 ) -> Result<u32, u32> {
     let flags = p.tcp_flags;
+    let len = flow.proxy_len as u32;
+    // An acknowledgement once the header is delivered: every later packet takes this, one test
+    // (the two bits differ), a look at the options (none, or the usual two NOPs and a timestamp,
+    // are recognised at once) and the translation's subtraction. No MSS is lowered here: only a
+    // flow whose header is still to be sent needs room for it (a SYN-ACK comes while it is).
+    const _: () = assert!(TCP_ACK & PROXY_PENDING == 0);
+    if (flags & TCP_ACK) | (flow.flags & PROXY_PENDING) == TCP_ACK {
+        if p.tcp_doff > 5 {
+            options(ctx, p, 0, len, false, false)?;
+        }
+        return Ok(len.wrapping_neg());
+    }
     if flags & TCP_ACK == 0 {
         return Ok(0);
     }
-    let len = flow.proxy_len as u32;
-    let mut pending = flow.flags & PROXY_PENDING != 0;
+    // The header is pending.
+    let mut pending = true;
     let mut base = 0;
-    if !pending {
-        // The header is delivered: every later packet takes this, a look at the options (no
-        // options, or the usual two NOPs and a timestamp, are recognised at once) and the
-        // translation's subtraction.
-        options(ctx, p, 0, len, false, flags & TCP_SYN != 0)?;
-        return Ok(len.wrapping_neg());
-    }
     let ack = read_u32(ctx, p.l4_off, 8).ok_or(DROP_PROXY_INSERT)?;
     {
         // The forward entry's key, as `Flow::twin_key` makes it.
@@ -518,10 +529,15 @@ fn options<A: Family>(
     s.optlen = optlen as u32;
     s.base = base;
     s.len = len;
-    s.pending = u32::from(pending);
-    s.syn = u32::from(syn);
-    s.changed = 0;
-    s.delta = Delta::new();
+    // Volatile: where `pending` and `syn` are constants, the last four fields would be zeroes
+    // side by side, which LLVM merges into a `memset` call (see `mem`).
+    // SAFETY: plain fields of a valid, exclusive reference.
+    unsafe {
+        core::ptr::write_volatile(&mut s.pending, u32::from(pending));
+        core::ptr::write_volatile(&mut s.syn, u32::from(syn));
+        core::ptr::write_volatile(&mut s.changed, 0);
+        core::ptr::write_volatile(&mut s.delta, Delta::new());
+    }
     // SAFETY: the callback matches bpf_loop's signature and takes no context.
     unsafe {
         bpf_loop(
