@@ -755,9 +755,27 @@ pub(crate) mod real {
                 "consumer {c}: MariaDB's USER()"
             );
         }
-        // The backends' own logs.
-        let access = std::fs::read_to_string(w.dir.join("nginx-access.log")).unwrap();
+        // The backends' own logs. Both write a request's line once its response has gone, so
+        // curl may return first: wait until a line names each consumer, then check them all.
         let nat: ipnet::Ipv4Net = privatelink_agent::testkit::demo::NAT_RANGE.parse().unwrap();
+        let who: Vec<[String; 2]> = (0..2)
+            .map(|c| {
+                [
+                    endpoints[&(c, NGINX.name)].clone(),
+                    format!("100000000{}", c + 1),
+                ]
+            })
+            .collect();
+        let read_access = || std::fs::read_to_string(w.dir.join("nginx-access.log")).unwrap();
+        eventually("nginx has logged both consumers' requests", &w, || {
+            let access = read_access();
+            who.iter().all(|[ep, account]| {
+                access
+                    .lines()
+                    .any(|l| l.ends_with(&format!(" {ep} {account}")))
+            })
+        });
+        let access = read_access();
         // (The readiness probe's own line comes from the provider side, not through the node.)
         let through: Vec<Vec<&str>> = access
             .lines()
@@ -770,14 +788,6 @@ pub(crate) mod real {
         );
         // Every line through the node names one consumer by its endpoint and account (the two
         // consumers have the same address), and each consumer has its lines.
-        let who: Vec<[String; 2]> = (0..2)
-            .map(|c| {
-                [
-                    endpoints[&(c, NGINX.name)].clone(),
-                    format!("100000000{}", c + 1),
-                ]
-            })
-            .collect();
         for f in &through {
             assert_eq!(
                 f[0],
@@ -795,15 +805,25 @@ pub(crate) mod real {
                 "nginx logged nothing from {w:?}:\n{access}"
             );
         }
-        let hlog = std::fs::read_to_string(w.dir.join("haproxy.log")).unwrap();
-        for c in 0..2 {
+        let read_hlog = || std::fs::read_to_string(w.dir.join("haproxy.log")).unwrap();
+        let logged = |hlog: &str, c: usize| {
             let ep = &endpoints[&(c, HAPROXY.name)];
             let account = format!("100000000{}", c + 1);
             let want = format!("api {CLIENT}:");
-            assert!(
-                hlog.lines().any(|l| l.starts_with(&want)
+            hlog.lines().any(|l| {
+                l.starts_with(&want)
                     && l.contains(&format!(" {ep}/{account}/"))
-                    && l.ends_with(&format!(" {ep} {account}"))),
+                    && l.ends_with(&format!(" {ep} {account}"))
+            })
+        };
+        eventually("HAProxy has logged both consumers' requests", &w, || {
+            let hlog = read_hlog();
+            (0..2).all(|c| logged(&hlog, c))
+        });
+        let hlog = read_hlog();
+        for c in 0..2 {
+            assert!(
+                logged(&hlog, c),
                 "HAProxy's log has consumer {c}'s endpoint and account (unique id and TLVs):\n{hlog}"
             );
         }
