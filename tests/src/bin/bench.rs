@@ -772,6 +772,7 @@ fn flowsync_throughput() {
 /// header off (made before it was turned on) against flows of the same link with it on, each
 /// measured over `SAMPLES` repeat-1 runs, timer overhead off, × the floor measured alongside.
 fn proxy_cost() {
+    use etherparse::TcpOptionElement;
     use privatelink_tests::tcpseg::Seg;
     println!("## PROXY protocol v2: added cost per packet\n");
     println!(
@@ -788,8 +789,11 @@ fn proxy_cost() {
         let (c0, p0, c0_mac, p0_mac) = (h.c0, h.p0, h.c0_mac, h.p0_mac);
         // A connection up to its established state: SYN, SYN-ACK, the ACK (with PROXY on, the
         // header) and, with `ack_header`, the backend's acknowledgement of it. Returns the
-        // consumer's next data segment and the backend's next segment.
-        let open = |h: &mut Harness, port: u16, ack_header: bool| -> (Vec<u8>, Vec<u8>, Vec<u8>) {
+        // consumer's next data segment, the backend's next segment, the handshake's last ACK, and
+        // the two segments again with the options Linux sends on every segment (two NOPs and a
+        // timestamp).
+        type Frames = (Vec<u8>, Vec<u8>, Vec<u8>, [Vec<u8>; 2]);
+        let open = |h: &mut Harness, port: u16, ack_header: bool| -> Frames {
             let consumer = SocketAddr::new(CONSUMER.into(), port);
             let isn = 1_000u32;
             let syn = Seg::new(consumer, endpoint, isn)
@@ -828,7 +832,16 @@ fn proxy_cost() {
             // The backend's segment carries a few bytes: the replay restores the first
             // `GEN_HEAD` bytes of a frame, so the frame must be at least that long.
             let reply = b(isn + 1 + header).payload(&[9; 8]);
-            (data.build(), reply.build(), last_ack.build())
+            let ts = [
+                TcpOptionElement::Noop,
+                TcpOptionElement::Noop,
+                TcpOptionElement::Timestamp(77_000, 66_000),
+            ];
+            let with_ts = [
+                data.clone().options(&ts).build(),
+                reply.clone().options(&ts).build(),
+            ];
+            (data.build(), reply.build(), last_ack.build(), with_ts)
         };
         // Rounds alternate which of the pair goes first; the medians count (a row measured
         // right after another runs warmer).
@@ -847,14 +860,14 @@ fn proxy_cost() {
             }
             (median(x), median(y))
         };
-        let (plain_data, plain_reply, plain_ack) = open(h, 41_000, true);
+        let (plain_data, plain_reply, plain_ack, plain_ts) = open(h, 41_000, true);
         // A second flow without PROXY: the same pairing against the first shows what the method
         // reads where nothing differs.
-        let (other_data, other_reply, _) = open(h, 41_003, true);
+        let (other_data, other_reply, _, _) = open(h, 41_003, true);
         m.links.get_mut(&LINK).expect("link").proxy.v2 = true;
         h.plane.apply(&m).expect("apply");
-        let (proxy_data, proxy_reply, _) = open(h, 41_001, true);
-        let (_, _, pending_ack) = open(h, 41_002, false);
+        let (proxy_data, proxy_reply, _, proxy_ts) = open(h, 41_001, true);
+        let (_, _, pending_ack, _) = open(h, 41_002, false);
         let line = |path: &str, costs: (f64, f64)| cost_line(path, costs, floor_ns);
         line(
             "later packet, consumer → backend (sequence number moved)",
@@ -875,6 +888,23 @@ fn proxy_cost() {
         added_line(
             "later packet, backend → consumer, hot replay",
             &hot[1],
+            floor_ns,
+        );
+        // With timestamps the backend's segments have options, which the PROXY path looks at for
+        // SACK edges to move (the usual two NOPs and a timestamp are recognised at once).
+        let hot_ts = hot_pairs(
+            h,
+            (&plain_ts[0], &plain_ts[1]),
+            (&proxy_ts[0], &proxy_ts[1]),
+        );
+        added_line(
+            "later packet with timestamps, consumer → backend, hot replay",
+            &hot_ts[0],
+            floor_ns,
+        );
+        added_line(
+            "later packet with timestamps, backend → consumer, hot replay",
+            &hot_ts[1],
             floor_ns,
         );
         let control = hot_pairs(h, (&plain_data, &plain_reply), (&other_data, &other_reply));
