@@ -226,9 +226,7 @@ pub fn inbound<A: Family>(
     // flow whose header is still to be sent needs room for it (a SYN-ACK comes while it is).
     const _: () = assert!(TCP_ACK & PROXY_PENDING == 0);
     if (flags & TCP_ACK) | (flow.flags & PROXY_PENDING) == TCP_ACK {
-        if p.tcp_doff > 5 {
-            options(ctx, p, 0, len, false, false)?;
-        }
+        options(ctx, p, 0, len, false, false)?;
         return Ok(len.wrapping_neg());
     }
     if flags & TCP_ACK == 0 {
@@ -501,18 +499,20 @@ fn options<A: Family>(
     pending: bool,
     syn: bool,
 ) -> Result<(), u32> {
-    let tcp = ptr_at::<[u8; 24]>(ctx, p.l4_off);
-    let Some(tcp) = tcp else {
+    // The header's length as parsed (the frame is unchanged since).
+    let doff = p.tcp_doff as usize * 4;
+    if doff <= 20 {
         return Ok(());
-    };
-    // SAFETY: bounds checked by ptr_at.
-    let h = unsafe { &*tcp };
-    let doff = ((h[12] >> 4) as usize) * 4;
-    // SAFETY: bounds checked by ptr_at (24 bytes).
-    let usual = unsafe { mem::load_u32(tcp.cast::<u8>().add(20)) }
-        == u32::from_ne_bytes([OPT_NOP, OPT_NOP, 8, 10]);
-    if doff <= 20 || (doff == 32 && !syn && usual) {
-        return Ok(());
+    }
+    if doff == 32 && !syn {
+        let Some(tcp) = ptr_at::<[u8; 24]>(ctx, p.l4_off) else {
+            return Ok(());
+        };
+        // SAFETY: bounds checked by ptr_at (24 bytes).
+        let first = unsafe { mem::load_u32(tcp.cast::<u8>().add(20)) };
+        if first == u32::from_ne_bytes([OPT_NOP, OPT_NOP, 8, 10]) {
+            return Ok(());
+        }
     }
     let optlen = doff - 20;
     if optlen > OPT_MAX {
