@@ -334,33 +334,44 @@ print(json.dumps({"conns": n, "rounds": rounds, "broken": broken, "resets": rese
 
 /// New connections through the endpoint, one every 20 ms (echo port 81: connect, a line, its echo,
 /// close), each given 0.5 s, until the file `stop` appears (at most 60 s); then one JSON line:
-/// attempts, failures, how many separate runs of failures there were, and the longest time
-/// between two successes.
+/// attempts, failures, how many separate runs of failures there were, the longest time between
+/// two successes, and the local ports of the attempts it gave up on after their time (closed
+/// while the other end may still be answering them; not those a reset or refusal ended).
 const CONN_PROBE: &str = r#"
 import json, os, socket, sys, time
 host, stop = sys.argv[1], sys.argv[2]
 attempts, failed, streaks, last_ok, worst, failing = 0, 0, 0, None, 0.0, False
+abandoned = []
 end = time.time() + 60
 print("started", flush=True)
 while not os.path.exists(stop) and time.time() < end:
     attempts += 1
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.settimeout(0.5)
     try:
-        with socket.create_connection((host, 81), timeout=0.5) as s:
-            s.settimeout(0.5)
-            s.sendall(b"new\n")
-            if s.makefile("rb").readline() != b"new\n":
-                raise OSError("wrong echo")
+        s.connect((host, 81))
+        s.sendall(b"new\n")
+        if s.makefile("rb").readline() != b"new\n":
+            raise OSError("wrong echo")
         now = time.time()
         if last_ok is not None:
             worst = max(worst, now - last_ok)
         last_ok, failing = now, False
-    except OSError:
+    except OSError as e:
         failed += 1
         if not failing:
             streaks += 1
         failing = True
+        # Given up on after its time, not ended by a reset or refusal (those count as resets).
+        if isinstance(e, TimeoutError):
+            try:
+                abandoned.append(s.getsockname()[1])
+            except OSError:
+                pass
+    finally:
+        s.close()
     time.sleep(0.02)
-print(json.dumps({"attempts": attempts, "failed": failed, "failure_runs": streaks, "worst_gap_ms": int(worst * 1000)}))
+print(json.dumps({"attempts": attempts, "failed": failed, "failure_runs": streaks, "worst_gap_ms": int(worst * 1000), "abandoned_ports": abandoned}))
 "#;
 
 /// A running new-connection loop (see [`CONN_PROBE`]).
@@ -445,6 +456,37 @@ impl Resets {
             .map(String::from)
             .collect()
     }
+
+    /// The resets seen so far of connections other than those a [`ConnProbe`] gave up on
+    /// (`probe`: its summary): a connection the client has closed mid-handshake or mid-echo is
+    /// answered with a reset by whichever end still holds it, which is TCP, not the endpoint
+    /// breaking a connection. Those are printed, not returned.
+    pub fn seen_on_live(&self, probe: &Value) -> Vec<String> {
+        let abandoned: Vec<u64> = probe["abandoned_ports"]
+            .as_array()
+            .expect("the probe's abandoned_ports")
+            .iter()
+            .filter_map(Value::as_u64)
+            .collect();
+        let (dead, live): (Vec<String>, Vec<String>) = self
+            .seen()
+            .into_iter()
+            .partition(|l| dst_port(l).is_some_and(|p| abandoned.contains(&p)));
+        if !dead.is_empty() {
+            eprintln!(
+                "resets of connections the probe had given up on:\n{}",
+                dead.join("\n")
+            );
+        }
+        live
+    }
+}
+
+/// The destination port of a tcpdump line `... IP a.b.c.d.SPORT > e.f.g.h.DPORT: Flags [R] ...`.
+fn dst_port(line: &str) -> Option<u64> {
+    let (_, to) = line.split_once(" > ")?;
+    let (addr, _) = to.split_once(':')?;
+    addr.rsplit_once('.')?.1.parse().ok()
 }
 
 /// A UDP request/response loop through the endpoint (udp 9001, a socat echo): a datagram every
@@ -810,5 +852,23 @@ struct Cleanup(PathBuf);
 impl Drop for Cleanup {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::dst_port;
+
+    #[test]
+    fn a_reset_lines_destination_port_is_read_from_tcpdumps_line() {
+        let l = "04:12:01.123456 IP 198.18.0.100.81 > 198.18.1.10.45678: Flags [R], seq 1, win 0, \
+                 length 0";
+        assert_eq!(dst_port(l), Some(45678));
+        assert_eq!(
+            dst_port("04:12:01.1 IP 198.18.0.100.81 > 198.18.1.10.81: Flags [R.], seq 9"),
+            Some(81)
+        );
+        assert_eq!(dst_port("tcpdump: listening on eth0"), None);
+        assert_eq!(dst_port("IP 198.18.0.100.81 > garbage"), None);
     }
 }
