@@ -359,13 +359,21 @@ fn a_standby_takes_over_when_the_active_node_crashes_and_a_returning_node_stands
             })
             .unwrap_or_default()
     };
-    wait("/v1/nodes shows the roles", Duration::from_secs(8), || {
-        roles()
-            == [
-                ("node-a".into(), "edge".into(), false.into()),
-                ("node-b".into(), "edge".into(), true.into()),
-            ]
-    });
+    let want: Vec<(Value, Value, Value)> = vec![
+        ("node-a".into(), "edge".into(), false.into()),
+        ("node-b".into(), "edge".into(), true.into()),
+    ];
+    let mut seen = Vec::new();
+    let within = Duration::from_secs(8);
+    let t = Instant::now();
+    while seen != want {
+        assert!(
+            t.elapsed() < within,
+            "/v1/nodes shows the roles: not within {within:?}; it shows {seen:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+        seen = roles();
+    }
 
     // The standby's copy of the owner's flows is fresh: B sends each change at once and
     // everything every 3 s.
