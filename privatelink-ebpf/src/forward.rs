@@ -40,11 +40,12 @@ pub struct How {
     pub fib_gen: u32,
     /// (backend slot, now) of a new flow, whose FIB result becomes the backend's cached next hop.
     pub learn: Option<(u32, u64)>,
-    /// How far a PROXY flow's header moves the consumer's stream (0: not at all), added here to
-    /// the TCP sequence number of a forward packet and to the acknowledgement of a reply (the
-    /// PROXY path passes the negated length for those). The translation, which holds the TCP
-    /// header for the ports anyway, moves the field and takes its change into its one checksum
-    /// update: no second bounds check, no second pass over the checksum.
+    /// How far a PROXY flow's header moves the consumer's stream (0: not at all), added here
+    /// (wrapping) to the TCP sequence number of a forward packet and to the acknowledgement of a
+    /// reply (for those the PROXY path passes a move back: the negated length once the header is
+    /// acknowledged). The translation, which holds the TCP header for the ports anyway, moves the
+    /// field and takes its change into its one checksum update: no second bounds check, no second
+    /// pass over the checksum.
     pub stream_move: u32,
 }
 
@@ -229,8 +230,8 @@ fn rewrite_l34<A: Family>(
             return false;
         };
         let l4 = if stream_move != 0 {
-            // 4: the sequence number (forward), 8: the acknowledgement (reply); no branch.
-            let at = 4 + 4 * usize::from(flow.dir != DIR_FORWARD);
+            // The sequence number of a forward packet, the acknowledgement of a reply.
+            let at = if flow.dir == DIR_FORWARD { 4 } else { 8 };
             // SAFETY: bounds checked by ptr_at (20 bytes); the field's four bytes are within.
             l4.plus(unsafe { move_u32(tcp.cast::<u8>().add(at), stream_move) })
         } else {
