@@ -125,13 +125,30 @@ impl Node {
 }
 
 /// Waits (at most `within`) until `ok` holds; how long it took.
-pub fn wait(what: &str, within: Duration, mut ok: impl FnMut() -> bool) -> Duration {
+pub fn wait(what: &str, within: Duration, ok: impl FnMut() -> bool) -> Duration {
+    wait_eq(what, within, &true, ok)
+}
+
+/// Waits (at most `within`) until `get` returns `want`; how long it took. On timeout it says what
+/// `get` returned last.
+pub fn wait_eq<T: PartialEq + std::fmt::Debug>(
+    what: &str,
+    within: Duration,
+    want: &T,
+    mut get: impl FnMut() -> T,
+) -> Duration {
     let t = Instant::now();
-    while !ok() {
-        assert!(t.elapsed() < within, "{what}: not within {within:?}");
+    loop {
+        let got = get();
+        if &got == want {
+            return t.elapsed();
+        }
+        assert!(
+            t.elapsed() < within,
+            "{what}: not within {within:?} (last: {got:?})"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
-    t.elapsed()
 }
 
 /// curl from the client to the endpoint: the HTTP status, or 0 when nothing answered within
@@ -449,7 +466,7 @@ impl Resets {
     }
 
     /// The resets seen so far, a line each.
-    pub fn seen(&self) -> Vec<String> {
+    fn seen(&self) -> Vec<String> {
         std::fs::read_to_string(&self.file)
             .unwrap_or_default()
             .lines()

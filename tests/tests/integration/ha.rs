@@ -9,7 +9,7 @@ use privatelink_agent::testkit::demo::ENDPOINT;
 
 use privatelink_tests::{
     agent_bin,
-    group::{ConnProbe, Group, Holder, Node, Resets, SLICES, UdpProbe, curl, wait},
+    group::{ConnProbe, Group, Holder, Node, Resets, SLICES, UdpProbe, curl, wait, wait_eq},
     privileged,
     world::{ADMIN, Proc, api_in, etcd_url},
 };
@@ -363,17 +363,12 @@ fn a_standby_takes_over_when_the_active_node_crashes_and_a_returning_node_stands
         ("node-a".into(), "edge".into(), false.into()),
         ("node-b".into(), "edge".into(), true.into()),
     ];
-    let mut seen = Vec::new();
-    let within = Duration::from_secs(8);
-    let t = Instant::now();
-    while seen != want {
-        assert!(
-            t.elapsed() < within,
-            "/v1/nodes shows the roles: not within {within:?}; it shows {seen:?}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-        seen = roles();
-    }
+    wait_eq(
+        "/v1/nodes shows the roles",
+        Duration::from_secs(8),
+        &want,
+        roles,
+    );
 
     // The standby's copy of the owner's flows is fresh: B sends each change at once and
     // everything every 3 s.
