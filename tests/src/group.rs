@@ -16,7 +16,10 @@ use privatelink_agent::{
 };
 use serde_json::{Value, json};
 
-use crate::world::{ADMIN, API, BpfFs, Proc, etcd_url, link_to_etcd, sample, shared_etcd};
+use crate::{
+    tcpwatch::Watch,
+    world::{ADMIN, API, BpfFs, Proc, etcd_url, link_to_etcd, sample, shared_etcd},
+};
 
 const GROUP_KEY: &str = "a-group-key-of-more-than-thirty-two-characters";
 pub const BACKEND: &str = "198.18.100.10";
@@ -413,11 +416,7 @@ impl ConnProbe {
 }
 
 /// tcpdump on the client's interface, keeping every TCP reset that comes from the endpoint.
-pub struct Resets {
-    /// tcpdump, stopped on drop.
-    _tcpdump: Proc,
-    file: PathBuf,
-}
+pub struct Resets(Watch);
 
 impl Resets {
     pub fn watch(client: &Netns, root: &std::path::Path) -> Resets {
@@ -426,52 +425,17 @@ impl Resets {
 
     /// The same, its files named `name` (one per client).
     pub fn watch_as(client: &Netns, root: &std::path::Path, name: &str) -> Resets {
-        let file = root.join(format!("{name}.txt"));
-        let out = std::fs::File::create(&file).unwrap();
-        let err = root.join(format!("{name}.err"));
-        let mut child = client
-            .command("tcpdump")
-            .args([
-                "-i",
-                "eth0",
-                "-n",
-                "-l",
-                "--immediate-mode",
-                &format!("tcp[tcpflags] & tcp-rst != 0 and src host {ENDPOINT}"),
-            ])
-            .stdin(Stdio::null())
-            .stdout(Stdio::from(out))
-            .stderr(Stdio::from(std::fs::File::create(&err).unwrap()))
-            .spawn()
-            .expect("tcpdump");
-        // Capturing once it says so.
-        let t = Instant::now();
-        while !std::fs::read_to_string(&err)
-            .unwrap_or_default()
-            .contains("listening on")
-        {
-            if let Ok(Some(s)) = child.try_wait() {
-                panic!("tcpdump ended: {s}");
-            }
-            assert!(
-                t.elapsed() < Duration::from_secs(10),
-                "tcpdump did not start"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Resets {
-            _tcpdump: Proc(child),
-            file,
-        }
+        Resets(Watch::start(
+            client,
+            root,
+            name,
+            &format!("tcp[tcpflags] & tcp-rst != 0 and src host {ENDPOINT}"),
+        ))
     }
 
     /// The resets seen so far, a line each.
     fn seen(&self) -> Vec<String> {
-        std::fs::read_to_string(&self.file)
-            .unwrap_or_default()
-            .lines()
-            .map(String::from)
-            .collect()
+        self.0.lines()
     }
 
     /// The resets seen so far of connections other than those a [`ConnProbe`] gave up on

@@ -7,6 +7,7 @@ pub mod fixture6;
 pub mod group;
 pub mod layout;
 pub mod tcpseg;
+pub mod tcpwatch;
 pub mod world;
 
 use std::{net::Ipv4Addr, time::Duration};
