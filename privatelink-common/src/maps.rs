@@ -604,8 +604,10 @@ pub const FLOW_CACHE_SLOTS: u32 = 4096;
 /// neither the datapath nor the agent's sweep can have expired the entry it copies; the flow is
 /// UDP or established TCP and the packet carries no SYN, FIN or RST (no state change to write);
 /// and a forward entry's next hop is of the current FIB generation. Anything else goes to the
-/// table, and the table's entry is copied back in afterwards. Slot 0-filled: empty (protocol 0
-/// matches no packet).
+/// table, and the table's entry is copied back in afterwards, or, when it is no longer steady
+/// (a SYN of a tuple used again, a FIN, a RST, a PROXY header pending) or the packet was not
+/// forwarded, the slot's copy of it is retired. Slot 0-filled: empty (protocol 0 matches no
+/// packet).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FlowCacheEntry<A> {

@@ -74,25 +74,48 @@ pub fn get<A: Family>(
     Some(e)
 }
 
+/// Retires this CPU's copy of `key`'s flow, if its slot holds one: for a packet that took the
+/// table's path and was not forwarded (its flow's entry may have changed all the same).
+#[inline(always)]
+pub fn retire<A: Family>(key: &FlowKey<A>) {
+    if let Some(e) = A::flow_cache().get_ptr_mut(slot(key)) {
+        // SAFETY: per-CPU value, no concurrent user.
+        retire_in(unsafe { &mut *e }, key);
+    }
+}
+
+/// Retires slot `e`'s copy if it is of `key`'s flow, by clearing its key's protocol (which no
+/// packet's key has).
+#[inline(always)]
+fn retire_in<A: Family>(e: &mut FlowCacheEntry<A>, key: &FlowKey<A>) {
+    if mem::same(&e.key, key) {
+        e.key.proto = 0;
+    }
+}
+
 /// Copies the table's entry for `key` (at `entry`, after the packet's own updates) into this
-/// CPU's slot when it is a steady flow with a usable next hop. `generation`: the config's
-/// `flow_generation` as read before the table lookup, so that an entry the agent deletes in
-/// between is copied in under a generation that is already gone.
+/// CPU's slot when it is a steady flow with a usable next hop, and otherwise retires the slot's
+/// copy of the same flow: a SYN, FIN or RST changes the entry (a closing state; a tuple used
+/// again makes a PROXY flow's header pending and settles its timestamps anew), and a copy of what
+/// it was must not answer for the packets after it. `generation`: the config's `flow_generation`
+/// as read before the table lookup, so that an entry the agent deletes in between is copied in
+/// under a generation that is already gone.
 #[inline(always)]
 pub fn fill<A: Family>(key: &FlowKey<A>, entry: *const Flow<A>, generation: u32) {
     // SAFETY: pointer from a successful lookup; plain fields (see below for concurrent writers).
     let f = unsafe { &*entry };
     let steady =
         key.proto == PROTO_UDP || (key.proto == PROTO_TCP && f.tcp_state == CT_ESTABLISHED);
-    // A PROXY flow whose header is pending needs the table's path (the header may be due).
-    if !steady || f.egress_ifindex == 0 || f.flags & PROXY_PENDING != 0 {
-        return;
-    }
     let Some(e) = A::flow_cache().get_ptr_mut(slot(key)) else {
         return;
     };
     // SAFETY: per-CPU value, no concurrent user.
     let e = unsafe { &mut *e };
+    // A PROXY flow whose header is pending needs the table's path (the header may be due).
+    if !steady || f.egress_ifindex == 0 || f.flags & PROXY_PENDING != 0 {
+        retire_in(e, key);
+        return;
+    }
     mem::copy(&mut e.flow, f);
     // Another CPU with a packet of the same flow may have written the entry during the copy (a
     // refreshed next hop, say): keep only a copy that still matches it, never a torn mix. Nothing

@@ -205,6 +205,8 @@ fn tracked<A: Family>(f: &Frame, p: &Pkt<A>) -> Verdict {
         let v = established(&pk, flow, Some(entry));
         if v.outcome == FWD_REDIRECT || v.outcome == FWD_TX {
             flowcache::fill(&key, entry, cfg.flow_generation);
+        } else {
+            flowcache::retire(&key);
         }
         return v;
     }
