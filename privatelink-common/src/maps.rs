@@ -418,7 +418,8 @@ pub struct Flow<A> {
     pub proxy_len: u16,
     /// [`PROXY_PENDING`] while the backend has not acknowledged the header (the header's state is
     /// in `PROXY_PENDING4`/`PROXY_PENDING6` then); [`FLOW_LOGGED`] when the flow's connection is
-    /// logged (its counters in `CONN_STATS4`/`CONN_STATS6`).
+    /// logged (its counters in `CONN_STATS4`/`CONN_STATS6`); [`PROXY_TS`] when the backend of a
+    /// PROXY flow sends timestamps.
     pub flags: u8,
     pub _pad: u8,
 }
@@ -446,6 +447,11 @@ impl<A: Copy> Flow<A> {
 pub const PROXY_PENDING: u8 = 1;
 /// [`Flow::flags`]: the flow's connection is logged.
 pub const FLOW_LOGGED: u8 = 2;
+/// [`Flow::flags`] of a PROXY flow: the backend's SYN-ACK carried a timestamp, so timestamps are
+/// in use and every segment of the backend carries one (RFC 7323, 3.2). A SACK option then needs
+/// a TCP header of 10 words at least (10 bytes of timestamp, 10 of one SACK block), so a segment
+/// with a shorter header has no SACK edge to move.
+pub const PROXY_TS: u8 = 4;
 
 /// Entries of `CONN_STATS4`/`CONN_STATS6`: logged connections open at once (per family).
 pub const CONN_STATS_ENTRIES: u32 = 65_536;

@@ -35,7 +35,7 @@ use aya_ebpf::{
 use privatelink_common::{
     DROP_PROXY_FULL, DROP_PROXY_INSERT, Flow, FlowKey, LinkInfo, PP2_TYPE_CRC32C, PROTO_TCP,
     PROXY_HEADERS_ACKED, PROXY_HEADERS_SENT, PROXY_MSS_CLAMPED, PROXY_PENDING, PROXY_TLVS_MAX,
-    ProxyPending,
+    PROXY_TS, ProxyPending,
 };
 
 use crate::{
@@ -72,6 +72,10 @@ const OPT_END: u8 = 0;
 const OPT_NOP: u8 = 1;
 const OPT_MSS: u8 = 2;
 const OPT_SACK: u8 = 5;
+const OPT_TS: u8 = 8;
+/// The shortest TCP header (in words) with room for a timestamp and a SACK block: 20 bytes, 10 of
+/// timestamp, 10 of one block, rounded up to a word.
+const TS_AND_SACK_WORDS: u8 = 10;
 
 #[inline(always)]
 fn scratch() -> Option<&'static mut Scratch> {
@@ -221,12 +225,21 @@ pub fn inbound<A: Family>(
     let flags = p.tcp_flags;
     let len = flow.proxy_len as u32;
     // An acknowledgement once the header is delivered: every later packet takes this, one test
-    // (the two bits differ), a look at the options (none, or the usual two NOPs and a timestamp,
-    // are recognised at once) and the translation's subtraction. No MSS is lowered here: only a
-    // flow whose header is still to be sent needs room for it (a SYN-ACK comes while it is).
+    // (the two bits differ), a look at the options only where a SACK option may be (a header with
+    // options; with timestamps in use, one long enough for a timestamp and a SACK block) and the
+    // translation's subtraction. Linux sends a timestamp on every segment: its usual 8-word
+    // header is decided on here without a read of the frame. No MSS is lowered here: only a flow
+    // whose header is still to be sent needs room for it (a SYN-ACK comes while it is).
     const _: () = assert!(TCP_ACK & PROXY_PENDING == 0);
     if (flags & TCP_ACK) | (flow.flags & PROXY_PENDING) == TCP_ACK {
-        options(ctx, p, 0, len, false, false)?;
+        let shortest = if flow.flags & PROXY_TS != 0 {
+            TS_AND_SACK_WORDS
+        } else {
+            6
+        };
+        if p.tcp_doff >= shortest {
+            options(ctx, p, 0, len, false, false)?;
+        }
         return Ok(len.wrapping_neg());
     }
     if flags & TCP_ACK == 0 {
@@ -261,7 +274,15 @@ pub fn inbound<A: Family>(
             stats::add_one(&PROXY_STATS, PROXY_HEADERS_ACKED);
         }
     }
-    options(ctx, p, base, len, pending, flags & TCP_SYN != 0)?;
+    let syn = flags & TCP_SYN != 0;
+    let ts = options(ctx, p, base, len, pending, syn)?;
+    if syn {
+        // Whether timestamps are in use is settled here, also for a tuple used again.
+        if let Some(e) = entry {
+            // SAFETY: pointer from a successful lookup; a plain field, benign races.
+            unsafe { (*e).flags = ((*e).flags & !PROXY_TS) | if ts { PROXY_TS } else { 0 } };
+        }
+    }
     Ok(back(ack, base, len, pending).wrapping_sub(ack))
 }
 
@@ -488,8 +509,8 @@ fn insert<A: Family>(
 }
 
 /// Rewrites the TCP options of a backend's segment: SACK edges moved back over the header, and a
-/// SYN-ACK's MSS lowered by its length. The usual options of a data segment (two NOPs and a
-/// timestamp) are recognised without a walk.
+/// SYN-ACK's MSS lowered by its length. `Ok`: whether the options hold a timestamp (read for a
+/// SYN-ACK, whose walk covers every option).
 #[inline(always)]
 fn options<A: Family>(
     ctx: &XdpContext,
@@ -498,31 +519,21 @@ fn options<A: Family>(
     len: u32,
     pending: bool,
     syn: bool,
-) -> Result<(), u32> {
+) -> Result<bool, u32> {
     // The header's length as parsed (the frame is unchanged since).
     let doff = p.tcp_doff as usize * 4;
     if doff <= 20 {
-        return Ok(());
-    }
-    if doff == 32 && !syn {
-        let Some(tcp) = ptr_at::<[u8; 24]>(ctx, p.l4_off) else {
-            return Ok(());
-        };
-        // SAFETY: bounds checked by ptr_at (24 bytes).
-        let first = unsafe { mem::load_u32(tcp.cast::<u8>().add(20)) };
-        if first == u32::from_ne_bytes([OPT_NOP, OPT_NOP, 8, 10]) {
-            return Ok(());
-        }
+        return Ok(false);
     }
     let optlen = doff - 20;
     if optlen > OPT_MAX {
-        return Ok(());
+        return Ok(false);
     }
     let s = scratch().ok_or(DROP_PROXY_INSERT)?;
     let at = (p.l4_off + 20) as u32;
     // SAFETY: the helper checks the read against the frame; the buffer holds 40 bytes.
     if unsafe { bpf_xdp_load_bytes(ctx.ctx, at, s.opts.as_mut_ptr().cast(), optlen as u32) } != 0 {
-        return Ok(());
+        return Ok(false);
     }
     s.at = 0;
     s.edges = 0;
@@ -536,6 +547,7 @@ fn options<A: Family>(
         core::ptr::write_volatile(&mut s.pending, u32::from(pending));
         core::ptr::write_volatile(&mut s.syn, u32::from(syn));
         core::ptr::write_volatile(&mut s.changed, 0);
+        core::ptr::write_volatile(&mut s.ts, 0);
         core::ptr::write_volatile(&mut s.delta, Delta::new());
     }
     // SAFETY: the callback matches bpf_loop's signature and takes no context.
@@ -547,8 +559,9 @@ fn options<A: Family>(
             0,
         )
     };
+    let ts = s.ts != 0;
     if s.changed == 0 {
-        return Ok(());
+        return Ok(ts);
     }
     // SAFETY: as above.
     if unsafe { bpf_xdp_store_bytes(ctx.ctx, at, s.opts.as_mut_ptr().cast(), optlen as u32) } != 0 {
@@ -564,7 +577,7 @@ fn options<A: Family>(
     if syn {
         stats::add_one(&PROXY_STATS, PROXY_MSS_CLAMPED);
     }
-    Ok(())
+    Ok(ts)
 }
 
 /// The option byte at `off` (masked into the buffer).
@@ -652,6 +665,8 @@ extern "C" fn option_step(_i: u64, _ctx: *mut c_void) -> i64 {
         // Blocks of two edges; a malformed length leaves the spare bytes alone.
         s.edges = (((len - 2) / 8) * 2) as u32;
         s.edge_at = (at + 2) as u32;
+    } else if kind == OPT_TS && len == 10 {
+        s.ts = 1;
     } else if kind == OPT_MSS && len == 4 && s.syn != 0 {
         let mss = u32::from(opt(s, at + 2)) << 8 | u32::from(opt(s, at + 3));
         if mss > s.len {

@@ -34,5 +34,8 @@ pub struct Scratch {
     pub(crate) pending: u32,
     pub(crate) syn: u32,
     pub(crate) changed: u32,
+    /// Whether the walk met a timestamp option.
+    pub(crate) ts: u32,
+    pub(crate) _pad: u32,
     pub(crate) delta: Delta,
 }

@@ -305,6 +305,178 @@ fn a_proxy_connection_gets_its_header_first_and_every_sequence_number_moved_over
     }
 }
 
+/// Timestamps in use (the backend's SYN-ACK carries one): the backend's segments are decided on
+/// by their header's length, since every one carries a timestamp (RFC 7323) and a SACK block
+/// fits beside it only in a header of 10 words or more. The usual 8-word header passes with its
+/// options untouched, a timestamp with SACK blocks has its edges moved, and a connection on the
+/// same tuple again without timestamps has its 8-word SACK segments' edges moved.
+#[test]
+fn with_timestamps_in_use_the_header_length_tells_where_sack_edges_may_be() {
+    for fam in Fam::BOTH {
+        with_harness(&format!("proxy-ts-{fam:?}"), |h| {
+            // One CPU: the flow cache is per CPU, and the tuple used again below must meet the
+            // copies the first connection left in it.
+            privatelink_tests::pin_to_cpu0();
+            let mut m = Fam::model(h);
+            m.links.get_mut(&LINK).expect("link").proxy.v2 = true;
+            h.apply(&m);
+            let consumer = SocketAddr::new(fam.consumer(), 40100);
+            let endpoint = SocketAddr::new(fam.endpoint(), 80);
+            let backend = SocketAddr::new(fam.backend(), 8080);
+            let (c0, p0, c0_mac, p0_mac) = (h.c0, h.p0, h.c0_mac, h.p0_mac);
+            let to_consumer = (c0_mac, CONSUMER_MAC);
+            let sack = |x: u32, y: u32| Sack((x, y), [None, None, None]);
+            // A connection from `consumer` with initial sequence number `isn`, timestamps offered
+            // by both ends or by neither, up to the backend's acknowledgement of the header.
+            // Returns the NAT address and the header's length.
+            let open = |h: &mut Harness, isn: u32, ts: bool| {
+                let with = |o: &[etherparse::TcpOptionElement]| {
+                    let mut o = o.to_vec();
+                    if ts {
+                        o.extend([Noop, Noop, Timestamp(1_000, 0)]);
+                    }
+                    o
+                };
+                let syn = Seg::new(consumer, endpoint, isn)
+                    .syn()
+                    .options(&with(&[Mss(1460), SelectiveAcknowledgementPermitted]))
+                    .macs(CONSUMER_MAC, c0_mac);
+                let r = test_run(h.dp.program(), c0, &syn.build());
+                assert_eq!(r.verdict, XDP_REDIRECT, "{fam:?}: SYN");
+                let nat = Seg::parse(&r.out).src;
+                let syn_ack = Seg::new(backend, nat, 9_000)
+                    .syn()
+                    .ack(isn + 1)
+                    .options(&with(&[Mss(1460), SelectiveAcknowledgementPermitted]))
+                    .macs(BACKEND_MAC, p0_mac);
+                let r = test_run(h.dp.program(), p0, &syn_ack.build());
+                assert_eq!(r.verdict, XDP_REDIRECT, "{fam:?}: SYN-ACK");
+                let ack = Seg::new(consumer, endpoint, isn + 1)
+                    .ack(9_001)
+                    .macs(CONSUMER_MAC, c0_mac);
+                let r = test_run(h.dp.program(), c0, &ack.build());
+                assert_eq!(r.verdict, XDP_REDIRECT, "{fam:?}: the last ACK");
+                let l = Seg::parse(&r.out).payload.len() as u32;
+                assert!(l > 0, "{fam:?}: the header went out");
+                let acked = Seg::new(backend, nat, 9_001)
+                    .ack(isn + 1 + l)
+                    .macs(BACKEND_MAC, p0_mac);
+                let r = test_run(h.dp.program(), p0, &acked.build());
+                assert_eq!(r.verdict, XDP_REDIRECT, "{fam:?}: the header acknowledged");
+                (nat, l)
+            };
+            // (what, the backend's options, the options the consumer must get)
+            let check =
+                |h: &mut Harness,
+                 nat: SocketAddr,
+                 i1: u32,
+                 l: u32,
+                 rows: &[(&str, Vec<etherparse::TcpOptionElement>, Vec<_>)]| {
+                    for (what, sent, want) in rows {
+                        let input = Seg::new(backend, nat, 9_001)
+                            .ack(i1 + l + 5)
+                            .options(sent)
+                            .payload(b"pong")
+                            .macs(BACKEND_MAC, p0_mac);
+                        let r = test_run(h.dp.program(), p0, &input.build());
+                        assert_eq!(r.verdict, XDP_REDIRECT, "{fam:?}: {what}");
+                        let want = input
+                            .moved(endpoint, consumer, to_consumer)
+                            .ack(i1 + 5)
+                            .options(want);
+                        assert_eq!(Seg::parse(&r.out), want, "{fam:?}: {what} (fields)");
+                        assert_eq!(r.out, want.build(), "{fam:?}: {what} (bytes)");
+                    }
+                };
+
+            let i1 = 70_001;
+            let (nat, l) = open(h, i1 - 1, true);
+            let ts = [Noop, Noop, Timestamp(2_000, 1_000)];
+            check(
+                h,
+                nat,
+                i1,
+                l,
+                &[
+                    (
+                        "two NOPs and a timestamp, 8 words",
+                        ts.to_vec(),
+                        ts.to_vec(),
+                    ),
+                    (
+                        "a timestamp and a SACK block, 11 words",
+                        [&ts[..], &[Noop, Noop, sack(i1 + l + 100, i1 + l + 200)]].concat(),
+                        [&ts[..], &[Noop, Noop, sack(i1 + 100, i1 + 200)]].concat(),
+                    ),
+                    (
+                        "a timestamp and two SACK blocks, 13 words",
+                        [
+                            &ts[..],
+                            &[
+                                Noop,
+                                Noop,
+                                Sack(
+                                    (i1 + l + 100, i1 + l + 200),
+                                    [Some((i1 + l + 300, i1 + l + 400)), None, None],
+                                ),
+                            ],
+                        ]
+                        .concat(),
+                        [
+                            &ts[..],
+                            &[
+                                Noop,
+                                Noop,
+                                Sack(
+                                    (i1 + 100, i1 + 200),
+                                    [Some((i1 + 300, i1 + 400)), None, None],
+                                ),
+                            ],
+                        ]
+                        .concat(),
+                    ),
+                    // What this trusts: a backend that drops the timestamp it agreed to (against
+                    // RFC 7323) and sends a SACK block in 8 words gets its edges passed as they are.
+                    (
+                        "a SACK block without the agreed timestamp, 8 words (against RFC 7323)",
+                        vec![Noop, Noop, sack(i1 + l + 100, i1 + l + 200)],
+                        vec![Noop, Noop, sack(i1 + l + 100, i1 + l + 200)],
+                    ),
+                ],
+            );
+
+            // The consumer's data, twice: the second is answered from the flow cache.
+            for n in 0..2 {
+                let data = Seg::new(consumer, endpoint, i1 + 4 * n)
+                    .ack(9_001)
+                    .payload(b"ping")
+                    .macs(CONSUMER_MAC, c0_mac);
+                let r = test_run(h.dp.program(), c0, &data.build());
+                assert_eq!(r.verdict, XDP_REDIRECT, "{fam:?}: the consumer's data");
+                assert_eq!(Seg::parse(&r.out).seq, i1 + 4 * n + l, "{fam:?}: moved up");
+            }
+
+            // The same tuple again, without timestamps: the SYN-ACK settles it anew, and the
+            // first connection's copies in the flow cache answer for nothing of the second (its
+            // last ACK carries the header, its SACK edges move).
+            let i1 = 80_001;
+            let (nat2, l2) = open(h, i1 - 1, false);
+            assert_eq!((nat2, l2), (nat, l), "{fam:?}: the same flow, opened again");
+            check(
+                h,
+                nat,
+                i1,
+                l,
+                &[(
+                    "a SACK block in 8 words, no timestamps in use",
+                    vec![Noop, Noop, sack(i1 + l + 100, i1 + l + 200)],
+                    vec![Noop, Noop, sack(i1 + 100, i1 + 200)],
+                )],
+            );
+        });
+    }
+}
+
 /// Turning PROXY off applies to new connections: one in its handshake still gets its header, a
 /// new one gets none (and no MSS clamp). UDP flows of a PROXY service never carry a header. A
 /// PROXY flow whose pending state is gone (taken over from another node) has its header taken as
