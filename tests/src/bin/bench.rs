@@ -788,16 +788,23 @@ fn proxy_cost() {
         let endpoint = SocketAddr::new(ENDPOINT.into(), 80);
         let (c0, p0, c0_mac, p0_mac) = (h.c0, h.p0, h.c0_mac, h.p0_mac);
         // A connection up to its established state: SYN, SYN-ACK, the ACK (with PROXY on, the
-        // header) and, with `ack_header`, the backend's acknowledgement of it. Returns the
-        // consumer's next data segment, the backend's next segment, the handshake's last ACK, and
-        // the two segments again with the options Linux sends on every segment (two NOPs and a
-        // timestamp).
-        type Frames = (Vec<u8>, Vec<u8>, Vec<u8>, [Vec<u8>; 2]);
-        let open = |h: &mut Harness, port: u16, ack_header: bool| -> Frames {
+        // header) and, with `ack_header`, the backend's acknowledgement of it. With `ts`, both
+        // ends agree on timestamps, as Linux does, and every segment carries the options Linux
+        // sends then (two NOPs and a timestamp). Returns the consumer's next data segment, the
+        // backend's next segment and the handshake's last ACK.
+        type Frames = (Vec<u8>, Vec<u8>, Vec<u8>);
+        let ts_opts = [
+            TcpOptionElement::Noop,
+            TcpOptionElement::Noop,
+            TcpOptionElement::Timestamp(77_000, 66_000),
+        ];
+        let open = |h: &mut Harness, port: u16, ack_header: bool, ts: bool| -> Frames {
             let consumer = SocketAddr::new(CONSUMER.into(), port);
             let isn = 1_000u32;
+            let opts: &[TcpOptionElement] = if ts { &ts_opts } else { &[] };
             let syn = Seg::new(consumer, endpoint, isn)
                 .syn()
+                .options(opts)
                 .macs(CONSUMER_MAC, c0_mac);
             let r = test_run(h.dp.program(), c0, &syn.build());
             assert_eq!(r.verdict, XDP_REDIRECT, "SYN");
@@ -806,6 +813,7 @@ fn proxy_cost() {
             let b = |ack: u32| {
                 Seg::new(backend, nat, 5_001)
                     .ack(ack)
+                    .options(opts)
                     .macs(BACKEND_MAC, p0_mac)
             };
             let mut syn_ack = b(isn + 1);
@@ -817,6 +825,7 @@ fn proxy_cost() {
             );
             let last_ack = Seg::new(consumer, endpoint, isn + 1)
                 .ack(5_001)
+                .options(opts)
                 .macs(CONSUMER_MAC, c0_mac);
             let r = test_run(h.dp.program(), c0, &last_ack.build());
             assert_eq!(r.verdict, XDP_REDIRECT, "the handshake's last ACK");
@@ -827,21 +836,13 @@ fn proxy_cost() {
             }
             let data = Seg::new(consumer, endpoint, isn + 1)
                 .ack(5_001)
+                .options(opts)
                 .payload(&[7; 64])
                 .macs(CONSUMER_MAC, c0_mac);
             // The backend's segment carries a few bytes: the replay restores the first
             // `GEN_HEAD` bytes of a frame, so the frame must be at least that long.
             let reply = b(isn + 1 + header).payload(&[9; 8]);
-            let ts = [
-                TcpOptionElement::Noop,
-                TcpOptionElement::Noop,
-                TcpOptionElement::Timestamp(77_000, 66_000),
-            ];
-            let with_ts = [
-                data.clone().options(&ts).build(),
-                reply.clone().options(&ts).build(),
-            ];
-            (data.build(), reply.build(), last_ack.build(), with_ts)
+            (data.build(), reply.build(), last_ack.build())
         };
         // Rounds alternate which of the pair goes first; the medians count (a row measured
         // right after another runs warmer).
@@ -860,14 +861,16 @@ fn proxy_cost() {
             }
             (median(x), median(y))
         };
-        let (plain_data, plain_reply, plain_ack, plain_ts) = open(h, 41_000, true);
+        let (plain_data, plain_reply, plain_ack) = open(h, 41_000, true, false);
+        let (plain_ts_data, plain_ts_reply, _) = open(h, 41_004, true, true);
         // A second flow without PROXY: the same pairing against the first shows what the method
         // reads where nothing differs.
-        let (other_data, other_reply, _, _) = open(h, 41_003, true);
+        let (other_data, other_reply, _) = open(h, 41_003, true, false);
         m.links.get_mut(&LINK).expect("link").proxy.v2 = true;
         h.plane.apply(&m).expect("apply");
-        let (proxy_data, proxy_reply, _, proxy_ts) = open(h, 41_001, true);
-        let (_, _, pending_ack, _) = open(h, 41_002, false);
+        let (proxy_data, proxy_reply, _) = open(h, 41_001, true, false);
+        let (proxy_ts_data, proxy_ts_reply, _) = open(h, 41_005, true, true);
+        let (_, _, pending_ack) = open(h, 41_002, false, false);
         let line = |path: &str, costs: (f64, f64)| cost_line(path, costs, floor_ns);
         line(
             "later packet, consumer → backend (sequence number moved)",
@@ -890,12 +893,13 @@ fn proxy_cost() {
             &hot[1],
             floor_ns,
         );
-        // With timestamps the backend's segments have options, which the PROXY path looks at for
-        // SACK edges to move (the usual two NOPs and a timestamp are recognised at once).
+        // Flows that agreed on timestamps: every segment has options, where a SACK option may
+        // be (the PROXY path tells by the header's length that two NOPs and a timestamp leave no
+        // room for one).
         let hot_ts = hot_pairs(
             h,
-            (&plain_ts[0], &plain_ts[1]),
-            (&proxy_ts[0], &proxy_ts[1]),
+            (&plain_ts_data, &plain_ts_reply),
+            (&proxy_ts_data, &proxy_ts_reply),
         );
         added_line(
             "later packet with timestamps, consumer → backend, hot replay",
