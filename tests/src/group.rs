@@ -17,7 +17,7 @@ use privatelink_agent::{
 use serde_json::{Value, json};
 
 use crate::{
-    tcpwatch::Watch,
+    tcpwatch::{self, Watch},
     world::{ADMIN, API, BpfFs, Proc, etcd_url, link_to_etcd, sample, shared_etcd},
 };
 
@@ -415,7 +415,8 @@ impl ConnProbe {
     }
 }
 
-/// tcpdump on the client's interface, keeping every TCP reset that comes from the endpoint.
+/// tcpdump on the client's interface, keeping how the client's connections through the endpoint
+/// open and end (SYN, FIN, RST), to tell the resets that broke one (see [`tcpwatch::ends`]).
 pub struct Resets(Watch);
 
 impl Resets {
@@ -429,19 +430,16 @@ impl Resets {
             client,
             root,
             name,
-            &format!("tcp[tcpflags] & tcp-rst != 0 and src host {ENDPOINT}"),
+            &format!("({}) and host {ENDPOINT}", tcpwatch::ENDS),
         ))
     }
 
-    /// The resets seen so far, a line each.
-    fn seen(&self) -> Vec<String> {
-        self.0.lines()
-    }
-
-    /// The resets seen so far of connections other than those a [`ConnProbe`] gave up on
-    /// (`probe`: its summary): a connection the client has closed mid-handshake or mid-echo is
-    /// answered with a reset by whichever end still holds it, which is TCP, not the endpoint
-    /// breaking a connection. Those are printed, not returned.
+    /// The endpoint's resets so far to connections that were open (before both ends' FINs) and
+    /// that a [`ConnProbe`] had not given up on (`probe`: its summary). Not counted, but printed:
+    /// a reset after both FINs (an end answering a segment that came late, after it forgot the
+    /// connection), and one to a connection the probe closed mid-handshake or mid-echo, which
+    /// whichever end still holds it answers with a reset. Both are TCP, not the endpoint
+    /// breaking a connection. Each reset comes with what was seen of its client port before it.
     pub fn seen_on_live(&self, probe: &Value) -> Vec<String> {
         let abandoned: Vec<u64> = probe["abandoned_ports"]
             .as_array()
@@ -449,17 +447,38 @@ impl Resets {
             .iter()
             .filter_map(Value::as_u64)
             .collect();
-        let (dead, live): (Vec<String>, Vec<String>) = self
-            .seen()
+        let lines = self.0.lines();
+        let ends = tcpwatch::ends(&lines);
+        let from_endpoint = |l: &String| l.contains(&format!(" IP {ENDPOINT}."));
+        let (dead, live): (Vec<String>, Vec<String>) = ends
+            .before_close
             .into_iter()
+            .filter(from_endpoint)
             .partition(|l| dst_port(l).is_some_and(|p| abandoned.contains(&p)));
-        if !dead.is_empty() {
-            eprintln!(
-                "resets of connections the probe had given up on:\n{}",
-                dead.join("\n")
-            );
+        let late: Vec<String> = ends.after_close.into_iter().filter(from_endpoint).collect();
+        for (what, lines) in [
+            ("of connections the probe had given up on", &dead),
+            ("after both FINs", &late),
+        ] {
+            if !lines.is_empty() {
+                eprintln!("resets {what}:\n{}", lines.join("\n"));
+            }
         }
-        live
+        live.into_iter()
+            .map(|r| {
+                let Some(port) = dst_port(&r) else {
+                    return r;
+                };
+                let (from, to) = (format!(".{port} > "), format!(".{port}: "));
+                let history: Vec<&str> = lines
+                    .iter()
+                    .take_while(|l| **l != r)
+                    .filter(|l| l.contains(&from) || l.contains(&to))
+                    .map(String::as_str)
+                    .collect();
+                format!("{r}\n  after: {}", history.join("\n         "))
+            })
+            .collect()
     }
 }
 
