@@ -309,8 +309,8 @@ role = "consumer"
 /// `every` seconds (0.1 by default; all send, then all echoes are read) and checking its echo,
 /// until the file `stop` appears (at most 60 s), keeping the count of finished rounds in
 /// `stop.rounds`; then one JSON line: connections, rounds, how many broke (reset, closed, a wrong
-/// echo), how many of those were resets, and the longest round (every connection's line sent and
-/// its echo back).
+/// echo, or no echo in 10 s), how many of those were resets, and the longest round (every
+/// connection's line sent and its echo back).
 const HOLDER: &str = r#"
 import json, os, socket, sys, time
 host, port, n, stop = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
@@ -318,7 +318,10 @@ every = float(sys.argv[5]) if len(sys.argv) > 5 else 0.1
 conns = []
 for i in range(n):
     s = socket.create_connection((host, port), timeout=5)
-    s.settimeout(2)
+    # An echo lost in a takeover comes with TCP's retransmission, whose timeout doubles each time
+    # (0.2, 0.6, 1.4, 3.0 s after the first send): a takeover of about a second can hold an echo
+    # for 3 s with nothing lost. Waiting 10 s tells a connection that is gone from a slow one.
+    s.settimeout(10)
     conns.append([s, s.makefile("rb"), True])
 print("connected", flush=True)
 rounds, broken, resets, worst, end = 0, 0, 0, 0.0, time.time() + 60
