@@ -73,6 +73,8 @@ const OPT_NOP: u8 = 1;
 const OPT_MSS: u8 = 2;
 const OPT_SACK: u8 = 5;
 const OPT_TS: u8 = 8;
+/// The shortest TCP header (in words) with any option: the 20 fixed bytes and one word.
+const OPTIONS_WORDS: u8 = 6;
 /// The shortest TCP header (in words) with room for a timestamp and a SACK block: 20 bytes, 10 of
 /// timestamp, 10 of one block, rounded up to a word.
 const TS_AND_SACK_WORDS: u8 = 10;
@@ -235,7 +237,7 @@ pub fn inbound<A: Family>(
         let shortest = if flow.flags & PROXY_TS != 0 {
             TS_AND_SACK_WORDS
         } else {
-            6
+            OPTIONS_WORDS
         };
         if p.tcp_doff >= shortest {
             options(ctx, p, 0, len, false, false)?;
@@ -276,12 +278,9 @@ pub fn inbound<A: Family>(
     }
     let syn = flags & TCP_SYN != 0;
     let ts = options(ctx, p, base, len, pending, syn)?;
-    if syn {
-        // Whether timestamps are in use is settled here, also for a tuple used again.
-        if let Some(e) = entry {
-            // SAFETY: pointer from a successful lookup; a plain field, benign races.
-            unsafe { (*e).flags = ((*e).flags & !PROXY_TS) | if ts { PROXY_TS } else { 0 } };
-        }
+    // Whether timestamps are in use is settled by the SYN-ACK, also for a tuple used again.
+    if syn && let Some(e) = entry {
+        put_flag(e, PROXY_TS, ts);
     }
     Ok(back(ack, base, len, pending).wrapping_sub(ack))
 }
@@ -299,21 +298,23 @@ fn back(x: u32, base: u32, len: u32, pending: bool) -> u32 {
     }
 }
 
+/// Sets (`on`) or clears flag `bit` of the conntrack entry at `f`, leaving its other flags as
+/// they are.
+#[inline(always)]
+fn put_flag<A>(f: *mut Flow<A>, bit: u8, on: bool) {
+    // SAFETY: pointer from a successful lookup; a plain field, benign races.
+    unsafe { (*f).flags = ((*f).flags & !bit) | if on { bit } else { 0 } };
+}
+
 /// Sets or clears the pending bit of the flow's entry (when it has one) and its twin's, leaving
 /// their other flags as they are.
 #[inline(always)]
 fn set_pending<A: Family>(flow: &Flow<A>, entry: Option<*mut Flow<A>>, pending: bool) {
-    let set = |f: *mut Flow<A>| {
-        // SAFETY: pointer from a successful lookup; a plain field, benign races.
-        unsafe {
-            (*f).flags = ((*f).flags & !PROXY_PENDING) | if pending { PROXY_PENDING } else { 0 };
-        }
-    };
     if let Some(e) = entry {
-        set(e);
+        put_flag(e, PROXY_PENDING, pending);
     }
     if let Some(t) = A::ct().get_ptr_mut(flow.twin_key(PROTO_TCP)) {
-        set(t);
+        put_flag(t, PROXY_PENDING, pending);
     }
 }
 
