@@ -457,7 +457,9 @@ impl Resets {
             .before_close
             .into_iter()
             .filter(from_endpoint)
-            .partition(|l| dst_port(l).is_some_and(|p| abandoned.contains(&p)));
+            .partition(|l| {
+                tcpwatch::dst_port(l).is_some_and(|p| abandoned.contains(&u64::from(p)))
+            });
         let late: Vec<String> = ends.after_close.into_iter().filter(from_endpoint).collect();
         for (what, lines) in [
             ("of connections the probe had given up on", &dead),
@@ -469,7 +471,7 @@ impl Resets {
         }
         live.into_iter()
             .map(|r| {
-                let Some(port) = dst_port(&r) else {
+                let Some(port) = tcpwatch::dst_port(&r) else {
                     return r;
                 };
                 let (from, to) = (format!(".{port} > "), format!(".{port}: "));
@@ -483,13 +485,6 @@ impl Resets {
             })
             .collect()
     }
-}
-
-/// The destination port of a tcpdump line `... IP a.b.c.d.SPORT > e.f.g.h.DPORT: Flags [R] ...`.
-fn dst_port(line: &str) -> Option<u64> {
-    let (_, to) = line.split_once(" > ")?;
-    let (addr, _) = to.split_once(':')?;
-    addr.rsplit_once('.')?.1.parse().ok()
 }
 
 /// A UDP request/response loop through the endpoint (udp 9001, a socat echo): a datagram every
@@ -855,23 +850,5 @@ struct Cleanup(PathBuf);
 impl Drop for Cleanup {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::dst_port;
-
-    #[test]
-    fn a_reset_lines_destination_port_is_read_from_tcpdumps_line() {
-        let l = "04:12:01.123456 IP 198.18.0.100.81 > 198.18.1.10.45678: Flags [R], seq 1, win 0, \
-                 length 0";
-        assert_eq!(dst_port(l), Some(45678));
-        assert_eq!(
-            dst_port("04:12:01.1 IP 198.18.0.100.81 > 198.18.1.10.81: Flags [R.], seq 9"),
-            Some(81)
-        );
-        assert_eq!(dst_port("tcpdump: listening on eth0"), None);
-        assert_eq!(dst_port("IP 198.18.0.100.81 > garbage"), None);
     }
 }

@@ -84,6 +84,12 @@ fn parse(line: &str) -> Option<(&str, &str, &str)> {
     Some((from, to, flags))
 }
 
+/// The destination port of a packet line (`... > e.f.g.h.PORT: Flags ...`).
+pub fn dst_port(line: &str) -> Option<u16> {
+    let (_, to, _) = parse(line)?;
+    to.rsplit_once('.')?.1.parse().ok()
+}
+
 /// How the connections in `lines` (from a [`Watch`] with [`ENDS`]) went so far.
 #[derive(Debug, Default, PartialEq)]
 pub struct Ends {
@@ -160,6 +166,19 @@ mod tests {
         assert_eq!(e.after_close, vec![l[4].clone()]);
         // One FIN is not a close; a reused tuple starts afresh.
         assert_eq!(e.before_close, vec![l[7].clone(), l[9].clone()]);
+    }
+
+    #[test]
+    fn a_lines_destination_port_is_read_for_both_families() {
+        let l = "04:12:01.123456 IP 198.18.0.100.81 > 198.18.1.10.45678: Flags [R], seq 1, win 0, \
+                 length 0";
+        assert_eq!(dst_port(l), Some(45678));
+        assert_eq!(
+            dst_port("04:12:01.1 IP6 2001:db8::100.81 > 2001:db8::10.81: Flags [R.], seq 9"),
+            Some(81)
+        );
+        assert_eq!(dst_port("tcpdump: listening on eth0"), None);
+        assert_eq!(dst_port("04:12:01.1 IP 198.18.0.100.81 > garbage"), None);
     }
 
     #[test]
